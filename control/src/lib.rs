@@ -10,7 +10,11 @@
 
 pub mod catalog;
 pub mod geo;
+pub mod ledger;
+pub mod limits;
+pub mod nodes;
 pub mod rules;
+pub mod safety;
 
 pub use catalog::{Code, Rejection};
 

@@ -1,0 +1,325 @@
+//! Per-package limits and accounting: RPS (GCRA on one atomic), concurrent
+//! connections (a guard released on drop), the traffic cap, and organisation
+//! credits charged at the package's price. Zero means unlimited. Credits are
+//! integer micro-credits; a GB is 10^9 bytes. Safe for every worker at once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+
+use crate::Now;
+
+/// Micro-credits per credit.
+pub const MICRO: i64 = 1_000_000;
+/// Bytes per GB.
+pub const GB: u64 = 1_000_000_000;
+
+/// Convert a credit amount given as a decimal (API, config) to micro-credits,
+/// rounding to the nearest micro-credit.
+pub fn credits_to_micro(credits: f64) -> Option<i64> {
+    let m = (credits * MICRO as f64).round();
+    (m.is_finite() && m.abs() < 9.0e18).then_some(m as i64)
+}
+
+/// Micro-credits as a decimal credit amount for display.
+pub fn micro_to_credits(micro: i64) -> f64 {
+    micro as f64 / MICRO as f64
+}
+
+/// An organisation's account: what was granted, what was spent.
+#[derive(Debug, Default)]
+pub struct OrgAccount {
+    granted: AtomicI64,
+    spent: AtomicI64,
+}
+
+impl OrgAccount {
+    /// An account with an opening grant.
+    pub fn new(granted_micro: i64) -> Self {
+        OrgAccount {
+            granted: AtomicI64::new(granted_micro),
+            spent: AtomicI64::new(0),
+        }
+    }
+
+    /// Balance in micro-credits.
+    pub fn balance(&self) -> i64 {
+        self.granted.load(Ordering::Relaxed) - self.spent.load(Ordering::Relaxed)
+    }
+
+    /// Add credits (a grant or a top-up).
+    pub fn grant(&self, micro: i64) {
+        self.granted.fetch_add(micro, Ordering::Relaxed);
+    }
+
+    /// Total granted.
+    pub fn granted(&self) -> i64 {
+        self.granted.load(Ordering::Relaxed)
+    }
+
+    /// Total spent.
+    pub fn spent(&self) -> i64 {
+        self.spent.load(Ordering::Relaxed)
+    }
+
+    /// Restore totals (from the store at start-up).
+    pub fn restore(&self, granted: i64, spent: i64) {
+        self.granted.store(granted, Ordering::Relaxed);
+        self.spent.store(spent, Ordering::Relaxed);
+    }
+}
+
+/// Cumulative usage of one package, shared by every worker.
+#[derive(Debug, Default)]
+pub struct PackageUsage {
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
+    requests: AtomicU64,
+    /// Micro-credits charged so far (derived from bytes and price).
+    charged: AtomicU64,
+    /// Open client connections.
+    connections: AtomicU32,
+    /// GCRA theoretical arrival time, ns.
+    tat: AtomicU64,
+}
+
+/// A snapshot of a package's cumulative usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UsageTotals {
+    /// Client → target bytes.
+    pub bytes_up: u64,
+    /// Target → client bytes.
+    pub bytes_down: u64,
+    /// Requests that passed every check and went to a node.
+    pub requests: u64,
+    /// Micro-credits charged.
+    pub charged: u64,
+}
+
+impl UsageTotals {
+    /// Both directions.
+    pub fn bytes(&self) -> u64 {
+        self.bytes_up + self.bytes_down
+    }
+}
+
+/// Holds one of a package's concurrent connections; released on drop.
+#[derive(Debug)]
+pub struct ConnGuard {
+    usage: Arc<PackageUsage>,
+}
+
+impl ConnGuard {
+    /// Whether this guard counts against `usage`.
+    pub fn is_for(&self, usage: &Arc<PackageUsage>) -> bool {
+        Arc::ptr_eq(&self.usage, usage)
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.usage.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl PackageUsage {
+    /// Totals now.
+    pub fn totals(&self) -> UsageTotals {
+        UsageTotals {
+            bytes_up: self.bytes_up.load(Ordering::Relaxed),
+            bytes_down: self.bytes_down.load(Ordering::Relaxed),
+            requests: self.requests.load(Ordering::Relaxed),
+            charged: self.charged.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Restore totals (from the store at start-up).
+    pub fn restore(&self, t: UsageTotals) {
+        self.bytes_up.store(t.bytes_up, Ordering::Relaxed);
+        self.bytes_down.store(t.bytes_down, Ordering::Relaxed);
+        self.requests.store(t.requests, Ordering::Relaxed);
+        self.charged.store(t.charged, Ordering::Relaxed);
+    }
+
+    /// Open client connections.
+    pub fn connections(&self) -> u32 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Take a connection slot, unless `max` (0 = unlimited) are open.
+    pub fn try_connect(self: &Arc<Self>, max: u32) -> Option<ConnGuard> {
+        let prev = self.connections.fetch_add(1, Ordering::Relaxed);
+        let guard = ConnGuard {
+            usage: self.clone(),
+        };
+        if max != 0 && prev >= max {
+            return None; // the guard's drop gives the slot back
+        }
+        Some(guard)
+    }
+
+    /// One request against `rps` (0 = unlimited), GCRA with a one-second burst.
+    pub fn try_request(&self, rps: u32, now: Now) -> bool {
+        if rps == 0 {
+            return true;
+        }
+        let interval = 1_000_000_000 / u64::from(rps);
+        let tolerance = interval * u64::from(rps - 1);
+        let mut tat = self.tat.load(Ordering::Relaxed);
+        loop {
+            let start = tat.max(now.0);
+            if start - now.0 > tolerance {
+                return false;
+            }
+            match self.tat.compare_exchange_weak(
+                tat,
+                start + interval,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(t) => tat = t,
+            }
+        }
+    }
+
+    /// Count a request that went to a node.
+    pub fn count_request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the traffic cap (0 = unlimited) is reached.
+    pub fn over_cap(&self, cap: u64) -> bool {
+        cap != 0
+            && self.bytes_up.load(Ordering::Relaxed) + self.bytes_down.load(Ordering::Relaxed)
+                >= cap
+    }
+
+    /// Charge relayed bytes to the package and its organisation at
+    /// `price_per_gb` micro-credits. The charge is derived from the package's
+    /// cumulative bytes, so no fraction of a micro-credit is ever lost.
+    pub fn add_traffic(&self, up: u64, down: u64, price_per_gb: u64, org: &OrgAccount) {
+        if up == 0 && down == 0 {
+            return;
+        }
+        self.bytes_up.fetch_add(up, Ordering::Relaxed);
+        self.bytes_down.fetch_add(down, Ordering::Relaxed);
+        if price_per_gb == 0 {
+            return;
+        }
+        let total = self.bytes_up.load(Ordering::Relaxed) + self.bytes_down.load(Ordering::Relaxed);
+        let owed = (u128::from(total) * u128::from(price_per_gb) / u128::from(GB)) as u64;
+        // Raise `charged` to `owed`; whoever raises it charges the difference.
+        let mut charged = self.charged.load(Ordering::Relaxed);
+        while owed > charged {
+            match self.charged.compare_exchange_weak(
+                charged,
+                owed,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    org.spent
+                        .fetch_add((owed - charged) as i64, Ordering::Relaxed);
+                    return;
+                }
+                Err(c) => charged = c,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gcra_allows_a_second_of_burst_then_the_rate() {
+        let u = PackageUsage::default();
+        let t0 = Now::from_secs(100);
+        let allowed = (0..20).filter(|_| u.try_request(10, t0)).count();
+        assert_eq!(allowed, 10, "burst of one second");
+        assert!(
+            !u.try_request(10, Now(t0.0 + 50_000_000)),
+            "50 ms later: still none"
+        );
+        assert!(
+            u.try_request(10, Now(t0.0 + 100_000_000)),
+            "100 ms later: one"
+        );
+        assert!(!u.try_request(10, Now(t0.0 + 100_000_000)));
+        let later = Now::from_secs(200);
+        assert_eq!(
+            (0..20).filter(|_| u.try_request(10, later)).count(),
+            10,
+            "idle refills the burst"
+        );
+        assert!((0..1000).all(|_| u.try_request(0, later)), "0 is unlimited");
+    }
+
+    #[test]
+    fn connection_guard_releases_on_drop() {
+        let u = Arc::new(PackageUsage::default());
+        let a = u.try_connect(2).unwrap();
+        let b = u.try_connect(2).unwrap();
+        assert!(u.try_connect(2).is_none());
+        assert_eq!(u.connections(), 2, "a refused attempt leaves no slot taken");
+        drop(a);
+        let c = u.try_connect(2).unwrap();
+        assert!(c.is_for(&u));
+        drop((b, c));
+        assert_eq!(u.connections(), 0);
+        let many: Vec<_> = (0..100).map(|_| u.try_connect(0).unwrap()).collect();
+        assert_eq!(u.connections(), 100);
+        drop(many);
+    }
+
+    #[test]
+    fn traffic_cap_and_credits_are_exact() {
+        let org = OrgAccount::new(credits_to_micro(10.0).unwrap());
+        let u = PackageUsage::default();
+        // 1 credit per GB: 1 micro-credit per 1000 bytes.
+        for _ in 0..1000 {
+            u.add_traffic(300, 400, 1_000_000, &org); // 700 bytes a time
+        }
+        assert_eq!(u.totals().bytes(), 700_000);
+        assert_eq!(
+            u.totals().charged,
+            700,
+            "no fraction lost across 1000 small charges"
+        );
+        assert_eq!(org.balance(), 10_000_000 - 700);
+        assert!(!u.over_cap(0));
+        assert!(!u.over_cap(700_001));
+        assert!(u.over_cap(700_000));
+        // Free traffic charges nothing.
+        let free = PackageUsage::default();
+        free.add_traffic(GB, GB, 0, &org);
+        assert_eq!(org.balance(), 10_000_000 - 700);
+        assert_eq!(credits_to_micro(0.000_001), Some(1));
+        assert_eq!(micro_to_credits(2_500_000), 2.5);
+    }
+
+    #[test]
+    fn concurrent_charges_add_up() {
+        let org = Arc::new(OrgAccount::new(0));
+        let u = Arc::new(PackageUsage::default());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (org, u) = (org.clone(), u.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        u.add_traffic(1000, 0, 2_000_000, &org);
+                        u.count_request();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(u.totals().bytes_up, 40_000_000);
+        assert_eq!(u.totals().requests, 40_000);
+        assert_eq!(u.totals().charged, 80_000);
+        assert_eq!(org.spent(), 80_000);
+    }
+}
