@@ -1,1 +1,31 @@
-//! placeholder
+//! Wire codecs of the splicegate data plane: HTTP/1 request and response heads,
+//! HTTP body framing, `Proxy-Authorization: Basic`, the upstream HTTP `CONNECT`
+//! exchange, and SOCKS5 (RFC 1928 / RFC 1929) for both the server side (clients
+//! of the gateway) and the client side (the gateway talking to SOCKS5 nodes).
+//!
+//! Responsibility: turn bytes into typed decisions and typed decisions into
+//! bytes. Nothing else.
+//!
+//! Invariants:
+//! - **Sans-IO.** No sockets, no clock, no globals, no environment. Every parser
+//!   takes a byte slice and returns `Ok(None)` when it needs more bytes; that is
+//!   a normal outcome, not an error.
+//! - **Split-invariant.** A parser fed any prefix of an input returns either
+//!   `Ok(None)` or exactly what it returns for the whole input, so one-byte TCP
+//!   segments give the same decision as one big read. [`http::BodyTracker`]
+//!   gives the same result fed byte by byte as fed a whole buffer.
+//! - **Strict and bounded.** Every input that could be read two ways (request
+//!   smuggling shapes, bare LF, obs-fold, duplicate framing headers, odd
+//!   authorities) is rejected with a fixed human-readable reason; every length
+//!   is bounded before anything is allocated for it.
+//! - **Never panics** on any input (property-tested), and contains no `unsafe`.
+//!
+//! The mapping from these errors to product error codes, HTTP statuses and
+//! SOCKS5 replies lives in the control plane's catalogue, not here.
+#![forbid(unsafe_code)]
+
+mod host;
+pub mod http;
+pub mod socks5;
+
+pub use host::{Host, InvalidHost, parse_host};

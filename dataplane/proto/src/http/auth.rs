@@ -1,0 +1,138 @@
+//! `Proxy-Authorization: Basic` (RFC 7617) with a strict, bounded base64.
+
+/// Longest username and longest password accepted, in bytes (as RFC 1929
+/// bounds SOCKS5, so both protocols accept the same credentials).
+pub const MAX_CREDENTIAL_LEN: usize = 255;
+
+/// Longest base64 blob that can decode to `user:pass` within the bounds.
+const MAX_ENCODED_LEN: usize = (2 * MAX_CREDENTIAL_LEN + 1).div_ceil(3) * 4;
+
+const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Why a `Proxy-Authorization` value gave no credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// Another scheme (`Bearer`, `Digest`, …): no usable credentials were
+    /// offered (`ERR_AUTH_REQUIRED`). Every other variant means credentials
+    /// were offered but are invalid (`AUTH_FAILED`).
+    #[error("authorization scheme is not Basic")]
+    NotBasic,
+    /// Not strict standard base64 with padding, or not separated from the
+    /// scheme by spaces.
+    #[error("invalid base64 in Basic credentials")]
+    InvalidBase64,
+    /// The decoded credentials have no `:`.
+    #[error("Basic credentials lack a colon")]
+    MissingColon,
+    /// Username or password longer than [`MAX_CREDENTIAL_LEN`].
+    #[error("username or password too long")]
+    TooLong,
+    /// Username or password is not UTF-8.
+    #[error("username or password is not UTF-8")]
+    NotUtf8,
+    /// The username is empty.
+    #[error("empty username")]
+    EmptyUsername,
+}
+
+/// Decodes `Basic <base64(user:pass)>`: the scheme is case-insensitive and
+/// followed by one or more spaces; base64 is the standard alphabet with
+/// padding and zero trailing bits; the username ends at the first `:`. No
+/// allocation happens for a blob longer than the bounds allow.
+pub fn decode_basic(value: &[u8]) -> Result<(String, String), AuthError> {
+    let scheme_end = value
+        .iter()
+        .position(|b| matches!(b, b' ' | b'\t'))
+        .unwrap_or(value.len());
+    if !value[..scheme_end].eq_ignore_ascii_case(b"basic") {
+        return Err(AuthError::NotBasic);
+    }
+    let rest = &value[scheme_end..];
+    if rest.first() != Some(&b' ') {
+        return Err(AuthError::InvalidBase64);
+    }
+    let blob = &rest[rest.iter().position(|b| *b != b' ').unwrap_or(rest.len())..];
+    if blob.len() > MAX_ENCODED_LEN {
+        return Err(AuthError::TooLong);
+    }
+    let decoded = decode_base64(blob).ok_or(AuthError::InvalidBase64)?;
+    let colon = decoded
+        .iter()
+        .position(|b| *b == b':')
+        .ok_or(AuthError::MissingColon)?;
+    let (user, pass) = (&decoded[..colon], &decoded[colon + 1..]);
+    if user.len() > MAX_CREDENTIAL_LEN || pass.len() > MAX_CREDENTIAL_LEN {
+        return Err(AuthError::TooLong);
+    }
+    if user.is_empty() {
+        return Err(AuthError::EmptyUsername);
+    }
+    let user = std::str::from_utf8(user).map_err(|_| AuthError::NotUtf8)?;
+    let pass = std::str::from_utf8(pass).map_err(|_| AuthError::NotUtf8)?;
+    Ok((user.to_owned(), pass.to_owned()))
+}
+
+/// Encodes credentials as a `Proxy-Authorization` value: `Basic <base64>`.
+pub fn encode_basic(username: &str, password: &str) -> String {
+    let raw = [username.as_bytes(), b":", password.as_bytes()].concat();
+    let mut out = String::with_capacity(6 + raw.len().div_ceil(3) * 4);
+    out.push_str("Basic ");
+    for chunk in raw.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 0x3f) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn sextet(b: u8) -> Option<u32> {
+    let v = match b {
+        b'A'..=b'Z' => b - b'A',
+        b'a'..=b'z' => b - b'a' + 26,
+        b'0'..=b'9' => b - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => return None,
+    };
+    Some(u32::from(v))
+}
+
+/// Strict base64: standard alphabet, length a multiple of 4, padding only at
+/// the end, unused bits zero.
+fn decode_base64(input: &[u8]) -> Option<Vec<u8>> {
+    if input.is_empty() || !input.len().is_multiple_of(4) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(input.len() / 4 * 3);
+    let quads = input.len() / 4;
+    for (index, quad) in input.chunks_exact(4).enumerate() {
+        let pad = match quad {
+            [_, _, b'=', b'='] => 2,
+            [_, _, _, b'='] => 1,
+            _ => 0,
+        };
+        if pad > 0 && index + 1 != quads {
+            return None;
+        }
+        let mut n = 0u32;
+        for &b in &quad[..4 - pad] {
+            n = n << 6 | sextet(b)?;
+        }
+        n <<= 6 * pad;
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        let keep = 3 - pad;
+        if bytes[keep..].iter().any(|b| *b != 0) {
+            return None; // non-zero unused bits: not canonical
+        }
+        out.extend_from_slice(&bytes[..keep]);
+    }
+    Some(out)
+}

@@ -1,0 +1,349 @@
+//! Request heads from clients of the proxy, and the head forwarded to origins.
+
+use super::head::{self, Kind};
+use super::{
+    BodyFraming, Header, HttpError, Limits, Method, Version, connection_has, keep_alive,
+    list_items, map_httparse, own_headers, parse_content_length, write_end_to_end_headers,
+    write_header,
+};
+use crate::host::{Host, parse_host, parse_port};
+
+/// Where a request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `CONNECT host:port`: open a tunnel.
+    Authority {
+        /// Target host.
+        host: Host,
+        /// Target port; always present in authority-form.
+        port: u16,
+    },
+    /// `http://host[:port]/path?query`: forward the request.
+    Absolute {
+        /// Target host.
+        host: Host,
+        /// Target port, 80 when the URI has none.
+        port: u16,
+        /// Path and query as sent (never decoded), `/` when the URI has none.
+        path_and_query: String,
+    },
+}
+
+impl Target {
+    /// The target host.
+    pub fn host(&self) -> &Host {
+        match self {
+            Target::Authority { host, .. } | Target::Absolute { host, .. } => host,
+        }
+    }
+
+    /// The target port.
+    pub fn port(&self) -> u16 {
+        match self {
+            Target::Authority { port, .. } | Target::Absolute { port, .. } => *port,
+        }
+    }
+}
+
+/// A parsed, validated request head and the facts derived from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Request method.
+    pub method: Method,
+    /// HTTP/1.0 or HTTP/1.1.
+    pub version: Version,
+    /// Parsed request-target.
+    pub target: Target,
+    /// Bytes of the buffer taken by the head; what follows is body or the next
+    /// request (or, after `CONNECT`, tunnel payload).
+    pub head_len: usize,
+    /// All header fields in order, as received.
+    pub headers: Vec<Header>,
+    /// How the request body is delimited.
+    pub body: BodyFraming,
+    /// Whether the client wants the connection kept after this exchange.
+    pub keep_alive: bool,
+    /// Raw `Proxy-Authorization` value, for [`super::decode_basic`].
+    pub proxy_authorization: Option<Vec<u8>>,
+    /// `Respond-With` items, lowercase and trimmed (`ip`, `country`, …).
+    pub respond_with: Vec<String>,
+    /// Raw `Host` header value, if any; checked to match the target.
+    pub host: Option<String>,
+}
+
+impl Request {
+    /// The first header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value.as_slice())
+    }
+}
+
+/// Parses a request head at the start of `buf`.
+///
+/// `Ok(None)`: the head is not complete yet and no limit is crossed; read more
+/// and call again with the grown buffer. Errors are final: answer and close.
+/// See the module docs of [`crate::http`] and the tests for each rule.
+pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Request>, HttpError> {
+    let Some(scanned) = head::scan(buf, limits, Kind::Request)? else {
+        return Ok(None);
+    };
+    let head = &buf[..scanned.head_len];
+    let mut slots = vec![httparse::EMPTY_HEADER; scanned.header_count];
+    let mut parsed = httparse::Request::new(&mut slots);
+    match parsed.parse(head) {
+        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
+        Ok(_) => {
+            return Err(HttpError::Malformed(
+                "request head does not end where expected",
+            ));
+        }
+        Err(httparse::Error::Version) => {
+            let line = &head[scanned.start_line..];
+            let line = &line[..line.iter().position(|b| *b == b'\r').unwrap_or(line.len())];
+            let token = line.rsplit(|b| *b == b' ').next().unwrap_or_default();
+            return Err(head::version_error(token));
+        }
+        Err(e) => return Err(map_httparse(e)),
+    }
+    let (Some(method), Some(path), Some(minor)) = (parsed.method, parsed.path, parsed.version)
+    else {
+        return Err(HttpError::Malformed("incomplete request line"));
+    };
+    let version = match minor {
+        0 => Version::Http10,
+        1 => Version::Http11,
+        _ => return Err(HttpError::UnsupportedVersion),
+    };
+    let method = Method::from_token(method);
+    let target = parse_target(&method, path.as_bytes())?;
+    let headers = own_headers(parsed.headers);
+
+    let mut content_length = None;
+    let mut chunked = false;
+    let mut host = None;
+    let mut proxy_authorization = None;
+    let mut respond_with = Vec::new();
+    for h in &headers {
+        let name = h.name.as_str();
+        if name.eq_ignore_ascii_case("content-length") {
+            if content_length.is_some() {
+                return Err(HttpError::Malformed("duplicate Content-Length"));
+            }
+            content_length = Some(parse_content_length(&h.value)?);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            if chunked {
+                return Err(HttpError::Malformed("duplicate Transfer-Encoding"));
+            }
+            if !h.value.eq_ignore_ascii_case(b"chunked") {
+                return Err(HttpError::Malformed(
+                    "Transfer-Encoding other than exactly chunked",
+                ));
+            }
+            chunked = true;
+        } else if name.eq_ignore_ascii_case("host") {
+            if host.is_some() {
+                return Err(HttpError::Malformed("duplicate Host header"));
+            }
+            host = Some(h.value.as_slice());
+        } else if name.eq_ignore_ascii_case("proxy-authorization") {
+            if proxy_authorization.is_some() {
+                return Err(HttpError::Malformed("duplicate Proxy-Authorization"));
+            }
+            proxy_authorization = Some(h.value.clone());
+        } else if name.eq_ignore_ascii_case("respond-with") {
+            respond_with.extend(
+                list_items(&h.value).map(|item| String::from_utf8_lossy(item).to_ascii_lowercase()),
+            );
+        }
+    }
+    if chunked && content_length.is_some() {
+        return Err(HttpError::Malformed(
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
+    if chunked && version == Version::Http10 {
+        return Err(HttpError::Malformed(
+            "Transfer-Encoding in an HTTP/1.0 request",
+        ));
+    }
+    if method == Method::Connect && (chunked || content_length.is_some()) {
+        return Err(HttpError::Malformed(
+            "CONNECT request with a body framing header",
+        ));
+    }
+    if ["content-length", "transfer-encoding", "host"]
+        .iter()
+        .any(|framing| connection_has(&headers, framing))
+    {
+        return Err(HttpError::Malformed(
+            "Connection header lists a framing header",
+        ));
+    }
+    let host = match host {
+        Some(value) => Some(check_host_header(value, &target)?),
+        None => None,
+    };
+    let body = match (chunked, content_length) {
+        (true, _) => BodyFraming::Chunked,
+        (false, Some(n)) => BodyFraming::ContentLength(n),
+        (false, None) => BodyFraming::None,
+    };
+    Ok(Some(Request {
+        keep_alive: keep_alive(version, &headers),
+        method,
+        version,
+        target,
+        head_len: scanned.head_len,
+        headers,
+        body,
+        proxy_authorization,
+        respond_with,
+        host,
+    }))
+}
+
+/// Validates a `Host` value against the target: same host, and the same port
+/// when the header names one.
+fn check_host_header(value: &[u8], target: &Target) -> Result<String, HttpError> {
+    let (host, port) =
+        parse_authority(value, false).map_err(|_| HttpError::Malformed("invalid Host header"))?;
+    if &host != target.host() || port.is_some_and(|p| p != target.port()) {
+        return Err(HttpError::Malformed(
+            "Host header does not match the request target",
+        ));
+    }
+    // The scan admitted only ASCII reg-name or IP bytes here.
+    Ok(String::from_utf8_lossy(value).into_owned())
+}
+
+fn parse_target(method: &Method, raw: &[u8]) -> Result<Target, HttpError> {
+    if raw.contains(&b'#') {
+        return Err(HttpError::Malformed("fragment in request target"));
+    }
+    if *method == Method::Connect {
+        if raw.contains(&b'/') {
+            return Err(HttpError::Malformed(
+                "CONNECT target must be authority-form host:port",
+            ));
+        }
+        let (host, port) = parse_authority(raw, true)?;
+        let port = port.ok_or(HttpError::Malformed("CONNECT authority needs a port"))?;
+        return Ok(Target::Authority { host, port });
+    }
+    if raw.starts_with(b"/") || raw == b"*" {
+        return Err(HttpError::Malformed(
+            "origin-form target: a proxy needs absolute-form (http://host/path) or CONNECT",
+        ));
+    }
+    let Some(scheme_end) = raw.windows(3).position(|w| w == b"://") else {
+        return Err(HttpError::Malformed(
+            "request target is not absolute-form (http://host/path)",
+        ));
+    };
+    let scheme = &raw[..scheme_end];
+    if scheme.eq_ignore_ascii_case(b"https") {
+        return Err(HttpError::Malformed(
+            "https:// targets are not proxied: use CONNECT for https",
+        ));
+    }
+    if !scheme.eq_ignore_ascii_case(b"http") {
+        return Err(HttpError::UnsupportedScheme);
+    }
+    let rest = &raw[scheme_end + 3..];
+    let authority_end = rest
+        .iter()
+        .position(|b| matches!(b, b'/' | b'?'))
+        .unwrap_or(rest.len());
+    let (host, port) = parse_authority(&rest[..authority_end], false)?;
+    let tail = &rest[authority_end..];
+    // The scan guarantees ASCII in the request line.
+    let tail = String::from_utf8_lossy(tail);
+    let path_and_query = match tail.as_bytes().first() {
+        None => "/".to_owned(),
+        Some(b'?') => format!("/{tail}"),
+        Some(_) => tail.into_owned(),
+    };
+    Ok(Target::Absolute {
+        host,
+        port: port.unwrap_or(80),
+        path_and_query,
+    })
+}
+
+/// Splits and validates `host[:port]`. The port is `None` when absent.
+fn parse_authority(raw: &[u8], port_required: bool) -> Result<(Host, Option<u16>), HttpError> {
+    if raw.contains(&b'@') {
+        return Err(HttpError::Malformed("userinfo in authority"));
+    }
+    let (host_part, port_part) = if raw.first() == Some(&b'[') {
+        let close = raw
+            .iter()
+            .position(|b| *b == b']')
+            .ok_or(HttpError::Malformed("unterminated IPv6 literal"))?;
+        match &raw[close + 1..] {
+            [] => (&raw[..=close], None),
+            [b':', port @ ..] => (&raw[..=close], Some(port)),
+            _ => return Err(HttpError::Malformed("junk after IPv6 literal")),
+        }
+    } else {
+        match raw.iter().filter(|b| **b == b':').count() {
+            0 => (raw, None),
+            1 => {
+                let colon = raw.iter().position(|b| *b == b':').unwrap_or(raw.len());
+                (&raw[..colon], Some(&raw[colon + 1..]))
+            }
+            _ => return Err(HttpError::Malformed("IPv6 literal must be in brackets")),
+        }
+    };
+    let host = parse_host(host_part).map_err(|e| HttpError::Malformed(e.0))?;
+    let port = match port_part {
+        None if port_required => {
+            return Err(HttpError::Malformed("CONNECT authority needs a port"));
+        }
+        None => None,
+        Some(digits) => Some(
+            parse_port(digits).ok_or(HttpError::Malformed("invalid port: 1-65535, digits only"))?,
+        ),
+    };
+    Ok((host, port))
+}
+
+/// Writes the head forwarded to the origin: `METHOD origin-form HTTP/1.1`,
+/// every header except hop-by-hop ones (`Connection` and what it lists,
+/// `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Upgrade`, `Respond-With`), and a
+/// `Host` from the target when the client sent none. Framing headers are kept
+/// as received, so the body bytes can be relayed unchanged.
+///
+/// For a `CONNECT` request the target is written in authority-form.
+pub fn write_forward_head(req: &Request, out: &mut Vec<u8>) {
+    out.extend_from_slice(req.method.as_str().as_bytes());
+    out.push(b' ');
+    let authority = match &req.target {
+        Target::Absolute {
+            host,
+            port,
+            path_and_query,
+        } => {
+            out.extend_from_slice(path_and_query.as_bytes());
+            if *port == 80 {
+                host.to_string()
+            } else {
+                format!("{host}:{port}")
+            }
+        }
+        Target::Authority { host, port } => {
+            let authority = format!("{host}:{port}");
+            out.extend_from_slice(authority.as_bytes());
+            authority
+        }
+    };
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if req.host.is_none() {
+        write_header(out, b"Host", authority.as_bytes());
+    }
+    write_end_to_end_headers(&req.headers, out);
+    out.extend_from_slice(b"\r\n");
+}

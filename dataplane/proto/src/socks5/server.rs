@@ -1,0 +1,203 @@
+//! The gateway as a SOCKS5 server: greeting, username/password, request, and
+//! the replies.
+//!
+//! Flow: [`parse_greeting`] → [`method_reply`] → (if `USERPASS`)
+//! [`parse_userpass`] → [`auth_reply`] → [`parse_request`] → [`write_reply`].
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use super::{Socks5Error, USERPASS_VERSION, VERSION, address_end, atyp};
+use crate::host::{Host, parse_host};
+
+/// The client's greeting: the methods it offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Greeting {
+    /// Offered method codes, in the client's order (1..=255 of them).
+    pub methods: Vec<u8>,
+    /// Bytes consumed from the buffer.
+    pub consumed: usize,
+}
+
+impl Greeting {
+    /// Whether the client offers `method` (see [`super::method`]).
+    pub fn offers(&self, method: u8) -> bool {
+        self.methods.contains(&method)
+    }
+}
+
+/// RFC 1929 credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserPass {
+    /// Username, 1..=255 bytes.
+    pub username: String,
+    /// Password, 0..=255 bytes (an empty one simply fails the key check).
+    pub password: String,
+    /// Bytes consumed from the buffer.
+    pub consumed: usize,
+}
+
+/// The CMD byte of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// CONNECT (0x01): the only command splicegate serves.
+    Connect,
+    /// BIND (0x02): reply `reply::COMMAND_NOT_SUPPORTED`.
+    Bind,
+    /// UDP ASSOCIATE (0x03): reply `reply::COMMAND_NOT_SUPPORTED`.
+    UdpAssociate,
+    /// Any other code: reply `reply::COMMAND_NOT_SUPPORTED`.
+    Other(u8),
+}
+
+impl From<u8> for Command {
+    fn from(code: u8) -> Self {
+        match code {
+            0x01 => Command::Connect,
+            0x02 => Command::Bind,
+            0x03 => Command::UdpAssociate,
+            other => Command::Other(other),
+        }
+    }
+}
+
+/// A request whose address parsed. Any command parses, so that an unsupported
+/// one can get reply 0x07 rather than a bare close.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The command; only [`Command::Connect`] is served.
+    pub command: Command,
+    /// Destination: IPv4, IPv6, or a domain checked with
+    /// [`crate::parse_host`] (so an IP literal sent as a domain becomes
+    /// [`Host::Ip`] and meets the same egress policy).
+    pub host: Host,
+    /// Destination port as sent (0 included; policy decides).
+    pub port: u16,
+    /// Bytes consumed from the buffer; what follows is tunnel payload.
+    pub consumed: usize,
+}
+
+/// Parses the greeting `VER NMETHODS METHODS…`.
+pub fn parse_greeting(buf: &[u8]) -> Result<Option<Greeting>, Socks5Error> {
+    if let Some(&ver) = buf.first()
+        && ver != VERSION
+    {
+        return Err(Socks5Error::Version(ver));
+    }
+    let Some(&count) = buf.get(1) else {
+        return Ok(None);
+    };
+    if count == 0 {
+        return Err(Socks5Error::NoMethods);
+    }
+    let end = 2 + usize::from(count);
+    let Some(methods) = buf.get(2..end) else {
+        return Ok(None);
+    };
+    Ok(Some(Greeting {
+        methods: methods.to_vec(),
+        consumed: end,
+    }))
+}
+
+/// Parses the RFC 1929 request `VER ULEN UNAME PLEN PASSWD`.
+pub fn parse_userpass(buf: &[u8]) -> Result<Option<UserPass>, Socks5Error> {
+    if let Some(&ver) = buf.first()
+        && ver != USERPASS_VERSION
+    {
+        return Err(Socks5Error::AuthVersion(ver));
+    }
+    let Some(&ulen) = buf.get(1) else {
+        return Ok(None);
+    };
+    if ulen == 0 {
+        return Err(Socks5Error::EmptyUsername);
+    }
+    let user_end = 2 + usize::from(ulen);
+    let Some(&plen) = buf.get(user_end) else {
+        return Ok(None);
+    };
+    let pass_end = user_end + 1 + usize::from(plen);
+    if buf.len() < pass_end {
+        return Ok(None);
+    }
+    let username = std::str::from_utf8(&buf[2..user_end]);
+    let password = std::str::from_utf8(&buf[user_end + 1..pass_end]);
+    let (Ok(username), Ok(password)) = (username, password) else {
+        return Err(Socks5Error::CredentialsNotUtf8);
+    };
+    Ok(Some(UserPass {
+        username: username.to_owned(),
+        password: password.to_owned(),
+        consumed: pass_end,
+    }))
+}
+
+/// Parses the request `VER CMD RSV ATYP DST.ADDR DST.PORT`.
+///
+/// A non-zero RSV is rejected ([`Socks5Error::ReservedNonZero`]): no client
+/// sends one, and refusing it keeps one reading of the bytes.
+pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, Socks5Error> {
+    if let Some(&ver) = buf.first()
+        && ver != VERSION
+    {
+        return Err(Socks5Error::Version(ver));
+    }
+    if buf.get(2).is_some_and(|rsv| *rsv != 0) {
+        return Err(Socks5Error::ReservedNonZero);
+    }
+    let Some(end) = address_end(buf, 3)? else {
+        return Ok(None);
+    };
+    let command = Command::from(buf[1]);
+    let addr = &buf[4..end - 2];
+    let host = match buf[3] {
+        atyp::IPV4 => {
+            let octets: [u8; 4] = addr
+                .try_into()
+                .map_err(|_| Socks5Error::UnsupportedAddressType(buf[3]))?;
+            Host::Ip(IpAddr::V4(Ipv4Addr::from(octets)))
+        }
+        atyp::IPV6 => {
+            let octets: [u8; 16] = addr
+                .try_into()
+                .map_err(|_| Socks5Error::UnsupportedAddressType(buf[3]))?;
+            Host::Ip(IpAddr::V6(Ipv6Addr::from(octets)))
+        }
+        _ => parse_host(&addr[1..]).map_err(|e| Socks5Error::InvalidDomain(e.0))?,
+    };
+    let port = u16::from_be_bytes([buf[end - 2], buf[end - 1]]);
+    Ok(Some(Request {
+        command,
+        host,
+        port,
+        consumed: end,
+    }))
+}
+
+/// The method selection reply `VER METHOD`.
+pub fn method_reply(method: u8) -> [u8; 2] {
+    [VERSION, method]
+}
+
+/// The RFC 1929 status reply: `01 00` on success, `01 01` on failure.
+pub fn auth_reply(ok: bool) -> [u8; 2] {
+    [USERPASS_VERSION, if ok { 0x00 } else { 0x01 }]
+}
+
+/// Writes the reply `VER REP RSV ATYP BND.ADDR BND.PORT`; `None` as the bound
+/// address writes `0.0.0.0:0` (as for every failure reply).
+pub fn write_reply(code: u8, bound: Option<SocketAddr>, out: &mut Vec<u8>) {
+    let bound = bound.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
+    out.extend_from_slice(&[VERSION, code, 0x00]);
+    match bound.ip() {
+        IpAddr::V4(v4) => {
+            out.push(atyp::IPV4);
+            out.extend_from_slice(&v4.octets());
+        }
+        IpAddr::V6(v6) => {
+            out.push(atyp::IPV6);
+            out.extend_from_slice(&v6.octets());
+        }
+    }
+    out.extend_from_slice(&bound.port().to_be_bytes());
+}
