@@ -15,6 +15,7 @@ pub mod limits;
 pub mod nodes;
 pub mod rules;
 pub mod safety;
+pub mod session;
 
 pub use catalog::{Code, Rejection};
 
