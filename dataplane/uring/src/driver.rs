@@ -1,0 +1,375 @@
+//! The ring, its op slots and the timer heap: what one loop turn submits,
+//! waits for and dispatches.
+//!
+//! Invariant: an op slot (keyed by the SQE `user_data`) lives until the
+//! kernel posts its final CQE (one without `IORING_CQE_F_MORE`), even when
+//! the future that owned it was dropped; so a `user_data` is never reused
+//! while the kernel may still complete it.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use io_uring::cqueue;
+
+use crate::slab::Slab;
+use crate::sys::{self, Ring, SqFull};
+
+/// `user_data` of the multishot poll on the runtime's eventfd.
+const WAKE_TOKEN: u64 = u64::MAX;
+/// `user_data` of cancel requests; their own CQEs carry nothing we need.
+const CANCEL_TOKEN: u64 = u64::MAX - 1;
+
+/// One CQE as delivered to an op.
+#[derive(Debug)]
+pub(crate) struct Completion {
+    /// The CQE `res`: a value, or `-errno`.
+    pub(crate) result: i32,
+    /// For ops that create descriptors (accept), the new descriptor, owned
+    /// from the moment the CQE is reaped so that it is closed if dropped.
+    pub(crate) fd: Option<OwnedFd>,
+}
+
+impl Completion {
+    pub(crate) fn into_result(self) -> io::Result<u32> {
+        if self.result < 0 {
+            Err(io::Error::from_raw_os_error(-self.result))
+        } else {
+            Ok(self.result as u32)
+        }
+    }
+}
+
+/// The state of one submitted request.
+#[derive(Debug)]
+struct OpSlot {
+    /// The task to wake on the next CQE.
+    waker: Option<Waker>,
+    /// CQEs not yet consumed by the owner (multishot ops can queue several).
+    completions: VecDeque<Completion>,
+    /// The final CQE arrived; the kernel will not touch this slot again.
+    finished: bool,
+    /// The owning future is gone; free the slot at the final CQE.
+    orphaned: bool,
+    /// Successful results are new file descriptors (accept): close them
+    /// when nobody will take them.
+    yields_fds: bool,
+}
+
+/// Identifies a timer; the generation guards against reused slab keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TimerKey {
+    idx: usize,
+    generation: u64,
+}
+
+#[derive(Debug)]
+struct TimerSlot {
+    generation: u64,
+    deadline: Instant,
+    waker: Option<Waker>,
+    fired: bool,
+}
+
+/// Userspace timers: a slab plus a min-heap of deadlines with lazy deletion.
+/// Only the nearest deadline reaches the kernel, as the wait timeout.
+#[derive(Debug)]
+struct Timers {
+    slots: Slab<TimerSlot>,
+    heap: BinaryHeap<Reverse<(Instant, u64, usize)>>,
+    next_generation: u64,
+    /// Slots registered and not yet fired (each has exactly one live heap entry).
+    armed: usize,
+}
+
+impl Timers {
+    fn insert(&mut self, deadline: Instant, waker: Waker) -> TimerKey {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let idx = self.slots.insert(TimerSlot {
+            generation,
+            deadline,
+            waker: Some(waker),
+            fired: false,
+        });
+        self.heap.push(Reverse((deadline, generation, idx)));
+        self.armed += 1;
+        self.compact();
+        TimerKey { idx, generation }
+    }
+
+    fn slot(&mut self, key: TimerKey) -> Option<&mut TimerSlot> {
+        self.slots
+            .get_mut(key.idx)
+            .filter(|s| s.generation == key.generation)
+    }
+
+    fn remove(&mut self, key: TimerKey) {
+        if self.slot(key).is_some()
+            && let Some(slot) = self.slots.remove(key.idx)
+            && !slot.fired
+        {
+            self.armed -= 1;
+        }
+    }
+
+    /// Stale heap entries (removed timers) are dropped when they reach the top;
+    /// if they pile up (many short-lived timeouts), rebuild from the live set.
+    fn compact(&mut self) {
+        if self.heap.len() > 64 && self.heap.len() > 2 * self.armed {
+            self.heap = self
+                .slots
+                .iter()
+                .filter(|(_, s)| !s.fired)
+                .map(|(idx, s)| Reverse((s.deadline, s.generation, idx)))
+                .collect();
+        }
+    }
+
+    fn fire_expired(&mut self, now: Instant, woken: &mut Vec<Waker>) {
+        while let Some(Reverse((deadline, generation, idx))) = self.heap.peek().copied() {
+            if deadline > now {
+                break;
+            }
+            self.heap.pop();
+            if let Some(slot) = self.slots.get_mut(idx)
+                && slot.generation == generation
+                && !slot.fired
+            {
+                slot.fired = true;
+                self.armed -= 1;
+                woken.extend(slot.waker.take());
+            }
+        }
+    }
+
+    fn next_deadline(&mut self) -> Option<Instant> {
+        while let Some(Reverse((deadline, generation, idx))) = self.heap.peek().copied() {
+            match self.slots.get(idx) {
+                Some(s) if s.generation == generation && !s.fired => return Some(deadline),
+                _ => {
+                    self.heap.pop();
+                }
+            }
+        }
+        None
+    }
+}
+
+/// The I/O half of a runtime.
+#[derive(Debug)]
+pub(crate) struct Driver {
+    ring: Ring,
+    ops: Slab<OpSlot>,
+    timers: Timers,
+    /// Wakers collected during dispatch, woken by the runtime once the driver
+    /// is no longer borrowed.
+    pub(crate) woken: Vec<Waker>,
+    /// The eventfd poll fired: the runtime must drain its remote queue.
+    pub(crate) remote_signalled: bool,
+    /// The eventfd the runtime keeps a multishot poll armed on (shared with
+    /// the runtime's remote-wake handle, which writes to it).
+    wake_fd: Arc<OwnedFd>,
+}
+
+impl Driver {
+    pub(crate) fn new(entries: u32, wake_fd: Arc<OwnedFd>) -> io::Result<Driver> {
+        let mut driver = Driver {
+            ring: Ring::new(entries)?,
+            ops: Slab::new(),
+            timers: Timers {
+                slots: Slab::new(),
+                heap: BinaryHeap::new(),
+                next_generation: 0,
+                armed: 0,
+            },
+            woken: Vec::new(),
+            remote_signalled: false,
+            wake_fd,
+        };
+        driver.arm_wake()?;
+        Ok(driver)
+    }
+
+    fn arm_wake(&mut self) -> io::Result<()> {
+        let fd = self.wake_fd.as_raw_fd();
+        self.push(|ring| ring.push_poll(fd, libc::POLLIN as u32, true, WAKE_TOKEN))
+    }
+
+    /// Pushes one entry, reaping completions if the queues are backed up.
+    fn push(&mut self, mut f: impl FnMut(&mut Ring) -> Result<(), SqFull>) -> io::Result<()> {
+        for _ in 0..64 {
+            if f(&mut self.ring).is_ok() {
+                return Ok(());
+            }
+            self.reap();
+        }
+        Err(io::Error::other(
+            "io_uring submission queue stays full; completions are not being consumed",
+        ))
+    }
+
+    /// Registers a new op; `push` builds and pushes its SQE with the given `user_data`.
+    pub(crate) fn submit_op(
+        &mut self,
+        yields_fds: bool,
+        mut push: impl FnMut(&mut Ring, u64) -> Result<(), SqFull>,
+    ) -> io::Result<usize> {
+        let idx = self.ops.insert(OpSlot {
+            waker: None,
+            completions: VecDeque::new(),
+            finished: false,
+            orphaned: false,
+            yields_fds,
+        });
+        match self.push(|ring| push(ring, idx as u64)) {
+            Ok(()) => Ok(idx),
+            Err(e) => {
+                self.ops.remove(idx);
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes the next completion of op `idx`, or registers `waker`.
+    /// `Ready(None)`: the op is finished and every completion was taken.
+    pub(crate) fn poll_op(
+        &mut self,
+        idx: usize,
+        waker: &Waker,
+    ) -> std::task::Poll<Option<Completion>> {
+        let slot = self.ops.get_mut(idx).expect("op slot of a live Op");
+        if let Some(c) = slot.completions.pop_front() {
+            return std::task::Poll::Ready(Some(c));
+        }
+        if slot.finished {
+            return std::task::Poll::Ready(None);
+        }
+        match &mut slot.waker {
+            Some(w) if w.will_wake(waker) => {}
+            w => *w = Some(waker.clone()),
+        }
+        std::task::Poll::Pending
+    }
+
+    /// The owner of op `idx` is gone: free it now if the kernel is done with
+    /// it, otherwise cancel it and free it at its final CQE.
+    pub(crate) fn release_op(&mut self, idx: usize) {
+        let Some(slot) = self.ops.get_mut(idx) else {
+            return;
+        };
+        // Unconsumed results (accepted sockets) are closed here.
+        slot.completions.clear();
+        if slot.finished {
+            self.ops.remove(idx);
+            return;
+        }
+        slot.orphaned = true;
+        slot.waker = None;
+        // If the cancel cannot be queued the op still completes on its own
+        // (or at ring teardown); the slot stays reserved either way.
+        let _ = self.push(|ring| ring.push_cancel(idx as u64, CANCEL_TOKEN));
+    }
+
+    pub(crate) fn insert_timer(&mut self, deadline: Instant, waker: Waker) -> TimerKey {
+        self.timers.insert(deadline, waker)
+    }
+
+    /// `Some(true)` fired, `Some(false)` pending (waker refreshed), `None` unknown key.
+    pub(crate) fn poll_timer(&mut self, key: TimerKey, waker: &Waker) -> Option<bool> {
+        let slot = self.timers.slot(key)?;
+        if slot.fired {
+            return Some(true);
+        }
+        match &mut slot.waker {
+            Some(w) if w.will_wake(waker) => {}
+            w => *w = Some(waker.clone()),
+        }
+        Some(false)
+    }
+
+    pub(crate) fn remove_timer(&mut self, key: TimerKey) {
+        self.timers.remove(key);
+    }
+
+    /// Number of ops the kernel still owns or whose results are unconsumed.
+    pub(crate) fn ops_in_flight(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// One turn of I/O: fire expired timers, submit, optionally wait (until a
+    /// completion or the nearest timer), then dispatch every CQE.
+    pub(crate) fn turn(&mut self, may_block: bool) -> io::Result<()> {
+        let now = Instant::now();
+        self.timers.fire_expired(now, &mut self.woken);
+        if may_block && self.woken.is_empty() {
+            let timeout = self
+                .timers
+                .next_deadline()
+                .map(|d| d.saturating_duration_since(now));
+            match timeout {
+                Some(Duration::ZERO) => self.ring.submit()?,
+                t => self.ring.submit_and_wait(t)?,
+            }
+        } else {
+            self.ring.submit()?;
+        }
+        self.reap();
+        self.timers.fire_expired(Instant::now(), &mut self.woken);
+        Ok(())
+    }
+
+    /// Dispatches every available CQE to its slot.
+    fn reap(&mut self) {
+        let mut rearm_wake = false;
+        let mut wake_seen = false;
+        for cqe in self.ring.completions() {
+            let (user_data, result, more) =
+                (cqe.user_data(), cqe.result(), cqueue::more(cqe.flags()));
+            match user_data {
+                WAKE_TOKEN => {
+                    wake_seen = true;
+                    rearm_wake |= !more;
+                }
+                CANCEL_TOKEN => {}
+                idx => {
+                    let idx = idx as usize;
+                    let Some(slot) = self.ops.get_mut(idx) else {
+                        debug_assert!(false, "CQE for unknown op {idx}");
+                        continue;
+                    };
+                    let fd = (slot.yields_fds && result >= 0).then(|| {
+                        // SAFETY: for a descriptor-creating op (accept) a
+                        // non-negative result is a descriptor the kernel just
+                        // installed for us, and each CQE is reaped once.
+                        unsafe { sys::adopt_fd(result) }
+                    });
+                    if slot.orphaned {
+                        // Nobody will take the result: `fd` is closed here.
+                        if !more {
+                            self.ops.remove(idx);
+                        }
+                        continue;
+                    }
+                    slot.completions.push_back(Completion { result, fd });
+                    slot.finished |= !more;
+                    self.woken.extend(slot.waker.take());
+                }
+            }
+        }
+        if wake_seen {
+            // Reset the count first, then let the runtime drain its queue:
+            // a sender that pushes after this read signals again.
+            sys::eventfd_drain(self.wake_fd.as_fd());
+            self.remote_signalled = true;
+        }
+        if rearm_wake {
+            // The CQ ring was just drained, so this push cannot be starved.
+            let _ = self.arm_wake();
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! A handle on one submitted ring request, and the readiness (`POLL_ADD`) op.
+//!
+//! Dropping an [`Op`] before its final CQE cancels it (`ASYNC_CANCEL`) and
+//! leaves the slot to the driver until the kernel reports the end.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::task::{Context as TaskContext, Poll};
+
+use crate::driver::Completion;
+use crate::runtime::{Context, with_current};
+use crate::sys::{Ring, SqFull};
+
+/// An in-flight request owned by a future (or a listener). `!Send`.
+#[derive(Debug)]
+pub(crate) struct Op {
+    cx: Rc<Context>,
+    idx: usize,
+}
+
+impl Op {
+    fn submit(
+        yields_fds: bool,
+        push: impl FnMut(&mut Ring, u64) -> Result<(), SqFull>,
+    ) -> io::Result<Op> {
+        with_current(|cx| {
+            let idx = cx.driver.borrow_mut().submit_op(yields_fds, push)?;
+            Ok(Op {
+                cx: cx.clone(),
+                idx,
+            })
+        })
+    }
+
+    /// One-shot `POLL_ADD` for `events` (`libc::POLLIN`, `POLLOUT`, ...).
+    pub(crate) fn poll_add(fd: RawFd, events: u32) -> io::Result<Op> {
+        Op::submit(false, |ring, ud| ring.push_poll(fd, events, false, ud))
+    }
+
+    /// Multishot accept; completions carry the accepted descriptor.
+    pub(crate) fn accept_multi(fd: RawFd) -> io::Result<Op> {
+        Op::submit(true, |ring, ud| ring.push_accept_multi(fd, ud))
+    }
+
+    /// The next completion; `Ready(None)` once the op ended and all were taken.
+    pub(crate) fn poll_next(&mut self, cx: &mut TaskContext<'_>) -> Poll<Option<Completion>> {
+        self.cx.driver.borrow_mut().poll_op(self.idx, cx.waker())
+    }
+}
+
+impl Drop for Op {
+    fn drop(&mut self) {
+        self.cx.driver.borrow_mut().release_op(self.idx);
+    }
+}
+
+/// Waits until `fd` is ready for `events`; returns the revents mask.
+/// Cancel-safe: dropping the future cancels the poll.
+pub(crate) async fn ready(fd: RawFd, events: u32) -> io::Result<u32> {
+    let mut op = Op::poll_add(fd, events)?;
+    let completion = std::future::poll_fn(|cx| op.poll_next(cx)).await;
+    match completion {
+        Some(c) => c.into_result(),
+        None => Err(io::Error::other("poll op ended without a completion")),
+    }
+}

@@ -1,0 +1,651 @@
+//! The byte path: relay two connected sockets in both directions at once.
+//!
+//! [`relay`] moves bytes socket → pipe → socket with non-blocking `splice(2)`
+//! (`SPLICE_F_NONBLOCK | SPLICE_F_MOVE`), inline on the worker thread, and
+//! waits with `POLL_ADD` on the ring only when a side would block. It never
+//! uses `IORING_OP_SPLICE` on sockets (that runs in io-wq kernel threads, one
+//! per blocked splice). [`copy_relay`] is the same state machine with a
+//! userspace buffer (`recv`/`send`), kept to measure small-message latency
+//! against splice.
+//!
+//! Pipes come from a per-worker [`PipePool`]: a direction takes one only to
+//! try a transfer and gives it back as soon as it is empty, so an idle
+//! tunnel holds no pipe, and the pool only ever caches empty pipes.
+
+use std::cell::{Cell, RefCell};
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context as TaskContext, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use crate::net::TcpStream;
+use crate::op::Op;
+use crate::sys;
+use crate::time::{Sleep, sleep_until};
+
+/// Transfers (syscalls that moved bytes) per direction before the relay
+/// yields to other tasks, so one busy tunnel cannot starve a worker.
+const BUDGET: u32 = 16;
+
+/// Default pipe capacity asked for with `F_SETPIPE_SZ`.
+pub const DEFAULT_PIPE_SIZE: usize = 256 * 1024;
+
+/// Which way bytes flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// From the first socket passed to the relay to the second.
+    AToB,
+    /// From the second socket to the first.
+    BToA,
+}
+
+/// One of the two sockets of a relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The first socket passed to the relay.
+    A,
+    /// The second socket passed to the relay.
+    B,
+}
+
+/// Why a relay ended.
+#[derive(Debug)]
+pub enum RelayEnd {
+    /// Both directions saw EOF, drained, and forwarded it (`shutdown(SHUT_WR)`).
+    Closed,
+    /// No byte moved in either direction for the idle timeout.
+    Idle,
+    /// [`RelayCtl::stop`] was called.
+    Stopped,
+    /// A socket failed (`ECONNRESET`, `EPIPE`, ...); `side` says which one.
+    Error {
+        /// The socket whose syscall failed.
+        side: Side,
+        /// The error it returned.
+        error: io::Error,
+    },
+    /// A local resource failed (pipe creation hit `EMFILE`, ring submission).
+    Local(io::Error),
+}
+
+/// What a relay did: bytes delivered each way and why it ended. Bytes read
+/// but not yet written when the relay ended are not counted (and are lost).
+#[derive(Debug)]
+pub struct RelayOutcome {
+    /// Bytes written to B that were read from A.
+    pub a_to_b: u64,
+    /// Bytes written to A that were read from B.
+    pub b_to_a: u64,
+    /// Why the relay ended.
+    pub end: RelayEnd,
+}
+
+type ChunkHook = Box<dyn FnMut(Direction, usize)>;
+
+struct CtlInner {
+    a_to_b: Cell<u64>,
+    b_to_a: Cell<u64>,
+    idle_timeout: Cell<Option<Duration>>,
+    stopped: Cell<bool>,
+    /// The relay task, woken by `stop`.
+    waker: RefCell<Option<Waker>>,
+    hook: RefCell<Option<ChunkHook>>,
+}
+
+/// Control and observation of one running relay, from the same thread.
+///
+/// Cheap to clone (`Rc`); keep a clone in the task that may stop the relay or
+/// read its counters. Counters are the bytes delivered to the destination so
+/// far, updated after every transfer; they only grow (use one `RelayCtl`
+/// per relay). The optional chunk hook sees the same transfers: it is called
+/// with each write's direction and size (it must not call
+/// [`RelayCtl::on_chunk`] itself).
+#[derive(Clone)]
+pub struct RelayCtl {
+    inner: Rc<CtlInner>,
+}
+
+impl fmt::Debug for RelayCtl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RelayCtl")
+            .field("a_to_b", &self.a_to_b())
+            .field("b_to_a", &self.b_to_a())
+            .field("idle_timeout", &self.inner.idle_timeout.get())
+            .field("stopped", &self.is_stopped())
+            .finish()
+    }
+}
+
+impl Default for RelayCtl {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RelayCtl {
+    /// No idle timeout, no hook, not stopped.
+    pub fn new() -> RelayCtl {
+        RelayCtl {
+            inner: Rc::new(CtlInner {
+                a_to_b: Cell::new(0),
+                b_to_a: Cell::new(0),
+                idle_timeout: Cell::new(None),
+                stopped: Cell::new(false),
+                waker: RefCell::new(None),
+                hook: RefCell::new(None),
+            }),
+        }
+    }
+
+    /// Ends the relay with [`RelayEnd::Idle`] once no byte moved in either
+    /// direction for `idle`. Takes effect from the relay's next wake-up when
+    /// changed while it runs.
+    pub fn set_idle_timeout(&self, idle: Option<Duration>) {
+        self.inner.idle_timeout.set(idle);
+    }
+
+    /// Calls `hook(direction, bytes)` after every transfer to a destination.
+    pub fn on_chunk(&self, hook: impl FnMut(Direction, usize) + 'static) {
+        *self.inner.hook.borrow_mut() = Some(Box::new(hook));
+    }
+
+    /// Ends the relay promptly with [`RelayEnd::Stopped`] (wakes it). Stays
+    /// stopped: a relay started later with this `RelayCtl` ends at once.
+    pub fn stop(&self) {
+        self.inner.stopped.set(true);
+        let waker = self.inner.waker.borrow_mut().take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Whether [`RelayCtl::stop`] was called.
+    pub fn is_stopped(&self) -> bool {
+        self.inner.stopped.get()
+    }
+
+    /// Bytes delivered from A to B so far.
+    pub fn a_to_b(&self) -> u64 {
+        self.inner.a_to_b.get()
+    }
+
+    /// Bytes delivered from B to A so far.
+    pub fn b_to_a(&self) -> u64 {
+        self.inner.b_to_a.get()
+    }
+
+    fn record(&self, dir: Direction, n: usize) {
+        let counter = match dir {
+            Direction::AToB => &self.inner.a_to_b,
+            Direction::BToA => &self.inner.b_to_a,
+        };
+        counter.set(counter.get() + n as u64);
+        if let Some(hook) = self.inner.hook.borrow_mut().as_mut() {
+            hook(dir, n);
+        }
+    }
+
+    fn register(&self, waker: &Waker) {
+        let mut slot = self.inner.waker.borrow_mut();
+        match &*slot {
+            Some(w) if w.will_wake(waker) => {}
+            _ => *slot = Some(waker.clone()),
+        }
+    }
+}
+
+/// A pipe, always empty while it sits in the pool.
+#[derive(Debug)]
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity: usize,
+}
+
+/// The pipes of one worker, reused across relays.
+///
+/// A pipe leaves the pool while a direction moves bytes and comes back when
+/// drained; a pipe that still holds bytes when its relay ends is closed, not
+/// cached. At most `max_cached` empty pipes are kept.
+#[derive(Debug)]
+pub struct PipePool {
+    cached: RefCell<Vec<Pipe>>,
+    max_cached: usize,
+    pipe_size: usize,
+    in_use: Cell<usize>,
+}
+
+impl PipePool {
+    /// A pool caching up to `max_cached` pipes of [`DEFAULT_PIPE_SIZE`].
+    pub fn new(max_cached: usize) -> PipePool {
+        PipePool::with_pipe_size(max_cached, DEFAULT_PIPE_SIZE)
+    }
+
+    /// A pool whose pipes ask for `pipe_size` bytes (`F_SETPIPE_SZ`); when
+    /// the kernel refuses (`pipe-max-size`, per-user pipe budget), pipes keep
+    /// their default capacity.
+    pub fn with_pipe_size(max_cached: usize, pipe_size: usize) -> PipePool {
+        PipePool {
+            cached: RefCell::new(Vec::new()),
+            max_cached,
+            pipe_size,
+            in_use: Cell::new(0),
+        }
+    }
+
+    /// Empty pipes cached for reuse.
+    pub fn cached(&self) -> usize {
+        self.cached.borrow().len()
+    }
+
+    /// Pipes currently held by relays (holding bytes in flight).
+    pub fn in_use(&self) -> usize {
+        self.in_use.get()
+    }
+
+    fn take(&self) -> io::Result<Pipe> {
+        let pipe = match self.cached.borrow_mut().pop() {
+            Some(pipe) => pipe,
+            None => {
+                let (read, write) = sys::pipe()?;
+                let capacity = sys::set_pipe_size(write.as_fd(), self.pipe_size);
+                Pipe {
+                    read,
+                    write,
+                    capacity,
+                }
+            }
+        };
+        self.in_use.set(self.in_use.get() + 1);
+        Ok(pipe)
+    }
+
+    /// Returns an empty pipe.
+    fn give(&self, pipe: Pipe) {
+        self.in_use.set(self.in_use.get() - 1);
+        let mut cached = self.cached.borrow_mut();
+        if cached.len() < self.max_cached {
+            cached.push(pipe);
+        }
+    }
+
+    /// Closes a pipe that may still hold bytes.
+    fn discard(&self, pipe: Pipe) {
+        self.in_use.set(self.in_use.get() - 1);
+        drop(pipe);
+    }
+}
+
+/// A transfer failed; says whose fault it was.
+enum Fault {
+    /// The source socket's syscall failed (or would block).
+    Io(io::Error),
+    /// A local resource (pipe) could not be had.
+    Local(io::Error),
+}
+
+/// Where one direction keeps bytes between reading them and writing them.
+trait Stage {
+    /// Bytes read and not yet written.
+    fn staged(&self) -> usize;
+    /// Reads from `src` into the (empty) stage; `Ok(0)` is EOF.
+    fn fill(&mut self, src: &TcpStream) -> Result<usize, Fault>;
+    /// Writes staged bytes to `dst`.
+    fn drain(&mut self, dst: &TcpStream) -> io::Result<usize>;
+}
+
+/// Splice through a pipe borrowed from the pool only while bytes are in it.
+struct PipeStage<'p> {
+    pool: &'p PipePool,
+    pipe: Option<Pipe>,
+    staged: usize,
+}
+
+impl Stage for PipeStage<'_> {
+    fn staged(&self) -> usize {
+        self.staged
+    }
+
+    fn fill(&mut self, src: &TcpStream) -> Result<usize, Fault> {
+        debug_assert_eq!(self.staged, 0);
+        let pipe = match self.pipe.take() {
+            Some(pipe) => pipe,
+            None => self.pool.take().map_err(Fault::Local)?,
+        };
+        match sys::splice(src.as_fd(), pipe.write.as_fd(), pipe.capacity) {
+            Ok(n) if n > 0 => {
+                self.staged = n;
+                self.pipe = Some(pipe);
+                Ok(n)
+            }
+            other => {
+                // EOF, EAGAIN or an error: nothing entered the pipe.
+                self.pool.give(pipe);
+                other.map_err(Fault::Io)
+            }
+        }
+    }
+
+    fn drain(&mut self, dst: &TcpStream) -> io::Result<usize> {
+        let pipe = self.pipe.as_ref().expect("staged bytes live in a pipe");
+        let n = sys::splice(pipe.read.as_fd(), dst.as_fd(), self.staged)?;
+        self.staged -= n;
+        if self.staged == 0
+            && let Some(pipe) = self.pipe.take()
+        {
+            self.pool.give(pipe);
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for PipeStage<'_> {
+    fn drop(&mut self) {
+        if let Some(pipe) = self.pipe.take() {
+            if self.staged == 0 {
+                self.pool.give(pipe);
+            } else {
+                self.pool.discard(pipe);
+            }
+        }
+    }
+}
+
+/// recv/send through a userspace buffer.
+struct BufStage {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl Stage for BufStage {
+    fn staged(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn fill(&mut self, src: &TcpStream) -> Result<usize, Fault> {
+        let n = src.try_read(&mut self.buf).map_err(Fault::Io)?;
+        self.start = 0;
+        self.end = n;
+        Ok(n)
+    }
+
+    fn drain(&mut self, dst: &TcpStream) -> io::Result<usize> {
+        let n = dst.try_write(&self.buf[self.start..self.end])?;
+        self.start += n;
+        Ok(n)
+    }
+}
+
+/// One direction of a relay.
+struct Half<S> {
+    dir: Direction,
+    stage: S,
+    /// The source returned EOF; forward it once the stage is drained.
+    eof: bool,
+    /// EOF forwarded: this direction is finished.
+    done: bool,
+    /// The readiness wait this direction is blocked on.
+    wait: Option<Op>,
+}
+
+/// How one poll of a direction went.
+enum Step {
+    /// Finished (EOF forwarded).
+    Done,
+    /// Waiting on the ring; the waker is registered.
+    Blocked,
+    /// Out of budget; must be polled again soon.
+    Yield,
+}
+
+impl<S: Stage> Half<S> {
+    fn new(dir: Direction, stage: S) -> Half<S> {
+        Half {
+            dir,
+            stage,
+            eof: false,
+            done: false,
+            wait: None,
+        }
+    }
+
+    fn sides(&self) -> (Side, Side) {
+        match self.dir {
+            Direction::AToB => (Side::A, Side::B),
+            Direction::BToA => (Side::B, Side::A),
+        }
+    }
+
+    /// Moves bytes until blocked, finished or out of budget; returns the
+    /// bytes delivered in `moved`.
+    fn poll(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        src: &TcpStream,
+        dst: &TcpStream,
+        ctl: &RelayCtl,
+        moved: &mut u64,
+    ) -> Result<Step, RelayEnd> {
+        let (src_side, dst_side) = self.sides();
+        let mut budget = BUDGET;
+        loop {
+            if self.done {
+                return Ok(Step::Done);
+            }
+            if let Some(op) = &mut self.wait {
+                match op.poll_next(cx) {
+                    Poll::Pending => return Ok(Step::Blocked),
+                    Poll::Ready(Some(c)) if c.result < 0 => {
+                        return Err(RelayEnd::Local(io::Error::from_raw_os_error(-c.result)));
+                    }
+                    Poll::Ready(_) => self.wait = None,
+                }
+            }
+            if budget == 0 {
+                return Ok(Step::Yield);
+            }
+            if self.stage.staged() > 0 {
+                match self.stage.drain(dst) {
+                    Ok(n) => {
+                        budget -= 1;
+                        *moved += n as u64;
+                        ctl.record(self.dir, n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.wait = Some(wait_for(dst, libc::POLLOUT)?);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(error) => {
+                        return Err(RelayEnd::Error {
+                            side: dst_side,
+                            error,
+                        });
+                    }
+                }
+                continue;
+            }
+            if self.eof {
+                match dst.shutdown_write() {
+                    Err(e) if e.raw_os_error() != Some(libc::ENOTCONN) => {
+                        return Err(RelayEnd::Error {
+                            side: dst_side,
+                            error: e,
+                        });
+                    }
+                    // ENOTCONN: the peer is gone already; the other direction reports it.
+                    _ => self.done = true,
+                }
+                continue;
+            }
+            match self.stage.fill(src) {
+                Ok(0) => self.eof = true,
+                Ok(_) => budget -= 1,
+                Err(Fault::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.wait = Some(wait_for(src, libc::POLLIN)?);
+                }
+                Err(Fault::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(Fault::Io(error)) => {
+                    return Err(RelayEnd::Error {
+                        side: src_side,
+                        error,
+                    });
+                }
+                Err(Fault::Local(e)) => return Err(RelayEnd::Local(e)),
+            }
+        }
+    }
+}
+
+fn wait_for(stream: &TcpStream, events: libc::c_short) -> Result<Op, RelayEnd> {
+    Op::poll_add(stream.as_raw_fd(), events as u32).map_err(RelayEnd::Local)
+}
+
+/// Both directions of one relay, polled together.
+struct Relay<'a, S> {
+    a: &'a TcpStream,
+    b: &'a TcpStream,
+    ctl: &'a RelayCtl,
+    ab: Half<S>,
+    ba: Half<S>,
+    a_to_b: u64,
+    b_to_a: u64,
+    /// When a byte last moved (only tracked with an idle timeout).
+    last_activity: Instant,
+    idle_timer: Option<Sleep>,
+}
+
+impl<S: Stage> Relay<'_, S> {
+    fn outcome(&self, end: RelayEnd) -> Poll<RelayOutcome> {
+        Poll::Ready(RelayOutcome {
+            a_to_b: self.a_to_b,
+            b_to_a: self.b_to_a,
+            end,
+        })
+    }
+
+    /// True when the idle timeout passed; otherwise the timer is armed.
+    ///
+    /// The timer is not moved on every transfer: when it fires at a stale
+    /// deadline it is re-armed at `last_activity + idle`, so a busy tunnel
+    /// costs one timer update per idle period, not one per chunk.
+    fn idle_expired(&mut self, cx: &mut TaskContext<'_>, idle: Duration) -> bool {
+        let deadline = self.last_activity + idle;
+        let timer = self.idle_timer.get_or_insert_with(|| sleep_until(deadline));
+        if timer.deadline() > deadline {
+            timer.reset(deadline); // the timeout was shortened
+        }
+        loop {
+            if Pin::new(&mut *timer).poll(cx).is_pending() {
+                return false;
+            }
+            if timer.deadline() >= deadline {
+                return true;
+            }
+            timer.reset(deadline);
+        }
+    }
+}
+
+impl<S: Stage + Unpin> Future for Relay<'_, S> {
+    type Output = RelayOutcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<RelayOutcome> {
+        let this = self.get_mut();
+        if this.ctl.is_stopped() {
+            return this.outcome(RelayEnd::Stopped);
+        }
+        this.ctl.register(cx.waker());
+        let (before_ab, before_ba) = (this.a_to_b, this.b_to_a);
+        let ab = match this.ab.poll(cx, this.a, this.b, this.ctl, &mut this.a_to_b) {
+            Ok(step) => step,
+            Err(end) => return this.outcome(end),
+        };
+        let ba = match this.ba.poll(cx, this.b, this.a, this.ctl, &mut this.b_to_a) {
+            Ok(step) => step,
+            Err(end) => return this.outcome(end),
+        };
+        if matches!((&ab, &ba), (Step::Done, Step::Done)) {
+            return this.outcome(RelayEnd::Closed);
+        }
+        // A hook may have stopped the relay.
+        if this.ctl.is_stopped() {
+            return this.outcome(RelayEnd::Stopped);
+        }
+        if let Some(idle) = this.ctl.inner.idle_timeout.get() {
+            if (this.a_to_b, this.b_to_a) != (before_ab, before_ba) {
+                this.last_activity = Instant::now();
+            }
+            if this.idle_expired(cx, idle) {
+                return this.outcome(RelayEnd::Idle);
+            }
+        }
+        if matches!(ab, Step::Yield) || matches!(ba, Step::Yield) {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    }
+}
+
+/// Relays `a` ⇄ `b` with `splice(2)` through pipes from `pipes` until both
+/// directions ended (EOF forwarded each way), a socket fails, the idle
+/// timeout passes, or `ctl.stop()`.
+///
+/// Half-close: EOF from one side is forwarded as `shutdown(SHUT_WR)` to the
+/// other once everything read before it was delivered; the other direction
+/// keeps running. The sockets are borrowed and stay open. Bytes the caller
+/// already read (e.g. after a CONNECT head) must be flushed with
+/// [`TcpStream::write_all`] first. Dropping the future is sound: pending
+/// polls are cancelled, pipes holding bytes are closed.
+///
+/// The process must not die of `SIGPIPE` (Rust binaries ignore it by
+/// default): `splice` into a reset socket has no `MSG_NOSIGNAL`.
+pub async fn relay(a: &TcpStream, b: &TcpStream, pipes: &PipePool, ctl: &RelayCtl) -> RelayOutcome {
+    let stage = || PipeStage {
+        pool: pipes,
+        pipe: None,
+        staged: 0,
+    };
+    run(a, b, ctl, stage(), stage()).await
+}
+
+/// [`relay`] with `recv`/`send` through two userspace buffers of
+/// `buf_size` bytes (clamped to 4 KiB..=1 MiB), for comparison with splice.
+pub async fn copy_relay(
+    a: &TcpStream,
+    b: &TcpStream,
+    buf_size: usize,
+    ctl: &RelayCtl,
+) -> RelayOutcome {
+    let buf_size = buf_size.clamp(4096, 1 << 20);
+    let stage = || BufStage {
+        buf: vec![0; buf_size].into_boxed_slice(),
+        start: 0,
+        end: 0,
+    };
+    run(a, b, ctl, stage(), stage()).await
+}
+
+fn run<'a, S: Stage + Unpin>(
+    a: &'a TcpStream,
+    b: &'a TcpStream,
+    ctl: &'a RelayCtl,
+    ab: S,
+    ba: S,
+) -> Relay<'a, S> {
+    Relay {
+        a,
+        b,
+        ctl,
+        ab: Half::new(Direction::AToB, ab),
+        ba: Half::new(Direction::BToA, ba),
+        a_to_b: 0,
+        b_to_a: 0,
+        last_activity: Instant::now(),
+        idle_timer: None,
+    }
+}

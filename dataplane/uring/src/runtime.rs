@@ -1,0 +1,412 @@
+//! The per-thread executor: tasks, wakers and the loop that drives the ring.
+//!
+//! A [`Runtime`] belongs to one OS thread (it is `!Send`). Tasks are `!Send`
+//! futures in a slab; a waker is an `Arc` holding the task's key and a handle
+//! to the runtime's remote queue. Waking on the runtime's own thread pushes
+//! the key on a local ready queue (no lock, no syscall); waking from any
+//! other thread locks the remote queue and writes the runtime's eventfd,
+//! on which the ring keeps a multishot poll armed. Wakers are therefore
+//! sound to send anywhere, and cheap on the common path.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::pin::{Pin, pin};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll, Wake, Waker};
+
+use crate::driver::Driver;
+use crate::slab::Slab;
+use crate::sys;
+
+/// How a [`Runtime`] is built.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Submission queue size (the completion queue gets 4x). Ops beyond it
+    /// are still accepted: a full queue is flushed to the kernel.
+    pub entries: u32,
+    /// Tasks polled between two looks at the ring, so I/O completions and
+    /// timers are not starved by a long ready queue.
+    pub tasks_per_tick: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            entries: 256,
+            tasks_per_tick: 64,
+        }
+    }
+}
+
+/// Key of a task in the slab; the generation tells a reused slot apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TaskKey {
+    idx: usize,
+    generation: u64,
+}
+
+/// The `block_on` future is not in the slab; it has this key.
+const MAIN: TaskKey = TaskKey {
+    idx: usize::MAX,
+    generation: 0,
+};
+
+/// What other threads may touch: the queue of keys they woke, and the
+/// eventfd that tells the ring about it.
+#[derive(Debug)]
+struct Remote {
+    queue: Mutex<Vec<TaskKey>>,
+    eventfd: Arc<OwnedFd>,
+}
+
+impl Remote {
+    /// Wakes the runtime's loop.
+    fn signal(&self) {
+        sys::eventfd_signal(self.eventfd.as_fd());
+    }
+}
+
+/// The waker of one task (or of the `block_on` future).
+#[derive(Debug)]
+struct TaskWaker {
+    runtime_id: u64,
+    key: TaskKey,
+    /// Set while the key sits in a ready queue, so a burst of wakes queues
+    /// the task once.
+    scheduled: AtomicBool,
+    remote: Arc<Remote>,
+}
+
+impl Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let queued_locally = CURRENT
+            .try_with(|current| match &*current.borrow() {
+                Some(cx) if cx.id == self.runtime_id => {
+                    cx.schedule(self.key);
+                    true
+                }
+                _ => false,
+            })
+            .unwrap_or(false);
+        if !queued_locally {
+            self.remote
+                .queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(self.key);
+            self.remote.signal();
+        }
+    }
+}
+
+struct Task {
+    generation: u64,
+    /// `None` while the task is being polled (taken out so that it may spawn).
+    future: Option<Pin<Box<dyn Future<Output = ()>>>>,
+    waker: Arc<TaskWaker>,
+}
+
+/// Everything one runtime owns; shared (`Rc`) by the runtime, its ops and timers.
+pub(crate) struct Context {
+    id: u64,
+    pub(crate) driver: RefCell<Driver>,
+    ready: RefCell<VecDeque<TaskKey>>,
+    main_woken: Cell<bool>,
+    tasks: RefCell<Slab<Task>>,
+    next_generation: Cell<u64>,
+    remote: Arc<Remote>,
+    config: RuntimeConfig,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("id", &self.id)
+            .field("tasks", &self.tasks.borrow().len())
+            .field("ready", &self.ready.borrow().len())
+            .finish()
+    }
+}
+
+thread_local! {
+    /// The runtime whose `block_on` is running on this thread.
+    static CURRENT: RefCell<Option<Rc<Context>>> = const { RefCell::new(None) };
+}
+
+static NEXT_RUNTIME_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Context {
+    fn schedule(&self, key: TaskKey) {
+        if key == MAIN {
+            self.main_woken.set(true);
+        } else {
+            self.ready.borrow_mut().push_back(key);
+        }
+    }
+
+    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()>>>) {
+        let generation = self.next_generation.get();
+        self.next_generation.set(generation + 1);
+        let mut tasks = self.tasks.borrow_mut();
+        let key = TaskKey {
+            idx: tasks.next_key(),
+            generation,
+        };
+        let idx = tasks.insert(Task {
+            generation,
+            future: Some(future),
+            waker: Arc::new(TaskWaker {
+                runtime_id: self.id,
+                key,
+                scheduled: AtomicBool::new(true),
+                remote: self.remote.clone(),
+            }),
+        });
+        debug_assert_eq!(idx, key.idx);
+        drop(tasks);
+        self.ready.borrow_mut().push_back(key);
+    }
+
+    /// Polls one ready task; returns false when the ready queue is empty.
+    fn run_one(&self) -> bool {
+        let Some(key) = self.ready.borrow_mut().pop_front() else {
+            return false;
+        };
+        let (mut future, waker) = {
+            let mut tasks = self.tasks.borrow_mut();
+            let Some(task) = tasks
+                .get_mut(key.idx)
+                .filter(|t| t.generation == key.generation)
+            else {
+                return true; // stale wake of a finished task
+            };
+            let Some(future) = task.future.take() else {
+                return true;
+            };
+            task.waker.scheduled.store(false, Ordering::Release);
+            (future, Waker::from(task.waker.clone()))
+        };
+        let done = future
+            .as_mut()
+            .poll(&mut TaskContext::from_waker(&waker))
+            .is_ready();
+        let mut tasks = self.tasks.borrow_mut();
+        if done {
+            let task = tasks.remove(key.idx);
+            drop(tasks);
+            drop(task);
+            drop(future); // outside the borrow: its drop may cancel ops or wake tasks
+        } else if let Some(task) = tasks.get_mut(key.idx) {
+            task.future = Some(future);
+        }
+        true
+    }
+
+    fn drain_remote(&self) {
+        let keys =
+            std::mem::take(&mut *self.remote.queue.lock().unwrap_or_else(|e| e.into_inner()));
+        for key in keys {
+            self.schedule(key);
+        }
+    }
+
+    /// One I/O turn, then wake what completed.
+    fn turn(&self, may_block: bool) {
+        let mut woken = {
+            let mut driver = self.driver.borrow_mut();
+            if let Err(e) = driver.turn(may_block) {
+                // EBADF, EFAULT, ...: the ring itself is broken; nothing sane remains.
+                panic!("splicegate-uring: io_uring_enter failed: {e}");
+            }
+            std::mem::take(&mut driver.woken)
+        };
+        for waker in woken.drain(..) {
+            waker.wake();
+        }
+        let mut driver = self.driver.borrow_mut();
+        if driver.woken.is_empty() {
+            driver.woken = woken; // keep the allocation
+        }
+        if std::mem::take(&mut driver.remote_signalled) {
+            drop(driver);
+            self.drain_remote();
+        }
+    }
+}
+
+/// Runs `f` with the runtime of the current `block_on`.
+///
+/// # Panics
+/// Outside [`Runtime::block_on`].
+pub(crate) fn with_current<R>(f: impl FnOnce(&Rc<Context>) -> R) -> R {
+    CURRENT.with(|current| {
+        let current = current.borrow();
+        let cx = current
+            .as_ref()
+            .expect("splicegate-uring: must be called inside Runtime::block_on");
+        f(cx)
+    })
+}
+
+/// A single-threaded io_uring runtime: one per worker thread.
+///
+/// `!Send`: it stays on the thread that created it, as do its tasks.
+#[derive(Debug)]
+pub struct Runtime {
+    cx: Rc<Context>,
+}
+
+impl Runtime {
+    /// Creates the ring (with `config.entries` SQ slots) and the eventfd
+    /// used for cross-thread wakes.
+    pub fn new(config: RuntimeConfig) -> io::Result<Runtime> {
+        let eventfd = Arc::new(sys::eventfd()?);
+        let driver = Driver::new(config.entries.max(8), eventfd.clone())?;
+        Ok(Runtime {
+            cx: Rc::new(Context {
+                id: NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed),
+                driver: RefCell::new(driver),
+                ready: RefCell::new(VecDeque::new()),
+                main_woken: Cell::new(false),
+                tasks: RefCell::new(Slab::new()),
+                next_generation: Cell::new(0),
+                remote: Arc::new(Remote {
+                    queue: Mutex::new(Vec::new()),
+                    eventfd,
+                }),
+                config,
+            }),
+        })
+    }
+
+    /// Runs `future` to completion on this thread, together with every task
+    /// [`spawn`]ed onto this runtime. Spawned tasks that are still pending
+    /// when it returns stay queued for the next `block_on`.
+    ///
+    /// # Panics
+    /// When called from inside another `block_on` on the same thread.
+    pub fn block_on<F: Future>(&self, future: F) -> F::Output {
+        let _enter = Enter::new(self.cx.clone());
+        let cx = &*self.cx;
+        let main = Arc::new(TaskWaker {
+            runtime_id: cx.id,
+            key: MAIN,
+            scheduled: AtomicBool::new(false),
+            remote: cx.remote.clone(),
+        });
+        let waker = Waker::from(main.clone());
+        let mut task_cx = TaskContext::from_waker(&waker);
+        let mut future = pin!(future);
+        cx.main_woken.set(true);
+        loop {
+            if cx.main_woken.replace(false) {
+                main.scheduled.store(false, Ordering::Release);
+                if let Poll::Ready(out) = future.as_mut().poll(&mut task_cx) {
+                    return out;
+                }
+            }
+            let mut budget = cx.config.tasks_per_tick.max(1);
+            while budget > 0 && cx.run_one() {
+                budget -= 1;
+            }
+            let idle = cx.ready.borrow().is_empty() && !cx.main_woken.get();
+            cx.turn(idle);
+        }
+    }
+
+    /// Ops whose slot is still held: in flight in the kernel, or completed
+    /// and not yet consumed. Useful to check that cancellation settles.
+    pub fn ops_in_flight(&self) -> usize {
+        self.cx.driver.borrow().ops_in_flight()
+    }
+
+    /// Number of spawned tasks that have not finished.
+    pub fn tasks(&self) -> usize {
+        self.cx.tasks.borrow().len()
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        // Drop the tasks with the runtime current, so that their ops can
+        // submit cancellations. The ring itself closes once the last op
+        // or timer referencing the context is gone.
+        let _enter = Enter::try_new(self.cx.clone());
+        let tasks = self.cx.tasks.borrow_mut().drain();
+        drop(tasks);
+        self.cx.ready.borrow_mut().clear();
+        let _ = self.cx.driver.borrow_mut().turn(false);
+    }
+}
+
+/// Makes a runtime current for the duration of a `block_on`.
+struct Enter {
+    entered: bool,
+}
+
+impl Enter {
+    fn new(cx: Rc<Context>) -> Enter {
+        let enter = Enter::try_new(cx);
+        assert!(
+            enter.entered,
+            "splicegate-uring: block_on called while a runtime is already running on this thread"
+        );
+        enter
+    }
+
+    fn try_new(cx: Rc<Context>) -> Enter {
+        CURRENT.with(|current| {
+            let mut current = current.borrow_mut();
+            if current.is_some() {
+                Enter { entered: false }
+            } else {
+                *current = Some(cx);
+                Enter { entered: true }
+            }
+        })
+    }
+}
+
+impl Drop for Enter {
+    fn drop(&mut self) {
+        if self.entered {
+            let cx = CURRENT.with(|current| current.borrow_mut().take());
+            drop(cx); // outside the TLS borrow
+        }
+    }
+}
+
+/// Spawns a `!Send` task on the runtime running on this thread.
+///
+/// # Panics
+/// Outside [`Runtime::block_on`].
+pub fn spawn<F: Future<Output = ()> + 'static>(future: F) {
+    with_current(|cx| cx.spawn(Box::pin(future)));
+}
+
+/// Yields once to the scheduler, letting other ready tasks and I/O run.
+pub async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await;
+}

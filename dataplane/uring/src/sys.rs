@@ -1,0 +1,277 @@
+//! The crate's one door to the kernel: every raw syscall and every SQE push.
+//!
+//! Everything `unsafe` in the crate lives in this file. Each helper is a thin,
+//! safe wrapper whose argument types make the call sound (borrowed fds are open
+//! for the duration of the call, slices bound the lengths). Submission entries
+//! are built here too, and only from constructors that carry **no pointer into
+//! user memory** (poll, multishot accept without an address, cancel): the kernel
+//! therefore never writes into our memory except the CQ ring, which is what
+//! makes dropping an in-flight op trivially sound.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+
+/// `IP_BIND_ADDRESS_NO_PORT` from `<linux/in.h>`; neither libc nor socket2 export it.
+const IP_BIND_ADDRESS_NO_PORT: libc::c_int = 24;
+
+/// Turns a libc `-1`-means-error return into an `io::Result`.
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// The submission queue is full even after a submit; the caller must reap
+/// completions (the kernel may be holding back on a CQ overflow) and retry.
+#[derive(Debug)]
+pub(crate) struct SqFull;
+
+/// One io_uring instance. Only pointer-free entries can be pushed into it.
+pub(crate) struct Ring {
+    ring: IoUring,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring")
+            .field("fd", &self.ring.as_raw_fd())
+            .finish()
+    }
+}
+
+impl Ring {
+    /// Creates a ring with `entries` SQ slots and a 4x larger CQ (multishot
+    /// accept and many polls can complete in bursts). Tries COOP_TASKRUN and
+    /// SINGLE_ISSUER first (cheaper completions) and falls back to plain setup.
+    pub(crate) fn new(entries: u32) -> io::Result<Ring> {
+        let cq = entries.saturating_mul(4).max(64);
+        let tuned = IoUring::builder()
+            .setup_cqsize(cq)
+            .setup_coop_taskrun()
+            .setup_single_issuer()
+            .build(entries);
+        let ring = match tuned {
+            Ok(ring) => ring,
+            Err(_) => IoUring::builder().setup_cqsize(cq).build(entries)?,
+        };
+        Ok(Ring { ring })
+    }
+
+    /// Pushes a one-shot (or multishot) `POLL_ADD` on `fd` for `events`.
+    pub(crate) fn push_poll(
+        &mut self,
+        fd: RawFd,
+        events: u32,
+        multi: bool,
+        user_data: u64,
+    ) -> Result<(), SqFull> {
+        let entry = opcode::PollAdd::new(types::Fd(fd), events)
+            .multi(multi)
+            .build()
+            .user_data(user_data);
+        self.push(&entry)
+    }
+
+    /// Pushes a multishot `ACCEPT` on `fd`; accepted sockets are created
+    /// non-blocking and close-on-exec. No address buffer is passed.
+    pub(crate) fn push_accept_multi(&mut self, fd: RawFd, user_data: u64) -> Result<(), SqFull> {
+        let entry = opcode::AcceptMulti::new(types::Fd(fd))
+            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(user_data);
+        self.push(&entry)
+    }
+
+    /// Pushes an `ASYNC_CANCEL` of the request tagged `target`.
+    pub(crate) fn push_cancel(&mut self, target: u64, user_data: u64) -> Result<(), SqFull> {
+        let entry = opcode::AsyncCancel::new(target)
+            .build()
+            .user_data(user_data);
+        self.push(&entry)
+    }
+
+    fn push(&mut self, entry: &squeue::Entry) -> Result<(), SqFull> {
+        for _ in 0..2 {
+            // SAFETY: every entry reaching here comes from the constructors above,
+            // which take only fds and integers: the kernel is given no pointer to
+            // user memory, so no buffer has to outlive the request.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                return Ok(());
+            }
+            // Full: hand what is queued to the kernel and try once more.
+            if self.ring.submit().is_err() {
+                break;
+            }
+        }
+        Err(SqFull)
+    }
+
+    /// Submits queued entries without waiting.
+    pub(crate) fn submit(&mut self) -> io::Result<()> {
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e) if benign_enter_error(&e) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Submits queued entries and waits for at least one completion, or until
+    /// `timeout` passes (`None`: no limit). Timeouts and signals are not errors.
+    pub(crate) fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let res = match timeout {
+            None => self.ring.submit_and_wait(1),
+            Some(t) => {
+                let ts = types::Timespec::new()
+                    .sec(t.as_secs())
+                    .nsec(t.subsec_nanos());
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+        };
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if benign_enter_error(&e) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The completion queue, for the driver to drain.
+    pub(crate) fn completions(&mut self) -> cqueue::CompletionQueue<'_> {
+        self.ring.completion()
+    }
+}
+
+/// `io_uring_enter` results that just mean "look at the CQ and go on":
+/// the wait timed out, a signal arrived, or completions are backed up.
+fn benign_enter_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
+    )
+}
+
+/// Takes ownership of a descriptor the kernel just created for us.
+///
+/// # Safety
+/// `fd` must be an open descriptor that nothing else owns or will close
+/// (e.g. the result of an accept CQE, consumed exactly once).
+pub(crate) unsafe fn adopt_fd(fd: RawFd) -> OwnedFd {
+    // SAFETY: the caller guarantees `fd` is open and exclusively ours.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// `splice(2)` of up to `len` bytes between a pipe and another descriptor,
+/// non-blocking on both ends.
+pub(crate) fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    // SAFETY: both descriptors are borrowed, hence open for the call; null
+    // offsets are valid for pipes and sockets; no user memory is passed.
+    let n = unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// A non-blocking, close-on-exec pipe: `(read end, write end)`.
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid, writable array of two ints as pipe2 requires.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by no one else.
+    Ok(unsafe { (adopt_fd(fds[0]), adopt_fd(fds[1])) })
+}
+
+/// Asks for a pipe capacity of `size` bytes (`F_SETPIPE_SZ`); returns the
+/// capacity the pipe now has, whether or not the request was granted.
+pub(crate) fn set_pipe_size(fd: BorrowedFd<'_>, size: usize) -> usize {
+    let size = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+    // SAFETY: fcntl on a borrowed (open) fd with integer arguments only.
+    let set = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, size) };
+    if set > 0 {
+        return set as usize;
+    }
+    // SAFETY: as above; F_GETPIPE_SZ takes no argument.
+    let got = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    if got > 0 { got as usize } else { 64 * 1024 }
+}
+
+/// A non-blocking, close-on-exec eventfd with a zero count.
+pub(crate) fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes integers only.
+    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+    // SAFETY: eventfd succeeded, the descriptor is new and owned by no one else.
+    Ok(unsafe { adopt_fd(fd) })
+}
+
+/// Adds one to an eventfd's count (makes it readable). Never blocks: a
+/// saturated counter (EAGAIN) is already readable, which is all we need.
+pub(crate) fn eventfd_signal(fd: BorrowedFd<'_>) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live local u64 to a borrowed, open fd.
+    let _ = unsafe {
+        libc::write(
+            fd.as_raw_fd(),
+            (&one as *const u64).cast::<libc::c_void>(),
+            std::mem::size_of::<u64>(),
+        )
+    };
+}
+
+/// Resets an eventfd's count to zero (non-blocking; EAGAIN means already zero).
+pub(crate) fn eventfd_drain(fd: BorrowedFd<'_>) {
+    let mut count: u64 = 0;
+    // SAFETY: reads at most 8 bytes into a live, writable local u64.
+    let _ = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            (&mut count as *mut u64).cast::<libc::c_void>(),
+            std::mem::size_of::<u64>(),
+        )
+    };
+}
+
+/// Sets `IP_BIND_ADDRESS_NO_PORT` so that binding a source IP before connect
+/// defers port choice to connect time (4-tuple sharing of ephemeral ports).
+pub(crate) fn set_bind_address_no_port(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: passes a pointer to a live c_int and its exact size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IP,
+            IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast::<libc::c_void>(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
+/// Pins the calling thread to one CPU (`sched_setaffinity`).
+pub(crate) fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` < CPU_SETSIZE was checked above, so CPU_SET stays in bounds.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 = calling thread; `set` is a live cpu_set_t of the given size.
+    cvt(unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) })?;
+    Ok(())
+}

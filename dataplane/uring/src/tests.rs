@@ -1,0 +1,582 @@
+//! Runtime, socket, timer and relay tests on real sockets over 127.0.0.1.
+//! Every test runs under an overall timeout and every loop is bounded.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use crate::*;
+
+const LOCALHOST: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+
+/// Runs `f` on a fresh runtime, failing the test after 60 s.
+fn run<F: Future>(f: F) -> F::Output {
+    let rt = Runtime::new(RuntimeConfig::default()).expect("io_uring runtime");
+    rt.block_on(async {
+        timeout(Duration::from_secs(60), f)
+            .await
+            .expect("test timed out")
+    })
+}
+
+/// A connected pair: (the end the test drives, the end the code under test gets).
+async fn pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind(LOCALHOST, 16).unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap(), None)
+        .await
+        .unwrap();
+    let (server, peer) = listener.accept().await.unwrap();
+    assert_eq!(peer, client.local_addr().unwrap());
+    (client, server)
+}
+
+/// client ⇄ a ==relay== b ⇄ sink
+struct Tunnel {
+    client: TcpStream,
+    a: TcpStream,
+    b: TcpStream,
+    sink: TcpStream,
+}
+
+async fn tunnel() -> Tunnel {
+    let (client, a) = pair().await;
+    let (b, sink) = pair().await;
+    Tunnel { client, a, b, sink }
+}
+
+/// Deterministic bytes whose period (a prime) does not divide any chunk size,
+/// so a lost, duplicated or reordered chunk shows as a mismatch.
+struct Pattern {
+    /// The period twice over, so any window of up to one period is contiguous.
+    doubled: Vec<u8>,
+}
+
+const PERIOD: usize = 1_000_003;
+
+impl Pattern {
+    fn new(seed: u64) -> Pattern {
+        let mut x = seed | 1;
+        let block: Vec<u8> = (0..PERIOD)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut doubled = block.clone();
+        doubled.extend_from_slice(&block);
+        Pattern { doubled }
+    }
+
+    fn window(&self, pos: u64, len: usize) -> &[u8] {
+        let start = (pos % PERIOD as u64) as usize;
+        &self.doubled[start..start + len.min(PERIOD)]
+    }
+}
+
+/// Writes `total` bytes of `pattern`, then shuts down writing.
+async fn send_pattern(stream: &TcpStream, pattern: &Pattern, total: u64) {
+    let mut pos = 0;
+    while pos < total {
+        let len = (total - pos).min(256 * 1024) as usize;
+        let chunk = pattern.window(pos, len);
+        stream.write_all(chunk).await.unwrap();
+        pos += chunk.len() as u64;
+    }
+    stream.shutdown_write().unwrap();
+}
+
+/// Reads to EOF, checking every byte against `pattern`; returns the count.
+async fn check_pattern(stream: &TcpStream, pattern: &Pattern) -> u64 {
+    let mut buf = vec![0u8; 128 * 1024];
+    let mut pos = 0u64;
+    loop {
+        let n = stream.read(&mut buf).await.unwrap();
+        if n == 0 {
+            return pos;
+        }
+        let mut checked = 0;
+        while checked < n {
+            let want = pattern.window(pos, n - checked);
+            assert!(
+                buf[checked..checked + want.len()] == *want,
+                "corrupt stream at byte {pos}"
+            );
+            checked += want.len();
+            pos += want.len() as u64;
+        }
+    }
+}
+
+#[test]
+fn echo_through_accept_connect_read_write_all() {
+    run(async {
+        let listener = TcpListener::bind(LOCALHOST, 16).unwrap();
+        let addr = listener.local_addr().unwrap();
+        spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            for _ in 0..1000 {
+                let n = stream.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    stream.shutdown_write().unwrap();
+                    return;
+                }
+                stream.write_all(&buf[..n]).await.unwrap();
+            }
+        });
+        let client = TcpStream::connect(addr, Some(IpAddr::V4(Ipv4Addr::LOCALHOST)))
+            .await
+            .unwrap();
+        assert_eq!(client.peer_addr().unwrap(), addr);
+        client.write_all(b"hello, uring").await.unwrap();
+        client.shutdown_write().unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        for _ in 0..100 {
+            let n = client.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"hello, uring");
+    });
+}
+
+#[test]
+fn multishot_accept_of_200_connections() {
+    let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+    rt.block_on(async {
+        let listener = TcpListener::bind(LOCALHOST, 512).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..200 {
+            clients.push(TcpStream::connect(addr, None).await.unwrap());
+        }
+        let mut peers = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let (_stream, peer) = timeout(Duration::from_secs(10), listener.accept())
+                .await
+                .expect("accept timed out")
+                .unwrap();
+            peers.insert(peer);
+        }
+        let expected: std::collections::HashSet<_> =
+            clients.iter().map(|c| c.local_addr().unwrap()).collect();
+        assert_eq!(peers, expected);
+        // One multishot op served all 200 connections.
+        assert_eq!(rt.ops_in_flight(), 1);
+    });
+}
+
+fn bulk_both_ways(use_splice: bool, total: u64) {
+    run(async move {
+        let t = tunnel().await;
+        let pipes = PipePool::new(8);
+        let ctl = RelayCtl::new();
+        let (up, down) = (Pattern::new(1), Pattern::new(2));
+        let chunks = Rc::new(RefCell::new([0u64; 2]));
+        let hook_chunks = chunks.clone();
+        ctl.on_chunk(move |dir, n| hook_chunks.borrow_mut()[dir as usize] += n as u64);
+
+        let relay_fut = async {
+            if use_splice {
+                relay(&t.a, &t.b, &pipes, &ctl).await
+            } else {
+                copy_relay(&t.a, &t.b, 32 * 1024, &ctl).await
+            }
+        };
+        let client = async {
+            let (_, got) = join(
+                send_pattern(&t.client, &up, total),
+                check_pattern(&t.client, &down),
+            )
+            .await;
+            got
+        };
+        let sink = async {
+            let (_, got) = join(
+                send_pattern(&t.sink, &down, total),
+                check_pattern(&t.sink, &up),
+            )
+            .await;
+            got
+        };
+        let (outcome, (at_client, at_sink)) = join(relay_fut, join(client, sink)).await;
+
+        assert!(matches!(outcome.end, RelayEnd::Closed), "{:?}", outcome.end);
+        assert_eq!((at_client, at_sink), (total, total));
+        assert_eq!((outcome.a_to_b, outcome.b_to_a), (total, total));
+        assert_eq!((ctl.a_to_b(), ctl.b_to_a()), (total, total));
+        assert_eq!(*chunks.borrow(), [total, total]);
+        assert_eq!(pipes.in_use(), 0);
+        assert!(pipes.cached() <= 8);
+    });
+}
+
+#[test]
+fn splice_relay_64_mib_each_way_exact() {
+    bulk_both_ways(true, 64 << 20);
+}
+
+#[test]
+fn copy_relay_8_mib_each_way_exact() {
+    bulk_both_ways(false, 8 << 20);
+}
+
+/// Polls two futures concurrently (test helper; no extra crates).
+async fn join<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
+    let mut a = std::pin::pin!(a);
+    let mut b = std::pin::pin!(b);
+    let (mut ra, mut rb) = (None, None);
+    std::future::poll_fn(|cx| {
+        if ra.is_none()
+            && let std::task::Poll::Ready(v) = a.as_mut().poll(cx)
+        {
+            ra = Some(v);
+        }
+        if rb.is_none()
+            && let std::task::Poll::Ready(v) = b.as_mut().poll(cx)
+        {
+            rb = Some(v);
+        }
+        if ra.is_some() && rb.is_some() {
+            std::task::Poll::Ready((ra.take().unwrap(), rb.take().unwrap()))
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
+
+async fn read_to_end(stream: &TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 256];
+    for _ in 0..1000 {
+        let n = stream.read(&mut buf).await.unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    panic!("no EOF after 1000 reads");
+}
+
+#[test]
+fn half_close_is_propagated_both_ways() {
+    run(async {
+        let t = tunnel().await;
+        let pipes = PipePool::new(4);
+        let ctl = RelayCtl::new();
+        let script = async {
+            // 1. The client says hello and half-closes.
+            t.client.write_all(b"hello").await.unwrap();
+            t.client.shutdown_write().unwrap();
+            // 2. The sink sees the bytes, then EOF (a's FIN forwarded to b).
+            assert_eq!(read_to_end(&t.sink).await, b"hello");
+            // 3. The sink can still answer over the open direction, then closes.
+            t.sink.write_all(b"world!").await.unwrap();
+            t.sink.shutdown_write().unwrap();
+            // 4. The client gets the answer, then EOF.
+            assert_eq!(read_to_end(&t.client).await, b"world!");
+        };
+        let (outcome, ()) = join(relay(&t.a, &t.b, &pipes, &ctl), script).await;
+        assert!(matches!(outcome.end, RelayEnd::Closed), "{:?}", outcome.end);
+        assert_eq!((outcome.a_to_b, outcome.b_to_a), (5, 6));
+        assert_eq!(pipes.in_use(), 0);
+    });
+}
+
+#[test]
+fn relay_stop_ends_it_promptly() {
+    run(async {
+        let t = tunnel().await;
+        let pipes = PipePool::new(4);
+        let ctl = RelayCtl::new();
+        let stopper = ctl.clone();
+        spawn(async move {
+            sleep(Duration::from_millis(30)).await;
+            stopper.stop();
+        });
+        t.client.write_all(b"abc").await.unwrap();
+        let started = Instant::now();
+        let outcome = relay(&t.a, &t.b, &pipes, &ctl).await;
+        assert!(
+            matches!(outcome.end, RelayEnd::Stopped),
+            "{:?}",
+            outcome.end
+        );
+        assert!(started.elapsed() < Duration::from_millis(500));
+        assert_eq!(outcome.a_to_b, 3);
+        let mut buf = [0u8; 8];
+        assert_eq!(t.sink.read(&mut buf).await.unwrap(), 3);
+        assert_eq!(pipes.in_use(), 0);
+    });
+}
+
+#[test]
+fn relay_idle_timeout_ends_it_after_silence() {
+    run(async {
+        let t = tunnel().await;
+        let pipes = PipePool::new(4);
+        let ctl = RelayCtl::new();
+        let idle = Duration::from_millis(100);
+        ctl.set_idle_timeout(Some(idle));
+        let last_byte = Rc::new(RefCell::new(Instant::now()));
+        let last = last_byte.clone();
+        let client = async {
+            // Traffic every 40 ms keeps the 100 ms idle timer from firing.
+            for _ in 0..6 {
+                t.client.write_all(b"x").await.unwrap();
+                *last.borrow_mut() = Instant::now();
+                sleep(Duration::from_millis(40)).await;
+            }
+        };
+        let (outcome, ()) = join(relay(&t.a, &t.b, &pipes, &ctl), client).await;
+        assert!(matches!(outcome.end, RelayEnd::Idle), "{:?}", outcome.end);
+        assert_eq!(outcome.a_to_b, 6);
+        let silent = last_byte.borrow().elapsed();
+        assert!(silent >= idle, "ended after only {silent:?} of silence");
+        assert!(silent < idle * 5, "ended late: {silent:?}");
+    });
+}
+
+#[test]
+fn relay_reports_reset_side() {
+    run(async {
+        let t = tunnel().await;
+        let pipes = PipePool::new(4);
+        let ctl = RelayCtl::new();
+        // SO_LINGER 0: close sends RST instead of FIN.
+        t.client.socket().set_linger(Some(Duration::ZERO)).unwrap();
+        let client = t.client;
+        let killer = async move {
+            sleep(Duration::from_millis(20)).await;
+            drop(client);
+        };
+        let (outcome, ()) = join(relay(&t.a, &t.b, &pipes, &ctl), killer).await;
+        match outcome.end {
+            RelayEnd::Error { side, error } => {
+                assert_eq!(side, Side::A);
+                assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
+            }
+            other => panic!("expected a reset, got {other:?}"),
+        }
+    });
+}
+
+#[test]
+fn sleeps_complete_in_deadline_order_and_timeouts_fire() {
+    run(async {
+        let order = Rc::new(RefCell::new(Vec::new()));
+        for ms in [30u64, 10, 20, 0] {
+            let order = order.clone();
+            spawn(async move {
+                sleep(Duration::from_millis(ms)).await;
+                order.borrow_mut().push(ms);
+            });
+        }
+        let start = Instant::now();
+        sleep(Duration::from_millis(50)).await;
+        assert!(start.elapsed() >= Duration::from_millis(50));
+        assert_eq!(*order.borrow(), [0, 10, 20, 30]);
+
+        let start = Instant::now();
+        let res = timeout(Duration::from_millis(10), sleep(Duration::from_secs(10))).await;
+        assert_eq!(res, Err(Elapsed::from_test()));
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(10) && took < Duration::from_millis(500),
+            "{took:?}"
+        );
+
+        assert_eq!(timeout(Duration::from_secs(1), async { 7 }).await, Ok(7));
+        let past = sleep_until(Instant::now() - Duration::from_millis(1));
+        assert_eq!(timeout(Duration::from_millis(1), past).await, Ok(()));
+    });
+}
+
+#[test]
+fn dropping_in_flight_ops_is_sound() {
+    let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+    rt.block_on(async {
+        let baseline = rt.ops_in_flight();
+        // 1. A poll op dropped mid-flight, then the same socket still works.
+        let (client, server) = pair().await;
+        let mut buf = [0u8; 16];
+        for _ in 0..10 {
+            assert!(
+                timeout(Duration::from_millis(5), server.readable())
+                    .await
+                    .is_err()
+            );
+        }
+        client.write_all(b"ping").await.unwrap();
+        assert_eq!(server.read(&mut buf).await.unwrap(), 4);
+
+        // 2. An accept dropped mid-flight: the listener keeps its multishot op,
+        //    and a connection that arrives afterwards is not lost.
+        let listener = TcpListener::bind(LOCALHOST, 16).unwrap();
+        assert!(
+            timeout(Duration::from_millis(10), listener.accept())
+                .await
+                .is_err()
+        );
+        let late = TcpStream::connect(listener.local_addr().unwrap(), None)
+            .await
+            .unwrap();
+        let (_accepted, peer) = listener.accept().await.unwrap();
+        assert_eq!(peer, late.local_addr().unwrap());
+        // A connection queued in the op when the listener drops is closed.
+        let _queued = TcpStream::connect(listener.local_addr().unwrap(), None)
+            .await
+            .unwrap();
+        sleep(Duration::from_millis(10)).await;
+        drop(listener);
+
+        // 3. A connect to a peer that never answers: a listener with a full
+        //    accept queue drops SYNs, so the connect hangs until dropped.
+        let full =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        full.bind(&LOCALHOST.into()).unwrap();
+        full.listen(0).unwrap();
+        let full_addr = full.local_addr().unwrap().as_socket().unwrap();
+        let mut held = Vec::new();
+        let mut hung = 0;
+        for _ in 0..4 {
+            match timeout(
+                Duration::from_millis(50),
+                TcpStream::connect(full_addr, None),
+            )
+            .await
+            {
+                Ok(stream) => held.push(stream),
+                Err(_) => hung += 1,
+            }
+        }
+        assert!(
+            hung >= 1,
+            "every connect completed; none was dropped in flight"
+        );
+
+        // 4. Every cancelled op reaches its final CQE and frees its slot.
+        for _ in 0..100 {
+            if rt.ops_in_flight() == baseline {
+                break;
+            }
+            sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(rt.ops_in_flight(), baseline);
+
+        // 5. And the runtime keeps working.
+        let (c, s) = pair().await;
+        c.write_all(b"still fine").await.unwrap();
+        assert_eq!(s.read(&mut buf).await.unwrap(), 10);
+    });
+}
+
+#[test]
+fn dropping_a_runtime_with_pending_tasks_is_sound() {
+    let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+    let listener = Rc::new(TcpListener::bind(LOCALHOST, 16).unwrap());
+    let l = listener.clone();
+    rt.block_on(async move {
+        spawn(async move {
+            let _ = l.accept().await;
+        });
+        spawn(sleep(Duration::from_secs(3600)));
+        yield_now().await;
+    });
+    assert_eq!(rt.tasks(), 2);
+    drop(rt);
+    // The listener outlived its runtime; dropping it still cancels its op.
+    drop(listener);
+}
+
+/// Fails the whole test binary if `deadline` passes first: the waits below
+/// must not have a timer, so they cannot use `timeout`.
+fn watchdog(what: &'static str, limit: Duration) -> std::sync::mpsc::Sender<()> {
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(limit) {
+            eprintln!("watchdog: {what} did not finish within {limit:?}");
+            std::process::exit(101);
+        }
+    });
+    done
+}
+
+#[test]
+fn channel_wakes_an_idle_runtime_from_another_thread() {
+    let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+    let done = watchdog("channel wake", Duration::from_secs(10));
+    let (tx, mut rx) = channel::<(u32, Instant)>();
+    let sender = std::thread::spawn(move || {
+        for i in 0..5 {
+            std::thread::sleep(Duration::from_millis(30));
+            tx.send((i, Instant::now())).unwrap();
+        }
+    });
+    let worst = rt.block_on(async {
+        let mut worst = Duration::ZERO;
+        for i in 0..5 {
+            let (n, sent) = rx.recv().await.expect("message");
+            assert_eq!(n, i);
+            worst = worst.max(sent.elapsed());
+        }
+        // All senders gone: the channel reports the end.
+        assert!(rx.recv().await.is_none());
+        worst
+    });
+    sender.join().unwrap();
+    let _ = done.send(());
+    assert!(
+        worst < Duration::from_millis(100),
+        "slowest wake took {worst:?}"
+    );
+}
+
+#[test]
+fn notifier_wakes_an_idle_runtime_from_another_thread() {
+    let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+    let done = watchdog("notifier wake", Duration::from_secs(10));
+    let notifier = Notifier::new();
+    let remote = notifier.clone();
+    let stamp = std::sync::Arc::new(std::sync::Mutex::new(Instant::now()));
+    let remote_stamp = stamp.clone();
+    let thread = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        *remote_stamp.lock().unwrap() = Instant::now();
+        remote.notify();
+    });
+    rt.block_on(notifier.notified());
+    let latency = stamp.lock().unwrap().elapsed();
+    thread.join().unwrap();
+    let _ = done.send(());
+    assert!(
+        latency < Duration::from_millis(100),
+        "wake took {latency:?}"
+    );
+    // A notification given while nobody waits is kept for the next wait.
+    notifier.notify();
+    rt.block_on(notifier.notified());
+}
+
+#[test]
+fn pin_current_thread_accepts_cpu_zero() {
+    std::thread::spawn(|| pin_current_thread(0).unwrap())
+        .join()
+        .unwrap();
+    assert!(pin_current_thread(usize::MAX).is_err());
+}
+
+impl Elapsed {
+    fn from_test() -> Elapsed {
+        Elapsed(())
+    }
+}
