@@ -50,7 +50,7 @@ struct OpSlot {
     /// The task to wake on the next CQE.
     waker: Option<Waker>,
     /// CQEs not yet consumed by the owner (multishot ops can queue several).
-    completions: VecDeque<Completion>,
+    completions: Completions,
     /// The final CQE arrived; the kernel will not touch this slot again.
     finished: bool,
     /// The owning future is gone; free the slot at the final CQE.
@@ -58,6 +58,33 @@ struct OpSlot {
     /// Successful results are new file descriptors (accept): close them
     /// when nobody will take them.
     yields_fds: bool,
+}
+
+/// A FIFO of completions that keeps the first one inline, so one-shot ops
+/// (every readiness wait of the relay) allocate nothing.
+#[derive(Debug, Default)]
+struct Completions {
+    head: Option<Completion>,
+    rest: VecDeque<Completion>,
+}
+
+impl Completions {
+    fn push(&mut self, c: Completion) {
+        if self.head.is_none() && self.rest.is_empty() {
+            self.head = Some(c);
+        } else {
+            self.rest.push_back(c);
+        }
+    }
+
+    fn pop(&mut self) -> Option<Completion> {
+        self.head.take().or_else(|| self.rest.pop_front())
+    }
+
+    fn clear(&mut self) {
+        self.head = None;
+        self.rest.clear();
+    }
 }
 
 /// Identifies a timer; the generation guards against reused slab keys.
@@ -221,7 +248,7 @@ impl Driver {
     ) -> io::Result<usize> {
         let idx = self.ops.insert(OpSlot {
             waker: None,
-            completions: VecDeque::new(),
+            completions: Completions::default(),
             finished: false,
             orphaned: false,
             yields_fds,
@@ -243,7 +270,7 @@ impl Driver {
         waker: &Waker,
     ) -> std::task::Poll<Option<Completion>> {
         let slot = self.ops.get_mut(idx).expect("op slot of a live Op");
-        if let Some(c) = slot.completions.pop_front() {
+        if let Some(c) = slot.completions.pop() {
             return std::task::Poll::Ready(Some(c));
         }
         if slot.finished {
@@ -355,7 +382,7 @@ impl Driver {
                         }
                         continue;
                     }
-                    slot.completions.push_back(Completion { result, fd });
+                    slot.completions.push(Completion { result, fd });
                     slot.finished |= !more;
                     self.woken.extend(slot.waker.take());
                 }

@@ -21,8 +21,9 @@
 //!   descriptors accepted for a dropped op are closed.
 //! - No op runs in io-wq: splice is never submitted to the ring, so idle
 //!   tunnels cost no kernel threads.
-//! - Only this module tree contains `unsafe`, and every raw syscall and SQE
-//!   push goes through `sys`.
+//! - Every raw syscall and SQE push goes through the `sys` module, which
+//!   holds all but one `unsafe` block (the other adopts the descriptor an
+//!   accept CQE returns, in the driver).
 #![allow(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]

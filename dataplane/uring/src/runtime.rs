@@ -326,6 +326,12 @@ impl Runtime {
         }
     }
 
+    /// Spawns a `!Send` task onto this runtime; it first runs inside the
+    /// next [`Runtime::block_on`]. Inside a task, use the free [`spawn`].
+    pub fn spawn<F: Future<Output = ()> + 'static>(&self, future: F) {
+        self.cx.spawn(Box::pin(future));
+    }
+
     /// Ops whose slot is still held: in flight in the kernel, or completed
     /// and not yet consumed. Useful to check that cancellation settles.
     pub fn ops_in_flight(&self) -> usize {
