@@ -9,10 +9,13 @@
 #![forbid(unsafe_code)]
 
 pub mod catalog;
+pub mod engine;
+pub mod errors;
 pub mod geo;
 pub mod ledger;
 pub mod limits;
 pub mod nodes;
+pub mod policy;
 pub mod rules;
 pub mod safety;
 pub mod session;

@@ -336,44 +336,79 @@ impl NodePool {
         previous: Option<&NodePool>,
         geo: &mut GeoCatalog,
     ) -> NodePool {
-        let mut nodes: Vec<Arc<Node>> = Vec::with_capacity(decls.len());
-        for d in decls {
-            let runtime = previous
-                .and_then(|p| p.get(&d.id))
-                .map(|(_, n)| n.runtime.clone())
-                .unwrap_or_default();
-            let admin = match d.state {
-                NodeState::Online => ADMIN_ONLINE,
-                NodeState::Draining => ADMIN_DRAINING,
-                NodeState::Offline => ADMIN_OFFLINE,
-            };
-            runtime.admin.store(admin, Ordering::Relaxed);
-            let name = |geo: &mut GeoCatalog, kind, v: &Option<String>| {
-                v.as_deref().map(|v| match d.country {
-                    Some(c) => geo.add(c, kind, v),
-                    None => geo.intern(v),
-                })
-            };
-            nodes.push(Arc::new(Node {
-                id: d.id.as_str().into(),
-                kind: d.kind,
-                addr: d.addr,
-                bind: d.bind,
-                credentials: d
-                    .credentials
-                    .as_ref()
-                    .map(|(u, p)| (u.as_str().into(), p.as_str().into())),
-                country: d.country,
-                region: name(geo, GeoKind::Region, &d.region),
-                city: name(geo, GeoKind::City, &d.city),
-                isp: name(geo, GeoKind::Isp, &d.isp),
-                asn: d.asn,
-                network: d.network,
-                from_file: d.from_file,
-                runtime,
-            }));
+        // Keep every index the previous pool gave out: nodes it had stay where
+        // they were (a node no longer declared becomes a tombstone), new ones
+        // are appended. Sessions hold indices across rebuilds.
+        let mut slots: Vec<Arc<Node>> = Vec::with_capacity(decls.len());
+        let mut declared: Vec<bool> = Vec::new();
+        let mut position: HashMap<Box<str>, usize> = HashMap::new();
+        if let Some(prev) = previous {
+            for (i, n) in prev.nodes.iter().enumerate() {
+                slots.push(n.clone());
+                declared.push(false);
+                position.insert(n.id.clone(), i);
+            }
         }
-        Self::index(nodes)
+        for d in decls {
+            let node = Arc::new(Self::node_from(d, previous, geo));
+            match position.get(d.id.as_str()) {
+                Some(&i) => {
+                    slots[i] = node;
+                    declared[i] = true;
+                }
+                None => {
+                    position.insert(d.id.as_str().into(), slots.len());
+                    slots.push(node);
+                    declared.push(true);
+                }
+            }
+        }
+        for (n, declared) in slots.iter().zip(declared) {
+            if !declared {
+                n.runtime.admin.store(ADMIN_REMOVED, Ordering::Relaxed);
+            }
+        }
+        Self::index(slots)
+    }
+
+    fn node_from(d: &NodeDecl, previous: Option<&NodePool>, geo: &mut GeoCatalog) -> Node {
+        let runtime = previous
+            .and_then(|p| {
+                p.by_id
+                    .get(d.id.as_str())
+                    .map(|&i| p.nodes[i as usize].runtime.clone())
+            })
+            .unwrap_or_default();
+        let admin = match d.state {
+            NodeState::Online => ADMIN_ONLINE,
+            NodeState::Draining => ADMIN_DRAINING,
+            NodeState::Offline => ADMIN_OFFLINE,
+        };
+        runtime.admin.store(admin, Ordering::Relaxed);
+        let mut name = |kind, v: &Option<String>| {
+            v.as_deref().map(|v| match d.country {
+                Some(c) => geo.add(c, kind, v),
+                None => geo.intern(v),
+            })
+        };
+        Node {
+            id: d.id.as_str().into(),
+            kind: d.kind,
+            addr: d.addr,
+            bind: d.bind,
+            credentials: d
+                .credentials
+                .as_ref()
+                .map(|(u, p)| (u.as_str().into(), p.as_str().into())),
+            country: d.country,
+            region: name(GeoKind::Region, &d.region),
+            city: name(GeoKind::City, &d.city),
+            isp: name(GeoKind::Isp, &d.isp),
+            asn: d.asn,
+            network: d.network,
+            from_file: d.from_file,
+            runtime,
+        }
     }
 
     fn index(nodes: Vec<Arc<Node>>) -> NodePool {
@@ -539,31 +574,31 @@ impl NodePool {
             }
             None => false,
         };
-        if let Some(c) = &f.country {
-            if !empty_ok(get(&self.country, c), "country", out) {
-                return false;
-            }
+        if let Some(c) = &f.country
+            && !empty_ok(get(&self.country, c), "country", out)
+        {
+            return false;
         }
         for (name, map, v) in [
             ("region", &self.region, f.region),
             ("city", &self.city, f.city),
             ("isp", &self.isp, f.isp),
         ] {
-            if let Some(v) = v {
-                if !empty_ok(get(map, &v), name, out) {
-                    return false;
-                }
-            }
-        }
-        if let Some(a) = f.asn {
-            if !empty_ok(get(&self.asn, &a), "asn", out) {
+            if let Some(v) = v
+                && !empty_ok(get(map, &v), name, out)
+            {
                 return false;
             }
         }
-        if let Some(n) = f.networks {
-            if n != NetworkSet::ALL {
-                out.push(("network", &self.networks[n.0 as usize]));
-            }
+        if let Some(a) = f.asn
+            && !empty_ok(get(&self.asn, &a), "asn", out)
+        {
+            return false;
+        }
+        if let Some(n) = f.networks
+            && n != NetworkSet::ALL
+        {
+            out.push(("network", &self.networks[n.0 as usize]));
         }
         true
     }
@@ -661,10 +696,8 @@ impl NodePool {
                     None => usable = false,
                 }
             }
-            if usable {
-                if let Some(i) = self.choose(&tier, rng) {
-                    return Ok(i);
-                }
+            if usable && let Some(i) = self.choose(&tier, rng) {
+                return Ok(i);
             }
         }
         self.choose(&cands, rng)

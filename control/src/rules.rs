@@ -72,9 +72,10 @@ impl Network {
 }
 
 /// `country-…`: one country or any.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum CountryRule {
     /// `country-any`
+    #[default]
     Any,
     /// `country-us`
     Is(Country),
@@ -194,12 +195,6 @@ pub struct Fingerprint {
     prefer_lookalike: bool,
 }
 
-impl Default for CountryRule {
-    fn default() -> Self {
-        CountryRule::Any
-    }
-}
-
 impl Rules {
     /// Session length in seconds, with the default applied.
     pub fn session_length(&self) -> u32 {
@@ -242,18 +237,18 @@ impl Rules {
     /// `ERR_PARAM_NOT_ALLOWED`: a network the package has not enabled, or a
     /// plan feature it lacks.
     pub fn check_plan(&self, networks: NetworkSet, features: FeatureSet) -> Result<(), Rejection> {
-        if let Some(NetworkRule::Is(n)) = self.network {
-            if !networks.contains(n) {
-                return Err(Rejection::new(
-                    Code::ErrParamNotAllowed,
-                    format!(
-                        "network-{} is not enabled for package {} (enabled: {}); use one of those or network-any",
-                        n.as_str(),
-                        self.package,
-                        networks
-                    ),
-                ));
-            }
+        if let Some(NetworkRule::Is(n)) = self.network
+            && !networks.contains(n)
+        {
+            return Err(Rejection::new(
+                Code::ErrParamNotAllowed,
+                format!(
+                    "network-{} is not enabled for package {} (enabled: {}); use one of those or network-any",
+                    n.as_str(),
+                    self.package,
+                    networks
+                ),
+            ));
         }
         let used = [
             (Feature::City, self.city.is_some()),
@@ -661,12 +656,12 @@ fn unknown_key_detail(key: &str, prev: Option<(&str, &str)>) -> String {
         return "empty key (two dashes in a row, or a trailing dash?); tokens are key-value pairs"
             .into();
     }
-    if let Some((pk, pv)) = prev {
-        if matches!(pk, "region" | "city" | "isp") {
-            return format!(
-                "unknown key \"{shown}\" after {pk}-{pv}: values never contain '-'; write spaces as underscores, e.g. {pk}-{pv}_{shown}"
-            );
-        }
+    if let Some((pk, pv)) = prev
+        && matches!(pk, "region" | "city" | "isp")
+    {
+        return format!(
+            "unknown key \"{shown}\" after {pk}-{pv}: values never contain '-'; write spaces as underscores, e.g. {pk}-{pv}_{shown}"
+        );
     }
     match near_key(key) {
         Some(k) => format!("unknown key \"{shown}\"; did you mean {k}?"),

@@ -199,12 +199,12 @@ impl SessionTable {
     /// Move a session to `new` after its node `old` failed and was replaced.
     pub fn rebind(&self, key: SessionKey, old: NodeIdx, new: NodeIdx, now: Now) {
         let mut map = self.shard(&key).lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = map.get_mut(&key) {
-            if s.node == old {
-                s.node = new;
-                s.node_since = now;
-                s.requests_on_node = 1;
-            }
+        if let Some(s) = map.get_mut(&key)
+            && s.node == old
+        {
+            s.node = new;
+            s.node_since = now;
+            s.requests_on_node = 1;
         }
     }
 

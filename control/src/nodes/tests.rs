@@ -238,6 +238,15 @@ fn rebuild_keeps_runtime_and_catalogue_counts() {
     ));
     let p2 = NodePool::build(&decls, Some(&p), &mut geo);
     assert_eq!(p2.get("pa1").unwrap().1.runtime.active(), 1);
+    assert_eq!(
+        p2.get("pa1").unwrap().0,
+        p.get("pa1").unwrap().0,
+        "indices are stable"
+    );
+    assert_eq!(p2.get("de1").unwrap().0, 6, "new nodes are appended");
+    assert!(p2.get("ny1").is_none(), "undeclared nodes are gone");
+    assert_eq!(p2.iter().count(), 2);
+    assert_eq!(p2.online_count(), 2);
     assert!(
         geo.lookup(Country::parse("de"), GeoKind::City, "berlin")
             .is_some()
@@ -247,6 +256,7 @@ fn rebuild_keeps_runtime_and_catalogue_counts() {
             .is_some(),
         "names stay in the catalogue"
     );
+    let (p, _) = pool();
     let counts = p.country_counts();
     assert_eq!(
         counts,

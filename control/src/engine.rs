@@ -1,0 +1,291 @@
+//! The engine: the current policy snapshot, the session table and the recent
+//! errors, and the last two checks of the contract (session, node) as a
+//! [`Route`] whose `onerror` machine the data plane drives.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::Now;
+use crate::catalog::{Code, Rejection};
+use crate::errors::RecentErrors;
+use crate::geo::GeoCatalog;
+use crate::nodes::{Filter, NodeIdx, NodePool, Rng};
+use crate::policy::{Admitted, Policy, filter_for};
+use crate::rules::{self, OnError, Rules};
+use crate::session::{Attempts, NodePicker, SessionKey, SessionTable, Step};
+
+/// Shared by every worker and the control thread.
+#[derive(Debug)]
+pub struct Engine {
+    policy: ArcSwap<Policy>,
+    /// Sticky sessions.
+    pub sessions: SessionTable,
+    /// Recent errors of every package.
+    pub errors: RecentErrors,
+}
+
+/// Node selection as the session table asks for it.
+struct PoolPicker<'a> {
+    pool: &'a NodePool,
+    geo: &'a GeoCatalog,
+    filter: &'a Filter,
+    rng: &'a mut Rng,
+    lookalike: bool,
+}
+
+impl NodePicker for PoolPicker<'_> {
+    fn pick(&mut self, avoid: Option<NodeIdx>) -> Result<NodeIdx, Rejection> {
+        let Some(old) = avoid else {
+            return self.pool.pick(self.filter, &[], self.rng, self.geo);
+        };
+        let fresh = if self.lookalike {
+            self.pool
+                .pick_lookalike(self.filter, old, &[], self.rng, self.geo)
+        } else {
+            self.pool.pick(self.filter, &[old], self.rng, self.geo)
+        };
+        // The node left behind may come back when it is the only match.
+        fresh.or_else(|_| self.pool.pick(self.filter, &[], self.rng, self.geo))
+    }
+
+    fn usable(&self, node: NodeIdx) -> bool {
+        self.pool.node(node).serves_sessions()
+    }
+}
+
+/// Where a request goes, and what happens when its node fails.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The session, if the rules name one.
+    pub session: Option<SessionKey>,
+    /// The onerror machine.
+    pub attempts: Attempts,
+    /// The node the request started on.
+    pub first: NodeIdx,
+    node_down: bool,
+    lookalike: bool,
+    filter: Filter,
+}
+
+impl Route {
+    /// The node to dial now.
+    pub fn node(&self) -> NodeIdx {
+        self.attempts.current()
+    }
+}
+
+/// What `GET /v1/explain` shows.
+#[derive(Debug, Clone)]
+pub struct Explanation {
+    /// The rules as parsed, defaults applied, when they parse.
+    pub rules: Option<Rules>,
+    /// The canonical username of the rules.
+    pub canonical: Option<String>,
+    /// The first failing check, if any.
+    pub rejection: Option<Rejection>,
+    /// Online nodes matching the rules now.
+    pub matching_nodes: u64,
+}
+
+impl Engine {
+    /// An engine on a first policy, with a session table of `session_capacity`.
+    pub fn new(policy: Policy, session_capacity: usize) -> Self {
+        Engine {
+            policy: ArcSwap::from_pointee(policy),
+            sessions: SessionTable::new(session_capacity),
+            errors: RecentErrors::new(1000),
+        }
+    }
+
+    /// The current snapshot (cheap; readers never block).
+    pub fn policy(&self) -> arc_swap::Guard<Arc<Policy>> {
+        self.policy.load()
+    }
+
+    /// The current snapshot as an owned pointer.
+    pub fn policy_arc(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// Publish a new snapshot; the next request sees it.
+    pub fn publish(&self, policy: Policy) {
+        self.policy.store(Arc::new(policy));
+    }
+
+    /// Record an answered error in the package's and the global rings.
+    pub fn record_error(
+        &self,
+        policy: &Policy,
+        unix_ms: u64,
+        package: Option<u64>,
+        protocol: &'static str,
+        rej: &Rejection,
+    ) {
+        if let Some(p) = package.and_then(|id| policy.packages.get(&id)) {
+            p.errors.push(unix_ms, package, protocol, rej);
+        }
+        self.errors.push(unix_ms, package, protocol, rej);
+    }
+
+    /// Checks 10–11: the session (mismatch, rotation) and the first node.
+    pub fn route(
+        &self,
+        policy: &Policy,
+        adm: &Admitted,
+        now: Now,
+        rng: &mut Rng,
+    ) -> Result<Route, Rejection> {
+        let rules = &adm.rules;
+        let lookalike = rules.prefer_lookalike;
+        let (session, first, node_down) = match rules.session {
+            Some(id) => {
+                let key = SessionKey {
+                    package: adm.package.id(),
+                    id,
+                };
+                let mut picker = PoolPicker {
+                    pool: &policy.nodes,
+                    geo: &policy.geo,
+                    filter: &adm.filter,
+                    rng,
+                    lookalike,
+                };
+                let lease = self.sessions.acquire(key, rules, now, &mut picker)?;
+                (Some(key), lease.node, lease.node_down)
+            }
+            None => (
+                None,
+                policy.nodes.pick(&adm.filter, &[], rng, &policy.geo)?,
+                false,
+            ),
+        };
+        adm.package.usage.count_request();
+        Ok(Route {
+            session,
+            attempts: Attempts::new(first, rules),
+            first,
+            node_down,
+            lookalike,
+            filter: adm.filter,
+        })
+    }
+
+    /// The first step of a route: dial its node, or (its session's node went
+    /// offline) go straight to the onerror decision.
+    pub fn first_step(&self, policy: &Policy, route: &mut Route, rng: &mut Rng) -> Step {
+        if route.node_down {
+            route.node_down = false;
+            return self.after_failure_inner(policy, route, rng, false);
+        }
+        Step::Dial(route.node())
+    }
+
+    /// The route's current node failed before the tunnel was established:
+    /// retry, replace, or answer (per `onerror`).
+    pub fn after_failure(&self, policy: &Policy, route: &mut Route, rng: &mut Rng) -> Step {
+        let node = policy.nodes.node(route.node());
+        node.runtime.record_failure();
+        let usable = node.serves_sessions();
+        self.after_failure_inner(policy, route, rng, usable)
+    }
+
+    fn after_failure_inner(
+        &self,
+        policy: &Policy,
+        route: &mut Route,
+        rng: &mut Rng,
+        usable: bool,
+    ) -> Step {
+        let current = route.node();
+        let name = policy.nodes.node(current).id.clone();
+        let (filter, lookalike) = (route.filter, route.lookalike);
+        let mut replace = |tried: &[NodeIdx]| {
+            if lookalike {
+                policy
+                    .nodes
+                    .pick_lookalike(&filter, current, tried, rng, &policy.geo)
+            } else {
+                policy.nodes.pick(&filter, tried, rng, &policy.geo)
+            }
+        };
+        route.attempts.on_failure(usable, &name, &mut replace)
+    }
+
+    /// The tunnel is established on the route's current node: a session that
+    /// moved to a replacement stays there.
+    pub fn established(&self, policy: &Policy, route: &Route, now: Now) {
+        let node = route.node();
+        policy.nodes.node(node).runtime.record_success();
+        if let Some(key) = route.session
+            && node != route.first
+        {
+            self.sessions.rebind(key, route.first, node, now);
+        }
+    }
+
+    /// A dry run of the checks that need no key, address or protocol.
+    pub fn explain(&self, username: &str) -> Explanation {
+        let policy = self.policy();
+        let mut out = Explanation {
+            rules: None,
+            canonical: None,
+            rejection: None,
+            matching_nodes: 0,
+        };
+        let Some((id, _)) = rules::split_package(username) else {
+            out.rejection = Some(Rejection::new(
+                Code::AuthFailed,
+                "the username must start with package-<id>",
+            ));
+            return out;
+        };
+        let Some(package) = policy.packages.get(&id) else {
+            out.rejection = Some(Rejection::new(Code::AuthFailed, format!("no package {id}")));
+            return out;
+        };
+        let parsed = rules::parse(username, &policy.geo);
+        if let Ok(r) = &parsed {
+            let filter = filter_for(r, package.decl.networks);
+            out.matching_nodes = policy.nodes.count(&filter);
+            out.canonical = Some(r.to_username(&policy.geo));
+            if out.matching_nodes == 0 {
+                out.rejection = Some(policy.nodes.not_found(&filter, false, &policy.geo));
+            }
+            out.rules = Some(r.clone());
+        }
+        let early = crate::policy::status_check(package)
+            .and(parsed.map(|_| ()))
+            .and_then(|_| {
+                out.rules.as_ref().map_or(Ok(()), |r| {
+                    r.check_plan(package.decl.networks, package.decl.features)
+                })
+            })
+            .and_then(|_| {
+                if package.usage.over_cap(package.decl.traffic_limit_bytes) {
+                    Err(Rejection::new(
+                        Code::TrafficLimitExceeded,
+                        "the package's traffic cap was reached",
+                    ))
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(e) = early {
+            out.rejection = Some(e);
+        }
+        out
+    }
+}
+
+/// The effective `onerror` name, for listings.
+pub fn on_error_name(r: &Rules) -> String {
+    match r.on_error() {
+        OnError::Replace => "replace".into(),
+        OnError::Fail => "fail".into(),
+        OnError::Retry(n) => format!("retry_{n}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,173 @@
+use super::*;
+use crate::policy::tests::{decls, node};
+use crate::policy::{Credentials, Hello, Protocol};
+
+fn engine() -> Engine {
+    Engine::new(Policy::build(&decls(), None).unwrap(), 10_000)
+}
+
+fn admitted(e: &Engine, username: &str) -> Admitted {
+    let p = e.policy();
+    let hello = Hello {
+        client_ip: "1.1.1.1".parse().unwrap(),
+        credentials: Credentials::Present {
+            username,
+            password: "pk_7",
+        },
+        listener_package: None,
+    };
+    let auth = p.authenticate(&hello).unwrap();
+    p.admit(
+        &auth,
+        Protocol::Https,
+        "93.184.216.34",
+        443,
+        &mut None,
+        Now::from_secs(1),
+    )
+    .unwrap()
+}
+
+#[test]
+fn sessions_stick_and_rotating_spreads() {
+    let e = engine();
+    let p = e.policy_arc();
+    let mut rng = Rng::new(9);
+    let adm = admitted(&e, "package-7-country-us-session-s1");
+    let first = e
+        .route(&p, &adm, Now::from_secs(1), &mut rng)
+        .unwrap()
+        .node();
+    for i in 0..50 {
+        assert_eq!(
+            e.route(&p, &adm, Now::from_secs(2 + i), &mut rng)
+                .unwrap()
+                .node(),
+            first
+        );
+    }
+    let rot = admitted(&e, "package-7-country-us");
+    let spread: std::collections::HashSet<_> = (0..100)
+        .map(|i| {
+            e.route(&p, &rot, Now::from_secs(i), &mut rng)
+                .unwrap()
+                .node()
+        })
+        .collect();
+    assert_eq!(spread.len(), 3);
+    assert_eq!(p.packages[&7].usage.totals().requests, 151);
+}
+
+#[test]
+fn a_failed_session_node_is_replaced_and_the_session_follows() {
+    let e = engine();
+    let p = e.policy_arc();
+    let mut rng = Rng::new(10);
+    let adm = admitted(&e, "package-7-country-us-city-new_york-session-s2");
+    let mut route = e.route(&p, &adm, Now::from_secs(1), &mut rng).unwrap();
+    let first = route.node();
+    let Step::Dial(next) = e.after_failure(&p, &mut route, &mut rng) else {
+        panic!()
+    };
+    assert_ne!(next, first);
+    e.established(&p, &route, Now::from_secs(1));
+    assert_eq!(
+        e.route(&p, &adm, Now::from_secs(2), &mut rng)
+            .unwrap()
+            .node(),
+        next
+    );
+    // Both new_york nodes failing: no third matches, so NODE_NOT_FOUND names it.
+    let mut route = e.route(&p, &adm, Now::from_secs(3), &mut rng).unwrap();
+    let _ = e.after_failure(&p, &mut route, &mut rng);
+    match e.after_failure(&p, &mut route, &mut rng) {
+        Step::Fail(r) => {
+            assert_eq!(r.code, Code::NodeNotFound);
+            assert!(r.detail.contains("failed"), "{}", r.detail);
+        }
+        s => panic!("{s:?}"),
+    }
+}
+
+#[test]
+fn an_offline_bound_node_fails_without_a_dial() {
+    let e = engine();
+    let p = e.policy_arc();
+    let mut rng = Rng::new(11);
+    let adm = admitted(&e, "package-7-country-us-session-b1-bind-node");
+    let route = e.route(&p, &adm, Now::from_secs(1), &mut rng).unwrap();
+    p.nodes
+        .set_admin_state(route.node(), crate::nodes::NodeState::Offline);
+    let mut route = e.route(&p, &adm, Now::from_secs(2), &mut rng).unwrap();
+    match e.first_step(&p, &mut route, &mut rng) {
+        Step::Fail(r) => assert_eq!(r.code, Code::BoundNodeFailed),
+        s => panic!("{s:?}"),
+    }
+    // A draining node keeps its sessions.
+    let adm = admitted(&e, "package-7-country-us-session-d1");
+    let route = e.route(&p, &adm, Now::from_secs(1), &mut rng).unwrap();
+    p.nodes
+        .set_admin_state(route.node(), crate::nodes::NodeState::Draining);
+    let mut again = e.route(&p, &adm, Now::from_secs(2), &mut rng).unwrap();
+    assert_eq!(
+        e.first_step(&p, &mut again, &mut rng),
+        Step::Dial(route.node())
+    );
+}
+
+#[test]
+fn explain_reports_rules_code_and_matches() {
+    let e = engine();
+    let x = e.explain("package-7-country-us-city-new_york-session-abc");
+    assert!(x.rejection.is_none(), "{:?}", x.rejection);
+    assert_eq!(x.matching_nodes, 2);
+    assert_eq!(x.rules.as_ref().unwrap().session_length(), 360);
+    assert_eq!(
+        x.canonical.as_deref(),
+        Some("package-7-country-us-city-new_york-session-abc")
+    );
+    assert_eq!(
+        e.explain("package-7-contry-us").rejection.unwrap().code,
+        Code::ErrUnknownParam
+    );
+    assert_eq!(
+        e.explain("package-10-country-us").rejection.unwrap().code,
+        Code::PackagePaused
+    );
+    assert_eq!(
+        e.explain("package-99-country-us").rejection.unwrap().code,
+        Code::AuthFailed
+    );
+    assert_eq!(
+        e.explain("package-7-country-gb").rejection.unwrap().code,
+        Code::NodeNotFound
+    );
+    assert_eq!(
+        e.explain("package-15-country-us").rejection,
+        None,
+        "usage below cap here"
+    );
+}
+
+#[test]
+fn publishing_a_policy_keeps_sessions_and_nodes() {
+    let e = engine();
+    let mut rng = Rng::new(12);
+    let adm = admitted(&e, "package-7-country-us-session-k");
+    let n = e
+        .route(&e.policy_arc(), &adm, Now::from_secs(1), &mut rng)
+        .unwrap()
+        .node();
+    let mut d = decls();
+    d.nodes.push(node("ny3", "new_york", "10.0.0.3"));
+    e.publish(Policy::build(&d, Some(&e.policy())).unwrap());
+    let p = e.policy_arc();
+    assert_eq!(p.nodes.len(), 4);
+    assert_eq!(
+        e.route(&p, &adm, Now::from_secs(2), &mut rng)
+            .unwrap()
+            .node(),
+        n,
+        "indices are stable across rebuilds"
+    );
+}

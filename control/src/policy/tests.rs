@@ -1,0 +1,583 @@
+use super::*;
+use crate::geo::Country;
+use crate::nodes::{NodeKind, NodeState};
+use crate::rules::{Feature, Network};
+
+pub(crate) fn node(id: &str, city: &str, ip: &str) -> NodeDecl {
+    NodeDecl {
+        id: id.into(),
+        kind: NodeKind::Direct,
+        addr: None,
+        bind: Some(ip.parse().unwrap()),
+        credentials: None,
+        country: Country::parse("us"),
+        region: None,
+        city: Some(city.into()),
+        isp: Some("verizon".into()),
+        asn: Some(701),
+        network: Network::Res,
+        state: NodeState::Online,
+        from_file: false,
+    }
+}
+
+/// Packages 7..=17, each failing one check when asked to.
+pub(crate) fn decls() -> Declarations {
+    let org = |id: &str, credits| OrgDecl {
+        id: id.into(),
+        credits,
+        from_file: false,
+    };
+    let pkg = |id: u64, f: &dyn Fn(&mut PackageDecl)| {
+        let mut p = PackageDecl::new(id, &format!("pk_{id}"));
+        p.org = Some("acme".into());
+        f(&mut p);
+        p
+    };
+    Declarations {
+        orgs: vec![org("acme", 100_000_000), org("broke", 0)],
+        packages: vec![
+            pkg(7, &|_| {}),
+            pkg(8, &|p| {
+                p.auth = AuthMode::Ip;
+                p.ip_allowlist = vec!["10.8.0.0/16".parse().unwrap()];
+                p.default_rules = "country-us-city-new_york".into();
+            }),
+            pkg(9, &|p| {
+                p.auth = AuthMode::PasswordIp;
+                p.ip_allowlist = vec!["10.9.0.0/16".parse().unwrap(), "fd09::/32".parse().unwrap()];
+            }),
+            pkg(10, &|p| p.status = PackageStatus::Paused),
+            pkg(11, &|p| p.status = PackageStatus::Suspended),
+            pkg(12, &|p| p.org = Some("broke".into())),
+            pkg(13, &|p| {
+                p.networks = NetworkSet::of([Network::Res]);
+                p.features = FeatureSet::of([Feature::Isp]);
+            }),
+            pkg(14, &|p| p.protocols = ProtocolSet::of([Protocol::Https])),
+            pkg(15, &|p| p.traffic_limit_bytes = 1000),
+            pkg(16, &|p| p.rps_limit = 1),
+            pkg(17, &|p| p.max_connections = 1),
+        ],
+        nodes: vec![
+            node("ny1", "new_york", "10.0.0.1"),
+            node("ny2", "new_york", "10.0.0.2"),
+            node("la1", "los_angeles", "10.0.1.1"),
+        ],
+        geo: vec![],
+        targets: TargetPolicy::default(),
+    }
+}
+
+pub(crate) fn policy() -> Policy {
+    let p = Policy::build(&decls(), None).unwrap();
+    let acme = &p.orgs["acme"].account;
+    p.packages[&15].usage.add_traffic(600, 400, 0, acme);
+    p
+}
+
+/// (client address, credentials, protocol, target host, expected).
+type Row<'a, T> = (&'a str, T, Protocol, &'a str, Result<(), Code>);
+/// (client address, credentials, protocol, target host, expected code).
+type OrderRow<'a> = (&'a str, (&'a str, &'a str), Protocol, &'a str, Code);
+
+const PUBLIC: &str = "93.184.216.34";
+
+fn run(
+    p: &Policy,
+    ip: &str,
+    user: Option<(&str, &str)>,
+    proto: Protocol,
+    host: &str,
+) -> Result<Admitted, Code> {
+    let credentials = match user {
+        None => Credentials::Absent,
+        Some(("<malformed>", _)) => Credentials::Malformed,
+        Some((username, password)) => Credentials::Present { username, password },
+    };
+    let hello = Hello {
+        client_ip: ip.parse().unwrap(),
+        credentials,
+        listener_package: None,
+    };
+    let auth = p.authenticate(&hello).map_err(|r| r.code)?;
+    let mut conn = None;
+    p.admit(&auth, proto, host, 443, &mut conn, Now::from_secs(1))
+        .map_err(|r| r.code)
+}
+
+#[test]
+fn every_check_of_the_table_fires() {
+    use Code::*;
+    let p = policy();
+    let h = Protocol::Https;
+    let rows: &[Row<'_, Option<(&str, &str)>>] = &[
+        (
+            "1.2.3.4",
+            Some(("package-7-country-us", "pk_7")),
+            h,
+            PUBLIC,
+            Ok(()),
+        ),
+        // 1
+        ("1.2.3.4", None, h, PUBLIC, Err(ErrAuthRequired)),
+        // 2
+        (
+            "1.2.3.4",
+            Some(("package-7-country-us", "wrong")),
+            h,
+            PUBLIC,
+            Err(AuthFailed),
+        ),
+        (
+            "1.2.3.4",
+            Some(("package-99-country-us", "pk_7")),
+            h,
+            PUBLIC,
+            Err(AuthFailed),
+        ),
+        (
+            "1.2.3.4",
+            Some(("user-country-us", "pk_7")),
+            h,
+            PUBLIC,
+            Err(AuthFailed),
+        ),
+        (
+            "1.2.3.4",
+            Some(("package-7-pk_7", "")),
+            h,
+            PUBLIC,
+            Err(AuthFailed),
+        ),
+        (
+            "1.2.3.4",
+            Some(("<malformed>", "")),
+            h,
+            PUBLIC,
+            Err(AuthFailed),
+        ),
+        (
+            "1.2.3.4",
+            Some(("package-7-country-us", "pk_7 ")),
+            h,
+            PUBLIC,
+            Err(AuthFailed),
+        ),
+        // 3
+        (
+            "10.9.1.1",
+            Some(("package-9-country-us", "pk_9")),
+            h,
+            PUBLIC,
+            Ok(()),
+        ),
+        (
+            "10.10.1.1",
+            Some(("package-9-country-us", "pk_9")),
+            h,
+            PUBLIC,
+            Err(IpNotAllowed),
+        ),
+        (
+            "10.9.1.1",
+            Some(("package-9-country-us", "bad")),
+            h,
+            PUBLIC,
+            Err(AuthFailed),
+        ),
+        (
+            "fd09::5",
+            Some(("package-9-country-us", "pk_9")),
+            h,
+            PUBLIC,
+            Ok(()),
+        ),
+        (
+            "::ffff:10.9.0.1",
+            Some(("package-9-country-us", "pk_9")),
+            h,
+            PUBLIC,
+            Ok(()),
+        ),
+        ("10.8.1.1", None, h, PUBLIC, Ok(())),
+        (
+            "10.8.1.1",
+            Some(("package-8-country-us", "anything")),
+            h,
+            PUBLIC,
+            Ok(()),
+        ),
+        (
+            "10.7.1.1",
+            Some(("package-8-country-us", "anything")),
+            h,
+            PUBLIC,
+            Err(IpNotAllowed),
+        ),
+        // 4
+        (
+            "1.2.3.4",
+            Some(("package-10-country-us", "pk_10")),
+            h,
+            PUBLIC,
+            Err(PackagePaused),
+        ),
+        (
+            "1.2.3.4",
+            Some(("package-11-country-us", "pk_11")),
+            h,
+            PUBLIC,
+            Err(PackageSuspended),
+        ),
+        // 5
+        (
+            "1.2.3.4",
+            Some(("package-12-country-us", "pk_12")),
+            h,
+            PUBLIC,
+            Err(PackageNoCredits),
+        ),
+        // 6
+        (
+            "1.2.3.4",
+            Some(("package-7", "pk_7")),
+            h,
+            PUBLIC,
+            Err(ErrMissingParams),
+        ),
+        (
+            "1.2.3.4",
+            Some(("package-13-country-us-network-mob", "pk_13")),
+            h,
+            PUBLIC,
+            Err(ErrParamNotAllowed),
+        ),
+        (
+            "1.2.3.4",
+            Some(("package-13-country-us-city-new_york", "pk_13")),
+            h,
+            PUBLIC,
+            Err(ErrParamNotAllowed),
+        ),
+        (
+            "1.2.3.4",
+            Some(("package-13-country-us-isp-verizon", "pk_13")),
+            h,
+            PUBLIC,
+            Ok(()),
+        ),
+        // 7
+        (
+            "1.2.3.4",
+            Some(("package-14-country-us", "pk_14")),
+            Protocol::Socks5,
+            PUBLIC,
+            Err(Disallowed),
+        ),
+        (
+            "1.2.3.4",
+            Some(("package-14-country-us", "pk_14")),
+            h,
+            PUBLIC,
+            Ok(()),
+        ),
+        (
+            "1.2.3.4",
+            Some(("package-7-country-us", "pk_7")),
+            h,
+            "127.0.0.1",
+            Err(Disallowed),
+        ),
+        (
+            "1.2.3.4",
+            Some(("package-7-country-us", "pk_7")),
+            h,
+            "169.254.169.254",
+            Err(Disallowed),
+        ),
+        // 8
+        (
+            "1.2.3.4",
+            Some(("package-15-country-us", "pk_15")),
+            h,
+            PUBLIC,
+            Err(TrafficLimitExceeded),
+        ),
+    ];
+    for (ip, user, proto, host, want) in rows {
+        let got = run(&p, ip, *user, *proto, host).map(|_| ());
+        assert_eq!(got, *want, "{ip} {user:?} {proto:?} {host}");
+    }
+}
+
+#[test]
+fn the_earlier_check_wins() {
+    use Code::*;
+    let p = policy();
+    let h = Protocol::Https;
+    let rows: &[OrderRow<'_>] = &[
+        (
+            "1.2.3.4",
+            ("package-10-contry-us", "wrong"),
+            h,
+            "127.0.0.1",
+            AuthFailed,
+        ),
+        (
+            "10.10.0.1",
+            ("package-9-contry-us", "pk_9"),
+            h,
+            PUBLIC,
+            IpNotAllowed,
+        ),
+        (
+            "1.2.3.4",
+            ("package-10-contry-us", "pk_10"),
+            h,
+            "127.0.0.1",
+            PackagePaused,
+        ),
+        (
+            "1.2.3.4",
+            ("package-12-contry-us", "pk_12"),
+            h,
+            PUBLIC,
+            PackageNoCredits,
+        ),
+        (
+            "1.2.3.4",
+            ("package-14-contry-us", "pk_14"),
+            Protocol::Socks5,
+            PUBLIC,
+            ErrUnknownParam,
+        ),
+        (
+            "1.2.3.4",
+            ("package-15-country-us", "pk_15"),
+            h,
+            "10.0.0.1",
+            Disallowed,
+        ),
+    ];
+    for (ip, user, proto, host, want) in rows {
+        assert_eq!(
+            run(&p, ip, Some(*user), *proto, host).unwrap_err(),
+            *want,
+            "{user:?}"
+        );
+    }
+}
+
+#[test]
+fn rate_and_connection_limits() {
+    let p = policy();
+    let auth16 = p
+        .authenticate(&Hello {
+            client_ip: "1.1.1.1".parse().unwrap(),
+            credentials: Credentials::Present {
+                username: "package-16-country-us",
+                password: "pk_16",
+            },
+            listener_package: None,
+        })
+        .unwrap();
+    let mut conn = None;
+    assert!(
+        p.admit(
+            &auth16,
+            Protocol::Https,
+            PUBLIC,
+            443,
+            &mut conn,
+            Now::from_secs(5)
+        )
+        .is_ok()
+    );
+    let e = p
+        .admit(
+            &auth16,
+            Protocol::Https,
+            PUBLIC,
+            443,
+            &mut conn,
+            Now::from_secs(5),
+        )
+        .unwrap_err();
+    assert_eq!(e.code, Code::RateLimitExceeded);
+    assert!(
+        p.admit(
+            &auth16,
+            Protocol::Https,
+            PUBLIC,
+            443,
+            &mut conn,
+            Now::from_secs(6)
+        )
+        .is_ok()
+    );
+
+    let auth17 = p
+        .authenticate(&Hello {
+            client_ip: "1.1.1.1".parse().unwrap(),
+            credentials: Credentials::Present {
+                username: "package-17-country-us",
+                password: "pk_17",
+            },
+            listener_package: None,
+        })
+        .unwrap();
+    let mut c1 = None;
+    let mut c2 = None;
+    assert!(
+        p.admit(
+            &auth17,
+            Protocol::Https,
+            PUBLIC,
+            443,
+            &mut c1,
+            Now::from_secs(5)
+        )
+        .is_ok()
+    );
+    assert!(
+        p.admit(
+            &auth17,
+            Protocol::Https,
+            PUBLIC,
+            443,
+            &mut c1,
+            Now::from_secs(5)
+        )
+        .is_ok(),
+        "same connection, same slot"
+    );
+    let e = p
+        .admit(
+            &auth17,
+            Protocol::Https,
+            PUBLIC,
+            443,
+            &mut c2,
+            Now::from_secs(5),
+        )
+        .unwrap_err();
+    assert_eq!(e.code, Code::RateLimitExceeded);
+    assert!(e.detail.contains("open connections"));
+    drop(c1);
+    assert!(
+        p.admit(
+            &auth17,
+            Protocol::Https,
+            PUBLIC,
+            443,
+            &mut c2,
+            Now::from_secs(5)
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn ip_auth_without_username_uses_default_rules_and_listeners_name_packages() {
+    let p = policy();
+    let a = run(&p, "10.8.3.3", None, Protocol::Https, PUBLIC).unwrap();
+    assert_eq!(a.package.id(), 8);
+    assert!(
+        a.rules.city.is_some(),
+        "default rules country-us-city-new_york"
+    );
+    // A listener bound to package 9 (password+ip) still wants the key.
+    let hello = Hello {
+        client_ip: "10.9.0.1".parse().unwrap(),
+        credentials: Credentials::Absent,
+        listener_package: Some(9),
+    };
+    assert_eq!(
+        p.authenticate(&hello).unwrap_err().code,
+        Code::ErrAuthRequired
+    );
+    // A listener bound to package 8 admits its allowlist without credentials, and refuses other packages.
+    let hello = Hello {
+        client_ip: "10.8.0.1".parse().unwrap(),
+        credentials: Credentials::Absent,
+        listener_package: Some(8),
+    };
+    assert_eq!(p.authenticate(&hello).unwrap().package.id(), 8);
+    let hello = Hello {
+        client_ip: "10.8.0.1".parse().unwrap(),
+        credentials: Credentials::Present {
+            username: "package-7-country-us",
+            password: "pk_7",
+        },
+        listener_package: Some(8),
+    };
+    assert_eq!(p.authenticate(&hello).unwrap_err().code, Code::AuthFailed);
+}
+
+#[test]
+fn build_refuses_bad_declarations_and_keeps_live_state() {
+    let mut d = decls();
+    d.packages[1]
+        .ip_allowlist
+        .push("10.0.0.0/8".parse().unwrap());
+    let mut other = PackageDecl::new(50, "k");
+    other.auth = AuthMode::Ip;
+    other.ip_allowlist = vec!["10.8.5.0/24".parse().unwrap()];
+    d.packages.push(other);
+    assert!(Policy::build(&d, None).unwrap_err().contains("overlaps"));
+
+    let mut d = decls();
+    d.packages[0].org = Some("nobody".into());
+    assert!(
+        Policy::build(&d, None)
+            .unwrap_err()
+            .contains("no organisation nobody")
+    );
+    let mut d = decls();
+    d.packages[0].default_rules = "contry-us".into();
+    assert!(
+        Policy::build(&d, None)
+            .unwrap_err()
+            .contains("default_rules")
+    );
+    let mut d = decls();
+    d.packages[0].key = String::new();
+    assert!(Policy::build(&d, None).is_err());
+
+    let p1 = policy();
+    p1.packages[&7]
+        .usage
+        .add_traffic(5, 5, 0, &p1.orgs["acme"].account);
+    let mut d = decls();
+    d.packages[0].key = "rotated".into();
+    let p2 = Policy::build(&d, Some(&p1)).unwrap();
+    assert_eq!(
+        p2.packages[&7].usage.totals().bytes(),
+        10,
+        "usage survives a rebuild"
+    );
+    assert!(p2.packages[&7].key.matches("rotated"));
+    assert!(
+        !p2.packages[&7].key.matches("pk_7"),
+        "the old key fails at once"
+    );
+}
+
+#[test]
+fn keys_compare_exactly_and_never_print() {
+    let k = Key::new("pk_demo").unwrap();
+    assert!(k.matches("pk_demo"));
+    for bad in [
+        "",
+        "pk_dem",
+        "pk_demo ",
+        "PK_DEMO",
+        "pk_demo\0",
+        &"x".repeat(300),
+    ] {
+        assert!(!k.matches(bad), "{bad:?}");
+    }
+    assert_eq!(format!("{k:?}"), "Key(***)");
+    assert!(Key::new(&"k".repeat(256)).is_none());
+}
