@@ -234,13 +234,7 @@ impl std::error::Error for Rejection {}
 fn header_safe(detail: &str) -> String {
     let mut s: String = detail
         .chars()
-        .map(|c| {
-            if (' '..='~').contains(&c) && c != '"' && c != '\\' {
-                c
-            } else {
-                '?'
-            }
-        })
+        .map(|c| if (' '..='~').contains(&c) { c } else { '?' })
         .take(400)
         .collect();
     if s.is_empty() {

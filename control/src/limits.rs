@@ -197,15 +197,15 @@ impl PackageUsage {
     /// Charge relayed bytes to the package and its organisation at
     /// `price_per_gb` micro-credits. The charge is derived from the package's
     /// cumulative bytes, so no fraction of a micro-credit is ever lost.
-    pub fn add_traffic(&self, up: u64, down: u64, price_per_gb: u64, org: &OrgAccount) {
+    pub fn add_traffic(&self, up: u64, down: u64, price_per_gb: u64, org: Option<&OrgAccount>) {
         if up == 0 && down == 0 {
             return;
         }
         self.bytes_up.fetch_add(up, Ordering::Relaxed);
         self.bytes_down.fetch_add(down, Ordering::Relaxed);
-        if price_per_gb == 0 {
+        let Some(org) = org.filter(|_| price_per_gb != 0) else {
             return;
-        }
+        };
         let total = self.bytes_up.load(Ordering::Relaxed) + self.bytes_down.load(Ordering::Relaxed);
         let owed = (u128::from(total) * u128::from(price_per_gb) / u128::from(GB)) as u64;
         // Raise `charged` to `owed`; whoever raises it charges the difference.
@@ -279,7 +279,7 @@ mod tests {
         let u = PackageUsage::default();
         // 1 credit per GB: 1 micro-credit per 1000 bytes.
         for _ in 0..1000 {
-            u.add_traffic(300, 400, 1_000_000, &org); // 700 bytes a time
+            u.add_traffic(300, 400, 1_000_000, Some(&org)); // 700 bytes a time
         }
         assert_eq!(u.totals().bytes(), 700_000);
         assert_eq!(
@@ -293,7 +293,7 @@ mod tests {
         assert!(u.over_cap(700_000));
         // Free traffic charges nothing.
         let free = PackageUsage::default();
-        free.add_traffic(GB, GB, 0, &org);
+        free.add_traffic(GB, GB, 0, Some(&org));
         assert_eq!(org.balance(), 10_000_000 - 700);
         assert_eq!(credits_to_micro(0.000_001), Some(1));
         assert_eq!(micro_to_credits(2_500_000), 2.5);
@@ -308,7 +308,7 @@ mod tests {
                 let (org, u) = (org.clone(), u.clone());
                 std::thread::spawn(move || {
                     for _ in 0..10_000 {
-                        u.add_traffic(1000, 0, 2_000_000, &org);
+                        u.add_traffic(1000, 0, 2_000_000, Some(&org));
                         u.count_request();
                     }
                 })

@@ -283,6 +283,16 @@ pub struct Package {
 }
 
 impl Package {
+    /// Charge relayed bytes to the package and its organisation.
+    pub fn charge(&self, up: u64, down: u64) {
+        self.usage.add_traffic(
+            up,
+            down,
+            self.decl.price_per_gb,
+            self.org.as_ref().map(|o| &*o.account),
+        );
+    }
+
     /// The package id.
     pub fn id(&self) -> u64 {
         self.decl.id

@@ -210,18 +210,20 @@ impl Rules {
         })
     }
 
-    /// The rules that identify a session's targeting.
+    /// The rules that identify a session's targeting, with defaults made
+    /// explicit (no country = `country-any`, no network = `network-any`,
+    /// the effective `onerror`), so spelling out a default is no mismatch.
     pub fn fingerprint(&self) -> Fingerprint {
         Fingerprint {
-            country: self.country,
+            country: Some(self.country.unwrap_or(CountryRule::Any)),
             region: self.region,
             city: self.city,
             isp: self.isp,
             asn: self.asn,
-            network: self.network,
+            network: Some(self.network.unwrap_or(NetworkRule::Any)),
             bind_node: self.bind_node,
             rotate: self.rotate,
-            onerror: self.onerror,
+            onerror: Some(self.on_error()),
             prefer_lookalike: self.prefer_lookalike,
         }
     }

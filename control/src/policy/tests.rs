@@ -72,7 +72,7 @@ pub(crate) fn decls() -> Declarations {
 pub(crate) fn policy() -> Policy {
     let p = Policy::build(&decls(), None).unwrap();
     let acme = &p.orgs["acme"].account;
-    p.packages[&15].usage.add_traffic(600, 400, 0, acme);
+    p.packages[&15].usage.add_traffic(600, 400, 0, Some(acme));
     p
 }
 
@@ -548,7 +548,7 @@ fn build_refuses_bad_declarations_and_keeps_live_state() {
     let p1 = policy();
     p1.packages[&7]
         .usage
-        .add_traffic(5, 5, 0, &p1.orgs["acme"].account);
+        .add_traffic(5, 5, 0, Some(&p1.orgs["acme"].account));
     let mut d = decls();
     d.packages[0].key = "rotated".into();
     let p2 = Policy::build(&d, Some(&p1)).unwrap();

@@ -358,6 +358,17 @@ fn fingerprint_ignores_only_session_and_length() {
     assert_eq!(a.fingerprint(), b.fingerprint());
     assert_ne!(a.fingerprint(), c.fingerprint());
     assert_ne!(a.fingerprint(), d.fingerprint());
+    // Spelling out a default is the same session.
+    let e = parse("package-7-isp-orange-session-a", &g).unwrap();
+    let f = parse(
+        "package-7-isp-orange-country-any-network-any-onerror-replace-session-a",
+        &g,
+    )
+    .unwrap();
+    assert_eq!(e.fingerprint(), f.fingerprint());
+    let bound = parse("package-7-country-us-session-a-bind-node", &g).unwrap();
+    let bound_fail = parse("package-7-country-us-session-a-bind-node-onerror-fail", &g).unwrap();
+    assert_eq!(bound.fingerprint(), bound_fail.fingerprint());
 }
 
 fn arb_rules() -> impl Strategy<Value = Rules> {
@@ -474,6 +485,9 @@ proptest! {
         prop_assert_ne!(changed.fingerprint(), r.fingerprint());
         let mut changed = r.clone();
         changed.asn = Some(r.asn.map_or(1, |a| a.wrapping_add(1).max(1)));
+        prop_assert_ne!(changed.fingerprint(), r.fingerprint());
+        let mut changed = r.clone();
+        changed.bind_node = !r.bind_node;
         prop_assert_ne!(changed.fingerprint(), r.fingerprint());
     }
 }

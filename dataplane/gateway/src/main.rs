@@ -1,1 +1,235 @@
-fn main() {}
+//! `splicegate`: the binary. Reads the configuration, builds the policy,
+//! starts one worker per core, and turns signals into drains and reloads.
+#![forbid(unsafe_code)]
+
+mod config;
+mod echo;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use splicegate_control::engine::Engine;
+use splicegate_control::policy::Policy;
+use splicegate_worker::{Binding, Command, Resolver, Shared};
+
+use crate::config::Config;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// A residential-proxy gateway: HTTP CONNECT, HTTP forwarding and SOCKS5 on
+/// one port, exits chosen by the rules in the proxy username.
+#[derive(Debug, Parser)]
+#[command(name = "splicegate", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve. Without --config, serves the embedded demo (loopback exits and a
+    /// built-in target) and prints a curl line to try.
+    Serve {
+        /// The configuration file (TOML).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Check a configuration file and exit: 0 when it is valid.
+    CheckConfig {
+        /// The configuration file (TOML).
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::CheckConfig { file } => match Config::load(&file) {
+            Ok(c) => {
+                let d = c
+                    .declarations()
+                    .map(|d| (d.packages.len(), d.nodes.len()))
+                    .unwrap_or_default();
+                println!("{}: ok ({} packages, {} nodes)", file.display(), d.0, d.1);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("splicegate: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Serve { config } => match serve(config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("splicegate: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}
+
+fn serve(path: Option<PathBuf>) -> Result<()> {
+    let (cfg, demo) = match &path {
+        Some(p) => (Config::load(p)?, false),
+        None => (
+            Config::parse(config::DEMO).context("the embedded demo")?,
+            true,
+        ),
+    };
+    init_logging(&cfg.log.level);
+    // Block the signals before any thread exists, so every thread inherits
+    // the mask and only this one receives them.
+    let signals = splicegate_uring::SignalSet::block(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
+
+    let policy = Policy::build(&cfg.declarations()?, None).map_err(anyhow::Error::msg)?;
+    let engine = Arc::new(Engine::new(policy, cfg.limits.session_capacity.max(1)));
+    let shared = Arc::new(Shared {
+        engine: engine.clone(),
+        settings: cfg.settings(),
+        resolver: Resolver::start(2)?,
+    });
+
+    let echo = match cfg.demo.echo_listen {
+        Some(addr) => {
+            Some(echo::start(addr).with_context(|| format!("the built-in target on {addr}"))?)
+        }
+        None => None,
+    };
+
+    let workers = cfg.proxy.workers.resolve();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut listen = vec![(
+        cfg.proxy.listen,
+        Binding {
+            package: None,
+            ip_only: false,
+        },
+    )];
+    for l in &cfg.listener {
+        listen.push((
+            l.listen,
+            Binding {
+                package: l.package,
+                ip_only: l.ip_only,
+            },
+        ));
+    }
+    // Bind everything first: a port in use fails the start, not a worker.
+    let mut per_worker = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let mut mine = Vec::new();
+        for (addr, binding) in &listen {
+            let l = splicegate_worker::bind_listener(*addr)
+                .with_context(|| format!("listening on {addr}"))?;
+            mine.push((l, *binding));
+        }
+        per_worker.push(mine);
+    }
+    let mut handles = Vec::with_capacity(workers);
+    for (i, mine) in per_worker.into_iter().enumerate() {
+        let cpu = (cfg.proxy.pin_workers && workers <= cpus).then_some(i % cpus);
+        handles.push(splicegate_worker::start(i, cpu, mine, shared.clone())?);
+    }
+    let addrs: Vec<String> = listen.iter().map(|(a, _)| a.to_string()).collect();
+    tracing::info!(listen = %addrs.join(", "), workers, "splicegate serving");
+    if demo {
+        print_demo(&cfg, echo);
+    }
+
+    let grace = Duration::from_secs(cfg.timeouts.drain_grace_s);
+    loop {
+        match signals.wait(Duration::from_secs(1))? {
+            Some(libc::SIGHUP) => match &path {
+                Some(p) => reload(p, &engine),
+                None => tracing::info!("SIGHUP: the embedded demo has no file to reload"),
+            },
+            Some(sig) => {
+                tracing::info!(
+                    signal = sig,
+                    grace_s = grace.as_secs(),
+                    "draining: no new connections"
+                );
+                for h in &handles {
+                    let _ = h.commands.send(Command::Drain { grace });
+                }
+                for h in handles {
+                    let _ = h.thread.join();
+                }
+                tracing::info!("drained; exiting");
+                return Ok(());
+            }
+            None => {
+                engine.sessions.sweep(splicegate_worker::now());
+            }
+        }
+    }
+}
+
+/// Re-read the file and publish a new policy; a bad file changes nothing.
+fn reload(path: &std::path::Path, engine: &Engine) {
+    let result = Config::load(path).and_then(|c| {
+        let d = c.declarations()?;
+        Policy::build(&d, Some(&engine.policy())).map_err(anyhow::Error::msg)
+    });
+    match result {
+        Ok(p) => {
+            let (packages, nodes) = (p.packages.len(), p.nodes.online_count());
+            engine.publish(p);
+            tracing::info!(
+                packages,
+                online_nodes = nodes,
+                "reloaded {}",
+                path.display()
+            );
+        }
+        Err(e) => tracing::error!(
+            "reload of {} rejected, the running policy stays: {e:#}",
+            path.display()
+        ),
+    }
+}
+
+fn print_demo(cfg: &Config, echo: Option<std::net::SocketAddr>) {
+    let proxy = cfg.proxy.listen;
+    let Some(target) = echo else { return };
+    let pkg = cfg.package.first();
+    let (id, key) = pkg.map_or((1, "pk_demo"), |p| (p.id, p.key.as_str()));
+    println!(
+        "splicegate demo: proxy on {proxy} (HTTP CONNECT, HTTP, SOCKS5); built-in target on http://{target}/"
+    );
+    println!(
+        "package {id}, key {key}; exits: {}",
+        cfg.node
+            .iter()
+            .map(|n| format!(
+                "{} ({})",
+                n.id,
+                n.bind.map(|b| b.to_string()).unwrap_or_default()
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!();
+    println!("  curl -x http://{proxy} -U package-{id}-country-us:{key} http://{target}/");
+    println!();
+    println!(
+        "Run it again: the exit address changes. Add -session-abc to the username to keep one exit;"
+    );
+    println!("try country-gb, city-london, or a mistake like contry-us to see the error codes.");
+}

@@ -34,6 +34,7 @@ mod notify;
 mod op;
 mod relay;
 mod runtime;
+mod signals;
 mod slab;
 mod sys;
 mod time;
@@ -48,6 +49,7 @@ pub use relay::{
     relay,
 };
 pub use runtime::{Runtime, RuntimeConfig, spawn, yield_now};
+pub use signals::SignalSet;
 pub use time::{Elapsed, Sleep, sleep, sleep_until, timeout, timeout_at};
 
 /// Pins the calling thread to CPU `cpu` (`sched_setaffinity`), for

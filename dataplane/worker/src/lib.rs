@@ -1,1 +1,174 @@
-//! placeholder
+//! The splicegate worker: one per core, each with its own io_uring and its
+//! own `SO_REUSEPORT` listeners. A connection lives and dies on one worker:
+//! accept → detect the protocol by its first byte → read the handshake →
+//! ask the control plane (authenticate, admit, route) → dial the node →
+//! answer → relay with splice → close.
+//!
+//! Invariants: no lock is shared on the byte path (the policy is an
+//! `arc-swap` snapshot, counters are per tunnel and flushed to the package's
+//! atomics every 250 ms); the only blocking work (name resolution) runs on
+//! resolver threads; every wait has a deadline. No unsafe code: the runtime
+//! crate holds it.
+#![forbid(unsafe_code)]
+
+mod accept;
+mod clock;
+mod ctx;
+mod dial;
+mod http;
+mod io;
+mod resolve;
+mod socks;
+mod tunnels;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use splicegate_control::engine::Engine;
+
+pub use clock::{now, unix_ms};
+pub use resolve::Resolver;
+
+/// Timeouts and sizes the worker applies.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// A client must finish its request head or SOCKS5 handshake within this.
+    pub handshake: Duration,
+    /// Connecting to a node (and its handshake before the target is asked).
+    pub node_connect: Duration,
+    /// The target answering after the node accepted (→ `GATEWAY_TIMEOUT`).
+    pub target: Duration,
+    /// An open tunnel or keep-alive connection with no byte moving.
+    pub idle: Duration,
+    /// Resolving a target name for a `direct` node.
+    pub resolve: Duration,
+    /// Head size limits.
+    pub limits: splicegate_proto::http::Limits,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            handshake: Duration::from_secs(10),
+            node_connect: Duration::from_secs(3),
+            target: Duration::from_secs(10),
+            idle: Duration::from_secs(300),
+            resolve: Duration::from_secs(2),
+            limits: splicegate_proto::http::Limits::default(),
+        }
+    }
+}
+
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Binding {
+    /// The package the port is bound to, if any.
+    pub package: Option<u64>,
+    /// Admit only addresses on that package's allowlist.
+    pub ip_only: bool,
+}
+
+/// Counters of one worker, written by that worker alone.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Client connections open now.
+    pub open_connections: AtomicU64,
+    /// Tunnels (CONNECT, SOCKS5) open now.
+    pub open_tunnels: AtomicU64,
+    /// Requests answered with an error.
+    pub errors: AtomicU64,
+    /// Tunnels and forwarded requests that reached a target.
+    pub established: AtomicU64,
+}
+
+impl WorkerStats {
+    pub(crate) fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn dec(c: &AtomicU64) {
+        c.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What every worker shares.
+#[derive(Debug)]
+pub struct Shared {
+    /// Policy, sessions, recent errors.
+    pub engine: Arc<Engine>,
+    /// Worker settings.
+    pub settings: Settings,
+    /// Name resolution off the worker threads.
+    pub resolver: Resolver,
+}
+
+/// A message from the control side to a worker.
+#[derive(Debug, Clone, Copy)]
+pub enum Command {
+    /// Stop accepting; let open connections finish within `grace`, then close them.
+    Drain {
+        /// How long open tunnels may run on.
+        grace: Duration,
+    },
+}
+
+/// A running worker.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    /// The worker's thread.
+    pub thread: JoinHandle<()>,
+    /// Its command queue (wakes its ring).
+    pub commands: splicegate_uring::Sender<Command>,
+    /// Its counters.
+    pub stats: Arc<WorkerStats>,
+}
+
+/// Start worker `index` on its own thread with its listeners (bound with
+/// `SO_REUSEPORT` by the caller, so bind errors surface before any thread
+/// starts). `cpu` pins the thread.
+pub fn start(
+    index: usize,
+    cpu: Option<usize>,
+    listeners: Vec<(std::net::TcpListener, Binding)>,
+    shared: Arc<Shared>,
+) -> std::io::Result<WorkerHandle> {
+    let (tx, rx) = splicegate_uring::channel();
+    let stats = Arc::new(WorkerStats::default());
+    let thread_stats = stats.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("splicegate-w{index}"))
+        .spawn(move || {
+            if let Some(cpu) = cpu
+                && let Err(e) = splicegate_uring::pin_current_thread(cpu)
+            {
+                tracing::warn!(worker = index, cpu, error = %e, "could not pin the worker thread");
+            }
+            if let Err(e) = accept::run(index, listeners, shared, rx, thread_stats) {
+                tracing::error!(worker = index, error = %e, "worker failed");
+            }
+        })?;
+    Ok(WorkerHandle {
+        thread,
+        commands: tx,
+        stats,
+    })
+}
+
+/// Bind one `SO_REUSEPORT` listener on `addr` (one per worker and address).
+pub fn bind_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}

@@ -1,11 +1,15 @@
 //! `Proxy-Authorization: Basic` (RFC 7617) with a strict, bounded base64.
 
-/// Longest username and longest password accepted, in bytes (as RFC 1929
-/// bounds SOCKS5, so both protocols accept the same credentials).
+/// Longest password accepted, in bytes (as RFC 1929 bounds SOCKS5).
 pub const MAX_CREDENTIAL_LEN: usize = 255;
 
+/// Longest username decoded, in bytes. Usernames over 255 bytes are read
+/// anyway so that the policy can verify the key first and then answer
+/// `ERR_INVALID_VALUE` (the rules are too long) rather than `AUTH_FAILED`.
+pub const MAX_USERNAME_LEN: usize = 4096;
+
 /// Longest base64 blob that can decode to `user:pass` within the bounds.
-const MAX_ENCODED_LEN: usize = (2 * MAX_CREDENTIAL_LEN + 1).div_ceil(3) * 4;
+const MAX_ENCODED_LEN: usize = (MAX_USERNAME_LEN + 1 + MAX_CREDENTIAL_LEN).div_ceil(3) * 4;
 
 const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
@@ -24,7 +28,8 @@ pub enum AuthError {
     /// The decoded credentials have no `:`.
     #[error("Basic credentials lack a colon")]
     MissingColon,
-    /// Username or password longer than [`MAX_CREDENTIAL_LEN`].
+    /// Username longer than [`MAX_USERNAME_LEN`] or password longer than
+    /// [`MAX_CREDENTIAL_LEN`].
     #[error("username or password too long")]
     TooLong,
     /// Username or password is not UTF-8.
@@ -61,7 +66,7 @@ pub fn decode_basic(value: &[u8]) -> Result<(String, String), AuthError> {
         .position(|b| *b == b':')
         .ok_or(AuthError::MissingColon)?;
     let (user, pass) = (&decoded[..colon], &decoded[colon + 1..]);
-    if user.len() > MAX_CREDENTIAL_LEN || pass.len() > MAX_CREDENTIAL_LEN {
+    if user.len() > MAX_USERNAME_LEN || pass.len() > MAX_CREDENTIAL_LEN {
         return Err(AuthError::TooLong);
     }
     if user.is_empty() {

@@ -16,7 +16,7 @@ mod request;
 mod response;
 mod upstream;
 
-pub use auth::{AuthError, MAX_CREDENTIAL_LEN, decode_basic, encode_basic};
+pub use auth::{AuthError, MAX_CREDENTIAL_LEN, MAX_USERNAME_LEN, decode_basic, encode_basic};
 pub use body::{
     BodyError, BodyTracker, MAX_CHUNK_EXT_BYTES, MAX_CHUNK_SIZE_DIGITS, MAX_TRAILER_BYTES,
 };

@@ -539,10 +539,22 @@ fn basic_credentials_table() {
         );
     }
     // over-long credentials are refused, huge blobs before decoding.
-    let long_user = test_encode(format!("{}:k", "u".repeat(256)).as_bytes());
+    // A username of 256..=4096 bytes is decoded so the policy can answer
+    // ERR_INVALID_VALUE after checking the key; a longer one is refused.
+    let long_user = test_encode(format!("{}:k", "u".repeat(4097)).as_bytes());
     assert_eq!(
         decode_basic(format!("Basic {long_user}").as_bytes()),
         Err(TooLong)
+    );
+    let long_pass = test_encode(format!("u:{}", "k".repeat(256)).as_bytes());
+    assert_eq!(
+        decode_basic(format!("Basic {long_pass}").as_bytes()),
+        Err(TooLong)
+    );
+    let ok_user = test_encode(format!("{}:k", "u".repeat(300)).as_bytes());
+    assert_eq!(
+        decode_basic(format!("Basic {ok_user}").as_bytes()).map(|(u, _)| u.len()),
+        Ok(300)
     );
     let huge = format!("Basic {}", "A".repeat(64 * 1024));
     assert_eq!(decode_basic(huge.as_bytes()), Err(TooLong));

@@ -1,0 +1,608 @@
+//! The configuration file: read once, at the edge, validated, and turned into
+//! typed values for the inner crates. Unknown keys are errors that name the key.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use ipnet::IpNet;
+use serde::Deserialize;
+use splicegate_control::geo::{Country, GeoKind};
+use splicegate_control::limits::credits_to_micro;
+use splicegate_control::nodes::{NodeDecl, NodeKind, NodeState};
+use splicegate_control::policy::{
+    AuthMode, Declarations, OrgDecl, PackageDecl, PackageStatus, Protocol, ProtocolSet,
+};
+use splicegate_control::rules::{Feature, FeatureSet, Network, NetworkSet};
+use splicegate_control::safety::TargetPolicy;
+
+/// The embedded demo, served when no `--config` is given.
+pub const DEMO: &str = include_str!("demo.toml");
+
+/// The whole file.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub proxy: ProxySection,
+    #[serde(default)]
+    #[allow(dead_code)] // validated now; served by the admin, store, eBPF and health work
+    pub admin: AdminSection,
+    #[serde(default)]
+    #[allow(dead_code)] // validated now; served by the admin, store, eBPF and health work
+    pub store: StoreSection,
+    #[serde(default)]
+    pub safety: SafetySection,
+    #[serde(default)]
+    pub timeouts: TimeoutsSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    #[allow(dead_code)] // validated now; served by the admin, store, eBPF and health work
+    pub ebpf: EbpfSection,
+    #[serde(default)]
+    #[allow(dead_code)] // validated now; served by the admin, store, eBPF and health work
+    pub health: HealthSection,
+    #[serde(default)]
+    pub log: LogSection,
+    #[serde(default)]
+    pub geo: GeoSection,
+    #[serde(default)]
+    pub demo: DemoSection,
+    #[serde(default)]
+    pub listener: Vec<ListenerEntry>,
+    #[serde(default)]
+    pub org: Vec<OrgEntry>,
+    #[serde(default)]
+    pub package: Vec<PackageEntry>,
+    #[serde(default)]
+    pub node: Vec<NodeEntry>,
+}
+
+/// `workers = 2` or `workers = "auto"`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Workers {
+    Count(usize),
+    Auto(AutoWord),
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoWord {
+    Auto,
+}
+
+impl Workers {
+    pub fn resolve(self) -> usize {
+        match self {
+            Workers::Count(n) => n.max(1),
+            Workers::Auto(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxySection {
+    pub listen: SocketAddr,
+    pub workers: Workers,
+    /// Pin worker i to CPU i.
+    pub pin_workers: bool,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        ProxySection {
+            listen: "127.0.0.1:5000".parse().expect("literal"),
+            workers: Workers::Auto(AutoWord::Auto),
+            pin_workers: true,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            listen: "127.0.0.1:9090".parse().expect("literal"),
+            token: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    pub path: PathBuf,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            path: "splicegate.db".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SafetySection {
+    pub allow_targets: Vec<IpNet>,
+    pub blocked_ports: Vec<u16>,
+}
+
+impl Default for SafetySection {
+    fn default() -> Self {
+        SafetySection {
+            allow_targets: Vec::new(),
+            blocked_ports: vec![25],
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsSection {
+    pub node_connect_ms: u64,
+    pub target_ms: u64,
+    pub idle_s: u64,
+    pub handshake_ms: u64,
+    pub resolve_ms: u64,
+    pub drain_grace_s: u64,
+}
+
+impl Default for TimeoutsSection {
+    fn default() -> Self {
+        TimeoutsSection {
+            node_connect_ms: 3000,
+            target_ms: 10_000,
+            idle_s: 300,
+            handshake_ms: 10_000,
+            resolve_ms: 2000,
+            drain_grace_s: 30,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    pub max_head_bytes: usize,
+    pub max_line_bytes: usize,
+    pub max_headers: usize,
+    pub session_capacity: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_head_bytes: 16 * 1024,
+            max_line_bytes: 8 * 1024,
+            max_headers: 100,
+            session_capacity: 1_000_000,
+        }
+    }
+}
+
+/// Kernel enforcement settings (the programs arrive with the eBPF work; the
+/// keys are accepted and validated now so files need not change).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EbpfSection {
+    pub enabled: bool,
+    pub interface: String,
+    pub mode: EbpfMode,
+    pub syn_rate: u32,
+    pub syn_burst: u32,
+    pub ban_threshold: u32,
+    pub ban_window_s: u64,
+    pub ban_s: u64,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum EbpfMode {
+    Xdp,
+    XdpGeneric,
+    Tc,
+}
+
+impl Default for EbpfSection {
+    fn default() -> Self {
+        EbpfSection {
+            enabled: false,
+            interface: "lo".into(),
+            mode: EbpfMode::XdpGeneric,
+            syn_rate: 100,
+            syn_burst: 200,
+            ban_threshold: 20,
+            ban_window_s: 60,
+            ban_s: 600,
+        }
+    }
+}
+
+/// Node health probing (the prober arrives with the operations work).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSection {
+    pub probe_target: Option<String>,
+    pub interval_s: u64,
+    pub failures: u32,
+}
+
+impl Default for HealthSection {
+    fn default() -> Self {
+        HealthSection {
+            probe_target: None,
+            interval_s: 10,
+            failures: 3,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `info`, `debug`, … or a tracing filter.
+    pub level: String,
+    /// Access log: "off", "stderr", "stdout" or a file path.
+    pub access: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            level: "info".into(),
+            access: "off".into(),
+        }
+    }
+}
+
+/// Extra catalogue names per country: `cities = { us = ["new_york"] }`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeoSection {
+    pub regions: BTreeMap<String, Vec<String>>,
+    pub cities: BTreeMap<String, Vec<String>>,
+    pub isps: BTreeMap<String, Vec<String>>,
+}
+
+/// The built-in target that answers with the address it sees.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DemoSection {
+    pub echo_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerEntry {
+    pub listen: SocketAddr,
+    pub package: Option<u64>,
+    #[serde(default)]
+    pub ip_only: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrgEntry {
+    pub id: String,
+    #[serde(default)]
+    pub credits: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackageEntry {
+    pub id: u64,
+    pub org: Option<String>,
+    pub key: String,
+    pub status: Option<String>,
+    pub protocols: Option<Vec<String>>,
+    pub networks: Option<Vec<String>>,
+    pub features: Option<Vec<String>>,
+    pub auth: Option<String>,
+    pub ip_allowlist: Option<Vec<IpNet>>,
+    pub default_rules: Option<String>,
+    pub rps_limit: Option<u32>,
+    pub max_connections: Option<u32>,
+    pub traffic_limit_bytes: Option<u64>,
+    pub price_per_gb: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeEntry {
+    pub id: String,
+    pub kind: String,
+    pub addr: Option<SocketAddr>,
+    pub bind: Option<IpAddr>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub country: Option<String>,
+    pub region: Option<String>,
+    pub city: Option<String>,
+    pub isp: Option<String>,
+    pub asn: Option<u32>,
+    pub network: Option<String>,
+    pub state: Option<String>,
+}
+
+fn names<T>(
+    what: &str,
+    owner: &str,
+    items: &[String],
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<Vec<T>> {
+    items
+        .iter()
+        .map(|s| parse(s).ok_or_else(|| anyhow!("{owner}: unknown {what} {s:?}")))
+        .collect()
+}
+
+fn country(owner: &str, c: &str) -> Result<Country> {
+    Country::parse(c)
+        .ok_or_else(|| anyhow!("{owner}: country {c:?} is not a lowercase ISO 3166-1 alpha-2 code"))
+}
+
+fn catalogue_name(owner: &str, n: &str) -> Result<()> {
+    if n.is_empty()
+        || !n
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
+    {
+        bail!("{owner}: {n:?} is not a catalogue name (lowercase letters, digits, _)");
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Parse a file's text.
+    pub fn parse(text: &str) -> Result<Config> {
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| anyhow!("{}", e.to_string().trim_end()))?;
+        cfg.declarations()?;
+        if cfg.proxy.workers == Workers::Count(0) {
+            bail!("proxy.workers must be at least 1 (or \"auto\")");
+        }
+        for l in &cfg.listener {
+            if l.ip_only && l.package.is_none() {
+                bail!("listener {}: ip_only needs a package", l.listen);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Read and parse a file.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Config::parse(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// The worker settings.
+    pub fn settings(&self) -> splicegate_worker::Settings {
+        let t = &self.timeouts;
+        splicegate_worker::Settings {
+            handshake: Duration::from_millis(t.handshake_ms.max(1)),
+            node_connect: Duration::from_millis(t.node_connect_ms.max(1)),
+            target: Duration::from_millis(t.target_ms.max(1)),
+            idle: Duration::from_secs(t.idle_s.max(1)),
+            resolve: Duration::from_millis(t.resolve_ms.max(1)),
+            limits: splicegate_proto::http::Limits {
+                max_head_bytes: self.limits.max_head_bytes,
+                max_line_bytes: self.limits.max_line_bytes,
+                max_headers: self.limits.max_headers,
+            },
+        }
+    }
+
+    /// The policy declarations (orgs, packages, nodes, catalogue, safety).
+    pub fn declarations(&self) -> Result<Declarations> {
+        let mut d = Declarations {
+            targets: TargetPolicy {
+                allow: self.safety.allow_targets.clone(),
+                blocked_ports: self.safety.blocked_ports.clone(),
+            },
+            ..Declarations::default()
+        };
+        for (kind, map) in [
+            (GeoKind::Region, &self.geo.regions),
+            (GeoKind::City, &self.geo.cities),
+            (GeoKind::Isp, &self.geo.isps),
+        ] {
+            for (c, list) in map {
+                let c = country("[geo]", c)?;
+                for n in list {
+                    catalogue_name("[geo]", n)?;
+                    d.geo.push((c, kind, n.clone()));
+                }
+            }
+        }
+        for o in &self.org {
+            let credits = credits_to_micro(o.credits)
+                .ok_or_else(|| anyhow!("org {}: credits out of range", o.id))?;
+            d.orgs.push(OrgDecl {
+                id: o.id.clone(),
+                credits,
+                from_file: true,
+            });
+        }
+        for p in &self.package {
+            let owner = format!("package {}", p.id);
+            let mut decl = PackageDecl::new(p.id, &p.key);
+            decl.from_file = true;
+            decl.org = p.org.clone();
+            if let Some(s) = &p.status {
+                decl.status = PackageStatus::parse(s).ok_or_else(|| {
+                    anyhow!("{owner}: status {s:?} is not active, paused or suspended")
+                })?;
+            }
+            if let Some(v) = &p.protocols {
+                decl.protocols = ProtocolSet::of(names("protocol", &owner, v, Protocol::parse)?);
+            }
+            if let Some(v) = &p.networks {
+                decl.networks = NetworkSet::of(names("network", &owner, v, Network::parse)?);
+            }
+            if let Some(v) = &p.features {
+                decl.features = FeatureSet::of(names("feature", &owner, v, Feature::parse)?);
+            }
+            if let Some(a) = &p.auth {
+                decl.auth = AuthMode::parse(a).ok_or_else(|| {
+                    anyhow!("{owner}: auth {a:?} is not password, ip or password+ip")
+                })?;
+            }
+            if let Some(v) = &p.ip_allowlist {
+                decl.ip_allowlist = v.clone();
+            }
+            if let Some(r) = &p.default_rules {
+                decl.default_rules = r.clone();
+            }
+            decl.rps_limit = p.rps_limit.unwrap_or(0);
+            decl.max_connections = p.max_connections.unwrap_or(0);
+            decl.traffic_limit_bytes = p.traffic_limit_bytes.unwrap_or(0);
+            if let Some(price) = p.price_per_gb {
+                let micro = credits_to_micro(price)
+                    .filter(|m| *m >= 0)
+                    .ok_or_else(|| anyhow!("{owner}: bad price_per_gb"))?;
+                decl.price_per_gb = micro as u64;
+            }
+            d.packages.push(decl);
+        }
+        for n in &self.node {
+            let owner = format!("node {}", n.id);
+            let kind = match n.kind.as_str() {
+                "http" => NodeKind::Http,
+                "socks5" => NodeKind::Socks5,
+                "direct" => NodeKind::Direct,
+                k => bail!("{owner}: kind {k:?} is not http, socks5 or direct"),
+            };
+            let credentials = match (&n.username, &n.password) {
+                (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+                (None, None) => None,
+                _ => bail!("{owner}: username and password go together"),
+            };
+            let c = n
+                .country
+                .as_deref()
+                .map(|c| country(&owner, c))
+                .transpose()?;
+            for v in [&n.region, &n.city, &n.isp].into_iter().flatten() {
+                catalogue_name(&owner, v)?;
+            }
+            let network = match &n.network {
+                Some(v) => Network::parse(v)
+                    .ok_or_else(|| anyhow!("{owner}: network {v:?} is not res, mob or dc"))?,
+                None => Network::Res,
+            };
+            let state = match &n.state {
+                Some(v) => NodeState::parse(v).ok_or_else(|| {
+                    anyhow!("{owner}: state {v:?} is not online, draining or offline")
+                })?,
+                None => NodeState::Online,
+            };
+            let decl = NodeDecl {
+                id: n.id.clone(),
+                kind,
+                addr: n.addr,
+                bind: n.bind,
+                credentials,
+                country: c,
+                region: n.region.clone(),
+                city: n.city.clone(),
+                isp: n.isp.clone(),
+                asn: n.asn,
+                network,
+                state,
+                from_file: true,
+            };
+            decl.validate().map_err(|e| anyhow!(e))?;
+            d.nodes.push(decl);
+        }
+        // Catch policy errors (overlaps, missing orgs, bad default rules) now.
+        splicegate_control::policy::Policy::build(&d, None).map_err(|e| anyhow!(e))?;
+        Ok(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_parses() {
+        let c = Config::parse(DEMO).unwrap();
+        assert!(c.demo.echo_listen.is_some());
+        assert!(c.node.len() >= 3);
+        assert!(!c.safety.allow_targets.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::parse("[proxy]\nlisten = \"127.0.0.1:1\"\nworkerz = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("workerz"), "{e}");
+        let e = Config::parse("[timeouts]\nnode_conect_ms = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("node_conect_ms"), "{e}");
+        let e = Config::parse("[[package]]\nid = 1\nkey = \"k\"\nrps = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rps"), "{e}");
+    }
+
+    #[test]
+    fn values_are_checked() {
+        for (text, needle) in [
+            (
+                "[[package]]\nid = 1\nkey = \"k\"\nstatus = \"on\"\n",
+                "status",
+            ),
+            (
+                "[[package]]\nid = 1\nkey = \"k\"\nprotocols = [\"ftp\"]\n",
+                "ftp",
+            ),
+            (
+                "[[package]]\nid = 1\nkey = \"k\"\norg = \"x\"\n",
+                "no organisation x",
+            ),
+            ("[[node]]\nid = \"n\"\nkind = \"http\"\n", "needs addr"),
+            (
+                "[[node]]\nid = \"n\"\nkind = \"direct\"\nbind = \"127.0.0.1\"\ncountry = \"USA\"\n",
+                "ISO",
+            ),
+            (
+                "[[node]]\nid = \"n\"\nkind = \"direct\"\nbind = \"127.0.0.1\"\ncity = \"New York\"\n",
+                "catalogue name",
+            ),
+            ("[proxy]\nworkers = 0\n", "at least 1"),
+            ("[proxy]\nworkers = \"many\"\n", "workers"),
+            (
+                "[[listener]]\nlisten = \"127.0.0.1:1\"\nip_only = true\n",
+                "needs a package",
+            ),
+        ] {
+            let e = format!("{:#}", Config::parse(text).unwrap_err());
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+        assert_eq!(
+            Config::parse("[proxy]\nworkers = \"auto\"\n")
+                .unwrap()
+                .proxy
+                .workers,
+            Workers::Auto(AutoWord::Auto)
+        );
+    }
+}

@@ -1,0 +1,175 @@
+//! The worker's loop: accept on every listener, hand each connection to the
+//! protocol its first byte names, tick the tunnel registry, obey commands.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use splicegate_control::nodes::Rng;
+use splicegate_uring::{
+    Notifier, PipePool, Receiver, Runtime, RuntimeConfig, TcpListener, TcpStream, sleep, spawn,
+};
+
+use crate::ctx::Ctx;
+use crate::io::read_some;
+use crate::resolve::DnsCache;
+use crate::tunnels::Tunnels;
+use crate::{Binding, Command, Shared, WorkerStats, http, socks};
+
+/// Which of two futures finished first.
+pub(crate) enum Either<A, B> {
+    Left(A),
+    Right(B),
+}
+
+/// Poll two futures, `a` first; the other is dropped.
+pub(crate) async fn select2<A: Future, B: Future>(a: A, b: B) -> Either<A::Output, B::Output> {
+    let mut a = pin!(a);
+    let mut b = pin!(b);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = a.as_mut().poll(cx) {
+            return Poll::Ready(Either::Left(v));
+        }
+        if let Poll::Ready(v) = b.as_mut().poll(cx) {
+            return Poll::Ready(Either::Right(v));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Counts a client connection while it is open.
+struct OpenGuard(Arc<WorkerStats>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        WorkerStats::dec(&self.0.open_connections);
+    }
+}
+
+pub(crate) fn run(
+    index: usize,
+    listeners: Vec<(std::net::TcpListener, Binding)>,
+    shared: Arc<Shared>,
+    mut commands: Receiver<Command>,
+    stats: Arc<WorkerStats>,
+) -> std::io::Result<()> {
+    let rt = Runtime::new(RuntimeConfig {
+        entries: 1024,
+        ..RuntimeConfig::default()
+    })?;
+    rt.block_on(async move {
+        let seed = (index as u64 + 1).wrapping_mul(0x9E37_79B9) ^ crate::clock::unix_ms();
+        let ctx = Rc::new(Ctx {
+            shared,
+            stats,
+            pipes: PipePool::new(256),
+            tunnels: Tunnels::default(),
+            rng: RefCell::new(Rng::new(seed)),
+            dns: DnsCache::default(),
+            draining: Cell::new(false),
+        });
+        let stop = Notifier::new();
+        let mut stoppers = Vec::new();
+        for (std_listener, binding) in listeners {
+            let listener = TcpListener::from_std(std_listener)?;
+            let stop = Notifier::new();
+            stoppers.push(stop.clone());
+            spawn(accept_loop(ctx.clone(), listener, binding, stop));
+        }
+        spawn(ticker(ctx.clone(), stop.clone()));
+        let grace = match commands.recv().await {
+            Some(Command::Drain { grace }) => grace,
+            None => Duration::ZERO,
+        };
+        // Drain: no new connections; open ones may finish within the grace.
+        ctx.draining.set(true);
+        for s in &stoppers {
+            s.notify();
+        }
+        let deadline = Instant::now() + grace;
+        while ctx
+            .stats
+            .open_connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+            && Instant::now() < deadline
+        {
+            sleep(Duration::from_millis(20)).await;
+        }
+        ctx.tunnels.stop_all();
+        sleep(Duration::from_millis(20)).await;
+        ctx.tunnels.tick(&ctx.shared.engine.policy());
+        stop.notify();
+        Ok(())
+    })
+}
+
+async fn accept_loop(ctx: Rc<Ctx>, listener: TcpListener, binding: Binding, stop: Notifier) {
+    loop {
+        let (stream, peer) = match select2(listener.accept(), stop.notified()).await {
+            Either::Right(()) => return,
+            Either::Left(Ok(conn)) => conn,
+            Either::Left(Err(e)) => {
+                // Out of descriptors and the like: back off briefly, keep serving.
+                tracing::warn!(error = %e, "accept failed");
+                sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        WorkerStats::inc(&ctx.stats.accepted);
+        if binding.ip_only && !allowed_on_ip_only(&ctx, binding, peer) {
+            continue; // closed at once: what the kernel program would have dropped
+        }
+        WorkerStats::inc(&ctx.stats.open_connections);
+        let guard = OpenGuard(ctx.stats.clone());
+        spawn(serve(ctx.clone(), stream, peer, binding, guard));
+    }
+}
+
+fn allowed_on_ip_only(ctx: &Ctx, binding: Binding, peer: SocketAddr) -> bool {
+    let policy = ctx.shared.engine.policy();
+    let ip = match peer.ip() {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer.ip(), std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    binding
+        .package
+        .and_then(|id| policy.packages.get(&id))
+        .is_some_and(|p| p.decl.ip_allowlist.iter().any(|n| n.contains(&ip)))
+}
+
+async fn serve(
+    ctx: Rc<Ctx>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    binding: Binding,
+    _open: OpenGuard,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = Vec::with_capacity(4096);
+    let deadline = Instant::now() + ctx.shared.settings.handshake;
+    match read_some(&stream, &mut buf, deadline).await {
+        Ok(Some(n)) if n > 0 => {}
+        _ => return, // closed, timed out or failed before its first byte
+    }
+    if buf[0] == 0x05 {
+        socks::serve(&ctx, stream, peer, binding, buf, deadline).await;
+    } else {
+        http::serve(&ctx, stream, peer, binding, buf, deadline).await;
+    }
+}
+
+async fn ticker(ctx: Rc<Ctx>, stop: Notifier) {
+    loop {
+        match select2(sleep(Duration::from_millis(250)), stop.notified()).await {
+            Either::Left(()) => ctx.tunnels.tick(&ctx.shared.engine.policy()),
+            Either::Right(()) => return,
+        }
+    }
+}

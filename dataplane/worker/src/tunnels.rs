@@ -1,0 +1,137 @@
+//! The worker's open tunnels: their byte counters are flushed to their
+//! package (and its organisation's credits) every 250 ms and when they end,
+//! and a tunnel whose package crossed its traffic cap, ran out of credits or
+//! was removed is stopped at the next tick (so within one second).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use splicegate_control::policy::{Package, Policy};
+use splicegate_uring::RelayCtl;
+
+/// One open tunnel (a = client, b = upstream).
+struct Entry {
+    package: Arc<Package>,
+    ctl: RelayCtl,
+    flushed_up: u64,
+    flushed_down: u64,
+}
+
+/// The registry.
+#[derive(Default)]
+pub(crate) struct Tunnels {
+    open: RefCell<HashMap<u64, Entry>>,
+    next: Cell<u64>,
+}
+
+impl Tunnels {
+    /// Register a tunnel about to relay.
+    pub fn register(&self, package: Arc<Package>, ctl: RelayCtl) -> u64 {
+        let id = self.next.get();
+        self.next.set(id + 1);
+        self.open.borrow_mut().insert(
+            id,
+            Entry {
+                package,
+                ctl,
+                flushed_up: 0,
+                flushed_down: 0,
+            },
+        );
+        id
+    }
+
+    /// The tunnel ended: charge what was not yet flushed.
+    pub fn finish(&self, id: u64) {
+        if let Some(mut e) = self.open.borrow_mut().remove(&id) {
+            flush(&mut e);
+        }
+    }
+
+    /// Flush counters and stop tunnels that may not go on.
+    pub fn tick(&self, policy: &Policy) {
+        for e in self.open.borrow_mut().values_mut() {
+            flush(e);
+            let current = policy.packages.get(&e.package.id());
+            let verdict = match current {
+                Some(p) => Policy::may_continue(p),
+                None => Err(splicegate_control::Rejection::new(
+                    splicegate_control::Code::AuthFailed,
+                    "the package was removed",
+                )),
+            };
+            if let Err(why) = verdict
+                && !e.ctl.is_stopped()
+            {
+                tracing::info!(package = e.package.id(), code = why.code.as_str(), detail = %why.detail, "closing a tunnel");
+                e.ctl.stop();
+            }
+        }
+    }
+
+    /// Stop every tunnel (end of a drain).
+    pub fn stop_all(&self) {
+        for e in self.open.borrow().values() {
+            e.ctl.stop();
+        }
+    }
+}
+
+fn flush(e: &mut Entry) {
+    let (up, down) = (e.ctl.a_to_b(), e.ctl.b_to_a());
+    let (du, dd) = (up - e.flushed_up, down - e.flushed_down);
+    if du != 0 || dd != 0 {
+        e.package.charge(du, dd);
+        e.flushed_up = up;
+        e.flushed_down = down;
+    }
+}
+
+use std::time::Instant;
+
+use splicegate_control::nodes::Node;
+use splicegate_uring::{TcpStream, relay, timeout_at};
+
+use crate::WorkerStats;
+use crate::ctx::Ctx;
+use crate::dial::Upstream;
+
+/// Relay an established tunnel (a = client, b = upstream) until either side
+/// ends, the idle timeout passes, or the tick stops it. `client_early` are
+/// bytes the client sent after its request (before our answer).
+pub(crate) async fn run(
+    ctx: &Ctx,
+    client: &TcpStream,
+    up: Upstream,
+    package: &Arc<Package>,
+    node: &Node,
+    client_early: &[u8],
+) {
+    let _load = node.runtime.open_tunnel();
+    WorkerStats::inc(&ctx.stats.open_tunnels);
+    WorkerStats::inc(&ctx.stats.established);
+    let idle = ctx.shared.settings.idle;
+    let early_ok = async {
+        if !client_early.is_empty() {
+            up.stream.write_all(client_early).await?;
+        }
+        if !up.leftover.is_empty() {
+            client.write_all(&up.leftover).await?;
+        }
+        std::io::Result::Ok(())
+    };
+    if matches!(
+        timeout_at(Instant::now() + idle, early_ok).await,
+        Ok(Ok(()))
+    ) {
+        package.charge(client_early.len() as u64, up.leftover.len() as u64);
+        let ctl = RelayCtl::new();
+        ctl.set_idle_timeout(Some(idle));
+        let id = ctx.tunnels.register(package.clone(), ctl.clone());
+        let outcome = relay(client, &up.stream, &ctx.pipes, &ctl).await;
+        ctx.tunnels.finish(id);
+        tracing::debug!(package = package.id(), node = %node.id, up = outcome.a_to_b, down = outcome.b_to_a, end = ?outcome.end, "tunnel closed");
+    }
+    WorkerStats::dec(&ctx.stats.open_tunnels);
+}
