@@ -1,0 +1,338 @@
+//! The real `splicegate` binary, started per test.
+
+use std::collections::HashMap;
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+
+use crate::conf::Conf;
+
+/// How long a gateway may take to accept on its proxy port.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+static DIR_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// The `splicegate` binary beside the test executable
+/// (`target/debug/deps/<test>` → `target/debug/splicegate`), or
+/// `$SPLICEGATE_BIN`.
+pub fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("SPLICEGATE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let deps = exe.parent().expect("test executable has a directory");
+    let dir = if deps.file_name().is_some_and(|n| n == "deps") {
+        deps.parent().expect("deps has a parent")
+    } else {
+        deps
+    };
+    let bin = dir.join("splicegate");
+    assert!(
+        bin.is_file(),
+        "the splicegate binary is missing at {}: run `cargo build --workspace --bins` before `cargo test` (or set SPLICEGATE_BIN)",
+        bin.display()
+    );
+    bin
+}
+
+/// A fresh, empty temporary directory for one test.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!(
+        "splicegate-test-{tag}-{}-{}-{nanos}",
+        std::process::id(),
+        DIR_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    dir
+}
+
+/// Send `sig` (`TERM`, `KILL`, `HUP`, …) to `pid` with kill(1).
+pub fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .args(["-s", sig, &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if let Err(e) = st {
+        panic!("kill -s {sig} {pid}: {e}");
+    }
+}
+
+/// Wait for `child` to exit, at most `timeout`.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A running gateway: its process, directory, ports and log.
+#[derive(Debug)]
+pub struct Gateway {
+    child: Child,
+    exited: Option<ExitStatus>,
+    /// The test's temporary directory (config, store, log).
+    pub dir: PathBuf,
+    /// The proxy port's address.
+    pub proxy: SocketAddr,
+    ports: HashMap<String, u16>,
+    config_path: PathBuf,
+    log_path: PathBuf,
+}
+
+impl Gateway {
+    /// Start the binary on `conf`; panics (with the gateway's stderr) if it
+    /// does not serve within 10 s.
+    pub fn start_conf(conf: &Conf) -> Gateway {
+        Gateway::start(&conf.toml())
+    }
+
+    /// Start the binary on `toml` (with placeholders, see [`crate::conf`]).
+    pub fn start(toml: &str) -> Gateway {
+        match Gateway::try_start(toml) {
+            Ok(g) => g,
+            Err(e) => panic!("{e:#}"),
+        }
+    }
+
+    /// [`Gateway::start`], returning the failure instead of panicking.
+    pub fn try_start(toml: &str) -> anyhow::Result<Gateway> {
+        let bin = binary();
+        let dir = temp_dir("gw");
+        let mut ports = HashMap::new();
+        let text = render(toml, &dir, &mut ports);
+        let config_path = dir.join("splicegate.toml");
+        fs::write(&config_path, &text)?;
+        let log_path = dir.join("stderr.log");
+        let log = fs::File::create(&log_path)?;
+        let child = Command::new(&bin)
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .env("RUST_BACKTRACE", "1")
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
+        let proxy = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports["PROXY"]);
+        let mut gw = Gateway {
+            child,
+            exited: None,
+            dir,
+            proxy,
+            ports,
+            config_path,
+            log_path,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(st) = gw.try_exit() {
+                bail!(
+                    "splicegate exited with {st} before serving; config:\n{text}\nstderr:\n{}",
+                    gw.log()
+                );
+            }
+            if TcpStream::connect_timeout(&gw.proxy, Duration::from_millis(200)).is_ok() {
+                return Ok(gw);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "splicegate did not accept on {} within {START_TIMEOUT:?}; config:\n{text}\nstderr:\n{}",
+                    gw.proxy,
+                    gw.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The port a `@PORT_<name>@` placeholder got.
+    pub fn port(&self, name: &str) -> u16 {
+        *self
+            .ports
+            .get(name)
+            .unwrap_or_else(|| panic!("no placeholder @PORT_{name}@ in the config"))
+    }
+
+    /// `127.0.0.1:<port(name)>`.
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), self.port(name))
+    }
+
+    /// Send a signal by PID.
+    pub fn signal(&self, sig: &str) {
+        signal(self.pid(), sig);
+    }
+
+    /// Write a new config (same placeholders, same ports) and send SIGHUP,
+    /// then give the gateway a moment to swap its policy.
+    pub fn reload(&mut self, toml: &str) {
+        let text = render(toml, &self.dir, &mut self.ports);
+        fs::write(&self.config_path, text).expect("write config");
+        self.signal("HUP");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    /// [`Gateway::reload`] from a [`Conf`].
+    pub fn reload_conf(&mut self, conf: &Conf) {
+        self.reload(&conf.toml());
+    }
+
+    /// The config file's path.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// Everything the gateway wrote to stderr so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The exit status, if it exited.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().ok().flatten();
+        }
+        self.exited
+    }
+
+    /// Wait for the process to exit, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = wait_child(&mut self.child, timeout);
+        }
+        self.exited
+    }
+
+    /// The process's thread count (`Threads:` of `/proc/PID/status`).
+    pub fn threads(&self) -> usize {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("Threads: line")
+    }
+
+    /// The names of the process's threads (`/proc/PID/task/*/comm`).
+    pub fn thread_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        if let Ok(rd) = fs::read_dir(format!("/proc/{}/task", self.pid())) {
+            for e in rd.flatten().take(100_000) {
+                if let Ok(n) = fs::read_to_string(e.path().join("comm")) {
+                    names.push(n.trim().to_string());
+                }
+            }
+        }
+        names
+    }
+
+    /// The last `n` lines of the log, for failure messages.
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if self.try_exit().is_none() {
+            let _ = self.child.kill();
+            let _ = wait_child(&mut self.child, Duration::from_secs(5));
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- splicegate stderr (last 60 lines; full log in {}) ---\n{}\n---",
+                self.log_path.display(),
+                self.log_tail(60)
+            );
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Fill the placeholders: `@PROXY@`, `@ADMIN@`, `@DIR@`, `@PORT_<NAME>@`.
+pub fn render(toml: &str, dir: &Path, ports: &mut HashMap<String, u16>) -> String {
+    let mut port = |name: &str| -> u16 {
+        *ports
+            .entry(name.to_string())
+            .or_insert_with(|| crate::addr::free_port(IpAddr::V4(Ipv4Addr::LOCALHOST)))
+    };
+    let proxy = port("PROXY");
+    let admin = port("ADMIN");
+    let mut out = toml
+        .replace("@PROXY@", &format!("127.0.0.1:{proxy}"))
+        .replace("@ADMIN@", &format!("127.0.0.1:{admin}"))
+        .replace("@DIR@", &dir.display().to_string());
+    for _ in 0..1000 {
+        let Some(start) = out.find("@PORT_") else {
+            break;
+        };
+        let rest = &out[start + 6..];
+        let Some(end) = rest.find('@') else {
+            break;
+        };
+        let name = rest[..end].to_string();
+        let p = port(&name);
+        out.replace_range(start..start + 6 + end + 1, &p.to_string());
+    }
+    out
+}
+
+/// Run `splicegate check-config` on `toml` (placeholders filled); returns
+/// the exit code and stderr.
+pub fn check_config(toml: &str) -> (i32, String) {
+    let dir = temp_dir("check");
+    let mut ports = HashMap::new();
+    let path = dir.join("check.toml");
+    fs::write(&path, render(toml, &dir, &mut ports)).expect("write config");
+    let mut child = Command::new(binary())
+        .arg("check-config")
+        .arg(&path)
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn splicegate check-config");
+    let status = wait_child(&mut child, Duration::from_secs(10));
+    let status = match status {
+        Some(s) => s,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("splicegate check-config did not finish in 10 s");
+        }
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    let _ = fs::remove_dir_all(&dir);
+    (status.code().unwrap_or(-1), err)
+}

@@ -1,0 +1,220 @@
+//! Third-party programs the tests drive: Debian's `tinyproxy` (an `http`
+//! node), `microsocks` (a `socks5` node) and `curl` (the client). A missing
+//! program fails the test with the apt package to install; it never skips.
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::gateway::{signal, temp_dir, wait_child};
+
+/// The path of `bin` on `$PATH`; panics naming the apt package otherwise.
+pub fn require_tool(bin: &str, apt_package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path).chain(["/usr/sbin".into(), "/sbin".into()]) {
+        let p = dir.join(bin);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "`{bin}` is not installed; these tests need it: apt-get install -y {apt_package}"
+    );
+}
+
+/// A child process stopped by its PID: SIGTERM, then SIGKILL.
+#[derive(Debug)]
+struct Proc {
+    child: Option<Child>,
+    name: &'static str,
+}
+
+impl Proc {
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if c.try_wait().ok().flatten().is_none() {
+                signal(c.id(), "TERM");
+                if wait_child(&mut c, Duration::from_secs(2)).is_none() {
+                    let _ = c.kill();
+                    let _ = wait_child(&mut c, Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn wait_listening(addr: SocketAddr, child: &mut Child, name: &str, log: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!(
+                "{name} exited with {st} before listening on {addr}: {}",
+                fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not listen on {addr} within 5 s: {}",
+            fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `tinyproxy` in the foreground on `ip:port`, its outgoing connections
+/// bound to `ip`, every CONNECT port allowed.
+#[derive(Debug)]
+pub struct Tinyproxy {
+    proc: Proc,
+    ip: Ipv4Addr,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Tinyproxy {
+    /// Write the config and start it.
+    pub fn start(ip: Ipv4Addr) -> Tinyproxy {
+        require_tool("tinyproxy", "tinyproxy");
+        let port = crate::addr::free_port(IpAddr::V4(ip));
+        let mut t = Tinyproxy {
+            proc: Proc {
+                child: None,
+                name: "tinyproxy",
+            },
+            ip,
+            port,
+            dir: temp_dir("tinyproxy"),
+        };
+        t.restart();
+        t
+    }
+
+    /// Start it again after [`Tinyproxy::stop`], on the same port.
+    pub fn restart(&mut self) {
+        if self.proc.child.is_some() {
+            return;
+        }
+        let conf = self.dir.join("tinyproxy.conf");
+        // No ConnectPort line: tinyproxy then allows CONNECT to every port.
+        fs::write(
+            &conf,
+            format!(
+                "Port {port}\nListen {ip}\nBind {ip}\nTimeout 60\nMaxClients 200\nAllow 127.0.0.0/8\nLogLevel Info\nDisableViaHeader Yes\n",
+                port = self.port,
+                ip = self.ip
+            ),
+        )
+        .expect("write tinyproxy.conf");
+        let log = self.dir.join("tinyproxy.log");
+        let mut child = Command::new(require_tool("tinyproxy", "tinyproxy"))
+            .arg("-d")
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(fs::File::create(&log).expect("log")))
+            .stderr(Stdio::from(
+                fs::OpenOptions::new().append(true).open(&log).expect("log"),
+            ))
+            .spawn()
+            .expect("spawn tinyproxy");
+        wait_listening(self.addr(), &mut child, self.proc.name, &log);
+        self.proc.child = Some(child);
+    }
+
+    /// Stop the process (by PID).
+    pub fn stop(&mut self) {
+        self.proc.stop();
+    }
+
+    /// Its address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.ip), self.port)
+    }
+
+    /// Its log.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("tinyproxy.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Tinyproxy {
+    fn drop(&mut self) {
+        self.proc.stop();
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// `microsocks -i ip -p port -b ip [-u user -P pass]`.
+#[derive(Debug)]
+pub struct Microsocks {
+    proc: Proc,
+    ip: Ipv4Addr,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Microsocks {
+    /// Start it, with credentials if given.
+    pub fn start(ip: Ipv4Addr, creds: Option<(&str, &str)>) -> Microsocks {
+        let bin = require_tool("microsocks", "microsocks");
+        let port = crate::addr::free_port(IpAddr::V4(ip));
+        let dir = temp_dir("microsocks");
+        let log = dir.join("microsocks.log");
+        let mut cmd = Command::new(bin);
+        cmd.args(["-i", &ip.to_string(), "-p", &port.to_string(), "-b", &ip.to_string()]);
+        if let Some((u, p)) = creds {
+            cmd.args(["-u", u, "-P", p]);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(fs::File::create(&log).expect("log")))
+            .stderr(Stdio::from(
+                fs::OpenOptions::new().append(true).open(&log).expect("log"),
+            ))
+            .spawn()
+            .expect("spawn microsocks");
+        let addr = SocketAddr::new(IpAddr::V4(ip), port);
+        wait_listening(addr, &mut child, "microsocks", &log);
+        Microsocks {
+            proc: Proc {
+                child: Some(child),
+                name: "microsocks",
+            },
+            ip,
+            port,
+            dir,
+        }
+    }
+
+    /// Its address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.ip), self.port)
+    }
+
+    /// Stop the process (by PID).
+    pub fn stop(&mut self) {
+        self.proc.stop();
+    }
+}
+
+impl Drop for Microsocks {
+    fn drop(&mut self) {
+        self.proc.stop();
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
