@@ -17,6 +17,7 @@ pub mod addr;
 pub mod client;
 pub mod conf;
 pub mod curl;
+pub mod fixtures;
 pub mod gateway;
 pub mod nodes;
 pub mod targets;
@@ -28,6 +29,7 @@ pub use client::{
 };
 pub use conf::{Conf, NodeDecl, PkgDecl};
 pub use curl::{Curl, CurlOut};
+pub use fixtures::{KEY, user};
 pub use gateway::Gateway;
 pub use nodes::{Behavior, NodeKind, TestNode};
 pub use targets::{Blackhole, HttpTarget, Sink, Source, TcpEcho};

@@ -1,0 +1,223 @@
+//! Absolute-form HTTP forwarding: keep-alive, bodies in both framings, HEAD,
+//! what never reaches the target, `Respond-With`, and forwarding through
+//! `http` and `socks5` nodes.
+
+use splicegate_tests::*;
+
+fn gateway_with_direct(n1: std::net::Ipv4Addr) -> Gateway {
+    Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::direct("us-ny-1", n1)))
+}
+
+#[test]
+fn curl_forwards_a_get_and_the_target_sees_the_node() {
+    let n1 = node_ip();
+    let web = HttpTarget::start();
+    let gw = gateway_with_direct(n1);
+    let out = Curl::new(client_ip())
+        .proxy(gw.proxy)
+        .user(&user("country-us"), KEY)
+        .get(&web.url("/ip"));
+    assert_eq!(out.ok_body().trim(), n1.to_string(), "{out:#?}");
+    assert_eq!(out.heads.len(), 1, "forwarding: no CONNECT answer; {out:#?}");
+}
+
+#[test]
+fn keep_alive_carries_several_requests_on_one_client_connection() {
+    let n1 = node_ip();
+    let web = HttpTarget::start();
+    let web2 = HttpTarget::start();
+    let gw = gateway_with_direct(n1);
+    let mut c = gw.conn();
+    let u = user("country-us");
+    for i in 0..5 {
+        let r = c.get(&web.url("/ip"), Some((&u, KEY)), &[]).unwrap();
+        assert_eq!(r.status, 200, "request {i}: {}", r.raw_head);
+        assert_eq!(r.text().trim(), n1.to_string());
+    }
+    // Another origin on the same client connection.
+    let r = c.get(&web2.url("/ip"), Some((&u, KEY)), &[]).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text().trim(), n1.to_string());
+    let r = c.get(&web.url("/bytes/10"), Some((&u, KEY)), &[]).unwrap();
+    assert_eq!(r.text(), "abcdefghij");
+    assert_eq!(web.requests().len(), 6);
+    assert_eq!(web2.requests().len(), 1);
+}
+
+#[test]
+fn content_length_and_chunked_bodies_both_ways() {
+    let web = HttpTarget::start();
+    let gw = gateway_with_direct(node_ip());
+    let mut c = gw.conn();
+    let u = user("country-us");
+    let auth = format!("Proxy-Authorization: {}", basic(&u, KEY));
+
+    // Content-Length request body, Content-Length response.
+    let body: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+    let r = c
+        .request("POST", &web.url("/echo"), Some((&u, KEY)), &[], Some(&body))
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.raw_head);
+    assert!(r.body == body, "CL body came back different ({} bytes)", r.body.len());
+
+    // Chunked request body, chunked response.
+    let mut req = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\n{auth}\r\nTransfer-Encoding: chunked\r\n\r\n",
+        web.url("/echo"),
+        web.addr()
+    )
+    .into_bytes();
+    req.extend_from_slice(b"5\r\nhello\r\n1;ext=1\r\n,\r\n6\r\n world\r\n0\r\n\r\n");
+    c.send(&req).unwrap();
+    let r = c.read_response("POST").unwrap();
+    assert_eq!(r.status, 200, "{}", r.raw_head);
+    assert!(r.chunked, "the target answered chunked: {}", r.raw_head);
+    assert_eq!(r.text(), "hello, world");
+    let seen = web.requests();
+    let last = seen.last().unwrap();
+    assert!(last.chunked && last.body == b"hello, world", "{last:?}");
+
+    // Chunked response to a GET, with a trailer.
+    let r = c.get(&web.url("/chunked"), Some((&u, KEY)), &[]).unwrap();
+    assert_eq!(r.text(), "hello, chunked world\n");
+
+    // The framing held: the connection still works.
+    let r = c.get(&web.url("/ip"), Some((&u, KEY)), &[]).unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn head_gets_no_body_and_the_connection_stays_usable() {
+    let web = HttpTarget::start();
+    let gw = gateway_with_direct(node_ip());
+    let mut c = gw.conn();
+    let u = user("country-us");
+    let r = c
+        .request("HEAD", &web.url("/bytes/5000"), Some((&u, KEY)), &[], None)
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("Content-Length"), Some("5000"));
+    let r = c.get(&web.url("/bytes/3"), Some((&u, KEY)), &[]).unwrap();
+    assert_eq!(r.text(), "abc", "the HEAD answer carried no body bytes");
+}
+
+#[test]
+fn a_response_framed_by_close_is_relayed_whole() {
+    let n1 = node_ip();
+    let web = HttpTarget::start();
+    let gw = gateway_with_direct(n1);
+    let mut c = gw.conn();
+    let r = c
+        .get(&web.url("/close"), Some((&user("country-us"), KEY)), &[])
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text().trim(), n1.to_string());
+}
+
+#[test]
+fn proxy_and_hop_by_hop_headers_never_reach_the_target() {
+    let web = HttpTarget::start();
+    let gw = gateway_with_direct(node_ip());
+    let mut c = gw.conn();
+    let u = user("country-us-session-hdr1");
+    let r = c
+        .get(
+            &web.url("/head"),
+            Some((&u, KEY)),
+            &[
+                "Proxy-Connection: keep-alive",
+                "Respond-With: ip,node",
+                "Connection: keep-alive, X-Hop-Secret",
+                "X-Hop-Secret: hop",
+                "Keep-Alive: timeout=5",
+                "X-End-To-End: kept",
+            ],
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.raw_head);
+    let seen = web.requests().last().unwrap().head.to_ascii_lowercase();
+    for name in [
+        "proxy-authorization",
+        "proxy-connection",
+        "respond-with",
+        "x-hop-secret",
+        "keep-alive:",
+    ] {
+        assert!(!seen.contains(name), "{name} reached the target:\n{seen}");
+    }
+    assert!(!seen.contains(&KEY.to_ascii_lowercase()), "the key reached the target:\n{seen}");
+    assert!(seen.contains("x-end-to-end: kept"), "an end-to-end header was lost:\n{seen}");
+    assert!(
+        seen.starts_with("get /head http/1.1\r\n"),
+        "the target gets origin-form:\n{seen}"
+    );
+    // The Respond-With answer came back to the client.
+    assert!(r.header("X-SOAX-Ip").is_some(), "{}", r.raw_head);
+}
+
+#[test]
+fn respond_with_headers_on_a_forwarded_response() {
+    let n1 = node_ip();
+    let web = HttpTarget::start();
+    let gw = gateway_with_direct(n1);
+    let mut c = gw.conn();
+    let r = c
+        .get(
+            &web.url("/ip"),
+            Some((&user("country-us-session-fw9"), KEY)),
+            &["Respond-With: ip,country,city,isp,asn,node,session"],
+        )
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let ip = n1.to_string();
+    assert_eq!(r.text().trim(), ip);
+    for (h, v) in [
+        ("X-SOAX-Ip", ip.as_str()),
+        ("X-SOAX-Country", "us"),
+        ("X-SOAX-City", "new_york"),
+        ("X-SOAX-Isp", "verizon_wireless"),
+        ("X-SOAX-Asn", "701"),
+        ("X-SOAX-Node", "us-ny-1"),
+        ("X-SOAX-Session", "fw9"),
+    ] {
+        assert_eq!(r.header(h), Some(v), "{h}: {}", r.raw_head);
+    }
+}
+
+#[test]
+fn every_forwarded_request_on_keep_alive_passes_the_checks_again() {
+    let web = HttpTarget::start();
+    let gw = gateway_with_direct(node_ip());
+    let mut c = gw.conn();
+    let r = c
+        .get(&web.url("/ip"), Some((&user("country-us"), KEY)), &[])
+        .unwrap();
+    assert_eq!(r.status, 200);
+    // Same connection, now a bad rule: a 400 for this request only.
+    let r = c
+        .get(&web.url("/ip"), Some((&user("contry-us"), KEY)), &[])
+        .unwrap();
+    assert_error(&r, 400, "ERR_UNKNOWN_PARAM", &["contry"]);
+}
+
+#[test]
+fn forwarding_through_an_http_node_and_a_socks5_node() {
+    let tp = Tinyproxy::start(node_ip());
+    let ms = Microsocks::start(node_ip(), None);
+    let web = HttpTarget::start();
+    let gw = Gateway::start_conf(
+        &Conf::with_package(KEY)
+            .node(NodeDecl::http("tiny", tp.addr()).s("city", "chicago"))
+            .node(NodeDecl::socks5("micro", ms.addr())),
+    );
+    let src = client_ip();
+    let via_http = gw.exit_ok(src, &web.url("/ip"), "country-us-city-chicago");
+    assert_eq!(via_http, tp.addr().ip().to_string(), "{}", tp.log());
+    let via_socks = gw.exit_ok(src, &web.url("/ip"), "country-us-city-new_york");
+    assert_eq!(via_socks, ms.addr().ip().to_string());
+    assert_eq!(
+        web.peers(),
+        vec![tp.addr().ip(), ms.addr().ip()],
+        "each request left from its node"
+    );
+}
