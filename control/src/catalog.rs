@@ -108,6 +108,11 @@ impl Code {
         Code::Overloaded,
     ];
 
+    /// Position in [`Code::ALL`] (for per-code counters).
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
     /// The code as clients see it (`X-SOAX-Error`, reason phrase, logs).
     pub const fn as_str(self) -> &'static str {
         self.row().0
@@ -374,6 +379,9 @@ mod tests {
             assert_eq!(code.status(), status, "{name}");
             assert_eq!(code.socks5(), socks, "{name}");
             assert_eq!(Code::from_name(name), Some(code));
+        }
+        for (i, c) in Code::ALL.iter().enumerate() {
+            assert_eq!(c.index(), i);
         }
         let names: std::collections::HashSet<_> = Code::ALL.iter().map(|c| c.as_str()).collect();
         assert_eq!(names.len(), 26);

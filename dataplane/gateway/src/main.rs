@@ -99,11 +99,23 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
 
     let policy = Policy::build(&cfg.declarations()?, None).map_err(anyhow::Error::msg)?;
     let engine = Arc::new(Engine::new(policy, cfg.limits.session_capacity.max(1)));
+    let (access_log, access_rx) = match cfg.log.access.as_str() {
+        "off" | "" => (None, None),
+        _ => {
+            let (log, rx) = splicegate_worker::AccessLog::new(65_536);
+            (Some(log), Some(rx))
+        }
+    };
     let shared = Arc::new(Shared {
         engine: engine.clone(),
         settings: cfg.settings(),
         resolver: Resolver::start(2)?,
+        access_log,
     });
+    let mut access = match access_rx {
+        Some(rx) => Some(AccessWriter::open(&cfg.log.access, rx)?),
+        None => None,
+    };
 
     let echo = match cfg.demo.echo_listen {
         Some(addr) => {
@@ -154,7 +166,16 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
 
     let grace = Duration::from_secs(cfg.timeouts.drain_grace_s);
     loop {
-        match signals.wait(Duration::from_secs(1))? {
+        let wait = if access.is_some() {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_secs(1)
+        };
+        let signal = signals.wait(wait)?;
+        if let Some(a) = access.as_mut() {
+            a.drain();
+        }
+        match signal {
             Some(libc::SIGHUP) => match &path {
                 Some(p) => reload(p, &engine),
                 None => tracing::info!("SIGHUP: the embedded demo has no file to reload"),
@@ -171,12 +192,50 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
                 for h in handles {
                     let _ = h.thread.join();
                 }
+                if let Some(a) = access.as_mut() {
+                    a.drain();
+                }
                 tracing::info!("drained; exiting");
                 return Ok(());
             }
             None => {
                 engine.sessions.sweep(splicegate_worker::now());
             }
+        }
+    }
+}
+
+/// Writes access-log lines the workers queued: to stdout, stderr or a file.
+struct AccessWriter {
+    rx: crossbeam_channel::Receiver<String>,
+    out: Box<dyn std::io::Write + Send>,
+}
+
+impl AccessWriter {
+    fn open(dest: &str, rx: crossbeam_channel::Receiver<String>) -> Result<Self> {
+        let out: Box<dyn std::io::Write + Send> = match dest {
+            "stdout" => Box::new(std::io::stdout()),
+            "stderr" => Box::new(std::io::stderr()),
+            path => Box::new(std::io::BufWriter::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("opening the access log {path}"))?,
+            )),
+        };
+        Ok(AccessWriter { rx, out })
+    }
+
+    fn drain(&mut self) {
+        use std::io::Write;
+        let mut wrote = false;
+        while let Ok(line) = self.rx.try_recv() {
+            let _ = writeln!(self.out, "{line}");
+            wrote = true;
+        }
+        if wrote {
+            let _ = self.out.flush();
         }
     }
 }

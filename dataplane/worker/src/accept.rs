@@ -104,7 +104,7 @@ pub(crate) fn run(
         }
         ctx.tunnels.stop_all();
         sleep(Duration::from_millis(20)).await;
-        ctx.tunnels.tick(&ctx.shared.engine.policy());
+        ctx.tunnels.tick(&ctx.shared.engine.policy(), &ctx.stats);
         stop.notify();
         Ok(())
     })
@@ -168,7 +168,7 @@ async fn serve(
 async fn ticker(ctx: Rc<Ctx>, stop: Notifier) {
     loop {
         match select2(sleep(Duration::from_millis(250)), stop.notified()).await {
-            Either::Left(()) => ctx.tunnels.tick(&ctx.shared.engine.policy()),
+            Either::Left(()) => ctx.tunnels.tick(&ctx.shared.engine.policy(), &ctx.stats),
             Either::Right(()) => return,
         }
     }

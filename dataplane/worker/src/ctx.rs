@@ -1,9 +1,11 @@
 //! What one worker's tasks share: the shared state, the pipe pool, the
-//! tunnel registry, a random source and the name cache.
+//! tunnel registry, a random source and the name cache; and the one place
+//! that counts and logs every answer.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use splicegate_control::catalog::Rejection;
 use splicegate_control::nodes::Rng;
@@ -25,8 +27,23 @@ pub(crate) struct Ctx {
     pub draining: Cell<bool>,
 }
 
+/// One finished request or tunnel, for the counters and the access log.
+pub(crate) struct Outcome<'a> {
+    pub peer: SocketAddr,
+    pub package: Option<u64>,
+    pub protocol: &'static str,
+    pub target: Option<(&'a str, u16)>,
+    pub node: Option<&'a str>,
+    /// `None` for success.
+    pub error: Option<&'a Rejection>,
+    pub up: u64,
+    pub down: u64,
+    pub started: Instant,
+    pub setup: Option<Duration>,
+}
+
 impl Ctx {
-    /// Record an answered error (recent-errors rings, counters, log).
+    /// Record an answered error (recent-errors rings, counters, access log).
     pub fn record(
         &self,
         policy: &Policy,
@@ -35,10 +52,43 @@ impl Ctx {
         protocol: &'static str,
         rej: &Rejection,
     ) {
-        WorkerStats::inc(&self.stats.errors);
         self.shared
             .engine
             .record_error(policy, clock::unix_ms(), package, protocol, rej);
         tracing::debug!(client = %peer, package, protocol, code = rej.code.as_str(), detail = %rej.detail, "request refused");
+        self.log(&Outcome {
+            peer,
+            package,
+            protocol,
+            target: None,
+            node: None,
+            error: Some(rej),
+            up: 0,
+            down: 0,
+            started: Instant::now(),
+            setup: None,
+        });
+    }
+
+    /// Count an outcome and write its access-log line (never a key or password).
+    pub fn log(&self, o: &Outcome<'_>) {
+        self.stats.answer(o.protocol, o.error.map(|r| r.code));
+        if let Some(log) = &self.shared.access_log {
+            let line = serde_json::json!({
+                "ts": clock::unix_ms(),
+                "client": o.peer.to_string(),
+                "package": o.package,
+                "protocol": o.protocol,
+                "target": o.target.map(|(h, p)| if h.contains(':') { format!("[{h}]:{p}") } else { format!("{h}:{p}") }),
+                "node": o.node,
+                "code": o.error.map_or("OK", |r| r.code.as_str()),
+                "detail": o.error.map(|r| r.detail.as_str()),
+                "bytes_up": o.up,
+                "bytes_down": o.down,
+                "duration_ms": o.started.elapsed().as_secs_f64() * 1000.0,
+                "setup_ms": o.setup.map(|d| d.as_secs_f64() * 1000.0),
+            });
+            log.send(line.to_string(), &self.stats);
+        }
     }
 }

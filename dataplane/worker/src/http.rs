@@ -200,6 +200,7 @@ async fn request(
     conn: &mut Option<ConnGuard>,
     kept: &mut Option<Kept>,
 ) -> Next {
+    let started = Instant::now();
     let connect = req.method == Method::Connect;
     let (protocol, label) = if connect {
         (Protocol::Https, "https")
@@ -269,7 +270,14 @@ async fn request(
             return Next::Close;
         }
         let early = buf.split_off(req.head_len);
-        tunnels::run(ctx, client, up, &adm.package, &node, &early).await;
+        let info = tunnels::TunnelInfo {
+            peer,
+            protocol: label,
+            target: (&host, port),
+            started,
+            setup: started.elapsed(),
+        };
+        tunnels::run(ctx, client, up, &adm.package, &node, &early, info).await;
         return Next::Close;
     }
     forward(
@@ -283,6 +291,7 @@ async fn request(
         buf,
         kept,
         can_continue,
+        started,
     )
     .await
 }
@@ -309,6 +318,7 @@ async fn forward(
     buf: &mut Vec<u8>,
     kept: &mut Option<Kept>,
     can_continue: bool,
+    started: Instant,
 ) -> Next {
     let host = host_text(&req.target);
     let port = req.target.port();
@@ -351,13 +361,26 @@ async fn forward(
             }
         };
         let _load = node_arc.runtime.open_tunnel();
-        match exchange(
+        let setup = started.elapsed();
+        let exchanged = exchange(
             ctx, client, policy, req, adm, &node_arc, &stream, leftover, &head, buf, reuse,
         )
-        .await
-        {
-            Ok((keep_client, reusable)) => {
-                crate::WorkerStats::inc(&ctx.stats.established);
+        .await;
+        match exchanged {
+            Ok((keep_client, reusable, up, down)) => {
+                ctx.stats.setup.observe(setup);
+                ctx.log(&crate::ctx::Outcome {
+                    peer,
+                    package: Some(package_id),
+                    protocol: "http",
+                    target: Some((&host, port)),
+                    node: Some(&node_arc.id),
+                    error: None,
+                    up,
+                    down,
+                    started,
+                    setup: Some(setup),
+                });
                 if sticky && reusable {
                     *kept = Some(Kept {
                         node: route.node(),
@@ -411,10 +434,10 @@ async fn exchange(
     head: &[u8],
     buf: &mut Vec<u8>,
     reused: bool,
-) -> Result<(bool, bool), ExchangeError> {
+) -> Result<(bool, bool, u64, u64), ExchangeError> {
     let s = &ctx.shared.settings;
     let package = &adm.package;
-    let mut meter = Meter::new(package);
+    let mut meter = Meter::new(package, &ctx.stats);
     // 1. The head, then the body as framed.
     match timeout(s.idle, upstream.write_all(head)).await {
         Ok(Ok(())) => {}
@@ -548,23 +571,33 @@ async fn exchange(
         meter.check()?;
     }
     let reusable = resp.keep_alive && framing != BodyFraming::UntilClose && ubuf.is_empty();
-    Ok((keep_client, reusable))
+    meter.flush();
+    Ok((keep_client, reusable, meter.total_up, meter.total_down))
 }
 
 /// Charges forwarded bytes to the package in batches and stops an exchange
 /// that crossed the cap or emptied the credits.
 struct Meter<'a> {
     package: &'a Arc<splicegate_control::policy::Package>,
+    stats: &'a crate::WorkerStats,
     up: u64,
     down: u64,
+    total_up: u64,
+    total_down: u64,
 }
 
 impl<'a> Meter<'a> {
-    fn new(package: &'a Arc<splicegate_control::policy::Package>) -> Self {
+    fn new(
+        package: &'a Arc<splicegate_control::policy::Package>,
+        stats: &'a crate::WorkerStats,
+    ) -> Self {
         Meter {
             package,
+            stats,
             up: 0,
             down: 0,
+            total_up: 0,
+            total_down: 0,
         }
     }
     fn up(&mut self, n: u64) {
@@ -575,6 +608,9 @@ impl<'a> Meter<'a> {
     }
     fn flush(&mut self) {
         self.package.charge(self.up, self.down);
+        self.stats.bytes(self.up, self.down);
+        self.total_up += self.up;
+        self.total_down += self.down;
         self.up = 0;
         self.down = 0;
     }

@@ -71,7 +71,41 @@ pub struct Binding {
     pub ip_only: bool,
 }
 
-/// Counters of one worker, written by that worker alone.
+/// Protocol labels, in the order of [`WorkerStats::answers`].
+pub const PROTOCOLS: [&str; 3] = ["http", "https", "socks5"];
+/// Index of successful answers in [`WorkerStats::answers`] (after every code).
+pub const OK: usize = splicegate_control::Code::ALL.len();
+
+/// Upper bounds of the setup-latency buckets, microseconds.
+pub const SETUP_BUCKETS_US: [u64; 14] = [
+    250, 500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 10_000_000,
+];
+
+/// A latency histogram of atomics (one writer, any reader).
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Counts per bucket of [`SETUP_BUCKETS_US`], plus one for larger values.
+    pub buckets: [AtomicU64; SETUP_BUCKETS_US.len() + 1],
+    /// Sum of the observations, microseconds.
+    pub sum_us: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Record one observation.
+    pub fn observe(&self, d: Duration) {
+        let us = d.as_micros() as u64;
+        let i = SETUP_BUCKETS_US
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(SETUP_BUCKETS_US.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+}
+
+/// Counters of one worker, written by that worker alone (relaxed atomics so
+/// the control thread reads them without a race and without contention).
 #[derive(Debug, Default)]
 pub struct WorkerStats {
     /// Connections accepted.
@@ -80,10 +114,16 @@ pub struct WorkerStats {
     pub open_connections: AtomicU64,
     /// Tunnels (CONNECT, SOCKS5) open now.
     pub open_tunnels: AtomicU64,
-    /// Requests answered with an error.
-    pub errors: AtomicU64,
-    /// Tunnels and forwarded requests that reached a target.
-    pub established: AtomicU64,
+    /// Answers by protocol ([`PROTOCOLS`]) and code ([`splicegate_control::Code::index`], or [`OK`]).
+    pub answers: [[AtomicU64; OK + 1]; 3],
+    /// Bytes relayed client → target.
+    pub bytes_up: AtomicU64,
+    /// Bytes relayed target → client.
+    pub bytes_down: AtomicU64,
+    /// Time from a request's head to its established tunnel or upstream connection.
+    pub setup: LatencyHistogram,
+    /// Access-log lines dropped because the writer fell behind.
+    pub access_dropped: AtomicU64,
 }
 
 impl WorkerStats {
@@ -92,6 +132,36 @@ impl WorkerStats {
     }
     pub(crate) fn dec(c: &AtomicU64) {
         c.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub(crate) fn answer(&self, protocol: &str, code: Option<splicegate_control::Code>) {
+        let p = PROTOCOLS.iter().position(|x| *x == protocol).unwrap_or(0);
+        let c = code.map_or(OK, |c| c.index());
+        self.answers[p][c].fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn bytes(&self, up: u64, down: u64) {
+        self.bytes_up.fetch_add(up, Ordering::Relaxed);
+        self.bytes_down.fetch_add(down, Ordering::Relaxed);
+    }
+}
+
+/// Where access-log lines go: a bounded queue the control side drains, so a
+/// slow disk never stalls a worker (lines are dropped and counted instead).
+#[derive(Debug, Clone)]
+pub struct AccessLog {
+    tx: crossbeam_channel::Sender<String>,
+}
+
+impl AccessLog {
+    /// A log and the receiving end for the writer.
+    pub fn new(capacity: usize) -> (AccessLog, crossbeam_channel::Receiver<String>) {
+        let (tx, rx) = crossbeam_channel::bounded(capacity);
+        (AccessLog { tx }, rx)
+    }
+
+    fn send(&self, line: String, stats: &WorkerStats) {
+        if self.tx.try_send(line).is_err() {
+            WorkerStats::inc(&stats.access_dropped);
+        }
     }
 }
 
@@ -104,6 +174,8 @@ pub struct Shared {
     pub settings: Settings,
     /// Name resolution off the worker threads.
     pub resolver: Resolver,
+    /// The access log, when enabled.
+    pub access_log: Option<AccessLog>,
 }
 
 /// A message from the control side to a worker.

@@ -135,6 +135,7 @@ pub(crate) async fn serve(
         Err(_) => return,
     };
     buf.drain(..request.consumed);
+    let started = Instant::now();
     if request.command != server::Command::Connect {
         let mut out = Vec::new();
         server::write_reply(reply::COMMAND_NOT_SUPPORTED, None, &mut out);
@@ -169,7 +170,14 @@ pub(crate) async fn serve(
     if !send(&client, &out).await {
         return;
     }
-    tunnels::run(ctx, &client, up, &adm.package, &node, &buf).await;
+    let info = tunnels::TunnelInfo {
+        peer,
+        protocol: "socks5",
+        target: (&host, request.port),
+        started,
+        setup: started.elapsed(),
+    };
+    tunnels::run(ctx, &client, up, &adm.package, &node, &buf, info).await;
     drop(conn);
 }
 

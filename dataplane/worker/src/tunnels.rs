@@ -43,16 +43,18 @@ impl Tunnels {
     }
 
     /// The tunnel ended: charge what was not yet flushed.
-    pub fn finish(&self, id: u64) {
+    pub fn finish(&self, id: u64, stats: &WorkerStats) {
         if let Some(mut e) = self.open.borrow_mut().remove(&id) {
-            flush(&mut e);
+            let (up, down) = flush(&mut e);
+            stats.bytes(up, down);
         }
     }
 
     /// Flush counters and stop tunnels that may not go on.
-    pub fn tick(&self, policy: &Policy) {
+    pub fn tick(&self, policy: &Policy, stats: &WorkerStats) {
         for e in self.open.borrow_mut().values_mut() {
-            flush(e);
+            let (up, down) = flush(e);
+            stats.bytes(up, down);
             let current = policy.packages.get(&e.package.id());
             let verdict = match current {
                 Some(p) => Policy::may_continue(p),
@@ -78,7 +80,8 @@ impl Tunnels {
     }
 }
 
-fn flush(e: &mut Entry) {
+/// Charge what moved since the last flush; returns it.
+fn flush(e: &mut Entry) -> (u64, u64) {
     let (up, down) = (e.ctl.a_to_b(), e.ctl.b_to_a());
     let (du, dd) = (up - e.flushed_up, down - e.flushed_down);
     if du != 0 || dd != 0 {
@@ -86,6 +89,7 @@ fn flush(e: &mut Entry) {
         e.flushed_up = up;
         e.flushed_down = down;
     }
+    (du, dd)
 }
 
 use std::time::Instant;
@@ -97,6 +101,15 @@ use crate::WorkerStats;
 use crate::ctx::Ctx;
 use crate::dial::Upstream;
 
+/// What the access log says of a tunnel.
+pub(crate) struct TunnelInfo<'a> {
+    pub peer: std::net::SocketAddr,
+    pub protocol: &'static str,
+    pub target: (&'a str, u16),
+    pub started: Instant,
+    pub setup: std::time::Duration,
+}
+
 /// Relay an established tunnel (a = client, b = upstream) until either side
 /// ends, the idle timeout passes, or the tick stops it. `client_early` are
 /// bytes the client sent after its request (before our answer).
@@ -107,10 +120,12 @@ pub(crate) async fn run(
     package: &Arc<Package>,
     node: &Node,
     client_early: &[u8],
+    info: TunnelInfo<'_>,
 ) {
     let _load = node.runtime.open_tunnel();
     WorkerStats::inc(&ctx.stats.open_tunnels);
-    WorkerStats::inc(&ctx.stats.established);
+    ctx.stats.setup.observe(info.setup);
+    let (mut total_up, mut total_down) = (0, 0);
     let idle = ctx.shared.settings.idle;
     let early_ok = async {
         if !client_early.is_empty() {
@@ -125,13 +140,28 @@ pub(crate) async fn run(
         timeout_at(Instant::now() + idle, early_ok).await,
         Ok(Ok(()))
     ) {
-        package.charge(client_early.len() as u64, up.leftover.len() as u64);
+        let (eu, ed) = (client_early.len() as u64, up.leftover.len() as u64);
+        package.charge(eu, ed);
+        ctx.stats.bytes(eu, ed);
         let ctl = RelayCtl::new();
         ctl.set_idle_timeout(Some(idle));
         let id = ctx.tunnels.register(package.clone(), ctl.clone());
         let outcome = relay(client, &up.stream, &ctx.pipes, &ctl).await;
-        ctx.tunnels.finish(id);
+        ctx.tunnels.finish(id, &ctx.stats);
+        (total_up, total_down) = (eu + outcome.a_to_b, ed + outcome.b_to_a);
         tracing::debug!(package = package.id(), node = %node.id, up = outcome.a_to_b, down = outcome.b_to_a, end = ?outcome.end, "tunnel closed");
     }
     WorkerStats::dec(&ctx.stats.open_tunnels);
+    ctx.log(&crate::ctx::Outcome {
+        peer: info.peer,
+        package: Some(package.id()),
+        protocol: info.protocol,
+        target: Some(info.target),
+        node: Some(&node.id),
+        error: None,
+        up: total_up,
+        down: total_down,
+        started: info.started,
+        setup: Some(info.setup),
+    });
 }
