@@ -25,8 +25,12 @@ pub enum Behavior {
     /// HTTP node: answer the CONNECT with this status (502, 504, 407, …) and
     /// close. SOCKS5 node: answer the request with this reply code.
     Answer(u16),
-    /// Read the request and never answer (until stopped, at most 60 s).
+    /// Read the request and never answer (until stopped, at most 60 s): for
+    /// an HTTP node this looks like a slow target.
     Stall,
+    /// Accept and never answer the first message (a SOCKS5 node's greeting;
+    /// for an HTTP node the same as [`Behavior::Stall`] before reading).
+    StallHandshake,
     /// Close the connection right after accepting it, reading nothing.
     CloseImmediately,
     /// Read the request (it is recorded), then close without answering.
@@ -182,6 +186,10 @@ fn handle(s: TcpStream, st: &NodeState) -> io::Result<()> {
         return Ok(());
     }
     let mut c = Conn::new(s);
+    if behavior == Behavior::StallHandshake {
+        stall(st, &c);
+        return Ok(());
+    }
     match st.kind {
         NodeKind::Http => http_node(&mut c, st, behavior),
         NodeKind::Socks5 => socks_node(&mut c, st, behavior),
@@ -230,7 +238,7 @@ fn http_node(c: &mut Conn, st: &NodeState, behavior: Behavior) -> io::Result<()>
             let _ = c.stream.shutdown(Shutdown::Both);
             return Ok(());
         }
-        Behavior::Normal | Behavior::CloseImmediately => {}
+        Behavior::Normal | Behavior::CloseImmediately | Behavior::StallHandshake => {}
     }
     if let Some((u, p)) = &st.creds {
         let want = format!(
@@ -326,7 +334,7 @@ fn socks_node(c: &mut Conn, st: &NodeState, behavior: Behavior) -> io::Result<()
             let _ = c.stream.shutdown(Shutdown::Both);
             return Ok(());
         }
-        Behavior::Normal | Behavior::CloseImmediately => {}
+        Behavior::Normal | Behavior::CloseImmediately | Behavior::StallHandshake => {}
     }
     if req[1] != 1 {
         return reply(c, 7);

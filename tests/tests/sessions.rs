@@ -1,0 +1,197 @@
+//! Sticky sessions, rotation and the session table, seen through the exit
+//! address an [`HttpTarget`] reports.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use splicegate_tests::*;
+
+/// Four direct nodes, all us/new_york; their bind addresses.
+fn four_nodes() -> (Conf, Vec<Ipv4Addr>) {
+    let ips: Vec<Ipv4Addr> = (0..4).map(|_| node_ip()).collect();
+    let mut c = Conf::with_package(KEY);
+    for (i, ip) in ips.iter().enumerate() {
+        c = c.node(NodeDecl::direct(&format!("d{i}"), ip));
+    }
+    (c, ips)
+}
+
+/// `GET /ip` inside an established tunnel.
+fn ip_over_tunnel(c: &mut Conn) -> String {
+    c.send(b"GET /ip HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    c.read_response("GET").unwrap().text().trim().to_string()
+}
+
+#[test]
+fn a_sticky_session_keeps_one_exit_across_protocols() {
+    let web = HttpTarget::start();
+    let (conf, ips) = four_nodes();
+    let gw = Gateway::start_conf(&conf);
+    let src = client_ip();
+    let rules = "country-us-session-stick1";
+    let first = gw.exit_ok(src, &web.url("/ip"), rules);
+    assert!(ips.iter().any(|ip| ip.to_string() == first), "{first} is a node");
+    for _ in 0..8 {
+        assert_eq!(gw.exit_ok(src, &web.url("/ip"), rules), first);
+    }
+    // The same session through CONNECT and SOCKS5.
+    let mut t = gw.tunnel(src, web.addr(), rules);
+    assert_eq!(ip_over_tunnel(&mut t), first);
+    let mut c = gw.conn_from(src);
+    let s = socks5(&mut c, Some((&user(rules), KEY)), 1, &SocksAddr::of(web.addr())).unwrap();
+    assert_eq!(s, SocksOutcome::Reply(0));
+    assert_eq!(ip_over_tunnel(&mut c), first);
+}
+
+#[test]
+fn different_session_ids_spread_over_nodes() {
+    let web = HttpTarget::start();
+    let (conf, _) = four_nodes();
+    let gw = Gateway::start_conf(&conf);
+    let src = client_ip();
+    let exits: HashSet<String> = (0..16)
+        .map(|i| gw.exit_ok(src, &web.url("/ip"), &format!("country-us-session-spread{i}")))
+        .collect();
+    assert!(exits.len() >= 2, "16 sessions all on {exits:?}");
+}
+
+#[test]
+fn rotating_mode_picks_a_node_per_request() {
+    let web = HttpTarget::start();
+    let (conf, _) = four_nodes();
+    let gw = Gateway::start_conf(&conf);
+    let src = client_ip();
+    let exits: Vec<String> = (0..20)
+        .map(|_| gw.exit_ok(src, &web.url("/ip"), "country-us"))
+        .collect();
+    let distinct: HashSet<&String> = exits.iter().collect();
+    assert!(distinct.len() >= 3, "20 rotating requests used only {distinct:?}");
+
+    // Rotating CONNECT tunnels too.
+    let tunnels: HashSet<String> = (0..12)
+        .map(|_| ip_over_tunnel(&mut gw.tunnel(src, web.addr(), "country-us")))
+        .collect();
+    assert!(tunnels.len() >= 2, "12 rotating tunnels used only {tunnels:?}");
+}
+
+#[test]
+fn rotate_requests_changes_node_every_n_requests() {
+    let web = HttpTarget::start();
+    let (conf, _) = four_nodes();
+    let gw = Gateway::start_conf(&conf);
+    let src = client_ip();
+    let rules = "country-us-session-rot3-rotate-requests_3";
+    let exits: Vec<String> = (0..9)
+        .map(|_| gw.exit_ok(src, &web.url("/ip"), rules))
+        .collect();
+    let blocks: Vec<&[String]> = exits.chunks(3).collect();
+    for b in &blocks {
+        assert!(b.iter().all(|e| *e == b[0]), "within 3 requests one node: {exits:?}");
+    }
+    assert_ne!(blocks[0][0], blocks[1][0], "changed node after 3: {exits:?}");
+    assert_ne!(blocks[1][0], blocks[2][0], "changed node after 6: {exits:?}");
+}
+
+#[test]
+fn rotate_timed_and_sessionlength_move_to_a_new_node() {
+    let web = HttpTarget::start();
+    let (conf, _) = four_nodes();
+    let gw = Gateway::start_conf(&conf);
+    let src = client_ip();
+    let timed = "country-us-session-rott-rotate-timed_1";
+    let short = "country-us-session-short-sessionlength-1";
+    let t1 = gw.exit_ok(src, &web.url("/ip"), timed);
+    let s1 = gw.exit_ok(src, &web.url("/ip"), short);
+    assert_eq!(gw.exit_ok(src, &web.url("/ip"), timed), t1);
+    assert_eq!(gw.exit_ok(src, &web.url("/ip"), short), s1);
+    std::thread::sleep(Duration::from_millis(1300));
+    let t2 = gw.exit_ok(src, &web.url("/ip"), timed);
+    assert_ne!(t2, t1, "rotate-timed_1 changed node after 1 s");
+    let s2 = gw.exit_ok(src, &web.url("/ip"), short);
+    assert_ne!(s2, s1, "a new session period (sessionlength-1) takes a new node");
+}
+
+#[test]
+fn same_session_with_other_rules_is_session_params_mismatch() {
+    let web = HttpTarget::start();
+    let (conf, _) = four_nodes();
+    let gw = Gateway::start_conf(&conf);
+    let src = client_ip();
+    let first = gw.exit_ok(src, &web.url("/ip"), "country-us-session-mm1");
+    let r = gw
+        .exit_ip(src, &web.url("/ip"), "country-any-session-mm1")
+        .expect_err("other rules for a live session");
+    assert_error(&r, 409, "SESSION_PARAMS_MISMATCH", &["mm1"]);
+    let r = gw
+        .exit_ip(src, &web.url("/ip"), "country-us-session-mm1-onerror-fail")
+        .expect_err("other onerror for a live session");
+    assert_error(&r, 409, "SESSION_PARAMS_MISMATCH", &[]);
+    // Only sessionlength differs, or a default spelled out: same session.
+    assert_eq!(
+        gw.exit_ok(src, &web.url("/ip"), "country-us-session-mm1-sessionlength-600"),
+        first
+    );
+    assert_eq!(
+        gw.exit_ok(src, &web.url("/ip"), "country-us-session-mm1-onerror-replace"),
+        first
+    );
+    // `sessionid` is the same key as `session`.
+    assert_eq!(gw.exit_ok(src, &web.url("/ip"), "country-us-sessionid-mm1"), first);
+    // Over CONNECT too.
+    let (_c, r) = gw.connect_as(
+        src,
+        &web.addr().to_string(),
+        &user("network-res-session-mm1"),
+        KEY,
+        &[],
+    );
+    assert_error(&r, 409, "SESSION_PARAMS_MISMATCH", &[]);
+}
+
+#[test]
+fn sessions_of_different_packages_never_mix() {
+    let web = HttpTarget::start();
+    let res = node_ip();
+    let dc = node_ip();
+    let gw = Gateway::start_conf(
+        &Conf::with_package(KEY)
+            .map_package(7, |p| p.set("networks", r#"["res"]"#))
+            .package(PkgDecl::new(8, "acme", "key8").set("networks", r#"["dc"]"#))
+            .node(NodeDecl::direct("res1", res))
+            .node(NodeDecl::direct("dc1", dc).s("network", "dc")),
+    );
+    let src = client_ip();
+    assert_eq!(gw.exit_ok(src, &web.url("/ip"), "country-any-session-shared"), res.to_string());
+    let r = gw.forward(src, &web.url("/ip"), "package-8-country-any-session-shared", "key8");
+    assert_eq!(r.status, 200, "{}{}", r.raw_head, r.text());
+    assert_eq!(r.text().trim(), dc.to_string(), "package 8 got package 7's session node");
+    let r = gw.forward(src, &web.url("/ip"), "package-8-country-us-session-shared", "key8");
+    assert_error(&r, 409, "SESSION_PARAMS_MISMATCH", &[]);
+    assert_eq!(gw.exit_ok(src, &web.url("/ip"), "country-any-session-shared"), res.to_string());
+}
+
+#[test]
+fn a_full_session_table_is_overloaded() {
+    let web = HttpTarget::start();
+    let (mut conf, _) = four_nodes();
+    conf.session_capacity = 1;
+    let gw = Gateway::start_conf(&conf);
+    let src = client_ip();
+    let mut overloaded = None;
+    for i in 0..200 {
+        match gw.exit_ip(src, &web.url("/ip"), &format!("country-us-session-full{i}")) {
+            Ok(_) => {}
+            Err(r) => {
+                overloaded = Some((i, r));
+                break;
+            }
+        }
+    }
+    let (i, r) = overloaded.expect("200 sessions in a table of capacity 1 never overloaded");
+    assert!(i >= 1, "the first session fits");
+    assert_error(&r, 503, "OVERLOADED", &["session"]);
+    assert_eq!(r.header("Retry-After"), Some("1"), "{}", r.raw_head);
+    // Rotating requests need no session slot.
+    gw.exit_ok(src, &web.url("/ip"), "country-us");
+}
