@@ -19,6 +19,7 @@ pub mod policy;
 pub mod rules;
 pub mod safety;
 pub mod session;
+pub mod stats;
 
 pub use catalog::{Code, Rejection};
 

@@ -23,7 +23,6 @@ mod tunnels;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -71,78 +70,9 @@ pub struct Binding {
     pub ip_only: bool,
 }
 
-/// Protocol labels, in the order of [`WorkerStats::answers`].
-pub const PROTOCOLS: [&str; 3] = ["http", "https", "socks5"];
-/// Index of successful answers in [`WorkerStats::answers`] (after every code).
-pub const OK: usize = splicegate_control::Code::ALL.len();
-
-/// Upper bounds of the setup-latency buckets, microseconds.
-pub const SETUP_BUCKETS_US: [u64; 14] = [
-    250, 500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
-    2_500_000, 10_000_000,
-];
-
-/// A latency histogram of atomics (one writer, any reader).
-#[derive(Debug, Default)]
-pub struct LatencyHistogram {
-    /// Counts per bucket of [`SETUP_BUCKETS_US`], plus one for larger values.
-    pub buckets: [AtomicU64; SETUP_BUCKETS_US.len() + 1],
-    /// Sum of the observations, microseconds.
-    pub sum_us: AtomicU64,
-}
-
-impl LatencyHistogram {
-    /// Record one observation.
-    pub fn observe(&self, d: Duration) {
-        let us = d.as_micros() as u64;
-        let i = SETUP_BUCKETS_US
-            .iter()
-            .position(|b| us <= *b)
-            .unwrap_or(SETUP_BUCKETS_US.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
-    }
-}
-
-/// Counters of one worker, written by that worker alone (relaxed atomics so
-/// the control thread reads them without a race and without contention).
-#[derive(Debug, Default)]
-pub struct WorkerStats {
-    /// Connections accepted.
-    pub accepted: AtomicU64,
-    /// Client connections open now.
-    pub open_connections: AtomicU64,
-    /// Tunnels (CONNECT, SOCKS5) open now.
-    pub open_tunnels: AtomicU64,
-    /// Answers by protocol ([`PROTOCOLS`]) and code ([`splicegate_control::Code::index`], or [`OK`]).
-    pub answers: [[AtomicU64; OK + 1]; 3],
-    /// Bytes relayed client → target.
-    pub bytes_up: AtomicU64,
-    /// Bytes relayed target → client.
-    pub bytes_down: AtomicU64,
-    /// Time from a request's head to its established tunnel or upstream connection.
-    pub setup: LatencyHistogram,
-    /// Access-log lines dropped because the writer fell behind.
-    pub access_dropped: AtomicU64,
-}
-
-impl WorkerStats {
-    pub(crate) fn inc(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
-    }
-    pub(crate) fn dec(c: &AtomicU64) {
-        c.fetch_sub(1, Ordering::Relaxed);
-    }
-    pub(crate) fn answer(&self, protocol: &str, code: Option<splicegate_control::Code>) {
-        let p = PROTOCOLS.iter().position(|x| *x == protocol).unwrap_or(0);
-        let c = code.map_or(OK, |c| c.index());
-        self.answers[p][c].fetch_add(1, Ordering::Relaxed);
-    }
-    pub(crate) fn bytes(&self, up: u64, down: u64) {
-        self.bytes_up.fetch_add(up, Ordering::Relaxed);
-        self.bytes_down.fetch_add(down, Ordering::Relaxed);
-    }
-}
+pub use splicegate_control::stats::{
+    LatencyHistogram, OK, PROTOCOLS, SETUP_BUCKETS_US, WorkerStats,
+};
 
 /// Where access-log lines go: a bounded queue the control side drains, so a
 /// slow disk never stalls a worker (lines are dropped and counted instead).

@@ -1,0 +1,84 @@
+//! Counters of the data plane, one set per worker: plain relaxed atomics,
+//! each written by one worker and read by the control thread for `/metrics`.
+//! No I/O; kept here so the admin side reads them without importing the
+//! data plane.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Protocol labels, in the order of [`WorkerStats::answers`].
+pub const PROTOCOLS: [&str; 3] = ["http", "https", "socks5"];
+/// Index of successful answers in [`WorkerStats::answers`] (after every code).
+pub const OK: usize = crate::Code::ALL.len();
+
+/// Upper bounds of the setup-latency buckets, microseconds.
+pub const SETUP_BUCKETS_US: [u64; 14] = [
+    250, 500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 10_000_000,
+];
+
+/// A latency histogram of atomics (one writer, any reader).
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Counts per bucket of [`SETUP_BUCKETS_US`], plus one for larger values.
+    pub buckets: [AtomicU64; SETUP_BUCKETS_US.len() + 1],
+    /// Sum of the observations, microseconds.
+    pub sum_us: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Record one observation.
+    pub fn observe(&self, d: Duration) {
+        let us = d.as_micros() as u64;
+        let i = SETUP_BUCKETS_US
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(SETUP_BUCKETS_US.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+}
+
+/// Counters of one worker, written by that worker alone (relaxed atomics so
+/// the control thread reads them without a race and without contention).
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Client connections open now.
+    pub open_connections: AtomicU64,
+    /// Tunnels (CONNECT, SOCKS5) open now.
+    pub open_tunnels: AtomicU64,
+    /// Answers by protocol ([`PROTOCOLS`]) and code ([`crate::Code::index`], or [`OK`]).
+    pub answers: [[AtomicU64; OK + 1]; 3],
+    /// Bytes relayed client → target.
+    pub bytes_up: AtomicU64,
+    /// Bytes relayed target → client.
+    pub bytes_down: AtomicU64,
+    /// Time from a request's head to its established tunnel or upstream connection.
+    pub setup: LatencyHistogram,
+    /// Access-log lines dropped because the writer fell behind.
+    pub access_dropped: AtomicU64,
+}
+
+impl WorkerStats {
+    /// Add one.
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Take one away.
+    pub fn dec(c: &AtomicU64) {
+        c.fetch_sub(1, Ordering::Relaxed);
+    }
+    /// Count an answer (`None` = success).
+    pub fn answer(&self, protocol: &str, code: Option<crate::Code>) {
+        let p = PROTOCOLS.iter().position(|x| *x == protocol).unwrap_or(0);
+        let c = code.map_or(OK, |c| c.index());
+        self.answers[p][c].fetch_add(1, Ordering::Relaxed);
+    }
+    /// Count relayed bytes.
+    pub fn bytes(&self, up: u64, down: u64) {
+        self.bytes_up.fetch_add(up, Ordering::Relaxed);
+        self.bytes_down.fetch_add(down, Ordering::Relaxed);
+    }
+}
