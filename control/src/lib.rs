@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod engine;
 pub mod errors;
 pub mod geo;
+pub mod guard;
 pub mod ledger;
 pub mod limits;
 pub mod nodes;

@@ -59,7 +59,17 @@ pub struct WorkerStats {
     pub setup: LatencyHistogram,
     /// Access-log lines dropped because the writer fell behind.
     pub access_dropped: AtomicU64,
+    /// Connections closed at accept by the user-space guard: above the
+    /// source's rate, banned source, not on an `ip_only` port's allowlist.
+    pub guard_drops: [AtomicU64; 3],
 }
+
+/// Index of [`WorkerStats::guard_drops`] per verdict.
+pub const GUARD_DROP_RATE: usize = 0;
+/// Banned source.
+pub const GUARD_DROP_BANNED: usize = 1;
+/// Not on an `ip_only` listener's allowlist.
+pub const GUARD_DROP_NOT_ALLOWED: usize = 2;
 
 impl WorkerStats {
     /// Add one.

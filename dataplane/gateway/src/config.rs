@@ -390,6 +390,20 @@ impl Config {
         Config::parse(&text).with_context(|| format!("in {}", path.display()))
     }
 
+    /// The per-source connection rate and ban rules (`[ebpf]` keys; they
+    /// hold in user space when the kernel programs are not attached).
+    pub fn guard_config(&self) -> splicegate_control::guard::GuardConfig {
+        let e = &self.ebpf;
+        splicegate_control::guard::GuardConfig {
+            syn_rate: e.syn_rate,
+            syn_burst: e.syn_burst,
+            ban_threshold: e.ban_threshold,
+            ban_window_s: e.ban_window_s,
+            ban_s: e.ban_s,
+            ..splicegate_control::guard::GuardConfig::default()
+        }
+    }
+
     /// The worker settings.
     pub fn settings(&self) -> splicegate_worker::Settings {
         let t = &self.timeouts;

@@ -111,7 +111,15 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
         settings: cfg.settings(),
         resolver: Resolver::start(2)?,
         access_log,
+        guard: Arc::new(splicegate_control::guard::Guard::new(cfg.guard_config())),
+        guard_at_accept: true,
+        ban_sink: None,
     });
+    if cfg.ebpf.enabled {
+        tracing::warn!(
+            "[ebpf] enabled, but this build carries no kernel programs yet: the same rules run in user space (connections are accepted and closed at once)"
+        );
+    }
     let mut access = match access_rx {
         Some(rx) => Some(AccessWriter::open(&cfg.log.access, rx)?),
         None => None,

@@ -123,8 +123,24 @@ async fn accept_loop(ctx: Rc<Ctx>, listener: TcpListener, binding: Binding, stop
             }
         };
         WorkerStats::inc(&ctx.stats.accepted);
-        if binding.ip_only && !allowed_on_ip_only(&ctx, binding, peer) {
-            continue; // closed at once: what the kernel program would have dropped
+        if ctx.shared.guard_at_accept {
+            // Closed at once: what the kernel programs would have dropped.
+            use splicegate_control::guard::Verdict;
+            use splicegate_control::stats::{
+                GUARD_DROP_BANNED, GUARD_DROP_NOT_ALLOWED, GUARD_DROP_RATE,
+            };
+            let dropped = match ctx.shared.guard.on_connect(peer.ip(), crate::clock::now()) {
+                Verdict::Pass if binding.ip_only && !allowed_on_ip_only(&ctx, binding, peer) => {
+                    Some(GUARD_DROP_NOT_ALLOWED)
+                }
+                Verdict::Pass => None,
+                Verdict::DropRate => Some(GUARD_DROP_RATE),
+                Verdict::DropBanned => Some(GUARD_DROP_BANNED),
+            };
+            if let Some(i) = dropped {
+                WorkerStats::inc(&ctx.stats.guard_drops[i]);
+                continue;
+            }
         }
         WorkerStats::inc(&ctx.stats.open_connections);
         let guard = OpenGuard(ctx.stats.clone());

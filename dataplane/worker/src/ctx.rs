@@ -55,6 +55,15 @@ impl Ctx {
         self.shared
             .engine
             .record_error(policy, clock::unix_ms(), package, protocol, rej);
+        if rej.code == splicegate_control::Code::AuthFailed {
+            let banned = self.shared.guard.on_auth_failure(peer.ip(), clock::now());
+            if let Some(ban) = banned {
+                tracing::warn!(client = %peer.ip(), ban_s = ban.as_secs(), "banned after repeated authentication failures");
+                if let Some(sink) = &self.shared.ban_sink {
+                    sink(peer.ip(), ban);
+                }
+            }
+        }
         tracing::debug!(client = %peer, package, protocol, code = rej.code.as_str(), detail = %rej.detail, "request refused");
         self.log(&Outcome {
             peer,

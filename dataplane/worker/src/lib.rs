@@ -96,7 +96,6 @@ impl AccessLog {
 }
 
 /// What every worker shares.
-#[derive(Debug)]
 pub struct Shared {
     /// Policy, sessions, recent errors.
     pub engine: Arc<Engine>,
@@ -106,6 +105,25 @@ pub struct Shared {
     pub resolver: Resolver,
     /// The access log, when enabled.
     pub access_log: Option<AccessLog>,
+    /// Per-source rate limits and bans (counts authentication failures always;
+    /// refuses connections itself only when `guard_at_accept`).
+    pub guard: Arc<splicegate_control::guard::Guard>,
+    /// Whether the workers apply the guard at accept (no kernel programs).
+    pub guard_at_accept: bool,
+    /// Told of every new ban, to drop the source in the kernel too.
+    pub ban_sink: Option<BanSink>,
+}
+
+/// Receives bans (source, duration) for the kernel programs.
+pub type BanSink = Arc<dyn Fn(std::net::IpAddr, Duration) + Send + Sync>;
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("settings", &self.settings)
+            .field("guard_at_accept", &self.guard_at_accept)
+            .finish()
+    }
 }
 
 /// A message from the control side to a worker.
