@@ -156,10 +156,10 @@ impl Guard {
     pub fn on_connect(&self, ip: IpAddr, now: Now) -> Verdict {
         let key = SourceKey::of(ip);
         let mut map = self.shard(&key);
-        if let Some(e) = map.get(&key) {
-            if e.banned_until > now {
-                return Verdict::DropBanned;
-            }
+        if let Some(e) = map.get(&key)
+            && e.banned_until > now
+        {
+            return Verdict::DropBanned;
         }
         if self.cfg.syn_rate == 0 {
             return Verdict::Pass;
