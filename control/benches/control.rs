@@ -7,7 +7,24 @@
 //! prints its median after criterion's own report, and a table of medians
 //! against the goals closes the run.
 //!
-//! RESULTS
+//! Medians of `cargo bench -p splicegate-control --bench control`, 2026-11-25,
+//! 2 shared vCPUs (Intel Xeon), rustc 1.95.0, release profile:
+//!
+//! | bench                                               | median   | goal     |
+//! |-----------------------------------------------------|----------|----------|
+//! | rules/parse 6-rule username                         | 281 ns   | ≤ 300 ns |
+//! | nodes/pick us+city+isp (1,477 online match)         | 28.3 µs  | ≤ 2 µs — missed |
+//! | nodes/pick us (285k online match)                   | 14.0 µs  |          |
+//! | nodes/set_admin_state toggle                        | 3.0 µs   |          |
+//! | session/acquire hit (10k live sessions)             | 75.8 ns  | ≤ 150 ns |
+//! | connect/check order, session hit                    | 894 ns   |          |
+//! | connect/check order, pick                           | 29.2 µs  |          |
+//!
+//! The pick is all `NodePool::candidates` (callgrind: 99 % of its
+//! instructions): roaring intersections whose cost follows the smallest
+//! attribute set (city, ~15k ids), not the ~1.5k result. Sampling the smallest
+//! set and testing the others with `contains` (falling back to the
+//! intersection when few samples match) measured ~0.8 µs in a scratch model.
 #![forbid(unsafe_code)]
 
 use std::hint::black_box;
@@ -54,6 +71,16 @@ const SAMPLES: usize = 50;
 // ---------------------------------------------------------------------------
 
 const NODES: u32 = 1_000_000;
+/// Nodes when criterion only smoke-tests the benches (`cargo test --benches`,
+/// `--test`, `--list`): each runs once, unoptimised, so 1M would only be slow.
+const SMOKE_NODES: u32 = 10_000;
+
+/// Whether criterion runs in a mode other than benchmarking (its own rule:
+/// benchmarks need `--bench` and no `--test`).
+static SMOKE: LazyLock<bool> = LazyLock::new(|| {
+    let has = |flag: &str| std::env::args().any(|a| a == flag);
+    !has("--bench") || has("--test") || has("--list")
+});
 /// The distribution, for bench names (criterion keeps titles under 100 bytes).
 const POPULATION: &str = "1M: 50c zipf us30%, 20 city+10 isp/c, 3 net, 5% off";
 
@@ -151,7 +178,8 @@ fn country_cdf() -> Vec<u64> {
 fn node_decls() -> Vec<NodeDecl> {
     let cdf = country_cdf();
     let mut rng = Rng::new(0x5eed);
-    (0..NODES)
+    let count = if *SMOKE { SMOKE_NODES } else { NODES };
+    (0..count)
         .map(|i| {
             let draw = rng.below(1_000_000);
             let c = cdf.partition_point(|&t| t <= draw);
@@ -249,8 +277,8 @@ fn bench<R>(g: &mut Group<'_>, name: &str, goal_ns: Option<f64>, mut f: impl FnM
             took
         });
     });
-    if per_iter.is_empty() {
-        return; // filtered out
+    if per_iter.is_empty() || *SMOKE {
+        return; // filtered out, or not measured
     }
     let mut samples = per_iter.split_off(per_iter.len().saturating_sub(SAMPLES));
     samples.sort_by(f64::total_cmp);
@@ -474,7 +502,7 @@ fn summary(_c: &mut Criterion) {
             Some(g) => format!("goal ≤ {} MISSED", fmt_ns(g)),
             None => String::new(),
         };
-        println!("  {:<72} {:>10}  {goal}", r.name, fmt_ns(r.median_ns));
+        println!("  {:<88} {:>10}  {goal}", r.name, fmt_ns(r.median_ns));
     }
 }
 
