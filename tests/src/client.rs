@@ -189,7 +189,10 @@ impl Conn {
             resp.chunked = true;
         } else if let Some(cl) = resp.header("content-length") {
             let n: usize = cl.trim().parse().map_err(|_| {
-                io::Error::new(io::ErrorKind::InvalidData, format!("bad Content-Length {cl}"))
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad Content-Length {cl}"),
+                )
             })?;
             resp.body = self.read_n(n)?;
         } else {
@@ -206,9 +209,18 @@ impl Conn {
                 .read_until(b"\r\n", 4096)?
                 .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "EOF in chunk size"))?;
             let line = String::from_utf8_lossy(&line);
-            let size_hex = line.trim().split(';').next().unwrap_or("").trim().to_string();
+            let size_hex = line
+                .trim()
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string();
             let size = usize::from_str_radix(&size_hex, 16).map_err(|_| {
-                io::Error::new(io::ErrorKind::InvalidData, format!("bad chunk size {line:?}"))
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad chunk size {line:?}"),
+                )
             })?;
             if size == 0 {
                 // Trailers until the empty line.
@@ -220,15 +232,24 @@ impl Conn {
                         return Ok(body);
                     }
                 }
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "too many trailers"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "too many trailers",
+                ));
             }
             body.extend_from_slice(&self.read_n(size)?);
             let crlf = self.read_n(2)?;
             if crlf != b"\r\n" {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "chunk without CRLF"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "chunk without CRLF",
+                ));
             }
         }
-        Err(io::Error::new(io::ErrorKind::InvalidData, "too many chunks"))
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "too many chunks",
+        ))
     }
 
     /// Send `CONNECT target` with optional credentials and extra header lines
@@ -350,7 +371,10 @@ impl Resp {
             ));
         }
         let status = parts.next().and_then(|s| s.parse().ok()).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {status_line:?}"))
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad status line {status_line:?}"),
+            )
         })?;
         let headers = lines
             .filter(|l| !l.is_empty())
@@ -407,14 +431,20 @@ pub fn assert_error_head(resp: &Resp, status: u16, code: &str, detail_has: &[&st
         format!("HTTP/1.1 {status} {code}"),
         "status line; {ctx}"
     );
-    assert_eq!(resp.header("X-SOAX-Error"), Some(code), "X-SOAX-Error; {ctx}");
+    assert_eq!(
+        resp.header("X-SOAX-Error"),
+        Some(code),
+        "X-SOAX-Error; {ctx}"
+    );
     let detail = resp
         .header("X-SOAX-Detail")
         .unwrap_or_else(|| panic!("no X-SOAX-Detail; {ctx}"));
     assert!(!detail.trim().is_empty(), "empty X-SOAX-Detail; {ctx}");
     for needle in detail_has {
         assert!(
-            detail.to_ascii_lowercase().contains(&needle.to_ascii_lowercase()),
+            detail
+                .to_ascii_lowercase()
+                .contains(&needle.to_ascii_lowercase()),
             "X-SOAX-Detail {detail:?} should mention {needle:?}; {ctx}"
         );
     }
@@ -515,7 +545,10 @@ pub fn socks5(
         return Ok(SocksOutcome::Closed("method reply"));
     };
     if sel[0] != 5 {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("method reply {sel:?}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("method reply {sel:?}"),
+        ));
     }
     if sel[1] == 0xFF {
         return Ok(SocksOutcome::NoMethod);

@@ -229,7 +229,10 @@ impl Conf {
                 self.workers.clone()
             }
         );
-        let _ = writeln!(t, "[admin]\nlisten = \"@ADMIN@\"\ntoken = \"test-admin-token\"\n");
+        let _ = writeln!(
+            t,
+            "[admin]\nlisten = \"@ADMIN@\"\ntoken = \"test-admin-token\"\n"
+        );
         let _ = writeln!(t, "[store]\npath = \"@DIR@/splicegate.db\"\n");
         let allow: Vec<String> = self.allow_targets.iter().map(|a| q(a)).collect();
         let _ = writeln!(

@@ -53,7 +53,8 @@ impl Gateway {
     pub fn tunnel(&self, src: Ipv4Addr, target: SocketAddr, rules: &str) -> Conn {
         let (c, r) = self.connect_as(src, &target.to_string(), &user(rules), KEY, &[]);
         assert_eq!(
-            r.status, 200,
+            r.status,
+            200,
             "CONNECT {target} as {}: {}{}",
             user(rules),
             r.raw_head,

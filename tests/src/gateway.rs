@@ -86,6 +86,8 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 pub struct Gateway {
     child: Child,
     exited: Option<ExitStatus>,
+    /// Set by [`Gateway::restart`]: the next process uses the directory.
+    keep_dir: bool,
     /// The test's temporary directory (config, store, log).
     pub dir: PathBuf,
     /// The proxy port's address.
@@ -112,14 +114,42 @@ impl Gateway {
 
     /// [`Gateway::start`], returning the failure instead of panicking.
     pub fn try_start(toml: &str) -> anyhow::Result<Gateway> {
+        Gateway::try_start_in(temp_dir("gw"), HashMap::new(), toml)
+    }
+
+    /// Stop this gateway (SIGTERM, wait up to 10 s) and start the binary
+    /// again on the same directory (store), ports and config file.
+    pub fn restart(mut self) -> Gateway {
+        self.signal("TERM");
+        let st = self.wait_exit(Duration::from_secs(10));
+        assert!(
+            st.is_some(),
+            "splicegate did not exit on SIGTERM within 10 s"
+        );
+        let text = fs::read_to_string(&self.config_path).expect("config");
+        self.keep_dir = true;
+        let (dir, ports) = (self.dir.clone(), self.ports.clone());
+        drop(self);
+        match Gateway::try_start_in(dir, ports, &text) {
+            Ok(g) => g,
+            Err(e) => panic!("restart: {e:#}"),
+        }
+    }
+
+    fn try_start_in(
+        dir: PathBuf,
+        mut ports: HashMap<String, u16>,
+        toml: &str,
+    ) -> anyhow::Result<Gateway> {
         let bin = binary();
-        let dir = temp_dir("gw");
-        let mut ports = HashMap::new();
         let text = render(toml, &dir, &mut ports);
         let config_path = dir.join("splicegate.toml");
         fs::write(&config_path, &text)?;
         let log_path = dir.join("stderr.log");
-        let log = fs::File::create(&log_path)?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
         let child = Command::new(&bin)
             .arg("serve")
             .arg("--config")
@@ -135,6 +165,7 @@ impl Gateway {
         let mut gw = Gateway {
             child,
             exited: None,
+            keep_dir: false,
             dir,
             proxy,
             ports,
@@ -270,7 +301,7 @@ impl Drop for Gateway {
                 self.log_path.display(),
                 self.log_tail(60)
             );
-        } else {
+        } else if !self.keep_dir {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }

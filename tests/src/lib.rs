@@ -25,7 +25,8 @@ pub mod tools;
 
 pub use addr::{client_ip, free_port, node_ip};
 pub use client::{
-    Conn, Resp, SocksAddr, SocksOutcome, assert_error, assert_error_head, basic, connect_from, socks5,
+    Conn, Resp, SocksAddr, SocksOutcome, assert_error, assert_error_head, basic, connect_from,
+    socks5,
 };
 pub use conf::{Conf, NodeDecl, PkgDecl};
 pub use curl::{Curl, CurlOut};

@@ -248,7 +248,7 @@ fn http_node(c: &mut Conn, st: &NodeState, behavior: Behavior) -> io::Result<()>
         let ok = lines.any(|l| {
             l.split_once(':').is_some_and(|(k, v)| {
                 k.trim().eq_ignore_ascii_case("proxy-authorization")
-                    && v.trim().to_ascii_lowercase() == want.to_ascii_lowercase()
+                    && v.trim().eq_ignore_ascii_case(&want)
             })
         });
         if !ok {
@@ -317,9 +317,8 @@ fn socks_node(c: &mut Conn, st: &NodeState, behavior: Behavior) -> io::Result<()
     let port = u16::from_be_bytes([p[0], p[1]]);
     let authority = format!("{host}:{port}");
     st.requests.lock().unwrap().push(authority.clone());
-    let reply = |c: &mut Conn, code: u8| -> io::Result<()> {
-        c.send(&[5, code, 0, 1, 0, 0, 0, 0, 0, 0])
-    };
+    let reply =
+        |c: &mut Conn, code: u8| -> io::Result<()> { c.send(&[5, code, 0, 1, 0, 0, 0, 0, 0, 0]) };
     match behavior {
         Behavior::Answer(code) => {
             reply(c, code as u8)?;
@@ -356,7 +355,11 @@ fn dial(src: Ipv4Addr, authority: &str) -> Option<TcpStream> {
         let Ok(sock) = Socket::new(Domain::for_address(a), Type::STREAM, None) else {
             continue;
         };
-        if a.is_ipv4() && sock.bind(&SockAddr::from(SocketAddr::new(IpAddr::V4(src), 0))).is_err() {
+        if a.is_ipv4()
+            && sock
+                .bind(&SockAddr::from(SocketAddr::new(IpAddr::V4(src), 0)))
+                .is_err()
+        {
             continue;
         }
         if sock

@@ -2,10 +2,10 @@
 //! peer address it sees (and echoes heads and bodies), a raw TCP echo, a
 //! byte source and sink, and a blackhole whose connects never complete.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -32,7 +32,9 @@ pub struct Acceptor {
 
 impl std::fmt::Debug for Acceptor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Acceptor").field("addr", &self.addr).finish()
+        f.debug_struct("Acceptor")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -59,13 +61,14 @@ impl Acceptor {
                     }
                     let h = handler.clone();
                     let live3 = live2.clone();
-                    let spawned = std::thread::Builder::new()
-                        .stack_size(CONN_STACK)
-                        .spawn(move || {
-                            h(s);
-                            // Dropping the clone closes the socket for good.
-                            live3.lock().unwrap().remove(&id);
-                        });
+                    let spawned =
+                        std::thread::Builder::new()
+                            .stack_size(CONN_STACK)
+                            .spawn(move || {
+                                h(s);
+                                // Dropping the clone closes the socket for good.
+                                live3.lock().unwrap().remove(&id);
+                            });
                     if spawned.is_err() {
                         // Out of threads: the connection is closed.
                         live2.lock().unwrap().remove(&id);
@@ -151,7 +154,9 @@ pub struct HttpTarget {
 
 impl std::fmt::Debug for HttpTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpTarget").field("addr", &self.addr()).finish()
+        f.debug_struct("HttpTarget")
+            .field("addr", &self.addr())
+            .finish()
     }
 }
 
@@ -221,7 +226,8 @@ fn serve_http(s: TcpStream, st: &HttpState) -> io::Result<()> {
             .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
             .collect();
         let h = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-        let chunked = h("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        let chunked =
+            h("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
         let body = if chunked {
             c.read_chunked()?
         } else if let Some(cl) = h("content-length") {
@@ -240,7 +246,11 @@ fn serve_http(s: TcpStream, st: &HttpState) -> io::Result<()> {
         let path = target
             .split("://")
             .nth(1)
-            .map(|r| r.find('/').map(|i| r[i..].to_string()).unwrap_or("/".into()))
+            .map(|r| {
+                r.find('/')
+                    .map(|i| r[i..].to_string())
+                    .unwrap_or("/".into())
+            })
             .unwrap_or(target.clone());
         let is_head = method == "HEAD";
         let conn_hdr = if close { "close" } else { "keep-alive" };
@@ -250,7 +260,9 @@ fn serve_http(s: TcpStream, st: &HttpState) -> io::Result<()> {
                 format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\nConnection: {conn_hdr}\r\n\r\n").as_bytes(),
             );
             if !is_head {
-                out.extend_from_slice(b"7\r\nhello, \r\n8\r\nchunked \r\n6\r\nworld\n\r\n0\r\nX-Trailer: t\r\n\r\n");
+                out.extend_from_slice(
+                    b"7\r\nhello, \r\n8\r\nchunked \r\n6\r\nworld\n\r\n0\r\nX-Trailer: t\r\n\r\n",
+                );
             }
         } else if path == "/echo" && chunked {
             out.extend_from_slice(
@@ -315,7 +327,9 @@ pub struct TcpEcho {
 
 impl std::fmt::Debug for TcpEcho {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpEcho").field("addr", &self.addr()).finish()
+        f.debug_struct("TcpEcho")
+            .field("addr", &self.addr())
+            .finish()
     }
 }
 
@@ -374,7 +388,9 @@ pub struct Source {
 
 impl std::fmt::Debug for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Source").field("addr", &self.addr()).finish()
+        f.debug_struct("Source")
+            .field("addr", &self.addr())
+            .finish()
     }
 }
 
@@ -479,7 +495,9 @@ pub struct Blackhole {
 
 impl std::fmt::Debug for Blackhole {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Blackhole").field("addr", &self.addr).finish()
+        f.debug_struct("Blackhole")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 

@@ -19,9 +19,7 @@ pub fn require_tool(bin: &str, apt_package: &str) -> PathBuf {
             return p;
         }
     }
-    panic!(
-        "`{bin}` is not installed; these tests need it: apt-get install -y {apt_package}"
-    );
+    panic!("`{bin}` is not installed; these tests need it: apt-get install -y {apt_package}");
 }
 
 /// A child process stopped by its PID: SIGTERM, then SIGKILL.
@@ -33,13 +31,13 @@ struct Proc {
 
 impl Proc {
     fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            if c.try_wait().ok().flatten().is_none() {
-                signal(c.id(), "TERM");
-                if wait_child(&mut c, Duration::from_secs(2)).is_none() {
-                    let _ = c.kill();
-                    let _ = wait_child(&mut c, Duration::from_secs(2));
-                }
+        if let Some(mut c) = self.child.take()
+            && c.try_wait().ok().flatten().is_none()
+        {
+            signal(c.id(), "TERM");
+            if wait_child(&mut c, Duration::from_secs(2)).is_none() {
+                let _ = c.kill();
+                let _ = wait_child(&mut c, Duration::from_secs(2));
             }
         }
     }
@@ -174,7 +172,14 @@ impl Microsocks {
         let dir = temp_dir("microsocks");
         let log = dir.join("microsocks.log");
         let mut cmd = Command::new(bin);
-        cmd.args(["-i", &ip.to_string(), "-p", &port.to_string(), "-b", &ip.to_string()]);
+        cmd.args([
+            "-i",
+            &ip.to_string(),
+            "-p",
+            &port.to_string(),
+            "-b",
+            &ip.to_string(),
+        ]);
         if let Some((u, p)) = creds {
             cmd.args(["-u", u, "-P", p]);
         }

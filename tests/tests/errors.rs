@@ -45,7 +45,10 @@ fn no_credentials_is_err_auth_required_with_proxy_authenticate() {
     assert_error(&r, 407, "ERR_AUTH_REQUIRED", &["package"]);
 
     // curl without --proxy-user: the status line carries the code.
-    let out = Curl::new(client_ip()).proxy(gw.proxy).tunnel().get(&web.url("/ip"));
+    let out = Curl::new(client_ip())
+        .proxy(gw.proxy)
+        .tunnel()
+        .get(&web.url("/ip"));
     assert_ne!(out.code, 0);
     assert_error_head(out.first(), 407, "ERR_AUTH_REQUIRED", &[]);
 
@@ -104,7 +107,10 @@ fn address_outside_the_allowlist_is_ip_not_allowed() {
         &conf(node_ip()).package(
             PkgDecl::new(11, "acme", "key11_pip")
                 .set("auth", &q("password+ip"))
-                .set("ip_allowlist", &format!("[{}]", q(&format!("{allowed}/32")))),
+                .set(
+                    "ip_allowlist",
+                    &format!("[{}]", q(&format!("{allowed}/32"))),
+                ),
         ),
     );
     let t = web.addr().to_string();
@@ -145,30 +151,74 @@ fn rule_faults_are_400_with_a_detail_naming_the_rule() {
         ("", "ERR_MISSING_PARAMS", &["country-any"]),
         ("session-abc", "ERR_MISSING_PARAMS", &["country"]),
         ("contry-us", "ERR_UNKNOWN_PARAM", &["contry"]),
-        ("country-us-city-los-angeles", "ERR_UNKNOWN_PARAM", &["angeles", "underscore"]),
+        (
+            "country-us-city-los-angeles",
+            "ERR_UNKNOWN_PARAM",
+            &["angeles", "underscore"],
+        ),
         ("country-us-country-gb", "ERR_DUPLICATE_PARAM", &["country"]),
-        ("country-us-session-a-sessionid-b", "ERR_DUPLICATE_PARAM", &["session"]),
+        (
+            "country-us-session-a-sessionid-b",
+            "ERR_DUPLICATE_PARAM",
+            &["session"],
+        ),
         ("country-US", "ERR_INVALID_VALUE", &["country-us"]),
         ("country-usa", "ERR_INVALID_VALUE", &["usa"]),
         ("country-us-asn-x", "ERR_INVALID_VALUE", &["asn"]),
-        ("country-us-session-s1-rotate-timed_0", "ERR_INVALID_VALUE", &["rotate"]),
-        ("country-us-city-atlantis", "ERR_INVALID_VALUE", &["atlantis"]),
+        (
+            "country-us-session-s1-rotate-timed_0",
+            "ERR_INVALID_VALUE",
+            &["rotate"],
+        ),
+        (
+            "country-us-city-atlantis",
+            "ERR_INVALID_VALUE",
+            &["atlantis"],
+        ),
         ("country-us-network-sat", "ERR_INVALID_VALUE", &["network"]),
-        ("country-us-onerror-retry_11", "ERR_INVALID_VALUE", &["onerror"]),
+        (
+            "country-us-onerror-retry_11",
+            "ERR_INVALID_VALUE",
+            &["onerror"],
+        ),
         ("country", "ERR_INVALID_VALUE", &["country"]),
         (
             "country-us-session-x-bind-node-rotate-requests_5",
             "ERR_INVALID_COMBINATION",
             &["bind"],
         ),
-        ("country-us-session-x-bind-node-onerror-replace", "ERR_INVALID_COMBINATION", &["bind"]),
-        ("country-us-session-x-bind-node-prefer-lookalike", "ERR_INVALID_COMBINATION", &["lookalike"]),
-        ("country-us-bind-node", "ERR_INVALID_COMBINATION", &["session"]),
-        ("country-us-rotate-requests_5", "ERR_INVALID_COMBINATION", &["session"]),
-        ("country-us-sessionlength-60", "ERR_INVALID_COMBINATION", &["session"]),
+        (
+            "country-us-session-x-bind-node-onerror-replace",
+            "ERR_INVALID_COMBINATION",
+            &["bind"],
+        ),
+        (
+            "country-us-session-x-bind-node-prefer-lookalike",
+            "ERR_INVALID_COMBINATION",
+            &["lookalike"],
+        ),
+        (
+            "country-us-bind-node",
+            "ERR_INVALID_COMBINATION",
+            &["session"],
+        ),
+        (
+            "country-us-rotate-requests_5",
+            "ERR_INVALID_COMBINATION",
+            &["session"],
+        ),
+        (
+            "country-us-sessionlength-60",
+            "ERR_INVALID_COMBINATION",
+            &["session"],
+        ),
         ("city-new_york", "ERR_INVALID_COMBINATION", &["country"]),
         // Order: reading left to right, the first token fault wins.
-        ("contry-us-country-us-country-gb", "ERR_UNKNOWN_PARAM", &["contry"]),
+        (
+            "contry-us-country-us-country-gb",
+            "ERR_UNKNOWN_PARAM",
+            &["contry"],
+        ),
         // Combination before missing targeting.
         ("bind-node", "ERR_INVALID_COMBINATION", &[]),
     ];
@@ -193,7 +243,11 @@ fn rule_faults_are_400_with_a_detail_naming_the_rule() {
         .get(&web.url("/ip"));
     assert_ne!(out.code, 0, "{out:#?}");
     assert_error_head(out.first(), 400, "ERR_UNKNOWN_PARAM", &[]);
-    assert!(out.stderr.contains("400"), "curl shows the status: {}", out.stderr);
+    assert!(
+        out.stderr.contains("400"),
+        "curl shows the status: {}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -203,18 +257,30 @@ fn disallowed_targets_and_protocols_are_403() {
     let u = user("country-us");
     let r = connect(&gw, &gw_port25(), &u, KEY);
     assert_error(&r, 403, "DISALLOWED", &["25"]);
-    for private in ["10.1.2.3:80", "192.168.7.7:443", "169.254.169.254:80", "[fe80::1]:80"] {
+    for private in [
+        "10.1.2.3:80",
+        "192.168.7.7:443",
+        "169.254.169.254:80",
+        "[fe80::1]:80",
+    ] {
         let r = connect(&gw, private, &u, KEY);
         assert_error(&r, 403, "DISALLOWED", &[]);
     }
     // Forwarding to a private address too.
-    let r = gw.conn().get("http://10.9.9.9/", Some((&u, KEY)), &[]).unwrap();
+    let r = gw
+        .conn()
+        .get("http://10.9.9.9/", Some((&u, KEY)), &[])
+        .unwrap();
     assert_error(&r, 403, "DISALLOWED", &["10.9.9.9"]);
 
     // Protocol not enabled: package 13 is https (CONNECT) only, 14 http only.
     let r = gw
         .conn()
-        .get(&web.url("/ip"), Some(("package-13-country-us", "key13_https")), &[])
+        .get(
+            &web.url("/ip"),
+            Some(("package-13-country-us", "key13_https")),
+            &[],
+        )
         .unwrap();
     assert_error(&r, 403, "DISALLOWED", &["http"]);
     let (_c, ok) = gw.connect_as(
@@ -225,7 +291,12 @@ fn disallowed_targets_and_protocols_are_403() {
         &[],
     );
     assert_eq!(ok.status, 200);
-    let r = connect(&gw, &web.addr().to_string(), "package-14-country-us", "key14_http");
+    let r = connect(
+        &gw,
+        &web.addr().to_string(),
+        "package-14-country-us",
+        "key14_http",
+    );
     assert_error(&r, 403, "DISALLOWED", &["https"]);
     let mut c = gw.conn();
     let s = socks5(
@@ -235,7 +306,11 @@ fn disallowed_targets_and_protocols_are_403() {
         &SocksAddr::of(web.addr()),
     )
     .unwrap();
-    assert_eq!(s, SocksOutcome::Reply(2), "socks5 not enabled: not allowed by ruleset");
+    assert_eq!(
+        s,
+        SocksOutcome::Reply(2),
+        "socks5 not enabled: not allowed by ruleset"
+    );
 }
 
 fn gw_port25() -> String {
@@ -262,8 +337,16 @@ fn a_refusing_target_is_target_unreachable_without_replacing_the_node() {
         let r = connect(&gw, &target, &user(&rules), KEY);
         assert_error(&r, 502, "TARGET_UNREACHABLE", &[]);
     }
-    assert_eq!(http_node.requests_to_port(closed), 1, "no retry on a target fault");
-    assert_eq!(socks_node.requests_to_port(closed), 1, "no retry on a target fault");
+    assert_eq!(
+        http_node.requests_to_port(closed),
+        1,
+        "no retry on a target fault"
+    );
+    assert_eq!(
+        socks_node.requests_to_port(closed),
+        1,
+        "no retry on a target fault"
+    );
 }
 
 #[test]
@@ -280,7 +363,12 @@ fn a_silent_target_is_gateway_timeout() {
     c.target_ms = 1000;
     let gw = Gateway::start_conf(&c);
     let t0 = Instant::now();
-    let r = connect(&gw, &hole.addr().to_string(), &user("country-us-city-new_york"), KEY);
+    let r = connect(
+        &gw,
+        &hole.addr().to_string(),
+        &user("country-us-city-new_york"),
+        KEY,
+    );
     let took = t0.elapsed();
     assert_error(&r, 504, "GATEWAY_TIMEOUT", &[]);
     assert!(
@@ -288,9 +376,19 @@ fn a_silent_target_is_gateway_timeout() {
         "answered after {took:?} with target_ms = 1000"
     );
     let web = HttpTarget::start();
-    let r = connect(&gw, &web.addr().to_string(), &user("country-us-city-chicago"), KEY);
+    let r = connect(
+        &gw,
+        &web.addr().to_string(),
+        &user("country-us-city-chicago"),
+        KEY,
+    );
     assert_error(&r, 504, "GATEWAY_TIMEOUT", &[]);
-    let r = connect(&gw, &web.addr().to_string(), &user("country-us-city-boston"), KEY);
+    let r = connect(
+        &gw,
+        &web.addr().to_string(),
+        &user("country-us-city-boston"),
+        KEY,
+    );
     assert_error(&r, 504, "GATEWAY_TIMEOUT", &[]);
 }
 
@@ -304,7 +402,10 @@ fn ip_auth_package_serves_allowlisted_clients_without_credentials() {
             .package(
                 PkgDecl::new(15, "acme", "key15_ip")
                     .set("auth", &q("ip"))
-                    .set("ip_allowlist", &format!("[{}]", q(&format!("{allowed}/32"))))
+                    .set(
+                        "ip_allowlist",
+                        &format!("[{}]", q(&format!("{allowed}/32"))),
+                    )
                     .set("default_rules", &q("country-us")),
             )
             .node(NodeDecl::direct("d1", n1)),
@@ -323,14 +424,23 @@ fn ip_auth_package_serves_allowlisted_clients_without_credentials() {
     // Rules in the username are still read; the password is ignored.
     let mut c = gw.conn_from(allowed);
     let r = c
-        .connect(&web.addr().to_string(), Some(("package-15-country-gb", "ignored")), &[])
+        .connect(
+            &web.addr().to_string(),
+            Some(("package-15-country-gb", "ignored")),
+            &[],
+        )
         .unwrap();
     assert_error(&r, 502, "NODE_NOT_FOUND", &["gb"]);
     // Anyone else without credentials.
     let r = gw.conn().get(&web.url("/ip"), None, &[]).unwrap();
     assert_error(&r, 407, "ERR_AUTH_REQUIRED", &[]);
     // …or with the username of the ip package.
-    let r = connect(&gw, &web.addr().to_string(), "package-15-country-us", "key15_ip");
+    let r = connect(
+        &gw,
+        &web.addr().to_string(),
+        "package-15-country-us",
+        "key15_ip",
+    );
     assert_error(&r, 407, "IP_NOT_ALLOWED", &[]);
 }
 
@@ -344,7 +454,10 @@ fn ip_only_listener_admits_only_its_allowlist() {
             .package(
                 PkgDecl::new(15, "acme", "key15_ip")
                     .set("auth", &q("ip"))
-                    .set("ip_allowlist", &format!("[{}]", q(&format!("{allowed}/32")))),
+                    .set(
+                        "ip_allowlist",
+                        &format!("[{}]", q(&format!("{allowed}/32"))),
+                    ),
             )
             .node(NodeDecl::direct("d1", n1))
             .raw("[[listener]]\nlisten = \"127.0.0.1:@PORT_L15@\"\npackage = 15\nip_only = true\n"),
@@ -371,7 +484,11 @@ fn ip_only_listener_admits_only_its_allowlist() {
     // The port serves package 15 only.
     let mut c = Conn::open(allowed, port).unwrap();
     let r = c
-        .connect(&web.addr().to_string(), Some((&user("country-us"), KEY)), &[])
+        .connect(
+            &web.addr().to_string(),
+            Some((&user("country-us"), KEY)),
+            &[],
+        )
         .unwrap();
     assert_error(&r, 407, "AUTH_FAILED", &[]);
 }
@@ -386,22 +503,46 @@ fn keys_never_reach_the_log() {
     t.echo_round_trip(b"x").unwrap();
     let _ = gw.exit_ip(src, &web.url("/ip"), "country-us");
     let _ = gw.exit_ip(src, &web.url("/ip"), "contry-us");
-    let _ = gw.forward(src, &web.url("/ip"), "package-7-country-us", &format!("{KEY}x"));
+    let _ = gw.forward(
+        src,
+        &web.url("/ip"),
+        "package-7-country-us",
+        &format!("{KEY}x"),
+    );
     let _ = gw.forward(src, &web.url("/ip"), "package-9-country-us", "key9_paused");
     let mut c = gw.conn_from(src);
-    let _ = socks5(&mut c, Some((&user("country-us"), KEY)), 1, &SocksAddr::of(echo.addr()));
+    let _ = socks5(
+        &mut c,
+        Some((&user("country-us"), KEY)),
+        1,
+        &SocksAddr::of(echo.addr()),
+    );
     let mut c = gw.conn_from(src);
-    let _ = socks5(&mut c, Some((&user("country-us"), "wrongkey")), 1, &SocksAddr::of(echo.addr()));
+    let _ = socks5(
+        &mut c,
+        Some((&user("country-us"), "wrongkey")),
+        1,
+        &SocksAddr::of(echo.addr()),
+    );
     drop(t);
     std::thread::sleep(Duration::from_millis(300));
     let log = gw.log();
     for k in [KEY, "key9_paused"] {
         let leaks: Vec<&str> = log.lines().filter(|l| l.contains(k)).collect();
-        assert!(leaks.is_empty(), "the key {k} is in the log:\n{}", leaks.join("\n"));
+        assert!(
+            leaks.is_empty(),
+            "the key {k} is in the log:\n{}",
+            leaks.join("\n")
+        );
     }
 
     // A client that puts the key in the username: that line is still a key.
-    let _ = gw.forward(src, &web.url("/ip"), &format!("package-7-country-us-{KEY}"), "x");
+    let _ = gw.forward(
+        src,
+        &web.url("/ip"),
+        &format!("package-7-country-us-{KEY}"),
+        "x",
+    );
     std::thread::sleep(Duration::from_millis(300));
     let log = gw.log();
     let leaks: Vec<&str> = log.lines().filter(|l| l.contains(KEY)).collect();

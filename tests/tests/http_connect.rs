@@ -21,7 +21,11 @@ fn connect_through_direct_node_round_trips_bytes_and_exits_from_bind() {
     c.echo_round_trip(b"hello through splicegate\n").unwrap();
     let all_bytes: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
     c.echo_round_trip(&all_bytes).unwrap();
-    assert_eq!(echo.peers(), vec![IpAddr::V4(n1)], "the target sees the node's bind address");
+    assert_eq!(
+        echo.peers(),
+        vec![IpAddr::V4(n1)],
+        "the target sees the node's bind address"
+    );
 
     // A real client: curl -p (CONNECT) to the HTTP target.
     let out = Curl::new(client_ip())
@@ -71,7 +75,11 @@ fn bulk_upload_and_download_through_a_tunnel() {
     let got = eventually(Duration::from_secs(10), Duration::from_millis(20), || {
         (sink.received() == N).then_some(())
     });
-    assert!(got.is_some(), "the sink got {} of {N} bytes", sink.received());
+    assert!(
+        got.is_some(),
+        "the sink got {} of {N} bytes",
+        sink.received()
+    );
 
     let mut down = gw.tunnel(client_ip(), source.addr(), "country-any");
     down.set_timeout(Duration::from_secs(10));
@@ -85,7 +93,8 @@ fn connect_through_our_http_node_with_upstream_credentials() {
     let echo = TcpEcho::start();
     let web = HttpTarget::start();
     let gw = Gateway::start_conf(
-        &Conf::with_package(KEY).node(NodeDecl::http("h1", node.addr()).creds("nodeuser", "nodepass")),
+        &Conf::with_package(KEY)
+            .node(NodeDecl::http("h1", node.addr()).creds("nodeuser", "nodepass")),
     );
     let mut c = gw.tunnel(client_ip(), echo.addr(), "country-us");
     c.echo_round_trip(b"via an http node").unwrap();
@@ -96,7 +105,12 @@ fn connect_through_our_http_node_with_upstream_credentials() {
         .tunnel()
         .get(&web.url("/ip"));
     assert_eq!(out.ok_body().trim(), node.ip().to_string());
-    assert_eq!(node.requests_to_port(web.addr().port()), 1, "{:?}", node.requests());
+    assert_eq!(
+        node.requests_to_port(web.addr().port()),
+        1,
+        "{:?}",
+        node.requests()
+    );
 }
 
 #[test]
@@ -112,7 +126,12 @@ fn connect_through_tinyproxy_node() {
         .user(&user("country-us"), KEY)
         .tunnel()
         .get(&web.url("/ip"));
-    assert_eq!(out.ok_body().trim(), tp.addr().ip().to_string(), "{}", tp.log());
+    assert_eq!(
+        out.ok_body().trim(),
+        tp.addr().ip().to_string(),
+        "{}",
+        tp.log()
+    );
 }
 
 #[test]
@@ -155,9 +174,7 @@ fn connect_through_microsocks_node() {
 fn respond_with_headers_on_the_connect_answer() {
     let n1 = node_ip();
     let web = HttpTarget::start();
-    let gw = Gateway::start_conf(
-        &Conf::with_package(KEY).node(NodeDecl::direct("us-ny-1", n1)),
-    );
+    let gw = Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::direct("us-ny-1", n1)));
     let out = Curl::new(client_ip())
         .proxy(gw.proxy)
         .user(&user("country-us-session-abc123"), KEY)
@@ -167,16 +184,32 @@ fn respond_with_headers_on_the_connect_answer() {
     assert_eq!(out.ok_body().trim(), n1.to_string());
     let h = out.first();
     assert_eq!(h.status, 200, "{h:#?}");
-    assert_eq!(h.header("X-SOAX-Ip"), Some(n1.to_string().as_str()), "{}", h.raw_head);
+    assert_eq!(
+        h.header("X-SOAX-Ip"),
+        Some(n1.to_string().as_str()),
+        "{}",
+        h.raw_head
+    );
     assert_eq!(h.header("X-SOAX-Country"), Some("us"), "{}", h.raw_head);
     assert_eq!(h.header("X-SOAX-City"), Some("new_york"), "{}", h.raw_head);
-    assert_eq!(h.header("X-SOAX-Isp"), Some("verizon_wireless"), "{}", h.raw_head);
+    assert_eq!(
+        h.header("X-SOAX-Isp"),
+        Some("verizon_wireless"),
+        "{}",
+        h.raw_head
+    );
     assert_eq!(h.header("X-SOAX-Asn"), Some("701"), "{}", h.raw_head);
     assert_eq!(h.header("X-SOAX-Node"), Some("us-ny-1"), "{}", h.raw_head);
     assert_eq!(h.header("X-SOAX-Session"), Some("abc123"), "{}", h.raw_head);
 
     // Without Respond-With, none of them.
-    let (_c, r) = gw.connect_as(client_ip(), &web.addr().to_string(), &user("country-us"), KEY, &[]);
+    let (_c, r) = gw.connect_as(
+        client_ip(),
+        &web.addr().to_string(),
+        &user("country-us"),
+        KEY,
+        &[],
+    );
     assert_eq!(r.status, 200);
     assert!(
         !r.raw_head.to_ascii_lowercase().contains("x-soax-"),

@@ -18,7 +18,11 @@ fn curl_forwards_a_get_and_the_target_sees_the_node() {
         .user(&user("country-us"), KEY)
         .get(&web.url("/ip"));
     assert_eq!(out.ok_body().trim(), n1.to_string(), "{out:#?}");
-    assert_eq!(out.heads.len(), 1, "forwarding: no CONNECT answer; {out:#?}");
+    assert_eq!(
+        out.heads.len(),
+        1,
+        "forwarding: no CONNECT answer; {out:#?}"
+    );
 }
 
 #[test]
@@ -58,7 +62,11 @@ fn content_length_and_chunked_bodies_both_ways() {
         .request("POST", &web.url("/echo"), Some((&u, KEY)), &[], Some(&body))
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.raw_head);
-    assert!(r.body == body, "CL body came back different ({} bytes)", r.body.len());
+    assert!(
+        r.body == body,
+        "CL body came back different ({} bytes)",
+        r.body.len()
+    );
 
     // Chunked request body, chunked response.
     let mut req = format!(
@@ -145,8 +153,14 @@ fn proxy_and_hop_by_hop_headers_never_reach_the_target() {
     ] {
         assert!(!seen.contains(name), "{name} reached the target:\n{seen}");
     }
-    assert!(!seen.contains(&KEY.to_ascii_lowercase()), "the key reached the target:\n{seen}");
-    assert!(seen.contains("x-end-to-end: kept"), "an end-to-end header was lost:\n{seen}");
+    assert!(
+        !seen.contains(&KEY.to_ascii_lowercase()),
+        "the key reached the target:\n{seen}"
+    );
+    assert!(
+        seen.contains("x-end-to-end: kept"),
+        "an end-to-end header was lost:\n{seen}"
+    );
     assert!(
         seen.starts_with("get /head http/1.1\r\n"),
         "the target gets origin-form:\n{seen}"

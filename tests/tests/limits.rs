@@ -29,7 +29,10 @@ fn over_the_rps_limit_is_429_rate_limit_exceeded() {
     let took = t0.elapsed();
     let r = limited.unwrap_or_else(|| panic!("12 requests in {took:?} at rps_limit 3 all passed"));
     assert_error(&r, 429, "RATE_LIMIT_EXCEEDED", &["per second"]);
-    assert!(ok >= 1 && ok <= 7, "{ok} of 12 passed in {took:?} at rps_limit 3");
+    assert!(
+        (1..=7).contains(&ok),
+        "{ok} of 12 passed in {took:?} at rps_limit 3"
+    );
     // Package 7 has no limit.
     for _ in 0..12 {
         gw.exit_ok(src, &web.url("/ip"), "country-us");
@@ -45,7 +48,11 @@ fn over_the_rps_limit_is_429_rate_limit_exceeded() {
         assert_error(&r, 400, "ERR_UNKNOWN_PARAM", &[]);
     }
     let r = gw.forward(src, &web.url("/ip"), "package-8-country-us", "key8");
-    assert_eq!(r.status, 200, "rejected requests used up the RPS budget: {}", r.raw_head);
+    assert_eq!(
+        r.status, 200,
+        "rejected requests used up the RPS budget: {}",
+        r.raw_head
+    );
 }
 
 #[test]
@@ -78,7 +85,13 @@ fn max_connections_limits_open_client_connections() {
 /// Stream from a slow source through a tunnel of `user`; return when the
 /// gateway closes it: (bytes read, time from crossing `mark` bytes to the
 /// close).
-fn stream_until_closed(gw: &Gateway, source: &Source, user: &str, key: &str, mark: u64) -> (u64, Duration) {
+fn stream_until_closed(
+    gw: &Gateway,
+    source: &Source,
+    user: &str,
+    key: &str,
+    mark: u64,
+) -> (u64, Duration) {
     let (mut c, r) = gw.connect_as(client_ip(), &source.addr().to_string(), user, key, &[]);
     assert_eq!(r.status, 200, "{}{}", r.raw_head, r.text());
     c.set_timeout(Duration::from_millis(100));
@@ -87,18 +100,26 @@ fn stream_until_closed(gw: &Gateway, source: &Source, user: &str, key: &str, mar
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut buf = vec![0u8; 65536];
     loop {
-        assert!(Instant::now() < deadline, "the tunnel was never closed ({total} bytes)");
+        assert!(
+            Instant::now() < deadline,
+            "the tunnel was never closed ({total} bytes)"
+        );
         match std::io::Read::read(&mut c.stream, &mut buf) {
             Ok(0) => break,
             Ok(n) => total += n as u64,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => break,
         }
         if crossed.is_none() && total >= mark {
             crossed = Some(Instant::now());
         }
     }
-    let crossed = crossed.unwrap_or_else(|| panic!("closed after {total} bytes, before the cap of {mark}"));
+    let crossed =
+        crossed.unwrap_or_else(|| panic!("closed after {total} bytes, before the cap of {mark}"));
     (total, crossed.elapsed())
 }
 
@@ -117,12 +138,24 @@ fn a_tunnel_crossing_the_traffic_cap_is_closed_within_a_second() {
         after <= Duration::from_millis(1500),
         "closed {after:?} after crossing the cap ({total} bytes)"
     );
-    let (_c, r) = gw.connect_as(client_ip(), &web.addr().to_string(), "package-8-country-us", "key8", &[]);
+    let (_c, r) = gw.connect_as(
+        client_ip(),
+        &web.addr().to_string(),
+        "package-8-country-us",
+        "key8",
+        &[],
+    );
     assert_error(&r, 429, "TRAFFIC_LIMIT_EXCEEDED", &["8"]);
     let r = gw.forward(client_ip(), &web.url("/ip"), "package-8-country-us", "key8");
     assert_error(&r, 429, "TRAFFIC_LIMIT_EXCEEDED", &[]);
     let mut c = gw.conn();
-    let s = socks5(&mut c, Some(("package-8-country-us", "key8")), 1, &SocksAddr::of(web.addr())).unwrap();
+    let s = socks5(
+        &mut c,
+        Some(("package-8-country-us", "key8")),
+        1,
+        &SocksAddr::of(web.addr()),
+    )
+    .unwrap();
     assert_eq!(s, SocksOutcome::Reply(2));
     // Other packages are untouched.
     gw.exit_ok(client_ip(), &web.url("/ip"), "country-us");
@@ -138,7 +171,13 @@ fn uploads_count_against_the_cap_too() {
             .package(PkgDecl::new(8, "acme", "key8").set("traffic_limit_bytes", &CAP.to_string()))
             .node(NodeDecl::direct("d1", node_ip())),
     );
-    let (mut c, r) = gw.connect_as(client_ip(), &sink.addr().to_string(), "package-8-country-us", "key8", &[]);
+    let (mut c, r) = gw.connect_as(
+        client_ip(),
+        &sink.addr().to_string(),
+        "package-8-country-us",
+        "key8",
+        &[],
+    );
     assert_eq!(r.status, 200);
     let chunk = vec![7u8; 16 * 1024];
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -150,9 +189,18 @@ fn uploads_count_against_the_cap_too() {
         sent += chunk.len() as u64;
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert!(Instant::now() < deadline, "an upload of {sent} bytes was never cut at a cap of {CAP}");
+    assert!(
+        Instant::now() < deadline,
+        "an upload of {sent} bytes was never cut at a cap of {CAP}"
+    );
     let ok = eventually(Duration::from_secs(2), Duration::from_millis(50), || {
-        let (_c, r) = gw.connect_as(client_ip(), &web.addr().to_string(), "package-8-country-us", "key8", &[]);
+        let (_c, r) = gw.connect_as(
+            client_ip(),
+            &web.addr().to_string(),
+            "package-8-country-us",
+            "key8",
+            &[],
+        );
         (r.status == 429).then_some(r)
     });
     let r = ok.expect("after the upload the package is over its cap");
@@ -176,13 +224,31 @@ fn running_out_of_credits_closes_the_tunnel_and_refuses_the_org() {
         after <= Duration::from_millis(1500),
         "closed {after:?} after the credits ran out ({total} bytes)"
     );
-    let (_c, r) = gw.connect_as(client_ip(), &web.addr().to_string(), "package-8-country-us", "key8", &[]);
+    let (_c, r) = gw.connect_as(
+        client_ip(),
+        &web.addr().to_string(),
+        "package-8-country-us",
+        "key8",
+        &[],
+    );
     assert_error(&r, 407, "PACKAGE_NO_CREDITS", &["small"]);
     // The balance is the organisation's: its other package is refused too.
-    let (_c, r) = gw.connect_as(client_ip(), &web.addr().to_string(), "package-9-country-us", "key9", &[]);
+    let (_c, r) = gw.connect_as(
+        client_ip(),
+        &web.addr().to_string(),
+        "package-9-country-us",
+        "key9",
+        &[],
+    );
     assert_error(&r, 407, "PACKAGE_NO_CREDITS", &[]);
     let mut c = gw.conn();
-    let s = socks5(&mut c, Some(("package-9-country-us", "key9")), 1, &SocksAddr::of(web.addr())).unwrap();
+    let s = socks5(
+        &mut c,
+        Some(("package-9-country-us", "key9")),
+        1,
+        &SocksAddr::of(web.addr()),
+    )
+    .unwrap();
     assert_eq!(s, SocksOutcome::AuthStatus(1));
     // Package 7 (org acme) goes on.
     gw.exit_ok(client_ip(), &web.url("/ip"), "country-us");
@@ -216,16 +282,25 @@ fn a_thousand_idle_tunnels_on_bounded_threads() {
             fresh.push(c);
         }
         for (i, c) in fresh.iter_mut().enumerate() {
-            let r = c.read_response("CONNECT").unwrap_or_else(|e| {
-                panic!("tunnel {}: {e}\n{}", batch * 100 + i, gw.log_tail(20))
-            });
-            assert_eq!(r.status, 200, "tunnel {}: {}{}", batch * 100 + i, r.raw_head, r.text());
+            let r = c
+                .read_response("CONNECT")
+                .unwrap_or_else(|e| panic!("tunnel {}: {e}\n{}", batch * 100 + i, gw.log_tail(20)));
+            assert_eq!(
+                r.status,
+                200,
+                "tunnel {}: {}{}",
+                batch * 100 + i,
+                r.raw_head,
+                r.text()
+            );
         }
         tunnels.extend(fresh);
     }
     let opened = t0.elapsed();
     for i in [0, TUNNELS / 2, TUNNELS - 1] {
-        tunnels[i].echo_round_trip(format!("tunnel {i}").as_bytes()).unwrap();
+        tunnels[i]
+            .echo_round_trip(format!("tunnel {i}").as_bytes())
+            .unwrap();
     }
     std::thread::sleep(Duration::from_millis(500));
     let threads = gw.threads();
@@ -236,10 +311,15 @@ fn a_thousand_idle_tunnels_on_bounded_threads() {
     );
     // Every tunnel still works.
     for (i, t) in tunnels.iter_mut().enumerate().step_by(37) {
-        t.echo_round_trip(b"x").unwrap_or_else(|e| panic!("tunnel {i}: {e}"));
+        t.echo_round_trip(b"x")
+            .unwrap_or_else(|e| panic!("tunnel {i}: {e}"));
     }
     let threads_after = gw.threads();
-    assert!(threads_after <= 2 + 4, "after traffic: {threads_after} threads: {:?}", gw.thread_names());
+    assert!(
+        threads_after <= 2 + 4,
+        "after traffic: {threads_after} threads: {:?}",
+        gw.thread_names()
+    );
     drop(tunnels);
     // And the gateway serves new clients.
     let mut c = gw.tunnel(client_ip(), echo.addr(), "country-us");

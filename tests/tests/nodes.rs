@@ -47,7 +47,11 @@ fn onerror_replace_moves_the_session_to_another_node() {
         "a tunnel through a dead node is closed"
     );
     let second = gw.exit_ok(src, &web.url("/ip"), rules);
-    assert_eq!(second, nodes[1 - i].ip().to_string(), "replaced by the other node");
+    assert_eq!(
+        second,
+        nodes[1 - i].ip().to_string(),
+        "replaced by the other node"
+    );
     // The replacement is bound to the session, even once the old node is back.
     nodes[i].start();
     for _ in 0..3 {
@@ -80,15 +84,26 @@ fn onerror_fail_answers_node_unavailable_and_keeps_the_node() {
     let first = gw.exit_ok(src, &web.url("/ip"), rules);
     let i = which(&[&nodes[0], &nodes[1]], &first);
     nodes[i].stop();
-    let r = gw.exit_ip(src, &web.url("/ip"), rules).expect_err("node down, onerror-fail");
-    assert_error(&r, 502, "NODE_UNAVAILABLE", &[if i == 0 { "na" } else { "nb" }]);
+    let r = gw
+        .exit_ip(src, &web.url("/ip"), rules)
+        .expect_err("node down, onerror-fail");
+    assert_error(
+        &r,
+        502,
+        "NODE_UNAVAILABLE",
+        &[if i == 0 { "na" } else { "nb" }],
+    );
     assert_eq!(
         nodes[1 - i].requests_to_port(web.addr().port()),
         0,
         "onerror-fail never tries another node"
     );
     nodes[i].start();
-    assert_eq!(gw.exit_ok(src, &web.url("/ip"), rules), first, "the session kept its node");
+    assert_eq!(
+        gw.exit_ok(src, &web.url("/ip"), rules),
+        first,
+        "the session kept its node"
+    );
 }
 
 #[test]
@@ -109,7 +124,11 @@ fn onerror_retry_tries_the_same_node_n_more_times_then_replaces() {
     // 2. The next request: X three times (1 + 2 retries), then Y, which works.
     let second = gw.exit_ok(src, &web.url("/ip"), rules);
     assert_eq!(second, nodes[1 - x].ip().to_string());
-    assert_eq!(nodes[x].requests_to_port(port) - before, 3, "1 try + 2 retries on X");
+    assert_eq!(
+        nodes[x].requests_to_port(port) - before,
+        3,
+        "1 try + 2 retries on X"
+    );
 
     // 3. Another session: both nodes drop requests → RETRIES_EXHAUSTED.
     nodes[x].set(Behavior::Normal);
@@ -122,10 +141,20 @@ fn onerror_retry_tries_the_same_node_n_more_times_then_replaces() {
     );
     nodes[0].set(Behavior::CloseAfterRequest);
     nodes[1].set(Behavior::CloseAfterRequest);
-    let r = gw.exit_ip(src, &web.url("/ip"), rules).expect_err("both nodes fail");
+    let r = gw
+        .exit_ip(src, &web.url("/ip"), rules)
+        .expect_err("both nodes fail");
     assert_error(&r, 502, "RETRIES_EXHAUSTED", &[]);
-    assert_eq!(nodes[x].requests_to_port(port) - bx, 2, "1 try + 1 retry on X");
-    assert_eq!(nodes[1 - x].requests_to_port(port) - by, 1, "the replacement is tried once");
+    assert_eq!(
+        nodes[x].requests_to_port(port) - bx,
+        2,
+        "1 try + 1 retry on X"
+    );
+    assert_eq!(
+        nodes[1 - x].requests_to_port(port) - by,
+        1,
+        "the replacement is tried once"
+    );
 }
 
 #[test]
@@ -142,15 +171,25 @@ fn bind_node_never_replaces_its_node() {
     let x = which(&[&nodes[0], &nodes[1]], &first);
     let other_before = nodes[1 - x].requests_to_port(port);
     nodes[x].stop();
-    let r = gw.exit_ip(src, &web.url("/ip"), rules).expect_err("bound node down");
+    let r = gw
+        .exit_ip(src, &web.url("/ip"), rules)
+        .expect_err("bound node down");
     assert_error(&r, 503, "BOUND_NODE_FAILED", &["session"]);
-    assert_eq!(nodes[1 - x].requests_to_port(port), other_before, "never replaced");
+    assert_eq!(
+        nodes[1 - x].requests_to_port(port),
+        other_before,
+        "never replaced"
+    );
     // A new session id gets a new node. Selection may still pick the dead
     // node for a fresh bound session (then that session fails the same
     // way), but a few new ids must find the working one.
     let mut ok = 0;
     for s in 0..6 {
-        match gw.exit_ip(src, &web.url("/ip"), &format!("country-us-session-bnew{s}-bind-node")) {
+        match gw.exit_ip(
+            src,
+            &web.url("/ip"),
+            &format!("country-us-session-bnew{s}-bind-node"),
+        ) {
             Ok(ip) => {
                 assert_eq!(ip, nodes[1 - x].ip().to_string());
                 ok += 1;
@@ -169,9 +208,15 @@ fn bind_node_never_replaces_its_node() {
     let x = which(&[&nodes[0], &nodes[1]], &first);
     let before = nodes[x].requests_to_port(port);
     nodes[x].set(Behavior::CloseAfterRequest);
-    let r = gw.exit_ip(src, &web.url("/ip"), rules).expect_err("bound node drops requests");
+    let r = gw
+        .exit_ip(src, &web.url("/ip"), rules)
+        .expect_err("bound node drops requests");
     assert_error(&r, 503, "BOUND_NODE_FAILED", &[]);
-    assert_eq!(nodes[x].requests_to_port(port) - before, 3, "1 try + 2 retries");
+    assert_eq!(
+        nodes[x].requests_to_port(port) - before,
+        3,
+        "1 try + 2 retries"
+    );
 }
 
 #[test]
@@ -200,16 +245,27 @@ fn rotating_requests_replace_failed_nodes_transparently_up_to_two_more() {
     for _ in 0..3 {
         let mut t = gw.tunnel(src, web.addr(), "country-us");
         t.send(b"GET /ip HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
-        assert_eq!(t.read_response("GET").unwrap().text().trim(), good.ip().to_string());
+        assert_eq!(
+            t.read_response("GET").unwrap().text().trim(),
+            good.ip().to_string()
+        );
     }
     let mut c = gw.conn_from(src);
-    let s = socks5(&mut c, Some((&user("country-us"), KEY)), 1, &SocksAddr::of(web.addr())).unwrap();
+    let s = socks5(
+        &mut c,
+        Some((&user("country-us"), KEY)),
+        1,
+        &SocksAddr::of(web.addr()),
+    )
+    .unwrap();
     assert_eq!(s, SocksOutcome::Reply(0));
 
     // All three down: NODE_UNAVAILABLE after three nodes.
     let mut good = good;
     good.stop();
-    let r = gw.exit_ip(src, &web.url("/ip"), "country-us").expect_err("every node down");
+    let r = gw
+        .exit_ip(src, &web.url("/ip"), "country-us")
+        .expect_err("every node down");
     assert_error(&r, 502, "NODE_UNAVAILABLE", &[]);
 }
 
@@ -300,8 +356,16 @@ fn node_not_found_names_the_filter() {
     let gw = Gateway::start_conf(
         &Conf::with_package(KEY)
             .node(NodeDecl::direct("d1", node_ip()))
-            .node(NodeDecl::direct("off", node_ip()).s("city", "boston").s("state", "offline"))
-            .node(NodeDecl::direct("drain", node_ip()).s("city", "denver").s("state", "draining")),
+            .node(
+                NodeDecl::direct("off", node_ip())
+                    .s("city", "boston")
+                    .s("state", "offline"),
+            )
+            .node(
+                NodeDecl::direct("drain", node_ip())
+                    .s("city", "denver")
+                    .s("state", "draining"),
+            ),
     );
     let src = client_ip();
     let t = web.addr().to_string();
@@ -358,7 +422,11 @@ fn prefer_lookalike_replaces_with_a_node_of_the_same_city_and_isp() {
         // 2. Its node dies: the replacement is the other twin.
         twins[i].stop();
         let ip = gw.exit_ok(src, &web.url("/ip"), &rules);
-        assert_eq!(ip, twin_ips[1 - i], "round {round}: the lookalike replaces the node");
+        assert_eq!(
+            ip,
+            twin_ips[1 - i],
+            "round {round}: the lookalike replaces the node"
+        );
         twins[i].start();
     }
 }
@@ -389,5 +457,9 @@ fn third_party_node_processes_stopped_mid_test_are_replaced() {
     let all: HashSet<String> = (0..4)
         .map(|_| gw.exit_ok(src, &web.url("/ip"), "country-us"))
         .collect();
-    assert_eq!(all, HashSet::from([expected]), "rotating requests avoid the dead node");
+    assert_eq!(
+        all,
+        HashSet::from([expected]),
+        "rotating requests avoid the dead node"
+    );
 }

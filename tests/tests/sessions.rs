@@ -31,7 +31,10 @@ fn a_sticky_session_keeps_one_exit_across_protocols() {
     let src = client_ip();
     let rules = "country-us-session-stick1";
     let first = gw.exit_ok(src, &web.url("/ip"), rules);
-    assert!(ips.iter().any(|ip| ip.to_string() == first), "{first} is a node");
+    assert!(
+        ips.iter().any(|ip| ip.to_string() == first),
+        "{first} is a node"
+    );
     for _ in 0..8 {
         assert_eq!(gw.exit_ok(src, &web.url("/ip"), rules), first);
     }
@@ -39,7 +42,13 @@ fn a_sticky_session_keeps_one_exit_across_protocols() {
     let mut t = gw.tunnel(src, web.addr(), rules);
     assert_eq!(ip_over_tunnel(&mut t), first);
     let mut c = gw.conn_from(src);
-    let s = socks5(&mut c, Some((&user(rules), KEY)), 1, &SocksAddr::of(web.addr())).unwrap();
+    let s = socks5(
+        &mut c,
+        Some((&user(rules), KEY)),
+        1,
+        &SocksAddr::of(web.addr()),
+    )
+    .unwrap();
     assert_eq!(s, SocksOutcome::Reply(0));
     assert_eq!(ip_over_tunnel(&mut c), first);
 }
@@ -51,7 +60,13 @@ fn different_session_ids_spread_over_nodes() {
     let gw = Gateway::start_conf(&conf);
     let src = client_ip();
     let exits: HashSet<String> = (0..16)
-        .map(|i| gw.exit_ok(src, &web.url("/ip"), &format!("country-us-session-spread{i}")))
+        .map(|i| {
+            gw.exit_ok(
+                src,
+                &web.url("/ip"),
+                &format!("country-us-session-spread{i}"),
+            )
+        })
         .collect();
     assert!(exits.len() >= 2, "16 sessions all on {exits:?}");
 }
@@ -66,13 +81,19 @@ fn rotating_mode_picks_a_node_per_request() {
         .map(|_| gw.exit_ok(src, &web.url("/ip"), "country-us"))
         .collect();
     let distinct: HashSet<&String> = exits.iter().collect();
-    assert!(distinct.len() >= 3, "20 rotating requests used only {distinct:?}");
+    assert!(
+        distinct.len() >= 3,
+        "20 rotating requests used only {distinct:?}"
+    );
 
     // Rotating CONNECT tunnels too.
     let tunnels: HashSet<String> = (0..12)
         .map(|_| ip_over_tunnel(&mut gw.tunnel(src, web.addr(), "country-us")))
         .collect();
-    assert!(tunnels.len() >= 2, "12 rotating tunnels used only {tunnels:?}");
+    assert!(
+        tunnels.len() >= 2,
+        "12 rotating tunnels used only {tunnels:?}"
+    );
 }
 
 #[test]
@@ -87,10 +108,19 @@ fn rotate_requests_changes_node_every_n_requests() {
         .collect();
     let blocks: Vec<&[String]> = exits.chunks(3).collect();
     for b in &blocks {
-        assert!(b.iter().all(|e| *e == b[0]), "within 3 requests one node: {exits:?}");
+        assert!(
+            b.iter().all(|e| *e == b[0]),
+            "within 3 requests one node: {exits:?}"
+        );
     }
-    assert_ne!(blocks[0][0], blocks[1][0], "changed node after 3: {exits:?}");
-    assert_ne!(blocks[1][0], blocks[2][0], "changed node after 6: {exits:?}");
+    assert_ne!(
+        blocks[0][0], blocks[1][0],
+        "changed node after 3: {exits:?}"
+    );
+    assert_ne!(
+        blocks[1][0], blocks[2][0],
+        "changed node after 6: {exits:?}"
+    );
 }
 
 #[test]
@@ -109,7 +139,10 @@ fn rotate_timed_and_sessionlength_move_to_a_new_node() {
     let t2 = gw.exit_ok(src, &web.url("/ip"), timed);
     assert_ne!(t2, t1, "rotate-timed_1 changed node after 1 s");
     let s2 = gw.exit_ok(src, &web.url("/ip"), short);
-    assert_ne!(s2, s1, "a new session period (sessionlength-1) takes a new node");
+    assert_ne!(
+        s2, s1,
+        "a new session period (sessionlength-1) takes a new node"
+    );
 }
 
 #[test]
@@ -129,15 +162,26 @@ fn same_session_with_other_rules_is_session_params_mismatch() {
     assert_error(&r, 409, "SESSION_PARAMS_MISMATCH", &[]);
     // Only sessionlength differs, or a default spelled out: same session.
     assert_eq!(
-        gw.exit_ok(src, &web.url("/ip"), "country-us-session-mm1-sessionlength-600"),
+        gw.exit_ok(
+            src,
+            &web.url("/ip"),
+            "country-us-session-mm1-sessionlength-600"
+        ),
         first
     );
     assert_eq!(
-        gw.exit_ok(src, &web.url("/ip"), "country-us-session-mm1-onerror-replace"),
+        gw.exit_ok(
+            src,
+            &web.url("/ip"),
+            "country-us-session-mm1-onerror-replace"
+        ),
         first
     );
     // `sessionid` is the same key as `session`.
-    assert_eq!(gw.exit_ok(src, &web.url("/ip"), "country-us-sessionid-mm1"), first);
+    assert_eq!(
+        gw.exit_ok(src, &web.url("/ip"), "country-us-sessionid-mm1"),
+        first
+    );
     // Over CONNECT too.
     let (_c, r) = gw.connect_as(
         src,
@@ -162,13 +206,33 @@ fn sessions_of_different_packages_never_mix() {
             .node(NodeDecl::direct("dc1", dc).s("network", "dc")),
     );
     let src = client_ip();
-    assert_eq!(gw.exit_ok(src, &web.url("/ip"), "country-any-session-shared"), res.to_string());
-    let r = gw.forward(src, &web.url("/ip"), "package-8-country-any-session-shared", "key8");
+    assert_eq!(
+        gw.exit_ok(src, &web.url("/ip"), "country-any-session-shared"),
+        res.to_string()
+    );
+    let r = gw.forward(
+        src,
+        &web.url("/ip"),
+        "package-8-country-any-session-shared",
+        "key8",
+    );
     assert_eq!(r.status, 200, "{}{}", r.raw_head, r.text());
-    assert_eq!(r.text().trim(), dc.to_string(), "package 8 got package 7's session node");
-    let r = gw.forward(src, &web.url("/ip"), "package-8-country-us-session-shared", "key8");
+    assert_eq!(
+        r.text().trim(),
+        dc.to_string(),
+        "package 8 got package 7's session node"
+    );
+    let r = gw.forward(
+        src,
+        &web.url("/ip"),
+        "package-8-country-us-session-shared",
+        "key8",
+    );
     assert_error(&r, 409, "SESSION_PARAMS_MISMATCH", &[]);
-    assert_eq!(gw.exit_ok(src, &web.url("/ip"), "country-any-session-shared"), res.to_string());
+    assert_eq!(
+        gw.exit_ok(src, &web.url("/ip"), "country-any-session-shared"),
+        res.to_string()
+    );
 }
 
 #[test]

@@ -19,7 +19,13 @@ fn socks5_connect_to_an_ipv4_target() {
     let web = HttpTarget::start();
     let gw = Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::direct("d1", n1)));
     let mut c = gw.conn();
-    let s = socks5(&mut c, Some((&user("country-us"), KEY)), 1, &SocksAddr::of(echo.addr())).unwrap();
+    let s = socks5(
+        &mut c,
+        Some((&user("country-us"), KEY)),
+        1,
+        &SocksAddr::of(echo.addr()),
+    )
+    .unwrap();
     assert_eq!(s, SocksOutcome::Reply(0));
     c.echo_round_trip(b"socks5 payload \x00\x01\x02").unwrap();
     assert_eq!(echo.peers(), vec![IpAddr::V4(n1)]);
@@ -61,7 +67,11 @@ fn socks5_domain_target_resolved_by_the_gateway() {
         &SocksAddr::Domain("no-such-host.invalid".into(), 80),
     )
     .unwrap();
-    assert_eq!(s, SocksOutcome::Reply(5), "unresolvable name: TARGET_UNREACHABLE");
+    assert_eq!(
+        s,
+        SocksOutcome::Reply(5),
+        "unresolvable name: TARGET_UNREACHABLE"
+    );
 }
 
 #[test]
@@ -76,11 +86,20 @@ fn socks5_to_an_ipv6_target() {
     let target = SocksAddr::of(echo6.addr());
     for city in ["new_york", "chicago"] {
         let mut c = gw.conn();
-        let s = socks5(&mut c, Some((&user(&format!("country-us-city-{city}")), KEY)), 1, &target).unwrap();
+        let s = socks5(
+            &mut c,
+            Some((&user(&format!("country-us-city-{city}")), KEY)),
+            1,
+            &target,
+        )
+        .unwrap();
         assert_eq!(s, SocksOutcome::Reply(0), "via {city}");
         c.echo_round_trip(b"v6").unwrap();
     }
-    assert_eq!(node.requests(), vec![format!("[::1]:{}", echo6.addr().port())]);
+    assert_eq!(
+        node.requests(),
+        vec![format!("[::1]:{}", echo6.addr().port())]
+    );
 }
 
 #[test]
@@ -89,7 +108,13 @@ fn bind_and_udp_associate_get_07_unknown_address_type_08() {
     let gw = Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::direct("d1", node_ip())));
     for cmd in [2u8, 3] {
         let mut c = gw.conn();
-        let s = socks5(&mut c, Some((&user("country-us"), KEY)), cmd, &SocksAddr::of(echo.addr())).unwrap();
+        let s = socks5(
+            &mut c,
+            Some((&user("country-us"), KEY)),
+            cmd,
+            &SocksAddr::of(echo.addr()),
+        )
+        .unwrap();
         assert_eq!(s, SocksOutcome::Reply(7), "command {cmd}");
     }
     let mut c = gw.conn();
@@ -133,7 +158,10 @@ fn socks5_authentication_failures() {
         let mut c = gw.conn();
         let s = socks5(&mut c, Some((&u, k)), 1, &t).unwrap();
         assert_eq!(s, SocksOutcome::AuthStatus(1), "{u}");
-        assert!(c.closed_within(Duration::from_secs(2)).is_some(), "{u}: closed after a failed auth");
+        assert!(
+            c.closed_within(Duration::from_secs(2)).is_some(),
+            "{u}: closed after a failed auth"
+        );
     }
     // No username/password offered where one is required: method 0xFF.
     let mut c = gw.conn();
@@ -167,20 +195,57 @@ fn every_error_class_has_its_socks5_reply() {
     let cases: Vec<(&str, &str, SocksAddr, u8)> = vec![
         ("ERR_UNKNOWN_PARAM", "contry-us", web_t.clone(), 2),
         ("ERR_MISSING_PARAMS", "", web_t.clone(), 2),
-        ("ERR_INVALID_COMBINATION", "country-us-bind-node", web_t.clone(), 2),
-        ("DISALLOWED", "country-us", SocksAddr::V4("127.0.0.1".parse().unwrap(), 25), 2),
-        ("DISALLOWED private", "country-us", SocksAddr::V4("10.0.0.1".parse().unwrap(), 80), 2),
+        (
+            "ERR_INVALID_COMBINATION",
+            "country-us-bind-node",
+            web_t.clone(),
+            2,
+        ),
+        (
+            "DISALLOWED",
+            "country-us",
+            SocksAddr::V4("127.0.0.1".parse().unwrap(), 25),
+            2,
+        ),
+        (
+            "DISALLOWED private",
+            "country-us",
+            SocksAddr::V4("10.0.0.1".parse().unwrap(), 80),
+            2,
+        ),
         ("NODE_NOT_FOUND", "country-gb", web_t.clone(), 3),
-        ("NODE_UNAVAILABLE", "country-us-city-chicago-onerror-fail", web_t.clone(), 4),
-        ("TARGET_UNREACHABLE", "country-us-city-new_york", SocksAddr::V4("127.0.0.1".parse().unwrap(), closed), 5),
-        ("GATEWAY_TIMEOUT", "country-us-city-new_york", SocksAddr::of(hole.addr()), 6),
+        (
+            "NODE_UNAVAILABLE",
+            "country-us-city-chicago-onerror-fail",
+            web_t.clone(),
+            4,
+        ),
+        (
+            "TARGET_UNREACHABLE",
+            "country-us-city-new_york",
+            SocksAddr::V4("127.0.0.1".parse().unwrap(), closed),
+            5,
+        ),
+        (
+            "GATEWAY_TIMEOUT",
+            "country-us-city-new_york",
+            SocksAddr::of(hole.addr()),
+            6,
+        ),
     ];
     for (what, rules, target, reply) in &cases {
         assert_eq!(ask(rules, target), SocksOutcome::Reply(*reply), "{what}");
     }
     // SESSION_PARAMS_MISMATCH → 2.
-    assert_eq!(ask("country-us-city-new_york-session-sm", &web_t), SocksOutcome::Reply(0));
-    assert_eq!(ask("country-any-session-sm", &web_t), SocksOutcome::Reply(2), "SESSION_PARAMS_MISMATCH");
+    assert_eq!(
+        ask("country-us-city-new_york-session-sm", &web_t),
+        SocksOutcome::Reply(0)
+    );
+    assert_eq!(
+        ask("country-any-session-sm", &web_t),
+        SocksOutcome::Reply(2),
+        "SESSION_PARAMS_MISMATCH"
+    );
     // BOUND_NODE_FAILED → 4: a session bound to the dead node.
     let mut bound = None;
     for s in 0..30 {
@@ -190,7 +255,10 @@ fn every_error_class_has_its_socks5_reply() {
             break;
         }
     }
-    assert!(bound.is_some(), "no bound session landed on the dead node in 30 tries");
+    assert!(
+        bound.is_some(),
+        "no bound session landed on the dead node in 30 tries"
+    );
     // RATE_LIMIT_EXCEEDED → 2.
     let mut replies = Vec::new();
     for _ in 0..5 {
@@ -198,7 +266,10 @@ fn every_error_class_has_its_socks5_reply() {
         replies.push(socks5(&mut c, Some(("package-8-country-us", "key8")), 1, &web_t).unwrap());
     }
     assert!(replies.contains(&SocksOutcome::Reply(0)), "{replies:?}");
-    assert!(replies.contains(&SocksOutcome::Reply(2)), "rps 1: {replies:?}");
+    assert!(
+        replies.contains(&SocksOutcome::Reply(2)),
+        "rps 1: {replies:?}"
+    );
 }
 
 #[test]
@@ -211,7 +282,13 @@ fn a_full_session_table_is_socks5_general_failure() {
     let mut last = None;
     for i in 0..200 {
         let mut c = gw.conn();
-        let s = socks5(&mut c, Some((&user(&format!("country-us-session-f{i}")), KEY)), 1, &t).unwrap();
+        let s = socks5(
+            &mut c,
+            Some((&user(&format!("country-us-session-f{i}")), KEY)),
+            1,
+            &t,
+        )
+        .unwrap();
         if s != SocksOutcome::Reply(0) {
             last = Some(s);
             break;
@@ -241,7 +318,10 @@ fn malformed_socks5_messages_close_the_connection() {
     let mut req = vec![4u8, 1, 0];
     req.extend_from_slice(&addr);
     c.send(&req).unwrap();
-    assert!(c.closed_within(Duration::from_secs(2)).is_some(), "request version 4");
+    assert!(
+        c.closed_within(Duration::from_secs(2)).is_some(),
+        "request version 4"
+    );
 
     // Sub-negotiation version 2.
     let mut c = gw.conn();
@@ -260,7 +340,10 @@ fn malformed_socks5_messages_close_the_connection() {
     let mut c = gw.conn();
     c.send(&[5, 0]).unwrap();
     let got = c.closed_within(Duration::from_secs(2));
-    assert!(matches!(got.as_deref(), Some([]) | Some([5, 0xFF])), "no methods: {got:?}");
+    assert!(
+        matches!(got.as_deref(), Some([]) | Some([5, 0xFF])),
+        "no methods: {got:?}"
+    );
 
     // After all that, a good client.
     let mut c = gw.conn();

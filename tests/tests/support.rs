@@ -47,7 +47,10 @@ fn curl_through_our_socks5_node_and_behaviors() {
 
     node.set(Behavior::Normal);
     node.stop();
-    assert!(Conn::open(client_ip(), node.addr()).is_err(), "a stopped node refuses");
+    assert!(
+        Conn::open(client_ip(), node.addr()).is_err(),
+        "a stopped node refuses"
+    );
     node.start();
     let mut c = Conn::open(client_ip(), node.addr()).unwrap();
     let r = socks5(&mut c, Some(("su", "sp")), 1, &SocksAddr::of(target.addr())).unwrap();
@@ -62,7 +65,12 @@ fn tinyproxy_and_microsocks_exit_from_their_address() {
         .proxy(tp.addr())
         .tunnel()
         .get(&target.url("/ip"));
-    assert_eq!(out.ok_body().trim(), tp.addr().ip().to_string(), "{}", tp.log());
+    assert_eq!(
+        out.ok_body().trim(),
+        tp.addr().ip().to_string(),
+        "{}",
+        tp.log()
+    );
 
     let ms = Microsocks::start(node_ip(), Some(("mu", "mp")));
     let out = Curl::new(client_ip())
@@ -80,7 +88,8 @@ fn http_target_framing_and_blackhole() {
     let r = c.read_response("GET").unwrap();
     assert!(r.chunked);
     assert_eq!(r.text(), "hello, chunked world\n");
-    c.send(b"HEAD /bytes/100 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    c.send(b"HEAD /bytes/100 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     let r = c.read_response("HEAD").unwrap();
     assert_eq!(r.header("content-length"), Some("100"));
     c.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
