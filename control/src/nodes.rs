@@ -276,6 +276,9 @@ fn subnet_key(ip: IpAddr) -> u64 {
     }
 }
 
+/// Draws per pick before the fast path gives way to a full intersection.
+const SAMPLE_TRIES: usize = 64;
+
 /// The declaration of a node, as the config file and the admin API give it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeDecl {
@@ -639,12 +642,57 @@ impl NodePool {
         rng: &mut Rng,
         geo: &GeoCatalog,
     ) -> Result<NodeIdx, Rejection> {
+        if let Some(i) = self.sample(f, exclude, rng) {
+            return Ok(i);
+        }
         let mut cands = self.candidates(f);
         for x in exclude {
             cands.remove(*x);
         }
         self.choose(&cands, rng)
             .ok_or_else(|| self.not_found(f, !exclude.is_empty(), geo))
+    }
+
+    /// The fast path of [`NodePool::pick`]: draw ids uniformly from the
+    /// smallest filter set and keep the first that is in every other set,
+    /// selectable and not excluded (rejection sampling stays uniform over the
+    /// matches). Two such draws, the less loaded wins. Gives up after
+    /// [`SAMPLE_TRIES`] misses per draw, so a sparse intersection falls back
+    /// to computing it.
+    fn sample(&self, f: &Filter, exclude: &[NodeIdx], rng: &mut Rng) -> Option<NodeIdx> {
+        let mut sets = Vec::with_capacity(6);
+        if !self.filter_sets(f, &mut sets) {
+            return None;
+        }
+        let online = self.selectable.load();
+        sets.sort_by_key(|(_, b)| b.len());
+        let (base, rest): (&RoaringBitmap, &[(&str, &RoaringBitmap)]) = match sets.split_first() {
+            Some(((_, first), rest)) => (first, rest),
+            None => (&online, &[]),
+        };
+        let n = base.len();
+        if n == 0 {
+            return None;
+        }
+        let mut draw = |rng: &mut Rng| {
+            for _ in 0..SAMPLE_TRIES {
+                let i = base.select(rng.below(n) as u32)?;
+                if online.contains(i)
+                    && !exclude.contains(&i)
+                    && rest.iter().all(|(_, b)| b.contains(i))
+                {
+                    return Some(i);
+                }
+            }
+            None
+        };
+        let a = draw(rng)?;
+        let Some(b) = draw(rng) else { return Some(a) };
+        let (la, lb) = (
+            self.nodes[a as usize].runtime.load_score(),
+            self.nodes[b as usize].runtime.load_score(),
+        );
+        Some(if lb < la { b } else { a })
     }
 
     fn choose(&self, cands: &RoaringBitmap, rng: &mut Rng) -> Option<NodeIdx> {
