@@ -674,7 +674,7 @@ impl NodePool {
         if n == 0 {
             return None;
         }
-        let mut draw = |rng: &mut Rng| {
+        let draw = |rng: &mut Rng| {
             for _ in 0..SAMPLE_TRIES {
                 let i = base.select(rng.below(n) as u32)?;
                 if online.contains(i)
