@@ -503,6 +503,26 @@ fn suffix_num<'a>(value: &'a str, prefix: &str) -> Option<&'a str> {
     value.strip_prefix(prefix)
 }
 
+/// The position of a key in [`KEYS`] (a `match`, not a scan).
+fn key_slot(key: &str) -> Option<usize> {
+    Some(match key {
+        "country" => 0,
+        "region" => 1,
+        "city" => 2,
+        "isp" => 3,
+        "asn" => 4,
+        "network" => 5,
+        "session" => 6,
+        "sessionid" => 7,
+        "sessionlength" => 8,
+        "bind" => 9,
+        "rotate" => 10,
+        "onerror" => 11,
+        "prefer" => 12,
+        _ => return None,
+    })
+}
+
 /// Nearest key by edit distance ≤ 2, for the "did you mean" hint.
 fn near_key(word: &str) -> Option<&'static str> {
     fn dist(a: &str, b: &str) -> usize {
@@ -565,7 +585,7 @@ pub fn parse(username: &str, geo: &GeoCatalog) -> Result<Rules, Rejection> {
     };
     let mut prev: Option<(&str, &str)> = None;
     while let Some(key) = tokens.as_mut().and_then(Iterator::next) {
-        let Some(slot) = KEYS.iter().position(|k| *k == key) else {
+        let Some(slot) = key_slot(key) else {
             let detail = unknown_key_detail(key, prev);
             syntax = Some(Rejection::new(Code::ErrUnknownParam, detail));
             break;
@@ -833,3 +853,12 @@ fn check_combination(rules: &Rules, pending: &[Option<Pending<'_>>; 3]) -> Resul
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+#[test]
+fn key_slots_match_the_key_list() {
+    for (i, k) in KEYS.iter().enumerate() {
+        assert_eq!(key_slot(k), Some(i));
+    }
+    assert_eq!(key_slot("Country"), None);
+}
