@@ -55,16 +55,16 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
-/// Send `sig` (`TERM`, `KILL`, `HUP`, …) to `pid` with kill(1).
-pub fn signal(pid: u32, sig: &str) {
-    let st = Command::new("kill")
-        .args(["-s", sig, &pid.to_string()])
+/// Send `sig` (`TERM`, `KILL`, `HUP`, …) to `pid`, with the shell's `kill`
+/// builtin (no procps needed, no unsafe code here). Whether it was
+/// delivered.
+pub fn signal(pid: u32, sig: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", "kill -s \"$0\" \"$1\"", sig, &pid.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .status();
-    if let Err(e) = st {
-        panic!("kill -s {sig} {pid}: {e}");
-    }
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Wait for `child` to exit, at most `timeout`.
@@ -214,7 +214,12 @@ impl Gateway {
 
     /// Send a signal by PID.
     pub fn signal(&self, sig: &str) {
-        signal(self.pid(), sig);
+        assert!(
+            signal(self.pid(), sig),
+            "could not send SIG{sig} to splicegate (pid {}); stderr:\n{}",
+            self.pid(),
+            self.log_tail(30)
+        );
     }
 
     /// Write a new config (same placeholders, same ports) and send SIGHUP,

@@ -34,7 +34,7 @@ impl Proc {
         if let Some(mut c) = self.child.take()
             && c.try_wait().ok().flatten().is_none()
         {
-            signal(c.id(), "TERM");
+            let _ = signal(c.id(), "TERM");
             if wait_child(&mut c, Duration::from_secs(2)).is_none() {
                 let _ = c.kill();
                 let _ = wait_child(&mut c, Duration::from_secs(2));

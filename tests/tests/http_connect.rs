@@ -259,3 +259,62 @@ fn demo_echo_target_answers_with_the_exit_address() {
         assert_eq!(r.text().trim(), n1.to_string());
     }
 }
+
+#[test]
+fn bytes_sent_right_after_connect_are_not_lost() {
+    let echo = TcpEcho::start();
+    let node = TestNode::http(node_ip());
+    let gw = Gateway::start_conf(
+        &Conf::with_package(KEY)
+            .node(NodeDecl::direct("d1", node_ip()).s("city", "new_york"))
+            .node(NodeDecl::http("h1", node.addr()).s("city", "chicago")),
+    );
+    for city in ["new_york", "chicago"] {
+        // CONNECT and the first payload bytes in one write, before the 200.
+        let t = echo.addr().to_string();
+        let mut c = gw.conn();
+        let req = format!(
+            "CONNECT {t} HTTP/1.1\r\nHost: {t}\r\nProxy-Authorization: {}\r\n\r\nearly bytes!",
+            basic(&user(&format!("country-us-city-{city}")), KEY)
+        );
+        c.send(req.as_bytes()).unwrap();
+        let r = c.read_response("CONNECT").unwrap();
+        assert_eq!(r.status, 200, "{city}: {}", r.raw_head);
+        assert_eq!(c.read_n(12).unwrap(), b"early bytes!", "{city}");
+        c.echo_round_trip(b"and more").unwrap();
+    }
+}
+
+#[test]
+fn half_close_delivers_everything_then_eof() {
+    let echo = TcpEcho::start();
+    let gw = Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::direct("d1", node_ip())));
+    let mut c = gw.tunnel(client_ip(), echo.addr(), "country-us");
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+    c.send(&data).unwrap();
+    c.shutdown_write();
+    let got = c.read_to_close(1 << 20).unwrap();
+    assert_eq!(got.len(), data.len(), "bytes echoed before EOF");
+    assert!(got == data);
+}
+
+#[test]
+fn an_idle_tunnel_is_closed_after_idle_s() {
+    let echo = TcpEcho::start();
+    let mut conf = Conf::with_package(KEY).node(NodeDecl::direct("d1", node_ip()));
+    conf.idle_s = 1;
+    let gw = Gateway::start_conf(&conf);
+    let mut busy = gw.tunnel(client_ip(), echo.addr(), "country-us");
+    let mut idle = gw.tunnel(client_ip(), echo.addr(), "country-us");
+    idle.echo_round_trip(b"once").unwrap();
+    // Keep one tunnel busy while the other idles.
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(300));
+        busy.echo_round_trip(b"tick").unwrap();
+    }
+    assert!(
+        idle.closed_within(Duration::from_secs(2)).is_some(),
+        "a tunnel idle for over idle_s = 1 is still open"
+    );
+    busy.echo_round_trip(b"still busy").unwrap();
+}

@@ -235,3 +235,104 @@ fn forwarding_through_an_http_node_and_a_socks5_node() {
         "each request left from its node"
     );
 }
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let web = HttpTarget::start();
+    let gw = gateway_with_direct(node_ip());
+    let auth = format!("Proxy-Authorization: {}", basic(&user("country-us"), KEY));
+    let mut batch = String::new();
+    for n in [3, 5, 7] {
+        batch.push_str(&format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\n{auth}\r\n\r\n",
+            web.url(&format!("/bytes/{n}")),
+            web.addr()
+        ));
+    }
+    let mut c = gw.conn();
+    c.send(batch.as_bytes()).unwrap();
+    for want in ["abc", "abcde", "abcdefg"] {
+        let r = c.read_response("GET").unwrap();
+        assert_eq!(r.status, 200, "{}", r.raw_head);
+        assert_eq!(r.text(), want);
+    }
+}
+
+#[test]
+fn a_large_forwarded_response_arrives_intact() {
+    let web = HttpTarget::start();
+    let gw = gateway_with_direct(node_ip());
+    let mut c = gw.conn();
+    let n = 8_000_000usize;
+    let r = c
+        .get(
+            &web.url(&format!("/bytes/{n}")),
+            Some((&user("country-us"), KEY)),
+            &[],
+        )
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), n);
+    assert!(
+        r.body
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == b'a' + (i % 26) as u8)
+    );
+    let r = c
+        .get(&web.url("/bytes/2"), Some((&user("country-us"), KEY)), &[])
+        .unwrap();
+    assert_eq!(r.text(), "ab");
+}
+
+#[test]
+fn errors_on_keep_alive_leave_the_connection_usable_when_it_says_so() {
+    let web = HttpTarget::start();
+    let closed = free_port("127.0.0.1".parse().unwrap());
+    let gw = gateway_with_direct(node_ip());
+    let mut c = gw.conn();
+    let u = user("country-us");
+    let r = c
+        .get(&format!("http://127.0.0.1:{closed}/"), Some((&u, KEY)), &[])
+        .unwrap();
+    assert_error(&r, 502, "TARGET_UNREACHABLE", &[]);
+    let bad = c.get(&web.url("/ip"), Some((&user("contry-us"), KEY)), &[]);
+    let r = match (r.header("Connection"), bad) {
+        (Some(v), Ok(bad)) if v.eq_ignore_ascii_case("keep-alive") => bad,
+        (Some(v), Err(e)) if v.eq_ignore_ascii_case("keep-alive") => {
+            panic!("the error said keep-alive but the connection was closed: {e}")
+        }
+        _ => return,
+    };
+    assert_error(&r, 400, "ERR_UNKNOWN_PARAM", &[]);
+    if r.header("Connection")
+        .is_some_and(|v| v.eq_ignore_ascii_case("keep-alive"))
+    {
+        let ok = c.get(&web.url("/ip"), Some((&u, KEY)), &[]).unwrap();
+        assert_eq!(ok.status, 200, "{}", ok.raw_head);
+    }
+}
+
+#[test]
+fn an_http_1_0_client_is_served_and_closed() {
+    let n1 = node_ip();
+    let web = HttpTarget::start();
+    let gw = gateway_with_direct(n1);
+    let mut c = gw.conn();
+    c.send(
+        format!(
+            "GET {} HTTP/1.0\r\nProxy-Authorization: {}\r\n\r\n",
+            web.url("/ip"),
+            basic(&user("country-us"), KEY)
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let r = c.read_response("GET").unwrap();
+    assert_eq!(r.status, 200, "{}", r.raw_head);
+    assert_eq!(r.text().trim(), n1.to_string());
+    assert!(
+        c.closed_within(std::time::Duration::from_secs(3)).is_some(),
+        "HTTP/1.0 without keep-alive closes"
+    );
+}

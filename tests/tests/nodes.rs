@@ -463,3 +463,78 @@ fn third_party_node_processes_stopped_mid_test_are_replaced() {
         "rotating requests avoid the dead node"
     );
 }
+
+#[test]
+fn every_targeting_rule_selects_only_matching_nodes() {
+    let web = HttpTarget::start();
+    let ny = node_ip();
+    let la = node_ip();
+    let gb = node_ip();
+    let dc = node_ip();
+    let gw = Gateway::start_conf(
+        &Conf::with_package(KEY)
+            .node(NodeDecl::direct("ny", ny).s("region", "new_york"))
+            .node(
+                NodeDecl::direct("la", la)
+                    .s("region", "california")
+                    .s("city", "los_angeles")
+                    .s("isp", "t_mobile")
+                    .set("asn", "21928")
+                    .s("network", "mob"),
+            )
+            .node(
+                NodeDecl::direct("gb", gb)
+                    .s("country", "gb")
+                    .s("city", "london")
+                    .s("isp", "bt")
+                    .set("asn", "2856"),
+            )
+            .node(
+                NodeDecl::direct("dc", dc)
+                    .s("country", "de")
+                    .s("city", "frankfurt")
+                    .s("isp", "hetzner")
+                    .set("asn", "24940")
+                    .s("network", "dc"),
+            ),
+    );
+    let src = client_ip();
+    let cases: Vec<(&str, HashSet<String>)> = vec![
+        (
+            "country-us",
+            HashSet::from([ny.to_string(), la.to_string()]),
+        ),
+        ("country-gb", HashSet::from([gb.to_string()])),
+        (
+            "country-us-region-california",
+            HashSet::from([la.to_string()]),
+        ),
+        ("country-us-city-new_york", HashSet::from([ny.to_string()])),
+        ("country-gb-city-london", HashSet::from([gb.to_string()])),
+        ("isp-bt", HashSet::from([gb.to_string()])),
+        ("country-us-isp-t_mobile", HashSet::from([la.to_string()])),
+        ("asn-24940", HashSet::from([dc.to_string()])),
+        ("network-mob", HashSet::from([la.to_string()])),
+        ("network-dc", HashSet::from([dc.to_string()])),
+        (
+            "country-any-network-res",
+            HashSet::from([ny.to_string(), gb.to_string()]),
+        ),
+    ];
+    for (rules, allowed) in &cases {
+        for _ in 0..6 {
+            let ip = gw.exit_ok(src, &web.url("/ip"), rules);
+            assert!(
+                allowed.contains(&ip),
+                "{rules} exited from {ip}, allowed {allowed:?}"
+            );
+        }
+    }
+    // A name known in another country only.
+    let r = gw
+        .exit_ip(src, &web.url("/ip"), "country-us-city-london")
+        .expect_err("london is in gb");
+    assert_eq!(r.status, 400, "{}", r.raw_head);
+    // Uppercase letters are allowed in a session id.
+    gw.exit_ok(src, &web.url("/ip"), "country-us-session-MiXeD_Case9");
+}

@@ -259,3 +259,83 @@ fn a_full_session_table_is_overloaded() {
     // Rotating requests need no session slot.
     gw.exit_ok(src, &web.url("/ip"), "country-us");
 }
+
+#[test]
+fn rotating_requests_on_one_keep_alive_connection_change_node() {
+    let web = HttpTarget::start();
+    let (conf, _) = four_nodes();
+    let gw = Gateway::start_conf(&conf);
+    let mut c = gw.conn();
+    let exits: HashSet<String> = (0..20)
+        .map(|_| {
+            let r = c
+                .get(&web.url("/ip"), Some((&user("country-us"), KEY)), &[])
+                .unwrap();
+            assert_eq!(r.status, 200);
+            r.text().trim().to_string()
+        })
+        .collect();
+    assert!(
+        exits.len() >= 3,
+        "20 rotating requests on one connection used {exits:?}"
+    );
+    // A session on a keep-alive connection stays put.
+    let stuck: HashSet<String> = (0..6)
+        .map(|_| {
+            let r = c
+                .get(
+                    &web.url("/ip"),
+                    Some((&user("country-us-session-Ka_1"), KEY)),
+                    &[],
+                )
+                .unwrap();
+            assert_eq!(r.status, 200, "{}", r.raw_head);
+            r.text().trim().to_string()
+        })
+        .collect();
+    assert_eq!(stuck.len(), 1, "{stuck:?}");
+}
+
+#[test]
+fn a_draining_node_keeps_its_sessions_and_takes_no_new_ones() {
+    let web = HttpTarget::start();
+    let (a, b) = (node_ip(), node_ip());
+    let conf = Conf::with_package(KEY)
+        .node(NodeDecl::direct("a", a))
+        .node(NodeDecl::direct("b", b));
+    let mut gw = Gateway::start_conf(&conf);
+    let src = client_ip();
+    // A session on node a.
+    let mut on_a = None;
+    for s in 0..40 {
+        let rules = format!("country-us-session-dr{s}");
+        if gw.exit_ok(src, &web.url("/ip"), &rules) == a.to_string() {
+            on_a = Some(rules);
+            break;
+        }
+    }
+    let rules = on_a.expect("no session on node a in 40 tries");
+    let mut draining = conf.clone();
+    draining.nodes[0] = NodeDecl::direct("a", a).s("state", "draining");
+    gw.reload_conf(&draining);
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..4 {
+        assert_eq!(
+            gw.exit_ok(src, &web.url("/ip"), &rules),
+            a.to_string(),
+            "existing session runs on"
+        );
+    }
+    for i in 0..10 {
+        assert_eq!(
+            gw.exit_ok(src, &web.url("/ip"), "country-us"),
+            b.to_string(),
+            "rotating"
+        );
+        assert_eq!(
+            gw.exit_ok(src, &web.url("/ip"), &format!("country-us-session-new{i}")),
+            b.to_string(),
+            "new session"
+        );
+    }
+}

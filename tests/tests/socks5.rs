@@ -350,3 +350,24 @@ fn malformed_socks5_messages_close_the_connection() {
     let s = socks5(&mut c, Some((&u, KEY)), 1, &SocksAddr::of(web.addr())).unwrap();
     assert_eq!(s, SocksOutcome::Reply(0));
 }
+
+#[test]
+fn socks5_request_and_payload_in_one_write() {
+    let echo = TcpEcho::start();
+    let gw = Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::direct("d1", node_ip())));
+    let u = user("country-us");
+    let mut m = vec![5u8, 1, 2, 1, u.len() as u8];
+    m.extend_from_slice(u.as_bytes());
+    m.push(KEY.len() as u8);
+    m.extend_from_slice(KEY.as_bytes());
+    m.extend_from_slice(&[5, 1, 0]);
+    m.extend_from_slice(&SocksAddr::of(echo.addr()).encode());
+    m.extend_from_slice(b"pipelined payload");
+    let mut c = gw.conn();
+    c.send(&m).unwrap();
+    assert_eq!(c.read_n(2).unwrap(), vec![5, 2]);
+    assert_eq!(c.read_n(2).unwrap(), vec![1, 0]);
+    let reply = c.read_n(10).unwrap();
+    assert_eq!(reply[..2], [5, 0], "{reply:?}");
+    assert_eq!(c.read_n(17).unwrap(), b"pipelined payload");
+}
