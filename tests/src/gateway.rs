@@ -81,7 +81,8 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     }
 }
 
-/// A running gateway: its process, directory, ports and log.
+/// A running gateway: its process, directory, ports and log. The directory
+/// is removed when the test passes, unless `SPLICEGATE_TEST_KEEP` is set.
 #[derive(Debug)]
 pub struct Gateway {
     child: Child,
@@ -300,13 +301,22 @@ impl Drop for Gateway {
             let _ = self.child.kill();
             let _ = wait_child(&mut self.child, Duration::from_secs(5));
         }
+        // Whatever a test checked, the gateway must never have panicked.
+        if !std::thread::panicking() && self.log().contains("panicked at") {
+            let tail = self.log_tail(80);
+            self.keep_dir = true;
+            panic!(
+                "splicegate panicked during this test (log kept in {}):\n{tail}",
+                self.dir.display()
+            );
+        }
         if std::thread::panicking() {
             eprintln!(
                 "--- splicegate stderr (last 60 lines; full log in {}) ---\n{}\n---",
                 self.log_path.display(),
                 self.log_tail(60)
             );
-        } else if !self.keep_dir {
+        } else if !self.keep_dir && std::env::var_os("SPLICEGATE_TEST_KEEP").is_none() {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
