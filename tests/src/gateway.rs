@@ -22,7 +22,9 @@ static DIR_SEQ: AtomicU32 = AtomicU32::new(0);
 /// `$SPLICEGATE_BIN`.
 pub fn binary() -> PathBuf {
     if let Some(p) = std::env::var_os("SPLICEGATE_BIN") {
-        return PathBuf::from(p);
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "SPLICEGATE_BIN={} is not a file", p.display());
+        return p;
     }
     let exe = std::env::current_exe().expect("current_exe");
     let deps = exe.parent().expect("test executable has a directory");
