@@ -255,7 +255,7 @@ fn disallowed_targets_and_protocols_are_403() {
     let web = HttpTarget::start();
     let gw = Gateway::start_conf(&conf(node_ip()));
     let u = user("country-us");
-    let r = connect(&gw, &gw_port25(), &u, KEY);
+    let r = connect(&gw, "127.0.0.1:25", &u, KEY);
     assert_error(&r, 403, "DISALLOWED", &["25"]);
     for private in [
         "10.1.2.3:80",
@@ -311,10 +311,6 @@ fn disallowed_targets_and_protocols_are_403() {
         SocksOutcome::Reply(2),
         "socks5 not enabled: not allowed by ruleset"
     );
-}
-
-fn gw_port25() -> String {
-    "127.0.0.1:25".into()
 }
 
 #[test]
