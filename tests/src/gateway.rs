@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -153,7 +153,7 @@ impl Gateway {
             .create(true)
             .append(true)
             .open(&log_path)?;
-        let child = Command::new(&bin)
+        let spawned = Command::new(&bin)
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
@@ -162,8 +162,14 @@ impl Gateway {
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .env("RUST_BACKTRACE", "1")
-            .spawn()
-            .with_context(|| format!("spawn {}", bin.display()))?;
+            .spawn();
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&dir);
+                return Err(e).with_context(|| format!("spawn {}", bin.display()));
+            }
+        };
         let proxy = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports["PROXY"]);
         let mut gw = Gateway {
             child,
@@ -325,11 +331,19 @@ impl Drop for Gateway {
 }
 
 /// Fill the placeholders: `@PROXY@`, `@ADMIN@`, `@DIR@`, `@PORT_<NAME>@`.
+/// New ports are found with `bind :0`; their listeners stay open until every
+/// placeholder is filled, so one config never gets the same port twice.
 pub fn render(toml: &str, dir: &Path, ports: &mut HashMap<String, u16>) -> String {
+    let mut held: Vec<TcpListener> = Vec::new();
     let mut port = |name: &str| -> u16 {
-        *ports
-            .entry(name.to_string())
-            .or_insert_with(|| crate::addr::free_port(IpAddr::V4(Ipv4Addr::LOCALHOST)))
+        if let Some(p) = ports.get(name) {
+            return *p;
+        }
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+        let p = l.local_addr().expect("local_addr").port();
+        held.push(l);
+        ports.insert(name.to_string(), p);
+        p
     };
     let proxy = port("PROXY");
     let admin = port("ADMIN");
@@ -349,6 +363,7 @@ pub fn render(toml: &str, dir: &Path, ports: &mut HashMap<String, u16>) -> Strin
         let p = port(&name);
         out.replace_range(start..start + 6 + end + 1, &p.to_string());
     }
+    drop(held);
     out
 }
 

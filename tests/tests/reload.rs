@@ -385,3 +385,44 @@ fn usage_and_balances_survive_a_restart() {
     check_used_up(&gw, &web, "after a restart");
     gw.exit_ok(client_ip(), &web.url("/ip"), "country-us");
 }
+
+#[test]
+fn a_listen_address_used_twice_is_refused() {
+    // With SO_REUSEPORT both sockets would bind, and connections would land
+    // on one or the other at random: the package-bound ip_only port would eat
+    // a share of the general proxy port's clients.
+    let allowlist = "[\"127.0.9.9/32\"]";
+    let conf = Conf::with_package(KEY)
+        .package(
+            PkgDecl::new(15, "acme", "k15")
+                .set("auth", "\"ip\"")
+                .set("ip_allowlist", allowlist),
+        )
+        .node(NodeDecl::direct("d1", node_ip()));
+    let same_as_proxy = conf
+        .clone()
+        .raw("[[listener]]\nlisten = \"@PROXY@\"\npackage = 15\nip_only = true\n")
+        .toml();
+    let (code, err) = check_config(&same_as_proxy);
+    assert_eq!(
+        code, 1,
+        "a [[listener]] on the proxy's own address was accepted: {err}"
+    );
+    let twice = conf
+        .clone()
+        .raw("[[listener]]\nlisten = \"127.0.0.1:@PORT_L@\"\npackage = 15\n")
+        .raw("[[listener]]\nlisten = \"127.0.0.1:@PORT_L@\"\npackage = 7\n")
+        .toml();
+    let (code, err) = check_config(&twice);
+    assert_eq!(
+        code, 1,
+        "two [[listener]]s on one address were accepted: {err}"
+    );
+    match Gateway::try_start(&same_as_proxy) {
+        Err(_) => {}
+        Ok(gw) => panic!(
+            "serve started with one address listened on twice:\n{}",
+            gw.log_tail(5)
+        ),
+    }
+}
