@@ -548,3 +548,103 @@ fn keys_never_reach_the_log() {
         leaks.join("\n")
     );
 }
+
+#[test]
+fn loopback_in_any_spelling_is_disallowed_without_allow_targets() {
+    // SPEC 7 with the default safety: no exit to loopback or private
+    // addresses, whatever way the client spells them.
+    let web = HttpTarget::start();
+    let port = web.addr().port();
+    let mut conf = Conf::with_package(KEY).node(NodeDecl::direct("d1", node_ip()));
+    conf.allow_targets = Vec::new();
+    let gw = Gateway::start_conf(&conf);
+    let u = user("country-us");
+    let must_disallow = [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("LOCALHOST:{port}"),
+        format!("localhost.:{port}"),
+        format!("[::1]:{port}"),
+        format!("[::ffff:127.0.0.1]:{port}"),
+        format!("0.0.0.0:{port}"),
+    ];
+    for t in &must_disallow {
+        let r = connect(&gw, t, &u, KEY);
+        assert_error(&r, 403, "DISALLOWED", &[]);
+    }
+    // Numeric spellings that resolvers may read as 127.0.0.1: refused one
+    // way or another, never connected.
+    for t in [
+        format!("2130706433:{port}"),
+        format!("0x7f000001:{port}"),
+        format!("017700000001:{port}"),
+        format!("127.1:{port}"),
+        format!("0177.0.0.1:{port}"),
+    ] {
+        let r = connect(&gw, &t, &u, KEY);
+        assert_ne!(
+            r.status, 200,
+            "CONNECT {t} reached loopback: {}",
+            r.raw_head
+        );
+    }
+    let r = gw
+        .conn()
+        .get(&format!("http://localhost:{port}/ip"), Some((&u, KEY)), &[])
+        .unwrap();
+    assert_error(&r, 403, "DISALLOWED", &[]);
+    let mut c = gw.conn();
+    let s = socks5(
+        &mut c,
+        Some((&u, KEY)),
+        1,
+        &SocksAddr::Domain("localhost".into(), port),
+    )
+    .unwrap();
+    assert_eq!(s, SocksOutcome::Reply(2));
+    assert_eq!(
+        web.connections(),
+        0,
+        "a loopback target was reached: {:?}",
+        web.peers()
+    );
+}
+
+#[test]
+fn a_407_keeps_the_connection_for_the_retry_with_credentials() {
+    let echo = TcpEcho::start();
+    let gw = Gateway::start_conf(&conf(node_ip()));
+    let mut c = gw.conn();
+    let t = echo.addr().to_string();
+    let r = c.connect(&t, None, &[]).unwrap();
+    assert_error(&r, 407, "ERR_AUTH_REQUIRED", &[]);
+    if r.header("Connection")
+        .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+    {
+        return; // closing is allowed; then the client reconnects
+    }
+    let r = c
+        .connect(&t, Some((&user("country-us"), KEY)), &[])
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.raw_head);
+    c.echo_round_trip(b"after the challenge").unwrap();
+}
+
+#[test]
+fn the_basic_scheme_is_case_insensitive() {
+    let web = HttpTarget::start();
+    let gw = Gateway::start_conf(&conf(node_ip()));
+    let b = basic(&user("country-us"), KEY);
+    let token = b.trim_start_matches("Basic ");
+    for scheme in ["basic", "BASIC"] {
+        let mut c = gw.conn();
+        let r = c
+            .get(
+                &web.url("/ip"),
+                None,
+                &[&format!("Proxy-Authorization: {scheme} {token}")],
+            )
+            .unwrap();
+        assert_eq!(r.status, 200, "scheme {scheme}: {}", r.raw_head);
+    }
+}

@@ -326,3 +326,26 @@ fn a_thousand_idle_tunnels_on_bounded_threads() {
     c.echo_round_trip(b"after").unwrap();
     eprintln!("opened {TUNNELS} tunnels in {opened:?}; threads {baseline} -> {threads}");
 }
+
+#[test]
+fn max_connections_counts_connections_not_requests() {
+    let web = HttpTarget::start();
+    let gw = Gateway::start_conf(
+        &Conf::with_package(KEY)
+            .package(PkgDecl::new(8, "acme", "key8").set("max_connections", "1"))
+            .node(NodeDecl::direct("d1", node_ip())),
+    );
+    let mut c = gw.conn();
+    for i in 0..5 {
+        let r = c
+            .get(&web.url("/ip"), Some(("package-8-country-us", "key8")), &[])
+            .unwrap();
+        assert_eq!(
+            r.status, 200,
+            "request {i} on one connection: {}",
+            r.raw_head
+        );
+    }
+    let r = gw.forward(client_ip(), &web.url("/ip"), "package-8-country-us", "key8");
+    assert_error(&r, 429, "RATE_LIMIT_EXCEEDED", &[]);
+}
