@@ -160,6 +160,21 @@ fn malformed_http_heads_are_answered_and_disturb_no_one() {
     );
     b.still_serves("bad Content-Length");
 
+    // 8b. Framing that RFC 9112 says a server must refuse with 400:
+    // chunked not the final coding, an unknown coding, whitespace before
+    // the colon of a field name.
+    for (what, te) in [
+        ("chunked not final", "Transfer-Encoding: chunked, gzip\r\n"),
+        ("unknown coding", "Transfer-Encoding: xchunked\r\n"),
+        ("space before colon", "Transfer-Encoding : chunked\r\n"),
+    ] {
+        let req = format!(
+            "POST http://{web}/echo HTTP/1.1\r\nHost: {web}\r\n{auth}\r\n{te}\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        expect(b.raw(req.as_bytes()), 400, "BAD_REQUEST", what);
+    }
+    b.still_serves("bad transfer codings");
+
     // 9. Bad CONNECT authorities.
     for authority in [
         "nohostport",

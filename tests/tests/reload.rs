@@ -426,3 +426,35 @@ fn a_listen_address_used_twice_is_refused() {
         ),
     }
 }
+
+#[test]
+fn open_tunnels_survive_reloads_even_of_their_node() {
+    let echo = TcpEcho::start();
+    let (n1, n2) = (node_ip(), node_ip());
+    let conf = Conf::with_package(KEY)
+        .node(NodeDecl::direct("d1", n1))
+        .node(NodeDecl::direct("d2", n2).s("city", "chicago"));
+    let mut gw = Gateway::start_conf(&conf);
+    let mut t = gw.tunnel(client_ip(), echo.addr(), "country-us-city-new_york");
+    t.echo_round_trip(b"before").unwrap();
+    // Same file again, then a file without the tunnel's node.
+    gw.reload_conf(&conf);
+    t.echo_round_trip(b"after a reload").unwrap();
+    let mut without = conf.clone();
+    without.nodes.remove(0);
+    gw.reload_conf(&without);
+    t.echo_round_trip(b"its node was removed; it runs out")
+        .unwrap();
+    let r = eventually(Duration::from_secs(3), Duration::from_millis(50), || {
+        let (_c, r) = gw.connect_as(
+            client_ip(),
+            &echo.addr().to_string(),
+            &user("country-us-city-new_york"),
+            KEY,
+            &[],
+        );
+        (r.status != 200).then_some(r)
+    })
+    .expect("the removed node still takes new tunnels");
+    assert_error(&r, 502, "NODE_NOT_FOUND", &[]);
+}
