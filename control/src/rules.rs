@@ -195,6 +195,28 @@ pub struct Fingerprint {
     prefer_lookalike: bool,
 }
 
+impl Fingerprint {
+    /// The rules a fingerprint fixes, as [`Rules`] of `package` with no
+    /// session id (for listings of live sessions: [`Rules::to_username`]).
+    pub fn to_rules(&self, package: u64) -> Rules {
+        Rules {
+            package,
+            country: self.country,
+            region: self.region,
+            city: self.city,
+            isp: self.isp,
+            asn: self.asn,
+            network: self.network,
+            session: None,
+            session_length: None,
+            bind_node: self.bind_node,
+            rotate: self.rotate,
+            onerror: self.onerror,
+            prefer_lookalike: self.prefer_lookalike,
+        }
+    }
+}
+
 impl Rules {
     /// Session length in seconds, with the default applied.
     pub fn session_length(&self) -> u32 {

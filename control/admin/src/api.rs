@@ -1,0 +1,725 @@
+//! The admin API: HTTP/1.1 + JSON (axum). Reads come from the published
+//! policy snapshot and the engine; changes go through [`Control`], which
+//! publishes a new snapshot, so they hold from the next request on.
+//!
+//! Errors are `{"error": "<kind>", "message": "<what and what to do>"}` with
+//! 400 (unreadable JSON or query), 401 (token), 404 (no such object or
+//! route), 405, 409 (exists, or declared in the config file), 422 (a value
+//! that does not make a valid policy), 500 (the store failed).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use splicegate_control::errors::ErrorRecord;
+use splicegate_control::geo::{Country, GeoKind};
+use splicegate_control::limits::credits_to_micro;
+use splicegate_control::nodes::NodeIdx;
+use splicegate_control::policy::{Org, Package, Policy};
+use splicegate_control::rules::{CountryRule, NetworkRule, OnError, Rotate, Rules, SessionId};
+use splicegate_control::session::{SessionInfo, SessionKey};
+use subtle::ConstantTimeEq;
+
+use crate::control::{Control, FileObject, unix_ms};
+use crate::error::ControlError;
+use crate::metrics::{CONTENT_TYPE, Metrics};
+use crate::spec::{NodeFields, PackageFields, credits};
+use crate::time::rfc3339;
+
+/// The dashboard page (a placeholder until the dashboard lands).
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// What every handler shares.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// The control object.
+    pub control: Arc<Control>,
+    /// The bearer token, when configured.
+    pub token: Option<Arc<str>>,
+    /// `/metrics`.
+    pub metrics: Arc<Metrics>,
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+    fn bad_request(m: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", m)
+    }
+    fn not_found(m: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", m)
+    }
+    fn invalid(m: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            axum::Json(json!({"error": self.kind, "message": self.message})),
+        )
+            .into_response()
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::NotFound(m) => ApiError::not_found(m),
+            ControlError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            ControlError::Invalid(m) => ApiError::invalid(m),
+            ControlError::Store(e) => {
+                tracing::error!("admin API: {e}");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "store",
+                    format!("the store failed: {e}"),
+                )
+            }
+        }
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn ok(v: Value) -> ApiResult {
+    Ok(axum::Json(v).into_response())
+}
+
+fn created(v: Value) -> ApiResult {
+    Ok((StatusCode::CREATED, axum::Json(v)).into_response())
+}
+
+/// Read a JSON body: unreadable JSON is 400, JSON of the wrong shape
+/// (unknown field, wrong type) is 422.
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        if e.is_data() {
+            ApiError::invalid(e.to_string())
+        } else {
+            ApiError::bad_request(format!("the body is not JSON: {e}"))
+        }
+    })
+}
+
+/// The router: `/healthz` and `/` (the dashboard page, which asks for the
+/// token itself) are open; everything else needs the token when one is set.
+pub fn router(state: AppState) -> Router {
+    let guarded = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v1/orgs", get(list_orgs).post(create_org))
+        .route("/v1/orgs/{id}", get(get_org))
+        .route("/v1/orgs/{id}/credits", post(add_credits))
+        .route("/v1/packages", get(list_packages).post(create_package))
+        .route("/v1/packages/{id}", get(get_package).patch(patch_package))
+        .route("/v1/packages/{id}/key", post(new_key))
+        .route("/v1/packages/{id}/usage/reset", post(reset_usage))
+        .route("/v1/packages/{id}/errors", get(package_errors))
+        .route("/v1/errors", get(all_errors))
+        .route("/v1/nodes", get(list_nodes).post(create_node))
+        .route(
+            "/v1/nodes/{id}",
+            get(get_node).patch(patch_node).delete(delete_node),
+        )
+        .route("/v1/sessions", get(list_sessions))
+        .route("/v1/sessions/{package}/{id}", delete(delete_session))
+        .route("/v1/geo/countries", get(geo_countries))
+        .route("/v1/geo/regions", get(geo_regions))
+        .route("/v1/geo/cities", get(geo_cities))
+        .route("/v1/geo/isps", get(geo_isps))
+        .route("/v1/explain", get(explain))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/", get(dashboard))
+        .merge(guarded)
+        .fallback(|| async { ApiError::not_found("no such endpoint; see docs/admin-api.md") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+            )
+        })
+        .with_state(state)
+}
+
+async fn auth(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(token) = &s.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let good =
+            given.len() == token.len() && bool::from(given.as_bytes().ct_eq(token.as_bytes()));
+        if !good {
+            let mut r = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send Authorization: Bearer <admin.token>",
+            )
+            .into_response();
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"splicegate-admin\""),
+            );
+            return r;
+        }
+    }
+    next.run(req).await
+}
+
+async fn healthz() -> Response {
+    axum::Json(json!({"status": "serving"})).into_response()
+}
+
+async fn dashboard() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        DASHBOARD,
+    )
+        .into_response()
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], s.metrics.render()).into_response()
+}
+
+// ---- organisations ----
+
+fn org_json(s: &AppState, policy: &Policy, org: &Org) -> Value {
+    let a = &org.account;
+    let mut packages: Vec<u64> = policy
+        .packages
+        .values()
+        .filter(|p| p.decl.org.as_deref() == Some(org.decl.id.as_str()))
+        .map(|p| p.id())
+        .collect();
+    packages.sort_unstable();
+    json!({
+        "id": org.decl.id,
+        "balance": credits(a.balance()),
+        "granted": credits(a.granted()),
+        "spent": credits(a.spent()),
+        "balance_micro": a.balance(),
+        "packages": packages,
+        "from_file": s.control.declared_in_file(FileObject::Org(&org.decl.id)),
+    })
+}
+
+async fn list_orgs(State(s): State<AppState>) -> ApiResult {
+    let policy = s.control.engine().policy();
+    let mut orgs: Vec<&Arc<Org>> = policy.orgs.values().collect();
+    orgs.sort_by(|a, b| a.decl.id.cmp(&b.decl.id));
+    ok(Value::Array(
+        orgs.iter().map(|o| org_json(&s, &policy, o)).collect(),
+    ))
+}
+
+async fn get_org(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    let policy = s.control.engine().policy();
+    let org = policy
+        .orgs
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no org {id}")))?;
+    ok(org_json(&s, &policy, org))
+}
+
+fn micro(what: &str, amount: f64) -> Result<i64, ApiError> {
+    credits_to_micro(amount)
+        .ok_or_else(|| ApiError::invalid(format!("{what} {amount} is not a credit amount")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewOrg {
+    id: String,
+    #[serde(default)]
+    credits: f64,
+}
+
+async fn create_org(State(s): State<AppState>, bytes: Bytes) -> ApiResult {
+    let b: NewOrg = body(&bytes)?;
+    let m = micro("credits", b.credits)?;
+    if m < 0 {
+        return Err(ApiError::invalid("credits: an opening grant is 0 or more"));
+    }
+    s.control.create_org(&b.id, m)?;
+    let policy = s.control.engine().policy();
+    let org = policy
+        .orgs
+        .get(&b.id)
+        .ok_or_else(|| ApiError::not_found(format!("no org {}", b.id)))?;
+    created(org_json(&s, &policy, org))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Amount {
+    amount: f64,
+}
+
+async fn add_credits(State(s): State<AppState>, Path(id): Path<String>, bytes: Bytes) -> ApiResult {
+    let b: Amount = body(&bytes)?;
+    let m = micro("amount", b.amount)?;
+    if m == 0 {
+        return Err(ApiError::invalid(
+            "amount: give a non-zero amount (negative corrects)",
+        ));
+    }
+    s.control.add_credits(&id, m)?;
+    let policy = s.control.engine().policy();
+    let org = policy
+        .orgs
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no org {id}")))?;
+    ok(org_json(&s, &policy, org))
+}
+
+// ---- packages ----
+
+fn package_json(s: &AppState, p: &Package) -> Value {
+    let d = &p.decl;
+    let u = p.usage.totals();
+    json!({
+        "id": d.id,
+        "org": d.org,
+        "status": d.status.as_str(),
+        "protocols": d.protocols.iter().map(|x| x.as_str()).collect::<Vec<_>>(),
+        "networks": d.networks.iter().map(|x| x.as_str()).collect::<Vec<_>>(),
+        "features": d.features.iter().map(|x| x.as_str()).collect::<Vec<_>>(),
+        "auth": d.auth.as_str(),
+        "ip_allowlist": d.ip_allowlist,
+        "default_rules": d.default_rules,
+        "rps_limit": d.rps_limit,
+        "max_connections": d.max_connections,
+        "traffic_limit_bytes": d.traffic_limit_bytes,
+        "price_per_gb": credits(d.price_per_gb as i64),
+        "bytes_up": u.bytes_up,
+        "bytes_down": u.bytes_down,
+        "bytes": u.bytes(),
+        "requests": u.requests,
+        "charged": credits(u.charged as i64),
+        "connections": p.usage.connections(),
+        "balance": p.org.as_ref().map(|o| credits(o.account.balance())),
+        "from_file": s.control.declared_in_file(FileObject::Package(d.id)),
+    })
+}
+
+fn package_id(raw: &str) -> Result<u64, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::not_found(format!("no package {raw}")))
+}
+
+fn with_package(s: &AppState, id: u64) -> Result<Value, ApiError> {
+    let policy = s.control.engine().policy();
+    let p = policy
+        .packages
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no package {id}")))?;
+    Ok(package_json(s, p))
+}
+
+async fn list_packages(State(s): State<AppState>) -> ApiResult {
+    let policy = s.control.engine().policy();
+    let mut ids: Vec<u64> = policy.packages.keys().copied().collect();
+    ids.sort_unstable();
+    ok(Value::Array(
+        ids.iter()
+            .map(|id| package_json(&s, &policy.packages[id]))
+            .collect(),
+    ))
+}
+
+async fn get_package(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    ok(with_package(&s, package_id(&id)?)?)
+}
+
+async fn create_package(State(s): State<AppState>, bytes: Bytes) -> ApiResult {
+    let fields: PackageFields = body(&bytes)?;
+    let (id, key) = s.control.create_package(fields)?;
+    let mut v = with_package(&s, id)?;
+    v["key"] = Value::String(key);
+    created(v)
+}
+
+async fn patch_package(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult {
+    let id = package_id(&id)?;
+    let fields: PackageFields = body(&bytes)?;
+    s.control.patch_package(id, &fields)?;
+    ok(with_package(&s, id)?)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct KeyBody {
+    key: Option<String>,
+}
+
+async fn new_key(State(s): State<AppState>, Path(id): Path<String>, bytes: Bytes) -> ApiResult {
+    let id = package_id(&id)?;
+    let b: KeyBody = if bytes.iter().all(u8::is_ascii_whitespace) {
+        KeyBody::default()
+    } else {
+        body(&bytes)?
+    };
+    let key = s.control.set_key(id, b.key)?;
+    ok(json!({"id": id, "key": key}))
+}
+
+async fn reset_usage(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    let id = package_id(&id)?;
+    let left = s.control.reset_usage(id)?;
+    let mut v = with_package(&s, id)?;
+    v["reset"] = json!({
+        "bytes_up": left.bytes_up,
+        "bytes_down": left.bytes_down,
+        "requests": left.requests,
+        "charged": credits(left.charged as i64),
+    });
+    ok(v)
+}
+
+fn errors_json(records: &[ErrorRecord], limit: usize) -> Value {
+    Value::Array(
+        records
+            .iter()
+            .take(limit)
+            .map(|e| {
+                json!({
+                    "time": rfc3339(e.unix_ms),
+                    "unix_ms": e.unix_ms,
+                    "package": e.package,
+                    "protocol": e.protocol,
+                    "code": e.code.as_str(),
+                    "status": e.code.status(),
+                    "detail": e.detail,
+                })
+            })
+            .collect(),
+    )
+}
+
+fn limit(q: &HashMap<String, String>, default: usize) -> Result<usize, ApiError> {
+    match q.get("limit") {
+        None => Ok(default),
+        Some(v) => v
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("limit {v:?} is not a number"))),
+    }
+}
+
+async fn package_errors(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let id = package_id(&id)?;
+    let policy = s.control.engine().policy();
+    let p = policy
+        .packages
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no package {id}")))?;
+    ok(errors_json(&p.errors.recent(), limit(&q, 100)?))
+}
+
+async fn all_errors(
+    State(s): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    ok(errors_json(
+        &s.control.engine().errors.recent(),
+        limit(&q, 100)?,
+    ))
+}
+
+// ---- nodes ----
+
+fn node_json(s: &AppState, policy: &Policy, idx: NodeIdx) -> Value {
+    let n = policy.nodes.node(idx);
+    let name = |id: Option<u32>| id.map(|i| policy.geo.name(i).to_string());
+    json!({
+        "id": &*n.id,
+        "kind": n.kind.as_str(),
+        "addr": n.addr,
+        "bind": n.bind,
+        "username": n.credentials.as_ref().map(|c| &*c.0),
+        "country": n.country.map(|c| c.as_str().to_string()),
+        "region": name(n.region),
+        "city": name(n.city),
+        "isp": name(n.isp),
+        "asn": n.asn,
+        "network": n.network.as_str(),
+        "state": n.state().as_str(),
+        "admin_state": n.admin_state().as_str(),
+        "healthy": !n.runtime.is_unhealthy(),
+        "active_tunnels": n.runtime.active(),
+        "recent_failures": n.runtime.recent_failures(),
+        "from_file": s.control.declared_in_file(FileObject::Node(&n.id)),
+    })
+}
+
+async fn list_nodes(State(s): State<AppState>) -> ApiResult {
+    let policy = s.control.engine().policy();
+    let mut nodes: Vec<(NodeIdx, &str)> = policy.nodes.iter().map(|(i, n)| (i, &*n.id)).collect();
+    nodes.sort_by(|a, b| a.1.cmp(b.1));
+    ok(Value::Array(
+        nodes
+            .iter()
+            .map(|(i, _)| node_json(&s, &policy, *i))
+            .collect(),
+    ))
+}
+
+fn with_node(s: &AppState, id: &str) -> Result<Value, ApiError> {
+    let policy = s.control.engine().policy();
+    let (idx, _) = policy
+        .nodes
+        .get(id)
+        .ok_or_else(|| ApiError::not_found(format!("no node {id}")))?;
+    Ok(node_json(s, &policy, idx))
+}
+
+async fn get_node(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    ok(with_node(&s, &id)?)
+}
+
+async fn create_node(State(s): State<AppState>, bytes: Bytes) -> ApiResult {
+    let fields: NodeFields = body(&bytes)?;
+    let id = s.control.create_node(&fields)?;
+    created(with_node(&s, &id)?)
+}
+
+async fn patch_node(State(s): State<AppState>, Path(id): Path<String>, bytes: Bytes) -> ApiResult {
+    let fields: NodeFields = body(&bytes)?;
+    s.control.patch_node(&id, &fields)?;
+    ok(with_node(&s, &id)?)
+}
+
+async fn delete_node(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    s.control.delete_node(&id)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+// ---- sessions ----
+
+fn session_json(policy: &Policy, info: &SessionInfo, now_ns: u64, now_ms: u64) -> Value {
+    let s = &info.session;
+    let left_ms = s.expires().0.saturating_sub(now_ns) / 1_000_000;
+    let rules = s.fingerprint.to_rules(info.key.package);
+    json!({
+        "package": info.key.package,
+        "id": info.key.id.as_str(),
+        "node": policy.nodes.node(s.node).id.as_ref(),
+        "rules": rules.to_username(&policy.geo),
+        "length_s": s.length_s,
+        "expires_in_s": left_ms.div_ceil(1000),
+        "expires_at": rfc3339(now_ms + left_ms),
+        "requests": s.requests,
+        "requests_on_node": s.requests_on_node,
+    })
+}
+
+async fn list_sessions(
+    State(s): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let package = match q.get("package") {
+        None => None,
+        Some(p) => Some(
+            p.parse::<u64>()
+                .map_err(|_| ApiError::bad_request(format!("package {p:?} is not a number")))?,
+        ),
+    };
+    let limit = limit(&q, 1000)?;
+    let now = s.control.now();
+    let now_ms = unix_ms();
+    let policy = s.control.engine().policy();
+    let list = s.control.engine().sessions.list(package, now);
+    ok(Value::Array(
+        list.iter()
+            .take(limit)
+            .map(|i| session_json(&policy, i, now.0, now_ms))
+            .collect(),
+    ))
+}
+
+async fn delete_session(
+    State(s): State<AppState>,
+    Path((package, id)): Path<(String, String)>,
+) -> ApiResult {
+    let package = package_id(&package)?;
+    let sid = SessionId::parse(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no session {id} of package {package}")))?;
+    if s.control
+        .engine()
+        .sessions
+        .remove(&SessionKey { package, id: sid })
+    {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::not_found(format!(
+            "no live session {id} of package {package}"
+        )))
+    }
+}
+
+// ---- geo ----
+
+fn country_param(q: &HashMap<String, String>) -> Result<Option<Country>, ApiError> {
+    match q.get("country") {
+        None => Ok(None),
+        Some(c) => Country::parse(c).map(Some).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "country {c:?} is not a lowercase ISO 3166-1 alpha-2 code"
+            ))
+        }),
+    }
+}
+
+async fn geo_countries(State(s): State<AppState>) -> ApiResult {
+    let policy = s.control.engine().policy();
+    let mut counts: std::collections::BTreeMap<Country, u64> =
+        policy.nodes.country_counts().into_iter().collect();
+    for kind in [GeoKind::Region, GeoKind::City, GeoKind::Isp] {
+        for (c, _) in policy.geo.entries(kind) {
+            counts.entry(c).or_insert(0);
+        }
+    }
+    ok(Value::Array(
+        counts
+            .iter()
+            .map(|(c, n)| json!({"country": c.as_str(), "online_nodes": n}))
+            .collect(),
+    ))
+}
+
+fn geo_names(s: &AppState, kind: GeoKind, q: &HashMap<String, String>) -> ApiResult {
+    let only = country_param(q)?;
+    let policy = s.control.engine().policy();
+    let mut per_country: HashMap<Country, HashMap<&str, u64>> = HashMap::new();
+    let mut out = Vec::new();
+    for (c, name) in policy.geo.entries(kind) {
+        if only.is_some_and(|o| o != c) {
+            continue;
+        }
+        let counts = per_country.entry(c).or_insert_with(|| {
+            policy
+                .nodes
+                .name_counts(c, kind)
+                .into_iter()
+                .map(|(id, n)| (policy.geo.name(id), n))
+                .collect()
+        });
+        out.push(json!({
+            "country": c.as_str(),
+            "name": name,
+            "online_nodes": counts.get(name).copied().unwrap_or(0),
+        }));
+    }
+    ok(Value::Array(out))
+}
+
+async fn geo_regions(
+    State(s): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    geo_names(&s, GeoKind::Region, &q)
+}
+
+async fn geo_cities(
+    State(s): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    geo_names(&s, GeoKind::City, &q)
+}
+
+async fn geo_isps(
+    State(s): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    geo_names(&s, GeoKind::Isp, &q)
+}
+
+// ---- explain ----
+
+fn rules_json(r: &Rules, policy: &Policy) -> Value {
+    let name = |id: Option<u32>| id.map(|i| policy.geo.name(i).to_string());
+    json!({
+        "package": r.package,
+        "country": match r.country.unwrap_or_default() {
+            CountryRule::Any => "any".to_string(),
+            CountryRule::Is(c) => c.as_str().to_string(),
+        },
+        "region": name(r.region),
+        "city": name(r.city),
+        "isp": name(r.isp),
+        "asn": r.asn,
+        "network": match r.network {
+            None | Some(NetworkRule::Any) => "any",
+            Some(NetworkRule::Is(n)) => n.as_str(),
+        },
+        "session": r.session.as_ref().map(|s| s.as_str().to_string()),
+        "sessionlength": r.session.map(|_| r.session_length()),
+        "bind": r.bind_node.then_some("node"),
+        "rotate": r.rotate.map(|x| match x {
+            Rotate::Timed(n) => format!("timed_{n}"),
+            Rotate::Requests(n) => format!("requests_{n}"),
+        }),
+        "onerror": match r.on_error() {
+            OnError::Replace => "replace".to_string(),
+            OnError::Fail => "fail".to_string(),
+            OnError::Retry(n) => format!("retry_{n}"),
+        },
+        "prefer": r.prefer_lookalike.then_some("lookalike"),
+    })
+}
+
+async fn explain(State(s): State<AppState>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+    let username = q
+        .get("username")
+        .ok_or_else(|| ApiError::bad_request("give ?username=package-<id>-<rules>"))?;
+    let ex = s.control.engine().explain(username);
+    let policy = s.control.engine().policy();
+    let answer = match &ex.rejection {
+        Some(r) => json!({"code": r.code.as_str(), "status": r.code.status(), "detail": r.detail}),
+        None => json!({"code": "OK", "status": 200, "detail": "these rules would be routed now"}),
+    };
+    ok(json!({
+        "username": username,
+        "canonical": ex.canonical,
+        "rules": ex.rules.as_ref().map(|r| rules_json(r, &policy)),
+        "answer": answer,
+        "matching_nodes": ex.matching_nodes,
+    }))
+}

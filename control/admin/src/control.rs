@@ -1,0 +1,749 @@
+//! The control object: the one writer of the policy. It owns the store, the
+//! config file's declarations and the engine, merges the file's objects with
+//! those created through the API into one set of declarations, builds a new
+//! policy snapshot on every change and publishes it, so the next request sees
+//! the change. It also turns the packages' cumulative counters into ledger
+//! rows once a second.
+//!
+//! Invariants:
+//! - every change is validated by building the new policy before anything is
+//!   written; a refused change leaves the store and the running policy as
+//!   they were;
+//! - balances and usage are only ever restored from the store (grants minus
+//!   charges, sums of ledger rows), at start and when an object enters the
+//!   policy; they are never written back as totals;
+//! - the ledger appends the difference of two readings of cumulative counters,
+//!   all packages in one transaction, so a crash loses at most what came after
+//!   the last flush and nothing is counted twice.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use splicegate_control::Now;
+use splicegate_control::engine::Engine;
+use splicegate_control::ledger::Ledger;
+use splicegate_control::limits::UsageTotals;
+use splicegate_control::nodes::NodeDecl;
+use splicegate_control::policy::{Declarations, OrgDecl, PackageDecl, Policy};
+
+use crate::error::{ControlError, FROM_FILE, StoreError};
+use crate::spec::{NodeFields, PackageFields};
+use crate::store::{GrantReason, Store, UsageRow};
+
+/// The monotonic clock the data plane uses (sessions expire by it).
+pub type Clock = fn() -> Now;
+
+/// How to open the control object.
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    /// The store file, or `":memory:"`.
+    pub store_path: PathBuf,
+    /// Sessions the engine's table holds.
+    pub session_capacity: usize,
+    /// The data plane's monotonic clock.
+    pub clock: Clock,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What one flush wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flushed {
+    /// Ledger rows appended (packages with usage since the last flush).
+    pub rows: usize,
+}
+
+/// The control object (see the module doc).
+#[derive(Debug)]
+pub struct Control {
+    engine: Arc<Engine>,
+    inner: Mutex<Inner>,
+    clock: Clock,
+    /// Store flush latency, seconds.
+    pub flush_seconds: Histogram,
+    /// Flushes that failed (their deltas are retried by the next one).
+    pub flush_errors: Counter,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    /// What the config file declares (objects with `from_file: true`,
+    /// catalogue names, target safety).
+    file: Declarations,
+    /// Organisations created through the API.
+    orgs: BTreeMap<String, OrgDecl>,
+    /// Packages created through the API.
+    packages: BTreeMap<u64, PackageDecl>,
+    /// Nodes created through the API.
+    nodes: BTreeMap<String, NodeDecl>,
+    /// Turns readings into deltas.
+    ledger: Ledger,
+    /// The readings the store holds (the ledger's last readings after the
+    /// last successful flush), to rebuild the ledger after a failed write.
+    committed: HashMap<u64, UsageTotals>,
+    /// Usage epoch per package (0 until its first reset).
+    epochs: HashMap<u64, i64>,
+}
+
+/// The ids an object set has, to find what is new in a snapshot.
+struct Present {
+    orgs: HashSet<String>,
+    packages: HashSet<u64>,
+}
+
+impl Present {
+    fn of(p: Option<&Policy>) -> Present {
+        Present {
+            orgs: p
+                .map(|p| p.orgs.keys().cloned().collect())
+                .unwrap_or_default(),
+            packages: p
+                .map(|p| p.packages.keys().copied().collect())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+fn valid_org_id(id: &str) -> Result<(), ControlError> {
+    if id.is_empty()
+        || id.len() > 128
+        || !id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
+    {
+        return Err(ControlError::Invalid(format!(
+            "org id {id:?}: 1 to 128 of letters, digits, '_', '-', '.'"
+        )));
+    }
+    Ok(())
+}
+
+/// A new package key: `pk_` and 24 url-safe characters from the kernel's
+/// random source (144 bits).
+pub fn generate_key() -> std::io::Result<String> {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut raw = [0u8; 24];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut raw)?;
+    let mut key = String::from("pk_");
+    key.extend(raw.iter().map(|b| ALPHABET[(b & 63) as usize] as char));
+    Ok(key)
+}
+
+impl Inner {
+    /// File objects, then API objects whose id the file does not declare.
+    fn merged(&self) -> Declarations {
+        let mut d = self.file.clone();
+        let orgs: HashSet<&str> = self.file.orgs.iter().map(|o| o.id.as_str()).collect();
+        let pkgs: HashSet<u64> = self.file.packages.iter().map(|p| p.id).collect();
+        let nodes: HashSet<&str> = self.file.nodes.iter().map(|n| n.id.as_str()).collect();
+        d.orgs.extend(
+            self.orgs
+                .values()
+                .filter(|o| !orgs.contains(o.id.as_str()))
+                .cloned(),
+        );
+        d.packages.extend(
+            self.packages
+                .values()
+                .filter(|p| !pkgs.contains(&p.id))
+                .cloned(),
+        );
+        d.nodes.extend(
+            self.nodes
+                .values()
+                .filter(|n| !nodes.contains(n.id.as_str()))
+                .cloned(),
+        );
+        d
+    }
+
+    fn shadowed(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for o in &self.file.orgs {
+            if self.orgs.contains_key(&o.id) {
+                out.push(format!("org {}", o.id));
+            }
+        }
+        for p in &self.file.packages {
+            if self.packages.contains_key(&p.id) {
+                out.push(format!("package {}", p.id));
+            }
+        }
+        for n in &self.file.nodes {
+            if self.nodes.contains_key(&n.id) {
+                out.push(format!("node {}", n.id));
+            }
+        }
+        out
+    }
+
+    /// Give objects that are new in `policy` (not in `before`) their usage
+    /// and balances from the store.
+    fn restore_new(&mut self, policy: &Policy, before: &Present) -> Result<(), StoreError> {
+        let new_orgs: Vec<_> = policy
+            .orgs
+            .values()
+            .filter(|o| !before.orgs.contains(&o.decl.id))
+            .collect();
+        if !new_orgs.is_empty() {
+            let granted = self.store.granted()?;
+            let spent = self.store.spent()?;
+            for o in new_orgs {
+                o.account.restore(
+                    granted.get(&o.decl.id).copied().unwrap_or(0),
+                    spent.get(&o.decl.id).copied().unwrap_or(0),
+                );
+            }
+        }
+        let new_pkgs: Vec<_> = policy
+            .packages
+            .values()
+            .filter(|p| !before.packages.contains(&p.id()))
+            .collect();
+        if !new_pkgs.is_empty() {
+            let totals = self.store.usage_totals()?;
+            for p in new_pkgs {
+                let t = totals.get(&p.id()).copied().unwrap_or_default();
+                p.usage.restore(t);
+                self.committed.insert(p.id(), t);
+            }
+            self.ledger = Ledger::new(self.committed.clone());
+        }
+        Ok(())
+    }
+
+    fn is_file_org(&self, id: &str) -> bool {
+        self.file.orgs.iter().any(|o| o.id == id)
+    }
+
+    fn is_file_package(&self, id: u64) -> bool {
+        self.file.packages.iter().any(|p| p.id == id)
+    }
+
+    fn is_file_node(&self, id: &str) -> bool {
+        self.file.nodes.iter().any(|n| n.id == id)
+    }
+}
+
+impl Control {
+    /// Open the store, record the opening grants of file organisations seen
+    /// for the first time, build the first policy from the file's and the
+    /// store's objects, and restore usage and balances from the ledger.
+    pub fn open(opts: ControlOptions, file: Declarations) -> Result<Control, ControlError> {
+        let mut store = Store::open(&opts.store_path)?;
+        let now_ms = unix_ms();
+        let opening: Vec<(String, i64)> = file
+            .orgs
+            .iter()
+            .map(|o| (o.id.clone(), o.credits))
+            .collect();
+        store.first_grants(&opening, now_ms)?;
+        let orgs = store
+            .api_orgs()?
+            .into_iter()
+            .map(|id| {
+                (
+                    id.clone(),
+                    OrgDecl {
+                        id,
+                        credits: 0,
+                        from_file: false,
+                    },
+                )
+            })
+            .collect();
+        let mut packages = BTreeMap::new();
+        for (id, spec) in store.packages()? {
+            let decl = serde_json::from_str::<PackageFields>(&spec)
+                .map_err(|e| e.to_string())
+                .and_then(|f| f.to_decl())
+                .map_err(|reason| StoreError::Corrupt {
+                    what: "package",
+                    id: id.to_string(),
+                    reason,
+                })?;
+            packages.insert(id, decl);
+        }
+        let mut nodes = BTreeMap::new();
+        for (id, spec) in store.nodes()? {
+            let decl = serde_json::from_str::<NodeFields>(&spec)
+                .map_err(|e| e.to_string())
+                .and_then(|f| f.to_decl())
+                .map_err(|reason| StoreError::Corrupt {
+                    what: "node",
+                    id: id.clone(),
+                    reason,
+                })?;
+            nodes.insert(id, decl);
+        }
+        let epochs = store.epochs()?;
+        let mut inner = Inner {
+            store,
+            file,
+            orgs,
+            packages,
+            nodes,
+            ledger: Ledger::default(),
+            committed: HashMap::new(),
+            epochs,
+        };
+        for s in inner.shadowed() {
+            tracing::warn!(
+                "{s} is declared in the config file and was also created through the API; the file's declaration wins"
+            );
+        }
+        let policy = Policy::build(&inner.merged(), None).map_err(ControlError::Invalid)?;
+        // Every package's ledger reading starts at what the store holds.
+        inner.committed = inner.store.usage_totals()?;
+        inner.restore_new(&policy, &Present::of(None))?;
+        let engine = Arc::new(Engine::new(policy, opts.session_capacity.max(1)));
+        Ok(Control {
+            engine,
+            inner: Mutex::new(inner),
+            clock: opts.clock,
+            flush_seconds: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ]),
+            flush_errors: Counter::default(),
+        })
+    }
+
+    /// The engine the workers share.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// The data plane's monotonic time now.
+    pub fn now(&self) -> Now {
+        (self.clock)()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Build a policy from `decls` on the current one, or say why not.
+    fn build(&self, decls: &Declarations) -> Result<Policy, ControlError> {
+        Policy::build(decls, Some(&self.engine.policy())).map_err(ControlError::Invalid)
+    }
+
+    /// Restore what is new in `policy` and publish it.
+    fn publish(&self, inner: &mut Inner, policy: Policy) -> Result<(), ControlError> {
+        let before = Present::of(Some(&self.engine.policy()));
+        inner.restore_new(&policy, &before)?;
+        self.engine.publish(policy);
+        Ok(())
+    }
+
+    /// SIGHUP: the config file's new declarations. A file that does not make a
+    /// valid policy (with the API's objects) is refused; the old policy stays.
+    pub fn reload_file(&self, file: Declarations) -> Result<(), ControlError> {
+        let mut inner = self.lock();
+        let old = std::mem::replace(&mut inner.file, file);
+        let policy = match self.build(&inner.merged()) {
+            Ok(p) => p,
+            Err(e) => {
+                inner.file = old;
+                return Err(e);
+            }
+        };
+        let opening: Vec<(String, i64)> = inner
+            .file
+            .orgs
+            .iter()
+            .map(|o| (o.id.clone(), o.credits))
+            .collect();
+        match inner.store.first_grants(&opening, unix_ms()) {
+            Ok(granted) => {
+                for g in granted {
+                    tracing::info!(org = %g, "opening grant of a config-file organisation recorded");
+                }
+            }
+            Err(e) => {
+                inner.file = old;
+                return Err(e.into());
+            }
+        }
+        for s in inner.shadowed() {
+            tracing::warn!(
+                "{s} is declared in the config file and was also created through the API; the file's declaration wins"
+            );
+        }
+        self.publish(&mut inner, policy)
+    }
+
+    // ---- organisations ----
+
+    /// `POST /v1/orgs`: a new organisation with an opening grant.
+    pub fn create_org(&self, id: &str, credits: i64) -> Result<(), ControlError> {
+        valid_org_id(id)?;
+        let mut inner = self.lock();
+        if inner.is_file_org(id) || inner.orgs.contains_key(id) {
+            return Err(ControlError::Conflict(format!("org {id} exists")));
+        }
+        let decl = OrgDecl {
+            id: id.to_string(),
+            credits,
+            from_file: false,
+        };
+        inner.orgs.insert(id.to_string(), decl);
+        let built = self.build(&inner.merged());
+        let policy = match built {
+            Ok(p) => p,
+            Err(e) => {
+                inner.orgs.remove(id);
+                return Err(e);
+            }
+        };
+        if let Err(e) = inner.store.create_org(id, credits, unix_ms()) {
+            inner.orgs.remove(id);
+            return Err(e.into());
+        }
+        self.publish(&mut inner, policy)
+    }
+
+    /// `POST /v1/orgs/{id}/credits`: a grant (negative: a correction). Allowed
+    /// for file organisations too: a grant is ledger, not declaration.
+    pub fn add_credits(&self, id: &str, micro: i64) -> Result<(), ControlError> {
+        let mut inner = self.lock();
+        let policy = self.engine.policy();
+        let Some(org) = policy.orgs.get(id) else {
+            return Err(ControlError::NotFound(format!("no org {id}")));
+        };
+        inner
+            .store
+            .grant(id, micro, GrantReason::TopUp, unix_ms())?;
+        org.account.grant(micro);
+        Ok(())
+    }
+
+    // ---- packages ----
+
+    /// `POST /v1/packages`: returns the id and the key (generated when absent).
+    pub fn create_package(&self, mut fields: PackageFields) -> Result<(u64, String), ControlError> {
+        let mut inner = self.lock();
+        let id = match fields.id {
+            Some(id) => id,
+            None => {
+                let policy = self.engine.policy();
+                inner
+                    .packages
+                    .keys()
+                    .copied()
+                    .chain(policy.packages.keys().copied())
+                    .max()
+                    .map_or(1, |m| m + 1)
+            }
+        };
+        if inner.is_file_package(id) || inner.packages.contains_key(&id) {
+            return Err(ControlError::Conflict(format!("package {id} exists")));
+        }
+        let key = match fields.key.take() {
+            Some(k) => k,
+            None => generate_key()
+                .map_err(|e| ControlError::Invalid(format!("generating a key: {e}")))?,
+        };
+        let mut decl = PackageDecl::new(id, &key);
+        fields.key = Some(key.clone());
+        fields.apply(&mut decl).map_err(ControlError::Invalid)?;
+        self.put_package(&mut inner, decl, None)?;
+        Ok((id, key))
+    }
+
+    fn put_package(
+        &self,
+        inner: &mut Inner,
+        decl: PackageDecl,
+        old: Option<PackageDecl>,
+    ) -> Result<(), ControlError> {
+        let id = decl.id;
+        let spec = serde_json::to_string(&PackageFields::from_decl(&decl))
+            .map_err(|e| ControlError::Invalid(e.to_string()))?;
+        inner.packages.insert(id, decl);
+        let undo = |inner: &mut Inner| match &old {
+            Some(o) => {
+                inner.packages.insert(id, o.clone());
+            }
+            None => {
+                inner.packages.remove(&id);
+            }
+        };
+        let policy = match self.build(&inner.merged()) {
+            Ok(p) => p,
+            Err(e) => {
+                undo(inner);
+                return Err(e);
+            }
+        };
+        if let Err(e) = inner.store.put_package(id, &spec, unix_ms()) {
+            undo(inner);
+            return Err(e.into());
+        }
+        self.publish(inner, policy)
+    }
+
+    fn api_package(&self, inner: &Inner, id: u64) -> Result<PackageDecl, ControlError> {
+        if inner.is_file_package(id) {
+            return Err(ControlError::Conflict(format!(
+                "package {id} is {FROM_FILE}"
+            )));
+        }
+        inner
+            .packages
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(format!("no package {id}")))
+    }
+
+    /// `PATCH /v1/packages/{id}`.
+    pub fn patch_package(&self, id: u64, fields: &PackageFields) -> Result<(), ControlError> {
+        if fields.id.is_some_and(|x| x != id) {
+            return Err(ControlError::Invalid("a package's id cannot change".into()));
+        }
+        let mut inner = self.lock();
+        let old = self.api_package(&inner, id)?;
+        let mut decl = old.clone();
+        fields.apply(&mut decl).map_err(ControlError::Invalid)?;
+        self.put_package(&mut inner, decl, Some(old))
+    }
+
+    /// `POST /v1/packages/{id}/key`: a new key (given or generated); the old
+    /// one fails from the next request.
+    pub fn set_key(&self, id: u64, key: Option<String>) -> Result<String, ControlError> {
+        let key = match key {
+            Some(k) => k,
+            None => generate_key()
+                .map_err(|e| ControlError::Invalid(format!("generating a key: {e}")))?,
+        };
+        let fields = PackageFields {
+            key: Some(key.clone()),
+            ..PackageFields::default()
+        };
+        self.patch_package(id, &fields)?;
+        Ok(key)
+    }
+
+    /// `POST /v1/packages/{id}/usage/reset`: the package's usage starts over
+    /// (the traffic cap counts from zero). The ledger keeps every row; the
+    /// reset is a marker that starts a new usage epoch. The organisation's
+    /// spending is not touched. Allowed for file packages: usage is ledger,
+    /// not declaration.
+    pub fn reset_usage(&self, id: u64) -> Result<UsageTotals, ControlError> {
+        let mut inner = self.lock();
+        self.flush_locked(&mut inner)?;
+        let policy = self.engine.policy();
+        let Some(pkg) = policy.packages.get(&id) else {
+            return Err(ControlError::NotFound(format!("no package {id}")));
+        };
+        let left = pkg.usage.totals();
+        let epoch = inner.store.reset_usage(id, left, unix_ms())?;
+        pkg.usage.restore(UsageTotals::default());
+        inner.epochs.insert(id, epoch);
+        inner.committed.insert(id, UsageTotals::default());
+        inner.ledger = Ledger::new(inner.committed.clone());
+        Ok(left)
+    }
+
+    // ---- nodes ----
+
+    /// `POST /v1/nodes`.
+    pub fn create_node(&self, fields: &NodeFields) -> Result<String, ControlError> {
+        let decl = fields.to_decl().map_err(ControlError::Invalid)?;
+        let id = decl.id.clone();
+        let mut inner = self.lock();
+        if inner.is_file_node(&id) || inner.nodes.contains_key(&id) {
+            return Err(ControlError::Conflict(format!("node {id} exists")));
+        }
+        self.put_node(&mut inner, decl, None)?;
+        Ok(id)
+    }
+
+    fn put_node(
+        &self,
+        inner: &mut Inner,
+        decl: NodeDecl,
+        old: Option<NodeDecl>,
+    ) -> Result<(), ControlError> {
+        let id = decl.id.clone();
+        let spec = serde_json::to_string(&NodeFields::from_decl(&decl))
+            .map_err(|e| ControlError::Invalid(e.to_string()))?;
+        inner.nodes.insert(id.clone(), decl);
+        let undo = |inner: &mut Inner| match &old {
+            Some(o) => {
+                inner.nodes.insert(id.clone(), o.clone());
+            }
+            None => {
+                inner.nodes.remove(&id);
+            }
+        };
+        let policy = match self.build(&inner.merged()) {
+            Ok(p) => p,
+            Err(e) => {
+                undo(inner);
+                return Err(e);
+            }
+        };
+        if let Err(e) = inner.store.put_node(&id, &spec, unix_ms()) {
+            undo(inner);
+            return Err(e.into());
+        }
+        self.publish(inner, policy)
+    }
+
+    fn api_node(&self, inner: &Inner, id: &str) -> Result<NodeDecl, ControlError> {
+        if inner.is_file_node(id) {
+            return Err(ControlError::Conflict(format!("node {id} is {FROM_FILE}")));
+        }
+        inner
+            .nodes
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(format!("no node {id}")))
+    }
+
+    /// `PATCH /v1/nodes/{id}`: a state alone changes the live pool without a
+    /// rebuild (and is persisted); other fields rebuild the policy.
+    pub fn patch_node(&self, id: &str, fields: &NodeFields) -> Result<(), ControlError> {
+        if fields.id.as_deref().is_some_and(|x| x != id) {
+            return Err(ControlError::Invalid("a node's id cannot change".into()));
+        }
+        let mut inner = self.lock();
+        let old = self.api_node(&inner, id)?;
+        let mut decl = old.clone();
+        fields.apply(&mut decl).map_err(ControlError::Invalid)?;
+        if fields.only_state() {
+            let spec = serde_json::to_string(&NodeFields::from_decl(&decl))
+                .map_err(|e| ControlError::Invalid(e.to_string()))?;
+            inner.store.put_node(id, &spec, unix_ms())?;
+            let state = decl.state;
+            inner.nodes.insert(id.to_string(), decl);
+            let policy = self.engine.policy();
+            if let Some((idx, _)) = policy.nodes.get(id) {
+                let before = policy.nodes.set_admin_state(idx, state);
+                if before != state {
+                    tracing::info!(
+                        node = id,
+                        from = before.as_str(),
+                        to = state.as_str(),
+                        "node state set"
+                    );
+                }
+            }
+            return Ok(());
+        }
+        self.put_node(&mut inner, decl, Some(old))
+    }
+
+    /// `DELETE /v1/nodes/{id}`: out of selection at once; its tunnels run out.
+    pub fn delete_node(&self, id: &str) -> Result<(), ControlError> {
+        let mut inner = self.lock();
+        let old = self.api_node(&inner, id)?;
+        inner.nodes.remove(id);
+        let policy = match self.build(&inner.merged()) {
+            Ok(p) => p,
+            Err(e) => {
+                inner.nodes.insert(id.to_string(), old);
+                return Err(e);
+            }
+        };
+        if let Err(e) = inner.store.delete_node(id) {
+            inner.nodes.insert(id.to_string(), old);
+            return Err(e.into());
+        }
+        if let Some((idx, _)) = self.engine.policy().nodes.get(id) {
+            self.engine.policy().nodes.remove(idx);
+        }
+        self.publish(&mut inner, policy)
+    }
+
+    // ---- the usage ledger ----
+
+    /// Append the usage since the last flush (one transaction). On failure
+    /// the deltas stay pending and the next flush writes them.
+    pub fn flush(&self) -> Result<Flushed, ControlError> {
+        let mut inner = self.lock();
+        self.flush_locked(&mut inner)
+    }
+
+    fn flush_locked(&self, inner: &mut Inner) -> Result<Flushed, ControlError> {
+        let started = Instant::now();
+        let policy = self.engine.policy();
+        let readings: Vec<(u64, UsageTotals)> = policy
+            .packages
+            .iter()
+            .map(|(id, p)| (*id, p.usage.totals()))
+            .collect();
+        let deltas = inner.ledger.deltas(readings.iter().copied());
+        let minute = (unix_ms() / 60_000) as i64;
+        let rows: Vec<UsageRow> = deltas
+            .iter()
+            .map(|d| UsageRow {
+                package: d.package,
+                epoch: inner.epochs.get(&d.package).copied().unwrap_or(0),
+                minute,
+                org: policy
+                    .packages
+                    .get(&d.package)
+                    .and_then(|p| p.decl.org.clone())
+                    .unwrap_or_default(),
+                bytes_up: d.bytes_up,
+                bytes_down: d.bytes_down,
+                requests: d.requests,
+                charged: d.charged,
+            })
+            .collect();
+        let result = inner.store.append_usage(&rows);
+        self.flush_seconds.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(()) => {
+                inner.committed.extend(readings);
+                Ok(Flushed { rows: rows.len() })
+            }
+            Err(e) => {
+                self.flush_errors.inc();
+                inner.ledger = Ledger::new(inner.committed.clone());
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Whether an organisation, package or node (by kind) is the file's.
+    pub fn declared_in_file(&self, what: FileObject<'_>) -> bool {
+        let inner = self.lock();
+        match what {
+            FileObject::Org(id) => inner.is_file_org(id),
+            FileObject::Package(id) => inner.is_file_package(id),
+            FileObject::Node(id) => inner.is_file_node(id),
+        }
+    }
+
+    /// Run `f` on the store (tests and audits).
+    pub fn with_store<T>(&self, f: impl FnOnce(&Store) -> T) -> T {
+        f(&self.lock().store)
+    }
+}
+
+/// An object that may be declared in the config file.
+#[derive(Debug, Clone, Copy)]
+pub enum FileObject<'a> {
+    /// An organisation.
+    Org(&'a str),
+    /// A package.
+    Package(u64),
+    /// A node.
+    Node(&'a str),
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,56 @@
+//! The crate's errors: the store's, and what a change through [`crate::Control`]
+//! can answer (each maps to one HTTP status in [`crate::api`]).
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite said no (I/O, corruption, constraint).
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The file was written by a newer splicegate.
+    #[error(
+        "store: schema version {have} is newer than this build knows ({known}); upgrade splicegate"
+    )]
+    TooNew {
+        /// The file's version.
+        have: i64,
+        /// This build's.
+        known: i64,
+    },
+    /// A stored declaration no longer reads.
+    #[error("store: stored {what} {id} does not read: {reason}")]
+    Corrupt {
+        /// `package` or `node`.
+        what: &'static str,
+        /// Its id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Why a change through the control object was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No such object (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The object exists, or belongs to the config file (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The change does not make a valid policy (422).
+    #[error("{0}")]
+    Invalid(String),
+    /// The store failed (500).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<rusqlite::Error> for ControlError {
+    fn from(e: rusqlite::Error) -> Self {
+        ControlError::Store(StoreError::Sqlite(e))
+    }
+}
+
+/// The message for changes to objects the config file declares.
+pub const FROM_FILE: &str = "declared in the config file; change it there and reload";

@@ -1,0 +1,31 @@
+//! splicegate's operations side, run on the control thread: the admin API
+//! (axum on a current-thread tokio runtime), the durable store and its usage
+//! ledger (SQLite), node health checks, and Prometheus metrics.
+//!
+//! [`Control`] is the only writer of the policy: it merges the config file's
+//! objects with those created through the API, publishes a new snapshot on
+//! every change, and flushes the packages' cumulative counters into the store
+//! once a second. [`AdminServer`] runs the API, the flush and the health
+//! checks on one thread and never starts another (no blocking pool, no
+//! resolver): the process keeps to its workers plus main, admin and the two
+//! resolver threads.
+//!
+//! Invariants: workers never touch the store; balances and usage are derived
+//! from the ledger and never edited in place; objects declared in the config
+//! file are never changed through the API (409).
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod control;
+pub mod error;
+pub mod health;
+pub mod metrics;
+pub mod server;
+pub mod spec;
+pub mod store;
+mod time;
+
+pub use control::{Clock, Control, ControlOptions, FileObject, Flushed};
+pub use error::{ControlError, StoreError};
+pub use health::HealthOptions;
+pub use server::{AdminHandle, AdminOptions, AdminServer, VerdictFn};

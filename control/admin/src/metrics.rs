@@ -1,0 +1,298 @@
+//! `GET /metrics`: Prometheus text (0.0.4) through `prometheus-client`.
+//!
+//! Two kinds of series: metrics this crate owns and updates (store flush
+//! latency, health state changes), registered once; and values read at
+//! scrape time from where they live (the workers' counters, the node pool,
+//! the session table, the eBPF verdicts), by a [`Collector`]. Label sets are
+//! bounded: protocol × code, direction, worker index, node state, verdict;
+//! never a package, session or node id.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use splicegate_control::Code;
+use splicegate_control::nodes::NodeState;
+use splicegate_control::stats::{OK, PROTOCOLS, SETUP_BUCKETS_US, WorkerStats};
+
+use crate::control::Control;
+use crate::health::HealthStats;
+
+/// The eBPF programs' verdict counters, read at scrape time:
+/// `(verdict, count)` pairs rendered as `splicegate_ebpf_verdicts_total{verdict}`.
+pub type VerdictFn = Arc<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
+
+/// The registry `/metrics` renders.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+}
+
+/// The content type of [`Metrics::render`].
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+impl Metrics {
+    /// Register everything.
+    pub fn new(
+        control: Arc<Control>,
+        workers: Vec<Arc<WorkerStats>>,
+        health: &HealthStats,
+        ebpf: Option<VerdictFn>,
+    ) -> Metrics {
+        let mut registry = Registry::default();
+        registry.register(
+            "splicegate_store_flush_seconds",
+            "Time to append one flush of usage to the store (one transaction)",
+            control.flush_seconds.clone(),
+        );
+        registry.register(
+            "splicegate_store_flush_errors",
+            "Flushes that failed (their usage is written by the next one)",
+            control.flush_errors.clone(),
+        );
+        registry.register(
+            "splicegate_node_health_changes",
+            "Nodes taken out of selection (to=out) or brought back (to=in) by health checks or passive failures",
+            health.changes.clone(),
+        );
+        registry.register(
+            "splicegate_health_probes_failed",
+            "Health probes that failed",
+            health.probes_failed.clone(),
+        );
+        registry.register_collector(Box::new(Live {
+            control,
+            workers,
+            ebpf,
+        }));
+        Metrics { registry }
+    }
+
+    /// The exposition text.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        if prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry).is_err() {
+            out.push_str("# encoding failed\n");
+        }
+        out
+    }
+}
+
+/// Values read at scrape time.
+struct Live {
+    control: Arc<Control>,
+    workers: Vec<Arc<WorkerStats>>,
+    ebpf: Option<VerdictFn>,
+}
+
+impl fmt::Debug for Live {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Live")
+            .field("workers", &self.workers.len())
+            .field("ebpf", &self.ebpf.is_some())
+            .finish()
+    }
+}
+
+fn sum(workers: &[Arc<WorkerStats>], f: impl Fn(&WorkerStats) -> u64) -> u64 {
+    workers.iter().map(|w| f(w)).sum()
+}
+
+fn counter(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    series: &[(&[(&str, &str)], u64)],
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in series {
+        m.encode_family(labels)?
+            .encode_counter::<NoLabelSet, u64, u64>(v, None)?;
+    }
+    Ok(())
+}
+
+fn gauge(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    series: &[(&[(&str, &str)], i64)],
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in series {
+        m.encode_family(labels)?.encode_gauge(v)?;
+    }
+    Ok(())
+}
+
+impl Collector for Live {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> fmt::Result {
+        let w = &self.workers;
+        let rd = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+
+        // Answers by protocol and code.
+        let codes: Vec<&str> = Code::ALL.iter().map(|c| c.as_str()).chain(["OK"]).collect();
+        let mut labels: Vec<[(&str, &str); 2]> = Vec::with_capacity(PROTOCOLS.len() * (OK + 1));
+        let mut values = Vec::with_capacity(labels.capacity());
+        for (p, proto) in PROTOCOLS.iter().enumerate() {
+            for (c, code) in codes.iter().enumerate() {
+                labels.push([("protocol", proto), ("code", code)]);
+                values.push(sum(w, |s| rd(&s.answers[p][c])));
+            }
+        }
+        let series: Vec<(&[(&str, &str)], u64)> = labels
+            .iter()
+            .zip(&values)
+            .map(|(l, v)| (l.as_slice(), *v))
+            .collect();
+        counter(
+            &mut enc,
+            "splicegate_requests",
+            "Answers by protocol and code: OK for an established tunnel or forwarded request, else the error code",
+            &series,
+        )?;
+
+        counter(
+            &mut enc,
+            "splicegate_relayed_bytes",
+            "Bytes relayed between clients and targets (up: client to target)",
+            &[
+                (&[("direction", "up")], sum(w, |s| rd(&s.bytes_up))),
+                (&[("direction", "down")], sum(w, |s| rd(&s.bytes_down))),
+            ],
+        )?;
+
+        let idx: Vec<String> = (0..w.len()).map(|i| i.to_string()).collect();
+        let per_worker = |f: &dyn Fn(&WorkerStats) -> u64| -> Vec<([(&str, &str); 1], u64)> {
+            w.iter()
+                .zip(&idx)
+                .map(|(s, i)| ([("worker", i.as_str())], f(s)))
+                .collect()
+        };
+        let accepted = per_worker(&|s| rd(&s.accepted));
+        counter(
+            &mut enc,
+            "splicegate_accepted_connections",
+            "Client connections accepted, per worker",
+            &accepted
+                .iter()
+                .map(|(l, v)| (l.as_slice(), *v))
+                .collect::<Vec<_>>(),
+        )?;
+        for (name, help, f) in [
+            (
+                "splicegate_open_connections",
+                "Client connections open now, per worker",
+                (|s: &WorkerStats| s.open_connections.load(Ordering::Relaxed))
+                    as fn(&WorkerStats) -> u64,
+            ),
+            (
+                "splicegate_open_tunnels",
+                "Tunnels (CONNECT, SOCKS5) open now, per worker",
+                |s: &WorkerStats| s.open_tunnels.load(Ordering::Relaxed),
+            ),
+        ] {
+            let v = per_worker(&f);
+            gauge(
+                &mut enc,
+                name,
+                help,
+                &v.iter()
+                    .map(|(l, v)| (l.as_slice(), *v as i64))
+                    .collect::<Vec<_>>(),
+            )?;
+        }
+
+        // Setup latency: the workers' buckets, in seconds.
+        let mut buckets: Vec<(f64, u64)> = SETUP_BUCKETS_US
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (*b as f64 / 1e6, sum(w, |s| rd(&s.setup.buckets[i]))))
+            .collect();
+        buckets.push((
+            f64::INFINITY,
+            sum(w, |s| rd(&s.setup.buckets[SETUP_BUCKETS_US.len()])),
+        ));
+        let count: u64 = buckets.iter().map(|b| b.1).sum();
+        let sum_s = sum(w, |s| rd(&s.setup.sum_us)) as f64 / 1e6;
+        enc.encode_descriptor(
+            "splicegate_tunnel_setup_seconds",
+            "Time from a request's head to its established tunnel or upstream connection",
+            None,
+            MetricType::Histogram,
+        )?
+        .encode_histogram::<NoLabelSet>(sum_s, count, &buckets, None)?;
+
+        // Nodes by state, sessions.
+        let engine = self.control.engine();
+        let policy = engine.policy();
+        let (mut online, mut draining, mut offline, mut unhealthy) = (0i64, 0i64, 0i64, 0i64);
+        for (_, n) in policy.nodes.iter() {
+            match n.state() {
+                NodeState::Online => online += 1,
+                NodeState::Draining => draining += 1,
+                NodeState::Offline => offline += 1,
+            }
+            if n.runtime.is_unhealthy() {
+                unhealthy += 1;
+            }
+        }
+        gauge(
+            &mut enc,
+            "splicegate_nodes",
+            "Nodes by state as selection sees it (offline includes unhealthy)",
+            &[
+                (&[("state", "online")], online),
+                (&[("state", "draining")], draining),
+                (&[("state", "offline")], offline),
+            ],
+        )?;
+        gauge(
+            &mut enc,
+            "splicegate_nodes_unhealthy",
+            "Nodes that health checks or passive failures took out",
+            &[(&[], unhealthy)],
+        )?;
+        let live = engine.sessions.sweep(self.control.now());
+        gauge(
+            &mut enc,
+            "splicegate_sessions",
+            "Sticky sessions live now",
+            &[(&[], live as i64)],
+        )?;
+        gauge(
+            &mut enc,
+            "splicegate_packages",
+            "Packages in the policy",
+            &[(&[], policy.packages.len() as i64)],
+        )?;
+        counter(
+            &mut enc,
+            "splicegate_access_log_dropped",
+            "Access-log lines dropped because the writer fell behind",
+            &[(&[], sum(w, |s| rd(&s.access_dropped)))],
+        )?;
+
+        if let Some(f) = &self.ebpf {
+            let verdicts = f();
+            let labels: Vec<[(&str, &str); 1]> =
+                verdicts.iter().map(|(v, _)| [("verdict", *v)]).collect();
+            let series: Vec<(&[(&str, &str)], u64)> = labels
+                .iter()
+                .zip(&verdicts)
+                .map(|(l, (_, n))| (l.as_slice(), *n))
+                .collect();
+            counter(
+                &mut enc,
+                "splicegate_ebpf_verdicts",
+                "Packets judged by the kernel programs, per verdict",
+                &series,
+            )?;
+        }
+        Ok(())
+    }
+}
