@@ -278,6 +278,8 @@ fn subnet_key(ip: IpAddr) -> u64 {
 
 /// Draws per pick before the fast path gives way to a full intersection.
 const SAMPLE_TRIES: usize = 64;
+/// Extra draws looking for a node without recent failures.
+const FRESH_DRAWS: usize = 6;
 
 /// The declaration of a node, as the config file and the admin API give it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -692,7 +694,19 @@ impl NodePool {
             self.nodes[a as usize].runtime.load_score(),
             self.nodes[b as usize].runtime.load_score(),
         );
-        Some(if lb < la { b } else { a })
+        let best = if lb < la { b } else { a };
+        if self.nodes[best as usize].runtime.recent_failures() == 0 {
+            return Some(best);
+        }
+        // Both draws failed recently: a few more draws for a node that has
+        // not, so a new session rarely lands on a node that just failed.
+        for _ in 0..FRESH_DRAWS {
+            match draw(rng) {
+                Some(c) if self.nodes[c as usize].runtime.recent_failures() == 0 => return Some(c),
+                _ => {}
+            }
+        }
+        Some(best)
     }
 
     fn choose(&self, cands: &RoaringBitmap, rng: &mut Rng) -> Option<NodeIdx> {
@@ -709,7 +723,17 @@ impl NodePool {
             self.nodes[a as usize].runtime.load_score(),
             self.nodes[b as usize].runtime.load_score(),
         );
-        Some(if lb < la { b } else { a })
+        let best = if lb < la { b } else { a };
+        if self.nodes[best as usize].runtime.recent_failures() == 0 {
+            return Some(best);
+        }
+        for _ in 0..FRESH_DRAWS {
+            let c = cands.select(rng.below(n) as u32)?;
+            if self.nodes[c as usize].runtime.recent_failures() == 0 {
+                return Some(c);
+            }
+        }
+        Some(best)
     }
 
     /// A replacement resembling `old` (same city, ISP, ASN, exit subnet) when

@@ -276,3 +276,22 @@ fn rebuild_keeps_runtime_and_catalogue_counts() {
     assert!(p.get("la1").is_none());
     assert_eq!(p.iter().count(), 5);
 }
+
+#[test]
+fn nodes_that_just_failed_are_avoided_while_others_match() {
+    let (p, geo) = pool();
+    let mut rng = Rng::new(5);
+    let filter = f(&geo, "us", Some("new_york"), Some("verizon"));
+    let (ny1, n1) = p.get("ny1").unwrap();
+    n1.runtime.record_failure();
+    let hits = (0..2000)
+        .filter(|_| p.pick(&filter, &[], &mut rng, &geo).unwrap() == ny1)
+        .count();
+    // Two draws plus six more: the failed node wins only when all eight hit it (1/256).
+    assert!(hits < 40, "{hits}");
+    n1.runtime.record_success();
+    let hits = (0..2000)
+        .filter(|_| p.pick(&filter, &[], &mut rng, &geo).unwrap() == ny1)
+        .count();
+    assert!(hits > 700, "recovered: {hits}");
+}

@@ -27,12 +27,10 @@ pub const DEMO: &str = include_str!("demo.toml");
 pub struct Config {
     #[serde(default)]
     pub proxy: ProxySection,
-    #[serde(default)]
-    #[allow(dead_code)] // validated now; served by the admin, store, eBPF and health work
-    pub admin: AdminSection,
-    #[serde(default)]
-    #[allow(dead_code)] // validated now; served by the admin, store, eBPF and health work
-    pub store: StoreSection,
+    /// The admin API; absent: no API, no store, no health checks.
+    pub admin: Option<AdminSection>,
+    /// The embedded store (used with `[admin]`).
+    pub store: Option<StoreSection>,
     #[serde(default)]
     pub safety: SafetySection,
     #[serde(default)]
@@ -43,7 +41,6 @@ pub struct Config {
     #[allow(dead_code)] // validated now; served by the admin, store, eBPF and health work
     pub ebpf: EbpfSection,
     #[serde(default)]
-    #[allow(dead_code)] // validated now; served by the admin, store, eBPF and health work
     pub health: HealthSection,
     #[serde(default)]
     pub log: LogSection,
@@ -103,25 +100,28 @@ impl Default for ProxySection {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// `[admin]`: its presence turns on the API, the store and the health checks.
+#[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSection {
-    pub listen: SocketAddr,
+    /// Default `127.0.0.1:9090`.
+    pub listen: Option<SocketAddr>,
+    /// Bearer token for every endpoint but `/healthz` (and the dashboard page).
     pub token: Option<String>,
 }
 
-impl Default for AdminSection {
-    fn default() -> Self {
-        AdminSection {
-            listen: "127.0.0.1:9090".parse().expect("literal"),
-            token: None,
-        }
+impl AdminSection {
+    /// The API's address.
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+            .unwrap_or_else(|| "127.0.0.1:9090".parse().expect("literal"))
     }
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreSection {
+    /// SQLite file (relative to the working directory), or `":memory:"`.
     pub path: PathBuf,
 }
 
@@ -231,12 +231,15 @@ impl Default for EbpfSection {
     }
 }
 
-/// Node health probing (the prober arrives with the operations work).
+/// Node health probing (with `[admin]`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthSection {
+    /// `host:port` reached through each node; none: a TCP connect to the node.
     pub probe_target: Option<String>,
+    /// Seconds between probes of a node (jittered by ±20 %).
     pub interval_s: u64,
+    /// Consecutive failures that take a node out.
     pub failures: u32,
 }
 
@@ -375,12 +378,57 @@ impl Config {
         if cfg.proxy.workers == Workers::Count(0) {
             bail!("proxy.workers must be at least 1 (or \"auto\")");
         }
+        let mut seen = std::collections::HashSet::from([cfg.proxy.listen]);
         for l in &cfg.listener {
             if l.ip_only && l.package.is_none() {
                 bail!("listener {}: ip_only needs a package", l.listen);
             }
+            // SO_REUSEPORT would let two listeners share one address and split
+            // its clients between them at random.
+            if !seen.insert(l.listen) {
+                bail!(
+                    "listener {}: the address is already used by [proxy] listen or another [[listener]]",
+                    l.listen
+                );
+            }
         }
+        cfg.check_operations()?;
         Ok(cfg)
+    }
+
+    /// `[admin]`, `[store]` and `[health]` values.
+    fn check_operations(&self) -> Result<()> {
+        if let Some(a) = &self.admin
+            && a.token.as_deref().is_some_and(|t| t.trim().is_empty())
+        {
+            bail!("admin.token is empty: remove it to serve the API without a token");
+        }
+        if let Some(s) = &self.store
+            && s.path.as_os_str().is_empty()
+        {
+            bail!("store.path is empty");
+        }
+        let h = &self.health;
+        if h.interval_s == 0 {
+            bail!("health.interval_s must be at least 1");
+        }
+        if h.failures == 0 {
+            bail!("health.failures must be at least 1");
+        }
+        if let Some(t) = &h.probe_target {
+            let port = t.rsplit_once(':').map(|(host, p)| (host, p.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(p))) if !host.is_empty() && p != 0) {
+                bail!("health.probe_target {t:?} is not host:port");
+            }
+        }
+        Ok(())
+    }
+
+    /// The store's path (`[store] path`, default `splicegate.db`).
+    pub fn store_path(&self) -> PathBuf {
+        self.store
+            .as_ref()
+            .map_or_else(|| StoreSection::default().path, |s| s.path.clone())
     }
 
     /// Read and parse a file.
@@ -554,8 +602,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn admin_is_on_only_with_its_section() {
+        let c = Config::parse("[proxy]\nworkers = 1\n").unwrap();
+        assert!(c.admin.is_none(), "old configs: no API, no store");
+        let c = Config::parse("[admin]\n").unwrap();
+        assert_eq!(
+            c.admin.as_ref().unwrap().listen(),
+            "127.0.0.1:9090".parse().unwrap()
+        );
+        assert_eq!(c.store_path(), PathBuf::from("splicegate.db"));
+        let c = Config::parse(
+            "[admin]\nlisten = \"127.0.0.1:9\"\ntoken = \"t\"\n[store]\npath = \"x.db\"\n[health]\nprobe_target = \"example.com:80\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.admin.as_ref().unwrap().listen(),
+            "127.0.0.1:9".parse().unwrap()
+        );
+        assert_eq!(c.store_path(), PathBuf::from("x.db"));
+    }
+
+    #[test]
     fn the_demo_parses() {
         let c = Config::parse(DEMO).unwrap();
+        assert!(c.admin.is_some(), "the demo serves the admin API");
+        assert_eq!(c.store_path(), PathBuf::from(":memory:"));
         assert!(c.demo.echo_listen.is_some());
         assert!(c.node.len() >= 3);
         assert!(!c.safety.allow_targets.is_empty());
@@ -607,6 +678,11 @@ mod tests {
                 "[[listener]]\nlisten = \"127.0.0.1:1\"\nip_only = true\n",
                 "needs a package",
             ),
+            ("[admin]\ntoken = \"\"\n", "admin.token"),
+            ("[admin]\nlisen = \"127.0.0.1:1\"\n", "lisen"),
+            ("[health]\nfailures = 0\n", "health.failures"),
+            ("[health]\ninterval_s = 0\n", "health.interval_s"),
+            ("[health]\nprobe_target = \"example.com\"\n", "host:port"),
         ] {
             let e = format!("{:#}", Config::parse(text).unwrap_err());
             assert!(e.contains(needle), "{text}: {e}");

@@ -2,6 +2,7 @@
 //! starts one worker per core, and turns signals into drains and reloads.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod config;
 mod echo;
 
@@ -97,8 +98,7 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
     // the mask and only this one receives them.
     let signals = splicegate_uring::SignalSet::block(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
 
-    let policy = Policy::build(&cfg.declarations()?, None).map_err(anyhow::Error::msg)?;
-    let engine = Arc::new(Engine::new(policy, cfg.limits.session_capacity.max(1)));
+    let (engine, control) = admin::engine(&cfg)?;
     let (access_log, access_rx) = match cfg.log.access.as_str() {
         "off" | "" => (None, None),
         _ => {
@@ -168,6 +168,7 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
     }
     let addrs: Vec<String> = listen.iter().map(|(a, _)| a.to_string()).collect();
     tracing::info!(listen = %addrs.join(", "), workers, "splicegate serving");
+    let admin = admin::start(&cfg, control.as_ref(), &handles, None)?;
     if demo {
         print_demo(&cfg, echo);
     }
@@ -185,7 +186,7 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
         }
         match signal {
             Some(libc::SIGHUP) => match &path {
-                Some(p) => reload(p, &engine),
+                Some(p) => reload(p, &engine, control.as_deref()),
                 None => tracing::info!("SIGHUP: the embedded demo has no file to reload"),
             },
             Some(sig) => {
@@ -203,6 +204,7 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
                 if let Some(a) = access.as_mut() {
                     a.drain();
                 }
+                admin::stop(admin, control.as_ref());
                 tracing::info!("drained; exiting");
                 return Ok(());
             }
@@ -248,16 +250,23 @@ impl AccessWriter {
     }
 }
 
-/// Re-read the file and publish a new policy; a bad file changes nothing.
-fn reload(path: &std::path::Path, engine: &Engine) {
-    let result = Config::load(path).and_then(|c| {
-        let d = c.declarations()?;
-        Policy::build(&d, Some(&engine.policy())).map_err(anyhow::Error::msg)
+/// Re-read the file and publish a new policy (through the control object
+/// when the admin API runs, so the API's objects stay); a bad file changes
+/// nothing.
+fn reload(path: &std::path::Path, engine: &Engine, control: Option<&splicegate_admin::Control>) {
+    let result = Config::load(path).and_then(|c| match control {
+        Some(control) => admin::reload(control, &c),
+        None => {
+            let d = c.declarations()?;
+            let p = Policy::build(&d, Some(&engine.policy())).map_err(anyhow::Error::msg)?;
+            engine.publish(p);
+            Ok(())
+        }
     });
     match result {
-        Ok(p) => {
+        Ok(()) => {
+            let p = engine.policy();
             let (packages, nodes) = (p.packages.len(), p.nodes.online_count());
-            engine.publish(p);
             tracing::info!(
                 packages,
                 online_nodes = nodes,
@@ -299,4 +308,11 @@ fn print_demo(cfg: &Config, echo: Option<std::net::SocketAddr>) {
         "Run it again: the exit address changes. Add -session-abc to the username to keep one exit;"
     );
     println!("try country-gb, city-london, or a mistake like contry-us to see the error codes.");
+    if let Some(a) = &cfg.admin {
+        println!();
+        println!(
+            "Admin API: curl http://{}/v1/packages/{id}  (also /v1/nodes, /v1/explain?username=..., /metrics)",
+            a.listen()
+        );
+    }
 }
