@@ -246,18 +246,12 @@ fn every_error_class_has_its_socks5_reply() {
         SocksOutcome::Reply(2),
         "SESSION_PARAMS_MISMATCH"
     );
-    // BOUND_NODE_FAILED → 4: a session bound to the dead node.
-    let mut bound = None;
-    for s in 0..30 {
-        let rules = format!("country-us-session-bd{s}-bind-node");
-        if ask(&rules, &web_t) == SocksOutcome::Reply(4) {
-            bound = Some(rules);
-            break;
-        }
-    }
-    assert!(
-        bound.is_some(),
-        "no bound session landed on the dead node in 30 tries"
+    // BOUND_NODE_FAILED → 4: a session bound to the dead node (the only
+    // node in chicago, so the session cannot land anywhere else).
+    assert_eq!(
+        ask("country-us-city-chicago-session-bd-bind-node", &web_t),
+        SocksOutcome::Reply(4),
+        "BOUND_NODE_FAILED"
     );
     // RATE_LIMIT_EXCEEDED → 2.
     let mut replies = Vec::new();
