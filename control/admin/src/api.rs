@@ -536,7 +536,19 @@ async fn delete_node(State(s): State<AppState>, Path(id): Path<String>) -> ApiRe
 fn session_json(policy: &Policy, info: &SessionInfo, now_ns: u64, now_ms: u64) -> Value {
     let s = &info.session;
     let left_ms = s.expires().0.saturating_sub(now_ns) / 1_000_000;
-    let rules = s.fingerprint.to_rules(info.key.package);
+    let mut rules = s.fingerprint.to_rules(info.key.package);
+    // The fingerprint spells defaults out; the listing leaves them implicit.
+    if rules.network == Some(NetworkRule::Any) {
+        rules.network = None;
+    }
+    let default_onerror = if rules.bind_node {
+        OnError::Fail
+    } else {
+        OnError::Replace
+    };
+    if rules.onerror == Some(default_onerror) {
+        rules.onerror = None;
+    }
     json!({
         "package": info.key.package,
         "id": info.key.id.as_str(),
