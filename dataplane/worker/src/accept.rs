@@ -168,16 +168,24 @@ async fn serve(
     _open: OpenGuard,
 ) {
     let _ = stream.set_nodelay(true);
-    let mut buf = Vec::with_capacity(4096);
+    let mut buf = Vec::with_capacity(1024);
     let deadline = Instant::now() + ctx.shared.settings.handshake;
     match read_some(&stream, &mut buf, deadline).await {
         Ok(Some(n)) if n > 0 => {}
         _ => return, // closed, timed out or failed before its first byte
     }
-    if buf[0] == 0x05 {
-        socks::serve(&ctx, stream, peer, binding, buf, deadline).await;
+    let tunnel = if buf[0] == 0x05 {
+        socks::serve(&ctx, stream, peer, binding, buf, deadline).await
     } else {
-        http::serve(&ctx, stream, peer, binding, buf, deadline).await;
+        http::serve(&ctx, stream, peer, binding, buf, deadline).await
+    };
+    // The relay gets a task of its own: this handshake task's state (heads,
+    // routing, dialing) ends here, so an idle tunnel holds only what it uses.
+    if let Some(t) = tunnel {
+        spawn(async move {
+            crate::tunnels::run(&ctx, *t).await;
+            drop(_open);
+        });
     }
 }
 

@@ -22,12 +22,28 @@ use splicegate_uring::{TcpStream, timeout, timeout_at};
 use crate::ctx::Ctx;
 use crate::dial::{Upstream, connect_route};
 use crate::io::{ReadError, read_message, read_some};
-use crate::{Binding, clock, tunnels};
+use crate::tunnels::Tunnel;
+use crate::{Binding, clock};
 
 /// Whether the client connection goes on after a request.
 enum Next {
     KeepAlive,
     Close,
+    /// A CONNECT was answered 200: its relay runs in a task of its own.
+    Tunnel(Box<Established>),
+}
+
+/// A CONNECT tunnel established by [`request`]; `serve` adds the client.
+struct Established {
+    up: Upstream,
+    node: Arc<Node>,
+    package: Arc<splicegate_control::policy::Package>,
+    early: Vec<u8>,
+    host: String,
+    port: u16,
+    protocol: &'static str,
+    started: Instant,
+    setup: Duration,
 }
 
 /// An upstream connection kept for a session's next request to the same target.
@@ -46,7 +62,7 @@ pub(crate) async fn serve(
     binding: Binding,
     mut buf: Vec<u8>,
     first_deadline: Instant,
-) {
+) -> Option<Box<Tunnel>> {
     let limits = ctx.shared.settings.limits;
     let mut conn: Option<ConnGuard> = None;
     let mut kept: Option<Kept> = None;
@@ -62,7 +78,7 @@ pub(crate) async fn serve(
         .await;
         let req = match parsed {
             Ok(r) => r,
-            Err(ReadError::Closed { .. } | ReadError::Io(_)) => return,
+            Err(ReadError::Closed { .. } | ReadError::Io(_)) => return None,
             Err(ReadError::Timeout { partial }) => {
                 if partial {
                     let rej = Rejection::new(
@@ -75,24 +91,42 @@ pub(crate) async fn serve(
                     answer(ctx, &client, peer, None, "http", &rej, false).await;
                     linger_close(&client).await;
                 }
-                return;
+                return None;
             }
             Err(ReadError::Parse(e)) => {
                 answer(ctx, &client, peer, None, "http", &parse_rejection(e), false).await;
                 linger_close(&client).await;
-                return;
+                return None;
             }
         };
         if ctx.draining.get() {
-            return;
+            return None;
         }
-        match request(
+        let next = request(
             ctx, &client, peer, binding, &req, &mut buf, &mut conn, &mut kept,
         )
-        .await
-        {
+        .await;
+        drop(req);
+        match next {
             Next::KeepAlive => deadline = Instant::now() + ctx.shared.settings.idle,
-            Next::Close => return,
+            Next::Close => return None,
+            Next::Tunnel(e) => {
+                let e = *e;
+                return Some(Box::new(Tunnel {
+                    client,
+                    up: e.up,
+                    node: e.node,
+                    package: e.package,
+                    early: e.early,
+                    host: e.host,
+                    port: e.port,
+                    protocol: e.protocol,
+                    peer,
+                    started: e.started,
+                    setup: e.setup,
+                    conn,
+                }));
+            }
         }
     }
 }
@@ -269,16 +303,18 @@ async fn request(
         {
             return Next::Close;
         }
-        let early = buf.split_off(req.head_len);
-        let info = tunnels::TunnelInfo {
-            peer,
+        let early = buf[req.head_len..].to_vec();
+        return Next::Tunnel(Box::new(Established {
+            up,
+            node,
+            package: adm.package.clone(),
+            early,
+            host,
+            port,
             protocol: label,
-            target: (&host, port),
             started,
             setup: started.elapsed(),
-        };
-        tunnels::run(ctx, client, up, &adm.package, &node, &early, info).await;
-        return Next::Close;
+        }));
     }
     forward(
         ctx,

@@ -25,8 +25,8 @@ pub(crate) async fn read_some(
     deadline: Instant,
 ) -> io::Result<Option<usize>> {
     let start = buf.len();
-    if buf.capacity() - start < 2048 {
-        buf.reserve(4096);
+    if buf.capacity() - start < 512 {
+        buf.reserve(buf.capacity().max(1024));
     }
     let cap = buf.capacity();
     buf.resize(cap, 0);

@@ -15,7 +15,8 @@ use splicegate_uring::{TcpStream, timeout};
 use crate::ctx::Ctx;
 use crate::dial::connect_route;
 use crate::io::{ReadError, read_message};
-use crate::{Binding, clock, tunnels};
+use crate::tunnels::Tunnel;
+use crate::{Binding, clock};
 
 async fn send(client: &TcpStream, bytes: &[u8]) -> bool {
     matches!(
@@ -49,22 +50,22 @@ pub(crate) async fn serve(
     binding: Binding,
     mut buf: Vec<u8>,
     deadline: Instant,
-) {
+) -> Option<Box<Tunnel>> {
     // Greeting.
     let Ok(greeting) =
         read_message(&client, &mut buf, deadline, None, server::parse_greeting).await
     else {
-        return; // malformed, truncated or slow: the connection closes
+        return None; // malformed, truncated or slow: the connection closes
     };
     buf.drain(..greeting.consumed);
     let policy = ctx.shared.engine.policy_arc();
     let auth: Authenticated = if greeting.offers(method::USERPASS) {
         if !send(&client, &server::method_reply(method::USERPASS)).await {
-            return;
+            return None;
         }
         let Ok(up) = read_message(&client, &mut buf, deadline, None, server::parse_userpass).await
         else {
-            return;
+            return None;
         };
         buf.drain(..up.consumed);
         let hello = Hello {
@@ -78,7 +79,7 @@ pub(crate) async fn serve(
         match policy.authenticate(&hello) {
             Ok(a) => {
                 if !send(&client, &server::auth_reply(true)).await {
-                    return;
+                    return None;
                 }
                 a
             }
@@ -93,7 +94,7 @@ pub(crate) async fn serve(
                     &rej,
                 );
                 send(&client, &server::auth_reply(false)).await;
-                return;
+                return None;
             }
         }
     } else {
@@ -110,14 +111,14 @@ pub(crate) async fn serve(
         match allowed {
             Ok(a) => {
                 if !send(&client, &server::method_reply(method::NO_AUTH)).await {
-                    return;
+                    return None;
                 }
                 a
             }
             Err(rej) => {
                 ctx.record(&policy, peer, None, "socks5", &rej);
                 send(&client, &server::method_reply(method::NO_ACCEPTABLE)).await;
-                return;
+                return None;
             }
         }
     };
@@ -130,9 +131,9 @@ pub(crate) async fn serve(
             let mut out = Vec::new();
             server::write_reply(reply::ADDRESS_TYPE_NOT_SUPPORTED, None, &mut out);
             send(&client, &out).await;
-            return;
+            return None;
         }
-        Err(_) => return,
+        Err(_) => return None,
     };
     buf.drain(..request.consumed);
     let started = Instant::now();
@@ -140,7 +141,7 @@ pub(crate) async fn serve(
         let mut out = Vec::new();
         server::write_reply(reply::COMMAND_NOT_SUPPORTED, None, &mut out);
         send(&client, &out).await;
-        return;
+        return None;
     }
     let host = match &request.host {
         Host::Ip(ip) => ip.to_string(),
@@ -150,7 +151,10 @@ pub(crate) async fn serve(
     let mut conn = None;
     let adm = match policy.admit(&auth, Protocol::Socks5, &host, request.port, &mut conn, now) {
         Ok(a) => a,
-        Err(rej) => return refuse(ctx, &client, peer, Some(package_id), &rej).await,
+        Err(rej) => {
+            refuse(ctx, &client, peer, Some(package_id), &rej).await;
+            return None;
+        }
     };
     let routed = ctx
         .shared
@@ -158,27 +162,38 @@ pub(crate) async fn serve(
         .route(&policy, &adm, now, &mut ctx.rng.borrow_mut());
     let mut route = match routed {
         Ok(r) => r,
-        Err(rej) => return refuse(ctx, &client, peer, Some(package_id), &rej).await,
+        Err(rej) => {
+            refuse(ctx, &client, peer, Some(package_id), &rej).await;
+            return None;
+        }
     };
     let (up, node) = match connect_route(ctx, &policy, &adm, &mut route).await {
         Ok(x) => x,
-        Err(rej) => return refuse(ctx, &client, peer, Some(package_id), &rej).await,
+        Err(rej) => {
+            refuse(ctx, &client, peer, Some(package_id), &rej).await;
+            return None;
+        }
     };
     let bound = up.stream.local_addr().ok();
     let mut out = Vec::with_capacity(32);
     server::write_reply(reply::SUCCEEDED, bound, &mut out);
     if !send(&client, &out).await {
-        return;
+        return None;
     }
-    let info = tunnels::TunnelInfo {
-        peer,
+    Some(Box::new(Tunnel {
+        client,
+        up,
+        node,
+        package: adm.package.clone(),
+        early: buf.to_vec(), // exact size, usually empty
+        host,
+        port: request.port,
         protocol: "socks5",
-        target: (&host, request.port),
+        peer,
         started,
         setup: started.elapsed(),
-    };
-    tunnels::run(ctx, &client, up, &adm.package, &node, &buf, info).await;
-    drop(conn);
+        conn,
+    }))
 }
 
 fn no_method() -> Rejection {

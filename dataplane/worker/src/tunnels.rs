@@ -101,35 +101,51 @@ use crate::WorkerStats;
 use crate::ctx::Ctx;
 use crate::dial::Upstream;
 
-/// What the access log says of a tunnel.
-pub(crate) struct TunnelInfo<'a> {
-    pub peer: std::net::SocketAddr,
+/// An established tunnel, ready to relay: everything it needs and nothing
+/// of the handshake that made it, so an idle tunnel costs its sockets and a
+/// small task.
+pub(crate) struct Tunnel {
+    pub client: TcpStream,
+    pub up: Upstream,
+    pub node: Arc<Node>,
+    pub package: Arc<Package>,
+    /// Bytes the client sent after its request, before our answer.
+    pub early: Vec<u8>,
+    pub host: String,
+    pub port: u16,
     pub protocol: &'static str,
-    pub target: (&'a str, u16),
+    pub peer: std::net::SocketAddr,
     pub started: Instant,
     pub setup: std::time::Duration,
+    /// The client connection's slot of the package's connection limit.
+    pub conn: Option<splicegate_control::limits::ConnGuard>,
 }
 
 /// Relay an established tunnel (a = client, b = upstream) until either side
-/// ends, the idle timeout passes, or the tick stops it. `client_early` are
-/// bytes the client sent after its request (before our answer).
-pub(crate) async fn run(
-    ctx: &Ctx,
-    client: &TcpStream,
-    up: Upstream,
-    package: &Arc<Package>,
-    node: &Node,
-    client_early: &[u8],
-    info: TunnelInfo<'_>,
-) {
+/// ends, the idle timeout passes, or the tick stops it.
+pub(crate) async fn run(ctx: &Ctx, t: Tunnel) {
+    let Tunnel {
+        client,
+        up,
+        node,
+        package,
+        early,
+        host,
+        port,
+        protocol,
+        peer,
+        started,
+        setup,
+        conn,
+    } = t;
     let _load = node.runtime.open_tunnel();
     WorkerStats::inc(&ctx.stats.open_tunnels);
-    ctx.stats.setup.observe(info.setup);
+    ctx.stats.setup.observe(setup);
     let (mut total_up, mut total_down) = (0, 0);
     let idle = ctx.shared.settings.idle;
     let early_ok = async {
-        if !client_early.is_empty() {
-            up.stream.write_all(client_early).await?;
+        if !early.is_empty() {
+            up.stream.write_all(&early).await?;
         }
         if !up.leftover.is_empty() {
             client.write_all(&up.leftover).await?;
@@ -140,28 +156,30 @@ pub(crate) async fn run(
         timeout_at(Instant::now() + idle, early_ok).await,
         Ok(Ok(()))
     ) {
-        let (eu, ed) = (client_early.len() as u64, up.leftover.len() as u64);
+        let (eu, ed) = (early.len() as u64, up.leftover.len() as u64);
+        drop(early);
         package.charge(eu, ed);
         ctx.stats.bytes(eu, ed);
         let ctl = RelayCtl::new();
         ctl.set_idle_timeout(Some(idle));
         let id = ctx.tunnels.register(package.clone(), ctl.clone());
-        let outcome = relay(client, &up.stream, &ctx.pipes, &ctl).await;
+        let outcome = relay(&client, &up.stream, &ctx.pipes, &ctl).await;
         ctx.tunnels.finish(id, &ctx.stats);
         (total_up, total_down) = (eu + outcome.a_to_b, ed + outcome.b_to_a);
         tracing::debug!(package = package.id(), node = %node.id, up = outcome.a_to_b, down = outcome.b_to_a, end = ?outcome.end, "tunnel closed");
     }
     WorkerStats::dec(&ctx.stats.open_tunnels);
+    drop(conn);
     ctx.log(&crate::ctx::Outcome {
-        peer: info.peer,
+        peer,
         package: Some(package.id()),
-        protocol: info.protocol,
-        target: Some(info.target),
+        protocol,
+        target: Some((&host, port)),
         node: Some(&node.id),
         error: None,
         up: total_up,
         down: total_down,
-        started: info.started,
-        setup: Some(info.setup),
+        started,
+        setup: Some(setup),
     });
 }
