@@ -74,8 +74,10 @@ pub struct PackageUsage {
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
     requests: AtomicU64,
-    /// Micro-credits charged so far (derived from bytes and price).
+    /// Micro-credits charged so far.
     charged: AtomicU64,
+    /// Bytes × price not yet billed (below one micro-credit, scaled by 10^9).
+    remainder: AtomicU64,
     /// Open client connections.
     connections: AtomicU32,
     /// GCRA theoretical arrival time, ns.
@@ -195,8 +197,9 @@ impl PackageUsage {
     }
 
     /// Charge relayed bytes to the package and its organisation at
-    /// `price_per_gb` micro-credits. The charge is derived from the package's
-    /// cumulative bytes, so no fraction of a micro-credit is ever lost.
+    /// `price_per_gb` micro-credits. Each charge carries the fraction of a
+    /// micro-credit it could not bill to the next one, so no fraction is ever
+    /// lost, and a price change applies to the bytes that follow it only.
     pub fn add_traffic(&self, up: u64, down: u64, price_per_gb: u64, org: Option<&OrgAccount>) {
         if up == 0 && down == 0 {
             return;
@@ -206,23 +209,26 @@ impl PackageUsage {
         let Some(org) = org.filter(|_| price_per_gb != 0) else {
             return;
         };
-        let total = self.bytes_up.load(Ordering::Relaxed) + self.bytes_down.load(Ordering::Relaxed);
-        let owed = (u128::from(total) * u128::from(price_per_gb) / u128::from(GB)) as u64;
-        // Raise `charged` to `owed`; whoever raises it charges the difference.
-        let mut charged = self.charged.load(Ordering::Relaxed);
-        while owed > charged {
-            match self.charged.compare_exchange_weak(
-                charged,
-                owed,
+        let owed_scaled = u128::from(up + down) * u128::from(price_per_gb);
+        let mut rem = self.remainder.load(Ordering::Relaxed);
+        loop {
+            let total = owed_scaled + u128::from(rem);
+            let bill = (total / u128::from(GB)) as u64;
+            let left = (total % u128::from(GB)) as u64;
+            match self.remainder.compare_exchange_weak(
+                rem,
+                left,
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             ) {
                 Ok(_) => {
-                    org.spent
-                        .fetch_add((owed - charged) as i64, Ordering::Relaxed);
+                    if bill != 0 {
+                        self.charged.fetch_add(bill, Ordering::Relaxed);
+                        org.spent.fetch_add(bill as i64, Ordering::Relaxed);
+                    }
                     return;
                 }
-                Err(c) => charged = c,
+                Err(r) => rem = r,
             }
         }
     }
@@ -291,6 +297,13 @@ mod tests {
         assert!(!u.over_cap(0));
         assert!(!u.over_cap(700_001));
         assert!(u.over_cap(700_000));
+        // A price change applies to the bytes after it, not to past ones.
+        let repriced = PackageUsage::default();
+        let org2 = OrgAccount::new(0);
+        repriced.add_traffic(GB, 0, 1_000_000, Some(&org2));
+        repriced.add_traffic(GB, 0, 3_000_000, Some(&org2));
+        assert_eq!(org2.spent(), 4_000_000);
+        assert_eq!(repriced.totals().charged, 4_000_000);
         // Free traffic charges nothing.
         let free = PackageUsage::default();
         free.add_traffic(GB, GB, 0, Some(&org));

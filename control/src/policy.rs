@@ -569,6 +569,30 @@ impl Policy {
         })
     }
 
+    /// The package an authentication refusal belongs to, for its recent-errors
+    /// list: only refusals that come after the key (or address) was verified
+    /// (`IP_NOT_ALLOWED`, status, credits), so a stranger cannot fill another
+    /// package's list with wrong-key attempts.
+    pub fn refused_package(&self, hello: &Hello<'_>, rej: &Rejection) -> Option<u64> {
+        if !matches!(
+            rej.code,
+            Code::IpNotAllowed
+                | Code::PackageSuspended
+                | Code::PackagePaused
+                | Code::PackageNoCredits
+        ) {
+            return None;
+        }
+        match hello.credentials {
+            Credentials::Present { username, .. } => {
+                rules::split_package(username).map(|(id, _)| id)
+            }
+            _ => hello
+                .listener_package
+                .or_else(|| self.ip_auth_package(hello.client_ip).map(|p| p.id())),
+        }
+    }
+
     /// Checks 6–9 for one request: rules, protocol and target, traffic cap,
     /// rate and connections. `conn` holds the client connection's slot of the
     /// package's connection limit (taken on its first request).

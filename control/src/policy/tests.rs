@@ -581,3 +581,35 @@ fn keys_compare_exactly_and_never_print() {
     assert_eq!(format!("{k:?}"), "Key(***)");
     assert!(Key::new(&"k".repeat(256)).is_none());
 }
+
+#[test]
+fn refusals_after_the_key_belong_to_their_package() {
+    let p = policy();
+    let hello = |username, password| Hello {
+        client_ip: "1.2.3.4".parse().unwrap(),
+        credentials: Credentials::Present { username, password },
+        listener_package: None,
+    };
+    let paused = hello("package-10-country-us", "pk_10");
+    let rej = p.authenticate(&paused).unwrap_err();
+    assert_eq!(p.refused_package(&paused, &rej), Some(10));
+    let wrong = hello("package-10-country-us", "nope");
+    let rej = p.authenticate(&wrong).unwrap_err();
+    assert_eq!(rej.code, Code::AuthFailed);
+    assert_eq!(
+        p.refused_package(&wrong, &rej),
+        None,
+        "a wrong key is not the package's error"
+    );
+    let stranger = Hello {
+        client_ip: "10.7.0.1".parse().unwrap(),
+        credentials: Credentials::Present {
+            username: "package-8-country-us",
+            password: "x",
+        },
+        listener_package: None,
+    };
+    let rej = p.authenticate(&stranger).unwrap_err();
+    assert_eq!(rej.code, Code::IpNotAllowed);
+    assert_eq!(p.refused_package(&stranger, &rej), Some(8));
+}

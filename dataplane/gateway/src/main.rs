@@ -5,6 +5,7 @@
 mod admin;
 mod config;
 mod echo;
+mod kernel;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -106,20 +107,19 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
             (Some(log), Some(rx))
         }
     };
+    let kernel = kernel::start(&cfg);
+    if let Some(k) = &kernel {
+        k.sync_allowlists(&engine.policy());
+    }
     let shared = Arc::new(Shared {
         engine: engine.clone(),
         settings: cfg.settings(),
         resolver: Resolver::start(2)?,
         access_log,
         guard: Arc::new(splicegate_control::guard::Guard::new(cfg.guard_config())),
-        guard_at_accept: true,
-        ban_sink: None,
+        guard_at_accept: kernel.is_none(),
+        ban_sink: kernel.as_ref().map(kernel::Kernel::ban_sink),
     });
-    if cfg.ebpf.enabled {
-        tracing::warn!(
-            "[ebpf] enabled, but this build carries no kernel programs yet: the same rules run in user space (connections are accepted and closed at once)"
-        );
-    }
     let mut access = match access_rx {
         Some(rx) => Some(AccessWriter::open(&cfg.log.access, rx)?),
         None => None,
@@ -168,7 +168,10 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
     }
     let addrs: Vec<String> = listen.iter().map(|(a, _)| a.to_string()).collect();
     tracing::info!(listen = %addrs.join(", "), workers, "splicegate serving");
-    let admin = admin::start(&cfg, control.as_ref(), &handles, None)?;
+    let verdicts = kernel
+        .clone()
+        .map(|k| -> splicegate_admin::VerdictFn { Arc::new(move || k.counters()) });
+    let admin = admin::start(&cfg, control.as_ref(), &handles, verdicts)?;
     if demo {
         print_demo(&cfg, echo);
     }
@@ -186,7 +189,12 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
         }
         match signal {
             Some(libc::SIGHUP) => match &path {
-                Some(p) => reload(p, &engine, control.as_deref()),
+                Some(p) => {
+                    reload(p, &engine, control.as_deref());
+                    if let Some(k) = &kernel {
+                        k.sync_allowlists(&engine.policy());
+                    }
+                }
                 None => tracing::info!("SIGHUP: the embedded demo has no file to reload"),
             },
             Some(sig) => {

@@ -272,7 +272,7 @@ async fn request(
     }
     let auth = match policy.authenticate(&hello) {
         Ok(a) => a,
-        Err(rej) => fail!(None, rej),
+        Err(rej) => fail!(policy.refused_package(&hello, &rej), rej),
     };
     let package_id = auth.package.id();
     let adm = match policy.admit(&auth, protocol, &host, port, conn, now) {

@@ -84,15 +84,8 @@ pub(crate) async fn serve(
                 a
             }
             Err(rej) => {
-                let package =
-                    splicegate_control::rules::split_package(&up.username).map(|(id, _)| id);
-                ctx.record(
-                    &policy,
-                    peer,
-                    package.filter(|id| policy.packages.contains_key(id)),
-                    "socks5",
-                    &rej,
-                );
+                let package = policy.refused_package(&hello, &rej);
+                ctx.record(&policy, peer, package, "socks5", &rej);
                 send(&client, &server::auth_reply(false)).await;
                 return None;
             }
@@ -116,7 +109,8 @@ pub(crate) async fn serve(
                 a
             }
             Err(rej) => {
-                ctx.record(&policy, peer, None, "socks5", &rej);
+                let package = policy.refused_package(&hello, &rej);
+                ctx.record(&policy, peer, package, "socks5", &rej);
                 send(&client, &server::method_reply(method::NO_ACCEPTABLE)).await;
                 return None;
             }

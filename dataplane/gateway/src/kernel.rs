@@ -1,0 +1,123 @@
+//! Kernel enforcement, wired: attach the XDP/TC programs when `[ebpf]
+//! enabled` and the process has the privileges, keep their maps in step with
+//! the policy (ip_only allowlists, bans), and report their verdict counters.
+//! Anything short of an attached program leaves the same rules to the
+//! workers in user space, with one warning.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use splicegate_control::policy::Policy;
+use splicegate_ebpf::{AttachMode, Enforcer, EnforcerConfig, Verdict};
+use splicegate_worker::BanSink;
+
+use crate::config::{Config, EbpfMode};
+
+/// The attached programs and what they enforce.
+pub struct Kernel {
+    enforcer: Mutex<Enforcer>,
+    /// `ip_only` listener ports and their packages.
+    ip_only: Vec<(u16, u64)>,
+}
+
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kernel")
+            .field("ip_only", &self.ip_only)
+            .finish()
+    }
+}
+
+/// Attach the programs if configured and possible; `None` leaves enforcement
+/// to user space (and says why, once).
+pub fn start(cfg: &Config) -> Option<Arc<Kernel>> {
+    if !cfg.ebpf.enabled {
+        tracing::info!(
+            "[ebpf] disabled: per-source rates, bans and ip_only ports are enforced in user space (accepted, then closed at once)"
+        );
+        return None;
+    }
+    let mut ports = vec![cfg.proxy.listen.port()];
+    ports.extend(cfg.listener.iter().map(|l| l.listen.port()));
+    ports.sort_unstable();
+    ports.dedup();
+    let mode = match cfg.ebpf.mode {
+        EbpfMode::Xdp => AttachMode::Xdp,
+        EbpfMode::XdpGeneric => AttachMode::XdpGeneric,
+        EbpfMode::Tc => AttachMode::Tc,
+    };
+    let ec = EnforcerConfig {
+        interface: cfg.ebpf.interface.clone(),
+        mode,
+        proxy_ports: ports,
+        syn_rate: cfg.ebpf.syn_rate,
+        syn_burst: cfg.ebpf.syn_burst.max(1),
+    };
+    match Enforcer::attach(&ec) {
+        Ok(enforcer) => {
+            tracing::info!(interface = %ec.interface, mode = %mode, "kernel programs attached: rates, bans and ip_only ports are enforced before a socket exists");
+            let ip_only = cfg
+                .listener
+                .iter()
+                .filter(|l| l.ip_only)
+                .filter_map(|l| l.package.map(|p| (l.listen.port(), p)))
+                .collect();
+            Some(Arc::new(Kernel {
+                enforcer: Mutex::new(enforcer),
+                ip_only,
+            }))
+        }
+        Err(e) => {
+            tracing::warn!(
+                "[ebpf] enabled, but the kernel programs could not be attached ({e}); the same rules run in user space (connections are accepted and closed at once)"
+            );
+            None
+        }
+    }
+}
+
+impl Kernel {
+    fn enforcer(&self) -> std::sync::MutexGuard<'_, Enforcer> {
+        self.enforcer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Write every ip_only port's allowlist from the policy.
+    pub fn sync_allowlists(&self, policy: &Policy) {
+        let mut e = self.enforcer();
+        for &(port, package) in &self.ip_only {
+            let allow = policy
+                .packages
+                .get(&package)
+                .map(|p| p.decl.ip_allowlist.clone())
+                .unwrap_or_default();
+            if let Err(err) = e.set_ip_only(port, &allow) {
+                tracing::error!(port, package, error = %err, "could not write the ip_only allowlist to the kernel");
+            }
+        }
+    }
+
+    /// Where the workers send bans.
+    pub fn ban_sink(self: &Arc<Self>) -> BanSink {
+        let me = self.clone();
+        Arc::new(move |ip: IpAddr, d: Duration| {
+            if let Err(err) = me.enforcer().ban(ip, d) {
+                tracing::error!(client = %ip, error = %err, "could not write a ban to the kernel");
+            }
+        })
+    }
+
+    /// Packets per verdict, summed over CPUs.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        match self.enforcer().counters() {
+            Ok(c) => Verdict::ALL
+                .iter()
+                .map(|v| (v.name(), c.get(*v).packets))
+                .collect(),
+            Err(err) => {
+                tracing::warn!(error = %err, "could not read the kernel verdict counters");
+                Vec::new()
+            }
+        }
+    }
+}
