@@ -139,6 +139,26 @@ impl Gateway {
         }
     }
 
+    /// Send `sig` (`KILL` for a crash), wait up to 10 s for the process to
+    /// end, and start the binary again on the same directory (store), ports
+    /// and config file.
+    pub fn restart_after(mut self, sig: &str) -> Gateway {
+        self.signal(sig);
+        let st = self.wait_exit(Duration::from_secs(10));
+        assert!(
+            st.is_some(),
+            "splicegate did not exit on SIG{sig} within 10 s"
+        );
+        let text = fs::read_to_string(&self.config_path).expect("config");
+        self.keep_dir = true;
+        let (dir, ports) = (self.dir.clone(), self.ports.clone());
+        drop(self);
+        match Gateway::try_start_in(dir, ports, &text) {
+            Ok(g) => g,
+            Err(e) => panic!("restart after SIG{sig}: {e:#}"),
+        }
+    }
+
     fn try_start_in(
         dir: PathBuf,
         mut ports: HashMap<String, u16>,

@@ -14,6 +14,8 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod admin;
+pub mod canary;
 pub mod client;
 pub mod conf;
 pub mod curl;
@@ -22,6 +24,7 @@ pub mod gateway;
 pub mod nodes;
 pub mod targets;
 pub mod tools;
+pub mod watch;
 
 pub use addr::{client_ip, free_port, node_ip};
 pub use client::{
