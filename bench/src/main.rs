@@ -1,259 +1,693 @@
-//! splicegate-bench: load generators and targets for measuring the gateway
-//! from outside. This first mode is `bulk`: P parallel streams through an
-//! HTTP CONNECT proxy (or none), aggregate Gbit/s, and the proxy process's
-//! CPU seconds per GiB relayed. Every loop is bounded in bytes and time.
+//! splicegate-bench: the gateway measured from outside, next to its peers.
+//!
+//! One binary holds the targets (sink/source, echo, close-after-echo, an
+//! HTTP/1.1 origin), the load modes (`bulk`, `connrate`, `pingpong`, `http`,
+//! `idle`) through HTTP CONNECT, SOCKS5, absolute-form forwarding, an L4
+//! relay or no proxy, and `compare`, which starts splicegate and the Debian
+//! peers one after another, round by round, and writes a report. The proxy
+//! under test and this process are pinned to different CPUs with `taskset`.
+//! Every loop is bounded in count and in time; nothing here is a test
+//! assertion on timing.
 #![forbid(unsafe_code)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+mod client;
+mod load;
+mod peers;
+mod plan;
+mod procstat;
+mod report;
+mod targets;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use base64::Engine as _;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::load::{Mode, Window};
+use crate::peers::{Env, Peer, PeerId, Want};
+use crate::plan::{Cell, Plan};
+use crate::targets::Targets;
+
+/// The most idle tunnels one run holds: client and echo ends both live in
+/// this process, and a process here may open 20,000 files.
+const MAX_IDLE: usize = 5000;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "splicegate-bench",
-    about = "Load harness for splicegate and its peers"
+    about = "Load harness for splicegate and its peers (HAProxy, nginx, Squid, tinyproxy, Dante)"
 )]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
 }
 
+#[derive(Debug, Clone, Args)]
+struct Common {
+    /// Measured seconds of each run.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Warm-up seconds before each measured window.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Rounds; tables show medians.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Print the results as JSON on stdout (progress stays on stderr).
+    #[arg(long)]
+    json: bool,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+    /// The splicegate binary.
+    #[arg(long, default_value = "target/release/splicegate")]
+    gateway: PathBuf,
+    /// splicegate workers (the `splicegate-w2` peer always has 2).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// CPUs of the proxy under test (taskset list; default 0).
+    #[arg(long)]
+    proxy_cpus: Option<String>,
+    /// CPUs of this process: load generator and targets (default: the rest).
+    #[arg(long)]
+    load_cpus: Option<String>,
+    /// Do not pin anything.
+    #[arg(long)]
+    no_pin: bool,
+    /// Timeout of every connect, read and write, ms.
+    #[arg(long, default_value_t = 3000)]
+    io_timeout_ms: u64,
+    /// Body size of the HTTP origin's responses.
+    #[arg(long, default_value_t = 100)]
+    body_bytes: usize,
+    /// Also write report.md, SVG plots and results.json here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+struct Vias {
+    /// Peers to run: direct, splicegate, splicegate-http, splicegate-w2,
+    /// haproxy, nginx, squid, tinyproxy, dante, or a proxy URL
+    /// (connect://user:pass@127.0.0.1:5000, socks5://…, http://… for
+    /// forwarding). Repeat for several.
+    #[arg(long = "via", default_values = ["direct", "splicegate"])]
+    via: Vec<String>,
+    /// PID of the proxy behind a URL, to measure its CPU and memory.
+    #[arg(long)]
+    pid: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Direction {
+    /// Client → sink.
+    Up,
+    /// Source → client (a download).
+    Down,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TunnelProto {
+    Connect,
+    Socks5,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Sessions {
+    /// One sticky session per client connection.
+    Sticky,
+    /// No session: a node picked for every request.
+    Rotating,
+    Both,
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Bulk streams: a direct connection and splicegate (direct node) side by
-    /// side, round by round, medians reported.
+    /// P parallel tunnels streaming bytes: aggregate Gbit/s, proxy CPU-s/GB.
     Bulk {
-        /// The splicegate binary to start.
-        #[arg(long, default_value = "target/release/splicegate")]
-        gateway: String,
-        /// Parallel streams per run (repeat for several cells).
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        vias: Vias,
+        /// Parallel streams (repeat for several cells).
         #[arg(long, default_values_t = vec![1usize, 8])]
         streams: Vec<usize>,
-        /// MiB sent per run (split across the streams).
-        #[arg(long, default_value_t = 4096)]
+        /// MiB after which a run stops early (0: time only).
+        #[arg(long, default_value_t = 0)]
         mib: u64,
-        /// Rounds; the table shows medians.
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-        /// Gateway workers.
-        #[arg(long, default_value_t = 1)]
-        workers: usize,
-        /// Print JSON lines instead of a table.
+        #[arg(long, value_enum, default_value_t = Direction::Down)]
+        direction: Direction,
+    },
+    /// Closed loops of connect + proxy handshake with auth + 100 bytes
+    /// echoed + close: connections/s, proxy CPU-µs per connection.
+    Connrate {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        vias: Vias,
+        /// Concurrent loops.
+        #[arg(long, default_value_t = 8)]
+        conns: usize,
+        #[arg(long, value_enum, default_value_t = TunnelProto::Connect)]
+        proto: TunnelProto,
+        /// Client source addresses 127.0.2.1..=N, bound before connect (0: none).
+        #[arg(long, default_value_t = 16)]
+        sources: u8,
+        #[arg(long, default_value_t = 10_000_000)]
+        max_ops: u64,
+    },
+    /// K established tunnels doing small request/response: round trips/s.
+    Pingpong {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        vias: Vias,
+        #[arg(long, default_value_t = 8)]
+        tunnels: usize,
+        /// Message size, bytes.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 100_000_000)]
+        max_ops: u64,
+    },
+    /// Absolute-form GETs over keep-alive connections: requests/s.
+    Http {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        vias: Vias,
+        #[arg(long, default_value_t = 8)]
+        conns: usize,
+        #[arg(long, value_enum, default_value_t = Sessions::Both)]
+        sessions: Sessions,
+        #[arg(long, default_value_t = 100_000_000)]
+        max_ops: u64,
+    },
+    /// N mostly idle tunnels held open: the proxy's RSS and threads.
+    Idle {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        vias: Vias,
+        /// Tunnels (at most 5000).
+        #[arg(long, default_value_t = 1000)]
+        tunnels: usize,
+        #[arg(long, default_value_t = 8)]
+        open_threads: usize,
+        /// Most seconds to open them.
+        #[arg(long, default_value_t = 30)]
+        open_seconds: u64,
+    },
+    /// Every mode against direct, splicegate and the Debian peers, round by
+    /// round; writes report.md, one SVG per cell and results.json.
+    Compare {
+        #[command(flatten)]
+        common: Common,
+        /// Peers (default: all).
+        #[arg(long = "peer")]
+        peers: Vec<String>,
+        /// Modes or cell ids (default: all): bulk, connrate, pingpong, http,
+        /// idle, or e.g. connrate-socks5.
+        #[arg(long = "mode")]
+        modes: Vec<String>,
+        /// Do not apt-get install missing peers.
         #[arg(long)]
-        json: bool,
+        no_install: bool,
+        #[arg(long, default_values_t = vec![1usize, 8])]
+        streams: Vec<usize>,
+        #[arg(long, value_enum, default_value_t = Direction::Down)]
+        direction: Direction,
+        /// Concurrent connrate loops.
+        #[arg(long, default_value_t = 8)]
+        conns: usize,
+        #[arg(long, default_value_t = 16)]
+        sources: u8,
+        #[arg(long, default_value_t = 8)]
+        pingpong_tunnels: usize,
+        #[arg(long, default_value_t = 8)]
+        http_conns: usize,
+        #[arg(long, default_value_t = MAX_IDLE)]
+        idle_tunnels: usize,
+    },
+    /// Serve only the targets (for driving a proxy by hand), for a bounded time.
+    Targets {
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        #[arg(long, default_value_t = 100)]
+        body_bytes: usize,
     },
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().cmd {
-        Cmd::Bulk {
-            gateway,
-            streams,
-            mib,
-            rounds,
-            workers,
-            json,
-        } => bulk(&gateway, &streams, mib, rounds, workers, json),
+fn bulk_cells(streams: &[usize], dir: Direction, mib: u64) -> Vec<Cell> {
+    streams
+        .iter()
+        .map(|&p| Cell {
+            id: format!("bulk-{p}"),
+            title: format!(
+                "bulk: {p} stream{}, {} (CONNECT; HAProxy and nginx L4; Dante SOCKS5)",
+                if p == 1 { "" } else { "s" },
+                match dir {
+                    Direction::Up => "upload, client → sink",
+                    Direction::Down => "download, source → client",
+                }
+            ),
+            mode: Mode::Bulk {
+                streams: p.max(1),
+                down: matches!(dir, Direction::Down),
+                max_bytes: if mib == 0 { u64::MAX } else { mib << 20 },
+            },
+            want: Want::Tunnel,
+        })
+        .collect()
+}
+
+fn connrate_cell(conns: usize, sources: u8, proto: TunnelProto, max_ops: u64) -> Cell {
+    let (id, what, want) = match proto {
+        TunnelProto::Connect => ("connrate-connect", "CONNECT with auth", Want::Connect),
+        TunnelProto::Socks5 => ("connrate-socks5", "SOCKS5 with auth", Want::Socks5),
+    };
+    Cell {
+        id: id.into(),
+        title: format!("connrate: {conns} loops of new connection + {what} + 100 B echoed + close"),
+        mode: Mode::Connrate {
+            conns: conns.max(1),
+            sources,
+            max_ops,
+        },
+        want,
     }
 }
 
-/// A sink that counts and drops what it receives, one thread per connection.
-fn start_sink() -> Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut s = s;
-                let mut buf = vec![0u8; 256 * 1024];
-                while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
-            });
+fn pingpong_cell(tunnels: usize, size: usize, max_ops: u64) -> Cell {
+    Cell {
+        id: "pingpong".into(),
+        title: format!("pingpong: {tunnels} tunnels, {size}-byte request/response"),
+        mode: Mode::Pingpong {
+            tunnels: tunnels.max(1),
+            size,
+            max_ops,
+        },
+        want: Want::Tunnel,
+    }
+}
+
+fn http_cells(conns: usize, sessions: Sessions, max_ops: u64) -> Vec<Cell> {
+    let mut cells = Vec::new();
+    if sessions != Sessions::Rotating {
+        cells.push(Cell {
+            id: "http-sticky".into(),
+            title: format!(
+                "http: {conns} keep-alive connections, absolute-form GETs, sticky session each"
+            ),
+            mode: Mode::Http {
+                conns: conns.max(1),
+                sticky: true,
+                max_ops,
+            },
+            want: Want::Forward,
+        });
+    }
+    if sessions != Sessions::Sticky {
+        cells.push(Cell {
+            id: "http-rotating".into(),
+            title: format!(
+                "http: {conns} keep-alive connections, rotating (a node, so an upstream connection, per request)"
+            ),
+            mode: Mode::Http {
+                conns: conns.max(1),
+                sticky: false,
+                max_ops,
+            },
+            want: Want::Rotating,
+        });
+    }
+    cells
+}
+
+fn idle_cell(tunnels: usize, open_threads: usize, open: Duration, seconds: f64) -> Cell {
+    let n = tunnels.clamp(1, MAX_IDLE);
+    if tunnels > MAX_IDLE {
+        eprintln!("idle: {tunnels} tunnels asked, {MAX_IDLE} is the most one run holds");
+    }
+    Cell {
+        id: "idle".into(),
+        title: format!("idle: {n} tunnels held {seconds:.0} s (1 % pinged each second)"),
+        mode: Mode::Idle {
+            tunnels: n,
+            open_threads: open_threads.max(1),
+            open_timeout: open,
+        },
+        want: Want::Tunnel,
+    }
+}
+
+/// The CPUs: the proxy on the first, this process on the others.
+struct Pinning {
+    /// CPUs of the machine (before this process pinned itself).
+    cpus: usize,
+    proxy: Option<String>,
+    load: Option<String>,
+    all: Option<String>,
+    text: String,
+}
+
+fn pin(c: &Common) -> Pinning {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let taskset = peers::find_program("taskset");
+    if c.no_pin || n < 2 || taskset.is_none() {
+        let why = if c.no_pin {
+            "--no-pin"
+        } else if n < 2 {
+            "one CPU"
+        } else {
+            "taskset (util-linux) missing"
+        };
+        return Pinning {
+            cpus: n,
+            proxy: None,
+            load: None,
+            all: None,
+            text: format!("none ({why}): proxy and load generator share every CPU"),
+        };
+    }
+    let proxy = c.proxy_cpus.clone().unwrap_or_else(|| "0".into());
+    let load = c.load_cpus.clone().unwrap_or_else(|| {
+        if n == 2 {
+            "1".into()
+        } else {
+            format!("1-{}", n - 1)
         }
     });
-    Ok(addr)
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-struct Gateway {
-    child: Child,
-    addr: SocketAddr,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+    let all = format!("0-{}", n - 1);
+    let me = std::process::id().to_string();
+    let ok = Command::new("taskset")
+        .args(["-a", "-cp", &load, &me])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let text = format!(
+        "proxy under test on CPU {proxy} (`taskset -c {proxy}`; splicegate with `pin_workers = false` \
+         so its workers stay there); this process (load generator and targets, all threads) on CPU \
+         {load} (`taskset -a -cp {load}`{}); splicegate-http's tinyproxy exit node on CPU {load} \
+         with the load; splicegate-w2 on CPUs {all}, shared with the load generator",
+        if ok { "" } else { ", which FAILED" }
+    );
+    Pinning {
+        cpus: n,
+        proxy: Some(proxy),
+        load: Some(load),
+        all: Some(all),
+        text,
     }
 }
 
-fn start_gateway(bin: &str, workers: usize) -> Result<Gateway> {
-    let port = free_port()?;
-    let dir = std::env::temp_dir().join(format!("splicegate-bench-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let conf = dir.join("bench.toml");
-    std::fs::write(
-        &conf,
-        format!(
-            "[proxy]\nlisten = \"127.0.0.1:{port}\"\nworkers = {workers}\n[safety]\nallow_targets = [\"127.0.0.0/8\"]\n\
-             [log]\nlevel = \"warn\"\n[[package]]\nid = 1\nkey = \"bench\"\n\
-             [[node]]\nid = \"d1\"\nkind = \"direct\"\nbind = \"127.0.1.1\"\ncountry = \"us\"\n"
-        ),
-    )?;
-    let child = Command::new(bin)
-        .args(["serve", "--config"])
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .spawn()
-        .with_context(|| {
-            format!("starting {bin} (build it with cargo build --release -p splicegate)")
-        })?;
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).is_err() {
-        if Instant::now() > deadline {
-            bail!("the gateway did not start listening");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+/// Raise this process's open-files limit to its hard limit (idle runs hold
+/// two descriptors per tunnel here), with util-linux `prlimit`.
+fn raise_nofile() {
+    let hard = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
+        });
+    if let Some(h) = hard {
+        let _ = Command::new("prlimit")
+            .args([
+                "--pid",
+                &std::process::id().to_string(),
+                &format!("--nofile={h}:{h}"),
+            ])
+            .status();
     }
-    Ok(Gateway { child, addr, dir })
 }
 
-/// CPU seconds (user + system) a process has used.
-fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat
-        .rsplit_once(')')
-        .map(|x| x.1)
-        .context("malformed stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    Ok(ticks / 100.0) // USER_HZ is 100 on Linux
+fn now() -> String {
+    report::sh("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"])
 }
 
-fn connect_through(proxy: Option<SocketAddr>, target: SocketAddr) -> Result<TcpStream> {
-    let Some(proxy) = proxy else {
-        return Ok(TcpStream::connect(target)?);
-    };
-    let mut s = TcpStream::connect(proxy)?;
-    let cred = base64::engine::general_purpose::STANDARD.encode("package-1-country-us:bench");
-    write!(
-        s,
-        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {cred}\r\n\r\n"
-    )?;
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut b)? == 0 || head.len() > 8192 {
-            bail!("the proxy closed during CONNECT");
-        }
-        head.push(b[0]);
-    }
-    if !head.starts_with(b"HTTP/1.1 200") {
-        bail!("CONNECT refused: {}", String::from_utf8_lossy(&head));
-    }
-    Ok(s)
-}
-
-/// Send `total` bytes over `streams` connections; returns (seconds, bytes).
-fn run_bulk(
-    proxy: Option<SocketAddr>,
-    target: SocketAddr,
-    streams: usize,
-    total: u64,
-) -> Result<(f64, u64)> {
-    let per = total / streams as u64;
-    let conns: Vec<TcpStream> = (0..streams)
-        .map(|_| connect_through(proxy, target))
-        .collect::<Result<_>>()?;
-    let sent = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let threads: Vec<_> = conns
-        .into_iter()
-        .map(|mut s| {
-            let sent = sent.clone();
-            std::thread::spawn(move || {
-                let buf = vec![0x5au8; 256 * 1024];
-                let mut left = per;
-                let deadline = Instant::now() + Duration::from_secs(120);
-                while left > 0 && Instant::now() < deadline {
-                    let n = (left as usize).min(buf.len());
-                    if s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                    left -= n as u64;
-                    sent.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                let _ = s.shutdown(std::net::Shutdown::Write);
-                let mut sink = [0u8; 64];
-                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-                let _ = s.read(&mut sink); // wait for the far side to close: all bytes delivered
-            })
-        })
-        .collect();
-    for t in threads {
-        let _ = t.join();
-    }
-    Ok((start.elapsed().as_secs_f64(), sent.load(Ordering::Relaxed)))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn bulk(
-    bin: &str,
-    streams: &[usize],
-    mib: u64,
-    rounds: usize,
-    workers: usize,
-    json: bool,
+/// Run a plan and print (and maybe write) the report.
+fn execute(
+    c: &Common,
+    cells: Vec<Cell>,
+    peer_list: Vec<Peer>,
+    mut notes: Vec<String>,
+    out: Option<PathBuf>,
 ) -> Result<()> {
-    let sink = start_sink()?;
-    let gw = start_gateway(bin, workers)?;
-    let pid = gw.child.id();
-    let total = mib * 1024 * 1024;
-    if !json {
-        println!(
-            "bulk: {mib} MiB per run, {rounds} rounds (medians), gateway workers {workers}, sink and client in this process"
+    if c.seconds <= 0.0 || c.rounds == 0 {
+        bail!("--seconds and --rounds must be positive");
+    }
+    raise_nofile();
+    let pinning = pin(c);
+    let targets = Targets::start(c.body_bytes)?;
+    let tmp = std::env::temp_dir().join(format!("splicegate-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let env = Env {
+        targets,
+        gateway: c.gateway.clone(),
+        proxy_cpus: pinning.proxy.clone(),
+        load_cpus: pinning.load.clone(),
+        all_cpus: pinning.all.clone(),
+        workers: c.workers.max(1),
+        tmp: tmp.clone(),
+    };
+    let plan = Plan {
+        cells,
+        peers: peer_list,
+        rounds: c.rounds,
+        window: Window {
+            warmup: Duration::from_secs_f64(c.warmup.max(0.0)),
+            measure: Duration::from_secs_f64(c.seconds),
+            io_timeout: Duration::from_millis(c.io_timeout_ms.max(10)),
+            progress: !c.quiet,
+        },
+    };
+    if plan
+        .peers
+        .iter()
+        .any(|p| matches!(p, Peer::Builtin(PeerId::Dante)))
+    {
+        notes.push(format!(
+            "Dante authenticates against system users: the harness created the system user `{}` \
+             (`useradd --system`) if it was missing and set its password with `chpasswd -c MD5` (MD5-crypt, as Squid's APR1: Dante runs crypt(3) on every connection)",
+            peers::PEER_USER
+        ));
+    }
+    if plan
+        .peers
+        .iter()
+        .any(|p| matches!(p, Peer::Builtin(PeerId::Squid)))
+    {
+        notes.push(
+            "Squid: basic auth through `basic_ncsa_auth` and an htpasswd file with an APR1 hash \
+             (`openssl passwd -apr1`), credentials cached by Squid; `cache deny all`, no access log"
+                .into(),
         );
-        println!("| streams | path | Gbit/s | gateway CPU-s/GiB |");
-        println!("|---:|---|---:|---:|");
     }
-    for &p in streams {
-        let (mut direct, mut proxied, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..rounds {
-            // Alternate within the round so drift hits both alike.
-            let (secs, bytes) = run_bulk(None, sink, p, total)?;
-            direct.push(bytes as f64 * 8.0 / secs / 1e9);
-            let before = cpu_seconds(pid)?;
-            let (secs, bytes) = run_bulk(Some(gw.addr), sink, p, total)?;
-            let used = cpu_seconds(pid)? - before;
-            proxied.push(bytes as f64 * 8.0 / secs / 1e9);
-            cpu.push(used / (bytes as f64 / (1u64 << 30) as f64));
-        }
-        let (d, g, c) = (median(direct), median(proxied), median(cpu));
-        if json {
-            println!(
-                "{}",
-                serde_json::json!({"mode": "bulk", "streams": p, "direct_gbps": d, "gateway_gbps": g, "gateway_cpu_s_per_gib": c})
-            );
-        } else {
-            println!("| {p} | direct | {d:.1} | – |");
-            println!("| {p} | splicegate (direct node) | {g:.1} | {c:.3} |");
-        }
+    if plan.peers.iter().any(|p| {
+        matches!(
+            p,
+            Peer::Builtin(PeerId::Tinyproxy | PeerId::Haproxy | PeerId::Nginx)
+        )
+    }) {
+        notes.push(
+            "tinyproxy, HAProxy and nginx run without authentication (HAProxy and nginx are L4 \
+             relays to a fixed target: the best case a proxy can approach)"
+                .into(),
+        );
     }
+    notes.push(format!(
+        "workers: splicegate runs {} worker(s) unless the row says w2",
+        env.workers
+    ));
+    let est = plan::estimate(&plan);
+    eprintln!(
+        "splicegate-bench: {} cells × {} peers × {} rounds, about {:.0} s; pinning: {}",
+        plan.cells.len(),
+        plan.peers.len(),
+        plan.rounds,
+        est,
+        pinning.text
+    );
+    let started = now();
+    let load_before = report::load_average();
+    let results = plan::run(&plan, &env);
+    let meta = report::Meta {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        started,
+        finished: now(),
+        host: format!(
+            "{} {}",
+            report::sh("uname", &["-n"]),
+            report::sh("uname", &["-r"])
+        ),
+        cpu_model: report::cpu_model(),
+        cpus: pinning.cpus,
+        load_before,
+        load_after: report::load_average(),
+        pinning: pinning.text,
+        rounds: plan.rounds,
+        warmup_s: plan.window.warmup.as_secs_f64(),
+        window_s: plan.window.measure.as_secs_f64(),
+        peers: plan
+            .peers
+            .iter()
+            .map(|p| (p.name(), p.describe(), peers::version(p, &env)))
+            .collect(),
+        notes,
+    };
+    let _ = std::fs::remove_dir_all(&tmp);
+    if let Some(dir) = &out {
+        report::write(dir, &meta, &plan.cells, &results)?;
+        eprintln!("report: {}", dir.join("report.md").display());
+    }
+    if c.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report::json(&meta, &plan.cells, &results))?
+        );
+    } else {
+        println!("{}", report::markdown(&meta, &plan.cells, &results, false));
+    }
+    Ok(())
+}
+
+fn vias(v: &Vias) -> Result<Vec<Peer>> {
+    v.via.iter().map(|s| Peer::parse(s, v.pid)).collect()
+}
+
+fn main() -> Result<()> {
+    // (settings, cells, peers, notes for the report, where to write it)
+    let (common, cells, peer_list, notes, out) = match Cli::parse().cmd {
+        Cmd::Bulk {
+            common,
+            vias: v,
+            streams,
+            mib,
+            direction,
+        } => {
+            let cells = bulk_cells(&streams, direction, mib);
+            let out = common.out.clone();
+            (common, cells, vias(&v)?, Vec::new(), out)
+        }
+        Cmd::Connrate {
+            common,
+            vias: v,
+            conns,
+            proto,
+            sources,
+            max_ops,
+        } => {
+            let cells = vec![connrate_cell(conns, sources, proto, max_ops)];
+            let out = common.out.clone();
+            (common, cells, vias(&v)?, Vec::new(), out)
+        }
+        Cmd::Pingpong {
+            common,
+            vias: v,
+            tunnels,
+            size,
+            max_ops,
+        } => {
+            let cells = vec![pingpong_cell(tunnels, size, max_ops)];
+            let out = common.out.clone();
+            (common, cells, vias(&v)?, Vec::new(), out)
+        }
+        Cmd::Http {
+            common,
+            vias: v,
+            conns,
+            sessions,
+            max_ops,
+        } => {
+            let cells = http_cells(conns, sessions, max_ops);
+            let out = common.out.clone();
+            (common, cells, vias(&v)?, Vec::new(), out)
+        }
+        Cmd::Idle {
+            common,
+            vias: v,
+            tunnels,
+            open_threads,
+            open_seconds,
+        } => {
+            let open = Duration::from_secs(open_seconds);
+            let cells = vec![idle_cell(tunnels, open_threads, open, common.seconds)];
+            let out = common.out.clone();
+            (common, cells, vias(&v)?, Vec::new(), out)
+        }
+        Cmd::Compare {
+            common,
+            peers: names,
+            modes,
+            no_install,
+            streams,
+            direction,
+            conns,
+            sources,
+            pingpong_tunnels,
+            http_conns,
+            idle_tunnels,
+        } => {
+            let peer_list: Vec<Peer> = if names.is_empty() {
+                peers::ALL.into_iter().map(Peer::Builtin).collect()
+            } else {
+                names
+                    .iter()
+                    .map(|n| Peer::parse(n, None))
+                    .collect::<Result<_>>()?
+            };
+            let mut cells = bulk_cells(&streams, direction, 0);
+            for proto in [TunnelProto::Connect, TunnelProto::Socks5] {
+                cells.push(connrate_cell(conns, sources, proto, 10_000_000));
+            }
+            cells.push(pingpong_cell(pingpong_tunnels, 64, 100_000_000));
+            cells.extend(http_cells(http_conns, Sessions::Both, 100_000_000));
+            let open = Duration::from_secs(30);
+            cells.push(idle_cell(idle_tunnels, 8, open, common.seconds));
+            // A mode names all its cells (`connrate`), a cell id one.
+            let picks = |m: &str, c: &Cell| c.id == m || c.id.split('-').next() == Some(m);
+            if let Some(m) = modes.iter().find(|m| !cells.iter().any(|c| picks(m, c))) {
+                let known: Vec<&str> = cells.iter().map(|c| c.id.as_str()).collect();
+                bail!("unknown mode {m:?} (cells: {})", known.join(", "));
+            }
+            if !modes.is_empty() {
+                cells.retain(|c| modes.iter().any(|m| picks(m, c)));
+            }
+            let out = common
+                .out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("bench-report"));
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let notes = if no_install {
+                Vec::new()
+            } else {
+                peers::install_missing(&peer_list, &out.join("apt.log"))
+            };
+            (common, cells, peer_list, notes, Some(out))
+        }
+        Cmd::Targets {
+            seconds,
+            body_bytes,
+        } => return serve_targets(seconds, body_bytes),
+    };
+    execute(&common, cells, peer_list, notes, out)
+}
+
+/// Only the targets, printed as `name address`, for a bounded time.
+fn serve_targets(seconds: u64, body_bytes: usize) -> Result<()> {
+    let t = Targets::start(body_bytes)?;
+    for (name, addr) in t.all() {
+        println!("{name} {addr}");
+    }
+    eprintln!("serving for {seconds} s");
+    std::thread::sleep(Duration::from_secs(seconds));
+    eprintln!(
+        "sink received {} bytes, source sent {} bytes",
+        t.sink_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        t.source_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    );
     Ok(())
 }

@@ -1,0 +1,920 @@
+//! The proxies under test: splicegate in three shapes, the Debian peers
+//! (HAProxy, nginx stream, Squid, tinyproxy, Dante), a plain direct
+//! connection, or any proxy given by URL. Each built-in one gets its config
+//! written into a temporary directory, listens on 127.0.0.1, runs as a
+//! foreground child pinned with `taskset`, and is stopped by its PID.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::Serialize;
+
+use crate::client::{Auth, Proto, Route};
+use crate::procstat::{ProcTree, comm};
+use crate::targets::{Targets, listener};
+
+/// The account the peers with authentication accept (Squid's htpasswd file,
+/// Dante's system user).
+pub const PEER_USER: &str = "sgbench";
+pub const PEER_PASS: &str = "sgbench-Pw-7f3";
+/// splicegate's package and key in the generated config.
+const SG_USER: &str = "package-1-country-us";
+const SG_KEY: &str = "bench";
+
+/// A built-in proxy under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PeerId {
+    /// No proxy: the load generator talks to the target.
+    Direct,
+    /// splicegate, `direct` node, the configured worker count.
+    Splicegate,
+    /// splicegate with an `http` node (a local tinyproxy as the exit).
+    SplicegateHttp,
+    /// splicegate with 2 workers sharing the CPUs with the load generator.
+    SplicegateW2,
+    Haproxy,
+    Nginx,
+    Squid,
+    Tinyproxy,
+    Dante,
+}
+
+pub const ALL: [PeerId; 9] = [
+    PeerId::Direct,
+    PeerId::Splicegate,
+    PeerId::SplicegateHttp,
+    PeerId::SplicegateW2,
+    PeerId::Haproxy,
+    PeerId::Nginx,
+    PeerId::Squid,
+    PeerId::Tinyproxy,
+    PeerId::Dante,
+];
+
+impl PeerId {
+    pub fn name(self) -> &'static str {
+        match self {
+            PeerId::Direct => "direct",
+            PeerId::Splicegate => "splicegate",
+            PeerId::SplicegateHttp => "splicegate-http",
+            PeerId::SplicegateW2 => "splicegate-w2",
+            PeerId::Haproxy => "haproxy",
+            PeerId::Nginx => "nginx",
+            PeerId::Squid => "squid",
+            PeerId::Tinyproxy => "tinyproxy",
+            PeerId::Dante => "dante",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<PeerId> {
+        ALL.into_iter().find(|p| p.name() == s)
+    }
+
+    /// What it is, for the report.
+    pub fn describe(self) -> &'static str {
+        match self {
+            PeerId::Direct => "no proxy: the client talks to the target",
+            PeerId::Splicegate => "splicegate, `direct` node",
+            PeerId::SplicegateHttp => "splicegate, `http` node (a local tinyproxy is the exit)",
+            PeerId::SplicegateW2 => {
+                "splicegate, 2 workers, unpinned: shares both CPUs with the load generator"
+            }
+            PeerId::Haproxy => "HAProxy, TCP mode, `option splice-auto`, 1 thread (L4 relay)",
+            PeerId::Nginx => "nginx `stream` proxy_pass, 1 worker (L4 relay)",
+            PeerId::Squid => {
+                "Squid, CONNECT and forwarding, basic auth (basic_ncsa_auth), no cache"
+            }
+            PeerId::Tinyproxy => "tinyproxy, CONNECT and forwarding, no auth",
+            PeerId::Dante => "Dante `danted`, SOCKS5 with username/password (system user)",
+        }
+    }
+
+    fn caps(self) -> Caps {
+        let proxy = |connect, socks5, forward, sessions| Caps {
+            connect,
+            socks5,
+            forward,
+            sessions,
+            ..Caps::default()
+        };
+        match self {
+            PeerId::Direct => Caps {
+                direct: true,
+                ..Caps::default()
+            },
+            PeerId::Splicegate | PeerId::SplicegateHttp | PeerId::SplicegateW2 => {
+                proxy(true, true, true, true)
+            }
+            PeerId::Haproxy | PeerId::Nginx => Caps {
+                l4: true,
+                ..Caps::default()
+            },
+            PeerId::Squid | PeerId::Tinyproxy => proxy(true, false, true, false),
+            PeerId::Dante => proxy(false, true, false, false),
+        }
+    }
+
+    /// (program, Debian package) pairs it needs.
+    fn needs(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            PeerId::Direct | PeerId::Splicegate | PeerId::SplicegateW2 => &[],
+            PeerId::SplicegateHttp | PeerId::Tinyproxy => &[("tinyproxy", "tinyproxy")],
+            PeerId::Haproxy => &[("haproxy", "haproxy")],
+            PeerId::Nginx => &[("nginx", "nginx"), (NGINX_STREAM, "libnginx-mod-stream")],
+            PeerId::Squid => &[
+                ("squid", "squid"),
+                (NCSA_AUTH, "squid"),
+                ("openssl", "openssl"),
+            ],
+            PeerId::Dante => &[("danted", "dante-server")],
+        }
+    }
+}
+
+const NGINX_STREAM: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+const NCSA_AUTH: &str = "/usr/lib/squid/basic_ncsa_auth";
+
+/// What a proxy can carry.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Caps {
+    pub direct: bool,
+    pub l4: bool,
+    pub connect: bool,
+    pub socks5: bool,
+    pub forward: bool,
+    /// splicegate's `-session-` usernames (sticky vs rotating).
+    pub sessions: bool,
+}
+
+/// What a cell asks of the way to its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Want {
+    /// Any tunnel: CONNECT where the proxy has it, else SOCKS5, else L4.
+    Tunnel,
+    /// CONNECT (L4 relays and no proxy as baselines).
+    Connect,
+    /// SOCKS5 (no proxy as a baseline).
+    Socks5,
+    /// Absolute-form forwarding (L4 relays and no proxy as baselines).
+    Forward,
+    /// Forwarding where every request picks a node afresh (splicegate).
+    Rotating,
+}
+
+impl Caps {
+    pub fn serves(&self, want: Want) -> bool {
+        match want {
+            Want::Tunnel => true,
+            Want::Connect => self.connect || self.l4 || self.direct,
+            Want::Socks5 => self.socks5 || self.direct,
+            Want::Forward => self.forward || self.l4 || self.direct,
+            Want::Rotating => self.sessions,
+        }
+    }
+}
+
+/// A proxy to measure: built in, or any proxy by URL (its CPU measured when
+/// its PID is given).
+#[derive(Debug, Clone)]
+pub enum Peer {
+    Builtin(PeerId),
+    External {
+        name: String,
+        route: Route,
+        pid: Option<u32>,
+    },
+}
+
+impl Peer {
+    /// A peer name (`squid`) or a URL (`socks5://u:p@127.0.0.1:1080`).
+    pub fn parse(s: &str, pid: Option<u32>) -> Result<Peer> {
+        if let Some(id) = PeerId::parse(s) {
+            return Ok(Peer::Builtin(id));
+        }
+        if s.contains("://") {
+            // The name leaves the credentials out.
+            let (scheme, rest) = s.split_once("://").unwrap_or(("", s));
+            return Ok(Peer::External {
+                name: format!("{scheme}://{}", rest.rsplit('@').next().unwrap_or(rest)),
+                route: Route::parse_url(s)?,
+                pid,
+            });
+        }
+        bail!(
+            "{s:?} is neither a peer ({}) nor a proxy URL",
+            ALL.map(PeerId::name).join(", ")
+        )
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Peer::Builtin(id) => id.name().into(),
+            Peer::External { name, .. } => name.clone(),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Peer::Builtin(id) => id.describe().into(),
+            Peer::External { route, pid, .. } => format!(
+                "external proxy ({}){}",
+                route.label(),
+                if pid.is_some() {
+                    ""
+                } else {
+                    ", CPU not measured (no --pid)"
+                }
+            ),
+        }
+    }
+
+    pub fn caps(&self) -> Caps {
+        match self {
+            Peer::Builtin(id) => id.caps(),
+            Peer::External { route, .. } => match route {
+                Route::Direct => PeerId::Direct.caps(),
+                Route::L4(_) => PeerId::Haproxy.caps(),
+                Route::Proxy { proto, .. } => Caps {
+                    connect: *proto == Proto::Connect,
+                    socks5: *proto == Proto::Socks5,
+                    forward: *proto == Proto::Forward,
+                    ..Caps::default()
+                },
+            },
+        }
+    }
+
+    pub fn is_direct(&self) -> bool {
+        matches!(self, Peer::Builtin(PeerId::Direct))
+    }
+}
+
+/// Where the machine's programs are.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    if name.starts_with('/') {
+        return Path::new(name).exists().then(|| PathBuf::from(name));
+    }
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin", "/usr/bin"])
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|v| v.split_whitespace().next() == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Why a peer cannot run here (a program missing), if it cannot.
+pub fn missing(peer: &Peer, gateway: &Path) -> Option<String> {
+    let Peer::Builtin(id) = peer else {
+        return None;
+    };
+    if matches!(
+        id,
+        PeerId::Splicegate | PeerId::SplicegateHttp | PeerId::SplicegateW2
+    ) && !gateway.is_file()
+    {
+        return Some(format!(
+            "{} not found (cargo build --release -p splicegate, or --gateway PATH)",
+            gateway.display()
+        ));
+    }
+    let gone: Vec<String> = id
+        .needs()
+        .iter()
+        .filter(|(prog, _)| find_program(prog).is_none())
+        .map(|(prog, pkg)| format!("{prog} (Debian package {pkg})"))
+        .collect();
+    (!gone.is_empty()).then(|| format!("missing {}", gone.join(", ")))
+}
+
+/// Install the Debian packages of the peers that lack a program (root and
+/// apt-get needed). Returns what it did, for the report.
+pub fn install_missing(peers: &[Peer], log: &Path) -> Vec<String> {
+    let mut pkgs: Vec<&str> = Vec::new();
+    for p in peers {
+        if let Peer::Builtin(id) = p {
+            for (prog, pkg) in id.needs() {
+                if find_program(prog).is_none() && !pkgs.contains(pkg) {
+                    pkgs.push(pkg);
+                }
+            }
+        }
+    }
+    if pkgs.is_empty() {
+        return Vec::new();
+    }
+    if !is_root() || find_program("apt-get").is_none() {
+        return vec![format!(
+            "not installing {} (needs root and apt-get)",
+            pkgs.join(" ")
+        )];
+    }
+    eprintln!(
+        "installing {} with apt-get (log: {})",
+        pkgs.join(" "),
+        log.display()
+    );
+    let apt = |args: &[&str]| -> bool {
+        let Ok(out) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        else {
+            return false;
+        };
+        let Ok(err) = out.try_clone() else {
+            return false;
+        };
+        Command::new("timeout")
+            .arg("900")
+            .arg("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let install: Vec<&str> = ["install", "-y", "-q", "--no-install-recommends"]
+        .into_iter()
+        .chain(pkgs.iter().copied())
+        .collect();
+    let ok = apt(&install) || (apt(&["update", "-q"]) && apt(&install));
+    vec![format!(
+        "apt-get install {}: {}",
+        pkgs.join(" "),
+        if ok { "done" } else { "failed (see the log)" }
+    )]
+}
+
+/// The environment every peer starts in.
+#[derive(Debug)]
+pub struct Env {
+    pub targets: Targets,
+    pub gateway: PathBuf,
+    /// `taskset -c` lists; None: no pinning.
+    pub proxy_cpus: Option<String>,
+    pub load_cpus: Option<String>,
+    pub all_cpus: Option<String>,
+    /// splicegate's workers for `splicegate` and `splicegate-http`.
+    pub workers: usize,
+    /// Parent of every peer's config directory.
+    pub tmp: PathBuf,
+}
+
+/// A started peer; stopping happens on drop.
+#[derive(Debug)]
+pub struct Running {
+    /// (name, child): stopped last first.
+    children: Vec<(String, Child)>,
+    /// The process whose tree is the proxy's cost.
+    pub measured: Option<ProcTree>,
+    base: Base,
+    caps: Caps,
+    dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+enum Base {
+    Direct,
+    L4(Vec<(SocketAddr, SocketAddr)>),
+    Proxy {
+        addr: SocketAddr,
+        auth: Option<Auth>,
+    },
+}
+
+impl Running {
+    /// The way to the targets for a cell.
+    pub fn route(&self, want: Want) -> Route {
+        match &self.base {
+            Base::Direct => Route::Direct,
+            Base::L4(map) => Route::L4(map.clone()),
+            Base::Proxy { addr, auth } => {
+                let proto = match want {
+                    Want::Tunnel if self.caps.connect => Proto::Connect,
+                    Want::Tunnel | Want::Socks5 => Proto::Socks5,
+                    Want::Connect => Proto::Connect,
+                    Want::Forward | Want::Rotating => Proto::Forward,
+                };
+                Route::Proxy {
+                    proto,
+                    addr: *addr,
+                    auth: auth.clone(),
+                    sessions: self.caps.sessions,
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        while let Some((name, child)) = self.children.pop() {
+            stop(&name, child);
+        }
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// SIGTERM by PID, up to 5 s to exit, then SIGKILL; descendants that
+/// outlive it (an nginx worker, a Dante child) are killed by their PIDs.
+fn stop(name: &str, mut child: Child) {
+    let pid = child.id();
+    let family: Vec<(u32, Option<String>)> = ProcTree { root: pid }
+        .pids()
+        .into_iter()
+        .skip(1)
+        .map(|p| (p, comm(p)))
+        .collect();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if matches!(child.try_wait(), Ok(None)) {
+        eprintln!("  {name} (pid {pid}) ignored SIGTERM for 5 s: SIGKILL");
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    for (p, name) in family {
+        if name.is_some() && comm(p) == name {
+            let _ = Command::new("kill")
+                .args(["-KILL", &p.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(listener(0)?.local_addr()?.port())
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Start `program` with `args` under `taskset -c cpus`, output to
+/// `dir/name.log`.
+fn spawn(
+    name: &str,
+    program: &Path,
+    args: &[&str],
+    cpus: Option<&str>,
+    dir: &Path,
+) -> Result<Child> {
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    let mut cmd = match (cpus, find_program("taskset")) {
+        (Some(c), Some(ts)) => {
+            let mut cmd = Command::new(ts);
+            cmd.arg("-c").arg(c).arg(program);
+            cmd
+        }
+        _ => Command::new(program),
+    };
+    cmd.args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    cmd.spawn()
+        .with_context(|| format!("starting {}", program.display()))
+}
+
+fn log_tail(dir: &Path, name: &str) -> String {
+    let text = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(8)..].join(" | ")
+}
+
+/// Wait until `addr` accepts a connection (or the child exits, or 15 s).
+fn wait_ready(name: &str, child: &mut Child, addr: SocketAddr, dir: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("{name} exited ({status}): {}", log_tail(dir, name));
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{name} did not listen on {addr} within 15 s: {}",
+                log_tail(dir, name)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn program(name: &str) -> Result<PathBuf> {
+    find_program(name).ok_or_else(|| anyhow!("{name} is not installed"))
+}
+
+/// Start one peer.
+pub fn start(peer: &Peer, env: &Env) -> Result<Running> {
+    let id = match peer {
+        Peer::Builtin(id) => *id,
+        Peer::External { route, pid, .. } => {
+            let base = match route {
+                Route::Direct => Base::Direct,
+                Route::L4(m) => Base::L4(m.clone()),
+                Route::Proxy { addr, auth, .. } => Base::Proxy {
+                    addr: *addr,
+                    auth: auth.clone(),
+                },
+            };
+            return Ok(Running {
+                children: Vec::new(),
+                measured: pid.map(|root| ProcTree { root }),
+                base,
+                caps: peer.caps(),
+                dir: None,
+            });
+        }
+    };
+    if id == PeerId::Direct {
+        return Ok(Running {
+            children: Vec::new(),
+            measured: None,
+            base: Base::Direct,
+            caps: id.caps(),
+            dir: None,
+        });
+    }
+    let dir = env.tmp.join(format!("{}-{}", id.name(), free_port()?));
+    std::fs::create_dir_all(&dir)?;
+    let mut run = Running {
+        children: Vec::new(),
+        measured: None,
+        base: Base::Direct,
+        caps: id.caps(),
+        dir: Some(dir.clone()),
+    };
+    let port = free_port()?;
+    let addr = local(port);
+    let pcpus = env.proxy_cpus.as_deref();
+    match id {
+        PeerId::Direct => unreachable!("handled above"),
+        PeerId::Splicegate | PeerId::SplicegateHttp | PeerId::SplicegateW2 => {
+            let node = if id == PeerId::SplicegateHttp {
+                // The exit node stands for a remote machine: it runs on the
+                // load generator's CPUs and its cost is not the gateway's.
+                let np = free_port()?;
+                let mut child = spawn(
+                    "node-tinyproxy",
+                    &program("tinyproxy")?,
+                    &["-d", "-c", &tinyproxy_conf(&dir, np, "node-tinyproxy")?],
+                    env.load_cpus.as_deref(),
+                    &dir,
+                )?;
+                let ready = wait_ready("node-tinyproxy", &mut child, local(np), &dir);
+                run.children.push(("node-tinyproxy".into(), child));
+                ready?;
+                format!("kind = \"http\"\naddr = \"{}\"", local(np))
+            } else {
+                "kind = \"direct\"\nbind = \"127.0.1.1\"".to_string()
+            };
+            let (workers, cpus) = if id == PeerId::SplicegateW2 {
+                (2, env.all_cpus.as_deref())
+            } else {
+                (env.workers, pcpus)
+            };
+            let conf = dir.join("splicegate.toml");
+            std::fs::write(
+                &conf,
+                format!(
+                    "# splicegate-bench: one package, one node, loopback targets.\n\
+                     [proxy]\nlisten = \"{addr}\"\nworkers = {workers}\n\
+                     # taskset pins the process; the workers must not re-pin themselves.\n\
+                     pin_workers = false\n\
+                     [safety]\nallow_targets = [\"127.0.0.0/8\"]\n\
+                     # one load-generator address would be rate-limited otherwise\n\
+                     [ebpf]\nsyn_rate = 0\n\
+                     [log]\nlevel = \"warn\"\n\
+                     [[package]]\nid = 1\nkey = \"{SG_KEY}\"\n\
+                     [[node]]\nid = \"n1\"\n{node}\ncountry = \"us\"\n"
+                ),
+            )?;
+            let gw = env.gateway.to_string_lossy().into_owned();
+            let gw_path = std::fs::canonicalize(&env.gateway).with_context(|| {
+                format!("{gw} not found (cargo build --release -p splicegate, or --gateway PATH)")
+            })?;
+            let conf = conf.to_string_lossy().into_owned();
+            let mut child = spawn(
+                "splicegate",
+                &gw_path,
+                &["serve", "--config", &conf],
+                cpus,
+                &dir,
+            )?;
+            let ready = wait_ready("splicegate", &mut child, addr, &dir);
+            run.measured = Some(ProcTree { root: child.id() });
+            run.children.push(("splicegate".into(), child));
+            ready?;
+            run.base = Base::Proxy {
+                addr,
+                auth: Some(Auth {
+                    user: SG_USER.into(),
+                    pass: SG_KEY.into(),
+                }),
+            };
+        }
+        PeerId::Haproxy | PeerId::Nginx => {
+            let mut map = Vec::new();
+            let mut conf = String::new();
+            if id == PeerId::Haproxy {
+                conf.push_str(
+                    "global\n    nbthread 1\n    maxconn 6000\n\
+                     defaults\n    mode tcp\n    option splice-auto\n    timeout connect 5s\n    \
+                     timeout client 600s\n    timeout server 600s\n",
+                );
+            } else {
+                if Path::new(NGINX_STREAM).exists() {
+                    writeln!(conf, "load_module {NGINX_STREAM};")?;
+                }
+                writeln!(
+                    conf,
+                    "daemon off;\nmaster_process on;\nworker_processes 1;\nworker_rlimit_nofile 20000;\n\
+                     pid {pid};\nerror_log {log} warn;\nevents {{ worker_connections 12000; }}\nstream {{",
+                    pid = dir.join("nginx.pid").display(),
+                    log = dir.join("error.log").display()
+                )?;
+            }
+            let mut echo_front = addr;
+            for (i, (name, target)) in env.targets.all().into_iter().enumerate() {
+                let front = if i == 0 { addr } else { local(free_port()?) };
+                if name == "echo" {
+                    echo_front = front;
+                }
+                map.push((target, front));
+                if id == PeerId::Haproxy {
+                    writeln!(
+                        conf,
+                        "listen {name}\n    bind {front}\n    server t {target}"
+                    )?;
+                } else {
+                    writeln!(
+                        conf,
+                        "    server {{ listen {front}; proxy_pass {target}; proxy_timeout 600s; }}"
+                    )?;
+                }
+            }
+            if id == PeerId::Nginx {
+                conf.push_str("}\n");
+            }
+            let (name, file) = if id == PeerId::Haproxy {
+                ("haproxy", "haproxy.cfg")
+            } else {
+                ("nginx", "nginx.conf")
+            };
+            let path = dir.join(file);
+            std::fs::write(&path, conf)?;
+            let path = path.to_string_lossy().into_owned();
+            let err = dir.join("error.log").to_string_lossy().into_owned();
+            let prefix = format!("{}/", dir.display());
+            let args: Vec<&str> = if id == PeerId::Haproxy {
+                vec!["-db", "-f", &path]
+            } else {
+                vec!["-e", &err, "-p", &prefix, "-c", &path]
+            };
+            let mut child = spawn(name, &program(name)?, &args, pcpus, &dir)?;
+            let ready = wait_ready(name, &mut child, echo_front, &dir);
+            run.measured = Some(ProcTree { root: child.id() });
+            run.children.push((name.into(), child));
+            ready.map_err(|e| anyhow!("{e} {}", log_tail(&dir, "error")))?;
+            run.base = Base::L4(map);
+        }
+        PeerId::Squid => {
+            open_dir(&dir)?;
+            let hash = Command::new(program("openssl")?)
+                .args(["passwd", "-apr1", PEER_PASS])
+                .output()
+                .context("openssl passwd")?;
+            let hash = String::from_utf8(hash.stdout)?.trim().to_string();
+            let pw = dir.join("htpasswd");
+            std::fs::write(&pw, format!("{PEER_USER}:{hash}\n"))?;
+            let d = dir.display();
+            let conf = dir.join("squid.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "http_port {addr}\n\
+                     visible_hostname splicegate-bench\n\
+                     auth_param basic program {NCSA_AUTH} {pw}\n\
+                     auth_param basic children 5 startup=1 idle=1\n\
+                     auth_param basic realm splicegate-bench\n\
+                     auth_param basic credentialsttl 2 hours\n\
+                     acl authed proxy_auth REQUIRED\n\
+                     http_access allow authed\n\
+                     http_access deny all\n\
+                     cache deny all\n\
+                     cache_mem 8 MB\n\
+                     access_log none\n\
+                     cache_store_log none\n\
+                     cache_log {d}/cache.log\n\
+                     pid_filename {d}/squid.pid\n\
+                     coredump_dir {d}\n\
+                     max_filedescriptors 16384\n\
+                     shutdown_lifetime 0 seconds\n\
+                     forwarded_for delete\n\
+                     via off\n",
+                    pw = pw.display()
+                ),
+            )?;
+            let conf = conf.to_string_lossy().into_owned();
+            let mut child = spawn(
+                "squid",
+                &program("squid")?,
+                &["-N", "-f", &conf],
+                pcpus,
+                &dir,
+            )?;
+            let ready = wait_ready("squid", &mut child, addr, &dir);
+            run.measured = Some(ProcTree { root: child.id() });
+            run.children.push(("squid".into(), child));
+            ready.map_err(|e| anyhow!("{e} {}", log_tail(&dir, "cache")))?;
+            run.base = Base::Proxy {
+                addr,
+                auth: Some(Auth {
+                    user: PEER_USER.into(),
+                    pass: PEER_PASS.into(),
+                }),
+            };
+        }
+        PeerId::Tinyproxy => {
+            let conf = tinyproxy_conf(&dir, port, "tinyproxy")?;
+            let mut child = spawn(
+                "tinyproxy",
+                &program("tinyproxy")?,
+                &["-d", "-c", &conf],
+                pcpus,
+                &dir,
+            )?;
+            let ready = wait_ready("tinyproxy", &mut child, addr, &dir);
+            run.measured = Some(ProcTree { root: child.id() });
+            run.children.push(("tinyproxy".into(), child));
+            ready?;
+            run.base = Base::Proxy { addr, auth: None };
+        }
+        PeerId::Dante => {
+            dante_user()?;
+            let conf = dir.join("danted.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "logoutput: stderr\n\
+                     internal: 127.0.0.1 port = {port}\n\
+                     external: 127.0.0.1\n\
+                     clientmethod: none\n\
+                     socksmethod: username\n\
+                     user.privileged: root\n\
+                     user.unprivileged: nobody\n\
+                     timeout.negotiate: 10\n\
+                     timeout.io: 600\n\
+                     client pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}\n\
+                     socks pass {{\n  from: 127.0.0.0/8 to: 0.0.0.0/0\n  command: connect\n  socksmethod: username\n}}\n"
+                ),
+            )?;
+            let conf = conf.to_string_lossy().into_owned();
+            let pid = dir.join("danted.pid").to_string_lossy().into_owned();
+            let mut child = spawn(
+                "danted",
+                &program("danted")?,
+                &["-f", &conf, "-p", &pid],
+                pcpus,
+                &dir,
+            )?;
+            let ready = wait_ready("danted", &mut child, addr, &dir);
+            run.measured = Some(ProcTree { root: child.id() });
+            run.children.push(("danted".into(), child));
+            ready?;
+            run.base = Base::Proxy {
+                addr,
+                auth: Some(Auth {
+                    user: PEER_USER.into(),
+                    pass: PEER_PASS.into(),
+                }),
+            };
+        }
+    }
+    Ok(run)
+}
+
+/// Squid drops to user `proxy`: let it write its log and pid there.
+fn open_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))?;
+    Ok(())
+}
+
+fn tinyproxy_conf(dir: &Path, port: u16, name: &str) -> Result<String> {
+    let conf = dir.join(format!("{name}.conf"));
+    // No ConnectPort line: every CONNECT port is allowed. No logging below
+    // errors, as the other peers.
+    std::fs::write(
+        &conf,
+        format!(
+            "Port {port}\nListen 127.0.0.1\nTimeout 600\nMaxClients 12000\n\
+             Allow 127.0.0.0/8\nLogLevel Error\nDisableViaHeader Yes\n"
+        ),
+    )?;
+    Ok(conf.to_string_lossy().into_owned())
+}
+
+/// Dante checks usernames against the system's: a dedicated system user
+/// `sgbench` with a fixed password (created once, needs root).
+fn dante_user() -> Result<()> {
+    if !is_root() {
+        bail!("Dante's username method uses system users: creating {PEER_USER} needs root");
+    }
+    let exists = Command::new("id")
+        .arg(PEER_USER)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !exists {
+        let ok = Command::new(program("useradd")?)
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                PEER_USER,
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            bail!("useradd {PEER_USER} failed");
+        }
+    }
+    // MD5-crypt, the family of Squid's APR1 hash: Dante runs crypt(3) on
+    // every connection, and Debian's default (yescrypt) costs milliseconds
+    // by design, which would measure the hash instead of the proxy.
+    let mut c = Command::new(program("chpasswd")?)
+        .args(["-c", "MD5"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("chpasswd")?;
+    c.stdin
+        .take()
+        .context("chpasswd stdin")?
+        .write_all(format!("{PEER_USER}:{PEER_PASS}\n").as_bytes())?;
+    if !c.wait()?.success() {
+        bail!("chpasswd for {PEER_USER} failed");
+    }
+    Ok(())
+}
+
+/// One line naming the peer's version, for the report.
+pub fn version(peer: &Peer, env: &Env) -> String {
+    let (prog, arg) = match peer {
+        Peer::Builtin(PeerId::Direct) | Peer::External { .. } => return String::new(),
+        Peer::Builtin(PeerId::Splicegate | PeerId::SplicegateHttp | PeerId::SplicegateW2) => {
+            return format!("{} (this tree)", env.gateway.display());
+        }
+        Peer::Builtin(PeerId::Haproxy) => ("haproxy", "-v"),
+        Peer::Builtin(PeerId::Nginx) => ("nginx", "-v"),
+        Peer::Builtin(PeerId::Squid) => ("squid", "-v"),
+        Peer::Builtin(PeerId::Tinyproxy) => ("tinyproxy", "-v"),
+        Peer::Builtin(PeerId::Dante) => ("danted", "-v"),
+    };
+    find_program(prog)
+        .and_then(|p| Command::new(p).arg(arg).output().ok())
+        .map(|o| {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            text.lines().next().unwrap_or("").trim().to_string()
+        })
+        .unwrap_or_default()
+}

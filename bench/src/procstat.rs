@@ -1,0 +1,148 @@
+//! The proxy's cost, read from outside through /proc: CPU seconds, resident
+//! memory and threads of a process and all its descendants (nginx's workers,
+//! Squid's auth helpers and Dante's children count as the proxy too).
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+/// One reading of a process tree.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Sample {
+    /// User + system CPU seconds of the live processes, plus what they have
+    /// reaped from children that already exited.
+    pub cpu_s: f64,
+    /// Sum of VmRSS, KiB.
+    pub rss_kib: u64,
+    /// Sum of VmHWM (each process's peak RSS), KiB.
+    pub hwm_kib: u64,
+    /// Sum of threads.
+    pub threads: u64,
+    /// Processes in the tree.
+    pub procs: u64,
+}
+
+/// A process and its descendants.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcTree {
+    pub root: u32,
+}
+
+struct Stat {
+    ppid: u32,
+    ticks: u64,
+    threads: u64,
+}
+
+fn clock_ticks() -> f64 {
+    static TCK: OnceLock<f64> = OnceLock::new();
+    *TCK.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+fn stat(pid: u32) -> Option<Stat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after
+    // the last ')'.
+    let rest = text.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    Some(Stat {
+        ppid: n(1)? as u32,
+        // utime, stime, cutime, cstime
+        ticks: n(11)? + n(12)? + n(13)? + n(14)?,
+        threads: n(17)?,
+    })
+}
+
+fn status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The command name of a process (to make sure a PID still names the
+/// process we started before signalling it).
+pub fn comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+impl ProcTree {
+    /// The root and every live descendant.
+    pub fn pids(&self) -> Vec<u32> {
+        let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for e in dir.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                if let Some(s) = stat(pid) {
+                    children.entry(s.ppid).or_default().push(pid);
+                }
+            }
+        }
+        let mut out = vec![self.root];
+        let mut i = 0;
+        while i < out.len() {
+            if let Some(c) = children.get(&out[i]) {
+                out.extend_from_slice(c);
+            }
+            i += 1;
+        }
+        out
+    }
+
+    /// Read the whole tree now.
+    pub fn sample(&self) -> Result<Sample> {
+        let mut root =
+            Some(stat(self.root).with_context(|| format!("process {} is gone", self.root))?);
+        let mut s = Sample::default();
+        let mut ticks = 0u64;
+        for pid in self.pids() {
+            let Some(st) = (if pid == self.root {
+                root.take()
+            } else {
+                stat(pid)
+            }) else {
+                continue;
+            };
+            ticks += st.ticks;
+            s.threads += st.threads;
+            s.procs += 1;
+            s.rss_kib += status_kib(pid, "VmRSS:");
+            s.hwm_kib += status_kib(pid, "VmHWM:");
+        }
+        s.cpu_s = ticks as f64 / clock_ticks();
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_reads() {
+        let t = ProcTree {
+            root: std::process::id(),
+        };
+        let s = t.sample().unwrap();
+        assert!(s.rss_kib > 0 && s.hwm_kib >= s.rss_kib && s.threads >= 1 && s.procs >= 1);
+    }
+}

@@ -1,0 +1,373 @@
+//! The report: a markdown table per cell, a bar chart per cell as SVG drawn
+//! here (throughput and proxy CPU per unit side by side), and every run as
+//! JSON.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::load::Mode;
+use crate::plan::{Cell, Results, Summary};
+
+/// How, where and when the numbers were taken.
+#[derive(Debug, Clone, Serialize)]
+pub struct Meta {
+    pub command: String,
+    pub started: String,
+    pub finished: String,
+    pub host: String,
+    pub cpu_model: String,
+    pub cpus: usize,
+    pub load_before: String,
+    pub load_after: String,
+    pub pinning: String,
+    pub rounds: usize,
+    pub warmup_s: f64,
+    pub window_s: f64,
+    /// (name, what it is, version)
+    pub peers: Vec<(String, String, String)>,
+    pub notes: Vec<String>,
+}
+
+/// Text of a command's first output line (empty when it fails).
+pub fn sh(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default()
+}
+
+fn mib(kib: Option<f64>) -> String {
+    kib.map_or("–".into(), |k| format!("{:.1}", k / 1024.0))
+}
+
+fn num(v: Option<f64>, digits: usize) -> String {
+    v.map_or("–".into(), |v| format!("{v:.digits$}"))
+}
+
+fn rate_text(mode: &Mode, v: f64) -> String {
+    match mode {
+        Mode::Bulk { .. } => format!("{v:.2}"),
+        _ => format!("{v:.0}"),
+    }
+}
+
+fn cpu_text(mode: &Mode, v: Option<f64>) -> String {
+    match mode {
+        Mode::Bulk { .. } => num(v, 3),
+        Mode::Idle { .. } => num(v, 2),
+        _ => num(v, 1),
+    }
+}
+
+/// The markdown tables (one per cell), with links to `<cell>.svg` when
+/// `plots`.
+pub fn markdown(meta: &Meta, cells: &[Cell], res: &Results, plots: bool) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# splicegate-bench: splicegate next to its peers\n");
+    let _ = writeln!(
+        md,
+        "- command: `{}`\n- machine: {} ({} CPUs, {}); load average before {}, after {}\n- \
+         run: {} – {}; {} round(s), each run {:.1} s warm-up + {:.1} s measured; the table \
+         shows medians over the rounds that completed\n- pinning: {}",
+        meta.command,
+        meta.host,
+        meta.cpus,
+        meta.cpu_model,
+        meta.load_before,
+        meta.load_after,
+        meta.started,
+        meta.finished,
+        meta.rounds,
+        meta.warmup_s,
+        meta.window_s,
+        meta.pinning
+    );
+    for n in &meta.notes {
+        let _ = writeln!(md, "- {n}");
+    }
+    let _ = writeln!(md, "\n## Peers\n\n| peer | what | version |\n|---|---|---|");
+    for (name, what, version) in &meta.peers {
+        let _ = writeln!(md, "| {name} | {what} | {version} |");
+    }
+    if !res.skipped.is_empty() {
+        let _ = writeln!(md, "\nSkipped:");
+        for (p, why) in &res.skipped {
+            let _ = writeln!(md, "- {p}: {why}");
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\nProxy cost is read from /proc for the proxy's process and its descendants: CPU = \
+         utime + stime (+ reaped children) over the measured window; peak RSS = sum of VmHWM at \
+         the window's end (each peer starts afresh for every run); threads at the window's end. \
+         GB = 10^9 bytes. Latencies are per operation as the client sees them (connrate: connect \
+         until the echo is back)."
+    );
+    for cell in cells {
+        let rows: Vec<&Summary> = res.summaries.iter().filter(|s| s.cell == cell.id).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let _ = writeln!(md, "\n## {}\n", cell.title);
+        match &cell.mode {
+            Mode::Idle { .. } => {
+                let _ = writeln!(
+                    md,
+                    "| peer | via | tunnels held | RSS before (MiB) | RSS held (MiB) | KiB per tunnel | threads before → held | ping p99 (µs) | rounds ok |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
+                );
+                for s in &rows {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | {} | {} | {} | {} | {} → {} | {} | {}/{} |",
+                        s.peer,
+                        s.route,
+                        num(s.rate, 0),
+                        mib(s.base_rss_kib),
+                        mib(s.rss_kib),
+                        num(s.rss_per_tunnel_kib, 1),
+                        num(s.base_threads, 0),
+                        num(s.threads, 0),
+                        num(s.latency_us.map(|l| l.p99), 0),
+                        s.rounds_ok,
+                        s.rounds
+                    );
+                }
+            }
+            Mode::Bulk { .. } => {
+                let _ = writeln!(
+                    md,
+                    "| peer | via | Gbit/s | min–max | proxy CPU-s/GB | peak RSS (MiB) | threads | rounds ok |\n|---|---|---:|---:|---:|---:|---:|---:|"
+                );
+                for s in &rows {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | {} | {}–{} | {} | {} | {} | {}/{} |",
+                        s.peer,
+                        s.route,
+                        num(s.rate, 2),
+                        num(s.rate_min, 2),
+                        num(s.rate_max, 2),
+                        cpu_text(&cell.mode, s.cpu_per_unit),
+                        mib(s.peak_rss_kib),
+                        num(s.threads, 0),
+                        s.rounds_ok,
+                        s.rounds
+                    );
+                }
+            }
+            m => {
+                let _ = writeln!(
+                    md,
+                    "| peer | via | {} | min–max | p50 (µs) | p90 | p99 | p99.9 | proxy CPU-µs/op | peak RSS (MiB) | threads | rounds ok |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                    m.rate_unit()
+                );
+                for s in &rows {
+                    let l = s.latency_us;
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | {} | {}–{} | {} | {} | {} | {} | {} | {} | {} | {}/{} |",
+                        s.peer,
+                        s.route,
+                        num(s.rate, 0),
+                        num(s.rate_min, 0),
+                        num(s.rate_max, 0),
+                        num(l.map(|l| l.p50), 1),
+                        num(l.map(|l| l.p90), 1),
+                        num(l.map(|l| l.p99), 1),
+                        num(l.map(|l| l.p999), 1),
+                        cpu_text(m, s.cpu_per_unit),
+                        mib(s.peak_rss_kib),
+                        num(s.threads, 0),
+                        s.rounds_ok,
+                        s.rounds
+                    );
+                }
+            }
+        }
+        let mut notes: Vec<String> = rows
+            .iter()
+            .filter_map(|s| {
+                s.note
+                    .as_ref()
+                    .map(|n| format!("- {}: {} errors; first: {n}", s.peer, s.errors))
+            })
+            .collect();
+        notes.extend(rows.iter().filter(|s| s.reconnects > 0).map(|s| {
+            format!(
+                "- {}: closed kept-alive connections {} times without `Connection: close`; \
+                 those requests went again on a new connection (their latency includes it)",
+                s.peer, s.reconnects
+            )
+        }));
+        if !notes.is_empty() {
+            let _ = writeln!(md, "\n{}", notes.join("\n"));
+        }
+        if plots {
+            let _ = writeln!(md, "\n![{}]({}.svg)", cell.title, cell.id);
+        }
+    }
+    md
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A horizontal bar chart: the cell's throughput and the proxy's CPU per
+/// unit, one bar per peer.
+pub fn svg(cell: &Cell, rows: &[&Summary]) -> String {
+    const LABEL: f64 = 150.0;
+    const PANEL: f64 = 330.0;
+    const GAP: f64 = 70.0;
+    const ROW: f64 = 26.0;
+    const TOP: f64 = 64.0;
+    let width = LABEL + 2.0 * PANEL + GAP + 20.0;
+    let height = TOP + ROW * rows.len() as f64 + 30.0;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">"##
+    );
+    let _ = writeln!(
+        s,
+        r##"<rect width="100%" height="100%" fill="#ffffff"/><text x="10" y="22" font-size="15" font-weight="bold">{}</text>"##,
+        esc(&cell.title)
+    );
+    let idle = matches!(cell.mode, Mode::Idle { .. });
+    type Value = fn(&Summary) -> Option<f64>;
+    let rate: Value = |r| r.rate;
+    let (second, cost): (String, Value) = if idle {
+        ("proxy KiB per tunnel (lower is better)".into(), |r| {
+            r.rss_per_tunnel_kib
+        })
+    } else {
+        (
+            format!("proxy {} (lower is better)", cell.mode.cpu_unit()),
+            |r| r.cpu_per_unit,
+        )
+    };
+    let first = if idle {
+        cell.mode.rate_unit().to_string()
+    } else {
+        format!("{} (higher is better)", cell.mode.rate_unit())
+    };
+    for (k, (title, value)) in [(first, rate), (second, cost)].iter().enumerate() {
+        let x0 = LABEL + k as f64 * (PANEL + GAP);
+        let _ = writeln!(
+            s,
+            r##"<text x="{x0}" y="48" font-weight="bold">{}</text>"##,
+            esc(title)
+        );
+        let max = rows
+            .iter()
+            .filter_map(|r| value(r))
+            .fold(0.0f64, f64::max)
+            .max(1e-12);
+        for (i, r) in rows.iter().enumerate() {
+            let y = TOP + i as f64 * ROW;
+            if k == 0 {
+                let _ = writeln!(
+                    s,
+                    r##"<text x="{}" y="{}" text-anchor="end">{}</text>"##,
+                    LABEL - 8.0,
+                    y + 16.0,
+                    esc(&r.peer)
+                );
+            }
+            let color = if r.peer.starts_with("splicegate") {
+                "#d9480f"
+            } else if r.peer == "direct" {
+                "#868e96"
+            } else {
+                "#1c7ed6"
+            };
+            match value(r) {
+                Some(v) => {
+                    let w = (v / max * (PANEL - 60.0)).max(1.0);
+                    let text = if k == 0 {
+                        rate_text(&cell.mode, v)
+                    } else if idle {
+                        format!("{v:.1}")
+                    } else {
+                        cpu_text(&cell.mode, Some(v))
+                    };
+                    let _ = writeln!(
+                        s,
+                        r##"<rect x="{x0}" y="{}" width="{w:.1}" height="{}" fill="{color}"/><text x="{:.1}" y="{}">{}</text>"##,
+                        y + 3.0,
+                        ROW - 8.0,
+                        x0 + w + 4.0,
+                        y + 16.0,
+                        esc(&text)
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        s,
+                        r##"<text x="{x0}" y="{}" fill="#868e96">–</text>"##,
+                        y + 16.0
+                    );
+                }
+            }
+        }
+    }
+    let _ = writeln!(
+        s,
+        r##"<text x="10" y="{}" fill="#868e96">medians over rounds; orange: splicegate, grey: no proxy</text></svg>"##,
+        height - 10.0
+    );
+    s
+}
+
+/// Write report.md, one SVG per cell and results.json into `dir`.
+pub fn write(dir: &Path, meta: &Meta, cells: &[Cell], res: &Results) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("report.md"), markdown(meta, cells, res, true))?;
+    for cell in cells {
+        let rows: Vec<&Summary> = res.summaries.iter().filter(|s| s.cell == cell.id).collect();
+        if !rows.is_empty() {
+            std::fs::write(dir.join(format!("{}.svg", cell.id)), svg(cell, &rows))?;
+        }
+    }
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&json(meta, cells, res))?,
+    )?;
+    Ok(())
+}
+
+/// Everything as one JSON value.
+pub fn json(meta: &Meta, cells: &[Cell], res: &Results) -> serde_json::Value {
+    serde_json::json!({
+        "meta": meta,
+        "cells": cells,
+        "summaries": res.summaries,
+        "skipped": res.skipped,
+        "runs": res.runs,
+    })
+}
