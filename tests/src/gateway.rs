@@ -139,11 +139,13 @@ impl Gateway {
         }
     }
 
-    /// Send `sig` (`KILL` for a crash), wait up to 10 s for the process to
-    /// end, and start the binary again on the same directory (store), ports
+    /// Send `sig` (`KILL` for a crash) unless the process already ended,
+    /// wait up to 10 s for it to end, and start the binary again on the same directory (store), ports
     /// and config file.
     pub fn restart_after(mut self, sig: &str) -> Gateway {
-        self.signal(sig);
+        if self.try_exit().is_none() {
+            self.signal(sig);
+        }
         let st = self.wait_exit(Duration::from_secs(10));
         assert!(
             st.is_some(),

@@ -1,0 +1,28 @@
+# Shared by the fault scripts: run one ignored test of tests/tests/faults.rs
+# with a time limit, keep its output, print its FIGURE lines.
+# Usage (sourced): run_fault <test name> <seconds>
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+OUT="${SG_FAULTS_OUT:-$ROOT/target/faults}"
+mkdir -p "$OUT"
+
+build() {
+    (cd "$ROOT" && cargo build --workspace --bins -q && cargo test -p splicegate-tests --test faults --no-run -q)
+}
+
+run_fault() {
+    local name="$1" limit="$2" rc=0
+    local log="$OUT/$name.log"
+    echo "== $name (at most ${limit} s; log $log)"
+    (cd "$ROOT" && timeout --kill-after=10 "$limit" \
+        cargo test -q -p splicegate-tests --test faults -- \
+        --ignored --exact "$name" --nocapture --test-threads=1) >"$log" 2>&1 || rc=$?
+    grep -a '^FIGURE ' "$log" | sed 's/^FIGURE /   /' || true
+    if [ "$rc" -eq 0 ]; then
+        echo "   PASS $name"
+    else
+        echo "   FAIL $name (exit $rc):"
+        grep -a -A12 'panicked at' "$log" | grep -av '^ *[0-9]*: \|^ *at ' | head -20 | sed 's/^/   | /'
+    fi
+    return "$rc"
+}

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# SIGTERM under load (tunnels finish in the grace period, exit 0, usage
+# flushed) and SIGKILL during traffic 50 times with restarts (the ledger
+# never double-counts, loses at most one flush interval). SG_KILL_ROUNDS
+# changes the 50. Bounded: about 3 min.
+source "$(dirname "$0")/lib.sh"
+build
+rc=0
+run_fault sigterm_under_load 120 || rc=1
+run_fault sigkill_loop_reconciles_the_ledger 600 || rc=1
+exit $rc
