@@ -35,8 +35,18 @@ use crate::metrics::{CONTENT_TYPE, Metrics};
 use crate::spec::{NodeFields, PackageFields, credits};
 use crate::time::rfc3339;
 
-/// The dashboard page (a placeholder until the dashboard lands).
-const DASHBOARD: &str = include_str!("dashboard.html");
+/// The dashboard page, with the vendored chart library (uPlot, MIT,
+/// `vendor/`) put in place of its two markers: one response that needs
+/// nothing else, so `/` stays the only open route besides `/healthz`.
+static DASHBOARD: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    include_str!("dashboard.html")
+        .replacen("/*uPlot.min.css*/", include_str!("vendor/uPlot.min.css"), 1)
+        .replacen(
+            "/*uPlot.iife.min.js*/",
+            include_str!("vendor/uPlot.iife.min.js"),
+            1,
+        )
+});
 
 /// What every handler shares.
 #[derive(Clone, Debug)]
@@ -202,7 +212,7 @@ async fn healthz() -> Response {
 async fn dashboard() -> Response {
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        DASHBOARD,
+        DASHBOARD.as_str(),
     )
         .into_response()
 }
