@@ -185,9 +185,11 @@ drain_grace_s = 1
             if let Some(st) = gw.try_exit() {
                 panic!("splicegate exited with {st} before serving:\n{}", gw.log());
             }
-            let proxy_up =
-                TcpStream::connect_timeout(&self.proxy, Duration::from_millis(200)).is_ok();
-            (proxy_up && gw.get("/healthz").0 == 200).then_some(())
+            // The proxy port opens before the admin API: ask /healthz only
+            // once the admin port accepts, so a refused connect is a retry.
+            let up =
+                |a: &SocketAddr| TcpStream::connect_timeout(a, Duration::from_millis(200)).is_ok();
+            (up(&self.proxy) && up(&self.admin) && gw.get("/healthz").0 == 200).then_some(())
         });
         assert!(
             up.is_some(),
