@@ -540,13 +540,15 @@ impl Policy {
                 let Some(package) = self.packages.get(&id) else {
                     return Err(auth_failed("unknown package or wrong key"));
                 };
+                // A key inside the rules would be echoed in details and logs:
+                // refuse it before the rules are ever read, right password or not.
+                let key = package.key.expose();
+                if key.len() >= 4 && username.contains(key) {
+                    return Err(auth_failed(
+                        "the package key goes in the password, not the username",
+                    ));
+                }
                 if package.decl.auth != AuthMode::Ip && !package.key.matches(password) {
-                    let key = package.key.expose();
-                    if key.len() >= 4 && username.contains(key) {
-                        return Err(auth_failed(
-                            "the package key goes in the password, not the username",
-                        ));
-                    }
                     return Err(auth_failed("unknown package or wrong key"));
                 }
                 (package, Some(username.to_string()))

@@ -275,6 +275,8 @@ pub struct Attempts {
     replacements_left: u8,
     replaced: bool,
     tried: Vec<NodeIdx>,
+    /// Failures of the first node (retries stop early when it goes offline).
+    first_failures: u32,
 }
 
 /// Replacements allowed after the first node fails (`replace`).
@@ -293,6 +295,7 @@ impl Attempts {
             replacements_left: MAX_REPLACEMENTS,
             replaced: false,
             tried: vec![first],
+            first_failures: 0,
         }
     }
 
@@ -315,6 +318,9 @@ impl Attempts {
         node_name: &str,
         replace: &mut dyn FnMut(&[NodeIdx]) -> Result<NodeIdx, Rejection>,
     ) -> Step {
+        if self.tried.len() == 1 {
+            self.first_failures += 1;
+        }
         if self.retries_left > 0 && node_usable {
             self.retries_left -= 1;
             return Step::Dial(self.current);
@@ -341,13 +347,13 @@ impl Attempts {
                     format!("node {node_name} failed and onerror-fail is set{keep}"),
                 ))
             }
-            OnError::Retry(n) => {
+            OnError::Retry(_) => {
                 if self.replaced {
                     return Step::Fail(Rejection::new(
                         Code::RetriesExhausted,
                         format!(
-                            "the node failed {} times and its replacement {node_name} failed too",
-                            u32::from(n) + 1
+                            "the first node failed {} times and its replacement {node_name} failed too",
+                            self.first_failures
                         ),
                     ));
                 }
@@ -361,8 +367,7 @@ impl Attempts {
                         Code::RetriesExhausted,
                         format!(
                             "node {node_name} failed {} times and no other node matches ({})",
-                            u32::from(n) + 1,
-                            e.detail
+                            self.first_failures, e.detail
                         ),
                     )),
                 }

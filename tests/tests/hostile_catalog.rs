@@ -2131,11 +2131,10 @@ fn half_open_clients() {
     lab.finish(canary, bystander, "half-open clients");
 }
 
-/// The cases the gateway gets wrong today (see docs/RELIABILITY.md): the
-/// SPEC's answer, asserted. Run with `--ignored` once they are fixed.
+/// The cases the gateway once got wrong (each case's `bug` says how; see
+/// docs/RELIABILITY.md): the SPEC's answer, asserted, so they stay fixed.
 #[test]
-#[ignore = "gateway bugs: see the `bug` of each case"]
-fn known_gateway_bugs() {
+fn fixed_gateway_bugs_stay_fixed() {
     let lab = Lab::new();
     let mut cases = Vec::new();
     cases.extend(http_cases(&lab));

@@ -152,6 +152,13 @@ fn every_check_of_the_table_fires() {
         ),
         (
             "1.2.3.4",
+            Some(("package-7-country-us-pk_7", "pk_7")),
+            h,
+            PUBLIC,
+            Err(AuthFailed),
+        ),
+        (
+            "1.2.3.4",
             Some(("<malformed>", "")),
             h,
             PUBLIC,

@@ -111,13 +111,22 @@ pub(crate) fn run(
 }
 
 async fn accept_loop(ctx: Rc<Ctx>, listener: TcpListener, binding: Binding, stop: Notifier) {
+    let mut last_warn: Option<Instant> = None;
+    let mut failures = 0u64;
     loop {
         let (stream, peer) = match select2(listener.accept(), stop.notified()).await {
             Either::Right(()) => return,
             Either::Left(Ok(conn)) => conn,
             Either::Left(Err(e)) => {
-                // Out of descriptors and the like: back off briefly, keep serving.
-                tracing::warn!(error = %e, "accept failed");
+                // Out of descriptors and the like: stop accepting briefly (the
+                // backlog holds the clients), keep serving, and say so at most
+                // once every 5 s with how often it happened.
+                failures += 1;
+                if last_warn.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(5)) {
+                    tracing::warn!(error = %e, failures, "accept failed; retrying every 10 ms");
+                    last_warn = Some(Instant::now());
+                    failures = 0;
+                }
                 sleep(Duration::from_millis(10)).await;
                 continue;
             }

@@ -36,6 +36,21 @@ pub(crate) enum DialFailure {
     Answer(Rejection),
 }
 
+/// Out of descriptors or memory for the upstream socket: the gateway is
+/// overloaded; neither the node nor the target is to blame.
+fn overloaded(e: &io::Error) -> Option<DialFailure> {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+    .then(|| {
+        DialFailure::Answer(Rejection::new(
+            Code::Overloaded,
+            "the gateway is out of connections right now; retry shortly",
+        ))
+    })
+}
+
 fn target_unreachable(detail: String) -> DialFailure {
     DialFailure::Answer(Rejection::new(Code::TargetUnreachable, detail))
 }
@@ -250,7 +265,10 @@ async fn connect_node(node: &Node, deadline: Instant) -> Result<TcpStream, DialF
     };
     match timeout_at(deadline, TcpStream::connect(addr, None)).await {
         Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err(DialFailure::Node(format!("connect to {addr}: {e}"))),
+        Ok(Err(e)) => {
+            Err(overloaded(&e)
+                .unwrap_or_else(|| DialFailure::Node(format!("connect to {addr}: {e}"))))
+        }
         Err(_) => Err(DialFailure::Node(format!("connect to {addr} timed out"))),
     }
 }
@@ -306,6 +324,7 @@ async fn dial_direct(
             stream,
             leftover: Vec::new(),
         }),
+        Ok(Err(e)) if overloaded(&e).is_some() => Err(overloaded(&e).expect("checked")),
         Ok(Err(e)) => match e.raw_os_error() {
             Some(libc::EADDRNOTAVAIL) | Some(libc::EADDRINUSE) | Some(libc::EINVAL) => Err(
                 DialFailure::Node(format!("cannot use source address {bind:?}: {e}")),

@@ -245,6 +245,8 @@ async fn request(
     let credentials = match &decoded {
         None => Credentials::Absent,
         Some(Ok((username, password))) => Credentials::Present { username, password },
+        // Another scheme (Bearer, Digest, …) offers no credentials we read.
+        Some(Err(splicegate_proto::http::AuthError::NotBasic)) => Credentials::Absent,
         Some(Err(_)) => Credentials::Malformed,
     };
     let policy = ctx.shared.engine.policy_arc();
@@ -494,7 +496,12 @@ async fn exchange(
                 _ => return Err(ExchangeError::Abort),
             }
         }
-        let n = body.feed(buf).map_err(|_| ExchangeError::Abort)?;
+        let n = body.feed(buf).map_err(|e| {
+            ExchangeError::Answer(Rejection::new(
+                Code::BadRequest,
+                format!("the request body's framing is malformed: {e}"),
+            ))
+        })?;
         if timeout(s.idle, upstream.write_all(&buf[..n]))
             .await
             .map_or(true, |r| r.is_err())
