@@ -217,6 +217,9 @@ pub struct PipePool {
     max_cached: usize,
     pipe_size: usize,
     in_use: Cell<usize>,
+    /// Small-message buffers ([`COPY_BUF`] bytes), lent like the pipes: only
+    /// while bytes are in flight.
+    bufs: RefCell<Vec<Box<[u8]>>>,
 }
 
 impl PipePool {
@@ -234,6 +237,7 @@ impl PipePool {
             max_cached,
             pipe_size,
             in_use: Cell::new(0),
+            bufs: RefCell::new(Vec::new()),
         }
     }
 
@@ -245,6 +249,20 @@ impl PipePool {
     /// Pipes currently held by relays (holding bytes in flight).
     pub fn in_use(&self) -> usize {
         self.in_use.get()
+    }
+
+    fn take_buf(&self) -> Box<[u8]> {
+        self.bufs
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| vec![0u8; COPY_BUF].into_boxed_slice())
+    }
+
+    fn give_buf(&self, buf: Box<[u8]>) {
+        let mut bufs = self.bufs.borrow_mut();
+        if bufs.len() < self.max_cached {
+            bufs.push(buf);
+        }
     }
 
     fn take(&self) -> io::Result<Pipe> {
@@ -294,6 +312,9 @@ trait Stage {
     fn staged(&self) -> usize;
     /// Reads from `src` into the (empty) stage; `Ok(0)` is EOF.
     fn fill(&mut self, src: &TcpStream) -> Result<usize, Fault>;
+    /// How many bytes the last `fill` asked for (a read that got fewer left
+    /// the socket's receive queue empty, most likely).
+    fn asked(&self) -> usize;
     /// Writes staged bytes to `dst`.
     fn drain(&mut self, dst: &TcpStream) -> io::Result<usize>;
 }
@@ -303,6 +324,7 @@ struct PipeStage<'p> {
     pool: &'p PipePool,
     pipe: Option<Pipe>,
     staged: usize,
+    asked: usize,
 }
 
 impl Stage for PipeStage<'_> {
@@ -316,6 +338,7 @@ impl Stage for PipeStage<'_> {
             Some(pipe) => pipe,
             None => self.pool.take().map_err(Fault::Local)?,
         };
+        self.asked = pipe.capacity;
         match sys::splice(src.as_fd(), pipe.write.as_fd(), pipe.capacity) {
             Ok(n) if n > 0 => {
                 self.staged = n;
@@ -328,6 +351,10 @@ impl Stage for PipeStage<'_> {
                 other.map_err(Fault::Io)
             }
         }
+    }
+
+    fn asked(&self) -> usize {
+        self.asked
     }
 
     fn drain(&mut self, dst: &TcpStream) -> io::Result<usize> {
@@ -355,6 +382,91 @@ impl Drop for PipeStage<'_> {
     }
 }
 
+/// Small reads are copied, large ones spliced (as HAProxy's `splice-auto`):
+/// a direction starts with `recv`/`send` through a pooled buffer of
+/// [`COPY_BUF`] bytes, which costs no pipe for a small message; once a read
+/// fills that buffer (bulk traffic) the next reads splice through a pipe, and
+/// a short splice read brings the direction back to copying.
+struct AutoStage<'p> {
+    pipe: PipeStage<'p>,
+    /// The copy buffer while it holds bytes (or was just filled).
+    buf: Option<Box<[u8]>>,
+    start: usize,
+    end: usize,
+    /// Read the next bytes with splice.
+    splice: bool,
+}
+
+/// Bytes of a copy-mode read; a read that fills it switches to splice.
+pub const COPY_BUF: usize = 16 * 1024;
+
+impl AutoStage<'_> {
+    fn release_buf(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            self.pipe.pool.give_buf(buf);
+        }
+        self.start = 0;
+        self.end = 0;
+    }
+}
+
+impl Stage for AutoStage<'_> {
+    fn staged(&self) -> usize {
+        self.pipe.staged + (self.end - self.start)
+    }
+
+    fn fill(&mut self, src: &TcpStream) -> Result<usize, Fault> {
+        if self.splice {
+            let n = self.pipe.fill(src)?;
+            if n < COPY_BUF {
+                self.splice = false;
+            }
+            return Ok(n);
+        }
+        let mut buf = self.buf.take().unwrap_or_else(|| self.pipe.pool.take_buf());
+        match src.try_read(&mut buf) {
+            Ok(n) if n > 0 => {
+                self.splice = n == buf.len();
+                self.buf = Some(buf);
+                self.start = 0;
+                self.end = n;
+                Ok(n)
+            }
+            other => {
+                self.pipe.pool.give_buf(buf);
+                other.map_err(Fault::Io)
+            }
+        }
+    }
+
+    fn asked(&self) -> usize {
+        if self.pipe.staged > 0 || (self.splice && self.buf.is_none()) {
+            self.pipe.asked
+        } else {
+            COPY_BUF
+        }
+    }
+
+    fn drain(&mut self, dst: &TcpStream) -> io::Result<usize> {
+        if self.end > self.start {
+            let buf = self.buf.as_ref().expect("copied bytes live in the buffer");
+            let n = dst.try_write(&buf[self.start..self.end])?;
+            self.start += n;
+            if self.start == self.end {
+                self.release_buf();
+            }
+            return Ok(n);
+        }
+        self.pipe.drain(dst)
+    }
+}
+
+impl Drop for AutoStage<'_> {
+    fn drop(&mut self) {
+        self.release_buf();
+    }
+}
+
 /// recv/send through a userspace buffer.
 struct BufStage {
     buf: Box<[u8]>,
@@ -365,6 +477,10 @@ struct BufStage {
 impl Stage for BufStage {
     fn staged(&self) -> usize {
         self.end - self.start
+    }
+
+    fn asked(&self) -> usize {
+        self.buf.len()
     }
 
     fn fill(&mut self, src: &TcpStream) -> Result<usize, Fault> {
@@ -389,6 +505,10 @@ struct Half<S> {
     eof: bool,
     /// EOF forwarded: this direction is finished.
     done: bool,
+    /// The last read got less than it asked for: the source is probably
+    /// drained, so wait for readiness on the ring instead of trying a read
+    /// that would only say EAGAIN (one syscall fewer per small message).
+    short: bool,
     /// The readiness wait this direction is blocked on.
     wait: Option<Op>,
 }
@@ -410,6 +530,7 @@ impl<S: Stage> Half<S> {
             stage,
             eof: false,
             done: false,
+            short: false,
             wait: None,
         }
     }
@@ -482,9 +603,17 @@ impl<S: Stage> Half<S> {
                 }
                 continue;
             }
+            if self.short {
+                self.short = false;
+                self.wait = Some(wait_for(src, libc::POLLIN)?);
+                continue;
+            }
             match self.stage.fill(src) {
                 Ok(0) => self.eof = true,
-                Ok(_) => budget -= 1,
+                Ok(n) => {
+                    budget -= 1;
+                    self.short = n < self.stage.asked();
+                }
                 Err(Fault::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.wait = Some(wait_for(src, libc::POLLIN)?);
                 }
@@ -605,10 +734,17 @@ impl<S: Stage + Unpin> Future for Relay<'_, S> {
 /// The process must not die of `SIGPIPE` (Rust binaries ignore it by
 /// default): `splice` into a reset socket has no `MSG_NOSIGNAL`.
 pub async fn relay(a: &TcpStream, b: &TcpStream, pipes: &PipePool, ctl: &RelayCtl) -> RelayOutcome {
-    let stage = || PipeStage {
-        pool: pipes,
-        pipe: None,
-        staged: 0,
+    let stage = || AutoStage {
+        pipe: PipeStage {
+            pool: pipes,
+            pipe: None,
+            staged: 0,
+            asked: 0,
+        },
+        buf: None,
+        start: 0,
+        end: 0,
+        splice: false,
     };
     run(a, b, ctl, stage(), stage()).await
 }
