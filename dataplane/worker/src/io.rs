@@ -64,6 +64,17 @@ pub(crate) async fn read_message<T, E>(
     {
         return Ok(m);
     }
+    if buf.is_empty() {
+        // Nothing of the message yet: the peer answers what we just sent,
+        // or a keep-alive client has not sent its next request. A read now
+        // would almost always say EAGAIN; wait on the ring first (a poll on a
+        // ready socket completes at once, without a syscall of its own).
+        match timeout_at(deadline, stream.readable()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(ReadError::Io(e)),
+            Err(_) => return Err(ReadError::Timeout { partial: false }),
+        }
+    }
     loop {
         let before = buf.len();
         match read_some(stream, buf, deadline).await {
