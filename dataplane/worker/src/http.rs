@@ -427,6 +427,14 @@ async fn forward(
                         port,
                         stream,
                     });
+                } else if reusable {
+                    // The answer is complete and the connection idle, but no
+                    // session will use it again: close it with a reset so it
+                    // leaves no TIME_WAIT behind. Rotating mode opens one
+                    // connection per request from the node's address, and
+                    // TIME_WAITs by the ten thousand make every new connect
+                    // search the port range.
+                    let _ = stream.socket().set_linger(Some(Duration::ZERO));
                 }
                 return if keep_client {
                     Next::KeepAlive
