@@ -39,36 +39,22 @@ pub fn parse_response(
     limits: &Limits,
     request_method: &Method,
 ) -> Result<Option<Response>, HttpError> {
-    let Some(scanned) = head::scan(buf, limits, Kind::Response)? else {
+    let read = |parsed: &httparse::Response<'_, '_>| {
+        let (Some(minor), Some(status)) = (parsed.version, parsed.code) else {
+            return Err(HttpError::Malformed("incomplete status line"));
+        };
+        let version = match minor {
+            0 => Version::Http10,
+            1 => Version::Http11,
+            _ => return Err(HttpError::UnsupportedVersion),
+        };
+        let reason = parsed.reason.unwrap_or_default().to_owned();
+        Ok((version, status, reason, own_headers(parsed.headers)))
+    };
+    let Some(((version, status, reason, headers), head_len)) = with_status_head(buf, limits, read)?
+    else {
         return Ok(None);
     };
-    let head = &buf[..scanned.head_len];
-    let mut slots = vec![httparse::EMPTY_HEADER; scanned.header_count];
-    let mut parsed = httparse::Response::new(&mut slots);
-    match parsed.parse(head) {
-        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
-        Ok(_) => {
-            return Err(HttpError::Malformed(
-                "response head does not end where expected",
-            ));
-        }
-        Err(httparse::Error::Version) => {
-            let line = &head[scanned.start_line..];
-            let token = line.split(|b| *b == b' ').next().unwrap_or_default();
-            return Err(head::version_error(token));
-        }
-        Err(e) => return Err(map_httparse(e)),
-    }
-    let (Some(minor), Some(status)) = (parsed.version, parsed.code) else {
-        return Err(HttpError::Malformed("incomplete status line"));
-    };
-    let version = match minor {
-        0 => Version::Http10,
-        1 => Version::Http11,
-        _ => return Err(HttpError::UnsupportedVersion),
-    };
-    let reason = parsed.reason.unwrap_or_default().to_owned();
-    let headers = own_headers(parsed.headers);
 
     let mut content_length = None;
     let mut transfer_encoding: Option<&[u8]> = None;
@@ -112,10 +98,43 @@ pub fn parse_response(
         version,
         status,
         reason,
-        head_len: scanned.head_len,
+        head_len,
         headers,
         body,
     }))
+}
+
+/// Scans a status head at the start of `buf` (strictly: CRLF only, no
+/// obs-fold, bounded) and tokenises it; `read` takes what its caller needs
+/// from httparse's view. Returns that and the head's length, or `None` for
+/// more bytes. Shared by the origin reader ([`parse_response`]) and the
+/// upstream-node reader ([`super::parse_connect_response`]).
+pub(super) fn with_status_head<T>(
+    buf: &[u8],
+    limits: &Limits,
+    read: impl FnOnce(&httparse::Response<'_, '_>) -> Result<T, HttpError>,
+) -> Result<Option<(T, usize)>, HttpError> {
+    let Some(scanned) = head::scan(buf, limits, Kind::Response)? else {
+        return Ok(None);
+    };
+    let head = &buf[..scanned.head_len];
+    let mut slots = vec![httparse::EMPTY_HEADER; scanned.header_count];
+    let mut parsed = httparse::Response::new(&mut slots);
+    match parsed.parse(head) {
+        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
+        Ok(_) => {
+            return Err(HttpError::Malformed(
+                "response head does not end where expected",
+            ));
+        }
+        Err(httparse::Error::Version) => {
+            let line = &head[scanned.start_line..];
+            let token = line.split(|b| *b == b' ').next().unwrap_or_default();
+            return Err(head::version_error(token));
+        }
+        Err(e) => return Err(map_httparse(e)),
+    }
+    Ok(Some((read(&parsed)?, scanned.head_len)))
 }
 
 /// Writes the response head for the client: `HTTP/1.1 <status> <reason>`, the

@@ -1,8 +1,8 @@
 //! The gateway as a client of an upstream HTTP proxy node: `CONNECT` out,
 //! status back.
 
-use super::head::{self, Kind};
-use super::{HttpError, Limits, encode_basic, map_httparse, write_header};
+use super::response::with_status_head;
+use super::{HttpError, Limits, encode_basic, write_header};
 
 /// The node's answer to `CONNECT`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,31 +46,11 @@ pub fn write_connect_request(
 /// `Ok(None)`: need more bytes. Headers are validated but not kept; the body
 /// of a non-2xx answer is not read (the caller closes the node connection).
 pub fn parse_connect_response(buf: &[u8]) -> Result<Option<ConnectResponse>, HttpError> {
-    let Some(scanned) = head::scan(buf, &Limits::default(), Kind::Response)? else {
-        return Ok(None);
+    let status = |parsed: &httparse::Response<'_, '_>| {
+        parsed
+            .code
+            .ok_or(HttpError::Malformed("incomplete status line"))
     };
-    let head = &buf[..scanned.head_len];
-    let mut slots = vec![httparse::EMPTY_HEADER; scanned.header_count];
-    let mut parsed = httparse::Response::new(&mut slots);
-    match parsed.parse(head) {
-        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
-        Ok(_) => {
-            return Err(HttpError::Malformed(
-                "response head does not end where expected",
-            ));
-        }
-        Err(httparse::Error::Version) => {
-            let line = &head[scanned.start_line..];
-            let token = line.split(|b| *b == b' ').next().unwrap_or_default();
-            return Err(head::version_error(token));
-        }
-        Err(e) => return Err(map_httparse(e)),
-    }
-    let status = parsed
-        .code
-        .ok_or(HttpError::Malformed("incomplete status line"))?;
-    Ok(Some(ConnectResponse {
-        status,
-        head_len: scanned.head_len,
-    }))
+    Ok(with_status_head(buf, &Limits::default(), status)?
+        .map(|(status, head_len)| ConnectResponse { status, head_len }))
 }
