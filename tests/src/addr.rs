@@ -28,8 +28,24 @@ pub fn client_ip() -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 2 + (n / 254) as u8, (n % 254 + 1) as u8)
 }
 
-/// A port free on `ip` right now (bind port 0, read it, close).
+/// A port free on `ip` right now, never handed out twice by this process.
+///
+/// Ports come from 20000–32767, below the kernel's ephemeral range (so no
+/// client socket takes one meanwhile), one after another from a per-process
+/// start, and each is checked by binding it. `bind :0` could give two tests
+/// running at once the same port after the first closed its probe, and the
+/// gateway's `SO_REUSEPORT` listeners would then share it silently, each
+/// gateway taking some of the other's clients.
 pub fn free_port(ip: IpAddr) -> u16 {
-    let l = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}:0: {e}"));
-    l.local_addr().expect("local_addr").port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const BASE: u32 = 20_000;
+    const SPAN: u32 = 12_768;
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let port = (BASE + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        if TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on {ip} in {BASE}..{}", BASE + SPAN)
 }

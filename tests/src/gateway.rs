@@ -361,9 +361,8 @@ pub fn render(toml: &str, dir: &Path, ports: &mut HashMap<String, u16>) -> Strin
         if let Some(p) = ports.get(name) {
             return *p;
         }
-        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
-        let p = l.local_addr().expect("local_addr").port();
-        held.push(l);
+        let p = crate::addr::free_port(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        held.push(TcpListener::bind((Ipv4Addr::LOCALHOST, p)).expect("bind a free port"));
         ports.insert(name.to_string(), p);
         p
     };

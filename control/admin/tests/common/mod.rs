@@ -65,10 +65,19 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 
 /// A port free on 127.0.0.1 now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind :0")
-        .port()
+    // Below the ephemeral range, never the same twice in this process: with
+    // `bind :0` two tests at once could get one port, and two gateways'
+    // SO_REUSEPORT listeners would share it silently.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919) % 12_768;
+    for _ in 0..12_768 {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (20_000 + (start + n) % 12_768) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32768")
 }
 
 /// `127.0.0.1:port`.
