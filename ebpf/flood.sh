@@ -16,6 +16,9 @@ if [ "$(id -u)" != 0 ]; then
     echo "flood.sh: run as root (namespaces, raw sockets, BPF)" >&2
     exit 2
 fi
+if ! command -v hping3 >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hping3 >/dev/null
+fi
 for tool in hping3 python3 ip ss; do
     command -v "$tool" >/dev/null 2>&1 || { echo "flood.sh: $tool not found (apt-get install -y hping3 python3 iproute2)" >&2; exit 2; }
 done

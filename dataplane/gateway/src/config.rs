@@ -38,7 +38,6 @@ pub struct Config {
     #[serde(default)]
     pub limits: LimitsSection,
     #[serde(default)]
-    #[allow(dead_code)] // validated now; served by the admin, store, eBPF and health work
     pub ebpf: EbpfSection,
     #[serde(default)]
     pub health: HealthSection,
