@@ -45,6 +45,12 @@ use splicegate_control::rules::{self, Network, Rules};
 use splicegate_control::session::{NodePicker, SessionKey, SessionTable};
 use splicegate_control::{Now, Rejection};
 
+/// A target as a client would send it.
+fn target(host: &str, port: u16) -> splicegate_addr::Target {
+    let h = splicegate_addr::parse_host(host.as_bytes()).expect("host parses");
+    splicegate_addr::Target::new(h, port)
+}
+
 /// A typical 6-rule connection string (country, city, isp, session,
 /// sessionlength, onerror).
 const USERNAME: &str = "package-7-country-us-city-new_york-isp-verizon_wireless-session-abc123-sessionlength-600-onerror-retry_3";
@@ -468,7 +474,13 @@ fn connect(c: &mut Criterion) {
             listener_package: None,
         };
         let auth = policy.authenticate(&hello)?;
-        let adm = policy.admit(&auth, Protocol::Https, "example.com", 443, &mut None, now)?;
+        let adm = policy.admit(
+            &auth,
+            Protocol::Https,
+            &target("example.com", 443),
+            &mut None,
+            now,
+        )?;
         engine.route(&policy, &adm, now, &mut rng)
     };
     check(USERNAME).expect("the check order passes");

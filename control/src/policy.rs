@@ -15,12 +15,13 @@ use subtle::ConstantTimeEq;
 
 use crate::Now;
 use crate::catalog::{Code, Rejection};
-use crate::errors::RecentErrors;
 use crate::geo::GeoCatalog;
 use crate::limits::{ConnGuard, OrgAccount, PackageUsage};
 use crate::nodes::{Filter, NodeDecl, NodePool};
+use crate::recent::RecentErrors;
 use crate::rules::{self, FeatureSet, NetworkRule, NetworkSet, Rules};
-use crate::safety::{CanonicalHost, TargetPolicy};
+use crate::safety::TargetPolicy;
+use splicegate_addr::Target;
 
 /// A protocol a package may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -49,6 +50,11 @@ impl Protocol {
     /// Parse a name.
     pub fn parse(s: &str) -> Option<Protocol> {
         Protocol::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    /// Position in [`Protocol::ALL`] (for per-protocol counters).
+    pub fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -387,10 +393,8 @@ pub struct Admitted {
     pub package: Arc<Package>,
     /// Its rules.
     pub rules: Rules,
-    /// The target host as canonicalised.
-    pub target: CanonicalHost,
-    /// The target port.
-    pub port: u16,
+    /// The target, canonical and checked.
+    pub target: Target,
     /// The node filter the rules and the package's networks give.
     pub filter: Filter,
 }
@@ -602,8 +606,7 @@ impl Policy {
         &self,
         auth: &Authenticated,
         protocol: Protocol,
-        host: &str,
-        port: u16,
+        target: &Target,
         conn: &mut Option<ConnGuard>,
         now: Now,
     ) -> Result<Admitted, Rejection> {
@@ -628,7 +631,7 @@ impl Policy {
                 ),
             ));
         }
-        let target = self.targets.check_target(host, port)?;
+        self.targets.check_target(target)?;
         // 8: traffic cap.
         if package.usage.over_cap(package.decl.traffic_limit_bytes) {
             return Err(Rejection::new(
@@ -673,8 +676,7 @@ impl Policy {
         Ok(Admitted {
             package: package.clone(),
             rules,
-            target,
-            port,
+            target: target.clone(),
             filter,
         })
     }

@@ -2,14 +2,15 @@
 //! metadata or otherwise non-public addresses, nor to blocked ports, unless the
 //! operator allows a range.
 //!
-//! Hosts are canonicalised the way C resolvers read them (`inet_aton`): `127.1`,
-//! `0177.0.0.1`, `0x7f000001` and `2130706433` are all 127.0.0.1, and IPv6
-//! forms that embed an IPv4 address (mapped, compatible, NAT64, 6to4) are
-//! judged by that address.
+//! Targets arrive canonical ([`splicegate_addr::parse_host`] reads `127.1`,
+//! `0177.0.0.1`, `0x7f000001` and `2130706433` as 127.0.0.1, the way C
+//! resolvers do), and IPv6 forms that embed an IPv4 address (mapped,
+//! compatible, NAT64, 6to4) are judged by that address.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
+use splicegate_addr::{Host, Target};
 
 use crate::catalog::{Code, Rejection};
 
@@ -29,74 +30,6 @@ impl Default for TargetPolicy {
             blocked_ports: vec![25],
         }
     }
-}
-
-/// What a host names, after canonicalisation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CanonicalHost {
-    /// An address literal in any of its spellings.
-    Ip(IpAddr),
-    /// A name to resolve (lowercased, without a trailing dot).
-    Name(String),
-}
-
-/// Read a host as an address literal if any resolver would: dotted IPv4 with
-/// 1–4 parts in decimal, octal or hex, or an IPv6 literal (brackets optional).
-pub fn canonicalize(host: &str) -> CanonicalHost {
-    let h = host.strip_suffix('.').unwrap_or(host);
-    let inner = h
-        .strip_prefix('[')
-        .and_then(|x| x.strip_suffix(']'))
-        .unwrap_or(h);
-    if let Ok(v6) = inner.parse::<Ipv6Addr>() {
-        return CanonicalHost::Ip(IpAddr::V6(v6));
-    }
-    if let Some(v4) = inet_aton(h) {
-        return CanonicalHost::Ip(IpAddr::V4(v4));
-    }
-    CanonicalHost::Name(h.to_ascii_lowercase())
-}
-
-fn parse_part(p: &str) -> Option<u64> {
-    if p.is_empty() {
-        return None;
-    }
-    let (digits, radix) = if let Some(x) = p.strip_prefix("0x").or_else(|| p.strip_prefix("0X")) {
-        (x, 16)
-    } else if p.len() > 1 && p.starts_with('0') {
-        (&p[1..], 8)
-    } else {
-        (p, 10)
-    };
-    if digits.is_empty() {
-        return (radix == 16).then_some(0); // "0x" alone reads as 0 in glibc
-    }
-    if digits.len() > 12 {
-        return None;
-    }
-    u64::from_str_radix(digits, radix).ok()
-}
-
-/// `inet_aton`: a.b.c.d, a.b.c (c 16 bits), a.b (b 24 bits), a (32 bits).
-pub fn inet_aton(s: &str) -> Option<Ipv4Addr> {
-    let parts: Vec<&str> = s.split('.').collect();
-    if parts.is_empty() || parts.len() > 4 {
-        return None;
-    }
-    let nums: Vec<u64> = parts.iter().map(|p| parse_part(p)).collect::<Option<_>>()?;
-    let (last, init) = nums.split_last()?;
-    if init.iter().any(|&n| n > 255) {
-        return None;
-    }
-    let last_bits = 8 * (5 - nums.len()) as u32;
-    if *last >= 1u64 << last_bits {
-        return None;
-    }
-    let mut v: u64 = 0;
-    for (i, n) in init.iter().enumerate() {
-        v |= n << (24 - 8 * i);
-    }
-    Some(Ipv4Addr::from((v | last) as u32))
 }
 
 /// Why an address is not a public destination, if it is not.
@@ -210,14 +143,15 @@ impl TargetPolicy {
         Ok(())
     }
 
-    /// Check a target host and port before any node is asked. Returns the
-    /// canonical host: an address literal the node should use as is, or a name.
-    pub fn check_target(&self, host: &str, port: u16) -> Result<CanonicalHost, Rejection> {
+    /// Check a target before any node is asked: its port, its address when
+    /// it is one, and loopback names (a name's addresses are checked again
+    /// where it is resolved, on a `direct` node).
+    pub fn check_target(&self, target: &Target) -> Result<(), Rejection> {
+        let port = target.port;
         self.check_port(port)?;
-        let canonical = canonicalize(host);
-        match &canonical {
-            CanonicalHost::Ip(ip) => self.check_ip(*ip, port)?,
-            CanonicalHost::Name(name) => {
+        match &target.host {
+            Host::Ip(ip) => self.check_ip(*ip, port)?,
+            Host::Domain(name) => {
                 let loopback_name = name == "localhost" || name.ends_with(".localhost");
                 let loopback_allowed = self
                     .allow
@@ -231,7 +165,7 @@ impl TargetPolicy {
                 }
             }
         }
-        Ok(canonical)
+        Ok(())
     }
 }
 
@@ -239,8 +173,22 @@ impl TargetPolicy {
 mod tests {
     use super::*;
 
+    /// A host as a client would send it: unbracketed IPv6 is read as an
+    /// address too (SOCKS5 carries addresses without brackets).
+    fn target(host: &str, port: u16) -> Target {
+        let h = match host.parse::<IpAddr>() {
+            Ok(ip) => Host::Ip(ip),
+            Err(_) => splicegate_addr::parse_host(host.as_bytes()).expect("host parses"),
+        };
+        Target::new(h, port)
+    }
+
+    fn check(p: &TargetPolicy, host: &str, port: u16) -> Result<(), Rejection> {
+        p.check_target(&target(host, port))
+    }
+
     fn blocked(host: &str) -> bool {
-        TargetPolicy::default().check_target(host, 443).is_err()
+        check(&TargetPolicy::default(), host, 443).is_err()
     }
 
     #[test]
@@ -297,72 +245,38 @@ mod tests {
     #[test]
     fn public_addresses_and_names_pass() {
         let p = TargetPolicy::default();
-        assert_eq!(
-            p.check_target("93.184.216.34", 443).unwrap(),
-            CanonicalHost::Ip("93.184.216.34".parse().unwrap())
-        );
-        assert_eq!(
-            p.check_target("Example.COM.", 80).unwrap(),
-            CanonicalHost::Name("example.com".into())
-        );
-        assert!(p.check_target("[2606:2800:220:1::1]", 443).is_ok());
-        assert!(p.check_target("8.8.8.8", 53).is_ok());
-        // Not inet_aton forms: names.
-        assert_eq!(
-            canonicalize("1.2.3.4.5"),
-            CanonicalHost::Name("1.2.3.4.5".into())
-        );
-        assert_eq!(
-            canonicalize("256.1.1.1"),
-            CanonicalHost::Name("256.1.1.1".into())
-        );
-        assert_eq!(
-            canonicalize("08.1.1.1"),
-            CanonicalHost::Name("08.1.1.1".into()),
-            "8 is not octal"
-        );
+        assert!(check(&p, "93.184.216.34", 443).is_ok());
+        assert!(check(&p, "Example.COM.", 80).is_ok());
+        assert!(check(&p, "[2606:2800:220:1::1]", 443).is_ok());
+        assert!(check(&p, "8.8.8.8", 53).is_ok());
+        // Not inet_aton forms: names, resolved where the node is.
+        assert!(check(&p, "1.2.3.4.5", 443).is_ok());
+        assert!(check(&p, "256.1.1.1", 443).is_ok());
+        assert!(check(&p, "08.1.1.1", 443).is_ok(), "8 is not octal");
     }
 
     #[test]
     fn ports_and_allow_ranges() {
         let p = TargetPolicy::default();
-        let e = p.check_target("93.184.216.34", 25).unwrap_err();
+        let e = check(&p, "93.184.216.34", 25).unwrap_err();
         assert_eq!(e.code, Code::Disallowed);
         assert!(e.detail.contains("port 25"));
-        assert!(p.check_target("93.184.216.34", 0).is_err());
+        assert!(check(&p, "93.184.216.34", 0).is_err());
         let allow = TargetPolicy {
             allow: vec!["127.0.0.0/8".parse().unwrap()],
             blocked_ports: vec![],
         };
-        assert!(allow.check_target("127.0.0.1", 25).is_ok());
-        assert!(allow.check_target("127.1", 8080).is_ok());
+        assert!(check(&allow, "127.0.0.1", 25).is_ok());
+        assert!(check(&allow, "127.1", 8080).is_ok());
         assert!(
-            allow.check_target("[::ffff:127.0.0.1]", 8080).is_ok(),
+            check(&allow, "[::ffff:127.0.0.1]", 8080).is_ok(),
             "mapped forms follow the v4 allow"
         );
-        assert!(allow.check_target("localhost", 8080).is_ok());
-        assert!(allow.check_target("10.0.0.1", 80).is_err());
+        assert!(check(&allow, "localhost", 8080).is_ok());
+        assert!(check(&allow, "10.0.0.1", 80).is_err());
         assert!(
             allow.check_ip("::1".parse().unwrap(), 80).is_err(),
             "v6 loopback needs ::1 allowed"
         );
-    }
-
-    #[test]
-    fn inet_aton_matches_glibc_forms() {
-        assert_eq!(inet_aton("1.2.3.4"), Some(Ipv4Addr::new(1, 2, 3, 4)));
-        assert_eq!(inet_aton("1.2.772"), Some(Ipv4Addr::new(1, 2, 3, 4)));
-        assert_eq!(inet_aton("1.131844"), Some(Ipv4Addr::new(1, 2, 3, 4)));
-        assert_eq!(inet_aton("16909060"), Some(Ipv4Addr::new(1, 2, 3, 4)));
-        assert_eq!(
-            inet_aton("0x1.0x2.0x3.0x4"),
-            Some(Ipv4Addr::new(1, 2, 3, 4))
-        );
-        assert_eq!(inet_aton("01.02.03.04"), Some(Ipv4Addr::new(1, 2, 3, 4)));
-        assert_eq!(inet_aton("1.2.3.256"), None);
-        assert_eq!(inet_aton("1.2.65536"), None);
-        assert_eq!(inet_aton("4294967296"), None);
-        assert_eq!(inet_aton("1..2"), None);
-        assert_eq!(inet_aton("a.b.c.d"), None);
     }
 }

@@ -3,6 +3,12 @@ use crate::geo::Country;
 use crate::nodes::{NodeKind, NodeState};
 use crate::rules::{Feature, Network};
 
+/// A target as a client would send it.
+fn target(host: &str, port: u16) -> splicegate_addr::Target {
+    let h = splicegate_addr::parse_host(host.as_bytes()).expect("host parses");
+    splicegate_addr::Target::new(h, port)
+}
+
 pub(crate) fn node(id: &str, city: &str, ip: &str) -> NodeDecl {
     NodeDecl {
         id: id.into(),
@@ -102,8 +108,14 @@ fn run(
     };
     let auth = p.authenticate(&hello).map_err(|r| r.code)?;
     let mut conn = None;
-    p.admit(&auth, proto, host, 443, &mut conn, Now::from_secs(1))
-        .map_err(|r| r.code)
+    p.admit(
+        &auth,
+        proto,
+        &target(host, 443),
+        &mut conn,
+        Now::from_secs(1),
+    )
+    .map_err(|r| r.code)
 }
 
 #[test]
@@ -394,8 +406,7 @@ fn rate_and_connection_limits() {
         p.admit(
             &auth16,
             Protocol::Https,
-            PUBLIC,
-            443,
+            &target(PUBLIC, 443),
             &mut conn,
             Now::from_secs(5)
         )
@@ -405,8 +416,7 @@ fn rate_and_connection_limits() {
         .admit(
             &auth16,
             Protocol::Https,
-            PUBLIC,
-            443,
+            &target(PUBLIC, 443),
             &mut conn,
             Now::from_secs(5),
         )
@@ -416,8 +426,7 @@ fn rate_and_connection_limits() {
         p.admit(
             &auth16,
             Protocol::Https,
-            PUBLIC,
-            443,
+            &target(PUBLIC, 443),
             &mut conn,
             Now::from_secs(6)
         )
@@ -440,8 +449,7 @@ fn rate_and_connection_limits() {
         p.admit(
             &auth17,
             Protocol::Https,
-            PUBLIC,
-            443,
+            &target(PUBLIC, 443),
             &mut c1,
             Now::from_secs(5)
         )
@@ -451,8 +459,7 @@ fn rate_and_connection_limits() {
         p.admit(
             &auth17,
             Protocol::Https,
-            PUBLIC,
-            443,
+            &target(PUBLIC, 443),
             &mut c1,
             Now::from_secs(5)
         )
@@ -463,8 +470,7 @@ fn rate_and_connection_limits() {
         .admit(
             &auth17,
             Protocol::Https,
-            PUBLIC,
-            443,
+            &target(PUBLIC, 443),
             &mut c2,
             Now::from_secs(5),
         )
@@ -476,8 +482,7 @@ fn rate_and_connection_limits() {
         p.admit(
             &auth17,
             Protocol::Https,
-            PUBLIC,
-            443,
+            &target(PUBLIC, 443),
             &mut c2,
             Now::from_secs(5)
         )

@@ -24,8 +24,8 @@
 //! SOCKS5 replies lives in the control plane's catalogue, not here.
 #![forbid(unsafe_code)]
 
-mod host;
 pub mod http;
+pub mod node;
 pub mod socks5;
 
-pub use host::{Host, InvalidHost, parse_host};
+pub use splicegate_addr::{Host, InvalidHost, Target, parse_host};

@@ -20,7 +20,7 @@ pub use auth::{AuthError, MAX_CREDENTIAL_LEN, MAX_USERNAME_LEN, decode_basic, en
 pub use body::{
     BodyError, BodyTracker, MAX_CHUNK_EXT_BYTES, MAX_CHUNK_SIZE_DIGITS, MAX_TRAILER_BYTES,
 };
-pub use request::{Request, Target, parse_request, write_forward_head};
+pub use request::{Request, RequestTarget, parse_request, write_forward_head};
 pub use response::{Response, parse_response, write_response_head};
 pub use upstream::{ConnectResponse, parse_connect_response, write_connect_request};
 

@@ -6,41 +6,28 @@ use super::{
     list_items, map_httparse, own_headers, parse_content_length, write_end_to_end_headers,
     write_header,
 };
-use crate::host::{Host, parse_host, parse_port};
+use splicegate_addr::{Host, Target, parse_host, parse_port};
 
-/// Where a request goes.
+/// Where a request goes, in the form the request line gave it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// `CONNECT host:port`: open a tunnel.
-    Authority {
-        /// Target host.
-        host: Host,
-        /// Target port; always present in authority-form.
-        port: u16,
-    },
-    /// `http://host[:port]/path?query`: forward the request.
+pub enum RequestTarget {
+    /// `CONNECT host:port`: open a tunnel (the port is always present).
+    Authority(Target),
+    /// `http://host[:port]/path?query`: forward the request (port 80 when the
+    /// URI has none).
     Absolute {
-        /// Target host.
-        host: Host,
-        /// Target port, 80 when the URI has none.
-        port: u16,
+        /// Host and port.
+        target: Target,
         /// Path and query as sent (never decoded), `/` when the URI has none.
         path_and_query: String,
     },
 }
 
-impl Target {
-    /// The target host.
-    pub fn host(&self) -> &Host {
+impl RequestTarget {
+    /// The host and port, canonical.
+    pub fn target(&self) -> &Target {
         match self {
-            Target::Authority { host, .. } | Target::Absolute { host, .. } => host,
-        }
-    }
-
-    /// The target port.
-    pub fn port(&self) -> u16 {
-        match self {
-            Target::Authority { port, .. } | Target::Absolute { port, .. } => *port,
+            RequestTarget::Authority(target) | RequestTarget::Absolute { target, .. } => target,
         }
     }
 }
@@ -53,7 +40,7 @@ pub struct Request {
     /// HTTP/1.0 or HTTP/1.1.
     pub version: Version,
     /// Parsed request-target.
-    pub target: Target,
+    pub target: RequestTarget,
     /// Bytes of the buffer taken by the head; what follows is body or the next
     /// request (or, after `CONNECT`, tunnel payload).
     pub head_len: usize,
@@ -183,7 +170,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Request>, Htt
         ));
     }
     let host = match host {
-        Some(value) => Some(check_host_header(value, &target)?),
+        Some(value) => Some(check_host_header(value, target.target())?),
         None => None,
     };
     let body = match (chunked, content_length) {
@@ -210,7 +197,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Request>, Htt
 fn check_host_header(value: &[u8], target: &Target) -> Result<String, HttpError> {
     let (host, port) =
         parse_authority(value, false).map_err(|_| HttpError::Malformed("invalid Host header"))?;
-    if &host != target.host() || port.is_some_and(|p| p != target.port()) {
+    if host != target.host || port.is_some_and(|p| p != target.port) {
         return Err(HttpError::Malformed(
             "Host header does not match the request target",
         ));
@@ -219,7 +206,7 @@ fn check_host_header(value: &[u8], target: &Target) -> Result<String, HttpError>
     Ok(String::from_utf8_lossy(value).into_owned())
 }
 
-fn parse_target(method: &Method, raw: &[u8]) -> Result<Target, HttpError> {
+fn parse_target(method: &Method, raw: &[u8]) -> Result<RequestTarget, HttpError> {
     if raw.contains(&b'#') {
         return Err(HttpError::Malformed("fragment in request target"));
     }
@@ -231,7 +218,7 @@ fn parse_target(method: &Method, raw: &[u8]) -> Result<Target, HttpError> {
         }
         let (host, port) = parse_authority(raw, true)?;
         let port = port.ok_or(HttpError::Malformed("CONNECT authority needs a port"))?;
-        return Ok(Target::Authority { host, port });
+        return Ok(RequestTarget::Authority(Target::new(host, port)));
     }
     if raw.starts_with(b"/") || raw == b"*" {
         return Err(HttpError::Malformed(
@@ -266,9 +253,8 @@ fn parse_target(method: &Method, raw: &[u8]) -> Result<Target, HttpError> {
         Some(b'?') => format!("/{tail}"),
         Some(_) => tail.into_owned(),
     };
-    Ok(Target::Absolute {
-        host,
-        port: port.unwrap_or(80),
+    Ok(RequestTarget::Absolute {
+        target: Target::new(host, port.unwrap_or(80)),
         path_and_query,
     })
 }
@@ -322,20 +308,19 @@ pub fn write_forward_head(req: &Request, out: &mut Vec<u8>) {
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
     let authority = match &req.target {
-        Target::Absolute {
-            host,
-            port,
+        RequestTarget::Absolute {
+            target,
             path_and_query,
         } => {
             out.extend_from_slice(path_and_query.as_bytes());
-            if *port == 80 {
-                host.to_string()
+            if target.port == 80 {
+                target.host.to_string()
             } else {
-                format!("{host}:{port}")
+                target.to_string()
             }
         }
-        Target::Authority { host, port } => {
-            let authority = format!("{host}:{port}");
+        RequestTarget::Authority(target) => {
+            let authority = target.to_string();
             out.extend_from_slice(authority.as_bytes());
             authority
         }

@@ -9,7 +9,7 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::Host;
+use crate::{Host, Target};
 
 const AUTH: &str = "Proxy-Authorization: Basic cGFja2FnZS0xMjMtY291bnRyeS11czpzM2NyM3Qta2V5\r\n";
 
@@ -144,7 +144,7 @@ fn request_size_limits() {
     );
     let req = ok(line.as_bytes());
     assert!(
-        matches!(&req.target, Target::Absolute { path_and_query, .. } if path_and_query.len() == 7951)
+        matches!(&req.target, RequestTarget::Absolute { path_and_query, .. } if path_and_query.len() == 7951)
     );
     // H-03/H-04: the whole head over 16 KiB, complete or not.
     let big = format!(
@@ -185,10 +185,7 @@ fn connect_request_facts() {
     assert_eq!(req.head_len, head.len());
     assert_eq!(
         req.target,
-        Target::Authority {
-            host: Host::Domain("example.com".into()),
-            port: 443
-        }
+        RequestTarget::Authority(Target::new(Host::Domain("example.com".into()), 443))
     );
     assert_eq!(req.body, BodyFraming::None);
     assert!(req.keep_alive);
@@ -207,9 +204,8 @@ fn connect_request_facts() {
 #[test]
 fn request_targets_accepted() {
     let target = |line: &str| ok(format!("{line} HTTP/1.1\r\n\r\n").as_bytes()).target;
-    let abs = |host: Host, port, path: &str| Target::Absolute {
-        host,
-        port,
+    let abs = |host: Host, port, path: &str| RequestTarget::Absolute {
+        target: Target::new(host, port),
         path_and_query: path.into(),
     };
     let dom = |s: &str| Host::Domain(s.into());
@@ -228,39 +224,28 @@ fn request_targets_accepted() {
     );
     assert_eq!(
         target("CONNECT [2606:4700:4700::1111]:443"),
-        Target::Authority {
-            host: Host::Ip("2606:4700:4700::1111".parse().unwrap()),
-            port: 443
-        }
+        RequestTarget::Authority(Target::new(
+            Host::Ip("2606:4700:4700::1111".parse().unwrap()),
+            443
+        ))
     );
     assert_eq!(
         target("CONNECT 127.0.0.1:443"),
-        Target::Authority {
-            host: Host::Ip("127.0.0.1".parse().unwrap()),
-            port: 443
-        }
+        RequestTarget::Authority(Target::new(Host::Ip("127.0.0.1".parse().unwrap()), 443))
     );
-    // C-12: numeric-looking names pass syntax and stay names for the policy.
+    // C-12: numeric-looking names are read as resolvers read them
+    // (inet_aton), so the policy judges the address they mean.
     assert_eq!(
         target("CONNECT 127.1:80"),
-        Target::Authority {
-            host: dom("127.1"),
-            port: 80
-        }
+        RequestTarget::Authority(Target::new(Host::Ip("127.0.0.1".parse().unwrap()), 80))
     );
     assert_eq!(
         target("CONNECT 0x7f.1:80"),
-        Target::Authority {
-            host: dom("0x7f.1"),
-            port: 80
-        }
+        RequestTarget::Authority(Target::new(Host::Ip("127.0.0.1".parse().unwrap()), 80))
     );
     assert_eq!(
         target("CONNECT 0177.0.0.1:80"),
-        Target::Authority {
-            host: dom("0177.0.0.1"),
-            port: 80
-        }
+        RequestTarget::Authority(Target::new(Host::Ip("127.0.0.1".parse().unwrap()), 80))
     );
 }
 

@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 
 use super::{Socks5Error, USERPASS_VERSION, VERSION, address_end, atyp, method};
-use crate::host::Host;
+use splicegate_addr::Host;
 
 /// Writes the greeting offering exactly one method: username/password when
 /// the node has credentials, else no authentication.

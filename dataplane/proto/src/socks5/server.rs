@@ -7,7 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::{Socks5Error, USERPASS_VERSION, VERSION, address_end, atyp};
-use crate::host::{Host, parse_host};
+use splicegate_addr::{Host, Target, parse_host};
 
 /// The client's greeting: the methods it offers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,12 +66,11 @@ impl From<u8> for Command {
 pub struct Request {
     /// The command; only [`Command::Connect`] is served.
     pub command: Command,
-    /// Destination: IPv4, IPv6, or a domain checked with
-    /// [`crate::parse_host`] (so an IP literal sent as a domain becomes
-    /// [`Host::Ip`] and meets the same egress policy).
-    pub host: Host,
-    /// Destination port as sent (0 included; policy decides).
-    pub port: u16,
+    /// Destination: IPv4, IPv6, or a domain read by [`crate::parse_host`]
+    /// (so an IP literal sent as a domain, in any spelling, becomes
+    /// [`Host::Ip`] and meets the same egress policy). The port is as sent
+    /// (0 included; the policy decides).
+    pub target: Target,
     /// Bytes consumed from the buffer; what follows is tunnel payload.
     pub consumed: usize,
 }
@@ -168,8 +167,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, Socks5Error> {
     let port = u16::from_be_bytes([buf[end - 2], buf[end - 1]]);
     Ok(Some(Request {
         command,
-        host,
-        port,
+        target: Target::new(host, port),
         consumed: end,
     }))
 }

@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use super::client::*;
 use super::server::*;
 use super::{Socks5Error, method, reply};
-use crate::Host;
+use crate::{Host, Target};
 
 #[test]
 fn greeting_table() {
@@ -109,8 +109,7 @@ fn request_table() {
     let req = |command, host: Host, port, consumed| {
         Ok(Some(Request {
             command,
-            host,
-            port,
+            target: Target::new(host, port),
             consumed,
         }))
     };
@@ -292,7 +291,7 @@ fn client_messages() {
     out.clear();
     write_connect(&Host::Domain("example.com".into()), 443, &mut out).unwrap();
     assert_eq!(
-        parse_request(&out).unwrap().unwrap().host,
+        parse_request(&out).unwrap().unwrap().target.host,
         Host::Domain("example.com".into())
     );
 }
