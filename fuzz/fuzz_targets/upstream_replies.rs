@@ -1,16 +1,48 @@
 //! What upstream nodes and origins send back: the HTTP `CONNECT` answer, a
-//! response head (its request method chosen by the first byte), and the
-//! SOCKS5 client-side replies. Split invariant and lengths within the input;
-//! a parsed response head is rewritten for the client without panicking.
+//! response head (its request method chosen by the first byte), the SOCKS5
+//! client-side replies, and the node handshake machines fed those bytes
+//! whole and one byte at a time. Split invariant and lengths within the
+//! input; a parsed response head is rewritten for the client without
+//! panicking; a handshake reaches the same outcome however the bytes arrive.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use splicegate_proto::http::{
     Limits, Method, parse_connect_response, parse_response, write_response_head,
 };
+use splicegate_proto::node::{Event, Handshake, Outcome};
 use splicegate_proto::socks5::client;
+use splicegate_proto::{Host, Target};
 
 mod common;
+
+/// Feed a handshake `chunks`, as a driver would; the outcome and the bytes
+/// left for the tunnel.
+fn drive(mut hs: Handshake, chunks: &[&[u8]]) -> Option<(Outcome, Vec<u8>)> {
+    let mut input = Vec::new();
+    let mut chunks = chunks.iter();
+    loop {
+        let mut out = Vec::new();
+        hs.poll_transmit(&mut out);
+        let event = loop {
+            if let Some(e) = hs.handle_input(&input) {
+                break e;
+            }
+            input.extend_from_slice(chunks.next()?);
+        };
+        match event {
+            Event::Continue { consumed } => {
+                assert!(consumed <= input.len());
+                input.drain(..consumed);
+            }
+            Event::Done { outcome, consumed } => {
+                assert!(consumed <= input.len());
+                input.drain(..consumed);
+                return Some((outcome, input));
+            }
+        }
+    }
+}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else {
@@ -55,4 +87,17 @@ fuzz_target!(|data: &[u8]| {
     {
         assert!(n <= rest.len());
     }
+
+    let target = Target::new(Host::Domain("example.com".into()), 443);
+    let creds = (selector & 4 != 0).then_some(("user", "pass"));
+    let make = || {
+        if selector & 8 != 0 {
+            Handshake::socks5(&target, creds)
+        } else {
+            Handshake::http(&target, creds)
+        }
+    };
+    let whole = drive(make(), &[rest]);
+    let bytes: Vec<&[u8]> = rest.chunks(1).collect();
+    assert_eq!(whole, drive(make(), &bytes));
 });
