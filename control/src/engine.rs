@@ -8,10 +8,10 @@ use arc_swap::ArcSwap;
 
 use crate::Now;
 use crate::catalog::{Code, Rejection};
-use crate::errors::RecentErrors;
 use crate::geo::GeoCatalog;
 use crate::nodes::{Filter, NodeIdx, NodePool, Rng};
 use crate::policy::{Admitted, Policy, filter_for};
+use crate::recent::RecentErrors;
 use crate::rules::{self, OnError, Rules};
 use crate::session::{Attempts, NodePicker, SessionKey, SessionTable, Step};
 
@@ -54,9 +54,13 @@ impl NodePicker for PoolPicker<'_> {
     }
 }
 
-/// Where a request goes, and what happens when its node fails.
+/// Where a request goes, and what happens when its node fails. A route owns
+/// the policy snapshot it was made on, so its node indices stay valid
+/// whatever is published meanwhile.
 #[derive(Debug, Clone)]
 pub struct Route {
+    /// The snapshot the route was made on.
+    pub policy: Arc<Policy>,
     /// The session, if the rules name one.
     pub session: Option<SessionKey>,
     /// The onerror machine.
@@ -119,7 +123,7 @@ impl Engine {
         policy: &Policy,
         unix_ms: u64,
         package: Option<u64>,
-        protocol: &'static str,
+        protocol: crate::policy::Protocol,
         rej: &Rejection,
     ) {
         if let Some(p) = package.and_then(|id| policy.packages.get(&id)) {
@@ -131,7 +135,7 @@ impl Engine {
     /// Checks 10–11: the session (mismatch, rotation) and the first node.
     pub fn route(
         &self,
-        policy: &Policy,
+        policy: &Arc<Policy>,
         adm: &Admitted,
         now: Now,
         rng: &mut Rng,
@@ -162,6 +166,7 @@ impl Engine {
         };
         adm.package.usage.count_request();
         Ok(Route {
+            policy: policy.clone(),
             session,
             attempts: Attempts::new(first, rules),
             first,
@@ -173,30 +178,25 @@ impl Engine {
 
     /// The first step of a route: dial its node, or (its session's node went
     /// offline) go straight to the onerror decision.
-    pub fn first_step(&self, policy: &Policy, route: &mut Route, rng: &mut Rng) -> Step {
+    pub fn first_step(&self, route: &mut Route, rng: &mut Rng) -> Step {
         if route.node_down {
             route.node_down = false;
-            return self.after_failure_inner(policy, route, rng, false);
+            return Self::after_failure_inner(route, rng, false);
         }
         Step::Dial(route.node())
     }
 
     /// The route's current node failed before the tunnel was established:
     /// retry, replace, or answer (per `onerror`).
-    pub fn after_failure(&self, policy: &Policy, route: &mut Route, rng: &mut Rng) -> Step {
-        let node = policy.nodes.node(route.node());
+    pub fn after_failure(&self, route: &mut Route, rng: &mut Rng) -> Step {
+        let node = route.policy.nodes.node(route.node());
         node.runtime.record_failure();
         let usable = node.serves_sessions();
-        self.after_failure_inner(policy, route, rng, usable)
+        Self::after_failure_inner(route, rng, usable)
     }
 
-    fn after_failure_inner(
-        &self,
-        policy: &Policy,
-        route: &mut Route,
-        rng: &mut Rng,
-        usable: bool,
-    ) -> Step {
+    fn after_failure_inner(route: &mut Route, rng: &mut Rng, usable: bool) -> Step {
+        let policy = route.policy.clone();
         let current = route.node();
         let name = policy.nodes.node(current).id.clone();
         let (filter, lookalike) = (route.filter, route.lookalike);
@@ -214,9 +214,9 @@ impl Engine {
 
     /// The tunnel is established on the route's current node: a session that
     /// moved to a replacement stays there.
-    pub fn established(&self, policy: &Policy, route: &Route, now: Now) {
+    pub fn established(&self, route: &Route, now: Now) {
         let node = route.node();
-        policy.nodes.node(node).runtime.record_success();
+        route.policy.nodes.node(node).runtime.record_success();
         if let Some(key) = route.session
             && node != route.first
         {

@@ -10,13 +10,13 @@
 
 pub mod catalog;
 pub mod engine;
-pub mod errors;
 pub mod geo;
 pub mod guard;
 pub mod ledger;
 pub mod limits;
 pub mod nodes;
 pub mod policy;
+pub mod recent;
 pub mod rules;
 pub mod safety;
 pub mod session;

@@ -1,10 +1,12 @@
-//! Recent errors, per package and overall, for the admin API: small bounded
-//! rings written only when a request fails (never on the success path).
+//! The recent-errors rings, per package and overall, for the admin API:
+//! small bounded rings written only when a request fails (never on the
+//! success path). The error codes themselves are in [`crate::catalog`].
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use crate::catalog::{Code, Rejection};
+use crate::policy::Protocol;
 
 /// One answered error.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,8 +15,8 @@ pub struct ErrorRecord {
     pub unix_ms: u64,
     /// The package, when known.
     pub package: Option<u64>,
-    /// `http`, `https` or `socks5`.
-    pub protocol: &'static str,
+    /// The front end's protocol.
+    pub protocol: Protocol,
     /// The code.
     pub code: Code,
     /// The detail.
@@ -38,13 +40,7 @@ impl RecentErrors {
     }
 
     /// Record an error.
-    pub fn push(
-        &self,
-        unix_ms: u64,
-        package: Option<u64>,
-        protocol: &'static str,
-        rej: &Rejection,
-    ) {
+    pub fn push(&self, unix_ms: u64, package: Option<u64>, protocol: Protocol, rej: &Rejection) {
         let mut r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         if r.len() == self.cap {
             r.pop_front();
@@ -81,7 +77,7 @@ mod tests {
             r.push(
                 i,
                 Some(7),
-                "https",
+                Protocol::Https,
                 &Rejection::new(Code::NodeNotFound, format!("e{i}")),
             );
         }

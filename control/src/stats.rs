@@ -6,8 +6,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Protocol labels, in the order of [`WorkerStats::answers`].
-pub const PROTOCOLS: [&str; 3] = ["http", "https", "socks5"];
+use crate::policy::Protocol;
+
 /// Index of successful answers in [`WorkerStats::answers`] (after every code).
 pub const OK: usize = crate::Code::ALL.len();
 
@@ -49,8 +49,8 @@ pub struct WorkerStats {
     pub open_connections: AtomicU64,
     /// Tunnels (CONNECT, SOCKS5) open now.
     pub open_tunnels: AtomicU64,
-    /// Answers by protocol ([`PROTOCOLS`]) and code ([`crate::Code::index`], or [`OK`]).
-    pub answers: [[AtomicU64; OK + 1]; 3],
+    /// Answers by protocol ([`Protocol::index`]) and code ([`crate::Code::index`], or [`OK`]).
+    pub answers: [[AtomicU64; OK + 1]; Protocol::ALL.len()],
     /// Bytes relayed client → target.
     pub bytes_up: AtomicU64,
     /// Bytes relayed target → client.
@@ -81,10 +81,9 @@ impl WorkerStats {
         c.fetch_sub(1, Ordering::Relaxed);
     }
     /// Count an answer (`None` = success).
-    pub fn answer(&self, protocol: &str, code: Option<crate::Code>) {
-        let p = PROTOCOLS.iter().position(|x| *x == protocol).unwrap_or(0);
+    pub fn answer(&self, protocol: Protocol, code: Option<crate::Code>) {
         let c = code.map_or(OK, |c| c.index());
-        self.answers[p][c].fetch_add(1, Ordering::Relaxed);
+        self.answers[protocol.index()][c].fetch_add(1, Ordering::Relaxed);
     }
     /// Count relayed bytes.
     pub fn bytes(&self, up: u64, down: u64) {

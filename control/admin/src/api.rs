@@ -20,11 +20,11 @@ use axum::routing::{delete, get, post};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use splicegate_control::errors::ErrorRecord;
 use splicegate_control::geo::{Country, GeoKind};
 use splicegate_control::limits::credits_to_micro;
 use splicegate_control::nodes::NodeIdx;
 use splicegate_control::policy::{Org, Package, Policy};
+use splicegate_control::recent::ErrorRecord;
 use splicegate_control::rules::{CountryRule, NetworkRule, OnError, Rotate, Rules, SessionId};
 use splicegate_control::session::{SessionInfo, SessionKey};
 use subtle::ConstantTimeEq;
@@ -430,7 +430,7 @@ fn errors_json(records: &[ErrorRecord], limit: usize) -> Value {
                     "time": rfc3339(e.unix_ms),
                     "unix_ms": e.unix_ms,
                     "package": e.package,
-                    "protocol": e.protocol,
+                    "protocol": e.protocol.as_str(),
                     "code": e.code.as_str(),
                     "status": e.code.status(),
                     "detail": e.detail,

@@ -17,7 +17,8 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use splicegate_control::Code;
 use splicegate_control::nodes::NodeState;
-use splicegate_control::stats::{OK, PROTOCOLS, SETUP_BUCKETS_US, WorkerStats};
+use splicegate_control::policy::Protocol;
+use splicegate_control::stats::{OK, SETUP_BUCKETS_US, WorkerStats};
 
 use crate::control::Control;
 use crate::health::HealthStats;
@@ -136,12 +137,12 @@ impl Collector for Live {
 
         // Answers by protocol and code.
         let codes: Vec<&str> = Code::ALL.iter().map(|c| c.as_str()).chain(["OK"]).collect();
-        let mut labels: Vec<[(&str, &str); 2]> = Vec::with_capacity(PROTOCOLS.len() * (OK + 1));
+        let mut labels: Vec<[(&str, &str); 2]> = Vec::with_capacity(Protocol::ALL.len() * (OK + 1));
         let mut values = Vec::with_capacity(labels.capacity());
-        for (p, proto) in PROTOCOLS.iter().enumerate() {
+        for proto in Protocol::ALL {
             for (c, code) in codes.iter().enumerate() {
-                labels.push([("protocol", proto), ("code", code)]);
-                values.push(sum(w, |s| rd(&s.answers[p][c])));
+                labels.push([("protocol", proto.as_str()), ("code", code)]);
+                values.push(sum(w, |s| rd(&s.answers[proto.index()][c])));
             }
         }
         let series: Vec<(&[(&str, &str)], u64)> = labels

@@ -2,6 +2,12 @@ use super::*;
 use crate::policy::tests::{decls, node};
 use crate::policy::{Credentials, Hello, Protocol};
 
+/// A target as a client would send it.
+fn target(host: &str, port: u16) -> splicegate_addr::Target {
+    let h = splicegate_addr::parse_host(host.as_bytes()).expect("host parses");
+    splicegate_addr::Target::new(h, port)
+}
+
 fn engine() -> Engine {
     Engine::new(Policy::build(&decls(), None).unwrap(), 10_000)
 }
@@ -20,8 +26,7 @@ fn admitted(e: &Engine, username: &str) -> Admitted {
     p.admit(
         &auth,
         Protocol::Https,
-        "93.184.216.34",
-        443,
+        &target("93.184.216.34", 443),
         &mut None,
         Now::from_secs(1),
     )
@@ -66,11 +71,11 @@ fn a_failed_session_node_is_replaced_and_the_session_follows() {
     let adm = admitted(&e, "package-7-country-us-city-new_york-session-s2");
     let mut route = e.route(&p, &adm, Now::from_secs(1), &mut rng).unwrap();
     let first = route.node();
-    let Step::Dial(next) = e.after_failure(&p, &mut route, &mut rng) else {
+    let Step::Dial(next) = e.after_failure(&mut route, &mut rng) else {
         panic!()
     };
     assert_ne!(next, first);
-    e.established(&p, &route, Now::from_secs(1));
+    e.established(&route, Now::from_secs(1));
     assert_eq!(
         e.route(&p, &adm, Now::from_secs(2), &mut rng)
             .unwrap()
@@ -79,8 +84,8 @@ fn a_failed_session_node_is_replaced_and_the_session_follows() {
     );
     // Both new_york nodes failing: no third matches, so NODE_NOT_FOUND names it.
     let mut route = e.route(&p, &adm, Now::from_secs(3), &mut rng).unwrap();
-    let _ = e.after_failure(&p, &mut route, &mut rng);
-    match e.after_failure(&p, &mut route, &mut rng) {
+    let _ = e.after_failure(&mut route, &mut rng);
+    match e.after_failure(&mut route, &mut rng) {
         Step::Fail(r) => {
             assert_eq!(r.code, Code::NodeNotFound);
             assert!(r.detail.contains("failed"), "{}", r.detail);
@@ -99,7 +104,7 @@ fn an_offline_bound_node_fails_without_a_dial() {
     p.nodes
         .set_admin_state(route.node(), crate::nodes::NodeState::Offline);
     let mut route = e.route(&p, &adm, Now::from_secs(2), &mut rng).unwrap();
-    match e.first_step(&p, &mut route, &mut rng) {
+    match e.first_step(&mut route, &mut rng) {
         Step::Fail(r) => assert_eq!(r.code, Code::BoundNodeFailed),
         s => panic!("{s:?}"),
     }
@@ -109,10 +114,7 @@ fn an_offline_bound_node_fails_without_a_dial() {
     p.nodes
         .set_admin_state(route.node(), crate::nodes::NodeState::Draining);
     let mut again = e.route(&p, &adm, Now::from_secs(2), &mut rng).unwrap();
-    assert_eq!(
-        e.first_step(&p, &mut again, &mut rng),
-        Step::Dial(route.node())
-    );
+    assert_eq!(e.first_step(&mut again, &mut rng), Step::Dial(route.node()));
 }
 
 #[test]

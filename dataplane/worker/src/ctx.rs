@@ -7,11 +7,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use splicegate_addr::Target;
 use splicegate_control::catalog::Rejection;
 use splicegate_control::nodes::Rng;
-use splicegate_control::policy::Policy;
+use splicegate_control::policy::Protocol;
 use splicegate_uring::PipePool;
 
+use crate::admission::Refusal;
 use crate::resolve::DnsCache;
 use crate::tunnels::Tunnels;
 use crate::{Shared, WorkerStats, clock};
@@ -31,8 +33,8 @@ pub(crate) struct Ctx {
 pub(crate) struct Outcome<'a> {
     pub peer: SocketAddr,
     pub package: Option<u64>,
-    pub protocol: &'static str,
-    pub target: Option<(&'a str, u16)>,
+    pub protocol: Protocol,
+    pub target: Option<&'a Target>,
     pub node: Option<&'a str>,
     /// `None` for success.
     pub error: Option<&'a Rejection>,
@@ -43,18 +45,14 @@ pub(crate) struct Outcome<'a> {
 }
 
 impl Ctx {
-    /// Record an answered error (recent-errors rings, counters, access log).
-    pub fn record(
-        &self,
-        policy: &Policy,
-        peer: SocketAddr,
-        package: Option<u64>,
-        protocol: &'static str,
-        rej: &Rejection,
-    ) {
+    /// Record an answered refusal (recent-errors rings, counters, bans for
+    /// repeated `AUTH_FAILED`, access log).
+    pub fn record(&self, peer: SocketAddr, protocol: Protocol, refusal: &Refusal) {
+        let (package, rej) = (refusal.package, &refusal.rejection);
+        let policy = self.shared.engine.policy();
         self.shared
             .engine
-            .record_error(policy, clock::unix_ms(), package, protocol, rej);
+            .record_error(&policy, clock::unix_ms(), package, protocol, rej);
         if rej.code == splicegate_control::Code::AuthFailed {
             let banned = self.shared.guard.on_auth_failure(peer.ip(), clock::now());
             if let Some(ban) = banned {
@@ -64,7 +62,7 @@ impl Ctx {
                 }
             }
         }
-        tracing::debug!(client = %peer, package, protocol, code = rej.code.as_str(), detail = %rej.detail, "request refused");
+        tracing::debug!(client = %peer, package, protocol = protocol.as_str(), code = rej.code.as_str(), detail = %rej.detail, "request refused");
         self.log(&Outcome {
             peer,
             package,
@@ -87,8 +85,8 @@ impl Ctx {
                 "ts": clock::unix_ms(),
                 "client": o.peer.to_string(),
                 "package": o.package,
-                "protocol": o.protocol,
-                "target": o.target.map(|(h, p)| if h.contains(':') { format!("[{h}]:{p}") } else { format!("{h}:{p}") }),
+                "protocol": o.protocol.as_str(),
+                "target": o.target.map(|t| t.to_string()),
                 "node": o.node,
                 "code": o.error.map_or("OK", |r| r.code.as_str()),
                 "detail": o.error.map(|r| r.detail.as_str()),

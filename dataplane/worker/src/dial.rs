@@ -6,22 +6,19 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
+use splicegate_addr::{Host, Target};
 use splicegate_control::Code;
 use splicegate_control::catalog::Rejection;
-use splicegate_control::engine::Route;
 use splicegate_control::nodes::{Node, NodeKind};
-use splicegate_control::policy::{Admitted, Policy};
-use splicegate_control::safety::CanonicalHost;
-use splicegate_control::session::Step;
-use splicegate_proto::Host;
-use splicegate_proto::http::{parse_connect_response, write_connect_request};
-use splicegate_proto::socks5::{client, method, reply};
+use splicegate_control::policy::Policy;
+use splicegate_proto::node::{Event, Handshake, MAX_ANSWER_HEAD, Outcome, Phase};
 use splicegate_uring::{TcpStream, timeout_at};
 
 use crate::ctx::Ctx;
 use crate::io::{ReadError, read_message};
 
 /// A connection to the target through a node.
+#[derive(Debug)]
 pub(crate) struct Upstream {
     pub stream: TcpStream,
     /// Bytes the node sent after its answer (they belong to the client).
@@ -59,40 +56,23 @@ fn gateway_timeout(detail: String) -> DialFailure {
     DialFailure::Answer(Rejection::new(Code::GatewayTimeout, detail))
 }
 
-fn host_text(target: &CanonicalHost) -> String {
-    match target {
-        CanonicalHost::Ip(ip) => ip.to_string(),
-        CanonicalHost::Name(n) => n.clone(),
-    }
-}
-
-/// Dial the route's nodes until one establishes, or the `onerror` machine
-/// gives the answer.
-pub(crate) async fn connect_route(
-    ctx: &Ctx,
-    policy: &Policy,
-    adm: &Admitted,
-    route: &mut Route,
-) -> Result<(Upstream, std::sync::Arc<Node>), Rejection> {
-    let engine = &ctx.shared.engine;
-    let mut step = engine.first_step(policy, route, &mut ctx.rng.borrow_mut());
-    loop {
-        let idx = match step {
-            Step::Fail(rej) => return Err(rej),
-            Step::Dial(idx) => idx,
-        };
-        let node = policy.nodes.node(idx).clone();
-        match dial(ctx, policy, &node, &adm.target, adm.port).await {
-            Ok(up) => {
-                engine.established(policy, route, crate::clock::now());
-                return Ok((up, node));
-            }
-            Err(DialFailure::Answer(rej)) => return Err(rej),
-            Err(DialFailure::Node(why)) => {
-                tracing::info!(node = %node.id, reason = %why, "node failure");
-                step = engine.after_failure(policy, route, &mut ctx.rng.borrow_mut());
-            }
-        }
+/// What a node's answer (SPEC's node table, read by the handshake machine)
+/// means for the client: the one place node outcomes become codes.
+fn judge(node: &Node, outcome: Outcome, target_ms: u128) -> Result<(), DialFailure> {
+    match outcome {
+        Outcome::Established => Ok(()),
+        Outcome::TargetRefused(answer) => Err(target_unreachable(format!(
+            "the target refused or does not exist (node {} {answer})",
+            node.id
+        ))),
+        Outcome::TargetTimeout(Some(answer)) => Err(gateway_timeout(format!(
+            "the target did not answer in time (node {} {answer})",
+            node.id
+        ))),
+        Outcome::TargetTimeout(None) => Err(gateway_timeout(format!(
+            "the target did not answer within {target_ms} ms"
+        ))),
+        Outcome::NodeFault(why) => Err(DialFailure::Node(why)),
     }
 }
 
@@ -101,161 +81,67 @@ pub(crate) async fn dial(
     ctx: &Ctx,
     policy: &Policy,
     node: &Node,
-    target: &CanonicalHost,
-    port: u16,
+    target: &Target,
 ) -> Result<Upstream, DialFailure> {
     let s = &ctx.shared.settings;
-    match node.kind {
-        NodeKind::Direct => dial_direct(ctx, policy, node, target, port).await,
-        NodeKind::Http => {
-            let stream = connect_node(node, Instant::now() + s.node_connect).await?;
-            let mut out = Vec::with_capacity(256);
-            let creds = node.credentials.as_ref().map(|(u, p)| (&**u, &**p));
-            write_connect_request(&host_text(target), port, creds, &mut out);
-            timeout_at(Instant::now() + s.node_connect, stream.write_all(&out))
-                .await
-                .map_err(|_| DialFailure::Node("timed out sending CONNECT".into()))?
-                .map_err(|e| DialFailure::Node(format!("sending CONNECT: {e}")))?;
-            let mut buf = Vec::with_capacity(1024);
-            let answer = read_message(
-                &stream,
-                &mut buf,
-                Instant::now() + s.target,
-                Some(16 * 1024),
-                parse_connect_response,
-            )
-            .await;
-            let resp = match answer {
-                Ok(r) => r,
-                Err(ReadError::Timeout { .. }) => {
-                    return Err(gateway_timeout(format!(
-                        "the target did not answer within {} ms",
-                        s.target.as_millis()
-                    )));
-                }
-                Err(ReadError::Closed { .. }) => {
-                    return Err(DialFailure::Node("closed before answering CONNECT".into()));
-                }
-                Err(ReadError::Io(e)) => {
-                    return Err(DialFailure::Node(format!("reading its answer: {e}")));
-                }
-                Err(ReadError::Parse(e)) => {
-                    return Err(DialFailure::Node(format!("malformed answer: {e}")));
-                }
-            };
-            match resp.status {
-                200..=299 => Ok(Upstream {
-                    stream,
-                    leftover: buf.split_off(resp.head_len),
-                }),
-                500 | 502 | 503 => Err(target_unreachable(format!(
-                    "the target refused or does not exist (node {} answered {})",
-                    node.id, resp.status
-                ))),
-                504 => Err(gateway_timeout(format!(
-                    "the target did not answer in time (node {} answered 504)",
-                    node.id
-                ))),
-                other => Err(DialFailure::Node(format!("answered CONNECT with {other}"))),
-            }
-        }
-        NodeKind::Socks5 => {
-            let deadline = Instant::now() + s.node_connect;
-            let stream = connect_node(node, deadline).await?;
-            let mut out = Vec::with_capacity(300);
-            let creds = node.credentials.as_ref();
-            client::write_greeting(creds.is_some(), &mut out);
-            send(&stream, &out, deadline).await?;
-            let mut buf = Vec::with_capacity(512);
-            let chosen = read_node(
-                &stream,
-                &mut buf,
-                deadline,
-                client::parse_method_reply,
-                false,
-            )
-            .await?;
-            match (chosen, creds) {
-                (method::NO_AUTH, _) => {}
-                (method::USERPASS, Some((u, p))) => {
-                    out.clear();
-                    client::write_userpass(u, p, &mut out)
-                        .map_err(|e| DialFailure::Node(format!("credentials: {e}")))?;
-                    send(&stream, &out, deadline).await?;
-                    buf.clear();
-                    if !read_node(&stream, &mut buf, deadline, client::parse_auth_reply, false)
-                        .await?
-                    {
-                        return Err(DialFailure::Node("rejected our credentials".into()));
-                    }
-                }
-                (m, _) => return Err(DialFailure::Node(format!("chose method {m:#04x}"))),
-            }
-            buf.clear();
-            out.clear();
-            let host = match target {
-                CanonicalHost::Ip(ip) => Host::Ip(*ip),
-                CanonicalHost::Name(n) => Host::Domain(n.clone()),
-            };
-            client::write_connect(&host, port, &mut out).map_err(|e| {
-                DialFailure::Answer(Rejection::new(Code::BadRequest, e.to_string()))
-            })?;
-            send(&stream, &out, deadline).await?;
-            let (code, consumed) = read_node(
-                &stream,
-                &mut buf,
-                Instant::now() + s.target,
-                client::parse_connect_reply,
-                true,
-            )
-            .await?;
-            match code {
-                reply::SUCCEEDED => Ok(Upstream {
-                    stream,
-                    leftover: buf.split_off(consumed),
-                }),
-                reply::NETWORK_UNREACHABLE
-                | reply::HOST_UNREACHABLE
-                | reply::CONNECTION_REFUSED => Err(target_unreachable(format!(
-                    "the target refused or is unreachable (node {} replied {code:#04x})",
-                    node.id
-                ))),
-                reply::TTL_EXPIRED => Err(gateway_timeout(format!(
-                    "the target did not answer in time (node {} replied 0x06)",
-                    node.id
-                ))),
-                other => Err(DialFailure::Node(format!("replied {other:#04x}"))),
-            }
-        }
-    }
+    let creds = node.credentials.as_ref().map(|(u, p)| (&**u, &**p));
+    let hs = match node.kind {
+        NodeKind::Direct => return dial_direct(ctx, policy, node, target).await,
+        NodeKind::Http => Handshake::http(target, creds),
+        NodeKind::Socks5 => Handshake::socks5(target, creds),
+    };
+    let node_deadline = Instant::now() + s.node_connect;
+    let stream = connect_node(node, node_deadline).await?;
+    let (outcome, leftover) = drive(&stream, hs, node_deadline, s.target).await;
+    judge(node, outcome, s.target.as_millis())?;
+    Ok(Upstream { stream, leftover })
 }
 
-async fn send(stream: &TcpStream, bytes: &[u8], deadline: Instant) -> Result<(), DialFailure> {
-    match timeout_at(deadline, stream.write_all(bytes)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(DialFailure::Node(format!("write: {e}"))),
-        Err(_) => Err(DialFailure::Node("write timed out".into())),
-    }
-}
-
-/// Read one SOCKS5 answer of a node. A timeout is a node failure before the
-/// target was asked, and `GATEWAY_TIMEOUT` after (`target_phase`).
-async fn read_node<T, E: std::fmt::Display>(
+/// Move a node handshake's bytes until it ends: sends what it has, waits for
+/// the node's answer under the deadline of its phase (the node's own before
+/// the target is asked, `target` from then on), and returns the outcome and
+/// the bytes the node sent past its answer.
+async fn drive(
     stream: &TcpStream,
-    buf: &mut Vec<u8>,
-    deadline: Instant,
-    parse: impl FnMut(&[u8]) -> Result<Option<T>, E>,
-    target_phase: bool,
-) -> Result<T, DialFailure> {
-    match read_message(stream, buf, deadline, None, parse).await {
-        Ok(v) => Ok(v),
-        Err(ReadError::Timeout { .. }) if target_phase => {
-            Err(gateway_timeout("the target did not answer in time".into()))
+    mut hs: Handshake,
+    node_deadline: Instant,
+    target: std::time::Duration,
+) -> (Outcome, Vec<u8>) {
+    let mut out = Vec::with_capacity(300);
+    let mut buf = Vec::with_capacity(1024);
+    let mut target_deadline = None;
+    loop {
+        out.clear();
+        hs.poll_transmit(&mut out);
+        if !out.is_empty() {
+            match timeout_at(node_deadline, stream.write_all(&out)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return (Outcome::NodeFault(format!("write: {e}")), buf),
+                Err(_) => return (Outcome::NodeFault("write timed out".into()), buf),
+            }
         }
-        Err(ReadError::Timeout { .. }) => Err(DialFailure::Node("no answer in time".into())),
-        Err(ReadError::Closed { .. }) => Err(DialFailure::Node("closed the connection".into())),
-        Err(ReadError::Io(e)) => Err(DialFailure::Node(format!("read: {e}"))),
-        Err(ReadError::Parse(e)) => Err(DialFailure::Node(format!("malformed answer: {e}"))),
+        let deadline = match hs.phase() {
+            Phase::Node => node_deadline,
+            Phase::Target => *target_deadline.get_or_insert_with(|| Instant::now() + target),
+        };
+        let line_based = hs.reads_lines().then_some(MAX_ANSWER_HEAD);
+        let read = read_message(stream, &mut buf, deadline, line_based, |b| {
+            Ok::<_, std::convert::Infallible>(hs.handle_input(b))
+        })
+        .await;
+        match read {
+            Ok(Event::Continue { consumed }) => {
+                buf.drain(..consumed);
+            }
+            Ok(Event::Done { outcome, consumed }) => {
+                buf.drain(..consumed.min(buf.len()));
+                return (outcome, buf);
+            }
+            Err(ReadError::Timeout { .. }) => return (hs.on_timeout(), buf),
+            Err(ReadError::Closed { .. }) => return (hs.on_closed(), buf),
+            Err(ReadError::Io(e)) => return (Outcome::NodeFault(format!("read: {e}")), buf),
+            Err(ReadError::Parse(never)) => match never {},
+        }
     }
 }
 
@@ -277,24 +163,22 @@ async fn dial_direct(
     ctx: &Ctx,
     policy: &Policy,
     node: &Node,
-    target: &CanonicalHost,
-    port: u16,
+    target: &Target,
 ) -> Result<Upstream, DialFailure> {
     let s = &ctx.shared.settings;
-    let ips: Vec<IpAddr> = match target {
-        CanonicalHost::Ip(ip) => vec![*ip],
-        CanonicalHost::Name(name) => {
-            match ctx.dns.resolve(&ctx.shared.resolver, name, s.resolve).await {
-                Ok(ips) => ips,
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                    return Err(gateway_timeout(format!(
-                        "resolving {name} took over {} ms",
-                        s.resolve.as_millis()
-                    )));
-                }
-                Err(e) => return Err(target_unreachable(format!("{name} does not resolve: {e}"))),
+    let port = target.port;
+    let ips: Vec<IpAddr> = match &target.host {
+        Host::Ip(ip) => vec![*ip],
+        Host::Domain(name) => match ctx.dns.resolve(&ctx.shared.resolver, name, s.resolve).await {
+            Ok(ips) => ips,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                return Err(gateway_timeout(format!(
+                    "resolving {name} took over {} ms",
+                    s.resolve.as_millis()
+                )));
             }
-        }
+            Err(e) => return Err(target_unreachable(format!("{name} does not resolve: {e}"))),
+        },
     };
     let bind = node.bind;
     let same_family = |ip: &IpAddr| bind.is_none_or(|b| b.is_ipv4() == ip.is_ipv4());
@@ -314,7 +198,7 @@ async fn dial_direct(
             Some(rej) => DialFailure::Answer(rej),
             None => target_unreachable(format!(
                 "{} has no address this node can reach",
-                host_text(target)
+                target.host.bare()
             )),
         });
     };
@@ -336,5 +220,138 @@ async fn dial_direct(
             "{addr} did not answer within {} ms",
             s.target.as_millis()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A node's answer, from its bytes to what the client meets, with no
+    //! socket: the handshake machine reads scripted bytes, [`judge`] gives
+    //! the code or a node failure, and a node failure goes to the route's
+    //! `onerror` machine.
+
+    use std::net::SocketAddr;
+
+    use splicegate_addr::{Host, Target};
+    use splicegate_control::engine::Engine;
+    use splicegate_control::geo::Country;
+    use splicegate_control::nodes::{NodeDecl, NodeKind, NodeState, Rng};
+    use splicegate_control::policy::{
+        Credentials, Declarations, Hello, PackageDecl, Policy, Protocol,
+    };
+    use splicegate_control::rules::Network;
+    use splicegate_control::session::Step;
+    use splicegate_control::{Code, Now};
+    use splicegate_proto::node::{Event, Handshake, Outcome};
+
+    use super::{DialFailure, judge};
+
+    fn http_node(id: &str, port: u16) -> NodeDecl {
+        NodeDecl {
+            id: id.into(),
+            kind: NodeKind::Http,
+            addr: Some(SocketAddr::from(([127, 0, 1, 1], port))),
+            bind: None,
+            credentials: None,
+            country: Country::parse("us"),
+            region: None,
+            city: None,
+            isp: None,
+            asn: None,
+            network: Network::Res,
+            state: NodeState::Online,
+            from_file: false,
+        }
+    }
+
+    fn target() -> Target {
+        Target::new(Host::Domain("example.com".into()), 443)
+    }
+
+    /// What an HTTP node's scripted answer ends in.
+    fn outcome(answer: &[u8]) -> Outcome {
+        let mut hs = Handshake::http(&target(), None);
+        hs.poll_transmit(&mut Vec::new());
+        match hs.handle_input(answer) {
+            Some(Event::Done { outcome, .. }) => outcome,
+            other => panic!("no outcome from {answer:?}: {other:?}"),
+        }
+    }
+
+    /// The client meets `Ok(code)` from the node's answer itself, or
+    /// `Err(step)` from the `onerror` machine after a node failure.
+    fn through(engine: &Engine, rules: &str, answer: &[u8]) -> Result<Code, Step> {
+        let policy = engine.policy_arc();
+        let hello = Hello {
+            client_ip: "10.0.0.1".parse().unwrap(),
+            credentials: Credentials::Present {
+                username: &format!("package-7-{rules}"),
+                password: "pk_7",
+            },
+            listener_package: None,
+        };
+        let auth = policy.authenticate(&hello).unwrap();
+        let now = Now::from_secs(1);
+        let adm = policy
+            .admit(&auth, Protocol::Https, &target(), &mut None, now)
+            .unwrap();
+        let mut rng = Rng::new(3);
+        let mut route = engine.route(&policy, &adm, now, &mut rng).unwrap();
+        let node = policy.nodes.node(route.node()).clone();
+        match judge(&node, outcome(answer), 5000) {
+            Ok(()) => panic!("{answer:?} established a tunnel"),
+            Err(DialFailure::Answer(rej)) => Ok(rej.code),
+            Err(DialFailure::Node(_)) => Err(engine.after_failure(&mut route, &mut rng)),
+        }
+    }
+
+    #[test]
+    fn node_answers_reach_the_client_or_the_onerror_machine() {
+        let mut package = PackageDecl::new(7, "pk_7");
+        package.default_rules = "country-us".into();
+        let decls = Declarations {
+            orgs: vec![],
+            packages: vec![package],
+            nodes: vec![http_node("a", 8001), http_node("b", 8002)],
+            geo: vec![],
+            targets: Default::default(),
+        };
+        let e = Engine::new(Policy::build(&decls, None).unwrap(), 100);
+        // The target's fault: the node is fine, onerror is not asked.
+        assert_eq!(
+            through(&e, "country-us", b"HTTP/1.1 502 Bad Gateway\r\n\r\n"),
+            Ok(Code::TargetUnreachable)
+        );
+        assert_eq!(
+            through(&e, "country-us", b"HTTP/1.1 504 Timeout\r\n\r\n"),
+            Ok(Code::GatewayTimeout)
+        );
+        // The node's fault: onerror decides.
+        let fault = b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n";
+        match through(&e, "country-us-onerror-fail", fault) {
+            Err(Step::Fail(rej)) => assert_eq!(rej.code, Code::NodeUnavailable),
+            other => panic!("onerror-fail: {other:?}"),
+        }
+        assert!(
+            matches!(
+                through(&e, "country-us-onerror-replace", fault),
+                Err(Step::Dial(_))
+            ),
+            "onerror-replace dials the other node"
+        );
+        assert!(
+            matches!(
+                through(&e, "country-us-onerror-retry_1", fault),
+                Err(Step::Dial(_))
+            ),
+            "retry_1 dials again"
+        );
+        assert!(
+            matches!(
+                through(&e, "country-us", b"garbage\r\n\r\n"),
+                Err(Step::Dial(_))
+            ),
+            "a malformed answer is a node failure; the default onerror replaces"
+        );
     }
 }

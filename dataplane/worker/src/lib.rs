@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod accept;
+mod admission;
 mod clock;
 mod ctx;
 mod dial;
@@ -70,9 +71,7 @@ pub struct Binding {
     pub ip_only: bool,
 }
 
-pub use splicegate_control::stats::{
-    LatencyHistogram, OK, PROTOCOLS, SETUP_BUCKETS_US, WorkerStats,
-};
+pub use splicegate_control::stats::{LatencyHistogram, OK, SETUP_BUCKETS_US, WorkerStats};
 
 /// Where access-log lines go: a bounded queue the control side drains, so a
 /// slow disk never stalls a worker (lines are dropped and counted instead).

@@ -7,16 +7,15 @@ use std::time::{Duration, Instant};
 
 use splicegate_control::Code;
 use splicegate_control::catalog::{Rejection, Socks5Answer};
-use splicegate_control::policy::{Authenticated, Credentials, Hello, Protocol};
-use splicegate_proto::Host;
+use splicegate_control::policy::{Credentials, Protocol};
 use splicegate_proto::socks5::{Socks5Error, method, reply, server};
 use splicegate_uring::{TcpStream, timeout};
 
+use crate::Binding;
+use crate::admission::{Gate, Refusal};
 use crate::ctx::Ctx;
-use crate::dial::connect_route;
 use crate::io::{ReadError, read_message};
 use crate::tunnels::Tunnel;
-use crate::{Binding, clock};
 
 async fn send(client: &TcpStream, bytes: &[u8]) -> bool {
     matches!(
@@ -25,16 +24,11 @@ async fn send(client: &TcpStream, bytes: &[u8]) -> bool {
     )
 }
 
-async fn refuse(
-    ctx: &Ctx,
-    client: &TcpStream,
-    peer: SocketAddr,
-    package: Option<u64>,
-    rej: &Rejection,
-) {
-    let policy = ctx.shared.engine.policy();
-    ctx.record(&policy, peer, package, "socks5", rej);
-    let code = match rej.code.socks5() {
+/// Record a refusal after the request and answer it with the reply field the
+/// catalogue gives its code.
+async fn refuse(ctx: &Ctx, client: &TcpStream, peer: SocketAddr, refusal: &Refusal) {
+    ctx.record(peer, Protocol::Socks5, refusal);
+    let code = match refusal.rejection.code.socks5() {
         Socks5Answer::Reply(c) => c,
         Socks5Answer::AuthFailure => reply::NOT_ALLOWED,
     };
@@ -58,8 +52,9 @@ pub(crate) async fn serve(
         return None; // malformed, truncated or slow: the connection closes
     };
     buf.drain(..greeting.consumed);
-    let policy = ctx.shared.engine.policy_arc();
-    let auth: Authenticated = if greeting.offers(method::USERPASS) {
+    let gate = Gate::new(ctx, peer, binding, Protocol::Socks5);
+    // Method and authentication (checks 1–5), answered in SOCKS5's own terms.
+    let auth = if greeting.offers(method::USERPASS) {
         if !send(&client, &server::method_reply(method::USERPASS)).await {
             return None;
         }
@@ -68,55 +63,35 @@ pub(crate) async fn serve(
             return None;
         };
         buf.drain(..up.consumed);
-        let hello = Hello {
-            client_ip: peer.ip(),
-            credentials: Credentials::Present {
-                username: &up.username,
-                password: &up.password,
-            },
-            listener_package: binding.package,
-        };
-        match policy.authenticate(&hello) {
-            Ok(a) => {
-                if !send(&client, &server::auth_reply(true)).await {
-                    return None;
-                }
-                a
-            }
-            Err(rej) => {
-                let package = policy.refused_package(&hello, &rej);
-                ctx.record(&policy, peer, package, "socks5", &rej);
-                send(&client, &server::auth_reply(false)).await;
-                return None;
-            }
+        let verdict = gate.authenticate(Credentials::Present {
+            username: &up.username,
+            password: &up.password,
+        });
+        if let Err(refusal) = &verdict {
+            ctx.record(peer, Protocol::Socks5, refusal);
         }
+        if !send(&client, &server::auth_reply(verdict.is_ok())).await {
+            return None;
+        }
+        verdict.ok()?
     } else {
-        let hello = Hello {
-            client_ip: peer.ip(),
-            credentials: Credentials::Absent,
-            listener_package: binding.package,
-        };
-        let allowed = if greeting.offers(method::NO_AUTH) {
-            policy.authenticate(&hello)
+        let verdict = if greeting.offers(method::NO_AUTH) {
+            gate.authenticate(Credentials::Absent)
         } else {
-            Err(no_method())
+            Err(Refusal::anonymous(no_method()))
         };
-        match allowed {
-            Ok(a) => {
-                if !send(&client, &server::method_reply(method::NO_AUTH)).await {
-                    return None;
-                }
-                a
+        let chosen = match &verdict {
+            Ok(_) => method::NO_AUTH,
+            Err(refusal) => {
+                ctx.record(peer, Protocol::Socks5, refusal);
+                method::NO_ACCEPTABLE
             }
-            Err(rej) => {
-                let package = policy.refused_package(&hello, &rej);
-                ctx.record(&policy, peer, package, "socks5", &rej);
-                send(&client, &server::method_reply(method::NO_ACCEPTABLE)).await;
-                return None;
-            }
+        };
+        if !send(&client, &server::method_reply(chosen)).await {
+            return None;
         }
+        verdict.ok()?
     };
-    let package_id = auth.package.id();
     // Request.
     let request = match read_message(&client, &mut buf, deadline, None, server::parse_request).await
     {
@@ -137,38 +112,21 @@ pub(crate) async fn serve(
         send(&client, &out).await;
         return None;
     }
-    let host = match &request.host {
-        Host::Ip(ip) => ip.to_string(),
-        Host::Domain(d) => d.clone(),
-    };
-    let now = clock::now();
+    // Checks 6–11 and the dial.
     let mut conn = None;
-    let adm = match policy.admit(&auth, Protocol::Socks5, &host, request.port, &mut conn, now) {
-        Ok(a) => a,
-        Err(rej) => {
-            refuse(ctx, &client, peer, Some(package_id), &rej).await;
+    let admitted = gate.admit(ctx, &auth, &request.target, &mut conn, started);
+    let established = match admitted {
+        Ok(mut admission) => admission.dial(ctx, Protocol::Socks5).await,
+        Err(refusal) => Err(refusal),
+    };
+    let route = match established {
+        Ok(e) => e,
+        Err(refusal) => {
+            refuse(ctx, &client, peer, &refusal).await;
             return None;
         }
     };
-    let routed = ctx
-        .shared
-        .engine
-        .route(&policy, &adm, now, &mut ctx.rng.borrow_mut());
-    let mut route = match routed {
-        Ok(r) => r,
-        Err(rej) => {
-            refuse(ctx, &client, peer, Some(package_id), &rej).await;
-            return None;
-        }
-    };
-    let (up, node) = match connect_route(ctx, &policy, &adm, &mut route).await {
-        Ok(x) => x,
-        Err(rej) => {
-            refuse(ctx, &client, peer, Some(package_id), &rej).await;
-            return None;
-        }
-    };
-    let bound = up.stream.local_addr().ok();
+    let bound = route.up.stream.local_addr().ok();
     let mut out = Vec::with_capacity(32);
     server::write_reply(reply::SUCCEEDED, bound, &mut out);
     if !send(&client, &out).await {
@@ -176,16 +134,9 @@ pub(crate) async fn serve(
     }
     Some(Box::new(Tunnel {
         client,
-        up,
-        node,
-        package: adm.package.clone(),
-        early: buf.to_vec(), // exact size, usually empty
-        host,
-        port: request.port,
-        protocol: "socks5",
         peer,
-        started,
-        setup: started.elapsed(),
+        route,
+        early: buf.to_vec(), // exact size, usually empty
         conn,
     }))
 }

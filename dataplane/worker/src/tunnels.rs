@@ -94,29 +94,22 @@ fn flush(e: &mut Entry) -> (u64, u64) {
 
 use std::time::Instant;
 
-use splicegate_control::nodes::Node;
 use splicegate_uring::{TcpStream, relay, timeout_at};
 
 use crate::WorkerStats;
+use crate::admission::Established;
 use crate::ctx::Ctx;
-use crate::dial::Upstream;
 
 /// An established tunnel, ready to relay: everything it needs and nothing
 /// of the handshake that made it, so an idle tunnel costs its sockets and a
 /// small task.
 pub(crate) struct Tunnel {
     pub client: TcpStream,
-    pub up: Upstream,
-    pub node: Arc<Node>,
-    pub package: Arc<Package>,
+    pub peer: std::net::SocketAddr,
+    /// The node connection and what the request was admitted as.
+    pub route: Established,
     /// Bytes the client sent after its request, before our answer.
     pub early: Vec<u8>,
-    pub host: String,
-    pub port: u16,
-    pub protocol: &'static str,
-    pub peer: std::net::SocketAddr,
-    pub started: Instant,
-    pub setup: std::time::Duration,
     /// The client connection's slot of the package's connection limit.
     pub conn: Option<splicegate_control::limits::ConnGuard>,
 }
@@ -126,18 +119,20 @@ pub(crate) struct Tunnel {
 pub(crate) async fn run(ctx: &Ctx, t: Tunnel) {
     let Tunnel {
         client,
+        peer,
+        route,
+        early,
+        conn,
+    } = t;
+    let Established {
         up,
         node,
         package,
-        early,
-        host,
-        port,
+        target,
         protocol,
-        peer,
         started,
         setup,
-        conn,
-    } = t;
+    } = route;
     let _load = node.runtime.open_tunnel();
     WorkerStats::inc(&ctx.stats.open_tunnels);
     ctx.stats.setup.observe(setup);
@@ -174,7 +169,7 @@ pub(crate) async fn run(ctx: &Ctx, t: Tunnel) {
         peer,
         package: Some(package.id()),
         protocol,
-        target: Some((&host, port)),
+        target: Some(&target),
         node: Some(&node.id),
         error: None,
         up: total_up,
