@@ -1,4 +1,4 @@
-//! Kernel enforcement for splicegate (SPEC section 8, DESIGN section 4).
+//! Kernel enforcement for splicegate (docs/configuration.md, `[ebpf]`).
 //!
 //! BPF programs written in C (`bpf/splicegate.bpf.c`, layouts in `bpf/abi.h`,
 //! built reproducibly by `build.sh` into the committed `bpf/splicegate.bpf.o`)

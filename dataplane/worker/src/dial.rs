@@ -56,8 +56,9 @@ fn gateway_timeout(detail: String) -> DialFailure {
     DialFailure::Answer(Rejection::new(Code::GatewayTimeout, detail))
 }
 
-/// What a node's answer (SPEC's node table, read by the handshake machine)
-/// means for the client: the one place node outcomes become codes.
+/// What a node's answer (read by the handshake machine) means for the
+/// client: the one place node outcomes become codes (the table in
+/// docs/errors.md, "What a node's answer means").
 fn judge(node: &Node, outcome: Outcome, target_ms: u128) -> Result<(), DialFailure> {
     match outcome {
         Outcome::Established => Ok(()),

@@ -1,5 +1,6 @@
-//! Table-driven byte tests for the HTTP codecs (rule IDs refer to
-//! `research/reliability.md` §2), and split/byte-at-a-time properties.
+//! Table-driven byte tests for the HTTP codecs (rule IDs are the
+//! hostile-input catalogue's, docs/RELIABILITY.md), and split/byte-at-a-time
+//! properties.
 
 #![allow(
     clippy::type_complexity,

@@ -1,5 +1,5 @@
-//! Table-driven byte tests for SOCKS5 (IDs refer to `research/reliability.md`
-//! §2.4) and split-invariance properties.
+//! Table-driven byte tests for SOCKS5 (IDs are the hostile-input catalogue's,
+//! docs/RELIABILITY.md) and split-invariance properties.
 
 #![allow(
     clippy::type_complexity,
