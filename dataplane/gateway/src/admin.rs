@@ -22,7 +22,7 @@ use crate::config::Config;
 /// The engine the workers share and, with `[admin]`, the control object that
 /// owns it.
 pub fn engine(cfg: &Config) -> Result<(Arc<Engine>, Option<Arc<Control>>)> {
-    let decls = cfg.declarations()?;
+    let decls = cfg.declarations().clone();
     let capacity = cfg.limits.session_capacity.max(1);
     if cfg.admin.is_none() {
         if cfg.store.is_some() {
@@ -92,7 +92,7 @@ fn health_options(cfg: &Config) -> HealthOptions {
 
 /// SIGHUP with `[admin]`: the file's new objects, merged with the API's.
 pub fn reload(control: &Control, cfg: &Config) -> Result<()> {
-    let decls = cfg.declarations()?;
+    let decls = cfg.declarations().clone();
     control.reload_file(decls).map_err(anyhow::Error::from)
 }
 

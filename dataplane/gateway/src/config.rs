@@ -55,6 +55,10 @@ pub struct Config {
     pub package: Vec<PackageEntry>,
     #[serde(default)]
     pub node: Vec<NodeEntry>,
+    /// The file's orgs, packages, nodes, catalogue and safety, converted and
+    /// checked once by [`Config::parse`].
+    #[serde(skip)]
+    decls: Declarations,
 }
 
 /// `workers = 2` or `workers = "auto"`.
@@ -371,9 +375,9 @@ fn catalogue_name(owner: &str, n: &str) -> Result<()> {
 impl Config {
     /// Parse a file's text.
     pub fn parse(text: &str) -> Result<Config> {
-        let cfg: Config =
+        let mut cfg: Config =
             toml::from_str(text).map_err(|e| anyhow!("{}", e.to_string().trim_end()))?;
-        cfg.declarations()?;
+        cfg.decls = cfg.convert()?;
         if cfg.proxy.workers == Workers::Count(0) {
             bail!("proxy.workers must be at least 1 (or \"auto\")");
         }
@@ -468,8 +472,23 @@ impl Config {
         }
     }
 
-    /// The policy declarations (orgs, packages, nodes, catalogue, safety).
-    pub fn declarations(&self) -> Result<Declarations> {
+    /// The policy declarations (orgs, packages, nodes, catalogue, safety),
+    /// each value checked. Whether they make a policy (organisations that
+    /// exist, allowlists that do not overlap, default rules that parse) is
+    /// known when the policy is built: once, by whoever serves it, or by
+    /// [`Config::check_policy`].
+    pub fn declarations(&self) -> &Declarations {
+        &self.decls
+    }
+
+    /// Build the policy once to report what only a whole policy can tell
+    /// (`check-config`; serving builds its own).
+    pub fn check_policy(&self) -> Result<()> {
+        splicegate_control::policy::Policy::build(&self.decls, None).map_err(|e| anyhow!(e))?;
+        Ok(())
+    }
+
+    fn convert(&self) -> Result<Declarations> {
         let mut d = Declarations {
             targets: TargetPolicy {
                 allow: self.safety.allow_targets.clone(),
@@ -590,8 +609,6 @@ impl Config {
             decl.validate().map_err(|e| anyhow!(e))?;
             d.nodes.push(decl);
         }
-        // Catch policy errors (overlaps, missing orgs, bad default rules) now.
-        splicegate_control::policy::Policy::build(&d, None).map_err(|e| anyhow!(e))?;
         Ok(d)
     }
 }
@@ -683,7 +700,8 @@ mod tests {
             ("[health]\ninterval_s = 0\n", "health.interval_s"),
             ("[health]\nprobe_target = \"example.com\"\n", "host:port"),
         ] {
-            let e = format!("{:#}", Config::parse(text).unwrap_err());
+            let checked = Config::parse(text).and_then(|c| c.check_policy());
+            let e = format!("{:#}", checked.unwrap_err());
             assert!(e.contains(needle), "{text}: {e}");
         }
         assert_eq!(

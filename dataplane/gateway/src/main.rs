@@ -51,13 +51,18 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::CheckConfig { file } => match Config::load(&file) {
+        Cmd::CheckConfig { file } => match Config::load(&file).and_then(|c| {
+            c.check_policy()
+                .with_context(|| format!("in {}", file.display()))?;
+            Ok(c)
+        }) {
             Ok(c) => {
-                let d = c
-                    .declarations()
-                    .map(|d| (d.packages.len(), d.nodes.len()))
-                    .unwrap_or_default();
-                println!("{}: ok ({} packages, {} nodes)", file.display(), d.0, d.1);
+                let d = c.declarations();
+                let (packages, nodes) = (d.packages.len(), d.nodes.len());
+                println!(
+                    "{}: ok ({packages} packages, {nodes} nodes)",
+                    file.display()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -265,8 +270,8 @@ fn reload(path: &std::path::Path, engine: &Engine, control: Option<&splicegate_a
     let result = Config::load(path).and_then(|c| match control {
         Some(control) => admin::reload(control, &c),
         None => {
-            let d = c.declarations()?;
-            let p = Policy::build(&d, Some(&engine.policy())).map_err(anyhow::Error::msg)?;
+            let p = Policy::build(c.declarations(), Some(&engine.policy()))
+                .map_err(anyhow::Error::msg)?;
             engine.publish(p);
             Ok(())
         }
