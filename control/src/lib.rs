@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod catalog;
+pub mod decl;
 pub mod engine;
 pub mod geo;
 pub mod guard;

@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 use roaring::RoaringBitmap;
 
 use crate::catalog::{Code, Rejection};
+use crate::decl::{DeclError, MAX_NAME};
 use crate::geo::{Country, GeoCatalog, GeoKind, NameId};
 use crate::rules::{Network, NetworkSet};
 
@@ -42,6 +43,13 @@ impl NodeKind {
             NodeKind::Socks5 => "socks5",
             NodeKind::Direct => "direct",
         }
+    }
+
+    /// Parse a kind's name.
+    pub fn parse(s: &str) -> Option<NodeKind> {
+        [NodeKind::Http, NodeKind::Socks5, NodeKind::Direct]
+            .into_iter()
+            .find(|k| k.as_str() == s)
     }
 }
 
@@ -314,18 +322,20 @@ pub struct NodeDecl {
 
 impl NodeDecl {
     /// Check what a kind needs: `http`/`socks5` an address, `direct` a bind address.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.id.is_empty() || self.id.len() > 128 {
-            return Err("a node id is 1 to 128 bytes".into());
+    pub fn validate(&self) -> Result<(), DeclError> {
+        if self.id.is_empty() || self.id.len() > MAX_NAME {
+            return Err(DeclError::field(
+                "id",
+                format!("a node id is 1 to {MAX_NAME} bytes"),
+            ));
         }
         match self.kind {
-            NodeKind::Http | NodeKind::Socks5 if self.addr.is_none() => Err(format!(
-                "node {}: a {} node needs addr",
-                self.id,
-                self.kind.as_str()
+            NodeKind::Http | NodeKind::Socks5 if self.addr.is_none() => Err(DeclError::field(
+                "addr",
+                format!("a {} node needs addr", self.kind.as_str()),
             )),
             NodeKind::Direct if self.bind.is_none() => {
-                Err(format!("node {}: a direct node needs bind", self.id))
+                Err(DeclError::field("bind", "a direct node needs bind"))
             }
             _ => Ok(()),
         }

@@ -15,6 +15,7 @@ use subtle::ConstantTimeEq;
 
 use crate::Now;
 use crate::catalog::{Code, Rejection};
+use crate::decl::DeclError;
 use crate::geo::GeoCatalog;
 use crate::limits::{ConnGuard, OrgAccount, PackageUsage};
 use crate::nodes::{Filter, NodeDecl, NodePool};
@@ -406,23 +407,24 @@ fn auth_failed(detail: &str) -> Rejection {
 impl Policy {
     /// Build a snapshot from declarations, keeping the live state (usage,
     /// balances, node load, recent errors, catalogue names) of `previous`.
-    pub fn build(decls: &Declarations, previous: Option<&Policy>) -> Result<Policy, String> {
+    pub fn build(decls: &Declarations, previous: Option<&Policy>) -> Result<Policy, DeclError> {
         let mut geo = previous.map(|p| p.geo.clone()).unwrap_or_default();
         for (c, k, name) in &decls.geo {
             geo.add(*c, *k, name);
         }
         let mut seen = std::collections::HashSet::new();
         for n in &decls.nodes {
-            n.validate()?;
+            n.validate()
+                .map_err(|e| e.within(format_args!("node {}", n.id)))?;
             if !seen.insert(n.id.as_str()) {
-                return Err(format!("node {} is declared twice", n.id));
+                return Err(DeclError::Duplicate(format!("node {}", n.id)));
             }
         }
         let nodes = NodePool::build(&decls.nodes, previous.map(|p| &p.nodes), &mut geo);
         let mut orgs = HashMap::new();
         for o in &decls.orgs {
             if o.id.is_empty() {
-                return Err("an organisation needs an id".into());
+                return Err(DeclError::Missing("id").within("an organisation"));
             }
             let account = previous
                 .and_then(|p| p.orgs.get(&o.id))
@@ -438,28 +440,26 @@ impl Policy {
                 )
                 .is_some()
             {
-                return Err(format!("organisation {} is declared twice", o.id));
+                return Err(DeclError::Duplicate(format!("organisation {}", o.id)));
             }
         }
         let mut packages = HashMap::new();
         let mut ip_auth: Vec<(IpNet, u64)> = Vec::new();
         for d in &decls.packages {
+            let within = |e: DeclError| e.within(format_args!("package {}", d.id));
             let key = Key::new(&d.key)
-                .ok_or_else(|| format!("package {}: a key is 1 to {MAX_KEY} bytes", d.id))?;
+                .ok_or_else(|| within(DeclError::field("key", format!("1 to {MAX_KEY} bytes"))))?;
             let org = match &d.org {
-                Some(id) => Some(
-                    orgs.get(id)
-                        .cloned()
-                        .ok_or_else(|| format!("package {}: no organisation {id}", d.id))?,
-                ),
+                Some(id) => Some(orgs.get(id).cloned().ok_or_else(|| {
+                    within(DeclError::field("org", format!("no organisation {id}")))
+                })?),
                 None => None,
             };
             if d.auth != AuthMode::Password && d.ip_allowlist.is_empty() {
-                return Err(format!(
-                    "package {}: auth {} needs an ip_allowlist",
-                    d.id,
-                    d.auth.as_str()
-                ));
+                return Err(within(DeclError::field(
+                    "auth",
+                    format!("{} needs an ip_allowlist", d.auth.as_str()),
+                )));
             }
             if d.auth == AuthMode::Ip {
                 for net in &d.ip_allowlist {
@@ -467,17 +467,19 @@ impl Policy {
                         .iter()
                         .find(|(o, _)| o.contains(net) || net.contains(o))
                     {
-                        return Err(format!(
-                            "package {}: allowlist {net} overlaps {other} of ip-auth package {owner}; an address may name one package",
-                            d.id
-                        ));
+                        return Err(within(DeclError::field(
+                            "ip_allowlist",
+                            format!(
+                                "{net} overlaps {other} of ip-auth package {owner}; an address may name one package"
+                            ),
+                        )));
                     }
                     ip_auth.push((*net, d.id));
                 }
             }
             let prefixed = format!("package-{}-{}", d.id, d.default_rules);
             rules::parse(&prefixed, &geo)
-                .map_err(|e| format!("package {}: default_rules: {}", d.id, e))?;
+                .map_err(|e| within(DeclError::field("default_rules", e.to_string())))?;
             let prev = previous.and_then(|p| p.packages.get(&d.id));
             let package = Package {
                 decl: d.clone(),
@@ -489,7 +491,7 @@ impl Policy {
                     .unwrap_or_else(|| Arc::new(RecentErrors::new(100))),
             };
             if packages.insert(d.id, Arc::new(package)).is_some() {
-                return Err(format!("package {} is declared twice", d.id));
+                return Err(DeclError::Duplicate(format!("package {}", d.id)));
             }
         }
         Ok(Policy {

@@ -32,8 +32,9 @@ use subtle::ConstantTimeEq;
 use crate::control::{Control, FileObject, unix_ms};
 use crate::error::ControlError;
 use crate::metrics::{CONTENT_TYPE, Metrics};
-use crate::spec::{NodeFields, PackageFields, credits};
 use crate::time::rfc3339;
+use splicegate_control::decl::{NodeFields, PackageFields};
+use splicegate_control::limits::micro_to_credits as credits;
 
 /// The dashboard page, with the vendored chart library (uPlot, MIT,
 /// `vendor/`) put in place of its two markers: one response that needs

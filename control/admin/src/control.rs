@@ -32,8 +32,8 @@ use splicegate_control::nodes::NodeDecl;
 use splicegate_control::policy::{Declarations, OrgDecl, PackageDecl, Policy};
 
 use crate::error::{ControlError, FROM_FILE, StoreError};
-use crate::spec::{NodeFields, PackageFields};
 use crate::store::{GrantReason, Store, UsageRow};
+use splicegate_control::decl::{NodeFields, PackageFields};
 
 /// The monotonic clock the data plane uses (sessions expire by it).
 pub type Clock = fn() -> Now;
@@ -267,7 +267,7 @@ impl Control {
         for (id, spec) in store.packages()? {
             let decl = serde_json::from_str::<PackageFields>(&spec)
                 .map_err(|e| e.to_string())
-                .and_then(|f| f.to_decl())
+                .and_then(|f| f.to_decl().map_err(|e| e.to_string()))
                 .map_err(|reason| StoreError::Corrupt {
                     what: "package",
                     id: id.to_string(),
@@ -279,7 +279,7 @@ impl Control {
         for (id, spec) in store.nodes()? {
             let decl = serde_json::from_str::<NodeFields>(&spec)
                 .map_err(|e| e.to_string())
-                .and_then(|f| f.to_decl())
+                .and_then(|f| f.to_decl().map_err(|e| e.to_string()))
                 .map_err(|reason| StoreError::Corrupt {
                     what: "node",
                     id: id.clone(),
@@ -303,7 +303,7 @@ impl Control {
                 "{s} is declared in the config file and was also created through the API; the file's declaration wins"
             );
         }
-        let policy = Policy::build(&inner.merged(), None).map_err(ControlError::Invalid)?;
+        let policy = Policy::build(&inner.merged(), None).map_err(ControlError::from)?;
         // Every package's ledger reading starts at what the store holds.
         inner.committed = inner.store.usage_totals()?;
         inner.restore_new(&policy, &Present::of(None))?;
@@ -335,7 +335,7 @@ impl Control {
 
     /// Build a policy from `decls` on the current one, or say why not.
     fn build(&self, decls: &Declarations) -> Result<Policy, ControlError> {
-        Policy::build(decls, Some(&self.engine.policy())).map_err(ControlError::Invalid)
+        Policy::build(decls, Some(&self.engine.policy())).map_err(ControlError::from)
     }
 
     /// Restore what is new in `policy` and publish it.
@@ -456,7 +456,7 @@ impl Control {
         };
         let mut decl = PackageDecl::new(id, &key);
         fields.key = Some(key.clone());
-        fields.apply(&mut decl).map_err(ControlError::Invalid)?;
+        fields.apply(&mut decl).map_err(ControlError::from)?;
         self.put_package(&mut inner, decl, None)?;
         Ok((id, key))
     }
@@ -514,7 +514,7 @@ impl Control {
         let mut inner = self.lock();
         let old = self.api_package(&inner, id)?;
         let mut decl = old.clone();
-        fields.apply(&mut decl).map_err(ControlError::Invalid)?;
+        fields.apply(&mut decl).map_err(ControlError::from)?;
         self.put_package(&mut inner, decl, Some(old))
     }
 
@@ -559,7 +559,7 @@ impl Control {
 
     /// `POST /v1/nodes`.
     pub fn create_node(&self, fields: &NodeFields) -> Result<String, ControlError> {
-        let decl = fields.to_decl().map_err(ControlError::Invalid)?;
+        let decl = fields.to_decl().map_err(ControlError::from)?;
         let id = decl.id.clone();
         let mut inner = self.lock();
         if inner.is_file_node(&id) || inner.nodes.contains_key(&id) {
@@ -621,7 +621,7 @@ impl Control {
         let mut inner = self.lock();
         let old = self.api_node(&inner, id)?;
         let mut decl = old.clone();
-        fields.apply(&mut decl).map_err(ControlError::Invalid)?;
+        fields.apply(&mut decl).map_err(ControlError::from)?;
         if fields.only_state() {
             let spec = serde_json::to_string(&NodeFields::from_decl(&decl))
                 .map_err(|e| ControlError::Invalid(e.to_string()))?;

@@ -46,6 +46,12 @@ pub enum ControlError {
     Store(#[from] StoreError),
 }
 
+impl From<splicegate_control::decl::DeclError> for ControlError {
+    fn from(e: splicegate_control::decl::DeclError) -> Self {
+        ControlError::Invalid(e.to_string())
+    }
+}
+
 impl From<rusqlite::Error> for ControlError {
     fn from(e: rusqlite::Error) -> Self {
         ControlError::Store(StoreError::Sqlite(e))

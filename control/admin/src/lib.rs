@@ -21,7 +21,6 @@ pub mod error;
 pub mod health;
 pub mod metrics;
 pub mod server;
-pub mod spec;
 pub mod store;
 mod time;
 

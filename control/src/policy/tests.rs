@@ -537,13 +537,19 @@ fn build_refuses_bad_declarations_and_keeps_live_state() {
     other.auth = AuthMode::Ip;
     other.ip_allowlist = vec!["10.8.5.0/24".parse().unwrap()];
     d.packages.push(other);
-    assert!(Policy::build(&d, None).unwrap_err().contains("overlaps"));
+    assert!(
+        Policy::build(&d, None)
+            .unwrap_err()
+            .to_string()
+            .contains("overlaps")
+    );
 
     let mut d = decls();
     d.packages[0].org = Some("nobody".into());
     assert!(
         Policy::build(&d, None)
             .unwrap_err()
+            .to_string()
             .contains("no organisation nobody")
     );
     let mut d = decls();
@@ -551,6 +557,7 @@ fn build_refuses_bad_declarations_and_keeps_live_state() {
     assert!(
         Policy::build(&d, None)
             .unwrap_err()
+            .to_string()
             .contains("default_rules")
     );
     let mut d = decls();

@@ -2,20 +2,17 @@
 //! typed values for the inner crates. Unknown keys are errors that name the key.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use ipnet::IpNet;
 use serde::Deserialize;
+use splicegate_control::decl::{NodeFields, PackageFields, catalogue_name};
 use splicegate_control::geo::{Country, GeoKind};
 use splicegate_control::limits::credits_to_micro;
-use splicegate_control::nodes::{NodeDecl, NodeKind, NodeState};
-use splicegate_control::policy::{
-    AuthMode, Declarations, OrgDecl, PackageDecl, PackageStatus, Protocol, ProtocolSet,
-};
-use splicegate_control::rules::{Feature, FeatureSet, Network, NetworkSet};
+use splicegate_control::policy::{Declarations, OrgDecl};
 use splicegate_control::safety::TargetPolicy;
 
 /// The embedded demo, served when no `--config` is given.
@@ -52,9 +49,9 @@ pub struct Config {
     #[serde(default)]
     pub org: Vec<OrgEntry>,
     #[serde(default)]
-    pub package: Vec<PackageEntry>,
+    pub package: Vec<PackageFields>,
     #[serde(default)]
-    pub node: Vec<NodeEntry>,
+    pub node: Vec<NodeFields>,
     /// The file's orgs, packages, nodes, catalogue and safety, converted and
     /// checked once by [`Config::parse`].
     #[serde(skip)]
@@ -307,69 +304,8 @@ pub struct OrgEntry {
     pub credits: f64,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PackageEntry {
-    pub id: u64,
-    pub org: Option<String>,
-    pub key: String,
-    pub status: Option<String>,
-    pub protocols: Option<Vec<String>>,
-    pub networks: Option<Vec<String>>,
-    pub features: Option<Vec<String>>,
-    pub auth: Option<String>,
-    pub ip_allowlist: Option<Vec<IpNet>>,
-    pub default_rules: Option<String>,
-    pub rps_limit: Option<u32>,
-    pub max_connections: Option<u32>,
-    pub traffic_limit_bytes: Option<u64>,
-    pub price_per_gb: Option<f64>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NodeEntry {
-    pub id: String,
-    pub kind: String,
-    pub addr: Option<SocketAddr>,
-    pub bind: Option<IpAddr>,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    pub country: Option<String>,
-    pub region: Option<String>,
-    pub city: Option<String>,
-    pub isp: Option<String>,
-    pub asn: Option<u32>,
-    pub network: Option<String>,
-    pub state: Option<String>,
-}
-
-fn names<T>(
-    what: &str,
-    owner: &str,
-    items: &[String],
-    parse: impl Fn(&str) -> Option<T>,
-) -> Result<Vec<T>> {
-    items
-        .iter()
-        .map(|s| parse(s).ok_or_else(|| anyhow!("{owner}: unknown {what} {s:?}")))
-        .collect()
-}
-
 fn country(owner: &str, c: &str) -> Result<Country> {
-    Country::parse(c)
-        .ok_or_else(|| anyhow!("{owner}: country {c:?} is not a lowercase ISO 3166-1 alpha-2 code"))
-}
-
-fn catalogue_name(owner: &str, n: &str) -> Result<()> {
-    if n.is_empty()
-        || !n
-            .bytes()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
-    {
-        bail!("{owner}: {n:?} is not a catalogue name (lowercase letters, digits, _)");
-    }
-    Ok(())
+    c.parse::<Country>().map_err(|e| anyhow!("{owner}: {e}"))
 }
 
 impl Config {
@@ -504,7 +440,7 @@ impl Config {
             for (c, list) in map {
                 let c = country("[geo]", c)?;
                 for n in list {
-                    catalogue_name("[geo]", n)?;
+                    catalogue_name("name", n).map_err(|e| anyhow!("[geo]: {e}"))?;
                     d.geo.push((c, kind, n.clone()));
                 }
             }
@@ -518,95 +454,15 @@ impl Config {
                 from_file: true,
             });
         }
+        // Packages and nodes: the schema the admin API reads too.
         for p in &self.package {
-            let owner = format!("package {}", p.id);
-            let mut decl = PackageDecl::new(p.id, &p.key);
+            let mut decl = p.to_decl()?;
             decl.from_file = true;
-            decl.org = p.org.clone();
-            if let Some(s) = &p.status {
-                decl.status = PackageStatus::parse(s).ok_or_else(|| {
-                    anyhow!("{owner}: status {s:?} is not active, paused or suspended")
-                })?;
-            }
-            if let Some(v) = &p.protocols {
-                decl.protocols = ProtocolSet::of(names("protocol", &owner, v, Protocol::parse)?);
-            }
-            if let Some(v) = &p.networks {
-                decl.networks = NetworkSet::of(names("network", &owner, v, Network::parse)?);
-            }
-            if let Some(v) = &p.features {
-                decl.features = FeatureSet::of(names("feature", &owner, v, Feature::parse)?);
-            }
-            if let Some(a) = &p.auth {
-                decl.auth = AuthMode::parse(a).ok_or_else(|| {
-                    anyhow!("{owner}: auth {a:?} is not password, ip or password+ip")
-                })?;
-            }
-            if let Some(v) = &p.ip_allowlist {
-                decl.ip_allowlist = v.clone();
-            }
-            if let Some(r) = &p.default_rules {
-                decl.default_rules = r.clone();
-            }
-            decl.rps_limit = p.rps_limit.unwrap_or(0);
-            decl.max_connections = p.max_connections.unwrap_or(0);
-            decl.traffic_limit_bytes = p.traffic_limit_bytes.unwrap_or(0);
-            if let Some(price) = p.price_per_gb {
-                let micro = credits_to_micro(price)
-                    .filter(|m| *m >= 0)
-                    .ok_or_else(|| anyhow!("{owner}: bad price_per_gb"))?;
-                decl.price_per_gb = micro as u64;
-            }
             d.packages.push(decl);
         }
         for n in &self.node {
-            let owner = format!("node {}", n.id);
-            let kind = match n.kind.as_str() {
-                "http" => NodeKind::Http,
-                "socks5" => NodeKind::Socks5,
-                "direct" => NodeKind::Direct,
-                k => bail!("{owner}: kind {k:?} is not http, socks5 or direct"),
-            };
-            let credentials = match (&n.username, &n.password) {
-                (Some(u), Some(p)) => Some((u.clone(), p.clone())),
-                (None, None) => None,
-                _ => bail!("{owner}: username and password go together"),
-            };
-            let c = n
-                .country
-                .as_deref()
-                .map(|c| country(&owner, c))
-                .transpose()?;
-            for v in [&n.region, &n.city, &n.isp].into_iter().flatten() {
-                catalogue_name(&owner, v)?;
-            }
-            let network = match &n.network {
-                Some(v) => Network::parse(v)
-                    .ok_or_else(|| anyhow!("{owner}: network {v:?} is not res, mob or dc"))?,
-                None => Network::Res,
-            };
-            let state = match &n.state {
-                Some(v) => NodeState::parse(v).ok_or_else(|| {
-                    anyhow!("{owner}: state {v:?} is not online, draining or offline")
-                })?,
-                None => NodeState::Online,
-            };
-            let decl = NodeDecl {
-                id: n.id.clone(),
-                kind,
-                addr: n.addr,
-                bind: n.bind,
-                credentials,
-                country: c,
-                region: n.region.clone(),
-                city: n.city.clone(),
-                isp: n.isp.clone(),
-                asn: n.asn,
-                network,
-                state,
-                from_file: true,
-            };
-            decl.validate().map_err(|e| anyhow!(e))?;
+            let mut decl = n.to_decl()?;
+            decl.from_file = true;
             d.nodes.push(decl);
         }
         Ok(d)

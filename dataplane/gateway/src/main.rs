@@ -297,14 +297,16 @@ fn reload(path: &std::path::Path, engine: &Engine, control: Option<&splicegate_a
 fn print_demo(cfg: &Config, echo: Option<std::net::SocketAddr>) {
     let proxy = cfg.proxy.listen;
     let Some(target) = echo else { return };
-    let pkg = cfg.package.first();
+    let decls = cfg.declarations();
+    let pkg = decls.packages.first();
     let (id, key) = pkg.map_or((1, "pk_demo"), |p| (p.id, p.key.as_str()));
     println!(
         "splicegate demo: proxy on {proxy} (HTTP CONNECT, HTTP, SOCKS5); built-in target on http://{target}/"
     );
     println!(
         "package {id}, key {key}; exits: {}",
-        cfg.node
+        decls
+            .nodes
             .iter()
             .map(|n| format!(
                 "{} ({})",
