@@ -254,12 +254,17 @@ async fn list_orgs(State(s): State<AppState>) -> ApiResult {
 }
 
 async fn get_org(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    org_reply(&s, &id)
+}
+
+/// An organisation as the API shows it, or 404.
+fn org_reply(s: &AppState, id: &str) -> ApiResult {
     let policy = s.control.engine().policy();
     let org = policy
         .orgs
-        .get(&id)
+        .get(id)
         .ok_or_else(|| ApiError::not_found(format!("no org {id}")))?;
-    ok(org_json(&s, &policy, org))
+    ok(org_json(s, &policy, org))
 }
 
 fn micro(what: &str, amount: f64) -> Result<i64, ApiError> {
@@ -305,12 +310,7 @@ async fn add_credits(State(s): State<AppState>, Path(id): Path<String>, bytes: B
         ));
     }
     s.control.add_credits(&id, m)?;
-    let policy = s.control.engine().policy();
-    let org = policy
-        .orgs
-        .get(&id)
-        .ok_or_else(|| ApiError::not_found(format!("no org {id}")))?;
-    ok(org_json(&s, &policy, org))
+    org_reply(&s, &id)
 }
 
 // ---- packages ----

@@ -234,13 +234,13 @@ mod tests {
     use std::net::SocketAddr;
 
     use splicegate_addr::{Host, Target};
+    use splicegate_control::decl::NodeFields;
     use splicegate_control::engine::Engine;
     use splicegate_control::geo::Country;
-    use splicegate_control::nodes::{NodeDecl, NodeKind, NodeState, Rng};
+    use splicegate_control::nodes::{NodeDecl, NodeKind, Rng};
     use splicegate_control::policy::{
         Credentials, Declarations, Hello, PackageDecl, Policy, Protocol,
     };
-    use splicegate_control::rules::Network;
     use splicegate_control::session::Step;
     use splicegate_control::{Code, Now};
     use splicegate_proto::node::{Event, Handshake, Outcome};
@@ -248,21 +248,14 @@ mod tests {
     use super::{DialFailure, judge};
 
     fn http_node(id: &str, port: u16) -> NodeDecl {
-        NodeDecl {
-            id: id.into(),
-            kind: NodeKind::Http,
-            addr: Some(SocketAddr::from(([127, 0, 1, 1], port))),
-            bind: None,
-            credentials: None,
-            country: Country::parse("us"),
-            region: None,
-            city: None,
-            isp: None,
-            asn: None,
-            network: Network::Res,
-            state: NodeState::Online,
-            from_file: false,
-        }
+        let fields = NodeFields {
+            id: Some(id.into()),
+            kind: Some(NodeKind::Http),
+            addr: Some(Some(SocketAddr::from(([127, 0, 1, 1], port)))),
+            country: Some(Country::parse("us")),
+            ..NodeFields::default()
+        };
+        fields.to_decl().unwrap()
     }
 
     fn target() -> Target {

@@ -451,12 +451,7 @@ impl HttpConn<'_> {
                     format!("the request body's framing is malformed: {e}"),
                 ))
             })?;
-            if timeout(s.idle, upstream.write_all(&buf[..n]))
-                .await
-                .map_or(true, |r| r.is_err())
-            {
-                return Err(ExchangeError::Abort);
-            }
+            relay_write(upstream, &buf[..n], s.idle).await?;
             buf.drain(..n);
             meter.up(n as u64);
             meter.check()?;
@@ -505,12 +500,7 @@ impl HttpConn<'_> {
             if (100..200).contains(&resp.status) && resp.status != 101 {
                 let mut out = Vec::with_capacity(resp.head_len);
                 write_response_head(&resp, &[], &mut out);
-                if timeout(s.idle, client.write_all(&out))
-                    .await
-                    .map_or(true, |r| r.is_err())
-                {
-                    return Err(ExchangeError::Abort);
-                }
+                relay_write(client, &out, s.idle).await?;
                 meter.down(out.len() as u64);
                 ubuf.drain(..resp.head_len);
                 answered = true;
@@ -530,12 +520,7 @@ impl HttpConn<'_> {
         let extra_ref: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let mut out = Vec::with_capacity(resp.head_len + 128);
         write_response_head(&resp, &extra_ref, &mut out);
-        if timeout(s.idle, client.write_all(&out))
-            .await
-            .map_or(true, |r| r.is_err())
-        {
-            return Err(ExchangeError::Abort);
-        }
+        relay_write(client, &out, s.idle).await?;
         meter.down(out.len() as u64);
         ubuf.drain(..resp.head_len);
         // 3. The answer's body.
@@ -554,12 +539,7 @@ impl HttpConn<'_> {
                 }
             }
             let n = body.feed(&ubuf).map_err(|_| ExchangeError::Abort)?;
-            if timeout(s.idle, client.write_all(&ubuf[..n]))
-                .await
-                .map_or(true, |r| r.is_err())
-            {
-                return Err(ExchangeError::Abort);
-            }
+            relay_write(client, &ubuf[..n], s.idle).await?;
             ubuf.drain(..n);
             meter.down(n as u64);
             meter.check()?;
@@ -567,6 +547,15 @@ impl HttpConn<'_> {
         let reusable = resp.keep_alive && framing != BodyFraming::UntilClose && ubuf.is_empty();
         meter.flush();
         Ok((keep_client, reusable, meter.total_up, meter.total_down))
+    }
+}
+
+/// Write relayed bytes within the idle timeout; a peer that cannot take
+/// them ends the exchange.
+async fn relay_write(to: &TcpStream, bytes: &[u8], idle: Duration) -> Result<(), ExchangeError> {
+    match timeout(idle, to.write_all(bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(ExchangeError::Abort),
     }
 }
 
