@@ -3,6 +3,7 @@
 //! [`Route`] whose `onerror` machine the data plane drives.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 
@@ -23,6 +24,8 @@ pub struct Engine {
     pub sessions: SessionTable,
     /// Recent errors of every package.
     pub errors: RecentErrors,
+    /// When node failures were last aged ([`Now`] nanoseconds).
+    last_upkeep: AtomicU64,
 }
 
 /// Node selection as the session table asks for it.
@@ -99,6 +102,7 @@ impl Engine {
             policy: ArcSwap::from_pointee(policy),
             sessions: SessionTable::new(session_capacity),
             errors: RecentErrors::new(1000),
+            last_upkeep: AtomicU64::new(0),
         }
     }
 
@@ -188,9 +192,9 @@ impl Engine {
 
     /// The route's current node failed before the tunnel was established:
     /// retry, replace, or answer (per `onerror`).
-    pub fn after_failure(&self, route: &mut Route, rng: &mut Rng) -> Step {
+    pub fn after_failure(&self, route: &mut Route, rng: &mut Rng, now: Now) -> Step {
         let node = route.policy.nodes.node(route.node());
-        node.runtime.record_failure();
+        node.runtime.record_failure(now);
         let usable = node.serves_sessions();
         Self::after_failure_inner(route, rng, usable)
     }
@@ -222,6 +226,20 @@ impl Engine {
         {
             self.sessions.rebind(key, route.first, node, now);
         }
+    }
+
+    /// Periodic upkeep, called about once a second by the binary: expired
+    /// sessions leave the table, and node failures with none after them for
+    /// [`crate::nodes::FAILURE_MEMORY`] are forgotten. Returns the live
+    /// sessions.
+    pub fn housekeeping(&self, now: Now) -> usize {
+        let last = self.last_upkeep.swap(now.0, Ordering::Relaxed);
+        if now.0.saturating_sub(last) >= 1_000_000_000 {
+            self.policy().nodes.forget_failures(now);
+        } else {
+            self.last_upkeep.store(last, Ordering::Relaxed);
+        }
+        self.sessions.sweep(now)
     }
 
     /// A dry run of the checks that need no key, address or protocol.

@@ -10,12 +10,14 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use roaring::RoaringBitmap;
 
+use crate::Now;
 use crate::catalog::{Code, Rejection};
 use crate::decl::{DeclError, MAX_NAME};
 use crate::geo::{Country, GeoCatalog, GeoKind, NameId};
@@ -97,8 +99,11 @@ pub struct NodeRuntime {
     unhealthy: AtomicU8,
     /// Open tunnels through the node.
     active: AtomicU32,
-    /// Failures since the last success (weights selection away).
+    /// Failures since the last success (weights selection away), forgotten
+    /// after [`FAILURE_MEMORY`] without another one.
     recent_failures: AtomicU32,
+    /// When the last failure was seen ([`Now`] nanoseconds).
+    failed_at: AtomicU64,
 }
 
 impl NodeRuntime {
@@ -114,11 +119,14 @@ impl NodeRuntime {
     }
 
     /// Record a failure seen by real traffic.
-    pub fn record_failure(&self) {
+    pub fn record_failure(&self, now: Now) {
+        self.failed_at.store(now.0, Ordering::Relaxed);
         self.recent_failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Record a success seen by real traffic.
+    /// Record a success: of real traffic, or a passing health probe. The
+    /// node's failures are forgotten, so it gets its share of new traffic
+    /// at once.
     pub fn record_success(&self) {
         if self.recent_failures.load(Ordering::Relaxed) != 0 {
             self.recent_failures.store(0, Ordering::Relaxed);
@@ -133,6 +141,21 @@ impl NodeRuntime {
     /// Whether health checks took the node out.
     pub fn is_unhealthy(&self) -> bool {
         self.unhealthy.load(Ordering::Relaxed) != 0
+    }
+
+    /// Forget failures older than `memory` (none since): a node that failed
+    /// once and was never tried again would otherwise be avoided for good.
+    /// Returns whether it forgot any.
+    fn forget_failures(&self, now: Now, memory: Duration) -> bool {
+        if self.recent_failures.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let at = self.failed_at.load(Ordering::Relaxed);
+        if now.0.saturating_sub(at) < memory.as_nanos() as u64 {
+            return false;
+        }
+        self.recent_failures.store(0, Ordering::Relaxed);
+        true
     }
 
     fn load_score(&self) -> u64 {
@@ -288,6 +311,8 @@ fn subnet_key(ip: IpAddr) -> u64 {
 const SAMPLE_TRIES: usize = 64;
 /// Extra draws looking for a node without recent failures.
 const FRESH_DRAWS: usize = 6;
+/// How long a node's failures weigh on selection when no other follows.
+pub const FAILURE_MEMORY: Duration = Duration::from_secs(10);
 
 /// The declaration of a node, as the config file and the admin API give it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -515,6 +540,16 @@ impl NodePool {
             .enumerate()
             .map(|(i, n)| (i as NodeIdx, n))
             .filter(|(_, n)| !n.is_removed())
+    }
+
+    /// Forget node failures older than [`FAILURE_MEMORY`]; returns how many
+    /// nodes it cleared. Cheap enough to run once a second over a million
+    /// nodes (one atomic load each).
+    pub fn forget_failures(&self, now: Now) -> usize {
+        self.nodes
+            .iter()
+            .filter(|n| n.runtime.forget_failures(now, FAILURE_MEMORY))
+            .count()
     }
 
     /// Nodes selectable now.

@@ -8,9 +8,10 @@
 //!   address, else a check that the source address can still be bound.
 //!
 //! `failures` consecutive failed probes take a node out; one successful probe
-//! brings it back. `failures` failures seen by real traffic since the node's
-//! last success (`NodeRuntime::recent_failures`) also take it out, until a
-//! probe succeeds. Every probe runs as a task on the admin thread's runtime,
+//! brings it back and clears its failures, so selection gives it its share
+//! at once. `failures` failures seen by real traffic since the node's last
+//! success (`NodeRuntime::recent_failures`, forgotten after ten seconds
+//! without another) also take it out, until a probe succeeds. Every probe runs as a task on the admin thread's runtime,
 //! at most [`CONCURRENCY`] at a time, each bounded by a timeout; no thread is
 //! started and no name is resolved here (the probe target's address is
 //! resolved once, at start, by the binary).
@@ -214,9 +215,12 @@ async fn round(
         let t = tracked.entry(node.id.clone()).or_default();
         match result {
             Probe::Up => {
+                // A passing probe clears the node's failures: once back, it
+                // gets its share of new traffic at once.
                 t.failed = 0;
+                t.baseline = 0;
+                node.runtime.record_success();
                 if node.runtime.is_unhealthy() {
-                    t.baseline = node.runtime.recent_failures();
                     bring_back(control, idx, &node, stats);
                 }
             }

@@ -71,7 +71,7 @@ fn a_failed_session_node_is_replaced_and_the_session_follows() {
     let adm = admitted(&e, "package-7-country-us-city-new_york-session-s2");
     let mut route = e.route(&p, &adm, Now::from_secs(1), &mut rng).unwrap();
     let first = route.node();
-    let Step::Dial(next) = e.after_failure(&mut route, &mut rng) else {
+    let Step::Dial(next) = e.after_failure(&mut route, &mut rng, Now::from_secs(1)) else {
         panic!()
     };
     assert_ne!(next, first);
@@ -84,8 +84,8 @@ fn a_failed_session_node_is_replaced_and_the_session_follows() {
     );
     // Both new_york nodes failing: no third matches, so NODE_NOT_FOUND names it.
     let mut route = e.route(&p, &adm, Now::from_secs(3), &mut rng).unwrap();
-    let _ = e.after_failure(&mut route, &mut rng);
-    match e.after_failure(&mut route, &mut rng) {
+    let _ = e.after_failure(&mut route, &mut rng, Now::from_secs(1));
+    match e.after_failure(&mut route, &mut rng, Now::from_secs(1)) {
         Step::Fail(r) => {
             assert_eq!(r.code, Code::NodeNotFound);
             assert!(r.detail.contains("failed"), "{}", r.detail);

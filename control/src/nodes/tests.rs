@@ -283,7 +283,7 @@ fn nodes_that_just_failed_are_avoided_while_others_match() {
     let mut rng = Rng::new(5);
     let filter = f(&geo, "us", Some("new_york"), Some("verizon"));
     let (ny1, n1) = p.get("ny1").unwrap();
-    n1.runtime.record_failure();
+    n1.runtime.record_failure(crate::Now::from_secs(1));
     let hits = (0..2000)
         .filter(|_| p.pick(&filter, &[], &mut rng, &geo).unwrap() == ny1)
         .count();
@@ -294,4 +294,39 @@ fn nodes_that_just_failed_are_avoided_while_others_match() {
         .filter(|_| p.pick(&filter, &[], &mut rng, &geo).unwrap() == ny1)
         .count();
     assert!(hits > 700, "recovered: {hits}");
+}
+
+#[test]
+fn a_node_that_failed_once_gets_its_share_again() {
+    // 1. Two nodes match; one fails once and is never tried again.
+    // 2. While its failure is fresh it loses nearly every draw.
+    // 3. Once the failure is older than FAILURE_MEMORY with none after it,
+    //    the node is chosen about half the time again.
+    let (p, geo) = pool();
+    let mut rng = Rng::new(11);
+    let filter = f(&geo, "us", Some("new_york"), Some("verizon"));
+    assert_eq!(
+        p.count(&filter),
+        2,
+        "the fixture has two Verizon nodes in New York"
+    );
+    let (ny1, n1) = p.get("ny1").unwrap();
+    let failed_at = crate::Now::from_secs(100);
+    n1.runtime.record_failure(failed_at);
+    let share = |rng: &mut Rng| {
+        (0..1000)
+            .filter(|_| p.pick(&filter, &[], rng, &geo).unwrap() == ny1)
+            .count()
+    };
+    assert!(share(&mut rng) < 50, "a fresh failure weighs on selection");
+    let within = failed_at.0 + FAILURE_MEMORY.as_nanos() as u64 - 1;
+    assert_eq!(p.forget_failures(crate::Now(within)), 0);
+    assert!(share(&mut rng) < 50);
+    let after = failed_at.0 + FAILURE_MEMORY.as_nanos() as u64;
+    assert_eq!(p.forget_failures(crate::Now(after)), 1);
+    let hits = share(&mut rng);
+    assert!(
+        (430..=570).contains(&hits),
+        "recovered share: {hits} of 1000"
+    );
 }

@@ -222,7 +222,7 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
                 return Ok(());
             }
             None => {
-                engine.sessions.sweep(splicegate_worker::now());
+                engine.housekeeping(splicegate_worker::now());
             }
         }
     }

@@ -190,7 +190,11 @@ impl Admission {
                 Err(DialFailure::Answer(rej)) => return Err(refuse(rej)),
                 Err(DialFailure::Node(why)) => {
                     tracing::info!(node = %node.id, reason = %why, "node failure");
-                    step = engine.after_failure(&mut self.route, &mut ctx.rng.borrow_mut());
+                    step = engine.after_failure(
+                        &mut self.route,
+                        &mut ctx.rng.borrow_mut(),
+                        clock::now(),
+                    );
                 }
             }
         }

@@ -295,7 +295,9 @@ mod tests {
         match judge(&node, outcome(answer), 5000) {
             Ok(()) => panic!("{answer:?} established a tunnel"),
             Err(DialFailure::Answer(rej)) => Ok(rej.code),
-            Err(DialFailure::Node(_)) => Err(engine.after_failure(&mut route, &mut rng)),
+            Err(DialFailure::Node(_)) => {
+                Err(engine.after_failure(&mut route, &mut rng, Now::from_secs(1)))
+            }
         }
     }
 
