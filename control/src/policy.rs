@@ -683,21 +683,17 @@ impl Policy {
         })
     }
 
-    /// Whether an open tunnel of `package` may go on (cap and credits), for
-    /// the periodic re-check of open tunnels.
+    /// Whether an open tunnel or keep-alive connection of `package` may go
+    /// on (status, credits, traffic cap), for the periodic re-check: a
+    /// paused or suspended package, an organisation out of credits, or a
+    /// crossed cap closes them. The key is not looked at: a rotation closes
+    /// nothing.
     pub fn may_continue(package: &Package) -> Result<(), Rejection> {
+        status_check(package)?;
         if package.usage.over_cap(package.decl.traffic_limit_bytes) {
             return Err(Rejection::new(
                 Code::TrafficLimitExceeded,
                 "the package's traffic cap was reached",
-            ));
-        }
-        if let Some(org) = &package.org
-            && org.account.balance() <= 0
-        {
-            return Err(Rejection::new(
-                Code::PackageNoCredits,
-                "the organisation's credits ran out",
             ));
         }
         Ok(())

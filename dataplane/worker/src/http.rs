@@ -11,15 +11,16 @@ use splicegate_control::Code;
 use splicegate_control::catalog::{Rejection, write_http_error, write_http_ok};
 use splicegate_control::limits::ConnGuard;
 use splicegate_control::nodes::{Node, NodeIdx};
-use splicegate_control::policy::{Credentials, Policy, Protocol};
+use splicegate_control::policy::{Credentials, Package, Policy, Protocol};
 use splicegate_control::rules::Rules;
 use splicegate_proto::http::{
     AuthError, BodyFraming, BodyTracker, HttpError, Method, Request, Response, decode_basic,
     parse_request, parse_response, write_forward_head, write_response_head,
 };
-use splicegate_uring::{TcpStream, timeout, timeout_at};
+use splicegate_uring::{Notifier, TcpStream, timeout, timeout_at};
 
 use crate::Binding;
+use crate::accept::{Either, select2};
 use crate::admission::{Admission, Established, Gate, Refusal};
 use crate::ctx::Ctx;
 use crate::io::{ReadError, read_message, read_some};
@@ -54,6 +55,12 @@ struct HttpConn<'c> {
     /// The connection's slot of its package's connection limit.
     conn: Option<ConnGuard>,
     kept: Option<Kept>,
+    /// The package of the last admitted request: while the connection
+    /// waits for its next request, the tunnel registry may close it when
+    /// this package may not go on (paused, out of credits, ...).
+    package: Option<Arc<Package>>,
+    /// Fires when the registry closes the waiting connection.
+    stop: Option<Notifier>,
 }
 
 pub(crate) async fn serve(
@@ -72,18 +79,35 @@ pub(crate) async fn serve(
         buf,
         conn: None,
         kept: None,
+        package: None,
+        stop: None,
     };
     let limits = ctx.shared.settings.limits;
     let mut deadline = first_deadline;
     loop {
-        let parsed = read_message(
+        let read = read_message(
             &c.client,
             &mut c.buf,
             deadline,
             Some(limits.max_head_bytes),
             |b| parse_request(b, &limits),
-        )
-        .await;
+        );
+        let parsed = match &c.package {
+            // Between requests: closed at once if the package stops.
+            Some(package) => {
+                let stop = c.stop.get_or_insert_with(Notifier::new).clone();
+                let id = ctx
+                    .tunnels
+                    .register_keepalive(package.clone(), stop.clone());
+                let r = select2(read, stop.notified()).await;
+                ctx.tunnels.finish(id, &ctx.stats);
+                match r {
+                    Either::Left(r) => r,
+                    Either::Right(()) => return None,
+                }
+            }
+            None => read.await,
+        };
         let req = match parsed {
             Ok(r) => r,
             Err(ReadError::Closed { .. } | ReadError::Io(_)) => return None,
@@ -256,6 +280,7 @@ impl HttpConn<'_> {
             Ok(a) => a,
             Err(refusal) => return self.refuse(req, protocol, refusal).await,
         };
+        self.package = Some(admission.admitted.package.clone());
         if protocol == Protocol::Https {
             let route = match admission.dial(self.ctx, protocol).await {
                 Ok(r) => r,

@@ -1,21 +1,34 @@
-//! The worker's open tunnels: their byte counters are flushed to their
-//! package (and its organisation's credits) every 250 ms and when they end,
-//! and a tunnel whose package crossed its traffic cap, ran out of credits or
-//! was removed is stopped at the next tick (so within one second).
+//! The worker's open tunnels and idle keep-alive connections, by package.
+//! Tunnels' byte counters are flushed to their package (and its
+//! organisation's credits) every 250 ms and when they end. At each tick,
+//! a tunnel or keep-alive connection whose package may not go on (paused,
+//! suspended, removed, over its traffic cap, out of credits) is stopped, so
+//! within one second; a key rotation stops nothing.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use splicegate_control::policy::{Package, Policy};
-use splicegate_uring::RelayCtl;
+use splicegate_uring::{Notifier, RelayCtl};
 
-/// One open tunnel (a = client, b = upstream).
+/// How the registry reaches what it holds.
+enum Held {
+    /// A relaying tunnel (a = client, b = upstream) and what of its bytes
+    /// was already charged.
+    Tunnel {
+        ctl: RelayCtl,
+        flushed_up: u64,
+        flushed_down: u64,
+    },
+    /// An HTTP client connection waiting for its next request.
+    KeepAlive(Notifier),
+}
+
 struct Entry {
     package: Arc<Package>,
-    ctl: RelayCtl,
-    flushed_up: u64,
-    flushed_down: u64,
+    held: Held,
+    stopped: bool,
 }
 
 /// The registry.
@@ -26,23 +39,37 @@ pub(crate) struct Tunnels {
 }
 
 impl Tunnels {
-    /// Register a tunnel about to relay.
-    pub fn register(&self, package: Arc<Package>, ctl: RelayCtl) -> u64 {
+    fn insert(&self, package: Arc<Package>, held: Held) -> u64 {
         let id = self.next.get();
         self.next.set(id + 1);
         self.open.borrow_mut().insert(
             id,
             Entry {
                 package,
-                ctl,
-                flushed_up: 0,
-                flushed_down: 0,
+                held,
+                stopped: false,
             },
         );
         id
     }
 
-    /// The tunnel ended: charge what was not yet flushed.
+    /// Register a tunnel about to relay.
+    pub fn register(&self, package: Arc<Package>, ctl: RelayCtl) -> u64 {
+        let held = Held::Tunnel {
+            ctl,
+            flushed_up: 0,
+            flushed_down: 0,
+        };
+        self.insert(package, held)
+    }
+
+    /// Register a keep-alive connection waiting for its next request; the
+    /// notifier fires when its package may not go on.
+    pub fn register_keepalive(&self, package: Arc<Package>, stop: Notifier) -> u64 {
+        self.insert(package, Held::KeepAlive(stop))
+    }
+
+    /// The tunnel or keep-alive wait ended: charge what was not yet flushed.
     pub fn finish(&self, id: u64, stats: &WorkerStats) {
         if let Some(mut e) = self.open.borrow_mut().remove(&id) {
             let (up, down) = flush(&mut e);
@@ -50,44 +77,62 @@ impl Tunnels {
         }
     }
 
-    /// Flush counters and stop tunnels that may not go on.
+    /// Flush counters and stop what may not go on.
     pub fn tick(&self, policy: &Policy, stats: &WorkerStats) {
         for e in self.open.borrow_mut().values_mut() {
             let (up, down) = flush(e);
             stats.bytes(up, down);
-            let current = policy.packages.get(&e.package.id());
-            let verdict = match current {
+            if e.stopped {
+                continue;
+            }
+            let verdict = match policy.packages.get(&e.package.id()) {
                 Some(p) => Policy::may_continue(p),
                 None => Err(splicegate_control::Rejection::new(
                     splicegate_control::Code::AuthFailed,
                     "the package was removed",
                 )),
             };
-            if let Err(why) = verdict
-                && !e.ctl.is_stopped()
-            {
-                tracing::info!(package = e.package.id(), code = why.code.as_str(), detail = %why.detail, "closing a tunnel");
-                e.ctl.stop();
+            if let Err(why) = verdict {
+                tracing::info!(package = e.package.id(), code = why.code.as_str(), detail = %why.detail, "closing a connection");
+                e.stop();
             }
         }
     }
 
-    /// Stop every tunnel (end of a drain).
+    /// Stop everything (end of a drain).
     pub fn stop_all(&self) {
-        for e in self.open.borrow().values() {
-            e.ctl.stop();
+        for e in self.open.borrow_mut().values_mut() {
+            e.stop();
         }
     }
 }
 
-/// Charge what moved since the last flush; returns it.
+impl Entry {
+    fn stop(&mut self) {
+        self.stopped = true;
+        match &self.held {
+            Held::Tunnel { ctl, .. } => ctl.stop(),
+            Held::KeepAlive(n) => n.notify(),
+        }
+    }
+}
+
+/// Charge what a tunnel moved since the last flush; returns it.
 fn flush(e: &mut Entry) -> (u64, u64) {
-    let (up, down) = (e.ctl.a_to_b(), e.ctl.b_to_a());
-    let (du, dd) = (up - e.flushed_up, down - e.flushed_down);
+    let Held::Tunnel {
+        ctl,
+        flushed_up,
+        flushed_down,
+    } = &mut e.held
+    else {
+        return (0, 0);
+    };
+    let (up, down) = (ctl.a_to_b(), ctl.b_to_a());
+    let (du, dd) = (up - *flushed_up, down - *flushed_down);
     if du != 0 || dd != 0 {
         e.package.charge(du, dd);
-        e.flushed_up = up;
-        e.flushed_down = down;
+        *flushed_up = up;
+        *flushed_down = down;
     }
     (du, dd)
 }
