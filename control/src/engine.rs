@@ -26,6 +26,9 @@ pub struct Engine {
     pub errors: RecentErrors,
     /// When node failures were last aged ([`Now`] nanoseconds).
     last_upkeep: AtomicU64,
+    /// Snapshots published so far; a reader that remembers it knows when
+    /// to look again (the kernel's allowlists).
+    generation: AtomicU64,
 }
 
 /// Node selection as the session table asks for it.
@@ -103,6 +106,7 @@ impl Engine {
             sessions: SessionTable::new(session_capacity),
             errors: RecentErrors::new(1000),
             last_upkeep: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -119,6 +123,13 @@ impl Engine {
     /// Publish a new snapshot; the next request sees it.
     pub fn publish(&self, policy: Policy) {
         self.policy.store(Arc::new(policy));
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// How many snapshots were published (a file reload, an API change, and
+    /// later a fleet event each publish one).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Record an answered error in the package's and the global rings.

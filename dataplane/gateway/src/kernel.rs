@@ -5,20 +5,38 @@
 //! workers in user space, with one warning.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crossbeam_channel::{Receiver, Sender};
+use splicegate_control::engine::Engine;
 use splicegate_control::policy::Policy;
 use splicegate_ebpf::{AttachMode, Enforcer, EnforcerConfig, Verdict};
 use splicegate_worker::BanSink;
 
 use crate::config::{Config, EbpfMode};
 
+/// Bans waiting for the main thread; past this, a ban is dropped, counted
+/// and logged.
+pub const BAN_QUEUE: usize = 4096;
+
+/// A source to ban, and for how long.
+type Ban = (IpAddr, Duration);
+
 /// The attached programs and what they enforce.
 pub struct Kernel {
     enforcer: Mutex<Enforcer>,
     /// `ip_only` listener ports and their packages.
     ip_only: Vec<(u16, u64)>,
+    /// Bans from the workers, written to the kernel by the main thread so a
+    /// worker never waits on the enforcer's lock (a scrape or a reload may
+    /// hold it across bpf syscalls).
+    bans: (Sender<Ban>, Receiver<Ban>),
+    /// Bans dropped because the queue was full.
+    bans_dropped: AtomicU64,
+    /// The policy generation the allowlists were last written from.
+    synced: AtomicU64,
 }
 
 impl std::fmt::Debug for Kernel {
@@ -66,6 +84,9 @@ pub fn start(cfg: &Config) -> Option<Arc<Kernel>> {
             Some(Arc::new(Kernel {
                 enforcer: Mutex::new(enforcer),
                 ip_only,
+                bans: crossbeam_channel::bounded(BAN_QUEUE),
+                bans_dropped: AtomicU64::new(0),
+                synced: AtomicU64::new(u64::MAX),
             }))
         }
         Err(e) => {
@@ -97,14 +118,41 @@ impl Kernel {
         }
     }
 
-    /// Where the workers send bans.
+    /// Where the workers send bans: a bounded queue, never a lock.
     pub fn ban_sink(self: &Arc<Self>) -> BanSink {
         let me = self.clone();
         Arc::new(move |ip: IpAddr, d: Duration| {
-            if let Err(err) = me.enforcer().ban(ip, d) {
-                tracing::error!(client = %ip, error = %err, "could not write a ban to the kernel");
+            if me.bans.0.try_send((ip, d)).is_err() {
+                me.bans_dropped.fetch_add(1, Ordering::Relaxed);
             }
         })
+    }
+
+    /// The main thread's turn (at least every 250 ms): queued bans go to the
+    /// kernel, and the allowlists are rewritten when a new policy was
+    /// published since the last turn (a reload, an API change), so a change
+    /// is in force in the kernel within a second.
+    pub fn upkeep(&self, engine: &Engine) {
+        let dropped = self.bans_dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "ban queue full: these bans were not written to the kernel"
+            );
+        }
+        let queued: Vec<_> = self.bans.1.try_iter().collect();
+        if !queued.is_empty() {
+            let mut e = self.enforcer();
+            for (ip, d) in queued {
+                if let Err(err) = e.ban(ip, d) {
+                    tracing::error!(client = %ip, error = %err, "could not write a ban to the kernel");
+                }
+            }
+        }
+        let generation = engine.generation();
+        if self.synced.swap(generation, Ordering::Relaxed) != generation {
+            self.sync_allowlists(&engine.policy());
+        }
     }
 
     /// Packets per verdict, summed over CPUs.

@@ -114,7 +114,7 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
     };
     let kernel = kernel::start(&cfg);
     if let Some(k) = &kernel {
-        k.sync_allowlists(&engine.policy());
+        k.upkeep(&engine);
     }
     let shared = Arc::new(Shared {
         engine: engine.clone(),
@@ -185,21 +185,22 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
     loop {
         let wait = if access.is_some() {
             Duration::from_millis(100)
+        } else if kernel.is_some() {
+            // Policy changes reach the kernel's maps within a second.
+            Duration::from_millis(250)
         } else {
             Duration::from_secs(1)
         };
         let signal = signals.wait(wait)?;
+        if let Some(k) = &kernel {
+            k.upkeep(&engine);
+        }
         if let Some(a) = access.as_mut() {
             a.drain();
         }
         match signal {
             Some(libc::SIGHUP) => match &path {
-                Some(p) => {
-                    reload(p, &engine, control.as_deref());
-                    if let Some(k) = &kernel {
-                        k.sync_allowlists(&engine.policy());
-                    }
-                }
+                Some(p) => reload(p, &engine, control.as_deref()),
                 None => tracing::info!("SIGHUP: the embedded demo has no file to reload"),
             },
             Some(sig) => {
