@@ -138,7 +138,7 @@ impl Engine {
         policy: &Policy,
         unix_ms: u64,
         package: Option<u64>,
-        protocol: crate::policy::Protocol,
+        protocol: Option<crate::policy::Protocol>,
         rej: &Rejection,
     ) {
         if let Some(p) = package.and_then(|id| policy.packages.get(&id)) {

@@ -38,8 +38,8 @@ pub struct GuardConfig {
 impl Default for GuardConfig {
     fn default() -> Self {
         GuardConfig {
-            syn_rate: 100,
-            syn_burst: 200,
+            syn_rate: 2_000,
+            syn_burst: 4_000,
             ban_threshold: 20,
             ban_window_s: 60,
             ban_s: 600,

@@ -15,8 +15,9 @@ pub struct ErrorRecord {
     pub unix_ms: u64,
     /// The package, when known.
     pub package: Option<u64>,
-    /// The front end's protocol.
-    pub protocol: Protocol,
+    /// The front end's protocol; `None` when the connection was closed
+    /// before its first byte (the flood guard at accept).
+    pub protocol: Option<Protocol>,
     /// The code.
     pub code: Code,
     /// The detail.
@@ -40,7 +41,13 @@ impl RecentErrors {
     }
 
     /// Record an error.
-    pub fn push(&self, unix_ms: u64, package: Option<u64>, protocol: Protocol, rej: &Rejection) {
+    pub fn push(
+        &self,
+        unix_ms: u64,
+        package: Option<u64>,
+        protocol: Option<Protocol>,
+        rej: &Rejection,
+    ) {
         let mut r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         if r.len() == self.cap {
             r.pop_front();
@@ -77,7 +84,7 @@ mod tests {
             r.push(
                 i,
                 Some(7),
-                Protocol::Https,
+                Some(Protocol::Https),
                 &Rejection::new(Code::NodeNotFound, format!("e{i}")),
             );
         }

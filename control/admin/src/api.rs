@@ -431,7 +431,7 @@ fn errors_json(records: &[ErrorRecord], limit: usize) -> Value {
                     "time": rfc3339(e.unix_ms),
                     "unix_ms": e.unix_ms,
                     "package": e.package,
-                    "protocol": e.protocol.as_str(),
+                    "protocol": e.protocol.map(|p| p.as_str()),
                     "code": e.code.as_str(),
                     "status": e.code.status(),
                     "detail": e.detail,

@@ -18,7 +18,9 @@ use prometheus_client::registry::Registry;
 use splicegate_control::Code;
 use splicegate_control::nodes::NodeState;
 use splicegate_control::policy::Protocol;
-use splicegate_control::stats::{OK, SETUP_BUCKETS_US, WorkerStats};
+use splicegate_control::stats::{
+    GUARD_DROP_BANNED, GUARD_DROP_NOT_ALLOWED, GUARD_DROP_RATE, OK, SETUP_BUCKETS_US, WorkerStats,
+};
 
 use crate::control::Control;
 use crate::health::HealthStats;
@@ -164,6 +166,26 @@ impl Collector for Live {
             &[
                 (&[("direction", "up")], sum(w, |s| rd(&s.bytes_up))),
                 (&[("direction", "down")], sum(w, |s| rd(&s.bytes_down))),
+            ],
+        )?;
+
+        counter(
+            &mut enc,
+            "splicegate_guard_closed_connections",
+            "Connections the user-space flood guard closed at accept, by reason (the kernel's drops are splicegate_ebpf_verdicts)",
+            &[
+                (
+                    &[("reason", "rate")],
+                    sum(w, |s| rd(&s.guard_drops[GUARD_DROP_RATE])),
+                ),
+                (
+                    &[("reason", "banned")],
+                    sum(w, |s| rd(&s.guard_drops[GUARD_DROP_BANNED])),
+                ),
+                (
+                    &[("reason", "not_allowed")],
+                    sum(w, |s| rd(&s.guard_drops[GUARD_DROP_NOT_ALLOWED])),
+                ),
             ],
         )?;
 

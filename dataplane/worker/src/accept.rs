@@ -11,6 +11,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use splicegate_control::nodes::Rng;
+use splicegate_control::{Code, Rejection};
 use splicegate_uring::{
     Notifier, PipePool, Receiver, Runtime, RuntimeConfig, TcpListener, TcpStream, sleep, spawn,
 };
@@ -73,6 +74,7 @@ pub(crate) fn run(
             rng: RefCell::new(Rng::new(seed)),
             dns: DnsCache::default(),
             draining: Cell::new(false),
+            guard_records: Cell::new((0, 0)),
         });
         let stop = Notifier::new();
         let mut stoppers = Vec::new();
@@ -138,16 +140,34 @@ async fn accept_loop(ctx: Rc<Ctx>, listener: TcpListener, binding: Binding, stop
             use splicegate_control::stats::{
                 GUARD_DROP_BANNED, GUARD_DROP_NOT_ALLOWED, GUARD_DROP_RATE,
             };
-            let dropped = match ctx.shared.guard.on_connect(peer.ip(), crate::clock::now()) {
+            let ip = peer.ip();
+            let dropped = match ctx.shared.guard.on_connect(ip, crate::clock::now()) {
                 Verdict::Pass if binding.ip_only && !allowed_on_ip_only(&ctx, binding, peer) => {
-                    Some(GUARD_DROP_NOT_ALLOWED)
+                    Some((
+                        GUARD_DROP_NOT_ALLOWED,
+                        Code::IpNotAllowed,
+                        format!(
+                            "{ip} is not on the allowlist of this ip_only port; closed at accept"
+                        ),
+                    ))
                 }
                 Verdict::Pass => None,
-                Verdict::DropRate => Some(GUARD_DROP_RATE),
-                Verdict::DropBanned => Some(GUARD_DROP_BANNED),
+                Verdict::DropRate => Some((
+                    GUARD_DROP_RATE,
+                    Code::RateLimitExceeded,
+                    format!(
+                        "{ip} opened connections faster than the flood guard allows ([ebpf] syn_rate, syn_burst); closed at accept"
+                    ),
+                )),
+                Verdict::DropBanned => Some((
+                    GUARD_DROP_BANNED,
+                    Code::AuthFailed,
+                    format!("{ip} is banned after repeated AUTH_FAILED; closed at accept"),
+                )),
             };
-            if let Some(i) = dropped {
+            if let Some((i, code, detail)) = dropped {
                 WorkerStats::inc(&ctx.stats.guard_drops[i]);
+                ctx.record_guard(peer, Rejection::new(code, detail));
                 continue;
             }
         }

@@ -27,7 +27,12 @@ pub(crate) struct Ctx {
     pub rng: RefCell<Rng>,
     pub dns: DnsCache,
     pub draining: Cell<bool>,
+    /// Guard records this second: (unix second, count).
+    pub guard_records: Cell<(u64, u32)>,
 }
+
+/// Most flood-guard closes one worker writes to the recent errors a second.
+pub(crate) const GUARD_RECORDS_PER_S: u32 = 10;
 
 /// One finished request or tunnel, for the counters and the access log.
 pub(crate) struct Outcome<'a> {
@@ -52,7 +57,7 @@ impl Ctx {
         let policy = self.shared.engine.policy();
         self.shared
             .engine
-            .record_error(&policy, clock::unix_ms(), package, protocol, rej);
+            .record_error(&policy, clock::unix_ms(), package, Some(protocol), rej);
         if rej.code == splicegate_control::Code::AuthFailed {
             let banned = self.shared.guard.on_auth_failure(peer.ip(), clock::now());
             if let Some(ban) = banned {
@@ -75,6 +80,25 @@ impl Ctx {
             started: Instant::now(),
             setup: None,
         });
+    }
+
+    /// A connection the user-space flood guard closed at accept: always
+    /// counted (the caller), and recorded in the recent errors at most
+    /// [`GUARD_RECORDS_PER_S`] times a second per worker, so a flood cannot
+    /// make the ring's lock its bottleneck.
+    pub fn record_guard(&self, peer: SocketAddr, rej: Rejection) {
+        let second = clock::unix_ms() / 1000;
+        let (at, n) = self.guard_records.get();
+        let n = if at == second { n + 1 } else { 1 };
+        self.guard_records.set((second, n));
+        if n > GUARD_RECORDS_PER_S {
+            return;
+        }
+        tracing::debug!(client = %peer, code = rej.code.as_str(), detail = %rej.detail, "closed at accept");
+        let policy = self.shared.engine.policy();
+        self.shared
+            .engine
+            .record_error(&policy, clock::unix_ms(), None, None, &rej);
     }
 
     /// Count an outcome and write its access-log line (never a key or password).
