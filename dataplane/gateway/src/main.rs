@@ -4,6 +4,7 @@
 
 mod admin;
 mod config;
+mod cpus;
 mod echo;
 mod kernel;
 
@@ -138,7 +139,6 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
     };
 
     let workers = cfg.proxy.workers.resolve();
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut listen = vec![(
         cfg.proxy.listen,
         Binding {
@@ -166,11 +166,17 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
         }
         per_worker.push(mine);
     }
+    // Pin within the process's affinity mask (taskset, CPUAffinity=,
+    // cpusets), never to a CPU outside it.
+    let mask = cfg.proxy.pin_workers.then(cpus::allowed).flatten();
     let mut handles = Vec::with_capacity(workers);
+    let mut pinned = Vec::with_capacity(workers);
     for (i, mine) in per_worker.into_iter().enumerate() {
-        let cpu = (cfg.proxy.pin_workers && workers <= cpus).then_some(i % cpus);
+        let cpu = cpus::for_worker(mask.as_deref(), i, workers);
+        pinned.push(cpu.map_or_else(|| "-".to_string(), |c| c.to_string()));
         handles.push(splicegate_worker::start(i, cpu, mine, shared.clone())?);
     }
+    tracing::info!(cpus = %pinned.join(","), "workers pinned (worker i on the i-th CPU of the affinity mask; - = not pinned)");
     let addrs: Vec<String> = listen.iter().map(|(a, _)| a.to_string()).collect();
     tracing::info!(listen = %addrs.join(", "), workers, "splicegate serving");
     let verdicts = kernel
