@@ -27,4 +27,5 @@ mod time;
 pub use control::{Clock, Control, ControlOptions, FileObject, Flushed};
 pub use error::{ControlError, StoreError};
 pub use health::HealthOptions;
+pub use metrics::ProcessCounter;
 pub use server::{AdminHandle, AdminOptions, AdminServer, VerdictFn};

@@ -29,6 +29,24 @@ use crate::health::HealthStats;
 /// `(verdict, count)` pairs rendered as `splicegate_ebpf_verdicts_total{verdict}`.
 pub type VerdictFn = Arc<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
 
+/// A counter the binary keeps outside the workers (log lines dropped, bans
+/// not written), read at scrape time.
+#[derive(Clone)]
+pub struct ProcessCounter {
+    /// The metric's name, without `_total`.
+    pub name: &'static str,
+    /// Its help line.
+    pub help: &'static str,
+    /// Reads it.
+    pub read: Arc<dyn Fn() -> u64 + Send + Sync>,
+}
+
+impl fmt::Debug for ProcessCounter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
 /// The registry `/metrics` renders.
 #[derive(Debug)]
 pub struct Metrics {
@@ -45,6 +63,7 @@ impl Metrics {
         workers: Vec<Arc<WorkerStats>>,
         health: &HealthStats,
         ebpf: Option<VerdictFn>,
+        process: Vec<ProcessCounter>,
     ) -> Metrics {
         let mut registry = Registry::default();
         registry.register(
@@ -71,6 +90,7 @@ impl Metrics {
             control,
             workers,
             ebpf,
+            process,
         }));
         Metrics { registry }
     }
@@ -90,6 +110,7 @@ struct Live {
     control: Arc<Control>,
     workers: Vec<Arc<WorkerStats>>,
     ebpf: Option<VerdictFn>,
+    process: Vec<ProcessCounter>,
 }
 
 impl fmt::Debug for Live {
@@ -299,6 +320,9 @@ impl Collector for Live {
             "Access-log lines dropped because the writer fell behind",
             &[(&[], sum(w, |s| rd(&s.access_dropped)))],
         )?;
+        for p in &self.process {
+            counter(&mut enc, p.name, p.help, &[(&[], (p.read)())])?;
+        }
 
         if let Some(f) = &self.ebpf {
             let verdicts = f();

@@ -14,8 +14,8 @@ use tokio::sync::watch;
 use crate::api::{self, AppState};
 use crate::control::Control;
 use crate::health::{self, HealthOptions, HealthStats};
-use crate::metrics::Metrics;
 pub use crate::metrics::VerdictFn;
+use crate::metrics::{Metrics, ProcessCounter};
 
 /// What the admin thread serves and checks.
 #[derive(Clone)]
@@ -32,6 +32,8 @@ pub struct AdminOptions {
     pub flush_interval: Duration,
     /// The eBPF verdict counters, when the kernel programs run.
     pub ebpf_verdicts: Option<VerdictFn>,
+    /// The binary's own counters.
+    pub process_counters: Vec<ProcessCounter>,
 }
 
 impl std::fmt::Debug for AdminOptions {
@@ -43,6 +45,7 @@ impl std::fmt::Debug for AdminOptions {
             .field("health", &self.health)
             .field("flush_interval", &self.flush_interval)
             .field("ebpf_verdicts", &self.ebpf_verdicts.is_some())
+            .field("process_counters", &self.process_counters)
             .finish()
     }
 }
@@ -57,6 +60,7 @@ impl AdminOptions {
             health: HealthOptions::default(),
             flush_interval: Duration::from_secs(1),
             ebpf_verdicts: None,
+            process_counters: Vec::new(),
         }
     }
 }
@@ -155,6 +159,7 @@ async fn serve(
         opts.workers.clone(),
         &health_stats,
         opts.ebpf_verdicts.clone(),
+        opts.process_counters.clone(),
     ));
     let state = AppState {
         control: control.clone(),

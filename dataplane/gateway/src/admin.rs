@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use splicegate_admin::{
-    AdminHandle, AdminOptions, AdminServer, Control, ControlOptions, HealthOptions, VerdictFn,
+    AdminHandle, AdminOptions, AdminServer, Control, ControlOptions, HealthOptions, ProcessCounter,
+    VerdictFn,
 };
 use splicegate_control::engine::Engine;
 use splicegate_control::policy::Policy;
@@ -51,6 +52,7 @@ pub fn start(
     control: Option<&Arc<Control>>,
     workers: &[WorkerHandle],
     ebpf_verdicts: Option<VerdictFn>,
+    process_counters: Vec<ProcessCounter>,
 ) -> Result<Option<AdminHandle>> {
     let (Some(control), Some(section)) = (control, &cfg.admin) else {
         return Ok(None);
@@ -61,6 +63,7 @@ pub fn start(
     opts.workers = workers.iter().map(|w| w.stats.clone()).collect();
     opts.health = health_options(cfg);
     opts.ebpf_verdicts = ebpf_verdicts;
+    opts.process_counters = process_counters;
     let handle = AdminServer::start(control.clone(), opts)
         .with_context(|| format!("the admin API on {listen}"))?;
     Ok(Some(handle))

@@ -81,15 +81,39 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(level: &str) {
+/// Log lines waiting for stderr; past this they are dropped and counted.
+const LOG_QUEUE_LINES: usize = 16_384;
+
+/// Logging to stderr through a bounded queue and a writer thread of its
+/// own: a stalled stderr (a full pipe, a stopped journal) costs dropped
+/// lines, counted, never a blocked worker. Keep the guard alive until exit:
+/// dropping it flushes what is queued.
+fn init_logging(level: &str) -> Logging {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("splicegate-log")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(writer)
+        .with_ansi(ansi)
         .with_target(false)
         .try_init();
+    Logging {
+        _guard: guard,
+        dropped,
+    }
+}
+
+/// The log writer's guard and its count of dropped lines.
+struct Logging {
+    _guard: tracing_appender::non_blocking::WorkerGuard,
+    dropped: tracing_appender::non_blocking::ErrorCounter,
 }
 
 fn serve(path: Option<PathBuf>) -> Result<()> {
@@ -100,7 +124,7 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
             true,
         ),
     };
-    init_logging(&cfg.log.level);
+    let logging = init_logging(&cfg.log.level);
     // Block the signals before any thread exists, so every thread inherits
     // the mask and only this one receives them.
     let signals = splicegate_uring::SignalSet::block(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
@@ -182,7 +206,13 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
     let verdicts = kernel
         .clone()
         .map(|k| -> splicegate_admin::VerdictFn { Arc::new(move || k.counters()) });
-    let admin = admin::start(&cfg, control.as_ref(), &handles, verdicts)?;
+    let log_dropped = logging.dropped.clone();
+    let counters = vec![splicegate_admin::ProcessCounter {
+        name: "splicegate_log_dropped_lines",
+        help: "Log lines dropped because stderr could not take them (the writer never blocks a worker)",
+        read: Arc::new(move || log_dropped.dropped_lines() as u64),
+    }];
+    let admin = admin::start(&cfg, control.as_ref(), &handles, verdicts, counters)?;
     if demo {
         print_demo(&cfg, echo);
     }
