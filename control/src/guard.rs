@@ -6,17 +6,23 @@
 //!
 //! IPv4 sources are keyed by address, IPv6 sources by their /64 (one host
 //! usually owns a whole /64). Memory is bounded: each of the 16 shards keeps
-//! at most `max_tracked / 16` sources, evicting idle ones first.
+//! at most `max_tracked / 16` sources, evicting idle ones first; a full
+//! shard is swept at most every [`SWEEP_EVERY`], so a flood from many
+//! sources costs one scan per interval, not one per new source (between
+//! sweeps a new source passes untracked: the guard fails open).
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::Now;
 
 const NS: u64 = 1_000_000_000;
+/// Least time between two sweeps of one full shard.
+pub const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The guard's settings (`[ebpf]` keys: the same rules hold in the kernel).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,12 +97,21 @@ struct Entry {
     banned_until: Now,
 }
 
+/// One shard: its sources and when it was last swept for room.
+#[derive(Debug, Default)]
+struct Shard {
+    map: HashMap<SourceKey, Entry>,
+    swept: Option<Now>,
+}
+
 /// Rate limits and bans per source, shared by every worker.
 #[derive(Debug)]
 pub struct Guard {
     cfg: GuardConfig,
-    shards: Box<[Mutex<HashMap<SourceKey, Entry>>]>,
+    shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
+    /// Sweeps of full shards so far.
+    sweeps: AtomicU64,
 }
 
 impl Guard {
@@ -104,8 +119,9 @@ impl Guard {
     pub fn new(cfg: GuardConfig) -> Self {
         Guard {
             cfg,
-            shards: (0..16).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..16).map(|_| Mutex::new(Shard::default())).collect(),
             hasher: RandomState::new(),
+            sweeps: AtomicU64::new(0),
         }
     }
 
@@ -114,7 +130,12 @@ impl Guard {
         self.cfg
     }
 
-    fn shard(&self, k: &SourceKey) -> std::sync::MutexGuard<'_, HashMap<SourceKey, Entry>> {
+    /// Sweeps of full shards so far (each scans one shard).
+    pub fn sweeps(&self) -> u64 {
+        self.sweeps.load(Ordering::Relaxed)
+    }
+
+    fn shard(&self, k: &SourceKey) -> std::sync::MutexGuard<'_, Shard> {
         let i = (self.hasher.hash_one(k) as usize) % self.shards.len();
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -133,14 +154,24 @@ impl Guard {
         }
     }
 
-    /// Make room in a full shard: drop sources with nothing to remember.
-    fn make_room(&self, map: &mut HashMap<SourceKey, Entry>, now: Now) -> bool {
+    /// Make room in a full shard: drop sources with nothing to remember, at
+    /// most once per [`SWEEP_EVERY`].
+    fn make_room(&self, shard: &mut Shard, now: Now) -> bool {
         let per_shard = (self.cfg.max_tracked / self.shards.len()).max(1);
-        if map.len() < per_shard {
+        if shard.map.len() < per_shard {
             return true;
         }
+        if shard
+            .swept
+            .is_some_and(|t| now.0.saturating_sub(t.0) < SWEEP_EVERY.as_nanos() as u64)
+        {
+            return false;
+        }
+        shard.swept = Some(now);
+        self.sweeps.fetch_add(1, Ordering::Relaxed);
         let cap = self.capacity();
         let rate = u64::from(self.cfg.syn_rate);
+        let map = &mut shard.map;
         map.retain(|_, e| {
             let refilled = e
                 .tokens
@@ -155,8 +186,8 @@ impl Guard {
     /// A new connection from `ip`.
     pub fn on_connect(&self, ip: IpAddr, now: Now) -> Verdict {
         let key = SourceKey::of(ip);
-        let mut map = self.shard(&key);
-        if let Some(e) = map.get(&key)
+        let mut shard = self.shard(&key);
+        if let Some(e) = shard.map.get(&key)
             && e.banned_until > now
         {
             return Verdict::DropBanned;
@@ -164,11 +195,11 @@ impl Guard {
         if self.cfg.syn_rate == 0 {
             return Verdict::Pass;
         }
-        if !map.contains_key(&key) && !self.make_room(&mut map, now) {
+        if !shard.map.contains_key(&key) && !self.make_room(&mut shard, now) {
             return Verdict::Pass; // too many sources to track: fail open, never closed
         }
         let cap = self.capacity();
-        let e = map.entry(key).or_insert_with(|| self.fresh(now));
+        let e = shard.map.entry(key).or_insert_with(|| self.fresh(now));
         let elapsed = now.0.saturating_sub(e.last.0);
         e.tokens = e
             .tokens
@@ -190,11 +221,11 @@ impl Guard {
             return None;
         }
         let key = SourceKey::of(ip);
-        let mut map = self.shard(&key);
-        if !map.contains_key(&key) && !self.make_room(&mut map, now) {
+        let mut shard = self.shard(&key);
+        if !shard.map.contains_key(&key) && !self.make_room(&mut shard, now) {
             return None;
         }
-        let e = map.entry(key).or_insert_with(|| self.fresh(now));
+        let e = shard.map.entry(key).or_insert_with(|| self.fresh(now));
         if now.0.saturating_sub(e.window_start.0) >= self.cfg.ban_window_s * NS {
             e.window_start = now;
             e.failures = 0;
@@ -209,10 +240,17 @@ impl Guard {
         None
     }
 
+    /// Whether `ip`'s source is tracked (has an entry).
+    pub fn is_tracked(&self, ip: IpAddr) -> bool {
+        let key = SourceKey::of(ip);
+        self.shard(&key).map.contains_key(&key)
+    }
+
     /// Whether `ip` is banned now.
     pub fn is_banned(&self, ip: IpAddr, now: Now) -> bool {
         let key = SourceKey::of(ip);
         self.shard(&key)
+            .map
             .get(&key)
             .is_some_and(|e| e.banned_until > now)
     }
@@ -220,7 +258,7 @@ impl Guard {
     /// Lift a ban.
     pub fn unban(&self, ip: IpAddr) {
         let key = SourceKey::of(ip);
-        if let Some(e) = self.shard(&key).get_mut(&key) {
+        if let Some(e) = self.shard(&key).map.get_mut(&key) {
             e.banned_until = Now(0);
             e.failures = 0;
         }
@@ -232,7 +270,8 @@ impl Guard {
         for s in self.shards.iter() {
             let m = s.lock().unwrap_or_else(|e| e.into_inner());
             out.extend(
-                m.iter()
+                m.map
+                    .iter()
                     .filter(|(_, e)| e.banned_until > now)
                     .map(|(k, e)| (*k, (e.banned_until.0 - now.0).div_ceil(NS))),
             );
@@ -370,9 +409,19 @@ mod tests {
             let a = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
             g.on_connect(a, t);
         }
-        let tracked: usize = g.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        let tracked: usize = g.shards.iter().map(|s| s.lock().unwrap().map.len()).sum();
         assert!(tracked <= 64, "{tracked}");
         // Sources it could not track pass rather than being refused.
         assert_eq!(g.on_connect(ip("11.0.0.1"), t), Verdict::Pass);
+        // 10,000 new sources against full shards at one instant: each shard
+        // was swept once, not once per source.
+        assert!(g.sweeps() <= 16, "{} sweeps", g.sweeps());
+        // Time passes: a full shard may be swept again, and the idle
+        // sources (their bucket refilled) make room for new ones.
+        let later = Now(t.0 + 2 * SWEEP_EVERY.as_nanos() as u64 + 2 * NS);
+        let before = g.sweeps();
+        assert_eq!(g.on_connect(ip("12.0.0.1"), later), Verdict::Pass);
+        assert_eq!(g.sweeps(), before + 1);
+        assert!(g.is_tracked(ip("12.0.0.1")), "room was made");
     }
 }
