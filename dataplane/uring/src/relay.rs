@@ -10,7 +10,9 @@
 //!
 //! Pipes come from a per-worker [`PipePool`]: a direction takes one only to
 //! try a transfer and gives it back as soon as it is empty, so an idle
-//! tunnel holds no pipe, and the pool only ever caches empty pipes.
+//! tunnel holds no pipe, and the pool only ever caches empty pipes. When no
+//! pipe can be had (`pipe2` fails with `EMFILE`/`ENFILE`), the direction
+//! copies through its buffer instead: a tunnel never ends for want of a pipe.
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
@@ -68,7 +70,8 @@ pub enum RelayEnd {
         /// The error it returned.
         error: io::Error,
     },
-    /// A local resource failed (pipe creation hit `EMFILE`, ring submission).
+    /// A local resource failed: the ring refused a readiness wait. (A pipe
+    /// that cannot be had is not one: the direction copies instead.)
     Local(io::Error),
 }
 
@@ -220,7 +223,18 @@ pub struct PipePool {
     /// Small-message buffers ([`COPY_BUF`] bytes), lent like the pipes: only
     /// while bytes are in flight.
     bufs: RefCell<Vec<Box<[u8]>>>,
+    /// After a failed `pipe2`, this many more attempts to create a pipe are
+    /// skipped (served from the cache only), so a process out of descriptors
+    /// does not pay a failing syscall per chunk.
+    create_backoff: Cell<u32>,
+    /// Tests: how many more pipes `pipe2` may create (`None`: unlimited);
+    /// past it creation fails with `EMFILE`, as in a process out of descriptors.
+    #[cfg(test)]
+    create_allowance: Cell<Option<usize>>,
 }
+
+/// Creation attempts skipped after a failed `pipe2`.
+const CREATE_BACKOFF: u32 = 64;
 
 impl PipePool {
     /// A pool caching up to `max_cached` pipes of [`DEFAULT_PIPE_SIZE`].
@@ -238,7 +252,16 @@ impl PipePool {
             pipe_size,
             in_use: Cell::new(0),
             bufs: RefCell::new(Vec::new()),
+            create_backoff: Cell::new(0),
+            #[cfg(test)]
+            create_allowance: Cell::new(None),
         }
+    }
+
+    /// Tests: let `pipe2` succeed `n` more times, then fail with `EMFILE`.
+    #[cfg(test)]
+    pub(crate) fn fail_pipe_creation_after(&self, n: usize) {
+        self.create_allowance.set(Some(n));
     }
 
     /// Empty pipes cached for reuse.
@@ -265,21 +288,51 @@ impl PipePool {
         }
     }
 
-    fn take(&self) -> io::Result<Pipe> {
-        let pipe = match self.cached.borrow_mut().pop() {
+    /// A pipe to splice through, or `None` when none can be had (`pipe2`
+    /// failed with `EMFILE`/`ENFILE`/`ENOMEM`, or failed recently): the
+    /// caller copies through a buffer instead, as HAProxy does past
+    /// `maxpipes`. A tunnel never ends for want of a pipe.
+    fn take(&self) -> Option<Pipe> {
+        let cached = self.cached.borrow_mut().pop();
+        let pipe = match cached {
             Some(pipe) => pipe,
-            None => {
-                let (read, write) = sys::pipe()?;
+            None => self.create()?,
+        };
+        self.in_use.set(self.in_use.get() + 1);
+        Some(pipe)
+    }
+
+    fn create(&self) -> Option<Pipe> {
+        let backoff = self.create_backoff.get();
+        if backoff > 0 {
+            self.create_backoff.set(backoff - 1);
+            return None;
+        }
+        match self.pipe2() {
+            Ok((read, write)) => {
                 let capacity = sys::set_pipe_size(write.as_fd(), self.pipe_size);
-                Pipe {
+                Some(Pipe {
                     read,
                     write,
                     capacity,
-                }
+                })
             }
-        };
-        self.in_use.set(self.in_use.get() + 1);
-        Ok(pipe)
+            Err(_) => {
+                self.create_backoff.set(CREATE_BACKOFF);
+                None
+            }
+        }
+    }
+
+    fn pipe2(&self) -> io::Result<(OwnedFd, OwnedFd)> {
+        #[cfg(test)]
+        if let Some(n) = self.create_allowance.get() {
+            if n == 0 {
+                return Err(io::Error::from_raw_os_error(libc::EMFILE));
+            }
+            self.create_allowance.set(Some(n - 1));
+        }
+        sys::pipe()
     }
 
     /// Returns an empty pipe.
@@ -298,20 +351,12 @@ impl PipePool {
     }
 }
 
-/// A transfer failed; says whose fault it was.
-enum Fault {
-    /// The source socket's syscall failed (or would block).
-    Io(io::Error),
-    /// A local resource (pipe) could not be had.
-    Local(io::Error),
-}
-
 /// Where one direction keeps bytes between reading them and writing them.
 trait Stage {
     /// Bytes read and not yet written.
     fn staged(&self) -> usize;
     /// Reads from `src` into the (empty) stage; `Ok(0)` is EOF.
-    fn fill(&mut self, src: &TcpStream) -> Result<usize, Fault>;
+    fn fill(&mut self, src: &TcpStream) -> io::Result<usize>;
     /// How many bytes the last `fill` asked for (a read that got fewer left
     /// the socket's receive queue empty, most likely).
     fn asked(&self) -> usize;
@@ -327,34 +372,30 @@ struct PipeStage<'p> {
     asked: usize,
 }
 
-impl Stage for PipeStage<'_> {
-    fn staged(&self) -> usize {
-        self.staged
-    }
-
-    fn fill(&mut self, src: &TcpStream) -> Result<usize, Fault> {
+impl PipeStage<'_> {
+    /// Splices from `src` into a pipe from the pool; `None` when the pool
+    /// has no pipe to give (the caller copies instead).
+    fn fill(&mut self, src: &TcpStream) -> Option<io::Result<usize>> {
         debug_assert_eq!(self.staged, 0);
         let pipe = match self.pipe.take() {
             Some(pipe) => pipe,
-            None => self.pool.take().map_err(Fault::Local)?,
+            None => self.pool.take()?,
         };
         self.asked = pipe.capacity;
-        match sys::splice(src.as_fd(), pipe.write.as_fd(), pipe.capacity) {
-            Ok(n) if n > 0 => {
-                self.staged = n;
-                self.pipe = Some(pipe);
-                Ok(n)
-            }
-            other => {
-                // EOF, EAGAIN or an error: nothing entered the pipe.
-                self.pool.give(pipe);
-                other.map_err(Fault::Io)
-            }
-        }
-    }
-
-    fn asked(&self) -> usize {
-        self.asked
+        Some(
+            match sys::splice(src.as_fd(), pipe.write.as_fd(), pipe.capacity) {
+                Ok(n) if n > 0 => {
+                    self.staged = n;
+                    self.pipe = Some(pipe);
+                    Ok(n)
+                }
+                other => {
+                    // EOF, EAGAIN or an error: nothing entered the pipe.
+                    self.pool.give(pipe);
+                    other
+                }
+            },
+        )
     }
 
     fn drain(&mut self, dst: &TcpStream) -> io::Result<usize> {
@@ -415,13 +456,20 @@ impl Stage for AutoStage<'_> {
         self.pipe.staged + (self.end - self.start)
     }
 
-    fn fill(&mut self, src: &TcpStream) -> Result<usize, Fault> {
+    fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
         if self.splice {
-            let n = self.pipe.fill(src)?;
-            if n < COPY_BUF {
-                self.splice = false;
+            match self.pipe.fill(src) {
+                Some(res) => {
+                    let n = res?;
+                    if n < COPY_BUF {
+                        self.splice = false;
+                    }
+                    return Ok(n);
+                }
+                // No pipe to be had: copy this read; the next full one
+                // asks the pool again.
+                None => self.splice = false,
             }
-            return Ok(n);
         }
         let mut buf = self.buf.take().unwrap_or_else(|| self.pipe.pool.take_buf());
         match src.try_read(&mut buf) {
@@ -434,7 +482,7 @@ impl Stage for AutoStage<'_> {
             }
             other => {
                 self.pipe.pool.give_buf(buf);
-                other.map_err(Fault::Io)
+                other
             }
         }
     }
@@ -483,8 +531,8 @@ impl Stage for BufStage {
         self.buf.len()
     }
 
-    fn fill(&mut self, src: &TcpStream) -> Result<usize, Fault> {
-        let n = src.try_read(&mut self.buf).map_err(Fault::Io)?;
+    fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
+        let n = src.try_read(&mut self.buf)?;
         self.start = 0;
         self.end = n;
         Ok(n)
@@ -614,17 +662,16 @@ impl<S: Stage> Half<S> {
                     budget -= 1;
                     self.short = n < self.stage.asked();
                 }
-                Err(Fault::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.wait = Some(wait_for(src, libc::POLLIN)?);
                 }
-                Err(Fault::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(Fault::Io(error)) => {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => {
                     return Err(RelayEnd::Error {
                         side: src_side,
                         error,
                     });
                 }
-                Err(Fault::Local(e)) => return Err(RelayEnd::Local(e)),
             }
         }
     }

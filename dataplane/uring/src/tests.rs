@@ -174,10 +174,11 @@ fn multishot_accept_of_200_connections() {
     });
 }
 
-fn bulk_both_ways(use_splice: bool, total: u64) {
+/// Relays `total` bytes each way at once and checks every byte; gives the
+/// pool back for further checks.
+fn bulk_both_ways(use_splice: bool, total: u64, pipes: PipePool) -> PipePool {
     run(async move {
         let t = tunnel().await;
-        let pipes = PipePool::new(8);
         let ctl = RelayCtl::new();
         let (up, down) = (Pattern::new(1), Pattern::new(2));
         let chunks = Rc::new(RefCell::new([0u64; 2]));
@@ -185,11 +186,18 @@ fn bulk_both_ways(use_splice: bool, total: u64) {
         ctl.on_chunk(move |dir, n| hook_chunks.borrow_mut()[dir as usize] += n as u64);
 
         let relay_fut = async {
-            if use_splice {
+            let outcome = if use_splice {
                 relay(&t.a, &t.b, &pipes, &ctl).await
             } else {
                 copy_relay(&t.a, &t.b, 32 * 1024, &ctl).await
-            }
+            };
+            // Fail fast rather than leave the peers waiting for bytes.
+            assert!(
+                matches!(outcome.end, RelayEnd::Closed),
+                "relay ended early: {:?}",
+                outcome.end
+            );
+            outcome
         };
         let client = async {
             let (_, got) = join(
@@ -209,24 +217,45 @@ fn bulk_both_ways(use_splice: bool, total: u64) {
         };
         let (outcome, (at_client, at_sink)) = join(relay_fut, join(client, sink)).await;
 
-        assert!(matches!(outcome.end, RelayEnd::Closed), "{:?}", outcome.end);
         assert_eq!((at_client, at_sink), (total, total));
         assert_eq!((outcome.a_to_b, outcome.b_to_a), (total, total));
         assert_eq!((ctl.a_to_b(), ctl.b_to_a()), (total, total));
         assert_eq!(*chunks.borrow(), [total, total]);
         assert_eq!(pipes.in_use(), 0);
         assert!(pipes.cached() <= 8);
-    });
+        pipes
+    })
 }
 
 #[test]
 fn splice_relay_64_mib_each_way_exact() {
-    bulk_both_ways(true, 64 << 20);
+    bulk_both_ways(true, 64 << 20, PipePool::new(8));
 }
 
 #[test]
 fn copy_relay_8_mib_each_way_exact() {
-    bulk_both_ways(false, 8 << 20);
+    bulk_both_ways(false, 8 << 20, PipePool::new(8));
+}
+
+/// A process out of descriptors (`pipe2` fails with `EMFILE`) keeps its
+/// tunnels: a direction that cannot get a pipe copies through its buffer,
+/// and every byte arrives. Before, the relay ended with `RelayEnd::Local`.
+#[test]
+fn relay_copies_when_no_pipe_can_be_created() {
+    let pipes = PipePool::new(8);
+    pipes.fail_pipe_creation_after(0);
+    let pipes = bulk_both_ways(true, 16 << 20, pipes);
+    assert_eq!(pipes.cached(), 0, "no pipe was ever created");
+}
+
+/// The same once a tunnel is established and splicing: one pipe could be
+/// created, and every later `pipe2` fails mid-transfer.
+#[test]
+fn relay_survives_pipe_creation_failing_mid_transfer() {
+    let pipes = PipePool::new(8);
+    pipes.fail_pipe_creation_after(1);
+    let pipes = bulk_both_ways(true, 32 << 20, pipes);
+    assert!(pipes.cached() <= 1, "at most the one pipe was created");
 }
 
 /// Polls two futures concurrently (test helper; no extra crates).
