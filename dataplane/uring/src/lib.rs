@@ -45,8 +45,8 @@ mod tests;
 pub use net::{TcpListener, TcpStream};
 pub use notify::{Notifier, Receiver, SendError, Sender, channel};
 pub use relay::{
-    DEFAULT_PIPE_SIZE, Direction, PipePool, RelayCtl, RelayEnd, RelayOutcome, Side, copy_relay,
-    relay,
+    DEFAULT_MAX_PIPES, DEFAULT_PIPE_SIZE, Direction, PipeLimit, PipePool, PipeStats, RelayCtl,
+    RelayEnd, RelayOutcome, Side, copy_relay, relay,
 };
 pub use runtime::{Runtime, RuntimeConfig, spawn, yield_now};
 pub use signals::SignalSet;

@@ -21,6 +21,8 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -203,23 +205,113 @@ impl RelayCtl {
 
 /// A pipe, always empty while it sits in the pool.
 #[derive(Debug)]
-struct Pipe {
+pub(crate) struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
     capacity: usize,
+}
+
+/// Pipes of a process (every worker's pool) that [`PipePool::new`] lets
+/// hold bytes at once: 4,096 pipes of up to [`DEFAULT_PIPE_SIZE`], 1 GiB.
+pub const DEFAULT_MAX_PIPES: usize = 4096;
+
+/// A cap on the pipes that hold bytes at once, shared by the [`PipePool`]s
+/// of every worker of a process (`Send + Sync`, cheap to clone).
+///
+/// Bytes in a pipe escape TCP memory accounting (`tcp_mem`): without a cap,
+/// thousands of stalled tunnels would each pin a full pipe. Past the cap a
+/// direction copies through a 16 KiB buffer instead, as HAProxy does past
+/// `maxpipes`. Only pipes holding bytes count; the empty pipes a pool caches
+/// do not.
+#[derive(Clone, Debug)]
+pub struct PipeLimit {
+    inner: Arc<LimitInner>,
+}
+
+#[derive(Debug)]
+struct LimitInner {
+    max: usize,
+    in_use: AtomicUsize,
+}
+
+impl PipeLimit {
+    /// At most `max_in_use` pipes hold bytes at once (0: never splice).
+    pub fn new(max_in_use: usize) -> PipeLimit {
+        PipeLimit {
+            inner: Arc::new(LimitInner {
+                max: max_in_use,
+                in_use: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// The limit every [`PipePool::new`] shares: [`DEFAULT_MAX_PIPES`].
+    pub fn process_default() -> PipeLimit {
+        static DEFAULT: OnceLock<PipeLimit> = OnceLock::new();
+        DEFAULT
+            .get_or_init(|| PipeLimit::new(DEFAULT_MAX_PIPES))
+            .clone()
+    }
+
+    /// The cap.
+    pub fn max(&self) -> usize {
+        self.inner.max
+    }
+
+    /// Pipes holding bytes now, in every pool sharing this limit.
+    pub fn in_use(&self) -> usize {
+        self.inner.in_use.load(Ordering::Relaxed)
+    }
+
+    fn try_acquire(&self) -> bool {
+        let max = self.inner.max;
+        self.inner
+            .in_use
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release(&self) {
+        self.inner.in_use.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of a pool's counters, for a worker to export.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PipeStats {
+    /// Pipes of this pool holding bytes now.
+    pub in_use: usize,
+    /// Empty pipes cached by this pool.
+    pub cached: usize,
+    /// Pipes holding bytes now in every pool sharing the limit.
+    pub limit_in_use: usize,
+    /// The shared cap.
+    pub limit_max: usize,
+    /// Reads copied through a buffer because no pipe could be had (over
+    /// the cap, or `pipe2` failing); cumulative.
+    pub copy_fallbacks: u64,
+    /// `pipe2` calls that failed (`EMFILE`, `ENFILE`, ...); cumulative.
+    pub pipe_failures: u64,
 }
 
 /// The pipes of one worker, reused across relays.
 ///
 /// A pipe leaves the pool while a direction moves bytes and comes back when
 /// drained; a pipe that still holds bytes when its relay ends is closed, not
-/// cached. At most `max_cached` empty pipes are kept.
+/// cached. At most `max_cached` empty pipes are kept, and at most
+/// [`PipeLimit::max`] pipes hold bytes at once across the pools sharing the
+/// limit; past it, and whenever `pipe2` fails, relays copy instead.
 #[derive(Debug)]
 pub struct PipePool {
     cached: RefCell<Vec<Pipe>>,
     max_cached: usize,
     pipe_size: usize,
     in_use: Cell<usize>,
+    limit: PipeLimit,
+    copy_fallbacks: Cell<u64>,
+    pipe_failures: Cell<u64>,
     /// Small-message buffers ([`COPY_BUF`] bytes), lent like the pipes: only
     /// while bytes are in flight.
     bufs: RefCell<Vec<Box<[u8]>>>,
@@ -237,7 +329,8 @@ pub struct PipePool {
 const CREATE_BACKOFF: u32 = 64;
 
 impl PipePool {
-    /// A pool caching up to `max_cached` pipes of [`DEFAULT_PIPE_SIZE`].
+    /// A pool caching up to `max_cached` pipes of [`DEFAULT_PIPE_SIZE`],
+    /// under the process-wide [`PipeLimit::process_default`].
     pub fn new(max_cached: usize) -> PipePool {
         PipePool::with_pipe_size(max_cached, DEFAULT_PIPE_SIZE)
     }
@@ -251,10 +344,37 @@ impl PipePool {
             max_cached,
             pipe_size,
             in_use: Cell::new(0),
+            limit: PipeLimit::process_default(),
+            copy_fallbacks: Cell::new(0),
+            pipe_failures: Cell::new(0),
             bufs: RefCell::new(Vec::new()),
             create_backoff: Cell::new(0),
             #[cfg(test)]
             create_allowance: Cell::new(None),
+        }
+    }
+
+    /// The same pool under `limit` instead (share one [`PipeLimit`] between
+    /// the pools of all workers to cap the process).
+    pub fn with_limit(mut self, limit: PipeLimit) -> PipePool {
+        self.limit = limit;
+        self
+    }
+
+    /// The limit this pool counts against.
+    pub fn limit(&self) -> &PipeLimit {
+        &self.limit
+    }
+
+    /// The pool's counters.
+    pub fn stats(&self) -> PipeStats {
+        PipeStats {
+            in_use: self.in_use(),
+            cached: self.cached(),
+            limit_in_use: self.limit.in_use(),
+            limit_max: self.limit.max(),
+            copy_fallbacks: self.copy_fallbacks.get(),
+            pipe_failures: self.pipe_failures.get(),
         }
     }
 
@@ -274,6 +394,11 @@ impl PipePool {
         self.in_use.get()
     }
 
+    /// Reads copied because no pipe could be had; cumulative.
+    pub fn copy_fallbacks(&self) -> u64 {
+        self.copy_fallbacks.get()
+    }
+
     fn take_buf(&self) -> Box<[u8]> {
         self.bufs
             .borrow_mut()
@@ -288,15 +413,23 @@ impl PipePool {
         }
     }
 
-    /// A pipe to splice through, or `None` when none can be had (`pipe2`
-    /// failed with `EMFILE`/`ENFILE`/`ENOMEM`, or failed recently): the
-    /// caller copies through a buffer instead, as HAProxy does past
-    /// `maxpipes`. A tunnel never ends for want of a pipe.
-    fn take(&self) -> Option<Pipe> {
+    /// A pipe to splice through, or `None` when none can be had (the limit
+    /// is reached, or `pipe2` failed with `EMFILE`/`ENFILE`/`ENOMEM` now or
+    /// recently): the caller copies through a buffer instead, as HAProxy
+    /// does past `maxpipes`. A tunnel never ends for want of a pipe.
+    pub(crate) fn take(&self) -> Option<Pipe> {
+        if !self.limit.try_acquire() {
+            self.copy_fallbacks.set(self.copy_fallbacks.get() + 1);
+            return None;
+        }
         let cached = self.cached.borrow_mut().pop();
-        let pipe = match cached {
+        let pipe = match cached.or_else(|| self.create()) {
             Some(pipe) => pipe,
-            None => self.create()?,
+            None => {
+                self.limit.release();
+                self.copy_fallbacks.set(self.copy_fallbacks.get() + 1);
+                return None;
+            }
         };
         self.in_use.set(self.in_use.get() + 1);
         Some(pipe)
@@ -318,6 +451,7 @@ impl PipePool {
                 })
             }
             Err(_) => {
+                self.pipe_failures.set(self.pipe_failures.get() + 1);
                 self.create_backoff.set(CREATE_BACKOFF);
                 None
             }
@@ -336,8 +470,9 @@ impl PipePool {
     }
 
     /// Returns an empty pipe.
-    fn give(&self, pipe: Pipe) {
+    pub(crate) fn give(&self, pipe: Pipe) {
         self.in_use.set(self.in_use.get() - 1);
+        self.limit.release();
         let mut cached = self.cached.borrow_mut();
         if cached.len() < self.max_cached {
             cached.push(pipe);
@@ -347,6 +482,7 @@ impl PipePool {
     /// Closes a pipe that may still hold bytes.
     fn discard(&self, pipe: Pipe) {
         self.in_use.set(self.in_use.get() - 1);
+        self.limit.release();
         drop(pipe);
     }
 }

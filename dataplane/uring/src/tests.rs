@@ -183,7 +183,14 @@ fn bulk_both_ways(use_splice: bool, total: u64, pipes: PipePool) -> PipePool {
         let (up, down) = (Pattern::new(1), Pattern::new(2));
         let chunks = Rc::new(RefCell::new([0u64; 2]));
         let hook_chunks = chunks.clone();
-        ctl.on_chunk(move |dir, n| hook_chunks.borrow_mut()[dir as usize] += n as u64);
+        // After every transfer, the pipes holding bytes under the pool's limit.
+        let limit = pipes.limit().clone();
+        let most_in_use = Rc::new(std::cell::Cell::new(0usize));
+        let hook_most = most_in_use.clone();
+        ctl.on_chunk(move |dir, n| {
+            hook_chunks.borrow_mut()[dir as usize] += n as u64;
+            hook_most.set(hook_most.get().max(limit.in_use()));
+        });
 
         let relay_fut = async {
             let outcome = if use_splice {
@@ -223,6 +230,7 @@ fn bulk_both_ways(use_splice: bool, total: u64, pipes: PipePool) -> PipePool {
         assert_eq!(*chunks.borrow(), [total, total]);
         assert_eq!(pipes.in_use(), 0);
         assert!(pipes.cached() <= 8);
+        assert!(most_in_use.get() <= pipes.limit().max());
         pipes
     })
 }
@@ -246,6 +254,56 @@ fn relay_copies_when_no_pipe_can_be_created() {
     pipes.fail_pipe_creation_after(0);
     let pipes = bulk_both_ways(true, 16 << 20, pipes);
     assert_eq!(pipes.cached(), 0, "no pipe was ever created");
+    let stats = pipes.stats();
+    assert!(stats.pipe_failures >= 1 && stats.copy_fallbacks >= stats.pipe_failures);
+}
+
+/// A cap of 0 pipes: every read is copied, every byte still arrives, and
+/// the fallbacks are counted for the worker to export.
+#[test]
+fn relay_copies_everything_under_a_pipe_cap_of_zero() {
+    let limit = PipeLimit::new(0);
+    let pipes = bulk_both_ways(true, 16 << 20, PipePool::new(8).with_limit(limit.clone()));
+    let stats = pipes.stats();
+    assert_eq!(stats.cached, 0, "no pipe was ever created");
+    assert!(stats.copy_fallbacks > 0, "{stats:?}");
+    assert_eq!(stats.pipe_failures, 0, "{stats:?}");
+    assert_eq!((limit.in_use(), stats.limit_max), (0, 0));
+}
+
+/// A cap of 1 shared by two pools: two tunnels moving bulk both ways at once
+/// (four directions wanting pipes) never hold more than one pipe between
+/// them, and deliver every byte.
+#[test]
+fn pipe_cap_bounds_pipes_in_use_across_pools() {
+    let limit = PipeLimit::new(1);
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let limit = limit.clone();
+            std::thread::spawn(move || {
+                bulk_both_ways(true, 16 << 20, PipePool::new(8).with_limit(limit)).stats()
+            })
+        })
+        .collect();
+    let stats: Vec<PipeStats> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(limit.in_use(), 0);
+    // The per-transfer samples in `bulk_both_ways` checked `in_use <= 1`.
+    assert!(stats.iter().all(|s| s.limit_max == 1 && s.in_use == 0));
+
+    // The bookkeeping itself, step by step.
+    let (p, q) = (
+        PipePool::new(2).with_limit(limit.clone()),
+        PipePool::new(2).with_limit(limit.clone()),
+    );
+    let held = p.take().expect("under the cap");
+    assert_eq!(limit.in_use(), 1);
+    assert!(q.take().is_none(), "over the cap");
+    assert_eq!(q.copy_fallbacks(), 1);
+    p.give(held);
+    assert_eq!(limit.in_use(), 0);
+    let held = q.take().expect("under the cap again");
+    q.give(held);
+    assert_eq!((p.cached(), q.cached(), limit.in_use()), (1, 1, 0));
 }
 
 /// The same once a tunnel is established and splicing: one pipe could be
@@ -256,6 +314,7 @@ fn relay_survives_pipe_creation_failing_mid_transfer() {
     pipes.fail_pipe_creation_after(1);
     let pipes = bulk_both_ways(true, 32 << 20, pipes);
     assert!(pipes.cached() <= 1, "at most the one pipe was created");
+    assert!(pipes.stats().pipe_failures >= 1, "{:?}", pipes.stats());
 }
 
 /// Polls two futures concurrently (test helper; no extra crates).
