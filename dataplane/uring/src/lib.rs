@@ -21,6 +21,11 @@
 //!   descriptors accepted for a dropped op are closed.
 //! - No op runs in io-wq: splice is never submitted to the ring, so idle
 //!   tunnels cost no kernel threads.
+//! - Cooperative: one poll of a task may complete at most 128 ready
+//!   operations (reads, writes, accepts, channel messages, relay transfers);
+//!   then its I/O futures return `Pending` once and the task runs again after
+//!   the next look at the ring, so a task whose sockets stay ready cannot
+//!   starve the other tasks, timers and accepts of its worker.
 //! - Every raw syscall and SQE push goes through the `sys` module, which
 //!   holds all but one `unsafe` block (the other adopts the descriptor an
 //!   accept CQE returns, in the driver).
@@ -28,6 +33,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+mod coop;
 mod driver;
 mod net;
 mod notify;

@@ -26,13 +26,16 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use crate::coop;
 use crate::net::TcpStream;
 use crate::op::Op;
 use crate::sys;
 use crate::time::{Sleep, sleep_until};
 
-/// Transfers (syscalls that moved bytes) per direction before the relay
-/// yields to other tasks, so one busy tunnel cannot starve a worker.
+/// Transfers (syscalls that moved bytes) per direction and poll, so one
+/// direction cannot starve the other. Each transfer also spends one
+/// operation of the task's budget (`coop`); the relay yields when either
+/// runs out, and runs again after the next ring turn.
 const BUDGET: u32 = 16;
 
 /// Default pipe capacity asked for with `F_SETPIPE_SZ`.
@@ -751,13 +754,14 @@ impl<S: Stage> Half<S> {
                     Poll::Ready(_) => self.wait = None,
                 }
             }
-            if budget == 0 {
+            if budget == 0 || !coop::has_budget() {
                 return Ok(Step::Yield);
             }
             if self.stage.staged() > 0 {
                 match self.stage.drain(dst) {
                     Ok(n) => {
                         budget -= 1;
+                        coop::spend();
                         *moved += n as u64;
                         ctl.record(self.dir, n);
                     }
@@ -796,6 +800,7 @@ impl<S: Stage> Half<S> {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
                     budget -= 1;
+                    coop::spend();
                     self.short = n < self.stage.asked();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -897,7 +902,8 @@ impl<S: Stage + Unpin> Future for Relay<'_, S> {
             }
         }
         if matches!(ab, Step::Yield) || matches!(ba, Step::Yield) {
-            cx.waker().wake_by_ref();
+            // Run again after the ring is looked at, not before.
+            coop::defer(cx.waker());
         }
         Poll::Pending
     }

@@ -123,6 +123,9 @@ pub(crate) struct Context {
     id: u64,
     pub(crate) driver: RefCell<Driver>,
     ready: RefCell<VecDeque<TaskKey>>,
+    /// Wakers of tasks that yielded (budget spent, `yield_now`): woken after
+    /// the next ring turn, so they do not run again before I/O is looked at.
+    deferred: RefCell<Vec<Waker>>,
     main_woken: Cell<bool>,
     tasks: RefCell<Slab<Task>>,
     next_generation: Cell<u64>,
@@ -198,10 +201,12 @@ impl Context {
             task.waker.scheduled.store(false, Ordering::Release);
             (future, Waker::from(task.waker.clone()))
         };
-        let done = future
-            .as_mut()
-            .poll(&mut TaskContext::from_waker(&waker))
-            .is_ready();
+        let done = crate::coop::budgeted(|| {
+            future
+                .as_mut()
+                .poll(&mut TaskContext::from_waker(&waker))
+                .is_ready()
+        });
         let mut tasks = self.tasks.borrow_mut();
         if done {
             let task = tasks.remove(key.idx);
@@ -243,6 +248,32 @@ impl Context {
             drop(driver);
             self.drain_remote();
         }
+        self.wake_deferred();
+    }
+
+    /// Wakes the tasks that yielded before this turn.
+    fn wake_deferred(&self) {
+        let deferred = std::mem::take(&mut *self.deferred.borrow_mut());
+        for waker in deferred {
+            waker.wake();
+        }
+    }
+}
+
+/// Wakes `waker` after the next ring turn of the runtime running on this
+/// thread (at once when none is).
+pub(crate) fn defer_wake(waker: &Waker) {
+    let deferred = CURRENT
+        .try_with(|current| match &*current.borrow() {
+            Some(cx) => {
+                cx.deferred.borrow_mut().push(waker.clone());
+                true
+            }
+            None => false,
+        })
+        .unwrap_or(false);
+    if !deferred {
+        waker.wake_by_ref();
     }
 }
 
@@ -279,6 +310,7 @@ impl Runtime {
                 id: NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed),
                 driver: RefCell::new(driver),
                 ready: RefCell::new(VecDeque::new()),
+                deferred: RefCell::new(Vec::new()),
                 main_woken: Cell::new(false),
                 tasks: RefCell::new(Slab::new()),
                 next_generation: Cell::new(0),
@@ -313,7 +345,9 @@ impl Runtime {
         loop {
             if cx.main_woken.replace(false) {
                 main.scheduled.store(false, Ordering::Release);
-                if let Poll::Ready(out) = future.as_mut().poll(&mut task_cx) {
+                if let Poll::Ready(out) =
+                    crate::coop::budgeted(|| future.as_mut().poll(&mut task_cx))
+                {
                     return out;
                 }
             }
@@ -321,7 +355,9 @@ impl Runtime {
             while budget > 0 && cx.run_one() {
                 budget -= 1;
             }
-            let idle = cx.ready.borrow().is_empty() && !cx.main_woken.get();
+            let idle = cx.ready.borrow().is_empty()
+                && !cx.main_woken.get()
+                && cx.deferred.borrow().is_empty();
             cx.turn(idle);
         }
     }
@@ -353,6 +389,7 @@ impl Drop for Runtime {
         let tasks = self.cx.tasks.borrow_mut().drain();
         drop(tasks);
         self.cx.ready.borrow_mut().clear();
+        self.cx.deferred.borrow_mut().clear();
         let _ = self.cx.driver.borrow_mut().turn(false);
     }
 }
@@ -402,7 +439,8 @@ pub fn spawn<F: Future<Output = ()> + 'static>(future: F) {
     with_current(|cx| cx.spawn(Box::pin(future)));
 }
 
-/// Yields once to the scheduler, letting other ready tasks and I/O run.
+/// Yields once to the scheduler: the task runs again after the other ready
+/// tasks and the next look at the ring (I/O completions, timers).
 pub async fn yield_now() {
     let mut yielded = false;
     std::future::poll_fn(|cx| {
@@ -410,7 +448,7 @@ pub async fn yield_now() {
             Poll::Ready(())
         } else {
             yielded = true;
-            cx.waker().wake_by_ref();
+            crate::coop::defer(cx.waker());
             Poll::Pending
         }
     })

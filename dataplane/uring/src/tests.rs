@@ -662,3 +662,75 @@ fn pin_current_thread_accepts_cpu_zero() {
         .unwrap();
     assert!(pin_current_thread(usize::MAX).is_err());
 }
+
+/// A task whose sockets stay ready must not starve the rest of its worker.
+///
+/// The hog forwards through a loopback pair with a standing 16 KiB backlog:
+/// every `write_all` finds room and every `read` finds bytes, so without an
+/// operation budget it never returns `Pending`. Beside it, a ping-pong runs
+/// through a relay (client ⇄ a ==relay== b ⇄ echo). The hog stops once the
+/// ping-pong made its round trips, or gives up after 300,000 iterations (or
+/// 30 s); the assertion is on progress, not on latency.
+#[test]
+fn a_task_whose_sockets_stay_ready_does_not_starve_another_tunnel() {
+    const ROUND_TRIPS: u32 = 50;
+    run(async {
+        let (p, q) = pair().await;
+        let Tunnel { client, a, b, sink } = tunnel().await;
+        let round_trips = Rc::new(std::cell::Cell::new(0u32));
+
+        spawn(async move {
+            let pipes = PipePool::new(4);
+            let _ = relay(&a, &b, &pipes, &RelayCtl::new()).await;
+        });
+        spawn(async move {
+            let mut buf = [0u8; 64];
+            for _ in 0..10 * ROUND_TRIPS {
+                let n = sink.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                sink.write_all(&buf[..n]).await.unwrap();
+            }
+        });
+        let counter = round_trips.clone();
+        spawn(async move {
+            let mut buf = [0u8; 1];
+            for _ in 0..ROUND_TRIPS {
+                client.write_all(b"?").await.unwrap();
+                assert_eq!(client.read(&mut buf).await.unwrap(), 1);
+                counter.set(counter.get() + 1);
+            }
+        });
+
+        // The hog: forward p -> q with 16 KiB always queued in q.
+        p.write_all(&[7u8; 16 * 1024]).await.unwrap();
+        q.readable().await.unwrap();
+        let chunk = [7u8; 1024];
+        let mut buf = [0u8; 1024];
+        let started = Instant::now();
+        let mut iterations = 0u64;
+        // Bounded by the hog's own work (about 400 iterations a round trip
+        // with the budget, whatever share of the CPU this test gets), and
+        // by time as a backstop.
+        while round_trips.get() < ROUND_TRIPS
+            && iterations < 300_000
+            && started.elapsed() < Duration::from_secs(30)
+        {
+            p.write_all(&chunk).await.unwrap();
+            let n = q.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            iterations += 1;
+        }
+        assert_eq!(
+            round_trips.get(),
+            ROUND_TRIPS,
+            "the ping-pong was starved: {} round trips while the hog ran \
+             {iterations} iterations in {:?}",
+            round_trips.get(),
+            started.elapsed()
+        );
+        assert!(iterations > 0);
+        eprintln!("{ROUND_TRIPS} round trips during {iterations} hog iterations");
+    });
+}
