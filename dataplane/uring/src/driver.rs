@@ -23,6 +23,8 @@ use crate::sys::{self, Ring, SqFull};
 const WAKE_TOKEN: u64 = u64::MAX;
 /// `user_data` of cancel requests; their own CQEs carry nothing we need.
 const CANCEL_TOKEN: u64 = u64::MAX - 1;
+/// The longest wait while the eventfd poll could not be re-armed.
+const UNARMED_WAIT: Duration = Duration::from_millis(10);
 
 /// One CQE as delivered to an op.
 #[derive(Debug)]
@@ -197,7 +199,13 @@ pub(crate) struct Driver {
     /// is no longer borrowed.
     pub(crate) woken: Vec<Waker>,
     /// The eventfd poll fired: the runtime must drain its remote queue.
+    /// Set by any reap, including one inside a push that found the queue
+    /// full, so a turn must not block while it is set (the eventfd was
+    /// already drained: no further completion would end the wait).
     pub(crate) remote_signalled: bool,
+    /// The multishot poll on the eventfd is armed. Cleared when the kernel
+    /// ends it; re-armed at the next turn (never from inside a reap).
+    wake_armed: bool,
     /// The eventfd the runtime keeps a multishot poll armed on (shared with
     /// the runtime's remote-wake handle, which writes to it).
     wake_fd: Arc<OwnedFd>,
@@ -216,6 +224,7 @@ impl Driver {
             },
             woken: Vec::new(),
             remote_signalled: false,
+            wake_armed: false,
             wake_fd,
         };
         driver.arm_wake()?;
@@ -224,7 +233,9 @@ impl Driver {
 
     fn arm_wake(&mut self) -> io::Result<()> {
         let fd = self.wake_fd.as_raw_fd();
-        self.push(|ring| ring.push_poll(fd, libc::POLLIN as u32, true, WAKE_TOKEN))
+        self.push(|ring| ring.push_poll(fd, libc::POLLIN as u32, true, WAKE_TOKEN))?;
+        self.wake_armed = true;
+        Ok(())
     }
 
     /// Pushes one entry, reaping completions if the queues are backed up.
@@ -323,6 +334,12 @@ impl Driver {
         self.timers.remove(key);
     }
 
+    /// Tests: make the next `n` SQE pushes fail as if the queue stayed full.
+    #[cfg(test)]
+    pub(crate) fn refuse_pushes(&mut self, n: usize) {
+        self.ring.refuse_pushes(n);
+    }
+
     /// Number of ops the kernel still owns or whose results are unconsumed.
     pub(crate) fn ops_in_flight(&self) -> usize {
         self.ops.len()
@@ -331,13 +348,23 @@ impl Driver {
     /// One turn of I/O: fire expired timers, submit, optionally wait (until a
     /// completion or the nearest timer), then dispatch every CQE.
     pub(crate) fn turn(&mut self, may_block: bool) -> io::Result<()> {
+        if !self.wake_armed {
+            // If even this cannot be queued, the wait below is bounded.
+            let _ = self.arm_wake();
+        }
         let now = Instant::now();
         self.timers.fire_expired(now, &mut self.woken);
-        if may_block && self.woken.is_empty() {
-            let timeout = self
+        // Never wait with work already known: tasks to wake, or a remote
+        // wake reaped outside a turn (by a push that found the queue full).
+        if may_block && self.woken.is_empty() && !self.remote_signalled {
+            let mut timeout = self
                 .timers
                 .next_deadline()
                 .map(|d| d.saturating_duration_since(now));
+            if !self.wake_armed {
+                // Remote wakes cannot reach the ring: look again soon.
+                timeout = Some(timeout.map_or(UNARMED_WAIT, |t| t.min(UNARMED_WAIT)));
+            }
             match timeout {
                 Some(Duration::ZERO) => self.ring.submit()?,
                 t => self.ring.submit_and_wait(t)?,
@@ -352,7 +379,6 @@ impl Driver {
 
     /// Dispatches every available CQE to its slot.
     fn reap(&mut self) {
-        let mut rearm_wake = false;
         let mut wake_seen = false;
         for cqe in self.ring.completions() {
             let (user_data, result, more) =
@@ -360,7 +386,9 @@ impl Driver {
             match user_data {
                 WAKE_TOKEN => {
                     wake_seen = true;
-                    rearm_wake |= !more;
+                    if !more {
+                        self.wake_armed = false;
+                    }
                 }
                 CANCEL_TOKEN => {}
                 idx => {
@@ -393,10 +421,6 @@ impl Driver {
             // a sender that pushes after this read signals again.
             sys::eventfd_drain(self.wake_fd.as_fd());
             self.remote_signalled = true;
-        }
-        if rearm_wake {
-            // The CQ ring was just drained, so this push cannot be starved.
-            let _ = self.arm_wake();
         }
     }
 }

@@ -34,6 +34,10 @@ pub(crate) struct SqFull;
 /// One io_uring instance. Only pointer-free entries can be pushed into it.
 pub(crate) struct Ring {
     ring: IoUring,
+    /// Tests: this many more pushes fail as if the queue stayed full after
+    /// a submit (the kernel holding back, e.g. on a CQ overflow).
+    #[cfg(test)]
+    refuse_pushes: usize,
 }
 
 impl std::fmt::Debug for Ring {
@@ -62,7 +66,18 @@ impl Ring {
             Ok(ring) => ring,
             Err(_) => IoUring::builder().setup_cqsize(cq).build(entries)?,
         };
-        Ok(Ring { ring })
+        Ok(Ring {
+            ring,
+            #[cfg(test)]
+            refuse_pushes: 0,
+        })
+    }
+
+    /// Tests: make the next `n` pushes fail with [`SqFull`] (each still
+    /// enters the kernel once, as a real full queue does).
+    #[cfg(test)]
+    pub(crate) fn refuse_pushes(&mut self, n: usize) {
+        self.refuse_pushes = n;
     }
 
     /// Pushes a one-shot (or multishot) `POLL_ADD` on `fd` for `events`.
@@ -99,6 +114,12 @@ impl Ring {
     }
 
     fn push(&mut self, entry: &squeue::Entry) -> Result<(), SqFull> {
+        #[cfg(test)]
+        if self.refuse_pushes > 0 {
+            self.refuse_pushes -= 1;
+            let _ = self.ring.submit();
+            return Err(SqFull);
+        }
         for _ in 0..2 {
             // SAFETY: every entry reaching here comes from the constructors above,
             // which take only fds and integers: the kernel is given no pointer to

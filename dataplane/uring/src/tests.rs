@@ -734,3 +734,57 @@ fn a_task_whose_sockets_stay_ready_does_not_starve_another_tunnel() {
         eprintln!("{ROUND_TRIPS} round trips during {iterations} hog iterations");
     });
 }
+
+/// A remote wake whose eventfd completion is reaped while a push finds the
+/// submission queue full (outside a turn) must still wake its task: the
+/// next turn may not block. The runtime has no timer and nothing else in
+/// flight, so before the fix it slept until the watchdog's rescue (a wake
+/// of another task) after 10 s, and the test fails on `rescued`.
+#[test]
+fn a_remote_wake_reaped_while_the_queue_is_full_is_not_lost() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+    let (tx, mut rx) = channel::<&'static str>();
+    let (rescue, mut rescue_rx) = channel::<()>();
+    let rescued = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = rescued.clone();
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if finished.recv_timeout(Duration::from_secs(10)).is_err() {
+            flag.store(true, Ordering::SeqCst);
+            let _ = rescue.send(());
+        }
+    });
+    let got = rt.block_on(async {
+        spawn(async move {
+            let _ = rescue_rx.recv().await;
+        });
+        spawn(async move {
+            let listener = TcpListener::bind(LOCALHOST, 16).unwrap();
+            let client = TcpStream::connect(listener.local_addr().unwrap(), None)
+                .await
+                .unwrap();
+            let (_server, _) = listener.accept().await.unwrap();
+            // Another thread wakes the main task: its key goes to the
+            // remote queue and the eventfd's poll completes.
+            std::thread::spawn(move || tx.send("sent").unwrap())
+                .join()
+                .unwrap();
+            // The next op's push finds the queue full: the driver reaps
+            // inside the push and sees the eventfd completion there. The
+            // task then stays blocked on that op, and nothing else in flight
+            // completes: only the eventfd could end the ring wait.
+            crate::runtime::with_current(|cx| cx.driver.borrow_mut().refuse_pushes(1));
+            let _ = client.readable().await;
+            drop(listener);
+        });
+        rx.recv().await
+    });
+    let _ = done.send(());
+    watchdog.join().unwrap();
+    assert_eq!(got, Some("sent"));
+    assert!(
+        !rescued.load(Ordering::SeqCst),
+        "the wake-up was lost: the main task ran only after the watchdog's rescue"
+    );
+}
