@@ -206,6 +206,9 @@ pub(crate) struct Driver {
     /// The multishot poll on the eventfd is armed. Cleared when the kernel
     /// ends it; re-armed at the next turn (never from inside a reap).
     wake_armed: bool,
+    /// Ops released whose cancel could not be queued (the submission queue
+    /// stayed full); retried at every turn until queued.
+    pending_cancels: Vec<usize>,
     /// The eventfd the runtime keeps a multishot poll armed on (shared with
     /// the runtime's remote-wake handle, which writes to it).
     wake_fd: Arc<OwnedFd>,
@@ -225,6 +228,7 @@ impl Driver {
             woken: Vec::new(),
             remote_signalled: false,
             wake_armed: false,
+            pending_cancels: Vec::new(),
             wake_fd,
         };
         driver.arm_wake()?;
@@ -308,9 +312,35 @@ impl Driver {
         }
         slot.orphaned = true;
         slot.waker = None;
-        // If the cancel cannot be queued the op still completes on its own
-        // (or at ring teardown); the slot stays reserved either way.
-        let _ = self.push(|ring| ring.push_cancel(idx as u64, CANCEL_TOKEN));
+        if self.push_cancel(idx).is_err() {
+            // The queue stays full: a poll on an idle socket would otherwise
+            // stay in the kernel, holding its slot, for as long as the
+            // socket stays quiet. Retry at the next turn.
+            self.pending_cancels.push(idx);
+        }
+    }
+
+    fn push_cancel(&mut self, idx: usize) -> io::Result<()> {
+        self.push(|ring| ring.push_cancel(idx as u64, CANCEL_TOKEN))
+    }
+
+    /// Queues the cancels that could not be queued before, oldest first,
+    /// stopping at the first that still cannot be.
+    fn retry_cancels(&mut self) {
+        let mut done = 0;
+        while let Some(&idx) = self.pending_cancels.get(done) {
+            // Skip ops that ended meanwhile; a reused slot belongs to an op
+            // that is not orphaned (or was released again and queued anew).
+            let live = self
+                .ops
+                .get(idx)
+                .is_some_and(|slot| slot.orphaned && !slot.finished);
+            if live && self.push_cancel(idx).is_err() {
+                break;
+            }
+            done += 1;
+        }
+        self.pending_cancels.drain(..done);
     }
 
     pub(crate) fn insert_timer(&mut self, deadline: Instant, waker: Waker) -> TimerKey {
@@ -351,6 +381,9 @@ impl Driver {
         if !self.wake_armed {
             // If even this cannot be queued, the wait below is bounded.
             let _ = self.arm_wake();
+        }
+        if !self.pending_cancels.is_empty() {
+            self.retry_cancels();
         }
         let now = Instant::now();
         self.timers.fire_expired(now, &mut self.woken);

@@ -788,3 +788,43 @@ fn a_remote_wake_reaped_while_the_queue_is_full_is_not_lost() {
         "the wake-up was lost: the main task ran only after the watchdog's rescue"
     );
 }
+
+/// A dropped op whose cancel cannot be queued (the submission queue stays
+/// full) is cancelled at a later turn. Before, the cancel was dropped: the
+/// poll stayed in the kernel, holding its slot, until its socket became
+/// ready, which for an idle tunnel may be never.
+#[test]
+fn a_cancel_that_cannot_be_queued_is_retried() {
+    let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+    rt.block_on(async {
+        let listener = TcpListener::bind(LOCALHOST, 16).unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap(), None)
+            .await
+            .unwrap();
+        let (_server, _) = listener.accept().await.unwrap();
+        // The listener's multishot accept stays in flight throughout.
+        let baseline = rt.ops_in_flight();
+        let mut readable = Box::pin(client.readable());
+        std::future::poll_fn(|cx| {
+            assert!(readable.as_mut().poll(cx).is_pending());
+            std::task::Poll::Ready(())
+        })
+        .await;
+        yield_now().await; // a turn: the poll reaches the kernel
+        assert_eq!(rt.ops_in_flight(), baseline + 1);
+        // Every attempt to queue the cancel finds the queue full.
+        crate::runtime::with_current(|cx| cx.driver.borrow_mut().refuse_pushes(64));
+        drop(readable);
+        for _ in 0..100 {
+            if rt.ops_in_flight() == baseline {
+                break;
+            }
+            yield_now().await;
+        }
+        assert_eq!(
+            rt.ops_in_flight(),
+            baseline,
+            "the dropped poll is still in the kernel: its cancel was lost"
+        );
+    });
+}
