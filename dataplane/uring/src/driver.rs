@@ -209,15 +209,17 @@ pub(crate) struct Driver {
     /// Ops released whose cancel could not be queued (the submission queue
     /// stayed full); retried at every turn until queued.
     pending_cancels: Vec<usize>,
+    /// Reaps that found the kernel holding completions back (CQ full).
+    cq_backlogs: u64,
     /// The eventfd the runtime keeps a multishot poll armed on (shared with
     /// the runtime's remote-wake handle, which writes to it).
     wake_fd: Arc<OwnedFd>,
 }
 
 impl Driver {
-    pub(crate) fn new(entries: u32, wake_fd: Arc<OwnedFd>) -> io::Result<Driver> {
+    pub(crate) fn new(entries: u32, cq_entries: u32, wake_fd: Arc<OwnedFd>) -> io::Result<Driver> {
         let mut driver = Driver {
-            ring: Ring::new(entries)?,
+            ring: Ring::new(entries, cq_entries)?,
             ops: Slab::new(),
             timers: Timers {
                 slots: Slab::new(),
@@ -229,6 +231,7 @@ impl Driver {
             remote_signalled: false,
             wake_armed: false,
             pending_cancels: Vec::new(),
+            cq_backlogs: 0,
             wake_fd,
         };
         driver.arm_wake()?;
@@ -370,6 +373,19 @@ impl Driver {
         self.ring.refuse_pushes(n);
     }
 
+    /// `(sq, cq)` sizes, CQ backlogs seen, CQEs the kernel dropped, and
+    /// cancels waiting to be queued.
+    pub(crate) fn ring_stats(&mut self) -> (u32, u32, u64, u32, usize) {
+        let (sq, cq) = self.ring.sizes();
+        (
+            sq,
+            cq,
+            self.cq_backlogs,
+            self.ring.cq_dropped(),
+            self.pending_cancels.len(),
+        )
+    }
+
     /// Number of ops the kernel still owns or whose results are unconsumed.
     pub(crate) fn ops_in_flight(&self) -> usize {
         self.ops.len()
@@ -412,6 +428,9 @@ impl Driver {
 
     /// Dispatches every available CQE to its slot.
     fn reap(&mut self) {
+        if self.ring.cq_backlogged() {
+            self.cq_backlogs += 1;
+        }
         let mut wake_seen = false;
         for cqe in self.ring.completions() {
             let (user_data, result, more) =

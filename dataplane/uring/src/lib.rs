@@ -54,7 +54,7 @@ pub use relay::{
     DEFAULT_MAX_PIPES, DEFAULT_PIPE_SIZE, Direction, PipeLimit, PipePool, PipeStats, RelayCtl,
     RelayEnd, RelayOutcome, Side, copy_relay, relay,
 };
-pub use runtime::{Runtime, RuntimeConfig, spawn, yield_now};
+pub use runtime::{Runtime, RuntimeConfig, RuntimeStats, runtime_stats, spawn, yield_now};
 pub use signals::SignalSet;
 pub use time::{Elapsed, Sleep, sleep, sleep_until, timeout, timeout_at};
 

@@ -26,9 +26,17 @@ use crate::sys;
 /// How a [`Runtime`] is built.
 #[derive(Clone, Debug)]
 pub struct RuntimeConfig {
-    /// Submission queue size (the completion queue gets 4x). Ops beyond it
-    /// are still accepted: a full queue is flushed to the kernel.
+    /// Submission queue size. Ops beyond it are still accepted: a full
+    /// queue is flushed to the kernel.
     pub entries: u32,
+    /// Completion queue size (`IORING_SETUP_CQSIZE`); 0 means 4 x
+    /// `entries`. Every op in flight may complete between two turns (a
+    /// relay holds two polls, a listener its accepts), so size it for the
+    /// ops a worker keeps in flight; completions beyond it are buffered by
+    /// the kernel (counted in [`RuntimeStats::cq_backlogs`]) and, if even
+    /// that fails, dropped ([`RuntimeStats::cq_dropped`]). Clamped to the
+    /// kernel's maximum (65,536 on Linux 6).
+    pub cq_entries: u32,
     /// Tasks polled between two looks at the ring, so I/O completions and
     /// timers are not starved by a long ready queue.
     pub tasks_per_tick: usize,
@@ -38,6 +46,7 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
             entries: 256,
+            cq_entries: 0,
             tasks_per_tick: 64,
         }
     }
@@ -251,6 +260,21 @@ impl Context {
         self.wake_deferred();
     }
 
+    fn stats(&self) -> RuntimeStats {
+        let mut driver = self.driver.borrow_mut();
+        let (sq_entries, cq_entries, cq_backlogs, cq_dropped, pending_cancels) =
+            driver.ring_stats();
+        RuntimeStats {
+            sq_entries,
+            cq_entries,
+            cq_backlogs,
+            cq_dropped,
+            ops_in_flight: driver.ops_in_flight(),
+            pending_cancels,
+            tasks: self.tasks.borrow().len(),
+        }
+    }
+
     /// Wakes the tasks that yielded before this turn.
     fn wake_deferred(&self) {
         let deferred = std::mem::take(&mut *self.deferred.borrow_mut());
@@ -275,6 +299,38 @@ pub(crate) fn defer_wake(waker: &Waker) {
     if !deferred {
         waker.wake_by_ref();
     }
+}
+
+/// Counters of one runtime, for a worker to export.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuntimeStats {
+    /// Submission queue size the kernel gave.
+    pub sq_entries: u32,
+    /// Completion queue size the kernel gave.
+    pub cq_entries: u32,
+    /// Turns that found the kernel holding completions back because the CQ
+    /// was full (`IORING_SQ_CQ_OVERFLOW`): nothing is lost, but the CQ is
+    /// too small for the ops in flight. Cumulative.
+    pub cq_backlogs: u64,
+    /// Completions the kernel dropped (its CQ overflow counter): the CQ was
+    /// full and it could not buffer them. Each is an op that will never
+    /// complete; the ring then fails its next wait (`EBADR`), which
+    /// [`Runtime::block_on`] returns as an error. Cumulative.
+    pub cq_dropped: u32,
+    /// Ops in flight or with unconsumed completions.
+    pub ops_in_flight: usize,
+    /// Cancels of dropped ops waiting for room in the submission queue.
+    pub pending_cancels: usize,
+    /// Spawned tasks not finished.
+    pub tasks: usize,
+}
+
+/// The counters of the runtime running on this thread.
+///
+/// # Panics
+/// Outside [`Runtime::block_on`].
+pub fn runtime_stats() -> RuntimeStats {
+    with_current(|cx| cx.stats())
 }
 
 /// Runs `f` with the runtime of the current `block_on`.
@@ -304,7 +360,12 @@ impl Runtime {
     /// used for cross-thread wakes.
     pub fn new(config: RuntimeConfig) -> io::Result<Runtime> {
         let eventfd = Arc::new(sys::eventfd()?);
-        let driver = Driver::new(config.entries.max(8), eventfd.clone())?;
+        let entries = config.entries.max(8);
+        let cq_entries = match config.cq_entries {
+            0 => entries.saturating_mul(4),
+            n => n,
+        };
+        let driver = Driver::new(entries, cq_entries, eventfd.clone())?;
         Ok(Runtime {
             cx: Rc::new(Context {
                 id: NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed),
@@ -377,6 +438,11 @@ impl Runtime {
     /// Number of spawned tasks that have not finished.
     pub fn tasks(&self) -> usize {
         self.cx.tasks.borrow().len()
+    }
+
+    /// The runtime's counters; inside a task, use [`runtime_stats`].
+    pub fn stats(&self) -> RuntimeStats {
+        self.cx.stats()
     }
 }
 

@@ -49,22 +49,27 @@ impl std::fmt::Debug for Ring {
 }
 
 impl Ring {
-    /// Creates a ring with `entries` SQ slots and a 4x larger CQ (multishot
-    /// accept and many polls can complete in bursts). Tries COOP_TASKRUN
+    /// Creates a ring with `entries` SQ slots and `cq_entries` CQ slots
+    /// (`IORING_SETUP_CQSIZE`; at least `entries`; both clamped to the
+    /// kernel's maximum rather than refused). Tries COOP_TASKRUN
     /// (+TASKRUN_FLAG) and SINGLE_ISSUER first (completions without IPIs;
     /// the flag tells `submit` when the kernel has work pending for us) and
     /// falls back to plain setup.
-    pub(crate) fn new(entries: u32) -> io::Result<Ring> {
-        let cq = entries.saturating_mul(4).max(64);
+    pub(crate) fn new(entries: u32, cq_entries: u32) -> io::Result<Ring> {
+        let cq = cq_entries.max(entries);
         let tuned = IoUring::builder()
             .setup_cqsize(cq)
+            .setup_clamp()
             .setup_coop_taskrun()
             .setup_taskrun_flag()
             .setup_single_issuer()
             .build(entries);
         let ring = match tuned {
             Ok(ring) => ring,
-            Err(_) => IoUring::builder().setup_cqsize(cq).build(entries)?,
+            Err(_) => IoUring::builder()
+                .setup_cqsize(cq)
+                .setup_clamp()
+                .build(entries)?,
         };
         Ok(Ring {
             ring,
@@ -168,6 +173,24 @@ impl Ring {
             Err(e) if benign_enter_error(&e) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// The sizes the kernel gave the queues: `(sq, cq)`.
+    pub(crate) fn sizes(&self) -> (u32, u32) {
+        let params = self.ring.params();
+        (params.sq_entries(), params.cq_entries())
+    }
+
+    /// The kernel is holding completions back because the CQ was full
+    /// (`IORING_SQ_CQ_OVERFLOW`); they reach the CQ at the next enter.
+    pub(crate) fn cq_backlogged(&mut self) -> bool {
+        self.ring.submission().cq_overflow()
+    }
+
+    /// The kernel's count of completions it had to drop (the CQ was full
+    /// and it could not even buffer them).
+    pub(crate) fn cq_dropped(&mut self) -> u32 {
+        self.ring.completion().overflow()
     }
 
     /// The completion queue, for the driver to drain.
