@@ -367,6 +367,12 @@ impl Driver {
         self.timers.remove(key);
     }
 
+    /// Tests: the ring's descriptor.
+    #[cfg(test)]
+    pub(crate) fn ring_fd(&self) -> std::os::fd::RawFd {
+        self.ring.fd()
+    }
+
     /// Tests: make the next `n` SQE pushes fail as if the queue stayed full.
     #[cfg(test)]
     pub(crate) fn refuse_pushes(&mut self, n: usize) {

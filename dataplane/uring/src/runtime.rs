@@ -135,6 +135,8 @@ pub(crate) struct Context {
     /// Wakers of tasks that yielded (budget spent, `yield_now`): woken after
     /// the next ring turn, so they do not run again before I/O is looked at.
     deferred: RefCell<Vec<Waker>>,
+    /// Set by a turn that failed: the ring is unusable.
+    failed: RefCell<Option<(io::ErrorKind, String)>>,
     main_woken: Cell<bool>,
     tasks: RefCell<Slab<Task>>,
     next_generation: Cell<u64>,
@@ -236,13 +238,18 @@ impl Context {
         }
     }
 
-    /// One I/O turn, then wake what completed.
-    fn turn(&self, may_block: bool) {
+    /// One I/O turn, then wake what completed. An error is fatal: the ring
+    /// itself failed (`io_uring_enter` returned `EBADF`, `EFAULT`, `EBADR`
+    /// after dropped completions, ...), and the runtime refuses to run again.
+    fn turn(&self, may_block: bool) -> io::Result<()> {
         let mut woken = {
             let mut driver = self.driver.borrow_mut();
             if let Err(e) = driver.turn(may_block) {
-                // EBADF, EFAULT, ...: the ring itself is broken; nothing sane remains.
-                panic!("splicegate-uring: io_uring_enter failed: {e}");
+                let message = format!(
+                    "splicegate-uring: io_uring_enter failed: {e}; this runtime cannot run again"
+                );
+                *self.failed.borrow_mut() = Some((e.kind(), message.clone()));
+                return Err(io::Error::new(e.kind(), message));
             }
             std::mem::take(&mut driver.woken)
         };
@@ -258,6 +265,15 @@ impl Context {
             self.drain_remote();
         }
         self.wake_deferred();
+        Ok(())
+    }
+
+    /// The error of a failed turn, again.
+    fn failure(&self) -> Option<io::Error> {
+        self.failed
+            .borrow()
+            .as_ref()
+            .map(|(kind, message)| io::Error::new(*kind, message.clone()))
     }
 
     fn stats(&self) -> RuntimeStats {
@@ -372,6 +388,7 @@ impl Runtime {
                 driver: RefCell::new(driver),
                 ready: RefCell::new(VecDeque::new()),
                 deferred: RefCell::new(Vec::new()),
+                failed: RefCell::new(None),
                 main_woken: Cell::new(false),
                 tasks: RefCell::new(Slab::new()),
                 next_generation: Cell::new(0),
@@ -385,12 +402,25 @@ impl Runtime {
     }
 
     /// Runs `future` to completion on this thread, together with every task
-    /// [`spawn`]ed onto this runtime. Spawned tasks that are still pending
-    /// when it returns stay queued for the next `block_on`.
+    /// [`spawn`]ed onto this runtime, and returns its output. Spawned tasks
+    /// that are still pending when it returns stay queued for the next
+    /// `block_on`.
+    ///
+    /// # Errors
+    /// When the ring itself fails (`io_uring_enter` returns an error other
+    /// than a timeout, a signal or a busy queue: `EBADF`, `EFAULT`, `EBADR`
+    /// after the kernel dropped completions, ...). **The caller must treat
+    /// this as fatal**: the future and every task are stalled, their
+    /// sockets unserved, and this runtime returns the same error from every
+    /// later `block_on` without running anything. Log it and exit the
+    /// process (or rebuild the worker); never serve on with a dead worker.
     ///
     /// # Panics
     /// When called from inside another `block_on` on the same thread.
-    pub fn block_on<F: Future>(&self, future: F) -> F::Output {
+    pub fn block_on<F: Future>(&self, future: F) -> io::Result<F::Output> {
+        if let Some(e) = self.cx.failure() {
+            return Err(e);
+        }
         let _enter = Enter::new(self.cx.clone());
         let cx = &*self.cx;
         let main = Arc::new(TaskWaker {
@@ -409,7 +439,7 @@ impl Runtime {
                 if let Poll::Ready(out) =
                     crate::coop::budgeted(|| future.as_mut().poll(&mut task_cx))
                 {
-                    return out;
+                    return Ok(out);
                 }
             }
             let mut budget = cx.config.tasks_per_tick.max(1);
@@ -419,7 +449,7 @@ impl Runtime {
             let idle = cx.ready.borrow().is_empty()
                 && !cx.main_woken.get()
                 && cx.deferred.borrow().is_empty();
-            cx.turn(idle);
+            cx.turn(idle)?;
         }
     }
 
@@ -438,6 +468,12 @@ impl Runtime {
     /// Number of spawned tasks that have not finished.
     pub fn tasks(&self) -> usize {
         self.cx.tasks.borrow().len()
+    }
+
+    /// Tests: the runtime's context.
+    #[cfg(test)]
+    pub(crate) fn cx_for_tests(&self) -> &Context {
+        &self.cx
     }
 
     /// The runtime's counters; inside a task, use [`runtime_stats`].

@@ -78,6 +78,12 @@ impl Ring {
         })
     }
 
+    /// Tests: the ring's descriptor.
+    #[cfg(test)]
+    pub(crate) fn fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+
     /// Tests: make the next `n` pushes fail with [`SqFull`] (each still
     /// enters the kernel once, as a real full queue does).
     #[cfg(test)]
@@ -206,6 +212,17 @@ fn benign_enter_error(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
     )
+}
+
+/// Tests: makes descriptor `fd` refer to `/dev/null` (`dup2`), so that the
+/// object behind it (a ring) fails every later syscall made through it.
+#[cfg(test)]
+pub(crate) fn clobber_fd(fd: RawFd) -> io::Result<()> {
+    let null = std::fs::File::open("/dev/null")?;
+    // SAFETY: dup2 takes integers; `null` is open for the call, and `fd`
+    // stays owned by its owner, which closes it (now /dev/null) as before.
+    cvt(unsafe { libc::dup2(null.as_raw_fd(), fd) })?;
+    Ok(())
 }
 
 /// Takes ownership of a descriptor the kernel just created for us.

@@ -20,6 +20,7 @@ fn run<F: Future>(f: F) -> F::Output {
             .await
             .expect("test timed out")
     })
+    .expect("the ring failed")
 }
 
 /// A connected pair: (the end the test drives, the end the code under test gets).
@@ -171,7 +172,8 @@ fn multishot_accept_of_200_connections() {
         assert_eq!(peers, expected);
         // One multishot op served all 200 connections.
         assert_eq!(rt.ops_in_flight(), 1);
-    });
+    })
+    .expect("the ring failed");
 }
 
 /// Relays `total` bytes each way at once and checks every byte; gives the
@@ -565,7 +567,8 @@ fn dropping_in_flight_ops_is_sound() {
         let (c, s) = pair().await;
         c.write_all(b"still fine").await.unwrap();
         assert_eq!(s.read(&mut buf).await.unwrap(), 10);
-    });
+    })
+    .expect("the ring failed");
 }
 
 #[test]
@@ -579,7 +582,8 @@ fn dropping_a_runtime_with_pending_tasks_is_sound() {
     rt.block_on(async move {
         spawn(sleep(Duration::from_secs(3600)));
         yield_now().await;
-    });
+    })
+    .expect("the ring failed");
     assert_eq!(rt.tasks(), 2);
     drop(rt);
     // The listener outlived its runtime; dropping it still cancels its op.
@@ -610,17 +614,19 @@ fn channel_wakes_an_idle_runtime_from_another_thread() {
             tx.send((i, Instant::now())).unwrap();
         }
     });
-    let worst = rt.block_on(async {
-        let mut worst = Duration::ZERO;
-        for i in 0..5 {
-            let (n, sent) = rx.recv().await.expect("message");
-            assert_eq!(n, i);
-            worst = worst.max(sent.elapsed());
-        }
-        // All senders gone: the channel reports the end.
-        assert!(rx.recv().await.is_none());
-        worst
-    });
+    let worst = rt
+        .block_on(async {
+            let mut worst = Duration::ZERO;
+            for i in 0..5 {
+                let (n, sent) = rx.recv().await.expect("message");
+                assert_eq!(n, i);
+                worst = worst.max(sent.elapsed());
+            }
+            // All senders gone: the channel reports the end.
+            assert!(rx.recv().await.is_none());
+            worst
+        })
+        .expect("the ring failed");
     sender.join().unwrap();
     let _ = done.send(());
     assert!(
@@ -642,7 +648,7 @@ fn notifier_wakes_an_idle_runtime_from_another_thread() {
         *remote_stamp.lock().unwrap() = Instant::now();
         remote.notify();
     });
-    rt.block_on(notifier.notified());
+    rt.block_on(notifier.notified()).expect("the ring failed");
     let latency = stamp.lock().unwrap().elapsed();
     thread.join().unwrap();
     let _ = done.send(());
@@ -652,7 +658,7 @@ fn notifier_wakes_an_idle_runtime_from_another_thread() {
     );
     // A notification given while nobody waits is kept for the next wait.
     notifier.notify();
-    rt.block_on(notifier.notified());
+    rt.block_on(notifier.notified()).expect("the ring failed");
 }
 
 #[test]
@@ -755,31 +761,33 @@ fn a_remote_wake_reaped_while_the_queue_is_full_is_not_lost() {
             let _ = rescue.send(());
         }
     });
-    let got = rt.block_on(async {
-        spawn(async move {
-            let _ = rescue_rx.recv().await;
-        });
-        spawn(async move {
-            let listener = TcpListener::bind(LOCALHOST, 16).unwrap();
-            let client = TcpStream::connect(listener.local_addr().unwrap(), None)
-                .await
-                .unwrap();
-            let (_server, _) = listener.accept().await.unwrap();
-            // Another thread wakes the main task: its key goes to the
-            // remote queue and the eventfd's poll completes.
-            std::thread::spawn(move || tx.send("sent").unwrap())
-                .join()
-                .unwrap();
-            // The next op's push finds the queue full: the driver reaps
-            // inside the push and sees the eventfd completion there. The
-            // task then stays blocked on that op, and nothing else in flight
-            // completes: only the eventfd could end the ring wait.
-            crate::runtime::with_current(|cx| cx.driver.borrow_mut().refuse_pushes(1));
-            let _ = client.readable().await;
-            drop(listener);
-        });
-        rx.recv().await
-    });
+    let got = rt
+        .block_on(async {
+            spawn(async move {
+                let _ = rescue_rx.recv().await;
+            });
+            spawn(async move {
+                let listener = TcpListener::bind(LOCALHOST, 16).unwrap();
+                let client = TcpStream::connect(listener.local_addr().unwrap(), None)
+                    .await
+                    .unwrap();
+                let (_server, _) = listener.accept().await.unwrap();
+                // Another thread wakes the main task: its key goes to the
+                // remote queue and the eventfd's poll completes.
+                std::thread::spawn(move || tx.send("sent").unwrap())
+                    .join()
+                    .unwrap();
+                // The next op's push finds the queue full: the driver reaps
+                // inside the push and sees the eventfd completion there. The
+                // task then stays blocked on that op, and nothing else in flight
+                // completes: only the eventfd could end the ring wait.
+                crate::runtime::with_current(|cx| cx.driver.borrow_mut().refuse_pushes(1));
+                let _ = client.readable().await;
+                drop(listener);
+            });
+            rx.recv().await
+        })
+        .expect("the ring failed");
     let _ = done.send(());
     watchdog.join().unwrap();
     assert_eq!(got, Some("sent"));
@@ -826,7 +834,8 @@ fn a_cancel_that_cannot_be_queued_is_retried() {
             baseline,
             "the dropped poll is still in the kernel: its cancel was lost"
         );
-    });
+    })
+    .expect("the ring failed");
 }
 
 /// More completions at once than the CQ holds: the kernel buffers them, the
@@ -865,8 +874,28 @@ fn a_cq_overflow_is_counted_and_loses_no_completion() {
         })
         .await;
         assert!(runtime_stats().cq_backlogs > 0, "{:?}", runtime_stats());
-    });
+    })
+    .expect("the ring failed");
     let stats = rt.stats();
     assert_eq!(stats.cq_dropped, 0, "{stats:?}");
     assert_eq!(stats.pending_cancels, 0, "{stats:?}");
+}
+
+/// A ring whose `io_uring_enter` fails is reported by `block_on` as an
+/// error the caller can act on (exit loudly), not a panic on the worker
+/// thread; the runtime then refuses to run again, and dropping it is sound.
+#[test]
+fn a_failing_ring_is_an_error_from_block_on_not_a_panic() {
+    let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+    assert_eq!(rt.block_on(async { 7 }).unwrap(), 7);
+    rt.spawn(sleep(Duration::from_secs(3600)));
+    let fd = rt.cx_for_tests().driver.borrow().ring_fd();
+    crate::sys::clobber_fd(fd).unwrap();
+    let err = rt
+        .block_on(sleep(Duration::from_millis(1)))
+        .expect_err("the ring cannot work");
+    assert!(err.to_string().contains("io_uring_enter failed"), "{err}");
+    let again = rt.block_on(async { 7 }).expect_err("stays failed");
+    assert_eq!(again.to_string(), err.to_string());
+    drop(rt);
 }
