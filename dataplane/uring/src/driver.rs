@@ -23,6 +23,8 @@ use crate::sys::{self, Ring, SqFull};
 const WAKE_TOKEN: u64 = u64::MAX;
 /// `user_data` of cancel requests; their own CQEs carry nothing we need.
 const CANCEL_TOKEN: u64 = u64::MAX - 1;
+/// Tries of a push (each reaping completions in between) before it fails.
+pub(crate) const PUSH_ATTEMPTS: usize = 64;
 /// The longest wait while the eventfd poll could not be re-armed.
 const UNARMED_WAIT: Duration = Duration::from_millis(10);
 
@@ -247,7 +249,7 @@ impl Driver {
 
     /// Pushes one entry, reaping completions if the queues are backed up.
     fn push(&mut self, mut f: impl FnMut(&mut Ring) -> Result<(), SqFull>) -> io::Result<()> {
-        for _ in 0..64 {
+        for _ in 0..PUSH_ATTEMPTS {
             if f(&mut self.ring).is_ok() {
                 return Ok(());
             }

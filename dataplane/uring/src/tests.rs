@@ -821,7 +821,11 @@ fn a_cancel_that_cannot_be_queued_is_retried() {
         yield_now().await; // a turn: the poll reaches the kernel
         assert_eq!(rt.ops_in_flight(), baseline + 1);
         // Every attempt to queue the cancel finds the queue full.
-        crate::runtime::with_current(|cx| cx.driver.borrow_mut().refuse_pushes(64));
+        crate::runtime::with_current(|cx| {
+            cx.driver
+                .borrow_mut()
+                .refuse_pushes(crate::driver::PUSH_ATTEMPTS)
+        });
         drop(readable);
         for _ in 0..100 {
             if rt.ops_in_flight() == baseline {
