@@ -254,7 +254,7 @@ fn copy_relay_8_mib_each_way_exact() {
 fn relay_copies_when_no_pipe_can_be_created() {
     let pipes = PipePool::new(8);
     pipes.fail_pipe_creation_after(0);
-    let pipes = bulk_both_ways(true, 16 << 20, pipes);
+    let pipes = bulk_both_ways(true, 4 << 20, pipes);
     assert_eq!(pipes.cached(), 0, "no pipe was ever created");
     let stats = pipes.stats();
     assert!(stats.pipe_failures >= 1 && stats.copy_fallbacks >= stats.pipe_failures);
@@ -265,7 +265,7 @@ fn relay_copies_when_no_pipe_can_be_created() {
 #[test]
 fn relay_copies_everything_under_a_pipe_cap_of_zero() {
     let limit = PipeLimit::new(0);
-    let pipes = bulk_both_ways(true, 16 << 20, PipePool::new(8).with_limit(limit.clone()));
+    let pipes = bulk_both_ways(true, 4 << 20, PipePool::new(8).with_limit(limit.clone()));
     let stats = pipes.stats();
     assert_eq!(stats.cached, 0, "no pipe was ever created");
     assert!(stats.copy_fallbacks > 0, "{stats:?}");
@@ -283,7 +283,7 @@ fn pipe_cap_bounds_pipes_in_use_across_pools() {
         .map(|_| {
             let limit = limit.clone();
             std::thread::spawn(move || {
-                bulk_both_ways(true, 16 << 20, PipePool::new(8).with_limit(limit)).stats()
+                bulk_both_ways(true, 4 << 20, PipePool::new(8).with_limit(limit)).stats()
             })
         })
         .collect();
@@ -309,14 +309,17 @@ fn pipe_cap_bounds_pipes_in_use_across_pools() {
 }
 
 /// The same once a tunnel is established and splicing: one pipe could be
-/// created, and every later `pipe2` fails mid-transfer.
+/// created, and every later `pipe2` fails mid-transfer. The pool caches
+/// nothing, so the pipe is closed once drained and the next splice must
+/// create another.
 #[test]
 fn relay_survives_pipe_creation_failing_mid_transfer() {
-    let pipes = PipePool::new(8);
+    let pipes = PipePool::new(0);
     pipes.fail_pipe_creation_after(1);
-    let pipes = bulk_both_ways(true, 32 << 20, pipes);
-    assert!(pipes.cached() <= 1, "at most the one pipe was created");
-    assert!(pipes.stats().pipe_failures >= 1, "{:?}", pipes.stats());
+    let pipes = bulk_both_ways(true, 8 << 20, pipes);
+    let stats = pipes.stats();
+    assert!(stats.pipe_failures >= 1, "{stats:?}");
+    assert_eq!(stats.cached, 0, "{stats:?}");
 }
 
 /// Polls two futures concurrently (test helper; no extra crates).
@@ -415,12 +418,13 @@ fn relay_idle_timeout_ends_it_after_silence() {
         let t = tunnel().await;
         let pipes = PipePool::new(4);
         let ctl = RelayCtl::new();
-        let idle = Duration::from_millis(100);
+        let idle = Duration::from_millis(250);
         ctl.set_idle_timeout(Some(idle));
         let last_byte = Rc::new(RefCell::new(Instant::now()));
         let last = last_byte.clone();
         let client = async {
-            // Traffic every 40 ms keeps the 100 ms idle timer from firing.
+            // Traffic every 40 ms keeps the 250 ms idle timer from firing (a stall
+            // of over 200 ms on a loaded machine would be silence too).
             for _ in 0..6 {
                 t.client.write_all(b"x").await.unwrap();
                 *last.borrow_mut() = Instant::now();
@@ -474,6 +478,9 @@ fn sleeps_complete_in_deadline_order_and_timeouts_fire() {
         let start = Instant::now();
         sleep(Duration::from_millis(50)).await;
         assert!(start.elapsed() >= Duration::from_millis(50));
+        // A stalled process fires every timer in one turn, and this task
+        // may run before the others woken with it: let them run first.
+        yield_now().await;
         assert_eq!(*order.borrow(), [0, 10, 20, 30]);
 
         let start = Instant::now();
