@@ -330,8 +330,8 @@ pub struct RuntimeStats {
     pub cq_backlogs: u64,
     /// Completions the kernel dropped (its CQ overflow counter): the CQ was
     /// full and it could not buffer them. Each is an op that will never
-    /// complete; the ring then fails its next wait (`EBADR`), which
-    /// [`Runtime::block_on`] returns as an error. Cumulative.
+    /// complete; recent kernels then fail a wait with `EBADR`, which
+    /// [`Runtime::block_on`] returns as a fatal error. Cumulative.
     pub cq_dropped: u32,
     /// Ops in flight or with unconsumed completions.
     pub ops_in_flight: usize,
