@@ -375,6 +375,19 @@ impl Driver {
         self.ring.fd()
     }
 
+    /// Tests: cancel the eventfd's multishot poll, as the kernel ends a
+    /// multishot it cannot post to (e.g. on a full CQ).
+    #[cfg(test)]
+    pub(crate) fn cancel_wake_poll(&mut self) -> io::Result<()> {
+        self.push(|ring| ring.push_cancel(WAKE_TOKEN, CANCEL_TOKEN))
+    }
+
+    /// Tests: whether the eventfd poll is armed.
+    #[cfg(test)]
+    pub(crate) fn wake_armed(&self) -> bool {
+        self.wake_armed
+    }
+
     /// Tests: make the next `n` SQE pushes fail as if the queue stayed full.
     #[cfg(test)]
     pub(crate) fn refuse_pushes(&mut self, n: usize) {

@@ -910,3 +910,38 @@ fn a_failing_ring_is_an_error_from_block_on_not_a_panic() {
     assert_eq!(again.to_string(), err.to_string());
     drop(rt);
 }
+
+/// When the kernel ends the eventfd's multishot poll, the next turn arms it
+/// again, and a later wake from another thread still reaches an idle
+/// runtime (one with no timer, blocked in the ring).
+#[test]
+fn remote_wakes_survive_the_end_of_the_eventfd_poll() {
+    let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+    let done = watchdog("wake after the eventfd poll ended", Duration::from_secs(10));
+    let (tx, mut rx) = channel::<u32>();
+    let got = rt
+        .block_on(async {
+            crate::runtime::with_current(|cx| cx.driver.borrow_mut().cancel_wake_poll()).unwrap();
+            // Turns until the poll's final completion is seen and it is re-armed.
+            let mut seen_unarmed = false;
+            for _ in 0..100 {
+                yield_now().await;
+                let armed = crate::runtime::with_current(|cx| cx.driver.borrow().wake_armed());
+                seen_unarmed |= !armed;
+                if seen_unarmed && armed {
+                    break;
+                }
+            }
+            assert!(seen_unarmed, "the cancel did not end the eventfd poll");
+            let sender = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                tx.send(42).unwrap();
+            });
+            let got = rx.recv().await;
+            sender.join().unwrap();
+            got
+        })
+        .expect("the ring failed");
+    let _ = done.send(());
+    assert_eq!(got, Some(42));
+}
