@@ -82,7 +82,7 @@ fn main() -> std::io::Result<()> {
             _ => relay(&a, &b, &pipes, &ctl).await,
         };
         std::io::Result::Ok((outcome, start.elapsed(), thread_cpu() - cpu0))
-    })?;
+    })??;
     let received = sink.join().expect("sink thread")?;
     client.join().expect("client thread")?;
 

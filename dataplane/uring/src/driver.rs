@@ -23,6 +23,10 @@ use crate::sys::{self, Ring, SqFull};
 const WAKE_TOKEN: u64 = u64::MAX;
 /// `user_data` of cancel requests; their own CQEs carry nothing we need.
 const CANCEL_TOKEN: u64 = u64::MAX - 1;
+/// Tries of a push (each reaping completions in between) before it fails.
+pub(crate) const PUSH_ATTEMPTS: usize = 64;
+/// The longest wait while the eventfd poll could not be re-armed.
+const UNARMED_WAIT: Duration = Duration::from_millis(10);
 
 /// One CQE as delivered to an op.
 #[derive(Debug)]
@@ -197,16 +201,27 @@ pub(crate) struct Driver {
     /// is no longer borrowed.
     pub(crate) woken: Vec<Waker>,
     /// The eventfd poll fired: the runtime must drain its remote queue.
+    /// Set by any reap, including one inside a push that found the queue
+    /// full, so a turn must not block while it is set (the eventfd was
+    /// already drained: no further completion would end the wait).
     pub(crate) remote_signalled: bool,
+    /// The multishot poll on the eventfd is armed. Cleared when the kernel
+    /// ends it; re-armed at the next turn (never from inside a reap).
+    wake_armed: bool,
+    /// Ops released whose cancel could not be queued (the submission queue
+    /// stayed full); retried at every turn until queued.
+    pending_cancels: Vec<usize>,
+    /// Reaps that found the kernel holding completions back (CQ full).
+    cq_backlogs: u64,
     /// The eventfd the runtime keeps a multishot poll armed on (shared with
     /// the runtime's remote-wake handle, which writes to it).
     wake_fd: Arc<OwnedFd>,
 }
 
 impl Driver {
-    pub(crate) fn new(entries: u32, wake_fd: Arc<OwnedFd>) -> io::Result<Driver> {
+    pub(crate) fn new(entries: u32, cq_entries: u32, wake_fd: Arc<OwnedFd>) -> io::Result<Driver> {
         let mut driver = Driver {
-            ring: Ring::new(entries)?,
+            ring: Ring::new(entries, cq_entries)?,
             ops: Slab::new(),
             timers: Timers {
                 slots: Slab::new(),
@@ -216,6 +231,9 @@ impl Driver {
             },
             woken: Vec::new(),
             remote_signalled: false,
+            wake_armed: false,
+            pending_cancels: Vec::new(),
+            cq_backlogs: 0,
             wake_fd,
         };
         driver.arm_wake()?;
@@ -224,12 +242,14 @@ impl Driver {
 
     fn arm_wake(&mut self) -> io::Result<()> {
         let fd = self.wake_fd.as_raw_fd();
-        self.push(|ring| ring.push_poll(fd, libc::POLLIN as u32, true, WAKE_TOKEN))
+        self.push(|ring| ring.push_poll(fd, libc::POLLIN as u32, true, WAKE_TOKEN))?;
+        self.wake_armed = true;
+        Ok(())
     }
 
     /// Pushes one entry, reaping completions if the queues are backed up.
     fn push(&mut self, mut f: impl FnMut(&mut Ring) -> Result<(), SqFull>) -> io::Result<()> {
-        for _ in 0..64 {
+        for _ in 0..PUSH_ATTEMPTS {
             if f(&mut self.ring).is_ok() {
                 return Ok(());
             }
@@ -297,9 +317,35 @@ impl Driver {
         }
         slot.orphaned = true;
         slot.waker = None;
-        // If the cancel cannot be queued the op still completes on its own
-        // (or at ring teardown); the slot stays reserved either way.
-        let _ = self.push(|ring| ring.push_cancel(idx as u64, CANCEL_TOKEN));
+        if self.push_cancel(idx).is_err() {
+            // The queue stays full: a poll on an idle socket would otherwise
+            // stay in the kernel, holding its slot, for as long as the
+            // socket stays quiet. Retry at the next turn.
+            self.pending_cancels.push(idx);
+        }
+    }
+
+    fn push_cancel(&mut self, idx: usize) -> io::Result<()> {
+        self.push(|ring| ring.push_cancel(idx as u64, CANCEL_TOKEN))
+    }
+
+    /// Queues the cancels that could not be queued before, oldest first,
+    /// stopping at the first that still cannot be.
+    fn retry_cancels(&mut self) {
+        let mut done = 0;
+        while let Some(&idx) = self.pending_cancels.get(done) {
+            // Skip ops that ended meanwhile; a reused slot belongs to an op
+            // that is not orphaned (or was released again and queued anew).
+            let live = self
+                .ops
+                .get(idx)
+                .is_some_and(|slot| slot.orphaned && !slot.finished);
+            if live && self.push_cancel(idx).is_err() {
+                break;
+            }
+            done += 1;
+        }
+        self.pending_cancels.drain(..done);
     }
 
     pub(crate) fn insert_timer(&mut self, deadline: Instant, waker: Waker) -> TimerKey {
@@ -323,6 +369,44 @@ impl Driver {
         self.timers.remove(key);
     }
 
+    /// Tests: the ring's descriptor.
+    #[cfg(test)]
+    pub(crate) fn ring_fd(&self) -> std::os::fd::RawFd {
+        self.ring.fd()
+    }
+
+    /// Tests: cancel the eventfd's multishot poll, as the kernel ends a
+    /// multishot it cannot post to (e.g. on a full CQ).
+    #[cfg(test)]
+    pub(crate) fn cancel_wake_poll(&mut self) -> io::Result<()> {
+        self.push(|ring| ring.push_cancel(WAKE_TOKEN, CANCEL_TOKEN))
+    }
+
+    /// Tests: whether the eventfd poll is armed.
+    #[cfg(test)]
+    pub(crate) fn wake_armed(&self) -> bool {
+        self.wake_armed
+    }
+
+    /// Tests: make the next `n` SQE pushes fail as if the queue stayed full.
+    #[cfg(test)]
+    pub(crate) fn refuse_pushes(&mut self, n: usize) {
+        self.ring.refuse_pushes(n);
+    }
+
+    /// `(sq, cq)` sizes, CQ backlogs seen, CQEs the kernel dropped, and
+    /// cancels waiting to be queued.
+    pub(crate) fn ring_stats(&mut self) -> (u32, u32, u64, u32, usize) {
+        let (sq, cq) = self.ring.sizes();
+        (
+            sq,
+            cq,
+            self.cq_backlogs,
+            self.ring.cq_dropped(),
+            self.pending_cancels.len(),
+        )
+    }
+
     /// Number of ops the kernel still owns or whose results are unconsumed.
     pub(crate) fn ops_in_flight(&self) -> usize {
         self.ops.len()
@@ -331,13 +415,26 @@ impl Driver {
     /// One turn of I/O: fire expired timers, submit, optionally wait (until a
     /// completion or the nearest timer), then dispatch every CQE.
     pub(crate) fn turn(&mut self, may_block: bool) -> io::Result<()> {
+        if !self.wake_armed {
+            // If even this cannot be queued, the wait below is bounded.
+            let _ = self.arm_wake();
+        }
+        if !self.pending_cancels.is_empty() {
+            self.retry_cancels();
+        }
         let now = Instant::now();
         self.timers.fire_expired(now, &mut self.woken);
-        if may_block && self.woken.is_empty() {
-            let timeout = self
+        // Never wait with work already known: tasks to wake, or a remote
+        // wake reaped outside a turn (by a push that found the queue full).
+        if may_block && self.woken.is_empty() && !self.remote_signalled {
+            let mut timeout = self
                 .timers
                 .next_deadline()
                 .map(|d| d.saturating_duration_since(now));
+            if !self.wake_armed {
+                // Remote wakes cannot reach the ring: look again soon.
+                timeout = Some(timeout.map_or(UNARMED_WAIT, |t| t.min(UNARMED_WAIT)));
+            }
             match timeout {
                 Some(Duration::ZERO) => self.ring.submit()?,
                 t => self.ring.submit_and_wait(t)?,
@@ -352,7 +449,9 @@ impl Driver {
 
     /// Dispatches every available CQE to its slot.
     fn reap(&mut self) {
-        let mut rearm_wake = false;
+        if self.ring.cq_backlogged() {
+            self.cq_backlogs += 1;
+        }
         let mut wake_seen = false;
         for cqe in self.ring.completions() {
             let (user_data, result, more) =
@@ -360,7 +459,9 @@ impl Driver {
             match user_data {
                 WAKE_TOKEN => {
                     wake_seen = true;
-                    rearm_wake |= !more;
+                    if !more {
+                        self.wake_armed = false;
+                    }
                 }
                 CANCEL_TOKEN => {}
                 idx => {
@@ -393,10 +494,6 @@ impl Driver {
             // a sender that pushes after this read signals again.
             sys::eventfd_drain(self.wake_fd.as_fd());
             self.remote_signalled = true;
-        }
-        if rearm_wake {
-            // The CQ ring was just drained, so this push cannot be starved.
-            let _ = self.arm_wake();
         }
     }
 }

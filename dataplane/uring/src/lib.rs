@@ -17,10 +17,23 @@
 //!   Data moves through synchronous non-blocking syscalls (`recv`, `send`,
 //!   `splice`) on borrowed buffers. Every future is therefore cancel-safe.
 //! - An op's slot (its `user_data`) is kept until the kernel posts the op's
-//!   final CQE, even when its future was dropped (the drop submits a cancel);
+//!   final CQE, even when its future was dropped (the drop submits a cancel,
+//!   or queues it for the next turn when the submission queue is full);
 //!   descriptors accepted for a dropped op are closed.
 //! - No op runs in io-wq: splice is never submitted to the ring, so idle
 //!   tunnels cost no kernel threads.
+//! - Cooperative: one poll of a task may complete at most 128 ready
+//!   operations (reads, writes, accepts, channel messages, relay transfers);
+//!   then its I/O futures return `Pending` once and the task runs again after
+//!   the next look at the ring, so a task whose sockets stay ready cannot
+//!   starve the other tasks, timers and accepts of its worker.
+//! - Bounded pipes: at most [`PipeLimit::max`] pipes hold bytes at once per
+//!   process (bytes in pipes escape TCP memory accounting); past it, or
+//!   when `pipe2` fails, a relay copies through a 16 KiB buffer instead. A
+//!   tunnel never ends for want of a pipe.
+//! - A failed ring is fatal and loud: [`Runtime::block_on`] returns the
+//!   `io_uring_enter` error (never panics on it), and the caller must stop
+//!   the worker and exit (or rebuild it), never serve on without it.
 //! - Every raw syscall and SQE push goes through the `sys` module, which
 //!   holds all but one `unsafe` block (the other adopts the descriptor an
 //!   accept CQE returns, in the driver).
@@ -28,6 +41,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+mod coop;
 mod driver;
 mod net;
 mod notify;
@@ -45,10 +59,10 @@ mod tests;
 pub use net::{TcpListener, TcpStream};
 pub use notify::{Notifier, Receiver, SendError, Sender, channel};
 pub use relay::{
-    DEFAULT_PIPE_SIZE, Direction, PipePool, RelayCtl, RelayEnd, RelayOutcome, Side, copy_relay,
-    relay,
+    DEFAULT_MAX_PIPES, DEFAULT_PIPE_SIZE, Direction, PipeLimit, PipePool, PipeStats, RelayCtl,
+    RelayEnd, RelayOutcome, Side, copy_relay, relay,
 };
-pub use runtime::{Runtime, RuntimeConfig, spawn, yield_now};
+pub use runtime::{Runtime, RuntimeConfig, RuntimeStats, runtime_stats, spawn, yield_now};
 pub use signals::SignalSet;
 pub use time::{Elapsed, Sleep, sleep, sleep_until, timeout, timeout_at};
 

@@ -65,6 +65,9 @@ impl TcpListener {
     /// `ECONNABORTED`, ...) end the multishot op; the next call re-arms it.
     pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
         std::future::poll_fn(|cx| {
+            if crate::coop::poll_proceed(cx).is_pending() {
+                return Poll::Pending;
+            }
             let mut slot = self.accept_op.borrow_mut();
             loop {
                 let op = match &mut *slot {
@@ -183,7 +186,10 @@ impl TcpStream {
 
     /// Reads what is available (at least one byte, or 0 at EOF): tries
     /// `recv` first and waits for readability only on EAGAIN. Cancel-safe.
+    /// Spends one operation of the task's budget: a task that has spent it
+    /// yields here once, even if bytes are waiting.
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        crate::coop::proceed().await;
         loop {
             match self.try_read(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable().await?,
@@ -195,7 +201,9 @@ impl TcpStream {
 
     /// Writes some of `buf` (at least one byte unless `buf` is empty).
     /// Cancel-safe: if dropped, nothing was written by the pending wait.
+    /// Spends one operation of the task's budget, as [`TcpStream::read`].
     pub async fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        crate::coop::proceed().await;
         loop {
             match self.try_write(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,

@@ -167,6 +167,9 @@ impl<T> Receiver<T> {
     /// Cancel-safe: a message is only removed when returned.
     pub async fn recv(&mut self) -> Option<T> {
         std::future::poll_fn(|cx| {
+            if crate::coop::poll_proceed(cx).is_pending() {
+                return Poll::Pending;
+            }
             let mut state = lock(&self.chan.state);
             if let Some(value) = state.queue.pop_front() {
                 return Poll::Ready(Some(value));

@@ -10,7 +10,9 @@
 //!
 //! Pipes come from a per-worker [`PipePool`]: a direction takes one only to
 //! try a transfer and gives it back as soon as it is empty, so an idle
-//! tunnel holds no pipe, and the pool only ever caches empty pipes.
+//! tunnel holds no pipe, and the pool only ever caches empty pipes. When no
+//! pipe can be had (`pipe2` fails with `EMFILE`/`ENFILE`), the direction
+//! copies through its buffer instead: a tunnel never ends for want of a pipe.
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
@@ -19,16 +21,21 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use crate::coop;
 use crate::net::TcpStream;
 use crate::op::Op;
 use crate::sys;
 use crate::time::{Sleep, sleep_until};
 
-/// Transfers (syscalls that moved bytes) per direction before the relay
-/// yields to other tasks, so one busy tunnel cannot starve a worker.
+/// Transfers (syscalls that moved bytes) per direction and poll, so one
+/// direction cannot starve the other. Each transfer also spends one
+/// operation of the task's budget (`coop`); the relay yields when either
+/// runs out, and runs again after the next ring turn.
 const BUDGET: u32 = 16;
 
 /// Default pipe capacity asked for with `F_SETPIPE_SZ`.
@@ -68,7 +75,8 @@ pub enum RelayEnd {
         /// The error it returned.
         error: io::Error,
     },
-    /// A local resource failed (pipe creation hit `EMFILE`, ring submission).
+    /// A local resource failed: the ring refused a readiness wait. (A pipe
+    /// that cannot be had is not one: the direction copies instead.)
     Local(io::Error),
 }
 
@@ -200,30 +208,132 @@ impl RelayCtl {
 
 /// A pipe, always empty while it sits in the pool.
 #[derive(Debug)]
-struct Pipe {
+pub(crate) struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
     capacity: usize,
+}
+
+/// Pipes of a process (every worker's pool) that [`PipePool::new`] lets
+/// hold bytes at once: 4,096 pipes of up to [`DEFAULT_PIPE_SIZE`], 1 GiB.
+pub const DEFAULT_MAX_PIPES: usize = 4096;
+
+/// A cap on the pipes that hold bytes at once, shared by the [`PipePool`]s
+/// of every worker of a process (`Send + Sync`, cheap to clone).
+///
+/// Bytes in a pipe escape TCP memory accounting (`tcp_mem`): without a cap,
+/// thousands of stalled tunnels would each pin a full pipe. Past the cap a
+/// direction copies through a 16 KiB buffer instead, as HAProxy does past
+/// `maxpipes`. Only pipes holding bytes count; the empty pipes a pool caches
+/// do not.
+#[derive(Clone, Debug)]
+pub struct PipeLimit {
+    inner: Arc<LimitInner>,
+}
+
+#[derive(Debug)]
+struct LimitInner {
+    max: usize,
+    in_use: AtomicUsize,
+}
+
+impl PipeLimit {
+    /// At most `max_in_use` pipes hold bytes at once (0: never splice).
+    pub fn new(max_in_use: usize) -> PipeLimit {
+        PipeLimit {
+            inner: Arc::new(LimitInner {
+                max: max_in_use,
+                in_use: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// The limit every [`PipePool::new`] shares: [`DEFAULT_MAX_PIPES`].
+    pub fn process_default() -> PipeLimit {
+        static DEFAULT: OnceLock<PipeLimit> = OnceLock::new();
+        DEFAULT
+            .get_or_init(|| PipeLimit::new(DEFAULT_MAX_PIPES))
+            .clone()
+    }
+
+    /// The cap.
+    pub fn max(&self) -> usize {
+        self.inner.max
+    }
+
+    /// Pipes holding bytes now, in every pool sharing this limit.
+    pub fn in_use(&self) -> usize {
+        self.inner.in_use.load(Ordering::Relaxed)
+    }
+
+    fn try_acquire(&self) -> bool {
+        let max = self.inner.max;
+        self.inner
+            .in_use
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release(&self) {
+        self.inner.in_use.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of a pool's counters, for a worker to export.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PipeStats {
+    /// Pipes of this pool holding bytes now.
+    pub in_use: usize,
+    /// Empty pipes cached by this pool.
+    pub cached: usize,
+    /// Pipes holding bytes now in every pool sharing the limit.
+    pub limit_in_use: usize,
+    /// The shared cap.
+    pub limit_max: usize,
+    /// Reads copied through a buffer because no pipe could be had (over
+    /// the cap, or `pipe2` failing); cumulative.
+    pub copy_fallbacks: u64,
+    /// `pipe2` calls that failed (`EMFILE`, `ENFILE`, ...); cumulative.
+    pub pipe_failures: u64,
 }
 
 /// The pipes of one worker, reused across relays.
 ///
 /// A pipe leaves the pool while a direction moves bytes and comes back when
 /// drained; a pipe that still holds bytes when its relay ends is closed, not
-/// cached. At most `max_cached` empty pipes are kept.
+/// cached. At most `max_cached` empty pipes are kept, and at most
+/// [`PipeLimit::max`] pipes hold bytes at once across the pools sharing the
+/// limit; past it, and whenever `pipe2` fails, relays copy instead.
 #[derive(Debug)]
 pub struct PipePool {
     cached: RefCell<Vec<Pipe>>,
     max_cached: usize,
     pipe_size: usize,
     in_use: Cell<usize>,
+    limit: PipeLimit,
+    copy_fallbacks: Cell<u64>,
+    pipe_failures: Cell<u64>,
     /// Small-message buffers ([`COPY_BUF`] bytes), lent like the pipes: only
     /// while bytes are in flight.
     bufs: RefCell<Vec<Box<[u8]>>>,
+    /// After a failed `pipe2`, this many more attempts to create a pipe are
+    /// skipped (served from the cache only), so a process out of descriptors
+    /// does not pay a failing syscall per chunk.
+    create_backoff: Cell<u32>,
+    /// Tests: how many more pipes `pipe2` may create (`None`: unlimited);
+    /// past it creation fails with `EMFILE`, as in a process out of descriptors.
+    #[cfg(test)]
+    create_allowance: Cell<Option<usize>>,
 }
 
+/// Creation attempts skipped after a failed `pipe2`.
+const CREATE_BACKOFF: u32 = 64;
+
 impl PipePool {
-    /// A pool caching up to `max_cached` pipes of [`DEFAULT_PIPE_SIZE`].
+    /// A pool caching up to `max_cached` pipes of [`DEFAULT_PIPE_SIZE`],
+    /// under the process-wide [`PipeLimit::process_default`].
     pub fn new(max_cached: usize) -> PipePool {
         PipePool::with_pipe_size(max_cached, DEFAULT_PIPE_SIZE)
     }
@@ -237,8 +347,44 @@ impl PipePool {
             max_cached,
             pipe_size,
             in_use: Cell::new(0),
+            limit: PipeLimit::process_default(),
+            copy_fallbacks: Cell::new(0),
+            pipe_failures: Cell::new(0),
             bufs: RefCell::new(Vec::new()),
+            create_backoff: Cell::new(0),
+            #[cfg(test)]
+            create_allowance: Cell::new(None),
         }
+    }
+
+    /// The same pool under `limit` instead (share one [`PipeLimit`] between
+    /// the pools of all workers to cap the process).
+    pub fn with_limit(mut self, limit: PipeLimit) -> PipePool {
+        self.limit = limit;
+        self
+    }
+
+    /// The limit this pool counts against.
+    pub fn limit(&self) -> &PipeLimit {
+        &self.limit
+    }
+
+    /// The pool's counters.
+    pub fn stats(&self) -> PipeStats {
+        PipeStats {
+            in_use: self.in_use(),
+            cached: self.cached(),
+            limit_in_use: self.limit.in_use(),
+            limit_max: self.limit.max(),
+            copy_fallbacks: self.copy_fallbacks.get(),
+            pipe_failures: self.pipe_failures.get(),
+        }
+    }
+
+    /// Tests: let `pipe2` succeed `n` more times, then fail with `EMFILE`.
+    #[cfg(test)]
+    pub(crate) fn fail_pipe_creation_after(&self, n: usize) {
+        self.create_allowance.set(Some(n));
     }
 
     /// Empty pipes cached for reuse.
@@ -249,6 +395,11 @@ impl PipePool {
     /// Pipes currently held by relays (holding bytes in flight).
     pub fn in_use(&self) -> usize {
         self.in_use.get()
+    }
+
+    /// Reads copied because no pipe could be had; cumulative.
+    pub fn copy_fallbacks(&self) -> u64 {
+        self.copy_fallbacks.get()
     }
 
     fn take_buf(&self) -> Box<[u8]> {
@@ -265,26 +416,66 @@ impl PipePool {
         }
     }
 
-    fn take(&self) -> io::Result<Pipe> {
-        let pipe = match self.cached.borrow_mut().pop() {
+    /// A pipe to splice through, or `None` when none can be had (the limit
+    /// is reached, or `pipe2` failed with `EMFILE`/`ENFILE`/`ENOMEM` now or
+    /// recently): the caller copies through a buffer instead, as HAProxy
+    /// does past `maxpipes`. A tunnel never ends for want of a pipe.
+    pub(crate) fn take(&self) -> Option<Pipe> {
+        if !self.limit.try_acquire() {
+            self.copy_fallbacks.set(self.copy_fallbacks.get() + 1);
+            return None;
+        }
+        let cached = self.cached.borrow_mut().pop();
+        let pipe = match cached.or_else(|| self.create()) {
             Some(pipe) => pipe,
             None => {
-                let (read, write) = sys::pipe()?;
-                let capacity = sys::set_pipe_size(write.as_fd(), self.pipe_size);
-                Pipe {
-                    read,
-                    write,
-                    capacity,
-                }
+                self.limit.release();
+                self.copy_fallbacks.set(self.copy_fallbacks.get() + 1);
+                return None;
             }
         };
         self.in_use.set(self.in_use.get() + 1);
-        Ok(pipe)
+        Some(pipe)
+    }
+
+    fn create(&self) -> Option<Pipe> {
+        let backoff = self.create_backoff.get();
+        if backoff > 0 {
+            self.create_backoff.set(backoff - 1);
+            return None;
+        }
+        match self.pipe2() {
+            Ok((read, write)) => {
+                let capacity = sys::set_pipe_size(write.as_fd(), self.pipe_size);
+                Some(Pipe {
+                    read,
+                    write,
+                    capacity,
+                })
+            }
+            Err(_) => {
+                self.pipe_failures.set(self.pipe_failures.get() + 1);
+                self.create_backoff.set(CREATE_BACKOFF);
+                None
+            }
+        }
+    }
+
+    fn pipe2(&self) -> io::Result<(OwnedFd, OwnedFd)> {
+        #[cfg(test)]
+        if let Some(n) = self.create_allowance.get() {
+            if n == 0 {
+                return Err(io::Error::from_raw_os_error(libc::EMFILE));
+            }
+            self.create_allowance.set(Some(n - 1));
+        }
+        sys::pipe()
     }
 
     /// Returns an empty pipe.
-    fn give(&self, pipe: Pipe) {
+    pub(crate) fn give(&self, pipe: Pipe) {
         self.in_use.set(self.in_use.get() - 1);
+        self.limit.release();
         let mut cached = self.cached.borrow_mut();
         if cached.len() < self.max_cached {
             cached.push(pipe);
@@ -294,16 +485,9 @@ impl PipePool {
     /// Closes a pipe that may still hold bytes.
     fn discard(&self, pipe: Pipe) {
         self.in_use.set(self.in_use.get() - 1);
+        self.limit.release();
         drop(pipe);
     }
-}
-
-/// A transfer failed; says whose fault it was.
-enum Fault {
-    /// The source socket's syscall failed (or would block).
-    Io(io::Error),
-    /// A local resource (pipe) could not be had.
-    Local(io::Error),
 }
 
 /// Where one direction keeps bytes between reading them and writing them.
@@ -311,7 +495,7 @@ trait Stage {
     /// Bytes read and not yet written.
     fn staged(&self) -> usize;
     /// Reads from `src` into the (empty) stage; `Ok(0)` is EOF.
-    fn fill(&mut self, src: &TcpStream) -> Result<usize, Fault>;
+    fn fill(&mut self, src: &TcpStream) -> io::Result<usize>;
     /// How many bytes the last `fill` asked for (a read that got fewer left
     /// the socket's receive queue empty, most likely).
     fn asked(&self) -> usize;
@@ -327,34 +511,30 @@ struct PipeStage<'p> {
     asked: usize,
 }
 
-impl Stage for PipeStage<'_> {
-    fn staged(&self) -> usize {
-        self.staged
-    }
-
-    fn fill(&mut self, src: &TcpStream) -> Result<usize, Fault> {
+impl PipeStage<'_> {
+    /// Splices from `src` into a pipe from the pool; `None` when the pool
+    /// has no pipe to give (the caller copies instead).
+    fn fill(&mut self, src: &TcpStream) -> Option<io::Result<usize>> {
         debug_assert_eq!(self.staged, 0);
         let pipe = match self.pipe.take() {
             Some(pipe) => pipe,
-            None => self.pool.take().map_err(Fault::Local)?,
+            None => self.pool.take()?,
         };
         self.asked = pipe.capacity;
-        match sys::splice(src.as_fd(), pipe.write.as_fd(), pipe.capacity) {
-            Ok(n) if n > 0 => {
-                self.staged = n;
-                self.pipe = Some(pipe);
-                Ok(n)
-            }
-            other => {
-                // EOF, EAGAIN or an error: nothing entered the pipe.
-                self.pool.give(pipe);
-                other.map_err(Fault::Io)
-            }
-        }
-    }
-
-    fn asked(&self) -> usize {
-        self.asked
+        Some(
+            match sys::splice(src.as_fd(), pipe.write.as_fd(), pipe.capacity) {
+                Ok(n) if n > 0 => {
+                    self.staged = n;
+                    self.pipe = Some(pipe);
+                    Ok(n)
+                }
+                other => {
+                    // EOF, EAGAIN or an error: nothing entered the pipe.
+                    self.pool.give(pipe);
+                    other
+                }
+            },
+        )
     }
 
     fn drain(&mut self, dst: &TcpStream) -> io::Result<usize> {
@@ -415,13 +595,20 @@ impl Stage for AutoStage<'_> {
         self.pipe.staged + (self.end - self.start)
     }
 
-    fn fill(&mut self, src: &TcpStream) -> Result<usize, Fault> {
+    fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
         if self.splice {
-            let n = self.pipe.fill(src)?;
-            if n < COPY_BUF {
-                self.splice = false;
+            match self.pipe.fill(src) {
+                Some(res) => {
+                    let n = res?;
+                    if n < COPY_BUF {
+                        self.splice = false;
+                    }
+                    return Ok(n);
+                }
+                // No pipe to be had: copy this read; the next full one
+                // asks the pool again.
+                None => self.splice = false,
             }
-            return Ok(n);
         }
         let mut buf = self.buf.take().unwrap_or_else(|| self.pipe.pool.take_buf());
         match src.try_read(&mut buf) {
@@ -434,7 +621,7 @@ impl Stage for AutoStage<'_> {
             }
             other => {
                 self.pipe.pool.give_buf(buf);
-                other.map_err(Fault::Io)
+                other
             }
         }
     }
@@ -483,8 +670,8 @@ impl Stage for BufStage {
         self.buf.len()
     }
 
-    fn fill(&mut self, src: &TcpStream) -> Result<usize, Fault> {
-        let n = src.try_read(&mut self.buf).map_err(Fault::Io)?;
+    fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
+        let n = src.try_read(&mut self.buf)?;
         self.start = 0;
         self.end = n;
         Ok(n)
@@ -567,13 +754,14 @@ impl<S: Stage> Half<S> {
                     Poll::Ready(_) => self.wait = None,
                 }
             }
-            if budget == 0 {
+            if budget == 0 || !coop::has_budget() {
                 return Ok(Step::Yield);
             }
             if self.stage.staged() > 0 {
                 match self.stage.drain(dst) {
                     Ok(n) => {
                         budget -= 1;
+                        coop::spend();
                         *moved += n as u64;
                         ctl.record(self.dir, n);
                     }
@@ -612,19 +800,19 @@ impl<S: Stage> Half<S> {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
                     budget -= 1;
+                    coop::spend();
                     self.short = n < self.stage.asked();
                 }
-                Err(Fault::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.wait = Some(wait_for(src, libc::POLLIN)?);
                 }
-                Err(Fault::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(Fault::Io(error)) => {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => {
                     return Err(RelayEnd::Error {
                         side: src_side,
                         error,
                     });
                 }
-                Err(Fault::Local(e)) => return Err(RelayEnd::Local(e)),
             }
         }
     }
@@ -714,7 +902,8 @@ impl<S: Stage + Unpin> Future for Relay<'_, S> {
             }
         }
         if matches!(ab, Step::Yield) || matches!(ba, Step::Yield) {
-            cx.waker().wake_by_ref();
+            // Run again after the ring is looked at, not before.
+            coop::defer(cx.waker());
         }
         Poll::Pending
     }

@@ -26,9 +26,17 @@ use crate::sys;
 /// How a [`Runtime`] is built.
 #[derive(Clone, Debug)]
 pub struct RuntimeConfig {
-    /// Submission queue size (the completion queue gets 4x). Ops beyond it
-    /// are still accepted: a full queue is flushed to the kernel.
+    /// Submission queue size. Ops beyond it are still accepted: a full
+    /// queue is flushed to the kernel.
     pub entries: u32,
+    /// Completion queue size (`IORING_SETUP_CQSIZE`); 0 means 4 x
+    /// `entries`. Every op in flight may complete between two turns (a
+    /// relay holds two polls, a listener its accepts), so size it for the
+    /// ops a worker keeps in flight; completions beyond it are buffered by
+    /// the kernel (counted in [`RuntimeStats::cq_backlogs`]) and, if even
+    /// that fails, dropped ([`RuntimeStats::cq_dropped`]). Clamped to the
+    /// kernel's maximum (65,536 on Linux 6).
+    pub cq_entries: u32,
     /// Tasks polled between two looks at the ring, so I/O completions and
     /// timers are not starved by a long ready queue.
     pub tasks_per_tick: usize,
@@ -38,6 +46,7 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
             entries: 256,
+            cq_entries: 0,
             tasks_per_tick: 64,
         }
     }
@@ -123,6 +132,11 @@ pub(crate) struct Context {
     id: u64,
     pub(crate) driver: RefCell<Driver>,
     ready: RefCell<VecDeque<TaskKey>>,
+    /// Wakers of tasks that yielded (budget spent, `yield_now`): woken after
+    /// the next ring turn, so they do not run again before I/O is looked at.
+    deferred: RefCell<Vec<Waker>>,
+    /// Set by a turn that failed: the ring is unusable.
+    failed: RefCell<Option<(io::ErrorKind, String)>>,
     main_woken: Cell<bool>,
     tasks: RefCell<Slab<Task>>,
     next_generation: Cell<u64>,
@@ -198,10 +212,12 @@ impl Context {
             task.waker.scheduled.store(false, Ordering::Release);
             (future, Waker::from(task.waker.clone()))
         };
-        let done = future
-            .as_mut()
-            .poll(&mut TaskContext::from_waker(&waker))
-            .is_ready();
+        let done = crate::coop::budgeted(|| {
+            future
+                .as_mut()
+                .poll(&mut TaskContext::from_waker(&waker))
+                .is_ready()
+        });
         let mut tasks = self.tasks.borrow_mut();
         if done {
             let task = tasks.remove(key.idx);
@@ -222,13 +238,18 @@ impl Context {
         }
     }
 
-    /// One I/O turn, then wake what completed.
-    fn turn(&self, may_block: bool) {
+    /// One I/O turn, then wake what completed. An error is fatal: the ring
+    /// itself failed (`io_uring_enter` returned `EBADF`, `EFAULT`, `EBADR`
+    /// after dropped completions, ...), and the runtime refuses to run again.
+    fn turn(&self, may_block: bool) -> io::Result<()> {
         let mut woken = {
             let mut driver = self.driver.borrow_mut();
             if let Err(e) = driver.turn(may_block) {
-                // EBADF, EFAULT, ...: the ring itself is broken; nothing sane remains.
-                panic!("splicegate-uring: io_uring_enter failed: {e}");
+                let message = format!(
+                    "splicegate-uring: io_uring_enter failed: {e}; this runtime cannot run again"
+                );
+                *self.failed.borrow_mut() = Some((e.kind(), message.clone()));
+                return Err(io::Error::new(e.kind(), message));
             }
             std::mem::take(&mut driver.woken)
         };
@@ -243,7 +264,89 @@ impl Context {
             drop(driver);
             self.drain_remote();
         }
+        self.wake_deferred();
+        Ok(())
     }
+
+    /// The error of a failed turn, again.
+    fn failure(&self) -> Option<io::Error> {
+        self.failed
+            .borrow()
+            .as_ref()
+            .map(|(kind, message)| io::Error::new(*kind, message.clone()))
+    }
+
+    fn stats(&self) -> RuntimeStats {
+        let mut driver = self.driver.borrow_mut();
+        let (sq_entries, cq_entries, cq_backlogs, cq_dropped, pending_cancels) =
+            driver.ring_stats();
+        RuntimeStats {
+            sq_entries,
+            cq_entries,
+            cq_backlogs,
+            cq_dropped,
+            ops_in_flight: driver.ops_in_flight(),
+            pending_cancels,
+            tasks: self.tasks.borrow().len(),
+        }
+    }
+
+    /// Wakes the tasks that yielded before this turn.
+    fn wake_deferred(&self) {
+        let deferred = std::mem::take(&mut *self.deferred.borrow_mut());
+        for waker in deferred {
+            waker.wake();
+        }
+    }
+}
+
+/// Wakes `waker` after the next ring turn of the runtime running on this
+/// thread (at once when none is).
+pub(crate) fn defer_wake(waker: &Waker) {
+    let deferred = CURRENT
+        .try_with(|current| match &*current.borrow() {
+            Some(cx) => {
+                cx.deferred.borrow_mut().push(waker.clone());
+                true
+            }
+            None => false,
+        })
+        .unwrap_or(false);
+    if !deferred {
+        waker.wake_by_ref();
+    }
+}
+
+/// Counters of one runtime, for a worker to export.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuntimeStats {
+    /// Submission queue size the kernel gave.
+    pub sq_entries: u32,
+    /// Completion queue size the kernel gave.
+    pub cq_entries: u32,
+    /// Turns that found the kernel holding completions back because the CQ
+    /// was full (`IORING_SQ_CQ_OVERFLOW`): nothing is lost, but the CQ is
+    /// too small for the ops in flight. Cumulative.
+    pub cq_backlogs: u64,
+    /// Completions the kernel dropped (its CQ overflow counter): the CQ was
+    /// full and it could not buffer them. Each is an op that will never
+    /// complete; recent kernels then fail a wait with `EBADR`, which
+    /// [`Runtime::block_on`] returns as a fatal error. Cumulative.
+    pub cq_dropped: u32,
+    /// Ops in flight or with unconsumed completions.
+    pub ops_in_flight: usize,
+    /// Cancels of dropped ops waiting for room in the submission queue.
+    pub pending_cancels: usize,
+    /// Spawned tasks not finished.
+    pub tasks: usize,
+}
+
+/// The counters of the runtime running on this thread.
+///
+/// # Panics
+/// Outside [`Runtime::block_on`].
+pub fn runtime_stats() -> RuntimeStats {
+    with_current(|cx| cx.stats())
 }
 
 /// Runs `f` with the runtime of the current `block_on`.
@@ -273,12 +376,19 @@ impl Runtime {
     /// used for cross-thread wakes.
     pub fn new(config: RuntimeConfig) -> io::Result<Runtime> {
         let eventfd = Arc::new(sys::eventfd()?);
-        let driver = Driver::new(config.entries.max(8), eventfd.clone())?;
+        let entries = config.entries.max(8);
+        let cq_entries = match config.cq_entries {
+            0 => entries.saturating_mul(4),
+            n => n,
+        };
+        let driver = Driver::new(entries, cq_entries, eventfd.clone())?;
         Ok(Runtime {
             cx: Rc::new(Context {
                 id: NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed),
                 driver: RefCell::new(driver),
                 ready: RefCell::new(VecDeque::new()),
+                deferred: RefCell::new(Vec::new()),
+                failed: RefCell::new(None),
                 main_woken: Cell::new(false),
                 tasks: RefCell::new(Slab::new()),
                 next_generation: Cell::new(0),
@@ -292,12 +402,25 @@ impl Runtime {
     }
 
     /// Runs `future` to completion on this thread, together with every task
-    /// [`spawn`]ed onto this runtime. Spawned tasks that are still pending
-    /// when it returns stay queued for the next `block_on`.
+    /// [`spawn`]ed onto this runtime, and returns its output. Spawned tasks
+    /// that are still pending when it returns stay queued for the next
+    /// `block_on`.
+    ///
+    /// # Errors
+    /// When the ring itself fails (`io_uring_enter` returns an error other
+    /// than a timeout, a signal or a busy queue: `EBADF`, `EFAULT`, `EBADR`
+    /// after the kernel dropped completions, ...). **The caller must treat
+    /// this as fatal**: the future and every task are stalled, their
+    /// sockets unserved, and this runtime returns the same error from every
+    /// later `block_on` without running anything. Log it and exit the
+    /// process (or rebuild the worker); never serve on with a dead worker.
     ///
     /// # Panics
     /// When called from inside another `block_on` on the same thread.
-    pub fn block_on<F: Future>(&self, future: F) -> F::Output {
+    pub fn block_on<F: Future>(&self, future: F) -> io::Result<F::Output> {
+        if let Some(e) = self.cx.failure() {
+            return Err(e);
+        }
         let _enter = Enter::new(self.cx.clone());
         let cx = &*self.cx;
         let main = Arc::new(TaskWaker {
@@ -313,16 +436,20 @@ impl Runtime {
         loop {
             if cx.main_woken.replace(false) {
                 main.scheduled.store(false, Ordering::Release);
-                if let Poll::Ready(out) = future.as_mut().poll(&mut task_cx) {
-                    return out;
+                if let Poll::Ready(out) =
+                    crate::coop::budgeted(|| future.as_mut().poll(&mut task_cx))
+                {
+                    return Ok(out);
                 }
             }
             let mut budget = cx.config.tasks_per_tick.max(1);
             while budget > 0 && cx.run_one() {
                 budget -= 1;
             }
-            let idle = cx.ready.borrow().is_empty() && !cx.main_woken.get();
-            cx.turn(idle);
+            let idle = cx.ready.borrow().is_empty()
+                && !cx.main_woken.get()
+                && cx.deferred.borrow().is_empty();
+            cx.turn(idle)?;
         }
     }
 
@@ -342,6 +469,17 @@ impl Runtime {
     pub fn tasks(&self) -> usize {
         self.cx.tasks.borrow().len()
     }
+
+    /// Tests: the runtime's context.
+    #[cfg(test)]
+    pub(crate) fn cx_for_tests(&self) -> &Context {
+        &self.cx
+    }
+
+    /// The runtime's counters; inside a task, use [`runtime_stats`].
+    pub fn stats(&self) -> RuntimeStats {
+        self.cx.stats()
+    }
 }
 
 impl Drop for Runtime {
@@ -353,6 +491,7 @@ impl Drop for Runtime {
         let tasks = self.cx.tasks.borrow_mut().drain();
         drop(tasks);
         self.cx.ready.borrow_mut().clear();
+        self.cx.deferred.borrow_mut().clear();
         let _ = self.cx.driver.borrow_mut().turn(false);
     }
 }
@@ -402,7 +541,8 @@ pub fn spawn<F: Future<Output = ()> + 'static>(future: F) {
     with_current(|cx| cx.spawn(Box::pin(future)));
 }
 
-/// Yields once to the scheduler, letting other ready tasks and I/O run.
+/// Yields once to the scheduler: the task runs again after the other ready
+/// tasks and the next look at the ring (I/O completions, timers).
 pub async fn yield_now() {
     let mut yielded = false;
     std::future::poll_fn(|cx| {
@@ -410,7 +550,7 @@ pub async fn yield_now() {
             Poll::Ready(())
         } else {
             yielded = true;
-            cx.waker().wake_by_ref();
+            crate::coop::defer(cx.waker());
             Poll::Pending
         }
     })

@@ -34,6 +34,10 @@ pub(crate) struct SqFull;
 /// One io_uring instance. Only pointer-free entries can be pushed into it.
 pub(crate) struct Ring {
     ring: IoUring,
+    /// Tests: this many more pushes fail as if the queue stayed full after
+    /// a submit (the kernel holding back, e.g. on a CQ overflow).
+    #[cfg(test)]
+    refuse_pushes: usize,
 }
 
 impl std::fmt::Debug for Ring {
@@ -45,24 +49,46 @@ impl std::fmt::Debug for Ring {
 }
 
 impl Ring {
-    /// Creates a ring with `entries` SQ slots and a 4x larger CQ (multishot
-    /// accept and many polls can complete in bursts). Tries COOP_TASKRUN
+    /// Creates a ring with `entries` SQ slots and `cq_entries` CQ slots
+    /// (`IORING_SETUP_CQSIZE`; at least `entries`; both clamped to the
+    /// kernel's maximum rather than refused). Tries COOP_TASKRUN
     /// (+TASKRUN_FLAG) and SINGLE_ISSUER first (completions without IPIs;
     /// the flag tells `submit` when the kernel has work pending for us) and
     /// falls back to plain setup.
-    pub(crate) fn new(entries: u32) -> io::Result<Ring> {
-        let cq = entries.saturating_mul(4).max(64);
+    pub(crate) fn new(entries: u32, cq_entries: u32) -> io::Result<Ring> {
+        let cq = cq_entries.max(entries);
         let tuned = IoUring::builder()
             .setup_cqsize(cq)
+            .setup_clamp()
             .setup_coop_taskrun()
             .setup_taskrun_flag()
             .setup_single_issuer()
             .build(entries);
         let ring = match tuned {
             Ok(ring) => ring,
-            Err(_) => IoUring::builder().setup_cqsize(cq).build(entries)?,
+            Err(_) => IoUring::builder()
+                .setup_cqsize(cq)
+                .setup_clamp()
+                .build(entries)?,
         };
-        Ok(Ring { ring })
+        Ok(Ring {
+            ring,
+            #[cfg(test)]
+            refuse_pushes: 0,
+        })
+    }
+
+    /// Tests: the ring's descriptor.
+    #[cfg(test)]
+    pub(crate) fn fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+
+    /// Tests: make the next `n` pushes fail with [`SqFull`] (each still
+    /// enters the kernel once, as a real full queue does).
+    #[cfg(test)]
+    pub(crate) fn refuse_pushes(&mut self, n: usize) {
+        self.refuse_pushes = n;
     }
 
     /// Pushes a one-shot (or multishot) `POLL_ADD` on `fd` for `events`.
@@ -99,6 +125,12 @@ impl Ring {
     }
 
     fn push(&mut self, entry: &squeue::Entry) -> Result<(), SqFull> {
+        #[cfg(test)]
+        if self.refuse_pushes > 0 {
+            self.refuse_pushes -= 1;
+            let _ = self.ring.submit();
+            return Err(SqFull);
+        }
         for _ in 0..2 {
             // SAFETY: every entry reaching here comes from the constructors above,
             // which take only fds and integers: the kernel is given no pointer to
@@ -149,6 +181,24 @@ impl Ring {
         }
     }
 
+    /// The sizes the kernel gave the queues: `(sq, cq)`.
+    pub(crate) fn sizes(&self) -> (u32, u32) {
+        let params = self.ring.params();
+        (params.sq_entries(), params.cq_entries())
+    }
+
+    /// The kernel is holding completions back because the CQ was full
+    /// (`IORING_SQ_CQ_OVERFLOW`); they reach the CQ at the next enter.
+    pub(crate) fn cq_backlogged(&mut self) -> bool {
+        self.ring.submission().cq_overflow()
+    }
+
+    /// The kernel's count of completions it had to drop (the CQ was full
+    /// and it could not even buffer them).
+    pub(crate) fn cq_dropped(&mut self) -> u32 {
+        self.ring.completion().overflow()
+    }
+
     /// The completion queue, for the driver to drain.
     pub(crate) fn completions(&mut self) -> cqueue::CompletionQueue<'_> {
         self.ring.completion()
@@ -162,6 +212,17 @@ fn benign_enter_error(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
     )
+}
+
+/// Tests: makes descriptor `fd` refer to `/dev/null` (`dup2`), so that the
+/// object behind it (a ring) fails every later syscall made through it.
+#[cfg(test)]
+pub(crate) fn clobber_fd(fd: RawFd) -> io::Result<()> {
+    let null = std::fs::File::open("/dev/null")?;
+    // SAFETY: dup2 takes integers; `null` is open for the call, and `fd`
+    // stays owned by its owner, which closes it (now /dev/null) as before.
+    cvt(unsafe { libc::dup2(null.as_raw_fd(), fd) })?;
+    Ok(())
 }
 
 /// Takes ownership of a descriptor the kernel just created for us.

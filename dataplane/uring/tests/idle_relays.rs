@@ -126,7 +126,8 @@ fn thousand_idle_relays_spawn_no_kernel_threads_and_hold_no_pipes() {
         })
         .await
         .expect("test timed out");
-    });
+    })
+    .expect("the ring failed");
 }
 
 fn rt_threads_ok(baseline: usize) -> bool {
