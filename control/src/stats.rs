@@ -62,6 +62,30 @@ pub struct WorkerStats {
     /// Connections closed at accept by the user-space guard: above the
     /// source's rate, banned source, not on an `ip_only` port's allowlist.
     pub guard_drops: [AtomicU64; 3],
+    /// The worker's runtime, as of its last tick (every 250 ms).
+    pub runtime: RuntimeGauges,
+}
+
+/// What a worker's io_uring runtime and pipe pool report, copied at each
+/// tick (the runtime's own counters live on its thread).
+#[derive(Debug, Default)]
+pub struct RuntimeGauges {
+    /// Pipes of this worker holding bytes now.
+    pub pipes_in_use: AtomicU64,
+    /// Reads copied because no pipe could be had (over the cap, or `pipe2`
+    /// failing); cumulative.
+    pub pipe_copy_fallbacks: AtomicU64,
+    /// `pipe2` calls that failed; cumulative.
+    pub pipe_failures: AtomicU64,
+    /// Turns that found completions held back by a full completion queue;
+    /// cumulative.
+    pub cq_backlogs: AtomicU64,
+    /// Completions the kernel dropped; cumulative (any is fatal).
+    pub cq_dropped: AtomicU64,
+    /// Ring operations in flight now.
+    pub ops_in_flight: AtomicU64,
+    /// Tasks alive now.
+    pub tasks: AtomicU64,
 }
 
 /// Index of [`WorkerStats::guard_drops`] per verdict.

@@ -229,6 +229,55 @@ impl Collector for Live {
         )?;
         for (name, help, f) in [
             (
+                "splicegate_pipe_copy_fallbacks",
+                "Reads copied because no pipe could be had (over the pipe cap, or pipe2 failing), per worker",
+                (|s: &WorkerStats| s.runtime.pipe_copy_fallbacks.load(Ordering::Relaxed))
+                    as fn(&WorkerStats) -> u64,
+            ),
+            (
+                "splicegate_pipe_failures",
+                "pipe2 calls that failed (out of descriptors), per worker",
+                |s: &WorkerStats| s.runtime.pipe_failures.load(Ordering::Relaxed),
+            ),
+            (
+                "splicegate_ring_cq_backlogs",
+                "Ring turns that found completions held back by a full completion queue, per worker",
+                |s: &WorkerStats| s.runtime.cq_backlogs.load(Ordering::Relaxed),
+            ),
+            (
+                "splicegate_ring_cq_dropped",
+                "Completions the kernel dropped (fatal for the worker), per worker",
+                |s: &WorkerStats| s.runtime.cq_dropped.load(Ordering::Relaxed),
+            ),
+        ] {
+            let v = per_worker(&f);
+            counter(
+                &mut enc,
+                name,
+                help,
+                &v.iter()
+                    .map(|(l, v)| (l.as_slice(), *v))
+                    .collect::<Vec<_>>(),
+            )?;
+        }
+        for (name, help, f) in [
+            (
+                "splicegate_pipes_in_use",
+                "Pipes holding spliced bytes now, per worker",
+                (|s: &WorkerStats| s.runtime.pipes_in_use.load(Ordering::Relaxed))
+                    as fn(&WorkerStats) -> u64,
+            ),
+            (
+                "splicegate_ring_ops_in_flight",
+                "io_uring operations in flight now, per worker",
+                |s: &WorkerStats| s.runtime.ops_in_flight.load(Ordering::Relaxed),
+            ),
+            (
+                "splicegate_worker_tasks",
+                "Tasks alive on the worker's runtime now",
+                |s: &WorkerStats| s.runtime.tasks.load(Ordering::Relaxed),
+            ),
+            (
                 "splicegate_open_connections",
                 "Client connections open now, per worker",
                 (|s: &WorkerStats| s.open_connections.load(Ordering::Relaxed))

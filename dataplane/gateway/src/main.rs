@@ -7,13 +7,14 @@ mod config;
 mod cpus;
 mod echo;
 mod kernel;
+mod portcheck;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use splicegate_control::engine::Engine;
 use splicegate_control::policy::Policy;
@@ -124,10 +125,11 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
             true,
         ),
     };
-    let logging = init_logging(&cfg.log.level);
-    // Block the signals before any thread exists, so every thread inherits
-    // the mask and only this one receives them.
+    // Block the signals before any thread exists (the log writer's
+    // included), so every thread inherits the mask and only this one
+    // receives them.
     let signals = splicegate_uring::SignalSet::block(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
+    let logging = init_logging(&cfg.log.level);
 
     let (engine, control) = admin::engine(&cfg)?;
     let (access_log, access_rx) = match cfg.log.access.as_str() {
@@ -178,6 +180,16 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
                 ip_only: l.ip_only,
             },
         ));
+    }
+    // SO_REUSEPORT would let us share an address another process already
+    // listens on, and each would get a share of the clients: refuse.
+    let sockets = portcheck::listening();
+    for (addr, _) in &listen {
+        if let Some(other) = portcheck::taken(*addr, &sockets) {
+            bail!(
+                "listening on {addr}: another socket already listens on {other}; stop it or choose another address"
+            );
+        }
     }
     // Bind everything first: a port in use fails the start, not a worker.
     let mut per_worker = Vec::with_capacity(workers);
@@ -260,6 +272,22 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
             }
             None => {
                 engine.housekeeping(splicegate_worker::now());
+                // Never serve on with a dead worker: its listeners would
+                // keep their share of new connections and never accept them.
+                if let Some(dead) = handles.iter().position(|h| h.thread.is_finished()) {
+                    tracing::error!(
+                        worker = dead,
+                        "a worker stopped; draining the others and exiting"
+                    );
+                    for h in &handles {
+                        let _ = h.commands.send(Command::Drain { grace });
+                    }
+                    for h in handles {
+                        let _ = h.thread.join();
+                    }
+                    admin::stop(admin, control.as_ref());
+                    bail!("worker {dead} stopped (see the log); the gateway exited");
+                }
             }
         }
     }

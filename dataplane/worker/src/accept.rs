@@ -62,6 +62,9 @@ pub(crate) fn run(
 ) -> std::io::Result<()> {
     let rt = Runtime::new(RuntimeConfig {
         entries: 1024,
+        // Two polls per tunnel: room for about 8,000 busy tunnels per worker
+        // before the kernel has to hold completions back (256 KiB of CQEs).
+        cq_entries: 16_384,
         ..RuntimeConfig::default()
     })?;
     rt.block_on(async move {
@@ -109,7 +112,7 @@ pub(crate) fn run(
         ctx.tunnels.tick(&ctx.shared.engine.policy(), &ctx.stats);
         stop.notify();
         Ok(())
-    })
+    })?
 }
 
 async fn accept_loop(ctx: Rc<Ctx>, listener: TcpListener, binding: Binding, stop: Notifier) {
@@ -221,8 +224,26 @@ async fn serve(
 async fn ticker(ctx: Rc<Ctx>, stop: Notifier) {
     loop {
         match select2(sleep(Duration::from_millis(250)), stop.notified()).await {
-            Either::Left(()) => ctx.tunnels.tick(&ctx.shared.engine.policy(), &ctx.stats),
+            Either::Left(()) => {
+                ctx.tunnels.tick(&ctx.shared.engine.policy(), &ctx.stats);
+                gauges(&ctx);
+            }
             Either::Right(()) => return,
         }
     }
+}
+
+/// Copy the runtime's and the pipe pool's counters where `/metrics` reads.
+fn gauges(ctx: &Ctx) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let g = &ctx.stats.runtime;
+    let p = ctx.pipes.stats();
+    let r = splicegate_uring::runtime_stats();
+    g.pipes_in_use.store(p.in_use as u64, Relaxed);
+    g.pipe_copy_fallbacks.store(p.copy_fallbacks, Relaxed);
+    g.pipe_failures.store(p.pipe_failures, Relaxed);
+    g.cq_backlogs.store(r.cq_backlogs, Relaxed);
+    g.cq_dropped.store(u64::from(r.cq_dropped), Relaxed);
+    g.ops_in_flight.store(r.ops_in_flight as u64, Relaxed);
+    g.tasks.store(r.tasks as u64, Relaxed);
 }

@@ -166,8 +166,11 @@ pub fn start(
             {
                 tracing::warn!(worker = index, cpu, error = %e, "could not pin the worker thread");
             }
+            // A worker that ends before it is told to drain is a fatal
+            // fault (its ring failed): the binary sees the thread finished
+            // (`WorkerHandle::thread.is_finished()`) and stops the process.
             if let Err(e) = accept::run(index, listeners, shared, rx, thread_stats) {
-                tracing::error!(worker = index, error = %e, "worker failed");
+                tracing::error!(worker = index, error = %e, "worker failed; the gateway stops");
             }
         })?;
     Ok(WorkerHandle {
