@@ -6,6 +6,7 @@ mod admin;
 mod config;
 mod echo;
 mod kernel;
+mod ready;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,6 +41,10 @@ enum Cmd {
         /// The configuration file (TOML).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Once serving, write every bound address (the real ports when a
+        /// listen address has port 0) to this file as JSON, atomically.
+        #[arg(long, value_name = "PATH")]
+        ready_file: Option<PathBuf>,
     },
     /// Check a configuration file and exit: 0 when it is valid.
     CheckConfig {
@@ -65,7 +70,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Serve { config } => match serve(config) {
+        Cmd::Serve { config, ready_file } => match serve(config, ready_file) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("splicegate: {e:#}");
@@ -86,7 +91,7 @@ fn init_logging(level: &str) {
         .try_init();
 }
 
-fn serve(path: Option<PathBuf>) -> Result<()> {
+fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
     let (cfg, demo) = match &path {
         Some(p) => (Config::load(p)?, false),
         None => (
@@ -151,12 +156,22 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
         ));
     }
     // Bind everything first: a port in use fails the start, not a worker.
+    // Worker 0 binds each address as configured; the others bind the address
+    // it got, so port 0 means one kernel-chosen port all workers share.
+    let mut bound: Vec<std::net::SocketAddr> = Vec::with_capacity(listen.len());
     let mut per_worker = Vec::with_capacity(workers);
-    for _ in 0..workers {
+    for w in 0..workers {
         let mut mine = Vec::new();
-        for (addr, binding) in &listen {
-            let l = splicegate_worker::bind_listener(*addr)
-                .with_context(|| format!("listening on {addr}"))?;
+        for (i, (addr, binding)) in listen.iter().enumerate() {
+            let at = if w == 0 { *addr } else { bound[i] };
+            let l = splicegate_worker::bind_listener(at)
+                .with_context(|| format!("listening on {at}"))?;
+            if w == 0 {
+                bound.push(
+                    l.local_addr()
+                        .with_context(|| format!("listening on {at}"))?,
+                );
+            }
             mine.push((l, *binding));
         }
         per_worker.push(mine);
@@ -166,14 +181,28 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
         let cpu = (cfg.proxy.pin_workers && workers <= cpus).then_some(i % cpus);
         handles.push(splicegate_worker::start(i, cpu, mine, shared.clone())?);
     }
-    let addrs: Vec<String> = listen.iter().map(|(a, _)| a.to_string()).collect();
+    let addrs: Vec<String> = bound.iter().map(ToString::to_string).collect();
     tracing::info!(listen = %addrs.join(", "), workers, "splicegate serving");
     let verdicts = kernel
         .clone()
         .map(|k| -> splicegate_admin::VerdictFn { Arc::new(move || k.counters()) });
     let admin = admin::start(&cfg, control.as_ref(), &handles, verdicts)?;
+    let ready = ready::Bound {
+        proxy: vec![bound[0]],
+        listeners: listen
+            .iter()
+            .zip(&bound)
+            .skip(1)
+            .map(|((_, b), addr)| (*addr, b.package, b.ip_only))
+            .collect(),
+        admin: admin.as_ref().map(|a| a.addr),
+        demo_echo: echo,
+    };
+    if let Some(p) = &ready_file {
+        ready::write(p, &ready)?;
+    }
     if demo {
-        print_demo(&cfg, echo);
+        print_demo(&cfg, bound[0], echo, ready.admin);
     }
 
     let grace = Duration::from_secs(cfg.timeouts.drain_grace_s);
@@ -213,6 +242,9 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
                     a.drain();
                 }
                 admin::stop(admin, control.as_ref());
+                if let Some(p) = &ready_file {
+                    let _ = std::fs::remove_file(p);
+                }
                 tracing::info!("drained; exiting");
                 return Ok(());
             }
@@ -289,8 +321,12 @@ fn reload(path: &std::path::Path, engine: &Engine, control: Option<&splicegate_a
     }
 }
 
-fn print_demo(cfg: &Config, echo: Option<std::net::SocketAddr>) {
-    let proxy = cfg.proxy.listen;
+fn print_demo(
+    cfg: &Config,
+    proxy: std::net::SocketAddr,
+    echo: Option<std::net::SocketAddr>,
+    admin: Option<std::net::SocketAddr>,
+) {
     let Some(target) = echo else { return };
     let pkg = cfg.package.first();
     let (id, key) = pkg.map_or((1, "pk_demo"), |p| (p.id, p.key.as_str()));
@@ -316,11 +352,10 @@ fn print_demo(cfg: &Config, echo: Option<std::net::SocketAddr>) {
         "Run it again: the exit address changes. Add -session-abc to the username to keep one exit;"
     );
     println!("try country-gb, city-london, or a mistake like contry-us to see the error codes.");
-    if let Some(a) = &cfg.admin {
+    if let Some(a) = admin {
         println!();
         println!(
-            "Admin API: curl http://{}/v1/packages/{id}  (also /v1/nodes, /v1/explain?username=..., /metrics)",
-            a.listen()
+            "Admin API: curl http://{a}/v1/packages/{id}  (also /v1/nodes, /v1/explain?username=..., /metrics)"
         );
     }
 }
