@@ -534,3 +534,43 @@ impl Blackhole {
         self.addr
     }
 }
+
+/// A port that refuses connections (RST): a socket bound on `127.0.0.1:0`
+/// that never listens, holding the port so that nothing else takes it
+/// while the test runs.
+#[derive(Debug)]
+pub struct ClosedPort {
+    _sock: Socket,
+    addr: SocketAddr,
+}
+
+impl ClosedPort {
+    /// Bind one.
+    pub fn new() -> ClosedPort {
+        let sock = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        sock.bind(&SockAddr::from(SocketAddr::new(localhost(), 0)))
+            .expect("bind");
+        let addr = sock
+            .local_addr()
+            .expect("local_addr")
+            .as_socket()
+            .expect("inet");
+        ClosedPort { _sock: sock, addr }
+    }
+
+    /// Its address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+impl Default for ClosedPort {
+    fn default() -> Self {
+        ClosedPort::new()
+    }
+}

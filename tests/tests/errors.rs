@@ -315,8 +315,8 @@ fn disallowed_targets_and_protocols_are_403() {
 
 #[test]
 fn a_refusing_target_is_target_unreachable_without_replacing_the_node() {
-    let closed = free_port("127.0.0.1".parse().unwrap());
-    let target = format!("127.0.0.1:{closed}");
+    let closed = ClosedPort::new();
+    let target = closed.addr().to_string();
     let n1 = node_ip();
     let http_node = TestNode::http(node_ip());
     let socks_node = TestNode::socks5(node_ip());
@@ -334,12 +334,12 @@ fn a_refusing_target_is_target_unreachable_without_replacing_the_node() {
         assert_error(&r, 502, "TARGET_UNREACHABLE", &[]);
     }
     assert_eq!(
-        http_node.requests_to_port(closed),
+        http_node.requests_to_port(closed.port()),
         1,
         "no retry on a target fault"
     );
     assert_eq!(
-        socks_node.requests_to_port(closed),
+        socks_node.requests_to_port(closed.port()),
         1,
         "no retry on a target fault"
     );

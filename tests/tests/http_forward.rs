@@ -288,12 +288,12 @@ fn a_large_forwarded_response_arrives_intact() {
 #[test]
 fn errors_on_keep_alive_leave_the_connection_usable_when_it_says_so() {
     let web = HttpTarget::start();
-    let closed = free_port("127.0.0.1".parse().unwrap());
+    let closed = ClosedPort::new();
     let gw = gateway_with_direct(node_ip());
     let mut c = gw.conn();
     let u = user("country-us");
     let r = c
-        .get(&format!("http://127.0.0.1:{closed}/"), Some((&u, KEY)), &[])
+        .get(&format!("http://{}/", closed.addr()), Some((&u, KEY)), &[])
         .unwrap();
     assert_error(&r, 502, "TARGET_UNREACHABLE", &[]);
     let bad = c.get(&web.url("/ip"), Some((&user("contry-us"), KEY)), &[]);

@@ -186,7 +186,7 @@ fn every_error_class_has_its_socks5_reply() {
     conf.target_ms = 1000;
     let gw = Gateway::start_conf(&conf);
     dead.stop();
-    let closed = free_port("127.0.0.1".parse().unwrap());
+    let closed = ClosedPort::new();
     let web_t = SocksAddr::of(web.addr());
     let ask = |rules: &str, target: &SocksAddr| -> SocksOutcome {
         let mut c = gw.conn();
@@ -223,7 +223,7 @@ fn every_error_class_has_its_socks5_reply() {
         (
             "TARGET_UNREACHABLE",
             "country-us-city-new_york",
-            SocksAddr::V4("127.0.0.1".parse().unwrap(), closed),
+            SocksAddr::of(closed.addr()),
             5,
         ),
         (
