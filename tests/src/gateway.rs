@@ -124,6 +124,24 @@ impl Gateway {
         Gateway::try_start_in(temp_dir("gw"), HashMap::new(), toml)
     }
 
+    /// Start the binary on `toml` in `dir` (kept when the gateway drops),
+    /// placeholders named in `ports` on those addresses' ports; panics (with
+    /// the gateway's stderr) if it does not serve.
+    pub fn start_in(dir: PathBuf, ports: HashMap<String, SocketAddr>, toml: &str) -> Gateway {
+        match Gateway::try_start_in(dir, ports, toml) {
+            Ok(mut g) => {
+                g.keep_dir = true;
+                g
+            }
+            Err(e) => panic!("{e:#}"),
+        }
+    }
+
+    /// What each placeholder got (see [`Gateway::addr`]).
+    pub fn ports(&self) -> &HashMap<String, SocketAddr> {
+        &self.ports
+    }
+
     /// Stop this gateway (SIGTERM, wait up to 10 s) and start the binary
     /// again on the same directory (store), ports and config file.
     pub fn restart(self) -> Gateway {

@@ -23,6 +23,7 @@ pub mod curl;
 pub mod fixtures;
 pub mod gateway;
 pub mod nodes;
+pub mod ops;
 pub mod targets;
 pub mod tools;
 pub mod watch;

@@ -3,12 +3,11 @@
 //! never exceeds what was relayed, and at most about the last second of
 //! traffic is lost (one flush interval, plus the tunnels' 250 ms tick).
 
-mod common;
-
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use splicegate_tests::ops::*;
+use splicegate_tests::{Gateway, Source};
 
 /// Streams per iteration.
 const STREAMS: u8 = 2;
@@ -50,7 +49,7 @@ struct Stored {
     charged_micro: i64,
 }
 
-fn stored(gw: &Gw) -> Stored {
+fn stored(gw: &Gateway) -> Stored {
     let p = gw.expect("GET", "/v1/packages/7", None, 200);
     let o = gw.expect("GET", "/v1/orgs/acme", None, 200);
     Stored {
@@ -62,7 +61,7 @@ fn stored(gw: &Gw) -> Stored {
 
 fn sigkill_loop(iterations: u32) {
     let s = Setup::new("ledger");
-    let source = Source::start(CHUNK, EVERY, Duration::from_secs(60));
+    let source = Source::start(CHUNK, EVERY, None);
     let toml = conf(&s);
     let mut before = Stored::default();
     let mut relayed_total = 0u64;
@@ -81,7 +80,7 @@ fn sigkill_loop(iterations: u32) {
         let started = Instant::now();
         let clients: Vec<_> = (0..STREAMS)
             .map(|k| {
-                let (proxy, target) = (gw.proxy(), source.addr);
+                let (proxy, target) = (gw.proxy, source.addr());
                 std::thread::spawn(move || {
                     let src = Ipv4Addr::new(127, 0, 4, 90 + k);
                     let t = connect(proxy, src, target, "package-7-country-us", "pk_ledger");

@@ -3,13 +3,12 @@
 //! that hold from the next request (keys, status, node state), metrics that
 //! move with traffic.
 
-mod common;
-
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use common::*;
 use serde_json::Value;
+use splicegate_tests::eventually;
+use splicegate_tests::ops::*;
 
 /// The file every test starts from: org `acme` (100 credits), package 7
 /// (1 credit per GB), and a `direct` node `file-1` in New York on `node`.
@@ -67,18 +66,21 @@ fn every_endpoint_answers_as_documented() {
     let target = IpEcho::start(local(0)).unwrap();
 
     // 1. Open endpoints, the token, and the error format.
-    let a = http(gw.admin(), "GET", "/healthz", None, None);
+    let a = http(gw.admin_addr(), "GET", "/healthz", None, None);
     assert_eq!(a.status, 200);
-    let a = http(gw.admin(), "GET", "/", None, None);
+    let a = http(gw.admin_addr(), "GET", "/", None, None);
     assert_eq!(a.status, 200);
     assert!(a.header("content-type").unwrap().starts_with("text/html"));
     for token in [None, Some("wrong")] {
-        let a = http(gw.admin(), "GET", "/v1/orgs", token, None);
+        let a = http(gw.admin_addr(), "GET", "/v1/orgs", token, None);
         assert_eq!(a.status, 401, "{token:?}");
         assert_eq!(a.json()["error"], "unauthorized");
         assert!(a.json()["message"].as_str().unwrap().contains("Bearer"));
     }
-    assert_eq!(http(gw.admin(), "GET", "/metrics", None, None).status, 401);
+    assert_eq!(
+        http(gw.admin_addr(), "GET", "/metrics", None, None).status,
+        401
+    );
     let nf = gw.expect("GET", "/v1/nothing", None, 404);
     assert_eq!(nf["error"], "not_found");
     gw.expect("PUT", "/v1/orgs", Some("{}"), 405);
@@ -229,11 +231,11 @@ fn every_endpoint_answers_as_documented() {
 
     // 4. Traffic, so usage, errors and sessions have something to show.
     let user = "package-8-country-us-session-s1";
-    let seen = exit_ip(gw.proxy(), client(1), target.addr, user, "pk_custom_8");
+    let seen = exit_ip(gw.proxy, client(1), target.addr, user, "pk_custom_8");
     assert_eq!(seen.as_deref(), Ok("127.0.3.1"));
     assert_eq!(
         exit_ip(
-            gw.proxy(),
+            gw.proxy,
             client(1),
             target.addr,
             "package-8-country-gb",
@@ -494,7 +496,7 @@ fn changes_and_usage_survive_a_restart_and_file_credits_are_a_first_grant() {
     for _ in 0..3 {
         assert_eq!(
             exit_ip(
-                gw.proxy(),
+                gw.proxy,
                 client(10),
                 target.addr,
                 "package-20-country-us",
@@ -505,7 +507,7 @@ fn changes_and_usage_survive_a_restart_and_file_credits_are_a_first_grant() {
         );
         assert!(
             exit_ip(
-                gw.proxy(),
+                gw.proxy,
                 client(10),
                 target.addr,
                 "package-7-country-us",
@@ -518,7 +520,7 @@ fn changes_and_usage_survive_a_restart_and_file_credits_are_a_first_grant() {
     let settled = |id: u64| {
         let path = format!("/v1/packages/{id}");
         let mut last = Value::Null;
-        eventually(Duration::from_secs(5), || {
+        eventually(Duration::from_secs(5), Duration::from_millis(50), || {
             std::thread::sleep(Duration::from_millis(300));
             let now = gw.expect("GET", &path, None, 200);
             let same =
@@ -570,7 +572,7 @@ fn changes_and_usage_survive_a_restart_and_file_credits_are_a_first_grant() {
     assert_eq!(node["state"], "offline");
     assert_eq!(
         exit_ip(
-            gw.proxy(),
+            gw.proxy,
             client(11),
             target.addr,
             "package-20-country-us",
@@ -598,7 +600,7 @@ fn a_new_key_works_and_the_old_fails_at_once() {
     let old = p["key"].as_str().unwrap().to_string();
     let user = "package-30-country-us";
     assert_eq!(
-        curl_connect(gw.proxy(), client(20), target.addr, user, &old),
+        curl_connect(gw.proxy, client(20), target.addr, user, &old),
         (200, "127.0.3.20".to_string())
     );
     let new = gw.expect("POST", "/v1/packages/30/key", None, 200)["key"]
@@ -607,14 +609,14 @@ fn a_new_key_works_and_the_old_fails_at_once() {
         .to_string();
     // No wait: the next request sees the new policy.
     assert_eq!(
-        curl_connect(gw.proxy(), client(20), target.addr, user, &old).0,
+        curl_connect(gw.proxy, client(20), target.addr, user, &old).0,
         407
     );
     assert_eq!(
-        curl_connect(gw.proxy(), client(20), target.addr, user, &new),
+        curl_connect(gw.proxy, client(20), target.addr, user, &new),
         (200, "127.0.3.20".to_string())
     );
-    let t = connect(gw.proxy(), client(21), target.addr, user, &old);
+    let t = connect(gw.proxy, client(21), target.addr, user, &old);
     assert_eq!((t.status, t.code.as_deref()), (407, Some("AUTH_FAILED")));
     drop(gw);
     s.remove();
@@ -632,14 +634,14 @@ fn a_paused_package_answers_package_paused() {
         201,
     );
     let user = "package-31-country-any";
-    assert!(exit_ip(gw.proxy(), client(30), target.addr, user, "pk_31_key").is_ok());
+    assert!(exit_ip(gw.proxy, client(30), target.addr, user, "pk_31_key").is_ok());
     gw.expect(
         "PATCH",
         "/v1/packages/31",
         Some(r#"{"status": "paused"}"#),
         200,
     );
-    let t = connect(gw.proxy(), client(30), target.addr, user, "pk_31_key");
+    let t = connect(gw.proxy, client(30), target.addr, user, "pk_31_key");
     assert_eq!(
         (t.status, t.code.as_deref()),
         (407, Some("PACKAGE_PAUSED")),
@@ -652,7 +654,7 @@ fn a_paused_package_answers_package_paused() {
         Some(r#"{"status": "suspended"}"#),
         200,
     );
-    let t = connect(gw.proxy(), client(30), target.addr, user, "pk_31_key");
+    let t = connect(gw.proxy, client(30), target.addr, user, "pk_31_key");
     assert_eq!(t.code.as_deref(), Some("PACKAGE_SUSPENDED"));
     gw.expect(
         "PATCH",
@@ -660,7 +662,7 @@ fn a_paused_package_answers_package_paused() {
         Some(r#"{"status": "active"}"#),
         200,
     );
-    assert!(exit_ip(gw.proxy(), client(30), target.addr, user, "pk_31_key").is_ok());
+    assert!(exit_ip(gw.proxy, client(30), target.addr, user, "pk_31_key").is_ok());
     // The data plane records checks 1-5 without their package: the global list has them.
     let errs = gw.expect("GET", "/v1/errors", None, 200);
     assert_eq!(errs[0]["code"], "PACKAGE_SUSPENDED", "{errs}");
@@ -683,7 +685,7 @@ fn a_node_set_offline_gets_no_new_tunnels() {
     let user = "package-7-country-de";
     let exits = |n: usize| -> Vec<String> {
         (0..n)
-            .map(|_| exit_ip(gw.proxy(), client(40), target.addr, user, "pk_file_7").unwrap())
+            .map(|_| exit_ip(gw.proxy, client(40), target.addr, user, "pk_file_7").unwrap())
             .collect()
     };
     gw.expect(
@@ -753,7 +755,7 @@ fn metrics_move_with_traffic() {
     }
     for _ in 0..5 {
         exit_ip(
-            gw.proxy(),
+            gw.proxy,
             client(50),
             target.addr,
             "package-7-country-us-session-m1",
@@ -762,14 +764,14 @@ fn metrics_move_with_traffic() {
         .unwrap();
     }
     let t = connect(
-        gw.proxy(),
+        gw.proxy,
         client(50),
         target.addr,
         "package-7-country-us",
         "wrong",
     );
     assert_eq!(t.status, 407);
-    let after = eventually(Duration::from_secs(5), || {
+    let after = eventually(Duration::from_secs(5), Duration::from_millis(50), || {
         let m = gw.metrics();
         (sample(&m, "splicegate_relayed_bytes_total{direction=\"down\"}") > 0.0).then_some(m)
     })
@@ -802,7 +804,7 @@ fn metrics_move_with_traffic() {
 fn a_reload_keeps_the_apis_objects_and_refuses_a_bad_file() {
     let s = Setup::new("reload");
     let target = IpEcho::start(local(0)).unwrap();
-    let gw = s.start(&conf(&s, ip(60), NO_PROBES, 100.0));
+    let mut gw = s.start(&conf(&s, ip(60), NO_PROBES, 100.0));
     gw.expect(
         "POST",
         "/v1/packages",
@@ -810,14 +812,9 @@ fn a_reload_keeps_the_apis_objects_and_refuses_a_bad_file() {
         201,
     );
     // A broken file: refused, the running policy stays.
-    std::fs::write(
-        s.dir.join("splicegate.toml"),
-        conf(&s, ip(60), NO_PROBES, 100.0).replace("org = \"acme\"", "org = \"gone\""),
-    )
-    .unwrap();
-    gw.hup();
+    gw.reload(&conf(&s, ip(60), NO_PROBES, 100.0).replace("org = \"acme\"", "org = \"gone\""));
     assert!(
-        eventually(Duration::from_secs(5), || gw
+        eventually(Duration::from_secs(5), Duration::from_millis(50), || gw
             .log()
             .contains("rejected")
             .then_some(()))
@@ -827,7 +824,7 @@ fn a_reload_keeps_the_apis_objects_and_refuses_a_bad_file() {
     );
     assert!(
         exit_ip(
-            gw.proxy(),
+            gw.proxy,
             client(60),
             target.addr,
             "package-7-country-us",
@@ -838,11 +835,10 @@ fn a_reload_keeps_the_apis_objects_and_refuses_a_bad_file() {
     // A good file with a new key for 7 and a new org: the API's package 61 stays.
     let good = conf(&s, ip(60), NO_PROBES, 100.0).replace("pk_file_7", "pk_file_7b")
         + "\n[[org]]\nid = \"delta\"\ncredits = 3.0\n";
-    std::fs::write(s.dir.join("splicegate.toml"), good).unwrap();
-    gw.hup();
-    let swapped = eventually(Duration::from_secs(5), || {
+    gw.reload(&good);
+    let swapped = eventually(Duration::from_secs(5), Duration::from_millis(50), || {
         exit_ip(
-            gw.proxy(),
+            gw.proxy,
             client(60),
             target.addr,
             "package-7-country-us",
@@ -854,7 +850,7 @@ fn a_reload_keeps_the_apis_objects_and_refuses_a_bad_file() {
     assert!(swapped.is_some(), "{}", gw.log_tail(5));
     assert!(
         exit_ip(
-            gw.proxy(),
+            gw.proxy,
             client(60),
             target.addr,
             "package-61-country-us",
