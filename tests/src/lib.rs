@@ -17,6 +17,7 @@
 pub mod addr;
 pub mod admin;
 pub mod canary;
+pub mod catalog;
 pub mod client;
 pub mod conf;
 pub mod curl;
