@@ -6,6 +6,6 @@
 source "$(dirname "$0")/lib.sh"
 build
 rc=0
-run_fault sigterm_under_load 120 || rc=1
-run_fault sigkill_loop_reconciles_the_ledger 600 || rc=1
+run_fault signals::sigterm_under_load 120 || rc=1
+run_fault signals::sigkill_loop_reconciles_the_ledger 600 || rc=1
 exit $rc

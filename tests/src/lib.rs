@@ -21,6 +21,7 @@ pub mod catalog;
 pub mod client;
 pub mod conf;
 pub mod curl;
+pub mod faults;
 pub mod fixtures;
 pub mod gateway;
 pub mod nodes;
