@@ -6,6 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::canary::{CanaryPlan, CanaryReport, percentile};
+use crate::watch::Sources;
 use crate::*;
 
 /// Print a measured figure on a `FIGURE` line (the scripts collect them).
@@ -134,4 +135,122 @@ pub fn nofile() -> String {
         .find(|l| l.starts_with("Max open files"))
         .unwrap_or("")
         .to_string()
+}
+
+/// The lab of the node faults: an echo and a web target, the nodes under
+/// test in `dallas` (each with its own asn), a direct `chicago` node that
+/// the well-behaved client uses, `node_connect_ms` 1000 and `target_ms`
+/// 2000; and that client's latencies before the fault.
+#[derive(Debug)]
+pub struct NodeLab {
+    /// Client source addresses.
+    pub src: Sources,
+    /// The tunnel target.
+    pub echo: TcpEcho,
+    /// The forwarding target.
+    pub web: HttpTarget,
+    /// The gateway.
+    pub gw: Gateway,
+    /// The well-behaved client (chicago).
+    pub plan: CanaryPlan,
+    /// 100 probes of it before the fault.
+    pub baseline: CanaryReport,
+}
+
+impl NodeLab {
+    /// Start the gateway with `nodes` (each placed in dallas with its asn)
+    /// and `extra` raw TOML.
+    pub fn start(nodes: Vec<(NodeDecl, u32)>, extra: &str) -> NodeLab {
+        let (echo, web) = (TcpEcho::start(), HttpTarget::start());
+        let mut conf = Conf::with_package(KEY);
+        for (n, asn) in nodes {
+            conf = conf.node(n.s("city", "dallas").set("asn", &asn.to_string()));
+        }
+        let mut conf = conf.node(NodeDecl::direct("canary", node_ip()).s("city", "chicago"));
+        if !extra.is_empty() {
+            conf = conf.raw(extra);
+        }
+        conf.geo = vec![r#"cities = { us = ["new_york", "chicago", "dallas"] }"#.into()];
+        conf.node_connect_ms = 1000;
+        conf.target_ms = 2000;
+        let gw = Gateway::start_conf(&conf);
+        let plan = plan(
+            &gw,
+            Sources::reserved(0),
+            &echo,
+            &web,
+            "country-us-city-chicago",
+        );
+        let baseline = crate::canary::sample(&plan, 100);
+        NodeLab {
+            src: Sources::new(),
+            echo,
+            web,
+            gw,
+            plan,
+            baseline,
+        }
+    }
+
+    /// The well-behaved client during the fault (`rep`): its `FIGURE` line
+    /// (`what`: …), at least `min_ok` clean requests, and no worker blocked
+    /// against the probes before and (taken now) after the fault.
+    #[track_caller]
+    pub fn check_canary(&self, what: &str, rep: &CanaryReport, min_ok: usize, fault: &str) {
+        let after = crate::canary::sample(&self.plan, 100);
+        figure(format!(
+            "{what}: the client on another node: {} requests, {} failed, p99 {} (p99 before and after the fault {})",
+            rep.ok(),
+            rep.failures.len(),
+            ms(rep.percentile(99.0)),
+            ms(percentile(
+                &[&self.baseline.latencies[..], &after.latencies[..]].concat(),
+                99.0
+            ))
+        ));
+        rep.assert_clean(min_ok, fault);
+        assert_not_blocked(rep, &self.baseline, &after);
+    }
+
+    /// `n` CONNECTs of each `(what, rules)` row at once, each from its own
+    /// source: `(what, outcome, time)` for every one.
+    pub fn at_once<'a>(
+        &self,
+        rows: &[(&'a str, &str)],
+        n: usize,
+    ) -> Vec<(&'a str, String, Duration)> {
+        let results = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for &(what, rules) in rows {
+                for _ in 0..n {
+                    let (results, a) = (&results, self.src.next());
+                    s.spawn(move || {
+                        let (got, took) = outcome(&self.gw, a, self.echo.addr(), rules);
+                        results.lock().unwrap().push((what, got, took));
+                    });
+                }
+            }
+        });
+        results.into_inner().unwrap()
+    }
+}
+
+/// Of `results` of [`NodeLab::at_once`], those of `what`: how many, the
+/// distinct outcomes, the shortest and the longest time.
+pub fn summary(
+    results: &[(&str, String, Duration)],
+    what: &str,
+) -> (usize, Vec<String>, Duration, Duration) {
+    let mine: Vec<_> = results.iter().filter(|r| r.0 == what).collect();
+    let mut gots: Vec<String> = mine.iter().map(|r| r.1.clone()).collect();
+    gots.sort();
+    gots.dedup();
+    let times = mine.iter().map(|r| r.2);
+    let (min, max) = (times.clone().min(), times.max());
+    (
+        mine.len(),
+        gots,
+        min.unwrap_or_default(),
+        max.unwrap_or_default(),
+    )
 }

@@ -7,9 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use splicegate_tests::canary::{Canary, percentile, sample};
+use splicegate_tests::canary::{Canary, percentile};
 use splicegate_tests::faults::*;
-use splicegate_tests::watch::Sources;
 use splicegate_tests::*;
 
 /// A node killed mid-tunnel (its listener closed and every connection
@@ -21,40 +20,22 @@ use splicegate_tests::*;
 #[test]
 #[ignore = "fault scenario: scripts/faults/nodes.sh"]
 fn node_killed_mid_tunnel() {
-    let src = Sources::new();
     let source = Source::start(16 * 1024, Duration::from_millis(10), None);
-    let (echo, web) = (TcpEcho::start(), HttpTarget::start());
     let mut n1 = TestNode::http(node_ip());
     let n2 = TestNode::http(node_ip());
-    let mut conf = Conf::with_package(KEY)
-        .node(
-            NodeDecl::http("n1", n1.addr())
-                .s("city", "dallas")
-                .set("asn", "1001"),
-        )
-        .node(
-            NodeDecl::http("n2", n2.addr())
-                .s("city", "dallas")
-                .set("asn", "1002"),
-        )
-        .node(NodeDecl::direct("n3", node_ip()).s("city", "chicago"));
-    conf.geo = vec![r#"cities = { us = ["new_york", "chicago", "dallas"] }"#.into()];
-    conf.node_connect_ms = 1000;
-    conf.target_ms = 2000;
-    let gw = Gateway::start_conf(&conf);
-    let canary_plan = plan(
-        &gw,
-        Sources::reserved(0),
-        &echo,
-        &web,
-        "country-us-city-chicago",
+    let lab = NodeLab::start(
+        vec![
+            (NodeDecl::http("n1", n1.addr()), 1001),
+            (NodeDecl::http("n2", n2.addr()), 1002),
+        ],
+        "",
     );
-    let baseline = sample(&canary_plan, 100);
+    let (gw, src, echo) = (&lab.gw, &lab.src, &lab.echo);
     // Sessions that live on n1, one per onerror policy.
     let dallas = "country-us-city-dallas";
-    let s_replace = session_on(&gw, src.next(), echo.addr(), dallas, "n1", "r");
+    let s_replace = session_on(gw, src.next(), echo.addr(), dallas, "n1", "r");
     let s_fail = session_on(
-        &gw,
+        gw,
         src.next(),
         echo.addr(),
         &format!("{dallas}-onerror-fail"),
@@ -62,7 +43,7 @@ fn node_killed_mid_tunnel() {
         "f",
     );
     let s_bind = session_on(
-        &gw,
+        gw,
         src.next(),
         echo.addr(),
         &format!("{dallas}-bind-node"),
@@ -70,7 +51,7 @@ fn node_killed_mid_tunnel() {
         "b",
     );
     let s_retry = session_on(
-        &gw,
+        gw,
         src.next(),
         echo.addr(),
         &format!("{dallas}-onerror-retry_2"),
@@ -83,7 +64,7 @@ fn node_killed_mid_tunnel() {
     let mut readers = Vec::new();
     for _ in 0..40 {
         let (mut c, r) = try_connect(
-            &gw,
+            gw,
             src.next(),
             source.addr(),
             &user("country-us-asn-1001"),
@@ -107,7 +88,7 @@ fn node_killed_mid_tunnel() {
             eofs.lock().unwrap().push(end);
         }));
     }
-    let canary = Canary::start(canary_plan.clone());
+    let canary = Canary::start(lab.plan.clone());
     std::thread::sleep(Duration::from_millis(800));
     let before = received.load(Ordering::Relaxed);
     let killed = Instant::now();
@@ -135,12 +116,11 @@ fn node_killed_mid_tunnel() {
         ("retry_2", &s_retry),
         ("asn-1001, rotating", &"country-us-asn-1001".to_string()),
     ] {
-        let (got, took) = outcome(&gw, src.next(), echo.addr(), rules);
+        let (got, took) = outcome(gw, src.next(), echo.addr(), rules);
         answers.push((what, got, took));
     }
     std::thread::sleep(Duration::from_millis(500));
     let rep = canary.stop();
-    let canary_after = sample(&canary_plan, 100);
     figure(format!(
         "node killed mid-tunnel: 40 tunnels ({before} bytes streamed before the kill) all ended within {} of the kill (each: min {}, median {})",
         ms(worst),
@@ -153,16 +133,6 @@ fn node_killed_mid_tunnel() {
             ms(*took)
         ));
     }
-    figure(format!(
-        "node killed: the client on another node: {} requests, {} failed, p99 {} (p99 before and after the fault {})",
-        rep.ok(),
-        rep.failures.len(),
-        ms(rep.percentile(99.0)),
-        ms(percentile(
-            &[&baseline.latencies[..], &canary_after.latencies[..]].concat(),
-            99.0
-        ))
-    ));
     assert!(
         worst <= Duration::from_secs(1),
         "a tunnel outlived its node by {worst:?}"
@@ -181,8 +151,7 @@ fn node_killed_mid_tunnel() {
         // A refused connect is immediate; the retries of retry_2 too.
         assert!(*took < Duration::from_secs(2), "{what} took {took:?}");
     }
-    rep.assert_clean(20, "a node kill");
-    assert_not_blocked(&rep, &baseline, &canary_after);
+    lab.check_canary("node killed", &rep, 20, "a node kill");
 }
 
 /// A node that accepts and then stalls: an HTTP node that reads the CONNECT
@@ -193,141 +162,76 @@ fn node_killed_mid_tunnel() {
 #[test]
 #[ignore = "fault scenario: scripts/faults/nodes.sh"]
 fn node_accepts_then_stalls() {
-    let src = Sources::new();
-    let (echo, web) = (TcpEcho::start(), HttpTarget::start());
     let stall_http = TestNode::http(node_ip());
     stall_http.set(Behavior::Stall);
     let stall_socks = TestNode::socks5(node_ip());
     stall_socks.set(Behavior::StallHandshake);
     let good = TestNode::socks5(node_ip());
-    let mut conf = Conf::with_package(KEY)
-        .node(
-            NodeDecl::http("stall-http", stall_http.addr())
-                .s("city", "dallas")
-                .set("asn", "2001"),
-        )
-        .node(
-            NodeDecl::socks5("stall-socks", stall_socks.addr())
-                .s("city", "dallas")
-                .set("asn", "2002"),
-        )
-        .node(
-            NodeDecl::socks5("good", good.addr())
-                .s("city", "dallas")
-                .set("asn", "2003"),
-        )
-        .node(NodeDecl::direct("canary", node_ip()).s("city", "chicago"));
-    conf.geo = vec![r#"cities = { us = ["new_york", "chicago", "dallas"] }"#.into()];
-    conf.node_connect_ms = 1000;
-    conf.target_ms = 2000;
-    let gw = Gateway::start_conf(&conf);
-    let canary_plan = plan(
-        &gw,
-        Sources::reserved(0),
-        &echo,
-        &web,
-        "country-us-city-chicago",
+    let lab = NodeLab::start(
+        vec![
+            (NodeDecl::http("stall-http", stall_http.addr()), 2001),
+            (NodeDecl::socks5("stall-socks", stall_socks.addr()), 2002),
+            (NodeDecl::socks5("good", good.addr()), 2003),
+        ],
+        "",
     );
-    let baseline = sample(&canary_plan, 100);
-    let canary = Canary::start(canary_plan.clone());
-    let cases: Vec<(&str, String, &[&str])> = vec![
+    let canary = Canary::start(lab.plan.clone());
+    let retry = "SOCKS5 node stalls, onerror-retry_1";
+    // (what, rules, the outcomes it may have)
+    let cases: [(&str, &str, &[&str]); 4] = [
         (
             "HTTP node stalls after the CONNECT",
-            "country-us-asn-2001".into(),
+            "country-us-asn-2001",
             &["GATEWAY_TIMEOUT"],
         ),
         (
             "SOCKS5 node stalls before its greeting, onerror-fail",
-            "country-us-asn-2002-onerror-fail".into(),
+            "country-us-asn-2002-onerror-fail",
             &["NODE_UNAVAILABLE"],
         ),
         (
-            "SOCKS5 node stalls, onerror-retry_1",
-            "country-us-asn-2002-onerror-retry_1".into(),
+            retry,
+            "country-us-asn-2002-onerror-retry_1",
             &["RETRIES_EXHAUSTED", "NODE_NOT_FOUND", "NODE_UNAVAILABLE"],
         ),
-    ];
-    let results = Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for (what, rules, want) in &cases {
-            for _ in 0..10 {
-                let (gw, results, echo) = (&gw, &results, &echo);
-                let a = src.next();
-                s.spawn(move || {
-                    let (got, took) = outcome(gw, a, echo.addr(), rules);
-                    results.lock().unwrap().push((*what, *want, got, took));
-                });
-            }
-        }
         // Rotating requests over dallas: whichever node is picked, a stalled
         // SOCKS5 node is replaced; a stalled HTTP node is a slow target.
-        for _ in 0..10 {
-            let (gw, results, echo) = (&gw, &results, &echo);
-            let a = src.next();
-            s.spawn(move || {
-                let (got, took) = outcome(gw, a, echo.addr(), "country-us-city-dallas");
-                results.lock().unwrap().push((
-                    "rotating over all three",
-                    &["200 good", "GATEWAY_TIMEOUT"][..],
-                    got,
-                    took,
-                ));
-            });
-        }
-    });
+        (
+            "rotating over all three",
+            "country-us-city-dallas",
+            &["200 good", "GATEWAY_TIMEOUT"],
+        ),
+    ];
+    let rows: Vec<(&str, &str)> = cases.iter().map(|c| (c.0, c.1)).collect();
+    let results = lab.at_once(&rows, 10);
     let rep = canary.stop();
-    let canary_after = sample(&canary_plan, 100);
-    let results = results.into_inner().unwrap();
     let mut bad = Vec::new();
-    let mut by_case: std::collections::BTreeMap<&str, (Vec<String>, Vec<Duration>)> =
-        Default::default();
-    for (what, want, got, took) in &results {
-        if !want.contains(&got.as_str()) {
-            bad.push(format!(
-                "{what}: got {got} in {took:?}, want one of {want:?}"
-            ));
-        }
-        let e = by_case.entry(what).or_default();
-        e.0.push(got.clone());
-        e.1.push(*took);
-    }
-    for (what, (gots, times)) in &by_case {
-        let mut g = gots.clone();
-        g.sort();
-        g.dedup();
+    for (what, _, want) in &cases {
+        let (n, gots, min, max) = summary(&results, what);
         figure(format!(
-            "node stalls: {what}: {} requests → {:?}, time min {} max {}",
-            gots.len(),
-            g,
-            ms(*times.iter().min().unwrap()),
-            ms(*times.iter().max().unwrap())
+            "node stalls: {what}: {n} requests → {gots:?}, time min {} max {}",
+            ms(min),
+            ms(max)
         ));
+        for got in gots.iter().filter(|g| !want.contains(&g.as_str())) {
+            bad.push(format!("{what}: got {got}, want one of {want:?}"));
+        }
     }
-    figure(format!(
-        "node stalls: the client on another node: {} requests, {} failed, p99 {} (p99 before and after the fault {})",
-        rep.ok(),
-        rep.failures.len(),
-        ms(rep.percentile(99.0)),
-        ms(percentile(
-            &[&baseline.latencies[..], &canary_after.latencies[..]].concat(),
-            99.0
-        ))
-    ));
     assert!(bad.is_empty(), "{}", bad.join("\n"));
     // Within the configured timeouts (node_connect 1 s, target 2 s, retry_1:
     // two connects), plus scheduling slack.
-    for (what, _, got, took) in &results {
-        let bound = match *what {
-            "SOCKS5 node stalls, onerror-retry_1" => Duration::from_millis(2 * 1000 + 1000 + 800),
-            _ => Duration::from_millis(2000 + 1000 + 800),
+    for (what, got, took) in &results {
+        let bound = if *what == retry {
+            Duration::from_millis(2 * 1000 + 1000 + 800)
+        } else {
+            Duration::from_millis(2000 + 1000 + 800)
         };
         assert!(
             *took <= bound,
             "{what}: {got} after {took:?} (bound {bound:?})"
         );
     }
-    rep.assert_clean(20, "stalled nodes");
-    assert_not_blocked(&rep, &baseline, &canary_after);
+    lab.check_canary("node stalls", &rep, 20, "stalled nodes");
 }
 
 /// A node behind a blackhole: SYNs to it are dropped (scripts/faults/
@@ -346,36 +250,17 @@ fn blackholed_node() {
         TcpStream::connect_timeout(&hole, Duration::from_millis(500)).is_err(),
         "{hole} answers: not a blackhole"
     );
-    let src = Sources::new();
-    let (echo, web) = (TcpEcho::start(), HttpTarget::start());
     let good = TestNode::http(node_ip());
-    let mut conf = Conf::with_package(KEY)
-        .node(
-            NodeDecl::http("hole", hole)
-                .s("city", "dallas")
-                .set("asn", "3001"),
-        )
-        .node(
-            NodeDecl::http("good", good.addr())
-                .s("city", "dallas")
-                .set("asn", "3002"),
-        )
-        .node(NodeDecl::direct("canary", node_ip()).s("city", "chicago"))
-        .raw("[log]\nlevel = \"debug\"\n");
-    conf.geo = vec![r#"cities = { us = ["new_york", "chicago", "dallas"] }"#.into()];
-    conf.node_connect_ms = 1000;
-    conf.target_ms = 2000;
-    let gw = Gateway::start_conf(&conf);
-    let canary_plan = plan(
-        &gw,
-        Sources::reserved(0),
-        &echo,
-        &web,
-        "country-us-city-chicago",
+    let lab = NodeLab::start(
+        vec![
+            (NodeDecl::http("hole", hole), 3001),
+            (NodeDecl::http("good", good.addr()), 3002),
+        ],
+        "[log]\nlevel = \"debug\"\n",
     );
-    let baseline = sample(&canary_plan, 100);
-    let canary = Canary::start(canary_plan.clone());
-    let cases: Vec<(&str, &str, &[&str], Duration)> = vec![
+    let canary = Canary::start(lab.plan.clone());
+    // (what, rules, the outcomes it may have, the connect budget)
+    let cases: [(&str, &str, &[&str], Duration); 5] = [
         (
             "only the blackholed node, onerror-fail",
             "country-us-asn-3001-onerror-fail",
@@ -407,59 +292,27 @@ fn blackholed_node() {
             Duration::from_millis(1000),
         ),
     ];
-    let results = Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for (what, rules, want, budget) in &cases {
-            for _ in 0..6 {
-                let (gw, results, echo) = (&gw, &results, &echo);
-                let a = src.next();
-                s.spawn(move || {
-                    let (got, took) = outcome(gw, a, echo.addr(), rules);
-                    results
-                        .lock()
-                        .unwrap()
-                        .push((*what, *want, *budget, got, took));
-                });
-            }
-        }
-    });
+    let rows: Vec<(&str, &str)> = cases.iter().map(|c| (c.0, c.1)).collect();
+    let results = lab.at_once(&rows, 6);
     let rep = canary.stop();
-    let canary_after = sample(&canary_plan, 100);
-    let results = results.into_inner().unwrap();
     let mut bad = Vec::new();
-    for (what, _, _, budget) in &cases {
-        let mine: Vec<_> = results.iter().filter(|r| r.0 == *what).collect();
-        let mut gots: Vec<String> = mine.iter().map(|r| r.3.clone()).collect();
-        gots.sort();
-        gots.dedup();
-        let times: Vec<Duration> = mine.iter().map(|r| r.4).collect();
+    for (what, _, want, budget) in &cases {
+        let (n, gots, min, max) = summary(&results, what);
         figure(format!(
-            "blackholed node: {what}: {} requests → {gots:?}, time min {} max {} (connect budget {})",
-            mine.len(),
-            ms(*times.iter().min().unwrap()),
-            ms(*times.iter().max().unwrap()),
+            "blackholed node: {what}: {n} requests → {gots:?}, time min {} max {} (connect budget {})",
+            ms(min),
+            ms(max),
             ms(*budget)
         ));
-    }
-    for (what, want, budget, got, took) in &results {
-        if !want.contains(&got.as_str()) {
-            bad.push(format!("{what}: got {got}, want one of {want:?}"));
+        for (_, got, took) in results.iter().filter(|r| r.0 == *what) {
+            if !want.contains(&got.as_str()) {
+                bad.push(format!("{what}: got {got}, want one of {want:?}"));
+            }
+            if *took > *budget + Duration::from_millis(800) {
+                bad.push(format!("{what}: {got} after {took:?}, budget {budget:?}"));
+            }
         }
-        if *took > *budget + Duration::from_millis(800) {
-            bad.push(format!("{what}: {got} after {took:?}, budget {budget:?}"));
-        }
     }
-    figure(format!(
-        "blackholed node: the client on another node: {} requests, {} failed, p99 {} (p99 before and after the fault {})",
-        rep.ok(),
-        rep.failures.len(),
-        ms(rep.percentile(99.0)),
-        ms(percentile(
-            &[&baseline.latencies[..], &canary_after.latencies[..]].concat(),
-            99.0
-        ))
-    ));
     assert!(bad.is_empty(), "{}", bad.join("\n"));
-    rep.assert_clean(20, "a blackholed node");
-    assert_not_blocked(&rep, &baseline, &canary_after);
+    lab.check_canary("blackholed node", &rep, 20, "a blackholed node");
 }
