@@ -31,6 +31,12 @@ impl Gateway {
         self.conn_from(crate::addr::client_ip())
     }
 
+    /// curl from a fresh source address through the proxy port as an HTTP
+    /// proxy.
+    pub fn curl(&self) -> crate::Curl {
+        crate::Curl::new(crate::addr::client_ip()).proxy(self.proxy)
+    }
+
     /// `CONNECT target` with `user`:`key` from `src`; the connection and the
     /// answer's head.
     pub fn connect_as(

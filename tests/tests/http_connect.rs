@@ -28,8 +28,8 @@ fn connect_through_direct_node_round_trips_bytes_and_exits_from_bind() {
     );
 
     // A real client: curl -p (CONNECT) to the HTTP target.
-    let out = Curl::new(client_ip())
-        .proxy(gw.proxy)
+    let out = gw
+        .curl()
         .user(&user("country-us"), KEY)
         .tunnel()
         .get(&web.url("/ip"));
@@ -99,8 +99,8 @@ fn connect_through_our_http_node_with_upstream_credentials() {
     let mut c = gw.tunnel(client_ip(), echo.addr(), "country-us");
     c.echo_round_trip(b"via an http node").unwrap();
     assert_eq!(echo.peers(), vec![IpAddr::V4(node.ip())]);
-    let out = Curl::new(client_ip())
-        .proxy(gw.proxy)
+    let out = gw
+        .curl()
         .user(&user("country-us"), KEY)
         .tunnel()
         .get(&web.url("/ip"));
@@ -121,8 +121,8 @@ fn connect_through_tinyproxy_node() {
     let gw = Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::http("tiny", tp.addr())));
     let mut c = gw.tunnel(client_ip(), echo.addr(), "country-us");
     c.echo_round_trip(b"via tinyproxy").unwrap();
-    let out = Curl::new(client_ip())
-        .proxy(gw.proxy)
+    let out = gw
+        .curl()
         .user(&user("country-us"), KEY)
         .tunnel()
         .get(&web.url("/ip"));
@@ -144,8 +144,8 @@ fn connect_through_our_socks5_node_with_upstream_credentials() {
     );
     let mut c = gw.tunnel(client_ip(), echo.addr(), "country-us");
     c.echo_round_trip(b"via a socks5 node").unwrap();
-    let out = Curl::new(client_ip())
-        .proxy(gw.proxy)
+    let out = gw
+        .curl()
         .user(&user("country-us"), KEY)
         .tunnel()
         .get(&web.url("/ip"));
@@ -162,8 +162,8 @@ fn connect_through_microsocks_node() {
     );
     let mut c = gw.tunnel(client_ip(), echo.addr(), "country-us");
     c.echo_round_trip(b"via microsocks").unwrap();
-    let out = Curl::new(client_ip())
-        .proxy(gw.proxy)
+    let out = gw
+        .curl()
         .user(&user("country-us"), KEY)
         .tunnel()
         .get(&web.url("/ip"));
@@ -175,8 +175,8 @@ fn respond_with_headers_on_the_connect_answer() {
     let n1 = node_ip();
     let web = HttpTarget::start();
     let gw = Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::direct("us-ny-1", n1)));
-    let out = Curl::new(client_ip())
-        .proxy(gw.proxy)
+    let out = gw
+        .curl()
         .user(&user("country-us-session-abc123"), KEY)
         .tunnel()
         .proxy_header(RESPOND_WITH)

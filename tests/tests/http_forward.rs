@@ -13,8 +13,8 @@ fn curl_forwards_a_get_and_the_target_sees_the_node() {
     let n1 = node_ip();
     let web = HttpTarget::start();
     let gw = gateway_with_direct(n1);
-    let out = Curl::new(client_ip())
-        .proxy(gw.proxy)
+    let out = gw
+        .curl()
         .user(&user("country-us"), KEY)
         .get(&web.url("/ip"));
     assert_eq!(out.ok_body().trim(), n1.to_string(), "{out:#?}");
