@@ -370,14 +370,12 @@ fn disallowed_targets_and_protocols_are_403() {
     assert_eq!(ok.status, 200);
     let r = connect(&gw, web.addr(), "package-14-country-us", "key14_http");
     assert_error(&r, 403, "DISALLOWED", &["https"]);
-    let mut c = gw.conn();
-    let s = socks5(
-        &mut c,
-        Some(("package-14-country-us", "key14_http")),
-        1,
-        &SocksAddr::of(web.addr()),
-    )
-    .unwrap();
+    let (_c, s) = gw.socks_as(
+        client_ip(),
+        "package-14-country-us",
+        "key14_http",
+        web.addr(),
+    );
     assert_eq!(
         s,
         SocksOutcome::Reply(2),

@@ -32,8 +32,7 @@ fn connect_pkg(gw: &Gateway, id: u32, target: std::net::SocketAddr) -> Resp {
 /// A SOCKS5 CONNECT of package `id` to `target`: how it ended.
 fn socks_pkg(gw: &Gateway, id: u32, target: std::net::SocketAddr) -> SocksOutcome {
     let (user, key) = creds(id);
-    let mut c = gw.conn();
-    socks5(&mut c, Some((&user, &key)), 1, &SocksAddr::of(target)).unwrap()
+    gw.socks_as(client_ip(), &user, &key, target).1
 }
 
 #[test]

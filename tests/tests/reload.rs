@@ -48,14 +48,7 @@ fn key_regeneration_by_reload_stops_the_old_key_at_once() {
         .unwrap();
     assert_error(&r, 407, "AUTH_FAILED", &[]);
     // SOCKS5 and CONNECT see the new key.
-    let mut c = gw.conn_from(src);
-    let s = socks5(
-        &mut c,
-        Some((&user("country-us"), KEY)),
-        1,
-        &SocksAddr::of(web.addr()),
-    )
-    .unwrap();
+    let (_c, s) = gw.socks_as(src, &user("country-us"), KEY, web.addr());
     assert_eq!(s, SocksOutcome::AuthStatus(1));
     let (_c, r) = gw.connect_as(
         src,

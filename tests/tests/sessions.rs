@@ -41,14 +41,7 @@ fn a_sticky_session_keeps_one_exit_across_protocols() {
     // The same session through CONNECT and SOCKS5.
     let mut t = gw.tunnel(src, web.addr(), rules);
     assert_eq!(ip_over_tunnel(&mut t), first);
-    let mut c = gw.conn_from(src);
-    let s = socks5(
-        &mut c,
-        Some((&user(rules), KEY)),
-        1,
-        &SocksAddr::of(web.addr()),
-    )
-    .unwrap();
+    let (mut c, s) = gw.socks_as(src, &user(rules), KEY, web.addr());
     assert_eq!(s, SocksOutcome::Reply(0));
     assert_eq!(ip_over_tunnel(&mut c), first);
 }
