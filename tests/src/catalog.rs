@@ -5,7 +5,7 @@
 //! a time beside a well-behaved client, then checking that nothing hostile
 //! reached the node and no log line holds a secret.
 
-use std::io::{self, Read, Write};
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -61,6 +61,20 @@ impl Lab {
             node,
             src: Sources::new(),
         }
+    }
+
+    /// A lab, the well-behaved client running beside it, and a tunnel
+    /// opened before anything hostile ([`Lab::finish`] checks both).
+    pub fn watched() -> (Lab, Canary, Conn) {
+        let lab = Lab::new();
+        let (canary, bystander) = (lab.canary(), lab.bystander());
+        (lab, canary, bystander)
+    }
+
+    /// The well-behaved user's CONNECT head to the echo target.
+    pub fn connect_head(&self) -> Vec<u8> {
+        let e = self.e();
+        format!("CONNECT {e} HTTP/1.1\r\nHost: {e}\r\n{}\r\n", auth_line()).into_bytes()
     }
 
     pub fn w(&self) -> String {
@@ -321,15 +335,10 @@ pub fn collect(c: &mut Conn, got: &mut Got, until: Instant, enough: impl Fn(&[u8
         let _ = c
             .stream
             .set_read_timeout(Some(left.max(Duration::from_millis(1))));
-        match c.stream.read(&mut buf) {
-            Ok(0) => got.closed = Some(Instant::now()),
-            Ok(n) => got.bytes.extend_from_slice(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => got.closed = Some(Instant::now()),
+        match c.try_read(&mut buf) {
+            Some(0) => got.closed = Some(Instant::now()),
+            Some(n) => got.bytes.extend_from_slice(&buf[..n]),
+            None => {}
         }
     }
 }

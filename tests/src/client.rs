@@ -75,6 +75,24 @@ impl Conn {
         let _ = self.stream.shutdown(Shutdown::Write);
     }
 
+    /// One read from the socket into `buf` (past [`Conn::buffered`]):
+    /// `Some(n)` bytes, `Some(0)` when the peer closed or the connection
+    /// failed, `None` when the read timed out with nothing.
+    pub fn try_read(&mut self, buf: &mut [u8]) -> Option<usize> {
+        match self.stream.read(buf) {
+            Ok(n) => Some(n),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                None
+            }
+            Err(_) => Some(0),
+        }
+    }
+
     /// Bytes already read but not yet consumed.
     pub fn buffered(&self) -> &[u8] {
         &self.buf

@@ -86,10 +86,15 @@ drain_grace_s = 1
         *self.ports.lock().unwrap() = gw.ports().clone();
         gw
     }
+}
 
-    /// Remove the directory.
-    pub fn remove(&self) {
-        let _ = fs::remove_dir_all(&self.dir);
+impl Drop for Setup {
+    /// Remove the directory, unless the test failed or
+    /// `SPLICEGATE_TEST_KEEP` is set (then the logs stay).
+    fn drop(&mut self) {
+        if !std::thread::panicking() && std::env::var_os("SPLICEGATE_TEST_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

@@ -447,8 +447,6 @@ fn every_endpoint_answers_as_documented() {
 
     // 10. Workers + main + admin + 2 resolver threads.
     assert_eq!(gw.threads(), 1 + 4, "threads of a one-worker gateway");
-    drop(gw);
-    s.remove();
 }
 
 #[test]
@@ -582,8 +580,6 @@ fn changes_and_usage_survive_a_restart_and_file_credits_are_a_first_grant() {
         Ok("127.0.3.10"),
         "the API's key survived"
     );
-    drop(gw);
-    s.remove();
 }
 
 #[test]
@@ -618,8 +614,6 @@ fn a_new_key_works_and_the_old_fails_at_once() {
     );
     let t = connect(gw.proxy, client(21), target.addr, user, &old);
     assert_eq!((t.status, t.code.as_deref()), (407, Some("AUTH_FAILED")));
-    drop(gw);
-    s.remove();
 }
 
 #[test]
@@ -667,8 +661,6 @@ fn a_paused_package_answers_package_paused() {
     let errs = gw.expect("GET", "/v1/errors", None, 200);
     assert_eq!(errs[0]["code"], "PACKAGE_SUSPENDED", "{errs}");
     assert_eq!(errs[1]["code"], "PACKAGE_PAUSED");
-    drop(gw);
-    s.remove();
 }
 
 #[test]
@@ -727,8 +719,6 @@ fn a_node_set_offline_gets_no_new_tunnels() {
         seen.iter().any(|e| e == "127.0.3.41"),
         "back online: {seen:?}"
     );
-    drop(gw);
-    s.remove();
 }
 
 #[test]
@@ -796,8 +786,6 @@ fn metrics_move_with_traffic() {
         !after.contains("package=") && !after.contains("session="),
         "no ids as labels"
     );
-    drop(gw);
-    s.remove();
 }
 
 #[test]
@@ -862,6 +850,4 @@ fn a_reload_keeps_the_apis_objects_and_refuses_a_bad_file() {
         gw.expect("GET", "/v1/orgs/delta", None, 200)["balance"],
         3.0
     );
-    drop(gw);
-    s.remove();
 }

@@ -543,8 +543,6 @@ fn the_dashboard_shows_the_traffic() {
     browse(&format!("--screenshot={}", png.display()), &url);
     assert!(is_png(&png), "no screenshot at {}", png.display());
     let _ = fs::remove_dir_all(&dir);
-    drop(gw);
-    s.remove();
 }
 
 #[test]
@@ -577,8 +575,6 @@ fn without_its_token_the_dashboard_asks_for_it() {
     assert!(!tag(&dom, "id=\"login-overlay\"").contains("hidden"));
     assert!(dom.contains("That token was refused"));
     assert!(!dom.contains("id=\"pkg-42\""), "data with a wrong token");
-    drop(gw);
-    s.remove();
 }
 
 #[test]
@@ -669,6 +665,4 @@ fn the_token_form_signs_in_and_a_new_key_is_shown_once() {
         10,
     );
     drop(page);
-    drop(gw);
-    s.remove();
 }

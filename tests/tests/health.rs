@@ -28,6 +28,15 @@ impl Closer {
     }
 }
 
+/// [`Setup::head`] with `health`, package 7 (`pk_health`) and one node
+/// (`node`: its lines of TOML).
+fn conf(s: &Setup, health: &str, node: &str) -> String {
+    format!(
+        "{}\n[[package]]\nid = 7\nkey = \"pk_health\"\n\n[[node]]\n{node}",
+        s.head(health)
+    )
+}
+
 fn healthy(gw: &Gateway, node: &str) -> Option<bool> {
     let (st, v) = gw.get(&format!("/v1/nodes/{node}"));
     (st == 200).then(|| v["healthy"].as_bool().unwrap_or(false))
@@ -50,21 +59,10 @@ fn a_direct_node_whose_probe_target_dies_goes_offline_and_comes_back() {
     let mut canary = IpEcho::start(local(0)).unwrap();
     let port = canary.addr.port();
     let target = IpEcho::start(local(0)).unwrap();
-    let toml = format!(
-        r#"{head}
-[[package]]
-id = 7
-key = "pk_health"
-
-[[node]]
-id = "h-direct"
-kind = "direct"
-bind = "127.0.3.70"
-country = "fr"
-"#,
-        head = s.head(&format!(
-            "probe_target = \"127.0.0.1:{port}\"\ninterval_s = 1\nfailures = 2"
-        ))
+    let toml = conf(
+        &s,
+        &format!("probe_target = \"127.0.0.1:{port}\"\ninterval_s = 1\nfailures = 2"),
+        "id = \"h-direct\"\nkind = \"direct\"\nbind = \"127.0.3.70\"\ncountry = \"fr\"\n",
     );
     let gw = s.start(&toml);
     let user = "package-7-country-fr";
@@ -110,8 +108,6 @@ country = "fr"
         1.0
     );
     assert!(gw.log().contains("node healthy again"));
-    drop(gw);
-    s.remove();
 }
 
 #[test]
@@ -119,19 +115,10 @@ fn an_http_node_that_stops_listening_is_taken_out_and_brought_back() {
     let s = Setup::new("health-http");
     let node = Closer::start(SocketAddr::from(([127, 0, 3, 71], 0)));
     let node_addr = node.addr;
-    let toml = format!(
-        r#"{head}
-[[package]]
-id = 7
-key = "pk_health"
-
-[[node]]
-id = "h-http"
-kind = "http"
-addr = "{node_addr}"
-country = "it"
-"#,
-        head = s.head("interval_s = 1\nfailures = 2")
+    let toml = conf(
+        &s,
+        "interval_s = 1\nfailures = 2",
+        &format!("id = \"h-http\"\nkind = \"http\"\naddr = \"{node_addr}\"\ncountry = \"it\"\n"),
     );
     let gw = s.start(&toml);
     std::thread::sleep(Duration::from_secs(2));
@@ -140,8 +127,6 @@ country = "it"
     wait_health(&gw, "h-http", false, Duration::from_secs(10));
     let _node = Closer::start(node_addr);
     wait_health(&gw, "h-http", true, Duration::from_secs(10));
-    drop(gw);
-    s.remove();
 }
 
 #[test]
@@ -151,20 +136,13 @@ fn failures_of_real_traffic_take_a_node_out_until_a_probe_succeeds() {
     // a success for a TCP-connect probe.
     let node = Closer::start(SocketAddr::from(([127, 0, 3, 72], 0)));
     let target = IpEcho::start(local(0)).unwrap();
-    let toml = format!(
-        r#"{head}
-[[package]]
-id = 7
-key = "pk_health"
-
-[[node]]
-id = "h-flaky"
-kind = "http"
-addr = "{addr}"
-country = "es"
-"#,
-        head = s.head("interval_s = 3\nfailures = 2"),
-        addr = node.addr
+    let toml = conf(
+        &s,
+        "interval_s = 3\nfailures = 2",
+        &format!(
+            "id = \"h-flaky\"\nkind = \"http\"\naddr = \"{addr}\"\ncountry = \"es\"\n",
+            addr = node.addr
+        ),
     );
     let gw = s.start(&toml);
     let src = Ipv4Addr::new(127, 0, 4, 72);
@@ -195,6 +173,4 @@ country = "es"
     // The failures already answered do not take it out again by themselves.
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(healthy(&gw, "h-flaky"), Some(true));
-    drop(gw);
-    s.remove();
 }

@@ -124,7 +124,6 @@ fn sigkill_loop(iterations: u32) {
          mean flush latency per run: mean {fmean:.2} ms, max {fmax:.2} ms",
         relayed_total as f64 / 1e6
     );
-    s.remove();
 }
 
 /// Compare what the store holds after iteration `i - 1` with what its

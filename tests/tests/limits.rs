@@ -124,15 +124,10 @@ fn stream_until_closed(
             Instant::now() < deadline,
             "the tunnel was never closed ({total} bytes)"
         );
-        match std::io::Read::read(&mut c.stream, &mut buf) {
-            Ok(0) => break,
-            Ok(n) => total += n as u64,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => break,
+        match c.try_read(&mut buf) {
+            Some(0) => break,
+            Some(n) => total += n as u64,
+            None => {}
         }
         if crossed.is_none() && total >= mark {
             crossed = Some(Instant::now());

@@ -17,17 +17,14 @@ use splicegate_tests::*;
 #[test]
 fn truncated_at_every_byte() {
     use Step::*;
-    let lab = Lab::new();
-    let canary = lab.canary();
-    let bystander = lab.bystander();
-    let e = lab.e();
+    let (lab, canary, bystander) = Lab::watched();
     let socks = cat(&[
         &[5, 1, 2],
         &userpass(USER.as_bytes(), KEY.as_bytes()),
         &[5, 1, 0],
         &socks_addr_v4(TARGET_IP, lab.echo.addr().port()),
     ]);
-    let head = format!("CONNECT {e} HTTP/1.1\r\nHost: {e}\r\n{}\r\n", auth_line()).into_bytes();
+    let head = lab.connect_head();
     let auth_end = 3 + 2 + USER.len() + 1 + KEY.len();
     let mut cases = Vec::new();
     for n in 0..socks.len() {
@@ -146,11 +143,8 @@ fn run_with_fin(lab: &Lab, case: &Case) -> Result<(), String> {
 /// handshake_ms, however steadily the bytes come (not reset per byte).
 #[test]
 fn slowloris_one_byte_per_second() {
-    let lab = Lab::new();
-    let canary = lab.canary();
-    let bystander = lab.bystander();
-    let e = lab.e();
-    let head = format!("CONNECT {e} HTTP/1.1\r\nHost: {e}\r\n{}\r\n", auth_line()).into_bytes();
+    let (lab, canary, bystander) = Lab::watched();
+    let head = lab.connect_head();
     let socks = cat(&[&[5, 1, 2], &userpass(USER.as_bytes(), KEY.as_bytes())]);
     let results = Mutex::new(Vec::new());
     std::thread::scope(|s| {
@@ -208,9 +202,7 @@ fn slowloris_one_byte_per_second() {
 /// one else waits.
 #[test]
 fn clients_that_never_read() {
-    let lab = Lab::new();
-    let canary = lab.canary();
-    let bystander = lab.bystander();
+    let (lab, canary, bystander) = Lab::watched();
     let pid = lab.gw.pid();
     let rss0 = rss_kib(pid);
     // A forwarded 50 MB answer that the client never reads.
@@ -226,10 +218,7 @@ fn clients_that_never_read() {
     .unwrap();
     // A tunnel whose far end streams to a client that never reads.
     let mut lazy_tunnel = lab.gw.conn_from(lab.src.next());
-    let e = lab.e();
-    lazy_tunnel
-        .send(format!("CONNECT {e} HTTP/1.1\r\nHost: {e}\r\n{}\r\n", auth_line()).as_bytes())
-        .unwrap();
+    lazy_tunnel.send(&lab.connect_head()).unwrap();
     // The echo target sends back what it gets: push 64 MB into the tunnel
     // and never read the echo (the writes block once buffers are full).
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -290,9 +279,7 @@ fn clients_that_never_read() {
 /// the answer; the answers still arrive and every connection ends.
 #[test]
 fn half_open_clients() {
-    let lab = Lab::new();
-    let canary = lab.canary();
-    let bystander = lab.bystander();
+    let (lab, canary, bystander) = Lab::watched();
     let (w, e) = (lab.w(), lab.e());
     let a = auth_line();
     // 1. A forwarded GET, then FIN: the whole answer, then the close.
