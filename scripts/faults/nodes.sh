@@ -4,7 +4,4 @@
 # node_accepts_then_stalls).
 source "$(dirname "$0")/lib.sh"
 build
-rc=0
-run_fault nodes::node_killed_mid_tunnel 120 || rc=1
-run_fault nodes::node_accepts_then_stalls 120 || rc=1
-exit $rc
+run_faults nodes::node_killed_mid_tunnel:120 nodes::node_accepts_then_stalls:120
