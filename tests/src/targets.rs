@@ -132,7 +132,7 @@ pub struct SeenRequest {
     pub chunked: bool,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct HttpState {
     requests: Mutex<Vec<SeenRequest>>,
     connections: AtomicUsize,
@@ -147,17 +147,10 @@ struct HttpState {
 /// - anything else: the peer IP and `\n` (the exit address it sees).
 ///
 /// `HEAD` gets the `GET` headers without a body.
+#[derive(Debug)]
 pub struct HttpTarget {
     acceptor: Acceptor,
     state: Arc<HttpState>,
-}
-
-impl std::fmt::Debug for HttpTarget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpTarget")
-            .field("addr", &self.addr())
-            .finish()
-    }
 }
 
 impl HttpTarget {
@@ -313,24 +306,17 @@ fn serve_http(s: TcpStream, st: &HttpState) -> io::Result<()> {
     Ok(())
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct CountState {
     peers: Mutex<Vec<IpAddr>>,
     bytes: AtomicU64,
 }
 
 /// A raw TCP echo server; remembers the peer address of each connection.
+#[derive(Debug)]
 pub struct TcpEcho {
     acceptor: Acceptor,
     state: Arc<CountState>,
-}
-
-impl std::fmt::Debug for TcpEcho {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpEcho")
-            .field("addr", &self.addr())
-            .finish()
-    }
 }
 
 impl TcpEcho {
@@ -381,17 +367,10 @@ impl TcpEcho {
 
 /// A target that sends `chunk` bytes every `every` until the peer goes away
 /// (or `total` bytes, if set), then closes.
+#[derive(Debug)]
 pub struct Source {
     acceptor: Acceptor,
     state: Arc<CountState>,
-}
-
-impl std::fmt::Debug for Source {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Source")
-            .field("addr", &self.addr())
-            .finish()
-    }
 }
 
 impl Source {
@@ -439,15 +418,10 @@ impl Source {
 }
 
 /// A target that reads and counts everything, and answers nothing.
+#[derive(Debug)]
 pub struct Sink {
     acceptor: Acceptor,
     state: Arc<CountState>,
-}
-
-impl std::fmt::Debug for Sink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sink").field("addr", &self.addr()).finish()
-    }
 }
 
 impl Sink {
