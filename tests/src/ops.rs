@@ -88,6 +88,20 @@ drain_grace_s = 1
     }
 }
 
+/// `[[org]]` `org` with `credits`, and its `[[package]]` `id` with `key`
+/// and `more` lines (`price_per_gb = 1.0\n`, …), as TOML.
+pub fn org_and_package(org: &str, credits: f64, id: u32, key: &str, more: &str) -> String {
+    format!(
+        "[[org]]\nid = {org:?}\ncredits = {credits:?}\n\n[[package]]\nid = {id}\norg = {org:?}\nkey = {key:?}\n{more}\n"
+    )
+}
+
+/// A `[[node]]` of kind `direct` exiting from `bind`, placed by `place`
+/// (`country = "us"\ncity = "new_york"`, …), as TOML.
+pub fn direct_node(id: &str, bind: impl std::fmt::Display, place: &str) -> String {
+    format!("[[node]]\nid = {id:?}\nkind = \"direct\"\nbind = \"{bind}\"\n{place}\n\n")
+}
+
 impl Drop for Setup {
     /// Remove the directory, unless the test failed or
     /// `SPLICEGATE_TEST_KEEP` is set (then the logs stay).

@@ -13,30 +13,13 @@ use splicegate_tests::ops::*;
 /// The file every test starts from: org `acme` (100 credits), package 7
 /// (1 credit per GB), and a `direct` node `file-1` in New York on `node`.
 fn conf(s: &Setup, node: Ipv4Addr, health: &str, acme_credits: f64) -> String {
-    format!(
-        r#"{head}
-[[org]]
-id = "acme"
-credits = {acme_credits:.1}
-
-[[package]]
-id = 7
-org = "acme"
-key = "pk_file_7"
-price_per_gb = 1.0
-
-[[node]]
-id = "file-1"
-kind = "direct"
-bind = "{node}"
-country = "us"
-region = "new_york"
-city = "new_york"
-isp = "verizon_wireless"
-asn = 701
-"#,
-        head = s.head(health)
-    )
+    let place = "country = \"us\"\nregion = \"new_york\"\ncity = \"new_york\"\nisp = \"verizon_wireless\"\nasn = 701";
+    [
+        s.head(health),
+        org_and_package("acme", acme_credits, 7, "pk_file_7", "price_per_gb = 1.0\n"),
+        direct_node("file-1", node, place),
+    ]
+    .concat()
 }
 
 const NO_PROBES: &str = "interval_s = 3600";

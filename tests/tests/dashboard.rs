@@ -37,40 +37,25 @@ const CLIENT_HOLD: Ipv4Addr = Ipv4Addr::new(127, 0, 2, 233);
 /// Two workers, org `dash`, package 42 with caps, a node in the US and one
 /// in Great Britain; no health probes.
 fn conf(s: &Setup) -> String {
-    format!(
-        r#"{head}
-[[org]]
-id = "dash"
-credits = 50.0
-
-[[package]]
-id = 42
-org = "dash"
-key = "{KEY}"
-traffic_limit_bytes = 100000000
-max_connections = 50
-price_per_gb = 1.0
-
-[[node]]
-id = "dash-us-1"
-kind = "direct"
-bind = "{NODE_US}"
-country = "us"
-region = "new_york"
-city = "new_york"
-
-[[node]]
-id = "dash-gb-1"
-kind = "direct"
-bind = "{NODE_GB}"
-country = "gb"
-region = "england"
-city = "london"
-"#,
-        head = s
-            .head("interval_s = 3600")
-            .replace("workers = 1", "workers = 2"),
-    )
+    let head = s
+        .head("interval_s = 3600")
+        .replace("workers = 1", "workers = 2");
+    let caps = "traffic_limit_bytes = 100000000\nmax_connections = 50\nprice_per_gb = 1.0\n";
+    [
+        head,
+        org_and_package("dash", 50.0, 42, KEY, caps),
+        direct_node(
+            "dash-us-1",
+            NODE_US,
+            "country = \"us\"\nregion = \"new_york\"\ncity = \"new_york\"",
+        ),
+        direct_node(
+            "dash-gb-1",
+            NODE_GB,
+            "country = \"gb\"\nregion = \"england\"\ncity = \"london\"",
+        ),
+    ]
+    .concat()
 }
 
 /// Headless Chromium, or a failed test that says how to install it.

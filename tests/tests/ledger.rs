@@ -20,26 +20,12 @@ const MAX_LOSS_S: f64 = 1.6;
 const SLACK: u64 = 512 * 1024;
 
 fn conf(s: &Setup) -> String {
-    format!(
-        r#"{head}
-[[org]]
-id = "acme"
-credits = 1000000.0
-
-[[package]]
-id = 7
-org = "acme"
-key = "pk_ledger"
-price_per_gb = 1.0
-
-[[node]]
-id = "l-1"
-kind = "direct"
-bind = "127.0.3.90"
-country = "us"
-"#,
-        head = s.head("interval_s = 3600")
-    )
+    [
+        s.head("interval_s = 3600"),
+        org_and_package("acme", 1_000_000.0, 7, "pk_ledger", "price_per_gb = 1.0\n"),
+        direct_node("l-1", "127.0.3.90", "country = \"us\""),
+    ]
+    .concat()
 }
 
 #[derive(Debug, Default, Clone, Copy)]
