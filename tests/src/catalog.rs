@@ -44,7 +44,7 @@ pub struct Lab {
 }
 
 impl Lab {
-    pub fn new() -> Lab {
+    pub fn start() -> Lab {
         let node = TestNode::with_creds(NodeKind::Http, node_ip(), NODE_USER, NODE_PASS);
         let web = HttpTarget::start_on(IpAddr::V4(TARGET_IP));
         let echo = TcpEcho::start_on(IpAddr::V4(TARGET_IP));
@@ -66,7 +66,7 @@ impl Lab {
     /// A lab, the well-behaved client running beside it, and a tunnel
     /// opened before anything hostile ([`Lab::finish`] checks both).
     pub fn watched() -> (Lab, Canary, Conn) {
-        let lab = Lab::new();
+        let lab = Lab::start();
         let (canary, bystander) = (lab.canary(), lab.bystander());
         (lab, canary, bystander)
     }

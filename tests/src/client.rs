@@ -28,6 +28,21 @@ pub fn connect_from(src: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
     Ok(s)
 }
 
+/// A request head up to its end: `start HTTP/1.1`, `Host`,
+/// `Proxy-Authorization` when there are credentials, and `extra` lines; the
+/// caller adds the blank line (and a body).
+fn head(start: &str, host: &str, creds: Option<(&str, &str)>, extra: &[&str]) -> String {
+    let mut req = format!("{start} HTTP/1.1\r\nHost: {host}\r\n");
+    if let Some((u, p)) = creds {
+        req.push_str(&format!("Proxy-Authorization: {}\r\n", basic(u, p)));
+    }
+    for h in extra {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req
+}
+
 /// `Basic base64(user:pass)`.
 pub fn basic(user: &str, pass: &str) -> String {
     format!(
@@ -278,14 +293,7 @@ impl Conn {
         creds: Option<(&str, &str)>,
         extra: &[&str],
     ) -> io::Result<Resp> {
-        let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
-        if let Some((u, p)) = creds {
-            req.push_str(&format!("Proxy-Authorization: {}\r\n", basic(u, p)));
-        }
-        for h in extra {
-            req.push_str(h);
-            req.push_str("\r\n");
-        }
+        let mut req = head(&format!("CONNECT {target}"), target, creds, extra);
         req.push_str("\r\n");
         self.send(req.as_bytes())?;
         self.read_response("CONNECT")
@@ -316,14 +324,7 @@ impl Conn {
             .nth(1)
             .and_then(|r| r.split('/').next())
             .unwrap_or("");
-        let mut req = format!("{method} {url} HTTP/1.1\r\nHost: {host}\r\n");
-        if let Some((u, p)) = creds {
-            req.push_str(&format!("Proxy-Authorization: {}\r\n", basic(u, p)));
-        }
-        for h in extra {
-            req.push_str(h);
-            req.push_str("\r\n");
-        }
+        let mut req = head(&format!("{method} {url}"), host, creds, extra);
         if let Some(b) = body {
             req.push_str(&format!("Content-Length: {}\r\n", b.len()));
         }

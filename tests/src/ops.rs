@@ -139,14 +139,16 @@ impl Answer {
 }
 
 /// One HTTP/1.1 request over a fresh connection (`Connection: close`).
-pub fn try_http(
+/// Panics when the API does not accept.
+pub fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,
     token: Option<&str>,
     body: Option<&str>,
-) -> io::Result<Answer> {
-    let mut s = connect_from(IpAddr::V4(Ipv4Addr::LOCALHOST), addr)?;
+) -> Answer {
+    let failed = |e: io::Error| -> ! { panic!("{method} {path} on the admin API {addr}: {e}") };
+    let mut s = connect_from(IpAddr::V4(Ipv4Addr::LOCALHOST), addr).unwrap_or_else(|e| failed(e));
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(t) = token {
         req.push_str(&format!("Authorization: Bearer {t}\r\n"));
@@ -159,7 +161,7 @@ pub fn try_http(
     } else {
         req.push_str("\r\n");
     }
-    s.write_all(req.as_bytes())?;
+    s.write_all(req.as_bytes()).unwrap_or_else(|e| failed(e));
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
     let text = String::from_utf8_lossy(&raw).to_string();
@@ -182,23 +184,11 @@ pub fn try_http(
     } else {
         body.to_string()
     };
-    Ok(Answer {
+    Answer {
         status,
         headers,
         body,
-    })
-}
-
-/// [`try_http`]; panics when the API does not accept.
-pub fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-) -> Answer {
-    try_http(addr, method, path, token, body)
-        .unwrap_or_else(|e| panic!("{method} {path} on the admin API {addr}: {e}"))
+    }
 }
 
 fn dechunk(mut s: &str) -> String {

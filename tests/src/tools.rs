@@ -49,6 +49,17 @@ impl Drop for Proc {
     }
 }
 
+/// `log`, opened for appending (created when missing), as a child's output.
+fn log_to(log: &std::path::Path) -> Stdio {
+    Stdio::from(
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log"),
+    )
+}
+
 /// Wait until `addr` accepts, at most 5 s; an error (with the log) when
 /// the process exits first, e.g. because another process took its port.
 fn wait_listening(
@@ -153,10 +164,8 @@ impl Tinyproxy {
             .arg("-c")
             .arg(&conf)
             .stdin(Stdio::null())
-            .stdout(Stdio::from(fs::File::create(&log).expect("log")))
-            .stderr(Stdio::from(
-                fs::OpenOptions::new().append(true).open(&log).expect("log"),
-            ))
+            .stdout(log_to(&log))
+            .stderr(log_to(&log))
             .spawn()
             .expect("spawn tinyproxy");
         wait_listening(self.addr(), &mut child, self.proc.name, &log)?;
@@ -221,10 +230,8 @@ impl Microsocks {
             }
             let mut child = cmd
                 .stdin(Stdio::null())
-                .stdout(Stdio::from(fs::File::create(&log).expect("log")))
-                .stderr(Stdio::from(
-                    fs::OpenOptions::new().append(true).open(&log).expect("log"),
-                ))
+                .stdout(log_to(&log))
+                .stderr(log_to(&log))
                 .spawn()
                 .expect("spawn microsocks");
             let addr = SocketAddr::new(IpAddr::V4(ip), port);

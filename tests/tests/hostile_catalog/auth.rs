@@ -214,7 +214,7 @@ pub fn cases(lab: &Lab) -> Vec<Case> {
 
 #[test]
 fn credentials_catalogue() {
-    let lab = Lab::new();
+    let lab = Lab::start();
     let cases = fixed(cases(&lab));
     run_table(&lab, &cases, "credentials");
     // an unknown package and a wrong key get the same bytes (no

@@ -389,7 +389,7 @@ pub fn cases(lab: &Lab) -> Vec<Case> {
 
 #[test]
 fn http_framing_catalogue() {
-    let lab = Lab::new();
+    let lab = Lab::start();
     let cases = fixed(cases(&lab));
     run_table(&lab, &cases, "HTTP framing");
     let smuggled = lab

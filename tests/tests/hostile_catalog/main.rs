@@ -40,7 +40,7 @@ fn all_cases(lab: &Lab) -> Vec<Case> {
 /// docs/RELIABILITY.md): the SPEC's answer, asserted, so they stay fixed.
 #[test]
 fn fixed_gateway_bugs_stay_fixed() {
-    let lab = Lab::new();
+    let lab = Lab::start();
     let cases: Vec<Case> = all_cases(&lab)
         .into_iter()
         .filter(|c| c.bug.is_some())
@@ -52,7 +52,7 @@ fn fixed_gateway_bugs_stay_fixed() {
 fn the_catalogue_has_at_least_60_cases() {
     // Counted without starting anything: the builders need a lab only for
     // addresses.
-    let lab = Lab::new();
+    let lab = Lab::start();
     let n = all_cases(&lab).len();
     eprintln!("hostile catalogue: {n} table cases");
     assert!(n >= 60, "{n} cases");

@@ -253,7 +253,7 @@ pub fn cases(lab: &Lab) -> Vec<Case> {
 
 #[test]
 fn socks5_catalogue() {
-    let lab = Lab::new();
+    let lab = Lab::start();
     let cases = fixed(cases(&lab));
     run_table(&lab, &cases, "SOCKS5");
 }

@@ -150,7 +150,7 @@ pub fn cases(lab: &Lab) -> Vec<Case> {
 
 #[test]
 fn targets_and_egress_catalogue() {
-    let lab = Lab::new();
+    let lab = Lab::start();
     let cases = fixed(cases(&lab));
     run_table(&lab, &cases, "targets and egress");
 }
