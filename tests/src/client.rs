@@ -499,6 +499,12 @@ pub enum SocksAddr {
     Domain(String, u16),
 }
 
+impl From<SocketAddr> for SocksAddr {
+    fn from(a: SocketAddr) -> SocksAddr {
+        SocksAddr::of(a)
+    }
+}
+
 impl SocksAddr {
     /// From a socket address.
     pub fn of(a: SocketAddr) -> SocksAddr {

@@ -41,11 +41,12 @@ impl Gateway {
         src: Ipv4Addr,
         user: &str,
         key: &str,
-        target: std::net::SocketAddr,
+        target: impl Into<crate::SocksAddr>,
     ) -> (Conn, crate::SocksOutcome) {
+        let target = target.into();
         let mut c = self.conn_from(src);
-        let s = crate::socks5(&mut c, Some((user, key)), 1, &crate::SocksAddr::of(target))
-            .unwrap_or_else(|e| panic!("SOCKS5 to {target} as {user}: {e}"));
+        let s = crate::socks5(&mut c, Some((user, key)), 1, &target)
+            .unwrap_or_else(|e| panic!("SOCKS5 to {target:?} as {user}: {e}"));
         (c, s)
     }
 

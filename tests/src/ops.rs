@@ -219,6 +219,11 @@ impl Gateway {
         (a.status, a.json())
     }
 
+    /// GET with the token that must answer 200; its JSON.
+    pub fn get_json(&self, path: &str) -> Value {
+        self.expect("GET", path, None, 200)
+    }
+
     /// An admin request with the token that must answer `want`; its JSON.
     pub fn expect(&self, method: &str, path: &str, body: Option<&str>, want: u16) -> Value {
         let a = self.api(method, path, body);

@@ -88,7 +88,7 @@ fn every_endpoint_answers_as_documented() {
         "invalid"
     );
     gw.expect("POST", "/v1/orgs", Some(r#"{"id": "has space"}"#), 422);
-    let orgs = gw.expect("GET", "/v1/orgs", None, 200);
+    let orgs = gw.get_json("/v1/orgs");
     assert_eq!(ids(&orgs, "id"), ["acme", "beta"]);
     assert_eq!(orgs[0]["from_file"], true);
     assert_eq!(orgs[0]["packages"], serde_json::json!([7]));
@@ -122,10 +122,7 @@ fn every_endpoint_answers_as_documented() {
         Some(r#"{"amount": 1}"#),
         404,
     );
-    assert_eq!(
-        gw.expect("GET", "/v1/orgs/beta", None, 200)["balance"],
-        75.5
-    );
+    assert_eq!(gw.get_json("/v1/orgs/beta")["balance"], 75.5);
 
     // 3. Packages: a missing key is generated and returned once.
     let p = gw.expect(
@@ -160,13 +157,13 @@ fn every_endpoint_answers_as_documented() {
         Some(r#"{"id": 9, "status": "on"}"#),
         422,
     );
-    let list = gw.expect("GET", "/v1/packages", None, 200);
+    let list = gw.get_json("/v1/packages");
     assert_eq!(ids(&list, "id"), ["7", "8"]);
     assert!(
         list[0].get("key").is_none(),
         "keys are shown once, at creation"
     );
-    let p8 = gw.expect("GET", "/v1/packages/8", None, 200);
+    let p8 = gw.get_json("/v1/packages/8");
     for field in [
         "bytes_up",
         "bytes_down",
@@ -226,20 +223,20 @@ fn every_endpoint_answers_as_documented() {
         ),
         Err("NODE_NOT_FOUND".to_string())
     );
-    let p8 = gw.expect("GET", "/v1/packages/8", None, 200);
+    let p8 = gw.get_json("/v1/packages/8");
     assert_eq!(p8["requests"], 1);
     assert!(p8["bytes_down"].as_u64().unwrap() > 0, "{p8}");
-    let errs = gw.expect("GET", "/v1/packages/8/errors", None, 200);
+    let errs = gw.get_json("/v1/packages/8/errors");
     assert_eq!(errs[0]["code"], "NODE_NOT_FOUND", "{errs}");
     assert_eq!(errs[0]["status"], 502);
     assert_eq!(errs[0]["protocol"], "https");
     assert!(errs[0]["time"].as_str().unwrap().ends_with('Z'));
-    let all = gw.expect("GET", "/v1/errors?limit=5", None, 200);
+    let all = gw.get_json("/v1/errors?limit=5");
     assert_eq!(all[0]["package"], 8);
     gw.expect("GET", "/v1/errors?limit=x", None, 400);
     gw.expect("GET", "/v1/packages/99/errors", None, 404);
 
-    let sessions = gw.expect("GET", "/v1/sessions?package=8", None, 200);
+    let sessions = gw.get_json("/v1/sessions?package=8");
     assert_eq!(sessions.as_array().unwrap().len(), 1, "{sessions}");
     let s1 = &sessions[0];
     assert_eq!(s1["id"], "s1");
@@ -247,10 +244,7 @@ fn every_endpoint_answers_as_documented() {
     assert_eq!(s1["rules"], "package-8-country-us");
     assert_eq!(s1["requests"], 1);
     assert!(s1["expires_in_s"].as_u64().unwrap() > 300, "{s1}");
-    assert_eq!(
-        gw.expect("GET", "/v1/sessions?package=7", None, 200),
-        serde_json::json!([])
-    );
+    assert_eq!(gw.get_json("/v1/sessions?package=7"), serde_json::json!([]));
     gw.expect("GET", "/v1/sessions?package=x", None, 400);
     gw.expect("DELETE", "/v1/sessions/8/s1", None, 204);
     gw.expect("DELETE", "/v1/sessions/8/s1", None, 404);
@@ -295,7 +289,7 @@ fn every_endpoint_answers_as_documented() {
         Some(r#"{"id": "x", "kind": "http"}"#),
         422,
     );
-    let nodes = gw.expect("GET", "/v1/nodes", None, 200);
+    let nodes = gw.get_json("/v1/nodes");
     assert_eq!(ids(&nodes, "id"), ["api-1", "file-1"]);
     for field in [
         "state",
@@ -307,10 +301,7 @@ fn every_endpoint_answers_as_documented() {
         assert!(nodes[1].get(field).is_some(), "{field}");
     }
     assert_eq!(nodes[1]["from_file"], true);
-    assert_eq!(
-        gw.expect("GET", "/v1/nodes/api-1", None, 200)["city"],
-        "london"
-    );
+    assert_eq!(gw.get_json("/v1/nodes/api-1")["city"], "london");
     let d = gw.expect(
         "PATCH",
         "/v1/nodes/api-1",
@@ -351,7 +342,7 @@ fn every_endpoint_answers_as_documented() {
     );
 
     // 6. The catalogue with node counts.
-    let countries = gw.expect("GET", "/v1/geo/countries", None, 200);
+    let countries = gw.get_json("/v1/geo/countries");
     assert!(
         countries
             .as_array()
@@ -359,48 +350,32 @@ fn every_endpoint_answers_as_documented() {
             .contains(&serde_json::json!({"country": "us", "online_nodes": 1})),
         "{countries}"
     );
-    let cities = gw.expect("GET", "/v1/geo/cities?country=gb", None, 200);
+    let cities = gw.get_json("/v1/geo/cities?country=gb");
     assert!(
         cities.as_array().unwrap().contains(
             &serde_json::json!({"country": "gb", "name": "manchester", "online_nodes": 1})
         ),
         "{cities}"
     );
-    let isps = gw.expect("GET", "/v1/geo/isps?country=us", None, 200);
+    let isps = gw.get_json("/v1/geo/isps?country=us");
     assert_eq!(isps[0]["name"], "verizon_wireless");
     assert_eq!(
-        gw.expect("GET", "/v1/geo/regions?country=us", None, 200)[0]["name"],
+        gw.get_json("/v1/geo/regions?country=us")[0]["name"],
         "new_york"
     );
-    assert!(
-        gw.expect("GET", "/v1/geo/cities", None, 200)
-            .as_array()
-            .unwrap()
-            .len()
-            >= 3
-    );
+    assert!(gw.get_json("/v1/geo/cities").as_array().unwrap().len() >= 3);
     gw.expect("GET", "/v1/geo/cities?country=USA", None, 400);
 
     // 7. Explain: rules with defaults, the code, matching nodes.
-    let ex = gw.expect(
-        "GET",
-        "/v1/explain?username=package-7-country-us",
-        None,
-        200,
-    );
+    let ex = gw.get_json("/v1/explain?username=package-7-country-us");
     assert_eq!(ex["answer"]["code"], "OK");
     assert_eq!(ex["matching_nodes"], 1);
     assert_eq!(ex["rules"]["onerror"], "replace");
     assert_eq!(ex["rules"]["network"], "any");
-    let ex = gw.expect("GET", "/v1/explain?username=package-7-contry-us", None, 200);
+    let ex = gw.get_json("/v1/explain?username=package-7-contry-us");
     assert_eq!(ex["answer"]["code"], "ERR_UNKNOWN_PARAM");
     assert_eq!(ex["answer"]["status"], 400);
-    let ex = gw.expect(
-        "GET",
-        "/v1/explain?username=package-7-country-gb-city-manchester",
-        None,
-        200,
-    );
+    let ex = gw.get_json("/v1/explain?username=package-7-country-gb-city-manchester");
     assert_eq!(ex["matching_nodes"], 1);
     assert_eq!(ex["rules"]["city"], "manchester");
     gw.expect("GET", "/v1/explain", None, 400);
@@ -410,12 +385,7 @@ fn every_endpoint_answers_as_documented() {
     gw.expect("GET", "/v1/nodes/api-1", None, 404);
     gw.expect("DELETE", "/v1/nodes/api-1", None, 404);
     gw.expect("DELETE", "/v1/nodes/file-1", None, 409);
-    let ex = gw.expect(
-        "GET",
-        "/v1/explain?username=package-7-country-gb",
-        None,
-        200,
-    );
+    let ex = gw.get_json("/v1/explain?username=package-7-country-gb");
     assert_eq!(ex["answer"]["code"], "NODE_NOT_FOUND");
 
     // 9. Metrics (text exposition, behind the token).
@@ -503,7 +473,7 @@ fn changes_and_usage_survive_a_restart_and_file_credits_are_a_first_grant() {
         let mut last = Value::Null;
         eventually(Duration::from_secs(5), Duration::from_millis(50), || {
             std::thread::sleep(Duration::from_millis(300));
-            let now = gw.expect("GET", &path, None, 200);
+            let now = gw.get_json(&path);
             let same =
                 now["bytes_down"] == last["bytes_down"] && now["bytes_up"] == last["bytes_up"];
             last = now.clone();
@@ -513,7 +483,7 @@ fn changes_and_usage_survive_a_restart_and_file_credits_are_a_first_grant() {
     };
     let before20 = settled(20);
     let before7 = settled(7);
-    let beta_before = gw.expect("GET", "/v1/orgs/beta", None, 200);
+    let beta_before = gw.get_json("/v1/orgs/beta");
     assert!(
         beta_before["balance"].as_f64().unwrap() < 15.0,
         "1000 credits/GB charged: {beta_before}"
@@ -525,8 +495,8 @@ fn changes_and_usage_survive_a_restart_and_file_credits_are_a_first_grant() {
 
     // The file now grants acme 500: a file's credits are its first grant only.
     let gw = s.start(&conf(&s, ip(10), NO_PROBES, 500.0));
-    let after20 = gw.expect("GET", "/v1/packages/20", None, 200);
-    let after7 = gw.expect("GET", "/v1/packages/7", None, 200);
+    let after20 = gw.get_json("/v1/packages/20");
+    let after7 = gw.get_json("/v1/packages/7");
     for f in [
         "bytes_up",
         "bytes_down",
@@ -541,15 +511,15 @@ fn changes_and_usage_survive_a_restart_and_file_credits_are_a_first_grant() {
     }
     assert_eq!(after20["requests"], 3);
     assert_eq!(
-        gw.expect("GET", "/v1/orgs/beta", None, 200)["balance"],
+        gw.get_json("/v1/orgs/beta")["balance"],
         beta_before["balance"]
     );
-    let acme = gw.expect("GET", "/v1/orgs/acme", None, 200);
+    let acme = gw.get_json("/v1/orgs/acme");
     assert_eq!(
         acme["granted"], 107.0,
         "100 first + 7 granted; the file's 500 ignored: {acme}"
     );
-    let node = gw.expect("GET", "/v1/nodes/api-off", None, 200);
+    let node = gw.get_json("/v1/nodes/api-off");
     assert_eq!(node["state"], "offline");
     assert_eq!(
         exit_ip(
@@ -641,7 +611,7 @@ fn a_paused_package_answers_package_paused() {
     );
     assert!(exit_ip(gw.proxy, client(30), target.addr, user, "pk_31_key").is_ok());
     // The data plane records checks 1-5 without their package: the global list has them.
-    let errs = gw.expect("GET", "/v1/errors", None, 200);
+    let errs = gw.get_json("/v1/errors");
     assert_eq!(errs[0]["code"], "PACKAGE_SUSPENDED", "{errs}");
     assert_eq!(errs[1]["code"], "PACKAGE_PAUSED");
 }
@@ -671,10 +641,7 @@ fn a_node_set_offline_gets_no_new_tunnels() {
     );
     let seen = exits(20);
     assert!(seen.iter().all(|e| e == "127.0.3.42"), "{seen:?}");
-    assert_eq!(
-        gw.expect("GET", "/v1/nodes/de-a", None, 200)["state"],
-        "offline"
-    );
+    assert_eq!(gw.get_json("/v1/nodes/de-a")["state"], "offline");
     let m = gw.metrics();
     assert_eq!(
         sample(&m, "splicegate_nodes{state=\"offline\"}"),
@@ -829,8 +796,5 @@ fn a_reload_keeps_the_apis_objects_and_refuses_a_bad_file() {
         )
         .is_ok()
     );
-    assert_eq!(
-        gw.expect("GET", "/v1/orgs/delta", None, 200)["balance"],
-        3.0
-    );
+    assert_eq!(gw.get_json("/v1/orgs/delta")["balance"], 3.0);
 }

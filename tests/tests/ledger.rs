@@ -36,8 +36,8 @@ struct Stored {
 }
 
 fn stored(gw: &Gateway) -> Stored {
-    let p = gw.expect("GET", "/v1/packages/7", None, 200);
-    let o = gw.expect("GET", "/v1/orgs/acme", None, 200);
+    let p = gw.get_json("/v1/packages/7");
+    let o = gw.get_json("/v1/orgs/acme");
     Stored {
         bytes: p["bytes_down"].as_u64().unwrap() + p["bytes_up"].as_u64().unwrap(),
         requests: p["requests"].as_u64().unwrap(),

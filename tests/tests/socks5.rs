@@ -78,14 +78,12 @@ fn socks5_to_an_ipv6_target() {
     );
     let target = SocksAddr::of(echo6.addr());
     for city in ["new_york", "chicago"] {
-        let mut c = gw.conn();
-        let s = socks5(
-            &mut c,
-            Some((&user(&format!("country-us-city-{city}")), KEY)),
-            1,
-            &target,
-        )
-        .unwrap();
+        let (mut c, s) = gw.socks_as(
+            client_ip(),
+            &user(&format!("country-us-city-{city}")),
+            KEY,
+            target.clone(),
+        );
         assert_eq!(s, SocksOutcome::Reply(0), "via {city}");
         c.echo_round_trip(b"v6").unwrap();
     }
@@ -268,14 +266,12 @@ fn a_full_session_table_is_socks5_general_failure() {
     let t = SocksAddr::of(web.addr());
     let mut last = None;
     for i in 0..200 {
-        let mut c = gw.conn();
-        let s = socks5(
-            &mut c,
-            Some((&user(&format!("country-us-session-f{i}")), KEY)),
-            1,
-            &t,
-        )
-        .unwrap();
+        let (_c, s) = gw.socks_as(
+            client_ip(),
+            &user(&format!("country-us-session-f{i}")),
+            KEY,
+            t.clone(),
+        );
         if s != SocksOutcome::Reply(0) {
             last = Some(s);
             break;
