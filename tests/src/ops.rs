@@ -224,6 +224,16 @@ impl Gateway {
         self.expect("GET", path, None, 200)
     }
 
+    /// POST `body` with the token that must answer 201; its JSON.
+    pub fn created(&self, path: &str, body: &str) -> Value {
+        self.expect("POST", path, Some(body), 201)
+    }
+
+    /// PATCH `body` with the token that must answer 200; its JSON.
+    pub fn patched(&self, path: &str, body: &str) -> Value {
+        self.expect("PATCH", path, Some(body), 200)
+    }
+
     /// An admin request with the token that must answer `want`; its JSON.
     pub fn expect(&self, method: &str, path: &str, body: Option<&str>, want: u16) -> Value {
         let a = self.api(method, path, body);

@@ -7,8 +7,8 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use serde_json::Value;
-use splicegate_tests::eventually;
 use splicegate_tests::ops::*;
+use splicegate_tests::{Gateway, eventually};
 
 /// The file every test starts from: org `acme` (100 credits), package 7
 /// (1 credit per GB), and a `direct` node `file-1` in New York on `node`.
@@ -23,6 +23,15 @@ fn conf(s: &Setup, node: Ipv4Addr, health: &str, acme_credits: f64) -> String {
 }
 
 const NO_PROBES: &str = "interval_s = 3600";
+
+/// A setup named `tag`, a target, and a gateway on [`conf`] without
+/// probes, its node on `ip(node)` and acme with 100 credits.
+fn start(tag: &str, node: u8) -> (Setup, IpEcho, Gateway) {
+    let s = Setup::new(tag);
+    let target = IpEcho::start(local(0)).unwrap();
+    let gw = s.start(&conf(&s, ip(node), NO_PROBES, 100.0));
+    (s, target, gw)
+}
 
 fn ip(last: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 3, last)
@@ -69,12 +78,7 @@ fn every_endpoint_answers_as_documented() {
     gw.expect("PUT", "/v1/orgs", Some("{}"), 405);
 
     // 2. Organisations.
-    let beta = gw.expect(
-        "POST",
-        "/v1/orgs",
-        Some(r#"{"id": "beta", "credits": 50.5}"#),
-        201,
-    );
+    let beta = gw.created("/v1/orgs", r#"{"id": "beta", "credits": 50.5}"#);
     assert_eq!(beta["balance"], 50.5);
     assert_eq!(beta["from_file"], false);
     gw.expect("POST", "/v1/orgs", Some(r#"{"id": "beta"}"#), 409);
@@ -125,12 +129,7 @@ fn every_endpoint_answers_as_documented() {
     assert_eq!(gw.get_json("/v1/orgs/beta")["balance"], 75.5);
 
     // 3. Packages: a missing key is generated and returned once.
-    let p = gw.expect(
-        "POST",
-        "/v1/packages",
-        Some(r#"{"org": "beta", "protocols": ["https", "http"], "price_per_gb": 2.5, "traffic_limit_bytes": 1000000}"#),
-        201,
-    );
+    let p = gw.created("/v1/packages", r#"{"org": "beta", "protocols": ["https", "http"], "price_per_gb": 2.5, "traffic_limit_bytes": 1000000}"#);
     assert_eq!(p["id"], 8, "the next free id");
     let key = p["key"].as_str().unwrap().to_string();
     assert!(key.starts_with("pk_") && key.len() == 27, "{key}");
@@ -175,11 +174,9 @@ fn every_endpoint_answers_as_documented() {
     }
     gw.expect("GET", "/v1/packages/99", None, 404);
     gw.expect("GET", "/v1/packages/abc", None, 404);
-    let p8 = gw.expect(
-        "PATCH",
+    let p8 = gw.patched(
         "/v1/packages/8",
-        Some(r#"{"rps_limit": 50, "default_rules": "country-us"}"#),
-        200,
+        r#"{"rps_limit": 50, "default_rules": "country-us"}"#,
     );
     assert_eq!(p8["rps_limit"], 50);
     assert_eq!(p8["org"], "beta", "untouched fields stay");
@@ -256,12 +253,7 @@ fn every_endpoint_answers_as_documented() {
     gw.expect("POST", "/v1/packages/99/usage/reset", None, 404);
 
     // 5. Nodes.
-    let n = gw.expect(
-        "POST",
-        "/v1/nodes",
-        Some(r#"{"id": "api-1", "kind": "direct", "bind": "127.0.3.2", "country": "gb", "city": "london", "isp": "bt", "network": "mob"}"#),
-        201,
-    );
+    let n = gw.created("/v1/nodes", r#"{"id": "api-1", "kind": "direct", "bind": "127.0.3.2", "country": "gb", "city": "london", "isp": "bt", "network": "mob"}"#);
     assert_eq!(n["state"], "online");
     assert_eq!(n["healthy"], true);
     assert_eq!(n["from_file"], false);
@@ -302,12 +294,7 @@ fn every_endpoint_answers_as_documented() {
     }
     assert_eq!(nodes[1]["from_file"], true);
     assert_eq!(gw.get_json("/v1/nodes/api-1")["city"], "london");
-    let d = gw.expect(
-        "PATCH",
-        "/v1/nodes/api-1",
-        Some(r#"{"state": "draining"}"#),
-        200,
-    );
+    let d = gw.patched("/v1/nodes/api-1", r#"{"state": "draining"}"#);
     assert_eq!(
         (d["state"].as_str(), d["admin_state"].as_str()),
         (Some("draining"), Some("draining"))
@@ -318,11 +305,9 @@ fn every_endpoint_answers_as_documented() {
         Some(r#"{"state": "asleep"}"#),
         422,
     );
-    let moved = gw.expect(
-        "PATCH",
+    let moved = gw.patched(
         "/v1/nodes/api-1",
-        Some(r#"{"city": "manchester", "state": "online"}"#),
-        200,
+        r#"{"city": "manchester", "state": "online"}"#,
     );
     assert_eq!(moved["city"], "manchester");
     assert_eq!(
@@ -404,40 +389,24 @@ fn every_endpoint_answers_as_documented() {
 
 #[test]
 fn changes_and_usage_survive_a_restart_and_file_credits_are_a_first_grant() {
-    let s = Setup::new("restart");
-    let target = IpEcho::start(local(0)).unwrap();
-    let mut gw = s.start(&conf(&s, ip(10), NO_PROBES, 100.0));
-    gw.expect(
-        "POST",
-        "/v1/orgs",
-        Some(r#"{"id": "beta", "credits": 10}"#),
-        201,
-    );
+    let (s, target, mut gw) = start("restart", 10);
+    gw.created("/v1/orgs", r#"{"id": "beta", "credits": 10}"#);
     gw.expect(
         "POST",
         "/v1/orgs/beta/credits",
         Some(r#"{"amount": 5}"#),
         200,
     );
-    let p = gw.expect(
-        "POST",
+    let p = gw.created(
         "/v1/packages",
-        Some(r#"{"id": 20, "org": "beta", "price_per_gb": 1000}"#),
-        201,
+        r#"{"id": 20, "org": "beta", "price_per_gb": 1000}"#,
     );
     let key = p["key"].as_str().unwrap().to_string();
-    gw.expect(
-        "POST",
+    gw.created(
         "/v1/nodes",
-        Some(r#"{"id": "api-off", "kind": "direct", "bind": "127.0.3.11", "country": "de"}"#),
-        201,
+        r#"{"id": "api-off", "kind": "direct", "bind": "127.0.3.11", "country": "de"}"#,
     );
-    gw.expect(
-        "PATCH",
-        "/v1/nodes/api-off",
-        Some(r#"{"state": "offline"}"#),
-        200,
-    );
+    gw.patched("/v1/nodes/api-off", r#"{"state": "offline"}"#);
     gw.expect(
         "POST",
         "/v1/orgs/acme/credits",
@@ -537,15 +506,8 @@ fn changes_and_usage_survive_a_restart_and_file_credits_are_a_first_grant() {
 
 #[test]
 fn a_new_key_works_and_the_old_fails_at_once() {
-    let s = Setup::new("keys");
-    let target = IpEcho::start(local(0)).unwrap();
-    let gw = s.start(&conf(&s, ip(20), NO_PROBES, 100.0));
-    let p = gw.expect(
-        "POST",
-        "/v1/packages",
-        Some(r#"{"id": 30, "org": "acme"}"#),
-        201,
-    );
+    let (_s, target, gw) = start("keys", 20);
+    let p = gw.created("/v1/packages", r#"{"id": 30, "org": "acme"}"#);
     let old = p["key"].as_str().unwrap().to_string();
     let user = "package-30-country-us";
     assert_eq!(
@@ -571,23 +533,14 @@ fn a_new_key_works_and_the_old_fails_at_once() {
 
 #[test]
 fn a_paused_package_answers_package_paused() {
-    let s = Setup::new("paused");
-    let target = IpEcho::start(local(0)).unwrap();
-    let gw = s.start(&conf(&s, ip(30), NO_PROBES, 100.0));
-    gw.expect(
-        "POST",
+    let (_s, target, gw) = start("paused", 30);
+    gw.created(
         "/v1/packages",
-        Some(r#"{"id": 31, "org": "acme", "key": "pk_31_key"}"#),
-        201,
+        r#"{"id": 31, "org": "acme", "key": "pk_31_key"}"#,
     );
     let user = "package-31-country-any";
     assert!(exit_ip(gw.proxy, client(30), target.addr, user, "pk_31_key").is_ok());
-    gw.expect(
-        "PATCH",
-        "/v1/packages/31",
-        Some(r#"{"status": "paused"}"#),
-        200,
-    );
+    gw.patched("/v1/packages/31", r#"{"status": "paused"}"#);
     let t = connect(gw.proxy, client(30), target.addr, user, "pk_31_key");
     assert_eq!(
         (t.status, t.code.as_deref()),
@@ -595,20 +548,10 @@ fn a_paused_package_answers_package_paused() {
         "{}",
         t.head
     );
-    gw.expect(
-        "PATCH",
-        "/v1/packages/31",
-        Some(r#"{"status": "suspended"}"#),
-        200,
-    );
+    gw.patched("/v1/packages/31", r#"{"status": "suspended"}"#);
     let t = connect(gw.proxy, client(30), target.addr, user, "pk_31_key");
     assert_eq!(t.code.as_deref(), Some("PACKAGE_SUSPENDED"));
-    gw.expect(
-        "PATCH",
-        "/v1/packages/31",
-        Some(r#"{"status": "active"}"#),
-        200,
-    );
+    gw.patched("/v1/packages/31", r#"{"status": "active"}"#);
     assert!(exit_ip(gw.proxy, client(30), target.addr, user, "pk_31_key").is_ok());
     // The data plane records checks 1-5 without their package: the global list has them.
     let errs = gw.get_json("/v1/errors");
@@ -618,14 +561,12 @@ fn a_paused_package_answers_package_paused() {
 
 #[test]
 fn a_node_set_offline_gets_no_new_tunnels() {
-    let s = Setup::new("offline");
-    let target = IpEcho::start(local(0)).unwrap();
-    let gw = s.start(&conf(&s, ip(40), NO_PROBES, 100.0));
+    let (_s, target, gw) = start("offline", 40);
     for (id, last) in [("de-a", 41), ("de-b", 42)] {
         let body = format!(
             r#"{{"id": "{id}", "kind": "direct", "bind": "127.0.3.{last}", "country": "de"}}"#
         );
-        gw.expect("POST", "/v1/nodes", Some(&body), 201);
+        gw.created("/v1/nodes", &body);
     }
     let user = "package-7-country-de";
     let exits = |n: usize| -> Vec<String> {
@@ -633,12 +574,7 @@ fn a_node_set_offline_gets_no_new_tunnels() {
             .map(|_| exit_ip(gw.proxy, client(40), target.addr, user, "pk_file_7").unwrap())
             .collect()
     };
-    gw.expect(
-        "PATCH",
-        "/v1/nodes/de-a",
-        Some(r#"{"state": "offline"}"#),
-        200,
-    );
+    gw.patched("/v1/nodes/de-a", r#"{"state": "offline"}"#);
     let seen = exits(20);
     assert!(seen.iter().all(|e| e == "127.0.3.42"), "{seen:?}");
     assert_eq!(gw.get_json("/v1/nodes/de-a")["state"], "offline");
@@ -648,22 +584,12 @@ fn a_node_set_offline_gets_no_new_tunnels() {
         1.0,
         "{m}"
     );
-    gw.expect(
-        "PATCH",
-        "/v1/nodes/de-a",
-        Some(r#"{"state": "draining"}"#),
-        200,
-    );
+    gw.patched("/v1/nodes/de-a", r#"{"state": "draining"}"#);
     assert!(
         exits(10).iter().all(|e| e == "127.0.3.42"),
         "draining takes no new tunnels"
     );
-    gw.expect(
-        "PATCH",
-        "/v1/nodes/de-a",
-        Some(r#"{"state": "online"}"#),
-        200,
-    );
+    gw.patched("/v1/nodes/de-a", r#"{"state": "online"}"#);
     let seen = exits(30);
     assert!(
         seen.iter().any(|e| e == "127.0.3.41"),
@@ -673,9 +599,7 @@ fn a_node_set_offline_gets_no_new_tunnels() {
 
 #[test]
 fn metrics_move_with_traffic() {
-    let s = Setup::new("metrics");
-    let target = IpEcho::start(local(0)).unwrap();
-    let gw = s.start(&conf(&s, ip(50), NO_PROBES, 100.0));
+    let (_s, target, gw) = start("metrics", 50);
     let before = gw.metrics();
     for series in [
         "splicegate_requests_total{protocol=\"https\",code=\"OK\"}",
@@ -740,15 +664,8 @@ fn metrics_move_with_traffic() {
 
 #[test]
 fn a_reload_keeps_the_apis_objects_and_refuses_a_bad_file() {
-    let s = Setup::new("reload");
-    let target = IpEcho::start(local(0)).unwrap();
-    let mut gw = s.start(&conf(&s, ip(60), NO_PROBES, 100.0));
-    gw.expect(
-        "POST",
-        "/v1/packages",
-        Some(r#"{"id": 61, "key": "pk_61_key"}"#),
-        201,
-    );
+    let (s, target, mut gw) = start("reload", 60);
+    gw.created("/v1/packages", r#"{"id": 61, "key": "pk_61_key"}"#);
     // A broken file: refused, the running policy stays.
     gw.reload(&conf(&s, ip(60), NO_PROBES, 100.0).replace("org = \"acme\"", "org = \"gone\""));
     assert!(
