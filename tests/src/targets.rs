@@ -119,6 +119,20 @@ fn localhost() -> IpAddr {
     IpAddr::from([127, 0, 0, 1])
 }
 
+/// A server on `ip` (port from the kernel) with state `S` that `handle`
+/// gets with every connection: its acceptor and the state.
+fn serve<S: Default + Send + Sync + 'static>(
+    ip: IpAddr,
+    handle: impl Fn(TcpStream, &S) + Send + Sync + 'static,
+) -> (Acceptor, Arc<S>) {
+    let state = Arc::new(S::default());
+    let st = state.clone();
+    (
+        Acceptor::spawn(listen(ip, 0), Arc::new(move |s| handle(s, &st))),
+        state,
+    )
+}
+
 /// One request as the HTTP target read it.
 #[derive(Debug, Clone)]
 pub struct SeenRequest {
@@ -161,15 +175,10 @@ impl HttpTarget {
 
     /// On `ip`, port from the kernel.
     pub fn start_on(ip: IpAddr) -> HttpTarget {
-        let state = Arc::new(HttpState::default());
-        let st = state.clone();
-        let acceptor = Acceptor::spawn(
-            listen(ip, 0),
-            Arc::new(move |s| {
-                st.connections.fetch_add(1, Ordering::Relaxed);
-                let _ = serve_http(s, &st);
-            }),
-        );
+        let (acceptor, state) = serve(ip, move |s: TcpStream, st: &HttpState| {
+            st.connections.fetch_add(1, Ordering::Relaxed);
+            let _ = serve_http(s, st);
+        });
         HttpTarget { acceptor, state }
     }
 
@@ -327,30 +336,25 @@ impl TcpEcho {
 
     /// On `ip` (e.g. `::1`).
     pub fn start_on(ip: IpAddr) -> TcpEcho {
-        let state = Arc::new(CountState::default());
-        let st = state.clone();
-        let acceptor = Acceptor::spawn(
-            listen(ip, 0),
-            Arc::new(move |mut s: TcpStream| {
-                if let Ok(p) = s.peer_addr() {
-                    st.peers.lock().unwrap().push(p.ip());
-                }
-                let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
-                let mut buf = vec![0u8; 16384];
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            st.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                            if s.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
+        let (acceptor, state) = serve(ip, move |mut s: TcpStream, st: &CountState| {
+            if let Ok(p) = s.peer_addr() {
+                st.peers.lock().unwrap().push(p.ip());
+            }
+            let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
+            let mut buf = vec![0u8; 16384];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        st.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        if s.write_all(&buf[..n]).is_err() {
+                            break;
                         }
                     }
                 }
-                let _ = s.shutdown(Shutdown::Write);
-            }),
-        );
+            }
+            let _ = s.shutdown(Shutdown::Write);
+        });
         TcpEcho { acceptor, state }
     }
 
@@ -376,33 +380,28 @@ pub struct Source {
 impl Source {
     /// Start; `total` of `None` streams until the peer closes (at most 10 min).
     pub fn start(chunk: usize, every: Duration, total: Option<u64>) -> Source {
-        let state = Arc::new(CountState::default());
-        let st = state.clone();
-        let acceptor = Acceptor::spawn(
-            listen(localhost(), 0),
-            Arc::new(move |mut s: TcpStream| {
-                let _ = s.set_write_timeout(Some(Duration::from_secs(30)));
-                let data: Vec<u8> = (0..chunk).map(|i| (i % 251) as u8).collect();
-                let mut sent: u64 = 0;
-                let deadline = std::time::Instant::now() + Duration::from_secs(600);
-                while std::time::Instant::now() < deadline {
-                    let n = match total {
-                        Some(t) if sent >= t => break,
-                        Some(t) => (t - sent).min(chunk as u64) as usize,
-                        None => chunk,
-                    };
-                    if s.write_all(&data[..n]).is_err() {
-                        break;
-                    }
-                    sent += n as u64;
-                    st.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    if !every.is_zero() {
-                        std::thread::sleep(every);
-                    }
+        let (acceptor, state) = serve(localhost(), move |mut s: TcpStream, st: &CountState| {
+            let _ = s.set_write_timeout(Some(Duration::from_secs(30)));
+            let data: Vec<u8> = (0..chunk).map(|i| (i % 251) as u8).collect();
+            let mut sent: u64 = 0;
+            let deadline = std::time::Instant::now() + Duration::from_secs(600);
+            while std::time::Instant::now() < deadline {
+                let n = match total {
+                    Some(t) if sent >= t => break,
+                    Some(t) => (t - sent).min(chunk as u64) as usize,
+                    None => chunk,
+                };
+                if s.write_all(&data[..n]).is_err() {
+                    break;
                 }
-                let _ = s.shutdown(Shutdown::Both);
-            }),
-        );
+                sent += n as u64;
+                st.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                if !every.is_zero() {
+                    std::thread::sleep(every);
+                }
+            }
+            let _ = s.shutdown(Shutdown::Both);
+        });
         Source { acceptor, state }
     }
 
@@ -427,23 +426,18 @@ pub struct Sink {
 impl Sink {
     /// Start on `127.0.0.1`.
     pub fn start() -> Sink {
-        let state = Arc::new(CountState::default());
-        let st = state.clone();
-        let acceptor = Acceptor::spawn(
-            listen(localhost(), 0),
-            Arc::new(move |mut s: TcpStream| {
-                let _ = s.set_read_timeout(Some(SERVER_READ_TIMEOUT));
-                let mut buf = vec![0u8; 65536];
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            st.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                        }
+        let (acceptor, state) = serve(localhost(), move |mut s: TcpStream, st: &CountState| {
+            let _ = s.set_read_timeout(Some(SERVER_READ_TIMEOUT));
+            let mut buf = vec![0u8; 65536];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        st.bytes.fetch_add(n as u64, Ordering::Relaxed);
                     }
                 }
-            }),
-        );
+            }
+        });
         Sink { acceptor, state }
     }
 
