@@ -146,27 +146,24 @@ fn descriptor_exhaustion() {
         (n + 1 >= limit).then_some(n)
     })
     .or(settled);
-    let one_free = probe_answer_as(
-        &gw,
-        src.next(),
-        echo.addr(),
-        Duration::from_secs(3),
-        "country-us-city-new_york",
-        true,
-    );
+    // A CONNECT with `rules` while one descriptor is free, and its detail.
+    let with_one_free = |rules: &str| {
+        probe_answer_as(
+            &gw,
+            src.next(),
+            echo.addr(),
+            Duration::from_secs(3),
+            rules,
+            true,
+        )
+    };
+    let one_free = with_one_free("country-us-city-new_york");
     // Again through an HTTP node (its probe's descriptor is free again once
     // the gateway closed it).
     let _ = eventually(Duration::from_secs(3), Duration::from_millis(20), || {
         (fd_count(pid) + 1 == limit).then_some(())
     });
-    let one_free_http = probe_answer_as(
-        &gw,
-        src.next(),
-        echo.addr(),
-        Duration::from_secs(3),
-        "country-us-city-dallas",
-        true,
-    );
+    let one_free_http = with_one_free("country-us-city-dallas");
     let h1_state = admin::admin_request(gw.admin_addr(), "GET", "/v1/nodes/h1", None)
         .map(|(_, v)| v.to_string())
         .unwrap_or_default();

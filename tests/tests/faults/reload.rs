@@ -88,15 +88,21 @@ fn rotation_and_pause_under_load() {
     let text = std::fs::read_to_string(&path).expect("config");
     let rotated = text.replace(&format!("key = \"{KEY}\""), &format!("key = \"{NEW_KEY}\""));
     assert_ne!(rotated, text, "the key line is in the file");
-    let reloads = |gw: &Gateway| gw.log().matches("reloaded").count();
-    let lines0 = reloads(&gw);
-    std::fs::write(&path, &rotated).expect("write config");
-    let t_hup = Instant::now();
-    gw.signal("HUP");
-    let reloaded = eventually(Duration::from_secs(5), Duration::from_millis(2), || {
-        (reloads(&gw) > lines0).then(Instant::now)
-    })
-    .expect("the reload is logged");
+    // Write `text` and SIGHUP: when the signal went, and when the reload was
+    // logged.
+    let hup = |text: &str| -> (Instant, Instant) {
+        let reloads = || gw.log().matches("reloaded").count();
+        let before = reloads();
+        std::fs::write(&path, text).expect("write config");
+        let sent = Instant::now();
+        gw.signal("HUP");
+        let logged = eventually(Duration::from_secs(5), Duration::from_millis(2), || {
+            (reloads() > before).then(Instant::now)
+        })
+        .expect("the reload is logged");
+        (sent, logged)
+    };
+    let (t_hup, reloaded) = hup(&rotated);
     std::thread::sleep(Duration::from_millis(500));
     let new_key_ok = gw
         .forward(src.next(), &web.url("/ip"), &user("country-us"), NEW_KEY)
@@ -108,14 +114,7 @@ fn rotation_and_pause_under_load() {
         &format!("key = \"{NEW_KEY}\"\nstatus = \"paused\"\n"),
     );
     assert_ne!(paused, rotated);
-    let lines1 = reloads(&gw);
-    std::fs::write(&path, &paused).expect("write config");
-    let t_pause = Instant::now();
-    gw.signal("HUP");
-    let reloaded2 = eventually(Duration::from_secs(5), Duration::from_millis(2), || {
-        (reloads(&gw) > lines1).then(Instant::now)
-    })
-    .expect("the reload is logged");
+    let (t_pause, reloaded2) = hup(&paused);
     let paused_answer = gw.forward(src.next(), &web.url("/ip"), &user("country-us"), NEW_KEY);
     std::thread::sleep(Duration::from_millis(1500));
     let own_after_pause = own.echo_round_trip(b"own tunnel after pause").is_ok();
