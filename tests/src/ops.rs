@@ -15,7 +15,7 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -360,7 +360,7 @@ pub fn exit_ip(
 }
 
 /// curl through the proxy with CONNECT (`-p`) from `src`: (CONNECT status,
-/// body).
+/// 0 when there was no answer; body).
 pub fn curl_connect(
     proxy: SocketAddr,
     src: Ipv4Addr,
@@ -368,21 +368,13 @@ pub fn curl_connect(
     user: &str,
     key: &str,
 ) -> (u16, String) {
-    let out = Command::new(crate::tools::require_tool("curl", "curl"))
-        .args(["-s", "-p", "--max-time", "10", "--interface"])
-        .arg(src.to_string())
-        .arg("-x")
-        .arg(format!("http://{proxy}"))
-        .arg("-U")
-        .arg(format!("{user}:{key}"))
-        .args(["-w", "\n%{http_connect}"])
-        .arg(format!("http://{target}/"))
-        .stdin(Stdio::null())
-        .output()
-        .expect("run curl");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), body.trim().to_string())
+    let out = crate::Curl::new(src)
+        .proxy(proxy)
+        .user(user, key)
+        .tunnel()
+        .get(&format!("http://{target}/"));
+    let status = out.heads.first().map_or(0, |h| h.status);
+    (status, out.text().trim().to_string())
 }
 
 /// Read a tunnel until EOF or error; the bytes received (plus `already`).

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use splicegate_tests::gateway::temp_dir;
 use splicegate_tests::ops::*;
-use splicegate_tests::{Source, eventually};
+use splicegate_tests::{Curl, Source, eventually};
 
 const KEY: &str = "pk_dash_42";
 const NODE_US: Ipv4Addr = Ipv4Addr::new(127, 0, 1, 231);
@@ -325,30 +325,8 @@ fn excerpt(dom: &str) -> String {
 
 /// A forwarded (not tunnelled) request with curl from `src`: the status.
 fn curl_forward(proxy: std::net::SocketAddr, src: Ipv4Addr, target: &str, user: &str) -> u16 {
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "--max-time",
-            "10",
-            "-w",
-            "%{http_code}",
-        ])
-        .arg("--interface")
-        .arg(src.to_string())
-        .arg("-x")
-        .arg(format!("http://{proxy}"))
-        .arg("-U")
-        .arg(format!("{user}:{KEY}"))
-        .arg(target)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run curl (apt-get install curl)");
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0)
+    let out = Curl::new(src).proxy(proxy).user(user, KEY).get(target);
+    out.heads.last().map_or(0, |h| h.status)
 }
 
 /// A curl that holds a tunnel open (reading a slow stream), killed by PID.
@@ -362,30 +340,16 @@ impl Drop for Held {
 }
 
 fn hold_tunnel(proxy: std::net::SocketAddr, src: Ipv4Addr, target: std::net::SocketAddr) -> Held {
-    Held(
-        Command::new("curl")
-            .args([
-                "-s",
-                "-p",
-                "--http0.9",
-                "-o",
-                "/dev/null",
-                "--max-time",
-                "60",
-            ])
-            .arg("--interface")
-            .arg(src.to_string())
-            .arg("-x")
-            .arg(format!("http://{proxy}"))
-            .arg("-U")
-            .arg(format!("package-42-country-us:{KEY}"))
-            .arg(format!("http://{target}/"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run curl (apt-get install curl)"),
-    )
+    let curl = Curl::new(src)
+        .proxy(proxy)
+        .user("package-42-country-us", KEY)
+        .tunnel()
+        .arg("--http0.9")
+        .arg("-o")
+        .arg("/dev/null")
+        .arg("--max-time")
+        .arg("60");
+    Held(curl.spawn(&format!("http://{target}/")))
 }
 
 fn is_png(path: &Path) -> bool {
