@@ -48,6 +48,19 @@ impl Bench {
         assert_eq!(r.status, 200, "after {after}: {}{}", r.raw_head, r.text());
     }
 
+    /// A tunnel opened before anything hostile, to check afterwards.
+    fn bystander(&self) -> Conn {
+        self.gw.tunnel(client_ip(), self.echo.addr(), "country-us")
+    }
+
+    /// The end of a test: a new client is served after `after`, and the
+    /// bystander tunnel still carries bytes.
+    #[track_caller]
+    fn done(&self, mut bystander: Conn, after: &str) {
+        self.still_serves(after);
+        bystander.echo_round_trip(b"undisturbed").unwrap();
+    }
+
     fn auth(&self) -> String {
         format!("Proxy-Authorization: {}", basic(&user("country-us"), KEY))
     }
@@ -75,7 +88,7 @@ fn expect(r: Result<Resp, Vec<u8>>, status: u16, code: &str, what: &str) {
 #[test]
 fn malformed_http_heads_are_answered_and_disturb_no_one() {
     let b = Bench::new(3000);
-    let mut bystander = b.gw.tunnel(client_ip(), b.echo.addr(), "country-us");
+    let bystander = b.bystander();
     let web = b.web.addr();
     let auth = b.auth();
 
@@ -202,9 +215,7 @@ fn malformed_http_heads_are_answered_and_disturb_no_one() {
         Ok(r) => assert_eq!(r.status, 400, "{}", r.raw_head),
         Err(got) => assert!(got.is_empty(), "garbage got {got:?}"),
     }
-    b.still_serves("garbage");
-
-    bystander.echo_round_trip(b"still here").unwrap();
+    b.done(bystander, "garbage");
 }
 
 #[test]
@@ -252,7 +263,7 @@ fn hostile_usernames() {
 #[test]
 fn hostile_socks5_input_closes_the_connection() {
     let b = Bench::new(3000);
-    let mut bystander = b.gw.tunnel(client_ip(), b.echo.addr(), "country-us");
+    let bystander = b.bystander();
     // SOCKS4 (first byte 0x04) is not SOCKS5: HTTP reads it and refuses.
     let mut c = b.gw.conn();
     c.send(&[4, 1, 0, 80, 127, 0, 0, 1, 0]).unwrap();
@@ -295,15 +306,14 @@ fn hostile_socks5_input_closes_the_connection() {
         vec![5, 2, 1, 0],
         "method and auth answered, then closed"
     );
-    b.still_serves("wrong request version");
-    bystander.echo_round_trip(b"undisturbed").unwrap();
+    b.done(bystander, "wrong request version");
 }
 
 #[test]
 fn slowloris_is_cut_by_handshake_ms() {
     let b = Bench::new(1000);
     let web = b.web.addr();
-    let mut bystander = b.gw.tunnel(client_ip(), b.echo.addr(), "country-us");
+    let bystander = b.bystander();
     // Trickle a head one byte every 100 ms: the whole head must arrive
     // within handshake_ms (1 s), however steadily bytes come.
     let head = format!(
@@ -347,8 +357,7 @@ fn slowloris_is_cut_by_handshake_ms() {
         );
         assert!(text.contains("X-SOAX-Error: CLIENT_TIMEOUT"), "{text}");
     }
-    b.still_serves("slowloris");
-    bystander.echo_round_trip(b"undisturbed").unwrap();
+    b.done(bystander, "slowloris");
 }
 
 #[test]

@@ -282,14 +282,18 @@ fn half_open_clients() {
     let (lab, canary, bystander) = Lab::watched();
     let (w, e) = (lab.w(), lab.e());
     let a = auth_line();
+    // `bytes` on `c`, then FIN: everything that came back until the close
+    // (within `secs`), or a failure naming `what`.
+    let fin_after = |mut c: Conn, bytes: &[u8], secs: u64, what: &str| -> Vec<u8> {
+        c.send(bytes).unwrap();
+        c.shutdown_write();
+        c.closed_within(Duration::from_secs(secs))
+            .unwrap_or_else(|| panic!("{what}: not closed within {secs} s"))
+    };
+    let fresh = || lab.gw.conn_from(lab.src.next());
     // 1. A forwarded GET, then FIN: the whole answer, then the close.
-    let mut c = lab.gw.conn_from(lab.src.next());
-    c.send(format!("GET http://{w}/bytes/100000 HTTP/1.1\r\nHost: {w}\r\n{a}\r\n").as_bytes())
-        .unwrap();
-    c.shutdown_write();
-    let got = c
-        .closed_within(Duration::from_secs(5))
-        .expect("closed after the answer");
+    let get = format!("GET http://{w}/bytes/100000 HTTP/1.1\r\nHost: {w}\r\n{a}\r\n");
+    let got = fin_after(fresh(), get.as_bytes(), 5, "closed after the answer");
     let r = parse_response(&got).expect("an answer");
     assert_eq!(r.status, 200, "{}", r.raw_head);
     assert_eq!(
@@ -298,44 +302,29 @@ fn half_open_clients() {
         "the whole body after the client's FIN"
     );
     // 2. A tunnel: bytes, then FIN; the echo of those bytes, then the close.
-    let mut c = lab.gw.tunnel(lab.src.next(), lab.echo.addr(), "country-us");
-    c.send(b"half-closed but still listening").unwrap();
-    c.shutdown_write();
-    let got = c
-        .closed_within(Duration::from_secs(5))
-        .expect("the tunnel ends after the echo");
-    assert_eq!(got, b"half-closed but still listening");
+    let tunnel = lab.gw.tunnel(lab.src.next(), lab.echo.addr(), "country-us");
+    let said = b"half-closed but still listening";
+    let got = fin_after(tunnel, said, 5, "the tunnel ends after the echo");
+    assert_eq!(got, said);
     // 3. CONNECT and FIN before the 200: the 200 (or nothing), then the close.
-    let mut c = lab.gw.conn_from(lab.src.next());
-    c.send(format!("CONNECT {e} HTTP/1.1\r\nHost: {e}\r\n{a}\r\n").as_bytes())
-        .unwrap();
-    c.shutdown_write();
-    let got = c
-        .closed_within(Duration::from_secs(5))
-        .expect("a CONNECT then FIN ends");
+    let connect = format!("CONNECT {e} HTTP/1.1\r\nHost: {e}\r\n{a}\r\n");
+    let got = fin_after(fresh(), connect.as_bytes(), 5, "a CONNECT then FIN ends");
     assert!(
         got.is_empty() || got.starts_with(b"HTTP/1.1 200 "),
         "{}",
         show(&got)
     );
     // 4. SOCKS5 handshake then FIN: the replies, then the close.
-    let mut c = lab.gw.conn_from(lab.src.next());
-    c.send(&cat(&[
+    let socks = cat(&[
         &[5, 1, 2],
         &userpass(USER.as_bytes(), KEY.as_bytes()),
         &[5, 1, 0],
         &socks_addr_v4(TARGET_IP, lab.echo.addr().port()),
-    ]))
-    .unwrap();
-    c.shutdown_write();
-    let got = c
-        .closed_within(Duration::from_secs(5))
-        .expect("a SOCKS5 tunnel with a FIN ends");
+    ]);
+    let got = fin_after(fresh(), &socks, 5, "a SOCKS5 tunnel with a FIN ends");
     assert!(got.starts_with(&[5, 2, 1, 0, 5, 0, 0]), "{got:?}");
     // 5. Connect, FIN at once.
-    let mut c = lab.gw.conn_from(lab.src.next());
-    c.shutdown_write();
-    let got = c.closed_within(Duration::from_secs(2)).expect("closed");
+    let got = fin_after(fresh(), b"", 2, "closed");
     assert!(got.is_empty(), "{got:?}");
     // Let the well-behaved client run a little longer beside them.
     std::thread::sleep(Duration::from_millis(500));
