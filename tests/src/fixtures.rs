@@ -61,6 +61,19 @@ impl Gateway {
         crate::Curl::new(crate::addr::client_ip()).proxy(self.proxy)
     }
 
+    /// `CONNECT target` as package 7 with `rules`, from a fresh address;
+    /// the connection and the answer's head.
+    pub fn connect_rules(&self, target: std::net::SocketAddr, rules: &str) -> (Conn, Resp) {
+        let user = user(rules);
+        self.connect_as(
+            crate::addr::client_ip(),
+            &target.to_string(),
+            &user,
+            KEY,
+            &[],
+        )
+    }
+
     /// `CONNECT target` with `user`:`key` from `src`; the connection and the
     /// answer's head.
     pub fn connect_as(

@@ -23,19 +23,12 @@ type Handler = Arc<dyn Fn(TcpStream) + Send + Sync>;
 
 /// An accept loop on its own thread, one thread per connection. Dropping or
 /// [`Acceptor::shutdown`] closes the listener and every accepted socket.
+#[derive(Debug)]
 pub struct Acceptor {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
     live: Arc<Mutex<HashMap<u64, TcpStream>>>,
-}
-
-impl std::fmt::Debug for Acceptor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Acceptor")
-            .field("addr", &self.addr)
-            .finish()
-    }
 }
 
 impl Acceptor {
@@ -455,18 +448,11 @@ impl Sink {
 /// A listener with a backlog of 0 that never accepts, its queue filled, so
 /// that further connects get no answer (the SYN is dropped): a target that
 /// "does not answer".
+#[derive(Debug)]
 pub struct Blackhole {
     _listener: Socket,
     _fillers: Vec<TcpStream>,
     addr: SocketAddr,
-}
-
-impl std::fmt::Debug for Blackhole {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Blackhole")
-            .field("addr", &self.addr)
-            .finish()
-    }
 }
 
 impl Blackhole {

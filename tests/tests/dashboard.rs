@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use splicegate_tests::gateway::temp_dir;
 use splicegate_tests::ops::*;
-use splicegate_tests::{Curl, Source, eventually};
+use splicegate_tests::{Curl, Gateway, Source, eventually};
 
 const KEY: &str = "pk_dash_42";
 const NODE_US: Ipv4Addr = Ipv4Addr::new(127, 0, 1, 231);
@@ -56,6 +56,14 @@ fn conf(s: &Setup) -> String {
         ),
     ]
     .concat()
+}
+
+/// A setup named `tag` and a gateway on [`conf`], once Chromium is there.
+fn start(tag: &str) -> (Setup, Gateway) {
+    let _browser = chromium();
+    let s = Setup::new(tag);
+    let gw = s.start(&conf(&s));
+    (s, gw)
 }
 
 /// Headless Chromium, or a failed test that says how to install it.
@@ -358,9 +366,7 @@ fn is_png(path: &Path) -> bool {
 
 #[test]
 fn the_dashboard_shows_the_traffic() {
-    let _browser = chromium();
-    let s = Setup::new("dashboard");
-    let gw = s.start(&conf(&s));
+    let (_s, gw) = start("dashboard");
     let target = IpEcho::start(local(0)).unwrap();
     let stream = Source::start(16 * 1024, Duration::from_millis(50), None);
 
@@ -496,9 +502,7 @@ fn the_dashboard_shows_the_traffic() {
 
 #[test]
 fn without_its_token_the_dashboard_asks_for_it() {
-    let _browser = chromium();
-    let s = Setup::new("dashboard-token");
-    let gw = s.start(&conf(&s));
+    let (_s, gw) = start("dashboard-token");
 
     // No token: the form, and no data.
     let dom = browse("--dump-dom", &format!("http://{}/", gw.admin_addr()));
@@ -528,9 +532,7 @@ fn without_its_token_the_dashboard_asks_for_it() {
 
 #[test]
 fn the_token_form_signs_in_and_a_new_key_is_shown_once() {
-    let _browser = chromium();
-    let s = Setup::new("dashboard-key");
-    let gw = s.start(&conf(&s));
+    let (_s, gw) = start("dashboard-key");
     let target = IpEcho::start(local(0)).unwrap();
     let old = gw.expect(
         "POST",

@@ -176,13 +176,7 @@ fn respond_with_headers_on_the_connect_answer() {
     assert_eq!(h.header("X-SOAX-Session"), Some("abc123"), "{}", h.raw_head);
 
     // Without Respond-With, none of them.
-    let (_c, r) = gw.connect_as(
-        client_ip(),
-        &web.addr().to_string(),
-        &user("country-us"),
-        KEY,
-        &[],
-    );
+    let (_c, r) = gw.connect_rules(web.addr(), "country-us");
     assert_eq!(r.status, 200);
     assert!(
         !r.raw_head.to_ascii_lowercase().contains("x-soax-"),

@@ -486,13 +486,7 @@ fn open_tunnels_survive_reloads_even_of_their_node() {
     t.echo_round_trip(b"its node was removed; it runs out")
         .unwrap();
     let r = eventually(Duration::from_secs(3), Duration::from_millis(50), || {
-        let (_c, r) = gw.connect_as(
-            client_ip(),
-            &echo.addr().to_string(),
-            &user("country-us-city-new_york"),
-            KEY,
-            &[],
-        );
+        let (_c, r) = gw.connect_rules(echo.addr(), "country-us-city-new_york");
         (r.status != 200).then_some(r)
     })
     .expect("the removed node still takes new tunnels");
