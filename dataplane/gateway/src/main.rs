@@ -112,31 +112,6 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
             (Some(log), Some(rx))
         }
     };
-    let kernel = kernel::start(&cfg);
-    if let Some(k) = &kernel {
-        k.sync_allowlists(&engine.policy());
-    }
-    let shared = Arc::new(Shared {
-        engine: engine.clone(),
-        settings: cfg.settings(),
-        resolver: Resolver::start(2)?,
-        access_log,
-        guard: Arc::new(splicegate_control::guard::Guard::new(cfg.guard_config())),
-        guard_at_accept: kernel.is_none(),
-        ban_sink: kernel.as_ref().map(kernel::Kernel::ban_sink),
-    });
-    let mut access = match access_rx {
-        Some(rx) => Some(AccessWriter::open(&cfg.log.access, rx)?),
-        None => None,
-    };
-
-    let echo = match cfg.demo.echo_listen {
-        Some(addr) => {
-            Some(echo::start(addr).with_context(|| format!("the built-in target on {addr}"))?)
-        }
-        None => None,
-    };
-
     let workers = cfg.proxy.workers.resolve();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut listen = vec![(
@@ -176,6 +151,31 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
         }
         per_worker.push(mine);
     }
+    let kernel = kernel::start(&cfg, &bound);
+    if let Some(k) = &kernel {
+        k.sync_allowlists(&engine.policy());
+    }
+    let shared = Arc::new(Shared {
+        engine: engine.clone(),
+        settings: cfg.settings(),
+        resolver: Resolver::start(2)?,
+        access_log,
+        guard: Arc::new(splicegate_control::guard::Guard::new(cfg.guard_config())),
+        guard_at_accept: kernel.is_none(),
+        ban_sink: kernel.as_ref().map(kernel::Kernel::ban_sink),
+    });
+    let mut access = match access_rx {
+        Some(rx) => Some(AccessWriter::open(&cfg.log.access, rx)?),
+        None => None,
+    };
+
+    let echo = match cfg.demo.echo_listen {
+        Some(addr) => {
+            Some(echo::start(addr).with_context(|| format!("the built-in target on {addr}"))?)
+        }
+        None => None,
+    };
+
     let mut handles = Vec::with_capacity(workers);
     for (i, mine) in per_worker.into_iter().enumerate() {
         let cpu = (cfg.proxy.pin_workers && workers <= cpus).then_some(i % cpus);
