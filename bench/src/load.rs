@@ -263,33 +263,23 @@ pub fn run(
     w: Window,
     label: &str,
 ) -> RunResult {
-    match mode {
-        Mode::Idle {
+    if let Mode::Idle {
+        tunnels,
+        open_threads,
+        open_timeout,
+    } = *mode
+    {
+        return idle(
+            route,
+            targets,
             tunnels,
             open_threads,
             open_timeout,
-        } => idle(
-            route,
-            targets,
-            *tunnels,
-            *open_threads,
-            *open_timeout,
             proxy,
             w,
             label,
-        ),
-        _ => drive(mode, route, targets, proxy, w, label),
+        );
     }
-}
-
-fn drive(
-    mode: &Mode,
-    route: &Route,
-    targets: &Targets,
-    proxy: Option<ProcTree>,
-    w: Window,
-    label: &str,
-) -> RunResult {
     let deadline = Instant::now() + w.warmup + w.measure + Duration::from_secs(5);
     let (workers, count, limit) = match *mode {
         Mode::Bulk {

@@ -100,6 +100,15 @@ struct Vias {
     pid: Option<u32>,
 }
 
+/// What every single-mode command takes: the settings and the peers.
+#[derive(Debug, Clone, Args)]
+struct Run {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    vias: Vias,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Direction {
     /// Client → sink.
@@ -128,9 +137,7 @@ enum Cmd {
     /// P parallel tunnels streaming bytes: aggregate Gbit/s, proxy CPU-s/GB.
     Bulk {
         #[command(flatten)]
-        common: Common,
-        #[command(flatten)]
-        vias: Vias,
+        run: Run,
         /// Parallel streams (repeat for several cells).
         #[arg(long, default_values_t = vec![1usize, 8])]
         streams: Vec<usize>,
@@ -144,9 +151,7 @@ enum Cmd {
     /// echoed + close: connections/s, proxy CPU-µs per connection.
     Connrate {
         #[command(flatten)]
-        common: Common,
-        #[command(flatten)]
-        vias: Vias,
+        run: Run,
         /// Concurrent loops.
         #[arg(long, default_value_t = 8)]
         conns: usize,
@@ -161,9 +166,7 @@ enum Cmd {
     /// K established tunnels doing small request/response: round trips/s.
     Pingpong {
         #[command(flatten)]
-        common: Common,
-        #[command(flatten)]
-        vias: Vias,
+        run: Run,
         #[arg(long, default_value_t = 8)]
         tunnels: usize,
         /// Message size, bytes.
@@ -175,9 +178,7 @@ enum Cmd {
     /// Absolute-form GETs over keep-alive connections: requests/s.
     Http {
         #[command(flatten)]
-        common: Common,
-        #[command(flatten)]
-        vias: Vias,
+        run: Run,
         #[arg(long, default_value_t = 8)]
         conns: usize,
         #[arg(long, value_enum, default_value_t = Sessions::Both)]
@@ -188,9 +189,7 @@ enum Cmd {
     /// N mostly idle tunnels held open: the proxy's RSS and threads.
     Idle {
         #[command(flatten)]
-        common: Common,
-        #[command(flatten)]
-        vias: Vias,
+        run: Run,
         /// Tunnels (at most 5000).
         #[arg(long, default_value_t = 1000)]
         tunnels: usize,
@@ -559,64 +558,41 @@ fn vias(v: &Vias) -> Result<Vec<Peer>> {
 }
 
 fn main() -> Result<()> {
-    // (settings, cells, peers, notes for the report, where to write it)
-    let (common, cells, peer_list, notes, out) = match Cli::parse().cmd {
+    let (run, cells) = match Cli::parse().cmd {
         Cmd::Bulk {
-            common,
-            vias: v,
+            run,
             streams,
             mib,
             direction,
-        } => {
-            let cells = bulk_cells(&streams, direction, mib);
-            let out = common.out.clone();
-            (common, cells, vias(&v)?, Vec::new(), out)
-        }
+        } => (run, bulk_cells(&streams, direction, mib)),
         Cmd::Connrate {
-            common,
-            vias: v,
+            run,
             conns,
             proto,
             sources,
             max_ops,
-        } => {
-            let cells = vec![connrate_cell(conns, sources, proto, max_ops)];
-            let out = common.out.clone();
-            (common, cells, vias(&v)?, Vec::new(), out)
-        }
+        } => (run, vec![connrate_cell(conns, sources, proto, max_ops)]),
         Cmd::Pingpong {
-            common,
-            vias: v,
+            run,
             tunnels,
             size,
             max_ops,
-        } => {
-            let cells = vec![pingpong_cell(tunnels, size, max_ops)];
-            let out = common.out.clone();
-            (common, cells, vias(&v)?, Vec::new(), out)
-        }
+        } => (run, vec![pingpong_cell(tunnels, size, max_ops)]),
         Cmd::Http {
-            common,
-            vias: v,
+            run,
             conns,
             sessions,
             max_ops,
-        } => {
-            let cells = http_cells(conns, sessions, max_ops);
-            let out = common.out.clone();
-            (common, cells, vias(&v)?, Vec::new(), out)
-        }
+        } => (run, http_cells(conns, sessions, max_ops)),
         Cmd::Idle {
-            common,
-            vias: v,
+            run,
             tunnels,
             open_threads,
             open_seconds,
         } => {
             let open = Duration::from_secs(open_seconds);
-            let cells = vec![idle_cell(tunnels, open_threads, open, common.seconds)];
-            let out = common.out.clone();
-            (common, cells, vias(&v)?, Vec::new(), out)
+            let seconds = run.common.seconds;
+            (run, vec![idle_cell(tunnels, open_threads, open, seconds)])
         }
         Cmd::Compare {
             common,
@@ -666,14 +642,15 @@ fn main() -> Result<()> {
             } else {
                 peers::install_missing(&peer_list, &out.join("apt.log"))
             };
-            (common, cells, peer_list, notes, Some(out))
+            return execute(&common, cells, peer_list, notes, Some(out));
         }
         Cmd::Targets {
             seconds,
             body_bytes,
         } => return serve_targets(seconds, body_bytes),
     };
-    execute(&common, cells, peer_list, notes, out)
+    let out = run.common.out.clone();
+    execute(&run.common, cells, vias(&run.vias)?, Vec::new(), out)
 }
 
 /// Only the targets, printed as `name address`, for a bounded time.

@@ -391,6 +391,38 @@ pub struct Running {
     dir: Option<PathBuf>,
 }
 
+impl Running {
+    /// Start the proxy under test, `program args` pinned to `cpus` (its
+    /// output in `dir/name.log`): the measured process, stopped with the
+    /// others; an error unless it listens on `addr` within 15 s.
+    fn launch(
+        &mut self,
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        cpus: Option<&str>,
+        dir: &Path,
+        addr: SocketAddr,
+    ) -> Result<()> {
+        let mut child = spawn(name, program, args, cpus, dir)?;
+        let ready = wait_ready(name, &mut child, addr, dir);
+        self.measured = Some(ProcTree { root: child.id() });
+        self.children.push((name.into(), child));
+        ready
+    }
+}
+
+/// A proxy at `addr` that wants `user`:`pass`.
+fn proxy_with_auth(addr: SocketAddr, user: &str, pass: &str) -> Base {
+    Base::Proxy {
+        addr,
+        auth: Some(Auth {
+            user: user.into(),
+            pass: pass.into(),
+        }),
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Base {
     Direct,
@@ -627,24 +659,15 @@ pub fn start(peer: &Peer, env: &Env) -> Result<Running> {
                 format!("{gw} not found (cargo build --release -p splicegate, or --gateway PATH)")
             })?;
             let conf = conf.to_string_lossy().into_owned();
-            let mut child = spawn(
+            run.launch(
                 "splicegate",
                 &gw_path,
                 &["serve", "--config", &conf],
                 cpus,
                 &dir,
-            )?;
-            let ready = wait_ready("splicegate", &mut child, addr, &dir);
-            run.measured = Some(ProcTree { root: child.id() });
-            run.children.push(("splicegate".into(), child));
-            ready?;
-            run.base = Base::Proxy {
                 addr,
-                auth: Some(Auth {
-                    user: SG_USER.into(),
-                    pass: SG_KEY.into(),
-                }),
-            };
+            )?;
+            run.base = proxy_with_auth(addr, SG_USER, SG_KEY);
         }
         PeerId::Haproxy | PeerId::Nginx => {
             let mut map = Vec::new();
@@ -704,11 +727,8 @@ pub fn start(peer: &Peer, env: &Env) -> Result<Running> {
             } else {
                 vec!["-e", &err, "-p", &prefix, "-c", &path]
             };
-            let mut child = spawn(name, &program(name)?, &args, pcpus, &dir)?;
-            let ready = wait_ready(name, &mut child, echo_front, &dir);
-            run.measured = Some(ProcTree { root: child.id() });
-            run.children.push((name.into(), child));
-            ready.map_err(|e| anyhow!("{e} {}", log_tail(&dir, "error")))?;
+            run.launch(name, &program(name)?, &args, pcpus, &dir, echo_front)
+                .map_err(|e| anyhow!("{e} {}", log_tail(&dir, "error")))?;
             run.base = Base::L4(map);
         }
         PeerId::Squid => {
@@ -749,38 +769,27 @@ pub fn start(peer: &Peer, env: &Env) -> Result<Running> {
                 ),
             )?;
             let conf = conf.to_string_lossy().into_owned();
-            let mut child = spawn(
+            run.launch(
                 "squid",
                 &program("squid")?,
                 &["-N", "-f", &conf],
                 pcpus,
                 &dir,
-            )?;
-            let ready = wait_ready("squid", &mut child, addr, &dir);
-            run.measured = Some(ProcTree { root: child.id() });
-            run.children.push(("squid".into(), child));
-            ready.map_err(|e| anyhow!("{e} {}", log_tail(&dir, "cache")))?;
-            run.base = Base::Proxy {
                 addr,
-                auth: Some(Auth {
-                    user: PEER_USER.into(),
-                    pass: PEER_PASS.into(),
-                }),
-            };
+            )
+            .map_err(|e| anyhow!("{e} {}", log_tail(&dir, "cache")))?;
+            run.base = proxy_with_auth(addr, PEER_USER, PEER_PASS);
         }
         PeerId::Tinyproxy => {
             let conf = tinyproxy_conf(&dir, port, "tinyproxy")?;
-            let mut child = spawn(
+            run.launch(
                 "tinyproxy",
                 &program("tinyproxy")?,
                 &["-d", "-c", &conf],
                 pcpus,
                 &dir,
+                addr,
             )?;
-            let ready = wait_ready("tinyproxy", &mut child, addr, &dir);
-            run.measured = Some(ProcTree { root: child.id() });
-            run.children.push(("tinyproxy".into(), child));
-            ready?;
             run.base = Base::Proxy { addr, auth: None };
         }
         PeerId::Dante => {
@@ -804,24 +813,15 @@ pub fn start(peer: &Peer, env: &Env) -> Result<Running> {
             )?;
             let conf = conf.to_string_lossy().into_owned();
             let pid = dir.join("danted.pid").to_string_lossy().into_owned();
-            let mut child = spawn(
+            run.launch(
                 "danted",
                 &program("danted")?,
                 &["-f", &conf, "-p", &pid],
                 pcpus,
                 &dir,
-            )?;
-            let ready = wait_ready("danted", &mut child, addr, &dir);
-            run.measured = Some(ProcTree { root: child.id() });
-            run.children.push(("danted".into(), child));
-            ready?;
-            run.base = Base::Proxy {
                 addr,
-                auth: Some(Auth {
-                    user: PEER_USER.into(),
-                    pass: PEER_PASS.into(),
-                }),
-            };
+            )?;
+            run.base = proxy_with_auth(addr, PEER_USER, PEER_PASS);
         }
     }
     Ok(run)

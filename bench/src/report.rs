@@ -81,6 +81,91 @@ fn cpu_text(mode: &Mode, v: Option<f64>) -> String {
     }
 }
 
+/// The columns of a cell's table between `peer | via` and `rounds ok`:
+/// their titles, and a summary's values.
+type Values = fn(&Summary) -> Vec<String>;
+
+fn columns(mode: &Mode) -> (Vec<String>, Values) {
+    let titles = |t: &[&str]| t.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+    match mode {
+        Mode::Idle { .. } => (
+            titles(&[
+                "tunnels held",
+                "RSS before (MiB)",
+                "RSS held (MiB)",
+                "KiB per tunnel",
+                "threads before → held",
+                "ping p99 (µs)",
+            ]),
+            |s| {
+                vec![
+                    num(s.rate, 0),
+                    mib(s.base_rss_kib),
+                    mib(s.rss_kib),
+                    num(s.rss_per_tunnel_kib, 1),
+                    format!("{} → {}", num(s.base_threads, 0), num(s.threads, 0)),
+                    num(s.latency_us.map(|l| l.p99), 0),
+                ]
+            },
+        ),
+        Mode::Bulk { .. } => (
+            titles(&[
+                "Gbit/s",
+                "min–max",
+                "proxy CPU-s/GB",
+                "peak RSS (MiB)",
+                "threads",
+            ]),
+            |s| {
+                // CPU-s per GB: three digits (see cpu_text).
+                vec![
+                    num(s.rate, 2),
+                    format!("{}–{}", num(s.rate_min, 2), num(s.rate_max, 2)),
+                    num(s.cpu_per_unit, 3),
+                    mib(s.peak_rss_kib),
+                    num(s.threads, 0),
+                ]
+            },
+        ),
+        m => {
+            let mut t = vec![m.rate_unit().to_string()];
+            t.extend(titles(&[
+                "min–max",
+                "p50 (µs)",
+                "p90",
+                "p99",
+                "p99.9",
+                "proxy CPU-µs/op",
+                "peak RSS (MiB)",
+                "threads",
+            ]));
+            (t, |s| {
+                let l = s.latency_us;
+                let mut v = vec![
+                    num(s.rate, 0),
+                    format!("{}–{}", num(s.rate_min, 0), num(s.rate_max, 0)),
+                ];
+                v.extend(
+                    [
+                        l.map(|l| l.p50),
+                        l.map(|l| l.p90),
+                        l.map(|l| l.p99),
+                        l.map(|l| l.p999),
+                    ]
+                    .map(|p| num(p, 1)),
+                );
+                // CPU-µs per operation: one digit (see cpu_text).
+                v.extend([
+                    num(s.cpu_per_unit, 1),
+                    mib(s.peak_rss_kib),
+                    num(s.threads, 0),
+                ]);
+                v
+            })
+        }
+    }
+}
+
 /// The markdown tables (one per cell), with links to `<cell>.svg` when
 /// `plots`.
 pub fn markdown(meta: &Meta, cells: &[Cell], res: &Results, plots: bool) -> String {
@@ -131,80 +216,23 @@ pub fn markdown(meta: &Meta, cells: &[Cell], res: &Results, plots: bool) -> Stri
             continue;
         }
         let _ = writeln!(md, "\n## {}\n", cell.title);
-        match &cell.mode {
-            Mode::Idle { .. } => {
-                let _ = writeln!(
-                    md,
-                    "| peer | via | tunnels held | RSS before (MiB) | RSS held (MiB) | KiB per tunnel | threads before → held | ping p99 (µs) | rounds ok |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
-                );
-                for s in &rows {
-                    let _ = writeln!(
-                        md,
-                        "| {} | {} | {} | {} | {} | {} | {} → {} | {} | {}/{} |",
-                        s.peer,
-                        s.route,
-                        num(s.rate, 0),
-                        mib(s.base_rss_kib),
-                        mib(s.rss_kib),
-                        num(s.rss_per_tunnel_kib, 1),
-                        num(s.base_threads, 0),
-                        num(s.threads, 0),
-                        num(s.latency_us.map(|l| l.p99), 0),
-                        s.rounds_ok,
-                        s.rounds
-                    );
-                }
-            }
-            Mode::Bulk { .. } => {
-                let _ = writeln!(
-                    md,
-                    "| peer | via | Gbit/s | min–max | proxy CPU-s/GB | peak RSS (MiB) | threads | rounds ok |\n|---|---|---:|---:|---:|---:|---:|---:|"
-                );
-                for s in &rows {
-                    let _ = writeln!(
-                        md,
-                        "| {} | {} | {} | {}–{} | {} | {} | {} | {}/{} |",
-                        s.peer,
-                        s.route,
-                        num(s.rate, 2),
-                        num(s.rate_min, 2),
-                        num(s.rate_max, 2),
-                        cpu_text(&cell.mode, s.cpu_per_unit),
-                        mib(s.peak_rss_kib),
-                        num(s.threads, 0),
-                        s.rounds_ok,
-                        s.rounds
-                    );
-                }
-            }
-            m => {
-                let _ = writeln!(
-                    md,
-                    "| peer | via | {} | min–max | p50 (µs) | p90 | p99 | p99.9 | proxy CPU-µs/op | peak RSS (MiB) | threads | rounds ok |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-                    m.rate_unit()
-                );
-                for s in &rows {
-                    let l = s.latency_us;
-                    let _ = writeln!(
-                        md,
-                        "| {} | {} | {} | {}–{} | {} | {} | {} | {} | {} | {} | {} | {}/{} |",
-                        s.peer,
-                        s.route,
-                        num(s.rate, 0),
-                        num(s.rate_min, 0),
-                        num(s.rate_max, 0),
-                        num(l.map(|l| l.p50), 1),
-                        num(l.map(|l| l.p90), 1),
-                        num(l.map(|l| l.p99), 1),
-                        num(l.map(|l| l.p999), 1),
-                        cpu_text(m, s.cpu_per_unit),
-                        mib(s.peak_rss_kib),
-                        num(s.threads, 0),
-                        s.rounds_ok,
-                        s.rounds
-                    );
-                }
-            }
+        let (titles, values) = columns(&cell.mode);
+        let _ = writeln!(
+            md,
+            "| peer | via | {} | rounds ok |\n|---|---|{}",
+            titles.join(" | "),
+            "---:|".repeat(titles.len() + 1)
+        );
+        for s in &rows {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {}/{} |",
+                s.peer,
+                s.route,
+                values(s).join(" | "),
+                s.rounds_ok,
+                s.rounds
+            );
         }
         let mut notes: Vec<String> = rows
             .iter()

@@ -29,4 +29,4 @@ ip -n "$NS" link set "$NS_IF" up
 ip neigh replace "$NET.2" lladdr 02:00:5e:00:53:01 dev "$HOST_IF" nud permanent
 export SG_BLACKHOLE_ADDR="$NET.2:8080"
 echo "   blackhole: $SG_BLACKHOLE_ADDR in namespace $NS ($HOST_IF <-> $NS_IF)"
-run_fault blackholed_node 180
+run_fault nodes::blackholed_node 180

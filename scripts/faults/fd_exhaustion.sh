@@ -15,4 +15,4 @@ exec "$ROOT/target/debug/splicegate" "\$@"
 WRAPPER
 chmod +x "$WRAP"
 export SPLICEGATE_BIN="$WRAP"
-run_fault descriptor_exhaustion 120
+run_fault descriptors::descriptor_exhaustion 120

@@ -1,6 +1,8 @@
-# Shared by the fault scripts: run one ignored test of tests/tests/faults.rs
-# with a time limit, keep its output, print its FIGURE lines.
-# Usage (sourced): run_fault <test name> <seconds>
+# Shared by the fault scripts: run one ignored test of tests/tests/faults/
+# (module::name, e.g. nodes::node_killed_mid_tunnel) with a time limit, keep
+# its output in <name>.log, print its FIGURE lines.
+# Usage (sourced): run_fault <module::test name> <seconds>
+#                 run_faults <module::name:seconds>...  (each; fails if any did)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 OUT="${SG_FAULTS_OUT:-$ROOT/target/faults}"
@@ -12,7 +14,7 @@ build() {
 
 run_fault() {
     local name="$1" limit="$2" rc=0
-    local log="$OUT/$name.log"
+    local log="$OUT/${name##*::}.log"
     echo "== $name (at most ${limit} s; log $log)"
     (cd "$ROOT" && timeout --kill-after=10 "$limit" \
         cargo test -q -p splicegate-tests --test faults -- \
@@ -24,5 +26,13 @@ run_fault() {
         echo "   FAIL $name (exit $rc):"
         grep -a -A12 'panicked at' "$log" | grep -av '^ *[0-9]*: \|^ *at ' | head -20 | sed 's/^/   | /'
     fi
+    return "$rc"
+}
+
+run_faults() {
+    local spec rc=0
+    for spec in "$@"; do
+        run_fault "${spec%:*}" "${spec##*:}" || rc=1
+    done
     return "$rc"
 }

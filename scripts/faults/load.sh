@@ -6,4 +6,4 @@
 source "$(dirname "$0")/lib.sh"
 ulimit -n 20000
 build
-run_fault ten_thousand_idle_and_slowloris 300
+run_fault load::ten_thousand_idle_and_slowloris 300

@@ -3,4 +3,4 @@
 # sees the change; another package's tunnels are never cut. About 10 s.
 source "$(dirname "$0")/lib.sh"
 build
-run_fault rotation_and_pause_under_load 120
+run_fault reload::rotation_and_pause_under_load 120

@@ -5,7 +5,4 @@
 # changes the 50. Bounded: about 3 min.
 source "$(dirname "$0")/lib.sh"
 build
-rc=0
-run_fault sigterm_under_load 120 || rc=1
-run_fault sigkill_loop_reconciles_the_ledger 600 || rc=1
-exit $rc
+run_faults signals::sigterm_under_load:120 signals::sigkill_loop_reconciles_the_ledger:600

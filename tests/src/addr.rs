@@ -28,14 +28,14 @@ pub fn client_ip() -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 2 + (n / 254) as u8, (n % 254 + 1) as u8)
 }
 
-/// A port free on `ip` right now, never handed out twice by this process.
+/// A port free on `ip` right now, never handed out twice by this process:
+/// only for third-party programs (tinyproxy, microsocks), which cannot bind
+/// port 0 and report the port; they retry on another one when it is taken
+/// by the time they bind ([`crate::tools`]). Everything of ours binds port 0.
 ///
-/// Ports come from 20000–32767, below the kernel's ephemeral range (so no
-/// client socket takes one meanwhile), one after another from a per-process
-/// start, and each is checked by binding it. `bind :0` could give two tests
-/// running at once the same port after the first closed its probe, and the
-/// gateway's `SO_REUSEPORT` listeners would then share it silently, each
-/// gateway taking some of the other's clients.
+/// Ports come from 20000–32767, below the kernel's ephemeral range (so
+/// neither a client socket nor a port-0 bind takes one meanwhile), one after
+/// another from a per-process start, and each is checked by binding it.
 pub fn free_port(ip: IpAddr) -> u16 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     const BASE: u32 = 20_000;

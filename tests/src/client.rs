@@ -28,6 +28,21 @@ pub fn connect_from(src: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
     Ok(s)
 }
 
+/// A request head up to its end: `start HTTP/1.1`, `Host`,
+/// `Proxy-Authorization` when there are credentials, and `extra` lines; the
+/// caller adds the blank line (and a body).
+fn head(start: &str, host: &str, creds: Option<(&str, &str)>, extra: &[&str]) -> String {
+    let mut req = format!("{start} HTTP/1.1\r\nHost: {host}\r\n");
+    if let Some((u, p)) = creds {
+        req.push_str(&format!("Proxy-Authorization: {}\r\n", basic(u, p)));
+    }
+    for h in extra {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req
+}
+
 /// `Basic base64(user:pass)`.
 pub fn basic(user: &str, pass: &str) -> String {
     format!(
@@ -73,6 +88,24 @@ impl Conn {
     /// Half-close: no more bytes from us.
     pub fn shutdown_write(&self) {
         let _ = self.stream.shutdown(Shutdown::Write);
+    }
+
+    /// One read from the socket into `buf` (past [`Conn::buffered`]):
+    /// `Some(n)` bytes, `Some(0)` when the peer closed or the connection
+    /// failed, `None` when the read timed out with nothing.
+    pub fn try_read(&mut self, buf: &mut [u8]) -> Option<usize> {
+        match self.stream.read(buf) {
+            Ok(n) => Some(n),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                None
+            }
+            Err(_) => Some(0),
+        }
     }
 
     /// Bytes already read but not yet consumed.
@@ -260,14 +293,7 @@ impl Conn {
         creds: Option<(&str, &str)>,
         extra: &[&str],
     ) -> io::Result<Resp> {
-        let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
-        if let Some((u, p)) = creds {
-            req.push_str(&format!("Proxy-Authorization: {}\r\n", basic(u, p)));
-        }
-        for h in extra {
-            req.push_str(h);
-            req.push_str("\r\n");
-        }
+        let mut req = head(&format!("CONNECT {target}"), target, creds, extra);
         req.push_str("\r\n");
         self.send(req.as_bytes())?;
         self.read_response("CONNECT")
@@ -298,14 +324,7 @@ impl Conn {
             .nth(1)
             .and_then(|r| r.split('/').next())
             .unwrap_or("");
-        let mut req = format!("{method} {url} HTTP/1.1\r\nHost: {host}\r\n");
-        if let Some((u, p)) = creds {
-            req.push_str(&format!("Proxy-Authorization: {}\r\n", basic(u, p)));
-        }
-        for h in extra {
-            req.push_str(h);
-            req.push_str("\r\n");
-        }
+        let mut req = head(&format!("{method} {url}"), host, creds, extra);
         if let Some(b) = body {
             req.push_str(&format!("Content-Length: {}\r\n", b.len()));
         }
@@ -478,6 +497,12 @@ pub enum SocksAddr {
     V6(Ipv6Addr, u16),
     /// ATYP 0x03.
     Domain(String, u16),
+}
+
+impl From<SocketAddr> for SocksAddr {
+    fn from(a: SocketAddr) -> SocksAddr {
+        SocksAddr::of(a)
+    }
 }
 
 impl SocksAddr {

@@ -1,9 +1,10 @@
 //! The gateway's TOML configuration, built by tests.
 //!
 //! [`Conf::toml`] writes placeholders that [`crate::Gateway`] fills in:
-//! `@PROXY@` and `@ADMIN@` (`127.0.0.1:<free port>`), `@DIR@` (the test's
-//! temporary directory) and `@PORT_<NAME>@` (a free port, the same one on
-//! every reload of one gateway).
+//! `@PROXY@` and `@ADMIN@` (`127.0.0.1:0`), `@DIR@` (the test's temporary
+//! directory) and `@PORT_<NAME>@` (0). The gateway binds port 0 and names
+//! the ports it got in its ready file; the harness keeps them for every
+//! reload and restart of one gateway (`Gateway::addr("NAME")`).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;

@@ -115,6 +115,19 @@ impl Curl {
         self.arg("-H").arg(h)
     }
 
+    /// Start it against `url` in the background, its output discarded (to
+    /// hold a connection open); the caller stops the child.
+    pub fn spawn(self, url: &str) -> std::process::Child {
+        Command::new(require_tool("curl", "curl"))
+            .args(&self.args)
+            .arg(url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn curl")
+    }
+
     /// Run against `url`.
     pub fn get(self, url: &str) -> CurlOut {
         let bin = require_tool("curl", "curl");

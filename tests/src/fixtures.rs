@@ -20,15 +20,58 @@ pub fn user(rules: &str) -> String {
 }
 
 impl Gateway {
+    /// A gateway with package 7 (`KEY`) and one direct node `d1` exiting
+    /// from `bind`.
+    pub fn with_direct(bind: Ipv4Addr) -> Gateway {
+        Gateway::start_conf(
+            &crate::Conf::with_package(KEY).node(crate::NodeDecl::direct("d1", bind)),
+        )
+    }
+
     /// A raw connection to the proxy port from `src`.
     pub fn conn_from(&self, src: Ipv4Addr) -> Conn {
         Conn::open(src, self.proxy)
             .unwrap_or_else(|e| panic!("connect to the gateway {} from {src}: {e}", self.proxy))
     }
 
+    /// A SOCKS5 CONNECT (with username/password `user`:`key`) to `target`
+    /// from `src`: the connection and how the handshake ended.
+    pub fn socks_as(
+        &self,
+        src: Ipv4Addr,
+        user: &str,
+        key: &str,
+        target: impl Into<crate::SocksAddr>,
+    ) -> (Conn, crate::SocksOutcome) {
+        let target = target.into();
+        let mut c = self.conn_from(src);
+        let s = crate::socks5(&mut c, Some((user, key)), 1, &target)
+            .unwrap_or_else(|e| panic!("SOCKS5 to {target:?} as {user}: {e}"));
+        (c, s)
+    }
+
     /// A raw connection to the proxy port from a fresh source address.
     pub fn conn(&self) -> Conn {
         self.conn_from(crate::addr::client_ip())
+    }
+
+    /// curl from a fresh source address through the proxy port as an HTTP
+    /// proxy.
+    pub fn curl(&self) -> crate::Curl {
+        crate::Curl::new(crate::addr::client_ip()).proxy(self.proxy)
+    }
+
+    /// `CONNECT target` as package 7 with `rules`, from a fresh address;
+    /// the connection and the answer's head.
+    pub fn connect_rules(&self, target: std::net::SocketAddr, rules: &str) -> (Conn, Resp) {
+        let user = user(rules);
+        self.connect_as(
+            crate::addr::client_ip(),
+            &target.to_string(),
+            &user,
+            KEY,
+            &[],
+        )
     }
 
     /// `CONNECT target` with `user`:`key` from `src`; the connection and the

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -12,8 +12,8 @@ use anyhow::{Context as _, bail};
 
 use crate::conf::Conf;
 
-/// How long a gateway may take to accept on its proxy port.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a gateway may take to write its ready file.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
 
 static DIR_SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -95,7 +95,11 @@ pub struct Gateway {
     pub dir: PathBuf,
     /// The proxy port's address.
     pub proxy: SocketAddr,
-    ports: HashMap<String, u16>,
+    /// What each placeholder got: `PROXY`, `ADMIN`, `ECHO` and every
+    /// `@PORT_<NAME>@` of a `[[listener]]`, as the gateway bound them.
+    ports: HashMap<String, SocketAddr>,
+    /// The ready file, parsed (`serve --ready-file`).
+    ready: serde_json::Value,
     config_path: PathBuf,
     log_path: PathBuf,
 }
@@ -120,28 +124,33 @@ impl Gateway {
         Gateway::try_start_in(temp_dir("gw"), HashMap::new(), toml)
     }
 
-    /// Stop this gateway (SIGTERM, wait up to 10 s) and start the binary
-    /// again on the same directory (store), ports and config file.
-    pub fn restart(mut self) -> Gateway {
-        self.signal("TERM");
-        let st = self.wait_exit(Duration::from_secs(10));
-        assert!(
-            st.is_some(),
-            "splicegate did not exit on SIGTERM within 10 s"
-        );
-        let text = fs::read_to_string(&self.config_path).expect("config");
-        self.keep_dir = true;
-        let (dir, ports) = (self.dir.clone(), self.ports.clone());
-        drop(self);
-        match Gateway::try_start_in(dir, ports, &text) {
-            Ok(g) => g,
-            Err(e) => panic!("restart: {e:#}"),
+    /// Start the binary on `toml` in `dir` (kept when the gateway drops),
+    /// placeholders named in `ports` on those addresses' ports; panics (with
+    /// the gateway's stderr) if it does not serve.
+    pub fn start_in(dir: PathBuf, ports: HashMap<String, SocketAddr>, toml: &str) -> Gateway {
+        match Gateway::try_start_in(dir, ports, toml) {
+            Ok(mut g) => {
+                g.keep_dir = true;
+                g
+            }
+            Err(e) => panic!("{e:#}"),
         }
     }
 
+    /// What each placeholder got (see [`Gateway::addr`]).
+    pub fn ports(&self) -> &HashMap<String, SocketAddr> {
+        &self.ports
+    }
+
+    /// Stop this gateway (SIGTERM, wait up to 10 s) and start the binary
+    /// again on the same directory (store), ports and config file.
+    pub fn restart(self) -> Gateway {
+        self.restart_after("TERM")
+    }
+
     /// Send `sig` (`KILL` for a crash) unless the process already ended,
-    /// wait up to 10 s for it to end, and start the binary again on the same directory (store), ports
-    /// and config file.
+    /// wait up to 10 s for it to end, and start the binary again on the same
+    /// directory (store), ports and config file.
     pub fn restart_after(mut self, sig: &str) -> Gateway {
         if self.try_exit().is_none() {
             self.signal(sig);
@@ -161,15 +170,20 @@ impl Gateway {
         }
     }
 
+    /// Start the binary with `--ready-file`: placeholders not in `ports`
+    /// get port 0, and the ports the gateway bound are read from the ready
+    /// file (never guessed).
     fn try_start_in(
         dir: PathBuf,
-        mut ports: HashMap<String, u16>,
+        mut ports: HashMap<String, SocketAddr>,
         toml: &str,
     ) -> anyhow::Result<Gateway> {
         let bin = binary();
-        let text = render(toml, &dir, &mut ports);
+        let text = render(toml, &dir, &ports);
         let config_path = dir.join("splicegate.toml");
         fs::write(&config_path, &text)?;
+        let ready_path = dir.join("ready.json");
+        let _ = fs::remove_file(&ready_path);
         let log_path = dir.join("stderr.log");
         let log = fs::OpenOptions::new()
             .create(true)
@@ -179,6 +193,8 @@ impl Gateway {
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
+            .arg("--ready-file")
+            .arg(&ready_path)
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -192,37 +208,31 @@ impl Gateway {
                 return Err(e).with_context(|| format!("spawn {}", bin.display()));
             }
         };
-        let proxy = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports["PROXY"]);
         let mut gw = Gateway {
             child,
             exited: None,
             keep_dir: false,
             dir,
-            proxy,
-            ports,
+            proxy: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+            ports: HashMap::new(),
+            ready: serde_json::Value::Null,
             config_path,
             log_path,
         };
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(st) = gw.try_exit() {
-                bail!(
-                    "splicegate exited with {st} before serving; config:\n{text}\nstderr:\n{}",
-                    gw.log()
-                );
-            }
-            if TcpStream::connect_timeout(&gw.proxy, Duration::from_millis(200)).is_ok() {
-                return Ok(gw);
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "splicegate did not accept on {} within {START_TIMEOUT:?}; config:\n{text}\nstderr:\n{}",
-                    gw.proxy,
-                    gw.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let ready = wait_ready(&ready_path, START_TIMEOUT, || gw.try_exit());
+        let ready = match ready {
+            Ok(v) => v,
+            Err(why) => bail!("splicegate {why}; config:\n{text}\nstderr:\n{}", gw.log()),
+        };
+        ports.extend(bound_addrs(toml, &ready)?);
+        // The file with the real ports, so that a restart binds them again.
+        fs::write(&gw.config_path, render(toml, &gw.dir, &ports))?;
+        gw.proxy = *ports
+            .get("PROXY")
+            .context("the ready file names no proxy")?;
+        gw.ports = ports;
+        gw.ready = ready;
+        Ok(gw)
     }
 
     /// The process id.
@@ -232,15 +242,22 @@ impl Gateway {
 
     /// The port a `@PORT_<name>@` placeholder got.
     pub fn port(&self, name: &str) -> u16 {
+        self.addr(name).port()
+    }
+
+    /// The address the gateway bound for a placeholder: `PROXY`, `ADMIN`,
+    /// `ECHO` (`[demo] echo_listen`) or the `<name>` of a `[[listener]]`
+    /// on `@PORT_<name>@`.
+    pub fn addr(&self, name: &str) -> SocketAddr {
         *self
             .ports
             .get(name)
-            .unwrap_or_else(|| panic!("no placeholder @PORT_{name}@ in the config"))
+            .unwrap_or_else(|| panic!("the gateway bound no address for @PORT_{name}@"))
     }
 
-    /// `127.0.0.1:<port(name)>`.
-    pub fn addr(&self, name: &str) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), self.port(name))
+    /// The ready file the gateway wrote (`serve --ready-file`), parsed.
+    pub fn ready(&self) -> &serde_json::Value {
+        &self.ready
     }
 
     /// Send a signal by PID.
@@ -256,7 +273,7 @@ impl Gateway {
     /// Write a new config (same placeholders, same ports) and send SIGHUP,
     /// then give the gateway a moment to swap its policy.
     pub fn reload(&mut self, toml: &str) {
-        let text = render(toml, &self.dir, &mut self.ports);
+        let text = render(toml, &self.dir, &self.ports);
         fs::write(&self.config_path, text).expect("write config");
         self.signal("HUP");
         std::thread::sleep(Duration::from_millis(300));
@@ -352,25 +369,22 @@ impl Drop for Gateway {
     }
 }
 
-/// Fill the placeholders: `@PROXY@`, `@ADMIN@`, `@DIR@`, `@PORT_<NAME>@`.
-/// New ports are found with `bind :0`; their listeners stay open until every
-/// placeholder is filled, so one config never gets the same port twice.
-pub fn render(toml: &str, dir: &Path, ports: &mut HashMap<String, u16>) -> String {
-    let mut held: Vec<TcpListener> = Vec::new();
-    let mut port = |name: &str| -> u16 {
-        if let Some(p) = ports.get(name) {
-            return *p;
-        }
-        let p = crate::addr::free_port(IpAddr::V4(Ipv4Addr::LOCALHOST));
-        held.push(TcpListener::bind((Ipv4Addr::LOCALHOST, p)).expect("bind a free port"));
-        ports.insert(name.to_string(), p);
-        p
-    };
-    let proxy = port("PROXY");
-    let admin = port("ADMIN");
+/// Fill the placeholders: `@PROXY@`, `@ADMIN@` (`127.0.0.1:<port>`),
+/// `@DIR@`, `@PORT_<NAME>@` (a port number). A name in `ports` gets its
+/// port (a restart, a reload); any other gets 0, for the gateway to bind
+/// and report in its ready file.
+pub fn render(toml: &str, dir: &Path, ports: &HashMap<String, SocketAddr>) -> String {
+    fill(toml, dir, |name| {
+        ports.get(name).map_or(0, SocketAddr::port)
+    })
+}
+
+/// `toml` with `@DIR@` replaced and every port placeholder replaced by
+/// `port(name)`.
+fn fill(toml: &str, dir: &Path, mut port: impl FnMut(&str) -> u16) -> String {
     let mut out = toml
-        .replace("@PROXY@", &format!("127.0.0.1:{proxy}"))
-        .replace("@ADMIN@", &format!("127.0.0.1:{admin}"))
+        .replace("@PROXY@", &format!("127.0.0.1:{}", port("PROXY")))
+        .replace("@ADMIN@", &format!("127.0.0.1:{}", port("ADMIN")))
         .replace("@DIR@", &dir.display().to_string());
     for _ in 0..1000 {
         let Some(start) = out.find("@PORT_") else {
@@ -380,21 +394,112 @@ pub fn render(toml: &str, dir: &Path, ports: &mut HashMap<String, u16>) -> Strin
         let Some(end) = rest.find('@') else {
             break;
         };
-        let name = rest[..end].to_string();
-        let p = port(&name);
+        let p = port(&rest[..end]);
         out.replace_range(start..start + 6 + end + 1, &p.to_string());
     }
-    drop(held);
     out
+}
+
+/// Wait for the ready file at `path`, at most `timeout`; `exited` says
+/// whether the process ended meanwhile (then it never will be ready).
+pub fn wait_ready(
+    path: &Path,
+    timeout: Duration,
+    mut exited: impl FnMut() -> Option<ExitStatus>,
+) -> Result<serde_json::Value, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(text) = fs::read_to_string(path) {
+            return serde_json::from_str(&text)
+                .map_err(|e| format!("wrote a ready file that is not JSON ({e}): {text}"));
+        }
+        if let Some(st) = exited() {
+            return Err(format!("exited with {st} before serving"));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "wrote no ready file ({}) within {timeout:?}",
+                path.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The placeholder names of the addresses the ready file reports: `PROXY`,
+/// `ADMIN`, `ECHO`, and the `@PORT_<NAME>@` in the `listen` line of each
+/// `[[listener]]` of `toml` (matched in file order).
+fn bound_addrs(
+    toml: &str,
+    ready: &serde_json::Value,
+) -> anyhow::Result<HashMap<String, SocketAddr>> {
+    let parse = |v: &serde_json::Value| -> anyhow::Result<SocketAddr> {
+        v.as_str()
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("not an address in the ready file: {v}"))
+    };
+    let mut out = HashMap::new();
+    out.insert("PROXY".to_string(), parse(&ready["proxy"][0])?);
+    if !ready["admin"].is_null() {
+        out.insert("ADMIN".to_string(), parse(&ready["admin"])?);
+    }
+    if !ready["demo_echo"].is_null() {
+        out.insert("ECHO".to_string(), parse(&ready["demo_echo"])?);
+    }
+    let listeners = ready["listeners"].as_array().cloned().unwrap_or_default();
+    let names = listener_names(toml);
+    if names.len() != listeners.len() {
+        bail!(
+            "the config has {} [[listener]] tables, the ready file {}",
+            names.len(),
+            listeners.len()
+        );
+    }
+    for (name, l) in names.into_iter().zip(&listeners) {
+        if let Some(name) = name {
+            out.insert(name, parse(&l["addr"])?);
+        }
+    }
+    Ok(out)
+}
+
+/// For each `[[listener]]` table of `toml`, in order: the `<NAME>` of the
+/// `@PORT_<NAME>@` placeholder in its `listen` line, if it has one.
+fn listener_names(toml: &str) -> Vec<Option<String>> {
+    let mut names = Vec::new();
+    let mut in_listener = false;
+    for line in toml.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_listener = line == "[[listener]]";
+            if in_listener {
+                names.push(None);
+            }
+        } else if in_listener && line.starts_with("listen") {
+            let name = line
+                .split_once("@PORT_")
+                .and_then(|(_, rest)| rest.split_once('@'))
+                .map(|(name, _)| name.to_string());
+            if let Some(last) = names.last_mut() {
+                *last = name;
+            }
+        }
+    }
+    names
 }
 
 /// Run `splicegate check-config` on `toml` (placeholders filled); returns
 /// the exit code and stderr.
 pub fn check_config(toml: &str) -> (i32, String) {
     let dir = temp_dir("check");
-    let mut ports = HashMap::new();
+    // Nothing is bound: each name gets a distinct port number, one name
+    // the same one everywhere (so "the same address twice" stays so).
+    let mut ports: HashMap<String, u16> = HashMap::new();
+    let text = fill(toml, &dir, |name| {
+        let next = 1024 + ports.len() as u16;
+        *ports.entry(name.to_string()).or_insert(next)
+    });
     let path = dir.join("check.toml");
-    fs::write(&path, render(toml, &dir, &mut ports)).expect("write config");
+    fs::write(&path, text).expect("write config");
     let mut child = Command::new(binary())
         .arg("check-config")
         .arg(&path)

@@ -4,9 +4,10 @@
 //! binary, clients are `curl` or raw sockets, nodes are real proxies (our own
 //! small ones, Debian's `tinyproxy` and `microsocks`), targets are real TCP
 //! servers. Every address a test uses is its own: ports come from the kernel
-//! (`bind 0`), node addresses from `127.0.1.0/24` and client source addresses
-//! from `127.0.2.0/24`… through counters ([`addr`]), so the test functions of
-//! one file can run in parallel threads.
+//! (`bind 0`; the gateway is configured with port 0 and reports what it bound
+//! in its `--ready-file`), node addresses from `127.0.1.0/24` and client
+//! source addresses from `127.0.2.0/24`… through counters ([`addr`]), so the
+//! test functions of one file can run in parallel threads.
 //!
 //! Invariants: every loop is bounded in count and time, every socket has a
 //! timeout, every process started here is stopped by its PID when its owner
@@ -16,17 +17,20 @@
 pub mod addr;
 pub mod admin;
 pub mod canary;
+pub mod catalog;
 pub mod client;
 pub mod conf;
 pub mod curl;
+pub mod faults;
 pub mod fixtures;
 pub mod gateway;
 pub mod nodes;
+pub mod ops;
 pub mod targets;
 pub mod tools;
 pub mod watch;
 
-pub use addr::{client_ip, free_port, node_ip};
+pub use addr::{client_ip, node_ip};
 pub use client::{
     Conn, Resp, SocksAddr, SocksOutcome, assert_error, assert_error_head, basic, connect_from,
     socks5,
@@ -36,7 +40,7 @@ pub use curl::{Curl, CurlOut};
 pub use fixtures::{KEY, user};
 pub use gateway::Gateway;
 pub use nodes::{Behavior, NodeKind, TestNode};
-pub use targets::{Blackhole, HttpTarget, Sink, Source, TcpEcho};
+pub use targets::{Blackhole, ClosedPort, HttpTarget, Sink, Source, TcpEcho};
 pub use tools::{Microsocks, Tinyproxy, require_tool};
 
 use std::time::{Duration, Instant};

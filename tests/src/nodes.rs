@@ -196,6 +196,19 @@ fn handle(s: TcpStream, st: &NodeState) -> io::Result<()> {
     }
 }
 
+/// What `Stall` and `CloseAfterRequest` do once the request is read (the
+/// same for both kinds of node); whether the connection is done with.
+fn after_request(behavior: Behavior, st: &NodeState, c: &mut Conn) -> bool {
+    match behavior {
+        Behavior::Stall => stall(st, c),
+        Behavior::CloseAfterRequest => {
+            let _ = c.stream.shutdown(Shutdown::Both);
+        }
+        _ => return false,
+    }
+    true
+}
+
 fn stall(st: &NodeState, c: &Conn) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline && !st.stopped.load(Ordering::SeqCst) {
@@ -228,17 +241,11 @@ fn http_node(c: &mut Conn, st: &NodeState, behavior: Behavior) -> io::Result<()>
         let _ = c.stream.shutdown(Shutdown::Both);
         Ok(())
     };
-    match behavior {
-        Behavior::Answer(code) => return answer(c, code, "Test Node Says So"),
-        Behavior::Stall => {
-            stall(st, c);
-            return Ok(());
-        }
-        Behavior::CloseAfterRequest => {
-            let _ = c.stream.shutdown(Shutdown::Both);
-            return Ok(());
-        }
-        Behavior::Normal | Behavior::CloseImmediately | Behavior::StallHandshake => {}
+    if let Behavior::Answer(code) = behavior {
+        return answer(c, code, "Test Node Says So");
+    }
+    if after_request(behavior, st, c) {
+        return Ok(());
     }
     if let Some((u, p)) = &st.creds {
         let want = format!(
@@ -319,21 +326,13 @@ fn socks_node(c: &mut Conn, st: &NodeState, behavior: Behavior) -> io::Result<()
     st.requests.lock().unwrap().push(authority.clone());
     let reply =
         |c: &mut Conn, code: u8| -> io::Result<()> { c.send(&[5, code, 0, 1, 0, 0, 0, 0, 0, 0]) };
-    match behavior {
-        Behavior::Answer(code) => {
-            reply(c, code as u8)?;
-            let _ = c.stream.shutdown(Shutdown::Both);
-            return Ok(());
-        }
-        Behavior::Stall => {
-            stall(st, c);
-            return Ok(());
-        }
-        Behavior::CloseAfterRequest => {
-            let _ = c.stream.shutdown(Shutdown::Both);
-            return Ok(());
-        }
-        Behavior::Normal | Behavior::CloseImmediately | Behavior::StallHandshake => {}
+    if let Behavior::Answer(code) = behavior {
+        reply(c, code as u8)?;
+        let _ = c.stream.shutdown(Shutdown::Both);
+        return Ok(());
+    }
+    if after_request(behavior, st, c) {
+        return Ok(());
     }
     if req[1] != 1 {
         return reply(c, 7);

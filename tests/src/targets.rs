@@ -23,19 +23,12 @@ type Handler = Arc<dyn Fn(TcpStream) + Send + Sync>;
 
 /// An accept loop on its own thread, one thread per connection. Dropping or
 /// [`Acceptor::shutdown`] closes the listener and every accepted socket.
+#[derive(Debug)]
 pub struct Acceptor {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
     live: Arc<Mutex<HashMap<u64, TcpStream>>>,
-}
-
-impl std::fmt::Debug for Acceptor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Acceptor")
-            .field("addr", &self.addr)
-            .finish()
-    }
 }
 
 impl Acceptor {
@@ -119,6 +112,20 @@ fn localhost() -> IpAddr {
     IpAddr::from([127, 0, 0, 1])
 }
 
+/// A server on `ip` (port from the kernel) with state `S` that `handle`
+/// gets with every connection: its acceptor and the state.
+fn serve<S: Default + Send + Sync + 'static>(
+    ip: IpAddr,
+    handle: impl Fn(TcpStream, &S) + Send + Sync + 'static,
+) -> (Acceptor, Arc<S>) {
+    let state = Arc::new(S::default());
+    let st = state.clone();
+    (
+        Acceptor::spawn(listen(ip, 0), Arc::new(move |s| handle(s, &st))),
+        state,
+    )
+}
+
 /// One request as the HTTP target read it.
 #[derive(Debug, Clone)]
 pub struct SeenRequest {
@@ -132,7 +139,7 @@ pub struct SeenRequest {
     pub chunked: bool,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct HttpState {
     requests: Mutex<Vec<SeenRequest>>,
     connections: AtomicUsize,
@@ -147,17 +154,10 @@ struct HttpState {
 /// - anything else: the peer IP and `\n` (the exit address it sees).
 ///
 /// `HEAD` gets the `GET` headers without a body.
+#[derive(Debug)]
 pub struct HttpTarget {
     acceptor: Acceptor,
     state: Arc<HttpState>,
-}
-
-impl std::fmt::Debug for HttpTarget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpTarget")
-            .field("addr", &self.addr())
-            .finish()
-    }
 }
 
 impl HttpTarget {
@@ -168,15 +168,10 @@ impl HttpTarget {
 
     /// On `ip`, port from the kernel.
     pub fn start_on(ip: IpAddr) -> HttpTarget {
-        let state = Arc::new(HttpState::default());
-        let st = state.clone();
-        let acceptor = Acceptor::spawn(
-            listen(ip, 0),
-            Arc::new(move |s| {
-                st.connections.fetch_add(1, Ordering::Relaxed);
-                let _ = serve_http(s, &st);
-            }),
-        );
+        let (acceptor, state) = serve(ip, move |s: TcpStream, st: &HttpState| {
+            st.connections.fetch_add(1, Ordering::Relaxed);
+            let _ = serve_http(s, st);
+        });
         HttpTarget { acceptor, state }
     }
 
@@ -313,24 +308,17 @@ fn serve_http(s: TcpStream, st: &HttpState) -> io::Result<()> {
     Ok(())
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct CountState {
     peers: Mutex<Vec<IpAddr>>,
     bytes: AtomicU64,
 }
 
 /// A raw TCP echo server; remembers the peer address of each connection.
+#[derive(Debug)]
 pub struct TcpEcho {
     acceptor: Acceptor,
     state: Arc<CountState>,
-}
-
-impl std::fmt::Debug for TcpEcho {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpEcho")
-            .field("addr", &self.addr())
-            .finish()
-    }
 }
 
 impl TcpEcho {
@@ -341,30 +329,25 @@ impl TcpEcho {
 
     /// On `ip` (e.g. `::1`).
     pub fn start_on(ip: IpAddr) -> TcpEcho {
-        let state = Arc::new(CountState::default());
-        let st = state.clone();
-        let acceptor = Acceptor::spawn(
-            listen(ip, 0),
-            Arc::new(move |mut s: TcpStream| {
-                if let Ok(p) = s.peer_addr() {
-                    st.peers.lock().unwrap().push(p.ip());
-                }
-                let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
-                let mut buf = vec![0u8; 16384];
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            st.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                            if s.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
+        let (acceptor, state) = serve(ip, move |mut s: TcpStream, st: &CountState| {
+            if let Ok(p) = s.peer_addr() {
+                st.peers.lock().unwrap().push(p.ip());
+            }
+            let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
+            let mut buf = vec![0u8; 16384];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        st.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        if s.write_all(&buf[..n]).is_err() {
+                            break;
                         }
                     }
                 }
-                let _ = s.shutdown(Shutdown::Write);
-            }),
-        );
+            }
+            let _ = s.shutdown(Shutdown::Write);
+        });
         TcpEcho { acceptor, state }
     }
 
@@ -381,49 +364,37 @@ impl TcpEcho {
 
 /// A target that sends `chunk` bytes every `every` until the peer goes away
 /// (or `total` bytes, if set), then closes.
+#[derive(Debug)]
 pub struct Source {
     acceptor: Acceptor,
     state: Arc<CountState>,
 }
 
-impl std::fmt::Debug for Source {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Source")
-            .field("addr", &self.addr())
-            .finish()
-    }
-}
-
 impl Source {
     /// Start; `total` of `None` streams until the peer closes (at most 10 min).
     pub fn start(chunk: usize, every: Duration, total: Option<u64>) -> Source {
-        let state = Arc::new(CountState::default());
-        let st = state.clone();
-        let acceptor = Acceptor::spawn(
-            listen(localhost(), 0),
-            Arc::new(move |mut s: TcpStream| {
-                let _ = s.set_write_timeout(Some(Duration::from_secs(30)));
-                let data: Vec<u8> = (0..chunk).map(|i| (i % 251) as u8).collect();
-                let mut sent: u64 = 0;
-                let deadline = std::time::Instant::now() + Duration::from_secs(600);
-                while std::time::Instant::now() < deadline {
-                    let n = match total {
-                        Some(t) if sent >= t => break,
-                        Some(t) => (t - sent).min(chunk as u64) as usize,
-                        None => chunk,
-                    };
-                    if s.write_all(&data[..n]).is_err() {
-                        break;
-                    }
-                    sent += n as u64;
-                    st.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    if !every.is_zero() {
-                        std::thread::sleep(every);
-                    }
+        let (acceptor, state) = serve(localhost(), move |mut s: TcpStream, st: &CountState| {
+            let _ = s.set_write_timeout(Some(Duration::from_secs(30)));
+            let data: Vec<u8> = (0..chunk).map(|i| (i % 251) as u8).collect();
+            let mut sent: u64 = 0;
+            let deadline = std::time::Instant::now() + Duration::from_secs(600);
+            while std::time::Instant::now() < deadline {
+                let n = match total {
+                    Some(t) if sent >= t => break,
+                    Some(t) => (t - sent).min(chunk as u64) as usize,
+                    None => chunk,
+                };
+                if s.write_all(&data[..n]).is_err() {
+                    break;
                 }
-                let _ = s.shutdown(Shutdown::Both);
-            }),
-        );
+                sent += n as u64;
+                st.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                if !every.is_zero() {
+                    std::thread::sleep(every);
+                }
+            }
+            let _ = s.shutdown(Shutdown::Both);
+        });
         Source { acceptor, state }
     }
 
@@ -439,37 +410,27 @@ impl Source {
 }
 
 /// A target that reads and counts everything, and answers nothing.
+#[derive(Debug)]
 pub struct Sink {
     acceptor: Acceptor,
     state: Arc<CountState>,
 }
 
-impl std::fmt::Debug for Sink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sink").field("addr", &self.addr()).finish()
-    }
-}
-
 impl Sink {
     /// Start on `127.0.0.1`.
     pub fn start() -> Sink {
-        let state = Arc::new(CountState::default());
-        let st = state.clone();
-        let acceptor = Acceptor::spawn(
-            listen(localhost(), 0),
-            Arc::new(move |mut s: TcpStream| {
-                let _ = s.set_read_timeout(Some(SERVER_READ_TIMEOUT));
-                let mut buf = vec![0u8; 65536];
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            st.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                        }
+        let (acceptor, state) = serve(localhost(), move |mut s: TcpStream, st: &CountState| {
+            let _ = s.set_read_timeout(Some(SERVER_READ_TIMEOUT));
+            let mut buf = vec![0u8; 65536];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        st.bytes.fetch_add(n as u64, Ordering::Relaxed);
                     }
                 }
-            }),
-        );
+            }
+        });
         Sink { acceptor, state }
     }
 
@@ -487,18 +448,11 @@ impl Sink {
 /// A listener with a backlog of 0 that never accepts, its queue filled, so
 /// that further connects get no answer (the SYN is dropped): a target that
 /// "does not answer".
+#[derive(Debug)]
 pub struct Blackhole {
     _listener: Socket,
     _fillers: Vec<TcpStream>,
     addr: SocketAddr,
-}
-
-impl std::fmt::Debug for Blackhole {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Blackhole")
-            .field("addr", &self.addr)
-            .finish()
-    }
 }
 
 impl Blackhole {
@@ -532,5 +486,45 @@ impl Blackhole {
     /// Its address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+}
+
+/// A port that refuses connections (RST): a socket bound on `127.0.0.1:0`
+/// that never listens, holding the port so that nothing else takes it
+/// while the test runs.
+#[derive(Debug)]
+pub struct ClosedPort {
+    _sock: Socket,
+    addr: SocketAddr,
+}
+
+impl ClosedPort {
+    /// Bind one.
+    pub fn new() -> ClosedPort {
+        let sock = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        sock.bind(&SockAddr::from(SocketAddr::new(localhost(), 0)))
+            .expect("bind");
+        let addr = sock
+            .local_addr()
+            .expect("local_addr")
+            .as_socket()
+            .expect("inet");
+        ClosedPort { _sock: sock, addr }
+    }
+
+    /// Its address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+impl Default for ClosedPort {
+    fn default() -> Self {
+        ClosedPort::new()
     }
 }

@@ -49,17 +49,35 @@ impl Drop for Proc {
     }
 }
 
-fn wait_listening(addr: SocketAddr, child: &mut Child, name: &str, log: &std::path::Path) {
+/// `log`, opened for appending (created when missing), as a child's output.
+fn log_to(log: &std::path::Path) -> Stdio {
+    Stdio::from(
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log"),
+    )
+}
+
+/// Wait until `addr` accepts, at most 5 s; an error (with the log) when
+/// the process exits first, e.g. because another process took its port.
+fn wait_listening(
+    addr: SocketAddr,
+    child: &mut Child,
+    name: &str,
+    log: &std::path::Path,
+) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         if let Ok(Some(st)) = child.try_wait() {
-            panic!(
+            return Err(format!(
                 "{name} exited with {st} before listening on {addr}: {}",
                 fs::read_to_string(log).unwrap_or_default()
-            );
+            ));
         }
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return;
+            return Ok(());
         }
         assert!(
             Instant::now() < deadline,
@@ -68,6 +86,23 @@ fn wait_listening(addr: SocketAddr, child: &mut Child, name: &str, log: &std::pa
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// How many ports a third-party program is tried on: it cannot bind port 0
+/// and report the port, so a port that was free when picked may be taken
+/// by the time it binds; it then exits and gets another.
+const PORT_ATTEMPTS: usize = 5;
+
+/// Run `launch(port)` on fresh free ports of `ip` until one listens.
+fn on_a_free_port(ip: Ipv4Addr, name: &str, mut launch: impl FnMut(u16) -> Result<(), String>) {
+    let mut why = String::new();
+    for _ in 0..PORT_ATTEMPTS {
+        match launch(crate::addr::free_port(IpAddr::V4(ip))) {
+            Ok(()) => return,
+            Err(e) => why = e,
+        }
+    }
+    panic!("{name} did not start on any of {PORT_ATTEMPTS} ports; the last: {why}");
 }
 
 /// `tinyproxy` in the foreground on `ip:port`, its outgoing connections
@@ -81,27 +116,36 @@ pub struct Tinyproxy {
 }
 
 impl Tinyproxy {
-    /// Write the config and start it.
+    /// Write the config and start it (on another port when the first is
+    /// taken meanwhile).
     pub fn start(ip: Ipv4Addr) -> Tinyproxy {
         require_tool("tinyproxy", "tinyproxy");
-        let port = crate::addr::free_port(IpAddr::V4(ip));
         let mut t = Tinyproxy {
             proc: Proc {
                 child: None,
                 name: "tinyproxy",
             },
             ip,
-            port,
+            port: 0,
             dir: temp_dir("tinyproxy"),
         };
-        t.restart();
+        on_a_free_port(ip, "tinyproxy", |port| {
+            t.port = port;
+            t.launch()
+        });
         t
     }
 
     /// Start it again after [`Tinyproxy::stop`], on the same port.
     pub fn restart(&mut self) {
+        if let Err(e) = self.launch() {
+            panic!("restarting tinyproxy: {e}");
+        }
+    }
+
+    fn launch(&mut self) -> Result<(), String> {
         if self.proc.child.is_some() {
-            return;
+            return Ok(());
         }
         let conf = self.dir.join("tinyproxy.conf");
         // No ConnectPort line: tinyproxy then allows CONNECT to every port.
@@ -120,14 +164,13 @@ impl Tinyproxy {
             .arg("-c")
             .arg(&conf)
             .stdin(Stdio::null())
-            .stdout(Stdio::from(fs::File::create(&log).expect("log")))
-            .stderr(Stdio::from(
-                fs::OpenOptions::new().append(true).open(&log).expect("log"),
-            ))
+            .stdout(log_to(&log))
+            .stderr(log_to(&log))
             .spawn()
             .expect("spawn tinyproxy");
-        wait_listening(self.addr(), &mut child, self.proc.name, &log);
+        wait_listening(self.addr(), &mut child, self.proc.name, &log)?;
         self.proc.child = Some(child);
+        Ok(())
     }
 
     /// Stop the process (by PID).
@@ -165,34 +208,38 @@ pub struct Microsocks {
 }
 
 impl Microsocks {
-    /// Start it, with credentials if given.
+    /// Start it, with credentials if given (on another port when the first
+    /// is taken meanwhile).
     pub fn start(ip: Ipv4Addr, creds: Option<(&str, &str)>) -> Microsocks {
         let bin = require_tool("microsocks", "microsocks");
-        let port = crate::addr::free_port(IpAddr::V4(ip));
         let dir = temp_dir("microsocks");
         let log = dir.join("microsocks.log");
-        let mut cmd = Command::new(bin);
-        cmd.args([
-            "-i",
-            &ip.to_string(),
-            "-p",
-            &port.to_string(),
-            "-b",
-            &ip.to_string(),
-        ]);
-        if let Some((u, p)) = creds {
-            cmd.args(["-u", u, "-P", p]);
-        }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(fs::File::create(&log).expect("log")))
-            .stderr(Stdio::from(
-                fs::OpenOptions::new().append(true).open(&log).expect("log"),
-            ))
-            .spawn()
-            .expect("spawn microsocks");
-        let addr = SocketAddr::new(IpAddr::V4(ip), port);
-        wait_listening(addr, &mut child, "microsocks", &log);
+        let mut started = None;
+        on_a_free_port(ip, "microsocks", |port| {
+            let mut cmd = Command::new(&bin);
+            cmd.args([
+                "-i",
+                &ip.to_string(),
+                "-p",
+                &port.to_string(),
+                "-b",
+                &ip.to_string(),
+            ]);
+            if let Some((u, p)) = creds {
+                cmd.args(["-u", u, "-P", p]);
+            }
+            let mut child = cmd
+                .stdin(Stdio::null())
+                .stdout(log_to(&log))
+                .stderr(log_to(&log))
+                .spawn()
+                .expect("spawn microsocks");
+            let addr = SocketAddr::new(IpAddr::V4(ip), port);
+            wait_listening(addr, &mut child, "microsocks", &log)?;
+            started = Some((child, port));
+            Ok(())
+        });
+        let (child, port) = started.expect("on_a_free_port returns once started");
         Microsocks {
             proc: Proc {
                 child: Some(child),

@@ -32,23 +32,60 @@ fn conf(n1: Ipv4Addr) -> Conf {
         .node(NodeDecl::direct("d1", n1))
 }
 
-fn connect(gw: &Gateway, target: &str, user: &str, key: &str) -> Resp {
-    gw.connect_as(client_ip(), target, user, key, &[]).1
+/// A web target and a gateway on [`conf`]: both, and the target's address.
+fn lab() -> (HttpTarget, Gateway, String) {
+    let web = HttpTarget::start();
+    let gw = Gateway::start_conf(&conf(node_ip()));
+    let t = web.addr().to_string();
+    (web, gw, t)
+}
+
+/// A CONNECT as `user`:`key` to `t`, and the error it must get.
+type Refusal<'a> = (&'a str, &'a str, u16, &'a str, &'a [&'a str]);
+
+/// Each row's CONNECT gets its error `(status, code, detail)`.
+#[track_caller]
+fn refused(gw: &Gateway, t: &str, rows: &[Refusal<'_>]) {
+    for &(user, key, status, code, detail) in rows {
+        assert_error(&connect(gw, t, user, key), status, code, detail);
+    }
+}
+
+fn connect(gw: &Gateway, target: impl ToString, user: &str, key: &str) -> Resp {
+    gw.connect_as(client_ip(), &target.to_string(), user, key, &[])
+        .1
+}
+
+/// A gateway with package 15 of acme, `auth = "ip"` (`fields` added), one
+/// client address its only allowed one, one direct node, and `raw` TOML:
+/// the gateway, that address and the node's.
+fn ip_gateway(fields: &[(&str, &str)], raw: &str) -> (Gateway, Ipv4Addr, Ipv4Addr) {
+    let (allowed, n1) = (client_ip(), node_ip());
+    let mut p = PkgDecl::new(15, "acme", "key15_ip")
+        .set("auth", &q("ip"))
+        .set(
+            "ip_allowlist",
+            &format!("[{}]", q(&format!("{allowed}/32"))),
+        );
+    for (k, v) in fields {
+        p = p.set(k, v);
+    }
+    let conf = Conf::with_package(KEY)
+        .package(p)
+        .node(NodeDecl::direct("d1", n1))
+        .raw(raw);
+    (Gateway::start_conf(&conf), allowed, n1)
 }
 
 #[test]
 fn no_credentials_is_err_auth_required_with_proxy_authenticate() {
-    let web = HttpTarget::start();
-    let gw = Gateway::start_conf(&conf(node_ip()));
+    let (web, gw, _) = lab();
     let mut c = gw.conn();
     let r = c.connect(&web.addr().to_string(), None, &[]).unwrap();
     assert_error(&r, 407, "ERR_AUTH_REQUIRED", &["package"]);
 
     // curl without --proxy-user: the status line carries the code.
-    let out = Curl::new(client_ip())
-        .proxy(gw.proxy)
-        .tunnel()
-        .get(&web.url("/ip"));
+    let out = gw.curl().tunnel().get(&web.url("/ip"));
     assert_ne!(out.code, 0);
     assert_error_head(out.first(), 407, "ERR_AUTH_REQUIRED", &[]);
 
@@ -59,9 +96,7 @@ fn no_credentials_is_err_auth_required_with_proxy_authenticate() {
 
 #[test]
 fn bad_credentials_are_auth_failed() {
-    let web = HttpTarget::start();
-    let gw = Gateway::start_conf(&conf(node_ip()));
-    let t = web.addr().to_string();
+    let (web, gw, t) = lab();
     let cases: [(String, &str, &[&str]); 4] = [
         (user("country-us"), "wrong-key", &[]),
         ("package-99-country-us".into(), KEY, &[]),
@@ -69,13 +104,15 @@ fn bad_credentials_are_auth_failed() {
         (format!("package-7-country-us-{KEY}"), "x", &["password"]),
     ];
     for (u, k, needles) in &cases {
-        let r = connect(&gw, &t, u, k);
-        assert_error(&r, 407, "AUTH_FAILED", needles);
+        refused(&gw, &t, &[(u, k, 407, "AUTH_FAILED", needles)]);
     }
     // A username that does not start with package-<digits> is AUTH_FAILED
     // even with the right key, before its rules are read.
-    let r = connect(&gw, &t, "package-x-contry-us", KEY);
-    assert_error(&r, 407, "AUTH_FAILED", &[]);
+    refused(
+        &gw,
+        &t,
+        &[("package-x-contry-us", KEY, 407, "AUTH_FAILED", &[])],
+    );
 
     // Malformed Basic values.
     for bad in [
@@ -90,8 +127,8 @@ fn bad_credentials_are_auth_failed() {
     }
 
     // curl with a wrong key.
-    let out = Curl::new(client_ip())
-        .proxy(gw.proxy)
+    let out = gw
+        .curl()
         .user(&user("country-us"), "nope")
         .tunnel()
         .get(&web.url("/ip"));
@@ -125,28 +162,49 @@ fn address_outside_the_allowlist_is_ip_not_allowed() {
 
 #[test]
 fn package_status_and_credits_are_407() {
-    let web = HttpTarget::start();
-    let gw = Gateway::start_conf(&conf(node_ip()));
-    let t = web.addr().to_string();
-    let r = connect(&gw, &t, "package-8-country-us", "key8_suspended");
-    assert_error(&r, 407, "PACKAGE_SUSPENDED", &["suspended"]);
-    let r = connect(&gw, &t, "package-9-country-us", "key9_paused");
-    assert_error(&r, 407, "PACKAGE_PAUSED", &["paused"]);
-    let r = connect(&gw, &t, "package-10-country-us", "key10_broke");
-    assert_error(&r, 407, "PACKAGE_NO_CREDITS", &["credits"]);
-    // Check order: a wrong key on a paused package is AUTH_FAILED.
-    let r = connect(&gw, &t, "package-9-country-us", "wrong");
-    assert_error(&r, 407, "AUTH_FAILED", &[]);
-    // Status before rules: a paused package with a bad rule is still PAUSED.
-    let r = connect(&gw, &t, "package-9-contry-us", "key9_paused");
-    assert_error(&r, 407, "PACKAGE_PAUSED", &[]);
+    let (_web, gw, t) = lab();
+    refused(
+        &gw,
+        &t,
+        &[
+            (
+                "package-8-country-us",
+                "key8_suspended",
+                407,
+                "PACKAGE_SUSPENDED",
+                &["suspended"],
+            ),
+            (
+                "package-9-country-us",
+                "key9_paused",
+                407,
+                "PACKAGE_PAUSED",
+                &["paused"],
+            ),
+            (
+                "package-10-country-us",
+                "key10_broke",
+                407,
+                "PACKAGE_NO_CREDITS",
+                &["credits"],
+            ),
+            // Check order: a wrong key on a paused package is AUTH_FAILED.
+            ("package-9-country-us", "wrong", 407, "AUTH_FAILED", &[]),
+            // Status before rules: a paused package with a bad rule is still PAUSED.
+            (
+                "package-9-contry-us",
+                "key9_paused",
+                407,
+                "PACKAGE_PAUSED",
+                &[],
+            ),
+        ],
+    );
 }
 
 #[test]
 fn rule_faults_are_400_with_a_detail_naming_the_rule() {
-    let web = HttpTarget::start();
-    let gw = Gateway::start_conf(&conf(node_ip()));
-    let t = web.addr().to_string();
+    let (web, gw, t) = lab();
     let cases: &[(&str, &str, &[&str])] = &[
         ("", "ERR_MISSING_PARAMS", &["country-any"]),
         ("session-abc", "ERR_MISSING_PARAMS", &["country"]),
@@ -223,21 +281,41 @@ fn rule_faults_are_400_with_a_detail_naming_the_rule() {
         ("bind-node", "ERR_INVALID_COMBINATION", &[]),
     ];
     for (rules, code, needles) in cases {
-        let r = connect(&gw, &t, &user(rules), KEY);
-        assert_error(&r, 400, code, needles);
+        refused(&gw, &t, &[(&user(rules), KEY, 400, code, needles)]);
     }
     // Plan: a network or feature the package lacks.
-    let r = connect(&gw, &t, "package-12-country-us-network-mob", "key12_plan");
-    assert_error(&r, 400, "ERR_PARAM_NOT_ALLOWED", &["mob"]);
-    let r = connect(&gw, &t, "package-12-country-us-city-new_york", "key12_plan");
-    assert_error(&r, 400, "ERR_PARAM_NOT_ALLOWED", &["city"]);
-    // Validation comes before the plan.
-    let r = connect(&gw, &t, "package-12-network-mob-contry-x", "key12_plan");
-    assert_error(&r, 400, "ERR_UNKNOWN_PARAM", &[]);
+    refused(
+        &gw,
+        &t,
+        &[
+            (
+                "package-12-country-us-network-mob",
+                "key12_plan",
+                400,
+                "ERR_PARAM_NOT_ALLOWED",
+                &["mob"],
+            ),
+            (
+                "package-12-country-us-city-new_york",
+                "key12_plan",
+                400,
+                "ERR_PARAM_NOT_ALLOWED",
+                &["city"],
+            ),
+            // Validation comes before the plan.
+            (
+                "package-12-network-mob-contry-x",
+                "key12_plan",
+                400,
+                "ERR_UNKNOWN_PARAM",
+                &[],
+            ),
+        ],
+    );
 
     // A real client sees the code in the status line of the CONNECT answer.
-    let out = Curl::new(client_ip())
-        .proxy(gw.proxy)
+    let out = gw
+        .curl()
         .user(&user("city-los-angeles"), KEY)
         .tunnel()
         .get(&web.url("/ip"));
@@ -252,8 +330,7 @@ fn rule_faults_are_400_with_a_detail_naming_the_rule() {
 
 #[test]
 fn disallowed_targets_and_protocols_are_403() {
-    let web = HttpTarget::start();
-    let gw = Gateway::start_conf(&conf(node_ip()));
+    let (web, gw, _) = lab();
     let u = user("country-us");
     let r = connect(&gw, "127.0.0.1:25", &u, KEY);
     assert_error(&r, 403, "DISALLOWED", &["25"]);
@@ -291,21 +368,14 @@ fn disallowed_targets_and_protocols_are_403() {
         &[],
     );
     assert_eq!(ok.status, 200);
-    let r = connect(
-        &gw,
-        &web.addr().to_string(),
+    let r = connect(&gw, web.addr(), "package-14-country-us", "key14_http");
+    assert_error(&r, 403, "DISALLOWED", &["https"]);
+    let (_c, s) = gw.socks_as(
+        client_ip(),
         "package-14-country-us",
         "key14_http",
+        web.addr(),
     );
-    assert_error(&r, 403, "DISALLOWED", &["https"]);
-    let mut c = gw.conn();
-    let s = socks5(
-        &mut c,
-        Some(("package-14-country-us", "key14_http")),
-        1,
-        &SocksAddr::of(web.addr()),
-    )
-    .unwrap();
     assert_eq!(
         s,
         SocksOutcome::Reply(2),
@@ -315,8 +385,8 @@ fn disallowed_targets_and_protocols_are_403() {
 
 #[test]
 fn a_refusing_target_is_target_unreachable_without_replacing_the_node() {
-    let closed = free_port("127.0.0.1".parse().unwrap());
-    let target = format!("127.0.0.1:{closed}");
+    let closed = ClosedPort::new();
+    let target = closed.addr().to_string();
     let n1 = node_ip();
     let http_node = TestNode::http(node_ip());
     let socks_node = TestNode::socks5(node_ip());
@@ -334,12 +404,12 @@ fn a_refusing_target_is_target_unreachable_without_replacing_the_node() {
         assert_error(&r, 502, "TARGET_UNREACHABLE", &[]);
     }
     assert_eq!(
-        http_node.requests_to_port(closed),
+        http_node.requests_to_port(closed.port()),
         1,
         "no retry on a target fault"
     );
     assert_eq!(
-        socks_node.requests_to_port(closed),
+        socks_node.requests_to_port(closed.port()),
         1,
         "no retry on a target fault"
     );
@@ -359,12 +429,7 @@ fn a_silent_target_is_gateway_timeout() {
     c.target_ms = 1000;
     let gw = Gateway::start_conf(&c);
     let t0 = Instant::now();
-    let r = connect(
-        &gw,
-        &hole.addr().to_string(),
-        &user("country-us-city-new_york"),
-        KEY,
-    );
+    let r = connect(&gw, hole.addr(), &user("country-us-city-new_york"), KEY);
     let took = t0.elapsed();
     assert_error(&r, 504, "GATEWAY_TIMEOUT", &[]);
     assert!(
@@ -372,40 +437,16 @@ fn a_silent_target_is_gateway_timeout() {
         "answered after {took:?} with target_ms = 1000"
     );
     let web = HttpTarget::start();
-    let r = connect(
-        &gw,
-        &web.addr().to_string(),
-        &user("country-us-city-chicago"),
-        KEY,
-    );
+    let r = connect(&gw, web.addr(), &user("country-us-city-chicago"), KEY);
     assert_error(&r, 504, "GATEWAY_TIMEOUT", &[]);
-    let r = connect(
-        &gw,
-        &web.addr().to_string(),
-        &user("country-us-city-boston"),
-        KEY,
-    );
+    let r = connect(&gw, web.addr(), &user("country-us-city-boston"), KEY);
     assert_error(&r, 504, "GATEWAY_TIMEOUT", &[]);
 }
 
 #[test]
 fn ip_auth_package_serves_allowlisted_clients_without_credentials() {
-    let allowed = client_ip();
-    let n1 = node_ip();
     let web = HttpTarget::start();
-    let gw = Gateway::start_conf(
-        &Conf::with_package(KEY)
-            .package(
-                PkgDecl::new(15, "acme", "key15_ip")
-                    .set("auth", &q("ip"))
-                    .set(
-                        "ip_allowlist",
-                        &format!("[{}]", q(&format!("{allowed}/32"))),
-                    )
-                    .set("default_rules", &q("country-us")),
-            )
-            .node(NodeDecl::direct("d1", n1)),
-    );
+    let (gw, allowed, n1) = ip_gateway(&[("default_rules", "\"country-us\"")], "");
     let mut c = gw.conn_from(allowed);
     let r = c.get(&web.url("/ip"), None, &[]).unwrap();
     assert_eq!(r.status, 200, "{}{}", r.raw_head, r.text());
@@ -431,32 +472,16 @@ fn ip_auth_package_serves_allowlisted_clients_without_credentials() {
     let r = gw.conn().get(&web.url("/ip"), None, &[]).unwrap();
     assert_error(&r, 407, "ERR_AUTH_REQUIRED", &[]);
     // …or with the username of the ip package.
-    let r = connect(
-        &gw,
-        &web.addr().to_string(),
-        "package-15-country-us",
-        "key15_ip",
-    );
+    let r = connect(&gw, web.addr(), "package-15-country-us", "key15_ip");
     assert_error(&r, 407, "IP_NOT_ALLOWED", &[]);
 }
 
 #[test]
 fn ip_only_listener_admits_only_its_allowlist() {
-    let allowed = client_ip();
-    let n1 = node_ip();
     let web = HttpTarget::start();
-    let gw = Gateway::start_conf(
-        &Conf::with_package(KEY)
-            .package(
-                PkgDecl::new(15, "acme", "key15_ip")
-                    .set("auth", &q("ip"))
-                    .set(
-                        "ip_allowlist",
-                        &format!("[{}]", q(&format!("{allowed}/32"))),
-                    ),
-            )
-            .node(NodeDecl::direct("d1", n1))
-            .raw("[[listener]]\nlisten = \"127.0.0.1:@PORT_L15@\"\npackage = 15\nip_only = true\n"),
+    let (gw, allowed, _) = ip_gateway(
+        &[],
+        "[[listener]]\nlisten = \"127.0.0.1:@PORT_L15@\"\npackage = 15\nip_only = true\n",
     );
     let port = gw.addr("L15");
     let ok = eventually(Duration::from_secs(3), Duration::from_millis(50), || {
@@ -632,8 +657,7 @@ fn a_407_keeps_the_connection_for_the_retry_with_credentials() {
 
 #[test]
 fn the_basic_scheme_is_case_insensitive() {
-    let web = HttpTarget::start();
-    let gw = Gateway::start_conf(&conf(node_ip()));
+    let (web, gw, _) = lab();
     let b = basic(&user("country-us"), KEY);
     let token = b.trim_start_matches("Basic ");
     for scheme in ["basic", "BASIC"] {

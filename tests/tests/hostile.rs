@@ -48,6 +48,19 @@ impl Bench {
         assert_eq!(r.status, 200, "after {after}: {}{}", r.raw_head, r.text());
     }
 
+    /// A tunnel opened before anything hostile, to check afterwards.
+    fn bystander(&self) -> Conn {
+        self.gw.tunnel(client_ip(), self.echo.addr(), "country-us")
+    }
+
+    /// The end of a test: a new client is served after `after`, and the
+    /// bystander tunnel still carries bytes.
+    #[track_caller]
+    fn done(&self, mut bystander: Conn, after: &str) {
+        self.still_serves(after);
+        bystander.echo_round_trip(b"undisturbed").unwrap();
+    }
+
     fn auth(&self) -> String {
         format!("Proxy-Authorization: {}", basic(&user("country-us"), KEY))
     }
@@ -75,90 +88,86 @@ fn expect(r: Result<Resp, Vec<u8>>, status: u16, code: &str, what: &str) {
 #[test]
 fn malformed_http_heads_are_answered_and_disturb_no_one() {
     let b = Bench::new(3000);
-    let mut bystander = b.gw.tunnel(client_ip(), b.echo.addr(), "country-us");
+    let bystander = b.bystander();
     let web = b.web.addr();
     let auth = b.auth();
 
-    // 1. Head over max_head_bytes (4096).
-    let big = format!(
-        "GET http://{web}/ip HTTP/1.1\r\nHost: {web}\r\n{auth}\r\nX-Big: {}\r\n\r\n",
-        "a".repeat(5000)
-    );
-    expect(
-        b.raw(big.as_bytes()),
-        431,
-        "HEADERS_TOO_LARGE",
-        "oversized head",
-    );
-    b.still_serves("oversized head");
-
-    // 2. Request line over the head limit.
-    let long = format!(
-        "GET http://{web}/{} HTTP/1.1\r\nHost: {web}\r\n\r\n",
-        "p".repeat(9000)
-    );
-    expect(
-        b.raw(long.as_bytes()),
-        431,
-        "HEADERS_TOO_LARGE",
-        "oversized request line",
-    );
-    b.still_serves("oversized request line");
-
-    // 3. More header fields than max_headers (50).
+    // Each: (what, the request, status, code); after each the gateway
+    // still serves everyone.
     let mut many = format!("GET http://{web}/ip HTTP/1.1\r\nHost: {web}\r\n{auth}\r\n");
     for i in 0..60 {
         many.push_str(&format!("X-H{i}: v\r\n"));
     }
     many.push_str("\r\n");
-    expect(
-        b.raw(many.as_bytes()),
-        431,
-        "HEADERS_TOO_LARGE",
-        "too many headers",
-    );
-    b.still_serves("too many headers");
-
-    // 4. Bare LF line endings.
-    let lf = format!("GET http://{web}/ip HTTP/1.1\nHost: {web}\n{auth}\n\n");
-    expect(b.raw(lf.as_bytes()), 400, "BAD_REQUEST", "bare LF");
-    b.still_serves("bare LF");
-
-    // 5. NUL in a header value.
-    let nul = format!("GET http://{web}/ip HTTP/1.1\r\nHost: {web}\r\n{auth}\r\nX-A: a\0b\r\n\r\n");
-    expect(b.raw(nul.as_bytes()), 400, "BAD_REQUEST", "NUL byte");
-    b.still_serves("NUL byte");
-
-    // 6. Content-Length and Transfer-Encoding together (smuggling).
-    let cl_te = format!(
-        "POST http://{web}/echo HTTP/1.1\r\nHost: {web}\r\n{auth}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
-    );
-    expect(b.raw(cl_te.as_bytes()), 400, "BAD_REQUEST", "CL + TE");
-    b.still_serves("CL + TE");
-
-    // 7. Two different Content-Lengths.
-    let two_cl = format!(
-        "POST http://{web}/echo HTTP/1.1\r\nHost: {web}\r\n{auth}\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde"
-    );
-    expect(
-        b.raw(two_cl.as_bytes()),
-        400,
-        "BAD_REQUEST",
-        "two Content-Lengths",
-    );
-    b.still_serves("two Content-Lengths");
-
-    // 8. A non-numeric Content-Length.
-    let bad_cl = format!(
-        "POST http://{web}/echo HTTP/1.1\r\nHost: {web}\r\n{auth}\r\nContent-Length: 12abc\r\n\r\n"
-    );
-    expect(
-        b.raw(bad_cl.as_bytes()),
-        400,
-        "BAD_REQUEST",
-        "bad Content-Length",
-    );
-    b.still_serves("bad Content-Length");
+    let post = |headers: &str, body: &str| {
+        format!("POST http://{web}/echo HTTP/1.1\r\nHost: {web}\r\n{auth}\r\n{headers}\r\n{body}")
+    };
+    let cases = [
+        // 1. Head over max_head_bytes (4096).
+        (
+            "oversized head",
+            format!(
+                "GET http://{web}/ip HTTP/1.1\r\nHost: {web}\r\n{auth}\r\nX-Big: {}\r\n\r\n",
+                "a".repeat(5000)
+            ),
+            431,
+            "HEADERS_TOO_LARGE",
+        ),
+        // 2. Request line over the head limit.
+        (
+            "oversized request line",
+            format!(
+                "GET http://{web}/{} HTTP/1.1\r\nHost: {web}\r\n\r\n",
+                "p".repeat(9000)
+            ),
+            431,
+            "HEADERS_TOO_LARGE",
+        ),
+        // 3. More header fields than max_headers (50).
+        ("too many headers", many, 431, "HEADERS_TOO_LARGE"),
+        // 4. Bare LF line endings.
+        (
+            "bare LF",
+            format!("GET http://{web}/ip HTTP/1.1\nHost: {web}\n{auth}\n\n"),
+            400,
+            "BAD_REQUEST",
+        ),
+        // 5. NUL in a header value.
+        (
+            "NUL byte",
+            format!("GET http://{web}/ip HTTP/1.1\r\nHost: {web}\r\n{auth}\r\nX-A: a\0b\r\n\r\n"),
+            400,
+            "BAD_REQUEST",
+        ),
+        // 6. Content-Length and Transfer-Encoding together (smuggling).
+        (
+            "CL + TE",
+            post(
+                "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n",
+                "0\r\n\r\n",
+            ),
+            400,
+            "BAD_REQUEST",
+        ),
+        // 7. Two different Content-Lengths.
+        (
+            "two Content-Lengths",
+            post("Content-Length: 3\r\nContent-Length: 5\r\n", "abcde"),
+            400,
+            "BAD_REQUEST",
+        ),
+        // 8. A non-numeric Content-Length.
+        (
+            "bad Content-Length",
+            post("Content-Length: 12abc\r\n", ""),
+            400,
+            "BAD_REQUEST",
+        ),
+    ];
+    for (what, req, status, code) in &cases {
+        expect(b.raw(req.as_bytes()), *status, code, what);
+        b.still_serves(what);
+    }
 
     // 8b. Framing that RFC 9112 says a server must refuse with 400:
     // chunked not the final coding, an unknown coding, whitespace before
@@ -168,9 +177,7 @@ fn malformed_http_heads_are_answered_and_disturb_no_one() {
         ("unknown coding", "Transfer-Encoding: xchunked\r\n"),
         ("space before colon", "Transfer-Encoding : chunked\r\n"),
     ] {
-        let req = format!(
-            "POST http://{web}/echo HTTP/1.1\r\nHost: {web}\r\n{auth}\r\n{te}\r\n5\r\nhello\r\n0\r\n\r\n"
-        );
+        let req = post(te, "5\r\nhello\r\n0\r\n\r\n");
         expect(b.raw(req.as_bytes()), 400, "BAD_REQUEST", what);
     }
     b.still_serves("bad transfer codings");
@@ -208,9 +215,7 @@ fn malformed_http_heads_are_answered_and_disturb_no_one() {
         Ok(r) => assert_eq!(r.status, 400, "{}", r.raw_head),
         Err(got) => assert!(got.is_empty(), "garbage got {got:?}"),
     }
-    b.still_serves("garbage");
-
-    bystander.echo_round_trip(b"still here").unwrap();
+    b.done(bystander, "garbage");
 }
 
 #[test]
@@ -258,7 +263,7 @@ fn hostile_usernames() {
 #[test]
 fn hostile_socks5_input_closes_the_connection() {
     let b = Bench::new(3000);
-    let mut bystander = b.gw.tunnel(client_ip(), b.echo.addr(), "country-us");
+    let bystander = b.bystander();
     // SOCKS4 (first byte 0x04) is not SOCKS5: HTTP reads it and refuses.
     let mut c = b.gw.conn();
     c.send(&[4, 1, 0, 80, 127, 0, 0, 1, 0]).unwrap();
@@ -301,15 +306,14 @@ fn hostile_socks5_input_closes_the_connection() {
         vec![5, 2, 1, 0],
         "method and auth answered, then closed"
     );
-    b.still_serves("wrong request version");
-    bystander.echo_round_trip(b"undisturbed").unwrap();
+    b.done(bystander, "wrong request version");
 }
 
 #[test]
 fn slowloris_is_cut_by_handshake_ms() {
     let b = Bench::new(1000);
     let web = b.web.addr();
-    let mut bystander = b.gw.tunnel(client_ip(), b.echo.addr(), "country-us");
+    let bystander = b.bystander();
     // Trickle a head one byte every 100 ms: the whole head must arrive
     // within handshake_ms (1 s), however steadily bytes come.
     let head = format!(
@@ -325,18 +329,13 @@ fn slowloris_is_cut_by_handshake_ms() {
         }
         c.set_timeout(Duration::from_millis(100));
         let mut buf = [0u8; 4096];
-        match std::io::Read::read(&mut c.stream, &mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
+        match c.try_read(&mut buf) {
+            Some(0) => break,
+            Some(n) => {
                 answer.extend_from_slice(&buf[..n]);
                 break;
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => break,
+            None => {}
         }
         assert!(
             t0.elapsed() < Duration::from_secs(5),
@@ -358,8 +357,7 @@ fn slowloris_is_cut_by_handshake_ms() {
         );
         assert!(text.contains("X-SOAX-Error: CLIENT_TIMEOUT"), "{text}");
     }
-    b.still_serves("slowloris");
-    bystander.echo_round_trip(b"undisturbed").unwrap();
+    b.done(bystander, "slowloris");
 }
 
 #[test]

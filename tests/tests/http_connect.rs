@@ -10,12 +10,29 @@ use splicegate_tests::*;
 
 const RESPOND_WITH: &str = "Respond-With: ip,country,city,isp,asn,node,session";
 
+/// A gateway whose only node is `node`: a tunnel carries `payload` to an
+/// echo target and back, and curl -p fetches the web target's `/ip`.
+/// Both targets and curl's output (the exit address in its body).
+fn through(node: NodeDecl, payload: &[u8]) -> (TcpEcho, HttpTarget, CurlOut) {
+    let echo = TcpEcho::start();
+    let web = HttpTarget::start();
+    let gw = Gateway::start_conf(&Conf::with_package(KEY).node(node));
+    let mut c = gw.tunnel(client_ip(), echo.addr(), "country-us");
+    c.echo_round_trip(payload).unwrap();
+    let out = gw
+        .curl()
+        .user(&user("country-us"), KEY)
+        .tunnel()
+        .get(&web.url("/ip"));
+    (echo, web, out)
+}
+
 #[test]
 fn connect_through_direct_node_round_trips_bytes_and_exits_from_bind() {
     let n1 = node_ip();
     let echo = TcpEcho::start();
     let web = HttpTarget::start();
-    let gw = Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::direct("d1", n1)));
+    let gw = Gateway::with_direct(n1);
 
     let mut c = gw.tunnel(client_ip(), echo.addr(), "country-us");
     c.echo_round_trip(b"hello through splicegate\n").unwrap();
@@ -28,8 +45,8 @@ fn connect_through_direct_node_round_trips_bytes_and_exits_from_bind() {
     );
 
     // A real client: curl -p (CONNECT) to the HTTP target.
-    let out = Curl::new(client_ip())
-        .proxy(gw.proxy)
+    let out = gw
+        .curl()
         .user(&user("country-us"), KEY)
         .tunnel()
         .get(&web.url("/ip"));
@@ -44,7 +61,7 @@ fn connect_through_direct_node_round_trips_bytes_and_exits_from_bind() {
 #[test]
 fn connect_carries_a_megabyte_each_way_intact() {
     let echo = TcpEcho::start();
-    let gw = Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::direct("d1", node_ip())));
+    let gw = Gateway::with_direct(node_ip());
     let c = gw.tunnel(client_ip(), echo.addr(), "country-any");
     let data: Vec<u8> = (0..(1u32 << 20))
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -64,7 +81,7 @@ fn bulk_upload_and_download_through_a_tunnel() {
     const N: u64 = 16 << 20;
     let sink = Sink::start();
     let source = Source::start(256 * 1024, Duration::ZERO, Some(N));
-    let gw = Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::direct("d1", node_ip())));
+    let gw = Gateway::with_direct(node_ip());
 
     let mut up = gw.tunnel(client_ip(), sink.addr(), "country-any");
     let block = vec![0x5au8; 1 << 20];
@@ -90,20 +107,9 @@ fn bulk_upload_and_download_through_a_tunnel() {
 #[test]
 fn connect_through_our_http_node_with_upstream_credentials() {
     let node = TestNode::with_creds(NodeKind::Http, node_ip(), "nodeuser", "nodepass");
-    let echo = TcpEcho::start();
-    let web = HttpTarget::start();
-    let gw = Gateway::start_conf(
-        &Conf::with_package(KEY)
-            .node(NodeDecl::http("h1", node.addr()).creds("nodeuser", "nodepass")),
-    );
-    let mut c = gw.tunnel(client_ip(), echo.addr(), "country-us");
-    c.echo_round_trip(b"via an http node").unwrap();
+    let decl = NodeDecl::http("h1", node.addr()).creds("nodeuser", "nodepass");
+    let (echo, web, out) = through(decl, b"via an http node");
     assert_eq!(echo.peers(), vec![IpAddr::V4(node.ip())]);
-    let out = Curl::new(client_ip())
-        .proxy(gw.proxy)
-        .user(&user("country-us"), KEY)
-        .tunnel()
-        .get(&web.url("/ip"));
     assert_eq!(out.ok_body().trim(), node.ip().to_string());
     assert_eq!(
         node.requests_to_port(web.addr().port()),
@@ -116,57 +122,24 @@ fn connect_through_our_http_node_with_upstream_credentials() {
 #[test]
 fn connect_through_tinyproxy_node() {
     let tp = Tinyproxy::start(node_ip());
-    let echo = TcpEcho::start();
-    let web = HttpTarget::start();
-    let gw = Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::http("tiny", tp.addr())));
-    let mut c = gw.tunnel(client_ip(), echo.addr(), "country-us");
-    c.echo_round_trip(b"via tinyproxy").unwrap();
-    let out = Curl::new(client_ip())
-        .proxy(gw.proxy)
-        .user(&user("country-us"), KEY)
-        .tunnel()
-        .get(&web.url("/ip"));
-    assert_eq!(
-        out.ok_body().trim(),
-        tp.addr().ip().to_string(),
-        "{}",
-        tp.log()
-    );
+    let (_echo, _web, out) = through(NodeDecl::http("tiny", tp.addr()), b"via tinyproxy");
+    let exit = tp.addr().ip().to_string();
+    assert_eq!(out.ok_body().trim(), exit, "{}", tp.log());
 }
 
 #[test]
 fn connect_through_our_socks5_node_with_upstream_credentials() {
     let node = TestNode::with_creds(NodeKind::Socks5, node_ip(), "su", "sp");
-    let echo = TcpEcho::start();
-    let web = HttpTarget::start();
-    let gw = Gateway::start_conf(
-        &Conf::with_package(KEY).node(NodeDecl::socks5("s1", node.addr()).creds("su", "sp")),
-    );
-    let mut c = gw.tunnel(client_ip(), echo.addr(), "country-us");
-    c.echo_round_trip(b"via a socks5 node").unwrap();
-    let out = Curl::new(client_ip())
-        .proxy(gw.proxy)
-        .user(&user("country-us"), KEY)
-        .tunnel()
-        .get(&web.url("/ip"));
+    let decl = NodeDecl::socks5("s1", node.addr()).creds("su", "sp");
+    let (_echo, _web, out) = through(decl, b"via a socks5 node");
     assert_eq!(out.ok_body().trim(), node.ip().to_string());
 }
 
 #[test]
 fn connect_through_microsocks_node() {
     let ms = Microsocks::start(node_ip(), Some(("msu", "msp")));
-    let echo = TcpEcho::start();
-    let web = HttpTarget::start();
-    let gw = Gateway::start_conf(
-        &Conf::with_package(KEY).node(NodeDecl::socks5("ms", ms.addr()).creds("msu", "msp")),
-    );
-    let mut c = gw.tunnel(client_ip(), echo.addr(), "country-us");
-    c.echo_round_trip(b"via microsocks").unwrap();
-    let out = Curl::new(client_ip())
-        .proxy(gw.proxy)
-        .user(&user("country-us"), KEY)
-        .tunnel()
-        .get(&web.url("/ip"));
+    let decl = NodeDecl::socks5("ms", ms.addr()).creds("msu", "msp");
+    let (_echo, _web, out) = through(decl, b"via microsocks");
     assert_eq!(out.ok_body().trim(), ms.addr().ip().to_string());
 }
 
@@ -175,8 +148,8 @@ fn respond_with_headers_on_the_connect_answer() {
     let n1 = node_ip();
     let web = HttpTarget::start();
     let gw = Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::direct("us-ny-1", n1)));
-    let out = Curl::new(client_ip())
-        .proxy(gw.proxy)
+    let out = gw
+        .curl()
         .user(&user("country-us-session-abc123"), KEY)
         .tunnel()
         .proxy_header(RESPOND_WITH)
@@ -203,13 +176,7 @@ fn respond_with_headers_on_the_connect_answer() {
     assert_eq!(h.header("X-SOAX-Session"), Some("abc123"), "{}", h.raw_head);
 
     // Without Respond-With, none of them.
-    let (_c, r) = gw.connect_as(
-        client_ip(),
-        &web.addr().to_string(),
-        &user("country-us"),
-        KEY,
-        &[],
-    );
+    let (_c, r) = gw.connect_rules(web.addr(), "country-us");
     assert_eq!(r.status, 200);
     assert!(
         !r.raw_head.to_ascii_lowercase().contains("x-soax-"),
@@ -222,7 +189,7 @@ fn respond_with_headers_on_the_connect_answer() {
 fn connect_to_a_domain_target_resolved_by_the_gateway() {
     let n1 = node_ip();
     let echo = TcpEcho::start();
-    let gw = Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::direct("d1", n1)));
+    let gw = Gateway::with_direct(n1);
     let target = format!("localhost:{}", echo.addr().port());
     let (mut c, r) = gw.connect_as(client_ip(), &target, &user("country-us"), KEY, &[]);
     assert_eq!(r.status, 200, "{}{}", r.raw_head, r.text());
@@ -288,7 +255,7 @@ fn bytes_sent_right_after_connect_are_not_lost() {
 #[test]
 fn half_close_delivers_everything_then_eof() {
     let echo = TcpEcho::start();
-    let gw = Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::direct("d1", node_ip())));
+    let gw = Gateway::with_direct(node_ip());
     let mut c = gw.tunnel(client_ip(), echo.addr(), "country-us");
     let data: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
     c.send(&data).unwrap();

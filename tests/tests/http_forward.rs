@@ -8,13 +8,23 @@ fn gateway_with_direct(n1: std::net::Ipv4Addr) -> Gateway {
     Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::direct("us-ny-1", n1)))
 }
 
+/// A web target, a gateway with one direct node, a connection to it, and
+/// the node's address.
+fn lab() -> (HttpTarget, Gateway, Conn, std::net::Ipv4Addr) {
+    let n1 = node_ip();
+    let web = HttpTarget::start();
+    let gw = gateway_with_direct(n1);
+    let c = gw.conn();
+    (web, gw, c, n1)
+}
+
 #[test]
 fn curl_forwards_a_get_and_the_target_sees_the_node() {
     let n1 = node_ip();
     let web = HttpTarget::start();
     let gw = gateway_with_direct(n1);
-    let out = Curl::new(client_ip())
-        .proxy(gw.proxy)
+    let out = gw
+        .curl()
         .user(&user("country-us"), KEY)
         .get(&web.url("/ip"));
     assert_eq!(out.ok_body().trim(), n1.to_string(), "{out:#?}");
@@ -50,9 +60,7 @@ fn keep_alive_carries_several_requests_on_one_client_connection() {
 
 #[test]
 fn content_length_and_chunked_bodies_both_ways() {
-    let web = HttpTarget::start();
-    let gw = gateway_with_direct(node_ip());
-    let mut c = gw.conn();
+    let (web, _gw, mut c, _) = lab();
     let u = user("country-us");
     let auth = format!("Proxy-Authorization: {}", basic(&u, KEY));
 
@@ -96,9 +104,7 @@ fn content_length_and_chunked_bodies_both_ways() {
 
 #[test]
 fn head_gets_no_body_and_the_connection_stays_usable() {
-    let web = HttpTarget::start();
-    let gw = gateway_with_direct(node_ip());
-    let mut c = gw.conn();
+    let (web, _gw, mut c, _) = lab();
     let u = user("country-us");
     let r = c
         .request("HEAD", &web.url("/bytes/5000"), Some((&u, KEY)), &[], None)
@@ -111,10 +117,7 @@ fn head_gets_no_body_and_the_connection_stays_usable() {
 
 #[test]
 fn a_response_framed_by_close_is_relayed_whole() {
-    let n1 = node_ip();
-    let web = HttpTarget::start();
-    let gw = gateway_with_direct(n1);
-    let mut c = gw.conn();
+    let (web, _gw, mut c, n1) = lab();
     let r = c
         .get(&web.url("/close"), Some((&user("country-us"), KEY)), &[])
         .unwrap();
@@ -124,9 +127,7 @@ fn a_response_framed_by_close_is_relayed_whole() {
 
 #[test]
 fn proxy_and_hop_by_hop_headers_never_reach_the_target() {
-    let web = HttpTarget::start();
-    let gw = gateway_with_direct(node_ip());
-    let mut c = gw.conn();
+    let (web, _gw, mut c, _) = lab();
     let u = user("country-us-session-hdr1");
     let r = c
         .get(
@@ -171,10 +172,7 @@ fn proxy_and_hop_by_hop_headers_never_reach_the_target() {
 
 #[test]
 fn respond_with_headers_on_a_forwarded_response() {
-    let n1 = node_ip();
-    let web = HttpTarget::start();
-    let gw = gateway_with_direct(n1);
-    let mut c = gw.conn();
+    let (web, _gw, mut c, n1) = lab();
     let r = c
         .get(
             &web.url("/ip"),
@@ -200,9 +198,7 @@ fn respond_with_headers_on_a_forwarded_response() {
 
 #[test]
 fn every_forwarded_request_on_keep_alive_passes_the_checks_again() {
-    let web = HttpTarget::start();
-    let gw = gateway_with_direct(node_ip());
-    let mut c = gw.conn();
+    let (web, _gw, mut c, _) = lab();
     let r = c
         .get(&web.url("/ip"), Some((&user("country-us"), KEY)), &[])
         .unwrap();
@@ -260,9 +256,7 @@ fn pipelined_requests_are_answered_in_order() {
 
 #[test]
 fn a_large_forwarded_response_arrives_intact() {
-    let web = HttpTarget::start();
-    let gw = gateway_with_direct(node_ip());
-    let mut c = gw.conn();
+    let (web, _gw, mut c, _) = lab();
     let n = 8_000_000usize;
     let r = c
         .get(
@@ -288,12 +282,12 @@ fn a_large_forwarded_response_arrives_intact() {
 #[test]
 fn errors_on_keep_alive_leave_the_connection_usable_when_it_says_so() {
     let web = HttpTarget::start();
-    let closed = free_port("127.0.0.1".parse().unwrap());
+    let closed = ClosedPort::new();
     let gw = gateway_with_direct(node_ip());
     let mut c = gw.conn();
     let u = user("country-us");
     let r = c
-        .get(&format!("http://127.0.0.1:{closed}/"), Some((&u, KEY)), &[])
+        .get(&format!("http://{}/", closed.addr()), Some((&u, KEY)), &[])
         .unwrap();
     assert_error(&r, 502, "TARGET_UNREACHABLE", &[]);
     let bad = c.get(&web.url("/ip"), Some((&user("contry-us"), KEY)), &[]);
@@ -315,10 +309,7 @@ fn errors_on_keep_alive_leave_the_connection_usable_when_it_says_so() {
 
 #[test]
 fn an_http_1_0_client_is_served_and_closed() {
-    let n1 = node_ip();
-    let web = HttpTarget::start();
-    let gw = gateway_with_direct(n1);
-    let mut c = gw.conn();
+    let (web, _gw, mut c, n1) = lab();
     c.send(
         format!(
             "GET {} HTTP/1.0\r\nProxy-Authorization: {}\r\n\r\n",

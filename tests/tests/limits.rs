@@ -7,14 +7,38 @@ use std::time::{Duration, Instant};
 
 use splicegate_tests::*;
 
+/// A gateway with package 7 (`KEY`), package 8 of acme (`key8`) with
+/// `field = value`, and one direct node.
+fn gateway_with_8(field: &str, value: &str) -> Gateway {
+    Gateway::start_conf(
+        &Conf::with_package(KEY)
+            .package(PkgDecl::new(8, "acme", "key8").set(field, value))
+            .node(NodeDecl::direct("d1", node_ip())),
+    )
+}
+
+/// `package-{id}-country-us` with the key `key{id}`.
+fn creds(id: u32) -> (String, String) {
+    (format!("package-{id}-country-us"), format!("key{id}"))
+}
+
+/// A CONNECT of package `id` to `target`: the answer (the connection closed).
+fn connect_pkg(gw: &Gateway, id: u32, target: std::net::SocketAddr) -> Resp {
+    let (user, key) = creds(id);
+    gw.connect_as(client_ip(), &target.to_string(), &user, &key, &[])
+        .1
+}
+
+/// A SOCKS5 CONNECT of package `id` to `target`: how it ended.
+fn socks_pkg(gw: &Gateway, id: u32, target: std::net::SocketAddr) -> SocksOutcome {
+    let (user, key) = creds(id);
+    gw.socks_as(client_ip(), &user, &key, target).1
+}
+
 #[test]
 fn over_the_rps_limit_is_429_rate_limit_exceeded() {
     let web = HttpTarget::start();
-    let gw = Gateway::start_conf(
-        &Conf::with_package(KEY)
-            .package(PkgDecl::new(8, "acme", "key8").set("rps_limit", "3"))
-            .node(NodeDecl::direct("d1", node_ip())),
-    );
+    let gw = gateway_with_8("rps_limit", "3");
     let src = client_ip();
     let mut ok = 0;
     let mut limited = None;
@@ -58,11 +82,7 @@ fn over_the_rps_limit_is_429_rate_limit_exceeded() {
 #[test]
 fn max_connections_limits_open_client_connections() {
     let echo = TcpEcho::start();
-    let gw = Gateway::start_conf(
-        &Conf::with_package(KEY)
-            .package(PkgDecl::new(8, "acme", "key8").set("max_connections", "2"))
-            .node(NodeDecl::direct("d1", node_ip())),
-    );
+    let gw = gateway_with_8("max_connections", "2");
     let t = echo.addr().to_string();
     let open = |src| {
         let (c, r) = gw.connect_as(src, &t, "package-8-country-us", "key8", &[]);
@@ -104,15 +124,10 @@ fn stream_until_closed(
             Instant::now() < deadline,
             "the tunnel was never closed ({total} bytes)"
         );
-        match std::io::Read::read(&mut c.stream, &mut buf) {
-            Ok(0) => break,
-            Ok(n) => total += n as u64,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => break,
+        match c.try_read(&mut buf) {
+            Some(0) => break,
+            Some(n) => total += n as u64,
+            None => {}
         }
         if crossed.is_none() && total >= mark {
             crossed = Some(Instant::now());
@@ -128,35 +143,17 @@ fn a_tunnel_crossing_the_traffic_cap_is_closed_within_a_second() {
     const CAP: u64 = 300_000;
     let source = Source::start(16 * 1024, Duration::from_millis(10), None);
     let web = HttpTarget::start();
-    let gw = Gateway::start_conf(
-        &Conf::with_package(KEY)
-            .package(PkgDecl::new(8, "acme", "key8").set("traffic_limit_bytes", &CAP.to_string()))
-            .node(NodeDecl::direct("d1", node_ip())),
-    );
+    let gw = gateway_with_8("traffic_limit_bytes", &CAP.to_string());
     let (total, after) = stream_until_closed(&gw, &source, "package-8-country-us", "key8", CAP);
     assert!(
         after <= Duration::from_millis(1500),
         "closed {after:?} after crossing the cap ({total} bytes)"
     );
-    let (_c, r) = gw.connect_as(
-        client_ip(),
-        &web.addr().to_string(),
-        "package-8-country-us",
-        "key8",
-        &[],
-    );
+    let r = connect_pkg(&gw, 8, web.addr());
     assert_error(&r, 429, "TRAFFIC_LIMIT_EXCEEDED", &["8"]);
     let r = gw.forward(client_ip(), &web.url("/ip"), "package-8-country-us", "key8");
     assert_error(&r, 429, "TRAFFIC_LIMIT_EXCEEDED", &[]);
-    let mut c = gw.conn();
-    let s = socks5(
-        &mut c,
-        Some(("package-8-country-us", "key8")),
-        1,
-        &SocksAddr::of(web.addr()),
-    )
-    .unwrap();
-    assert_eq!(s, SocksOutcome::Reply(2));
+    assert_eq!(socks_pkg(&gw, 8, web.addr()), SocksOutcome::Reply(2));
     // Other packages are untouched.
     gw.exit_ok(client_ip(), &web.url("/ip"), "country-us");
 }
@@ -166,18 +163,9 @@ fn uploads_count_against_the_cap_too() {
     const CAP: u64 = 200_000;
     let sink = Sink::start();
     let web = HttpTarget::start();
-    let gw = Gateway::start_conf(
-        &Conf::with_package(KEY)
-            .package(PkgDecl::new(8, "acme", "key8").set("traffic_limit_bytes", &CAP.to_string()))
-            .node(NodeDecl::direct("d1", node_ip())),
-    );
-    let (mut c, r) = gw.connect_as(
-        client_ip(),
-        &sink.addr().to_string(),
-        "package-8-country-us",
-        "key8",
-        &[],
-    );
+    let gw = gateway_with_8("traffic_limit_bytes", &CAP.to_string());
+    let (user, key) = creds(8);
+    let (mut c, r) = gw.connect_as(client_ip(), &sink.addr().to_string(), &user, &key, &[]);
     assert_eq!(r.status, 200);
     let chunk = vec![7u8; 16 * 1024];
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -194,13 +182,7 @@ fn uploads_count_against_the_cap_too() {
         "an upload of {sent} bytes was never cut at a cap of {CAP}"
     );
     let ok = eventually(Duration::from_secs(2), Duration::from_millis(50), || {
-        let (_c, r) = gw.connect_as(
-            client_ip(),
-            &web.addr().to_string(),
-            "package-8-country-us",
-            "key8",
-            &[],
-        );
+        let r = connect_pkg(&gw, 8, web.addr());
         (r.status == 429).then_some(r)
     });
     let r = ok.expect("after the upload the package is over its cap");
@@ -224,32 +206,20 @@ fn running_out_of_credits_closes_the_tunnel_and_refuses_the_org() {
         after <= Duration::from_millis(1500),
         "closed {after:?} after the credits ran out ({total} bytes)"
     );
-    let (_c, r) = gw.connect_as(
-        client_ip(),
-        &web.addr().to_string(),
-        "package-8-country-us",
-        "key8",
-        &[],
+    assert_error(
+        &connect_pkg(&gw, 8, web.addr()),
+        407,
+        "PACKAGE_NO_CREDITS",
+        &["small"],
     );
-    assert_error(&r, 407, "PACKAGE_NO_CREDITS", &["small"]);
     // The balance is the organisation's: its other package is refused too.
-    let (_c, r) = gw.connect_as(
-        client_ip(),
-        &web.addr().to_string(),
-        "package-9-country-us",
-        "key9",
+    assert_error(
+        &connect_pkg(&gw, 9, web.addr()),
+        407,
+        "PACKAGE_NO_CREDITS",
         &[],
     );
-    assert_error(&r, 407, "PACKAGE_NO_CREDITS", &[]);
-    let mut c = gw.conn();
-    let s = socks5(
-        &mut c,
-        Some(("package-9-country-us", "key9")),
-        1,
-        &SocksAddr::of(web.addr()),
-    )
-    .unwrap();
-    assert_eq!(s, SocksOutcome::AuthStatus(1));
+    assert_eq!(socks_pkg(&gw, 9, web.addr()), SocksOutcome::AuthStatus(1));
     // Package 7 (org acme) goes on.
     gw.exit_ok(client_ip(), &web.url("/ip"), "country-us");
 }
@@ -303,9 +273,17 @@ fn a_thousand_idle_tunnels_on_bounded_threads() {
             .unwrap();
     }
     std::thread::sleep(Duration::from_millis(500));
+    // Workers + main, log writer, two resolvers and admin; never one per
+    // tunnel.
     let threads = gw.threads();
+    assert_eq!(
+        threads,
+        baseline,
+        "idle tunnels started threads: {:?}",
+        gw.thread_names()
+    );
     assert!(
-        threads <= 2 + 4,
+        threads <= 2 + 5,
         "{TUNNELS} idle tunnels: {threads} threads (baseline {baseline}, workers 2): {:?}",
         gw.thread_names()
     );
@@ -316,7 +294,7 @@ fn a_thousand_idle_tunnels_on_bounded_threads() {
     }
     let threads_after = gw.threads();
     assert!(
-        threads_after <= 2 + 4,
+        threads_after <= 2 + 5,
         "after traffic: {threads_after} threads: {:?}",
         gw.thread_names()
     );
@@ -330,11 +308,7 @@ fn a_thousand_idle_tunnels_on_bounded_threads() {
 #[test]
 fn max_connections_counts_connections_not_requests() {
     let web = HttpTarget::start();
-    let gw = Gateway::start_conf(
-        &Conf::with_package(KEY)
-            .package(PkgDecl::new(8, "acme", "key8").set("max_connections", "1"))
-            .node(NodeDecl::direct("d1", node_ip())),
-    );
+    let gw = gateway_with_8("max_connections", "1");
     let mut c = gw.conn();
     for i in 0..5 {
         let r = c

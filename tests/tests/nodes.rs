@@ -250,14 +250,7 @@ fn rotating_requests_replace_failed_nodes_transparently_up_to_two_more() {
             good.ip().to_string()
         );
     }
-    let mut c = gw.conn_from(src);
-    let s = socks5(
-        &mut c,
-        Some((&user("country-us"), KEY)),
-        1,
-        &SocksAddr::of(web.addr()),
-    )
-    .unwrap();
+    let (_c, s) = gw.socks_as(src, &user("country-us"), KEY, web.addr());
     assert_eq!(s, SocksOutcome::Reply(0));
 
     // All three down: NODE_UNAVAILABLE after three nodes.

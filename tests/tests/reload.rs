@@ -48,14 +48,7 @@ fn key_regeneration_by_reload_stops_the_old_key_at_once() {
         .unwrap();
     assert_error(&r, 407, "AUTH_FAILED", &[]);
     // SOCKS5 and CONNECT see the new key.
-    let mut c = gw.conn_from(src);
-    let s = socks5(
-        &mut c,
-        Some((&user("country-us"), KEY)),
-        1,
-        &SocksAddr::of(web.addr()),
-    )
-    .unwrap();
+    let (_c, s) = gw.socks_as(src, &user("country-us"), KEY, web.addr());
     assert_eq!(s, SocksOutcome::AuthStatus(1));
     let (_c, r) = gw.connect_as(
         src,
@@ -306,6 +299,51 @@ fn sigterm_drains_open_tunnels_then_exits_zero() {
     );
 }
 
+/// `serve --ready-file`: every listen address on port 0, two workers; the
+/// file names each address as bound, each accepts, the two workers share
+/// the proxy's one port, and a clean exit removes the file.
+#[test]
+fn the_ready_file_names_every_address_bound_on_port_0() {
+    let web = HttpTarget::start();
+    let mut conf =
+        base(node_ip()).raw("[[listener]]\nlisten = \"127.0.0.1:@PORT_L7@\"\npackage = 7\n");
+    conf.demo_echo = true;
+    let mut gw = Gateway::start_conf(&conf);
+    let ready = gw.ready().clone();
+    assert_eq!(ready["pid"], gw.pid(), "{ready}");
+    assert_eq!(ready["proxy"], serde_json::json!([gw.proxy.to_string()]));
+    assert_eq!(ready["admin"], gw.addr("ADMIN").to_string());
+    assert_eq!(ready["demo_echo"], gw.addr("ECHO").to_string());
+    assert_eq!(ready["listeners"][0]["addr"], gw.addr("L7").to_string());
+    assert_eq!(ready["listeners"][0]["package"], 7);
+    assert_eq!(ready["listeners"][0]["ip_only"], false);
+    for name in ["PROXY", "ADMIN", "ECHO", "L7"] {
+        assert_ne!(gw.port(name), 0, "{name}: {ready}");
+    }
+    // Both workers serve the one kernel-chosen port: many connections all
+    // get through (a worker listening elsewhere would leave some hanging).
+    for _ in 0..8 {
+        gw.exit_ok(client_ip(), &web.url("/ip"), "country-us");
+    }
+    let mut c = Conn::open(client_ip(), gw.addr("L7")).expect("the listener accepts");
+    let r = c
+        .connect(
+            &web.addr().to_string(),
+            Some((&user("country-us"), KEY)),
+            &[],
+        )
+        .expect("CONNECT on the listener");
+    assert_eq!(r.status, 200, "{}", r.raw_head);
+    let ready_path = gw.dir.join("ready.json");
+    assert!(ready_path.is_file());
+    gw.signal("TERM");
+    let st = gw
+        .wait_exit(Duration::from_secs(5))
+        .expect("exit after SIGTERM");
+    assert_eq!(st.code(), Some(0), "{st}");
+    assert!(!ready_path.exists(), "the ready file outlived a clean exit");
+}
+
 #[test]
 fn sigterm_when_idle_exits_promptly() {
     let mut gw = Gateway::start_conf(&base(node_ip()));
@@ -417,7 +455,10 @@ fn a_listen_address_used_twice_is_refused() {
         code, 1,
         "two [[listener]]s on one address were accepted: {err}"
     );
-    match Gateway::try_start(&same_as_proxy) {
+    // The harness gives `@PROXY@` port 0, a new port at each bind: name
+    // one real address twice (the start fails before binding anything).
+    let literal = same_as_proxy.replace("@PROXY@", "127.0.0.1:9");
+    match Gateway::try_start(&literal) {
         Err(_) => {}
         Ok(gw) => panic!(
             "serve started with one address listened on twice:\n{}",
@@ -445,13 +486,7 @@ fn open_tunnels_survive_reloads_even_of_their_node() {
     t.echo_round_trip(b"its node was removed; it runs out")
         .unwrap();
     let r = eventually(Duration::from_secs(3), Duration::from_millis(50), || {
-        let (_c, r) = gw.connect_as(
-            client_ip(),
-            &echo.addr().to_string(),
-            &user("country-us-city-new_york"),
-            KEY,
-            &[],
-        );
+        let (_c, r) = gw.connect_rules(echo.addr(), "country-us-city-new_york");
         (r.status != 200).then_some(r)
     })
     .expect("the removed node still takes new tunnels");

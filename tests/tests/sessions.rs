@@ -17,6 +17,33 @@ fn four_nodes() -> (Conf, Vec<Ipv4Addr>) {
     (c, ips)
 }
 
+/// A web target and a gateway on [`four_nodes`], and one client address.
+struct Four {
+    web: HttpTarget,
+    gw: Gateway,
+    src: Ipv4Addr,
+    ips: Vec<Ipv4Addr>,
+}
+
+impl Four {
+    fn start() -> Four {
+        let web = HttpTarget::start();
+        let (conf, ips) = four_nodes();
+        let gw = Gateway::start_conf(&conf);
+        Four {
+            web,
+            gw,
+            src: client_ip(),
+            ips,
+        }
+    }
+
+    /// The exit of a forwarded `GET /ip` with `rules`.
+    fn exit(&self, rules: &str) -> String {
+        self.gw.exit_ok(self.src, &self.web.url("/ip"), rules)
+    }
+}
+
 /// `GET /ip` inside an established tunnel.
 fn ip_over_tunnel(c: &mut Conn) -> String {
     c.send(b"GET /ip HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
@@ -25,40 +52,29 @@ fn ip_over_tunnel(c: &mut Conn) -> String {
 
 #[test]
 fn a_sticky_session_keeps_one_exit_across_protocols() {
-    let web = HttpTarget::start();
-    let (conf, ips) = four_nodes();
-    let gw = Gateway::start_conf(&conf);
-    let src = client_ip();
+    let f = Four::start();
+    let (web, gw, src, ips) = (&f.web, &f.gw, f.src, &f.ips);
     let rules = "country-us-session-stick1";
-    let first = gw.exit_ok(src, &web.url("/ip"), rules);
+    let first = f.exit(rules);
     assert!(
         ips.iter().any(|ip| ip.to_string() == first),
         "{first} is a node"
     );
     for _ in 0..8 {
-        assert_eq!(gw.exit_ok(src, &web.url("/ip"), rules), first);
+        assert_eq!(f.exit(rules), first);
     }
     // The same session through CONNECT and SOCKS5.
     let mut t = gw.tunnel(src, web.addr(), rules);
     assert_eq!(ip_over_tunnel(&mut t), first);
-    let mut c = gw.conn_from(src);
-    let s = socks5(
-        &mut c,
-        Some((&user(rules), KEY)),
-        1,
-        &SocksAddr::of(web.addr()),
-    )
-    .unwrap();
+    let (mut c, s) = gw.socks_as(src, &user(rules), KEY, web.addr());
     assert_eq!(s, SocksOutcome::Reply(0));
     assert_eq!(ip_over_tunnel(&mut c), first);
 }
 
 #[test]
 fn different_session_ids_spread_over_nodes() {
-    let web = HttpTarget::start();
-    let (conf, _) = four_nodes();
-    let gw = Gateway::start_conf(&conf);
-    let src = client_ip();
+    let f = Four::start();
+    let (web, gw, src) = (&f.web, &f.gw, f.src);
     let exits: HashSet<String> = (0..16)
         .map(|i| {
             gw.exit_ok(
@@ -73,13 +89,9 @@ fn different_session_ids_spread_over_nodes() {
 
 #[test]
 fn rotating_mode_picks_a_node_per_request() {
-    let web = HttpTarget::start();
-    let (conf, _) = four_nodes();
-    let gw = Gateway::start_conf(&conf);
-    let src = client_ip();
-    let exits: Vec<String> = (0..20)
-        .map(|_| gw.exit_ok(src, &web.url("/ip"), "country-us"))
-        .collect();
+    let f = Four::start();
+    let (web, gw, src) = (&f.web, &f.gw, f.src);
+    let exits: Vec<String> = (0..20).map(|_| f.exit("country-us")).collect();
     let distinct: HashSet<&String> = exits.iter().collect();
     assert!(
         distinct.len() >= 3,
@@ -98,14 +110,9 @@ fn rotating_mode_picks_a_node_per_request() {
 
 #[test]
 fn rotate_requests_changes_node_every_n_requests() {
-    let web = HttpTarget::start();
-    let (conf, _) = four_nodes();
-    let gw = Gateway::start_conf(&conf);
-    let src = client_ip();
+    let f = Four::start();
     let rules = "country-us-session-rot3-rotate-requests_3";
-    let exits: Vec<String> = (0..9)
-        .map(|_| gw.exit_ok(src, &web.url("/ip"), rules))
-        .collect();
+    let exits: Vec<String> = (0..9).map(|_| f.exit(rules)).collect();
     let blocks: Vec<&[String]> = exits.chunks(3).collect();
     for b in &blocks {
         assert!(
@@ -125,20 +132,17 @@ fn rotate_requests_changes_node_every_n_requests() {
 
 #[test]
 fn rotate_timed_and_sessionlength_move_to_a_new_node() {
-    let web = HttpTarget::start();
-    let (conf, _) = four_nodes();
-    let gw = Gateway::start_conf(&conf);
-    let src = client_ip();
+    let f = Four::start();
     let timed = "country-us-session-rott-rotate-timed_1";
     let short = "country-us-session-short-sessionlength-1";
-    let t1 = gw.exit_ok(src, &web.url("/ip"), timed);
-    let s1 = gw.exit_ok(src, &web.url("/ip"), short);
-    assert_eq!(gw.exit_ok(src, &web.url("/ip"), timed), t1);
-    assert_eq!(gw.exit_ok(src, &web.url("/ip"), short), s1);
+    let t1 = f.exit(timed);
+    let s1 = f.exit(short);
+    assert_eq!(f.exit(timed), t1);
+    assert_eq!(f.exit(short), s1);
     std::thread::sleep(Duration::from_millis(1300));
-    let t2 = gw.exit_ok(src, &web.url("/ip"), timed);
+    let t2 = f.exit(timed);
     assert_ne!(t2, t1, "rotate-timed_1 changed node after 1 s");
-    let s2 = gw.exit_ok(src, &web.url("/ip"), short);
+    let s2 = f.exit(short);
     assert_ne!(
         s2, s1,
         "a new session period (sessionlength-1) takes a new node"
@@ -147,11 +151,9 @@ fn rotate_timed_and_sessionlength_move_to_a_new_node() {
 
 #[test]
 fn same_session_with_other_rules_is_session_params_mismatch() {
-    let web = HttpTarget::start();
-    let (conf, _) = four_nodes();
-    let gw = Gateway::start_conf(&conf);
-    let src = client_ip();
-    let first = gw.exit_ok(src, &web.url("/ip"), "country-us-session-mm1");
+    let f = Four::start();
+    let (web, gw, src) = (&f.web, &f.gw, f.src);
+    let first = f.exit("country-us-session-mm1");
     let r = gw
         .exit_ip(src, &web.url("/ip"), "country-any-session-mm1")
         .expect_err("other rules for a live session");
@@ -178,10 +180,7 @@ fn same_session_with_other_rules_is_session_params_mismatch() {
         first
     );
     // `sessionid` is the same key as `session`.
-    assert_eq!(
-        gw.exit_ok(src, &web.url("/ip"), "country-us-sessionid-mm1"),
-        first
-    );
+    assert_eq!(f.exit("country-us-sessionid-mm1"), first);
     // Over CONNECT too.
     let (_c, r) = gw.connect_as(
         src,

@@ -17,15 +17,8 @@ fn socks5_connect_to_an_ipv4_target() {
     let n1 = node_ip();
     let echo = TcpEcho::start();
     let web = HttpTarget::start();
-    let gw = Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::direct("d1", n1)));
-    let mut c = gw.conn();
-    let s = socks5(
-        &mut c,
-        Some((&user("country-us"), KEY)),
-        1,
-        &SocksAddr::of(echo.addr()),
-    )
-    .unwrap();
+    let gw = Gateway::with_direct(n1);
+    let (mut c, s) = gw.socks_as(client_ip(), &user("country-us"), KEY, echo.addr());
     assert_eq!(s, SocksOutcome::Reply(0));
     c.echo_round_trip(b"socks5 payload \x00\x01\x02").unwrap();
     assert_eq!(echo.peers(), vec![IpAddr::V4(n1)]);
@@ -41,7 +34,7 @@ fn socks5_connect_to_an_ipv4_target() {
 fn socks5_domain_target_resolved_by_the_gateway() {
     let n1 = node_ip();
     let web = HttpTarget::start();
-    let gw = Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::direct("d1", n1)));
+    let gw = Gateway::with_direct(n1);
     let url = format!("http://localhost:{}/ip", web.addr().port());
     let out = Curl::new(client_ip())
         .socks5h(gw.proxy)
@@ -85,14 +78,12 @@ fn socks5_to_an_ipv6_target() {
     );
     let target = SocksAddr::of(echo6.addr());
     for city in ["new_york", "chicago"] {
-        let mut c = gw.conn();
-        let s = socks5(
-            &mut c,
-            Some((&user(&format!("country-us-city-{city}")), KEY)),
-            1,
-            &target,
-        )
-        .unwrap();
+        let (mut c, s) = gw.socks_as(
+            client_ip(),
+            &user(&format!("country-us-city-{city}")),
+            KEY,
+            target.clone(),
+        );
         assert_eq!(s, SocksOutcome::Reply(0), "via {city}");
         c.echo_round_trip(b"v6").unwrap();
     }
@@ -105,7 +96,7 @@ fn socks5_to_an_ipv6_target() {
 #[test]
 fn bind_and_udp_associate_get_07_unknown_address_type_08() {
     let echo = TcpEcho::start();
-    let gw = Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::direct("d1", node_ip())));
+    let gw = Gateway::with_direct(node_ip());
     for cmd in [2u8, 3] {
         let mut c = gw.conn();
         let s = socks5(
@@ -186,7 +177,7 @@ fn every_error_class_has_its_socks5_reply() {
     conf.target_ms = 1000;
     let gw = Gateway::start_conf(&conf);
     dead.stop();
-    let closed = free_port("127.0.0.1".parse().unwrap());
+    let closed = ClosedPort::new();
     let web_t = SocksAddr::of(web.addr());
     let ask = |rules: &str, target: &SocksAddr| -> SocksOutcome {
         let mut c = gw.conn();
@@ -223,7 +214,7 @@ fn every_error_class_has_its_socks5_reply() {
         (
             "TARGET_UNREACHABLE",
             "country-us-city-new_york",
-            SocksAddr::V4("127.0.0.1".parse().unwrap(), closed),
+            SocksAddr::of(closed.addr()),
             5,
         ),
         (
@@ -275,14 +266,12 @@ fn a_full_session_table_is_socks5_general_failure() {
     let t = SocksAddr::of(web.addr());
     let mut last = None;
     for i in 0..200 {
-        let mut c = gw.conn();
-        let s = socks5(
-            &mut c,
-            Some((&user(&format!("country-us-session-f{i}")), KEY)),
-            1,
-            &t,
-        )
-        .unwrap();
+        let (_c, s) = gw.socks_as(
+            client_ip(),
+            &user(&format!("country-us-session-f{i}")),
+            KEY,
+            t.clone(),
+        );
         if s != SocksOutcome::Reply(0) {
             last = Some(s);
             break;
@@ -294,7 +283,7 @@ fn a_full_session_table_is_socks5_general_failure() {
 #[test]
 fn malformed_socks5_messages_close_the_connection() {
     let web = HttpTarget::start();
-    let gw = Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::direct("d1", node_ip())));
+    let gw = Gateway::with_direct(node_ip());
     let u = user("country-us");
     let mut auth = vec![1u8, u.len() as u8];
     auth.extend_from_slice(u.as_bytes());
@@ -340,15 +329,14 @@ fn malformed_socks5_messages_close_the_connection() {
     );
 
     // After all that, a good client.
-    let mut c = gw.conn();
-    let s = socks5(&mut c, Some((&u, KEY)), 1, &SocksAddr::of(web.addr())).unwrap();
+    let (_c, s) = gw.socks_as(client_ip(), &u, KEY, web.addr());
     assert_eq!(s, SocksOutcome::Reply(0));
 }
 
 #[test]
 fn socks5_request_and_payload_in_one_write() {
     let echo = TcpEcho::start();
-    let gw = Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::direct("d1", node_ip())));
+    let gw = Gateway::with_direct(node_ip());
     let u = user("country-us");
     let mut m = vec![5u8, 1, 2, 1, u.len() as u8];
     m.extend_from_slice(u.as_bytes());

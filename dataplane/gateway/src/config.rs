@@ -323,8 +323,9 @@ impl Config {
                 bail!("listener {}: ip_only needs a package", l.listen);
             }
             // SO_REUSEPORT would let two listeners share one address and split
-            // its clients between them at random.
-            if !seen.insert(l.listen) {
+            // its clients between them at random. Port 0 is a new port each
+            // time it is bound, never a shared one.
+            if l.listen.port() != 0 && !seen.insert(l.listen) {
                 bail!(
                     "listener {}: the address is already used by [proxy] listen or another [[listener]]",
                     l.listen
@@ -567,5 +568,14 @@ mod tests {
                 .workers,
             Workers::Auto(AutoWord::Auto)
         );
+    }
+
+    #[test]
+    fn port_zero_may_be_listed_twice_a_real_port_may_not() {
+        let zero = "[proxy]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nlisten = \"127.0.0.1:0\"\n";
+        assert!(Config::parse(zero).is_ok());
+        let twice = "[proxy]\nlisten = \"127.0.0.1:7\"\n[[listener]]\nlisten = \"127.0.0.1:7\"\n";
+        let e = format!("{:#}", Config::parse(twice).unwrap_err());
+        assert!(e.contains("already used"), "{e}");
     }
 }

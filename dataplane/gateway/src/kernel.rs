@@ -4,7 +4,7 @@
 //! Anything short of an attached program leaves the same rules to the
 //! workers in user space, with one warning.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,16 +48,17 @@ impl std::fmt::Debug for Kernel {
 }
 
 /// Attach the programs if configured and possible; `None` leaves enforcement
-/// to user space (and says why, once).
-pub fn start(cfg: &Config) -> Option<Arc<Kernel>> {
+/// to user space (and says why, once). `bound`: the proxy's address, then
+/// each `[[listener]]`'s, as bound (a port 0 in the file is the kernel's
+/// choice here).
+pub fn start(cfg: &Config, bound: &[SocketAddr]) -> Option<Arc<Kernel>> {
     if !cfg.ebpf.enabled {
         tracing::info!(
             "[ebpf] disabled: per-source rates, bans and ip_only ports are enforced in user space (accepted, then closed at once)"
         );
         return None;
     }
-    let mut ports = vec![cfg.proxy.listen.port()];
-    ports.extend(cfg.listener.iter().map(|l| l.listen.port()));
+    let mut ports: Vec<u16> = bound.iter().map(SocketAddr::port).collect();
     ports.sort_unstable();
     ports.dedup();
     let mode = match cfg.ebpf.mode {
@@ -78,8 +79,9 @@ pub fn start(cfg: &Config) -> Option<Arc<Kernel>> {
             let ip_only = cfg
                 .listener
                 .iter()
-                .filter(|l| l.ip_only)
-                .filter_map(|l| l.package.map(|p| (l.listen.port(), p)))
+                .zip(bound.iter().skip(1))
+                .filter(|(l, _)| l.ip_only)
+                .filter_map(|(l, at)| l.package.map(|p| (at.port(), p)))
                 .collect();
             Some(Arc::new(Kernel {
                 enforcer: Mutex::new(enforcer),

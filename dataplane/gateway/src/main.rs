@@ -8,6 +8,7 @@ mod cpus;
 mod echo;
 mod kernel;
 mod portcheck;
+mod ready;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +43,10 @@ enum Cmd {
         /// The configuration file (TOML).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Once serving, write every bound address (the real ports when a
+        /// listen address has port 0) to this file as JSON, atomically.
+        #[arg(long, value_name = "PATH")]
+        ready_file: Option<PathBuf>,
     },
     /// Check a configuration file and exit: 0 when it is valid.
     CheckConfig {
@@ -72,7 +77,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Serve { config } => match serve(config) {
+        Cmd::Serve { config, ready_file } => match serve(config, ready_file) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("splicegate: {e:#}");
@@ -117,7 +122,7 @@ struct Logging {
     dropped: tracing_appender::non_blocking::ErrorCounter,
 }
 
-fn serve(path: Option<PathBuf>) -> Result<()> {
+fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
     let (cfg, demo) = match &path {
         Some(p) => (Config::load(p)?, false),
         None => (
@@ -139,31 +144,6 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
             (Some(log), Some(rx))
         }
     };
-    let kernel = kernel::start(&cfg);
-    if let Some(k) = &kernel {
-        k.upkeep(&engine);
-    }
-    let shared = Arc::new(Shared {
-        engine: engine.clone(),
-        settings: cfg.settings(),
-        resolver: Resolver::start(2)?,
-        access_log,
-        guard: Arc::new(splicegate_control::guard::Guard::new(cfg.guard_config())),
-        guard_at_accept: kernel.is_none(),
-        ban_sink: kernel.as_ref().map(kernel::Kernel::ban_sink),
-    });
-    let mut access = match access_rx {
-        Some(rx) => Some(AccessWriter::open(&cfg.log.access, rx)?),
-        None => None,
-    };
-
-    let echo = match cfg.demo.echo_listen {
-        Some(addr) => {
-            Some(echo::start(addr).with_context(|| format!("the built-in target on {addr}"))?)
-        }
-        None => None,
-    };
-
     let workers = cfg.proxy.workers.resolve();
     let mut listen = vec![(
         cfg.proxy.listen,
@@ -192,16 +172,51 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
         }
     }
     // Bind everything first: a port in use fails the start, not a worker.
+    // Worker 0 binds each address as configured; the others bind the address
+    // it got, so port 0 means one kernel-chosen port all workers share.
+    let mut bound: Vec<std::net::SocketAddr> = Vec::with_capacity(listen.len());
     let mut per_worker = Vec::with_capacity(workers);
-    for _ in 0..workers {
+    for w in 0..workers {
         let mut mine = Vec::new();
-        for (addr, binding) in &listen {
-            let l = splicegate_worker::bind_listener(*addr)
-                .with_context(|| format!("listening on {addr}"))?;
+        for (i, (addr, binding)) in listen.iter().enumerate() {
+            let at = if w == 0 { *addr } else { bound[i] };
+            let l = splicegate_worker::bind_listener(at)
+                .with_context(|| format!("listening on {at}"))?;
+            if w == 0 {
+                bound.push(
+                    l.local_addr()
+                        .with_context(|| format!("listening on {at}"))?,
+                );
+            }
             mine.push((l, *binding));
         }
         per_worker.push(mine);
     }
+    let kernel = kernel::start(&cfg, &bound);
+    if let Some(k) = &kernel {
+        k.upkeep(&engine);
+    }
+    let shared = Arc::new(Shared {
+        engine: engine.clone(),
+        settings: cfg.settings(),
+        resolver: Resolver::start(2)?,
+        access_log,
+        guard: Arc::new(splicegate_control::guard::Guard::new(cfg.guard_config())),
+        guard_at_accept: kernel.is_none(),
+        ban_sink: kernel.as_ref().map(kernel::Kernel::ban_sink),
+    });
+    let mut access = match access_rx {
+        Some(rx) => Some(AccessWriter::open(&cfg.log.access, rx)?),
+        None => None,
+    };
+
+    let echo = match cfg.demo.echo_listen {
+        Some(addr) => {
+            Some(echo::start(addr).with_context(|| format!("the built-in target on {addr}"))?)
+        }
+        None => None,
+    };
+
     // Pin within the process's affinity mask (taskset, CPUAffinity=,
     // cpusets), never to a CPU outside it.
     let mask = cfg.proxy.pin_workers.then(cpus::allowed).flatten();
@@ -213,7 +228,7 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
         handles.push(splicegate_worker::start(i, cpu, mine, shared.clone())?);
     }
     tracing::info!(cpus = %pinned.join(","), "workers pinned (worker i on the i-th CPU of the affinity mask; - = not pinned)");
-    let addrs: Vec<String> = listen.iter().map(|(a, _)| a.to_string()).collect();
+    let addrs: Vec<String> = bound.iter().map(ToString::to_string).collect();
     tracing::info!(listen = %addrs.join(", "), workers, "splicegate serving");
     let verdicts = kernel
         .clone()
@@ -225,8 +240,22 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
         read: Arc::new(move || log_dropped.dropped_lines() as u64),
     }];
     let admin = admin::start(&cfg, control.as_ref(), &handles, verdicts, counters)?;
+    let ready = ready::Bound {
+        proxy: vec![bound[0]],
+        listeners: listen
+            .iter()
+            .zip(&bound)
+            .skip(1)
+            .map(|((_, b), addr)| (*addr, b.package, b.ip_only))
+            .collect(),
+        admin: admin.as_ref().map(|a| a.addr),
+        demo_echo: echo,
+    };
+    if let Some(p) = &ready_file {
+        ready::write(p, &ready)?;
+    }
     if demo {
-        print_demo(&cfg, echo);
+        print_demo(&cfg, bound[0], echo, ready.admin);
     }
 
     let grace = Duration::from_secs(cfg.timeouts.drain_grace_s);
@@ -267,6 +296,9 @@ fn serve(path: Option<PathBuf>) -> Result<()> {
                     a.drain();
                 }
                 admin::stop(admin, control.as_ref());
+                if let Some(p) = &ready_file {
+                    let _ = std::fs::remove_file(p);
+                }
                 tracing::info!("drained; exiting");
                 return Ok(());
             }
@@ -359,8 +391,12 @@ fn reload(path: &std::path::Path, engine: &Engine, control: Option<&splicegate_a
     }
 }
 
-fn print_demo(cfg: &Config, echo: Option<std::net::SocketAddr>) {
-    let proxy = cfg.proxy.listen;
+fn print_demo(
+    cfg: &Config,
+    proxy: std::net::SocketAddr,
+    echo: Option<std::net::SocketAddr>,
+    admin: Option<std::net::SocketAddr>,
+) {
     let Some(target) = echo else { return };
     let decls = cfg.declarations();
     let pkg = decls.packages.first();
@@ -388,11 +424,10 @@ fn print_demo(cfg: &Config, echo: Option<std::net::SocketAddr>) {
         "Run it again: the exit address changes. Add -session-abc to the username to keep one exit;"
     );
     println!("try country-gb, city-london, or a mistake like contry-us to see the error codes.");
-    if let Some(a) = &cfg.admin {
+    if let Some(a) = admin {
         println!();
         println!(
-            "Admin API: curl http://{}/v1/packages/{id}  (also /v1/nodes, /v1/explain?username=..., /metrics)",
-            a.listen()
+            "Admin API: curl http://{a}/v1/packages/{id}  (also /v1/nodes, /v1/explain?username=..., /metrics)"
         );
     }
 }

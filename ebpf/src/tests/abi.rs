@@ -297,50 +297,23 @@ fn abi_structs_match_header() {
 fn abi_object_maps_match_header() {
     use std::mem::size_of;
     let obj = aya_obj::Object::parse(crate::OBJECT).expect("the committed object parses");
-    // BPF_MAP_TYPE_*: HASH 1, ARRAY 2, PERCPU_ARRAY 6, LPM_TRIE 11, LRU_HASH 9.
-    let expect: [(&str, u32, usize, usize, u32); 6] = [
-        (
-            abi::MAP_PORTS,
-            1,
-            size_of::<u16>(),
-            size_of::<u32>(),
-            abi::PORTS_MAX,
-        ),
-        (
-            abi::MAP_CONFIG,
-            2,
-            size_of::<u32>(),
-            size_of::<SgConfig>(),
-            abi::CONFIG_MAX,
-        ),
-        (
-            abi::MAP_BUCKETS,
-            9,
-            size_of::<SgSrcKey>(),
-            size_of::<SgBucket>(),
-            abi::BUCKETS_MAX,
-        ),
-        (
-            abi::MAP_ALLOW,
-            11,
-            size_of::<Key<SgAllowData>>(),
-            size_of::<u32>(),
-            abi::ALLOW_MAX,
-        ),
-        (
-            abi::MAP_BANS,
-            9,
-            size_of::<SgSrcKey>(),
-            size_of::<SgBan>(),
-            abi::BANS_MAX,
-        ),
-        (
-            abi::MAP_COUNTERS,
-            6,
-            size_of::<u32>(),
-            size_of::<SgCounter>(),
-            abi::VERDICT_COUNT,
-        ),
+    // BPF_MAP_TYPE_*.
+    const HASH: u32 = 1;
+    const ARRAY: u32 = 2;
+    const PERCPU_ARRAY: u32 = 6;
+    const LRU_HASH: u32 = 9;
+    const LPM_TRIE: u32 = 11;
+    /// A map's name, type, key and value sizes, and max entries.
+    fn map<K, V>(name: &str, kind: u32, max: u32) -> (&str, u32, usize, usize, u32) {
+        (name, kind, size_of::<K>(), size_of::<V>(), max)
+    }
+    let expect = [
+        map::<u16, u32>(abi::MAP_PORTS, HASH, abi::PORTS_MAX),
+        map::<u32, SgConfig>(abi::MAP_CONFIG, ARRAY, abi::CONFIG_MAX),
+        map::<SgSrcKey, SgBucket>(abi::MAP_BUCKETS, LRU_HASH, abi::BUCKETS_MAX),
+        map::<Key<SgAllowData>, u32>(abi::MAP_ALLOW, LPM_TRIE, abi::ALLOW_MAX),
+        map::<SgSrcKey, SgBan>(abi::MAP_BANS, LRU_HASH, abi::BANS_MAX),
+        map::<u32, SgCounter>(abi::MAP_COUNTERS, PERCPU_ARRAY, abi::VERDICT_COUNT),
     ];
     let mut names: Vec<&str> = obj
         .maps

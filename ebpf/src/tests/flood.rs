@@ -17,7 +17,7 @@ use std::{
 };
 
 use super::{
-    lab::{CLI_IF, Lab, LabError, SRV_IF, connect_from},
+    lab::{Lab, LabError, SRV_IF, connect_from},
     skip,
 };
 use crate::{AttachMode, Enforcer, EnforcerConfig, VerdictCounters};
@@ -63,15 +63,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
-fn tx_packets(lab: &Lab) -> u64 {
-    let p = format!("/sys/class/net/{CLI_IF}/statistics/tx_packets");
-    lab.cli
-        .exec(&["cat", &p])
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 struct Listener(Child);
 
 impl Drop for Listener {
@@ -101,7 +92,7 @@ fn scenario(lab: &Lab, name: &str, enforcer: Option<&Enforcer>, flood: bool, lis
         (lat, failed)
     });
     let counters_before = enforcer.map(|e| e.counters().unwrap()).unwrap_or_default();
-    let tx0 = tx_packets(lab);
+    let tx0 = lab.cli_stat("tx_packets");
     let lost0 = lab.cli_tx_dropped();
     let cpu0 = process_cpu(listener_pid);
     let sys0 = system_cpu();
@@ -137,7 +128,7 @@ fn scenario(lab: &Lab, name: &str, enforcer: Option<&Enforcer>, flood: bool, lis
     let secs = t0.elapsed().as_secs_f64();
     let sys1 = system_cpu();
     let cpu1 = process_cpu(listener_pid);
-    let tx1 = tx_packets(lab);
+    let tx1 = lab.cli_stat("tx_packets");
     let lost = lab.cli_tx_dropped() - lost0;
     stop.store(true, Ordering::Relaxed);
     let (mut lat, failed) = client.join().unwrap();
@@ -212,22 +203,16 @@ fn flood_measurement() {
         syn_rate: 100,
         syn_burst: 100,
     };
-    let e = lab
-        .srv
-        .run(move || Enforcer::attach(&cfg(AttachMode::Xdp)))
-        .expect("attach XDP");
-    scenario(&lab, "flood, native XDP", Some(&e), true, pid);
-    drop(e);
-    let e = lab
-        .srv
-        .run(move || Enforcer::attach(&cfg(AttachMode::Tc)))
-        .expect("attach TC");
-    scenario(&lab, "flood, TC (tcx)", Some(&e), true, pid);
-    drop(e);
-    let e = lab
-        .srv
-        .run(move || Enforcer::attach(&cfg(AttachMode::XdpGeneric)))
-        .expect("attach generic XDP");
-    scenario(&lab, "flood, generic XDP", Some(&e), true, pid);
-    drop(e);
+    for (mode, what) in [
+        (AttachMode::Xdp, "flood, native XDP"),
+        (AttachMode::Tc, "flood, TC (tcx)"),
+        (AttachMode::XdpGeneric, "flood, generic XDP"),
+    ] {
+        let e = lab
+            .srv
+            .run(move || Enforcer::attach(&cfg(mode)))
+            .unwrap_or_else(|err| panic!("attach {mode:?}: {err:?}"));
+        scenario(&lab, what, Some(&e), true, pid);
+        drop(e);
+    }
 }

@@ -288,7 +288,12 @@ impl Lab {
 
     /// Frames the client's veth failed to hand over (its `tx_dropped`).
     pub(crate) fn cli_tx_dropped(&self) -> u64 {
-        let path = format!("/sys/class/net/{CLI_IF}/statistics/tx_dropped");
+        self.cli_stat("tx_dropped")
+    }
+
+    /// A counter of the client's veth (`/sys/class/net/IF/statistics/NAME`).
+    pub(crate) fn cli_stat(&self, name: &str) -> u64 {
+        let path = format!("/sys/class/net/{CLI_IF}/statistics/{name}");
         self.cli
             .exec(&["cat", &path])
             .ok()

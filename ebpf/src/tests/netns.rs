@@ -70,14 +70,59 @@ fn settle() {
     thread::sleep(Duration::from_millis(300));
 }
 
+/// The lab with a listener on `port` of every server address, and the
+/// server's address; `None` after printing why the test skips.
+fn serving_lab(test: &str, tag: &str, port: u16) -> Option<(Lab, Ipv4Addr)> {
+    let mut lab = lab_or_skip(test, tag)?;
+    let server = lab.server_addr();
+    lab.serve(sa(Ipv4Addr::UNSPECIFIED, port));
+    Some((lab, server))
+}
+
+/// `n` raw SYNs as the counters see them: (packets, bytes).
+const fn syns(n: u64) -> (u64, u64) {
+    (n, n * SYN_FRAME)
+}
+
+/// The counters before and after `send` (with in-flight packets settled on
+/// both sides), checking that the veth lost none of what was sent.
+fn counted(lab: &Lab, e: &Enforcer, send: impl FnOnce(&Lab)) -> (VerdictCounters, VerdictCounters) {
+    settle();
+    let before = e.counters().unwrap();
+    let dropped_before = lab.cli_tx_dropped();
+    send(lab);
+    settle();
+    let after = e.counters().unwrap();
+    assert_eq!(
+        lab.cli_tx_dropped(),
+        dropped_before,
+        "the veth lost frames; the counts below would be off"
+    );
+    (before, after)
+}
+
+/// A connect from `src` to `server:port` completes within 3 s.
+fn connects(lab: &Lab, src: Ipv4Addr, server: Ipv4Addr, port: u16, why: &str) {
+    if let Err(e) = lab.connect(src, sa(server, port), Duration::from_secs(3)) {
+        panic!("{why}: connect from {src} to {server}:{port}: {e}");
+    }
+}
+
+/// A connect from `src` to `server:port` gets no answer within `within`
+/// (its SYN vanished).
+fn vanishes(lab: &Lab, src: Ipv4Addr, server: Ipv4Addr, port: u16, within: Duration, why: &str) {
+    match lab.connect(src, sa(server, port), within) {
+        Ok(_) => panic!("{why}: {src} connected to {server}:{port}"),
+        Err(err) => assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{why}: {err}"),
+    }
+}
+
 #[test]
 fn netns_xdp_flood_is_cut_to_its_rate_while_another_source_connects() {
     let test = "netns_xdp_flood_is_cut_to_its_rate_while_another_source_connects";
-    let Some(mut lab) = lab_or_skip(test, "rate") else {
+    let Some((lab, server)) = serving_lab(test, "rate", P_PROXY) else {
         return;
     };
-    let server = lab.server_addr();
-    lab.serve(sa(Ipv4Addr::UNSPECIFIED, P_PROXY));
     // 10 new connections/s per source, burst 10.
     let e = attach_in(&lab, cfg(SRV_IF, AttachMode::Xdp, &[P_PROXY], 10, 10));
     let flooder = lab.host(50);
@@ -127,7 +172,7 @@ fn netns_xdp_flood_is_cut_to_its_rate_while_another_source_connects() {
         delivered,
         "every delivered flood SYN is either dropped or admitted"
     );
-    assert_eq!(drop_rate_bytes, drop_rate * SYN_FRAME);
+    assert_eq!((drop_rate, drop_rate_bytes), syns(drop_rate));
     assert_eq!(delta(before, after, Verdict::DropBanned).0, 0);
     assert_eq!(delta(before, after, Verdict::DropNotAllowed).0, 0);
     // Passed: the admitted flood SYNs and the good source's packets.
@@ -137,11 +182,9 @@ fn netns_xdp_flood_is_cut_to_its_rate_while_another_source_connects() {
 #[test]
 fn netns_xdp_ip_only_port_admits_its_allowlist_only() {
     let test = "netns_xdp_ip_only_port_admits_its_allowlist_only";
-    let Some(mut lab) = lab_or_skip(test, "iponly") else {
+    let Some((lab, server)) = serving_lab(test, "iponly", P_IP_ONLY) else {
         return;
     };
-    let server = lab.server_addr();
-    lab.serve(sa(Ipv4Addr::UNSPECIFIED, P_IP_ONLY));
     let mut e = attach_in(&lab, cfg(SRV_IF, AttachMode::Xdp, &[P_PROXY], 0, 0));
     let (allowed, stranger, ghost) = (lab.host(2), lab.host(3), lab.host(60));
     e.set_ip_only(
@@ -153,37 +196,35 @@ fn netns_xdp_ip_only_port_admits_its_allowlist_only() {
     )
     .unwrap();
 
-    lab.connect(allowed, sa(server, P_IP_ONLY), Duration::from_secs(3))
-        .expect("an allowlisted address connects");
-    let err = lab
-        .connect(stranger, sa(server, P_IP_ONLY), Duration::from_millis(700))
-        .unwrap_err();
-    assert_eq!(
-        err.kind(),
-        std::io::ErrorKind::TimedOut,
-        "a stranger's SYN vanishes: {err}"
+    connects(
+        &lab,
+        allowed,
+        server,
+        P_IP_ONLY,
+        "an allowlisted address connects",
+    );
+    let ms700 = Duration::from_millis(700);
+    vanishes(
+        &lab,
+        stranger,
+        server,
+        P_IP_ONLY,
+        ms700,
+        "a stranger's SYN vanishes",
     );
 
-    settle();
-    let before = e.counters().unwrap();
-    let dropped_before = lab.cli_tx_dropped();
-    lab.send_syns(stranger, P_IP_ONLY, 25, 1);
-    lab.send_syns(ghost, P_IP_ONLY, 25, 1);
-    settle();
-    let after = e.counters().unwrap();
-    assert_eq!(
-        lab.cli_tx_dropped(),
-        dropped_before,
-        "the veth lost frames; the counts below would be off"
-    );
+    let (before, after) = counted(&lab, &e, |lab| {
+        lab.send_syns(stranger, P_IP_ONLY, 25, 1);
+        lab.send_syns(ghost, P_IP_ONLY, 25, 1);
+    });
     assert_eq!(
         delta(before, after, Verdict::DropNotAllowed),
-        (25, 25 * SYN_FRAME),
+        syns(25),
         "strangers' SYNs"
     );
     assert_eq!(
         delta(before, after, Verdict::Pass),
-        (25, 25 * SYN_FRAME),
+        syns(25),
         "allowlisted SYNs"
     );
     assert_eq!(
@@ -194,46 +235,35 @@ fn netns_xdp_ip_only_port_admits_its_allowlist_only() {
 
     // Clearing the allowlist opens the port.
     e.clear_ip_only(P_IP_ONLY).unwrap();
-    lab.connect(stranger, sa(server, P_IP_ONLY), Duration::from_secs(3))
-        .expect("open after clear_ip_only");
+    connects(
+        &lab,
+        stranger,
+        server,
+        P_IP_ONLY,
+        "open after clear_ip_only",
+    );
 }
 
 #[test]
 fn netns_xdp_ban_drops_then_expires() {
     let test = "netns_xdp_ban_drops_then_expires";
-    let Some(mut lab) = lab_or_skip(test, "ban") else {
+    let Some((lab, server)) = serving_lab(test, "ban", P_PROXY) else {
         return;
     };
-    let server = lab.server_addr();
-    lab.serve(sa(Ipv4Addr::UNSPECIFIED, P_PROXY));
     let mut e = attach_in(&lab, cfg(SRV_IF, AttachMode::Xdp, &[P_PROXY], 0, 0));
     let (banned, other) = (lab.host(4), lab.host(2));
 
     let ban = Duration::from_millis(2500);
     let banned_at = Instant::now();
     e.ban(banned.into(), ban).unwrap();
-    let err = lab
-        .connect(banned, sa(server, P_PROXY), Duration::from_millis(500))
-        .unwrap_err();
-    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "banned: {err}");
-    lab.connect(other, sa(server, P_PROXY), Duration::from_secs(3))
-        .expect("others are not banned");
+    let ms500 = Duration::from_millis(500);
+    vanishes(&lab, banned, server, P_PROXY, ms500, "banned");
+    connects(&lab, other, server, P_PROXY, "others are not banned");
 
-    settle();
-    let before = e.counters().unwrap();
-    let dropped_before = lab.cli_tx_dropped();
-    lab.send_syns(banned, P_PROXY, 15, 1);
-    settle();
-    let after = e.counters().unwrap();
-    assert_eq!(
-        lab.cli_tx_dropped(),
-        dropped_before,
-        "the veth lost frames; the counts below would be off"
-    );
-    assert_eq!(
-        delta(before, after, Verdict::DropBanned),
-        (15, 15 * SYN_FRAME)
-    );
+    let (before, after) = counted(&lab, &e, |lab| {
+        lab.send_syns(banned, P_PROXY, 15, 1);
+    });
+    assert_eq!(delta(before, after, Verdict::DropBanned), syns(15));
     assert_eq!(delta(before, after, Verdict::Pass).0, 0);
     assert!(
         banned_at.elapsed() < ban,
@@ -242,39 +272,28 @@ fn netns_xdp_ban_drops_then_expires() {
 
     // Expiry is the program's own clock comparison: no unban call.
     thread::sleep((ban + Duration::from_millis(300)).saturating_sub(banned_at.elapsed()));
-    lab.connect(banned, sa(server, P_PROXY), Duration::from_secs(3))
-        .expect("the ban expired");
+    connects(&lab, banned, server, P_PROXY, "the ban expired");
 }
 
 #[test]
 fn netns_tc_tcx_drops_and_detaches() {
     let test = "netns_tc_tcx_drops_and_detaches";
-    let Some(mut lab) = lab_or_skip(test, "tcx") else {
+    let Some((lab, server)) = serving_lab(test, "tcx", P_PROXY) else {
         return;
     };
-    let server = lab.server_addr();
-    lab.serve(sa(Ipv4Addr::UNSPECIFIED, P_PROXY));
     let banned = lab.host(4);
     let mut e = attach_in(&lab, cfg(SRV_IF, AttachMode::Tc, &[P_PROXY], 0, 0));
     e.ban(banned.into(), Duration::from_secs(600)).unwrap();
-    lab.connect(lab.host(2), sa(server, P_PROXY), Duration::from_secs(3))
-        .expect("TC passes the others");
-    settle();
-    let before = e.counters().unwrap();
-    lab.send_syns(banned, P_PROXY, 10, 1);
-    settle();
-    assert_eq!(
-        delta(before, e.counters().unwrap(), Verdict::DropBanned),
-        (10, 10 * SYN_FRAME)
-    );
-    assert!(
-        lab.connect(banned, sa(server, P_PROXY), Duration::from_millis(500))
-            .is_err()
-    );
+    connects(&lab, lab.host(2), server, P_PROXY, "TC passes the others");
+    let (before, after) = counted(&lab, &e, |lab| {
+        lab.send_syns(banned, P_PROXY, 10, 1);
+    });
+    assert_eq!(delta(before, after, Verdict::DropBanned), syns(10));
+    let ms500 = Duration::from_millis(500);
+    vanishes(&lab, banned, server, P_PROXY, ms500, "banned under TC");
     // Detached on drop: an attached program would keep its maps, and the ban.
     drop(e);
-    lab.connect(banned, sa(server, P_PROXY), Duration::from_secs(3))
-        .expect("detached");
+    connects(&lab, banned, server, P_PROXY, "detached");
 }
 
 fn has_clsact(lab: &Lab) -> bool {
@@ -287,11 +306,9 @@ fn has_clsact(lab: &Lab) -> bool {
 #[test]
 fn netns_tc_legacy_clsact_is_created_and_removed_only_if_ours() {
     let test = "netns_tc_legacy_clsact_is_created_and_removed_only_if_ours";
-    let Some(mut lab) = lab_or_skip(test, "clsact") else {
+    let Some((lab, server)) = serving_lab(test, "clsact", P_PROXY) else {
         return;
     };
-    let server = lab.server_addr();
-    lab.serve(sa(Ipv4Addr::UNSPECIFIED, P_PROXY));
     let banned = lab.host(4);
 
     for preexisting in [false, true] {
@@ -331,10 +348,7 @@ fn netns_tc_legacy_clsact_is_created_and_removed_only_if_ours() {
         settle();
         tx.send(()).unwrap();
         let after = holder.join().unwrap();
-        assert_eq!(
-            delta(before, after, Verdict::DropBanned),
-            (10, 10 * SYN_FRAME)
-        );
+        assert_eq!(delta(before, after, Verdict::DropBanned), syns(10));
         assert_eq!(
             has_clsact(&lab),
             preexisting,
@@ -345,8 +359,7 @@ fn netns_tc_legacy_clsact_is_created_and_removed_only_if_ours() {
             .exec(&["tc", "filter", "show", "dev", SRV_IF, "ingress"])
             .unwrap();
         assert!(!filters.contains("sg_tc"), "our filter is gone: {filters}");
-        lab.connect(banned, sa(server, P_PROXY), Duration::from_secs(3))
-            .expect("detached");
+        connects(&lab, banned, server, P_PROXY, "detached");
     }
 }
 

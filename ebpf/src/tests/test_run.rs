@@ -90,13 +90,43 @@ fn run(e: &mut Enforcer, prog: Prog, frame: &[u8]) -> Out {
 }
 
 fn syn(src: &str, dport: u16) -> Vec<u8> {
-    let s = ip(src);
-    pk::tcp_frame(s, server_for(s), 40000, dport, pk::SYN)
+    with_flags(src, dport, pk::SYN)
 }
 
 fn with_flags(src: &str, dport: u16, flags: u8) -> Vec<u8> {
     let s = ip(src);
-    pk::tcp_frame(s, server_for(s), 40001, dport, flags)
+    pk::tcp_frame(s, server_for(s), 40000, dport, flags)
+}
+
+/// One packet: from `src` to port `dport` with TCP `flags`, and the verdict
+/// it must get; `what` names it in a failure.
+type Row<'a> = (&'a str, u16, u8, Out, &'a str);
+
+/// Run every row through `prog`, each against its verdict.
+fn check(e: &mut Enforcer, prog: Prog, rows: &[Row<'_>]) {
+    for &(src, dport, flags, want, what) in rows {
+        assert_eq!(
+            run(e, prog, &with_flags(src, dport, flags)),
+            want,
+            "{prog:?} {what}: {src} -> :{dport} flags {flags:#x}"
+        );
+    }
+}
+
+/// `rows`, `n` times over.
+fn repeat<'a>(n: usize, rows: &[Row<'a>]) -> Vec<Row<'a>> {
+    rows.iter().cycle().take(n * rows.len()).copied().collect()
+}
+
+/// Run `body` for each program on a fresh detached enforcer (proxy port
+/// [`PROXY`], SYN rate and burst as given); skips when BPF cannot load.
+fn each_prog(test: &str, syn_rate: u32, syn_burst: u32, mut body: impl FnMut(&mut Enforcer, Prog)) {
+    for prog in PROGS {
+        let Some(mut e) = load_or_skip(test, &[PROXY], syn_rate, syn_burst) else {
+            return;
+        };
+        body(&mut e, prog);
+    }
 }
 
 fn delta(before: VerdictCounters, after: VerdictCounters, v: Verdict) -> Counter {
@@ -107,26 +137,39 @@ fn delta(before: VerdictCounters, after: VerdictCounters, v: Verdict) -> Counter
     }
 }
 
+/// Packets counted under each verdict between two readings, in the order
+/// Pass, DropRate, DropNotAllowed, DropBanned.
+fn packets(before: VerdictCounters, after: VerdictCounters) -> [u64; 4] {
+    [
+        Verdict::Pass,
+        Verdict::DropRate,
+        Verdict::DropNotAllowed,
+        Verdict::DropBanned,
+    ]
+    .map(|v| delta(before, after, v).packets)
+}
+
+const P: Out = Out::Pass;
+const D: Out = Out::Drop;
+
 #[test]
 fn test_run_pass_counts_packets_and_bytes() {
-    for prog in PROGS {
-        let Some(mut e) = load_or_skip("test_run_pass_counts_packets_and_bytes", &[PROXY], 0, 0)
-        else {
-            return;
-        };
+    each_prog("test_run_pass_counts_packets_and_bytes", 0, 0, |e, prog| {
         let before = e.counters().unwrap();
-        let f4 = syn("198.51.100.10", PROXY);
-        let f6 = syn("2001:db8:10::1", PROXY);
-        let ack6 = with_flags("2001:db8:10::1", PROXY, pk::ACK);
-        assert_eq!(run(&mut e, prog, &f4), Out::Pass, "{prog:?}");
-        assert_eq!(run(&mut e, prog, &f6), Out::Pass, "{prog:?}");
-        assert_eq!(run(&mut e, prog, &ack6), Out::Pass, "{prog:?}");
+        let frames = [
+            syn("198.51.100.10", PROXY),
+            syn("2001:db8:10::1", PROXY),
+            with_flags("2001:db8:10::1", PROXY, pk::ACK),
+        ];
+        for f in &frames {
+            assert_eq!(run(e, prog, f), Out::Pass, "{prog:?}");
+        }
         let after = e.counters().unwrap();
-        let pass = delta(before, after, Verdict::Pass);
-        assert_eq!(pass.packets, 3, "{prog:?}");
+        assert_eq!(packets(before, after), [3, 0, 0, 0], "{prog:?}");
+        let bytes: usize = frames.iter().map(Vec::len).sum();
         assert_eq!(
-            pass.bytes,
-            (f4.len() + f6.len() + ack6.len()) as u64,
+            delta(before, after, Verdict::Pass).bytes,
+            bytes as u64,
             "{prog:?}"
         );
         for v in [
@@ -140,131 +183,82 @@ fn test_run_pass_counts_packets_and_bytes() {
                 "{prog:?} {v:?}"
             );
         }
-    }
+    });
 }
 
 #[test]
 fn test_run_syn_rate_per_source_ipv4_and_ipv6_64() {
-    for prog in PROGS {
-        // 1 SYN/s, burst 3: the 4th SYN in a row is dropped.
-        let Some(mut e) = load_or_skip(
-            "test_run_syn_rate_per_source_ipv4_and_ipv6_64",
-            &[PROXY],
-            1,
-            3,
-        ) else {
-            return;
-        };
-        let before = e.counters().unwrap();
-        for i in 0..3 {
+    // 1 SYN/s, burst 3: the 4th SYN in a row is dropped.
+    each_prog(
+        "test_run_syn_rate_per_source_ipv4_and_ipv6_64",
+        1,
+        3,
+        |e, prog| {
+            let before = e.counters().unwrap();
+            let src = "198.51.100.20";
+            let mut rows = repeat(3, &[(src, PROXY, pk::SYN, P, "SYN within the burst")]);
+            rows.extend_from_slice(&[
+                (src, PROXY, pk::SYN, D, "4th SYN"),
+                // Not SYNs: the handshake's ACK, data, SYN-ACK, RST are never limited.
+                (src, PROXY, pk::ACK, P, "ACK"),
+                (src, PROXY, pk::SYN | pk::ACK, P, "SYN-ACK"),
+                (src, PROXY, pk::RST, P, "RST"),
+                // Another source has its own bucket; another port is not limited.
+                ("198.51.100.21", PROXY, pk::SYN, P, "another source"),
+                (src, OTHER, pk::SYN, P, "another port"),
+                // IPv6: one bucket per /64.
+                ("2001:db8:5:6::1", PROXY, pk::SYN, P, "v6 SYN 0"),
+                ("2001:db8:5:6::2", PROXY, pk::SYN, P, "v6 SYN 1"),
+                ("2001:db8:5:6::3", PROXY, pk::SYN, P, "v6 SYN 2"),
+                ("2001:db8:5:6:ffff::9", PROXY, pk::SYN, D, "same /64"),
+                ("2001:db8:5:7::1", PROXY, pk::SYN, P, "other /64"),
+            ]);
+            check(e, prog, &rows);
+            // 3 + 3 non-SYN + 1 + 3 + 1 passes; the OTHER port is not counted.
             assert_eq!(
-                run(&mut e, prog, &syn("198.51.100.20", PROXY)),
-                Out::Pass,
-                "{prog:?} SYN {i}"
-            );
-        }
-        assert_eq!(
-            run(&mut e, prog, &syn("198.51.100.20", PROXY)),
-            Out::Drop,
-            "{prog:?} 4th SYN"
-        );
-        // Not SYNs: the handshake's ACK, data, SYN-ACK, RST are never limited.
-        for flags in [pk::ACK, pk::SYN | pk::ACK, pk::RST] {
-            assert_eq!(
-                run(&mut e, prog, &with_flags("198.51.100.20", PROXY, flags)),
-                Out::Pass,
-                "{prog:?} {flags:#x}"
-            );
-        }
-        // Another source has its own bucket; another port is not limited.
-        assert_eq!(
-            run(&mut e, prog, &syn("198.51.100.21", PROXY)),
-            Out::Pass,
-            "{prog:?}"
-        );
-        assert_eq!(
-            run(&mut e, prog, &syn("198.51.100.20", OTHER)),
-            Out::Pass,
-            "{prog:?}"
-        );
-
-        // IPv6: one bucket per /64.
-        for i in 0..3 {
-            let src = format!("2001:db8:5:6::{}", i + 1);
-            assert_eq!(
-                run(&mut e, prog, &syn(&src, PROXY)),
-                Out::Pass,
-                "{prog:?} v6 SYN {i}"
-            );
-        }
-        assert_eq!(
-            run(&mut e, prog, &syn("2001:db8:5:6:ffff::9", PROXY)),
-            Out::Drop,
-            "{prog:?} same /64"
-        );
-        assert_eq!(
-            run(&mut e, prog, &syn("2001:db8:5:7::1", PROXY)),
-            Out::Pass,
-            "{prog:?} other /64"
-        );
-
-        let after = e.counters().unwrap();
-        assert_eq!(
-            delta(before, after, Verdict::DropRate).packets,
-            2,
-            "{prog:?}"
-        );
-        // 3 + 3 non-SYN + 1 + 3 + 1 passes; the OTHER port is not counted.
-        assert_eq!(delta(before, after, Verdict::Pass).packets, 11, "{prog:?}");
-
-        // The bucket refills: one token per second.
-        thread::sleep(Duration::from_millis(1100));
-        assert_eq!(
-            run(&mut e, prog, &syn("198.51.100.20", PROXY)),
-            Out::Pass,
-            "{prog:?} refilled"
-        );
-        assert_eq!(
-            run(&mut e, prog, &syn("198.51.100.20", PROXY)),
-            Out::Drop,
-            "{prog:?} one token only"
-        );
-
-        // A new limit applies at once; rate 0 turns the limiter off.
-        e.set_syn_limit(0, 0).unwrap();
-        for _ in 0..5 {
-            assert_eq!(
-                run(&mut e, prog, &syn("198.51.100.20", PROXY)),
-                Out::Pass,
-                "{prog:?} limiter off"
-            );
-        }
-        // Removing the port from the proxy ports stops judging it.
-        e.set_syn_limit(1, 1).unwrap();
-        e.set_proxy_ports(&[]).unwrap();
-        let before = e.counters().unwrap();
-        for _ in 0..3 {
-            assert_eq!(
-                run(&mut e, prog, &syn("198.51.100.30", PROXY)),
-                Out::Pass,
+                packets(before, e.counters().unwrap()),
+                [11, 2, 0, 0],
                 "{prog:?}"
             );
-        }
-        assert_eq!(
-            e.counters().unwrap(),
-            before,
-            "{prog:?}: an unconfigured port is not counted"
-        );
-    }
+
+            // The bucket refills: one token per second.
+            thread::sleep(Duration::from_millis(1100));
+            check(
+                e,
+                prog,
+                &[
+                    (src, PROXY, pk::SYN, P, "refilled"),
+                    (src, PROXY, pk::SYN, D, "one token only"),
+                ],
+            );
+            // A new limit applies at once; rate 0 turns the limiter off.
+            e.set_syn_limit(0, 0).unwrap();
+            check(
+                e,
+                prog,
+                &repeat(5, &[(src, PROXY, pk::SYN, P, "limiter off")]),
+            );
+            // Removing the port from the proxy ports stops judging it.
+            e.set_syn_limit(1, 1).unwrap();
+            e.set_proxy_ports(&[]).unwrap();
+            let before = e.counters().unwrap();
+            check(
+                e,
+                prog,
+                &repeat(3, &[("198.51.100.30", PROXY, pk::SYN, P, "unconfigured")]),
+            );
+            assert_eq!(
+                e.counters().unwrap(),
+                before,
+                "{prog:?}: an unconfigured port is not counted"
+            );
+        },
+    );
 }
 
 #[test]
 fn test_run_ip_only_allowlists_per_port() {
-    for prog in PROGS {
-        let Some(mut e) = load_or_skip("test_run_ip_only_allowlists_per_port", &[PROXY], 0, 0)
-        else {
-            return;
-        };
+    each_prog("test_run_ip_only_allowlists_per_port", 0, 0, |e, prog| {
         let allow = [
             "10.1.0.0/16".parse().unwrap(),
             "2001:db8:1::/48".parse().unwrap(),
@@ -274,236 +268,146 @@ fn test_run_ip_only_allowlists_per_port() {
         e.set_ip_only(IP_ONLY + 1, &["10.2.0.0/16".parse().unwrap()])
             .unwrap();
         let before = e.counters().unwrap();
-
+        check(
+            e,
+            prog,
+            &[
+                ("10.1.2.3", IP_ONLY, pk::SYN, P, "listed"),
+                ("10.1.2.3", IP_ONLY, pk::ACK, P, "listed ACK"),
+                ("2001:db8:1:2::3", IP_ONLY, pk::SYN, P, "listed v6"),
+                // Strangers: every packet, not only SYNs.
+                ("10.2.0.1", IP_ONLY, pk::SYN, D, "stranger"),
+                ("10.2.0.1", IP_ONLY, pk::ACK, D, "stranger ACK"),
+                ("2001:db8:2::1", IP_ONLY, pk::SYN, D, "stranger v6"),
+                ("10.1.2.3", IP_ONLY + 1, pk::SYN, D, "other port's list"),
+                ("10.2.0.1", IP_ONLY + 1, pk::SYN, P, "its own port"),
+                // The proxy port is open to all.
+                ("10.2.0.1", PROXY, pk::SYN, P, "proxy port"),
+            ],
+        );
         assert_eq!(
-            run(&mut e, prog, &syn("10.1.2.3", IP_ONLY)),
-            Out::Pass,
+            packets(before, e.counters().unwrap()),
+            [5, 0, 4, 0],
             "{prog:?}"
         );
-        assert_eq!(
-            run(&mut e, prog, &with_flags("10.1.2.3", IP_ONLY, pk::ACK)),
-            Out::Pass,
-            "{prog:?}"
-        );
-        assert_eq!(
-            run(&mut e, prog, &syn("2001:db8:1:2::3", IP_ONLY)),
-            Out::Pass,
-            "{prog:?}"
-        );
-        // Strangers: every packet, not only SYNs.
-        assert_eq!(
-            run(&mut e, prog, &syn("10.2.0.1", IP_ONLY)),
-            Out::Drop,
-            "{prog:?}"
-        );
-        assert_eq!(
-            run(&mut e, prog, &with_flags("10.2.0.1", IP_ONLY, pk::ACK)),
-            Out::Drop,
-            "{prog:?}"
-        );
-        assert_eq!(
-            run(&mut e, prog, &syn("2001:db8:2::1", IP_ONLY)),
-            Out::Drop,
-            "{prog:?}"
-        );
-        assert_eq!(
-            run(&mut e, prog, &syn("10.1.2.3", IP_ONLY + 1)),
-            Out::Drop,
-            "{prog:?} other port's list"
-        );
-        assert_eq!(
-            run(&mut e, prog, &syn("10.2.0.1", IP_ONLY + 1)),
-            Out::Pass,
-            "{prog:?}"
-        );
-        // The proxy port is open to all.
-        assert_eq!(
-            run(&mut e, prog, &syn("10.2.0.1", PROXY)),
-            Out::Pass,
-            "{prog:?}"
-        );
-
-        let after = e.counters().unwrap();
-        assert_eq!(
-            delta(before, after, Verdict::DropNotAllowed).packets,
-            4,
-            "{prog:?}"
-        );
-        assert_eq!(delta(before, after, Verdict::Pass).packets, 5, "{prog:?}");
 
         // Replacing the list drops the old entries.
         e.set_ip_only(IP_ONLY, &["::ffff:10.9.0.0/112".parse().unwrap()])
             .unwrap();
-        assert_eq!(
-            run(&mut e, prog, &syn("10.9.8.7", IP_ONLY)),
-            Out::Pass,
-            "{prog:?} mapped entry"
-        );
-        assert_eq!(
-            run(&mut e, prog, &syn("10.1.2.3", IP_ONLY)),
-            Out::Drop,
-            "{prog:?} old entry gone"
-        );
-        assert_eq!(
-            run(&mut e, prog, &syn("2001:db8:1:2::3", IP_ONLY)),
-            Out::Drop,
-            "{prog:?} old v6 entry gone"
+        check(
+            e,
+            prog,
+            &[
+                ("10.9.8.7", IP_ONLY, pk::SYN, P, "mapped entry"),
+                ("10.1.2.3", IP_ONLY, pk::SYN, D, "old entry gone"),
+                ("2001:db8:1:2::3", IP_ONLY, pk::SYN, D, "old v6 entry gone"),
+            ],
         );
         // An empty list drops everyone; clearing admits everyone.
         e.set_ip_only(IP_ONLY, &[]).unwrap();
-        assert_eq!(
-            run(&mut e, prog, &syn("10.9.8.7", IP_ONLY)),
-            Out::Drop,
-            "{prog:?} empty list"
-        );
+        check(e, prog, &[("10.9.8.7", IP_ONLY, pk::SYN, D, "empty list")]);
         e.clear_ip_only(IP_ONLY).unwrap();
-        assert_eq!(
-            run(&mut e, prog, &syn("10.2.0.1", IP_ONLY)),
-            Out::Pass,
-            "{prog:?} cleared"
-        );
-    }
+        check(e, prog, &[("10.2.0.1", IP_ONLY, pk::SYN, P, "cleared")]);
+    });
 }
 
 #[test]
 fn test_run_bans_drop_until_they_expire() {
-    for prog in PROGS {
-        let Some(mut e) = load_or_skip("test_run_bans_drop_until_they_expire", &[PROXY], 0, 0)
-        else {
-            return;
-        };
+    each_prog("test_run_bans_drop_until_they_expire", 0, 0, |e, prog| {
         e.set_ip_only(IP_ONLY, &["10.5.0.0/16".parse().unwrap()])
             .unwrap();
         let before = e.counters().unwrap();
-
         e.ban(ip("10.5.0.1"), Duration::from_secs(60)).unwrap();
-        assert_eq!(
-            run(&mut e, prog, &syn("10.5.0.1", PROXY)),
-            Out::Drop,
-            "{prog:?}"
-        );
-        assert_eq!(
-            run(&mut e, prog, &with_flags("10.5.0.1", PROXY, pk::ACK)),
-            Out::Drop,
-            "{prog:?} all packets"
-        );
-        // A ban beats the allowlist.
-        assert_eq!(
-            run(&mut e, prog, &syn("10.5.0.1", IP_ONLY)),
-            Out::Drop,
-            "{prog:?}"
-        );
-        assert_eq!(
-            run(&mut e, prog, &syn("10.5.0.2", PROXY)),
-            Out::Pass,
-            "{prog:?} neighbour"
-        );
-        // Traffic to other ports is not the gateway's business.
-        assert_eq!(
-            run(&mut e, prog, &syn("10.5.0.1", OTHER)),
-            Out::Pass,
-            "{prog:?} other port"
-        );
-
         // IPv6 bans cover the /64.
         e.ban(ip("2001:db8:9:9::1"), Duration::from_secs(60))
             .unwrap();
-        assert_eq!(
-            run(&mut e, prog, &syn("2001:db8:9:9:abcd::1", PROXY)),
-            Out::Drop,
-            "{prog:?} same /64"
+        check(
+            e,
+            prog,
+            &[
+                ("10.5.0.1", PROXY, pk::SYN, D, "banned"),
+                ("10.5.0.1", PROXY, pk::ACK, D, "all packets"),
+                // A ban beats the allowlist.
+                ("10.5.0.1", IP_ONLY, pk::SYN, D, "banned, listed"),
+                ("10.5.0.2", PROXY, pk::SYN, P, "neighbour"),
+                // Traffic to other ports is not the gateway's business.
+                ("10.5.0.1", OTHER, pk::SYN, P, "other port"),
+                ("2001:db8:9:9:abcd::1", PROXY, pk::SYN, D, "same /64"),
+                ("2001:db8:9:a::1", PROXY, pk::SYN, P, "other /64"),
+            ],
         );
         assert_eq!(
-            run(&mut e, prog, &syn("2001:db8:9:a::1", PROXY)),
-            Out::Pass,
-            "{prog:?} other /64"
-        );
-
-        let after = e.counters().unwrap();
-        assert_eq!(
-            delta(before, after, Verdict::DropBanned).packets,
-            4,
+            packets(before, e.counters().unwrap()),
+            [2, 0, 0, 4],
             "{prog:?}"
         );
-        assert_eq!(delta(before, after, Verdict::Pass).packets, 2, "{prog:?}");
 
         // Expiry is the program's comparison with bpf_ktime_get_ns().
         e.ban_until_ns(ip("10.5.0.1"), monotonic_ns() - 1).unwrap();
-        assert_eq!(
-            run(&mut e, prog, &syn("10.5.0.1", PROXY)),
-            Out::Pass,
-            "{prog:?} expired"
-        );
         e.ban(ip("10.5.0.3"), Duration::from_millis(150)).unwrap();
-        assert_eq!(
-            run(&mut e, prog, &syn("10.5.0.3", PROXY)),
-            Out::Drop,
-            "{prog:?} fresh"
+        check(
+            e,
+            prog,
+            &[
+                ("10.5.0.1", PROXY, pk::SYN, P, "expired"),
+                ("10.5.0.3", PROXY, pk::SYN, D, "fresh"),
+            ],
         );
         thread::sleep(Duration::from_millis(250));
-        assert_eq!(
-            run(&mut e, prog, &syn("10.5.0.3", PROXY)),
-            Out::Pass,
-            "{prog:?} expired by time"
+        check(
+            e,
+            prog,
+            &[("10.5.0.3", PROXY, pk::SYN, P, "expired by time")],
         );
         // Unban lifts at once; unbanning twice is fine.
         e.unban(ip("2001:db8:9:9::77")).unwrap();
         e.unban(ip("2001:db8:9:9::77")).unwrap();
-        assert_eq!(
-            run(&mut e, prog, &syn("2001:db8:9:9::1", PROXY)),
-            Out::Pass,
-            "{prog:?} unbanned"
+        check(
+            e,
+            prog,
+            &[("2001:db8:9:9::1", PROXY, pk::SYN, P, "unbanned")],
         );
-    }
+    });
 }
 
 #[test]
 fn test_run_parses_vlan_and_ipv6_extension_headers() {
-    for prog in PROGS {
-        let Some(mut e) = load_or_skip(
-            "test_run_parses_vlan_and_ipv6_extension_headers",
-            &[PROXY],
-            0,
-            0,
-        ) else {
-            return;
-        };
-        e.ban(ip("10.7.0.1"), Duration::from_secs(60)).unwrap();
-        e.ban(ip("2001:db8:7::1"), Duration::from_secs(60)).unwrap();
-        let v4 = ip("10.7.0.1");
-        let v6 = ip("2001:db8:7::1");
-        assert_eq!(
-            run(
-                &mut e,
-                prog,
-                &pk::vlan_tcp_frame(v4, v4_server(), PROXY, pk::SYN)
-            ),
-            Out::Drop,
-            "{prog:?} vlan"
-        );
-        // Hop-by-hop, destination options and routing headers are walked.
-        let exts = [(0u8, 0u8), (60, 1), (43, 0)];
-        let f = pk::ipv6_ext_tcp_frame(v6, v6_server(), PROXY, &exts);
-        assert_eq!(run(&mut e, prog, &f), Out::Drop, "{prog:?} v6 ext headers");
-        // IPv4 with options.
-        let seg = pk::tcp_segment(v4, v4_server(), 40000, PROXY, pk::SYN, &[]);
-        let f = pk::eth(
-            pk::ETH_P_IP,
-            &pk::ipv4([10, 7, 0, 1], [192, 0, 2, 1], pk::PROTO_TCP, 0, 8, &seg),
-        );
-        assert_eq!(run(&mut e, prog, &f), Out::Drop, "{prog:?} v4 options");
-    }
+    each_prog(
+        "test_run_parses_vlan_and_ipv6_extension_headers",
+        0,
+        0,
+        |e, prog| {
+            e.ban(ip("10.7.0.1"), Duration::from_secs(60)).unwrap();
+            e.ban(ip("2001:db8:7::1"), Duration::from_secs(60)).unwrap();
+            let v4 = ip("10.7.0.1");
+            let v6 = ip("2001:db8:7::1");
+            assert_eq!(
+                run(
+                    e,
+                    prog,
+                    &pk::vlan_tcp_frame(v4, v4_server(), PROXY, pk::SYN)
+                ),
+                Out::Drop,
+                "{prog:?} vlan"
+            );
+            // Hop-by-hop, destination options and routing headers are walked.
+            let exts = [(0u8, 0u8), (60, 1), (43, 0)];
+            let f = pk::ipv6_ext_tcp_frame(v6, v6_server(), PROXY, &exts);
+            assert_eq!(run(e, prog, &f), Out::Drop, "{prog:?} v6 ext headers");
+            // IPv4 with options.
+            let seg = pk::tcp_segment(v4, v4_server(), 40000, PROXY, pk::SYN, &[]);
+            let f = v4_frame([10, 7, 0, 1], pk::PROTO_TCP, 0, 8, &seg);
+            assert_eq!(run(e, prog, &f), Out::Drop, "{prog:?} v4 options");
+        },
+    );
 }
 
 #[test]
 fn test_run_passes_what_it_does_not_judge_untouched_and_uncounted() {
-    for prog in PROGS {
-        let test = "test_run_passes_what_it_does_not_judge_untouched_and_uncounted";
-        // Everything configured to drop: a banned source, an ip_only port with
-        // an empty list, a limiter with burst 1 already used.
-        let Some(mut e) = load_or_skip(test, &[PROXY], 1, 1) else {
-            return;
-        };
+    let test = "test_run_passes_what_it_does_not_judge_untouched_and_uncounted";
+    // Everything configured to drop: a banned source, an ip_only port with
+    // an empty list, a limiter with burst 1 already used.
+    each_prog(test, 1, 1, |e, prog| {
         let v4 = ip("10.8.0.1");
         let v6 = ip("2001:db8:8::1");
         e.ban(v4, Duration::from_secs(60)).unwrap();
@@ -518,10 +422,7 @@ fn test_run_passes_what_it_does_not_judge_untouched_and_uncounted() {
         let mut fixtures: Vec<(&str, Vec<u8>)> = vec![
             (
                 "udp to the proxy port",
-                pk::eth(
-                    pk::ETH_P_IP,
-                    &pk::ipv4([10, 8, 0, 1], [192, 0, 2, 1], pk::PROTO_UDP, 0, 5, &udp),
-                ),
+                v4_frame([10, 8, 0, 1], pk::PROTO_UDP, 0, 5, &udp),
             ),
             (
                 "udp over ipv6",
@@ -532,46 +433,22 @@ fn test_run_passes_what_it_does_not_judge_untouched_and_uncounted() {
             ),
             (
                 "icmp",
-                pk::eth(
-                    pk::ETH_P_IP,
-                    &pk::ipv4(
-                        [10, 8, 0, 1],
-                        [192, 0, 2, 1],
-                        pk::PROTO_ICMP,
-                        0,
-                        5,
-                        &[8, 0, 0, 0, 0, 0, 0, 0],
-                    ),
+                v4_frame(
+                    [10, 8, 0, 1],
+                    pk::PROTO_ICMP,
+                    0,
+                    5,
+                    &[8, 0, 0, 0, 0, 0, 0, 0],
                 ),
             ),
             ("arp", pk::arp_frame()),
             (
                 "ipv4 first fragment (MF)",
-                pk::eth(
-                    pk::ETH_P_IP,
-                    &pk::ipv4(
-                        [10, 8, 0, 1],
-                        [192, 0, 2, 1],
-                        pk::PROTO_TCP,
-                        0x2000,
-                        5,
-                        &seg4,
-                    ),
-                ),
+                v4_frame([10, 8, 0, 1], pk::PROTO_TCP, 0x2000, 5, &seg4),
             ),
             (
                 "ipv4 later fragment",
-                pk::eth(
-                    pk::ETH_P_IP,
-                    &pk::ipv4(
-                        [10, 8, 0, 1],
-                        [192, 0, 2, 1],
-                        pk::PROTO_TCP,
-                        0x0003,
-                        5,
-                        &seg4,
-                    ),
-                ),
+                v4_frame([10, 8, 0, 1], pk::PROTO_TCP, 0x0003, 5, &seg4),
             ),
             (
                 "ipv6 fragment header",
@@ -634,13 +511,10 @@ fn test_run_passes_what_it_does_not_judge_untouched_and_uncounted() {
         // A frame as long as an MTU, TCP to an unconfigured port.
         fixtures.push(("full-size frame", {
             let seg = pk::tcp_segment(v4, v4_server(), 40000, OTHER, pk::ACK, &[0xAB; 1460]);
-            pk::eth(
-                pk::ETH_P_IP,
-                &pk::ipv4([10, 8, 0, 1], [192, 0, 2, 1], pk::PROTO_TCP, 0, 5, &seg),
-            )
+            v4_frame([10, 8, 0, 1], pk::PROTO_TCP, 0, 5, &seg)
         }));
         for (what, frame) in &fixtures {
-            assert_eq!(run(&mut e, prog, frame), Out::Pass, "{prog:?}: {what}");
+            assert_eq!(run(e, prog, frame), Out::Pass, "{prog:?}: {what}");
         }
         assert_eq!(
             e.counters().unwrap(),
@@ -650,14 +524,22 @@ fn test_run_passes_what_it_does_not_judge_untouched_and_uncounted() {
         // ... while the same source's well-formed SYN is judged.
         assert_eq!(
             run(
-                &mut e,
+                e,
                 prog,
                 &pk::tcp_frame(v4, v4_server(), 40000, PROXY, pk::SYN)
             ),
             Out::Drop,
             "{prog:?}"
         );
-    }
+    });
+}
+
+/// An Ethernet frame of an IPv4 packet from `src` to the IPv4 server.
+fn v4_frame(src: [u8; 4], proto: u8, frag: u16, ihl: u8, payload: &[u8]) -> Vec<u8> {
+    pk::eth(
+        pk::ETH_P_IP,
+        &pk::ipv4(src, [192, 0, 2, 1], proto, frag, ihl, payload),
+    )
 }
 
 fn v6_bytes(a: IpAddr) -> [u8; 16] {

@@ -3,44 +3,35 @@
 //! that hold from the next request (keys, status, node state), metrics that
 //! move with traffic.
 
-mod common;
-
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use common::*;
 use serde_json::Value;
+use splicegate_tests::ops::*;
+use splicegate_tests::{Gateway, eventually};
 
 /// The file every test starts from: org `acme` (100 credits), package 7
 /// (1 credit per GB), and a `direct` node `file-1` in New York on `node`.
 fn conf(s: &Setup, node: Ipv4Addr, health: &str, acme_credits: f64) -> String {
-    format!(
-        r#"{head}
-[[org]]
-id = "acme"
-credits = {acme_credits:.1}
-
-[[package]]
-id = 7
-org = "acme"
-key = "pk_file_7"
-price_per_gb = 1.0
-
-[[node]]
-id = "file-1"
-kind = "direct"
-bind = "{node}"
-country = "us"
-region = "new_york"
-city = "new_york"
-isp = "verizon_wireless"
-asn = 701
-"#,
-        head = s.head(health)
-    )
+    let place = "country = \"us\"\nregion = \"new_york\"\ncity = \"new_york\"\nisp = \"verizon_wireless\"\nasn = 701";
+    [
+        s.head(health),
+        org_and_package("acme", acme_credits, 7, "pk_file_7", "price_per_gb = 1.0\n"),
+        direct_node("file-1", node, place),
+    ]
+    .concat()
 }
 
 const NO_PROBES: &str = "interval_s = 3600";
+
+/// A setup named `tag`, a target, and a gateway on [`conf`] without
+/// probes, its node on `ip(node)` and acme with 100 credits.
+fn start(tag: &str, node: u8) -> (Setup, IpEcho, Gateway) {
+    let s = Setup::new(tag);
+    let target = IpEcho::start(local(0)).unwrap();
+    let gw = s.start(&conf(&s, ip(node), NO_PROBES, 100.0));
+    (s, target, gw)
+}
 
 fn ip(last: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 3, last)
@@ -67,29 +58,27 @@ fn every_endpoint_answers_as_documented() {
     let target = IpEcho::start(local(0)).unwrap();
 
     // 1. Open endpoints, the token, and the error format.
-    let a = http(gw.admin(), "GET", "/healthz", None, None);
+    let a = http(gw.admin_addr(), "GET", "/healthz", None, None);
     assert_eq!(a.status, 200);
-    let a = http(gw.admin(), "GET", "/", None, None);
+    let a = http(gw.admin_addr(), "GET", "/", None, None);
     assert_eq!(a.status, 200);
     assert!(a.header("content-type").unwrap().starts_with("text/html"));
     for token in [None, Some("wrong")] {
-        let a = http(gw.admin(), "GET", "/v1/orgs", token, None);
+        let a = http(gw.admin_addr(), "GET", "/v1/orgs", token, None);
         assert_eq!(a.status, 401, "{token:?}");
         assert_eq!(a.json()["error"], "unauthorized");
         assert!(a.json()["message"].as_str().unwrap().contains("Bearer"));
     }
-    assert_eq!(http(gw.admin(), "GET", "/metrics", None, None).status, 401);
+    assert_eq!(
+        http(gw.admin_addr(), "GET", "/metrics", None, None).status,
+        401
+    );
     let nf = gw.expect("GET", "/v1/nothing", None, 404);
     assert_eq!(nf["error"], "not_found");
     gw.expect("PUT", "/v1/orgs", Some("{}"), 405);
 
     // 2. Organisations.
-    let beta = gw.expect(
-        "POST",
-        "/v1/orgs",
-        Some(r#"{"id": "beta", "credits": 50.5}"#),
-        201,
-    );
+    let beta = gw.created("/v1/orgs", r#"{"id": "beta", "credits": 50.5}"#);
     assert_eq!(beta["balance"], 50.5);
     assert_eq!(beta["from_file"], false);
     gw.expect("POST", "/v1/orgs", Some(r#"{"id": "beta"}"#), 409);
@@ -103,7 +92,7 @@ fn every_endpoint_answers_as_documented() {
         "invalid"
     );
     gw.expect("POST", "/v1/orgs", Some(r#"{"id": "has space"}"#), 422);
-    let orgs = gw.expect("GET", "/v1/orgs", None, 200);
+    let orgs = gw.get_json("/v1/orgs");
     assert_eq!(ids(&orgs, "id"), ["acme", "beta"]);
     assert_eq!(orgs[0]["from_file"], true);
     assert_eq!(orgs[0]["packages"], serde_json::json!([7]));
@@ -137,18 +126,10 @@ fn every_endpoint_answers_as_documented() {
         Some(r#"{"amount": 1}"#),
         404,
     );
-    assert_eq!(
-        gw.expect("GET", "/v1/orgs/beta", None, 200)["balance"],
-        75.5
-    );
+    assert_eq!(gw.get_json("/v1/orgs/beta")["balance"], 75.5);
 
     // 3. Packages: a missing key is generated and returned once.
-    let p = gw.expect(
-        "POST",
-        "/v1/packages",
-        Some(r#"{"org": "beta", "protocols": ["https", "http"], "price_per_gb": 2.5, "traffic_limit_bytes": 1000000}"#),
-        201,
-    );
+    let p = gw.created("/v1/packages", r#"{"org": "beta", "protocols": ["https", "http"], "price_per_gb": 2.5, "traffic_limit_bytes": 1000000}"#);
     assert_eq!(p["id"], 8, "the next free id");
     let key = p["key"].as_str().unwrap().to_string();
     assert!(key.starts_with("pk_") && key.len() == 27, "{key}");
@@ -175,13 +156,13 @@ fn every_endpoint_answers_as_documented() {
         Some(r#"{"id": 9, "status": "on"}"#),
         422,
     );
-    let list = gw.expect("GET", "/v1/packages", None, 200);
+    let list = gw.get_json("/v1/packages");
     assert_eq!(ids(&list, "id"), ["7", "8"]);
     assert!(
         list[0].get("key").is_none(),
         "keys are shown once, at creation"
     );
-    let p8 = gw.expect("GET", "/v1/packages/8", None, 200);
+    let p8 = gw.get_json("/v1/packages/8");
     for field in [
         "bytes_up",
         "bytes_down",
@@ -193,11 +174,9 @@ fn every_endpoint_answers_as_documented() {
     }
     gw.expect("GET", "/v1/packages/99", None, 404);
     gw.expect("GET", "/v1/packages/abc", None, 404);
-    let p8 = gw.expect(
-        "PATCH",
+    let p8 = gw.patched(
         "/v1/packages/8",
-        Some(r#"{"rps_limit": 50, "default_rules": "country-us"}"#),
-        200,
+        r#"{"rps_limit": 50, "default_rules": "country-us"}"#,
     );
     assert_eq!(p8["rps_limit"], 50);
     assert_eq!(p8["org"], "beta", "untouched fields stay");
@@ -229,11 +208,11 @@ fn every_endpoint_answers_as_documented() {
 
     // 4. Traffic, so usage, errors and sessions have something to show.
     let user = "package-8-country-us-session-s1";
-    let seen = exit_ip(gw.proxy(), client(1), target.addr, user, "pk_custom_8");
+    let seen = exit_ip(gw.proxy, client(1), target.addr, user, "pk_custom_8");
     assert_eq!(seen.as_deref(), Ok("127.0.3.1"));
     assert_eq!(
         exit_ip(
-            gw.proxy(),
+            gw.proxy,
             client(1),
             target.addr,
             "package-8-country-gb",
@@ -241,20 +220,20 @@ fn every_endpoint_answers_as_documented() {
         ),
         Err("NODE_NOT_FOUND".to_string())
     );
-    let p8 = gw.expect("GET", "/v1/packages/8", None, 200);
+    let p8 = gw.get_json("/v1/packages/8");
     assert_eq!(p8["requests"], 1);
     assert!(p8["bytes_down"].as_u64().unwrap() > 0, "{p8}");
-    let errs = gw.expect("GET", "/v1/packages/8/errors", None, 200);
+    let errs = gw.get_json("/v1/packages/8/errors");
     assert_eq!(errs[0]["code"], "NODE_NOT_FOUND", "{errs}");
     assert_eq!(errs[0]["status"], 502);
     assert_eq!(errs[0]["protocol"], "https");
     assert!(errs[0]["time"].as_str().unwrap().ends_with('Z'));
-    let all = gw.expect("GET", "/v1/errors?limit=5", None, 200);
+    let all = gw.get_json("/v1/errors?limit=5");
     assert_eq!(all[0]["package"], 8);
     gw.expect("GET", "/v1/errors?limit=x", None, 400);
     gw.expect("GET", "/v1/packages/99/errors", None, 404);
 
-    let sessions = gw.expect("GET", "/v1/sessions?package=8", None, 200);
+    let sessions = gw.get_json("/v1/sessions?package=8");
     assert_eq!(sessions.as_array().unwrap().len(), 1, "{sessions}");
     let s1 = &sessions[0];
     assert_eq!(s1["id"], "s1");
@@ -262,10 +241,7 @@ fn every_endpoint_answers_as_documented() {
     assert_eq!(s1["rules"], "package-8-country-us");
     assert_eq!(s1["requests"], 1);
     assert!(s1["expires_in_s"].as_u64().unwrap() > 300, "{s1}");
-    assert_eq!(
-        gw.expect("GET", "/v1/sessions?package=7", None, 200),
-        serde_json::json!([])
-    );
+    assert_eq!(gw.get_json("/v1/sessions?package=7"), serde_json::json!([]));
     gw.expect("GET", "/v1/sessions?package=x", None, 400);
     gw.expect("DELETE", "/v1/sessions/8/s1", None, 204);
     gw.expect("DELETE", "/v1/sessions/8/s1", None, 404);
@@ -277,12 +253,7 @@ fn every_endpoint_answers_as_documented() {
     gw.expect("POST", "/v1/packages/99/usage/reset", None, 404);
 
     // 5. Nodes.
-    let n = gw.expect(
-        "POST",
-        "/v1/nodes",
-        Some(r#"{"id": "api-1", "kind": "direct", "bind": "127.0.3.2", "country": "gb", "city": "london", "isp": "bt", "network": "mob"}"#),
-        201,
-    );
+    let n = gw.created("/v1/nodes", r#"{"id": "api-1", "kind": "direct", "bind": "127.0.3.2", "country": "gb", "city": "london", "isp": "bt", "network": "mob"}"#);
     assert_eq!(n["state"], "online");
     assert_eq!(n["healthy"], true);
     assert_eq!(n["from_file"], false);
@@ -310,7 +281,7 @@ fn every_endpoint_answers_as_documented() {
         Some(r#"{"id": "x", "kind": "http"}"#),
         422,
     );
-    let nodes = gw.expect("GET", "/v1/nodes", None, 200);
+    let nodes = gw.get_json("/v1/nodes");
     assert_eq!(ids(&nodes, "id"), ["api-1", "file-1"]);
     for field in [
         "state",
@@ -322,16 +293,8 @@ fn every_endpoint_answers_as_documented() {
         assert!(nodes[1].get(field).is_some(), "{field}");
     }
     assert_eq!(nodes[1]["from_file"], true);
-    assert_eq!(
-        gw.expect("GET", "/v1/nodes/api-1", None, 200)["city"],
-        "london"
-    );
-    let d = gw.expect(
-        "PATCH",
-        "/v1/nodes/api-1",
-        Some(r#"{"state": "draining"}"#),
-        200,
-    );
+    assert_eq!(gw.get_json("/v1/nodes/api-1")["city"], "london");
+    let d = gw.patched("/v1/nodes/api-1", r#"{"state": "draining"}"#);
     assert_eq!(
         (d["state"].as_str(), d["admin_state"].as_str()),
         (Some("draining"), Some("draining"))
@@ -342,11 +305,9 @@ fn every_endpoint_answers_as_documented() {
         Some(r#"{"state": "asleep"}"#),
         422,
     );
-    let moved = gw.expect(
-        "PATCH",
+    let moved = gw.patched(
         "/v1/nodes/api-1",
-        Some(r#"{"city": "manchester", "state": "online"}"#),
-        200,
+        r#"{"city": "manchester", "state": "online"}"#,
     );
     assert_eq!(moved["city"], "manchester");
     assert_eq!(
@@ -366,7 +327,7 @@ fn every_endpoint_answers_as_documented() {
     );
 
     // 6. The catalogue with node counts.
-    let countries = gw.expect("GET", "/v1/geo/countries", None, 200);
+    let countries = gw.get_json("/v1/geo/countries");
     assert!(
         countries
             .as_array()
@@ -374,48 +335,32 @@ fn every_endpoint_answers_as_documented() {
             .contains(&serde_json::json!({"country": "us", "online_nodes": 1})),
         "{countries}"
     );
-    let cities = gw.expect("GET", "/v1/geo/cities?country=gb", None, 200);
+    let cities = gw.get_json("/v1/geo/cities?country=gb");
     assert!(
         cities.as_array().unwrap().contains(
             &serde_json::json!({"country": "gb", "name": "manchester", "online_nodes": 1})
         ),
         "{cities}"
     );
-    let isps = gw.expect("GET", "/v1/geo/isps?country=us", None, 200);
+    let isps = gw.get_json("/v1/geo/isps?country=us");
     assert_eq!(isps[0]["name"], "verizon_wireless");
     assert_eq!(
-        gw.expect("GET", "/v1/geo/regions?country=us", None, 200)[0]["name"],
+        gw.get_json("/v1/geo/regions?country=us")[0]["name"],
         "new_york"
     );
-    assert!(
-        gw.expect("GET", "/v1/geo/cities", None, 200)
-            .as_array()
-            .unwrap()
-            .len()
-            >= 3
-    );
+    assert!(gw.get_json("/v1/geo/cities").as_array().unwrap().len() >= 3);
     gw.expect("GET", "/v1/geo/cities?country=USA", None, 400);
 
     // 7. Explain: rules with defaults, the code, matching nodes.
-    let ex = gw.expect(
-        "GET",
-        "/v1/explain?username=package-7-country-us",
-        None,
-        200,
-    );
+    let ex = gw.get_json("/v1/explain?username=package-7-country-us");
     assert_eq!(ex["answer"]["code"], "OK");
     assert_eq!(ex["matching_nodes"], 1);
     assert_eq!(ex["rules"]["onerror"], "replace");
     assert_eq!(ex["rules"]["network"], "any");
-    let ex = gw.expect("GET", "/v1/explain?username=package-7-contry-us", None, 200);
+    let ex = gw.get_json("/v1/explain?username=package-7-contry-us");
     assert_eq!(ex["answer"]["code"], "ERR_UNKNOWN_PARAM");
     assert_eq!(ex["answer"]["status"], 400);
-    let ex = gw.expect(
-        "GET",
-        "/v1/explain?username=package-7-country-gb-city-manchester",
-        None,
-        200,
-    );
+    let ex = gw.get_json("/v1/explain?username=package-7-country-gb-city-manchester");
     assert_eq!(ex["matching_nodes"], 1);
     assert_eq!(ex["rules"]["city"], "manchester");
     gw.expect("GET", "/v1/explain", None, 400);
@@ -425,12 +370,7 @@ fn every_endpoint_answers_as_documented() {
     gw.expect("GET", "/v1/nodes/api-1", None, 404);
     gw.expect("DELETE", "/v1/nodes/api-1", None, 404);
     gw.expect("DELETE", "/v1/nodes/file-1", None, 409);
-    let ex = gw.expect(
-        "GET",
-        "/v1/explain?username=package-7-country-gb",
-        None,
-        200,
-    );
+    let ex = gw.get_json("/v1/explain?username=package-7-country-gb");
     assert_eq!(ex["answer"]["code"], "NODE_NOT_FOUND");
 
     // 9. Metrics (text exposition, behind the token).
@@ -443,48 +383,30 @@ fn every_endpoint_answers_as_documented() {
         a.body
     );
 
-    // 10. Workers + main + admin + 2 resolver threads.
-    assert_eq!(gw.threads(), 1 + 4, "threads of a one-worker gateway");
-    drop(gw);
-    s.remove();
+    // 10. Workers + main + log writer + admin + 2 resolver threads.
+    assert_eq!(gw.threads(), 1 + 5, "threads of a one-worker gateway");
 }
 
 #[test]
 fn changes_and_usage_survive_a_restart_and_file_credits_are_a_first_grant() {
-    let s = Setup::new("restart");
-    let target = IpEcho::start(local(0)).unwrap();
-    let mut gw = s.start(&conf(&s, ip(10), NO_PROBES, 100.0));
-    gw.expect(
-        "POST",
-        "/v1/orgs",
-        Some(r#"{"id": "beta", "credits": 10}"#),
-        201,
-    );
+    let (s, target, mut gw) = start("restart", 10);
+    gw.created("/v1/orgs", r#"{"id": "beta", "credits": 10}"#);
     gw.expect(
         "POST",
         "/v1/orgs/beta/credits",
         Some(r#"{"amount": 5}"#),
         200,
     );
-    let p = gw.expect(
-        "POST",
+    let p = gw.created(
         "/v1/packages",
-        Some(r#"{"id": 20, "org": "beta", "price_per_gb": 1000}"#),
-        201,
+        r#"{"id": 20, "org": "beta", "price_per_gb": 1000}"#,
     );
     let key = p["key"].as_str().unwrap().to_string();
-    gw.expect(
-        "POST",
+    gw.created(
         "/v1/nodes",
-        Some(r#"{"id": "api-off", "kind": "direct", "bind": "127.0.3.11", "country": "de"}"#),
-        201,
+        r#"{"id": "api-off", "kind": "direct", "bind": "127.0.3.11", "country": "de"}"#,
     );
-    gw.expect(
-        "PATCH",
-        "/v1/nodes/api-off",
-        Some(r#"{"state": "offline"}"#),
-        200,
-    );
+    gw.patched("/v1/nodes/api-off", r#"{"state": "offline"}"#);
     gw.expect(
         "POST",
         "/v1/orgs/acme/credits",
@@ -494,7 +416,7 @@ fn changes_and_usage_survive_a_restart_and_file_credits_are_a_first_grant() {
     for _ in 0..3 {
         assert_eq!(
             exit_ip(
-                gw.proxy(),
+                gw.proxy,
                 client(10),
                 target.addr,
                 "package-20-country-us",
@@ -505,7 +427,7 @@ fn changes_and_usage_survive_a_restart_and_file_credits_are_a_first_grant() {
         );
         assert!(
             exit_ip(
-                gw.proxy(),
+                gw.proxy,
                 client(10),
                 target.addr,
                 "package-7-country-us",
@@ -518,9 +440,9 @@ fn changes_and_usage_survive_a_restart_and_file_credits_are_a_first_grant() {
     let settled = |id: u64| {
         let path = format!("/v1/packages/{id}");
         let mut last = Value::Null;
-        eventually(Duration::from_secs(5), || {
+        eventually(Duration::from_secs(5), Duration::from_millis(50), || {
             std::thread::sleep(Duration::from_millis(300));
-            let now = gw.expect("GET", &path, None, 200);
+            let now = gw.get_json(&path);
             let same =
                 now["bytes_down"] == last["bytes_down"] && now["bytes_up"] == last["bytes_up"];
             last = now.clone();
@@ -530,7 +452,7 @@ fn changes_and_usage_survive_a_restart_and_file_credits_are_a_first_grant() {
     };
     let before20 = settled(20);
     let before7 = settled(7);
-    let beta_before = gw.expect("GET", "/v1/orgs/beta", None, 200);
+    let beta_before = gw.get_json("/v1/orgs/beta");
     assert!(
         beta_before["balance"].as_f64().unwrap() < 15.0,
         "1000 credits/GB charged: {beta_before}"
@@ -542,8 +464,8 @@ fn changes_and_usage_survive_a_restart_and_file_credits_are_a_first_grant() {
 
     // The file now grants acme 500: a file's credits are its first grant only.
     let gw = s.start(&conf(&s, ip(10), NO_PROBES, 500.0));
-    let after20 = gw.expect("GET", "/v1/packages/20", None, 200);
-    let after7 = gw.expect("GET", "/v1/packages/7", None, 200);
+    let after20 = gw.get_json("/v1/packages/20");
+    let after7 = gw.get_json("/v1/packages/7");
     for f in [
         "bytes_up",
         "bytes_down",
@@ -558,19 +480,19 @@ fn changes_and_usage_survive_a_restart_and_file_credits_are_a_first_grant() {
     }
     assert_eq!(after20["requests"], 3);
     assert_eq!(
-        gw.expect("GET", "/v1/orgs/beta", None, 200)["balance"],
+        gw.get_json("/v1/orgs/beta")["balance"],
         beta_before["balance"]
     );
-    let acme = gw.expect("GET", "/v1/orgs/acme", None, 200);
+    let acme = gw.get_json("/v1/orgs/acme");
     assert_eq!(
         acme["granted"], 107.0,
         "100 first + 7 granted; the file's 500 ignored: {acme}"
     );
-    let node = gw.expect("GET", "/v1/nodes/api-off", None, 200);
+    let node = gw.get_json("/v1/nodes/api-off");
     assert_eq!(node["state"], "offline");
     assert_eq!(
         exit_ip(
-            gw.proxy(),
+            gw.proxy,
             client(11),
             target.addr,
             "package-20-country-us",
@@ -580,25 +502,16 @@ fn changes_and_usage_survive_a_restart_and_file_credits_are_a_first_grant() {
         Ok("127.0.3.10"),
         "the API's key survived"
     );
-    drop(gw);
-    s.remove();
 }
 
 #[test]
 fn a_new_key_works_and_the_old_fails_at_once() {
-    let s = Setup::new("keys");
-    let target = IpEcho::start(local(0)).unwrap();
-    let gw = s.start(&conf(&s, ip(20), NO_PROBES, 100.0));
-    let p = gw.expect(
-        "POST",
-        "/v1/packages",
-        Some(r#"{"id": 30, "org": "acme"}"#),
-        201,
-    );
+    let (_s, target, gw) = start("keys", 20);
+    let p = gw.created("/v1/packages", r#"{"id": 30, "org": "acme"}"#);
     let old = p["key"].as_str().unwrap().to_string();
     let user = "package-30-country-us";
     assert_eq!(
-        curl_connect(gw.proxy(), client(20), target.addr, user, &old),
+        curl_connect(gw.proxy, client(20), target.addr, user, &old),
         (200, "127.0.3.20".to_string())
     );
     let new = gw.expect("POST", "/v1/packages/30/key", None, 200)["key"]
@@ -607,133 +520,86 @@ fn a_new_key_works_and_the_old_fails_at_once() {
         .to_string();
     // No wait: the next request sees the new policy.
     assert_eq!(
-        curl_connect(gw.proxy(), client(20), target.addr, user, &old).0,
+        curl_connect(gw.proxy, client(20), target.addr, user, &old).0,
         407
     );
     assert_eq!(
-        curl_connect(gw.proxy(), client(20), target.addr, user, &new),
+        curl_connect(gw.proxy, client(20), target.addr, user, &new),
         (200, "127.0.3.20".to_string())
     );
-    let t = connect(gw.proxy(), client(21), target.addr, user, &old);
+    let t = connect(gw.proxy, client(21), target.addr, user, &old);
     assert_eq!((t.status, t.code.as_deref()), (407, Some("AUTH_FAILED")));
-    drop(gw);
-    s.remove();
 }
 
 #[test]
 fn a_paused_package_answers_package_paused() {
-    let s = Setup::new("paused");
-    let target = IpEcho::start(local(0)).unwrap();
-    let gw = s.start(&conf(&s, ip(30), NO_PROBES, 100.0));
-    gw.expect(
-        "POST",
+    let (_s, target, gw) = start("paused", 30);
+    gw.created(
         "/v1/packages",
-        Some(r#"{"id": 31, "org": "acme", "key": "pk_31_key"}"#),
-        201,
+        r#"{"id": 31, "org": "acme", "key": "pk_31_key"}"#,
     );
     let user = "package-31-country-any";
-    assert!(exit_ip(gw.proxy(), client(30), target.addr, user, "pk_31_key").is_ok());
-    gw.expect(
-        "PATCH",
-        "/v1/packages/31",
-        Some(r#"{"status": "paused"}"#),
-        200,
-    );
-    let t = connect(gw.proxy(), client(30), target.addr, user, "pk_31_key");
+    assert!(exit_ip(gw.proxy, client(30), target.addr, user, "pk_31_key").is_ok());
+    gw.patched("/v1/packages/31", r#"{"status": "paused"}"#);
+    let t = connect(gw.proxy, client(30), target.addr, user, "pk_31_key");
     assert_eq!(
         (t.status, t.code.as_deref()),
         (407, Some("PACKAGE_PAUSED")),
         "{}",
         t.head
     );
-    gw.expect(
-        "PATCH",
-        "/v1/packages/31",
-        Some(r#"{"status": "suspended"}"#),
-        200,
-    );
-    let t = connect(gw.proxy(), client(30), target.addr, user, "pk_31_key");
+    gw.patched("/v1/packages/31", r#"{"status": "suspended"}"#);
+    let t = connect(gw.proxy, client(30), target.addr, user, "pk_31_key");
     assert_eq!(t.code.as_deref(), Some("PACKAGE_SUSPENDED"));
-    gw.expect(
-        "PATCH",
-        "/v1/packages/31",
-        Some(r#"{"status": "active"}"#),
-        200,
-    );
-    assert!(exit_ip(gw.proxy(), client(30), target.addr, user, "pk_31_key").is_ok());
+    gw.patched("/v1/packages/31", r#"{"status": "active"}"#);
+    assert!(exit_ip(gw.proxy, client(30), target.addr, user, "pk_31_key").is_ok());
     // The data plane records checks 1-5 without their package: the global list has them.
-    let errs = gw.expect("GET", "/v1/errors", None, 200);
+    let errs = gw.get_json("/v1/errors");
     assert_eq!(errs[0]["code"], "PACKAGE_SUSPENDED", "{errs}");
     assert_eq!(errs[1]["code"], "PACKAGE_PAUSED");
-    drop(gw);
-    s.remove();
 }
 
 #[test]
 fn a_node_set_offline_gets_no_new_tunnels() {
-    let s = Setup::new("offline");
-    let target = IpEcho::start(local(0)).unwrap();
-    let gw = s.start(&conf(&s, ip(40), NO_PROBES, 100.0));
+    let (_s, target, gw) = start("offline", 40);
     for (id, last) in [("de-a", 41), ("de-b", 42)] {
         let body = format!(
             r#"{{"id": "{id}", "kind": "direct", "bind": "127.0.3.{last}", "country": "de"}}"#
         );
-        gw.expect("POST", "/v1/nodes", Some(&body), 201);
+        gw.created("/v1/nodes", &body);
     }
     let user = "package-7-country-de";
     let exits = |n: usize| -> Vec<String> {
         (0..n)
-            .map(|_| exit_ip(gw.proxy(), client(40), target.addr, user, "pk_file_7").unwrap())
+            .map(|_| exit_ip(gw.proxy, client(40), target.addr, user, "pk_file_7").unwrap())
             .collect()
     };
-    gw.expect(
-        "PATCH",
-        "/v1/nodes/de-a",
-        Some(r#"{"state": "offline"}"#),
-        200,
-    );
+    gw.patched("/v1/nodes/de-a", r#"{"state": "offline"}"#);
     let seen = exits(20);
     assert!(seen.iter().all(|e| e == "127.0.3.42"), "{seen:?}");
-    assert_eq!(
-        gw.expect("GET", "/v1/nodes/de-a", None, 200)["state"],
-        "offline"
-    );
+    assert_eq!(gw.get_json("/v1/nodes/de-a")["state"], "offline");
     let m = gw.metrics();
     assert_eq!(
         sample(&m, "splicegate_nodes{state=\"offline\"}"),
         1.0,
         "{m}"
     );
-    gw.expect(
-        "PATCH",
-        "/v1/nodes/de-a",
-        Some(r#"{"state": "draining"}"#),
-        200,
-    );
+    gw.patched("/v1/nodes/de-a", r#"{"state": "draining"}"#);
     assert!(
         exits(10).iter().all(|e| e == "127.0.3.42"),
         "draining takes no new tunnels"
     );
-    gw.expect(
-        "PATCH",
-        "/v1/nodes/de-a",
-        Some(r#"{"state": "online"}"#),
-        200,
-    );
+    gw.patched("/v1/nodes/de-a", r#"{"state": "online"}"#);
     let seen = exits(30);
     assert!(
         seen.iter().any(|e| e == "127.0.3.41"),
         "back online: {seen:?}"
     );
-    drop(gw);
-    s.remove();
 }
 
 #[test]
 fn metrics_move_with_traffic() {
-    let s = Setup::new("metrics");
-    let target = IpEcho::start(local(0)).unwrap();
-    let gw = s.start(&conf(&s, ip(50), NO_PROBES, 100.0));
+    let (_s, target, gw) = start("metrics", 50);
     let before = gw.metrics();
     for series in [
         "splicegate_requests_total{protocol=\"https\",code=\"OK\"}",
@@ -753,7 +619,7 @@ fn metrics_move_with_traffic() {
     }
     for _ in 0..5 {
         exit_ip(
-            gw.proxy(),
+            gw.proxy,
             client(50),
             target.addr,
             "package-7-country-us-session-m1",
@@ -762,14 +628,14 @@ fn metrics_move_with_traffic() {
         .unwrap();
     }
     let t = connect(
-        gw.proxy(),
+        gw.proxy,
         client(50),
         target.addr,
         "package-7-country-us",
         "wrong",
     );
     assert_eq!(t.status, 407);
-    let after = eventually(Duration::from_secs(5), || {
+    let after = eventually(Duration::from_secs(5), Duration::from_millis(50), || {
         let m = gw.metrics();
         (sample(&m, "splicegate_relayed_bytes_total{direction=\"down\"}") > 0.0).then_some(m)
     })
@@ -794,30 +660,16 @@ fn metrics_move_with_traffic() {
         !after.contains("package=") && !after.contains("session="),
         "no ids as labels"
     );
-    drop(gw);
-    s.remove();
 }
 
 #[test]
 fn a_reload_keeps_the_apis_objects_and_refuses_a_bad_file() {
-    let s = Setup::new("reload");
-    let target = IpEcho::start(local(0)).unwrap();
-    let gw = s.start(&conf(&s, ip(60), NO_PROBES, 100.0));
-    gw.expect(
-        "POST",
-        "/v1/packages",
-        Some(r#"{"id": 61, "key": "pk_61_key"}"#),
-        201,
-    );
+    let (s, target, mut gw) = start("reload", 60);
+    gw.created("/v1/packages", r#"{"id": 61, "key": "pk_61_key"}"#);
     // A broken file: refused, the running policy stays.
-    std::fs::write(
-        s.dir.join("splicegate.toml"),
-        conf(&s, ip(60), NO_PROBES, 100.0).replace("org = \"acme\"", "org = \"gone\""),
-    )
-    .unwrap();
-    gw.hup();
+    gw.reload(&conf(&s, ip(60), NO_PROBES, 100.0).replace("org = \"acme\"", "org = \"gone\""));
     assert!(
-        eventually(Duration::from_secs(5), || gw
+        eventually(Duration::from_secs(5), Duration::from_millis(50), || gw
             .log()
             .contains("rejected")
             .then_some(()))
@@ -827,7 +679,7 @@ fn a_reload_keeps_the_apis_objects_and_refuses_a_bad_file() {
     );
     assert!(
         exit_ip(
-            gw.proxy(),
+            gw.proxy,
             client(60),
             target.addr,
             "package-7-country-us",
@@ -838,11 +690,10 @@ fn a_reload_keeps_the_apis_objects_and_refuses_a_bad_file() {
     // A good file with a new key for 7 and a new org: the API's package 61 stays.
     let good = conf(&s, ip(60), NO_PROBES, 100.0).replace("pk_file_7", "pk_file_7b")
         + "\n[[org]]\nid = \"delta\"\ncredits = 3.0\n";
-    std::fs::write(s.dir.join("splicegate.toml"), good).unwrap();
-    gw.hup();
-    let swapped = eventually(Duration::from_secs(5), || {
+    gw.reload(&good);
+    let swapped = eventually(Duration::from_secs(5), Duration::from_millis(50), || {
         exit_ip(
-            gw.proxy(),
+            gw.proxy,
             client(60),
             target.addr,
             "package-7-country-us",
@@ -854,7 +705,7 @@ fn a_reload_keeps_the_apis_objects_and_refuses_a_bad_file() {
     assert!(swapped.is_some(), "{}", gw.log_tail(5));
     assert!(
         exit_ip(
-            gw.proxy(),
+            gw.proxy,
             client(60),
             target.addr,
             "package-61-country-us",
@@ -862,10 +713,5 @@ fn a_reload_keeps_the_apis_objects_and_refuses_a_bad_file() {
         )
         .is_ok()
     );
-    assert_eq!(
-        gw.expect("GET", "/v1/orgs/delta", None, 200)["balance"],
-        3.0
-    );
-    drop(gw);
-    s.remove();
+    assert_eq!(gw.get_json("/v1/orgs/delta")["balance"], 3.0);
 }

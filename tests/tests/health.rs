@@ -2,63 +2,50 @@
 //! selection and bring it back when it recovers; failures of real traffic
 //! take a node out until a probe succeeds.
 
-mod common;
-
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use common::*;
+use splicegate_tests::ops::*;
+use splicegate_tests::targets::Acceptor;
+use splicegate_tests::{Gateway, eventually};
 
 /// A TCP listener that accepts and closes every connection at once: enough
 /// for a TCP-connect probe, and a node failure for real traffic.
 struct Closer {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _acceptor: Acceptor,
 }
 
 impl Closer {
     fn start(addr: SocketAddr) -> Closer {
         let l = TcpListener::bind(addr).expect("bind the node's listener");
-        let addr = l.local_addr().unwrap();
-        l.set_nonblocking(true).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((s, _)) => drop(s),
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
+        let acceptor = Acceptor::spawn(l, Arc::new(drop));
         Closer {
-            addr,
-            stop,
-            thread: Some(thread),
+            addr: acceptor.addr(),
+            _acceptor: acceptor,
         }
     }
 }
 
-impl Drop for Closer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// [`Setup::head`] with `health`, package 7 (`pk_health`) and one node
+/// (`node`: its lines of TOML).
+fn conf(s: &Setup, health: &str, node: &str) -> String {
+    format!(
+        "{}\n[[package]]\nid = 7\nkey = \"pk_health\"\n\n[[node]]\n{node}",
+        s.head(health)
+    )
 }
 
-fn healthy(gw: &Gw, node: &str) -> Option<bool> {
+fn healthy(gw: &Gateway, node: &str) -> Option<bool> {
     let (st, v) = gw.get(&format!("/v1/nodes/{node}"));
     (st == 200).then(|| v["healthy"].as_bool().unwrap_or(false))
 }
 
-fn wait_health(gw: &Gw, node: &str, want: bool, within: Duration) {
-    let ok = eventually(within, || (healthy(gw, node) == Some(want)).then_some(()));
+fn wait_health(gw: &Gateway, node: &str, want: bool, within: Duration) {
+    let ok = eventually(within, Duration::from_millis(50), || {
+        (healthy(gw, node) == Some(want)).then_some(())
+    });
     assert!(
         ok.is_some(),
         "node {node} not healthy={want} within {within:?}:\n{}",
@@ -72,27 +59,16 @@ fn a_direct_node_whose_probe_target_dies_goes_offline_and_comes_back() {
     let mut canary = IpEcho::start(local(0)).unwrap();
     let port = canary.addr.port();
     let target = IpEcho::start(local(0)).unwrap();
-    let toml = format!(
-        r#"{head}
-[[package]]
-id = 7
-key = "pk_health"
-
-[[node]]
-id = "h-direct"
-kind = "direct"
-bind = "127.0.3.70"
-country = "fr"
-"#,
-        head = s.head(&format!(
-            "probe_target = \"127.0.0.1:{port}\"\ninterval_s = 1\nfailures = 2"
-        ))
+    let toml = conf(
+        &s,
+        &format!("probe_target = \"127.0.0.1:{port}\"\ninterval_s = 1\nfailures = 2"),
+        "id = \"h-direct\"\nkind = \"direct\"\nbind = \"127.0.3.70\"\ncountry = \"fr\"\n",
     );
     let gw = s.start(&toml);
     let user = "package-7-country-fr";
     let src = Ipv4Addr::new(127, 0, 4, 70);
     assert_eq!(
-        exit_ip(gw.proxy(), src, target.addr, user, "pk_health").as_deref(),
+        exit_ip(gw.proxy, src, target.addr, user, "pk_health").as_deref(),
         Ok("127.0.3.70")
     );
     std::thread::sleep(Duration::from_secs(2));
@@ -107,7 +83,7 @@ country = "fr"
     wait_health(&gw, "h-direct", false, Duration::from_secs(10));
     assert_eq!(gw.get("/v1/nodes/h-direct").1["state"], "offline");
     assert_eq!(
-        exit_ip(gw.proxy(), src, target.addr, user, "pk_health"),
+        exit_ip(gw.proxy, src, target.addr, user, "pk_health"),
         Err("NODE_NOT_FOUND".into())
     );
     let m = gw.metrics();
@@ -123,7 +99,7 @@ country = "fr"
     let _canary = IpEcho::start(local(port)).expect("rebind the canary's port");
     wait_health(&gw, "h-direct", true, Duration::from_secs(10));
     assert_eq!(
-        exit_ip(gw.proxy(), src, target.addr, user, "pk_health").as_deref(),
+        exit_ip(gw.proxy, src, target.addr, user, "pk_health").as_deref(),
         Ok("127.0.3.70")
     );
     let m = gw.metrics();
@@ -132,28 +108,17 @@ country = "fr"
         1.0
     );
     assert!(gw.log().contains("node healthy again"));
-    drop(gw);
-    s.remove();
 }
 
 #[test]
 fn an_http_node_that_stops_listening_is_taken_out_and_brought_back() {
     let s = Setup::new("health-http");
-    let node_addr = SocketAddr::from(([127, 0, 3, 71], free_port()));
-    let node = Closer::start(node_addr);
-    let toml = format!(
-        r#"{head}
-[[package]]
-id = 7
-key = "pk_health"
-
-[[node]]
-id = "h-http"
-kind = "http"
-addr = "{node_addr}"
-country = "it"
-"#,
-        head = s.head("interval_s = 1\nfailures = 2")
+    let node = Closer::start(SocketAddr::from(([127, 0, 3, 71], 0)));
+    let node_addr = node.addr;
+    let toml = conf(
+        &s,
+        "interval_s = 1\nfailures = 2",
+        &format!("id = \"h-http\"\nkind = \"http\"\naddr = \"{node_addr}\"\ncountry = \"it\"\n"),
     );
     let gw = s.start(&toml);
     std::thread::sleep(Duration::from_secs(2));
@@ -162,8 +127,6 @@ country = "it"
     wait_health(&gw, "h-http", false, Duration::from_secs(10));
     let _node = Closer::start(node_addr);
     wait_health(&gw, "h-http", true, Duration::from_secs(10));
-    drop(gw);
-    s.remove();
 }
 
 #[test]
@@ -173,26 +136,19 @@ fn failures_of_real_traffic_take_a_node_out_until_a_probe_succeeds() {
     // a success for a TCP-connect probe.
     let node = Closer::start(SocketAddr::from(([127, 0, 3, 72], 0)));
     let target = IpEcho::start(local(0)).unwrap();
-    let toml = format!(
-        r#"{head}
-[[package]]
-id = 7
-key = "pk_health"
-
-[[node]]
-id = "h-flaky"
-kind = "http"
-addr = "{addr}"
-country = "es"
-"#,
-        head = s.head("interval_s = 3\nfailures = 2"),
-        addr = node.addr
+    let toml = conf(
+        &s,
+        "interval_s = 3\nfailures = 2",
+        &format!(
+            "id = \"h-flaky\"\nkind = \"http\"\naddr = \"{addr}\"\ncountry = \"es\"\n",
+            addr = node.addr
+        ),
     );
     let gw = s.start(&toml);
     let src = Ipv4Addr::new(127, 0, 4, 72);
     for _ in 0..2 {
         let r = exit_ip(
-            gw.proxy(),
+            gw.proxy,
             src,
             target.addr,
             "package-7-country-es-onerror-fail",
@@ -200,11 +156,11 @@ country = "es"
         );
         assert_eq!(r, Err("NODE_UNAVAILABLE".into()));
     }
-    let out = eventually(Duration::from_secs(5), || {
+    let out = eventually(Duration::from_secs(5), Duration::from_millis(50), || {
         gw.log().contains("failures of real traffic").then_some(())
     });
     assert!(out.is_some(), "{}", gw.log_tail(10));
-    let back = eventually(Duration::from_secs(10), || {
+    let back = eventually(Duration::from_secs(10), Duration::from_millis(50), || {
         let m = gw.metrics();
         (sample(&m, "splicegate_node_health_changes_total{to=\"in\"}") >= 1.0).then_some(())
     });
@@ -217,6 +173,4 @@ country = "es"
     // The failures already answered do not take it out again by themselves.
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(healthy(&gw, "h-flaky"), Some(true));
-    drop(gw);
-    s.remove();
 }

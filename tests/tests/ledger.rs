@@ -3,12 +3,11 @@
 //! never exceeds what was relayed, and at most about the last second of
 //! traffic is lost (one flush interval, plus the tunnels' 250 ms tick).
 
-mod common;
-
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use splicegate_tests::ops::*;
+use splicegate_tests::{Gateway, Source};
 
 /// Streams per iteration.
 const STREAMS: u8 = 2;
@@ -21,26 +20,12 @@ const MAX_LOSS_S: f64 = 1.6;
 const SLACK: u64 = 512 * 1024;
 
 fn conf(s: &Setup) -> String {
-    format!(
-        r#"{head}
-[[org]]
-id = "acme"
-credits = 1000000.0
-
-[[package]]
-id = 7
-org = "acme"
-key = "pk_ledger"
-price_per_gb = 1.0
-
-[[node]]
-id = "l-1"
-kind = "direct"
-bind = "127.0.3.90"
-country = "us"
-"#,
-        head = s.head("interval_s = 3600")
-    )
+    [
+        s.head("interval_s = 3600"),
+        org_and_package("acme", 1_000_000.0, 7, "pk_ledger", "price_per_gb = 1.0\n"),
+        direct_node("l-1", "127.0.3.90", "country = \"us\""),
+    ]
+    .concat()
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -50,9 +35,9 @@ struct Stored {
     charged_micro: i64,
 }
 
-fn stored(gw: &Gw) -> Stored {
-    let p = gw.expect("GET", "/v1/packages/7", None, 200);
-    let o = gw.expect("GET", "/v1/orgs/acme", None, 200);
+fn stored(gw: &Gateway) -> Stored {
+    let p = gw.get_json("/v1/packages/7");
+    let o = gw.get_json("/v1/orgs/acme");
     Stored {
         bytes: p["bytes_down"].as_u64().unwrap() + p["bytes_up"].as_u64().unwrap(),
         requests: p["requests"].as_u64().unwrap(),
@@ -62,7 +47,7 @@ fn stored(gw: &Gw) -> Stored {
 
 fn sigkill_loop(iterations: u32) {
     let s = Setup::new("ledger");
-    let source = Source::start(CHUNK, EVERY, Duration::from_secs(60));
+    let source = Source::start(CHUNK, EVERY, None);
     let toml = conf(&s);
     let mut before = Stored::default();
     let mut relayed_total = 0u64;
@@ -81,7 +66,7 @@ fn sigkill_loop(iterations: u32) {
         let started = Instant::now();
         let clients: Vec<_> = (0..STREAMS)
             .map(|k| {
-                let (proxy, target) = (gw.proxy(), source.addr);
+                let (proxy, target) = (gw.proxy, source.addr());
                 std::thread::spawn(move || {
                     let src = Ipv4Addr::new(127, 0, 4, 90 + k);
                     let t = connect(proxy, src, target, "package-7-country-us", "pk_ledger");
@@ -125,7 +110,6 @@ fn sigkill_loop(iterations: u32) {
          mean flush latency per run: mean {fmean:.2} ms, max {fmax:.2} ms",
         relayed_total as f64 / 1e6
     );
-    s.remove();
 }
 
 /// Compare what the store holds after iteration `i - 1` with what its

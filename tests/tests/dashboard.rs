@@ -13,8 +13,6 @@
 //! `$CHROMIUM` names another binary. A missing browser fails the tests.
 //! Addresses: nodes bind `127.0.1.231`–`232`, clients `127.0.2.231`–`233`.
 
-mod common;
-
 use std::fs;
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
@@ -24,8 +22,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::{Value, json};
+use splicegate_tests::gateway::temp_dir;
+use splicegate_tests::ops::*;
+use splicegate_tests::{Curl, Gateway, Source, eventually};
 
 const KEY: &str = "pk_dash_42";
 const NODE_US: Ipv4Addr = Ipv4Addr::new(127, 0, 1, 231);
@@ -37,40 +37,33 @@ const CLIENT_HOLD: Ipv4Addr = Ipv4Addr::new(127, 0, 2, 233);
 /// Two workers, org `dash`, package 42 with caps, a node in the US and one
 /// in Great Britain; no health probes.
 fn conf(s: &Setup) -> String {
-    format!(
-        r#"{head}
-[[org]]
-id = "dash"
-credits = 50.0
+    let head = s
+        .head("interval_s = 3600")
+        .replace("workers = 1", "workers = 2");
+    let caps = "traffic_limit_bytes = 100000000\nmax_connections = 50\nprice_per_gb = 1.0\n";
+    [
+        head,
+        org_and_package("dash", 50.0, 42, KEY, caps),
+        direct_node(
+            "dash-us-1",
+            NODE_US,
+            "country = \"us\"\nregion = \"new_york\"\ncity = \"new_york\"",
+        ),
+        direct_node(
+            "dash-gb-1",
+            NODE_GB,
+            "country = \"gb\"\nregion = \"england\"\ncity = \"london\"",
+        ),
+    ]
+    .concat()
+}
 
-[[package]]
-id = 42
-org = "dash"
-key = "{KEY}"
-traffic_limit_bytes = 100000000
-max_connections = 50
-price_per_gb = 1.0
-
-[[node]]
-id = "dash-us-1"
-kind = "direct"
-bind = "{NODE_US}"
-country = "us"
-region = "new_york"
-city = "new_york"
-
-[[node]]
-id = "dash-gb-1"
-kind = "direct"
-bind = "{NODE_GB}"
-country = "gb"
-region = "england"
-city = "london"
-"#,
-        head = s
-            .head("interval_s = 3600")
-            .replace("workers = 1", "workers = 2"),
-    )
+/// A setup named `tag` and a gateway on [`conf`], once Chromium is there.
+fn start(tag: &str) -> (Setup, Gateway) {
+    let _browser = chromium();
+    let s = Setup::new(tag);
+    let gw = s.start(&conf(&s));
+    (s, gw)
 }
 
 /// Headless Chromium, or a failed test that says how to install it.
@@ -293,7 +286,7 @@ impl Cdp {
     /// Wait (at most `secs`) until `expr` is truthy in the page.
     fn wait_for(&mut self, expr: &str, secs: u64) {
         let expr = format!("Boolean({expr})");
-        let ok = eventually(Duration::from_secs(secs), || {
+        let ok = eventually(Duration::from_secs(secs), Duration::from_millis(50), || {
             // Before the page is there (or while it reloads) it may throw.
             (self.try_eval(&expr) == Ok(Value::Bool(true))).then_some(())
         });
@@ -340,30 +333,8 @@ fn excerpt(dom: &str) -> String {
 
 /// A forwarded (not tunnelled) request with curl from `src`: the status.
 fn curl_forward(proxy: std::net::SocketAddr, src: Ipv4Addr, target: &str, user: &str) -> u16 {
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "--max-time",
-            "10",
-            "-w",
-            "%{http_code}",
-        ])
-        .arg("--interface")
-        .arg(src.to_string())
-        .arg("-x")
-        .arg(format!("http://{proxy}"))
-        .arg("-U")
-        .arg(format!("{user}:{KEY}"))
-        .arg(target)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run curl (apt-get install curl)");
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0)
+    let out = Curl::new(src).proxy(proxy).user(user, KEY).get(target);
+    out.heads.last().map_or(0, |h| h.status)
 }
 
 /// A curl that holds a tunnel open (reading a slow stream), killed by PID.
@@ -377,30 +348,16 @@ impl Drop for Held {
 }
 
 fn hold_tunnel(proxy: std::net::SocketAddr, src: Ipv4Addr, target: std::net::SocketAddr) -> Held {
-    Held(
-        Command::new("curl")
-            .args([
-                "-s",
-                "-p",
-                "--http0.9",
-                "-o",
-                "/dev/null",
-                "--max-time",
-                "60",
-            ])
-            .arg("--interface")
-            .arg(src.to_string())
-            .arg("-x")
-            .arg(format!("http://{proxy}"))
-            .arg("-U")
-            .arg(format!("package-42-country-us:{KEY}"))
-            .arg(format!("http://{target}/"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run curl (apt-get install curl)"),
-    )
+    let curl = Curl::new(src)
+        .proxy(proxy)
+        .user("package-42-country-us", KEY)
+        .tunnel()
+        .arg("--http0.9")
+        .arg("-o")
+        .arg("/dev/null")
+        .arg("--max-time")
+        .arg("60");
+    Held(curl.spawn(&format!("http://{target}/")))
 }
 
 fn is_png(path: &Path) -> bool {
@@ -409,19 +366,13 @@ fn is_png(path: &Path) -> bool {
 
 #[test]
 fn the_dashboard_shows_the_traffic() {
-    let _browser = chromium();
-    let s = Setup::new("dashboard");
-    let gw = s.start(&conf(&s));
+    let (_s, gw) = start("dashboard");
     let target = IpEcho::start(local(0)).unwrap();
-    let stream = Source::start(
-        16 * 1024,
-        Duration::from_millis(50),
-        Duration::from_secs(60),
-    );
+    let stream = Source::start(16 * 1024, Duration::from_millis(50), None);
 
     // The page itself: served open, with the chart library inlined and
     // nothing fetched from anywhere else.
-    let page = http(gw.admin(), "GET", "/", None, None);
+    let page = http(gw.admin_addr(), "GET", "/", None, None);
     assert_eq!(page.status, 200);
     assert!(page.body.contains("var uPlot="), "uPlot is inlined");
     assert!(!page.body.contains("/*uPlot.iife.min.js*/"));
@@ -434,7 +385,7 @@ fn the_dashboard_shows_the_traffic() {
     let mut ok = 0;
     for i in 0..6 {
         let (status, body) = curl_connect(
-            gw.proxy(),
+            gw.proxy,
             CLIENT,
             target.addr,
             &format!("package-42-country-us-session-s{i}"),
@@ -447,29 +398,17 @@ fn the_dashboard_shows_the_traffic() {
     for _ in 0..2 {
         let url = format!("http://{}/", target.addr);
         assert_eq!(
-            curl_forward(gw.proxy(), CLIENT, &url, "package-42-country-gb"),
+            curl_forward(gw.proxy, CLIENT, &url, "package-42-country-gb"),
             200
         );
         ok += 1;
     }
-    let (status, _) = curl_connect(
-        gw.proxy(),
-        CLIENT_BAD,
-        target.addr,
-        "package-42",
-        "pk_wrong",
-    );
+    let (status, _) = curl_connect(gw.proxy, CLIENT_BAD, target.addr, "package-42", "pk_wrong");
     assert_eq!(status, 407, "a wrong key");
-    let (status, _) = curl_connect(
-        gw.proxy(),
-        CLIENT,
-        target.addr,
-        "package-42-country-fr",
-        KEY,
-    );
+    let (status, _) = curl_connect(gw.proxy, CLIENT, target.addr, "package-42-country-fr", KEY);
     assert_eq!(status, 502, "no node in fr");
-    let _held = hold_tunnel(gw.proxy(), CLIENT_HOLD, stream.addr);
-    let settled = eventually(Duration::from_secs(10), || {
+    let _held = hold_tunnel(gw.proxy, CLIENT_HOLD, stream.addr());
+    let settled = eventually(Duration::from_secs(10), Duration::from_millis(50), || {
         let (_, p) = gw.get("/v1/packages/42");
         let (_, n) = gw.get("/v1/nodes/dash-us-1");
         let m = gw.metrics();
@@ -478,14 +417,14 @@ fn the_dashboard_shows_the_traffic() {
         (p["requests"].as_u64().unwrap_or(0) > ok
             && n["active_tunnels"] == 1
             && tunnels == 1.0
-            && stream.written.load(std::sync::atomic::Ordering::Relaxed) > 0)
+            && stream.sent() > 0)
             .then_some(p)
     })
     .unwrap_or_else(|| panic!("the traffic never showed in the API\n{}", gw.log_tail(30)));
     let requests = settled["requests"].as_u64().unwrap();
 
     // The page, with the token taken from the fragment.
-    let url = format!("http://{}/#token={TOKEN}", gw.admin());
+    let url = format!("http://{}/#token={TOKEN}", gw.admin_addr());
     let dom = browse("--dump-dom", &url);
     assert!(
         dom.contains("<body data-auth=\"token\""),
@@ -559,18 +498,14 @@ fn the_dashboard_shows_the_traffic() {
     browse(&format!("--screenshot={}", png.display()), &url);
     assert!(is_png(&png), "no screenshot at {}", png.display());
     let _ = fs::remove_dir_all(&dir);
-    drop(gw);
-    s.remove();
 }
 
 #[test]
 fn without_its_token_the_dashboard_asks_for_it() {
-    let _browser = chromium();
-    let s = Setup::new("dashboard-token");
-    let gw = s.start(&conf(&s));
+    let (_s, gw) = start("dashboard-token");
 
     // No token: the form, and no data.
-    let dom = browse("--dump-dom", &format!("http://{}/", gw.admin()));
+    let dom = browse("--dump-dom", &format!("http://{}/", gw.admin_addr()));
     assert!(
         dom.contains("<body data-auth=\"needed\""),
         "{}",
@@ -581,7 +516,10 @@ fn without_its_token_the_dashboard_asks_for_it() {
     assert!(!dom.contains("id=\"pkg-42\""), "data without a token");
 
     // A wrong token: refused, asked again.
-    let dom = browse("--dump-dom", &format!("http://{}/#token=wrong", gw.admin()));
+    let dom = browse(
+        "--dump-dom",
+        &format!("http://{}/#token=wrong", gw.admin_addr()),
+    );
     assert!(
         dom.contains("<body data-auth=\"refused\""),
         "{}",
@@ -590,15 +528,11 @@ fn without_its_token_the_dashboard_asks_for_it() {
     assert!(!tag(&dom, "id=\"login-overlay\"").contains("hidden"));
     assert!(dom.contains("That token was refused"));
     assert!(!dom.contains("id=\"pkg-42\""), "data with a wrong token");
-    drop(gw);
-    s.remove();
 }
 
 #[test]
 fn the_token_form_signs_in_and_a_new_key_is_shown_once() {
-    let _browser = chromium();
-    let s = Setup::new("dashboard-key");
-    let gw = s.start(&conf(&s));
+    let (_s, gw) = start("dashboard-key");
     let target = IpEcho::start(local(0)).unwrap();
     let old = gw.expect(
         "POST",
@@ -609,21 +543,13 @@ fn the_token_form_signs_in_and_a_new_key_is_shown_once() {
         .as_str()
         .unwrap()
         .to_string();
-    let works = |key: &str| {
-        curl_connect(
-            gw.proxy(),
-            CLIENT,
-            target.addr,
-            "package-43-country-us",
-            key,
-        )
-        .0
-    };
+    let works =
+        |key: &str| curl_connect(gw.proxy, CLIENT, target.addr, "package-43-country-us", key).0;
     assert_eq!(works(&old), 200);
 
     // No token yet: the form; typed in, the page signs in and keeps it in
     // the tab.
-    let mut page = Cdp::open(&format!("http://{}/", gw.admin()));
+    let mut page = Cdp::open(&format!("http://{}/", gw.admin_addr()));
     page.wait_for("document.body.dataset.auth === 'needed'", 20);
     page.eval(&format!(
         "document.getElementById('login-token').value = '{TOKEN}'; \
@@ -690,6 +616,4 @@ fn the_token_form_signs_in_and_a_new_key_is_shown_once() {
         10,
     );
     drop(page);
-    drop(gw);
-    s.remove();
 }

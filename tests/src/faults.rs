@@ -1,0 +1,256 @@
+//! What the fault scenarios (`tests/tests/faults/`) share: the `FIGURE`
+//! lines `docs/RELIABILITY.md` quotes, the "no worker blocked" criterion,
+//! canary plans, and CONNECT probes that say what a request came to.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::canary::{CanaryPlan, CanaryReport, percentile};
+use crate::watch::Sources;
+use crate::*;
+
+/// Print a measured figure on a `FIGURE` line (the scripts collect them).
+pub fn figure(text: impl AsRef<str>) {
+    eprintln!("FIGURE {}", text.as_ref());
+}
+
+/// No worker blocked: no probe of the well-behaved client during the fault
+/// took as long as a node timeout (1 s here), and its p99 stayed within
+/// 2 × the p99 of the probes before and after the fault (the machine is
+/// shared: the baseline is taken on both sides).
+#[track_caller]
+pub fn assert_not_blocked(during: &CanaryReport, before: &CanaryReport, after: &CanaryReport) {
+    let mut base = before.latencies.clone();
+    base.extend(&after.latencies);
+    let (p_base, p) = (percentile(&base, 99.0), during.percentile(99.0));
+    let worst = during.percentile(100.0);
+    assert!(
+        worst < Duration::from_secs(1),
+        "a probe of the client on another node took {worst:?}: a worker waited on the fault"
+    );
+    assert!(
+        p <= p_base * 2 + Duration::from_millis(5),
+        "the client on another node slowed down: p99 {p:?} vs {p_base:?} before and after"
+    );
+}
+
+pub fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// A canary plan for package 7 with `rules`, from `src`.
+pub fn plan(
+    gw: &Gateway,
+    src: Ipv4Addr,
+    echo: &TcpEcho,
+    web: &HttpTarget,
+    rules: &str,
+) -> CanaryPlan {
+    CanaryPlan {
+        proxy: gw.proxy,
+        src,
+        echo: echo.addr(),
+        url: web.url("/ip"),
+        user: user(rules),
+        key: KEY.into(),
+        every: Duration::from_millis(20),
+    }
+}
+
+/// Send a CONNECT for `target` with `user`:`key` and extra header lines;
+/// the connection and the answer, or the error in words.
+pub fn try_connect(
+    gw: &Gateway,
+    src: Ipv4Addr,
+    target: SocketAddr,
+    user: &str,
+    key: &str,
+    extra: &[&str],
+) -> Result<(Conn, Resp), String> {
+    let mut c = Conn::open(src, gw.proxy).map_err(|e| format!("connect: {e}"))?;
+    c.set_timeout(Duration::from_secs(15));
+    let r = c
+        .connect(&target.to_string(), Some((user, key)), extra)
+        .map_err(|e| format!("CONNECT: {e}"))?;
+    Ok((c, r))
+}
+
+/// What a CONNECT came to: `200 <node>` or the error code; and how long.
+pub fn outcome(gw: &Gateway, src: Ipv4Addr, target: SocketAddr, rules: &str) -> (String, Duration) {
+    let t0 = Instant::now();
+    let got = match try_connect(gw, src, target, &user(rules), KEY, &["Respond-With: node"]) {
+        Ok((_, r)) if r.status == 200 => format!("200 {}", r.header("X-SOAX-Node").unwrap_or("?")),
+        Ok((_, r)) => r
+            .header("X-SOAX-Error")
+            .unwrap_or(&r.status_line)
+            .to_string(),
+        Err(e) => e,
+    };
+    (got, t0.elapsed())
+}
+
+/// Find a session id of `rules` that lands on `node` (sessions are placed at
+/// random among the matching nodes).
+pub fn session_on(
+    gw: &Gateway,
+    src: Ipv4Addr,
+    target: SocketAddr,
+    rules: &str,
+    node: &str,
+    tag: &str,
+) -> String {
+    for i in 0..60 {
+        let r = format!("{rules}-session-{tag}{i}");
+        let (got, _) = outcome(gw, src, target, &r);
+        if got == format!("200 {node}") {
+            return r;
+        }
+    }
+    panic!("no session of {rules} landed on {node} in 60 tries");
+}
+
+/// Open `n` connections from `ips` sources (round robin), each silent.
+pub fn open_idle(gw: &Gateway, first: Ipv4Addr, ips: u32, n: usize) -> Vec<TcpStream> {
+    let base = u32::from(first);
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let ip = Ipv4Addr::from(base + (i as u32 % ips));
+        match Conn::open(ip, gw.proxy) {
+            Ok(c) => out.push(c.stream),
+            Err(e) => panic!(
+                "idle connection {i} from {ip}: {e} (ulimit -n is {})",
+                nofile()
+            ),
+        }
+    }
+    out
+}
+
+/// This process's `Max open files` line of `/proc/self/limits`, for
+/// failure messages.
+pub fn nofile() -> String {
+    std::fs::read_to_string("/proc/self/limits")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The lab of the node faults: an echo and a web target, the nodes under
+/// test in `dallas` (each with its own asn), a direct `chicago` node that
+/// the well-behaved client uses, `node_connect_ms` 1000 and `target_ms`
+/// 2000; and that client's latencies before the fault.
+#[derive(Debug)]
+pub struct NodeLab {
+    /// Client source addresses.
+    pub src: Sources,
+    /// The tunnel target.
+    pub echo: TcpEcho,
+    /// The forwarding target.
+    pub web: HttpTarget,
+    /// The gateway.
+    pub gw: Gateway,
+    /// The well-behaved client (chicago).
+    pub plan: CanaryPlan,
+    /// 100 probes of it before the fault.
+    pub baseline: CanaryReport,
+}
+
+impl NodeLab {
+    /// Start the gateway with `nodes` (each placed in dallas with its asn)
+    /// and `extra` raw TOML.
+    pub fn start(nodes: Vec<(NodeDecl, u32)>, extra: &str) -> NodeLab {
+        let (echo, web) = (TcpEcho::start(), HttpTarget::start());
+        let mut conf = Conf::with_package(KEY);
+        for (n, asn) in nodes {
+            conf = conf.node(n.s("city", "dallas").set("asn", &asn.to_string()));
+        }
+        let mut conf = conf.node(NodeDecl::direct("canary", node_ip()).s("city", "chicago"));
+        if !extra.is_empty() {
+            conf = conf.raw(extra);
+        }
+        conf.geo = vec![r#"cities = { us = ["new_york", "chicago", "dallas"] }"#.into()];
+        conf.node_connect_ms = 1000;
+        conf.target_ms = 2000;
+        let gw = Gateway::start_conf(&conf);
+        let plan = plan(
+            &gw,
+            Sources::reserved(0),
+            &echo,
+            &web,
+            "country-us-city-chicago",
+        );
+        let baseline = crate::canary::sample(&plan, 100);
+        NodeLab {
+            src: Sources::new(),
+            echo,
+            web,
+            gw,
+            plan,
+            baseline,
+        }
+    }
+
+    /// The well-behaved client during the fault (`rep`): its `FIGURE` line
+    /// (`what`: …), at least `min_ok` clean requests, and no worker blocked
+    /// against the probes before and (taken now) after the fault.
+    #[track_caller]
+    pub fn check_canary(&self, what: &str, rep: &CanaryReport, min_ok: usize, fault: &str) {
+        let after = crate::canary::sample(&self.plan, 100);
+        figure(format!(
+            "{what}: the client on another node: {} requests, {} failed, p99 {} (p99 before and after the fault {})",
+            rep.ok(),
+            rep.failures.len(),
+            ms(rep.percentile(99.0)),
+            ms(percentile(
+                &[&self.baseline.latencies[..], &after.latencies[..]].concat(),
+                99.0
+            ))
+        ));
+        rep.assert_clean(min_ok, fault);
+        assert_not_blocked(rep, &self.baseline, &after);
+    }
+
+    /// `n` CONNECTs of each `(what, rules)` row at once, each from its own
+    /// source: `(what, outcome, time)` for every one.
+    pub fn at_once<'a>(
+        &self,
+        rows: &[(&'a str, &str)],
+        n: usize,
+    ) -> Vec<(&'a str, String, Duration)> {
+        let results = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for &(what, rules) in rows {
+                for _ in 0..n {
+                    let (results, a) = (&results, self.src.next());
+                    s.spawn(move || {
+                        let (got, took) = outcome(&self.gw, a, self.echo.addr(), rules);
+                        results.lock().unwrap().push((what, got, took));
+                    });
+                }
+            }
+        });
+        results.into_inner().unwrap()
+    }
+}
+
+/// Of `results` of [`NodeLab::at_once`], those of `what`: how many, the
+/// distinct outcomes, the shortest and the longest time.
+pub fn summary(
+    results: &[(&str, String, Duration)],
+    what: &str,
+) -> (usize, Vec<String>, Duration, Duration) {
+    let mine: Vec<_> = results.iter().filter(|r| r.0 == what).collect();
+    let mut gots: Vec<String> = mine.iter().map(|r| r.1.clone()).collect();
+    gots.sort();
+    gots.dedup();
+    let times = mine.iter().map(|r| r.2);
+    let (min, max) = (times.clone().min(), times.max());
+    (
+        mine.len(),
+        gots,
+        min.unwrap_or_default(),
+        max.unwrap_or_default(),
+    )
+}

@@ -1,0 +1,378 @@
+//! Signals: SIGTERM under load, SIGKILL in a loop with the ledger
+//! reconciled (scripts/faults/signals.sh).
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use splicegate_tests::faults::*;
+use splicegate_tests::watch::Sources;
+use splicegate_tests::*;
+
+/// A tunnel that downloads exactly `total` bytes from `source`; returns the
+/// bytes received.
+fn download(
+    gw: &Gateway,
+    src: Ipv4Addr,
+    target: SocketAddr,
+) -> std::thread::JoinHandle<Result<u64, String>> {
+    let res = try_connect(gw, src, target, &user("country-us"), KEY, &[]);
+    std::thread::spawn(move || {
+        let (mut c, r) = res?;
+        if r.status != 200 {
+            return Err(r.status_line);
+        }
+        c.set_timeout(Duration::from_secs(30));
+        let mut n = c.buffered().len() as u64;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            match c.stream.read(&mut buf) {
+                Ok(0) => return Ok(n),
+                Ok(k) => n += k as u64,
+                Err(e) => return Err(format!("after {n} bytes: {e}")),
+            }
+        }
+    })
+}
+
+/// SIGTERM under load: 20 tunnels in the middle of a 2 MB download each and
+/// a stream of forwarded requests of another package. The tunnels finish
+/// within drain_grace_s, the process exits 0, and after a restart the
+/// ledger holds exactly the bytes the tunnels moved (usage flushed).
+#[test]
+#[ignore = "fault scenario: scripts/faults/signals.sh"]
+fn sigterm_under_load() {
+    const TOTAL: u64 = 2_000_000;
+    let source = Source::start(32 * 1024, Duration::from_millis(20), Some(TOTAL));
+    let web = HttpTarget::start();
+    let mut conf = Conf::with_package(KEY)
+        .package(PkgDecl::new(8, "acme", "pk_E2E_other_P8x"))
+        .node(NodeDecl::direct("d1", node_ip()));
+    conf.drain_grace_s = 5;
+    let mut gw = Gateway::start_conf(&conf);
+    let src = Sources::new();
+    let tunnels: Vec<_> = (0..20)
+        .map(|_| download(&gw, src.next(), source.addr()))
+        .collect();
+    // Forwarded requests of package 8, in a loop, until refused.
+    let stop = Arc::new(AtomicBool::new(false));
+    let fwd = {
+        let (proxy, url, stop) = (gw.proxy, web.url("/bytes/1000"), stop.clone());
+        let a = src.next();
+        std::thread::spawn(move || {
+            let (mut ok, mut refused) = (0u32, 0u32);
+            while !stop.load(Ordering::SeqCst) {
+                let Ok(mut c) = Conn::open(a, proxy) else {
+                    refused += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                match c.get(
+                    &url,
+                    Some(("package-8-country-us", "pk_E2E_other_P8x")),
+                    &["Connection: close"],
+                ) {
+                    Ok(r) if r.status == 200 => ok += 1,
+                    _ => {
+                        refused += 1;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
+            (ok, refused)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(600));
+    let t0 = Instant::now();
+    gw.signal("TERM");
+    let results: Vec<Result<u64, String>> =
+        tunnels.into_iter().map(|t| t.join().unwrap()).collect();
+    let tunnels_done = t0.elapsed();
+    let st = gw.wait_exit(Duration::from_secs(15));
+    let exited = t0.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    let (fwd_ok, fwd_refused) = fwd.join().unwrap();
+    let complete = results
+        .iter()
+        .filter(|r| matches!(r, Ok(n) if *n == TOTAL))
+        .count();
+    let st = st.expect("exit after SIGTERM");
+    // Usage flushed: a restart reads it back from the store.
+    let gw = gw.restart_after("TERM");
+    let usage = usage_of(&gw);
+    figure(format!(
+        "SIGTERM under load: {complete}/20 tunnels finished their {TOTAL}-byte download {} after SIGTERM; exit code {:?} after {} (drain_grace_s 5); {fwd_ok} forwarded requests served, {fwd_refused} refused once draining",
+        ms(tunnels_done),
+        st.code(),
+        ms(exited)
+    ));
+    figure(format!(
+        "SIGTERM under load: ledger after restart: package 7 bytes_down {} (the tunnels received {}), bytes_up {}",
+        usage.bytes_down,
+        20 * TOTAL,
+        usage.bytes_up
+    ));
+    assert_eq!(complete, 20, "tunnels cut by the drain: {results:?}");
+    assert_eq!(st.code(), Some(0), "exit status {st}");
+    assert!(exited <= Duration::from_secs(7), "exit took {exited:?}");
+    assert_eq!(usage.bytes_down, 20 * TOTAL, "usage flushed at exit");
+}
+
+/// Package 7's usage from the admin API, which may start listening a moment
+/// after the proxy port.
+fn usage_of(gw: &Gateway) -> admin::Usage {
+    let mut last = String::new();
+    for _ in 0..100 {
+        match gw.package_usage(7) {
+            Ok(u) => return u,
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("usage of package 7: {last}");
+}
+
+/// Echo tunnels that pump bytes both ways, counting them on the client
+/// side, with a timeline for the flush-interval bound.
+struct Pump {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    received: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// (when, sent, received) every 20 ms.
+    timeline: Arc<Mutex<Vec<(Instant, u64, u64)>>>,
+}
+
+impl Pump {
+    fn start(gw: &Gateway, src: &Sources, echo: SocketAddr, n: usize, rate: u64) -> Pump {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let received = Arc::new(AtomicU64::new(0));
+        let mut threads = Vec::new();
+        for _ in 0..n {
+            let Ok((c, r)) = try_connect(gw, src.next(), echo, &user("country-us"), KEY, &[])
+            else {
+                continue;
+            };
+            if r.status != 200 {
+                continue;
+            }
+            let mut w = c.stream.try_clone().unwrap();
+            let mut rd = c.stream;
+            let (stop, sent, received) = (stop.clone(), sent.clone(), received.clone());
+            threads.push(std::thread::spawn(move || {
+                let _ = rd.set_read_timeout(Some(Duration::from_secs(5)));
+                let reader = {
+                    let received = received.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 65536];
+                        while let Ok(k) = rd.read(&mut buf) {
+                            if k == 0 {
+                                break;
+                            }
+                            received.fetch_add(k as u64, Ordering::SeqCst);
+                        }
+                    })
+                };
+                let block = vec![7u8; 8192];
+                let per_tick = rate / 100;
+                let t0 = Instant::now();
+                let mut ticks = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let mut n = 0;
+                    while n < per_tick {
+                        match w.write(&block[..block.len().min((per_tick - n) as usize)]) {
+                            Ok(k) => {
+                                n += k as u64;
+                                sent.fetch_add(k as u64, Ordering::SeqCst);
+                            }
+                            Err(_) => {
+                                stop.store(true, Ordering::SeqCst);
+                                break;
+                            }
+                        }
+                    }
+                    ticks += 1;
+                    let next = t0 + Duration::from_millis(10 * ticks);
+                    if let Some(d) = next.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(d);
+                    }
+                }
+                let _ = reader.join();
+            }));
+        }
+        let timeline = Arc::new(Mutex::new(Vec::new()));
+        {
+            let (stop, sent, received, timeline) = (
+                stop.clone(),
+                sent.clone(),
+                received.clone(),
+                timeline.clone(),
+            );
+            threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    timeline.lock().unwrap().push((
+                        Instant::now(),
+                        sent.load(Ordering::SeqCst),
+                        received.load(Ordering::SeqCst),
+                    ));
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }));
+        }
+        Pump {
+            stop,
+            sent,
+            received,
+            threads,
+            timeline,
+        }
+    }
+
+    /// Bytes that crossed the gateway (sent up plus received down) in the
+    /// `window` before `t`, by the timeline.
+    fn moved_before(&self, t: Instant, window: Duration) -> u64 {
+        let tl = self.timeline.lock().unwrap();
+        let at = |when: Instant| {
+            tl.iter()
+                .rev()
+                .find(|(w, _, _)| *w <= when)
+                .map_or(0, |(_, s, r)| s + r)
+        };
+        at(t).saturating_sub(at(t - window))
+    }
+
+    /// Wait for the tunnels to end (the gateway died); (sent, received).
+    fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        (
+            self.sent.load(Ordering::SeqCst),
+            self.received.load(Ordering::SeqCst),
+        )
+    }
+}
+
+/// SIGKILL during traffic, 50 times, restarting each time on the same
+/// store. Each round: a tunnel moves 256 KiB each way and closes, and one
+/// flush interval later the store holds exactly its bytes; then 4 echo
+/// tunnels pump for 0.5–2 s and the gateway is killed. Across the kill the
+/// ledger may grow by at most the bytes that crossed the gateway (never a
+/// double count) and by at least those minus what moved during the last
+/// flush interval before the kill (1 s store flush + 250 ms counter tick).
+#[test]
+#[ignore = "fault scenario: scripts/faults/signals.sh"]
+fn sigkill_loop_reconciles_the_ledger() {
+    let rounds: usize = std::env::var("SG_KILL_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    const RATE: u64 = 1_000_000; // bytes per second per tunnel, each way
+    const TUNNELS: usize = 4;
+    let echo = TcpEcho::start();
+    let conf = Conf::with_package(KEY).node(NodeDecl::direct("d1", node_ip()));
+    let mut gw = Gateway::start_conf(&conf);
+    let src = Sources::new();
+    let mut ledger = usage_of(&gw).total();
+    // The store flush (1 s) plus the tunnels' counter tick (250 ms).
+    let (mut truth_lo, mut truth_hi, mut counted) = (0u64, 0u64, 0u64);
+    let mut settled_total = 0u64;
+    let mut losses = Vec::new();
+    let mut bad = Vec::new();
+    let mut restart_times = Vec::new();
+    let flush_window = Duration::from_millis(1250);
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for round in 0..rounds {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let run_for = Duration::from_millis(500 + seed % 1500);
+        // A tunnel that moves 256 KiB each way and closes: after one flush
+        // interval its bytes are in the store, exactly.
+        let settled = {
+            let (mut c, r) =
+                try_connect(&gw, src.next(), echo.addr(), &user("country-us"), KEY, &[])
+                    .expect("tunnel");
+            assert_eq!(r.status, 200);
+            let block: Vec<u8> = (0..256 * 1024).map(|i| (i % 253) as u8).collect();
+            c.echo_round_trip(&block).expect("256 KiB round trip");
+            drop(c);
+            2 * block.len() as u64
+        };
+        std::thread::sleep(Duration::from_millis(1600));
+        let flushed = usage_of(&gw).total();
+        if flushed != ledger + settled {
+            bad.push(format!(
+                "round {round}: a closed tunnel's {settled} bytes: the ledger went from {ledger} to {flushed} after a flush interval"
+            ));
+        }
+        settled_total += settled;
+        ledger = flushed;
+        let pump = Pump::start(&gw, &src, echo.addr(), TUNNELS, RATE);
+        std::thread::sleep(run_for);
+        let t_kill = Instant::now();
+        gw = gw.restart_after("KILL");
+        restart_times.push(t_kill.elapsed());
+        // What crossed in the last flush window before the kill, which a
+        // crash may lose (plus 256 kB of socket buffers in flight).
+        let window = pump.moved_before(t_kill, flush_window) + (256 << 10);
+        let (sent, received) = pump.finish();
+        // Each byte received came through the gateway twice (up and down);
+        // the echo sends back at most what it got, and what it got is at
+        // most what was sent.
+        let lo = 2 * received;
+        let hi = 2 * sent;
+        let after = usage_of(&gw).total();
+        let grew = after.saturating_sub(ledger);
+        if after < ledger {
+            bad.push(format!(
+                "round {round}: the ledger went down from {ledger} to {after}"
+            ));
+        }
+        if grew > hi {
+            bad.push(format!(
+                "round {round}: counted {grew} > {hi} bytes that crossed (double count)"
+            ));
+        }
+        if grew + window < lo {
+            bad.push(format!(
+                "round {round}: counted {grew}, at least {lo} crossed: lost {} > one flush window {window}",
+                lo - grew
+            ));
+        }
+        losses.push((lo.saturating_sub(grew), window));
+        truth_lo += lo;
+        truth_hi += hi;
+        counted += grew;
+        ledger = after;
+    }
+    // A clean restart changes nothing (no replay).
+    let gw = gw.restart_after("TERM");
+    let final_ledger = usage_of(&gw).total();
+    let max_loss = losses.iter().map(|l| l.0).max().unwrap_or(0);
+    let max_window = losses.iter().map(|l| l.1).max().unwrap_or(0);
+    let max_restart = restart_times.iter().max().copied().unwrap_or_default();
+    figure(format!(
+        "SIGKILL loop: {rounds} kills during traffic ({TUNNELS} echo tunnels at {} MB/s each way); every restart served again within {}",
+        RATE / 1_000_000,
+        ms(max_restart)
+    ));
+    figure(format!(
+        "SIGKILL loop: bytes that certainly crossed {truth_lo}, at most {truth_hi}; ledger counted {counted} ({:.2} % of the certain bytes); largest loss in one crash {max_loss} bytes (largest flush window measured: {max_window} bytes); double counts: {}",
+        100.0 * counted as f64 / truth_lo.max(1) as f64,
+        bad.iter().filter(|b| b.contains("double")).count()
+    ));
+    figure(format!(
+        "SIGKILL loop: closed tunnels before each kill moved {settled_total} bytes; all of them were in the store one flush interval after they closed ({} rounds short)",
+        bad.iter().filter(|b| b.contains("closed tunnel")).count()
+    ));
+    figure(format!(
+        "SIGKILL loop: ledger after a final clean restart {final_ledger} (before {ledger})"
+    ));
+    assert_eq!(final_ledger, ledger, "a clean restart changed the ledger");
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
