@@ -83,7 +83,14 @@ pub(crate) fn policy() -> Policy {
 }
 
 /// (client address, credentials, protocol, target host, expected).
-type Row<'a, T> = (&'a str, T, Protocol, &'a str, Result<(), Code>);
+type Case<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    Protocol,
+    &'a str,
+    Result<(), Code>,
+);
 /// (client address, credentials, protocol, target host, expected code).
 type OrderRow<'a> = (&'a str, (&'a str, &'a str), Protocol, &'a str, Code);
 
@@ -123,210 +130,54 @@ fn every_check_of_the_table_fires() {
     use Code::*;
     let p = policy();
     let h = Protocol::Https;
-    let rows: &[Row<'_, Option<(&str, &str)>>] = &[
-        (
-            "1.2.3.4",
-            Some(("package-7-country-us", "pk_7")),
-            h,
-            PUBLIC,
-            Ok(()),
-        ),
+    // One row per case: client address, username and key ("" for none),
+    // and the expected answer; rx() names the protocol and target too.
+    let rx = |ip, u, k, proto, host, want| (ip, u, k, proto, host, want);
+    let r = |ip, u, k, want| rx(ip, u, k, h, PUBLIC, want);
+    #[rustfmt::skip]
+    let rows: Vec<Case<'_>> = vec![
+        r("1.2.3.4", "package-7-country-us", "pk_7", Ok(())),
         // 1
-        ("1.2.3.4", None, h, PUBLIC, Err(ErrAuthRequired)),
+        r("1.2.3.4", "", "", Err(ErrAuthRequired)),
         // 2
-        (
-            "1.2.3.4",
-            Some(("package-7-country-us", "wrong")),
-            h,
-            PUBLIC,
-            Err(AuthFailed),
-        ),
-        (
-            "1.2.3.4",
-            Some(("package-99-country-us", "pk_7")),
-            h,
-            PUBLIC,
-            Err(AuthFailed),
-        ),
-        (
-            "1.2.3.4",
-            Some(("user-country-us", "pk_7")),
-            h,
-            PUBLIC,
-            Err(AuthFailed),
-        ),
-        (
-            "1.2.3.4",
-            Some(("package-7-pk_7", "")),
-            h,
-            PUBLIC,
-            Err(AuthFailed),
-        ),
-        (
-            "1.2.3.4",
-            Some(("package-7-country-us-pk_7", "pk_7")),
-            h,
-            PUBLIC,
-            Err(AuthFailed),
-        ),
-        (
-            "1.2.3.4",
-            Some(("<malformed>", "")),
-            h,
-            PUBLIC,
-            Err(AuthFailed),
-        ),
-        (
-            "1.2.3.4",
-            Some(("package-7-country-us", "pk_7 ")),
-            h,
-            PUBLIC,
-            Err(AuthFailed),
-        ),
+        r("1.2.3.4", "package-7-country-us", "wrong", Err(AuthFailed)),
+        r("1.2.3.4", "package-99-country-us", "pk_7", Err(AuthFailed)),
+        r("1.2.3.4", "user-country-us", "pk_7", Err(AuthFailed)),
+        r("1.2.3.4", "package-7-pk_7", "", Err(AuthFailed)),
+        r("1.2.3.4", "package-7-country-us-pk_7", "pk_7", Err(AuthFailed)),
+        r("1.2.3.4", "<malformed>", "", Err(AuthFailed)),
+        r("1.2.3.4", "package-7-country-us", "pk_7 ", Err(AuthFailed)),
         // 3
-        (
-            "10.9.1.1",
-            Some(("package-9-country-us", "pk_9")),
-            h,
-            PUBLIC,
-            Ok(()),
-        ),
-        (
-            "10.10.1.1",
-            Some(("package-9-country-us", "pk_9")),
-            h,
-            PUBLIC,
-            Err(IpNotAllowed),
-        ),
-        (
-            "10.9.1.1",
-            Some(("package-9-country-us", "bad")),
-            h,
-            PUBLIC,
-            Err(AuthFailed),
-        ),
-        (
-            "fd09::5",
-            Some(("package-9-country-us", "pk_9")),
-            h,
-            PUBLIC,
-            Ok(()),
-        ),
-        (
-            "::ffff:10.9.0.1",
-            Some(("package-9-country-us", "pk_9")),
-            h,
-            PUBLIC,
-            Ok(()),
-        ),
-        ("10.8.1.1", None, h, PUBLIC, Ok(())),
-        (
-            "10.8.1.1",
-            Some(("package-8-country-us", "anything")),
-            h,
-            PUBLIC,
-            Ok(()),
-        ),
-        (
-            "10.7.1.1",
-            Some(("package-8-country-us", "anything")),
-            h,
-            PUBLIC,
-            Err(IpNotAllowed),
-        ),
+        r("10.9.1.1", "package-9-country-us", "pk_9", Ok(())),
+        r("10.10.1.1", "package-9-country-us", "pk_9", Err(IpNotAllowed)),
+        r("10.9.1.1", "package-9-country-us", "bad", Err(AuthFailed)),
+        r("fd09::5", "package-9-country-us", "pk_9", Ok(())),
+        r("::ffff:10.9.0.1", "package-9-country-us", "pk_9", Ok(())),
+        r("10.8.1.1", "", "", Ok(())),
+        r("10.8.1.1", "package-8-country-us", "anything", Ok(())),
+        r("10.7.1.1", "package-8-country-us", "anything", Err(IpNotAllowed)),
         // 4
-        (
-            "1.2.3.4",
-            Some(("package-10-country-us", "pk_10")),
-            h,
-            PUBLIC,
-            Err(PackagePaused),
-        ),
-        (
-            "1.2.3.4",
-            Some(("package-11-country-us", "pk_11")),
-            h,
-            PUBLIC,
-            Err(PackageSuspended),
-        ),
+        r("1.2.3.4", "package-10-country-us", "pk_10", Err(PackagePaused)),
+        r("1.2.3.4", "package-11-country-us", "pk_11", Err(PackageSuspended)),
         // 5
-        (
-            "1.2.3.4",
-            Some(("package-12-country-us", "pk_12")),
-            h,
-            PUBLIC,
-            Err(PackageNoCredits),
-        ),
+        r("1.2.3.4", "package-12-country-us", "pk_12", Err(PackageNoCredits)),
         // 6
-        (
-            "1.2.3.4",
-            Some(("package-7", "pk_7")),
-            h,
-            PUBLIC,
-            Err(ErrMissingParams),
-        ),
-        (
-            "1.2.3.4",
-            Some(("package-13-country-us-network-mob", "pk_13")),
-            h,
-            PUBLIC,
-            Err(ErrParamNotAllowed),
-        ),
-        (
-            "1.2.3.4",
-            Some(("package-13-country-us-city-new_york", "pk_13")),
-            h,
-            PUBLIC,
-            Err(ErrParamNotAllowed),
-        ),
-        (
-            "1.2.3.4",
-            Some(("package-13-country-us-isp-verizon", "pk_13")),
-            h,
-            PUBLIC,
-            Ok(()),
-        ),
+        r("1.2.3.4", "package-7", "pk_7", Err(ErrMissingParams)),
+        r("1.2.3.4", "package-13-country-us-network-mob", "pk_13", Err(ErrParamNotAllowed)),
+        r("1.2.3.4", "package-13-country-us-city-new_york", "pk_13", Err(ErrParamNotAllowed)),
+        r("1.2.3.4", "package-13-country-us-isp-verizon", "pk_13", Ok(())),
         // 7
-        (
-            "1.2.3.4",
-            Some(("package-14-country-us", "pk_14")),
-            Protocol::Socks5,
-            PUBLIC,
-            Err(Disallowed),
-        ),
-        (
-            "1.2.3.4",
-            Some(("package-14-country-us", "pk_14")),
-            h,
-            PUBLIC,
-            Ok(()),
-        ),
-        (
-            "1.2.3.4",
-            Some(("package-7-country-us", "pk_7")),
-            h,
-            "127.0.0.1",
-            Err(Disallowed),
-        ),
-        (
-            "1.2.3.4",
-            Some(("package-7-country-us", "pk_7")),
-            h,
-            "169.254.169.254",
-            Err(Disallowed),
-        ),
+        rx("1.2.3.4", "package-14-country-us", "pk_14", Protocol::Socks5, PUBLIC, Err(Disallowed)),
+        r("1.2.3.4", "package-14-country-us", "pk_14", Ok(())),
+        rx("1.2.3.4", "package-7-country-us", "pk_7", h, "127.0.0.1", Err(Disallowed)),
+        rx("1.2.3.4", "package-7-country-us", "pk_7", h, "169.254.169.254", Err(Disallowed)),
         // 8
-        (
-            "1.2.3.4",
-            Some(("package-15-country-us", "pk_15")),
-            h,
-            PUBLIC,
-            Err(TrafficLimitExceeded),
-        ),
+        r("1.2.3.4", "package-15-country-us", "pk_15", Err(TrafficLimitExceeded)),
     ];
-    for (ip, user, proto, host, want) in rows {
-        let got = run(&p, ip, *user, *proto, host).map(|_| ());
-        assert_eq!(got, *want, "{ip} {user:?} {proto:?} {host}");
+    for (ip, u, k, proto, host, want) in rows {
+        let user = (!u.is_empty()).then_some((u, k));
+        let got = run(&p, ip, user, proto, host).map(|_| ());
+        assert_eq!(got, want, "{ip} {user:?} {proto:?} {host}");
     }
 }
 
