@@ -8,6 +8,33 @@
 //! or atomics, never one global lock.
 #![forbid(unsafe_code)]
 
+/// Names for an enum's values in files, the API and rules: `ALL` (in
+/// declaration order), `as_str` and `parse`, from one list. Display,
+/// `FromStr` and serde come from [`decl`].
+macro_rules! names {
+    ($t:ident { $($v:ident => $s:literal),+ $(,)? }) => {
+        impl $t {
+            /// Every value, in declaration order.
+            pub const ALL: [$t; [$($s),+].len()] = [$($t::$v),+];
+
+            /// The value's name.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($t::$v => $s,)+
+                }
+            }
+
+            /// The value of a name.
+            pub fn parse(s: &str) -> Option<$t> {
+                match s {
+                    $($s => Some($t::$v),)+
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
 pub mod catalog;
 pub mod decl;
 pub mod engine;

@@ -37,23 +37,11 @@ pub enum NodeKind {
     Direct,
 }
 
-impl NodeKind {
-    /// The kind's name in config and API.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NodeKind::Http => "http",
-            NodeKind::Socks5 => "socks5",
-            NodeKind::Direct => "direct",
-        }
-    }
-
-    /// Parse a kind's name.
-    pub fn parse(s: &str) -> Option<NodeKind> {
-        [NodeKind::Http, NodeKind::Socks5, NodeKind::Direct]
-            .into_iter()
-            .find(|k| k.as_str() == s)
-    }
-}
+names!(NodeKind {
+    Http => "http",
+    Socks5 => "socks5",
+    Direct => "direct",
+});
 
 /// A node's state as selection sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -66,23 +54,11 @@ pub enum NodeState {
     Offline,
 }
 
-impl NodeState {
-    /// The state's name in config and API.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NodeState::Online => "online",
-            NodeState::Draining => "draining",
-            NodeState::Offline => "offline",
-        }
-    }
-
-    /// Parse a state name.
-    pub fn parse(s: &str) -> Option<NodeState> {
-        [NodeState::Online, NodeState::Draining, NodeState::Offline]
-            .into_iter()
-            .find(|x| x.as_str() == s)
-    }
-}
+names!(NodeState {
+    Online => "online",
+    Draining => "draining",
+    Offline => "offline",
+});
 
 const ADMIN_ONLINE: u8 = 0;
 const ADMIN_DRAINING: u8 = 1;

@@ -35,24 +35,13 @@ pub enum Protocol {
     Socks5,
 }
 
+names!(Protocol {
+    Http => "http",
+    Https => "https",
+    Socks5 => "socks5",
+});
+
 impl Protocol {
-    /// Every protocol.
-    pub const ALL: [Protocol; 3] = [Protocol::Http, Protocol::Https, Protocol::Socks5];
-
-    /// The name in package settings.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Http => "http",
-            Protocol::Https => "https",
-            Protocol::Socks5 => "socks5",
-        }
-    }
-
-    /// Parse a name.
-    pub fn parse(s: &str) -> Option<Protocol> {
-        Protocol::ALL.into_iter().find(|p| p.as_str() == s)
-    }
-
     /// Position in [`Protocol::ALL`] (for per-protocol counters).
     pub fn index(self) -> usize {
         self as usize
@@ -94,27 +83,11 @@ pub enum PackageStatus {
     Suspended,
 }
 
-impl PackageStatus {
-    /// The name in settings.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PackageStatus::Active => "active",
-            PackageStatus::Paused => "paused",
-            PackageStatus::Suspended => "suspended",
-        }
-    }
-
-    /// Parse a name.
-    pub fn parse(s: &str) -> Option<Self> {
-        [
-            PackageStatus::Active,
-            PackageStatus::Paused,
-            PackageStatus::Suspended,
-        ]
-        .into_iter()
-        .find(|x| x.as_str() == s)
-    }
-}
+names!(PackageStatus {
+    Active => "active",
+    Paused => "paused",
+    Suspended => "suspended",
+});
 
 /// How a package authenticates its clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -127,23 +100,11 @@ pub enum AuthMode {
     PasswordIp,
 }
 
-impl AuthMode {
-    /// The name in settings.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AuthMode::Password => "password",
-            AuthMode::Ip => "ip",
-            AuthMode::PasswordIp => "password+ip",
-        }
-    }
-
-    /// Parse a name.
-    pub fn parse(s: &str) -> Option<Self> {
-        [AuthMode::Password, AuthMode::Ip, AuthMode::PasswordIp]
-            .into_iter()
-            .find(|x| x.as_str() == s)
-    }
-}
+names!(AuthMode {
+    Password => "password",
+    Ip => "ip",
+    PasswordIp => "password+ip",
+});
 
 /// Longest package key (as a SOCKS5 password).
 pub const MAX_KEY: usize = 255;

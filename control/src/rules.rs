@@ -47,24 +47,13 @@ pub enum Network {
     Dc,
 }
 
+names!(Network {
+    Res => "res",
+    Mob => "mob",
+    Dc => "dc",
+});
+
 impl Network {
-    /// Every network.
-    pub const ALL: [Network; 3] = [Network::Res, Network::Mob, Network::Dc];
-
-    /// The rule value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Network::Res => "res",
-            Network::Mob => "mob",
-            Network::Dc => "dc",
-        }
-    }
-
-    /// Parse a rule value.
-    pub fn parse(s: &str) -> Option<Network> {
-        Network::ALL.into_iter().find(|n| n.as_str() == s)
-    }
-
     /// Bit for sets of networks.
     pub fn bit(self) -> u8 {
         1 << (self as u8)
@@ -413,37 +402,19 @@ pub enum Feature {
     Prefer,
 }
 
+names!(Feature {
+    City => "city",
+    Region => "region",
+    Isp => "isp",
+    Asn => "asn",
+    Bind => "bind",
+    Prefer => "prefer",
+});
+
 impl Feature {
-    /// Every feature.
-    pub const ALL: [Feature; 6] = [
-        Feature::City,
-        Feature::Region,
-        Feature::Isp,
-        Feature::Asn,
-        Feature::Bind,
-        Feature::Prefer,
-    ];
-
-    /// The feature's name in package settings.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Feature::City => "city",
-            Feature::Region => "region",
-            Feature::Isp => "isp",
-            Feature::Asn => "asn",
-            Feature::Bind => "bind",
-            Feature::Prefer => "prefer",
-        }
-    }
-
     /// The rule key the feature governs.
     pub fn key(self) -> &'static str {
         self.as_str()
-    }
-
-    /// Parse a feature name.
-    pub fn parse(s: &str) -> Option<Feature> {
-        Feature::ALL.into_iter().find(|f| f.as_str() == s)
     }
 }
 
