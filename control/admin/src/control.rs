@@ -115,6 +115,24 @@ impl Present {
     }
 }
 
+/// A declaration the store keeps as JSON fields, read back; a row that no
+/// longer reads is a corrupt store, named.
+fn stored<F: serde::de::DeserializeOwned, D>(
+    what: &'static str,
+    id: &dyn std::fmt::Display,
+    spec: &str,
+    to_decl: impl Fn(&F) -> Result<D, splicegate_control::decl::DeclError>,
+) -> Result<D, StoreError> {
+    serde_json::from_str::<F>(spec)
+        .map_err(|e| e.to_string())
+        .and_then(|f| to_decl(&f).map_err(|e| e.to_string()))
+        .map_err(|reason| StoreError::Corrupt {
+            what,
+            id: id.to_string(),
+            reason,
+        })
+}
+
 fn valid_org_id(id: &str) -> Result<(), ControlError> {
     if id.is_empty()
         || id.len() > 128
@@ -263,30 +281,16 @@ impl Control {
                 )
             })
             .collect();
-        let mut packages = BTreeMap::new();
-        for (id, spec) in store.packages()? {
-            let decl = serde_json::from_str::<PackageFields>(&spec)
-                .map_err(|e| e.to_string())
-                .and_then(|f| f.to_decl().map_err(|e| e.to_string()))
-                .map_err(|reason| StoreError::Corrupt {
-                    what: "package",
-                    id: id.to_string(),
-                    reason,
-                })?;
-            packages.insert(id, decl);
-        }
-        let mut nodes = BTreeMap::new();
-        for (id, spec) in store.nodes()? {
-            let decl = serde_json::from_str::<NodeFields>(&spec)
-                .map_err(|e| e.to_string())
-                .and_then(|f| f.to_decl().map_err(|e| e.to_string()))
-                .map_err(|reason| StoreError::Corrupt {
-                    what: "node",
-                    id: id.clone(),
-                    reason,
-                })?;
-            nodes.insert(id, decl);
-        }
+        let packages = store
+            .packages()?
+            .into_iter()
+            .map(|(id, spec)| Ok((id, stored("package", &id, &spec, PackageFields::to_decl)?)))
+            .collect::<Result<BTreeMap<_, _>, StoreError>>()?;
+        let nodes = store
+            .nodes()?
+            .into_iter()
+            .map(|(id, spec)| Ok((id.clone(), stored("node", &id, &spec, NodeFields::to_decl)?)))
+            .collect::<Result<BTreeMap<_, _>, StoreError>>()?;
         let epochs = store.epochs()?;
         let mut inner = Inner {
             store,
