@@ -6,6 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
+use splicegate_tests::nodes::TestNode;
 use splicegate_tests::ops::*;
 use splicegate_tests::targets::Acceptor;
 use splicegate_tests::{Gateway, eventually};
@@ -173,4 +174,74 @@ fn failures_of_real_traffic_take_a_node_out_until_a_probe_succeeds() {
     // The failures already answered do not take it out again by themselves.
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(healthy(&gw, "h-flaky"), Some(true));
+}
+
+/// How many of `n` rotating CONNECTs left through `node_ip`.
+fn share(gw: &Gateway, src: Ipv4Addr, target: SocketAddr, node_ip: &str, n: usize) -> usize {
+    (0..n)
+        .filter(|_| {
+            exit_ip(gw.proxy, src, target, "package-7-country-us", "pk_health").as_deref()
+                == Ok(node_ip)
+        })
+        .count()
+}
+
+#[test]
+fn a_node_that_failed_once_gets_its_share_back() {
+    // 1. Two HTTP nodes; probes every second (a TCP connect to the node).
+    // 2. Node A stops: rotating requests fail over to B until one has
+    //    recorded a failure of A.
+    // 3. A starts again on its port; a probe passes.
+    // 4. A's share of 1,000 rotating requests is 50 % ± 5 %: an old failure
+    //    never starves a node that probes healthy.
+    let s = Setup::new("health-share");
+    let mut a = TestNode::http(Ipv4Addr::new(127, 0, 1, 81));
+    let b = TestNode::http(Ipv4Addr::new(127, 0, 1, 82));
+    let target = IpEcho::start(local(0)).unwrap();
+    let node = |id: &str, n: &TestNode| {
+        format!(
+            "id = \"{id}\"\nkind = \"http\"\naddr = \"{}\"\ncountry = \"us\"\n",
+            n.addr()
+        )
+    };
+    let nodes = format!("{}\n[[node]]\n{}", node("share-a", &a), node("share-b", &b));
+    let toml = conf(&s, "interval_s = 1\nfailures = 3", &nodes);
+    let gw = s.start(&toml);
+    let src = Ipv4Addr::new(127, 0, 4, 81);
+    a.stop();
+    let failed = eventually(Duration::from_secs(10), Duration::from_millis(10), || {
+        assert_eq!(
+            exit_ip(
+                gw.proxy,
+                src,
+                target.addr,
+                "package-7-country-us",
+                "pk_health"
+            )
+            .as_deref(),
+            Ok("127.0.1.82"),
+            "B serves while A is down"
+        );
+        let (_, v) = gw.get("/v1/nodes/share-a");
+        (v["recent_failures"].as_u64() > Some(0)).then_some(())
+    });
+    assert!(failed.is_some(), "no request ever tried A");
+    a.start();
+    // A probe round passes within two intervals.
+    let probed = eventually(Duration::from_secs(5), Duration::from_millis(100), || {
+        let (_, v) = gw.get("/v1/nodes/share-a");
+        (v["recent_failures"].as_u64() == Some(0)).then_some(())
+    });
+    assert!(
+        probed.is_some(),
+        "A's failure was never cleared:\n{}",
+        gw.log_tail(10)
+    );
+    let n = 1000;
+    let through_a = share(&gw, src, target.addr, "127.0.1.81", n);
+    assert!(
+        (450..=550).contains(&through_a),
+        "A carried {through_a} of {n} rotating requests after it recovered"
+    );
+    drop(b);
 }

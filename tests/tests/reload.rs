@@ -492,3 +492,60 @@ fn open_tunnels_survive_reloads_even_of_their_node() {
     .expect("the removed node still takes new tunnels");
     assert_error(&r, 502, "NODE_NOT_FOUND", &[]);
 }
+
+#[test]
+fn pausing_a_package_closes_its_tunnels_and_keep_alive_connections() {
+    // 1. Package 7 holds an open CONNECT tunnel and a keep-alive connection
+    //    that forwarded one request.
+    // 2. A key rotation leaves both open (only new requests need the key).
+    // 3. A pause closes both within a second of the reload being applied.
+    let web = HttpTarget::start();
+    let echo = TcpEcho::start();
+    let conf = base(node_ip());
+    let mut gw = Gateway::start_conf(&conf);
+    let src = client_ip();
+    let mut tunnel = gw.tunnel(src, echo.addr(), "country-us");
+    tunnel.echo_round_trip(b"before").unwrap();
+    let mut ka = gw.conn_from(src);
+    let r = ka
+        .get(&web.url("/ip"), Some((&user("country-us"), KEY)), &[])
+        .unwrap();
+    assert_eq!(r.status, 200);
+
+    let rotated = conf.clone().map_package(7, |p| PkgDecl {
+        key: NEW_KEY.into(),
+        ..p
+    });
+    gw.reload_conf(&rotated);
+    let applied = eventually(Duration::from_secs(3), Duration::from_millis(20), || {
+        let r = gw.forward(src, &web.url("/ip"), &user("country-us"), NEW_KEY);
+        (r.status == 200).then_some(())
+    });
+    assert!(applied.is_some(), "the rotation never applied");
+    std::thread::sleep(Duration::from_millis(1200));
+    tunnel.echo_round_trip(b"after the rotation").unwrap();
+    assert!(
+        ka.closed_within(Duration::from_millis(10)).is_none(),
+        "a key rotation closed a keep-alive connection"
+    );
+
+    gw.reload_conf(&rotated.map_package(7, |p| p.set("status", "\"paused\"")));
+    let paused = eventually(Duration::from_secs(3), Duration::from_millis(20), || {
+        let r = gw.forward(src, &web.url("/ip"), &user("country-us"), NEW_KEY);
+        (r.status == 407).then_some(Instant::now())
+    });
+    let paused = paused.expect("the pause never applied");
+    assert!(
+        tunnel.closed_within(Duration::from_millis(1500)).is_some(),
+        "the paused package's tunnel is still open"
+    );
+    assert!(
+        ka.closed_within(Duration::from_millis(1500)).is_some(),
+        "the paused package's keep-alive connection is still open"
+    );
+    assert!(
+        paused.elapsed() < Duration::from_millis(1500),
+        "closed {:?} after the pause applied",
+        paused.elapsed()
+    );
+}
