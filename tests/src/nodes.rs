@@ -347,10 +347,24 @@ fn socks_node(c: &mut Conn, st: &NodeState, behavior: Behavior) -> io::Result<()
 }
 
 /// Connect to `authority` (`host:port`, `[v6]:port`), from `src` when the
-/// families match.
+/// families match. A test node stays on the machine: it dials loopback
+/// addresses only (a literal, or `localhost`) and resolves no other name;
+/// anything else is answered as unreachable.
 fn dial(src: Ipv4Addr, authority: &str) -> Option<TcpStream> {
-    let addrs: Vec<SocketAddr> = authority.to_socket_addrs().ok()?.collect();
-    for a in addrs {
+    let addrs: Vec<SocketAddr> = match authority.parse::<SocketAddr>() {
+        Ok(a) => vec![a],
+        Err(_) if authority.starts_with("localhost:") => {
+            authority.to_socket_addrs().ok()?.collect()
+        }
+        Err(_) => return None,
+    };
+    let local = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    };
+    for a in addrs.into_iter().filter(|a| local(a.ip())) {
         let Ok(sock) = Socket::new(Domain::for_address(a), Type::STREAM, None) else {
             continue;
         };

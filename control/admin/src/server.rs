@@ -177,7 +177,8 @@ async fn serve(
         health_stats,
         stop.clone(),
     ));
-    tracing::info!(listen = %opts.listen, token = opts.token.is_some(), "admin API serving");
+    let bound = listener.local_addr().map_or(opts.listen, |a| a);
+    tracing::info!(listen = %bound, token = opts.token.is_some(), "admin API serving");
     let mut shutdown = stop.clone();
     let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(async move {
         let _ = shutdown.wait_for(|s| *s).await;

@@ -126,6 +126,8 @@ pub fn cases(lab: &Lab) -> Vec<Case> {
         disallowed(),
     ));
     v.push(case(
+        // The test node answers a target off the machine as unreachable
+        // without dialing it: nothing leaves the machine.
         "C-10 a public IPv6 literal is not a bad request",
         connect("[2606:4700:4700::1111]:443"),
         Expect::NotBadRequest,
