@@ -15,14 +15,14 @@ use crate::targets::read_head;
 /// A proxy protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Proto {
+pub(crate) enum Proto {
     Connect,
     Socks5,
     Forward,
 }
 
 impl Proto {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Proto::Connect => "CONNECT",
             Proto::Socks5 => "SOCKS5",
@@ -33,14 +33,14 @@ impl Proto {
 
 /// Username and password for the proxy.
 #[derive(Debug, Clone)]
-pub struct Auth {
+pub(crate) struct Auth {
     pub user: String,
     pub pass: String,
 }
 
 /// The way to a target.
 #[derive(Debug, Clone)]
-pub enum Route {
+pub(crate) enum Route {
     /// No proxy.
     Direct,
     /// An L4 relay with one frontend per target: (target, frontend).
@@ -57,7 +57,7 @@ pub enum Route {
 
 impl Route {
     /// A short label for reports.
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match self {
             Route::Direct => "no proxy".into(),
             Route::L4(_) => "L4 relay".into(),
@@ -71,7 +71,7 @@ impl Route {
 
     /// Parse `connect://user:pass@host:port`, `socks5://…` or `http://…`
     /// (forwarding); user and password are optional.
-    pub fn parse_url(url: &str) -> Result<Route> {
+    pub(crate) fn parse_url(url: &str) -> Result<Route> {
         let (scheme, rest) = url
             .split_once("://")
             .ok_or_else(|| anyhow!("{url}: expected scheme://[user:pass@]host:port"))?;
@@ -109,7 +109,7 @@ impl Route {
     }
 
     /// The username for client connection `i` (sticky: its own session).
-    pub fn user_for(&self, i: usize, sticky: bool) -> Option<Auth> {
+    pub(crate) fn user_for(&self, i: usize, sticky: bool) -> Option<Auth> {
         let Route::Proxy { auth, sessions, .. } = self else {
             return None;
         };
@@ -123,7 +123,7 @@ impl Route {
 
 /// Connect with a timeout, optionally from `src`, TCP_NODELAY on, and read
 /// and write timeouts of `io` (no blocking call may hang a run).
-pub fn dial(addr: SocketAddr, src: Option<Ipv4Addr>, io: Duration) -> Result<TcpStream> {
+pub(crate) fn dial(addr: SocketAddr, src: Option<Ipv4Addr>, io: Duration) -> Result<TcpStream> {
     let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     if let Some(ip) = src {
         s.bind(&SocketAddr::new(IpAddr::V4(ip), 0).into())
@@ -141,14 +141,14 @@ pub fn dial(addr: SocketAddr, src: Option<Ipv4Addr>, io: Duration) -> Result<Tcp
 /// A byte stream to `target` (handshake done), plus any bytes of the target
 /// that arrived with the proxy's reply.
 #[derive(Debug)]
-pub struct Tunnel {
+pub(crate) struct Tunnel {
     pub stream: TcpStream,
     pub early: usize,
 }
 
 /// Open a tunnel to `target` over `route`. A forwarding proxy cannot tunnel:
 /// for it the caller speaks HTTP itself (see [`http_conn`]).
-pub fn open_tunnel(
+pub(crate) fn open_tunnel(
     route: &Route,
     target: SocketAddr,
     src: Option<Ipv4Addr>,
@@ -193,7 +193,7 @@ fn l4_frontend(map: &[(SocketAddr, SocketAddr)], target: SocketAddr) -> Result<S
 
 /// A connection that carries HTTP requests to `origin`, and whether requests
 /// on it use the absolute form (a forwarding proxy) or the origin form.
-pub fn http_conn(
+pub(crate) fn http_conn(
     route: &Route,
     origin: SocketAddr,
     auth: Option<&Auth>,
@@ -211,7 +211,7 @@ pub fn http_conn(
 
 /// A GET request for `origin`, absolute-form with Proxy-Authorization when
 /// `absolute`, origin-form otherwise.
-pub fn http_request(origin: SocketAddr, absolute: bool, auth: Option<&Auth>) -> Vec<u8> {
+pub(crate) fn http_request(origin: SocketAddr, absolute: bool, auth: Option<&Auth>) -> Vec<u8> {
     let mut r = if absolute {
         format!("GET http://{origin}/bench HTTP/1.1\r\nHost: {origin}\r\n")
     } else {
@@ -229,7 +229,7 @@ fn basic(a: &Auth) -> String {
 }
 
 /// The status code of a response head.
-pub fn status_of(head: &[u8]) -> Option<u16> {
+pub(crate) fn status_of(head: &[u8]) -> Option<u16> {
     let line = head.split(|&b| b == b'\r').next()?;
     let mut parts = line.split(|&b| b == b' ');
     let version = parts.next()?;
@@ -240,7 +240,7 @@ pub fn status_of(head: &[u8]) -> Option<u16> {
 }
 
 /// The Content-Length of a head, if any.
-pub fn content_length(head: &[u8]) -> Option<usize> {
+pub(crate) fn content_length(head: &[u8]) -> Option<usize> {
     let text = std::str::from_utf8(head).ok()?;
     text.split("\r\n").skip(1).find_map(|l| {
         let (k, v) = l.split_once(':')?;

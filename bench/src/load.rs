@@ -22,7 +22,7 @@ use crate::targets::{CHURN_BYTES, Targets, header_says_close, read_head};
 /// A load mode and its shape.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "mode", rename_all = "lowercase")]
-pub enum Mode {
+pub(crate) enum Mode {
     /// `streams` tunnels moving bytes one way as fast as they go.
     Bulk {
         streams: usize,
@@ -63,7 +63,7 @@ pub enum Mode {
 
 impl Mode {
     /// What `rate` counts.
-    pub fn rate_unit(&self) -> &'static str {
+    pub(crate) fn rate_unit(&self) -> &'static str {
         match self {
             Mode::Bulk { .. } => "Gbit/s",
             Mode::Connrate { .. } => "conn/s",
@@ -74,7 +74,7 @@ impl Mode {
     }
 
     /// What `cpu_per_unit` counts.
-    pub fn cpu_unit(&self) -> &'static str {
+    pub(crate) fn cpu_unit(&self) -> &'static str {
         match self {
             Mode::Bulk { .. } => "CPU-s/GB",
             Mode::Idle { .. } => "CPU-s in window",
@@ -85,7 +85,7 @@ impl Mode {
 
 /// Timing of a run.
 #[derive(Debug, Clone, Copy)]
-pub struct Window {
+pub(crate) struct Window {
     pub warmup: Duration,
     pub measure: Duration,
     /// Timeout of every connect, read and write.
@@ -96,7 +96,7 @@ pub struct Window {
 
 /// Latency percentiles, µs.
 #[derive(Debug, Clone, Copy, Serialize, Default)]
-pub struct Latency {
+pub(crate) struct Latency {
     pub p50: f64,
     pub p90: f64,
     pub p99: f64,
@@ -123,7 +123,7 @@ impl Latency {
 
 /// The proxy's cost in the window, read from /proc.
 #[derive(Debug, Clone, Serialize, Default)]
-pub struct Cost {
+pub(crate) struct Cost {
     pub cpu_s: f64,
     /// s/GB (bulk), µs/op (connrate, pingpong, http), CPU seconds of the
     /// held window (idle).
@@ -145,7 +145,7 @@ pub struct Cost {
 
 /// One run of one mode against one proxy.
 #[derive(Debug, Clone, Serialize, Default)]
-pub struct RunResult {
+pub(crate) struct RunResult {
     pub ok: bool,
     pub error: Option<String>,
     pub secs: f64,
@@ -255,7 +255,7 @@ impl Shared {
 }
 
 /// Run `mode` over `route`, measuring `proxy` (none: no proxy process).
-pub fn run(
+pub(crate) fn run(
     mode: &Mode,
     route: &Route,
     targets: &Targets,

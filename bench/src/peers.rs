@@ -20,8 +20,8 @@ use crate::targets::{Targets, listener};
 
 /// The account the peers with authentication accept (Squid's htpasswd file,
 /// Dante's system user).
-pub const PEER_USER: &str = "sgbench";
-pub const PEER_PASS: &str = "sgbench-Pw-7f3";
+pub(crate) const PEER_USER: &str = "sgbench";
+pub(crate) const PEER_PASS: &str = "sgbench-Pw-7f3";
 /// splicegate's package and key in the generated config.
 const SG_USER: &str = "package-1-country-us";
 const SG_KEY: &str = "bench";
@@ -29,7 +29,7 @@ const SG_KEY: &str = "bench";
 /// A built-in proxy under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum PeerId {
+pub(crate) enum PeerId {
     /// No proxy: the load generator talks to the target.
     Direct,
     /// splicegate, `direct` node, the configured worker count.
@@ -45,7 +45,7 @@ pub enum PeerId {
     Dante,
 }
 
-pub const ALL: [PeerId; 9] = [
+pub(crate) const ALL: [PeerId; 9] = [
     PeerId::Direct,
     PeerId::Splicegate,
     PeerId::SplicegateHttp,
@@ -58,7 +58,7 @@ pub const ALL: [PeerId; 9] = [
 ];
 
 impl PeerId {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             PeerId::Direct => "direct",
             PeerId::Splicegate => "splicegate",
@@ -72,12 +72,12 @@ impl PeerId {
         }
     }
 
-    pub fn parse(s: &str) -> Option<PeerId> {
+    pub(crate) fn parse(s: &str) -> Option<PeerId> {
         ALL.into_iter().find(|p| p.name() == s)
     }
 
     /// What it is, for the report.
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             PeerId::Direct => "no proxy: the client talks to the target",
             PeerId::Splicegate => "splicegate, `direct` node",
@@ -142,7 +142,7 @@ const NCSA_AUTH: &str = "/usr/lib/squid/basic_ncsa_auth";
 
 /// What a proxy can carry.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Caps {
+pub(crate) struct Caps {
     pub direct: bool,
     pub l4: bool,
     pub connect: bool,
@@ -155,7 +155,7 @@ pub struct Caps {
 /// What a cell asks of the way to its target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Want {
+pub(crate) enum Want {
     /// Any tunnel: CONNECT where the proxy has it, else SOCKS5, else L4.
     Tunnel,
     /// CONNECT (L4 relays and no proxy as baselines).
@@ -169,7 +169,7 @@ pub enum Want {
 }
 
 impl Caps {
-    pub fn serves(&self, want: Want) -> bool {
+    pub(crate) fn serves(&self, want: Want) -> bool {
         match want {
             Want::Tunnel => true,
             Want::Connect => self.connect || self.l4 || self.direct,
@@ -183,7 +183,7 @@ impl Caps {
 /// A proxy to measure: built in, or any proxy by URL (its CPU measured when
 /// its PID is given).
 #[derive(Debug, Clone)]
-pub enum Peer {
+pub(crate) enum Peer {
     Builtin(PeerId),
     External {
         name: String,
@@ -194,7 +194,7 @@ pub enum Peer {
 
 impl Peer {
     /// A peer name (`squid`) or a URL (`socks5://u:p@127.0.0.1:1080`).
-    pub fn parse(s: &str, pid: Option<u32>) -> Result<Peer> {
+    pub(crate) fn parse(s: &str, pid: Option<u32>) -> Result<Peer> {
         if let Some(id) = PeerId::parse(s) {
             return Ok(Peer::Builtin(id));
         }
@@ -213,14 +213,14 @@ impl Peer {
         )
     }
 
-    pub fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         match self {
             Peer::Builtin(id) => id.name().into(),
             Peer::External { name, .. } => name.clone(),
         }
     }
 
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Peer::Builtin(id) => id.describe().into(),
             Peer::External { route, pid, .. } => format!(
@@ -235,7 +235,7 @@ impl Peer {
         }
     }
 
-    pub fn caps(&self) -> Caps {
+    pub(crate) fn caps(&self) -> Caps {
         match self {
             Peer::Builtin(id) => id.caps(),
             Peer::External { route, .. } => match route {
@@ -251,13 +251,13 @@ impl Peer {
         }
     }
 
-    pub fn is_direct(&self) -> bool {
+    pub(crate) fn is_direct(&self) -> bool {
         matches!(self, Peer::Builtin(PeerId::Direct))
     }
 }
 
 /// Where the machine's programs are.
-pub fn find_program(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
     if name.starts_with('/') {
         return Path::new(name).exists().then(|| PathBuf::from(name));
     }
@@ -280,7 +280,7 @@ fn is_root() -> bool {
 }
 
 /// Why a peer cannot run here (a program missing), if it cannot.
-pub fn missing(peer: &Peer, gateway: &Path) -> Option<String> {
+pub(crate) fn missing(peer: &Peer, gateway: &Path) -> Option<String> {
     let Peer::Builtin(id) = peer else {
         return None;
     };
@@ -305,7 +305,7 @@ pub fn missing(peer: &Peer, gateway: &Path) -> Option<String> {
 
 /// Install the Debian packages of the peers that lack a program (root and
 /// apt-get needed). Returns what it did, for the report.
-pub fn install_missing(peers: &[Peer], log: &Path) -> Vec<String> {
+pub(crate) fn install_missing(peers: &[Peer], log: &Path) -> Vec<String> {
     let mut pkgs: Vec<&str> = Vec::new();
     for p in peers {
         if let Peer::Builtin(id) = p {
@@ -366,7 +366,7 @@ pub fn install_missing(peers: &[Peer], log: &Path) -> Vec<String> {
 
 /// The environment every peer starts in.
 #[derive(Debug)]
-pub struct Env {
+pub(crate) struct Env {
     pub targets: Targets,
     pub gateway: PathBuf,
     /// `taskset -c` lists; None: no pinning.
@@ -381,7 +381,7 @@ pub struct Env {
 
 /// A started peer; stopping happens on drop.
 #[derive(Debug)]
-pub struct Running {
+pub(crate) struct Running {
     /// (name, child): stopped last first.
     children: Vec<(String, Child)>,
     /// The process whose tree is the proxy's cost.
@@ -435,7 +435,7 @@ enum Base {
 
 impl Running {
     /// The way to the targets for a cell.
-    pub fn route(&self, want: Want) -> Route {
+    pub(crate) fn route(&self, want: Want) -> Route {
         match &self.base {
             Base::Direct => Route::Direct,
             Base::L4(map) => Route::L4(map.clone()),
@@ -570,7 +570,7 @@ fn program(name: &str) -> Result<PathBuf> {
 }
 
 /// Start one peer.
-pub fn start(peer: &Peer, env: &Env) -> Result<Running> {
+pub(crate) fn start(peer: &Peer, env: &Env) -> Result<Running> {
     let id = match peer {
         Peer::Builtin(id) => *id,
         Peer::External { route, pid, .. } => {
@@ -894,7 +894,7 @@ fn dante_user() -> Result<()> {
 }
 
 /// One line naming the peer's version, for the report.
-pub fn version(peer: &Peer, env: &Env) -> String {
+pub(crate) fn version(peer: &Peer, env: &Env) -> String {
     let (prog, arg) = match peer {
         Peer::Builtin(PeerId::Direct) | Peer::External { .. } => return String::new(),
         Peer::Builtin(PeerId::Splicegate | PeerId::SplicegateHttp | PeerId::SplicegateW2) => {

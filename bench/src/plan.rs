@@ -12,7 +12,7 @@ use crate::peers::{self, Env, Peer, PeerId, Want};
 /// One row group of the report: a mode, its shape, and what it asks of the
 /// way to the target.
 #[derive(Debug, Clone, Serialize)]
-pub struct Cell {
+pub(crate) struct Cell {
     pub id: String,
     pub title: String,
     pub mode: Mode,
@@ -21,7 +21,7 @@ pub struct Cell {
 
 impl Cell {
     /// Whether `peer` runs in this cell.
-    pub fn admits(&self, peer: &Peer) -> bool {
+    pub(crate) fn admits(&self, peer: &Peer) -> bool {
         if !peer.caps().serves(self.want) {
             return false;
         }
@@ -37,7 +37,7 @@ impl Cell {
 
 /// Everything to run.
 #[derive(Debug)]
-pub struct Plan {
+pub(crate) struct Plan {
     pub cells: Vec<Cell>,
     pub peers: Vec<Peer>,
     pub rounds: usize,
@@ -46,7 +46,7 @@ pub struct Plan {
 
 /// One run's outcome.
 #[derive(Debug, Clone, Serialize)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub cell: String,
     pub peer: String,
     pub round: usize,
@@ -56,7 +56,7 @@ pub struct Outcome {
 
 /// Medians of one (cell, peer) over its rounds.
 #[derive(Debug, Clone, Serialize)]
-pub struct Summary {
+pub(crate) struct Summary {
     pub cell: String,
     pub peer: String,
     pub route: String,
@@ -82,7 +82,7 @@ pub struct Summary {
 
 /// What a whole plan produced.
 #[derive(Debug, Serialize)]
-pub struct Results {
+pub(crate) struct Results {
     pub runs: Vec<Outcome>,
     pub summaries: Vec<Summary>,
     /// Peers left out, and why.
@@ -90,7 +90,7 @@ pub struct Results {
 }
 
 /// Seconds a plan takes, roughly (runs × (warm-up + window + start/stop)).
-pub fn estimate(plan: &Plan) -> f64 {
+pub(crate) fn estimate(plan: &Plan) -> f64 {
     let runs: usize = plan
         .cells
         .iter()
@@ -101,7 +101,7 @@ pub fn estimate(plan: &Plan) -> f64 {
 }
 
 /// Run the plan.
-pub fn run(plan: &Plan, env: &Env) -> Results {
+pub(crate) fn run(plan: &Plan, env: &Env) -> Results {
     let mut skipped = Vec::new();
     let peers: Vec<&Peer> = plan
         .peers

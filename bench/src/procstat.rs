@@ -10,7 +10,7 @@ use serde::Serialize;
 
 /// One reading of a process tree.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Sample {
+pub(crate) struct Sample {
     /// User + system CPU seconds of the live processes, plus what they have
     /// reaped from children that already exited.
     pub cpu_s: f64,
@@ -26,7 +26,7 @@ pub struct Sample {
 
 /// A process and its descendants.
 #[derive(Debug, Clone, Copy)]
-pub struct ProcTree {
+pub(crate) struct ProcTree {
     pub root: u32,
 }
 
@@ -77,7 +77,7 @@ fn status_kib(pid: u32, key: &str) -> u64 {
 
 /// The command name of a process (to make sure a PID still names the
 /// process we started before signalling it).
-pub fn comm(pid: u32) -> Option<String> {
+pub(crate) fn comm(pid: u32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .ok()
         .map(|s| s.trim().to_string())
@@ -85,7 +85,7 @@ pub fn comm(pid: u32) -> Option<String> {
 
 impl ProcTree {
     /// The root and every live descendant.
-    pub fn pids(&self) -> Vec<u32> {
+    pub(crate) fn pids(&self) -> Vec<u32> {
         let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
         if let Ok(dir) = std::fs::read_dir("/proc") {
             for e in dir.flatten() {
@@ -109,7 +109,7 @@ impl ProcTree {
     }
 
     /// Read the whole tree now.
-    pub fn sample(&self) -> Result<Sample> {
+    pub(crate) fn sample(&self) -> Result<Sample> {
         let mut root =
             Some(stat(self.root).with_context(|| format!("process {} is gone", self.root))?);
         let mut s = Sample::default();

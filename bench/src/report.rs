@@ -13,7 +13,7 @@ use crate::plan::{Cell, Results, Summary};
 
 /// How, where and when the numbers were taken.
 #[derive(Debug, Clone, Serialize)]
-pub struct Meta {
+pub(crate) struct Meta {
     pub command: String,
     pub started: String,
     pub finished: String,
@@ -32,7 +32,7 @@ pub struct Meta {
 }
 
 /// Text of a command's first output line (empty when it fails).
-pub fn sh(program: &str, args: &[&str]) -> String {
+pub(crate) fn sh(program: &str, args: &[&str]) -> String {
     std::process::Command::new(program)
         .args(args)
         .output()
@@ -41,13 +41,13 @@ pub fn sh(program: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
-pub fn load_average() -> String {
+pub(crate) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
 }
 
-pub fn cpu_model() -> String {
+pub(crate) fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -168,7 +168,7 @@ fn columns(mode: &Mode) -> (Vec<String>, Values) {
 
 /// The markdown tables (one per cell), with links to `<cell>.svg` when
 /// `plots`.
-pub fn markdown(meta: &Meta, cells: &[Cell], res: &Results, plots: bool) -> String {
+pub(crate) fn markdown(meta: &Meta, cells: &[Cell], res: &Results, plots: bool) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# splicegate-bench: splicegate next to its peers\n");
     let _ = writeln!(
@@ -268,7 +268,7 @@ fn esc(s: &str) -> String {
 
 /// A horizontal bar chart: the cell's throughput and the proxy's CPU per
 /// unit, one bar per peer.
-pub fn svg(cell: &Cell, rows: &[&Summary]) -> String {
+pub(crate) fn svg(cell: &Cell, rows: &[&Summary]) -> String {
     const LABEL: f64 = 150.0;
     const PANEL: f64 = 330.0;
     const GAP: f64 = 70.0;
@@ -373,7 +373,7 @@ pub fn svg(cell: &Cell, rows: &[&Summary]) -> String {
 }
 
 /// Write report.md, one SVG per cell and results.json into `dir`.
-pub fn write(dir: &Path, meta: &Meta, cells: &[Cell], res: &Results) -> Result<()> {
+pub(crate) fn write(dir: &Path, meta: &Meta, cells: &[Cell], res: &Results) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::write(dir.join("report.md"), markdown(meta, cells, res, true))?;
     for cell in cells {
@@ -390,7 +390,7 @@ pub fn write(dir: &Path, meta: &Meta, cells: &[Cell], res: &Results) -> Result<(
 }
 
 /// Everything as one JSON value.
-pub fn json(meta: &Meta, cells: &[Cell], res: &Results) -> serde_json::Value {
+pub(crate) fn json(meta: &Meta, cells: &[Cell], res: &Results) -> serde_json::Value {
     serde_json::json!({
         "meta": meta,
         "cells": cells,

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Bytes a churn client sends and gets back before the server closes.
-pub const CHURN_BYTES: usize = 100;
+pub(crate) const CHURN_BYTES: usize = 100;
 /// Stack of a per-connection server thread: the handlers need a buffer on
 /// the heap and little else, and the idle mode holds thousands of them.
 const STACK: usize = 128 * 1024;
@@ -27,7 +27,7 @@ const BULK_BUF: usize = 256 * 1024;
 
 /// Where each target listens, and the byte counters of sink and source.
 #[derive(Debug, Clone)]
-pub struct Targets {
+pub(crate) struct Targets {
     pub sink: SocketAddr,
     pub source: SocketAddr,
     pub echo: SocketAddr,
@@ -42,7 +42,7 @@ pub struct Targets {
 impl Targets {
     /// Bind every target on 127.0.0.1 (ephemeral ports) and serve them on
     /// background threads for the life of the process.
-    pub fn start(body_bytes: usize) -> Result<Targets> {
+    pub(crate) fn start(body_bytes: usize) -> Result<Targets> {
         let sink_bytes = Arc::new(AtomicU64::new(0));
         let source_bytes = Arc::new(AtomicU64::new(0));
         let sink = {
@@ -69,7 +69,7 @@ impl Targets {
     }
 
     /// Every target with its name (for L4 relays: one frontend each).
-    pub fn all(&self) -> [(&'static str, SocketAddr); 5] {
+    pub(crate) fn all(&self) -> [(&'static str, SocketAddr); 5] {
         [
             ("sink", self.sink),
             ("source", self.source),
@@ -82,7 +82,7 @@ impl Targets {
 
 /// A listener on 127.0.0.1 with a deep backlog (std's is 128, too short for
 /// connection-churn bursts).
-pub fn listener(port: u16) -> Result<TcpListener> {
+pub(crate) fn listener(port: u16) -> Result<TcpListener> {
     let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
     s.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)).into())?;
@@ -211,7 +211,7 @@ fn origin(mut s: TcpStream, response: &[u8]) {
 
 /// Read until `buf` holds a whole head (ending in an empty line); returns its
 /// length. Bytes past the head stay in `buf`.
-pub fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+pub(crate) fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
     let mut scanned = 0usize;
     loop {
         if let Some(i) = find(&buf[scanned.saturating_sub(3)..], b"\r\n\r\n") {
@@ -243,7 +243,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// Whether a head carries `Connection: close` (or is HTTP/1.0 without
 /// keep-alive).
-pub fn header_says_close(head: &[u8]) -> bool {
+pub(crate) fn header_says_close(head: &[u8]) -> bool {
     let text = String::from_utf8_lossy(head).to_ascii_lowercase();
     let http10 = text.lines().next().is_some_and(|l| l.contains("http/1.0"));
     let mut close = http10;

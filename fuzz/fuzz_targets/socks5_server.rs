@@ -36,11 +36,11 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Ok(Some(r)) = common::assert_split_invariant(data, &extra, server::parse_request) {
         let mut out = Vec::new();
-        client::write_connect(&r.host, r.port, &mut out).expect("a parsed host is writable");
+        client::write_connect(&r.target.host, r.target.port, &mut out).expect("a parsed host is writable");
         let again = server::parse_request(&out)
             .expect("a written request parses")
             .expect("a written request is complete");
-        assert_eq!((&again.host, again.port), (&r.host, r.port));
+        assert_eq!(again.target, r.target);
         assert_eq!(again.consumed, out.len());
     }
 });

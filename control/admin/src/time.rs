@@ -1,7 +1,7 @@
 //! Wall-clock formatting for JSON answers (RFC 3339, UTC, milliseconds).
 
 /// `2026-11-25T15:18:20.123Z` for milliseconds since the Unix epoch.
-pub fn rfc3339(unix_ms: u64) -> String {
+pub(crate) fn rfc3339(unix_ms: u64) -> String {
     let secs = unix_ms / 1000;
     let ms = unix_ms % 1000;
     let days = (secs / 86_400) as i64;

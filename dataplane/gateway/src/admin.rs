@@ -22,7 +22,7 @@ use crate::config::Config;
 
 /// The engine the workers share and, with `[admin]`, the control object that
 /// owns it.
-pub fn engine(cfg: &Config) -> Result<(Arc<Engine>, Option<Arc<Control>>)> {
+pub(crate) fn engine(cfg: &Config) -> Result<(Arc<Engine>, Option<Arc<Control>>)> {
     let decls = cfg.declarations().clone();
     let capacity = cfg.limits.session_capacity.max(1);
     if cfg.admin.is_none() {
@@ -47,7 +47,7 @@ pub fn engine(cfg: &Config) -> Result<(Arc<Engine>, Option<Arc<Control>>)> {
 /// Start the admin thread (API, flush, health checks) once the workers serve.
 /// `ebpf_verdicts` feeds `splicegate_ebpf_verdicts_total` when the kernel
 /// programs run.
-pub fn start(
+pub(crate) fn start(
     cfg: &Config,
     control: Option<&Arc<Control>>,
     workers: &[WorkerHandle],
@@ -94,13 +94,13 @@ fn health_options(cfg: &Config) -> HealthOptions {
 }
 
 /// SIGHUP with `[admin]`: the file's new objects, merged with the API's.
-pub fn reload(control: &Control, cfg: &Config) -> Result<()> {
+pub(crate) fn reload(control: &Control, cfg: &Config) -> Result<()> {
     let decls = cfg.declarations().clone();
     control.reload_file(decls).map_err(anyhow::Error::from)
 }
 
 /// After the drain: stop the admin thread, then the final flush of usage.
-pub fn stop(handle: Option<AdminHandle>, control: Option<&Arc<Control>>) {
+pub(crate) fn stop(handle: Option<AdminHandle>, control: Option<&Arc<Control>>) {
     if let Some(h) = handle {
         h.stop();
     }

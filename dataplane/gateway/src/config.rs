@@ -16,12 +16,12 @@ use splicegate_control::policy::{Declarations, OrgDecl};
 use splicegate_control::safety::TargetPolicy;
 
 /// The embedded demo, served when no `--config` is given.
-pub const DEMO: &str = include_str!("demo.toml");
+pub(crate) const DEMO: &str = include_str!("demo.toml");
 
 /// The whole file.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+pub(crate) struct Config {
     #[serde(default)]
     pub proxy: ProxySection,
     /// The admin API; absent: no API, no store, no health checks.
@@ -61,19 +61,19 @@ pub struct Config {
 /// `workers = 2` or `workers = "auto"`.
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(untagged)]
-pub enum Workers {
+pub(crate) enum Workers {
     Count(usize),
     Auto(AutoWord),
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum AutoWord {
+pub(crate) enum AutoWord {
     Auto,
 }
 
 impl Workers {
-    pub fn resolve(self) -> usize {
+    pub(crate) fn resolve(self) -> usize {
         match self {
             Workers::Count(n) => n.max(1),
             Workers::Auto(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -83,7 +83,7 @@ impl Workers {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ProxySection {
+pub(crate) struct ProxySection {
     pub listen: SocketAddr,
     pub workers: Workers,
     /// Pin worker i to CPU i.
@@ -103,7 +103,7 @@ impl Default for ProxySection {
 /// `[admin]`: its presence turns on the API, the store and the health checks.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
-pub struct AdminSection {
+pub(crate) struct AdminSection {
     /// Default `127.0.0.1:9090`.
     pub listen: Option<SocketAddr>,
     /// Bearer token for every endpoint but `/healthz` (and the dashboard page).
@@ -112,7 +112,7 @@ pub struct AdminSection {
 
 impl AdminSection {
     /// The API's address.
-    pub fn listen(&self) -> SocketAddr {
+    pub(crate) fn listen(&self) -> SocketAddr {
         self.listen
             .unwrap_or_else(|| "127.0.0.1:9090".parse().expect("literal"))
     }
@@ -120,7 +120,7 @@ impl AdminSection {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct StoreSection {
+pub(crate) struct StoreSection {
     /// SQLite file (relative to the working directory), or `":memory:"`.
     pub path: PathBuf,
 }
@@ -135,7 +135,7 @@ impl Default for StoreSection {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct SafetySection {
+pub(crate) struct SafetySection {
     pub allow_targets: Vec<IpNet>,
     pub blocked_ports: Vec<u16>,
 }
@@ -151,7 +151,7 @@ impl Default for SafetySection {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct TimeoutsSection {
+pub(crate) struct TimeoutsSection {
     pub node_connect_ms: u64,
     pub target_ms: u64,
     pub idle_s: u64,
@@ -175,7 +175,7 @@ impl Default for TimeoutsSection {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct LimitsSection {
+pub(crate) struct LimitsSection {
     pub max_head_bytes: usize,
     pub max_line_bytes: usize,
     pub max_headers: usize,
@@ -197,7 +197,7 @@ impl Default for LimitsSection {
 /// keys are accepted and validated now so files need not change).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct EbpfSection {
+pub(crate) struct EbpfSection {
     pub enabled: bool,
     pub interface: String,
     pub mode: EbpfMode,
@@ -210,7 +210,7 @@ pub struct EbpfSection {
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
-pub enum EbpfMode {
+pub(crate) enum EbpfMode {
     Xdp,
     XdpGeneric,
     Tc,
@@ -234,7 +234,7 @@ impl Default for EbpfSection {
 /// Node health probing (with `[admin]`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct HealthSection {
+pub(crate) struct HealthSection {
     /// `host:port` reached through each node; none: a TCP connect to the node.
     pub probe_target: Option<String>,
     /// Seconds between probes of a node (jittered by ±20 %).
@@ -255,7 +255,7 @@ impl Default for HealthSection {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct LogSection {
+pub(crate) struct LogSection {
     /// `info`, `debug`, … or a tracing filter.
     pub level: String,
     /// Access log: "off", "stderr", "stdout" or a file path.
@@ -274,7 +274,7 @@ impl Default for LogSection {
 /// Extra catalogue names per country: `cities = { us = ["new_york"] }`.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
-pub struct GeoSection {
+pub(crate) struct GeoSection {
     pub regions: BTreeMap<String, Vec<String>>,
     pub cities: BTreeMap<String, Vec<String>>,
     pub isps: BTreeMap<String, Vec<String>>,
@@ -283,13 +283,13 @@ pub struct GeoSection {
 /// The built-in target that answers with the address it sees.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
-pub struct DemoSection {
+pub(crate) struct DemoSection {
     pub echo_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
-pub struct ListenerEntry {
+pub(crate) struct ListenerEntry {
     pub listen: SocketAddr,
     pub package: Option<u64>,
     #[serde(default)]
@@ -298,7 +298,7 @@ pub struct ListenerEntry {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct OrgEntry {
+pub(crate) struct OrgEntry {
     pub id: String,
     #[serde(default)]
     pub credits: f64,
@@ -310,7 +310,7 @@ fn country(owner: &str, c: &str) -> Result<Country> {
 
 impl Config {
     /// Parse a file's text.
-    pub fn parse(text: &str) -> Result<Config> {
+    pub(crate) fn parse(text: &str) -> Result<Config> {
         let mut cfg: Config =
             toml::from_str(text).map_err(|e| anyhow!("{}", e.to_string().trim_end()))?;
         cfg.decls = cfg.convert()?;
@@ -365,14 +365,14 @@ impl Config {
     }
 
     /// The store's path (`[store] path`, default `splicegate.db`).
-    pub fn store_path(&self) -> PathBuf {
+    pub(crate) fn store_path(&self) -> PathBuf {
         self.store
             .as_ref()
             .map_or_else(|| StoreSection::default().path, |s| s.path.clone())
     }
 
     /// Read and parse a file.
-    pub fn load(path: &Path) -> Result<Config> {
+    pub(crate) fn load(path: &Path) -> Result<Config> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Config::parse(&text).with_context(|| format!("in {}", path.display()))
@@ -380,7 +380,7 @@ impl Config {
 
     /// The per-source connection rate and ban rules (`[ebpf]` keys; they
     /// hold in user space when the kernel programs are not attached).
-    pub fn guard_config(&self) -> splicegate_control::guard::GuardConfig {
+    pub(crate) fn guard_config(&self) -> splicegate_control::guard::GuardConfig {
         let e = &self.ebpf;
         splicegate_control::guard::GuardConfig {
             syn_rate: e.syn_rate,
@@ -393,7 +393,7 @@ impl Config {
     }
 
     /// The worker settings.
-    pub fn settings(&self) -> splicegate_worker::Settings {
+    pub(crate) fn settings(&self) -> splicegate_worker::Settings {
         let t = &self.timeouts;
         splicegate_worker::Settings {
             handshake: Duration::from_millis(t.handshake_ms.max(1)),
@@ -414,13 +414,13 @@ impl Config {
     /// exist, allowlists that do not overlap, default rules that parse) is
     /// known when the policy is built: once, by whoever serves it, or by
     /// [`Config::check_policy`].
-    pub fn declarations(&self) -> &Declarations {
+    pub(crate) fn declarations(&self) -> &Declarations {
         &self.decls
     }
 
     /// Build the policy once to report what only a whole policy can tell
     /// (`check-config`; serving builds its own).
-    pub fn check_policy(&self) -> Result<()> {
+    pub(crate) fn check_policy(&self) -> Result<()> {
         splicegate_control::policy::Policy::build(&self.decls, None).map_err(|e| anyhow!(e))?;
         Ok(())
     }

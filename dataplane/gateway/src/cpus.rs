@@ -4,7 +4,7 @@
 
 /// The CPUs the process may use, ascending; `None` when the mask cannot be
 /// read (then workers are not pinned).
-pub fn allowed() -> Option<Vec<usize>> {
+pub(crate) fn allowed() -> Option<Vec<usize>> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let list = status
         .lines()
@@ -13,7 +13,7 @@ pub fn allowed() -> Option<Vec<usize>> {
 }
 
 /// Parse a kernel CPU list (`0-3,8,10-11`).
-pub fn parse_list(s: &str) -> Option<Vec<usize>> {
+pub(crate) fn parse_list(s: &str) -> Option<Vec<usize>> {
     let mut cpus = Vec::new();
     for part in s.split(',').filter(|p| !p.is_empty()) {
         match part.split_once('-') {
@@ -34,7 +34,7 @@ pub fn parse_list(s: &str) -> Option<Vec<usize>> {
 
 /// The CPU for worker `i` of `workers`: the `i`-th CPU of the mask, or
 /// none when pinning is off or there are more workers than CPUs to give.
-pub fn for_worker(allowed: Option<&[usize]>, i: usize, workers: usize) -> Option<usize> {
+pub(crate) fn for_worker(allowed: Option<&[usize]>, i: usize, workers: usize) -> Option<usize> {
     let allowed = allowed?;
     (workers <= allowed.len()).then(|| allowed[i % allowed.len()])
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 const MAX_CONNECTIONS: usize = 256;
 
 /// Serve on `addr` from a background thread.
-pub fn start(addr: SocketAddr) -> std::io::Result<SocketAddr> {
+pub(crate) fn start(addr: SocketAddr) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
     let open = Arc::new(AtomicUsize::new(0));

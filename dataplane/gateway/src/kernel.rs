@@ -19,13 +19,13 @@ use crate::config::{Config, EbpfMode};
 
 /// Bans waiting for the main thread; past this, a ban is dropped, counted
 /// and logged.
-pub const BAN_QUEUE: usize = 4096;
+pub(crate) const BAN_QUEUE: usize = 4096;
 
 /// A source to ban, and for how long.
 type Ban = (IpAddr, Duration);
 
 /// The attached programs and what they enforce.
-pub struct Kernel {
+pub(crate) struct Kernel {
     enforcer: Mutex<Enforcer>,
     /// `ip_only` listener ports and their packages.
     ip_only: Vec<(u16, u64)>,
@@ -51,7 +51,7 @@ impl std::fmt::Debug for Kernel {
 /// to user space (and says why, once). `bound`: the proxy's address, then
 /// each `[[listener]]`'s, as bound (a port 0 in the file is the kernel's
 /// choice here).
-pub fn start(cfg: &Config, bound: &[SocketAddr]) -> Option<Arc<Kernel>> {
+pub(crate) fn start(cfg: &Config, bound: &[SocketAddr]) -> Option<Arc<Kernel>> {
     if !cfg.ebpf.enabled {
         tracing::info!(
             "[ebpf] disabled: per-source rates, bans and ip_only ports are enforced in user space (accepted, then closed at once)"
@@ -106,7 +106,7 @@ impl Kernel {
     }
 
     /// Write every ip_only port's allowlist from the policy.
-    pub fn sync_allowlists(&self, policy: &Policy) {
+    pub(crate) fn sync_allowlists(&self, policy: &Policy) {
         let mut e = self.enforcer();
         for &(port, package) in &self.ip_only {
             let allow = policy
@@ -121,7 +121,7 @@ impl Kernel {
     }
 
     /// Where the workers send bans: a bounded queue, never a lock.
-    pub fn ban_sink(self: &Arc<Self>) -> BanSink {
+    pub(crate) fn ban_sink(self: &Arc<Self>) -> BanSink {
         let me = self.clone();
         Arc::new(move |ip: IpAddr, d: Duration| {
             if me.bans.0.try_send((ip, d)).is_err() {
@@ -134,7 +134,7 @@ impl Kernel {
     /// kernel, and the allowlists are rewritten when a new policy was
     /// published since the last turn (a reload, an API change), so a change
     /// is in force in the kernel within a second.
-    pub fn upkeep(&self, engine: &Engine) {
+    pub(crate) fn upkeep(&self, engine: &Engine) {
         let dropped = self.bans_dropped.swap(0, Ordering::Relaxed);
         if dropped > 0 {
             tracing::warn!(
@@ -158,7 +158,7 @@ impl Kernel {
     }
 
     /// Packets per verdict, summed over CPUs.
-    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+    pub(crate) fn counters(&self) -> Vec<(&'static str, u64)> {
         match self.enforcer().counters() {
             Ok(c) => Verdict::ALL
                 .iter()

@@ -7,7 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Listening sockets of the machine (this network namespace).
-pub fn listening() -> Vec<SocketAddr> {
+pub(crate) fn listening() -> Vec<SocketAddr> {
     let mut out = Vec::new();
     for (path, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
         if let Ok(text) = std::fs::read_to_string(path) {
@@ -18,7 +18,7 @@ pub fn listening() -> Vec<SocketAddr> {
 }
 
 /// The listening sockets in one `/proc/net/tcp{,6}` table.
-pub fn parse(table: &str, v6: bool) -> Vec<SocketAddr> {
+pub(crate) fn parse(table: &str, v6: bool) -> Vec<SocketAddr> {
     table
         .lines()
         .skip(1)
@@ -63,14 +63,14 @@ fn v6_from_hex(h: &str) -> Option<IpAddr> {
 /// Whether a socket listening on `other` would share clients with a
 /// listener on `ours`: same port, and the same address or a wildcard on
 /// either side.
-pub fn overlaps(ours: SocketAddr, other: SocketAddr) -> bool {
+pub(crate) fn overlaps(ours: SocketAddr, other: SocketAddr) -> bool {
     ours.port() == other.port()
         && (ours.ip() == other.ip() || ours.ip().is_unspecified() || other.ip().is_unspecified())
 }
 
 /// The first socket already listening where `addr` would; port 0 (the
 /// kernel picks) never collides.
-pub fn taken(addr: SocketAddr, sockets: &[SocketAddr]) -> Option<SocketAddr> {
+pub(crate) fn taken(addr: SocketAddr, sockets: &[SocketAddr]) -> Option<SocketAddr> {
     if addr.port() == 0 {
         return None;
     }

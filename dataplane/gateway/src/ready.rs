@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 
 /// Every address the gateway serves on, as bound (real ports, never 0).
 #[derive(Debug, Default)]
-pub struct Bound {
+pub(crate) struct Bound {
     /// `[proxy] listen`.
     pub proxy: Vec<SocketAddr>,
     /// `[[listener]]` tables in file order: address, package, ip_only.
@@ -39,7 +39,7 @@ pub struct Bound {
 
 impl Bound {
     /// The JSON object of the ready file.
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         json!({
             "pid": std::process::id(),
             "proxy": self.proxy.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -59,7 +59,7 @@ impl Bound {
 }
 
 /// Write `bound` to `path` atomically: `path.tmp-PID`, fsync, rename.
-pub fn write(path: &Path, bound: &Bound) -> Result<()> {
+pub(crate) fn write(path: &Path, bound: &Bound) -> Result<()> {
     let mut name = path.as_os_str().to_owned();
     name.push(format!(".tmp-{}", std::process::id()));
     let tmp = std::path::PathBuf::from(name);

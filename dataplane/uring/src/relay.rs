@@ -578,7 +578,7 @@ struct AutoStage<'p> {
 }
 
 /// Bytes of a copy-mode read; a read that fills it switches to splice.
-pub const COPY_BUF: usize = 16 * 1024;
+pub(crate) const COPY_BUF: usize = 16 * 1024;
 
 impl AutoStage<'_> {
     fn release_buf(&mut self) {

@@ -40,7 +40,7 @@ pub(crate) struct Refusal {
 
 impl Refusal {
     /// A refusal before any package is known (a malformed handshake).
-    pub fn anonymous(rejection: Rejection) -> Self {
+    pub(crate) fn anonymous(rejection: Rejection) -> Self {
         Refusal {
             package: None,
             rejection,
@@ -95,7 +95,7 @@ pub(crate) struct Established {
 
 impl Gate {
     /// A gate for one request on the current policy snapshot.
-    pub fn new(ctx: &Ctx, peer: SocketAddr, binding: Binding, protocol: Protocol) -> Self {
+    pub(crate) fn new(ctx: &Ctx, peer: SocketAddr, binding: Binding, protocol: Protocol) -> Self {
         Gate {
             policy: ctx.shared.engine.policy_arc(),
             peer,
@@ -105,7 +105,10 @@ impl Gate {
     }
 
     /// Checks 1–5: who the client is.
-    pub fn authenticate(&self, credentials: Credentials<'_>) -> Result<Authenticated, Refusal> {
+    pub(crate) fn authenticate(
+        &self,
+        credentials: Credentials<'_>,
+    ) -> Result<Authenticated, Refusal> {
         let hello = Hello {
             client_ip: self.peer.ip(),
             credentials,
@@ -122,7 +125,7 @@ impl Gate {
     /// Checks 6–11: what the request may do and which node serves it first.
     /// `conn` holds the client connection's slot of the package's
     /// connection limit (taken on its first request, kept for the next).
-    pub fn admit(
+    pub(crate) fn admit(
         &self,
         ctx: &Ctx,
         auth: &Authenticated,
@@ -154,13 +157,17 @@ impl Gate {
 
 impl Admission {
     /// The package the request is charged to.
-    pub fn package_id(&self) -> u64 {
+    pub(crate) fn package_id(&self) -> u64 {
         self.admitted.package.id()
     }
 
     /// Dial the route's nodes until one establishes, or the `onerror`
     /// machine gives the answer.
-    pub async fn dial(&mut self, ctx: &Ctx, protocol: Protocol) -> Result<Established, Refusal> {
+    pub(crate) async fn dial(
+        &mut self,
+        ctx: &Ctx,
+        protocol: Protocol,
+    ) -> Result<Established, Refusal> {
         let engine = &ctx.shared.engine;
         let refuse = |rejection| Refusal {
             package: Some(self.admitted.package.id()),

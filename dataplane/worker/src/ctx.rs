@@ -52,7 +52,7 @@ pub(crate) struct Outcome<'a> {
 impl Ctx {
     /// Record an answered refusal (recent-errors rings, counters, bans for
     /// repeated `AUTH_FAILED`, access log).
-    pub fn record(&self, peer: SocketAddr, protocol: Protocol, refusal: &Refusal) {
+    pub(crate) fn record(&self, peer: SocketAddr, protocol: Protocol, refusal: &Refusal) {
         let (package, rej) = (refusal.package, &refusal.rejection);
         let policy = self.shared.engine.policy();
         self.shared
@@ -86,7 +86,7 @@ impl Ctx {
     /// counted (the caller), and recorded in the recent errors at most
     /// [`GUARD_RECORDS_PER_S`] times a second per worker, so a flood cannot
     /// make the ring's lock its bottleneck.
-    pub fn record_guard(&self, peer: SocketAddr, rej: Rejection) {
+    pub(crate) fn record_guard(&self, peer: SocketAddr, rej: Rejection) {
         let second = clock::unix_ms() / 1000;
         let (at, n) = self.guard_records.get();
         let n = if at == second { n + 1 } else { 1 };
@@ -102,7 +102,7 @@ impl Ctx {
     }
 
     /// Count an outcome and write its access-log line (never a key or password).
-    pub fn log(&self, o: &Outcome<'_>) {
+    pub(crate) fn log(&self, o: &Outcome<'_>) {
         self.stats.answer(o.protocol, o.error.map(|r| r.code));
         if let Some(log) = &self.shared.access_log {
             let line = serde_json::json!({

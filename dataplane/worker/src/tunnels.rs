@@ -54,7 +54,7 @@ impl Tunnels {
     }
 
     /// Register a tunnel about to relay.
-    pub fn register(&self, package: Arc<Package>, ctl: RelayCtl) -> u64 {
+    pub(crate) fn register(&self, package: Arc<Package>, ctl: RelayCtl) -> u64 {
         let held = Held::Tunnel {
             ctl,
             flushed_up: 0,
@@ -65,12 +65,12 @@ impl Tunnels {
 
     /// Register a keep-alive connection waiting for its next request; the
     /// notifier fires when its package may not go on.
-    pub fn register_keepalive(&self, package: Arc<Package>, stop: Notifier) -> u64 {
+    pub(crate) fn register_keepalive(&self, package: Arc<Package>, stop: Notifier) -> u64 {
         self.insert(package, Held::KeepAlive(stop))
     }
 
     /// The tunnel or keep-alive wait ended: charge what was not yet flushed.
-    pub fn finish(&self, id: u64, stats: &WorkerStats) {
+    pub(crate) fn finish(&self, id: u64, stats: &WorkerStats) {
         if let Some(mut e) = self.open.borrow_mut().remove(&id) {
             let (up, down) = flush(&mut e);
             stats.bytes(up, down);
@@ -78,7 +78,7 @@ impl Tunnels {
     }
 
     /// Flush counters and stop what may not go on.
-    pub fn tick(&self, policy: &Policy, stats: &WorkerStats) {
+    pub(crate) fn tick(&self, policy: &Policy, stats: &WorkerStats) {
         for e in self.open.borrow_mut().values_mut() {
             let (up, down) = flush(e);
             stats.bytes(up, down);
@@ -100,7 +100,7 @@ impl Tunnels {
     }
 
     /// Stop everything (end of a drain).
-    pub fn stop_all(&self) {
+    pub(crate) fn stop_all(&self) {
         for e in self.open.borrow_mut().values_mut() {
             e.stop();
         }

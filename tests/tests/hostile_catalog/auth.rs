@@ -3,7 +3,7 @@
 use splicegate_tests::catalog::*;
 use splicegate_tests::*;
 
-pub fn cases(lab: &Lab) -> Vec<Case> {
+pub(crate) fn cases(lab: &Lab) -> Vec<Case> {
     let e = lab.e();
     let with = |auth: &str| format!("CONNECT {e} HTTP/1.1\r\nHost: {e}\r\n{auth}\r\n");
     let creds = |u: &str, p: &str| with(&format!("Proxy-Authorization: {}\r\n", basic(u, p)));

@@ -3,7 +3,7 @@
 use splicegate_tests::catalog::*;
 use splicegate_tests::*;
 
-pub fn cases(lab: &Lab) -> Vec<Case> {
+pub(crate) fn cases(lab: &Lab) -> Vec<Case> {
     let w = lab.w();
     let a = auth_line();
     let get = |extra: &str| format!("GET http://{w}/ip HTTP/1.1\r\nHost: {w}\r\n{a}{extra}\r\n");

@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use splicegate_tests::catalog::*;
 use splicegate_tests::*;
 
-pub fn cases(lab: &Lab) -> Vec<Case> {
+pub(crate) fn cases(lab: &Lab) -> Vec<Case> {
     use Step::*;
     let greet: &[u8] = &[5, 1, 2];
     let good = userpass(USER.as_bytes(), KEY.as_bytes());

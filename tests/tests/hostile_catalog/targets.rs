@@ -3,7 +3,7 @@
 
 use splicegate_tests::catalog::*;
 
-pub fn cases(lab: &Lab) -> Vec<Case> {
+pub(crate) fn cases(lab: &Lab) -> Vec<Case> {
     let a = auth_line();
     let e = lab.e();
     let connect = |auth: &str| format!("CONNECT {auth} HTTP/1.1\r\nHost: {auth}\r\n{a}\r\n");

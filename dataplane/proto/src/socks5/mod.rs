@@ -50,9 +50,9 @@ pub mod reply {
 
 /// Address type codes.
 pub(crate) mod atyp {
-    pub const IPV4: u8 = 0x01;
-    pub const DOMAIN: u8 = 0x03;
-    pub const IPV6: u8 = 0x04;
+    pub(crate) const IPV4: u8 = 0x01;
+    pub(crate) const DOMAIN: u8 = 0x03;
+    pub(crate) const IPV6: u8 = 0x04;
 }
 
 /// Why a SOCKS5 message was rejected. Each variant says what the server side
