@@ -903,4 +903,4 @@ impl NodePool {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

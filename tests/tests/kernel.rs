@@ -85,6 +85,18 @@ fn closed_at_once(mut s: &TcpStream) -> bool {
     }
 }
 
+/// Assert that `src` is served on `dst` within `limit` of now (an API
+/// change reaching the kernel's allowlist).
+#[track_caller]
+fn served_within(src: Ipv4Addr, dst: SocketAddr, limit: Duration) {
+    let t = Instant::now();
+    let served = eventually(Duration::from_secs(3), Duration::from_millis(100), || {
+        (syn(src, dst) == Syn::Open).then_some(t.elapsed())
+    });
+    let took = served.unwrap_or_else(|| panic!("{src} was never served on {dst}"));
+    assert!(took < limit, "{src} served on {dst} only after {took:?}");
+}
+
 /// Whether the kernel tests can run here; `None` means skip.
 fn can_attach() -> Option<()> {
     let root = std::fs::read_to_string("/proc/self/status")
@@ -179,29 +191,13 @@ fn kernel_rules_through_the_binary() {
         "/v1/packages",
         r#"{"id": 9, "key": "pk_kernel9", "auth": "ip", "ip_allowlist": ["127.0.5.21/32"], "default_rules": "country-us"}"#,
     );
-    let t = Instant::now();
-    let served = eventually(Duration::from_secs(3), Duration::from_millis(100), || {
-        (syn(a(21), api_only) == Syn::Open).then_some(t.elapsed())
-    });
-    let took = served.expect("the API's allowlist never reached the kernel");
-    assert!(
-        took < Duration::from_millis(1500),
-        "in force after {took:?}"
-    );
+    served_within(a(21), api_only, Duration::from_millis(1500));
     assert_eq!(syn(a(22), api_only), Syn::Dropped);
     gw.patched(
         "/v1/packages/9",
         r#"{"ip_allowlist": ["127.0.5.21/32", "127.0.5.22/32"]}"#,
     );
-    let t = Instant::now();
-    let served = eventually(Duration::from_secs(3), Duration::from_millis(100), || {
-        (syn(a(22), api_only) == Syn::Open).then_some(t.elapsed())
-    });
-    let took = served.expect("the API's change never reached the kernel");
-    assert!(
-        took < Duration::from_millis(1500),
-        "in force after {took:?}"
-    );
+    served_within(a(22), api_only, Duration::from_millis(1500));
 
     // 3. Bans: four wrong keys from 127.0.5.3 ban it (threshold 3); another
     //    address is unaffected; the ban expires after ban_s.

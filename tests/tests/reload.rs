@@ -13,6 +13,17 @@ fn base(n1: std::net::Ipv4Addr) -> Conf {
     Conf::with_package(KEY).node(NodeDecl::direct("d1", n1))
 }
 
+/// A web target, the base config, a gateway on it and a client address
+/// that was served once.
+fn serving() -> (HttpTarget, Conf, Gateway, std::net::Ipv4Addr) {
+    let web = HttpTarget::start();
+    let conf = base(node_ip());
+    let gw = Gateway::start_conf(&conf);
+    let src = client_ip();
+    gw.exit_ok(src, &web.url("/ip"), "country-us");
+    (web, conf, gw, src)
+}
+
 #[test]
 fn key_regeneration_by_reload_stops_the_old_key_at_once() {
     let web = HttpTarget::start();
@@ -68,11 +79,7 @@ fn key_regeneration_by_reload_stops_the_old_key_at_once() {
 
 #[test]
 fn pausing_and_resuming_a_package_by_reload() {
-    let web = HttpTarget::start();
-    let conf = base(node_ip());
-    let mut gw = Gateway::start_conf(&conf);
-    let src = client_ip();
-    gw.exit_ok(src, &web.url("/ip"), "country-us");
+    let (web, conf, mut gw, src) = serving();
     gw.reload_conf(
         &conf
             .clone()
@@ -145,11 +152,7 @@ fn nodes_added_and_taken_offline_by_reload() {
 
 #[test]
 fn a_bad_file_on_reload_keeps_the_running_policy_and_is_logged() {
-    let web = HttpTarget::start();
-    let conf = base(node_ip());
-    let mut gw = Gateway::start_conf(&conf);
-    let src = client_ip();
-    gw.exit_ok(src, &web.url("/ip"), "country-us");
+    let (web, conf, mut gw, src) = serving();
     let before = gw.log().len();
     // A misspelt key, and a key change in the same file: nothing applies.
     let bad = conf

@@ -217,87 +217,79 @@ impl Collector for Live {
                 .map(|(s, i)| ([("worker", i.as_str())], f(s)))
                 .collect()
         };
-        let accepted = per_worker(&|s| rd(&s.accepted));
-        counter(
-            &mut enc,
-            "splicegate_accepted_connections",
-            "Client connections accepted, per worker",
-            &accepted
-                .iter()
-                .map(|(l, v)| (l.as_slice(), *v))
-                .collect::<Vec<_>>(),
-        )?;
-        for (name, help, f) in [
+        // Per-worker series: (name, help, counter or gauge, reader).
+        type Read = fn(&WorkerStats) -> u64;
+        let per_worker_series: [(&str, &str, bool, Read); 10] = [
+            (
+                "splicegate_accepted_connections",
+                "Client connections accepted, per worker",
+                true,
+                |s| s.accepted.load(Ordering::Relaxed),
+            ),
             (
                 "splicegate_pipe_copy_fallbacks",
                 "Reads copied because no pipe could be had (over the pipe cap, or pipe2 failing), per worker",
-                (|s: &WorkerStats| s.runtime.pipe_copy_fallbacks.load(Ordering::Relaxed))
-                    as fn(&WorkerStats) -> u64,
+                true,
+                |s| s.runtime.pipe_copy_fallbacks.load(Ordering::Relaxed),
             ),
             (
                 "splicegate_pipe_failures",
                 "pipe2 calls that failed (out of descriptors), per worker",
-                |s: &WorkerStats| s.runtime.pipe_failures.load(Ordering::Relaxed),
+                true,
+                |s| s.runtime.pipe_failures.load(Ordering::Relaxed),
             ),
             (
                 "splicegate_ring_cq_backlogs",
                 "Ring turns that found completions held back by a full completion queue, per worker",
-                |s: &WorkerStats| s.runtime.cq_backlogs.load(Ordering::Relaxed),
+                true,
+                |s| s.runtime.cq_backlogs.load(Ordering::Relaxed),
             ),
             (
                 "splicegate_ring_cq_dropped",
                 "Completions the kernel dropped (fatal for the worker), per worker",
-                |s: &WorkerStats| s.runtime.cq_dropped.load(Ordering::Relaxed),
+                true,
+                |s| s.runtime.cq_dropped.load(Ordering::Relaxed),
             ),
-        ] {
-            let v = per_worker(&f);
-            counter(
-                &mut enc,
-                name,
-                help,
-                &v.iter()
-                    .map(|(l, v)| (l.as_slice(), *v))
-                    .collect::<Vec<_>>(),
-            )?;
-        }
-        for (name, help, f) in [
             (
                 "splicegate_pipes_in_use",
                 "Pipes holding spliced bytes now, per worker",
-                (|s: &WorkerStats| s.runtime.pipes_in_use.load(Ordering::Relaxed))
-                    as fn(&WorkerStats) -> u64,
+                false,
+                |s| s.runtime.pipes_in_use.load(Ordering::Relaxed),
             ),
             (
                 "splicegate_ring_ops_in_flight",
                 "io_uring operations in flight now, per worker",
-                |s: &WorkerStats| s.runtime.ops_in_flight.load(Ordering::Relaxed),
+                false,
+                |s| s.runtime.ops_in_flight.load(Ordering::Relaxed),
             ),
             (
                 "splicegate_worker_tasks",
                 "Tasks alive on the worker's runtime now",
-                |s: &WorkerStats| s.runtime.tasks.load(Ordering::Relaxed),
+                false,
+                |s| s.runtime.tasks.load(Ordering::Relaxed),
             ),
             (
                 "splicegate_open_connections",
                 "Client connections open now, per worker",
-                (|s: &WorkerStats| s.open_connections.load(Ordering::Relaxed))
-                    as fn(&WorkerStats) -> u64,
+                false,
+                |s| s.open_connections.load(Ordering::Relaxed),
             ),
             (
                 "splicegate_open_tunnels",
                 "Tunnels (CONNECT, SOCKS5) open now, per worker",
-                |s: &WorkerStats| s.open_tunnels.load(Ordering::Relaxed),
+                false,
+                |s| s.open_tunnels.load(Ordering::Relaxed),
             ),
-        ] {
+        ];
+        for (name, help, is_counter, f) in per_worker_series {
             let v = per_worker(&f);
-            gauge(
-                &mut enc,
-                name,
-                help,
-                &v.iter()
-                    .map(|(l, v)| (l.as_slice(), *v as i64))
-                    .collect::<Vec<_>>(),
-            )?;
+            if is_counter {
+                let series: Vec<_> = v.iter().map(|(l, v)| (l.as_slice(), *v)).collect();
+                counter(&mut enc, name, help, &series)?;
+            } else {
+                let series: Vec<_> = v.iter().map(|(l, v)| (l.as_slice(), *v as i64)).collect();
+                gauge(&mut enc, name, help, &series)?;
+            }
         }
 
         // Setup latency: the workers' buckets, in seconds.

@@ -26,6 +26,19 @@ pub(crate) fn decl(
     }
 }
 
+/// Paris, Orange (AS3215), residential.
+fn paris1() -> NodeDecl {
+    decl(
+        "pa1",
+        "fr",
+        "paris",
+        "orange",
+        3215,
+        Network::Res,
+        "10.1.0.1",
+    )
+}
+
 fn pool() -> (NodePool, GeoCatalog) {
     let mut geo = GeoCatalog::new();
     let decls = vec![
@@ -65,15 +78,7 @@ fn pool() -> (NodePool, GeoCatalog) {
             Network::Mob,
             "10.0.3.1",
         ),
-        decl(
-            "pa1",
-            "fr",
-            "paris",
-            "orange",
-            3215,
-            Network::Res,
-            "10.1.0.1",
-        ),
+        paris1(),
         decl("pa2", "fr", "paris", "free", 12322, Network::Dc, "10.1.1.1"),
     ];
     let p = NodePool::build(&decls, None, &mut geo);
@@ -218,15 +223,7 @@ fn rebuild_keeps_runtime_and_catalogue_counts() {
     let (p, mut geo) = pool();
     let (_, n) = p.get("pa1").unwrap();
     let _t = n.runtime.open_tunnel();
-    let mut decls = vec![decl(
-        "pa1",
-        "fr",
-        "paris",
-        "orange",
-        3215,
-        Network::Res,
-        "10.1.0.1",
-    )];
+    let mut decls = vec![paris1()];
     decls.push(decl(
         "de1",
         "de",

@@ -1,6 +1,4 @@
 use super::*;
-use crate::geo::Country;
-use crate::nodes::{NodeKind, NodeState};
 use crate::rules::{Feature, Network};
 
 /// A target as a client would send it.
@@ -9,22 +7,9 @@ fn target(host: &str, port: u16) -> splicegate_addr::Target {
     splicegate_addr::Target::new(h, port)
 }
 
+/// A direct node in the US on Verizon (AS701), residential.
 pub(crate) fn node(id: &str, city: &str, ip: &str) -> NodeDecl {
-    NodeDecl {
-        id: id.into(),
-        kind: NodeKind::Direct,
-        addr: None,
-        bind: Some(ip.parse().unwrap()),
-        credentials: None,
-        country: Country::parse("us"),
-        region: None,
-        city: Some(city.into()),
-        isp: Some("verizon".into()),
-        asn: Some(701),
-        network: Network::Res,
-        state: NodeState::Online,
-        from_file: false,
-    }
+    crate::nodes::tests::decl(id, "us", city, "verizon", 701, Network::Res, ip)
 }
 
 /// Packages 7..=17, each failing one check when asked to.

@@ -29,3 +29,29 @@ pub mod node;
 pub mod socks5;
 
 pub use splicegate_addr::{Host, InvalidHost, Target, parse_host};
+
+#[cfg(test)]
+mod test_support {
+    /// Feeding growing prefixes: each gives `Ok(None)` or exactly the result
+    /// for the whole input (one-byte segments decide the same).
+    pub(crate) fn assert_split_invariant<T, E>(
+        input: &[u8],
+        parse: impl Fn(&[u8]) -> Result<Option<T>, E>,
+    ) where
+        T: PartialEq + std::fmt::Debug,
+        E: PartialEq + std::fmt::Debug,
+    {
+        let full = parse(input);
+        for k in 0..input.len() {
+            let part = parse(&input[..k]);
+            if !matches!(part, Ok(None)) {
+                assert_eq!(
+                    part,
+                    full,
+                    "prefix {k} of {:?}",
+                    String::from_utf8_lossy(input)
+                );
+            }
+        }
+    }
+}

@@ -87,7 +87,7 @@ pub(crate) async fn dial(
     let s = &ctx.shared.settings;
     let creds = node.credentials.as_ref().map(|(u, p)| (&**u, &**p));
     let hs = match node.kind {
-        NodeKind::Direct => return dial_direct(ctx, policy, node, target).await,
+        NodeKind::Direct => return dial_direct(ctx, policy, node.bind, target).await,
         NodeKind::Http => Handshake::http(target, creds),
         NodeKind::Socks5 => Handshake::socks5(target, creds),
     };
@@ -160,10 +160,12 @@ async fn connect_node(node: &Node, deadline: Instant) -> Result<TcpStream, DialF
     }
 }
 
+/// A `direct` node: the gateway connects itself, from the node's source
+/// address (`bind`), after resolving a name off the worker.
 async fn dial_direct(
     ctx: &Ctx,
     policy: &Policy,
-    node: &Node,
+    bind: Option<IpAddr>,
     target: &Target,
 ) -> Result<Upstream, DialFailure> {
     let s = &ctx.shared.settings;
@@ -181,7 +183,6 @@ async fn dial_direct(
             Err(e) => return Err(target_unreachable(format!("{name} does not resolve: {e}"))),
         },
     };
-    let bind = node.bind;
     let same_family = |ip: &IpAddr| bind.is_none_or(|b| b.is_ipv4() == ip.is_ipv4());
     let mut blocked = None;
     let mut chosen = None;

@@ -10,6 +10,7 @@
 use proptest::prelude::*;
 
 use super::*;
+use crate::test_support::assert_split_invariant;
 use crate::{Host, Target};
 
 const AUTH: &str = "Proxy-Authorization: Basic cGFja2FnZS0xMjMtY291bnRyeS11czpzM2NyM3Qta2V5\r\n";
@@ -669,27 +670,6 @@ fn body_tracker_error_is_sticky_and_done_consumes_nothing() {
 }
 
 // ---- properties ----
-
-/// Feeding growing prefixes: each gives `Ok(None)` or exactly the result for
-/// the whole input (RFC-agnostic N7: one-byte segments decide the same).
-fn assert_split_invariant<T, E>(input: &[u8], parse: impl Fn(&[u8]) -> Result<Option<T>, E>)
-where
-    T: PartialEq + std::fmt::Debug,
-    E: PartialEq + std::fmt::Debug,
-{
-    let full = parse(input);
-    for k in 0..input.len() {
-        let part = parse(&input[..k]);
-        if !matches!(part, Ok(None)) {
-            assert_eq!(
-                part,
-                full,
-                "prefix {k} of {:?}",
-                String::from_utf8_lossy(input)
-            );
-        }
-    }
-}
 
 const SEED_REQUESTS: &[&[u8]] = &[
     b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nProxy-Authorization: Basic eDp5\r\n\r\nTUNNEL",

@@ -10,6 +10,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use proptest::prelude::*;
 
+use crate::test_support::assert_split_invariant;
+
 use super::client::*;
 use super::server::*;
 use super::{Socks5Error, method, reply};
@@ -319,20 +321,6 @@ fn connect_reply_table() {
     ];
     for (input, want) in cases {
         assert_eq!(parse_connect_reply(&input), want, "{input:?}");
-    }
-}
-
-fn assert_split_invariant<T, E>(input: &[u8], parse: impl Fn(&[u8]) -> Result<Option<T>, E>)
-where
-    T: PartialEq + std::fmt::Debug,
-    E: PartialEq + std::fmt::Debug,
-{
-    let full = parse(input);
-    for k in 0..input.len() {
-        let part = parse(&input[..k]);
-        if !matches!(part, Ok(None)) {
-            assert_eq!(part, full, "prefix {k} of {input:?}");
-        }
     }
 }
 
