@@ -288,13 +288,18 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A guard with this rate and burst, the rest as by default.
+    fn rated(syn_rate: u32, syn_burst: u32) -> Guard {
+        Guard::new(GuardConfig {
+            syn_rate,
+            syn_burst,
+            ..GuardConfig::default()
+        })
+    }
+
     #[test]
     fn a_source_gets_its_burst_then_its_rate() {
-        let g = Guard::new(GuardConfig {
-            syn_rate: 10,
-            syn_burst: 5,
-            ..GuardConfig::default()
-        });
+        let g = rated(10, 5);
         let t = Now::from_secs(100);
         let passed = (0..20)
             .filter(|_| g.on_connect(ip("10.0.0.1"), t) == Verdict::Pass)
@@ -334,11 +339,7 @@ mod tests {
 
     #[test]
     fn ipv6_sources_share_their_64() {
-        let g = Guard::new(GuardConfig {
-            syn_rate: 1,
-            syn_burst: 2,
-            ..GuardConfig::default()
-        });
+        let g = rated(1, 2);
         let t = Now::from_secs(1);
         assert_eq!(g.on_connect(ip("2001:db8:1:2::1"), t), Verdict::Pass);
         assert_eq!(g.on_connect(ip("2001:db8:1:2::ffff"), t), Verdict::Pass);

@@ -38,6 +38,11 @@ fn drive(mut hs: Handshake, chunks: &[&[u8]]) -> Option<(Outcome, Vec<u8>)> {
             Event::Done { outcome, consumed } => {
                 assert!(consumed <= input.len());
                 input.drain(..consumed);
+                // What follows the answer belongs to the tunnel only when
+                // one is established; after a failure the connection closes.
+                if outcome != Outcome::Established {
+                    input.clear();
+                }
                 return Some((outcome, input));
             }
         }

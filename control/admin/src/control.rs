@@ -474,27 +474,42 @@ impl Control {
         let id = decl.id;
         let spec = serde_json::to_string(&PackageFields::from_decl(&decl))
             .map_err(|e| ControlError::Invalid(e.to_string()))?;
-        inner.packages.insert(id, decl);
-        let undo = |inner: &mut Inner| match &old {
-            Some(o) => {
-                inner.packages.insert(id, o.clone());
-            }
-            None => {
-                inner.packages.remove(&id);
-            }
-        };
-        let policy = match self.build(&inner.merged()) {
-            Ok(p) => p,
+        self.put(
+            inner,
+            |i| &mut i.packages,
+            id,
+            decl,
+            old,
+            |store| store.put_package(id, &spec, unix_ms()),
+        )
+    }
+
+    /// Put `decl` at `key` in the map `slot` selects, build the policy,
+    /// store the object and publish; on any failure the map is as before.
+    fn put<K: Ord + Clone, V>(
+        &self,
+        inner: &mut Inner,
+        slot: fn(&mut Inner) -> &mut BTreeMap<K, V>,
+        key: K,
+        decl: V,
+        old: Option<V>,
+        store: impl FnOnce(&mut Store) -> Result<(), StoreError>,
+    ) -> Result<(), ControlError> {
+        slot(inner).insert(key.clone(), decl);
+        let built = self.build(&inner.merged()).and_then(|policy| {
+            store(&mut inner.store)?;
+            Ok(policy)
+        });
+        match built {
+            Ok(policy) => self.publish(inner, policy),
             Err(e) => {
-                undo(inner);
-                return Err(e);
+                match old {
+                    Some(o) => slot(inner).insert(key, o),
+                    None => slot(inner).remove(&key),
+                };
+                Err(e)
             }
-        };
-        if let Err(e) = inner.store.put_package(id, &spec, unix_ms()) {
-            undo(inner);
-            return Err(e.into());
         }
-        self.publish(inner, policy)
     }
 
     fn api_package(&self, inner: &Inner, id: u64) -> Result<PackageDecl, ControlError> {
@@ -582,27 +597,14 @@ impl Control {
         let id = decl.id.clone();
         let spec = serde_json::to_string(&NodeFields::from_decl(&decl))
             .map_err(|e| ControlError::Invalid(e.to_string()))?;
-        inner.nodes.insert(id.clone(), decl);
-        let undo = |inner: &mut Inner| match &old {
-            Some(o) => {
-                inner.nodes.insert(id.clone(), o.clone());
-            }
-            None => {
-                inner.nodes.remove(&id);
-            }
-        };
-        let policy = match self.build(&inner.merged()) {
-            Ok(p) => p,
-            Err(e) => {
-                undo(inner);
-                return Err(e);
-            }
-        };
-        if let Err(e) = inner.store.put_node(&id, &spec, unix_ms()) {
-            undo(inner);
-            return Err(e.into());
-        }
-        self.publish(inner, policy)
+        self.put(
+            inner,
+            |i| &mut i.nodes,
+            id.clone(),
+            decl,
+            old,
+            |store| store.put_node(&id, &spec, unix_ms()),
+        )
     }
 
     fn api_node(&self, inner: &Inner, id: &str) -> Result<NodeDecl, ControlError> {

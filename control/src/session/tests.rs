@@ -219,81 +219,41 @@ fn drive(u: &str, fails: usize, candidates: u32) -> (Vec<NodeIdx>, Option<Code>)
     (dials, None)
 }
 
+/// The onerror machine, driven: rules, how many attempts fail, how many
+/// nodes match; the nodes tried and the final code (`None`: established).
 #[test]
-fn onerror_replace_tries_two_more_nodes() {
-    assert_eq!(drive("package-1-country-any", 1, 10), (vec![0, 1], None));
-    assert_eq!(
-        drive("package-1-country-any", 3, 10),
-        (vec![0, 1, 2], Some(Code::NodeUnavailable))
-    );
-    assert_eq!(
-        drive("package-1-country-any-session-s", 3, 10),
-        (vec![0, 1, 2], Some(Code::NodeUnavailable))
-    );
-    assert_eq!(
-        drive("package-1-country-any-session-s", 1, 1),
-        (vec![0], Some(Code::NodeNotFound))
-    );
-    assert_eq!(
-        drive("package-1-country-any-session-s-prefer-lookalike", 2, 10),
-        (vec![0, 1, 2], None)
-    );
-}
-
-#[test]
-fn onerror_fail_answers_at_once() {
-    assert_eq!(
-        drive("package-1-country-any-onerror-fail", 1, 10),
-        (vec![0], Some(Code::NodeUnavailable))
-    );
-    assert_eq!(
-        drive("package-1-country-any-session-s-onerror-fail", 1, 10),
-        (vec![0], Some(Code::NodeUnavailable))
-    );
-}
-
-#[test]
-fn onerror_retry_tries_the_same_node_then_one_replacement() {
-    assert_eq!(
-        drive("package-1-country-any-onerror-retry_2", 2, 10),
-        (vec![0, 0, 0], None)
-    );
-    assert_eq!(
-        drive("package-1-country-any-onerror-retry_2", 3, 10),
-        (vec![0, 0, 0, 1], None)
-    );
-    assert_eq!(
-        drive("package-1-country-any-session-s-onerror-retry_2", 4, 10),
-        (vec![0, 0, 0, 1], Some(Code::RetriesExhausted))
-    );
-    assert_eq!(
-        drive("package-1-country-any-onerror-retry_1", 2, 1),
-        (vec![0, 0], Some(Code::RetriesExhausted))
-    );
-}
-
-#[test]
-fn bind_node_never_replaces() {
-    assert_eq!(
-        drive("package-1-country-any-session-s-bind-node", 1, 10),
-        (vec![0], Some(Code::BoundNodeFailed))
-    );
-    assert_eq!(
-        drive(
-            "package-1-country-any-session-s-bind-node-onerror-retry_3",
-            4,
-            10
-        ),
-        (vec![0, 0, 0, 0], Some(Code::BoundNodeFailed))
-    );
-    assert_eq!(
-        drive(
-            "package-1-country-any-session-s-bind-node-onerror-retry_3",
-            3,
-            10
-        ),
-        (vec![0, 0, 0, 0], None)
-    );
+fn onerror_table() {
+    use Code::*;
+    let any = "package-1-country-any";
+    let bound = "package-1-country-any-session-s-bind-node";
+    #[rustfmt::skip]
+    let cases: Vec<(String, usize, u32, (Vec<NodeIdx>, Option<Code>))> = vec![
+        // replace (the default): two more nodes after the first
+        (any.into(), 1, 10, (vec![0, 1], None)),
+        (any.into(), 3, 10, (vec![0, 1, 2], Some(NodeUnavailable))),
+        (format!("{any}-session-s"), 3, 10, (vec![0, 1, 2], Some(NodeUnavailable))),
+        (format!("{any}-session-s"), 1, 1, (vec![0], Some(NodeNotFound))),
+        (format!("{any}-session-s-prefer-lookalike"), 2, 10, (vec![0, 1, 2], None)),
+        // fail: answers at once
+        (format!("{any}-onerror-fail"), 1, 10, (vec![0], Some(NodeUnavailable))),
+        (format!("{any}-session-s-onerror-fail"), 1, 10, (vec![0], Some(NodeUnavailable))),
+        // retry_N: the same node N more times, then one replacement
+        (format!("{any}-onerror-retry_2"), 2, 10, (vec![0, 0, 0], None)),
+        (format!("{any}-onerror-retry_2"), 3, 10, (vec![0, 0, 0, 1], None)),
+        (format!("{any}-session-s-onerror-retry_2"), 4, 10, (vec![0, 0, 0, 1], Some(RetriesExhausted))),
+        (format!("{any}-onerror-retry_1"), 2, 1, (vec![0, 0], Some(RetriesExhausted))),
+        // bind-node: never replaced
+        (bound.into(), 1, 10, (vec![0], Some(BoundNodeFailed))),
+        (format!("{bound}-onerror-retry_3"), 4, 10, (vec![0, 0, 0, 0], Some(BoundNodeFailed))),
+        (format!("{bound}-onerror-retry_3"), 3, 10, (vec![0, 0, 0, 0], None)),
+    ];
+    for (rules, fails, candidates, want) in cases {
+        assert_eq!(
+            drive(&rules, fails, candidates),
+            want,
+            "{rules}, {fails} failing, {candidates} nodes"
+        );
+    }
 }
 
 #[test]
