@@ -40,7 +40,12 @@ fn drive(mut hs: Handshake, chunks: &[&[u8]]) -> Option<(Outcome, Vec<u8>)> {
                 input.drain(..consumed);
                 // What follows the answer belongs to the tunnel only when
                 // one is established; after a failure the connection closes.
-                if outcome != Outcome::Established {
+                if outcome == Outcome::Established {
+                    // Bytes that arrive later belong to the tunnel as well.
+                    for rest in chunks {
+                        input.extend_from_slice(rest);
+                    }
+                } else {
                     input.clear();
                 }
                 return Some((outcome, input));

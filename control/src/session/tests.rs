@@ -219,6 +219,9 @@ fn drive(u: &str, fails: usize, candidates: u32) -> (Vec<NodeIdx>, Option<Code>)
     (dials, None)
 }
 
+/// The nodes tried and the final code.
+type Driven = (Vec<NodeIdx>, Option<Code>);
+
 /// The onerror machine, driven: rules, how many attempts fail, how many
 /// nodes match; the nodes tried and the final code (`None`: established).
 #[test]
@@ -227,7 +230,7 @@ fn onerror_table() {
     let any = "package-1-country-any";
     let bound = "package-1-country-any-session-s-bind-node";
     #[rustfmt::skip]
-    let cases: Vec<(String, usize, u32, (Vec<NodeIdx>, Option<Code>))> = vec![
+    let cases: Vec<(String, usize, u32, Driven)> = vec![
         // replace (the default): two more nodes after the first
         (any.into(), 1, 10, (vec![0, 1], None)),
         (any.into(), 3, 10, (vec![0, 1, 2], Some(NodeUnavailable))),
