@@ -166,6 +166,9 @@ fn rotation_and_pause_under_load() {
     assert_eq!(p8_ok, 8, "package 8's tunnels: {p8:?}");
     // A key rotation closes nothing; a pause closes the package's tunnels
     // within a second (the round trip above ran 1.5 s after it).
-    assert!(own_after_rotation, "a key rotation closed package 7's tunnel");
+    assert!(
+        own_after_rotation,
+        "a key rotation closed package 7's tunnel"
+    );
     assert!(!own_after_pause, "package 7's tunnel outlived its pause");
 }
