@@ -72,12 +72,17 @@ fn a_direct_node_whose_probe_target_dies_goes_offline_and_comes_back() {
         exit_ip(gw.proxy, src, target.addr, user, "pk_health").as_deref(),
         Ok("127.0.3.70")
     );
-    std::thread::sleep(Duration::from_secs(2));
+    // A probe ran (healthy is also the state before any probe).
+    let probed = eventually(Duration::from_secs(4), Duration::from_millis(50), || {
+        (sample(&gw.metrics(), "splicegate_health_probes_total") >= 1.0).then_some(())
+    });
+    assert!(probed.is_some(), "no probe ran:\n{}", gw.log_tail(10));
     assert_eq!(
-        healthy(&gw, "h-direct"),
-        Some(true),
+        sample(&gw.metrics(), "splicegate_health_probes_failed_total"),
+        0.0,
         "probes pass while the canary lives"
     );
+    assert_eq!(healthy(&gw, "h-direct"), Some(true));
 
     // 1. The probe target dies: two failed probes take the node out.
     canary.stop();

@@ -76,8 +76,10 @@ fn sigkill_loop(iterations: u32) {
             })
             .collect();
 
-        // 3. SIGKILL mid-traffic, at a point that moves against the flush tick.
-        let run = Duration::from_millis(1200 + u64::from(i * 373 % 1300));
+        // 3. SIGKILL mid-traffic, at a point that moves against the flush
+        //    tick; every run outlasts the loss allowed by far, so a ledger
+        //    that stored nothing (or too little) fails the check.
+        let run = Duration::from_millis(2400 + u64::from(i * 373 % 1300));
         std::thread::sleep(run);
         let m = gw.metrics();
         let (sum, count) = (
@@ -136,11 +138,20 @@ fn check(i: u32, before: Stored, now: Stored, losses: &mut [(u64, f64)]) {
         requests <= u64::from(STREAMS),
         "iteration {i}: {requests} requests stored"
     );
-    // Charges follow bytes: 1 credit per GB, so 1 micro-credit per 1000 bytes.
+    assert!(
+        delta > 0 && lost < got,
+        "iteration {i}: nothing of {got} bytes was stored"
+    );
+    // Charges follow the stored bytes: 1 credit per GB, so 1 micro-credit
+    // per 1000 bytes, rounded down once per flushed row (a few a second).
     let charged = now.charged_micro - before.charged_micro;
     assert!(
         charged >= 0 && charged as u64 <= got / 1000 + 1,
         "iteration {i}: charged {charged} micro-credits for {got} bytes"
+    );
+    assert!(
+        charged as u64 + 16 >= delta / 1000,
+        "iteration {i}: charged {charged} micro-credits for {delta} stored bytes"
     );
     losses[(i - 1) as usize] = (lost, lost as f64 / rate);
 }

@@ -69,6 +69,8 @@ pub struct HealthStats {
     pub changes: Family<Vec<(&'static str, &'static str)>, Counter>,
     /// Probes that failed.
     pub probes_failed: Counter,
+    /// Probes that ran to an answer (passed or failed; skipped ones not).
+    pub probes: Counter,
 }
 
 /// What a probe found.
@@ -215,6 +217,7 @@ async fn round(
         let t = tracked.entry(node.id.clone()).or_default();
         match result {
             Probe::Up => {
+                stats.probes.inc();
                 // A passing probe clears the node's failures: once back, it
                 // gets its share of new traffic at once.
                 t.failed = 0;
@@ -225,6 +228,7 @@ async fn round(
                 }
             }
             Probe::Down(why) => {
+                stats.probes.inc();
                 stats.probes_failed.inc();
                 t.failed = t.failed.saturating_add(1);
                 tracing::debug!(node = %node.id, failed = t.failed, reason = %why, "probe failed");

@@ -82,6 +82,11 @@ impl Metrics {
             health.changes.clone(),
         );
         registry.register(
+            "splicegate_health_probes",
+            "Health probes that ran (passed or failed)",
+            health.probes.clone(),
+        );
+        registry.register(
             "splicegate_health_probes_failed",
             "Health probes that failed",
             health.probes_failed.clone(),
