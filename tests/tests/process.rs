@@ -40,9 +40,28 @@ country = "us"
     path
 }
 
+/// A gateway process that is killed when dropped, so a failing test leaves
+/// none behind.
+struct Running(Option<Child>);
+
+impl Running {
+    fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// `splicegate serve` on `config` behind `prefix` (e.g. `taskset -c 1`),
 /// stderr as given; the child and its ready file.
-fn spawn(prefix: &[&str], config: &Path, stderr: Stdio) -> (Child, serde_json::Value) {
+fn spawn(prefix: &[&str], config: &Path, stderr: Stdio) -> (Running, serde_json::Value) {
     let dir = config.parent().expect("a directory");
     let ready = dir.join("ready.json");
     let bin = binary();
@@ -68,14 +87,21 @@ fn spawn(prefix: &[&str], config: &Path, stderr: Stdio) -> (Child, serde_json::V
     let ready = wait_ready(&ready, Duration::from_secs(10), || {
         child.try_wait().ok().flatten()
     })
-    .unwrap_or_else(|e| panic!("splicegate {e}"));
-    (child, ready)
+    .unwrap_or_else(|e| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("splicegate {e}")
+    });
+    (Running(Some(child)), ready)
 }
 
-fn stop(mut child: Child) {
-    signal(child.id(), "TERM");
-    if wait_child(&mut child, Duration::from_secs(10)).is_none() {
-        let _ = child.kill();
+/// SIGTERM, and wait for the exit (the drop kills it if it does not).
+fn stop(mut running: Running) {
+    if let Some(child) = running.0.as_mut() {
+        signal(child.id(), "TERM");
+        if wait_child(child, Duration::from_secs(10)).is_some() {
+            running.0 = None;
+        }
     }
 }
 

@@ -52,7 +52,12 @@ fn sample(pid: u32, at_s: u64) -> Sample {
 struct Tally {
     ok: AtomicU64,
     refused_as_asked: AtomicU64,
+    /// Tunnels cut because the node carrying them stopped (a flap): the
+    /// contract cannot save an established tunnel whose exit goes away.
+    cut_by_flap: AtomicU64,
     unexplained: AtomicU64,
+    /// Flaps begun and ended so far (odd while a node is down).
+    flaps: AtomicU64,
 }
 
 impl Tally {
@@ -61,6 +66,15 @@ impl Tally {
     }
     fn refused(&self) {
         self.refused_as_asked.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A failure during `op` that began at flap count `since`: explained
+    /// when a node flap overlapped it.
+    fn failed(&self, since: u64, what: String) {
+        if self.flaps.load(Ordering::Relaxed) != since || since % 2 == 1 {
+            self.cut_by_flap.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.bad(what);
+        }
     }
     fn bad(&self, what: String) {
         if self.unexplained.fetch_add(1, Ordering::Relaxed) < 20 {
@@ -112,6 +126,7 @@ fn soak_mixed_traffic() {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
+                let since = tally.flaps.load(Ordering::Relaxed);
                 let src = Ipv4Addr::new(127, 0, 6, 10 + kind * 40 + (n % 40) as u8);
                 let session = format!("country-us-session-s{}", n % 50);
                 match kind {
@@ -122,7 +137,9 @@ fn soak_mixed_traffic() {
                         if r == 200 {
                             match c.as_mut().map(|c| c.echo_round_trip(b"soak")) {
                                 Some(Ok(())) => tally.ok(),
-                                other => tally.bad(format!("tunnel round trip: {other:?}")),
+                                other => {
+                                    tally.failed(since, format!("tunnel round trip: {other:?}"))
+                                }
                             }
                         } else {
                             tally.bad(format!("CONNECT as {rules}: {r}"));
@@ -155,7 +172,9 @@ fn soak_mixed_traffic() {
                             match s {
                                 Ok(SocksOutcome::Reply(0)) => match c.echo_round_trip(b"soak") {
                                     Ok(()) => tally.ok(),
-                                    Err(e) => tally.bad(format!("SOCKS5 round trip: {e}")),
+                                    Err(e) => {
+                                        tally.failed(since, format!("SOCKS5 round trip: {e}"))
+                                    }
                                 },
                                 other => tally.bad(format!("SOCKS5: {other:?}")),
                             }
@@ -213,9 +232,14 @@ fn soak_mixed_traffic() {
                     gw.patched("/v1/packages/9", &format!("{{\"rps_limit\": {limit}}}"));
                 }
                 _ => {
+                    tally.flaps.fetch_add(1, Ordering::Relaxed);
                     flapper.stop();
                     std::thread::sleep(Duration::from_secs(3));
                     flapper.start();
+                    // Tunnels through it that were cut show up within a
+                    // round trip or two.
+                    std::thread::sleep(Duration::from_secs(1));
+                    tally.flaps.fetch_add(1, Ordering::Relaxed);
                 }
             }
             op += 1;
@@ -237,8 +261,9 @@ fn soak_mixed_traffic() {
     let ok = tally.ok.load(Ordering::Relaxed);
     let unexplained = tally.unexplained.load(Ordering::Relaxed);
     eprintln!(
-        "soak: {secs} s, {ok} requests served, {} refusals as asked, {unexplained} unexplained failures, {op} operations",
-        tally.refused_as_asked.load(Ordering::Relaxed)
+        "soak: {secs} s, {ok} requests served, {} refusals as asked, {} tunnels cut by a node flap, {unexplained} unexplained failures, {op} operations",
+        tally.refused_as_asked.load(Ordering::Relaxed),
+        tally.cut_by_flap.load(Ordering::Relaxed)
     );
     assert!(ok > 0, "nothing was served");
     assert_eq!(
