@@ -106,7 +106,7 @@ impl Kernel {
     }
 
     /// Write every ip_only port's allowlist from the policy.
-    pub(crate) fn sync_allowlists(&self, policy: &Policy) {
+    fn sync_allowlists(&self, policy: &Policy) {
         let mut e = self.enforcer();
         for &(port, package) in &self.ip_only {
             let allow = policy
