@@ -1,4 +1,5 @@
-# Shared by the fault scripts: run one ignored test of tests/tests/faults/
+# Shared by the fault scripts: run the long version (SG_FAULTS_FULL=1) of one
+# test of tests/tests/faults/
 # (module::name, e.g. nodes::node_killed_mid_tunnel) with a time limit, keep
 # its output in <name>.log, print its FIGURE lines.
 # Usage (sourced): run_fault <module::test name> <seconds>
@@ -7,6 +8,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 OUT="${SG_FAULTS_OUT:-$ROOT/target/faults}"
 mkdir -p "$OUT"
+# The long versions; scripts/test (and CI) runs the same tests bounded.
+export SG_FAULTS_FULL="${SG_FAULTS_FULL:-1}"
 
 build() {
     (cd "$ROOT" && cargo build --workspace --bins -q && cargo test -p splicegate-tests --test faults --no-run -q)
@@ -18,7 +21,7 @@ run_fault() {
     echo "== $name (at most ${limit} s; log $log)"
     (cd "$ROOT" && timeout --kill-after=10 "$limit" \
         cargo test -q -p splicegate-tests --test faults -- \
-        --ignored --exact "$name" --nocapture --test-threads=1) >"$log" 2>&1 || rc=$?
+        --exact "$name" --nocapture --test-threads=1) >"$log" 2>&1 || rc=$?
     grep -a '^FIGURE ' "$log" | sed 's/^FIGURE /   /' || true
     if [ "$rc" -eq 0 ]; then
         echo "   PASS $name"

@@ -3,11 +3,33 @@
 //! canary plans, and CONNECT probes that say what a request came to.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::canary::{CanaryPlan, CanaryReport, percentile};
 use crate::watch::Sources;
 use crate::*;
+
+/// Whether the long versions of the scenarios run (`scripts/faults/*.sh`
+/// set `SG_FAULTS_FULL=1`). Without it each scenario runs a bounded version
+/// (well under 60 s) with the same pass criteria: that is what
+/// `scripts/test`, and so CI, runs.
+pub fn full() -> bool {
+    std::env::var_os("SG_FAULTS_FULL").is_some_and(|v| v == "1")
+}
+
+/// `long` in the long version, `bounded` otherwise (see [`full`]).
+pub fn scaled<T>(bounded: T, long: T) -> T {
+    if full() { long } else { bounded }
+}
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// The scenarios judge latency, descriptors and CPU of one gateway: two
+/// running at once would measure each other. Each holds this for its run.
+pub fn one_at_a_time() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Print a measured figure on a `FIGURE` line (the scripts collect them).
 pub fn figure(text: impl AsRef<str>) {

@@ -102,6 +102,9 @@ pub struct Gateway {
     ready: serde_json::Value,
     config_path: PathBuf,
     log_path: PathBuf,
+    /// The open-files limit the process runs under, if the test set one
+    /// ([`Gateway::start_with_nofile`]); a restart keeps it.
+    nofile: Option<u64>,
 }
 
 impl Gateway {
@@ -121,14 +124,26 @@ impl Gateway {
 
     /// [`Gateway::start`], returning the failure instead of panicking.
     pub fn try_start(toml: &str) -> anyhow::Result<Gateway> {
-        Gateway::try_start_in(temp_dir("gw"), HashMap::new(), toml)
+        Gateway::try_start_in(temp_dir("gw"), HashMap::new(), toml, None)
+    }
+
+    /// [`Gateway::start_conf`] under an open-files limit of `nofile` (soft
+    /// and hard, as `ulimit -n` sets them before the exec): for descriptor
+    /// exhaustion. The limit must be in place from the start: io_uring
+    /// reads it when an accept is armed, so a `prlimit` on the running
+    /// process would not do.
+    pub fn start_with_nofile(conf: &Conf, nofile: u64) -> Gateway {
+        match Gateway::try_start_in(temp_dir("gw"), HashMap::new(), &conf.toml(), Some(nofile)) {
+            Ok(g) => g,
+            Err(e) => panic!("{e:#}"),
+        }
     }
 
     /// Start the binary on `toml` in `dir` (kept when the gateway drops),
     /// placeholders named in `ports` on those addresses' ports; panics (with
     /// the gateway's stderr) if it does not serve.
     pub fn start_in(dir: PathBuf, ports: HashMap<String, SocketAddr>, toml: &str) -> Gateway {
-        match Gateway::try_start_in(dir, ports, toml) {
+        match Gateway::try_start_in(dir, ports, toml, None) {
             Ok(mut g) => {
                 g.keep_dir = true;
                 g
@@ -162,9 +177,9 @@ impl Gateway {
         );
         let text = fs::read_to_string(&self.config_path).expect("config");
         self.keep_dir = true;
-        let (dir, ports) = (self.dir.clone(), self.ports.clone());
+        let (dir, ports, nofile) = (self.dir.clone(), self.ports.clone(), self.nofile);
         drop(self);
-        match Gateway::try_start_in(dir, ports, &text) {
+        match Gateway::try_start_in(dir, ports, &text, nofile) {
             Ok(g) => g,
             Err(e) => panic!("restart after SIG{sig}: {e:#}"),
         }
@@ -177,6 +192,7 @@ impl Gateway {
         dir: PathBuf,
         mut ports: HashMap<String, SocketAddr>,
         toml: &str,
+        nofile: Option<u64>,
     ) -> anyhow::Result<Gateway> {
         let bin = binary();
         let text = render(toml, &dir, &ports);
@@ -189,7 +205,18 @@ impl Gateway {
             .create(true)
             .append(true)
             .open(&log_path)?;
-        let spawned = Command::new(&bin)
+        // Under a limit, through the shell's `ulimit`, which then execs the
+        // binary (same process, no unsafe `pre_exec` here).
+        let mut cmd = match nofile {
+            None => Command::new(&bin),
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\"")])
+                    .arg(&bin);
+                c
+            }
+        };
+        let spawned = cmd
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
@@ -218,6 +245,7 @@ impl Gateway {
             ready: serde_json::Value::Null,
             config_path,
             log_path,
+            nofile,
         };
         let ready = wait_ready(&ready_path, START_TIMEOUT, || gw.try_exit());
         let ready = match ready {

@@ -18,8 +18,8 @@ use splicegate_tests::*;
 /// BOUND_NODE_FAILED, retry_2 → the other node after the retries), each
 /// within the configured timeouts; a client on another node never notices.
 #[test]
-#[ignore = "fault scenario: scripts/faults/nodes.sh"]
 fn node_killed_mid_tunnel() {
+    let _one = one_at_a_time();
     let source = Source::start(16 * 1024, Duration::from_millis(10), None);
     let mut n1 = TestNode::http(node_ip());
     let n2 = TestNode::http(node_ip());
@@ -160,8 +160,8 @@ fn node_killed_mid_tunnel() {
 /// node_connect_ms, which onerror decides. 30 such requests at once block
 /// no worker: a client on another node keeps its latency.
 #[test]
-#[ignore = "fault scenario: scripts/faults/nodes.sh"]
 fn node_accepts_then_stalls() {
+    let _one = one_at_a_time();
     let stall_http = TestNode::http(node_ip());
     stall_http.set(Behavior::Stall);
     let stall_socks = TestNode::socks5(node_ip());
@@ -230,17 +230,19 @@ fn node_accepts_then_stalls() {
     lab.check_canary("node stalls", &rep, 20, "stalled nodes");
 }
 
-/// A node behind a blackhole: SYNs to it are dropped (scripts/faults/
-/// blackhole.sh makes a network namespace whose veth end drops every
-/// packet, and passes the address in `SG_BLACKHOLE_ADDR`). Every policy's
+/// A node behind a blackhole: SYNs to it are dropped. By default the hole
+/// is a loopback listener whose accept queue is full ([`Blackhole`]);
+/// scripts/faults/blackhole.sh makes a network namespace whose veth end
+/// drops every packet and passes its address in `SG_BLACKHOLE_ADDR`, a
+/// hole that also drops retransmissions and RSTs. Every policy's
 /// answer comes within the configured timeouts; no worker blocks.
 #[test]
-#[ignore = "fault scenario: scripts/faults/blackhole.sh (needs root for a network namespace)"]
 fn blackholed_node() {
+    let _one = one_at_a_time();
+    let local = Blackhole::start();
     let hole: SocketAddr = std::env::var("SG_BLACKHOLE_ADDR")
-        .expect("SG_BLACKHOLE_ADDR (run scripts/faults/blackhole.sh)")
-        .parse()
-        .expect("SG_BLACKHOLE_ADDR is ip:port");
+        .map(|a| a.parse().expect("SG_BLACKHOLE_ADDR is ip:port"))
+        .unwrap_or(local.addr());
     // The blackhole really drops: a connect does not complete.
     assert!(
         TcpStream::connect_timeout(&hole, Duration::from_millis(500)).is_err(),

@@ -11,8 +11,8 @@ use splicegate_tests::*;
 /// Key rotation and pause by SIGHUP under load: package 7's next request
 /// after the reload sees the change; package 8's open tunnels never notice.
 #[test]
-#[ignore = "fault scenario: scripts/faults/reload.sh"]
 fn rotation_and_pause_under_load() {
+    let _one = one_at_a_time();
     const NEW_KEY: &str = "pk_E2E_rotated_K2m8";
     const KEY8: &str = "pk_E2E_other_P8x";
     let (echo, web) = (TcpEcho::start(), HttpTarget::start());

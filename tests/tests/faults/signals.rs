@@ -42,8 +42,8 @@ fn download(
 /// within drain_grace_s, the process exits 0, and after a restart the
 /// ledger holds exactly the bytes the tunnels moved (usage flushed).
 #[test]
-#[ignore = "fault scenario: scripts/faults/signals.sh"]
 fn sigterm_under_load() {
+    let _one = one_at_a_time();
     const TOTAL: u64 = 2_000_000;
     let source = Source::start(32 * 1024, Duration::from_millis(20), Some(TOTAL));
     let web = HttpTarget::start();
@@ -257,7 +257,7 @@ impl Pump {
     }
 }
 
-/// SIGKILL during traffic, 50 times, restarting each time on the same
+/// SIGKILL during traffic, 50 times (8 bounded, `SG_KILL_ROUNDS` to choose), restarting each time on the same
 /// store. Each round: a tunnel moves 256 KiB each way and closes, and one
 /// flush interval later the store holds exactly its bytes; then 4 echo
 /// tunnels pump for 0.5–2 s and the gateway is killed. Across the kill the
@@ -265,12 +265,12 @@ impl Pump {
 /// double count) and by at least those minus what moved during the last
 /// flush interval before the kill (1 s store flush + 250 ms counter tick).
 #[test]
-#[ignore = "fault scenario: scripts/faults/signals.sh"]
 fn sigkill_loop_reconciles_the_ledger() {
+    let _one = one_at_a_time();
     let rounds: usize = std::env::var("SG_KILL_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
+        .unwrap_or(scaled(8, 50));
     const RATE: u64 = 1_000_000; // bytes per second per tunnel, each way
     const TUNNELS: usize = 4;
     let echo = TcpEcho::start();
