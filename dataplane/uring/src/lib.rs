@@ -64,6 +64,14 @@ pub use relay::{
 };
 pub use runtime::{Runtime, RuntimeConfig, RuntimeStats, runtime_stats, spawn, yield_now};
 pub use signals::SignalSet;
+
+/// Waits until the current task may complete one more ready operation and
+/// spends it (the executor gives each poll of a task a budget, as tokio's
+/// coop does). A byte path built outside this crate (a TLS relay) calls it
+/// once per transfer so that it cannot starve its worker.
+pub async fn consume_budget() {
+    coop::proceed().await;
+}
 pub use time::{Elapsed, Sleep, sleep, sleep_until, timeout, timeout_at};
 
 /// Pins the calling thread to CPU `cpu` (`sched_setaffinity`), for

@@ -186,6 +186,23 @@ impl RelayCtl {
         self.inner.b_to_a.get()
     }
 
+    /// The idle timeout set with [`RelayCtl::set_idle_timeout`].
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.inner.idle_timeout.get()
+    }
+
+    /// For a relay built outside this crate (a TLS relay): count `n` bytes
+    /// delivered in direction `dir` (and call the chunk hook).
+    pub fn count(&self, dir: Direction, n: usize) {
+        self.record(dir, n);
+    }
+
+    /// For a relay built outside this crate: `waker` is woken by
+    /// [`RelayCtl::stop`].
+    pub fn wake_on_stop(&self, waker: &Waker) {
+        self.register(waker);
+    }
+
     fn record(&self, dir: Direction, n: usize) {
         let counter = match dir {
             Direction::AToB => &self.inner.a_to_b,
