@@ -62,6 +62,8 @@ pub struct WorkerStats {
     /// Connections closed at accept by the user-space guard: above the
     /// source's rate, banned source, not on an `ip_only` port's allowlist.
     pub guard_drops: [AtomicU64; 3],
+    /// TLS handshakes to the proxy ports by result ([`TLS_FULL`], …).
+    pub tls_handshakes: [AtomicU64; 5],
     /// The worker's runtime, as of its last tick (every 250 ms).
     pub runtime: RuntimeGauges,
 }
@@ -94,6 +96,21 @@ pub const GUARD_DROP_RATE: usize = 0;
 pub const GUARD_DROP_BANNED: usize = 1;
 /// Not on an `ip_only` listener's allowlist.
 pub const GUARD_DROP_NOT_ALLOWED: usize = 2;
+
+/// Index of [`WorkerStats::tls_handshakes`]: a full handshake.
+pub const TLS_FULL: usize = 0;
+/// A resumed handshake (ticket or session id).
+pub const TLS_RESUMED: usize = 1;
+/// A handshake that failed (bad record, no common protocol or version, an
+/// alert from the client).
+pub const TLS_FAILED: usize = 2;
+/// A handshake not finished within the handshake timeout (or the client
+/// closed during it).
+pub const TLS_TIMED_OUT: usize = 3;
+/// A ClientHello on a gateway without `[tls]` (answered with an alert).
+pub const TLS_NOT_CONFIGURED: usize = 4;
+/// The `result` label of each index.
+pub const TLS_RESULTS: [&str; 5] = ["full", "resumed", "failed", "timed_out", "not_configured"];
 
 impl WorkerStats {
     /// Add one.

@@ -145,6 +145,10 @@ pub struct Conf {
     pub nodes: Vec<NodeDecl>,
     /// Raw TOML appended at the end (`[[listener]]` tables, …).
     pub extra: String,
+    /// `[tls]` cert and key.
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// `[proxy] tls_only`.
+    pub tls_only: bool,
 }
 
 impl Default for Conf {
@@ -174,6 +178,8 @@ impl Conf {
             packages: Vec::new(),
             nodes: Vec::new(),
             extra: String::new(),
+            tls: None,
+            tls_only: false,
         }
     }
 
@@ -230,6 +236,17 @@ impl Conf {
                 self.workers.clone()
             }
         );
+        if self.tls_only {
+            t.insert_str(t.len() - 1, "tls_only = true\n");
+        }
+        if let Some((cert, key)) = &self.tls {
+            let _ = writeln!(
+                t,
+                "[tls]\ncert = {}\nkey = {}\n",
+                q(&cert.display().to_string()),
+                q(&key.display().to_string())
+            );
+        }
         let _ = writeln!(
             t,
             "[admin]\nlisten = \"@ADMIN@\"\ntoken = \"test-admin-token\"\n"

@@ -26,6 +26,7 @@ pub mod fixtures;
 pub mod gateway;
 pub mod nodes;
 pub mod ops;
+pub mod pki;
 pub mod targets;
 pub mod tools;
 pub mod watch;

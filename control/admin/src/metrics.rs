@@ -29,16 +29,18 @@ use crate::health::HealthStats;
 /// `(verdict, count)` pairs rendered as `splicegate_ebpf_verdicts_total{verdict}`.
 pub type VerdictFn = Arc<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
 
-/// A counter the binary keeps outside the workers (log lines dropped, bans
-/// not written), read at scrape time.
+/// A value the binary keeps outside the workers (log lines dropped, the
+/// TLS certificate's expiry), read at scrape time.
 #[derive(Clone)]
 pub struct ProcessCounter {
-    /// The metric's name, without `_total`.
+    /// The metric's name (a counter's without `_total`).
     pub name: &'static str,
     /// Its help line.
     pub help: &'static str,
-    /// Reads it.
-    pub read: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// A gauge rather than a counter; a gauge reading `None` is left out.
+    pub gauge: bool,
+    /// Reads it (`None`: nothing to report now).
+    pub read: Arc<dyn Fn() -> Option<i64> + Send + Sync>,
 }
 
 impl fmt::Debug for ProcessCounter {
@@ -215,6 +217,20 @@ impl Collector for Live {
             ],
         )?;
 
+        let tls: Vec<([(&str, &str); 1], u64)> = splicegate_control::stats::TLS_RESULTS
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ([("result", *r)], sum(w, |s| rd(&s.tls_handshakes[i]))))
+            .collect();
+        let tls: Vec<(&[(&str, &str)], u64)> =
+            tls.iter().map(|(l, v)| (l.as_slice(), *v)).collect();
+        counter(
+            &mut enc,
+            "splicegate_tls_handshakes",
+            "TLS handshakes on the proxy ports by result: full, resumed, failed, timed_out, not_configured (a ClientHello without [tls])",
+            &tls,
+        )?;
+
         let idx: Vec<String> = (0..w.len()).map(|i| i.to_string()).collect();
         let per_worker = |f: &dyn Fn(&WorkerStats) -> u64| -> Vec<([(&str, &str); 1], u64)> {
             w.iter()
@@ -367,7 +383,16 @@ impl Collector for Live {
             &[(&[], sum(w, |s| rd(&s.access_dropped)))],
         )?;
         for p in &self.process {
-            counter(&mut enc, p.name, p.help, &[(&[], (p.read)())])?;
+            match ((p.read)(), p.gauge) {
+                (Some(v), true) => gauge(&mut enc, p.name, p.help, &[(&[], v)])?,
+                (v, false) => counter(
+                    &mut enc,
+                    p.name,
+                    p.help,
+                    &[(&[], u64::try_from(v.unwrap_or(0)).unwrap_or(0))],
+                )?,
+                (None, true) => {}
+            }
         }
 
         if let Some(f) = &self.ebpf {

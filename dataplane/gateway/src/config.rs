@@ -36,6 +36,8 @@ pub(crate) struct Config {
     pub limits: LimitsSection,
     #[serde(default)]
     pub ebpf: EbpfSection,
+    /// TLS to the proxy ports; absent: a ClientHello gets an alert.
+    pub tls: Option<TlsSection>,
     #[serde(default)]
     pub health: HealthSection,
     #[serde(default)]
@@ -88,6 +90,17 @@ pub(crate) struct ProxySection {
     pub workers: Workers,
     /// Pin worker i to CPU i.
     pub pin_workers: bool,
+    /// The main port admits only TLS.
+    pub tls_only: bool,
+}
+
+/// `[tls]`: the certificate (PEM chain, leaf first) and its key (PEM),
+/// re-read on SIGHUP.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TlsSection {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Default for ProxySection {
@@ -96,6 +109,7 @@ impl Default for ProxySection {
             listen: "127.0.0.1:5000".parse().expect("literal"),
             workers: Workers::Auto(AutoWord::Auto),
             pin_workers: true,
+            tls_only: false,
         }
     }
 }
@@ -294,6 +308,9 @@ pub(crate) struct ListenerEntry {
     pub package: Option<u64>,
     #[serde(default)]
     pub ip_only: bool,
+    /// Admit only TLS on this port.
+    #[serde(default)]
+    pub tls_only: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -317,8 +334,14 @@ impl Config {
         if cfg.proxy.workers == Workers::Count(0) {
             bail!("proxy.workers must be at least 1 (or \"auto\")");
         }
+        if cfg.proxy.tls_only && cfg.tls.is_none() {
+            bail!("proxy.tls_only needs [tls] (cert and key)");
+        }
         let mut seen = std::collections::HashSet::from([cfg.proxy.listen]);
         for l in &cfg.listener {
+            if l.tls_only && cfg.tls.is_none() {
+                bail!("listener {}: tls_only needs [tls] (cert and key)", l.listen);
+            }
             if l.ip_only && l.package.is_none() {
                 bail!("listener {}: ip_only needs a package", l.listen);
             }

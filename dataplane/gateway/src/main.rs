@@ -144,12 +144,14 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
             (Some(log), Some(rx))
         }
     };
+    let tls = load_tls(&cfg)?;
     let workers = cfg.proxy.workers.resolve();
     let mut listen = vec![(
         cfg.proxy.listen,
         Binding {
             package: None,
             ip_only: false,
+            tls_only: cfg.proxy.tls_only,
         },
     )];
     for l in &cfg.listener {
@@ -158,6 +160,7 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
             Binding {
                 package: l.package,
                 ip_only: l.ip_only,
+                tls_only: l.tls_only,
             },
         ));
     }
@@ -204,6 +207,7 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
         guard: Arc::new(splicegate_control::guard::Guard::new(cfg.guard_config())),
         guard_at_accept: kernel.is_none(),
         ban_sink: kernel.as_ref().map(kernel::Kernel::ban_sink),
+        tls: tls.clone(),
     });
     let mut access = match access_rx {
         Some(rx) => Some(AccessWriter::open(&cfg.log.access, rx)?),
@@ -234,11 +238,21 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
         .clone()
         .map(|k| -> splicegate_admin::VerdictFn { Arc::new(move || k.counters()) });
     let log_dropped = logging.dropped.clone();
-    let counters = vec![splicegate_admin::ProcessCounter {
+    let mut counters = vec![splicegate_admin::ProcessCounter {
         name: "splicegate_log_dropped_lines",
         help: "Log lines dropped because stderr could not take them (the writer never blocks a worker)",
-        read: Arc::new(move || log_dropped.dropped_lines() as u64),
+        gauge: false,
+        read: Arc::new(move || i64::try_from(log_dropped.dropped_lines()).ok()),
     }];
+    if let Some(tls) = &tls {
+        let tls = tls.clone();
+        counters.push(splicegate_admin::ProcessCounter {
+            name: "splicegate_tls_certificate_expiry_timestamp_seconds",
+            help: "When the proxy's TLS certificate ([tls] cert) expires, in seconds since the Unix epoch (re-read on SIGHUP)",
+            gauge: true,
+            read: Arc::new(move || tls.not_after()),
+        });
+    }
     let admin = admin::start(&cfg, control.as_ref(), &handles, verdicts, counters)?;
     let ready = ready::Bound {
         proxy: vec![bound[0]],
@@ -246,7 +260,7 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
             .iter()
             .zip(&bound)
             .skip(1)
-            .map(|((_, b), addr)| (*addr, b.package, b.ip_only))
+            .map(|((_, b), addr)| (*addr, *b))
             .collect(),
         admin: admin.as_ref().map(|a| a.addr),
         demo_echo: echo,
@@ -277,7 +291,7 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
         }
         match signal {
             Some(libc::SIGHUP) => match &path {
-                Some(p) => reload(p, &engine, control.as_deref()),
+                Some(p) => reload(p, &engine, control.as_deref(), tls.as_deref()),
                 None => tracing::info!("SIGHUP: the embedded demo has no file to reload"),
             },
             Some(sig) => {
@@ -360,11 +374,57 @@ impl AccessWriter {
     }
 }
 
+/// `[tls]`'s certificate and key, loaded (an error names the file).
+fn load_tls(cfg: &Config) -> Result<Option<Arc<splicegate_tls::Acceptor>>> {
+    let Some(t) = &cfg.tls else {
+        return Ok(None);
+    };
+    let acceptor =
+        splicegate_tls::Acceptor::load(&t.cert, &t.key, &[b"http/1.1"]).context("[tls]")?;
+    log_certificate(&acceptor, &t.cert);
+    Ok(Some(Arc::new(acceptor)))
+}
+
+/// Says when the certificate expires; warns within 14 days of it.
+fn log_certificate(acceptor: &splicegate_tls::Acceptor, cert: &std::path::Path) {
+    let now = splicegate_worker::unix_ms() as i64 / 1000;
+    match acceptor.not_after() {
+        Some(t) if t - now < 14 * 86_400 => tracing::warn!(
+            cert = %cert.display(),
+            days_left = (t - now) / 86_400,
+            "the TLS certificate expires soon (or has expired)"
+        ),
+        Some(t) => {
+            tracing::info!(cert = %cert.display(), days_left = (t - now) / 86_400, "TLS certificate loaded")
+        }
+        None => {
+            tracing::warn!(cert = %cert.display(), "TLS certificate loaded; its expiry could not be read")
+        }
+    }
+}
+
 /// Re-read the file and publish a new policy (through the control object
-/// when the admin API runs, so the API's objects stay); a bad file changes
-/// nothing.
-fn reload(path: &std::path::Path, engine: &Engine, control: Option<&splicegate_admin::Control>) {
-    let result = Config::load(path).and_then(|c| match control {
+/// when the admin API runs, so the API's objects stay) and the TLS
+/// certificate; a bad file or certificate changes nothing.
+fn reload(
+    path: &std::path::Path,
+    engine: &Engine,
+    control: Option<&splicegate_admin::Control>,
+    tls: Option<&splicegate_tls::Acceptor>,
+) {
+    let result = Config::load(path).and_then(|c| {
+        match (&c.tls, tls) {
+            (Some(_), None) => anyhow::bail!("[tls] was added: adding TLS needs a restart"),
+            (None, Some(_)) => anyhow::bail!("[tls] was removed: removing TLS needs a restart"),
+            (Some(t), Some(acceptor)) => {
+                acceptor.reload(&t.cert, &t.key).context("[tls]")?;
+                log_certificate(acceptor, &t.cert);
+            }
+            (None, None) => {}
+        }
+        Ok(c)
+    });
+    let result = result.and_then(|c| match control {
         Some(control) => admin::reload(control, &c),
         None => {
             let p = Policy::build(c.declarations(), Some(&engine.policy()))

@@ -6,7 +6,7 @@
 //! ```json
 //! {"pid": 123,
 //!  "proxy": ["127.0.0.1:40123"],
-//!  "listeners": [{"addr": "127.0.0.1:40125", "package": 15, "ip_only": true}],
+//!  "listeners": [{"addr": "127.0.0.1:40125", "package": 15, "ip_only": true, "tls_only": false}],
 //!  "admin": "127.0.0.1:40124",
 //!  "demo_echo": null}
 //! ```
@@ -29,8 +29,8 @@ use serde_json::{Value, json};
 pub(crate) struct Bound {
     /// `[proxy] listen`.
     pub proxy: Vec<SocketAddr>,
-    /// `[[listener]]` tables in file order: address, package, ip_only.
-    pub listeners: Vec<(SocketAddr, Option<u64>, bool)>,
+    /// `[[listener]]` tables in file order, with what each admits.
+    pub listeners: Vec<(SocketAddr, splicegate_worker::Binding)>,
     /// `[admin] listen`, when the admin API runs.
     pub admin: Option<SocketAddr>,
     /// `[demo] echo_listen`, when the built-in target runs.
@@ -46,10 +46,11 @@ impl Bound {
             "listeners": self
                 .listeners
                 .iter()
-                .map(|(addr, package, ip_only)| json!({
+                .map(|(addr, b)| json!({
                     "addr": addr.to_string(),
-                    "package": package,
-                    "ip_only": ip_only,
+                    "package": b.package,
+                    "ip_only": b.ip_only,
+                    "tls_only": b.tls_only,
                 }))
                 .collect::<Vec<_>>(),
             "admin": self.admin.map(|a| a.to_string()),
@@ -84,7 +85,14 @@ mod tests {
     fn the_ready_file_names_every_address() {
         let b = Bound {
             proxy: vec!["127.0.0.1:40123".parse().unwrap()],
-            listeners: vec![("[::1]:40125".parse().unwrap(), Some(15), true)],
+            listeners: vec![(
+                "[::1]:40125".parse().unwrap(),
+                splicegate_worker::Binding {
+                    package: Some(15),
+                    ip_only: true,
+                    tls_only: false,
+                },
+            )],
             admin: Some("127.0.0.1:40124".parse().unwrap()),
             demo_echo: None,
         };
@@ -97,6 +105,7 @@ mod tests {
         assert_eq!(v["listeners"][0]["addr"], "[::1]:40125");
         assert_eq!(v["listeners"][0]["package"], 15);
         assert_eq!(v["listeners"][0]["ip_only"], true);
+        assert_eq!(v["listeners"][0]["tls_only"], false);
         assert_eq!(v["admin"], "127.0.0.1:40124");
         assert!(v["demo_echo"].is_null());
         assert_eq!(v["pid"], std::process::id());

@@ -165,14 +165,12 @@ impl Acceptor {
         self.config.load_full()
     }
 
-    /// A server connection over `tcp`, fed with `early` (the bytes a
-    /// protocol sniff already read). The handshake is the caller's to run
+    /// A server connection over `tcp`. Bytes a protocol sniff already read
+    /// go in with [`TlsStream::feed`]; the handshake is the caller's to run
     /// ([`TlsStream::handshake`], under its deadline).
-    pub fn start(&self, tcp: TcpStream, early: &[u8]) -> io::Result<ServerStream> {
+    pub fn accept(&self, tcp: TcpStream) -> io::Result<ServerStream> {
         let conn =
             rustls::ServerConnection::new(self.config()).map_err(crate::stream::tls_error)?;
-        let tls = TlsStream::new(tcp, conn);
-        tls.feed(early)?;
-        Ok(tls)
+        Ok(TlsStream::new(tcp, conn))
     }
 }

@@ -86,7 +86,8 @@ async fn accept_tls(listener: &TcpListener, acceptor: &Acceptor) -> std::io::Res
         first[0], 0x16,
         "a ClientHello starts with a handshake record"
     );
-    let tls = acceptor.start(tcp, &first[..n])?;
+    let tls = acceptor.accept(tcp)?;
+    tls.feed(&first[..n])?;
     if let Err(e) = tls.handshake().await {
         tls.linger(Duration::from_secs(1)).await;
         return Err(e);
@@ -168,7 +169,9 @@ fn garbage_after_the_record_type_is_an_error() {
         let _c = StdStream::connect(addr).unwrap();
         let (tcp, _) = l.accept().await.unwrap();
         let e = acceptor
-            .start(tcp, b"\x16\x03\x01\xff\xff garbage that is no ClientHello")
+            .accept(tcp)
+            .unwrap()
+            .feed(b"\x16\x03\x01\xff\xff garbage that is no ClientHello")
             .expect_err("not a record");
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
     })

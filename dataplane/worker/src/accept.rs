@@ -14,8 +14,10 @@ use splicegate_control::nodes::Rng;
 use splicegate_control::{Code, Rejection};
 use splicegate_uring::{
     Notifier, PipePool, Receiver, Runtime, RuntimeConfig, TcpListener, TcpStream, sleep, spawn,
+    timeout, timeout_at,
 };
 
+use crate::client::Client;
 use crate::ctx::Ctx;
 use crate::io::read_some;
 use crate::resolve::DnsCache;
@@ -206,10 +208,28 @@ async fn serve(
         Ok(Some(n)) if n > 0 => {}
         _ => return, // closed, timed out or failed before its first byte
     }
-    let tunnel = if buf[0] == 0x05 {
-        socks::serve(&ctx, stream, peer, binding, buf, deadline).await
+    let client = if buf[0] == TLS_HANDSHAKE_RECORD {
+        // The client's first bytes inside TLS take the place of the sniffed
+        // ones (the handshake deadline covers both).
+        let Some(client) = start_tls(&ctx, stream, &buf, deadline).await else {
+            return;
+        };
+        buf.clear();
+        match read_some(&client, &mut buf, deadline).await {
+            Ok(Some(n)) if n > 0 => {}
+            _ => return,
+        }
+        client
+    } else if binding.tls_only {
+        refuse_cleartext(&ctx, stream, peer, &buf).await;
+        return;
     } else {
-        http::serve(&ctx, stream, peer, binding, buf, deadline).await
+        Client::Plain(stream)
+    };
+    let tunnel = if buf[0] == 0x05 {
+        socks::serve(&ctx, client, peer, binding, buf, deadline).await
+    } else {
+        http::serve(&ctx, client, peer, binding, buf, deadline).await
     };
     // The relay gets a task of its own: this handshake task's state (heads,
     // routing, dialing) ends here, so an idle tunnel holds only what it uses.
@@ -218,6 +238,93 @@ async fn serve(
             crate::tunnels::run(&ctx, *t).await;
             drop(_open);
         });
+    }
+}
+
+/// A TLS record of type handshake: the first byte of a ClientHello.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// How long a refused client may keep sending before the close: its alert
+/// or answer must not be lost to a reset.
+const LINGER: Duration = Duration::from_millis(500);
+
+/// TLS on a connection whose first bytes (`first`) began a ClientHello:
+/// the handshake within `deadline`, counted by result. Without `[tls]`, a
+/// handshake_failure alert. `None` when the connection ends here.
+async fn start_tls(
+    ctx: &Ctx,
+    stream: TcpStream,
+    first: &[u8],
+    deadline: Instant,
+) -> Option<Client> {
+    use splicegate_control::stats::{
+        TLS_FAILED, TLS_FULL, TLS_NOT_CONFIGURED, TLS_RESUMED, TLS_TIMED_OUT,
+    };
+    let count = |i: usize| WorkerStats::inc(&ctx.stats.tls_handshakes[i]);
+    let Some(acceptor) = &ctx.shared.tls else {
+        count(TLS_NOT_CONFIGURED);
+        let alert = splicegate_tls::HANDSHAKE_FAILURE_ALERT;
+        let _ = timeout(LINGER, stream.write_all(&alert)).await;
+        linger(&stream).await;
+        return None;
+    };
+    let tls = acceptor.accept(stream).ok()?;
+    let handshake = async {
+        tls.feed(first)?;
+        tls.handshake().await
+    };
+    match timeout_at(deadline, handshake).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            count(TLS_FAILED);
+            tracing::debug!(error = %e, "TLS handshake failed");
+            // The alert rustls chose, then a lingering close.
+            let _ = timeout(LINGER, tls.flush()).await;
+            tls.linger(LINGER).await;
+            return None;
+        }
+        Err(_) => {
+            count(TLS_TIMED_OUT);
+            return None;
+        }
+    }
+    let resumed = tls.with_conn(|c| c.handshake_kind() == Some(rustls::HandshakeKind::Resumed));
+    count(if resumed { TLS_RESUMED } else { TLS_FULL });
+    Some(Client::Tls(Box::new(tls)))
+}
+
+/// Cleartext on a TLS-only port: HTTP gets 400 BAD_REQUEST, SOCKS5 gets
+/// method 0xFF. Nothing the client sent is parsed (its credentials are
+/// neither read nor logged).
+async fn refuse_cleartext(ctx: &Ctx, stream: TcpStream, peer: SocketAddr, first: &[u8]) {
+    use splicegate_control::policy::Protocol;
+    let rejection = Rejection::new(Code::BadRequest, "this port requires TLS");
+    let (protocol, answer) = if first[0] == 0x05 {
+        (Protocol::Socks5, vec![0x05, 0xff])
+    } else {
+        let mut out = Vec::with_capacity(256);
+        splicegate_control::catalog::write_http_error(&rejection, false, &mut out);
+        (Protocol::Http, out)
+    };
+    ctx.record(
+        peer,
+        protocol,
+        &crate::admission::Refusal::anonymous(rejection),
+    );
+    let _ = timeout(LINGER, stream.write_all(&answer)).await;
+    linger(&stream).await;
+}
+
+/// FIN, then read and drop what the client still sends, briefly, so the
+/// close does not reset the connection under the answer.
+async fn linger(stream: &TcpStream) {
+    let _ = stream.shutdown_write();
+    let deadline = Instant::now() + LINGER;
+    let mut sink = [0u8; 4096];
+    while let Ok(Ok(n)) = timeout_at(deadline, stream.read(&mut sink)).await {
+        if n == 0 {
+            break;
+        }
     }
 }
 

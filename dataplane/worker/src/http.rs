@@ -22,6 +22,7 @@ use splicegate_uring::{Notifier, TcpStream, timeout, timeout_at};
 use crate::Binding;
 use crate::accept::{Either, select2};
 use crate::admission::{Admission, Established, Gate, Refusal};
+use crate::client::{Client, Stream};
 use crate::ctx::Ctx;
 use crate::io::{ReadError, read_message, read_some};
 use crate::tunnels::Tunnel;
@@ -47,7 +48,7 @@ struct Kept {
 /// for its session. Requests run one after another.
 struct HttpConn<'c> {
     ctx: &'c Ctx,
-    client: TcpStream,
+    client: Client,
     peer: SocketAddr,
     binding: Binding,
     /// Bytes read from the client and not yet consumed.
@@ -65,7 +66,7 @@ struct HttpConn<'c> {
 
 pub(crate) async fn serve(
     ctx: &Ctx,
-    client: TcpStream,
+    client: Client,
     peer: SocketAddr,
     binding: Binding,
     buf: Vec<u8>,
@@ -236,7 +237,7 @@ impl HttpConn<'_> {
     /// answer: stop writing, then read and drop what the client still sends,
     /// briefly.
     async fn linger_close(&self) {
-        let _ = self.client.shutdown_write();
+        self.client.shutdown_write().await;
         let deadline = Instant::now() + Duration::from_millis(500);
         let mut sink = vec![0u8; 16 * 1024];
         let mut total = 0usize;
@@ -577,7 +578,7 @@ impl HttpConn<'_> {
 
 /// Write relayed bytes within the idle timeout; a peer that cannot take
 /// them ends the exchange.
-async fn relay_write(to: &TcpStream, bytes: &[u8], idle: Duration) -> Result<(), ExchangeError> {
+async fn relay_write(to: &impl Stream, bytes: &[u8], idle: Duration) -> Result<(), ExchangeError> {
     match timeout(idle, to.write_all(bytes)).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(ExchangeError::Abort),

@@ -3,7 +3,9 @@
 use std::io;
 use std::time::Instant;
 
-use splicegate_uring::{TcpStream, timeout_at};
+use splicegate_uring::timeout_at;
+
+use crate::client::Stream;
 
 /// Why a read for a message stopped.
 #[derive(Debug)]
@@ -20,7 +22,7 @@ pub(crate) enum ReadError<E> {
 
 /// Read more bytes into `buf` (appending) before `deadline`. Ok(0) = EOF.
 pub(crate) async fn read_some(
-    stream: &TcpStream,
+    stream: &impl Stream,
     buf: &mut Vec<u8>,
     deadline: Instant,
 ) -> io::Result<Option<usize>> {
@@ -53,7 +55,7 @@ pub(crate) async fn read_some(
 /// one) or the buffer passes `max` (so the parser reports the size), and a
 /// client dribbling one byte at a time costs no quadratic rescans.
 pub(crate) async fn read_message<T, E>(
-    stream: &TcpStream,
+    stream: &impl Stream,
     buf: &mut Vec<u8>,
     deadline: Instant,
     line_based: Option<usize>,

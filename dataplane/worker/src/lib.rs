@@ -13,6 +13,7 @@
 
 mod accept;
 mod admission;
+mod client;
 mod clock;
 mod ctx;
 mod dial;
@@ -69,6 +70,8 @@ pub struct Binding {
     pub package: Option<u64>,
     /// Admit only addresses on that package's allowlist.
     pub ip_only: bool,
+    /// Admit only TLS: cleartext HTTP gets 400, cleartext SOCKS5 0xFF.
+    pub tls_only: bool,
 }
 
 pub use splicegate_control::stats::{LatencyHistogram, OK, SETUP_BUCKETS_US, WorkerStats};
@@ -111,6 +114,9 @@ pub struct Shared {
     pub guard_at_accept: bool,
     /// Told of every new ban, to drop the source in the kernel too.
     pub ban_sink: Option<BanSink>,
+    /// TLS to the proxy ports (`[tls]`); without it a ClientHello gets a
+    /// handshake_failure alert.
+    pub tls: Option<Arc<splicegate_tls::Acceptor>>,
 }
 
 /// Receives bans (source, duration) for the kernel programs.

@@ -9,15 +9,16 @@ use splicegate_control::Code;
 use splicegate_control::catalog::{Rejection, Socks5Answer};
 use splicegate_control::policy::{Credentials, Protocol};
 use splicegate_proto::socks5::{Socks5Error, method, reply, server};
-use splicegate_uring::{TcpStream, timeout};
+use splicegate_uring::timeout;
 
 use crate::Binding;
 use crate::admission::{Gate, Refusal};
+use crate::client::{Client, Stream};
 use crate::ctx::Ctx;
 use crate::io::{ReadError, read_message};
 use crate::tunnels::Tunnel;
 
-async fn send(client: &TcpStream, bytes: &[u8]) -> bool {
+async fn send(client: &Client, bytes: &[u8]) -> bool {
     matches!(
         timeout(Duration::from_secs(5), client.write_all(bytes)).await,
         Ok(Ok(()))
@@ -26,7 +27,7 @@ async fn send(client: &TcpStream, bytes: &[u8]) -> bool {
 
 /// Record a refusal after the request and answer it with the reply field the
 /// catalogue gives its code.
-async fn refuse(ctx: &Ctx, client: &TcpStream, peer: SocketAddr, refusal: &Refusal) {
+async fn refuse(ctx: &Ctx, client: &Client, peer: SocketAddr, refusal: &Refusal) {
     ctx.record(peer, Protocol::Socks5, refusal);
     let code = match refusal.rejection.code.socks5() {
         Socks5Answer::Reply(c) => c,
@@ -39,7 +40,7 @@ async fn refuse(ctx: &Ctx, client: &TcpStream, peer: SocketAddr, refusal: &Refus
 
 pub(crate) async fn serve(
     ctx: &Ctx,
-    client: TcpStream,
+    client: Client,
     peer: SocketAddr,
     binding: Binding,
     mut buf: Vec<u8>,

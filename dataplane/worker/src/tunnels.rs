@@ -139,7 +139,9 @@ fn flush(e: &mut Entry) -> (u64, u64) {
 
 use std::time::Instant;
 
-use splicegate_uring::{TcpStream, relay, timeout_at};
+use splicegate_uring::{relay, timeout_at};
+
+use crate::client::{Client, Stream};
 
 use crate::WorkerStats;
 use crate::admission::Established;
@@ -149,7 +151,7 @@ use crate::ctx::Ctx;
 /// of the handshake that made it, so an idle tunnel costs its sockets and a
 /// small task.
 pub(crate) struct Tunnel {
-    pub client: TcpStream,
+    pub client: Client,
     pub peer: std::net::SocketAddr,
     /// The node connection and what the request was admitted as.
     pub route: Established,
@@ -203,7 +205,11 @@ pub(crate) async fn run(ctx: &Ctx, t: Tunnel) {
         let ctl = RelayCtl::new();
         ctl.set_idle_timeout(Some(idle));
         let id = ctx.tunnels.register(package.clone(), ctl.clone());
-        let outcome = relay(&client, &up.stream, &ctx.pipes, &ctl).await;
+        let outcome = match &client {
+            Client::Plain(tcp) => relay(tcp, &up.stream, &ctx.pipes, &ctl).await,
+            // Bytes inside TLS cannot be spliced: one copy each way.
+            Client::Tls(tls) => splicegate_tls::relay(tls, &up.stream, &ctl).await,
+        };
         ctx.tunnels.finish(id, &ctx.stats);
         (total_up, total_down) = (eu + outcome.a_to_b, ed + outcome.b_to_a);
         tracing::debug!(package = package.id(), node = %node.id, up = outcome.a_to_b, down = outcome.b_to_a, end = ?outcome.end, "tunnel closed");
