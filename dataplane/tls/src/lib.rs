@@ -22,4 +22,4 @@ pub use acceptor::{Acceptor, HANDSHAKE_FAILURE_ALERT, LoadError, ServerStream};
 pub use relay::relay;
 /// rustls, as this crate uses it (its types appear in this API).
 pub use rustls;
-pub use stream::TlsStream;
+pub use stream::{TlsStream, feed};

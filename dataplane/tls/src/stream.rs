@@ -59,6 +59,18 @@ pub(crate) fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
+/// Hands `bytes` (records read from the peer) to `conn` and processes
+/// them: the sans-IO part of [`TlsStream::feed`], fuzzed on its own.
+pub fn feed<S: SideData>(conn: &mut ConnectionCommon<S>, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        if conn.read_tls(&mut bytes)? == 0 {
+            break;
+        }
+        conn.process_new_packets().map_err(tls_error)?;
+    }
+    Ok(())
+}
+
 impl<C, S> TlsStream<C>
 where
     C: Deref<Target = ConnectionCommon<S>> + DerefMut,
@@ -85,13 +97,8 @@ where
     /// Feeds records that were already read from the socket (a protocol
     /// sniff that saw the first bytes of a ClientHello). A record that does
     /// not parse is an error; its alert is queued for the next flush.
-    pub fn feed(&self, mut bytes: &[u8]) -> io::Result<()> {
-        let mut conn = self.conn.borrow_mut();
-        while !bytes.is_empty() {
-            conn.read_tls(&mut bytes)?;
-            conn.process_new_packets().map_err(tls_error)?;
-        }
-        Ok(())
+    pub fn feed(&self, bytes: &[u8]) -> io::Result<()> {
+        feed(&mut self.conn.borrow_mut(), bytes)
     }
 
     /// Completes the handshake (the caller bounds it with a deadline). On
