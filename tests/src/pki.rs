@@ -87,3 +87,33 @@ impl TestCa {
         }
     }
 }
+
+/// A TLS client connection to the proxy (rustls, trusting `ca`), as
+/// `localhost`: for tests that hold a tunnel inside TLS open.
+pub fn tls_connect(
+    proxy: std::net::SocketAddr,
+    ca: &Path,
+) -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(std::io::Error::other)?
+    {
+        roots
+            .add(cert.map_err(std::io::Error::other)?)
+            .map_err(std::io::Error::other)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(std::io::Error::other)?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+        .map_err(std::io::Error::other)?;
+    let sock = std::net::TcpStream::connect(proxy)?;
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    Ok(rustls::StreamOwned::new(conn, sock))
+}

@@ -547,6 +547,34 @@ fn certificate_reload_under_load() {
         ) as i64
     };
     assert_eq!(expiry(), lab.leaf.not_after);
+    // A tunnel inside TLS, open across every reload below.
+    let mut held = splicegate_tests::pki::tls_connect(lab.gw.proxy, &lab.ca.ca_pem()).unwrap();
+    let round_trip = |s: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+                      what: &[u8]| {
+        s.write_all(what).unwrap();
+        let mut back = vec![0u8; what.len()];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(back, what);
+    };
+    write!(
+        held,
+        "CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\nProxy-Authorization: {}\r\n\r\n",
+        basic(&user("country-us"), KEY),
+        echo = lab.echo.addr()
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        held.read_exact(&mut b).unwrap();
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    round_trip(&mut held, b"before the reload");
     // A new certificate in the same files.
     let next = lab.ca.leaf("next", (2033, 1, 1));
     std::fs::copy(&next.cert, &lab.leaf.cert).unwrap();
