@@ -102,9 +102,19 @@ pub struct Gateway {
     ready: serde_json::Value,
     config_path: PathBuf,
     log_path: PathBuf,
-    /// The open-files limit the process runs under, if the test set one
-    /// ([`Gateway::start_with_nofile`]); a restart keeps it.
-    nofile: Option<u64>,
+    /// How the process was started ([`Gateway::start_with`]); a restart
+    /// starts it the same way.
+    launch: Launch,
+}
+
+/// How to start the binary beyond its configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// An open-files limit (soft and hard, as `ulimit -n` sets them before
+    /// the exec).
+    pub nofile: Option<u64>,
+    /// Environment variables to add (`NOTIFY_SOCKET`, …).
+    pub env: Vec<(String, String)>,
 }
 
 impl Gateway {
@@ -124,7 +134,15 @@ impl Gateway {
 
     /// [`Gateway::start`], returning the failure instead of panicking.
     pub fn try_start(toml: &str) -> anyhow::Result<Gateway> {
-        Gateway::try_start_in(temp_dir("gw"), HashMap::new(), toml, None)
+        Gateway::try_start_in(temp_dir("gw"), HashMap::new(), toml, Launch::default())
+    }
+
+    /// [`Gateway::start_conf`], started as `launch` says.
+    pub fn start_with(conf: &Conf, launch: Launch) -> Gateway {
+        match Gateway::try_start_in(temp_dir("gw"), HashMap::new(), &conf.toml(), launch) {
+            Ok(g) => g,
+            Err(e) => panic!("{e:#}"),
+        }
     }
 
     /// [`Gateway::start_conf`] under an open-files limit of `nofile` (soft
@@ -133,17 +151,20 @@ impl Gateway {
     /// reads it when an accept is armed, so a `prlimit` on the running
     /// process would not do.
     pub fn start_with_nofile(conf: &Conf, nofile: u64) -> Gateway {
-        match Gateway::try_start_in(temp_dir("gw"), HashMap::new(), &conf.toml(), Some(nofile)) {
-            Ok(g) => g,
-            Err(e) => panic!("{e:#}"),
-        }
+        Gateway::start_with(
+            conf,
+            Launch {
+                nofile: Some(nofile),
+                ..Launch::default()
+            },
+        )
     }
 
     /// Start the binary on `toml` in `dir` (kept when the gateway drops),
     /// placeholders named in `ports` on those addresses' ports; panics (with
     /// the gateway's stderr) if it does not serve.
     pub fn start_in(dir: PathBuf, ports: HashMap<String, SocketAddr>, toml: &str) -> Gateway {
-        match Gateway::try_start_in(dir, ports, toml, None) {
+        match Gateway::try_start_in(dir, ports, toml, Launch::default()) {
             Ok(mut g) => {
                 g.keep_dir = true;
                 g
@@ -177,9 +198,9 @@ impl Gateway {
         );
         let text = fs::read_to_string(&self.config_path).expect("config");
         self.keep_dir = true;
-        let (dir, ports, nofile) = (self.dir.clone(), self.ports.clone(), self.nofile);
+        let (dir, ports, launch) = (self.dir.clone(), self.ports.clone(), self.launch.clone());
         drop(self);
-        match Gateway::try_start_in(dir, ports, &text, nofile) {
+        match Gateway::try_start_in(dir, ports, &text, launch) {
             Ok(g) => g,
             Err(e) => panic!("restart after SIG{sig}: {e:#}"),
         }
@@ -192,7 +213,7 @@ impl Gateway {
         dir: PathBuf,
         mut ports: HashMap<String, SocketAddr>,
         toml: &str,
-        nofile: Option<u64>,
+        launch: Launch,
     ) -> anyhow::Result<Gateway> {
         let bin = binary();
         let text = render(toml, &dir, &ports);
@@ -207,7 +228,7 @@ impl Gateway {
             .open(&log_path)?;
         // Under a limit, through the shell's `ulimit`, which then execs the
         // binary (same process, no unsafe `pre_exec` here).
-        let mut cmd = match nofile {
+        let mut cmd = match launch.nofile {
             None => Command::new(&bin),
             Some(n) => {
                 let mut c = Command::new("sh");
@@ -227,6 +248,7 @@ impl Gateway {
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .env("RUST_BACKTRACE", "1")
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .spawn();
         let child = match spawned {
             Ok(c) => c,
@@ -245,7 +267,7 @@ impl Gateway {
             ready: serde_json::Value::Null,
             config_path,
             log_path,
-            nofile,
+            launch,
         };
         let ready = wait_ready(&ready_path, START_TIMEOUT, || gw.try_exit());
         let ready = match ready {

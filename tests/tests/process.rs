@@ -265,3 +265,49 @@ fn a_stalled_stderr_never_stops_the_workers() {
     stop(child);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// systemd's notify protocol (`Type=notify`): `READY=1` only once the
+/// proxy port accepts, `RELOADING=1` then `READY=1` on SIGHUP, `STOPPING=1`
+/// on SIGTERM, each from the gateway's own pid.
+#[test]
+fn tells_systemd_ready_reloading_and_stopping() {
+    use splicegate_tests::gateway::Launch;
+    use splicegate_tests::{Conf, Gateway, KEY, NodeDecl, node_ip};
+    use std::os::unix::net::UnixDatagram;
+
+    let dir = temp_dir("notify");
+    let sock_path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind the notify socket");
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let conf = Conf::with_package(KEY).node(NodeDecl::direct("d1", node_ip()));
+    let launch = Launch {
+        env: vec![("NOTIFY_SOCKET".into(), sock_path.display().to_string())],
+        ..Launch::default()
+    };
+    // Started on another thread: the first message is read while the
+    // gateway starts, and the proxy port must already accept when it comes.
+    let starter = std::thread::spawn(move || Gateway::start_with(&conf, launch));
+    let mut buf = [0u8; 4096];
+    let recv = |buf: &mut [u8]| -> String {
+        let n = sock.recv(buf).expect("a notify message");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = recv(&mut buf);
+    let gw = starter.join().unwrap();
+    assert!(first.starts_with("READY=1\n"), "{first}");
+    assert!(first.contains(&format!("MAINPID={}", gw.pid())), "{first}");
+    // READY=1 is sent after the ready file, so the port accepts by now.
+    assert!(std::net::TcpStream::connect(gw.proxy).is_ok());
+    gw.signal("HUP");
+    let reloading = recv(&mut buf);
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    let again = recv(&mut buf);
+    assert!(again.starts_with("READY=1\n"), "{again}");
+    gw.signal("TERM");
+    let stopping = recv(&mut buf);
+    assert!(stopping.starts_with("STOPPING=1"), "{stopping}");
+}

@@ -7,6 +7,7 @@ mod config;
 mod cpus;
 mod echo;
 mod kernel;
+mod notify;
 mod portcheck;
 mod ready;
 
@@ -135,6 +136,7 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
     // receives them.
     let signals = splicegate_uring::SignalSet::block(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
     let logging = init_logging(&cfg.log.level);
+    let systemd = notify::Notifier::from_env();
 
     let (engine, control) = admin::engine(&cfg)?;
     let (access_log, access_rx) = match cfg.log.access.as_str() {
@@ -268,6 +270,7 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
     if let Some(p) = &ready_file {
         ready::write(p, &ready)?;
     }
+    systemd.ready(&format!("serving on {}", addrs.join(", ")));
     if demo {
         print_demo(&cfg, bound[0], echo, ready.admin);
     }
@@ -290,16 +293,22 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
             a.drain();
         }
         match signal {
-            Some(libc::SIGHUP) => match &path {
-                Some(p) => reload(p, &engine, control.as_deref(), tls.as_deref()),
-                None => tracing::info!("SIGHUP: the embedded demo has no file to reload"),
-            },
+            Some(libc::SIGHUP) => {
+                systemd.reloading();
+                match &path {
+                    Some(p) => reload(p, &engine, control.as_deref(), tls.as_deref()),
+                    None => tracing::info!("SIGHUP: the embedded demo has no file to reload"),
+                }
+                // A refused reload leaves the gateway serving as before.
+                systemd.ready(&format!("serving on {}", addrs.join(", ")));
+            }
             Some(sig) => {
                 tracing::info!(
                     signal = sig,
                     grace_s = grace.as_secs(),
                     "draining: no new connections"
                 );
+                systemd.stopping();
                 for h in &handles {
                     let _ = h.commands.send(Command::Drain { grace });
                 }

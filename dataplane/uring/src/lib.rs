@@ -74,6 +74,12 @@ pub async fn consume_budget() {
 }
 pub use time::{Elapsed, Sleep, sleep, sleep_until, timeout, timeout_at};
 
+/// `CLOCK_MONOTONIC` now, in microseconds (what systemd's notify protocol
+/// and journal timestamps use).
+pub fn monotonic_usec() -> u64 {
+    sys::monotonic_usec()
+}
+
 /// Pins the calling thread to CPU `cpu` (`sched_setaffinity`), for
 /// one-worker-per-core deployments.
 pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
