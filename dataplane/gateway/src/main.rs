@@ -5,6 +5,7 @@
 mod admin;
 mod config;
 mod cpus;
+mod doctor;
 mod echo;
 mod kernel;
 mod notify;
@@ -30,7 +31,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// A residential-proxy gateway: HTTP CONNECT, HTTP forwarding and SOCKS5 on
 /// one port, exits chosen by the rules in the proxy username.
 #[derive(Debug, Parser)]
-#[command(name = "splicegate", version, about)]
+#[command(
+    name = "splicegate",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SPLICEGATE_COMMIT"), ")"),
+    about
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -53,6 +58,33 @@ enum Cmd {
     CheckConfig {
         /// The configuration file (TOML).
         file: PathBuf,
+    },
+    /// Check whether this machine is ready for the gateway (kernel and
+    /// io_uring, BPF, open files, sysctls, CPU mask and NUMA, pipe limits)
+    /// and say how to fix what is not. Exit status 0 when ready, 1 when not.
+    Doctor {
+        /// Judge against this configuration (workers, [ebpf]).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Where /proc is (a copy of another machine's, for a test).
+        #[arg(long, default_value = "/proc", value_name = "DIR")]
+        proc_root: PathBuf,
+        /// Where /sys is.
+        #[arg(long, default_value = "/sys", value_name = "DIR")]
+        sys_root: PathBuf,
+        /// Open tunnels to plan for.
+        #[arg(long, default_value_t = 10_000)]
+        tunnels: u64,
+        /// New connections per second to one node address to plan for.
+        #[arg(long, default_value_t = 500)]
+        connect_rate: u64,
+    },
+    /// Print the manual page (roff, for `man -l -` or packaging).
+    Man,
+    /// Print a shell completion script.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -78,6 +110,55 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Doctor {
+            config,
+            proc_root,
+            sys_root,
+            tunnels,
+            connect_rate,
+        } => {
+            let config = match config.map(|p| Config::load(&p)).transpose() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("splicegate: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            let (text, ready) = doctor::report(&doctor::Options {
+                proc_root,
+                sys_root,
+                tunnels,
+                connect_rate,
+                config,
+            });
+            print!("{text}");
+            if ready {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Cmd::Man => {
+            use clap::CommandFactory;
+            let mut out = std::io::stdout().lock();
+            match clap_mangen::Man::new(Cli::command()).render(&mut out) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("splicegate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "splicegate",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
         Cmd::Serve { config, ready_file } => match serve(config, ready_file) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
