@@ -221,3 +221,34 @@ fn lintian_finds_no_error() {
     let warnings: Vec<&str> = text.lines().filter(|l| l.starts_with("W: ")).collect();
     assert!(errors.is_empty() && warnings.is_empty(), "lintian:\n{text}");
 }
+
+/// `dpkg -i` and `dpkg --purge` for real, on a machine that is thrown away
+/// afterwards (CI sets `SPLICEGATE_DISPOSABLE_MACHINE=1`; elsewhere this
+/// test says so and checks nothing): the maintainer scripts create the
+/// system user, the state directory and the configuration's permissions,
+/// and a purge removes the state.
+#[test]
+fn dpkg_installs_and_purges_on_a_disposable_machine() {
+    if std::env::var_os("SPLICEGATE_DISPOSABLE_MACHINE").is_none_or(|v| v != "1") {
+        eprintln!("skipped: set SPLICEGATE_DISPOSABLE_MACHINE=1 on a machine that may be changed");
+        return;
+    }
+    let (deb, _) = build_and_unpack();
+    let dpkg = require_tool("dpkg", "dpkg");
+    let (ok, text) = run(Command::new(&dpkg).arg("-i").arg(&deb));
+    assert!(ok, "dpkg -i:\n{text}");
+    let (ok, user) = run(Command::new("getent").args(["passwd", "splicegate"]));
+    assert!(ok && user.contains("/var/lib/splicegate"), "{user}");
+    let (_, state) = run(Command::new("stat").args(["-c", "%U:%G %a", "/var/lib/splicegate"]));
+    assert_eq!(state.trim(), "splicegate:splicegate 750");
+    let (_, conf) =
+        run(Command::new("stat").args(["-c", "%U:%G %a", "/etc/splicegate/splicegate.toml"]));
+    assert_eq!(conf.trim(), "root:splicegate 640");
+    let (ok, version) = run(Command::new("/usr/bin/splicegate").arg("--version"));
+    assert!(ok && version.starts_with("splicegate "), "{version}");
+    let (ok, text) = run(Command::new(&dpkg).args(["--purge", "splicegate"]));
+    assert!(ok, "dpkg --purge:\n{text}");
+    assert!(!Path::new("/usr/bin/splicegate").exists());
+    assert!(!Path::new("/var/lib/splicegate").exists());
+    assert!(!Path::new("/etc/splicegate/splicegate.toml").exists());
+}
