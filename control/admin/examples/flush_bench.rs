@@ -36,7 +36,7 @@ fn main() {
     }
     let control = Control::open(
         ControlOptions {
-            store_path: path.clone(),
+            store: splicegate_admin::StoreLocation::Sqlite(path.clone()),
             session_capacity: 16,
             clock,
         },

@@ -18,7 +18,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read as _;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,7 +31,7 @@ use splicegate_control::nodes::NodeDecl;
 use splicegate_control::policy::{Declarations, OrgDecl, PackageDecl, Policy};
 
 use crate::error::{ControlError, FROM_FILE, StoreError};
-use crate::store::{GrantReason, Store, UsageRow};
+use crate::store::{GrantReason, Store, StoreLocation, UsageRow};
 use splicegate_control::decl::{NodeFields, PackageFields};
 
 /// The monotonic clock the data plane uses (sessions expire by it).
@@ -41,8 +40,8 @@ pub type Clock = fn() -> Now;
 /// How to open the control object.
 #[derive(Debug, Clone)]
 pub struct ControlOptions {
-    /// The store file, or `":memory:"`.
-    pub store_path: PathBuf,
+    /// The store: an SQLite file (or `":memory:"`), or PostgreSQL.
+    pub store: StoreLocation,
     /// Sessions the engine's table holds.
     pub session_capacity: usize,
     /// The data plane's monotonic clock.
@@ -77,7 +76,7 @@ pub struct Control {
 
 #[derive(Debug)]
 struct Inner {
-    store: Store,
+    store: Box<dyn Store>,
     /// What the config file declares (objects with `from_file: true`,
     /// catalogue names, target safety).
     file: Declarations,
@@ -259,7 +258,7 @@ impl Control {
     /// for the first time, build the first policy from the file's and the
     /// store's objects, and restore usage and balances from the ledger.
     pub fn open(opts: ControlOptions, file: Declarations) -> Result<Control, ControlError> {
-        let mut store = Store::open(&opts.store_path)?;
+        let mut store = crate::store::open(&opts.store)?;
         let now_ms = unix_ms();
         let opening: Vec<(String, i64)> = file
             .orgs
@@ -493,11 +492,11 @@ impl Control {
         key: K,
         decl: V,
         old: Option<V>,
-        store: impl FnOnce(&mut Store) -> Result<(), StoreError>,
+        store: impl FnOnce(&mut dyn Store) -> Result<(), StoreError>,
     ) -> Result<(), ControlError> {
         slot(inner).insert(key.clone(), decl);
         let built = self.build(&inner.merged()).and_then(|policy| {
-            store(&mut inner.store)?;
+            store(inner.store.as_mut())?;
             Ok(policy)
         });
         match built {
@@ -735,8 +734,8 @@ impl Control {
     }
 
     /// Run `f` on the store (tests and audits).
-    pub fn with_store<T>(&self, f: impl FnOnce(&Store) -> T) -> T {
-        f(&self.lock().store)
+    pub fn with_store<T>(&self, f: impl FnOnce(&dyn Store) -> T) -> T {
+        f(self.lock().store.as_ref())
     }
 }
 

@@ -7,9 +7,12 @@ pub enum StoreError {
     /// SQLite said no (I/O, corruption, constraint).
     #[error("store: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL said no, or could not be reached.
+    #[error("store: postgres: {0}")]
+    Postgres(String),
     /// The file was written by a newer splicegate.
     #[error(
-        "store: schema version {have} is newer than this build knows ({known}); upgrade splicegate"
+        "store: schema version {have} is newer than this build knows ({known}); a splicegate that knows version {have} is needed"
     )]
     TooNew {
         /// The file's version.

@@ -29,3 +29,4 @@ pub use error::{ControlError, StoreError};
 pub use health::HealthOptions;
 pub use metrics::ProcessCounter;
 pub use server::{AdminHandle, AdminOptions, AdminServer, VerdictFn};
+pub use store::{PgStore, SqliteStore, Store, StoreLocation};

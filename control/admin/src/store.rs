@@ -1,5 +1,8 @@
-//! The embedded store: SQLite through `rusqlite` (bundled), one file in WAL
-//! mode, or in memory for the demo.
+//! The store: one trait ([`Store`]), two implementations — SQLite through
+//! `rusqlite` (bundled; one file in WAL mode, or in memory for the demo: the
+//! embedded default, [`SqliteStore`]) and PostgreSQL ([`PgStore`], for
+//! deployments that outgrow one file and for a fleet). [`open`] picks one
+//! from `[store] path` or `[store] url`.
 //!
 //! What it holds:
 //! - the objects created through the admin API (orgs, packages, nodes), each
@@ -15,21 +18,132 @@
 //!   over every epoch of every package that charged it.
 //!
 //! Balances are therefore derived (grants minus charges) and nothing is edited
-//! in place. The schema is versioned: [`MIGRATIONS`] are applied in order, each
-//! in its own transaction, and the version is kept in `schema_version`.
+//! in place. The schema is versioned: [`MIGRATIONS`] (one list, each step in
+//! both dialects) are applied in order, each in its own transaction, and the
+//! version is kept in `schema_version`; a store newer than the build is
+//! refused with the version it needs.
 
 use std::collections::HashMap;
-use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use splicegate_control::limits::UsageTotals;
 
 use crate::error::StoreError;
 
-/// The schema, one step per version: `MIGRATIONS[i]` takes version `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[
+#[doc(hidden)]
+pub mod conformance;
+mod postgres;
+mod sqlite;
+
+pub use self::postgres::PgStore;
+pub use self::sqlite::SqliteStore;
+
+/// Where the store lives: `[store] path` or `[store] url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// An SQLite file (or `":memory:"`).
+    Sqlite(std::path::PathBuf),
+    /// A PostgreSQL connection string (`postgres://user@host/db`, or
+    /// `host=/run/postgresql user=splicegate dbname=splicegate`).
+    Postgres(String),
+}
+
+impl std::fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Sqlite(p) => write!(f, "{}", p.display()),
+            // Never the password.
+            StoreLocation::Postgres(url) => f.write_str(&self::postgres::redact(url)),
+        }
+    }
+}
+
+/// Open (or create) the store and apply the migrations this build knows.
+pub fn open(at: &StoreLocation) -> Result<Box<dyn Store>, StoreError> {
+    Ok(match at {
+        StoreLocation::Sqlite(path) => Box::new(SqliteStore::open(path)?),
+        StoreLocation::Postgres(url) => Box::new(PgStore::connect(url)?),
+    })
+}
+
+/// What the control object asks of a store. Every write is one
+/// transaction; reads see committed data only.
+pub trait Store: Send + std::fmt::Debug {
+    /// The schema version the store holds.
+    fn schema_version(&self) -> Result<i64, StoreError>;
+
+    /// Ids of the organisations created through the API.
+    fn api_orgs(&self) -> Result<Vec<String>, StoreError>;
+    /// Record an organisation created through the API, with its opening
+    /// grant, in one transaction.
+    fn create_org(&mut self, id: &str, credits: i64, unix_ms: u64) -> Result<(), StoreError>;
+    /// Whether any grant was ever recorded for `org` (its id has been seen).
+    fn has_grants(&self, org: &str) -> Result<bool, StoreError>;
+    /// Append a grant (a negative amount is a correction).
+    fn grant(
+        &mut self,
+        org: &str,
+        micro: i64,
+        reason: GrantReason,
+        unix_ms: u64,
+    ) -> Result<(), StoreError>;
+    /// The opening grant of every config-file organisation not seen before,
+    /// in one transaction: a file's `credits` is a first grant only.
+    fn first_grants(
+        &mut self,
+        orgs: &[(String, i64)],
+        unix_ms: u64,
+    ) -> Result<Vec<String>, StoreError>;
+    /// Total granted per organisation.
+    fn granted(&self) -> Result<HashMap<String, i64>, StoreError>;
+    /// Total charged per organisation, over every package and epoch.
+    fn spent(&self) -> Result<HashMap<String, i64>, StoreError>;
+
+    /// The API-created packages: id and declaration (JSON).
+    fn packages(&self) -> Result<Vec<(u64, String)>, StoreError>;
+    /// Insert or replace an API-created package.
+    fn put_package(&mut self, id: u64, spec: &str, unix_ms: u64) -> Result<(), StoreError>;
+    /// The API-created nodes: id and declaration (JSON).
+    fn nodes(&self) -> Result<Vec<(String, String)>, StoreError>;
+    /// Insert or replace an API-created node.
+    fn put_node(&mut self, id: &str, spec: &str, unix_ms: u64) -> Result<(), StoreError>;
+    /// Delete an API-created node.
+    fn delete_node(&mut self, id: &str) -> Result<bool, StoreError>;
+
+    /// Append ledger rows in one transaction: a row for the same package,
+    /// epoch, minute and organisation grows by the new amounts.
+    fn append_usage(&mut self, rows: &[UsageRow]) -> Result<(), StoreError>;
+    /// The current usage epoch of every package that was ever reset.
+    fn epochs(&self) -> Result<HashMap<u64, i64>, StoreError>;
+    /// Usage totals of every package in its current epoch: the sum of its rows.
+    fn usage_totals(&self) -> Result<HashMap<u64, UsageTotals>, StoreError>;
+    /// Start a new usage epoch for `package`, recording the totals it leaves
+    /// behind; returns the new epoch.
+    fn reset_usage(
+        &mut self,
+        package: u64,
+        left: UsageTotals,
+        unix_ms: u64,
+    ) -> Result<i64, StoreError>;
+    /// Ledger rows of one package (every epoch), oldest first, for tests and audits.
+    fn usage_rows(&self, package: u64) -> Result<Vec<UsageRow>, StoreError>;
+}
+
+/// One schema step, in each store's dialect.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// For SQLite.
+    pub sqlite: &'static str,
+    /// For PostgreSQL.
+    pub postgres: &'static str,
+}
+
+/// The schema, one step per version: `MIGRATIONS[i]` takes version `i` to
+/// `i + 1`, in both dialects (SQLite's INTEGER is 64-bit; PostgreSQL's is
+/// BIGINT).
+pub const MIGRATIONS: &[Migration] = &[
     // 1: objects, grants and the usage ledger.
-    "CREATE TABLE orgs (
+    Migration {
+        sqlite: "CREATE TABLE orgs (
          id TEXT PRIMARY KEY,
          created_ms INTEGER NOT NULL
      );
@@ -63,8 +177,44 @@ pub const MIGRATIONS: &[&str] = &[
          PRIMARY KEY (package, epoch, minute, org)
      ) WITHOUT ROWID;
      CREATE INDEX usage_by_org ON usage (org);",
+        postgres: "CREATE TABLE orgs (
+         id TEXT PRIMARY KEY,
+         created_ms BIGINT NOT NULL
+     );
+     CREATE TABLE grants (
+         seq BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+         org TEXT NOT NULL,
+         micro BIGINT NOT NULL,
+         reason TEXT NOT NULL,
+         unix_ms BIGINT NOT NULL
+     );
+     CREATE INDEX grants_by_org ON grants (org);
+     CREATE TABLE packages (
+         id BIGINT PRIMARY KEY,
+         spec TEXT NOT NULL,
+         updated_ms BIGINT NOT NULL
+     );
+     CREATE TABLE nodes (
+         id TEXT PRIMARY KEY,
+         spec TEXT NOT NULL,
+         updated_ms BIGINT NOT NULL
+     );
+     CREATE TABLE usage (
+         package BIGINT NOT NULL,
+         epoch BIGINT NOT NULL,
+         minute BIGINT NOT NULL,
+         org TEXT NOT NULL,
+         bytes_up BIGINT NOT NULL,
+         bytes_down BIGINT NOT NULL,
+         requests BIGINT NOT NULL,
+         charged BIGINT NOT NULL,
+         PRIMARY KEY (package, epoch, minute, org)
+     );
+     CREATE INDEX usage_by_org ON usage (org);",
+    },
     // 2: usage resets start a new epoch; the marker keeps what was reset.
-    "CREATE TABLE usage_resets (
+    Migration {
+        sqlite: "CREATE TABLE usage_resets (
          seq INTEGER PRIMARY KEY AUTOINCREMENT,
          package INTEGER NOT NULL,
          epoch INTEGER NOT NULL,
@@ -75,6 +225,18 @@ pub const MIGRATIONS: &[&str] = &[
          charged INTEGER NOT NULL
      );
      CREATE INDEX usage_resets_by_package ON usage_resets (package);",
+        postgres: "CREATE TABLE usage_resets (
+         seq BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+         package BIGINT NOT NULL,
+         epoch BIGINT NOT NULL,
+         unix_ms BIGINT NOT NULL,
+         bytes_up BIGINT NOT NULL,
+         bytes_down BIGINT NOT NULL,
+         requests BIGINT NOT NULL,
+         charged BIGINT NOT NULL
+     );
+     CREATE INDEX usage_resets_by_package ON usage_resets (package);",
+    },
 ];
 
 /// The schema version this build writes.
@@ -92,7 +254,7 @@ pub enum GrantReason {
 }
 
 impl GrantReason {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             GrantReason::FileOpening => "file-opening",
             GrantReason::ApiOpening => "api-opening",
@@ -122,356 +284,12 @@ pub struct UsageRow {
     pub charged: u64,
 }
 
-/// The embedded store.
-#[derive(Debug)]
-pub struct Store {
-    conn: Connection,
-}
-
-fn i(v: u64) -> i64 {
+pub(crate) fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn u(v: i64) -> u64 {
+pub(crate) fn u(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
-}
-
-impl Store {
-    /// Open (or create) the store at `path`; `":memory:"` keeps it in memory.
-    /// Applies the migrations this build knows.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let conn = if path.as_os_str() == ":memory:" {
-            Connection::open_in_memory()?
-        } else {
-            Connection::open(path)?
-        };
-        // WAL: readers never block the flush; NORMAL: a committed flush
-        // survives the process dying (SIGKILL), only a power cut may take the
-        // last transactions.
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let mut store = Store { conn };
-        store.migrate(MIGRATIONS)?;
-        Ok(store)
-    }
-
-    /// The schema version the file holds.
-    pub fn schema_version(&self) -> Result<i64, StoreError> {
-        let exists: Option<String> = self
-            .conn
-            .query_row(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if exists.is_none() {
-            return Ok(0);
-        }
-        Ok(self
-            .conn
-            .query_row("SELECT MAX(version) FROM schema_version", [], |r| {
-                r.get::<_, Option<i64>>(0)
-            })?
-            .unwrap_or(0))
-    }
-
-    /// Apply `steps[v..]` where `v` is the version the file holds, each step
-    /// in its own transaction together with its new version number.
-    pub fn migrate(&mut self, steps: &[&str]) -> Result<(), StoreError> {
-        self.conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
-        )?;
-        let have = self.schema_version()?;
-        let known = steps.len() as i64;
-        if have > known {
-            return Err(StoreError::TooNew { have, known });
-        }
-        for (v, sql) in steps.iter().enumerate().skip(have as usize) {
-            let tx = self.conn.transaction()?;
-            tx.execute_batch(sql)?;
-            tx.execute("DELETE FROM schema_version", [])?;
-            tx.execute(
-                "INSERT INTO schema_version (version) VALUES (?1)",
-                [v as i64 + 1],
-            )?;
-            tx.commit()?;
-        }
-        Ok(())
-    }
-
-    // ---- organisations and grants ----
-
-    /// Ids of the organisations created through the API.
-    pub fn api_orgs(&self) -> Result<Vec<String>, StoreError> {
-        let mut st = self.conn.prepare("SELECT id FROM orgs ORDER BY id")?;
-        let rows = st.query_map([], |r| r.get(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Record an organisation created through the API, with its opening grant,
-    /// in one transaction.
-    pub fn create_org(&mut self, id: &str, credits: i64, unix_ms: u64) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
-        tx.execute(
-            "INSERT INTO orgs (id, created_ms) VALUES (?1, ?2)",
-            params![id, i(unix_ms)],
-        )?;
-        insert_grant(&tx, id, credits, GrantReason::ApiOpening, unix_ms)?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Whether any grant was ever recorded for `org` (its id has been seen).
-    pub fn has_grants(&self, org: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .conn
-            .query_row("SELECT 1 FROM grants WHERE org = ?1 LIMIT 1", [org], |_| {
-                Ok(())
-            })
-            .optional()?
-            .is_some())
-    }
-
-    /// Append a grant (a negative amount is a correction).
-    pub fn grant(
-        &mut self,
-        org: &str,
-        micro: i64,
-        reason: GrantReason,
-        unix_ms: u64,
-    ) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
-        insert_grant(&tx, org, micro, reason, unix_ms)?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// The opening grant of every config-file organisation not seen before,
-    /// in one transaction: a file's `credits` is a first grant only.
-    pub fn first_grants(
-        &mut self,
-        orgs: &[(String, i64)],
-        unix_ms: u64,
-    ) -> Result<Vec<String>, StoreError> {
-        let tx = self.conn.transaction()?;
-        let mut granted = Vec::new();
-        for (id, micro) in orgs {
-            let seen = tx
-                .query_row("SELECT 1 FROM grants WHERE org = ?1 LIMIT 1", [id], |_| {
-                    Ok(())
-                })
-                .optional()?
-                .is_some();
-            if !seen {
-                insert_grant(&tx, id, *micro, GrantReason::FileOpening, unix_ms)?;
-                granted.push(id.clone());
-            }
-        }
-        tx.commit()?;
-        Ok(granted)
-    }
-
-    /// Total granted per organisation.
-    pub fn granted(&self) -> Result<HashMap<String, i64>, StoreError> {
-        let mut st = self
-            .conn
-            .prepare("SELECT org, SUM(micro) FROM grants GROUP BY org")?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Total charged per organisation, over every package and epoch.
-    pub fn spent(&self) -> Result<HashMap<String, i64>, StoreError> {
-        let mut st = self
-            .conn
-            .prepare("SELECT org, SUM(charged) FROM usage WHERE org <> '' GROUP BY org")?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    // ---- packages and nodes ----
-
-    /// The API-created packages: id and declaration (JSON).
-    pub fn packages(&self) -> Result<Vec<(u64, String)>, StoreError> {
-        let mut st = self
-            .conn
-            .prepare("SELECT id, spec FROM packages ORDER BY id")?;
-        let rows = st.query_map([], |r| Ok((u(r.get(0)?), r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Insert or replace an API-created package.
-    pub fn put_package(&mut self, id: u64, spec: &str, unix_ms: u64) -> Result<(), StoreError> {
-        self.conn.execute(
-            "INSERT INTO packages (id, spec, updated_ms) VALUES (?1, ?2, ?3)
-             ON CONFLICT (id) DO UPDATE SET spec = excluded.spec, updated_ms = excluded.updated_ms",
-            params![i(id), spec, i(unix_ms)],
-        )?;
-        Ok(())
-    }
-
-    /// The API-created nodes: id and declaration (JSON).
-    pub fn nodes(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let mut st = self
-            .conn
-            .prepare("SELECT id, spec FROM nodes ORDER BY id")?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Insert or replace an API-created node.
-    pub fn put_node(&mut self, id: &str, spec: &str, unix_ms: u64) -> Result<(), StoreError> {
-        self.conn.execute(
-            "INSERT INTO nodes (id, spec, updated_ms) VALUES (?1, ?2, ?3)
-             ON CONFLICT (id) DO UPDATE SET spec = excluded.spec, updated_ms = excluded.updated_ms",
-            params![id, spec, i(unix_ms)],
-        )?;
-        Ok(())
-    }
-
-    /// Delete an API-created node.
-    pub fn delete_node(&mut self, id: &str) -> Result<bool, StoreError> {
-        Ok(self.conn.execute("DELETE FROM nodes WHERE id = ?1", [id])? > 0)
-    }
-
-    // ---- the usage ledger ----
-
-    /// Append ledger rows in one transaction: a row for the same package,
-    /// epoch, minute and organisation grows by the new amounts.
-    pub fn append_usage(&mut self, rows: &[UsageRow]) -> Result<(), StoreError> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let tx = self.conn.transaction()?;
-        {
-            let mut st = tx.prepare_cached(
-                "INSERT INTO usage (package, epoch, minute, org, bytes_up, bytes_down, requests, charged)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                 ON CONFLICT (package, epoch, minute, org) DO UPDATE SET
-                     bytes_up = bytes_up + excluded.bytes_up,
-                     bytes_down = bytes_down + excluded.bytes_down,
-                     requests = requests + excluded.requests,
-                     charged = charged + excluded.charged",
-            )?;
-            for r in rows {
-                st.execute(params![
-                    i(r.package),
-                    r.epoch,
-                    r.minute,
-                    r.org,
-                    i(r.bytes_up),
-                    i(r.bytes_down),
-                    i(r.requests),
-                    i(r.charged)
-                ])?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// The current usage epoch of every package that was ever reset.
-    pub fn epochs(&self) -> Result<HashMap<u64, i64>, StoreError> {
-        let mut st = self
-            .conn
-            .prepare("SELECT package, MAX(epoch) FROM usage_resets GROUP BY package")?;
-        let rows = st.query_map([], |r| Ok((u(r.get(0)?), r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Usage totals of every package in its current epoch: the sum of its rows.
-    pub fn usage_totals(&self) -> Result<HashMap<u64, UsageTotals>, StoreError> {
-        let mut st = self.conn.prepare(
-            "SELECT u.package, SUM(u.bytes_up), SUM(u.bytes_down), SUM(u.requests), SUM(u.charged)
-             FROM usage u
-             LEFT JOIN (SELECT package, MAX(epoch) AS epoch FROM usage_resets GROUP BY package) r
-                 ON r.package = u.package
-             WHERE u.epoch = COALESCE(r.epoch, 0)
-             GROUP BY u.package",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                u(r.get(0)?),
-                UsageTotals {
-                    bytes_up: u(r.get(1)?),
-                    bytes_down: u(r.get(2)?),
-                    requests: u(r.get(3)?),
-                    charged: u(r.get(4)?),
-                },
-            ))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Start a new usage epoch for `package`, recording the totals it leaves
-    /// behind; returns the new epoch.
-    pub fn reset_usage(
-        &mut self,
-        package: u64,
-        left: UsageTotals,
-        unix_ms: u64,
-    ) -> Result<i64, StoreError> {
-        let tx = self.conn.transaction()?;
-        let current: Option<i64> = tx.query_row(
-            "SELECT MAX(epoch) FROM usage_resets WHERE package = ?1",
-            [i(package)],
-            |r| r.get(0),
-        )?;
-        let epoch = current.unwrap_or(0) + 1;
-        tx.execute(
-            "INSERT INTO usage_resets (package, epoch, unix_ms, bytes_up, bytes_down, requests, charged)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                i(package),
-                epoch,
-                i(unix_ms),
-                i(left.bytes_up),
-                i(left.bytes_down),
-                i(left.requests),
-                i(left.charged)
-            ],
-        )?;
-        tx.commit()?;
-        Ok(epoch)
-    }
-
-    /// Ledger rows of one package (every epoch), oldest first, for tests and audits.
-    pub fn usage_rows(&self, package: u64) -> Result<Vec<UsageRow>, StoreError> {
-        let mut st = self.conn.prepare(
-            "SELECT package, epoch, minute, org, bytes_up, bytes_down, requests, charged
-             FROM usage WHERE package = ?1 ORDER BY epoch, minute, org",
-        )?;
-        let rows = st.query_map([i(package)], |r| {
-            Ok(UsageRow {
-                package: u(r.get(0)?),
-                epoch: r.get(1)?,
-                minute: r.get(2)?,
-                org: r.get(3)?,
-                bytes_up: u(r.get(4)?),
-                bytes_down: u(r.get(5)?),
-                requests: u(r.get(6)?),
-                charged: u(r.get(7)?),
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-}
-
-fn insert_grant(
-    tx: &Transaction<'_>,
-    org: &str,
-    micro: i64,
-    reason: GrantReason,
-    unix_ms: u64,
-) -> Result<(), StoreError> {
-    tx.execute(
-        "INSERT INTO grants (org, micro, reason, unix_ms) VALUES (?1, ?2, ?3, ?4)",
-        params![org, micro, reason.as_str(), i(unix_ms)],
-    )?;
-    Ok(())
 }
 
 #[cfg(test)]

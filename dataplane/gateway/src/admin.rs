@@ -34,13 +34,13 @@ pub(crate) fn engine(cfg: &Config) -> Result<(Arc<Engine>, Option<Arc<Control>>)
     }
     let control = Control::open(
         ControlOptions {
-            store_path: cfg.store_path(),
+            store: cfg.store_location(),
             session_capacity: capacity,
             clock: splicegate_worker::now,
         },
         decls,
     )
-    .with_context(|| format!("opening the store {}", cfg.store_path().display()))?;
+    .with_context(|| format!("opening the store {}", cfg.store_location()))?;
     Ok((control.engine().clone(), Some(Arc::new(control))))
 }
 

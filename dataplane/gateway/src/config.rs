@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use ipnet::IpNet;
 use serde::Deserialize;
+use splicegate_admin::StoreLocation;
 use splicegate_control::decl::{NodeFields, PackageFields, catalogue_name};
 use splicegate_control::geo::{Country, GeoKind};
 use splicegate_control::limits::credits_to_micro;
@@ -132,19 +133,13 @@ impl AdminSection {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct StoreSection {
     /// SQLite file (relative to the working directory), or `":memory:"`.
-    pub path: PathBuf,
-}
-
-impl Default for StoreSection {
-    fn default() -> Self {
-        StoreSection {
-            path: "splicegate.db".into(),
-        }
-    }
+    pub path: Option<PathBuf>,
+    /// PostgreSQL instead (`postgres://user@host/db`); not with `path`.
+    pub url: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -355,6 +350,13 @@ impl Config {
                 );
             }
         }
+        if let Some(StoreSection {
+            path: Some(_),
+            url: Some(_),
+        }) = &cfg.store
+        {
+            bail!("[store] takes path (SQLite) or url (PostgreSQL), not both");
+        }
         cfg.check_operations()?;
         Ok(cfg)
     }
@@ -366,10 +368,13 @@ impl Config {
         {
             bail!("admin.token is empty: remove it to serve the API without a token");
         }
-        if let Some(s) = &self.store
-            && s.path.as_os_str().is_empty()
-        {
-            bail!("store.path is empty");
+        if let Some(s) = &self.store {
+            if s.path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                bail!("store.path is empty");
+            }
+            if s.url.as_ref().is_some_and(|u| u.trim().is_empty()) {
+                bail!("store.url is empty");
+            }
         }
         let h = &self.health;
         if h.interval_s == 0 {
@@ -387,11 +392,16 @@ impl Config {
         Ok(())
     }
 
-    /// The store's path (`[store] path`, default `splicegate.db`).
-    pub(crate) fn store_path(&self) -> PathBuf {
-        self.store
-            .as_ref()
-            .map_or_else(|| StoreSection::default().path, |s| s.path.clone())
+    /// Where the store lives: `[store] url` (PostgreSQL), else `[store]
+    /// path` (SQLite, default `splicegate.db`).
+    pub(crate) fn store_location(&self) -> StoreLocation {
+        match &self.store {
+            Some(StoreSection { url: Some(url), .. }) => StoreLocation::Postgres(url.clone()),
+            Some(StoreSection {
+                path: Some(path), ..
+            }) => StoreLocation::Sqlite(path.clone()),
+            _ => StoreLocation::Sqlite("splicegate.db".into()),
+        }
     }
 
     /// Read and parse a file.
@@ -506,7 +516,10 @@ mod tests {
             c.admin.as_ref().unwrap().listen(),
             "127.0.0.1:9090".parse().unwrap()
         );
-        assert_eq!(c.store_path(), PathBuf::from("splicegate.db"));
+        assert_eq!(
+            c.store_location(),
+            StoreLocation::Sqlite("splicegate.db".into())
+        );
         let c = Config::parse(
             "[admin]\nlisten = \"127.0.0.1:9\"\ntoken = \"t\"\n[store]\npath = \"x.db\"\n[health]\nprobe_target = \"example.com:80\"\n",
         )
@@ -515,14 +528,23 @@ mod tests {
             c.admin.as_ref().unwrap().listen(),
             "127.0.0.1:9".parse().unwrap()
         );
-        assert_eq!(c.store_path(), PathBuf::from("x.db"));
+        assert_eq!(c.store_location(), StoreLocation::Sqlite("x.db".into()));
+        let c = Config::parse("[admin]\n[store]\nurl = \"postgres://sg@db/sg\"\n").unwrap();
+        assert_eq!(
+            c.store_location(),
+            StoreLocation::Postgres("postgres://sg@db/sg".into())
+        );
+        let e = Config::parse("[store]\npath = \"x.db\"\nurl = \"postgres://db/sg\"\n")
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("not both"), "{e}");
     }
 
     #[test]
     fn the_demo_parses() {
         let c = Config::parse(DEMO).unwrap();
         assert!(c.admin.is_some(), "the demo serves the admin API");
-        assert_eq!(c.store_path(), PathBuf::from(":memory:"));
+        assert_eq!(c.store_location(), StoreLocation::Sqlite(":memory:".into()));
         assert!(c.demo.echo_listen.is_some());
         assert!(c.node.len() >= 3);
         assert!(!c.safety.allow_targets.is_empty());

@@ -1,4 +1,5 @@
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
 
 use splicegate_control::limits::MICRO;
 use splicegate_control::nodes::NodeState;
@@ -46,7 +47,7 @@ fn file(credits: i64) -> Declarations {
 fn open(path: &std::path::Path, decls: Declarations) -> Control {
     Control::open(
         ControlOptions {
-            store_path: path.to_path_buf(),
+            store: crate::StoreLocation::Sqlite(path.to_path_buf()),
             session_capacity: 100,
             clock,
         },

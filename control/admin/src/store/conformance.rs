@@ -1,0 +1,112 @@
+//! The store contract, as test bodies over `&mut dyn Store`: the SQLite
+//! unit tests and the PostgreSQL end-to-end tests (tests/tests/store.rs) run
+//! the same ones. Each panics on a failed check.
+
+use splicegate_control::limits::UsageTotals;
+
+use super::{GrantReason, Store, UsageRow};
+
+fn row(package: u64, epoch: i64, minute: i64, org: &str, up: u64, ch: u64) -> UsageRow {
+    UsageRow {
+        package,
+        epoch,
+        minute,
+        org: org.into(),
+        bytes_up: up,
+        bytes_down: 2 * up,
+        requests: 1,
+        charged: ch,
+    }
+}
+
+/// Rows per package, epoch, minute and org; totals; spending; resets.
+pub fn the_ledger_sums_rows_per_package_epoch_and_org(s: &mut dyn Store) {
+    s.append_usage(&[row(7, 0, 100, "acme", 10, 1), row(8, 0, 100, "", 5, 0)])
+        .unwrap();
+    s.append_usage(&[row(7, 0, 100, "acme", 20, 2)]).unwrap();
+    s.append_usage(&[row(7, 0, 101, "acme", 30, 3)]).unwrap();
+    assert_eq!(
+        s.usage_rows(7).unwrap().len(),
+        2,
+        "one row per package, minute, epoch and org"
+    );
+    let t = s.usage_totals().unwrap();
+    assert_eq!(
+        t[&7],
+        UsageTotals {
+            bytes_up: 60,
+            bytes_down: 120,
+            requests: 3,
+            charged: 6
+        }
+    );
+    assert_eq!(t[&8].bytes_up, 5);
+    assert_eq!(s.spent().unwrap()["acme"], 6);
+    assert!(!s.spent().unwrap().contains_key(""), "no org, no spending");
+
+    // A reset starts epoch 1: the package's totals start over, the org's
+    // spending keeps every epoch, and the old rows stay.
+    assert_eq!(s.reset_usage(7, t[&7], 1).unwrap(), 1);
+    assert!(!s.usage_totals().unwrap().contains_key(&7));
+    s.append_usage(&[row(7, 1, 101, "acme", 4, 1)]).unwrap();
+    assert_eq!(s.usage_totals().unwrap()[&7].bytes_up, 4);
+    assert_eq!(s.spent().unwrap()["acme"], 7);
+    assert_eq!(s.usage_rows(7).unwrap().len(), 3);
+    assert_eq!(s.epochs().unwrap()[&7], 1);
+    assert_eq!(s.reset_usage(7, UsageTotals::default(), 2).unwrap(), 2);
+}
+
+/// A file org's `credits` is its first grant only; API orgs; grants.
+pub fn a_file_orgs_credits_are_its_first_grant_only(s: &mut dyn Store) {
+    let first = s
+        .first_grants(&[("acme".into(), 100), ("zero".into(), 0)], 1)
+        .unwrap();
+    assert_eq!(first, ["acme", "zero"]);
+    let again = s
+        .first_grants(&[("acme".into(), 500), ("zero".into(), 50)], 2)
+        .unwrap();
+    assert!(again.is_empty(), "a later file edit grants nothing");
+    s.grant("acme", 25, GrantReason::TopUp, 3).unwrap();
+    s.grant("acme", -5, GrantReason::TopUp, 4).unwrap();
+    let g = s.granted().unwrap();
+    assert_eq!(g["acme"], 120);
+    assert_eq!(g["zero"], 0);
+    assert!(s.has_grants("zero").unwrap());
+    s.create_org("api", 7, 5).unwrap();
+    assert_eq!(s.api_orgs().unwrap(), ["api"]);
+    assert_eq!(s.granted().unwrap()["api"], 7);
+    assert!(s.create_org("api", 7, 6).is_err(), "an id is created once");
+    assert_eq!(
+        s.granted().unwrap()["api"],
+        7,
+        "the failed create granted nothing"
+    );
+}
+
+/// What one store writes, a store opened again on the same data reads:
+/// call [`write_for_reopen`], reopen, then [`check_after_reopen`].
+pub fn write_for_reopen(s: &mut dyn Store) {
+    s.create_org("acme", 1_000, 1).unwrap();
+    s.put_package(7, r#"{"id":7,"key":"k"}"#, 1).unwrap();
+    s.put_package(7, r#"{"id":7,"key":"k2"}"#, 2).unwrap();
+    s.put_node("n1", r#"{"id":"n1"}"#, 1).unwrap();
+    s.put_node("n2", r#"{"id":"n2"}"#, 1).unwrap();
+    assert!(s.delete_node("n2").unwrap());
+    assert!(!s.delete_node("n2").unwrap());
+    s.append_usage(&[row(7, 0, 5, "acme", 100, 10)]).unwrap();
+}
+
+/// See [`write_for_reopen`].
+pub fn check_after_reopen(s: &dyn Store) {
+    assert_eq!(s.schema_version().unwrap(), super::SCHEMA_VERSION);
+    assert_eq!(
+        s.packages().unwrap(),
+        [(7, r#"{"id":7,"key":"k2"}"#.to_string())]
+    );
+    assert_eq!(s.nodes().unwrap().len(), 1);
+    assert_eq!(s.usage_totals().unwrap()[&7].bytes_up, 100);
+    assert_eq!(
+        s.granted().unwrap()["acme"] - s.spent().unwrap()["acme"],
+        990
+    );
+}

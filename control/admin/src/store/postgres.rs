@@ -1,0 +1,518 @@
+//! The store on PostgreSQL: the same tables and transactions as SQLite, for
+//! deployments that outgrow one file and for a fleet of gateways sharing one
+//! source of truth.
+//!
+//! The control object calls its store under its own lock, one call at a
+//! time, from the admin thread and the flusher; so one connection is all it
+//! uses. The connection lives on a thread of its own (`splicegate-store`)
+//! that runs `postgres`' blocking client — tokio-postgres driven by a
+//! runtime of that thread, never inside the admin API's runtime — and each
+//! call is a job sent there and waited for. A lost connection is opened
+//! again on the next call.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use postgres::{Client, NoTls};
+use splicegate_control::limits::UsageTotals;
+
+use super::{GrantReason, MIGRATIONS, Migration, Store, UsageRow, i, u};
+use crate::error::StoreError;
+
+type Job = Box<dyn FnOnce(&mut Conn) + Send>;
+
+/// The store thread's side: the connection string and, when connected, the
+/// client.
+struct Conn {
+    url: String,
+    client: Option<Client>,
+}
+
+impl Conn {
+    /// The client, connecting (again) if there is none or it was closed.
+    fn client(&mut self) -> Result<&mut Client, StoreError> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            let mut config: postgres::Config = self.url.parse().map_err(pg)?;
+            config.connect_timeout(Duration::from_secs(5));
+            config.application_name("splicegate");
+            self.client = Some(config.connect(NoTls).map_err(pg)?);
+        }
+        Ok(self.client.as_mut().expect("connected above"))
+    }
+}
+
+fn pg(e: postgres::Error) -> StoreError {
+    StoreError::Postgres(e.to_string())
+}
+
+/// `url` with its password replaced by `***`, for logs and errors.
+pub(crate) fn redact(url: &str) -> String {
+    // postgres://user:password@host/db
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((userinfo, host)) = rest.split_once('@')
+        && let Some((user, _)) = userinfo.split_once(':')
+    {
+        return format!("{scheme}://{user}:***@{host}");
+    }
+    // key=value form: password=...
+    url.split_whitespace()
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***"
+            } else {
+                kv
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The PostgreSQL store.
+#[derive(Debug)]
+pub struct PgStore {
+    jobs: mpsc::Sender<Job>,
+    url: String,
+}
+
+impl PgStore {
+    /// Connects to `url` (on the store thread) and applies the migrations
+    /// this build knows; a database written by a newer build is refused.
+    pub fn connect(url: &str) -> Result<PgStore, StoreError> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let conn_url = url.to_string();
+        std::thread::Builder::new()
+            .name("splicegate-store".into())
+            .spawn(move || {
+                let mut conn = Conn {
+                    url: conn_url,
+                    client: None,
+                };
+                for job in rx {
+                    job(&mut conn);
+                }
+            })
+            .map_err(|e| StoreError::Postgres(format!("store thread: {e}")))?;
+        let store = PgStore {
+            jobs: tx,
+            url: redact(url),
+        };
+        store.migrate(MIGRATIONS)?;
+        Ok(store)
+    }
+
+    /// Runs `f` with the client on the store thread and waits for it.
+    fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move |conn: &mut Conn| {
+            let r = conn.client().and_then(f);
+            if r.is_err() && conn.client.as_ref().is_some_and(Client::is_closed) {
+                conn.client = None;
+            }
+            let _ = tx.send(r);
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| StoreError::Postgres("the store thread ended".into()))?;
+        rx.recv()
+            .map_err(|_| StoreError::Postgres("the store thread ended".into()))?
+    }
+
+    /// Apply `steps[v..]` where `v` is the version the database holds, each
+    /// step in its own transaction together with its new version number.
+    /// Two gateways migrating at once take turns (an advisory lock).
+    pub fn migrate(&self, steps: &'static [Migration]) -> Result<(), StoreError> {
+        self.call(move |c| {
+            c.batch_execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL);
+                 SELECT pg_advisory_lock(7413000001)",
+            )
+            .map_err(pg)?;
+            let result = (|| {
+                let have = version(c)?;
+                let known = steps.len() as i64;
+                if have > known {
+                    return Err(StoreError::TooNew { have, known });
+                }
+                for (v, step) in steps.iter().enumerate().skip(have as usize) {
+                    let mut tx = c.transaction().map_err(pg)?;
+                    tx.batch_execute(step.postgres).map_err(pg)?;
+                    tx.execute("DELETE FROM schema_version", &[]).map_err(pg)?;
+                    tx.execute(
+                        "INSERT INTO schema_version (version) VALUES ($1)",
+                        &[&(v as i64 + 1)],
+                    )
+                    .map_err(pg)?;
+                    tx.commit().map_err(pg)?;
+                }
+                Ok(())
+            })();
+            let _ = c.batch_execute("SELECT pg_advisory_unlock(7413000001)");
+            result
+        })
+    }
+}
+
+/// The version `schema_version` holds (0 when empty).
+fn version(c: &mut Client) -> Result<i64, StoreError> {
+    let row = c
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])
+        .map_err(pg)?;
+    Ok(row.get(0))
+}
+
+/// Sums as BIGINT (PostgreSQL's SUM of BIGINT is NUMERIC).
+fn map<K: std::hash::Hash + Eq>(
+    rows: Vec<postgres::Row>,
+    key: impl Fn(&postgres::Row) -> K,
+) -> HashMap<K, i64> {
+    rows.iter().map(|r| (key(r), r.get::<_, i64>(1))).collect()
+}
+
+fn insert_grant(
+    tx: &mut postgres::Transaction<'_>,
+    org: &str,
+    micro: i64,
+    reason: GrantReason,
+    unix_ms: u64,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO grants (org, micro, reason, unix_ms) VALUES ($1, $2, $3, $4)",
+        &[&org, &micro, &reason.as_str(), &i(unix_ms)],
+    )
+    .map_err(pg)?;
+    Ok(())
+}
+
+impl Store for PgStore {
+    fn schema_version(&self) -> Result<i64, StoreError> {
+        self.call(|c| {
+            let exists: bool = c
+                .query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])
+                .map_err(pg)?
+                .get(0);
+            if exists { version(c) } else { Ok(0) }
+        })
+    }
+
+    fn api_orgs(&self) -> Result<Vec<String>, StoreError> {
+        self.call(|c| {
+            let rows = c
+                .query("SELECT id FROM orgs ORDER BY id", &[])
+                .map_err(pg)?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
+
+    fn create_org(&mut self, id: &str, credits: i64, unix_ms: u64) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.call(move |c| {
+            let mut tx = c.transaction().map_err(pg)?;
+            tx.execute(
+                "INSERT INTO orgs (id, created_ms) VALUES ($1, $2)",
+                &[&id, &i(unix_ms)],
+            )
+            .map_err(pg)?;
+            insert_grant(&mut tx, &id, credits, GrantReason::ApiOpening, unix_ms)?;
+            tx.commit().map_err(pg)
+        })
+    }
+
+    fn has_grants(&self, org: &str) -> Result<bool, StoreError> {
+        let org = org.to_string();
+        self.call(move |c| {
+            Ok(
+                c.query_opt("SELECT 1 FROM grants WHERE org = $1 LIMIT 1", &[&org])
+                    .map_err(pg)?
+                    .is_some(),
+            )
+        })
+    }
+
+    fn grant(
+        &mut self,
+        org: &str,
+        micro: i64,
+        reason: GrantReason,
+        unix_ms: u64,
+    ) -> Result<(), StoreError> {
+        let org = org.to_string();
+        self.call(move |c| {
+            let mut tx = c.transaction().map_err(pg)?;
+            insert_grant(&mut tx, &org, micro, reason, unix_ms)?;
+            tx.commit().map_err(pg)
+        })
+    }
+
+    fn first_grants(
+        &mut self,
+        orgs: &[(String, i64)],
+        unix_ms: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        let orgs = orgs.to_vec();
+        self.call(move |c| {
+            let mut tx = c.transaction().map_err(pg)?;
+            // One gateway at a time decides what is "first".
+            tx.batch_execute("LOCK TABLE grants IN SHARE ROW EXCLUSIVE MODE")
+                .map_err(pg)?;
+            let mut granted = Vec::new();
+            for (id, micro) in &orgs {
+                let seen = tx
+                    .query_opt("SELECT 1 FROM grants WHERE org = $1 LIMIT 1", &[id])
+                    .map_err(pg)?
+                    .is_some();
+                if !seen {
+                    insert_grant(&mut tx, id, *micro, GrantReason::FileOpening, unix_ms)?;
+                    granted.push(id.clone());
+                }
+            }
+            tx.commit().map_err(pg)?;
+            Ok(granted)
+        })
+    }
+
+    fn granted(&self) -> Result<HashMap<String, i64>, StoreError> {
+        self.call(|c| {
+            let rows = c
+                .query(
+                    "SELECT org, SUM(micro)::BIGINT FROM grants GROUP BY org",
+                    &[],
+                )
+                .map_err(pg)?;
+            Ok(map(rows, |r| r.get::<_, String>(0)))
+        })
+    }
+
+    fn spent(&self) -> Result<HashMap<String, i64>, StoreError> {
+        self.call(|c| {
+            let rows = c
+                .query(
+                    "SELECT org, SUM(charged)::BIGINT FROM usage WHERE org <> '' GROUP BY org",
+                    &[],
+                )
+                .map_err(pg)?;
+            Ok(map(rows, |r| r.get::<_, String>(0)))
+        })
+    }
+
+    fn packages(&self) -> Result<Vec<(u64, String)>, StoreError> {
+        self.call(|c| {
+            let rows = c
+                .query("SELECT id, spec FROM packages ORDER BY id", &[])
+                .map_err(pg)?;
+            Ok(rows.iter().map(|r| (u(r.get(0)), r.get(1))).collect())
+        })
+    }
+
+    fn put_package(&mut self, id: u64, spec: &str, unix_ms: u64) -> Result<(), StoreError> {
+        let spec = spec.to_string();
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO packages (id, spec, updated_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET spec = excluded.spec, updated_ms = excluded.updated_ms",
+                &[&i(id), &spec, &i(unix_ms)],
+            )
+            .map_err(pg)?;
+            Ok(())
+        })
+    }
+
+    fn nodes(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.call(|c| {
+            let rows = c
+                .query("SELECT id, spec FROM nodes ORDER BY id", &[])
+                .map_err(pg)?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+    }
+
+    fn put_node(&mut self, id: &str, spec: &str, unix_ms: u64) -> Result<(), StoreError> {
+        let (id, spec) = (id.to_string(), spec.to_string());
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO nodes (id, spec, updated_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET spec = excluded.spec, updated_ms = excluded.updated_ms",
+                &[&id, &spec, &i(unix_ms)],
+            )
+            .map_err(pg)?;
+            Ok(())
+        })
+    }
+
+    fn delete_node(&mut self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.call(move |c| {
+            Ok(c.execute("DELETE FROM nodes WHERE id = $1", &[&id])
+                .map_err(pg)?
+                > 0)
+        })
+    }
+
+    fn append_usage(&mut self, rows: &[UsageRow]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let rows = rows.to_vec();
+        self.call(move |c| {
+            let mut tx = c.transaction().map_err(pg)?;
+            let st = tx
+                .prepare(
+                    "INSERT INTO usage (package, epoch, minute, org, bytes_up, bytes_down, requests, charged)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                     ON CONFLICT (package, epoch, minute, org) DO UPDATE SET
+                         bytes_up = usage.bytes_up + excluded.bytes_up,
+                         bytes_down = usage.bytes_down + excluded.bytes_down,
+                         requests = usage.requests + excluded.requests,
+                         charged = usage.charged + excluded.charged",
+                )
+                .map_err(pg)?;
+            for r in &rows {
+                tx.execute(
+                    &st,
+                    &[
+                        &i(r.package),
+                        &r.epoch,
+                        &r.minute,
+                        &r.org,
+                        &i(r.bytes_up),
+                        &i(r.bytes_down),
+                        &i(r.requests),
+                        &i(r.charged),
+                    ],
+                )
+                .map_err(pg)?;
+            }
+            tx.commit().map_err(pg)
+        })
+    }
+
+    fn epochs(&self) -> Result<HashMap<u64, i64>, StoreError> {
+        self.call(|c| {
+            let rows = c
+                .query(
+                    "SELECT package, MAX(epoch) FROM usage_resets GROUP BY package",
+                    &[],
+                )
+                .map_err(pg)?;
+            Ok(map(rows, |r| u(r.get(0))))
+        })
+    }
+
+    fn usage_totals(&self) -> Result<HashMap<u64, UsageTotals>, StoreError> {
+        self.call(|c| {
+            let rows = c
+                .query(
+                    "SELECT u.package, SUM(u.bytes_up)::BIGINT, SUM(u.bytes_down)::BIGINT,
+                            SUM(u.requests)::BIGINT, SUM(u.charged)::BIGINT
+                     FROM usage u
+                     LEFT JOIN (SELECT package, MAX(epoch) AS epoch FROM usage_resets GROUP BY package) r
+                         ON r.package = u.package
+                     WHERE u.epoch = COALESCE(r.epoch, 0)
+                     GROUP BY u.package",
+                    &[],
+                )
+                .map_err(pg)?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    (
+                        u(r.get(0)),
+                        UsageTotals {
+                            bytes_up: u(r.get(1)),
+                            bytes_down: u(r.get(2)),
+                            requests: u(r.get(3)),
+                            charged: u(r.get(4)),
+                        },
+                    )
+                })
+                .collect())
+        })
+    }
+
+    fn reset_usage(
+        &mut self,
+        package: u64,
+        left: UsageTotals,
+        unix_ms: u64,
+    ) -> Result<i64, StoreError> {
+        self.call(move |c| {
+            let mut tx = c.transaction().map_err(pg)?;
+            let current: Option<i64> = tx
+                .query_one(
+                    "SELECT MAX(epoch) FROM usage_resets WHERE package = $1",
+                    &[&i(package)],
+                )
+                .map_err(pg)?
+                .get(0);
+            let epoch = current.unwrap_or(0) + 1;
+            tx.execute(
+                "INSERT INTO usage_resets (package, epoch, unix_ms, bytes_up, bytes_down, requests, charged)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &i(package),
+                    &epoch,
+                    &i(unix_ms),
+                    &i(left.bytes_up),
+                    &i(left.bytes_down),
+                    &i(left.requests),
+                    &i(left.charged),
+                ],
+            )
+            .map_err(pg)?;
+            tx.commit().map_err(pg)?;
+            Ok(epoch)
+        })
+    }
+
+    fn usage_rows(&self, package: u64) -> Result<Vec<UsageRow>, StoreError> {
+        self.call(move |c| {
+            let rows = c
+                .query(
+                    "SELECT package, epoch, minute, org, bytes_up, bytes_down, requests, charged
+                     FROM usage WHERE package = $1 ORDER BY epoch, minute, org",
+                    &[&i(package)],
+                )
+                .map_err(pg)?;
+            Ok(rows
+                .iter()
+                .map(|r| UsageRow {
+                    package: u(r.get(0)),
+                    epoch: r.get(1),
+                    minute: r.get(2),
+                    org: r.get(3),
+                    bytes_up: u(r.get(4)),
+                    bytes_down: u(r.get(5)),
+                    requests: u(r.get(6)),
+                    charged: u(r.get(7)),
+                })
+                .collect())
+        })
+    }
+}
+
+impl std::fmt::Display for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(
+            redact("postgres://sg:secret@db.internal/splicegate"),
+            "postgres://sg:***@db.internal/splicegate"
+        );
+        assert_eq!(
+            redact("host=/run/postgresql user=sg password=secret dbname=x"),
+            "host=/run/postgresql user=sg password=*** dbname=x"
+        );
+        assert_eq!(redact("postgres://sg@db/x"), "postgres://sg@db/x");
+    }
+}
