@@ -26,6 +26,7 @@ pub mod fixtures;
 pub mod gateway;
 pub mod nodes;
 pub mod ops;
+pub mod pg;
 pub mod pki;
 pub mod targets;
 pub mod tools;

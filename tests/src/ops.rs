@@ -36,14 +36,36 @@ pub struct Setup {
     /// The directory.
     pub dir: PathBuf,
     ports: Mutex<HashMap<String, SocketAddr>>,
+    /// The PostgreSQL server of this setup's store, when the tests run on
+    /// PostgreSQL ([`store_is_postgres`]).
+    pub pg: Option<crate::pg::Postgres>,
+}
+
+/// Whether the operations tests run on PostgreSQL
+/// (`SPLICEGATE_TEST_STORE=postgres`, which `scripts/test` sets for a
+/// second run of them) rather than on the SQLite file: one test body, two
+/// stores.
+pub fn store_is_postgres() -> bool {
+    std::env::var("SPLICEGATE_TEST_STORE").is_ok_and(|v| v == "postgres")
 }
 
 impl Setup {
-    /// A new directory; ports come from the first start (port 0).
+    /// A new directory; ports come from the first start (port 0). On
+    /// PostgreSQL, a server of its own, started now.
     pub fn new(tag: &str) -> Setup {
         Setup {
             dir: temp_dir(tag),
             ports: Mutex::new(HashMap::new()),
+            pg: store_is_postgres().then(crate::pg::Postgres::start),
+        }
+    }
+
+    /// The `[store]` table: the file in the directory, or this setup's
+    /// PostgreSQL.
+    pub fn store(&self) -> String {
+        match &self.pg {
+            Some(pg) => format!("[store]\nurl = {:?}\n", pg.url()),
+            None => "[store]\npath = \"@DIR@/splicegate.db\"\n".to_string(),
         }
     }
 
@@ -51,6 +73,7 @@ impl Setup {
     /// the directory, loopback targets allowed, short timeouts, and
     /// `[health]` as given.
     pub fn head(&self, health: &str) -> String {
+        let store = self.store();
         format!(
             r#"[proxy]
 listen = "@PROXY@"
@@ -61,9 +84,7 @@ pin_workers = false
 listen = "@ADMIN@"
 token = "{TOKEN}"
 
-[store]
-path = "@DIR@/splicegate.db"
-
+{store}
 [health]
 {health}
 

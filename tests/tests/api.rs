@@ -383,8 +383,14 @@ fn every_endpoint_answers_as_documented() {
         a.body
     );
 
-    // 10. Workers + main + log writer + admin + 2 resolver threads.
-    assert_eq!(gw.threads(), 1 + 5, "threads of a one-worker gateway");
+    // 10. Workers + main + log writer + admin + 2 resolver threads (and
+    // PostgreSQL's store thread).
+    let store_thread = usize::from(splicegate_tests::ops::store_is_postgres());
+    assert_eq!(
+        gw.threads(),
+        1 + 5 + store_thread,
+        "threads of a one-worker gateway"
+    );
 }
 
 #[test]

@@ -156,9 +156,10 @@ fn check(i: u32, before: Stored, now: Stored, losses: &mut [(u64, f64)]) {
     losses[(i - 1) as usize] = (lost, lost as f64 / rate);
 }
 
+/// 10 kills on SQLite; 20 on PostgreSQL (issue 14's bar).
 #[test]
 fn sigkill_mid_traffic_never_double_counts_and_loses_at_most_a_second() {
-    sigkill_loop(10);
+    sigkill_loop(if store_is_postgres() { 20 } else { 10 });
 }
 
 #[test]

@@ -36,6 +36,8 @@ impl Conn {
             let mut config: postgres::Config = self.url.parse().map_err(pg)?;
             config.connect_timeout(Duration::from_secs(5));
             config.application_name("splicegate");
+            // NOTICEs ("relation already exists, skipping") are not news.
+            config.options("-c client_min_messages=warning");
             self.client = Some(config.connect(NoTls).map_err(pg)?);
         }
         Ok(self.client.as_mut().expect("connected above"))
