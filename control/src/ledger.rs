@@ -41,6 +41,12 @@ impl Ledger {
         }
     }
 
+    /// Sets the last reading of `package` (what the store holds for it, or
+    /// zero after a usage reset).
+    pub fn set(&mut self, package: u64, reading: UsageTotals) {
+        self.last.insert(package, reading);
+    }
+
     /// The deltas since the last call, for the packages read now; zero deltas
     /// are left out. A counter that went backwards (usage reset by the
     /// operator) starts over from its new value.

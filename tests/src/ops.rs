@@ -60,6 +60,15 @@ impl Setup {
         }
     }
 
+    /// A setup on PostgreSQL whatever `SPLICEGATE_TEST_STORE` says.
+    pub fn on_postgres(tag: &str) -> Setup {
+        Setup {
+            dir: temp_dir(tag),
+            ports: Mutex::new(HashMap::new()),
+            pg: Some(crate::pg::Postgres::start()),
+        }
+    }
+
     /// The `[store]` table: the file in the directory, or this setup's
     /// PostgreSQL.
     pub fn store(&self) -> String {

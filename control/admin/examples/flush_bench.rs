@@ -36,6 +36,7 @@ fn main() {
     }
     let control = Control::open(
         ControlOptions {
+            gateway_id: "local".into(),
             store: splicegate_admin::StoreLocation::Sqlite(path.clone()),
             session_capacity: 16,
             clock,

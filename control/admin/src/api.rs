@@ -30,7 +30,7 @@ use splicegate_control::session::{SessionInfo, SessionKey};
 use subtle::ConstantTimeEq;
 
 use crate::control::{Control, FileObject, unix_ms};
-use crate::error::ControlError;
+use crate::error::{ControlError, StoreError};
 use crate::metrics::{CONTENT_TYPE, Metrics};
 use crate::time::rfc3339;
 use splicegate_control::decl::{NodeFields, PackageFields};
@@ -103,6 +103,14 @@ impl From<ControlError> for ApiError {
             ControlError::NotFound(m) => ApiError::not_found(m),
             ControlError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             ControlError::Invalid(m) => ApiError::invalid(m),
+            ControlError::Store(StoreError::Unavailable(m)) => {
+                tracing::warn!("admin API: the store is unavailable: {m}");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    format!("the store cannot be reached now; nothing was changed ({m})"),
+                )
+            }
             ControlError::Store(e) => {
                 tracing::error!("admin API: {e}");
                 ApiError::new(

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use splicegate_control::Now;
 use splicegate_control::engine::Engine;
@@ -46,6 +47,9 @@ pub struct ControlOptions {
     pub session_capacity: usize,
     /// The data plane's monotonic clock.
     pub clock: Clock,
+    /// This gateway's id in the ledger's flush keys (`[fleet] id`, else
+    /// `"local"`).
+    pub gateway_id: String,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -72,6 +76,49 @@ pub struct Control {
     pub flush_seconds: Histogram,
     /// Flushes that failed (their deltas are retried by the next one).
     pub flush_errors: Counter,
+    /// Ledger rows waiting in memory for the store (an outage).
+    pub backlog_rows: Gauge,
+}
+
+/// A flush as written: its key and rows.
+#[derive(Debug)]
+struct Batch {
+    key: crate::store::FlushKey,
+    rows: Vec<UsageRow>,
+}
+
+/// The keys of this process's flushes: the gateway's id, a boot id drawn
+/// at start, and a sequence.
+#[derive(Debug)]
+struct FlushKey {
+    gateway: String,
+    boot: i64,
+    seq: i64,
+}
+
+impl FlushKey {
+    fn new(gateway: &str) -> FlushKey {
+        // A boot id no other start of this gateway shares: the clock's
+        // nanoseconds and the pid.
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let boot = (nanos ^ (u64::from(std::process::id()) << 32)) & (i64::MAX as u64);
+        FlushKey {
+            gateway: gateway.to_string(),
+            boot: boot as i64,
+            seq: 0,
+        }
+    }
+
+    fn next(&mut self) -> crate::store::FlushKey {
+        self.seq += 1;
+        crate::store::FlushKey {
+            gateway: self.gateway.clone(),
+            boot: self.boot,
+            seq: self.seq,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -88,9 +135,14 @@ struct Inner {
     nodes: BTreeMap<String, NodeDecl>,
     /// Turns readings into deltas.
     ledger: Ledger,
-    /// The readings the store holds (the ledger's last readings after the
-    /// last successful flush), to rebuild the ledger after a failed write.
-    committed: HashMap<u64, UsageTotals>,
+    /// A flush the store did not confirm: retried as it was, with its key,
+    /// before anything else is written (it may have been committed).
+    attempted: Option<Batch>,
+    /// Usage read while an unconfirmed flush blocks the way, by package,
+    /// epoch, minute and organisation: bounded by those, not by time.
+    waiting: BTreeMap<(u64, i64, i64, String), UsageRow>,
+    /// This process's flush keys.
+    flush_key: FlushKey,
     /// Usage epoch per package (0 until its first reset).
     epochs: HashMap<u64, i64>,
 }
@@ -233,9 +285,8 @@ impl Inner {
             for p in new_pkgs {
                 let t = totals.get(&p.id()).copied().unwrap_or_default();
                 p.usage.restore(t);
-                self.committed.insert(p.id(), t);
+                self.ledger.set(p.id(), t);
             }
-            self.ledger = Ledger::new(self.committed.clone());
         }
         Ok(())
     }
@@ -298,7 +349,9 @@ impl Control {
             packages,
             nodes,
             ledger: Ledger::default(),
-            committed: HashMap::new(),
+            attempted: None,
+            waiting: BTreeMap::new(),
+            flush_key: FlushKey::new(&opts.gateway_id),
             epochs,
         };
         for s in inner.shadowed() {
@@ -308,7 +361,6 @@ impl Control {
         }
         let policy = Policy::build(&inner.merged(), None).map_err(ControlError::from)?;
         // Every package's ledger reading starts at what the store holds.
-        inner.committed = inner.store.usage_totals()?;
         inner.restore_new(&policy, &Present::of(None))?;
         let engine = Arc::new(Engine::new(policy, opts.session_capacity.max(1)));
         Ok(Control {
@@ -319,6 +371,7 @@ impl Control {
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
             ]),
             flush_errors: Counter::default(),
+            backlog_rows: Gauge::default(),
         })
     }
 
@@ -568,8 +621,7 @@ impl Control {
         let epoch = inner.store.reset_usage(id, left, unix_ms())?;
         pkg.usage.restore(UsageTotals::default());
         inner.epochs.insert(id, epoch);
-        inner.committed.insert(id, UsageTotals::default());
-        inner.ledger = Ledger::new(inner.committed.clone());
+        inner.ledger.set(id, UsageTotals::default());
         Ok(left)
     }
 
@@ -689,38 +741,74 @@ impl Control {
             .iter()
             .map(|(id, p)| (*id, p.usage.totals()))
             .collect();
+        // The ledger always moves on: what it hands out is either written
+        // below or waits in memory, never read twice.
         let deltas = inner.ledger.deltas(readings.iter().copied());
         let minute = (unix_ms() / 60_000) as i64;
-        let rows: Vec<UsageRow> = deltas
-            .iter()
-            .map(|d| UsageRow {
-                package: d.package,
-                epoch: inner.epochs.get(&d.package).copied().unwrap_or(0),
-                minute,
-                org: policy
-                    .packages
-                    .get(&d.package)
-                    .and_then(|p| p.decl.org.clone())
-                    .unwrap_or_default(),
-                bytes_up: d.bytes_up,
-                bytes_down: d.bytes_down,
-                requests: d.requests,
-                charged: d.charged,
-            })
-            .collect();
-        let result = inner.store.append_usage(&rows);
-        self.flush_seconds.observe(started.elapsed().as_secs_f64());
-        match result {
+        for d in deltas {
+            let epoch = inner.epochs.get(&d.package).copied().unwrap_or(0);
+            let org = policy
+                .packages
+                .get(&d.package)
+                .and_then(|p| p.decl.org.clone())
+                .unwrap_or_default();
+            let row = inner
+                .waiting
+                .entry((d.package, epoch, minute, org.clone()))
+                .or_insert_with(|| UsageRow {
+                    package: d.package,
+                    epoch,
+                    minute,
+                    org,
+                    bytes_up: 0,
+                    bytes_down: 0,
+                    requests: 0,
+                    charged: 0,
+                });
+            row.bytes_up += d.bytes_up;
+            row.bytes_down += d.bytes_down;
+            row.requests += d.requests;
+            row.charged += d.charged;
+        }
+        // An unconfirmed flush first, exactly as it was: if it was committed
+        // after all, its key makes this a no-op.
+        if let Some(batch) = inner.attempted.take()
+            && let Err(e) = inner.store.append_usage(&batch.key, &batch.rows)
+        {
+            inner.attempted = Some(batch);
+            return Err(self.failed(inner, started, e));
+        }
+        if inner.waiting.is_empty() {
+            self.backlog_rows.set(0);
+            self.flush_seconds.observe(started.elapsed().as_secs_f64());
+            return Ok(Flushed { rows: 0 });
+        }
+        let batch = Batch {
+            key: inner.flush_key.next(),
+            rows: std::mem::take(&mut inner.waiting).into_values().collect(),
+        };
+        let rows = batch.rows.len();
+        match inner.store.append_usage(&batch.key, &batch.rows) {
             Ok(()) => {
-                inner.committed.extend(readings);
-                Ok(Flushed { rows: rows.len() })
+                self.backlog_rows.set(0);
+                self.flush_seconds.observe(started.elapsed().as_secs_f64());
+                Ok(Flushed { rows })
             }
             Err(e) => {
-                self.flush_errors.inc();
-                inner.ledger = Ledger::new(inner.committed.clone());
-                Err(e.into())
+                inner.attempted = Some(batch);
+                Err(self.failed(inner, started, e))
             }
         }
+    }
+
+    /// Count a failed flush and what waits in memory since.
+    fn failed(&self, inner: &Inner, started: Instant, e: StoreError) -> ControlError {
+        self.flush_errors.inc();
+        self.flush_seconds.observe(started.elapsed().as_secs_f64());
+        let backlog = inner.waiting.len() + inner.attempted.as_ref().map_or(0, |b| b.rows.len());
+        self.backlog_rows
+            .set(i64::try_from(backlog).unwrap_or(i64::MAX));
+        e.into()
     }
 
     /// Whether an organisation, package or node (by kind) is the file's.

@@ -7,9 +7,13 @@ pub enum StoreError {
     /// SQLite said no (I/O, corruption, constraint).
     #[error("store: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    /// PostgreSQL said no, or could not be reached.
+    /// PostgreSQL said no.
     #[error("store: postgres: {0}")]
     Postgres(String),
+    /// The store cannot be reached now (PostgreSQL down, the connection
+    /// lost): writes wait (usage) or are refused with 503 (the API).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     /// The file was written by a newer splicegate.
     #[error(
         "store: schema version {have} is newer than this build knows ({known}); a splicegate that knows version {have} is needed"

@@ -79,6 +79,11 @@ impl Metrics {
             control.flush_errors.clone(),
         );
         registry.register(
+            "splicegate_store_backlog_rows",
+            "Ledger rows waiting in memory because the store could not be written (written when it returns)",
+            control.backlog_rows.clone(),
+        );
+        registry.register(
             "splicegate_node_health_changes",
             "Nodes taken out of selection (to=out) or brought back (to=in) by health checks or passive failures",
             health.changes.clone(),

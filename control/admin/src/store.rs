@@ -109,9 +109,12 @@ pub trait Store: Send + std::fmt::Debug {
     /// Delete an API-created node.
     fn delete_node(&mut self, id: &str) -> Result<bool, StoreError>;
 
-    /// Append ledger rows in one transaction: a row for the same package,
-    /// epoch, minute and organisation grows by the new amounts.
-    fn append_usage(&mut self, rows: &[UsageRow]) -> Result<(), StoreError>;
+    /// Append one flush's ledger rows in one transaction, idempotently:
+    /// `key` is recorded with them, and a flush whose key is already there
+    /// (a retry of one that was committed but not confirmed) changes
+    /// nothing. A row for the same package, epoch, minute and organisation
+    /// grows by the new amounts.
+    fn append_usage(&mut self, key: &FlushKey, rows: &[UsageRow]) -> Result<(), StoreError>;
     /// The current usage epoch of every package that was ever reset.
     fn epochs(&self) -> Result<HashMap<u64, i64>, StoreError>;
     /// Usage totals of every package in its current epoch: the sum of its rows.
@@ -126,6 +129,18 @@ pub trait Store: Send + std::fmt::Debug {
     ) -> Result<i64, StoreError>;
     /// Ledger rows of one package (every epoch), oldest first, for tests and audits.
     fn usage_rows(&self, package: u64) -> Result<Vec<UsageRow>, StoreError>;
+}
+
+/// What makes a flush unique: the gateway, its boot, and the flush's
+/// sequence number in that boot.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FlushKey {
+    /// `[fleet] id`, or `"local"`.
+    pub gateway: String,
+    /// Drawn at each start.
+    pub boot: i64,
+    /// 1, 2, … within the boot.
+    pub seq: i64,
 }
 
 /// One schema step, in each store's dialect.
@@ -236,6 +251,25 @@ pub const MIGRATIONS: &[Migration] = &[
          charged BIGINT NOT NULL
      );
      CREATE INDEX usage_resets_by_package ON usage_resets (package);",
+    },
+    // 3: each flush's key, so that a retried flush is written once.
+    Migration {
+        sqlite: "CREATE TABLE flushes (
+         gateway TEXT NOT NULL,
+         boot INTEGER NOT NULL,
+         seq INTEGER NOT NULL,
+         unix_ms INTEGER NOT NULL,
+         rows INTEGER NOT NULL,
+         PRIMARY KEY (gateway, boot, seq)
+     ) WITHOUT ROWID;",
+        postgres: "CREATE TABLE flushes (
+         gateway TEXT NOT NULL,
+         boot BIGINT NOT NULL,
+         seq BIGINT NOT NULL,
+         unix_ms BIGINT NOT NULL,
+         rows BIGINT NOT NULL,
+         PRIMARY KEY (gateway, boot, seq)
+     );",
     },
 ];
 

@@ -47,6 +47,7 @@ fn file(credits: i64) -> Declarations {
 fn open(path: &std::path::Path, decls: Declarations) -> Control {
     Control::open(
         ControlOptions {
+            gateway_id: "local".into(),
             store: crate::StoreLocation::Sqlite(path.to_path_buf()),
             session_capacity: 100,
             clock,

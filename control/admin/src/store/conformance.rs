@@ -4,7 +4,20 @@
 
 use splicegate_control::limits::UsageTotals;
 
-use super::{GrantReason, Store, UsageRow};
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use super::{FlushKey, GrantReason, Store, UsageRow};
+
+static SEQ: AtomicI64 = AtomicI64::new(1);
+
+/// A new flush key of a test gateway.
+fn key() -> FlushKey {
+    FlushKey {
+        gateway: "test".into(),
+        boot: 1,
+        seq: SEQ.fetch_add(1, Ordering::Relaxed),
+    }
+}
 
 fn row(package: u64, epoch: i64, minute: i64, org: &str, up: u64, ch: u64) -> UsageRow {
     UsageRow {
@@ -21,10 +34,15 @@ fn row(package: u64, epoch: i64, minute: i64, org: &str, up: u64, ch: u64) -> Us
 
 /// Rows per package, epoch, minute and org; totals; spending; resets.
 pub fn the_ledger_sums_rows_per_package_epoch_and_org(s: &mut dyn Store) {
-    s.append_usage(&[row(7, 0, 100, "acme", 10, 1), row(8, 0, 100, "", 5, 0)])
+    s.append_usage(
+        &key(),
+        &[row(7, 0, 100, "acme", 10, 1), row(8, 0, 100, "", 5, 0)],
+    )
+    .unwrap();
+    s.append_usage(&key(), &[row(7, 0, 100, "acme", 20, 2)])
         .unwrap();
-    s.append_usage(&[row(7, 0, 100, "acme", 20, 2)]).unwrap();
-    s.append_usage(&[row(7, 0, 101, "acme", 30, 3)]).unwrap();
+    s.append_usage(&key(), &[row(7, 0, 101, "acme", 30, 3)])
+        .unwrap();
     assert_eq!(
         s.usage_rows(7).unwrap().len(),
         2,
@@ -48,7 +66,8 @@ pub fn the_ledger_sums_rows_per_package_epoch_and_org(s: &mut dyn Store) {
     // spending keeps every epoch, and the old rows stay.
     assert_eq!(s.reset_usage(7, t[&7], 1).unwrap(), 1);
     assert!(!s.usage_totals().unwrap().contains_key(&7));
-    s.append_usage(&[row(7, 1, 101, "acme", 4, 1)]).unwrap();
+    s.append_usage(&key(), &[row(7, 1, 101, "acme", 4, 1)])
+        .unwrap();
     assert_eq!(s.usage_totals().unwrap()[&7].bytes_up, 4);
     assert_eq!(s.spent().unwrap()["acme"], 7);
     assert_eq!(s.usage_rows(7).unwrap().len(), 3);
@@ -93,7 +112,8 @@ pub fn write_for_reopen(s: &mut dyn Store) {
     s.put_node("n2", r#"{"id":"n2"}"#, 1).unwrap();
     assert!(s.delete_node("n2").unwrap());
     assert!(!s.delete_node("n2").unwrap());
-    s.append_usage(&[row(7, 0, 5, "acme", 100, 10)]).unwrap();
+    s.append_usage(&key(), &[row(7, 0, 5, "acme", 100, 10)])
+        .unwrap();
 }
 
 /// See [`write_for_reopen`].
@@ -108,5 +128,32 @@ pub fn check_after_reopen(s: &dyn Store) {
     assert_eq!(
         s.granted().unwrap()["acme"] - s.spent().unwrap()["acme"],
         990
+    );
+}
+
+/// A flush written twice with one key (a retry of a committed flush that
+/// was not confirmed) is counted once; another key counts again.
+pub fn a_retried_flush_is_written_once(s: &mut dyn Store) {
+    let k = key();
+    let rows = [row(9, 0, 200, "acme", 1000, 5)];
+    s.append_usage(&k, &rows).unwrap();
+    s.append_usage(&k, &rows).unwrap();
+    assert_eq!(
+        s.usage_totals().unwrap()[&9].bytes_up,
+        1000,
+        "a retry counts once"
+    );
+    s.append_usage(&key(), &rows).unwrap();
+    assert_eq!(
+        s.usage_totals().unwrap()[&9].bytes_up,
+        2000,
+        "a new flush counts"
+    );
+    let other_boot = FlushKey { boot: 2, ..k };
+    s.append_usage(&other_boot, &rows).unwrap();
+    assert_eq!(
+        s.usage_totals().unwrap()[&9].bytes_up,
+        3000,
+        "the same seq of another boot counts"
     );
 }

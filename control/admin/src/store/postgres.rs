@@ -17,7 +17,7 @@ use std::time::Duration;
 use postgres::{Client, NoTls};
 use splicegate_control::limits::UsageTotals;
 
-use super::{GrantReason, MIGRATIONS, Migration, Store, UsageRow, i, u};
+use super::{FlushKey, GrantReason, MIGRATIONS, Migration, Store, UsageRow, i, u};
 use crate::error::StoreError;
 
 type Job = Box<dyn FnOnce(&mut Conn) + Send>;
@@ -38,7 +38,11 @@ impl Conn {
             config.application_name("splicegate");
             // NOTICEs ("relation already exists, skipping") are not news.
             config.options("-c client_min_messages=warning");
-            self.client = Some(config.connect(NoTls).map_err(pg)?);
+            self.client = Some(
+                config
+                    .connect(NoTls)
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?,
+            );
         }
         Ok(self.client.as_mut().expect("connected above"))
     }
@@ -110,17 +114,22 @@ impl PgStore {
     ) -> Result<R, StoreError> {
         let (tx, rx) = mpsc::sync_channel(1);
         let job: Job = Box::new(move |conn: &mut Conn| {
-            let r = conn.client().and_then(f);
+            let mut r = conn.client().and_then(f);
             if r.is_err() && conn.client.as_ref().is_some_and(Client::is_closed) {
+                // The connection went away under the call: the server is
+                // down or restarting; the next call connects again.
                 conn.client = None;
+                if let Err(StoreError::Postgres(m)) = r {
+                    r = Err(StoreError::Unavailable(m));
+                }
             }
             let _ = tx.send(r);
         });
         self.jobs
             .send(job)
-            .map_err(|_| StoreError::Postgres("the store thread ended".into()))?;
+            .map_err(|_| StoreError::Unavailable("the store thread ended".into()))?;
         rx.recv()
-            .map_err(|_| StoreError::Postgres("the store thread ended".into()))?
+            .map_err(|_| StoreError::Unavailable("the store thread ended".into()))?
     }
 
     /// Apply `steps[v..]` where `v` is the version the database holds, each
@@ -353,13 +362,30 @@ impl Store for PgStore {
         })
     }
 
-    fn append_usage(&mut self, rows: &[UsageRow]) -> Result<(), StoreError> {
+    fn append_usage(&mut self, key: &FlushKey, rows: &[UsageRow]) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
         }
-        let rows = rows.to_vec();
+        let (rows, key) = (rows.to_vec(), key.clone());
         self.call(move |c| {
             let mut tx = c.transaction().map_err(pg)?;
+            let new = tx
+                .execute(
+                    "INSERT INTO flushes (gateway, boot, seq, unix_ms, rows) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT DO NOTHING",
+                    &[
+                        &key.gateway,
+                        &key.boot,
+                        &key.seq,
+                        &i(crate::control::unix_ms()),
+                        &(rows.len() as i64),
+                    ],
+                )
+                .map_err(pg)?;
+            if new == 0 {
+                // Written before: this is a retry of a committed flush.
+                return Ok(());
+            }
             let st = tx
                 .prepare(
                     "INSERT INTO usage (package, epoch, minute, org, bytes_up, bytes_down, requests, charged)

@@ -7,7 +7,7 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use splicegate_control::limits::UsageTotals;
 
-use super::{GrantReason, MIGRATIONS, Migration, Store, UsageRow, i, u};
+use super::{FlushKey, GrantReason, MIGRATIONS, Migration, Store, UsageRow, i, u};
 use crate::error::StoreError;
 
 /// The embedded store.
@@ -235,11 +235,26 @@ impl Store for SqliteStore {
 
     /// Append ledger rows in one transaction: a row for the same package,
     /// epoch, minute and organisation grows by the new amounts.
-    fn append_usage(&mut self, rows: &[UsageRow]) -> Result<(), StoreError> {
+    fn append_usage(&mut self, key: &FlushKey, rows: &[UsageRow]) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
         }
         let tx = self.conn.transaction()?;
+        let new = tx.execute(
+            "INSERT INTO flushes (gateway, boot, seq, unix_ms, rows) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT DO NOTHING",
+            params![
+                key.gateway,
+                key.boot,
+                key.seq,
+                i(crate::control::unix_ms()),
+                rows.len() as i64
+            ],
+        )?;
+        if new == 0 {
+            // Written before: this is a retry of a committed flush.
+            return Ok(());
+        }
         {
             let mut st = tx.prepare_cached(
                 "INSERT INTO usage (package, epoch, minute, org, bytes_up, bytes_down, requests, charged)
