@@ -252,6 +252,37 @@ fn every_endpoint_answers_as_documented() {
     assert!(reset["reset"]["bytes_down"].as_u64().unwrap() > 0);
     gw.expect("POST", "/v1/packages/99/usage/reset", None, 404);
 
+    // Billing history from the ledger: the reset starts the cap over, not
+    // the bill, so the usage before it is still there.
+    for step in ["hour", "day"] {
+        let h = gw.get_json(&format!("/v1/packages/8/usage?step={step}"));
+        assert_eq!(h["step"], step, "{h}");
+        let buckets = h["buckets"].as_array().unwrap();
+        let down: u64 = buckets
+            .iter()
+            .map(|b| b["bytes_down"].as_u64().unwrap())
+            .sum();
+        let requests: u64 = buckets
+            .iter()
+            .map(|b| b["requests"].as_u64().unwrap())
+            .sum();
+        assert_eq!(down, p8["bytes_down"].as_u64().unwrap(), "{h}");
+        assert_eq!(requests, 1, "{h}");
+        assert!(
+            buckets[0]["start"]
+                .as_str()
+                .unwrap()
+                .ends_with(":00:00.000Z"),
+            "{h}"
+        );
+    }
+    let empty = gw.get_json("/v1/packages/8/usage?from=2020-01-01&to=2020-01-02T00:00:00Z");
+    assert_eq!(empty["buckets"], serde_json::json!([]), "{empty}");
+    gw.expect("GET", "/v1/packages/8/usage?step=minute", None, 422);
+    gw.expect("GET", "/v1/packages/8/usage?from=yesterday", None, 422);
+    gw.expect("GET", "/v1/packages/8/usage?from=2000-01-01", None, 422);
+    gw.expect("GET", "/v1/packages/99/usage", None, 404);
+
     // 5. Nodes.
     let n = gw.created("/v1/nodes", r#"{"id": "api-1", "kind": "direct", "bind": "127.0.3.2", "country": "gb", "city": "london", "isp": "bt", "network": "mob"}"#);
     assert_eq!(n["state"], "online");

@@ -24,6 +24,10 @@ fn postgres_keeps_the_store_contract() {
     conformance::the_ledger_sums_rows_per_package_epoch_and_org(&mut s);
     let mut s = PgStore::connect(&database(&pg, "grants")).unwrap();
     conformance::a_file_orgs_credits_are_its_first_grant_only(&mut s);
+    let mut s = PgStore::connect(&database(&pg, "history")).unwrap();
+    conformance::usage_history_rolls_up_by_hour_and_day(&mut s);
+    let mut s = PgStore::connect(&database(&pg, "retries")).unwrap();
+    conformance::a_retried_flush_is_written_once(&mut s);
     let url = database(&pg, "reopen");
     conformance::write_for_reopen(&mut PgStore::connect(&url).unwrap());
     conformance::check_after_reopen(&PgStore::connect(&url).unwrap());

@@ -156,6 +156,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/packages", get(list_packages).post(create_package))
         .route("/v1/packages/{id}", get(get_package).patch(patch_package))
         .route("/v1/packages/{id}/key", post(new_key))
+        .route("/v1/packages/{id}/usage", get(usage_history))
         .route("/v1/packages/{id}/usage/reset", post(reset_usage))
         .route("/v1/packages/{id}/errors", get(package_errors))
         .route("/v1/errors", get(all_errors))
@@ -427,6 +428,76 @@ async fn reset_usage(State(s): State<AppState>, Path(id): Path<String>) -> ApiRe
         "charged": credits(left.charged as i64),
     });
     ok(v)
+}
+
+/// Buckets one answer may hold.
+const MAX_BUCKETS: u64 = 10_000;
+
+/// `GET /v1/packages/{id}/usage?from=&to=&step=hour|day`: billing history
+/// from the ledger, every usage epoch included (a reset starts the cap
+/// over, not the bill). `from` and `to` are RFC 3339 (`…Z`), a date, or
+/// seconds since the epoch; default: the last 24 hours (hour) or 30 days
+/// (day) up to now. Buckets are aligned to UTC; empty ones are left out.
+async fn usage_history(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let id = package_id(&id)?;
+    if !s.control.engine().policy().packages.contains_key(&id) {
+        return Err(ApiError::not_found(format!("no package {id}")));
+    }
+    let (step, step_ms) = match q.get("step").map(String::as_str) {
+        None | Some("hour") => ("hour", 3_600_000u64),
+        Some("day") => ("day", 86_400_000),
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "step: {other:?} is not hour or day"
+            )));
+        }
+    };
+    let time = |key: &str| -> Result<Option<u64>, ApiError> {
+        q.get(key)
+            .map(|v| {
+                crate::time::parse_time(v).ok_or_else(|| {
+                    ApiError::invalid(format!(
+                        "{key}: {v:?} is not an RFC 3339 time (2026-12-01T10:00:00Z), a date or seconds since the epoch"
+                    ))
+                })
+            })
+            .transpose()
+    };
+    let to = time("to")?.unwrap_or_else(unix_ms);
+    let from = time("from")?.unwrap_or(to.saturating_sub(if step == "hour" {
+        24 * 3_600_000
+    } else {
+        30 * 86_400_000
+    }));
+    if from >= to {
+        return Err(ApiError::invalid("from must be before to"));
+    }
+    if (to - from) / step_ms > MAX_BUCKETS {
+        return Err(ApiError::invalid(format!(
+            "at most {MAX_BUCKETS} buckets per answer: narrow from..to or use step=day"
+        )));
+    }
+    let buckets = s
+        .control
+        .usage_history(id, from, to, (step_ms / 60_000) as i64)?;
+    ok(json!({
+        "package": id,
+        "step": step,
+        "from": rfc3339(from),
+        "to": rfc3339(to),
+        "buckets": buckets.iter().map(|(minute, t)| json!({
+            "start": rfc3339(*minute as u64 * 60_000),
+            "bytes_up": t.bytes_up,
+            "bytes_down": t.bytes_down,
+            "bytes": t.bytes(),
+            "requests": t.requests,
+            "charged": credits(t.charged as i64),
+        })).collect::<Vec<_>>(),
+    }))
 }
 
 fn errors_json(records: &[ErrorRecord], limit: usize) -> Value {

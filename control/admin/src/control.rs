@@ -811,6 +811,24 @@ impl Control {
         e.into()
     }
 
+    /// `GET /v1/packages/{id}/usage`: the package's usage over every epoch
+    /// in `[from_ms, to_ms)`, per `step_minutes`, flushed first so that
+    /// the last second is in it (when the store can be written).
+    pub fn usage_history(
+        &self,
+        id: u64,
+        from_ms: u64,
+        to_ms: u64,
+        step_minutes: i64,
+    ) -> Result<Vec<(i64, UsageTotals)>, ControlError> {
+        let mut inner = self.lock();
+        let _ = self.flush_locked(&mut inner);
+        // Minutes overlapping [from_ms, to_ms): the one `to_ms` falls in
+        // counts (the ledger keeps minutes, not milliseconds).
+        let (from, to) = ((from_ms / 60_000) as i64, to_ms.div_ceil(60_000) as i64);
+        Ok(inner.store.usage_history(id, from, to, step_minutes)?)
+    }
+
     /// Whether an organisation, package or node (by kind) is the file's.
     pub fn declared_in_file(&self, what: FileObject<'_>) -> bool {
         let inner = self.lock();

@@ -129,7 +129,25 @@ pub trait Store: Send + std::fmt::Debug {
     ) -> Result<i64, StoreError>;
     /// Ledger rows of one package (every epoch), oldest first, for tests and audits.
     fn usage_rows(&self, package: u64) -> Result<Vec<UsageRow>, StoreError>;
+    /// One package's usage over every epoch, summed per `step_minutes`
+    /// (60: hourly, 1440: daily, aligned to UTC) for minutes in
+    /// `[from_minute, to_minute)`; buckets without usage are left out.
+    fn usage_history(
+        &self,
+        package: u64,
+        from_minute: i64,
+        to_minute: i64,
+        step_minutes: i64,
+    ) -> Result<Vec<(i64, UsageTotals)>, StoreError>;
 }
+
+/// The roll-up query of [`Store::usage_history`] in SQLite (parameters:
+/// package, from, to, step); PostgreSQL's is the same with `$n` and BIGINT
+/// sums.
+pub(crate) const HISTORY_SQL: &str =
+    "SELECT (minute / ?4) * ?4 AS bucket, SUM(bytes_up), SUM(bytes_down), SUM(requests), SUM(charged)
+     FROM usage WHERE package = ?1 AND minute >= ?2 AND minute < ?3
+     GROUP BY bucket ORDER BY bucket";
 
 /// What makes a flush unique: the gateway, its boot, and the flush's
 /// sequence number in that boot.

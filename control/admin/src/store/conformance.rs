@@ -157,3 +157,42 @@ pub fn a_retried_flush_is_written_once(s: &mut dyn Store) {
         "the same seq of another boot counts"
     );
 }
+
+/// Hourly and daily roll-ups of the minute rows, over every epoch.
+pub fn usage_history_rolls_up_by_hour_and_day(s: &mut dyn Store) {
+    // Minutes 1440*10 + {0, 59, 60, 61}: hours 240 and 241 of day 10.
+    let day = 1440 * 10;
+    s.append_usage(
+        &key(),
+        &[
+            row(5, 0, day, "acme", 1, 1),
+            row(5, 0, day + 59, "acme", 2, 1),
+            row(5, 0, day + 60, "acme", 4, 1),
+            row(6, 0, day + 60, "acme", 1000, 1),
+        ],
+    )
+    .unwrap();
+    s.reset_usage(5, UsageTotals::default(), 1).unwrap();
+    s.append_usage(&key(), &[row(5, 1, day + 61, "acme", 8, 1)])
+        .unwrap();
+    let hours = s.usage_history(5, day, day + 1440, 60).unwrap();
+    let ups: Vec<(i64, u64)> = hours.iter().map(|(b, t)| (*b, t.bytes_up)).collect();
+    assert_eq!(
+        ups,
+        [(day, 3), (day + 60, 12)],
+        "every epoch counts in history"
+    );
+    assert_eq!(hours[1].1.bytes_down, 24);
+    let days = s.usage_history(5, 0, day + 1440, 1440).unwrap();
+    assert_eq!(days.len(), 1);
+    assert_eq!(
+        (days[0].0, days[0].1.bytes_up, days[0].1.requests),
+        (day, 15, 4)
+    );
+    // The range is half-open and other packages stay out.
+    assert!(
+        s.usage_history(5, day + 62, day + 1440, 60)
+            .unwrap()
+            .is_empty()
+    );
+}

@@ -18,6 +18,14 @@ use postgres::{Client, NoTls};
 use splicegate_control::limits::UsageTotals;
 
 use super::{FlushKey, GrantReason, MIGRATIONS, Migration, Store, UsageRow, i, u};
+
+/// [`super::HISTORY_SQL`] with BIGINT sums (PostgreSQL's SUM of BIGINT is
+/// NUMERIC).
+const HISTORY_SQL: &str =
+    "SELECT (minute / $4) * $4 AS bucket, SUM(bytes_up)::BIGINT, SUM(bytes_down)::BIGINT,
+            SUM(requests)::BIGINT, SUM(charged)::BIGINT
+     FROM usage WHERE package = $1 AND minute >= $2 AND minute < $3
+     GROUP BY bucket ORDER BY bucket";
 use crate::error::StoreError;
 
 type Job = Box<dyn FnOnce(&mut Conn) + Send>;
@@ -515,6 +523,37 @@ impl Store for PgStore {
                     bytes_down: u(r.get(5)),
                     requests: u(r.get(6)),
                     charged: u(r.get(7)),
+                })
+                .collect())
+        })
+    }
+
+    fn usage_history(
+        &self,
+        package: u64,
+        from_minute: i64,
+        to_minute: i64,
+        step_minutes: i64,
+    ) -> Result<Vec<(i64, UsageTotals)>, StoreError> {
+        self.call(move |c| {
+            let rows = c
+                .query(
+                    HISTORY_SQL,
+                    &[&i(package), &from_minute, &to_minute, &step_minutes.max(1)],
+                )
+                .map_err(pg)?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    (
+                        r.get(0),
+                        UsageTotals {
+                            bytes_up: u(r.get(1)),
+                            bytes_down: u(r.get(2)),
+                            requests: u(r.get(3)),
+                            charged: u(r.get(4)),
+                        },
+                    )
                 })
                 .collect())
         })

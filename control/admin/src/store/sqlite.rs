@@ -7,7 +7,7 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use splicegate_control::limits::UsageTotals;
 
-use super::{FlushKey, GrantReason, MIGRATIONS, Migration, Store, UsageRow, i, u};
+use super::{FlushKey, GrantReason, HISTORY_SQL, MIGRATIONS, Migration, Store, UsageRow, i, u};
 use crate::error::StoreError;
 
 /// The embedded store.
@@ -365,6 +365,31 @@ impl Store for SqliteStore {
                 charged: u(r.get(7)?),
             })
         })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn usage_history(
+        &self,
+        package: u64,
+        from_minute: i64,
+        to_minute: i64,
+        step_minutes: i64,
+    ) -> Result<Vec<(i64, UsageTotals)>, StoreError> {
+        let mut st = self.conn.prepare_cached(HISTORY_SQL)?;
+        let rows = st.query_map(
+            params![i(package), from_minute, to_minute, step_minutes.max(1)],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    UsageTotals {
+                        bytes_up: u(r.get(1)?),
+                        bytes_down: u(r.get(2)?),
+                        requests: u(r.get(3)?),
+                        charged: u(r.get(4)?),
+                    },
+                ))
+            },
+        )?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 }

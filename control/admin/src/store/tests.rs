@@ -53,6 +53,12 @@ fn the_ledger_sums_rows_per_package_epoch_and_org() {
 }
 
 #[test]
+fn usage_history_rolls_up_by_hour_and_day() {
+    let mut s = SqliteStore::open(Path::new(":memory:")).unwrap();
+    conformance::usage_history_rolls_up_by_hour_and_day(&mut s);
+}
+
+#[test]
 fn a_retried_flush_is_written_once() {
     let mut s = SqliteStore::open(Path::new(":memory:")).unwrap();
     conformance::a_retried_flush_is_written_once(&mut s);
