@@ -31,6 +31,7 @@ use crate::error::StoreError;
 
 #[doc(hidden)]
 pub mod conformance;
+pub mod migrate;
 mod postgres;
 mod sqlite;
 

@@ -79,12 +79,31 @@ enum Cmd {
         #[arg(long, default_value_t = 500)]
         connect_rate: u64,
     },
+    /// Operate on a store.
+    #[command(subcommand)]
+    Store(StoreCmd),
     /// Print the manual page (roff, for `man -l -` or packaging).
     Man,
     /// Print a shell completion script.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCmd {
+    /// Move an embedded SQLite store into PostgreSQL: organisations,
+    /// grants, packages, nodes, the usage ledger. Re-runnable: rows already
+    /// there stay (declarations take the file's values). Prints the rows of
+    /// each table on both sides and checks every package's usage.
+    Migrate {
+        /// The SQLite store (`[store] path`).
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// The PostgreSQL store (`[store] url`).
+        #[arg(long, value_name = "URL")]
+        to: String,
     },
 }
 
@@ -136,6 +155,27 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            }
+        }
+        Cmd::Store(StoreCmd::Migrate { from, to }) => {
+            let started = std::time::Instant::now();
+            match splicegate_admin::store::migrate::sqlite_to_postgres(&from, &to, |line| {
+                eprintln!("copied {line}")
+            }) {
+                Ok(report) => {
+                    print!("{report}");
+                    println!(
+                        "ok: {} moved into {} and checked in {:.1} s",
+                        from.display(),
+                        splicegate_admin::StoreLocation::Postgres(to),
+                        started.elapsed().as_secs_f64()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("splicegate: store migrate: {e}");
+                    ExitCode::FAILURE
+                }
             }
         }
         Cmd::Man => {
