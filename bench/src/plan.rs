@@ -69,6 +69,9 @@ pub(crate) struct Summary {
     pub rate_max: Option<f64>,
     pub latency_us: Option<Latency>,
     pub cpu_per_unit: Option<f64>,
+    /// The rounds' lowest and highest proxy CPU per unit.
+    pub cpu_min: Option<f64>,
+    pub cpu_max: Option<f64>,
     pub peak_rss_kib: Option<f64>,
     pub threads: Option<f64>,
     pub max_threads: Option<u64>,
@@ -255,6 +258,14 @@ fn summarize(plan: &Plan, runs: &[Outcome]) -> Vec<Summary> {
                 rate_max: rates.iter().copied().reduce(f64::max),
                 latency_us: latency,
                 cpu_per_unit: m(&|r| r.proxy.as_ref().map(|c| c.cpu_per_unit)),
+                cpu_min: ok
+                    .iter()
+                    .filter_map(|r| r.proxy.as_ref().map(|c| c.cpu_per_unit))
+                    .reduce(f64::min),
+                cpu_max: ok
+                    .iter()
+                    .filter_map(|r| r.proxy.as_ref().map(|c| c.cpu_per_unit))
+                    .reduce(f64::max),
                 peak_rss_kib: m(&|r| r.proxy.as_ref().map(|c| c.peak_rss_kib as f64)),
                 threads: m(&|r| r.proxy.as_ref().map(|c| c.threads as f64)),
                 max_threads: ok

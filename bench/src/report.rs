@@ -109,6 +109,26 @@ fn columns(mode: &Mode) -> (Vec<String>, Values) {
                 ]
             },
         ),
+        Mode::TlsBulk { .. } => (
+            titles(&[
+                "Gbit/s",
+                "min–max",
+                "proxy CPU-s/GB",
+                "min–max",
+                "peak RSS (MiB)",
+                "threads",
+            ]),
+            |s| {
+                vec![
+                    num(s.rate, 2),
+                    format!("{}–{}", num(s.rate_min, 2), num(s.rate_max, 2)),
+                    num(s.cpu_per_unit, 3),
+                    format!("{}–{}", num(s.cpu_min, 3), num(s.cpu_max, 3)),
+                    mib(s.peak_rss_kib),
+                    num(s.threads, 0),
+                ]
+            },
+        ),
         m if m.moves_bytes() => (
             titles(&[
                 "Gbit/s",
@@ -135,6 +155,7 @@ fn columns(mode: &Mode) -> (Vec<String>, Values) {
                 "p50 (µs)",
                 "p99",
                 "proxy CPU-µs/op",
+                "min–max",
                 "ops per proxy CPU-s",
                 "resumed",
                 "peak RSS (MiB)",
@@ -147,6 +168,7 @@ fn columns(mode: &Mode) -> (Vec<String>, Values) {
                     num(l.map(|l| l.p50), 1),
                     num(l.map(|l| l.p99), 1),
                     num(s.cpu_per_unit, 1),
+                    format!("{}–{}", num(s.cpu_min, 1), num(s.cpu_max, 1)),
                     num(s.cpu_per_unit.filter(|&c| c > 0.0).map(|c| 1e6 / c), 0),
                     s.tls_resumed_share.map_or("–".into(), |r| {
                         format!("{:.1} % of {}", r * 100.0, s.tls_handshakes.unwrap_or(0))
