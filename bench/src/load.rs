@@ -16,7 +16,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::client::{Route, content_length, http_conn, http_request, open_tunnel, status_of};
-use crate::procstat::{ProcTree, Sample};
+use crate::procstat::{Others, ProcTree, Sample};
 use crate::targets::{CHURN_BYTES, Targets, header_says_close, read_head};
 use crate::tls::Pki;
 use rustls::{ClientConfig, HandshakeKind};
@@ -183,6 +183,10 @@ pub(crate) struct RunResult {
     pub proxy: Option<Cost>,
     /// TLS cells: what the handshakes were.
     pub tls: Option<TlsSeen>,
+    /// CPU that processes outside this harness and the proxy used during
+    /// the window, in % of one CPU: above a few %, the machine was not
+    /// quiet.
+    pub others_cpu_pct: Option<f64>,
 }
 
 /// The TLS handshakes of a run's measured window, as the client saw them.
@@ -489,6 +493,7 @@ fn coordinate(
         return RunResult::default();
     }
     let c0 = count();
+    let others0 = Others::now();
     let s0 = proxy.and_then(|p| p.sample().ok());
     shared.measuring.store(true, Ordering::SeqCst);
     let t0 = Instant::now();
@@ -538,6 +543,7 @@ fn coordinate(
     let c1 = count();
     let s1 = proxy.and_then(|p| p.sample().ok());
     let secs = t0.elapsed().as_secs_f64();
+    let others = Others::now().since(&others0) / secs.max(1e-9) * 100.0;
     shared.measuring.store(false, Ordering::SeqCst);
     shared.stop.store(true, Ordering::SeqCst);
     let done = c1 - c0;
@@ -561,6 +567,7 @@ fn coordinate(
             Latency::of(&shared.merged())
         },
         proxy,
+        others_cpu_pct: Some(others),
         ..RunResult::default()
     }
 }

@@ -86,6 +86,8 @@ pub(crate) struct Summary {
     pub tls_resumed_share: Option<f64>,
     pub tls_handshakes: Option<u64>,
     pub tls_params: Option<String>,
+    /// The most CPU (% of one CPU) other processes used in a round's window.
+    pub others_cpu_pct_max: Option<f64>,
     /// The first failure, if a round failed.
     pub note: Option<String>,
 }
@@ -173,7 +175,17 @@ pub(crate) fn run(plan: &Plan, env: &Env) -> Results {
                         if result.ok { "note" } else { "FAILED" }
                     );
                 } else if plan.window.progress {
-                    eprintln!("  [{label}] {:.3} {}", result.rate, cell.mode.rate_unit());
+                    eprintln!(
+                        "  [{label}] {:.3} {}{}",
+                        result.rate,
+                        cell.mode.rate_unit(),
+                        result
+                            .others_cpu_pct
+                            .filter(|&p| p >= 5.0)
+                            .map_or(String::new(), |p| format!(
+                                " (other programs: {p:.0} % of a CPU)"
+                            ))
+                    );
                 }
                 runs.push(Outcome {
                     cell: cell.id.clone(),
@@ -282,6 +294,10 @@ fn summarize(plan: &Plan, runs: &[Outcome]) -> Vec<Summary> {
                     .filter(|&(_, n)| n > 0)
                     .map(|(r, n)| r as f64 / n as f64),
                 tls_handshakes: tls_total(&ok).map(|(_, n)| n),
+                others_cpu_pct_max: mine
+                    .iter()
+                    .filter_map(|o| o.result.others_cpu_pct)
+                    .reduce(f64::max),
                 tls_params: ok
                     .iter()
                     .filter_map(|r| r.tls.as_ref().map(|t| t.params.clone()))

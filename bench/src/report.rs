@@ -58,6 +58,10 @@ pub(crate) fn cpu_model() -> String {
         .unwrap_or_default()
 }
 
+/// CPU (% of one) used by other processes in a window above which the
+/// report says the machine was not quiet.
+const NOISY_PCT: f64 = 5.0;
+
 fn mib(kib: Option<f64>) -> String {
     kib.map_or("–".into(), |k| format!("{:.1}", k / 1024.0))
 }
@@ -292,6 +296,18 @@ pub(crate) fn markdown(meta: &Meta, cells: &[Cell], res: &Results, plots: bool) 
                     .map(|n| format!("- {}: {} errors; first: {n}", s.peer, s.errors))
             })
             .collect();
+        notes.extend(
+            rows.iter()
+                .filter(|s| s.others_cpu_pct_max.is_some_and(|p| p >= NOISY_PCT))
+                .map(|s| {
+                    format!(
+                        "- {}: other programs on the machine used at least {:.0} % of a CPU in \
+                         a round's window (the machine was not quiet)",
+                        s.peer,
+                        s.others_cpu_pct_max.unwrap_or(0.0)
+                    )
+                }),
+        );
         notes.extend(rows.iter().filter_map(|s| {
             s.tls_params
                 .as_ref()
