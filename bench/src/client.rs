@@ -184,7 +184,10 @@ pub(crate) fn open_tunnel(
     Ok(Tunnel { stream, early: 0 })
 }
 
-fn l4_frontend(map: &[(SocketAddr, SocketAddr)], target: SocketAddr) -> Result<SocketAddr> {
+pub(crate) fn l4_frontend(
+    map: &[(SocketAddr, SocketAddr)],
+    target: SocketAddr,
+) -> Result<SocketAddr> {
     map.iter()
         .find(|(t, _)| *t == target)
         .map(|(_, f)| *f)
@@ -251,8 +254,13 @@ pub(crate) fn content_length(head: &[u8]) -> Option<usize> {
 }
 
 /// Send CONNECT, read the reply head; returns how many target bytes came
-/// after the head (a source target starts sending at once).
-fn connect_handshake(s: &mut TcpStream, target: SocketAddr, auth: Option<&Auth>) -> Result<usize> {
+/// after the head (a source target starts sending at once). In the clear or
+/// inside TLS.
+pub(crate) fn connect_handshake<S: Read + Write>(
+    s: &mut S,
+    target: SocketAddr,
+    auth: Option<&Auth>,
+) -> Result<usize> {
     let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
     if let Some(a) = auth {
         req.push_str(&format!("Proxy-Authorization: Basic {}\r\n", basic(a)));

@@ -16,8 +16,10 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::client::{Route, content_length, http_conn, http_request, open_tunnel, status_of};
-use crate::procstat::{ProcTree, Sample};
+use crate::procstat::{Others, ProcTree, Sample};
 use crate::targets::{CHURN_BYTES, Targets, header_says_close, read_head};
+use crate::tls::Pki;
+use rustls::{ClientConfig, HandshakeKind};
 
 /// A load mode and its shape.
 #[derive(Debug, Clone, Serialize)]
@@ -51,6 +53,20 @@ pub(crate) enum Mode {
         sticky: bool,
         max_ops: u64,
     },
+    /// `conns` closed loops of connect + TLS 1.3 handshake (full, or
+    /// resumed from a ticket) + the proxy's handshake inside TLS + 100 bytes
+    /// echoed + close.
+    TlsHandshake {
+        conns: usize,
+        /// Client source addresses 127.0.2.1..=N (0: the kernel's choice).
+        sources: u8,
+        /// The client keeps a session cache and resumes.
+        resume: bool,
+        max_ops: u64,
+    },
+    /// `streams` tunnels inside TLS downloading as fast as they go (no
+    /// proxy: plain TCP).
+    TlsBulk { streams: usize, max_bytes: u64 },
     /// `tunnels` mostly idle tunnels held for the window (1 % of them pinged
     /// each second).
     Idle {
@@ -62,11 +78,16 @@ pub(crate) enum Mode {
 }
 
 impl Mode {
+    /// Whether the mode counts bytes (rate in Gbit/s, CPU per GB).
+    pub(crate) fn moves_bytes(&self) -> bool {
+        matches!(self, Mode::Bulk { .. } | Mode::TlsBulk { .. })
+    }
+
     /// What `rate` counts.
     pub(crate) fn rate_unit(&self) -> &'static str {
         match self {
-            Mode::Bulk { .. } => "Gbit/s",
-            Mode::Connrate { .. } => "conn/s",
+            Mode::Bulk { .. } | Mode::TlsBulk { .. } => "Gbit/s",
+            Mode::Connrate { .. } | Mode::TlsHandshake { .. } => "conn/s",
             Mode::Pingpong { .. } => "round trips/s",
             Mode::Http { .. } => "req/s",
             Mode::Idle { .. } => "tunnels held",
@@ -76,7 +97,7 @@ impl Mode {
     /// What `cpu_per_unit` counts.
     pub(crate) fn cpu_unit(&self) -> &'static str {
         match self {
-            Mode::Bulk { .. } => "CPU-s/GB",
+            Mode::Bulk { .. } | Mode::TlsBulk { .. } => "CPU-s/GB",
             Mode::Idle { .. } => "CPU-s in window",
             _ => "CPU-µs/op",
         }
@@ -160,6 +181,23 @@ pub(crate) struct RunResult {
     pub rate: f64,
     pub latency_us: Option<Latency>,
     pub proxy: Option<Cost>,
+    /// TLS cells: what the handshakes were.
+    pub tls: Option<TlsSeen>,
+    /// CPU that processes outside this harness and the proxy used during
+    /// the window, in % of one CPU: above a few %, the machine was not
+    /// quiet.
+    pub others_cpu_pct: Option<f64>,
+}
+
+/// The TLS handshakes of a run's measured window, as the client saw them.
+#[derive(Debug, Clone, Serialize, Default)]
+pub(crate) struct TlsSeen {
+    /// Connections whose handshake was full.
+    pub full: u64,
+    /// Connections resumed from a ticket.
+    pub resumed: u64,
+    /// Cipher suite and key exchange group of the first handshake.
+    pub params: String,
 }
 
 /// State the workers and the coordinator share.
@@ -180,6 +218,10 @@ struct Shared {
     hists: Vec<Mutex<Histogram<u64>>>,
     classes: Mutex<BTreeMap<String, u64>>,
     first_error: Mutex<Option<String>>,
+    /// TLS handshakes in the window: full and resumed.
+    tls_full: AtomicU64,
+    tls_resumed: AtomicU64,
+    tls_params: Mutex<Option<String>>,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -205,6 +247,9 @@ impl Shared {
                 .collect(),
             classes: Mutex::new(BTreeMap::new()),
             first_error: Mutex::new(None),
+            tls_full: AtomicU64::new(0),
+            tls_resumed: AtomicU64::new(0),
+            tls_params: Mutex::new(None),
         }
     }
 
@@ -243,6 +288,21 @@ impl Shared {
         std::thread::sleep(Duration::from_millis(20));
     }
 
+    /// A TLS handshake's kind, counted in the window.
+    fn handshake(&self, kind: Option<HandshakeKind>, conn: &rustls::ClientConnection) {
+        if let Ok(mut p) = self.tls_params.lock() {
+            p.get_or_insert_with(|| crate::tls::params(conn));
+        }
+        if self.measuring.load(Ordering::Relaxed) {
+            let c = if kind == Some(HandshakeKind::Resumed) {
+                &self.tls_resumed
+            } else {
+                &self.tls_full
+            };
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn merged(&self) -> Histogram<u64> {
         let mut all = histogram();
         for h in &self.hists {
@@ -254,11 +314,13 @@ impl Shared {
     }
 }
 
-/// Run `mode` over `route`, measuring `proxy` (none: no proxy process).
+/// Run `mode` over `route`, measuring `proxy` (none: no proxy process);
+/// `pki`: the certificate the proxy serves (TLS modes).
 pub(crate) fn run(
     mode: &Mode,
     route: &Route,
     targets: &Targets,
+    pki: Option<&Pki>,
     proxy: Option<ProcTree>,
     w: Window,
     label: &str,
@@ -300,8 +362,27 @@ pub(crate) fn run(
             tunnels, max_ops, ..
         } => (tunnels, Arc::new(AtomicU64::new(0)), max_ops),
         Mode::Http { conns, max_ops, .. } => (conns, Arc::new(AtomicU64::new(0)), max_ops),
+        Mode::TlsHandshake { conns, max_ops, .. } => (conns, Arc::new(AtomicU64::new(0)), max_ops),
+        Mode::TlsBulk { streams, max_bytes } => (streams, Arc::new(AtomicU64::new(0)), max_bytes),
         Mode::Idle { .. } => unreachable!("idle has its own driver"),
     };
+    // One client configuration (so one session cache) per run: tickets of
+    // one peer are never offered to another.
+    let tls_config = match (mode, pki) {
+        (Mode::TlsHandshake { resume, .. }, Some(p)) => match p.client(*resume) {
+            Ok(c) => Some(c),
+            Err(e) => return failed_run(e),
+        },
+        (Mode::TlsBulk { .. }, Some(p)) => match p.client(true) {
+            Ok(c) => Some(c),
+            Err(e) => return failed_run(e),
+        },
+        (Mode::TlsHandshake { .. } | Mode::TlsBulk { .. }, None) => {
+            return failed_run(anyhow!("a TLS mode without a certificate"));
+        }
+        _ => None,
+    };
+    let tls_config = tls_config.as_ref();
     let shared = Shared::new(workers, count, limit, deadline);
     let shared = &shared;
     std::thread::scope(|sc| {
@@ -322,6 +403,16 @@ pub(crate) fn run(
                         }
                         Mode::Http { sticky, .. } => {
                             http_worker(i, sticky, route, targets, shared, w)
+                        }
+                        Mode::TlsHandshake { conns, sources, .. } => {
+                            if let Some(c) = tls_config {
+                                tls_handshake_worker(
+                                    i, conns, sources, route, targets, c, shared, w,
+                                )
+                            }
+                        }
+                        Mode::TlsBulk { .. } => {
+                            tls_bulk_worker(i, route, targets, tls_config, shared, w)
                         }
                         Mode::Idle { .. } => {}
                     }
@@ -353,14 +444,34 @@ pub(crate) fn run(
         if !r.ok && r.error.is_none() {
             r.error = Some("no operation completed in the window".into());
         }
+        if matches!(mode, Mode::TlsHandshake { .. } | Mode::TlsBulk { .. }) {
+            r.tls = Some(TlsSeen {
+                full: shared.tls_full.load(Ordering::Relaxed),
+                resumed: shared.tls_resumed.load(Ordering::Relaxed),
+                params: shared
+                    .tls_params
+                    .lock()
+                    .ok()
+                    .and_then(|p| p.clone())
+                    .unwrap_or_default(),
+            });
+        }
         r
     })
 }
 
+fn failed_run(e: anyhow::Error) -> RunResult {
+    RunResult {
+        error: Some(format!("{e:#}")),
+        ..RunResult::default()
+    }
+}
+
 fn fmt_rate(mode: &Mode, per_s: f64) -> String {
-    match mode {
-        Mode::Bulk { .. } => format!("{:.2} Gbit/s", per_s * 8.0 / 1e9),
-        _ => format!("{per_s:.0} {}", mode.rate_unit()),
+    if mode.moves_bytes() {
+        format!("{:.2} Gbit/s", per_s * 8.0 / 1e9)
+    } else {
+        format!("{per_s:.0} {}", mode.rate_unit())
     }
 }
 
@@ -382,6 +493,7 @@ fn coordinate(
         return RunResult::default();
     }
     let c0 = count();
+    let others0 = Others::now();
     let s0 = proxy.and_then(|p| p.sample().ok());
     shared.measuring.store(true, Ordering::SeqCst);
     let t0 = Instant::now();
@@ -431,12 +543,14 @@ fn coordinate(
     let c1 = count();
     let s1 = proxy.and_then(|p| p.sample().ok());
     let secs = t0.elapsed().as_secs_f64();
+    let others = Others::now().since(&others0) / secs.max(1e-9) * 100.0;
     shared.measuring.store(false, Ordering::SeqCst);
     shared.stop.store(true, Ordering::SeqCst);
     let done = c1 - c0;
-    let rate = match mode {
-        Mode::Bulk { .. } => done as f64 * 8.0 / secs / 1e9,
-        _ => done as f64 / secs,
+    let rate = if mode.moves_bytes() {
+        done as f64 * 8.0 / secs / 1e9
+    } else {
+        done as f64 / secs
     };
     let proxy = match (s0, s1) {
         (Some(a), Some(b)) => Some(cost(mode, a, b, done, max_threads)),
@@ -447,11 +561,13 @@ fn coordinate(
         secs,
         ops: done,
         rate,
-        latency_us: match mode {
-            Mode::Bulk { .. } => None,
-            _ => Latency::of(&shared.merged()),
+        latency_us: if mode.moves_bytes() {
+            None
+        } else {
+            Latency::of(&shared.merged())
         },
         proxy,
+        others_cpu_pct: Some(others),
         ..RunResult::default()
     }
 }
@@ -459,7 +575,7 @@ fn coordinate(
 fn cost(mode: &Mode, a: Sample, b: Sample, done: u64, max_threads: u64) -> Cost {
     let cpu_s = (b.cpu_s - a.cpu_s).max(0.0);
     let per = match mode {
-        Mode::Bulk { .. } if done > 0 => cpu_s / (done as f64 / 1e9),
+        m if m.moves_bytes() && done > 0 => cpu_s / (done as f64 / 1e9),
         Mode::Idle { .. } => cpu_s,
         _ if done > 0 => cpu_s * 1e6 / done as f64,
         _ => 0.0,
@@ -572,6 +688,124 @@ fn connrate_worker(
                 if sh.running() {
                     sh.fail(class, &e)
                 }
+            }
+        }
+    }
+}
+
+/// One TLS connection's life, as [`churn_once`]: connect, TLS handshake,
+/// the proxy's handshake inside TLS, 100 bytes out and back, then the
+/// server's close arriving through the proxy (close_notify, or a bare FIN).
+fn tls_churn_once(
+    route: &Route,
+    t: &Targets,
+    src: Option<Ipv4Addr>,
+    auth: Option<&crate::client::Auth>,
+    config: &Arc<ClientConfig>,
+    sh: &Shared,
+    io: Duration,
+) -> std::result::Result<Instant, (&'static str, anyhow::Error)> {
+    let mut tun =
+        crate::tls::open(route, t.churn, src, auth, config, io).map_err(|e| ("handshake", e))?;
+    sh.handshake(tun.kind, &tun.stream.conn);
+    let payload = [0x42u8; CHURN_BYTES];
+    tun.stream
+        .write_all(&payload)
+        .map_err(|e| ("echo", e.into()))?;
+    let mut back = [0u8; CHURN_BYTES];
+    tun.stream
+        .read_exact(&mut back)
+        .map_err(|e| ("echo", e.into()))?;
+    let echoed = Instant::now();
+    let mut rest = [0u8; 64];
+    match tun.stream.read(&mut rest) {
+        Ok(0) => Ok(echoed),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(echoed),
+        Ok(_) => Err(("close", anyhow!("bytes after the echo"))),
+        Err(e) => Err((
+            "close",
+            anyhow::Error::from(e).context("waiting for the close"),
+        )),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tls_handshake_worker(
+    i: usize,
+    conns: usize,
+    sources: u8,
+    route: &Route,
+    t: &Targets,
+    config: &Arc<ClientConfig>,
+    sh: &Shared,
+    w: Window,
+) {
+    let auth = route.user_for(i, false);
+    let mut n = i;
+    while sh.running() {
+        let src =
+            (sources > 0).then(|| Ipv4Addr::new(127, 0, 2, 1 + (n % usize::from(sources)) as u8));
+        n += conns.max(1);
+        let start = Instant::now();
+        match tls_churn_once(route, t, src, auth.as_ref(), config, sh, w.io_timeout) {
+            Ok(echoed) => {
+                sh.record(i, echoed - start);
+                sh.add(1);
+            }
+            Err((class, e)) => {
+                if sh.running() {
+                    sh.fail(class, &e)
+                }
+            }
+        }
+    }
+}
+
+/// A download inside TLS from the source target (no proxy: in the clear,
+/// the baseline). Bytes are counted as the client reads them, decrypted.
+fn tls_bulk_worker(
+    i: usize,
+    route: &Route,
+    t: &Targets,
+    config: Option<&Arc<ClientConfig>>,
+    sh: &Shared,
+    w: Window,
+) {
+    let auth = route.user_for(i, false);
+    let mut buf = vec![0u8; 256 * 1024];
+    while sh.running() {
+        let opened = match (route, config) {
+            (Route::Direct, _) => open_tunnel(route, t.source, None, None, w.io_timeout)
+                .map(|tun| (Box::new(tun.stream) as Box<dyn Read>, tun.early)),
+            (_, Some(c)) => crate::tls::open(route, t.source, None, auth.as_ref(), c, w.io_timeout)
+                .map(|tun| {
+                    sh.handshake(tun.kind, &tun.stream.conn);
+                    (Box::new(tun.stream) as Box<dyn Read>, tun.early)
+                }),
+            (_, None) => Err(anyhow!("a TLS mode without a client configuration")),
+        };
+        let (mut stream, early) = match opened {
+            Ok(s) => s,
+            Err(e) => {
+                sh.fail("open", &e);
+                continue;
+            }
+        };
+        sh.add(early as u64);
+        while sh.running() {
+            let r = match stream.read(&mut buf) {
+                Ok(0) => Err(anyhow!("the source closed")),
+                Ok(n) => {
+                    sh.add(n as u64);
+                    Ok(())
+                }
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = r {
+                if sh.running() {
+                    sh.fail("stream", &e);
+                }
+                break;
             }
         }
     }

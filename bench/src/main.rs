@@ -2,8 +2,8 @@
 //!
 //! One binary holds the targets (sink/source, echo, close-after-echo, an
 //! HTTP/1.1 origin), the load modes (`bulk`, `connrate`, `pingpong`, `http`,
-//! `idle`) through HTTP CONNECT, SOCKS5, absolute-form forwarding, an L4
-//! relay or no proxy, and `compare`, which starts splicegate and the Debian
+//! `idle`, and `tls`: handshakes and bulk inside TLS) through HTTP CONNECT,
+//! SOCKS5, absolute-form forwarding, an L4 relay or no proxy, and `compare`, which starts splicegate and the Debian
 //! peers one after another, round by round, and writes a report. The proxy
 //! under test and this process are pinned to different CPUs with `taskset`.
 //! Every loop is bounded in count and in time; nothing here is a test
@@ -17,6 +17,7 @@ mod plan;
 mod procstat;
 mod report;
 mod targets;
+mod tls;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -124,6 +125,16 @@ enum TunnelProto {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum TlsCell {
+    /// Full TLS 1.3 handshakes (no resumption).
+    HandshakeFull,
+    /// TLS 1.3 handshakes resumed from session tickets.
+    HandshakeResumed,
+    /// Downloads inside TLS.
+    Bulk,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Sessions {
     /// One sticky session per client connection.
     Sticky,
@@ -199,6 +210,29 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         open_seconds: u64,
     },
+    /// TLS to the proxy (splicegate's `[tls]`, HAProxy's `ssl crt`, one
+    /// ECDSA P-256 certificate made at start): closed loops of connect + TLS
+    /// 1.3 handshake (full or resumed) + CONNECT inside + 100 bytes echoed +
+    /// close, and tunnels downloading inside TLS. Peers: splicegate,
+    /// haproxy, and direct (plain TCP) for bulk.
+    Tls {
+        #[command(flatten)]
+        run: Run,
+        /// Cells (repeat; default all three).
+        #[arg(long = "cell", value_enum)]
+        cells: Vec<TlsCell>,
+        /// Concurrent handshake loops.
+        #[arg(long, default_value_t = 8)]
+        conns: usize,
+        /// Client source addresses 127.0.2.1..=N (0: none).
+        #[arg(long, default_value_t = 16)]
+        sources: u8,
+        /// Tunnels of the bulk cell.
+        #[arg(long, default_value_t = 8)]
+        streams: usize,
+        #[arg(long, default_value_t = 10_000_000)]
+        max_ops: u64,
+    },
     /// Every mode against direct, splicegate and the Debian peers, round by
     /// round; writes report.md, one SVG per cell and results.json.
     Compare {
@@ -208,7 +242,7 @@ enum Cmd {
         #[arg(long = "peer")]
         peers: Vec<String>,
         /// Modes or cell ids (default: all): bulk, connrate, pingpong, http,
-        /// idle, or e.g. connrate-socks5.
+        /// idle, tls, or e.g. connrate-socks5, tls-handshake-full.
         #[arg(long = "mode")]
         modes: Vec<String>,
         /// Do not apt-get install missing peers.
@@ -229,6 +263,12 @@ enum Cmd {
         http_conns: usize,
         #[arg(long, default_value_t = MAX_IDLE)]
         idle_tunnels: usize,
+        /// Concurrent loops of the TLS handshake cells.
+        #[arg(long, default_value_t = 8)]
+        tls_conns: usize,
+        /// Tunnels of the TLS bulk cell.
+        #[arg(long, default_value_t = 8)]
+        tls_streams: usize,
     },
     /// Serve only the targets (for driving a proxy by hand), for a bounded time.
     Targets {
@@ -323,6 +363,70 @@ fn http_cells(conns: usize, sessions: Sessions, max_ops: u64) -> Vec<Cell> {
         });
     }
     cells
+}
+
+fn tls_cells(
+    cells: &[TlsCell],
+    conns: usize,
+    sources: u8,
+    streams: usize,
+    max_ops: u64,
+) -> Vec<Cell> {
+    let all = [
+        TlsCell::HandshakeFull,
+        TlsCell::HandshakeResumed,
+        TlsCell::Bulk,
+    ];
+    all.into_iter()
+        .filter(|c| cells.is_empty() || cells.contains(c))
+        .map(|c| {
+            let (id, title, mode) = match c {
+                TlsCell::HandshakeFull | TlsCell::HandshakeResumed => {
+                    let resume = c == TlsCell::HandshakeResumed;
+                    (
+                        if resume {
+                            "tls-handshake-resumed"
+                        } else {
+                            "tls-handshake-full"
+                        },
+                        format!(
+                            "TLS handshake, {}: {conns} loops of new connection + TLS 1.3 ({}) + \
+                             CONNECT with auth inside (L4: none) + 100 B echoed + close",
+                            if resume { "resumed" } else { "full" },
+                            if resume {
+                                "resumed from a session ticket"
+                            } else {
+                                "full handshake, ECDSA P-256 certificate"
+                            }
+                        ),
+                        Mode::TlsHandshake {
+                            conns: conns.max(1),
+                            sources,
+                            resume,
+                            max_ops,
+                        },
+                    )
+                }
+                TlsCell::Bulk => (
+                    "tls-bulk",
+                    format!(
+                        "TLS bulk: {streams} streams downloading inside TLS 1.3 (CONNECT inside; \
+                         HAProxy L4 terminating TLS; direct: plain TCP)"
+                    ),
+                    Mode::TlsBulk {
+                        streams: streams.max(1),
+                        max_bytes: u64::MAX,
+                    },
+                ),
+            };
+            Cell {
+                id: id.into(),
+                title,
+                mode,
+                want: Want::Tls,
+            }
+        })
+        .collect()
 }
 
 fn idle_cell(tunnels: usize, open_threads: usize, open: Duration, seconds: f64) -> Cell {
@@ -443,6 +547,20 @@ fn execute(
     let targets = Targets::start(c.body_bytes)?;
     let tmp = std::env::temp_dir().join(format!("splicegate-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
+    let pki = if cells.iter().any(|c| c.want == Want::Tls) {
+        notes.push(
+            "TLS cells: one ECDSA P-256 certificate, self-signed for `localhost`, made at start \
+             with rcgen and served by every peer (splicegate `[tls]`, HAProxy `bind … ssl crt \
+             … alpn http/1.1`); the client is rustls (ring), TLS 1.3 only, ALPN http/1.1, SNI \
+             `localhost`, verifying the certificate, one client configuration (so one session \
+             cache) per run; `resumed` counts the client's `handshake_kind() == Resumed` in the \
+             window"
+                .into(),
+        );
+        Some(tls::Pki::make(&tmp)?)
+    } else {
+        None
+    };
     let env = Env {
         targets,
         gateway: c.gateway.clone(),
@@ -451,6 +569,7 @@ fn execute(
         all_cpus: pinning.all.clone(),
         workers: c.workers.max(1),
         tmp: tmp.clone(),
+        pki,
     };
     let plan = Plan {
         cells,
@@ -584,6 +703,14 @@ fn main() -> Result<()> {
             sessions,
             max_ops,
         } => (run, http_cells(conns, sessions, max_ops)),
+        Cmd::Tls {
+            run,
+            cells,
+            conns,
+            sources,
+            streams,
+            max_ops,
+        } => (run, tls_cells(&cells, conns, sources, streams, max_ops)),
         Cmd::Idle {
             run,
             tunnels,
@@ -606,6 +733,8 @@ fn main() -> Result<()> {
             pingpong_tunnels,
             http_conns,
             idle_tunnels,
+            tls_conns,
+            tls_streams,
         } => {
             let peer_list: Vec<Peer> = if names.is_empty() {
                 peers::ALL.into_iter().map(Peer::Builtin).collect()
@@ -623,6 +752,7 @@ fn main() -> Result<()> {
             cells.extend(http_cells(http_conns, Sessions::Both, 100_000_000));
             let open = Duration::from_secs(30);
             cells.push(idle_cell(idle_tunnels, 8, open, common.seconds));
+            cells.extend(tls_cells(&[], tls_conns, sources, tls_streams, 10_000_000));
             // A mode names all its cells (`connrate`), a cell id one.
             let picks = |m: &str, c: &Cell| c.id == m || c.id.split('-').next() == Some(m);
             if let Some(m) = modes.iter().find(|m| !cells.iter().any(|c| picks(m, c))) {

@@ -17,6 +17,7 @@ use serde::Serialize;
 use crate::client::{Auth, Proto, Route};
 use crate::procstat::{ProcTree, comm};
 use crate::targets::{Targets, listener};
+use crate::tls::Pki;
 
 /// The account the peers with authentication accept (Squid's htpasswd file,
 /// Dante's system user).
@@ -108,10 +109,17 @@ impl PeerId {
                 direct: true,
                 ..Caps::default()
             },
-            PeerId::Splicegate | PeerId::SplicegateHttp | PeerId::SplicegateW2 => {
-                proxy(true, true, true, true)
-            }
-            PeerId::Haproxy | PeerId::Nginx => Caps {
+            PeerId::Splicegate => Caps {
+                tls: true,
+                ..proxy(true, true, true, true)
+            },
+            PeerId::SplicegateHttp | PeerId::SplicegateW2 => proxy(true, true, true, true),
+            PeerId::Haproxy => Caps {
+                l4: true,
+                tls: true,
+                ..Caps::default()
+            },
+            PeerId::Nginx => Caps {
                 l4: true,
                 ..Caps::default()
             },
@@ -150,6 +158,8 @@ pub(crate) struct Caps {
     pub forward: bool,
     /// splicegate's `-session-` usernames (sticky vs rotating).
     pub sessions: bool,
+    /// TLS to the proxy port (splicegate's `[tls]`, HAProxy's `ssl crt`).
+    pub tls: bool,
 }
 
 /// What a cell asks of the way to its target.
@@ -166,6 +176,9 @@ pub(crate) enum Want {
     Forward,
     /// Forwarding where every request picks a node afresh (splicegate).
     Rotating,
+    /// TLS to the proxy, CONNECT inside (TLS-terminating L4 relays and, in
+    /// the clear, no proxy as baselines).
+    Tls,
 }
 
 impl Caps {
@@ -176,6 +189,7 @@ impl Caps {
             Want::Socks5 => self.socks5 || self.direct,
             Want::Forward => self.forward || self.l4 || self.direct,
             Want::Rotating => self.sessions,
+            Want::Tls => self.tls || self.direct,
         }
     }
 }
@@ -240,7 +254,10 @@ impl Peer {
             Peer::Builtin(id) => id.caps(),
             Peer::External { route, .. } => match route {
                 Route::Direct => PeerId::Direct.caps(),
-                Route::L4(_) => PeerId::Haproxy.caps(),
+                Route::L4(_) => Caps {
+                    l4: true,
+                    ..Caps::default()
+                },
                 Route::Proxy { proto, .. } => Caps {
                     connect: *proto == Proto::Connect,
                     socks5: *proto == Proto::Socks5,
@@ -377,6 +394,8 @@ pub(crate) struct Env {
     pub workers: usize,
     /// Parent of every peer's config directory.
     pub tmp: PathBuf,
+    /// The certificate TLS cells serve (made when a plan has one).
+    pub pki: Option<Pki>,
 }
 
 /// A started peer; stopping happens on drop.
@@ -443,7 +462,7 @@ impl Running {
                 let proto = match want {
                     Want::Tunnel if self.caps.connect => Proto::Connect,
                     Want::Tunnel | Want::Socks5 => Proto::Socks5,
-                    Want::Connect => Proto::Connect,
+                    Want::Connect | Want::Tls => Proto::Connect,
                     Want::Forward | Want::Rotating => Proto::Forward,
                 };
                 Route::Proxy {
@@ -569,8 +588,14 @@ fn program(name: &str) -> Result<PathBuf> {
     find_program(name).ok_or_else(|| anyhow!("{name} is not installed"))
 }
 
-/// Start one peer.
-pub(crate) fn start(peer: &Peer, env: &Env) -> Result<Running> {
+/// Start one peer; `tls`: with TLS on its port (or, for HAProxy, on every
+/// frontend), serving `env.pki`.
+pub(crate) fn start(peer: &Peer, env: &Env, tls: bool) -> Result<Running> {
+    let pki = match (tls, &env.pki) {
+        (false, _) => None,
+        (true, Some(p)) => Some(p),
+        (true, None) => bail!("a TLS cell without a certificate"),
+    };
     let id = match peer {
         Peer::Builtin(id) => *id,
         Peer::External { route, pid, .. } => {
@@ -638,6 +663,13 @@ pub(crate) fn start(peer: &Peer, env: &Env) -> Result<Running> {
             } else {
                 (env.workers, pcpus)
             };
+            let tls_section = pki.map_or(String::new(), |p| {
+                format!(
+                    "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+                    p.cert.display(),
+                    p.key.display()
+                )
+            });
             let conf = dir.join("splicegate.toml");
             std::fs::write(
                 &conf,
@@ -650,6 +682,7 @@ pub(crate) fn start(peer: &Peer, env: &Env) -> Result<Running> {
                      # one load-generator address would be rate-limited otherwise\n\
                      [ebpf]\nsyn_rate = 0\n\
                      [log]\nlevel = \"warn\"\n\
+                     {tls_section}\
                      [[package]]\nid = 1\nkey = \"{SG_KEY}\"\n\
                      [[node]]\nid = \"n1\"\n{node}\ncountry = \"us\"\n"
                 ),
@@ -698,9 +731,14 @@ pub(crate) fn start(peer: &Peer, env: &Env) -> Result<Running> {
                 }
                 map.push((target, front));
                 if id == PeerId::Haproxy {
+                    // TLS terminated on the frontend (TLS 1.2 and 1.3,
+                    // tickets on: OpenSSL's defaults), as splicegate's port.
+                    let ssl = pki.map_or(String::new(), |p| {
+                        format!(" ssl crt {} alpn http/1.1", p.combined.display())
+                    });
                     writeln!(
                         conf,
-                        "listen {name}\n    bind {front}\n    server t {target}"
+                        "listen {name}\n    bind {front}{ssl}\n    server t {target}"
                     )?;
                 } else {
                     writeln!(

@@ -6,6 +6,7 @@
 
 use serde::Serialize;
 
+use crate::client::Route;
 use crate::load::{self, Latency, Mode, RunResult, Window};
 use crate::peers::{self, Env, Peer, PeerId, Want};
 
@@ -26,8 +27,9 @@ impl Cell {
             return false;
         }
         match (peer, &self.mode) {
-            // Nothing to measure without a proxy process.
-            (p, Mode::Idle { .. }) if p.is_direct() => false,
+            // Nothing to measure without a proxy process (no TLS, no
+            // handshake).
+            (p, Mode::Idle { .. } | Mode::TlsHandshake { .. }) if p.is_direct() => false,
             // Two workers are about connection setup (the workers row).
             (Peer::Builtin(PeerId::SplicegateW2), m) => matches!(m, Mode::Connrate { .. }),
             _ => true,
@@ -67,6 +69,9 @@ pub(crate) struct Summary {
     pub rate_max: Option<f64>,
     pub latency_us: Option<Latency>,
     pub cpu_per_unit: Option<f64>,
+    /// The rounds' lowest and highest proxy CPU per unit.
+    pub cpu_min: Option<f64>,
+    pub cpu_max: Option<f64>,
     pub peak_rss_kib: Option<f64>,
     pub threads: Option<f64>,
     pub max_threads: Option<u64>,
@@ -76,6 +81,13 @@ pub(crate) struct Summary {
     pub rss_per_tunnel_kib: Option<f64>,
     pub errors: u64,
     pub reconnects: u64,
+    /// TLS handshake cells: the share of the window's handshakes that
+    /// resumed, over every round, and the negotiated suite and group.
+    pub tls_resumed_share: Option<f64>,
+    pub tls_handshakes: Option<u64>,
+    pub tls_params: Option<String>,
+    /// The most CPU (% of one CPU) other processes used in a round's window.
+    pub others_cpu_pct_max: Option<f64>,
     /// The first failure, if a round failed.
     pub note: Option<String>,
 }
@@ -128,19 +140,26 @@ pub(crate) fn run(plan: &Plan, env: &Env) -> Results {
                 if plan.window.progress {
                     eprintln!("{label}");
                 }
-                let (route, result) = match peers::start(peer, env) {
+                let tls = cell.want == Want::Tls;
+                let (route, result) = match peers::start(peer, env, tls) {
                     Ok(running) => {
                         let route = running.route(cell.want);
                         let r = load::run(
                             &cell.mode,
                             &route,
                             &env.targets,
+                            env.pki.as_ref(),
                             running.measured,
                             plan.window,
                             &label,
                         );
                         drop(running);
-                        (route.label(), r)
+                        let text = match (&route, tls) {
+                            (Route::Direct, true) => "no proxy, plain TCP".to_string(),
+                            (r, true) => format!("TLS 1.3 + {}", r.label()),
+                            (r, false) => r.label(),
+                        };
+                        (text, r)
                     }
                     Err(e) => (
                         String::new(),
@@ -156,7 +175,17 @@ pub(crate) fn run(plan: &Plan, env: &Env) -> Results {
                         if result.ok { "note" } else { "FAILED" }
                     );
                 } else if plan.window.progress {
-                    eprintln!("  [{label}] {:.3} {}", result.rate, cell.mode.rate_unit());
+                    eprintln!(
+                        "  [{label}] {:.3} {}{}",
+                        result.rate,
+                        cell.mode.rate_unit(),
+                        result
+                            .others_cpu_pct
+                            .filter(|&p| p >= 5.0)
+                            .map_or(String::new(), |p| format!(
+                                " (other programs: {p:.0} % of a CPU)"
+                            ))
+                    );
                 }
                 runs.push(Outcome {
                     cell: cell.id.clone(),
@@ -186,6 +215,15 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
         v[n / 2]
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// (resumed, all) TLS handshakes counted over `runs`, if they are TLS runs.
+fn tls_total(runs: &[&RunResult]) -> Option<(u64, u64)> {
+    let seen: Vec<_> = runs.iter().filter_map(|r| r.tls.as_ref()).collect();
+    (!seen.is_empty()).then(|| {
+        seen.iter()
+            .fold((0, 0), |(r, n), t| (r + t.resumed, n + t.resumed + t.full))
     })
 }
 
@@ -232,6 +270,14 @@ fn summarize(plan: &Plan, runs: &[Outcome]) -> Vec<Summary> {
                 rate_max: rates.iter().copied().reduce(f64::max),
                 latency_us: latency,
                 cpu_per_unit: m(&|r| r.proxy.as_ref().map(|c| c.cpu_per_unit)),
+                cpu_min: ok
+                    .iter()
+                    .filter_map(|r| r.proxy.as_ref().map(|c| c.cpu_per_unit))
+                    .reduce(f64::min),
+                cpu_max: ok
+                    .iter()
+                    .filter_map(|r| r.proxy.as_ref().map(|c| c.cpu_per_unit))
+                    .reduce(f64::max),
                 peak_rss_kib: m(&|r| r.proxy.as_ref().map(|c| c.peak_rss_kib as f64)),
                 threads: m(&|r| r.proxy.as_ref().map(|c| c.threads as f64)),
                 max_threads: ok
@@ -244,6 +290,18 @@ fn summarize(plan: &Plan, runs: &[Outcome]) -> Vec<Summary> {
                 rss_per_tunnel_kib: m(&|r| r.proxy.as_ref()?.rss_per_tunnel_kib),
                 errors: mine.iter().map(|o| o.result.errors).sum(),
                 reconnects: mine.iter().map(|o| o.result.reconnects).sum(),
+                tls_resumed_share: tls_total(&ok)
+                    .filter(|&(_, n)| n > 0)
+                    .map(|(r, n)| r as f64 / n as f64),
+                tls_handshakes: tls_total(&ok).map(|(_, n)| n),
+                others_cpu_pct_max: mine
+                    .iter()
+                    .filter_map(|o| o.result.others_cpu_pct)
+                    .reduce(f64::max),
+                tls_params: ok
+                    .iter()
+                    .filter_map(|r| r.tls.as_ref().map(|t| t.params.clone()))
+                    .find(|p| !p.is_empty()),
                 note: mine.iter().find_map(|o| o.result.error.clone()),
             });
         }
@@ -304,5 +362,40 @@ mod tests {
         );
         assert!(rotating.admits(&p(PeerId::SplicegateHttp)));
         assert!(!rotating.admits(&p(PeerId::Squid)));
+        // TLS: splicegate and HAProxy; no proxy only as bulk's baseline.
+        let handshake = cell(
+            Mode::TlsHandshake {
+                conns: 1,
+                sources: 0,
+                resume: true,
+                max_ops: 1,
+            },
+            Want::Tls,
+        );
+        let bulk = cell(
+            Mode::TlsBulk {
+                streams: 1,
+                max_bytes: 1,
+            },
+            Want::Tls,
+        );
+        for c in [&handshake, &bulk] {
+            assert!(c.admits(&p(PeerId::Splicegate)));
+            assert!(c.admits(&p(PeerId::Haproxy)));
+            for other in [
+                PeerId::SplicegateHttp,
+                PeerId::SplicegateW2,
+                PeerId::Nginx,
+                PeerId::Squid,
+                PeerId::Tinyproxy,
+                PeerId::Dante,
+            ] {
+                assert!(!c.admits(&p(other)), "{other:?}");
+            }
+        }
+        assert!(!handshake.admits(&p(PeerId::Direct)));
+        assert!(bulk.admits(&p(PeerId::Direct)));
+        let url = Peer::parse("connect://127.0.0.1:1", None).unwrap();
+        assert!(!handshake.admits(&url));
     }
 }

@@ -32,7 +32,10 @@ pub(crate) struct ProcTree {
 
 struct Stat {
     ppid: u32,
+    /// Own and reaped children's CPU.
     ticks: u64,
+    /// Own CPU only.
+    own: u64,
     threads: u64,
 }
 
@@ -60,6 +63,7 @@ fn stat(pid: u32) -> Option<Stat> {
         ppid: n(1)? as u32,
         // utime, stime, cutime, cstime
         ticks: n(11)? + n(12)? + n(13)? + n(14)?,
+        own: n(11)? + n(12)?,
         threads: n(17)?,
     })
 }
@@ -133,6 +137,56 @@ impl ProcTree {
     }
 }
 
+/// CPU ticks of every program outside this process's tree (the load
+/// generator, its targets and the proxy under test), by PID: two of these
+/// around a window tell whether something else ran on the machine
+/// meanwhile (a build, another benchmark). Kernel threads are left out
+/// (ksoftirqd carries this run's own loopback traffic), and so are reaped
+/// children's times (a build's parent reaps compilers that ran mostly
+/// before the window): a program that ended within the window is missed,
+/// so this is a lower bound.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Others(HashMap<u32, u64>);
+
+impl Others {
+    pub(crate) fn now() -> Others {
+        let mine: std::collections::HashSet<u32> = ProcTree {
+            root: std::process::id(),
+        }
+        .pids()
+        .into_iter()
+        .collect();
+        let mut out = HashMap::new();
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for e in dir.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                if mine.contains(&pid) || pid == 2 {
+                    continue;
+                }
+                if let Some(st) = stat(pid)
+                    && st.ppid != 2
+                {
+                    out.insert(pid, st.own);
+                }
+            }
+        }
+        Others(out)
+    }
+
+    /// CPU seconds the others used since `before` (a process that started
+    /// meanwhile counts from zero).
+    pub(crate) fn since(&self, before: &Others) -> f64 {
+        let ticks: u64 = self
+            .0
+            .iter()
+            .map(|(pid, &t)| t.saturating_sub(before.0.get(pid).copied().unwrap_or(0)))
+            .sum();
+        ticks as f64 / clock_ticks()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,5 +198,13 @@ mod tests {
         };
         let s = t.sample().unwrap();
         assert!(s.rss_kib > 0 && s.hwm_kib >= s.rss_kib && s.threads >= 1 && s.procs >= 1);
+    }
+
+    #[test]
+    fn others_leave_this_tree_and_kernel_threads_out() {
+        let o = Others::now();
+        assert!(!o.0.contains_key(&std::process::id()));
+        assert!(!o.0.contains_key(&2));
+        assert!(o.since(&o) == 0.0);
     }
 }

@@ -58,6 +58,10 @@ pub(crate) fn cpu_model() -> String {
         .unwrap_or_default()
 }
 
+/// CPU (% of one) used by other processes in a window above which the
+/// report says the machine was not quiet.
+const NOISY_PCT: f64 = 5.0;
+
 fn mib(kib: Option<f64>) -> String {
     kib.map_or("–".into(), |k| format!("{:.1}", k / 1024.0))
 }
@@ -67,15 +71,16 @@ fn num(v: Option<f64>, digits: usize) -> String {
 }
 
 fn rate_text(mode: &Mode, v: f64) -> String {
-    match mode {
-        Mode::Bulk { .. } => format!("{v:.2}"),
-        _ => format!("{v:.0}"),
+    if mode.moves_bytes() {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.0}")
     }
 }
 
 fn cpu_text(mode: &Mode, v: Option<f64>) -> String {
     match mode {
-        Mode::Bulk { .. } => num(v, 3),
+        m if m.moves_bytes() => num(v, 3),
         Mode::Idle { .. } => num(v, 2),
         _ => num(v, 1),
     }
@@ -108,7 +113,27 @@ fn columns(mode: &Mode) -> (Vec<String>, Values) {
                 ]
             },
         ),
-        Mode::Bulk { .. } => (
+        Mode::TlsBulk { .. } => (
+            titles(&[
+                "Gbit/s",
+                "min–max",
+                "proxy CPU-s/GB",
+                "min–max",
+                "peak RSS (MiB)",
+                "threads",
+            ]),
+            |s| {
+                vec![
+                    num(s.rate, 2),
+                    format!("{}–{}", num(s.rate_min, 2), num(s.rate_max, 2)),
+                    num(s.cpu_per_unit, 3),
+                    format!("{}–{}", num(s.cpu_min, 3), num(s.cpu_max, 3)),
+                    mib(s.peak_rss_kib),
+                    num(s.threads, 0),
+                ]
+            },
+        ),
+        m if m.moves_bytes() => (
             titles(&[
                 "Gbit/s",
                 "min–max",
@@ -124,6 +149,35 @@ fn columns(mode: &Mode) -> (Vec<String>, Values) {
                     num(s.cpu_per_unit, 3),
                     mib(s.peak_rss_kib),
                     num(s.threads, 0),
+                ]
+            },
+        ),
+        Mode::TlsHandshake { .. } => (
+            titles(&[
+                "conn/s",
+                "min–max",
+                "p50 (µs)",
+                "p99",
+                "proxy CPU-µs/op",
+                "min–max",
+                "ops per proxy CPU-s",
+                "resumed",
+                "peak RSS (MiB)",
+            ]),
+            |s| {
+                let l = s.latency_us;
+                vec![
+                    num(s.rate, 0),
+                    format!("{}–{}", num(s.rate_min, 0), num(s.rate_max, 0)),
+                    num(l.map(|l| l.p50), 1),
+                    num(l.map(|l| l.p99), 1),
+                    num(s.cpu_per_unit, 1),
+                    format!("{}–{}", num(s.cpu_min, 1), num(s.cpu_max, 1)),
+                    num(s.cpu_per_unit.filter(|&c| c > 0.0).map(|c| 1e6 / c), 0),
+                    s.tls_resumed_share.map_or("–".into(), |r| {
+                        format!("{:.1} % of {}", r * 100.0, s.tls_handshakes.unwrap_or(0))
+                    }),
+                    mib(s.peak_rss_kib),
                 ]
             },
         ),
@@ -242,6 +296,23 @@ pub(crate) fn markdown(meta: &Meta, cells: &[Cell], res: &Results, plots: bool) 
                     .map(|n| format!("- {}: {} errors; first: {n}", s.peer, s.errors))
             })
             .collect();
+        notes.extend(
+            rows.iter()
+                .filter(|s| s.others_cpu_pct_max.is_some_and(|p| p >= NOISY_PCT))
+                .map(|s| {
+                    format!(
+                        "- {}: other programs on the machine used at least {:.0} % of a CPU in \
+                         a round's window (the machine was not quiet)",
+                        s.peer,
+                        s.others_cpu_pct_max.unwrap_or(0.0)
+                    )
+                }),
+        );
+        notes.extend(rows.iter().filter_map(|s| {
+            s.tls_params
+                .as_ref()
+                .map(|p| format!("- {}: TLS negotiated {p}", s.peer))
+        }));
         notes.extend(rows.iter().filter(|s| s.reconnects > 0).map(|s| {
             format!(
                 "- {}: closed kept-alive connections {} times without `Connection: close`; \

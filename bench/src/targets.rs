@@ -211,7 +211,7 @@ fn origin(mut s: TcpStream, response: &[u8]) {
 
 /// Read until `buf` holds a whole head (ending in an empty line); returns its
 /// length. Bytes past the head stay in `buf`.
-pub(crate) fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+pub(crate) fn read_head<R: Read>(s: &mut R, buf: &mut Vec<u8>) -> io::Result<usize> {
     let mut scanned = 0usize;
     loop {
         if let Some(i) = find(&buf[scanned.saturating_sub(3)..], b"\r\n\r\n") {
