@@ -1,7 +1,9 @@
 //! Flush latency of the usage ledger: N packages with traffic every round,
-//! one transaction per flush, on a store file in the temp directory.
+//! one transaction per flush, on a store file in the temp directory, or on
+//! PostgreSQL when a connection string is given as the third argument.
 //!
 //! `cargo run --release -p splicegate-admin --example flush_bench -- 10000 30`
+//! `cargo run --release -p splicegate-admin --example flush_bench -- 10000 30 "host=/tmp/pg user=postgres dbname=bench"`
 
 use std::time::Instant;
 
@@ -17,6 +19,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let packages: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1000);
     let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(30);
+    let url = args.next();
     let path =
         std::env::temp_dir().join(format!("splicegate-flush-bench-{}.db", std::process::id()));
     let mut decls = Declarations {
@@ -37,7 +40,10 @@ fn main() {
     let control = Control::open(
         ControlOptions {
             gateway_id: "local".into(),
-            store: splicegate_admin::StoreLocation::Sqlite(path.clone()),
+            store: match &url {
+                Some(u) => splicegate_admin::StoreLocation::Postgres(u.clone()),
+                None => splicegate_admin::StoreLocation::Sqlite(path.clone()),
+            },
             session_capacity: 16,
             clock,
         },
@@ -61,7 +67,8 @@ fn main() {
     times.sort();
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "{packages} packages, {rounds} flushes: p50 {:.2} ms, p90 {:.2} ms, max {:.2} ms",
+        "{} {packages} packages, {rounds} flushes: p50 {:.2} ms, p90 {:.2} ms, max {:.2} ms",
+        if url.is_some() { "postgres" } else { "sqlite" },
         ms(times[rounds / 2]),
         ms(times[rounds * 9 / 10]),
         ms(times[rounds - 1])
