@@ -394,33 +394,51 @@ impl Store for PgStore {
                 // Written before: this is a retry of a committed flush.
                 return Ok(());
             }
-            let st = tx
-                .prepare(
-                    "INSERT INTO usage (package, epoch, minute, org, bytes_up, bytes_down, requests, charged)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                     ON CONFLICT (package, epoch, minute, org) DO UPDATE SET
-                         bytes_up = usage.bytes_up + excluded.bytes_up,
-                         bytes_down = usage.bytes_down + excluded.bytes_down,
-                         requests = usage.requests + excluded.requests,
-                         charged = usage.charged + excluded.charged",
-                )
-                .map_err(pg)?;
+            // One statement for the whole flush (arrays, UNNEST): a round
+            // trip per row cost 0.8 s per flush at 10,000 packages. Rows
+            // with one key are summed first (one statement may not update a
+            // row twice).
+            let mut merged: HashMap<(u64, i64, i64, String), [u64; 4]> = HashMap::new();
             for r in &rows {
-                tx.execute(
-                    &st,
-                    &[
-                        &i(r.package),
-                        &r.epoch,
-                        &r.minute,
-                        &r.org,
-                        &i(r.bytes_up),
-                        &i(r.bytes_down),
-                        &i(r.requests),
-                        &i(r.charged),
-                    ],
-                )
-                .map_err(pg)?;
+                let m = merged
+                    .entry((r.package, r.epoch, r.minute, r.org.clone()))
+                    .or_default();
+                m[0] += r.bytes_up;
+                m[1] += r.bytes_down;
+                m[2] += r.requests;
+                m[3] += r.charged;
             }
+            let n = merged.len();
+            let (mut package, mut epoch, mut minute, mut org) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            let mut sums: [Vec<i64>; 4] = Default::default();
+            for ((p, e, m, o), v) in merged {
+                package.push(i(p));
+                epoch.push(e);
+                minute.push(m);
+                org.push(o);
+                for (col, x) in sums.iter_mut().zip(v) {
+                    col.push(i(x));
+                }
+            }
+            tx.execute(
+                "INSERT INTO usage (package, epoch, minute, org, bytes_up, bytes_down, requests, charged)
+                 SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[],
+                                      $5::BIGINT[], $6::BIGINT[], $7::BIGINT[], $8::BIGINT[])
+                 ON CONFLICT (package, epoch, minute, org) DO UPDATE SET
+                     bytes_up = usage.bytes_up + excluded.bytes_up,
+                     bytes_down = usage.bytes_down + excluded.bytes_down,
+                     requests = usage.requests + excluded.requests,
+                     charged = usage.charged + excluded.charged",
+                &[
+                    &package, &epoch, &minute, &org, &sums[0], &sums[1], &sums[2], &sums[3],
+                ],
+            )
+            .map_err(pg)?;
             tx.commit().map_err(pg)
         })
     }
