@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use splicegate_tests::gateway::temp_dir;
@@ -358,6 +358,38 @@ fn without_tls_a_client_hello_gets_an_alert() {
     );
 }
 
+/// A well-behaved client under test: curl through the HTTPS proxy at
+/// `port` (trusting `ca_pem`) in a loop from its own address until the
+/// returned flag is set; the thread returns (ok, failed).
+fn curl_loop(
+    port: u16,
+    ca_pem: std::path::PathBuf,
+    url: String,
+) -> (Arc<AtomicBool>, std::thread::JoinHandle<(u32, u32)>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let src = client_ip();
+    let thread = std::thread::spawn(move || {
+        let (mut ok, mut failed) = (0u32, 0u32);
+        while !flag.load(Ordering::SeqCst) {
+            let out = Curl::new(src)
+                .arg("--proxy")
+                .arg(&format!("https://localhost:{port}"))
+                .arg("--proxy-cacert")
+                .arg(&ca_pem.display().to_string())
+                .user(&user("country-us"), KEY)
+                .get(&url);
+            if out.code == 0 && out.last().status == 200 {
+                ok += 1;
+            } else {
+                failed += 1;
+            }
+        }
+        (ok, failed)
+    });
+    (stop, thread)
+}
+
 /// What a hostile handshake came to: the bytes the gateway sent back, and
 /// how long until it closed.
 fn hostile(addr: SocketAddr, bytes: &[u8], then_close: bool) -> (Vec<u8>, Duration) {
@@ -389,29 +421,7 @@ fn hostile_handshakes_harm_no_one() {
     let gw = Gateway::start_conf(&conf);
     let web = HttpTarget::start();
     // The well-behaved client: curl through the HTTPS proxy in a loop.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
-    let canary = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        let (port, ca_pem, url) = (gw.proxy.port(), ca.ca_pem(), web.url("/ip"));
-        let src = client_ip();
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                let out = Curl::new(src)
-                    .arg("--proxy")
-                    .arg(&format!("https://localhost:{port}"))
-                    .arg("--proxy-cacert")
-                    .arg(&ca_pem.display().to_string())
-                    .user(&user("country-us"), KEY)
-                    .get(&url);
-                if out.code == 0 && out.last().status == 200 {
-                    ok.fetch_add(1, Ordering::SeqCst);
-                } else {
-                    failed.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        })
-    };
+    let (stop, canary) = curl_loop(gw.proxy.port(), ca.ca_pem(), web.url("/ip"));
     let hello = client_hello(&["http/1.1"], false);
     let h2_only = client_hello(&["h2"], true);
     let budget = Duration::from_millis(1500 + 1000);
@@ -491,8 +501,7 @@ fn hostile_handshakes_harm_no_one() {
     }
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::SeqCst);
-    canary.join().unwrap();
-    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    let (ok, failed) = canary.join().unwrap();
     assert!(
         ok >= 5 && failed == 0,
         "the well-behaved client: {ok} ok, {failed} failed"
@@ -516,30 +525,9 @@ fn hostile_handshakes_harm_no_one() {
 fn certificate_reload_under_load() {
     let lab = Lab::start();
     let cfg_path = lab.gw.dir.join("splicegate.toml");
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
-    let mut load = Vec::new();
-    for _ in 0..2 {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        let (port, ca_pem, url) = (lab.gw.proxy.port(), lab.ca.ca_pem(), lab.web.url("/ip"));
-        let src = client_ip();
-        load.push(std::thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                let out = Curl::new(src)
-                    .arg("--proxy")
-                    .arg(&format!("https://localhost:{port}"))
-                    .arg("--proxy-cacert")
-                    .arg(&ca_pem.display().to_string())
-                    .user(&user("country-us"), KEY)
-                    .get(&url);
-                if out.code == 0 && out.last().status == 200 {
-                    ok.fetch_add(1, Ordering::SeqCst);
-                } else {
-                    failed.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        }));
-    }
+    let load: Vec<_> = (0..2)
+        .map(|_| curl_loop(lab.gw.proxy.port(), lab.ca.ca_pem(), lab.web.url("/ip")))
+        .collect();
     let expiry = || {
         sample(
             &lab.gw.metrics(),
@@ -611,11 +599,12 @@ fn certificate_reload_under_load() {
     });
     assert!(said.is_some(), "{}", lab.gw.log());
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::SeqCst);
-    for t in load {
-        t.join().unwrap();
+    let (mut ok, mut failed) = (0, 0);
+    for (stop, t) in load {
+        stop.store(true, Ordering::SeqCst);
+        let (o, f) = t.join().unwrap();
+        (ok, failed) = (ok + o, failed + f);
     }
-    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
     assert!(
         ok >= 10 && failed == 0,
         "under reloads: {ok} ok, {failed} failed"

@@ -191,6 +191,16 @@ fn map<K: std::hash::Hash + Eq>(
     rows.iter().map(|r| (key(r), r.get::<_, i64>(1))).collect()
 }
 
+/// Columns 1–4 of a row: bytes up, bytes down, requests, charged.
+fn totals(r: &postgres::Row) -> UsageTotals {
+    UsageTotals {
+        bytes_up: u(r.get(1)),
+        bytes_down: u(r.get(2)),
+        requests: u(r.get(3)),
+        charged: u(r.get(4)),
+    }
+}
+
 fn insert_grant(
     tx: &mut postgres::Transaction<'_>,
     org: &str,
@@ -471,17 +481,7 @@ impl Store for PgStore {
                 .map_err(pg)?;
             Ok(rows
                 .iter()
-                .map(|r| {
-                    (
-                        u(r.get(0)),
-                        UsageTotals {
-                            bytes_up: u(r.get(1)),
-                            bytes_down: u(r.get(2)),
-                            requests: u(r.get(3)),
-                            charged: u(r.get(4)),
-                        },
-                    )
-                })
+                .map(|r| (u(r.get(0)), totals(r)))
                 .collect())
         })
     }
@@ -560,20 +560,7 @@ impl Store for PgStore {
                     &[&i(package), &from_minute, &to_minute, &step_minutes.max(1)],
                 )
                 .map_err(pg)?;
-            Ok(rows
-                .iter()
-                .map(|r| {
-                    (
-                        r.get(0),
-                        UsageTotals {
-                            bytes_up: u(r.get(1)),
-                            bytes_down: u(r.get(2)),
-                            requests: u(r.get(3)),
-                            charged: u(r.get(4)),
-                        },
-                    )
-                })
-                .collect())
+            Ok(rows.iter().map(|r| (r.get(0), totals(r))).collect())
         })
     }
 }
