@@ -226,6 +226,10 @@ pub enum Expect {
     Close,
     /// `400 BAD_REQUEST` or nothing at all; closed within a second.
     BadOrClose,
+    /// A fatal TLS alert record with this description (SPEC 1: a
+    /// ClientHello on a port without `[tls]` gets `handshake_failure`, 40),
+    /// then close within a second.
+    TlsAlert(u8),
     /// Any answer of the gateway's but `400` (a well-formed target the
     /// pool may not be able to reach).
     NotBadRequest,
@@ -645,6 +649,22 @@ pub fn run_once(lab: &Lab, case: &Case, split: bool) -> Result<String, String> {
             let r = parse_response(&got.bytes)?;
             check_error(&r, 400, "BAD_REQUEST")?;
             Ok("400 or closed".into())
+        }
+        Expect::TlsAlert(description) => {
+            collect(&mut c, &mut got, sent + Duration::from_millis(1500), |_| {
+                false
+            });
+            let want = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, *description];
+            if got.bytes != want {
+                return Err(format!(
+                    "want the alert {want:02x?}, got {}",
+                    show(&got.bytes)
+                ));
+            }
+            if got.closed.is_none() {
+                return Err("still open after the alert".into());
+            }
+            Ok(format!("TLS alert {description}"))
         }
         Expect::NotBadRequest => {
             collect(&mut c, &mut got, soon, |b| response_len(b).is_some());

@@ -39,7 +39,10 @@ pub fn figure(text: impl AsRef<str>) {
 /// No worker blocked: no probe of the well-behaved client during the fault
 /// took as long as a node timeout (1 s here), and its p99 stayed within
 /// 2 × the p99 of the probes before and after the fault (the machine is
-/// shared: the baseline is taken on both sides).
+/// shared: the baseline is taken on both sides), plus 5 ms — or, in the
+/// bounded version that CI runs beside whatever else the 2-core machine
+/// does, plus 25 ms: one scheduling hiccup in ~100 probes is not a blocked
+/// worker, which the 1 s bound catches either way.
 #[track_caller]
 pub fn assert_not_blocked(during: &CanaryReport, before: &CanaryReport, after: &CanaryReport) {
     let mut base = before.latencies.clone();
@@ -50,8 +53,9 @@ pub fn assert_not_blocked(during: &CanaryReport, before: &CanaryReport, after: &
         worst < Duration::from_secs(1),
         "a probe of the client on another node took {worst:?}: a worker waited on the fault"
     );
+    let slack = Duration::from_millis(scaled(25, 5));
     assert!(
-        p <= p_base * 2 + Duration::from_millis(5),
+        p <= p_base * 2 + slack,
         "the client on another node slowed down: p99 {p:?} vs {p_base:?} before and after"
     );
 }
