@@ -35,6 +35,12 @@ impl Write for TryWrite<'_> {
         self.0.try_write(buf)
     }
 
+    /// rustls hands every queued record at once: one `writev` for all of
+    /// them instead of a `send` per 16 KiB record.
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.0.try_write_vectored(bufs)
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }

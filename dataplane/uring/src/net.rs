@@ -184,6 +184,12 @@ impl TcpStream {
         (&self.inner).write(buf)
     }
 
+    /// One non-blocking `writev`/`sendmsg` of several buffers in order:
+    /// `WouldBlock` when the send buffer is full.
+    pub fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        (&self.inner).write_vectored(bufs)
+    }
+
     /// Reads what is available (at least one byte, or 0 at EOF): tries
     /// `recv` first and waits for readability only on EAGAIN. Cancel-safe.
     /// Spends one operation of the task's budget: a task that has spent it
