@@ -47,6 +47,18 @@ pub use tools::{Microsocks, Tinyproxy, require_tool};
 
 use std::time::{Duration, Instant};
 
+/// Whether the tests run as root (`Uid:` of `/proc/self/status`).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|u| u.split_whitespace().next() == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
 /// Poll `f` until it returns `Some`, at most `timeout`, every `every`.
 pub fn eventually<T>(
     timeout: Duration,

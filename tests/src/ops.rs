@@ -53,19 +53,19 @@ impl Setup {
     /// A new directory; ports come from the first start (port 0). On
     /// PostgreSQL, a server of its own, started now.
     pub fn new(tag: &str) -> Setup {
-        Setup {
-            dir: temp_dir(tag),
-            ports: Mutex::new(HashMap::new()),
-            pg: store_is_postgres().then(crate::pg::Postgres::start),
-        }
+        Setup::with_store(tag, store_is_postgres())
     }
 
     /// A setup on PostgreSQL whatever `SPLICEGATE_TEST_STORE` says.
     pub fn on_postgres(tag: &str) -> Setup {
+        Setup::with_store(tag, true)
+    }
+
+    fn with_store(tag: &str, postgres: bool) -> Setup {
         Setup {
             dir: temp_dir(tag),
             ports: Mutex::new(HashMap::new()),
-            pg: Some(crate::pg::Postgres::start()),
+            pg: postgres.then(crate::pg::Postgres::start),
         }
     }
 

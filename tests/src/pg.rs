@@ -30,22 +30,11 @@ pub fn bin_dir() -> PathBuf {
         .expect("PostgreSQL is not installed: apt-get install -y postgresql")
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 /// `program` from PostgreSQL's bin directory, as the `postgres` user when
 /// we are root.
 fn pg_command(program: &str) -> Command {
     let path = bin_dir().join(program);
-    if is_root() {
+    if crate::is_root() {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"]).arg(path);
         c
@@ -66,7 +55,7 @@ impl Postgres {
     /// within 30 s.
     pub fn start() -> Postgres {
         let dir = temp_dir("pg");
-        if is_root() {
+        if crate::is_root() {
             let ok = Command::new("chown")
                 .arg("postgres:postgres")
                 .arg(&dir)

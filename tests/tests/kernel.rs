@@ -99,15 +99,7 @@ fn served_within(src: Ipv4Addr, dst: SocketAddr, limit: Duration) {
 
 /// Whether the kernel tests can run here; `None` means skip.
 fn can_attach() -> Option<()> {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|u| u.split_whitespace().next() == Some("0"))
-        })
-        .unwrap_or(false);
-    if root {
+    if splicegate_tests::is_root() {
         return Some(());
     }
     if std::env::var_os("SPLICEGATE_REQUIRE_BPF").is_some_and(|v| v == "1") {

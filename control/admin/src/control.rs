@@ -90,21 +90,21 @@ struct Batch {
 /// The keys of this process's flushes: the gateway's id, a boot id drawn
 /// at start, and a sequence.
 #[derive(Debug)]
-struct FlushKey {
+struct FlushKeys {
     gateway: String,
     boot: i64,
     seq: i64,
 }
 
-impl FlushKey {
-    fn new(gateway: &str) -> FlushKey {
+impl FlushKeys {
+    fn new(gateway: &str) -> FlushKeys {
         // A boot id no other start of this gateway shares: the clock's
         // nanoseconds and the pid.
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         let boot = (nanos ^ (u64::from(std::process::id()) << 32)) & (i64::MAX as u64);
-        FlushKey {
+        FlushKeys {
             gateway: gateway.to_string(),
             boot: boot as i64,
             seq: 0,
@@ -142,7 +142,7 @@ struct Inner {
     /// epoch, minute and organisation: bounded by those, not by time.
     waiting: BTreeMap<(u64, i64, i64, String), UsageRow>,
     /// This process's flush keys.
-    flush_key: FlushKey,
+    flush_key: FlushKeys,
     /// Usage epoch per package (0 until its first reset).
     epochs: HashMap<u64, i64>,
 }
@@ -351,7 +351,7 @@ impl Control {
             ledger: Ledger::default(),
             attempted: None,
             waiting: BTreeMap::new(),
-            flush_key: FlushKey::new(&opts.gateway_id),
+            flush_key: FlushKeys::new(&opts.gateway_id),
             epochs,
         };
         for s in inner.shadowed() {

@@ -86,7 +86,6 @@ pub(crate) fn redact(url: &str) -> String {
 #[derive(Debug)]
 pub struct PgStore {
     jobs: mpsc::Sender<Job>,
-    url: String,
 }
 
 impl PgStore {
@@ -107,10 +106,7 @@ impl PgStore {
                 }
             })
             .map_err(|e| StoreError::Postgres(format!("store thread: {e}")))?;
-        let store = PgStore {
-            jobs: tx,
-            url: redact(url),
-        };
+        let store = PgStore { jobs: tx };
         store.migrate(MIGRATIONS)?;
         Ok(store)
     }
@@ -562,12 +558,6 @@ impl Store for PgStore {
                 .map_err(pg)?;
             Ok(rows.iter().map(|r| (r.get(0), totals(r))).collect())
         })
-    }
-}
-
-impl std::fmt::Display for PgStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.url)
     }
 }
 
