@@ -24,6 +24,7 @@
 //! SOCKS5 replies lives in the control plane's catalogue, not here.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod http;
 pub mod node;
 pub mod socks5;
