@@ -153,6 +153,68 @@ pub fn catalogue_name(field: &'static str, n: &str) -> Result<(), DeclError> {
     }
 }
 
+/// The catalogue form of a name a device announces or a lookup gives
+/// (`"New York"`, `"Saint-Étienne"`, `"Comcast Cable"`): ASCII lowercase,
+/// common Latin accents folded (`é` → `e`, `ß` → `ss`), apostrophes dropped,
+/// every other run of characters that are not letters or digits one `_`,
+/// none at either end (`new_york`, `saint_etienne`, `comcast_cable`). The
+/// result may still be refused by [`catalogue_name`] (empty, too long).
+pub fn normalise_name(raw: &str) -> String {
+    fn push(out: &mut String, s: &str, gap: &mut bool) {
+        if *gap && !out.is_empty() {
+            out.push('_');
+        }
+        *gap = false;
+        out.push_str(s);
+    }
+    let mut out = String::with_capacity(raw.len());
+    let mut gap = false;
+    for c in raw.chars() {
+        let lower = c.to_ascii_lowercase();
+        if lower.is_ascii_lowercase() || lower.is_ascii_digit() {
+            let mut b = [0u8; 4];
+            push(&mut out, lower.encode_utf8(&mut b), &mut gap);
+        } else if matches!(c, '\'' | '\u{2019}' | '`') {
+            // "Land's End" → lands_end
+        } else if let Some(folded) = fold_accent(c) {
+            push(&mut out, folded, &mut gap);
+        } else {
+            gap = true;
+        }
+    }
+    out
+}
+
+/// A Latin letter with a diacritic (or a ligature) as ASCII.
+fn fold_accent(c: char) -> Option<&'static str> {
+    Some(match c.to_lowercase().next().unwrap_or(c) {
+        'à' | 'á' | 'â' | 'ã' | 'ä' | 'å' | 'ā' | 'ă' | 'ą' => "a",
+        'æ' => "ae",
+        'ç' | 'ć' | 'ĉ' | 'ċ' | 'č' => "c",
+        'ď' | 'đ' | 'ð' => "d",
+        'è' | 'é' | 'ê' | 'ë' | 'ē' | 'ĕ' | 'ė' | 'ę' | 'ě' => "e",
+        'ĝ' | 'ğ' | 'ġ' | 'ģ' => "g",
+        'ĥ' | 'ħ' => "h",
+        'ì' | 'í' | 'î' | 'ï' | 'ĩ' | 'ī' | 'ĭ' | 'į' | 'ı' => "i",
+        'ĵ' => "j",
+        'ķ' => "k",
+        'ĺ' | 'ļ' | 'ľ' | 'ŀ' | 'ł' => "l",
+        'ñ' | 'ń' | 'ņ' | 'ň' => "n",
+        'ò' | 'ó' | 'ô' | 'õ' | 'ö' | 'ø' | 'ō' | 'ŏ' | 'ő' => "o",
+        'œ' => "oe",
+        'ŕ' | 'ŗ' | 'ř' => "r",
+        'ś' | 'ŝ' | 'ş' | 'š' | 'ș' => "s",
+        'ß' => "ss",
+        'ţ' | 'ť' | 'ŧ' | 'ț' => "t",
+        'þ' => "th",
+        'ù' | 'ú' | 'û' | 'ü' | 'ũ' | 'ū' | 'ŭ' | 'ů' | 'ű' | 'ų' => "u",
+        'ŵ' => "w",
+        'ý' | 'ÿ' | 'ŷ' => "y",
+        'ź' | 'ż' | 'ž' => "z",
+        _ => return None,
+    })
+}
+
 /// A package's fields; every one optional (create fills defaults, PATCH
 /// changes what is given). The store keeps the full set with
 /// `price_micro_per_gb`.

@@ -140,3 +140,27 @@ fn the_file_reads_the_same_schema() {
         toml::from_str("id = \"a\"\nkind = \"socks5\"\naddr = \"127.0.0.1:1080\"\n").unwrap();
     assert_eq!(n.to_decl().unwrap().kind, NodeKind::Socks5);
 }
+
+#[test]
+fn announced_names_take_the_catalogue_form() {
+    for (raw, want) in [
+        ("New York", "new_york"),
+        ("new_york", "new_york"),
+        ("Saint-Étienne", "saint_etienne"),
+        ("  São Paulo  ", "sao_paulo"),
+        ("Zürich", "zurich"),
+        ("Land's End", "lands_end"),
+        ("AT&T Services, Inc.", "at_t_services_inc"),
+        ("Deutsche Telekom AG", "deutsche_telekom_ag"),
+        ("Łódź", "lodz"),
+        ("Straße", "strasse"),
+        ("東京", ""),
+        ("--", ""),
+    ] {
+        let got = normalise_name(raw);
+        assert_eq!(got, want, "{raw:?}");
+        if !got.is_empty() {
+            catalogue_name("city", &got).unwrap();
+        }
+    }
+}
