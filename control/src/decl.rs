@@ -18,7 +18,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::geo::Country;
 use crate::limits::credits_to_micro;
-use crate::nodes::{NodeDecl, NodeKind, NodeState};
+use crate::nodes::{NodeDecl, NodeKind, NodeState, hash_agent_key, hash_from_hex, hash_to_hex};
 use crate::policy::{AuthMode, MAX_KEY, PackageDecl, PackageStatus, Protocol, ProtocolSet};
 use crate::rules::{Feature, FeatureSet, Network, NetworkSet};
 
@@ -121,7 +121,7 @@ named!(Protocol, "protocol", "http, https or socks5");
 named!(Network, "network", "res, mob or dc");
 named!(Feature, "feature", "city, region, isp, asn, bind or prefer");
 named!(AuthMode, "auth", "password, ip or password+ip");
-named!(NodeKind, "kind", "http, socks5 or direct");
+named!(NodeKind, "kind", "http, socks5, direct or agent");
 named!(NodeState, "state", "online, draining or offline");
 named!(@parse Country, "country", "a lowercase ISO 3166-1 alpha-2 code");
 
@@ -390,7 +390,8 @@ pub fn check_key(k: &str) -> Result<(), DeclError> {
 }
 
 /// A node's fields; every one optional (create needs `id` and `kind`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// `Debug` shows neither the password nor the key.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeFields {
     /// The operator's id.
@@ -468,6 +469,37 @@ pub struct NodeFields {
     /// `online` (default), `draining`, `offline`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state: Option<NodeState>,
+    /// An agent node's key, as the file and the API give it: hashed into the
+    /// declaration at once and never written out (not serialised).
+    #[serde(default, skip_serializing)]
+    pub key: Option<String>,
+    /// The hex SHA-256 of an agent node's key: what the store keeps; the
+    /// file and the API may give it instead of `key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_hash: Option<String>,
+}
+
+impl fmt::Debug for NodeFields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hidden = |v: bool| v.then_some("***");
+        f.debug_struct("NodeFields")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("addr", &self.addr)
+            .field("bind", &self.bind)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|p| hidden(p.is_some())))
+            .field("country", &self.country)
+            .field("region", &self.region)
+            .field("city", &self.city)
+            .field("isp", &self.isp)
+            .field("asn", &self.asn)
+            .field("network", &self.network)
+            .field("state", &self.state)
+            .field("key", &hidden(self.key.is_some()))
+            .field("key_hash", &hidden(self.key_hash.is_some()))
+            .finish()
+    }
 }
 
 impl NodeFields {
@@ -487,6 +519,8 @@ impl NodeFields {
             asn: Some(d.asn),
             network: Some(d.network),
             state: Some(d.state),
+            key: None,
+            key_hash: d.key_hash.as_ref().map(hash_to_hex),
         }
     }
 
@@ -553,6 +587,28 @@ impl NodeFields {
         if let Some(s) = self.state {
             d.state = s;
         }
+        match (&self.key, &self.key_hash) {
+            (Some(_), Some(_)) => {
+                return Err(DeclError::field("key", "give key or key_hash, not both"));
+            }
+            (Some(k), None) => {
+                check_key(k)?;
+                d.key_hash = Some(hash_agent_key(k));
+            }
+            (None, Some(h)) => {
+                d.key_hash = Some(hash_from_hex(h).ok_or_else(|| {
+                    DeclError::field("key_hash", "64 hex digits: the SHA-256 of the key")
+                })?);
+            }
+            (None, None) => {}
+        }
+        if d.kind != NodeKind::Agent {
+            if self.key.is_some() || self.key_hash.is_some() {
+                return Err(DeclError::field("key", "only an agent node has a key"));
+            }
+            // A node that stops being an agent forgets its key.
+            d.key_hash = None;
+        }
         d.validate()
     }
 
@@ -579,6 +635,7 @@ impl NodeFields {
             network: Network::Res,
             state: NodeState::Online,
             from_file: false,
+            key_hash: None,
         };
         self.apply(&mut d).map_err(within)?;
         Ok(d)
