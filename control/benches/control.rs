@@ -209,6 +209,7 @@ fn node_decls() -> Vec<NodeDecl> {
                     NodeState::Online
                 },
                 from_file: false,
+                key_hash: None,
             }
         })
         .collect()

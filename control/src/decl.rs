@@ -18,7 +18,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::geo::Country;
 use crate::limits::credits_to_micro;
-use crate::nodes::{NodeDecl, NodeKind, NodeState};
+use crate::nodes::{NodeDecl, NodeKind, NodeState, hash_agent_key, hash_from_hex, hash_to_hex};
 use crate::policy::{AuthMode, MAX_KEY, PackageDecl, PackageStatus, Protocol, ProtocolSet};
 use crate::rules::{Feature, FeatureSet, Network, NetworkSet};
 
@@ -121,7 +121,7 @@ named!(Protocol, "protocol", "http, https or socks5");
 named!(Network, "network", "res, mob or dc");
 named!(Feature, "feature", "city, region, isp, asn, bind or prefer");
 named!(AuthMode, "auth", "password, ip or password+ip");
-named!(NodeKind, "kind", "http, socks5 or direct");
+named!(NodeKind, "kind", "http, socks5, direct or agent");
 named!(NodeState, "state", "online, draining or offline");
 named!(@parse Country, "country", "a lowercase ISO 3166-1 alpha-2 code");
 
@@ -151,6 +151,68 @@ pub fn catalogue_name(field: &'static str, n: &str) -> Result<(), DeclError> {
             ),
         ))
     }
+}
+
+/// The catalogue form of a name a device announces or a lookup gives
+/// (`"New York"`, `"Saint-Étienne"`, `"Comcast Cable"`): ASCII lowercase,
+/// common Latin accents folded (`é` → `e`, `ß` → `ss`), apostrophes dropped,
+/// every other run of characters that are not letters or digits one `_`,
+/// none at either end (`new_york`, `saint_etienne`, `comcast_cable`). The
+/// result may still be refused by [`catalogue_name`] (empty, too long).
+pub fn normalise_name(raw: &str) -> String {
+    fn push(out: &mut String, s: &str, gap: &mut bool) {
+        if *gap && !out.is_empty() {
+            out.push('_');
+        }
+        *gap = false;
+        out.push_str(s);
+    }
+    let mut out = String::with_capacity(raw.len());
+    let mut gap = false;
+    for c in raw.chars() {
+        let lower = c.to_ascii_lowercase();
+        if lower.is_ascii_lowercase() || lower.is_ascii_digit() {
+            let mut b = [0u8; 4];
+            push(&mut out, lower.encode_utf8(&mut b), &mut gap);
+        } else if matches!(c, '\'' | '\u{2019}' | '`') {
+            // "Land's End" → lands_end
+        } else if let Some(folded) = fold_accent(c) {
+            push(&mut out, folded, &mut gap);
+        } else {
+            gap = true;
+        }
+    }
+    out
+}
+
+/// A Latin letter with a diacritic (or a ligature) as ASCII.
+fn fold_accent(c: char) -> Option<&'static str> {
+    Some(match c.to_lowercase().next().unwrap_or(c) {
+        'à' | 'á' | 'â' | 'ã' | 'ä' | 'å' | 'ā' | 'ă' | 'ą' => "a",
+        'æ' => "ae",
+        'ç' | 'ć' | 'ĉ' | 'ċ' | 'č' => "c",
+        'ď' | 'đ' | 'ð' => "d",
+        'è' | 'é' | 'ê' | 'ë' | 'ē' | 'ĕ' | 'ė' | 'ę' | 'ě' => "e",
+        'ĝ' | 'ğ' | 'ġ' | 'ģ' => "g",
+        'ĥ' | 'ħ' => "h",
+        'ì' | 'í' | 'î' | 'ï' | 'ĩ' | 'ī' | 'ĭ' | 'į' | 'ı' => "i",
+        'ĵ' => "j",
+        'ķ' => "k",
+        'ĺ' | 'ļ' | 'ľ' | 'ŀ' | 'ł' => "l",
+        'ñ' | 'ń' | 'ņ' | 'ň' => "n",
+        'ò' | 'ó' | 'ô' | 'õ' | 'ö' | 'ø' | 'ō' | 'ŏ' | 'ő' => "o",
+        'œ' => "oe",
+        'ŕ' | 'ŗ' | 'ř' => "r",
+        'ś' | 'ŝ' | 'ş' | 'š' | 'ș' => "s",
+        'ß' => "ss",
+        'ţ' | 'ť' | 'ŧ' | 'ț' => "t",
+        'þ' => "th",
+        'ù' | 'ú' | 'û' | 'ü' | 'ũ' | 'ū' | 'ŭ' | 'ů' | 'ű' | 'ų' => "u",
+        'ŵ' => "w",
+        'ý' | 'ÿ' | 'ŷ' => "y",
+        'ź' | 'ż' | 'ž' => "z",
+        _ => return None,
+    })
 }
 
 /// A package's fields; every one optional (create fills defaults, PATCH
@@ -328,7 +390,8 @@ pub fn check_key(k: &str) -> Result<(), DeclError> {
 }
 
 /// A node's fields; every one optional (create needs `id` and `kind`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// `Debug` shows neither the password nor the key.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeFields {
     /// The operator's id.
@@ -406,6 +469,37 @@ pub struct NodeFields {
     /// `online` (default), `draining`, `offline`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state: Option<NodeState>,
+    /// An agent node's key, as the file and the API give it: hashed into the
+    /// declaration at once and never written out (not serialised).
+    #[serde(default, skip_serializing)]
+    pub key: Option<String>,
+    /// The hex SHA-256 of an agent node's key: what the store keeps; the
+    /// file and the API may give it instead of `key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_hash: Option<String>,
+}
+
+impl fmt::Debug for NodeFields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hidden = |v: bool| v.then_some("***");
+        f.debug_struct("NodeFields")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("addr", &self.addr)
+            .field("bind", &self.bind)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|p| hidden(p.is_some())))
+            .field("country", &self.country)
+            .field("region", &self.region)
+            .field("city", &self.city)
+            .field("isp", &self.isp)
+            .field("asn", &self.asn)
+            .field("network", &self.network)
+            .field("state", &self.state)
+            .field("key", &hidden(self.key.is_some()))
+            .field("key_hash", &hidden(self.key_hash.is_some()))
+            .finish()
+    }
 }
 
 impl NodeFields {
@@ -425,6 +519,8 @@ impl NodeFields {
             asn: Some(d.asn),
             network: Some(d.network),
             state: Some(d.state),
+            key: None,
+            key_hash: d.key_hash.as_ref().map(hash_to_hex),
         }
     }
 
@@ -491,6 +587,28 @@ impl NodeFields {
         if let Some(s) = self.state {
             d.state = s;
         }
+        match (&self.key, &self.key_hash) {
+            (Some(_), Some(_)) => {
+                return Err(DeclError::field("key", "give key or key_hash, not both"));
+            }
+            (Some(k), None) => {
+                check_key(k)?;
+                d.key_hash = Some(hash_agent_key(k));
+            }
+            (None, Some(h)) => {
+                d.key_hash = Some(hash_from_hex(h).ok_or_else(|| {
+                    DeclError::field("key_hash", "64 hex digits: the SHA-256 of the key")
+                })?);
+            }
+            (None, None) => {}
+        }
+        if d.kind != NodeKind::Agent {
+            if self.key.is_some() || self.key_hash.is_some() {
+                return Err(DeclError::field("key", "only an agent node has a key"));
+            }
+            // A node that stops being an agent forgets its key.
+            d.key_hash = None;
+        }
         d.validate()
     }
 
@@ -517,6 +635,7 @@ impl NodeFields {
             network: Network::Res,
             state: NodeState::Online,
             from_file: false,
+            key_hash: None,
         };
         self.apply(&mut d).map_err(within)?;
         Ok(d)

@@ -120,10 +120,13 @@ impl Engine {
         self.policy.load_full()
     }
 
-    /// Publish a new snapshot; the next request sees it.
+    /// Publish a new snapshot; the next request sees it. Agent nodes whose
+    /// device connected or left while the snapshot was built are brought in
+    /// line at once.
     pub fn publish(&self, policy: Policy) {
         self.policy.store(Arc::new(policy));
         self.generation.fetch_add(1, Ordering::Release);
+        self.policy().nodes.sync_agents();
     }
 
     /// How many snapshots were published (a file reload, an API change, and
@@ -240,13 +243,16 @@ impl Engine {
     }
 
     /// Periodic upkeep, called about once a second by the binary: expired
-    /// sessions leave the table, and node failures with none after them for
-    /// [`crate::nodes::FAILURE_MEMORY`] are forgotten. Returns the live
-    /// sessions.
+    /// sessions leave the table, node failures with none after them for
+    /// [`crate::nodes::FAILURE_MEMORY`] are forgotten, and agent nodes'
+    /// selection is checked against their presence
+    /// ([`NodePool::sync_agents`]). Returns the live sessions.
     pub fn housekeeping(&self, now: Now) -> usize {
         let last = self.last_upkeep.swap(now.0, Ordering::Relaxed);
         if now.0.saturating_sub(last) >= 1_000_000_000 {
-            self.policy().nodes.forget_failures(now);
+            let policy = self.policy();
+            policy.nodes.forget_failures(now);
+            policy.nodes.sync_agents();
         } else {
             self.last_upkeep.store(last, Ordering::Relaxed);
         }

@@ -6,6 +6,13 @@
 //! (load = active tunnels, plus a penalty per recent failure). State changes
 //! update one selectable bitmap; the index is not rebuilt. Node indices are
 //! stable for the life of the process: removal leaves a tombstone.
+//!
+//! Nodes of kind `agent` are devices that dialled out to the gateway: such a
+//! node is selectable only while its device is connected
+//! ([`NodePool::agent_up`], [`NodePool::agent_down`]); its presence and live
+//! figures ([`AgentPresence`]) live on its [`NodeRuntime`], so they survive
+//! rebuilds. Its key is kept as a SHA-256 ([`hash_agent_key`]), never in
+//! plaintext.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -14,8 +21,9 @@ use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use roaring::RoaringBitmap;
+use subtle::ConstantTimeEq;
 
 use crate::Now;
 use crate::catalog::{Code, Rejection};
@@ -35,13 +43,49 @@ pub enum NodeKind {
     Socks5,
     /// The gateway connects itself, from the node's `bind` address.
     Direct,
+    /// A device that dialled out to the gateway (an agent): the gateway
+    /// opens a stream over the device's connection and the device connects
+    /// to the target from its own network. No address, no bind, never
+    /// probed: selectable while its device is connected.
+    Agent,
 }
 
 names!(NodeKind {
     Http => "http",
     Socks5 => "socks5",
     Direct => "direct",
+    Agent => "agent",
 });
+
+/// The SHA-256 of an agent key: what a node, its declaration and the store
+/// keep instead of the key.
+pub fn hash_agent_key(key: &str) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// A key hash as lowercase hex (the store's form).
+pub(crate) fn hash_to_hex(h: &[u8; 32]) -> String {
+    let mut s = String::with_capacity(64);
+    for b in h {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// A key hash from 64 hex digits.
+pub(crate) fn hash_from_hex(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = [0u8; 32];
+    for (i, pair) in b.chunks_exact(2).enumerate() {
+        out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(out)
+}
 
 /// A node's state as selection sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -80,9 +124,17 @@ pub struct NodeRuntime {
     recent_failures: AtomicU32,
     /// When the last failure was seen ([`Now`] nanoseconds).
     failed_at: AtomicU64,
+    /// An agent node's device: connected or not, and its live figures.
+    agent: AgentPresence,
 }
 
 impl NodeRuntime {
+    /// An agent node's presence and live figures (never connected for
+    /// other kinds).
+    pub fn agent(&self) -> &AgentPresence {
+        &self.agent
+    }
+
     /// Open tunnels through the node.
     pub fn active(&self) -> u32 {
         self.active.load(Ordering::Relaxed)
@@ -149,8 +201,161 @@ impl Drop for TunnelGuard {
     }
 }
 
-/// One exit.
+/// Generations of agent connections: one number per connection, unique in
+/// the process (so a late `agent_down` of an old connection can never match
+/// a new one, even across pool rebuilds or a node deleted and created
+/// again).
+static AGENT_GENERATIONS: AtomicU64 = AtomicU64::new(1);
+
+/// Longest agent version string kept (the device announces it).
+pub const MAX_AGENT_VERSION: usize = 64;
+
+/// One connection of an agent's device.
 #[derive(Debug)]
+struct AgentConn {
+    generation: u64,
+    since_unix_ms: u64,
+    addr: SocketAddr,
+    version: Box<str>,
+}
+
+/// An agent node's device as the gateway sees it: whether it is connected
+/// (and since when, from where, which version), and live figures the
+/// gateway's threads update without locks: open streams, bytes each way on
+/// the current connection, the last heartbeat round trip.
+///
+/// Connecting and disconnecting go through [`NodePool::agent_up`] and
+/// [`NodePool::agent_down`], which also update selection.
+#[derive(Debug, Default)]
+pub struct AgentPresence {
+    /// The current connection; readers never block.
+    conn: ArcSwapOption<AgentConn>,
+    /// Serialises connect and disconnect (rare); readers never take it.
+    writer: Mutex<()>,
+    /// Streams open now (every connection's: an old connection's streams
+    /// close after a reconnect).
+    streams: AtomicU64,
+    /// Client → target bytes on the current connection.
+    bytes_up: AtomicU64,
+    /// Target → client bytes on the current connection.
+    bytes_down: AtomicU64,
+    /// The last heartbeat round trip, microseconds (0: none yet).
+    rtt_us: AtomicU64,
+}
+
+/// What [`AgentPresence::snapshot`] shows of a connected agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentSnapshot {
+    /// When the current connection came up (Unix milliseconds).
+    pub since_unix_ms: u64,
+    /// The address the device connected from.
+    pub addr: SocketAddr,
+    /// Streams open now.
+    pub streams: u64,
+    /// Client → target bytes on this connection.
+    pub bytes_up: u64,
+    /// Target → client bytes on this connection.
+    pub bytes_down: u64,
+    /// The last heartbeat round trip in milliseconds (0 before the first).
+    pub rtt_ms: f64,
+    /// The version the device announced.
+    pub version: String,
+}
+
+impl AgentPresence {
+    /// Count bytes relayed through the device (`up`: client to target).
+    pub fn add_bytes(&self, up: u64, down: u64) {
+        if up != 0 {
+            self.bytes_up.fetch_add(up, Ordering::Relaxed);
+        }
+        if down != 0 {
+            self.bytes_down.fetch_add(down, Ordering::Relaxed);
+        }
+    }
+
+    /// Count a stream opened to the device.
+    pub fn stream_opened(&self) {
+        self.streams.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Count a stream closed (never below zero).
+    pub fn stream_closed(&self) {
+        let _ = self
+            .streams
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// Record a heartbeat's round trip.
+    pub fn set_rtt_us(&self, us: u64) {
+        self.rtt_us.store(us, Ordering::Relaxed);
+    }
+
+    /// Whether the device is connected now.
+    pub fn is_connected(&self) -> bool {
+        self.conn.load().is_some()
+    }
+
+    /// The address the device connected from, while it is connected.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.conn.load().as_ref().map(|c| c.addr)
+    }
+
+    /// The connection's figures, or `None` while the device is not connected.
+    pub fn snapshot(&self) -> Option<AgentSnapshot> {
+        let conn = self.conn.load_full()?;
+        Some(AgentSnapshot {
+            since_unix_ms: conn.since_unix_ms,
+            addr: conn.addr,
+            streams: self.streams.load(Ordering::Relaxed),
+            bytes_up: self.bytes_up.load(Ordering::Relaxed),
+            bytes_down: self.bytes_down.load(Ordering::Relaxed),
+            rtt_ms: self.rtt_us.load(Ordering::Relaxed) as f64 / 1000.0,
+            version: conn.version.to_string(),
+        })
+    }
+
+    /// A new connection replaces whatever was there; its byte counts and
+    /// round trip start over. Returns its generation.
+    fn up(&self, addr: SocketAddr, version: &str, unix_ms: u64) -> u64 {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let generation = AGENT_GENERATIONS.fetch_add(1, Ordering::Relaxed);
+        // Announced by the device: printable, bounded.
+        let mut v = String::new();
+        for c in version.chars().filter(|c| !c.is_control()) {
+            if v.len() + c.len_utf8() > MAX_AGENT_VERSION {
+                break;
+            }
+            v.push(c);
+        }
+        self.bytes_up.store(0, Ordering::Relaxed);
+        self.bytes_down.store(0, Ordering::Relaxed);
+        self.rtt_us.store(0, Ordering::Relaxed);
+        self.conn.store(Some(Arc::new(AgentConn {
+            generation,
+            since_unix_ms: unix_ms,
+            addr: SocketAddr::new(addr.ip().to_canonical(), addr.port()),
+            version: v.into(),
+        })));
+        generation
+    }
+
+    /// The connection of `generation` ended: disconnected, unless another
+    /// connection replaced it already. Returns whether it was the current one.
+    fn down(&self, generation: u64) -> bool {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self
+            .conn
+            .load()
+            .as_ref()
+            .is_some_and(|c| c.generation == generation);
+        if current {
+            self.conn.store(None);
+        }
+        current
+    }
+}
+
+/// One exit.
 pub struct Node {
     /// The operator's id (`us-ny-1`).
     pub id: Box<str>,
@@ -176,23 +381,66 @@ pub struct Node {
     pub network: Network,
     /// Whether the config file declares it (the API may not change it).
     pub from_file: bool,
+    /// An agent node's key, hashed ([`hash_agent_key`]).
+    pub key_hash: Option<[u8; 32]>,
     /// Live state, shared across rebuilds.
     pub runtime: Arc<NodeRuntime>,
 }
 
+/// Neither the upstream password nor the key hash.
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("addr", &self.addr)
+            .field("bind", &self.bind)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|(u, _)| (u, "***")),
+            )
+            .field("country", &self.country)
+            .field("region", &self.region)
+            .field("city", &self.city)
+            .field("isp", &self.isp)
+            .field("asn", &self.asn)
+            .field("network", &self.network)
+            .field("from_file", &self.from_file)
+            .field("key_hash", &self.key_hash.map(|_| "***"))
+            .field("runtime", &self.runtime)
+            .finish()
+    }
+}
+
 impl Node {
-    /// The address targets see: the bind address of a direct node, else the proxy's.
+    /// The address targets see: the bind address of a direct node, the
+    /// address an agent connected from (while it is connected), else the
+    /// proxy's.
     pub fn exit_ip(&self) -> Option<IpAddr> {
-        self.bind.or(self.addr.map(|a| a.ip()))
+        match self.kind {
+            NodeKind::Agent => self.runtime.agent.addr().map(|a| a.ip()),
+            _ => self.bind.or(self.addr.map(|a| a.ip())),
+        }
     }
 
-    /// The node's state as selection sees it.
+    /// The node's state as selection sees it: the operator's offline wins,
+    /// then health (for an agent node: whether its device is connected),
+    /// then the operator's draining.
     pub fn state(&self) -> NodeState {
-        match self.runtime.admin.load(Ordering::Relaxed) {
-            ADMIN_OFFLINE | ADMIN_REMOVED => NodeState::Offline,
-            _ if self.runtime.is_unhealthy() => NodeState::Offline,
-            ADMIN_DRAINING => NodeState::Draining,
-            _ => NodeState::Online,
+        let admin = self.runtime.admin.load(Ordering::Relaxed);
+        if matches!(admin, ADMIN_OFFLINE | ADMIN_REMOVED) {
+            return NodeState::Offline;
+        }
+        let out = match self.kind {
+            NodeKind::Agent => !self.runtime.agent.is_connected(),
+            _ => self.runtime.is_unhealthy(),
+        };
+        if out {
+            NodeState::Offline
+        } else if admin == ADMIN_DRAINING {
+            NodeState::Draining
+        } else {
+            NodeState::Online
         }
     }
 
@@ -213,6 +461,18 @@ impl Node {
     /// Whether an existing session may keep using the node.
     pub fn serves_sessions(&self) -> bool {
         self.state() != NodeState::Offline
+    }
+
+    /// Whether `presented` is this agent node's key, compared in constant
+    /// time (as hashes). False for a node that is not an agent, has no key,
+    /// or was deleted.
+    pub fn agent_key_matches(&self, presented: &str) -> bool {
+        match (self.kind, &self.key_hash) {
+            (NodeKind::Agent, Some(h)) if !self.is_removed() => {
+                bool::from(hash_agent_key(presented).ct_eq(h))
+            }
+            _ => false,
+        }
     }
 }
 
@@ -274,6 +534,9 @@ pub struct NodePool {
     selectable: ArcSwap<RoaringBitmap>,
     /// Serialises writers of `selectable`.
     state_lock: Mutex<()>,
+    /// Nodes of kind `agent` (their exit address moves with their
+    /// connection, so they are not in `subnet`).
+    agents: RoaringBitmap,
 }
 
 fn subnet_key(ip: IpAddr) -> u64 {
@@ -289,9 +552,12 @@ const SAMPLE_TRIES: usize = 64;
 const FRESH_DRAWS: usize = 6;
 /// How long a node's failures weigh on selection when no other follows.
 pub const FAILURE_MEMORY: Duration = Duration::from_secs(10);
+/// Agent nodes a lookalike pick looks at for the old node's exit subnet
+/// (their addresses are read one by one, so the look is bounded).
+const LOOKALIKE_AGENT_SCAN: usize = 4096;
 
 /// The declaration of a node, as the config file and the admin API give it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct NodeDecl {
     /// The operator's id.
     pub id: String,
@@ -319,16 +585,49 @@ pub struct NodeDecl {
     pub state: NodeState,
     /// Declared in the config file.
     pub from_file: bool,
+    /// An agent node's key, hashed ([`hash_agent_key`]); the plaintext is
+    /// never kept.
+    pub key_hash: Option<[u8; 32]>,
+}
+
+/// Neither the upstream password nor the key hash.
+impl std::fmt::Debug for NodeDecl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeDecl")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("addr", &self.addr)
+            .field("bind", &self.bind)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|(u, _)| (u, "***")),
+            )
+            .field("country", &self.country)
+            .field("region", &self.region)
+            .field("city", &self.city)
+            .field("isp", &self.isp)
+            .field("asn", &self.asn)
+            .field("network", &self.network)
+            .field("state", &self.state)
+            .field("from_file", &self.from_file)
+            .field("key_hash", &self.key_hash.map(|_| "***"))
+            .finish()
+    }
 }
 
 impl NodeDecl {
-    /// Check what a kind needs: `http`/`socks5` an address, `direct` a bind address.
+    /// Check what a kind needs: `http`/`socks5` an address, `direct` a bind
+    /// address, `agent` a key and neither address nor upstream credentials;
+    /// only an agent has a key.
     pub fn validate(&self) -> Result<(), DeclError> {
         if self.id.is_empty() || self.id.len() > MAX_NAME {
             return Err(DeclError::field(
                 "id",
                 format!("a node id is 1 to {MAX_NAME} bytes"),
             ));
+        }
+        if self.kind != NodeKind::Agent && self.key_hash.is_some() {
+            return Err(DeclError::field("key", "only an agent node has a key"));
         }
         match self.kind {
             NodeKind::Http | NodeKind::Socks5 if self.addr.is_none() => Err(DeclError::field(
@@ -338,6 +637,22 @@ impl NodeDecl {
             NodeKind::Direct if self.bind.is_none() => {
                 Err(DeclError::field("bind", "a direct node needs bind"))
             }
+            NodeKind::Agent if self.addr.is_some() => Err(DeclError::field(
+                "addr",
+                "an agent node has no addr: its device dials out to the gateway",
+            )),
+            NodeKind::Agent if self.bind.is_some() => Err(DeclError::field(
+                "bind",
+                "an agent node has no bind: its device connects from its own network",
+            )),
+            NodeKind::Agent if self.credentials.is_some() => Err(DeclError::field(
+                "username",
+                "an agent node has no upstream credentials",
+            )),
+            NodeKind::Agent if self.key_hash.is_none() => Err(DeclError::field(
+                "key",
+                "an agent node needs a key (the admin API generates one when none is given)",
+            )),
             _ => Ok(()),
         }
     }
@@ -423,6 +738,7 @@ impl NodePool {
             asn: d.asn,
             network: d.network,
             from_file: d.from_file,
+            key_hash: d.key_hash,
             runtime,
         }
     }
@@ -439,6 +755,7 @@ impl NodePool {
             subnet: HashMap::new(),
             selectable: ArcSwap::from_pointee(RoaringBitmap::new()),
             state_lock: Mutex::new(()),
+            agents: RoaringBitmap::new(),
             nodes: Vec::new(),
         };
         let mut per_net = [Vec::new(), Vec::new(), Vec::new()];
@@ -461,7 +778,9 @@ impl NodePool {
             if let Some(a) = n.asn {
                 pool.asn.entry(a).or_default().insert(i);
             }
-            if let Some(ip) = n.exit_ip() {
+            if n.kind == NodeKind::Agent {
+                pool.agents.insert(i);
+            } else if let Some(ip) = n.exit_ip() {
                 pool.subnet.entry(subnet_key(ip)).or_default().insert(i);
             }
             per_net[n.network as usize].push(i);
@@ -579,6 +898,79 @@ impl NodePool {
             .unhealthy
             .store(u8::from(!healthy), Ordering::Relaxed);
         self.refresh(idx);
+    }
+
+    /// An agent node's device connected (from `addr`, announcing
+    /// `version`, at `unix_ms`): the node is selectable unless the operator
+    /// set it offline or draining. Returns the connection's generation, for
+    /// [`NodePool::agent_down`]; a node that is not an agent records nothing
+    /// and gets 0. Call it on the current snapshot's pool
+    /// (`engine.policy().nodes`); a snapshot published meanwhile is brought
+    /// in line by `Engine::publish` and `Engine::housekeeping`.
+    pub fn agent_up(
+        &self,
+        idx: NodeIdx,
+        addr: SocketAddr,
+        version: &str,
+        unix_ms: u64,
+    ) -> u64 {
+        let node = &self.nodes[idx as usize];
+        if node.kind != NodeKind::Agent {
+            return 0;
+        }
+        let generation = node.runtime.agent.up(addr, version, unix_ms);
+        self.refresh(idx);
+        generation
+    }
+
+    /// The agent connection of `generation` ended: the node leaves selection,
+    /// unless a newer connection of its device replaced that one already.
+    pub fn agent_down(&self, idx: NodeIdx, generation: u64) {
+        if self.nodes[idx as usize].runtime.agent.down(generation) {
+            self.refresh(idx);
+        }
+    }
+
+    /// Bring every agent node's place in selection in line with its
+    /// presence; returns how many changed. A device that connects while a
+    /// new snapshot is being built is marked on the old pool: the engine
+    /// runs this on each snapshot it publishes and once a second, so no
+    /// connection is missed for long. One atomic load per agent node.
+    pub fn sync_agents(&self) -> usize {
+        if self.agents.is_empty() {
+            return 0;
+        }
+        let _writer = self.state_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.selectable.load();
+        let mut next: Option<RoaringBitmap> = None;
+        let mut changed = 0;
+        for i in &self.agents {
+            let online = self.nodes[i as usize].state() == NodeState::Online;
+            if current.contains(i) != online {
+                let b = next.get_or_insert_with(|| RoaringBitmap::clone(&current));
+                if online {
+                    b.insert(i);
+                } else {
+                    b.remove(i);
+                }
+                changed += 1;
+            }
+        }
+        if let Some(b) = next {
+            self.selectable.store(Arc::new(b));
+        }
+        changed
+    }
+
+    /// Agent nodes connected now.
+    pub fn agents_connected(&self) -> u64 {
+        self.agents
+            .iter()
+            .filter(|&i| {
+                let n = &self.nodes[i as usize];
+                !n.is_removed() && n.runtime.agent.is_connected()
+            })
+            .count() as u64
     }
 
     /// The bitmaps a filter names, or `None` for a value no node has.
@@ -773,19 +1165,25 @@ impl NodePool {
             cands.remove(*x);
         }
         let o = &self.nodes[old as usize];
-        let sets: [Option<&RoaringBitmap>; 4] = [
+        let sets: [Option<&RoaringBitmap>; 3] = [
             o.city.and_then(|c| self.city.get(&c)),
             o.isp.and_then(|c| self.isp.get(&c)),
             o.asn.and_then(|c| self.asn.get(&c)),
-            o.exit_ip().and_then(|ip| self.subnet.get(&subnet_key(ip))),
         ];
+        let subnet = o.exit_ip().map(subnet_key);
         // Most alike first: all four, then dropping the subnet, the ASN, the ISP.
         for keep in (1..=4).rev() {
             let mut tier = cands.clone();
             let mut usable = true;
-            for s in &sets[..keep] {
+            for s in &sets[..keep.min(3)] {
                 match s {
                     Some(b) => tier &= *b,
+                    None => usable = false,
+                }
+            }
+            if usable && keep == 4 {
+                match subnet {
+                    Some(key) => tier = self.in_subnet(&tier, key),
                     None => usable = false,
                 }
             }
@@ -795,6 +1193,23 @@ impl NodePool {
         }
         self.choose(&cands, rng)
             .ok_or_else(|| self.not_found(f, true, geo))
+    }
+
+    /// The nodes of `among` whose exit address is in the subnet `key`: the
+    /// index for fixed addresses, and agents by their current address (at
+    /// most [`LOOKALIKE_AGENT_SCAN`] of them looked at).
+    fn in_subnet(&self, among: &RoaringBitmap, key: u64) -> RoaringBitmap {
+        let mut out = match self.subnet.get(&key) {
+            Some(b) => among & b,
+            None => RoaringBitmap::new(),
+        };
+        let agents = among & &self.agents;
+        for i in agents.iter().take(LOOKALIKE_AGENT_SCAN) {
+            if self.nodes[i as usize].exit_ip().map(subnet_key) == Some(key) {
+                out.insert(i);
+            }
+        }
+        out
     }
 
     /// The detail of `NODE_NOT_FOUND`: the filter that emptied the set and

@@ -73,7 +73,7 @@ fn bad_values_are_messages_that_name_the_field() {
         (r#"{"id": "n", "kind": "direct"}"#, "node n: bind"),
         (
             r#"{"id": "n", "kind": "ftp"}"#,
-            r#"kind "ftp" is not http, socks5 or direct"#,
+            r#"kind "ftp" is not http, socks5, direct or agent"#,
         ),
         (r#"{"id": "n"}"#, "node n: kind is missing"),
         (
@@ -139,4 +139,120 @@ fn the_file_reads_the_same_schema() {
     let n: NodeFields =
         toml::from_str("id = \"a\"\nkind = \"socks5\"\naddr = \"127.0.0.1:1080\"\n").unwrap();
     assert_eq!(n.to_decl().unwrap().kind, NodeKind::Socks5);
+}
+
+#[test]
+fn agent_nodes_keep_their_key_hashed_and_never_write_it_out() {
+    let body: NodeFields = serde_json::from_str(
+        r#"{"id": "dev-1", "kind": "agent", "key": "ak_plain", "country": "us", "city": "new_york"}"#,
+    )
+    .unwrap();
+    let debug = format!("{body:?}");
+    assert!(!debug.contains("ak_plain"), "{debug}");
+    let d = body.to_decl().unwrap();
+    assert_eq!(d.kind, NodeKind::Agent);
+    assert_eq!(d.key_hash, Some(hash_agent_key("ak_plain")));
+    let stored = serde_json::to_string(&NodeFields::from_decl(&d)).unwrap();
+    assert!(!stored.contains("ak_plain"), "{stored}");
+    assert!(
+        stored.contains(&format!(r#""key_hash":"{}""#, hash_to_hex(&hash_agent_key("ak_plain")))),
+        "{stored}"
+    );
+    let back: NodeFields = serde_json::from_str(&stored).unwrap();
+    assert_eq!(back.to_decl().unwrap(), d, "the store's form reads back");
+    // Fields that carry a key are never serialised with it.
+    let with_key = NodeFields {
+        key: Some("ak_plain".into()),
+        ..NodeFields::default()
+    };
+    assert_eq!(serde_json::to_string(&with_key).unwrap(), "{}");
+
+    // A key given as its hash (so a file need not hold the key).
+    let hashed: NodeFields = serde_json::from_str(&format!(
+        r#"{{"id": "dev-2", "kind": "agent", "key_hash": "{}"}}"#,
+        hash_to_hex(&hash_agent_key("k2")).to_uppercase()
+    ))
+    .unwrap();
+    assert_eq!(
+        hashed.to_decl().unwrap().key_hash,
+        Some(hash_agent_key("k2"))
+    );
+
+    // A node that stops being an agent forgets its key.
+    let mut d2 = d.clone();
+    let to_http: NodeFields =
+        serde_json::from_str(r#"{"kind": "http", "addr": "127.0.0.1:8080"}"#).unwrap();
+    to_http.apply(&mut d2).unwrap();
+    assert_eq!(d2.key_hash, None);
+    // A new key replaces the old hash.
+    let mut d3 = d.clone();
+    let rekey: NodeFields = serde_json::from_str(r#"{"key": "ak_new"}"#).unwrap();
+    rekey.apply(&mut d3).unwrap();
+    assert_eq!(d3.key_hash, Some(hash_agent_key("ak_new")));
+}
+
+#[test]
+fn agent_nodes_are_refused_with_what_they_lack_or_must_not_have() {
+    for (json, needle) in [
+        (
+            r#"{"id": "d", "kind": "agent"}"#,
+            "node d: key: an agent node needs a key",
+        ),
+        (
+            r#"{"id": "d", "kind": "agent", "key": "k", "addr": "127.0.0.1:1"}"#,
+            "node d: addr: an agent node has no addr",
+        ),
+        (
+            r#"{"id": "d", "kind": "agent", "key": "k", "bind": "127.0.0.1"}"#,
+            "node d: bind: an agent node has no bind",
+        ),
+        (
+            r#"{"id": "d", "kind": "agent", "key": "k", "username": "u", "password": "p"}"#,
+            "node d: username: an agent node has no upstream credentials",
+        ),
+        (
+            r#"{"id": "d", "kind": "agent", "key": "k", "key_hash": "00"}"#,
+            "node d: key: give key or key_hash, not both",
+        ),
+        (
+            r#"{"id": "d", "kind": "agent", "key_hash": "00"}"#,
+            "node d: key_hash: 64 hex digits",
+        ),
+        (
+            r#"{"id": "d", "kind": "agent", "key": "a:b"}"#,
+            "node d: key: no control characters and no ':'",
+        ),
+        (
+            r#"{"id": "d", "kind": "direct", "bind": "127.0.0.1", "key": "k"}"#,
+            "node d: key: only an agent node has a key",
+        ),
+        (r#"{"id": "d", "kind": "robot"}"#, "http, socks5, direct or agent"),
+    ] {
+        let e = error_of(json, NodeFields::to_decl);
+        assert!(e.contains(needle), "{json}: {e}");
+    }
+}
+
+#[test]
+fn announced_names_take_the_catalogue_form() {
+    for (raw, want) in [
+        ("New York", "new_york"),
+        ("new_york", "new_york"),
+        ("Saint-Étienne", "saint_etienne"),
+        ("  São Paulo  ", "sao_paulo"),
+        ("Zürich", "zurich"),
+        ("Land's End", "lands_end"),
+        ("AT&T Services, Inc.", "at_t_services_inc"),
+        ("Deutsche Telekom AG", "deutsche_telekom_ag"),
+        ("Łódź", "lodz"),
+        ("Straße", "strasse"),
+        ("東京", ""),
+        ("--", ""),
+    ] {
+        let got = normalise_name(raw);
+        assert_eq!(got, want, "{raw:?}");
+        if !got.is_empty() {
+            catalogue_name("city", &got).unwrap();
+        }
+    }
 }

@@ -173,3 +173,41 @@ fn publishing_a_policy_keeps_sessions_and_nodes() {
         "indices are stable across rebuilds"
     );
 }
+
+#[test]
+fn a_device_that_connects_while_a_snapshot_is_built_is_selectable_once_published() {
+    use crate::nodes::{NodeKind, hash_agent_key};
+    let e = engine();
+    let mut d = decls();
+    let mut dev = node("dev-1", "boston", "0.0.0.0");
+    dev.kind = NodeKind::Agent;
+    dev.bind = None;
+    dev.key_hash = Some(hash_agent_key("k"));
+    d.nodes.push(dev);
+    e.publish(Policy::build(&d, Some(&e.policy())).unwrap());
+    let city = |p: &Policy| crate::nodes::Filter {
+        city: p.geo.lookup(crate::geo::Country::parse("us"), crate::geo::GeoKind::City, "boston"),
+        ..crate::nodes::Filter::default()
+    };
+    let p1 = e.policy_arc();
+    assert_eq!(p1.nodes.count(&city(&p1)), 0, "absent until it connects");
+
+    // The next snapshot is built, then the device connects on the current
+    // one, then the new one is published.
+    let next = Policy::build(&d, Some(&p1)).unwrap();
+    let (idx, _) = p1.nodes.get("dev-1").unwrap();
+    let g = p1.nodes.agent_up(idx, "192.0.2.1:9".parse().unwrap(), "v", 1);
+    assert_eq!(next.nodes.count(&city(&next)), 0, "built before it came");
+    e.publish(next);
+    let p2 = e.policy_arc();
+    assert_eq!(p2.nodes.count(&city(&p2)), 1, "in line once published");
+
+    // The same the other way, caught by the once-a-second upkeep.
+    let next = Policy::build(&d, Some(&p2)).unwrap();
+    e.publish(next);
+    p2.nodes.agent_down(idx, g);
+    let p3 = e.policy_arc();
+    assert_eq!(p3.nodes.count(&city(&p3)), 1, "the old snapshot was told");
+    e.housekeeping(Now::from_secs(10));
+    assert_eq!(p3.nodes.count(&city(&p3)), 0, "the upkeep catches up");
+}

@@ -23,6 +23,7 @@ pub(crate) fn decl(
         network: net,
         state: NodeState::Online,
         from_file: false,
+        key_hash: None,
     }
 }
 
@@ -326,4 +327,262 @@ fn a_node_that_failed_once_gets_its_share_again() {
         (430..=570).contains(&hits),
         "recovered share: {hits} of 1000"
     );
+}
+
+/// An agent node in Paris on Orange, with the key `key`.
+fn agent(id: &str, key: &str) -> NodeDecl {
+    NodeDecl {
+        kind: NodeKind::Agent,
+        bind: None,
+        key_hash: Some(hash_agent_key(key)),
+        ..decl(id, "fr", "paris", "orange", 3215, Network::Res, "0.0.0.0")
+    }
+}
+
+fn paris(geo: &GeoCatalog) -> Filter {
+    f(geo, "fr", Some("paris"), Some("orange"))
+}
+
+fn sock(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn an_agent_node_is_selectable_only_while_its_device_is_connected() {
+    let mut geo = GeoCatalog::new();
+    let p = NodePool::build(&[agent("dev-1", "k")], None, &mut geo);
+    let mut rng = Rng::new(21);
+    let (idx, n) = p.get("dev-1").unwrap();
+    assert_eq!(n.state(), NodeState::Offline, "a new agent node starts absent");
+    assert_eq!(n.admin_state(), NodeState::Online);
+    assert!(n.runtime.agent().snapshot().is_none());
+    assert!(n.exit_ip().is_none());
+    assert!(p.pick(&paris(&geo), &[], &mut rng, &geo).is_err());
+    assert_eq!(p.online_count(), 0);
+
+    let g1 = p.agent_up(idx, sock("203.0.113.7:40000"), "1.2.3", 1_000);
+    assert_ne!(g1, 0);
+    assert_eq!(n.state(), NodeState::Online);
+    assert_eq!(p.pick(&paris(&geo), &[], &mut rng, &geo).unwrap(), idx);
+    assert_eq!(n.exit_ip(), Some("203.0.113.7".parse().unwrap()));
+    assert_eq!(p.agents_connected(), 1);
+
+    // A reconnect on a new connection replaces the old one; the old
+    // connection's late end changes nothing.
+    let g2 = p.agent_up(idx, sock("203.0.113.8:40001"), "1.2.4", 2_000);
+    assert_ne!(g1, g2, "each connection has its own generation");
+    p.agent_down(idx, g1);
+    assert_eq!(n.state(), NodeState::Online, "a stale generation does nothing");
+    assert_eq!(p.pick(&paris(&geo), &[], &mut rng, &geo).unwrap(), idx);
+    assert_eq!(n.exit_ip(), Some("203.0.113.8".parse().unwrap()));
+
+    // The current connection's end takes it out.
+    p.agent_down(idx, g2);
+    assert_eq!(n.state(), NodeState::Offline);
+    assert!(!n.serves_sessions());
+    assert!(p.pick(&paris(&geo), &[], &mut rng, &geo).is_err());
+    assert!(n.runtime.agent().snapshot().is_none());
+    assert!(n.exit_ip().is_none());
+    assert_eq!(p.agents_connected(), 0);
+    p.agent_down(idx, g2);
+    assert_eq!(n.state(), NodeState::Offline, "a second end is harmless");
+}
+
+#[test]
+fn operator_states_win_over_an_agents_presence() {
+    let mut geo = GeoCatalog::new();
+    let p = NodePool::build(&[agent("dev-1", "k")], None, &mut geo);
+    let mut rng = Rng::new(22);
+    let (idx, n) = p.get("dev-1").unwrap();
+    p.set_admin_state(idx, NodeState::Offline);
+    let g = p.agent_up(idx, sock("198.51.100.1:1"), "v", 1);
+    assert_eq!(n.state(), NodeState::Offline, "operator offline stays offline");
+    assert_eq!(n.admin_state(), NodeState::Offline);
+    assert!(n.runtime.agent().snapshot().is_some(), "but it is connected");
+    assert!(p.pick(&paris(&geo), &[], &mut rng, &geo).is_err());
+
+    p.set_admin_state(idx, NodeState::Draining);
+    assert_eq!(n.state(), NodeState::Draining, "draining stays draining");
+    assert!(n.serves_sessions());
+    assert!(p.pick(&paris(&geo), &[], &mut rng, &geo).is_err());
+
+    p.set_admin_state(idx, NodeState::Online);
+    assert_eq!(p.pick(&paris(&geo), &[], &mut rng, &geo).unwrap(), idx);
+
+    p.agent_down(idx, g);
+    p.set_admin_state(idx, NodeState::Draining);
+    assert_eq!(
+        n.state(),
+        NodeState::Offline,
+        "a draining agent without its device serves nothing"
+    );
+
+    // Health flags do not apply to agents: presence is their health.
+    let g = p.agent_up(idx, sock("198.51.100.1:2"), "v", 2);
+    p.set_admin_state(idx, NodeState::Online);
+    p.set_healthy(idx, false);
+    assert_eq!(n.state(), NodeState::Online);
+    p.agent_down(idx, g);
+    p.remove(idx);
+    p.agent_up(idx, sock("198.51.100.1:3"), "v", 3);
+    assert_eq!(n.state(), NodeState::Offline, "a deleted node stays out");
+    assert!(p.get("dev-1").is_none());
+}
+
+#[test]
+fn presence_survives_a_rebuild_and_a_late_snapshot_is_brought_in_line() {
+    let (p, mut geo) = pool();
+    let decls = |extra: bool| {
+        let mut d = vec![agent("dev-1", "k")];
+        if extra {
+            d.push(agent("dev-2", "k2"));
+        }
+        d
+    };
+    let p1 = NodePool::build(&decls(false), Some(&p), &mut geo);
+    let (idx, _) = p1.get("dev-1").unwrap();
+    p1.agent_up(idx, sock("192.0.2.1:5"), "v", 5);
+    let p2 = NodePool::build(&decls(true), Some(&p1), &mut geo);
+    assert_eq!(p2.get("dev-1").unwrap().0, idx, "same index");
+    assert_eq!(p2.node(idx).state(), NodeState::Online, "still connected");
+    assert_eq!(p2.count(&paris(&geo)), 1, "selectable in the new pool");
+    let (idx2, n2) = p2.get("dev-2").unwrap();
+    assert_eq!(n2.state(), NodeState::Offline, "a new agent node starts absent");
+
+    // A device that connects after the next pool was built but before it
+    // is published marks the old pool only; sync_agents catches the new one up.
+    let p3 = NodePool::build(&decls(true), Some(&p2), &mut geo);
+    let g = p2.agent_up(idx2, sock("192.0.2.2:6"), "v", 6);
+    assert_eq!(p2.count(&paris(&geo)), 2);
+    assert_eq!(p3.count(&paris(&geo)), 1, "built before the device came");
+    assert_eq!(p3.sync_agents(), 1);
+    assert_eq!(p3.count(&paris(&geo)), 2);
+    assert_eq!(p3.sync_agents(), 0, "nothing more to do");
+    p3.agent_down(idx2, g);
+    assert_eq!(p3.count(&paris(&geo)), 1);
+    assert_eq!(p2.sync_agents(), 1, "the old pool follows too");
+}
+
+#[test]
+fn agent_keys_are_kept_hashed_and_compared_as_hashes() {
+    // SHA-256("abc"), FIPS 180-2.
+    assert_eq!(
+        hash_to_hex(&hash_agent_key("abc")),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    let h = hash_agent_key("ak_secret");
+    assert_eq!(hash_from_hex(&hash_to_hex(&h)), Some(h));
+    assert_eq!(hash_from_hex(&hash_to_hex(&h).to_uppercase()), Some(h));
+    assert_eq!(hash_from_hex("ab"), None);
+    assert_eq!(hash_from_hex(&"g".repeat(64)), None);
+
+    let mut geo = GeoCatalog::new();
+    let mut keyless = agent("dev-2", "x");
+    keyless.key_hash = None;
+    let p = NodePool::build(
+        &[agent("dev-1", "ak_secret"), keyless, paris1()],
+        None,
+        &mut geo,
+    );
+    let (idx, n) = p.get("dev-1").unwrap();
+    assert!(n.agent_key_matches("ak_secret"));
+    assert!(!n.agent_key_matches("ak_secreT"));
+    assert!(!n.agent_key_matches(""));
+    assert!(!n.agent_key_matches("ak_secret "));
+    assert!(!p.get("dev-2").unwrap().1.agent_key_matches("x"), "no key");
+    let direct = p.get("pa1").unwrap().1;
+    assert!(!direct.agent_key_matches(""), "not an agent");
+    let debug = format!("{n:?} {:?}", agent("dev-1", "ak_secret"));
+    assert!(!debug.contains(&hash_to_hex(&h)), "{debug}");
+    assert!(!debug.contains(&format!("{h:?}")), "no hash bytes either: {debug}");
+    assert!(debug.contains("key_hash: Some(\"***\")"), "{debug}");
+    p.remove(idx);
+    assert!(!n.agent_key_matches("ak_secret"), "a deleted node takes no key");
+}
+
+#[test]
+fn agent_figures_count_per_connection_without_locks() {
+    let mut geo = GeoCatalog::new();
+    let p = NodePool::build(&[agent("dev-1", "k")], None, &mut geo);
+    let (idx, n) = p.get("dev-1").unwrap();
+    let a = n.runtime.agent();
+    a.add_bytes(5, 7);
+    assert!(a.snapshot().is_none(), "nothing shows while absent");
+    let g = p.agent_up(idx, sock("[::ffff:203.0.113.9]:7000"), "1.0\n\u{7}x", 1_700);
+    a.add_bytes(10, 20);
+    a.add_bytes(1, 0);
+    a.stream_opened();
+    a.stream_opened();
+    a.stream_closed();
+    a.set_rtt_us(12_500);
+    let s = a.snapshot().unwrap();
+    assert_eq!(
+        s,
+        AgentSnapshot {
+            since_unix_ms: 1_700,
+            addr: sock("203.0.113.9:7000"),
+            streams: 1,
+            bytes_up: 11,
+            bytes_down: 20,
+            rtt_ms: 12.5,
+            version: "1.0x".into(),
+        },
+        "bytes of this connection only; the mapped address as IPv4; no control characters"
+    );
+    // A reconnect starts bytes and round trip over; open streams stay
+    // until they close.
+    p.agent_up(idx, sock("203.0.113.9:7001"), &"v".repeat(500), 1_800);
+    let s = a.snapshot().unwrap();
+    assert_eq!((s.bytes_up, s.bytes_down, s.rtt_ms, s.streams), (0, 0, 0.0, 1));
+    assert_eq!(s.version.len(), MAX_AGENT_VERSION);
+    a.stream_closed();
+    a.stream_closed();
+    assert_eq!(a.snapshot().unwrap().streams, 0, "never below zero");
+    p.agent_down(idx, g);
+    assert!(a.snapshot().is_some(), "the old generation's end is ignored");
+
+    // From many threads at once.
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..1000 {
+                    a.add_bytes(1, 2);
+                    a.stream_opened();
+                    a.stream_closed();
+                }
+            });
+        }
+    });
+    let s = a.snapshot().unwrap();
+    assert_eq!((s.bytes_up, s.bytes_down, s.streams), (4000, 8000, 0));
+}
+
+#[test]
+fn a_lookalike_of_an_agent_prefers_agents_in_its_subnet_now() {
+    let mut geo = GeoCatalog::new();
+    let decls = [agent("a1", "k"), agent("a2", "k"), agent("a3", "k")];
+    let p = NodePool::build(&decls, None, &mut geo);
+    let mut rng = Rng::new(23);
+    let idx = |id| p.get(id).unwrap().0;
+    p.agent_up(idx("a1"), sock("203.0.113.10:1"), "v", 1);
+    p.agent_up(idx("a2"), sock("198.51.100.20:1"), "v", 1);
+    p.agent_up(idx("a3"), sock("203.0.113.30:1"), "v", 1);
+    for _ in 0..50 {
+        assert_eq!(
+            p.pick_lookalike(&paris(&geo), idx("a1"), &[], &mut rng, &geo)
+                .unwrap(),
+            idx("a3"),
+            "same /24 as a1 now"
+        );
+    }
+    // a3's device moves to another network: no subnet match any more.
+    p.agent_up(idx("a3"), sock("192.0.2.30:1"), "v", 2);
+    let mut saw = std::collections::HashSet::new();
+    for _ in 0..100 {
+        saw.insert(
+            p.pick_lookalike(&paris(&geo), idx("a1"), &[], &mut rng, &geo)
+                .unwrap(),
+        );
+    }
+    assert_eq!(saw.len(), 2, "{saw:?}");
 }
