@@ -423,10 +423,32 @@ fn operator_states_win_over_an_agents_presence() {
     p.set_healthy(idx, false);
     assert_eq!(n.state(), NodeState::Online);
     p.agent_down(idx, g);
-    p.remove(idx);
     p.agent_up(idx, sock("198.51.100.1:3"), "v", 3);
+    p.remove(idx);
+    assert!(
+        n.runtime.agent().snapshot().is_none(),
+        "a deleted node's connection no longer counts"
+    );
+    assert_eq!(
+        p.agent_up(idx, sock("198.51.100.1:4"), "v", 4),
+        0,
+        "a deleted node takes no connection"
+    );
     assert_eq!(n.state(), NodeState::Offline, "a deleted node stays out");
     assert!(p.get("dev-1").is_none());
+
+    // Created again under its id (same slot, same runtime): absent until
+    // its device connects again.
+    let p2 = NodePool::build(&[agent("dev-1", "k")], Some(&p), &mut geo);
+    let (_, n2) = p2.get("dev-1").unwrap();
+    assert!(Arc::ptr_eq(&n.runtime, &n2.runtime));
+    assert_eq!(n2.state(), NodeState::Offline);
+    // A file reload that drops it clears its presence too.
+    let g = p2.agent_up(idx, sock("198.51.100.1:5"), "v", 5);
+    assert_ne!(g, 0);
+    let p3 = NodePool::build(&[], Some(&p2), &mut geo);
+    assert!(p3.get("dev-1").is_none());
+    assert!(n2.runtime.agent().snapshot().is_none());
 }
 
 #[test]
