@@ -606,7 +606,7 @@ async fn get_node(State(s): State<AppState>, Path(id): Path<String>) -> ApiResul
 
 async fn create_node(State(s): State<AppState>, bytes: Bytes) -> ApiResult {
     let fields: NodeFields = body(&bytes)?;
-    let id = s.control.create_node(&fields)?;
+    let (id, _key) = s.control.create_node(&fields)?;
     created(with_node(&s, &id)?)
 }
 
