@@ -290,6 +290,12 @@ impl AgentPresence {
         self.rtt_us.store(us, Ordering::Relaxed);
     }
 
+    /// Streams open now (what [`AgentPresence::snapshot`] shows, without
+    /// copying the rest).
+    pub fn streams(&self) -> u64 {
+        self.streams.load(Ordering::Relaxed)
+    }
+
     /// Whether the device is connected now.
     pub fn is_connected(&self) -> bool {
         self.conn.load().is_some()

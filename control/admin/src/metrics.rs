@@ -16,7 +16,7 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use splicegate_control::Code;
-use splicegate_control::nodes::NodeState;
+use splicegate_control::nodes::{NodeKind, NodeState};
 use splicegate_control::policy::Protocol;
 use splicegate_control::stats::{
     GUARD_DROP_BANNED, GUARD_DROP_NOT_ALLOWED, GUARD_DROP_RATE, OK, SETUP_BUCKETS_US, WorkerStats,
@@ -342,13 +342,20 @@ impl Collector for Live {
         let engine = self.control.engine();
         let policy = engine.policy();
         let (mut online, mut draining, mut offline, mut unhealthy) = (0i64, 0i64, 0i64, 0i64);
+        let (mut agents, mut streams) = (0i64, 0i64);
         for (_, n) in policy.nodes.iter() {
             match n.state() {
                 NodeState::Online => online += 1,
                 NodeState::Draining => draining += 1,
                 NodeState::Offline => offline += 1,
             }
-            if n.runtime.is_unhealthy() {
+            if n.kind == NodeKind::Agent {
+                let a = n.runtime.agent();
+                if a.is_connected() {
+                    agents += 1;
+                    streams += i64::try_from(a.streams()).unwrap_or(i64::MAX);
+                }
+            } else if n.runtime.is_unhealthy() {
                 unhealthy += 1;
             }
         }
@@ -367,6 +374,18 @@ impl Collector for Live {
             "splicegate_nodes_unhealthy",
             "Nodes that health checks or passive failures took out",
             &[(&[], unhealthy)],
+        )?;
+        gauge(
+            &mut enc,
+            "splicegate_agents_connected",
+            "Agent nodes whose device is connected now",
+            &[(&[], agents)],
+        )?;
+        gauge(
+            &mut enc,
+            "splicegate_agent_streams",
+            "Streams open now to connected agents' devices",
+            &[(&[], streams)],
         )?;
         let live = engine.sessions.sweep(self.control.now());
         gauge(
