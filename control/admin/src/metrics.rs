@@ -438,3 +438,65 @@ impl Collector for Live {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use splicegate_control::decl::NodeFields;
+
+    fn line<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+        text.lines()
+            .find(|l| l.split([' ', '{']).next() == Some(name))
+    }
+
+    #[test]
+    fn connected_agents_and_their_streams_are_counted() {
+        let c = Control::open(
+            crate::ControlOptions {
+                store: crate::StoreLocation::Sqlite(":memory:".into()),
+                session_capacity: 10,
+                clock: || splicegate_control::Now::from_secs(1),
+                gateway_id: "local".into(),
+            },
+            Default::default(),
+        )
+        .unwrap();
+        for id in ["a1", "a2", "a3"] {
+            let f: NodeFields =
+                serde_json::from_str(&format!(r#"{{"id": "{id}", "kind": "agent"}}"#)).unwrap();
+            c.create_node(&f).unwrap();
+        }
+        let c = Arc::new(c);
+        let m = Metrics::new(c.clone(), Vec::new(), &HealthStats::default(), None, Vec::new());
+        let text = m.render();
+        assert_eq!(
+            line(&text, "splicegate_agents_connected"),
+            Some("splicegate_agents_connected 0"),
+            "{text}"
+        );
+        let policy = c.engine().policy();
+        for (id, streams) in [("a1", 2), ("a2", 3)] {
+            let (idx, n) = policy.nodes.get(id).unwrap();
+            policy
+                .nodes
+                .agent_up(idx, "192.0.2.1:1".parse().unwrap(), "v", 1);
+            for _ in 0..streams {
+                n.runtime.agent().stream_opened();
+            }
+        }
+        let text = m.render();
+        assert_eq!(
+            line(&text, "splicegate_agents_connected"),
+            Some("splicegate_agents_connected 2")
+        );
+        assert_eq!(
+            line(&text, "splicegate_agent_streams"),
+            Some("splicegate_agent_streams 5")
+        );
+        assert!(
+            text.contains("splicegate_nodes{state=\"online\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("splicegate_nodes_unhealthy 0"), "{text}");
+    }
+}
