@@ -922,13 +922,7 @@ impl NodePool {
     /// removed, records nothing and gets 0 (close the connection). Call it on the current snapshot's pool
     /// (`engine.policy().nodes`); a snapshot published meanwhile is brought
     /// in line by `Engine::publish` and `Engine::housekeeping`.
-    pub fn agent_up(
-        &self,
-        idx: NodeIdx,
-        addr: SocketAddr,
-        version: &str,
-        unix_ms: u64,
-    ) -> u64 {
+    pub fn agent_up(&self, idx: NodeIdx, addr: SocketAddr, version: &str, unix_ms: u64) -> u64 {
         let node = &self.nodes[idx as usize];
         if node.kind != NodeKind::Agent || node.is_removed() {
             return 0;

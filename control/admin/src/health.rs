@@ -499,14 +499,25 @@ mod tests {
         let (d1, direct) = policy.nodes.get("d1").unwrap();
         let (a1, agent) = policy.nodes.get("a1").unwrap();
         for _ in 0..10 {
-            direct.runtime.record_failure(splicegate_control::Now::from_secs(1));
-            agent.runtime.record_failure(splicegate_control::Now::from_secs(1));
+            direct
+                .runtime
+                .record_failure(splicegate_control::Now::from_secs(1));
+            agent
+                .runtime
+                .record_failure(splicegate_control::Now::from_secs(1));
         }
         passive(&c, &mut tracked, 3, &stats);
-        assert!(direct.runtime.is_unhealthy(), "the direct node is taken out");
+        assert!(
+            direct.runtime.is_unhealthy(),
+            "the direct node is taken out"
+        );
         assert!(!agent.runtime.is_unhealthy(), "the agent is not");
         assert_eq!(agent.state(), NodeState::Online);
-        assert_eq!(agent.runtime.recent_failures(), 10, "they still weigh selection");
+        assert_eq!(
+            agent.runtime.recent_failures(),
+            10,
+            "they still weigh selection"
+        );
         assert_eq!(policy.nodes.node(d1).state(), NodeState::Offline);
 
         // An agent marked unhealthy (it was another kind when taken out) is

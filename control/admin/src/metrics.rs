@@ -467,7 +467,13 @@ mod tests {
             c.create_node(&f).unwrap();
         }
         let c = Arc::new(c);
-        let m = Metrics::new(c.clone(), Vec::new(), &HealthStats::default(), None, Vec::new());
+        let m = Metrics::new(
+            c.clone(),
+            Vec::new(),
+            &HealthStats::default(),
+            None,
+            Vec::new(),
+        );
         let text = m.render();
         assert_eq!(
             line(&text, "splicegate_agents_connected"),

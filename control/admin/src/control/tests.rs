@@ -3,8 +3,8 @@ use std::path::PathBuf;
 
 use splicegate_control::limits::MICRO;
 use splicegate_control::nodes::{NodeKind, NodeState};
-use splicegate_control::rules::Network;
 use splicegate_control::policy::{Credentials, Hello};
+use splicegate_control::rules::Network;
 
 use super::*;
 
@@ -297,9 +297,11 @@ fn agent_nodes_get_a_key_once_and_the_store_keeps_its_hash_only() {
         assert_eq!(id, "dev-1");
         let key = key.expect("a generated key");
         assert!(key.starts_with("ak_") && key.len() == 46, "{key}");
-        assert!(key[3..]
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        assert!(
+            key[3..]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        );
         assert!(key_matches(&c, "dev-1", &key));
         let spec = stored_spec(&c, "dev-1");
         assert!(!spec.contains(&key), "{spec}");
@@ -317,8 +319,7 @@ fn agent_nodes_get_a_key_once_and_the_store_keeps_its_hash_only() {
             Err(ControlError::Conflict(_))
         ));
         let direct: NodeFields =
-            serde_json::from_str(r#"{"id": "d1", "kind": "direct", "bind": "127.0.0.1"}"#)
-                .unwrap();
+            serde_json::from_str(r#"{"id": "d1", "kind": "direct", "bind": "127.0.0.1"}"#).unwrap();
         assert_eq!(c.create_node(&direct).unwrap(), ("d1".into(), None));
 
         // A new key: the old one stops at once.
@@ -347,14 +348,23 @@ fn agent_nodes_get_a_key_once_and_the_store_keeps_its_hash_only() {
             c.new_agent_key("dev-1", Some("a:b".into())),
             Err(ControlError::Invalid(_))
         ));
-        assert!(key_matches(&c, "dev-1", &k2), "a refused key changes nothing");
+        assert!(
+            key_matches(&c, "dev-1", &k2),
+            "a refused key changes nothing"
+        );
         assert!(key_matches(&c, "file-dev", "ak_file_key"));
         k2
     };
     let c = open(&path, agent_file());
     assert!(key_matches(&c, "dev-1", &key), "the hash persisted");
     assert!(key_matches(&c, "dev-2", "ak_chosen"));
-    let (_, n) = c.engine().policy().nodes.get("dev-1").map(|(i, n)| (i, n.clone())).unwrap();
+    let (_, n) = c
+        .engine()
+        .policy()
+        .nodes
+        .get("dev-1")
+        .map(|(i, n)| (i, n.clone()))
+        .unwrap();
     assert_eq!(n.state(), NodeState::Offline, "absent after a restart");
     drop(c);
     cleanup(&path);
@@ -366,7 +376,9 @@ fn devices_enrol_once_and_a_deleted_agents_id_never_again() {
     {
         let c = Arc::new(open(&path, agent_file()));
         let attrs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
-            v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
         };
         // From another thread, as the gateway's agent listener calls it.
         let c2 = c.clone();
@@ -417,8 +429,7 @@ fn devices_enrol_once_and_a_deleted_agents_id_never_again() {
             Err(EnrolError::Taken("file-dev".into()))
         );
         let direct: NodeFields =
-            serde_json::from_str(r#"{"id": "d1", "kind": "direct", "bind": "127.0.0.1"}"#)
-                .unwrap();
+            serde_json::from_str(r#"{"id": "d1", "kind": "direct", "bind": "127.0.0.1"}"#).unwrap();
         c.create_node(&direct).unwrap();
         assert_eq!(
             c.enrol_agent("d1", &[]),
@@ -463,8 +474,7 @@ fn devices_enrol_once_and_a_deleted_agents_id_never_again() {
         Err(EnrolError::Revoked("dev-8f3a".into()))
     );
     // The operator may create the id again; enrolment stays refused.
-    let again: NodeFields =
-        serde_json::from_str(r#"{"id": "dev-8f3a", "kind": "agent"}"#).unwrap();
+    let again: NodeFields = serde_json::from_str(r#"{"id": "dev-8f3a", "kind": "agent"}"#).unwrap();
     let (_, key) = c.create_node(&again).unwrap();
     assert!(key_matches(&c, "dev-8f3a", &key.unwrap()));
     assert!(c.is_revoked("dev-8f3a"));

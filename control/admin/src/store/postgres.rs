@@ -397,9 +397,11 @@ impl Store for PgStore {
     fn is_revoked(&self, id: &str) -> Result<bool, StoreError> {
         let id = id.to_string();
         self.call(move |c| {
-            Ok(c.query_opt("SELECT 1 FROM revoked_agents WHERE id = $1", &[&id])
-                .map_err(pg)?
-                .is_some())
+            Ok(
+                c.query_opt("SELECT 1 FROM revoked_agents WHERE id = $1", &[&id])
+                    .map_err(pg)?
+                    .is_some(),
+            )
         })
     }
 
