@@ -488,7 +488,10 @@ impl fmt::Debug for NodeFields {
             .field("addr", &self.addr)
             .field("bind", &self.bind)
             .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|p| hidden(p.is_some())))
+            .field(
+                "password",
+                &self.password.as_ref().map(|p| hidden(p.is_some())),
+            )
             .field("country", &self.country)
             .field("region", &self.region)
             .field("city", &self.city)

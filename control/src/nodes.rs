@@ -290,6 +290,12 @@ impl AgentPresence {
         self.rtt_us.store(us, Ordering::Relaxed);
     }
 
+    /// Streams open now (what [`AgentPresence::snapshot`] shows, without
+    /// copying the rest).
+    pub fn streams(&self) -> u64 {
+        self.streams.load(Ordering::Relaxed)
+    }
+
     /// Whether the device is connected now.
     pub fn is_connected(&self) -> bool {
         self.conn.load().is_some()
@@ -352,6 +358,13 @@ impl AgentPresence {
             self.conn.store(None);
         }
         current
+    }
+
+    /// The node is gone: whatever connection it had no longer counts (a
+    /// node created again under its id starts absent).
+    fn clear(&self) {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.conn.store(None);
     }
 }
 
@@ -697,6 +710,7 @@ impl NodePool {
         for (n, declared) in slots.iter().zip(declared) {
             if !declared {
                 n.runtime.admin.store(ADMIN_REMOVED, Ordering::Relaxed);
+                n.runtime.agent.clear();
             }
         }
         Self::index(slots)
@@ -882,12 +896,13 @@ impl NodePool {
         before
     }
 
-    /// Remove a node from selection for good; its tunnels run out.
+    /// Remove a node from selection for good; its tunnels run out. An agent
+    /// node's connection no longer counts (the gateway sees the node
+    /// removed and closes it).
     pub fn remove(&self, idx: NodeIdx) {
-        self.nodes[idx as usize]
-            .runtime
-            .admin
-            .store(ADMIN_REMOVED, Ordering::Relaxed);
+        let runtime = &self.nodes[idx as usize].runtime;
+        runtime.admin.store(ADMIN_REMOVED, Ordering::Relaxed);
+        runtime.agent.clear();
         self.refresh(idx);
     }
 
@@ -903,19 +918,13 @@ impl NodePool {
     /// An agent node's device connected (from `addr`, announcing
     /// `version`, at `unix_ms`): the node is selectable unless the operator
     /// set it offline or draining. Returns the connection's generation, for
-    /// [`NodePool::agent_down`]; a node that is not an agent records nothing
-    /// and gets 0. Call it on the current snapshot's pool
+    /// [`NodePool::agent_down`]; a node that is not an agent, or was
+    /// removed, records nothing and gets 0 (close the connection). Call it on the current snapshot's pool
     /// (`engine.policy().nodes`); a snapshot published meanwhile is brought
     /// in line by `Engine::publish` and `Engine::housekeeping`.
-    pub fn agent_up(
-        &self,
-        idx: NodeIdx,
-        addr: SocketAddr,
-        version: &str,
-        unix_ms: u64,
-    ) -> u64 {
+    pub fn agent_up(&self, idx: NodeIdx, addr: SocketAddr, version: &str, unix_ms: u64) -> u64 {
         let node = &self.nodes[idx as usize];
-        if node.kind != NodeKind::Agent {
+        if node.kind != NodeKind::Agent || node.is_removed() {
             return 0;
         }
         let generation = node.runtime.agent.up(addr, version, unix_ms);

@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use splicegate_control::geo::{Country, GeoKind};
 use splicegate_control::limits::credits_to_micro;
-use splicegate_control::nodes::NodeIdx;
+use splicegate_control::nodes::{NodeIdx, NodeKind};
 use splicegate_control::policy::{Org, Package, Policy};
 use splicegate_control::recent::ErrorRecord;
 use splicegate_control::rules::{CountryRule, NetworkRule, OnError, Rotate, Rules, SessionId};
@@ -165,6 +165,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/nodes/{id}",
             get(get_node).patch(patch_node).delete(delete_node),
         )
+        .route("/v1/nodes/{id}/key", post(new_node_key))
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/sessions/{package}/{id}", delete(delete_session))
         .route("/v1/geo/countries", get(geo_countries))
@@ -555,10 +556,15 @@ async fn all_errors(
 
 // ---- nodes ----
 
+/// A node as the API shows it: never its key nor the key's hash. `state`
+/// is the effective state (an agent node is offline while its device is not
+/// connected), `admin_state` the operator's; an agent node adds `connected`
+/// and `agent` (its connection's figures, or null).
 fn node_json(s: &AppState, policy: &Policy, idx: NodeIdx) -> Value {
     let n = policy.nodes.node(idx);
     let name = |id: Option<u32>| id.map(|i| policy.geo.name(i).to_string());
-    json!({
+    let agent = (n.kind == NodeKind::Agent).then(|| n.runtime.agent().snapshot());
+    let mut v = json!({
         "id": &*n.id,
         "kind": n.kind.as_str(),
         "addr": n.addr,
@@ -572,11 +578,32 @@ fn node_json(s: &AppState, policy: &Policy, idx: NodeIdx) -> Value {
         "network": n.network.as_str(),
         "state": n.state().as_str(),
         "admin_state": n.admin_state().as_str(),
-        "healthy": !n.runtime.is_unhealthy(),
+        // An agent's health is its presence.
+        "healthy": match &agent {
+            Some(a) => a.is_some(),
+            None => !n.runtime.is_unhealthy(),
+        },
         "active_tunnels": n.runtime.active(),
         "recent_failures": n.runtime.recent_failures(),
         "from_file": s.control.declared_in_file(FileObject::Node(&n.id)),
-    })
+    });
+    if let Some(a) = agent {
+        v["connected"] = Value::Bool(a.is_some());
+        v["agent"] = match a {
+            Some(a) => json!({
+                "since": rfc3339(a.since_unix_ms),
+                "since_unix_ms": a.since_unix_ms,
+                "addr": a.addr.to_string(),
+                "streams": a.streams,
+                "bytes_up": a.bytes_up,
+                "bytes_down": a.bytes_down,
+                "rtt_ms": a.rtt_ms,
+                "version": a.version,
+            }),
+            None => Value::Null,
+        };
+    }
+    v
 }
 
 async fn list_nodes(State(s): State<AppState>) -> ApiResult {
@@ -606,8 +633,29 @@ async fn get_node(State(s): State<AppState>, Path(id): Path<String>) -> ApiResul
 
 async fn create_node(State(s): State<AppState>, bytes: Bytes) -> ApiResult {
     let fields: NodeFields = body(&bytes)?;
-    let id = s.control.create_node(&fields)?;
-    created(with_node(&s, &id)?)
+    let (id, key) = s.control.create_node(&fields)?;
+    let mut v = with_node(&s, &id)?;
+    // A generated agent key, shown this once.
+    if let Some(key) = key {
+        v["key"] = Value::String(key);
+    }
+    created(v)
+}
+
+/// `POST /v1/nodes/{id}/key`: a new agent key (`{"key": "..."}` to choose
+/// it, or no body), returned once.
+async fn new_node_key(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult {
+    let b: KeyBody = if bytes.iter().all(u8::is_ascii_whitespace) {
+        KeyBody::default()
+    } else {
+        body(&bytes)?
+    };
+    let key = s.control.new_agent_key(&id, b.key)?;
+    ok(json!({"id": id, "key": key}))
 }
 
 async fn patch_node(State(s): State<AppState>, Path(id): Path<String>, bytes: Bytes) -> ApiResult {

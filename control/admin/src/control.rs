@@ -26,14 +26,16 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use splicegate_control::Now;
 use splicegate_control::engine::Engine;
+use splicegate_control::geo::Country;
 use splicegate_control::ledger::Ledger;
 use splicegate_control::limits::UsageTotals;
-use splicegate_control::nodes::NodeDecl;
+use splicegate_control::nodes::{NodeDecl, NodeKind};
 use splicegate_control::policy::{Declarations, OrgDecl, PackageDecl, Policy};
+use splicegate_control::rules::Network;
 
-use crate::error::{ControlError, FROM_FILE, StoreError};
+use crate::error::{ControlError, EnrolError, FROM_FILE, StoreError};
 use crate::store::{GrantReason, Store, StoreLocation, UsageRow};
-use splicegate_control::decl::{NodeFields, PackageFields};
+use splicegate_control::decl::{NodeFields, PackageFields, catalogue_name, normalise_name};
 
 /// The monotonic clock the data plane uses (sessions expire by it).
 pub type Clock = fn() -> Now;
@@ -66,11 +68,17 @@ pub struct Flushed {
     pub rows: usize,
 }
 
-/// The control object (see the module doc).
+/// The control object (see the module doc). `Send + Sync`: shared as
+/// `Arc<Control>` by the admin thread, the binary's main thread and the
+/// gateway's agent listener.
 #[derive(Debug)]
 pub struct Control {
     engine: Arc<Engine>,
     inner: Mutex<Inner>,
+    /// Agent ids revoked (deleted agent nodes): loaded at start, added to by
+    /// deletions here and by what enrolment finds in the store. Its own
+    /// lock, never held across the store, so a look-up never waits for one.
+    revoked: Mutex<HashSet<String>>,
     clock: Clock,
     /// Store flush latency, seconds.
     pub flush_seconds: Histogram,
@@ -209,6 +217,100 @@ pub fn generate_key() -> std::io::Result<String> {
     Ok(key)
 }
 
+/// A new agent key: `ak_` and 32 bytes from the kernel's random source in
+/// base64url without padding (43 characters, 256 bits).
+pub fn generate_agent_key() -> std::io::Result<String> {
+    use base64::Engine as _;
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw).map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(format!(
+        "ak_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    ))
+}
+
+/// Longest id a device may enrol under (a node id's limit).
+const MAX_ENROL_ID: usize = splicegate_control::decl::MAX_NAME;
+
+/// The node a device asks to enrol as: kind `agent`, its id, and the
+/// attributes it announces (`country`, `region`, `city`, `isp`, `asn`,
+/// `network`), names put in the catalogue's form.
+fn enrolment(id: &str, attrs: &[(String, String)]) -> Result<NodeFields, EnrolError> {
+    if id.is_empty()
+        || id.len() > MAX_ENROL_ID
+        || !id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
+    {
+        return Err(EnrolError::Invalid(format!(
+            "id {id:?}: 1 to {MAX_ENROL_ID} of letters, digits, '_', '-', '.'"
+        )));
+    }
+    let mut f = NodeFields {
+        id: Some(id.to_string()),
+        kind: Some(NodeKind::Agent),
+        ..NodeFields::default()
+    };
+    let mut seen: HashSet<String> = HashSet::new();
+    for (name, value) in attrs {
+        let name = name.trim().to_ascii_lowercase();
+        let value = value.trim();
+        if !seen.insert(name.clone()) {
+            return Err(EnrolError::Invalid(format!("{name} is announced twice")));
+        }
+        if value.is_empty() {
+            continue;
+        }
+        let bad = |why: String| EnrolError::Invalid(why);
+        match name.as_str() {
+            "country" => {
+                let c = Country::parse(&value.to_ascii_lowercase()).ok_or_else(|| {
+                    bad(format!(
+                        "country {value:?} is not an ISO 3166-1 alpha-2 code"
+                    ))
+                })?;
+                f.country = Some(Some(c));
+            }
+            "region" | "city" | "isp" => {
+                let field: &'static str = match name.as_str() {
+                    "region" => "region",
+                    "city" => "city",
+                    _ => "isp",
+                };
+                let n = normalise_name(value);
+                catalogue_name(field, &n).map_err(|e| bad(e.to_string()))?;
+                let slot = match field {
+                    "region" => &mut f.region,
+                    "city" => &mut f.city,
+                    _ => &mut f.isp,
+                };
+                *slot = Some(Some(n));
+            }
+            "asn" => {
+                let v = value.to_ascii_lowercase();
+                let digits = v.strip_prefix("as").unwrap_or(&v);
+                let asn = digits
+                    .parse::<u32>()
+                    .map_err(|_| bad(format!("asn {value:?} is not an AS number")))?;
+                f.asn = Some(Some(asn));
+            }
+            "network" => {
+                let n = value
+                    .to_ascii_lowercase()
+                    .parse::<Network>()
+                    .map_err(|e| bad(e.to_string()))?;
+                f.network = Some(n);
+            }
+            other => {
+                return Err(bad(format!(
+                    "unknown attribute {other:?} (country, region, city, isp, asn or network)"
+                )));
+            }
+        }
+    }
+    Ok(f)
+}
+
 impl Inner {
     /// File objects, then API objects whose id the file does not declare.
     fn merged(&self) -> Declarations {
@@ -342,6 +444,7 @@ impl Control {
             .map(|(id, spec)| Ok((id.clone(), stored("node", &id, &spec, NodeFields::to_decl)?)))
             .collect::<Result<BTreeMap<_, _>, StoreError>>()?;
         let epochs = store.epochs()?;
+        let revoked = store.revoked_agents()?.into_iter().collect();
         let mut inner = Inner {
             store,
             file,
@@ -366,6 +469,7 @@ impl Control {
         Ok(Control {
             engine,
             inner: Mutex::new(inner),
+            revoked: Mutex::new(revoked),
             clock: opts.clock,
             flush_seconds: Histogram::new([
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -627,8 +731,26 @@ impl Control {
 
     // ---- nodes ----
 
-    /// `POST /v1/nodes`.
-    pub fn create_node(&self, fields: &NodeFields) -> Result<String, ControlError> {
+    /// `POST /v1/nodes`: returns the id and, for an agent node created
+    /// without a key, the key generated for it (to be shown once; only its
+    /// hash is kept). A revoked agent id may be created again here: the
+    /// operator decides; revocation only stops self-enrolment.
+    pub fn create_node(
+        &self,
+        fields: &NodeFields,
+    ) -> Result<(String, Option<String>), ControlError> {
+        let mut fields = fields.clone();
+        let generated = if fields.kind == Some(NodeKind::Agent)
+            && fields.key.is_none()
+            && fields.key_hash.is_none()
+        {
+            let key = generate_agent_key()
+                .map_err(|e| ControlError::Invalid(format!("generating a key: {e}")))?;
+            fields.key = Some(key.clone());
+            Some(key)
+        } else {
+            None
+        };
         let decl = fields.to_decl().map_err(ControlError::from)?;
         let id = decl.id.clone();
         let mut inner = self.lock();
@@ -636,7 +758,110 @@ impl Control {
             return Err(ControlError::Conflict(format!("node {id} exists")));
         }
         self.put_node(&mut inner, decl, None)?;
-        Ok(id)
+        Ok((id, generated))
+    }
+
+    /// `POST /v1/nodes/{id}/key`: a new key for an agent node (given, or
+    /// generated), returned once; the old key stops authenticating at once
+    /// (a device connected with it stays connected until the gateway closes
+    /// its connection). 404 for no such node, 409 for the file's nodes and
+    /// for a node that is not an agent.
+    pub fn new_agent_key(&self, id: &str, key: Option<String>) -> Result<String, ControlError> {
+        let mut inner = self.lock();
+        let old = self.api_node(&inner, id)?;
+        if old.kind != NodeKind::Agent {
+            return Err(ControlError::Conflict(format!(
+                "node {id} is of kind {}; only an agent node has a key",
+                old.kind.as_str()
+            )));
+        }
+        let key = match key {
+            Some(k) => k,
+            None => generate_agent_key()
+                .map_err(|e| ControlError::Invalid(format!("generating a key: {e}")))?,
+        };
+        let fields = NodeFields {
+            key: Some(key.clone()),
+            ..NodeFields::default()
+        };
+        let mut decl = old.clone();
+        fields.apply(&mut decl).map_err(ControlError::from)?;
+        self.put_node(&mut inner, decl, Some(old))?;
+        tracing::info!(node = id, "agent node key replaced");
+        Ok(key)
+    }
+
+    /// Self-enrolment (SPEC 10): a device that presented the fleet's
+    /// enrolment secret becomes agent node `id` with the attributes it
+    /// announces (`country`, `region`, `city`, `isp`, `asn`, `network`;
+    /// region, city and ISP names put in the catalogue's form with
+    /// [`normalise_name`], a country lowercased, `AS7922` read as 7922).
+    /// The node is an API node (persisted, shown, deletable like one);
+    /// returns the device's own key, generated here and never kept in
+    /// plaintext. Refused for an id any node has, a revoked id, or an
+    /// unacceptable id or attribute; nothing is created then.
+    ///
+    /// Blocking: it takes the control lock (an API change or the
+    /// once-a-second flush may hold it) and writes the store (an SQLite
+    /// transaction, or a round trip to PostgreSQL on the store thread). Call
+    /// it from a thread that may block — a plain thread, or
+    /// `tokio::task::spawn_blocking` on the agent listener's runtime with a
+    /// clone of the `Arc<Control>` — never on a worker, and never on the
+    /// admin thread's runtime (it has no blocking pool). The node's
+    /// declaration is published before it returns: once the gateway has the
+    /// key, `engine().policy().nodes.get(id)` finds the node.
+    pub fn enrol_agent(&self, id: &str, attrs: &[(String, String)]) -> Result<String, EnrolError> {
+        let mut fields = enrolment(id, attrs)?;
+        let key = generate_agent_key()
+            .map_err(|e| EnrolError::Unavailable(format!("generating a key: {e}")))?;
+        fields.key = Some(key.clone());
+        let decl = fields
+            .to_decl()
+            .map_err(|e| EnrolError::Invalid(e.to_string()))?;
+        let mut inner = self.lock();
+        if self.is_revoked(id) {
+            return Err(EnrolError::Revoked(id.to_string()));
+        }
+        // Another gateway of the fleet may have revoked it: the store says.
+        match inner.store.is_revoked(id) {
+            Ok(false) => {}
+            Ok(true) => {
+                self.revoked_set().insert(id.to_string());
+                return Err(EnrolError::Revoked(id.to_string()));
+            }
+            Err(e) => return Err(EnrolError::Unavailable(e.to_string())),
+        }
+        if inner.is_file_node(id)
+            || inner.nodes.contains_key(id)
+            || self.engine.policy().nodes.get(id).is_some()
+        {
+            return Err(EnrolError::Taken(id.to_string()));
+        }
+        let where_ = [&decl.country.map(|c| c.to_string()), &decl.city, &decl.isp]
+            .iter()
+            .filter_map(|v| v.as_deref())
+            .collect::<Vec<_>>()
+            .join(" ");
+        self.put_node(&mut inner, decl, None).map_err(|e| match e {
+            ControlError::Invalid(m) => EnrolError::Invalid(m),
+            ControlError::Conflict(_) => EnrolError::Taken(id.to_string()),
+            ControlError::NotFound(m) => EnrolError::Unavailable(m),
+            ControlError::Store(e) => EnrolError::Unavailable(e.to_string()),
+        })?;
+        tracing::info!(node = id, place = %where_, "agent enrolled");
+        Ok(key)
+    }
+
+    /// Whether `id` is a revoked agent id (a deleted agent node's): as this
+    /// gateway knows it — what the store held at start, deletions made here,
+    /// and revocations [`Control::enrol_agent`] found in the store since.
+    /// Never waits for the store.
+    pub fn is_revoked(&self, id: &str) -> bool {
+        self.revoked_set().contains(id)
+    }
+
+    fn revoked_set(&self) -> MutexGuard<'_, HashSet<String>> {
+        self.revoked.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn put_node(
@@ -702,10 +927,13 @@ impl Control {
         self.put_node(&mut inner, decl, Some(old))
     }
 
-    /// `DELETE /v1/nodes/{id}`: out of selection at once; its tunnels run out.
+    /// `DELETE /v1/nodes/{id}`: out of selection at once; its tunnels run
+    /// out. An agent node's id is revoked with it (in the same store
+    /// transaction): no device enrols under it again.
     pub fn delete_node(&self, id: &str) -> Result<(), ControlError> {
         let mut inner = self.lock();
         let old = self.api_node(&inner, id)?;
+        let agent = old.kind == NodeKind::Agent;
         inner.nodes.remove(id);
         let policy = match self.build(&inner.merged()) {
             Ok(p) => p,
@@ -714,9 +942,18 @@ impl Control {
                 return Err(e);
             }
         };
-        if let Err(e) = inner.store.delete_node(id) {
+        let deleted = if agent {
+            inner.store.delete_agent(id, unix_ms())
+        } else {
+            inner.store.delete_node(id)
+        };
+        if let Err(e) = deleted {
             inner.nodes.insert(id.to_string(), old);
             return Err(e.into());
+        }
+        if agent {
+            self.revoked_set().insert(id.to_string());
+            tracing::info!(node = id, "agent node deleted; its id is revoked");
         }
         if let Some((idx, _)) = self.engine.policy().nodes.get(id) {
             self.engine.policy().nodes.remove(idx);

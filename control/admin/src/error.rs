@@ -65,5 +65,26 @@ impl From<rusqlite::Error> for ControlError {
     }
 }
 
+/// Why a device could not enrol ([`crate::Control::enrol_agent`]). Nothing
+/// was created in any case; only [`EnrolError::Unavailable`] may succeed
+/// when tried again as it was.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnrolError {
+    /// A node (of any kind, the file's or the API's) has this id.
+    #[error("node id {0} is taken")]
+    Taken(String),
+    /// An agent node of this id was deleted: the id never enrols again.
+    #[error("node id {0} was deleted and is revoked")]
+    Revoked(String),
+    /// The id or an announced attribute is not acceptable; the message
+    /// names which and why.
+    #[error("{0}")]
+    Invalid(String),
+    /// The store could not record the node now (unreachable, failed), or no
+    /// key could be drawn; the message says what.
+    #[error("enrolment failed for now: {0}")]
+    Unavailable(String),
+}
+
 /// The message for changes to objects the config file declares.
 pub const FROM_FILE: &str = "declared in the config file; change it there and reload";

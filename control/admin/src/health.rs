@@ -7,11 +7,17 @@
 //! - `direct`: with a probe target, a TCP connect to it from the node's source
 //!   address, else a check that the source address can still be bound.
 //!
+//! - `agent`: none. An agent node's health is its device's presence (the
+//!   gateway's agent listener marks it connected or not, heartbeats
+//!   included), so it is never probed and never taken out here.
+//!
 //! `failures` consecutive failed probes take a node out; one successful probe
 //! brings it back and clears its failures, so selection gives it its share
 //! at once. `failures` failures seen by real traffic since the node's last
 //! success (`NodeRuntime::recent_failures`, forgotten after ten seconds
-//! without another) also take it out, until a probe succeeds. Every probe runs as a task on the admin thread's runtime,
+//! without another) also take it out, until a probe succeeds — except an
+//! agent node, which no probe could bring back: its recent failures only
+//! weigh selection away from it. Every probe runs as a task on the admin thread's runtime,
 //! at most [`CONCURRENCY`] at a time, each bounded by a timeout; no thread is
 //! started and no name is resolved here (the probe target's address is
 //! resolved once, at start, by the binary).
@@ -162,6 +168,14 @@ fn passive(
 ) {
     let policy = control.engine().policy();
     for (idx, node) in policy.nodes.iter() {
+        if node.kind == NodeKind::Agent {
+            // Presence is an agent's health. A node that became an agent
+            // while taken out (its runtime stays) is not left out for good.
+            if node.runtime.is_unhealthy() {
+                policy.nodes.set_healthy(idx, true);
+            }
+            continue;
+        }
         let recent = node.runtime.recent_failures();
         let t = tracked.get(&node.id).copied().unwrap_or_default();
         // A success resets the runtime's count; the baseline goes with it.
@@ -194,6 +208,9 @@ async fn round(
     let gate = Arc::new(Semaphore::new(CONCURRENCY));
     let mut set = JoinSet::new();
     for (idx, node) in policy.nodes.iter() {
+        if node.kind == NodeKind::Agent {
+            continue;
+        }
         let Ok(permit) = gate.clone().acquire_owned().await else {
             break;
         };
@@ -247,6 +264,7 @@ async fn round(
 /// Probe one node (without the deadline; the caller adds it).
 pub async fn probe(node: &Node, o: &HealthOptions) -> Probe {
     let result = match node.kind {
+        NodeKind::Agent => return Probe::Skipped,
         NodeKind::Http | NodeKind::Socks5 => {
             let Some(addr) = node.addr else {
                 return Probe::Skipped;
@@ -417,6 +435,7 @@ fn base64_encode(input: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use splicegate_control::nodes::NodeState;
 
     #[test]
     fn targets_split() {
@@ -439,6 +458,97 @@ mod tests {
         ] {
             assert_eq!(base64_encode(i.as_bytes()), o);
         }
+    }
+
+    /// A control object on an in-memory store with a direct node and an
+    /// agent node, both online (the agent connected).
+    fn control_with_an_agent() -> Arc<Control> {
+        use splicegate_control::decl::NodeFields;
+        let c = Control::open(
+            crate::ControlOptions {
+                store: crate::StoreLocation::Sqlite(":memory:".into()),
+                session_capacity: 10,
+                clock: || splicegate_control::Now::from_secs(1),
+                gateway_id: "local".into(),
+            },
+            Default::default(),
+        )
+        .unwrap();
+        for json in [
+            r#"{"id": "d1", "kind": "direct", "bind": "127.0.0.1"}"#,
+            r#"{"id": "a1", "kind": "agent", "key": "k"}"#,
+        ] {
+            let f: NodeFields = serde_json::from_str(json).unwrap();
+            c.create_node(&f).unwrap();
+        }
+        let policy = c.engine().policy();
+        let (a1, _) = policy.nodes.get("a1").unwrap();
+        policy
+            .nodes
+            .agent_up(a1, "192.0.2.1:1".parse().unwrap(), "v", 1);
+        drop(policy);
+        Arc::new(c)
+    }
+
+    #[test]
+    fn passive_failures_take_out_other_nodes_but_never_an_agent() {
+        let c = control_with_an_agent();
+        let stats = HealthStats::default();
+        let mut tracked = HashMap::new();
+        let policy = c.engine().policy_arc();
+        let (d1, direct) = policy.nodes.get("d1").unwrap();
+        let (a1, agent) = policy.nodes.get("a1").unwrap();
+        for _ in 0..10 {
+            direct
+                .runtime
+                .record_failure(splicegate_control::Now::from_secs(1));
+            agent
+                .runtime
+                .record_failure(splicegate_control::Now::from_secs(1));
+        }
+        passive(&c, &mut tracked, 3, &stats);
+        assert!(
+            direct.runtime.is_unhealthy(),
+            "the direct node is taken out"
+        );
+        assert!(!agent.runtime.is_unhealthy(), "the agent is not");
+        assert_eq!(agent.state(), NodeState::Online);
+        assert_eq!(
+            agent.runtime.recent_failures(),
+            10,
+            "they still weigh selection"
+        );
+        assert_eq!(policy.nodes.node(d1).state(), NodeState::Offline);
+
+        // An agent marked unhealthy (it was another kind when taken out) is
+        // brought back: no probe ever would.
+        policy.nodes.set_healthy(a1, false);
+        passive(&c, &mut tracked, 3, &stats);
+        assert!(!agent.runtime.is_unhealthy());
+    }
+
+    #[test]
+    fn agents_are_never_probed() {
+        let c = control_with_an_agent();
+        let policy = c.engine().policy_arc();
+        let (_, agent) = policy.nodes.get("a1").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let opts = HealthOptions {
+            probe_target: Some("127.0.0.1:9".into()),
+            probe_addr: Some("127.0.0.1:9".parse().unwrap()),
+            ..HealthOptions::default()
+        };
+        assert_eq!(rt.block_on(probe(agent, &opts)), Probe::Skipped);
+        let stats = HealthStats::default();
+        let mut tracked = HashMap::new();
+        let (_, agent) = policy.nodes.get("a1").unwrap();
+        rt.block_on(round(&c, &opts, &mut tracked, 1, &stats));
+        assert!(!tracked.contains_key("a1"), "no probe ran for the agent");
+        assert!(!agent.runtime.is_unhealthy());
+        assert!(tracked.contains_key("d1"), "the direct node was probed");
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub mod store;
 mod time;
 
 pub use control::{Clock, Control, ControlOptions, FileObject, Flushed};
-pub use error::{ControlError, StoreError};
+pub use error::{ControlError, EnrolError, StoreError};
 pub use health::HealthOptions;
 pub use metrics::ProcessCounter;
 pub use server::{AdminHandle, AdminOptions, AdminServer, VerdictFn};

@@ -16,7 +16,7 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use splicegate_control::Code;
-use splicegate_control::nodes::NodeState;
+use splicegate_control::nodes::{NodeKind, NodeState};
 use splicegate_control::policy::Protocol;
 use splicegate_control::stats::{
     GUARD_DROP_BANNED, GUARD_DROP_NOT_ALLOWED, GUARD_DROP_RATE, OK, SETUP_BUCKETS_US, WorkerStats,
@@ -342,13 +342,20 @@ impl Collector for Live {
         let engine = self.control.engine();
         let policy = engine.policy();
         let (mut online, mut draining, mut offline, mut unhealthy) = (0i64, 0i64, 0i64, 0i64);
+        let (mut agents, mut streams) = (0i64, 0i64);
         for (_, n) in policy.nodes.iter() {
             match n.state() {
                 NodeState::Online => online += 1,
                 NodeState::Draining => draining += 1,
                 NodeState::Offline => offline += 1,
             }
-            if n.runtime.is_unhealthy() {
+            if n.kind == NodeKind::Agent {
+                let a = n.runtime.agent();
+                if a.is_connected() {
+                    agents += 1;
+                    streams += i64::try_from(a.streams()).unwrap_or(i64::MAX);
+                }
+            } else if n.runtime.is_unhealthy() {
                 unhealthy += 1;
             }
         }
@@ -367,6 +374,18 @@ impl Collector for Live {
             "splicegate_nodes_unhealthy",
             "Nodes that health checks or passive failures took out",
             &[(&[], unhealthy)],
+        )?;
+        gauge(
+            &mut enc,
+            "splicegate_agents_connected",
+            "Agent nodes whose device is connected now",
+            &[(&[], agents)],
+        )?;
+        gauge(
+            &mut enc,
+            "splicegate_agent_streams",
+            "Streams open now to connected agents' devices",
+            &[(&[], streams)],
         )?;
         let live = engine.sessions.sweep(self.control.now());
         gauge(
@@ -417,5 +436,73 @@ impl Collector for Live {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use splicegate_control::decl::NodeFields;
+
+    fn line<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+        text.lines()
+            .find(|l| l.split([' ', '{']).next() == Some(name))
+    }
+
+    #[test]
+    fn connected_agents_and_their_streams_are_counted() {
+        let c = Control::open(
+            crate::ControlOptions {
+                store: crate::StoreLocation::Sqlite(":memory:".into()),
+                session_capacity: 10,
+                clock: || splicegate_control::Now::from_secs(1),
+                gateway_id: "local".into(),
+            },
+            Default::default(),
+        )
+        .unwrap();
+        for id in ["a1", "a2", "a3"] {
+            let f: NodeFields =
+                serde_json::from_str(&format!(r#"{{"id": "{id}", "kind": "agent"}}"#)).unwrap();
+            c.create_node(&f).unwrap();
+        }
+        let c = Arc::new(c);
+        let m = Metrics::new(
+            c.clone(),
+            Vec::new(),
+            &HealthStats::default(),
+            None,
+            Vec::new(),
+        );
+        let text = m.render();
+        assert_eq!(
+            line(&text, "splicegate_agents_connected"),
+            Some("splicegate_agents_connected 0"),
+            "{text}"
+        );
+        let policy = c.engine().policy();
+        for (id, streams) in [("a1", 2), ("a2", 3)] {
+            let (idx, n) = policy.nodes.get(id).unwrap();
+            policy
+                .nodes
+                .agent_up(idx, "192.0.2.1:1".parse().unwrap(), "v", 1);
+            for _ in 0..streams {
+                n.runtime.agent().stream_opened();
+            }
+        }
+        let text = m.render();
+        assert_eq!(
+            line(&text, "splicegate_agents_connected"),
+            Some("splicegate_agents_connected 2")
+        );
+        assert_eq!(
+            line(&text, "splicegate_agent_streams"),
+            Some("splicegate_agent_streams 5")
+        );
+        assert!(
+            text.contains("splicegate_nodes{state=\"online\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("splicegate_nodes_unhealthy 0"), "{text}");
     }
 }

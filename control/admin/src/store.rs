@@ -12,6 +12,8 @@
 //!   the same package, minute, usage epoch and organisation only grows;
 //! - credit grants per organisation (a file org's opening credits, API grants
 //!   and top-ups), appended, never edited;
+//! - the ids of agent nodes deleted through the API: revoked, so that no
+//!   device can self-enrol under them again;
 //! - usage resets: a marker row that starts a new usage epoch for a package,
 //!   with the totals it left behind. Usage totals are the sum of the rows of
 //!   the current epoch; an organisation's spending is the sum of `charged`
@@ -109,6 +111,14 @@ pub trait Store: Send + std::fmt::Debug {
     fn put_node(&mut self, id: &str, spec: &str, unix_ms: u64) -> Result<(), StoreError>;
     /// Delete an API-created node.
     fn delete_node(&mut self, id: &str) -> Result<bool, StoreError>;
+    /// Delete an API-created agent node and revoke its id, in one
+    /// transaction; revoking an id twice keeps the first time. Returns
+    /// whether a node was deleted.
+    fn delete_agent(&mut self, id: &str, unix_ms: u64) -> Result<bool, StoreError>;
+    /// Whether an agent id is revoked.
+    fn is_revoked(&self, id: &str) -> Result<bool, StoreError>;
+    /// Every revoked agent id.
+    fn revoked_agents(&self) -> Result<Vec<String>, StoreError>;
 
     /// Append one flush's ledger rows in one transaction, idempotently:
     /// `key` is recorded with them, and a flush whose key is already there
@@ -288,6 +298,17 @@ pub const MIGRATIONS: &[Migration] = &[
          unix_ms BIGINT NOT NULL,
          rows BIGINT NOT NULL,
          PRIMARY KEY (gateway, boot, seq)
+     );",
+    },
+    // 4: ids of agent nodes deleted through the API, never to enrol again.
+    Migration {
+        sqlite: "CREATE TABLE revoked_agents (
+         id TEXT PRIMARY KEY,
+         unix_ms INTEGER NOT NULL
+     ) WITHOUT ROWID;",
+        postgres: "CREATE TABLE revoked_agents (
+         id TEXT PRIMARY KEY,
+         unix_ms BIGINT NOT NULL
      );",
     },
 ];

@@ -155,7 +155,10 @@ fn agent_nodes_keep_their_key_hashed_and_never_write_it_out() {
     let stored = serde_json::to_string(&NodeFields::from_decl(&d)).unwrap();
     assert!(!stored.contains("ak_plain"), "{stored}");
     assert!(
-        stored.contains(&format!(r#""key_hash":"{}""#, hash_to_hex(&hash_agent_key("ak_plain")))),
+        stored.contains(&format!(
+            r#""key_hash":"{}""#,
+            hash_to_hex(&hash_agent_key("ak_plain"))
+        )),
         "{stored}"
     );
     let back: NodeFields = serde_json::from_str(&stored).unwrap();
@@ -226,7 +229,10 @@ fn agent_nodes_are_refused_with_what_they_lack_or_must_not_have() {
             r#"{"id": "d", "kind": "direct", "bind": "127.0.0.1", "key": "k"}"#,
             "node d: key: only an agent node has a key",
         ),
-        (r#"{"id": "d", "kind": "robot"}"#, "http, socks5, direct or agent"),
+        (
+            r#"{"id": "d", "kind": "robot"}"#,
+            "http, socks5, direct or agent",
+        ),
     ] {
         let e = error_of(json, NodeFields::to_decl);
         assert!(e.contains(needle), "{json}: {e}");

@@ -186,7 +186,11 @@ fn a_device_that_connects_while_a_snapshot_is_built_is_selectable_once_published
     d.nodes.push(dev);
     e.publish(Policy::build(&d, Some(&e.policy())).unwrap());
     let city = |p: &Policy| crate::nodes::Filter {
-        city: p.geo.lookup(crate::geo::Country::parse("us"), crate::geo::GeoKind::City, "boston"),
+        city: p.geo.lookup(
+            crate::geo::Country::parse("us"),
+            crate::geo::GeoKind::City,
+            "boston",
+        ),
         ..crate::nodes::Filter::default()
     };
     let p1 = e.policy_arc();
@@ -196,7 +200,9 @@ fn a_device_that_connects_while_a_snapshot_is_built_is_selectable_once_published
     // one, then the new one is published.
     let next = Policy::build(&d, Some(&p1)).unwrap();
     let (idx, _) = p1.nodes.get("dev-1").unwrap();
-    let g = p1.nodes.agent_up(idx, "192.0.2.1:9".parse().unwrap(), "v", 1);
+    let g = p1
+        .nodes
+        .agent_up(idx, "192.0.2.1:9".parse().unwrap(), "v", 1);
     assert_eq!(next.nodes.count(&city(&next)), 0, "built before it came");
     e.publish(next);
     let p2 = e.policy_arc();

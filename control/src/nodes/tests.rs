@@ -353,7 +353,11 @@ fn an_agent_node_is_selectable_only_while_its_device_is_connected() {
     let p = NodePool::build(&[agent("dev-1", "k")], None, &mut geo);
     let mut rng = Rng::new(21);
     let (idx, n) = p.get("dev-1").unwrap();
-    assert_eq!(n.state(), NodeState::Offline, "a new agent node starts absent");
+    assert_eq!(
+        n.state(),
+        NodeState::Offline,
+        "a new agent node starts absent"
+    );
     assert_eq!(n.admin_state(), NodeState::Online);
     assert!(n.runtime.agent().snapshot().is_none());
     assert!(n.exit_ip().is_none());
@@ -372,7 +376,11 @@ fn an_agent_node_is_selectable_only_while_its_device_is_connected() {
     let g2 = p.agent_up(idx, sock("203.0.113.8:40001"), "1.2.4", 2_000);
     assert_ne!(g1, g2, "each connection has its own generation");
     p.agent_down(idx, g1);
-    assert_eq!(n.state(), NodeState::Online, "a stale generation does nothing");
+    assert_eq!(
+        n.state(),
+        NodeState::Online,
+        "a stale generation does nothing"
+    );
     assert_eq!(p.pick(&paris(&geo), &[], &mut rng, &geo).unwrap(), idx);
     assert_eq!(n.exit_ip(), Some("203.0.113.8".parse().unwrap()));
 
@@ -396,9 +404,16 @@ fn operator_states_win_over_an_agents_presence() {
     let (idx, n) = p.get("dev-1").unwrap();
     p.set_admin_state(idx, NodeState::Offline);
     let g = p.agent_up(idx, sock("198.51.100.1:1"), "v", 1);
-    assert_eq!(n.state(), NodeState::Offline, "operator offline stays offline");
+    assert_eq!(
+        n.state(),
+        NodeState::Offline,
+        "operator offline stays offline"
+    );
     assert_eq!(n.admin_state(), NodeState::Offline);
-    assert!(n.runtime.agent().snapshot().is_some(), "but it is connected");
+    assert!(
+        n.runtime.agent().snapshot().is_some(),
+        "but it is connected"
+    );
     assert!(p.pick(&paris(&geo), &[], &mut rng, &geo).is_err());
 
     p.set_admin_state(idx, NodeState::Draining);
@@ -423,10 +438,32 @@ fn operator_states_win_over_an_agents_presence() {
     p.set_healthy(idx, false);
     assert_eq!(n.state(), NodeState::Online);
     p.agent_down(idx, g);
-    p.remove(idx);
     p.agent_up(idx, sock("198.51.100.1:3"), "v", 3);
+    p.remove(idx);
+    assert!(
+        n.runtime.agent().snapshot().is_none(),
+        "a deleted node's connection no longer counts"
+    );
+    assert_eq!(
+        p.agent_up(idx, sock("198.51.100.1:4"), "v", 4),
+        0,
+        "a deleted node takes no connection"
+    );
     assert_eq!(n.state(), NodeState::Offline, "a deleted node stays out");
     assert!(p.get("dev-1").is_none());
+
+    // Created again under its id (same slot, same runtime): absent until
+    // its device connects again.
+    let p2 = NodePool::build(&[agent("dev-1", "k")], Some(&p), &mut geo);
+    let (_, n2) = p2.get("dev-1").unwrap();
+    assert!(Arc::ptr_eq(&n.runtime, &n2.runtime));
+    assert_eq!(n2.state(), NodeState::Offline);
+    // A file reload that drops it clears its presence too.
+    let g = p2.agent_up(idx, sock("198.51.100.1:5"), "v", 5);
+    assert_ne!(g, 0);
+    let p3 = NodePool::build(&[], Some(&p2), &mut geo);
+    assert!(p3.get("dev-1").is_none());
+    assert!(n2.runtime.agent().snapshot().is_none());
 }
 
 #[test]
@@ -447,7 +484,11 @@ fn presence_survives_a_rebuild_and_a_late_snapshot_is_brought_in_line() {
     assert_eq!(p2.node(idx).state(), NodeState::Online, "still connected");
     assert_eq!(p2.count(&paris(&geo)), 1, "selectable in the new pool");
     let (idx2, n2) = p2.get("dev-2").unwrap();
-    assert_eq!(n2.state(), NodeState::Offline, "a new agent node starts absent");
+    assert_eq!(
+        n2.state(),
+        NodeState::Offline,
+        "a new agent node starts absent"
+    );
 
     // A device that connects after the next pool was built but before it
     // is published marks the old pool only; sync_agents catches the new one up.
@@ -494,10 +535,16 @@ fn agent_keys_are_kept_hashed_and_compared_as_hashes() {
     assert!(!direct.agent_key_matches(""), "not an agent");
     let debug = format!("{n:?} {:?}", agent("dev-1", "ak_secret"));
     assert!(!debug.contains(&hash_to_hex(&h)), "{debug}");
-    assert!(!debug.contains(&format!("{h:?}")), "no hash bytes either: {debug}");
+    assert!(
+        !debug.contains(&format!("{h:?}")),
+        "no hash bytes either: {debug}"
+    );
     assert!(debug.contains("key_hash: Some(\"***\")"), "{debug}");
     p.remove(idx);
-    assert!(!n.agent_key_matches("ak_secret"), "a deleted node takes no key");
+    assert!(
+        !n.agent_key_matches("ak_secret"),
+        "a deleted node takes no key"
+    );
 }
 
 #[test]
@@ -533,13 +580,19 @@ fn agent_figures_count_per_connection_without_locks() {
     // until they close.
     p.agent_up(idx, sock("203.0.113.9:7001"), &"v".repeat(500), 1_800);
     let s = a.snapshot().unwrap();
-    assert_eq!((s.bytes_up, s.bytes_down, s.rtt_ms, s.streams), (0, 0, 0.0, 1));
+    assert_eq!(
+        (s.bytes_up, s.bytes_down, s.rtt_ms, s.streams),
+        (0, 0, 0.0, 1)
+    );
     assert_eq!(s.version.len(), MAX_AGENT_VERSION);
     a.stream_closed();
     a.stream_closed();
     assert_eq!(a.snapshot().unwrap().streams, 0, "never below zero");
     p.agent_down(idx, g);
-    assert!(a.snapshot().is_some(), "the old generation's end is ignored");
+    assert!(
+        a.snapshot().is_some(),
+        "the old generation's end is ignored"
+    );
 
     // From many threads at once.
     std::thread::scope(|s| {

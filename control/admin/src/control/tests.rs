@@ -2,8 +2,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use splicegate_control::limits::MICRO;
-use splicegate_control::nodes::NodeState;
+use splicegate_control::nodes::{NodeKind, NodeState};
 use splicegate_control::policy::{Credentials, Hello};
+use splicegate_control::rules::Network;
 
 use super::*;
 
@@ -246,6 +247,258 @@ fn a_usage_reset_starts_over_and_keeps_the_spending() {
     assert_eq!(totals(&c, 7).bytes_up, 3000);
     assert_eq!(balance(&c, "acme"), 10 * MICRO - 2003);
     assert_eq!(c.with_store(|s| s.usage_rows(7).unwrap()).len(), 2);
+    drop(c);
+    cleanup(&path);
+}
+
+fn agent_file() -> Declarations {
+    let mut d = file(0);
+    let f: NodeFields =
+        serde_json::from_str(r#"{"id": "file-dev", "kind": "agent", "key": "ak_file_key"}"#)
+            .unwrap();
+    let mut n = f.to_decl().unwrap();
+    n.from_file = true;
+    d.nodes.push(n);
+    d
+}
+
+fn stored_spec(c: &Control, id: &str) -> String {
+    c.with_store(|s| s.nodes().unwrap())
+        .into_iter()
+        .find(|(i, _)| i == id)
+        .map(|(_, spec)| spec)
+        .unwrap_or_else(|| panic!("no stored node {id}"))
+}
+
+fn key_matches(c: &Control, id: &str, key: &str) -> bool {
+    c.engine()
+        .policy()
+        .nodes
+        .get(id)
+        .is_some_and(|(_, n)| n.agent_key_matches(key))
+}
+
+#[test]
+fn control_is_shared_across_threads() {
+    fn shared<T: Send + Sync>() {}
+    shared::<Control>();
+    shared::<Arc<Control>>();
+    shared::<EnrolError>();
+}
+
+#[test]
+fn agent_nodes_get_a_key_once_and_the_store_keeps_its_hash_only() {
+    let path = temp_path("agent-keys");
+    let key = {
+        let c = open(&path, agent_file());
+        let f: NodeFields =
+            serde_json::from_str(r#"{"id": "dev-1", "kind": "agent", "country": "us"}"#).unwrap();
+        let (id, key) = c.create_node(&f).unwrap();
+        assert_eq!(id, "dev-1");
+        let key = key.expect("a generated key");
+        assert!(key.starts_with("ak_") && key.len() == 46, "{key}");
+        assert!(
+            key[3..]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        );
+        assert!(key_matches(&c, "dev-1", &key));
+        let spec = stored_spec(&c, "dev-1");
+        assert!(!spec.contains(&key), "{spec}");
+        assert!(spec.contains("key_hash"), "{spec}");
+
+        // A given key is not returned; another create of the id is 409.
+        let given: NodeFields = serde_json::from_str(
+            r#"{"id": "dev-2", "kind": "agent", "key": "ak_given_by_operator"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.create_node(&given).unwrap(), ("dev-2".into(), None));
+        assert!(!stored_spec(&c, "dev-2").contains("ak_given_by_operator"));
+        assert!(matches!(
+            c.create_node(&given),
+            Err(ControlError::Conflict(_))
+        ));
+        let direct: NodeFields =
+            serde_json::from_str(r#"{"id": "d1", "kind": "direct", "bind": "127.0.0.1"}"#).unwrap();
+        assert_eq!(c.create_node(&direct).unwrap(), ("d1".into(), None));
+
+        // A new key: the old one stops at once.
+        let k2 = c.new_agent_key("dev-1", None).unwrap();
+        assert_ne!(k2, key);
+        assert!(key_matches(&c, "dev-1", &k2));
+        assert!(!key_matches(&c, "dev-1", &key));
+        assert_eq!(
+            c.new_agent_key("dev-2", Some("ak_chosen".into())).unwrap(),
+            "ak_chosen"
+        );
+        assert!(key_matches(&c, "dev-2", "ak_chosen"));
+        assert!(matches!(
+            c.new_agent_key("nobody", None),
+            Err(ControlError::NotFound(_))
+        ));
+        match c.new_agent_key("d1", None) {
+            Err(ControlError::Conflict(m)) => assert!(m.contains("only an agent"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        match c.new_agent_key("file-dev", None) {
+            Err(ControlError::Conflict(m)) => assert!(m.contains(FROM_FILE), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            c.new_agent_key("dev-1", Some("a:b".into())),
+            Err(ControlError::Invalid(_))
+        ));
+        assert!(
+            key_matches(&c, "dev-1", &k2),
+            "a refused key changes nothing"
+        );
+        assert!(key_matches(&c, "file-dev", "ak_file_key"));
+        k2
+    };
+    let c = open(&path, agent_file());
+    assert!(key_matches(&c, "dev-1", &key), "the hash persisted");
+    assert!(key_matches(&c, "dev-2", "ak_chosen"));
+    let (_, n) = c
+        .engine()
+        .policy()
+        .nodes
+        .get("dev-1")
+        .map(|(i, n)| (i, n.clone()))
+        .unwrap();
+    assert_eq!(n.state(), NodeState::Offline, "absent after a restart");
+    drop(c);
+    cleanup(&path);
+}
+
+#[test]
+fn devices_enrol_once_and_a_deleted_agents_id_never_again() {
+    let path = temp_path("enrol");
+    {
+        let c = Arc::new(open(&path, agent_file()));
+        let attrs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        // From another thread, as the gateway's agent listener calls it.
+        let c2 = c.clone();
+        let key = std::thread::spawn(move || {
+            c2.enrol_agent(
+                "dev-8f3a",
+                &attrs(&[
+                    ("country", "US"),
+                    ("city", "New York"),
+                    ("isp", "Comcast Cable"),
+                    ("asn", "AS7922"),
+                    ("network", "mob"),
+                    ("region", ""),
+                ]),
+            )
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+        assert!(key.starts_with("ak_"));
+        assert!(key_matches(&c, "dev-8f3a", &key));
+        assert!(!stored_spec(&c, "dev-8f3a").contains(&key));
+        let policy = c.engine().policy();
+        let (idx, n) = policy.nodes.get("dev-8f3a").unwrap();
+        assert_eq!(n.kind, NodeKind::Agent);
+        assert_eq!(n.country.map(|c| c.to_string()).as_deref(), Some("us"));
+        assert_eq!(policy.geo.name(n.city.unwrap()), "new_york");
+        assert_eq!(policy.geo.name(n.isp.unwrap()), "comcast_cable");
+        assert_eq!(n.asn, Some(7922));
+        assert_eq!(n.network, Network::Mob);
+        assert_eq!(n.region, None);
+        assert!(!n.from_file);
+        assert!(!c.declared_in_file(FileObject::Node("dev-8f3a")));
+        // It serves once its device connects.
+        policy
+            .nodes
+            .agent_up(idx, "192.0.2.7:1".parse().unwrap(), "1", 1);
+        assert_eq!(n.state(), NodeState::Online);
+        drop(policy);
+
+        // Taken: by itself, by a file node, by a node of another kind.
+        assert_eq!(
+            c.enrol_agent("dev-8f3a", &[]),
+            Err(EnrolError::Taken("dev-8f3a".into()))
+        );
+        assert_eq!(
+            c.enrol_agent("file-dev", &[]),
+            Err(EnrolError::Taken("file-dev".into()))
+        );
+        let direct: NodeFields =
+            serde_json::from_str(r#"{"id": "d1", "kind": "direct", "bind": "127.0.0.1"}"#).unwrap();
+        c.create_node(&direct).unwrap();
+        assert_eq!(
+            c.enrol_agent("d1", &[]),
+            Err(EnrolError::Taken("d1".into()))
+        );
+
+        // Invalid ids and attributes create nothing.
+        for (id, a, needle) in [
+            ("", vec![], "id"),
+            ("dev 1", vec![], "id"),
+            ("x", vec![("country", "usa")], "country"),
+            ("x", vec![("asn", "seven")], "asn"),
+            ("x", vec![("network", "wifi")], "network"),
+            ("x", vec![("colour", "red")], "unknown attribute"),
+            ("x", vec![("city", "東京")], "city"),
+            ("x", vec![("city", "a"), ("City", "b")], "twice"),
+        ] {
+            match c.enrol_agent(id, &attrs(&a)) {
+                Err(EnrolError::Invalid(m)) => assert!(m.contains(needle), "{id} {a:?}: {m}"),
+                other => panic!("{id} {a:?}: {other:?}"),
+            }
+        }
+        assert!(c.engine().policy().nodes.get("x").is_none());
+
+        // Deleting it revokes its id; the device's connection stops counting.
+        assert!(!c.is_revoked("dev-8f3a"));
+        c.delete_node("dev-8f3a").unwrap();
+        assert!(c.is_revoked("dev-8f3a"));
+        assert_eq!(
+            c.enrol_agent("dev-8f3a", &[]),
+            Err(EnrolError::Revoked("dev-8f3a".into()))
+        );
+        // Deleting another kind revokes nothing.
+        c.delete_node("d1").unwrap();
+        assert!(!c.is_revoked("d1"));
+        assert!(c.enrol_agent("d1", &[]).is_ok(), "d1 was no agent");
+    }
+    let c = open(&path, agent_file());
+    assert!(c.is_revoked("dev-8f3a"), "a revocation survives a restart");
+    assert_eq!(
+        c.enrol_agent("dev-8f3a", &[]),
+        Err(EnrolError::Revoked("dev-8f3a".into()))
+    );
+    // The operator may create the id again; enrolment stays refused.
+    let again: NodeFields = serde_json::from_str(r#"{"id": "dev-8f3a", "kind": "agent"}"#).unwrap();
+    let (_, key) = c.create_node(&again).unwrap();
+    assert!(key_matches(&c, "dev-8f3a", &key.unwrap()));
+    assert!(c.is_revoked("dev-8f3a"));
+    c.delete_node("dev-8f3a").unwrap();
+    assert!(c.is_revoked("dev-8f3a"));
+    drop(c);
+    cleanup(&path);
+}
+
+#[test]
+fn enrolment_asks_the_store_about_revocations_made_elsewhere() {
+    let path = temp_path("enrol-fleet");
+    let c = open(&path, file(0));
+    // Another gateway sharing the store deletes an agent node.
+    {
+        let mut other = crate::store::SqliteStore::open(&path).unwrap();
+        other.delete_agent("dev-elsewhere", 1).unwrap();
+    }
+    assert!(!c.is_revoked("dev-elsewhere"), "not known here yet");
+    assert_eq!(
+        c.enrol_agent("dev-elsewhere", &[]),
+        Err(EnrolError::Revoked("dev-elsewhere".into()))
+    );
+    assert!(c.is_revoked("dev-elsewhere"), "known from now on");
     drop(c);
     cleanup(&path);
 }

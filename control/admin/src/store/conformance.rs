@@ -112,6 +112,9 @@ pub fn write_for_reopen(s: &mut dyn Store) {
     s.put_node("n2", r#"{"id":"n2"}"#, 1).unwrap();
     assert!(s.delete_node("n2").unwrap());
     assert!(!s.delete_node("n2").unwrap());
+    s.put_node("dev-1", r#"{"id":"dev-1","kind":"agent"}"#, 1)
+        .unwrap();
+    assert!(s.delete_agent("dev-1", 2).unwrap());
     s.append_usage(&key(), &[row(7, 0, 5, "acme", 100, 10)])
         .unwrap();
 }
@@ -124,6 +127,8 @@ pub fn check_after_reopen(s: &dyn Store) {
         [(7, r#"{"id":7,"key":"k2"}"#.to_string())]
     );
     assert_eq!(s.nodes().unwrap().len(), 1);
+    assert!(s.is_revoked("dev-1").unwrap(), "a revocation survives");
+    assert_eq!(s.revoked_agents().unwrap(), ["dev-1"]);
     assert_eq!(s.usage_totals().unwrap()[&7].bytes_up, 100);
     assert_eq!(
         s.granted().unwrap()["acme"] - s.spent().unwrap()["acme"],
@@ -195,4 +200,29 @@ pub fn usage_history_rolls_up_by_hour_and_day(s: &mut dyn Store) {
             .unwrap()
             .is_empty()
     );
+}
+
+/// Deleting an agent node revokes its id in the same transaction; a
+/// revoked id stays revoked (a second revocation changes nothing), and an
+/// id revoked without a node row (a file node's) is revoked all the same.
+pub fn deleted_agents_stay_revoked(s: &mut dyn Store) {
+    assert!(s.revoked_agents().unwrap().is_empty());
+    assert!(!s.is_revoked("dev-1").unwrap());
+    s.put_node("dev-1", r#"{"id":"dev-1","kind":"agent"}"#, 1)
+        .unwrap();
+    s.put_node("n1", r#"{"id":"n1"}"#, 1).unwrap();
+    assert!(s.delete_agent("dev-1", 10).unwrap());
+    assert!(s.is_revoked("dev-1").unwrap());
+    assert!(!s.is_revoked("n1").unwrap());
+    assert!(!s.is_revoked("dev-").unwrap(), "exact ids only");
+    assert_eq!(s.nodes().unwrap().len(), 1, "the node row went");
+    // Created again (the operator may) and deleted again: still revoked once.
+    s.put_node("dev-1", r#"{"id":"dev-1","kind":"agent"}"#, 11)
+        .unwrap();
+    assert!(s.delete_agent("dev-1", 12).unwrap());
+    assert!(!s.delete_agent("dev-2", 13).unwrap(), "no such node");
+    assert_eq!(s.revoked_agents().unwrap(), ["dev-1", "dev-2"]);
+    // A plain delete revokes nothing.
+    assert!(s.delete_node("n1").unwrap());
+    assert!(!s.is_revoked("n1").unwrap());
 }

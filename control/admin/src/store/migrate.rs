@@ -1,7 +1,7 @@
 //! `splicegate store migrate --from splicegate.db --to postgres://…`: moves
 //! an embedded store into PostgreSQL — organisations, grants, packages
-//! (their declarations as stored: keys as they are), nodes, the usage
-//! ledger, usage resets and flush keys. Each table goes over in chunks,
+//! (their declarations as stored: keys as they are), nodes, revoked agent
+//! ids, the usage ledger, usage resets and flush keys. Each table goes over in chunks,
 //! each chunk one transaction (`COPY` into a temporary table, then an
 //! `INSERT … ON CONFLICT` into the real one), so it is re-runnable: a
 //! second run finds every row there and changes nothing. Afterwards the
@@ -60,6 +60,13 @@ const TABLES: &[Table] = &[
         columns: &["id", "spec", "updated_ms"],
         key: &["id"],
         update: true,
+        identity: None,
+    },
+    Table {
+        name: "revoked_agents",
+        columns: &["id", "unix_ms"],
+        key: &["id"],
+        update: false,
         identity: None,
     },
     Table {

@@ -376,6 +376,44 @@ impl Store for PgStore {
         })
     }
 
+    fn delete_agent(&mut self, id: &str, unix_ms: u64) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.call(move |c| {
+            let mut tx = c.transaction().map_err(pg)?;
+            let deleted = tx
+                .execute("DELETE FROM nodes WHERE id = $1", &[&id])
+                .map_err(pg)?
+                > 0;
+            tx.execute(
+                "INSERT INTO revoked_agents (id, unix_ms) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&id, &i(unix_ms)],
+            )
+            .map_err(pg)?;
+            tx.commit().map_err(pg)?;
+            Ok(deleted)
+        })
+    }
+
+    fn is_revoked(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.call(move |c| {
+            Ok(
+                c.query_opt("SELECT 1 FROM revoked_agents WHERE id = $1", &[&id])
+                    .map_err(pg)?
+                    .is_some(),
+            )
+        })
+    }
+
+    fn revoked_agents(&self) -> Result<Vec<String>, StoreError> {
+        self.call(|c| {
+            let rows = c
+                .query("SELECT id FROM revoked_agents ORDER BY id", &[])
+                .map_err(pg)?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
+
     fn append_usage(&mut self, key: &FlushKey, rows: &[UsageRow]) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());

@@ -231,6 +231,38 @@ impl Store for SqliteStore {
         Ok(self.conn.execute("DELETE FROM nodes WHERE id = ?1", [id])? > 0)
     }
 
+    /// Delete an API-created agent node and revoke its id, in one transaction.
+    fn delete_agent(&mut self, id: &str, unix_ms: u64) -> Result<bool, StoreError> {
+        let tx = self.conn.transaction()?;
+        let deleted = tx.execute("DELETE FROM nodes WHERE id = ?1", [id])? > 0;
+        tx.execute(
+            "INSERT INTO revoked_agents (id, unix_ms) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            params![id, i(unix_ms)],
+        )?;
+        tx.commit()?;
+        Ok(deleted)
+    }
+
+    /// Whether an agent id is revoked.
+    fn is_revoked(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT 1 FROM revoked_agents WHERE id = ?1", [id], |_| {
+                Ok(())
+            })
+            .optional()?
+            .is_some())
+    }
+
+    /// Every revoked agent id.
+    fn revoked_agents(&self) -> Result<Vec<String>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id FROM revoked_agents ORDER BY id")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     // ---- the usage ledger ----
 
     /// Append ledger rows in one transaction: a row for the same package,

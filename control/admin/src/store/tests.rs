@@ -65,6 +65,27 @@ fn a_retried_flush_is_written_once() {
 }
 
 #[test]
+fn a_version_3_store_gains_the_revoked_agents_table_and_keeps_its_nodes() {
+    let mut s = SqliteStore::with_connection(Connection::open_in_memory().unwrap());
+    s.migrate(&MIGRATIONS[..3]).unwrap();
+    s.put_node("n1", r#"{"id":"n1"}"#, 1).unwrap();
+    assert!(
+        s.is_revoked("n1").is_err(),
+        "version 3 has no revoked_agents"
+    );
+    s.migrate(MIGRATIONS).unwrap();
+    assert_eq!(s.schema_version().unwrap(), 4);
+    assert!(!s.is_revoked("n1").unwrap());
+    assert_eq!(s.nodes().unwrap().len(), 1);
+}
+
+#[test]
+fn deleted_agents_stay_revoked() {
+    let mut s = SqliteStore::open(Path::new(":memory:")).unwrap();
+    conformance::deleted_agents_stay_revoked(&mut s);
+}
+
+#[test]
 fn a_file_orgs_credits_are_its_first_grant_only() {
     let mut s = SqliteStore::open(Path::new(":memory:")).unwrap();
     conformance::a_file_orgs_credits_are_its_first_grant_only(&mut s);
