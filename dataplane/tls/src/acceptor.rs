@@ -55,6 +55,7 @@ const SESSION_CACHE: usize = 16_384;
 /// connections while open ones keep theirs.
 pub struct Acceptor {
     alpn: Vec<Vec<u8>>,
+    tls13_only: bool,
     config: ArcSwap<ServerConfig>,
     not_after: AtomicI64,
     /// Kept across reloads, so a reload does not end resumption.
@@ -96,20 +97,26 @@ fn server_config(
     cert: &Path,
     key: &Path,
     alpn: &[Vec<u8>],
+    tls13_only: bool,
     ticketer: &Arc<dyn ProducesTickets>,
     sessions: &Arc<dyn StoresServerSessions>,
 ) -> Result<(ServerConfig, Option<i64>), LoadError> {
     let (certs, key_der) = read_pair(cert, key)?;
     let not_after = crate::cert::not_after(&certs[0]);
-    let mut config =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key_der))
-            .map_err(|e| LoadError::Pair {
-                cert: cert.into(),
-                key: key.into(),
-                why: e.to_string(),
-            })?;
+    let builder =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()));
+    let versions = if tls13_only {
+        builder.with_protocol_versions(&[&rustls::version::TLS13])
+    } else {
+        builder.with_safe_default_protocol_versions()
+    };
+    let mut config = versions
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key_der))
+        .map_err(|e| LoadError::Pair {
+            cert: cert.into(),
+            key: key.into(),
+            why: e.to_string(),
+        })?;
     config.alpn_protocols = alpn.to_vec();
     config.ticketer = ticketer.clone();
     config.session_storage = sessions.clone();
@@ -125,6 +132,20 @@ impl Acceptor {
     /// port: a ClientHello without ALPN is accepted, one offering only
     /// others gets `no_application_protocol`).
     pub fn load(cert: &Path, key: &Path, alpn: &[&[u8]]) -> Result<Acceptor, LoadError> {
+        Acceptor::load_with(cert, key, alpn, false)
+    }
+
+    /// Like [`Acceptor::load`], TLS 1.3 only (the agent listener).
+    pub fn load_tls13(cert: &Path, key: &Path, alpn: &[&[u8]]) -> Result<Acceptor, LoadError> {
+        Acceptor::load_with(cert, key, alpn, true)
+    }
+
+    fn load_with(
+        cert: &Path,
+        key: &Path,
+        alpn: &[&[u8]],
+        tls13_only: bool,
+    ) -> Result<Acceptor, LoadError> {
         // Ticket keys rotate every 6 hours; a ticket lives 12.
         let ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| LoadError::Pair {
             cert: cert.into(),
@@ -133,9 +154,11 @@ impl Acceptor {
         })?;
         let sessions: Arc<dyn StoresServerSessions> = ServerSessionMemoryCache::new(SESSION_CACHE);
         let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
-        let (config, not_after) = server_config(cert, key, &alpn, &ticketer, &sessions)?;
+        let (config, not_after) =
+            server_config(cert, key, &alpn, tls13_only, &ticketer, &sessions)?;
         Ok(Acceptor {
             alpn,
+            tls13_only,
             config: ArcSwap::from_pointee(config),
             not_after: AtomicI64::new(not_after.unwrap_or(i64::MIN)),
             ticketer,
@@ -146,8 +169,14 @@ impl Acceptor {
     /// Reads `cert` and `key` again; new connections use them, open ones
     /// keep what they started with. On an error nothing changes.
     pub fn reload(&self, cert: &Path, key: &Path) -> Result<(), LoadError> {
-        let (config, not_after) =
-            server_config(cert, key, &self.alpn, &self.ticketer, &self.sessions)?;
+        let (config, not_after) = server_config(
+            cert,
+            key,
+            &self.alpn,
+            self.tls13_only,
+            &self.ticketer,
+            &self.sessions,
+        )?;
         self.config.store(Arc::new(config));
         self.not_after
             .store(not_after.unwrap_or(i64::MIN), Ordering::Relaxed);

@@ -159,6 +159,17 @@ impl TcpStream {
         Ok(TcpStream { inner: stream })
     }
 
+    /// Adopts one end of a connected Unix stream socket pair, which then
+    /// reads, writes, splices and half-closes like a TCP socket (an agent
+    /// stream's end on the gateway); makes it non-blocking. Its addresses
+    /// are not IP addresses: `peer_addr`/`local_addr` return errors.
+    pub fn from_unix(stream: std::os::unix::net::UnixStream) -> io::Result<TcpStream> {
+        stream.set_nonblocking(true)?;
+        Ok(TcpStream {
+            inner: std::net::TcpStream::from(std::os::fd::OwnedFd::from(stream)),
+        })
+    }
+
     /// Gives the socket back as a std stream (still non-blocking).
     pub fn into_std(self) -> std::net::TcpStream {
         self.inner

@@ -88,6 +88,7 @@ pub(crate) async fn dial(
     let creds = node.credentials.as_ref().map(|(u, p)| (&**u, &**p));
     let hs = match node.kind {
         NodeKind::Direct => return dial_direct(ctx, policy, node.bind, target).await,
+        NodeKind::Agent => return dial_agent(ctx, node, target).await,
         NodeKind::Http => Handshake::http(target, creds),
         NodeKind::Socks5 => Handshake::socks5(target, creds),
     };
@@ -157,6 +158,68 @@ async fn connect_node(node: &Node, deadline: Instant) -> Result<TcpStream, DialF
                 .unwrap_or_else(|| DialFailure::Node(format!("connect to {addr}: {e}"))))
         }
         Err(_) => Err(DialFailure::Node(format!("connect to {addr} timed out"))),
+    }
+}
+
+/// An `agent` node: a stream on the device's connection, opened on the
+/// agent thread; the device connects to the target from its own network.
+/// What it answers means what the node table says (SPEC section 10).
+async fn dial_agent(ctx: &Ctx, node: &Node, target: &Target) -> Result<Upstream, DialFailure> {
+    use crate::AgentAnswer;
+    use splicegate_proto::agent::OpenError;
+    let Some(agents) = &ctx.shared.agents else {
+        return Err(DialFailure::Node(
+            "this gateway takes no agents ([agents] is not configured)".into(),
+        ));
+    };
+    let s = &ctx.shared.settings;
+    let (tx, mut rx) = splicegate_uring::channel();
+    agents.open(&node.id, target, tx);
+    // The agent thread applies the node and target deadlines; this one only
+    // guards against an answer that never comes.
+    let deadline = Instant::now() + s.node_connect + s.target + std::time::Duration::from_secs(1);
+    let answer = match timeout_at(deadline, rx.recv()).await {
+        Ok(Some(a)) => a,
+        Ok(None) | Err(_) => {
+            return Err(DialFailure::Node(format!(
+                "agent {} did not answer the stream",
+                node.id
+            )));
+        }
+    };
+    let id = &node.id;
+    match answer {
+        AgentAnswer::Open(sock) => match TcpStream::from_unix(sock) {
+            Ok(stream) => Ok(Upstream {
+                stream,
+                leftover: Vec::new(),
+            }),
+            Err(e) => {
+                Err(overloaded(&e).unwrap_or_else(|| DialFailure::Node(format!("stream: {e}"))))
+            }
+        },
+        AgentAnswer::Refused(OpenError::Refused | OpenError::Unresolved, text) => {
+            Err(target_unreachable(format!(
+                "the target refused or does not exist (agent {id}: {text})"
+            )))
+        }
+        AgentAnswer::Refused(OpenError::Timeout, text) => Err(gateway_timeout(format!(
+            "the target did not answer in time (agent {id}: {text})"
+        ))),
+        AgentAnswer::Refused(OpenError::Disallowed, text) => {
+            Err(DialFailure::Answer(Rejection::new(
+                Code::Disallowed,
+                format!("the exit device refuses the target: {text}"),
+            )))
+        }
+        AgentAnswer::Refused(OpenError::Capacity | OpenError::Fault, text) => {
+            Err(DialFailure::Node(format!("agent {id}: {text}")))
+        }
+        AgentAnswer::NodeFault(text) => Err(DialFailure::Node(format!("agent {id}: {text}"))),
+        AgentAnswer::TargetTimeout(text) => Err(gateway_timeout(format!(
+            "the target did not answer within {} ms (agent {id}: {text})",
+            s.target.as_millis()
+        ))),
     }
 }
 

@@ -117,6 +117,38 @@ pub struct Shared {
     /// TLS to the proxy ports (`[tls]`); without it a ClientHello gets a
     /// handshake_failure alert.
     pub tls: Option<Arc<splicegate_tls::Acceptor>>,
+    /// Streams through connected agents (`[agents]`); without it an agent
+    /// node fails like an unreachable one.
+    pub agents: Option<Arc<dyn AgentDialer>>,
+}
+
+/// What opening a stream on an agent node came to.
+#[derive(Debug)]
+pub enum AgentAnswer {
+    /// The device connected to the target: the gateway's end of the stream,
+    /// relayed like any node's socket.
+    Open(std::os::unix::net::UnixStream),
+    /// The device answered that it could not (its reason and text).
+    Refused(splicegate_proto::agent::OpenError, String),
+    /// The node failed: its agent is not connected, went away, or did not
+    /// answer within `node_connect_ms` (`onerror` decides).
+    NodeFault(String),
+    /// The device did not connect within `target_ms`.
+    TargetTimeout(String),
+}
+
+/// Opens streams on agent nodes. Lives on the gateway's agent thread; a
+/// worker asks and awaits the answer on its ring, so no lock of the agent
+/// side is ever held on a worker.
+pub trait AgentDialer: Send + Sync {
+    /// Open a stream to `target` through agent node `node`, under the
+    /// gateway's node and target deadlines; the answer goes to `reply`.
+    fn open(
+        &self,
+        node: &str,
+        target: &splicegate_addr::Target,
+        reply: splicegate_uring::Sender<AgentAnswer>,
+    );
 }
 
 /// Receives bans (source, duration) for the kernel programs.
