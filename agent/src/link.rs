@@ -55,8 +55,12 @@ pub struct Config {
 }
 
 /// Live figures of a link, readable from any thread.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LinkStats {
+    /// When the link started (the clock of `last_rx_us`).
+    pub epoch: Instant,
+    /// When the peer's last bytes arrived, in microseconds since `epoch`.
+    pub last_rx_us: AtomicU64,
     /// Open streams.
     pub streams: AtomicU64,
     /// Stream bytes received from the peer.
@@ -65,6 +69,25 @@ pub struct LinkStats {
     pub bytes_out: AtomicU64,
     /// The last ping's round trip, in microseconds (0 before the first).
     pub rtt_us: AtomicU64,
+}
+
+impl LinkStats {
+    fn new() -> LinkStats {
+        LinkStats {
+            epoch: Instant::now(),
+            last_rx_us: AtomicU64::new(0),
+            streams: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            rtt_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the peer sent anything after `t`.
+    pub fn heard_since(&self, t: Instant) -> bool {
+        let at = self.epoch + Duration::from_micros(self.last_rx_us.load(Ordering::Relaxed));
+        at >= t
+    }
 }
 
 /// How opening a stream ended (the gateway's side).
@@ -111,6 +134,7 @@ enum Cmd {
         reason: OpenError,
         text: String,
     },
+    Close(String),
 }
 
 /// A handle on a running link; cheap to clone.
@@ -193,6 +217,11 @@ impl Link {
                 text,
             })
             .await;
+    }
+
+    /// Ends the link (its streams are reset), saying why in the log.
+    pub async fn close(&self, why: &str) {
+        let _ = self.cmds.send(Cmd::Close(why.to_string())).await;
     }
 
     /// Whether the link has ended.
@@ -369,7 +398,7 @@ where
     let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(1024);
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (in_tx, in_rx) = mpsc::channel(256);
-    let stats = Arc::new(LinkStats::default());
+    let stats = Arc::new(LinkStats::new());
     let closed = Arc::new(Closed::default());
     let link = Link {
         cmds: cmd_tx,
@@ -383,7 +412,7 @@ where
         done: done_tx,
         stats: stats.clone(),
         rate: config.rate.clone(),
-        epoch: Instant::now(),
+        epoch: stats.epoch,
     };
     let task = tokio::spawn(async move {
         let mut state = LinkTask {
@@ -462,6 +491,8 @@ impl LinkTask {
                     Ok(0) => return "the peer closed the connection".into(),
                     Ok(n) => {
                         last_rx = Instant::now();
+                        let at = last_rx.duration_since(self.ctx.epoch).as_micros() as u64;
+                        self.ctx.stats.last_rx_us.store(at, Ordering::Relaxed);
                         buf.extend_from_slice(&chunk[..n]);
                         if let Err(why) = self.frames(&mut buf).await {
                             return why;
@@ -541,6 +572,7 @@ impl LinkTask {
                 .await?;
                 self.start(stream, window, read, write);
             }
+            Cmd::Close(why) => return Err(why),
             Cmd::Refuse {
                 stream,
                 reason,

@@ -39,6 +39,8 @@ pub(crate) struct Config {
     pub ebpf: EbpfSection,
     /// TLS to the proxy ports; absent: a ClientHello gets an alert.
     pub tls: Option<TlsSection>,
+    /// The listener agents (devices behind NAT) dial; absent: no agents.
+    pub agents: Option<AgentsSection>,
     #[serde(default)]
     pub health: HealthSection,
     #[serde(default)]
@@ -102,6 +104,36 @@ pub(crate) struct ProxySection {
 pub(crate) struct TlsSection {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+/// `[agents]`: where devices dial in (TLS 1.3), with `[tls]`'s certificate
+/// or their own, and how they enrol.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AgentsSection {
+    pub listen: SocketAddr,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    #[serde(default = "default_heartbeat_s")]
+    pub heartbeat_s: u64,
+    /// The fleet's enrolment secret (a device presenting it becomes a node).
+    pub enrol_key: Option<String>,
+}
+
+fn default_heartbeat_s() -> u64 {
+    25
+}
+
+impl AgentsSection {
+    /// The certificate and key: `[agents]`'s own, else `[tls]`'s.
+    pub(crate) fn cert_and_key(&self, tls: Option<&TlsSection>) -> Result<(PathBuf, PathBuf)> {
+        match (&self.cert, &self.key, tls) {
+            (Some(c), Some(k), _) => Ok((c.clone(), k.clone())),
+            (None, None, Some(t)) => Ok((t.cert.clone(), t.key.clone())),
+            (None, None, None) => bail!("[agents] needs a certificate: cert and key, or [tls]"),
+            _ => bail!("[agents] takes cert and key together"),
+        }
+    }
 }
 
 impl Default for ProxySection {
@@ -356,6 +388,18 @@ impl Config {
         }) = &cfg.store
         {
             bail!("[store] takes path (SQLite) or url (PostgreSQL), not both");
+        }
+        if let Some(a) = &cfg.agents {
+            a.cert_and_key(cfg.tls.as_ref())?;
+            if a.heartbeat_s == 0 || a.heartbeat_s > 3600 {
+                bail!("agents.heartbeat_s must be 1 to 3600");
+            }
+            if a.enrol_key.as_deref().is_some_and(|k| k.len() < 16) {
+                bail!("agents.enrol_key must be at least 16 characters");
+            }
+            if a.enrol_key.is_some() && cfg.admin.is_none() {
+                bail!("agents.enrol_key needs [admin] (enrolled devices are kept in the store)");
+            }
         }
         cfg.check_operations()?;
         Ok(cfg)

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod agents;
 mod config;
 mod cpus;
 mod doctor;
@@ -79,6 +80,9 @@ enum Cmd {
         #[arg(long, default_value_t = 500)]
         connect_rate: u64,
     },
+    /// Run this device as an exit node: dial out to the gateways given and
+    /// serve their streams (the same code as the standalone splicegate-agent).
+    Agent(Box<splicegate_agent::Args>),
     /// Operate on a store.
     #[command(subcommand)]
     Store(StoreCmd),
@@ -198,6 +202,13 @@ fn main() -> ExitCode {
                 &mut std::io::stdout(),
             );
             ExitCode::SUCCESS
+        }
+        Cmd::Agent(args) => {
+            let _logging = init_logging("info");
+            match splicegate_agent::main_with(*args) {
+                0 => ExitCode::SUCCESS,
+                code => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+            }
         }
         Cmd::Serve { config, ready_file } => match serve(config, ready_file) {
             Ok(()) => ExitCode::SUCCESS,
@@ -322,6 +333,28 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
     if let Some(k) = &kernel {
         k.upkeep(&engine);
     }
+    let agents = match &cfg.agents {
+        Some(a) => {
+            let acceptor = agent_tls(&cfg, a)?;
+            let settings = agents::Settings {
+                listen: a.listen,
+                heartbeat: Duration::from_secs(a.heartbeat_s.max(1)),
+                enrol_key: a.enrol_key.clone(),
+                handshake: Duration::from_millis(cfg.timeouts.handshake_ms.max(1)),
+                node_connect: Duration::from_millis(cfg.timeouts.node_connect_ms.max(1)),
+                target: Duration::from_millis(cfg.timeouts.target_ms.max(1)),
+            };
+            let (hub, addr) = agents::start(
+                settings,
+                acceptor.clone(),
+                engine.clone(),
+                control.clone(),
+                cfg.guard_config(),
+            )?;
+            Some((hub, addr, acceptor))
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
         engine: engine.clone(),
         settings: cfg.settings(),
@@ -331,6 +364,9 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
         guard_at_accept: kernel.is_none(),
         ban_sink: kernel.as_ref().map(kernel::Kernel::ban_sink),
         tls: tls.clone(),
+        agents: agents
+            .as_ref()
+            .map(|(hub, _, _)| -> Arc<dyn splicegate_worker::AgentDialer> { hub.clone() }),
     });
     let mut access = match access_rx {
         Some(rx) => Some(AccessWriter::open(&cfg.log.access, rx)?),
@@ -387,6 +423,7 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
             .collect(),
         admin: admin.as_ref().map(|a| a.addr),
         demo_echo: echo,
+        agents: agents.as_ref().map(|(_, addr, _)| *addr),
     };
     if let Some(p) = &ready_file {
         ready::write(p, &ready)?;
@@ -417,7 +454,13 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
             Some(libc::SIGHUP) => {
                 systemd.reloading();
                 match &path {
-                    Some(p) => reload(p, &engine, control.as_deref(), tls.as_deref()),
+                    Some(p) => reload(
+                        p,
+                        &engine,
+                        control.as_deref(),
+                        tls.as_deref(),
+                        agents.as_ref().map(|(_, _, a)| &**a),
+                    ),
                     None => tracing::info!("SIGHUP: the embedded demo has no file to reload"),
                 }
                 // A refused reload leaves the gateway serving as before.
@@ -435,6 +478,10 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
                 }
                 for h in handles {
                     let _ = h.thread.join();
+                }
+                // Tunnels through agents drained with the workers' ones.
+                if let Some((hub, _, _)) = &agents {
+                    hub.stop();
                 }
                 if let Some(a) = access.as_mut() {
                     a.drain();
@@ -504,6 +551,15 @@ impl AccessWriter {
     }
 }
 
+/// The agent listener's certificate: `[agents] cert`/`key`, else `[tls]`'s;
+/// TLS 1.3 only, ALPN `splicegate-agent/1`.
+fn agent_tls(cfg: &Config, a: &config::AgentsSection) -> Result<Arc<splicegate_tls::Acceptor>> {
+    let (cert, key) = a.cert_and_key(cfg.tls.as_ref())?;
+    let acceptor = splicegate_tls::Acceptor::load_tls13(&cert, &key, &[splicegate_agent::ALPN])
+        .context("[agents]")?;
+    Ok(Arc::new(acceptor))
+}
+
 /// `[tls]`'s certificate and key, loaded (an error names the file).
 fn load_tls(cfg: &Config) -> Result<Option<Arc<splicegate_tls::Acceptor>>> {
     let Some(t) = &cfg.tls else {
@@ -541,8 +597,18 @@ fn reload(
     engine: &Engine,
     control: Option<&splicegate_admin::Control>,
     tls: Option<&splicegate_tls::Acceptor>,
+    agents: Option<&splicegate_tls::Acceptor>,
 ) {
     let result = Config::load(path).and_then(|c| {
+        match (&c.agents, agents) {
+            (Some(_), None) => anyhow::bail!("[agents] was added: it needs a restart"),
+            (None, Some(_)) => anyhow::bail!("[agents] was removed: it needs a restart"),
+            (Some(a), Some(acceptor)) => {
+                let (cert, key) = a.cert_and_key(c.tls.as_ref())?;
+                acceptor.reload(&cert, &key).context("[agents]")?;
+            }
+            (None, None) => {}
+        }
         match (&c.tls, tls) {
             (Some(_), None) => anyhow::bail!("[tls] was added: adding TLS needs a restart"),
             (None, Some(_)) => anyhow::bail!("[tls] was removed: removing TLS needs a restart"),

@@ -35,6 +35,7 @@ pub(crate) struct Bound {
     pub admin: Option<SocketAddr>,
     /// `[demo] echo_listen`, when the built-in target runs.
     pub demo_echo: Option<SocketAddr>,
+    pub agents: Option<SocketAddr>,
 }
 
 impl Bound {
@@ -55,6 +56,7 @@ impl Bound {
                 .collect::<Vec<_>>(),
             "admin": self.admin.map(|a| a.to_string()),
             "demo_echo": self.demo_echo.map(|a| a.to_string()),
+            "agents": self.agents.map(|a| a.to_string()),
         })
     }
 }
@@ -95,6 +97,7 @@ mod tests {
             )],
             admin: Some("127.0.0.1:40124".parse().unwrap()),
             demo_echo: None,
+            agents: None,
         };
         let dir = std::env::temp_dir().join(format!("sg-ready-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
