@@ -81,6 +81,11 @@ impl NodeDecl {
         NodeDecl::base(id, "socks5").set("addr", &q(&addr.to_string()))
     }
 
+    /// An `agent` node (a device that dials in with `key`).
+    pub fn agent(id: &str, key: &str) -> NodeDecl {
+        NodeDecl::base(id, "agent").set("key", &q(key))
+    }
+
     /// Set a field to a raw TOML value.
     pub fn set(mut self, name: &str, toml_value: &str) -> NodeDecl {
         if let Some(f) = self.fields.iter_mut().find(|(k, _)| k == name) {

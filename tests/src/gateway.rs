@@ -496,6 +496,9 @@ fn bound_addrs(
     if !ready["demo_echo"].is_null() {
         out.insert("ECHO".to_string(), parse(&ready["demo_echo"])?);
     }
+    if !ready["agents"].is_null() {
+        out.insert("AGENTS".to_string(), parse(&ready["agents"])?);
+    }
     let listeners = ready["listeners"].as_array().cloned().unwrap_or_default();
     let names = listener_names(toml);
     if names.len() != listeners.len() {

@@ -16,6 +16,7 @@
 
 pub mod addr;
 pub mod admin;
+pub mod agent;
 pub mod canary;
 pub mod catalog;
 pub mod client;

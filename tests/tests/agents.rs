@@ -1,0 +1,597 @@
+//! Agents (SPEC section 10) end to end: real `splicegate agent` processes
+//! dial a real gateway over TLS 1.3 and serve curl's HTTP, CONNECT and
+//! SOCKS5 through streams; sessions stay on an agent; a killed agent goes
+//! offline and its traffic fails over per `onerror`; a restarted one comes
+//! back; a wrong key ends the agent with status 2 and is counted on the
+//! agent port only; the device refuses its own networks.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use splicegate_tests::admin::admin_request;
+use splicegate_tests::agent::{AgentProc, AgentSpec};
+use splicegate_tests::gateway::temp_dir;
+use splicegate_tests::pki::TestCa;
+use splicegate_tests::*;
+
+/// Device keys of the file's agent nodes.
+const KEY_A: &str = "ak_test_device_a_0123456789abcdef";
+const KEY_B: &str = "ak_test_device_b_0123456789abcdef";
+
+struct Lab {
+    gw: Gateway,
+    ca: TestCa,
+    web: HttpTarget,
+}
+
+impl Lab {
+    /// A gateway with `[agents]` (heartbeat 1 s) on the `[tls]` certificate,
+    /// package 7, and agent nodes `dev-a` and `dev-b`.
+    fn start() -> Lab {
+        Lab::start_with(|c| c)
+    }
+
+    fn start_with(f: impl FnOnce(Conf) -> Conf) -> Lab {
+        let dir = temp_dir("agents-pki");
+        let ca = TestCa::new(&dir);
+        let leaf = ca.leaf("gw", (2031, 7, 15));
+        let mut conf = Conf::with_package(KEY)
+            .node(NodeDecl::agent("dev-a", KEY_A))
+            .node(NodeDecl::agent("dev-b", KEY_B));
+        conf.tls = Some((leaf.cert.clone(), leaf.key.clone()));
+        conf.extra
+            .push_str("[agents]\nlisten = \"127.0.0.1:@PORT_AGENTS@\"\nheartbeat_s = 1\n");
+        let conf = f(conf);
+        Lab {
+            gw: Gateway::start_conf(&conf),
+            ca,
+            web: HttpTarget::start(),
+        }
+    }
+
+    fn agents_addr(&self) -> SocketAddr {
+        self.gw.addr("AGENTS")
+    }
+
+    fn agent(&self, id: &str, key: &str) -> AgentProc {
+        AgentProc::start(AgentSpec::new(
+            id,
+            key,
+            self.agents_addr(),
+            &self.ca.ca_pem(),
+        ))
+    }
+
+    fn node(&self, id: &str) -> Value {
+        let (status, v) = admin_request(
+            self.gw.admin_addr(),
+            "GET",
+            &format!("/v1/nodes/{id}"),
+            None,
+        )
+        .expect("admin API");
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+
+    /// Waits until node `id` is (or is not) connected, per the admin API.
+    fn wait_connected(&self, id: &str, connected: bool, within: Duration) {
+        let until = Instant::now() + within;
+        loop {
+            let v = self.node(id);
+            if v["connected"] == Value::Bool(connected) {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "node {id} not connected={connected} within {within:?}: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+#[test]
+fn curl_reaches_targets_through_an_agent_by_http_connect_and_socks5() {
+    let lab = Lab::start();
+    let _a = lab.agent("dev-a", KEY_A);
+    lab.wait_connected("dev-a", true, Duration::from_secs(10));
+    let node = lab.node("dev-a");
+    assert_eq!(node["state"], "online", "{node}");
+    assert_eq!(node["kind"], "agent", "{node}");
+    assert!(
+        node.to_string().find(KEY_A).is_none(),
+        "the key never leaves: {node}"
+    );
+
+    let u = user("country-us");
+    // HTTP forwarding through the agent.
+    let out = Curl::new(client_ip())
+        .proxy(lab.gw.proxy)
+        .user(&u, KEY)
+        .get(&lab.web.url("/ip"));
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert_eq!(out.last().status, 200, "{out:#?}");
+    // CONNECT with a body of 2 MB, checked byte for byte.
+    let out = Curl::new(client_ip())
+        .proxy(lab.gw.proxy)
+        .user(&u, KEY)
+        .tunnel()
+        .get(&lab.web.url("/bytes/2000000"));
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert_eq!(out.body.len(), 2_000_000);
+    assert!(
+        out.body
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == b"abcdefghijklmnopqrstuvwxyz"[i % 26]),
+        "the body arrived intact"
+    );
+    // SOCKS5 with the name resolved by the device (socks5h).
+    let out = Curl::new(client_ip())
+        .socks5h(lab.gw.proxy)
+        .user(&u, KEY)
+        .get(&format!("http://localhost:{}/ip", lab.web.addr().port()));
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert_eq!(out.last().status, 200, "{out:#?}");
+
+    // The API shows the traffic on the agent.
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = lab.node("dev-a");
+        if n["agent"]["bytes_down"].as_u64().unwrap_or(0) >= 2_000_000 {
+            assert!(
+                n["agent"]["addr"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("127.")),
+                "{n}"
+            );
+            assert!(
+                n["agent"]["version"]
+                    .as_str()
+                    .is_some_and(|v| v.contains("splicegate-agent")),
+                "{n}"
+            );
+            break;
+        }
+        assert!(Instant::now() < until, "bytes never reached the API: {n}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_node_whose_agent_is_not_connected_is_offline_and_never_chosen() {
+    let lab = Lab::start();
+    let n = lab.node("dev-a");
+    assert_eq!(n["connected"], false, "{n}");
+    assert_eq!(n["state"], "offline", "{n}");
+    assert_eq!(n["admin_state"], "online", "{n}");
+    // No agent connected: no node matches.
+    let out = Curl::new(client_ip())
+        .proxy(lab.gw.proxy)
+        .user(&user("country-us"), KEY)
+        .get(&lab.web.url("/ip"));
+    assert_ne!(out.last().status, 200, "{out:#?}");
+}
+
+#[test]
+fn a_killed_agent_goes_offline_its_traffic_fails_over_and_a_restart_brings_it_back() {
+    let lab = Lab::start();
+    let mut agents = std::collections::HashMap::from([
+        ("dev-a", lab.agent("dev-a", KEY_A)),
+        ("dev-b", lab.agent("dev-b", KEY_B)),
+    ]);
+    lab.wait_connected("dev-a", true, Duration::from_secs(10));
+    lab.wait_connected("dev-b", true, Duration::from_secs(10));
+    // A session sticks to one agent.
+    let u = user("country-us-session-s1-sessionlength-600");
+    let mut held: Option<String> = None;
+    for _ in 0..4 {
+        let out = Curl::new(client_ip())
+            .proxy(lab.gw.proxy)
+            .user(&u, KEY)
+            .get(&lab.web.url("/ip"));
+        assert_eq!(out.last().status, 200, "{out:#?}");
+        let node = session_node(&lab, "s1");
+        assert!(
+            held.is_none() || held == node,
+            "the session moved: {node:?}"
+        );
+        held = node;
+    }
+    let victim = held.expect("the session has a node");
+    let (victim, other) = if victim == "dev-a" {
+        ("dev-a", "dev-b")
+    } else {
+        ("dev-b", "dev-a")
+    };
+    // Kill the session's agent: its node goes offline at once (the
+    // connection closes), and the session fails over (onerror default:
+    // replace).
+    agents.get_mut(victim).expect("started").kill();
+    lab.wait_connected(victim, false, Duration::from_secs(5));
+    assert_eq!(lab.node(victim)["state"], "offline");
+    let out = Curl::new(client_ip())
+        .proxy(lab.gw.proxy)
+        .user(&u, KEY)
+        .get(&lab.web.url("/ip"));
+    assert_eq!(
+        out.last().status,
+        200,
+        "fails over to the other agent: {out:#?}"
+    );
+    assert_eq!(session_node(&lab, "s1").as_deref(), Some(other));
+    // Restart the victim: online again and chosen again.
+    let key = if victim == "dev-a" { KEY_A } else { KEY_B };
+    agents.insert(victim, lab.agent(victim, key));
+    lab.wait_connected(victim, true, Duration::from_secs(10));
+    let mut chosen = false;
+    for i in 0..40 {
+        let u = user(&format!("country-us-session-r{i}"));
+        let out = Curl::new(client_ip())
+            .proxy(lab.gw.proxy)
+            .user(&u, KEY)
+            .get(&lab.web.url("/ip"));
+        assert_eq!(out.last().status, 200, "{out:#?}");
+        if session_node(&lab, &format!("r{i}")).as_deref() == Some(victim) {
+            chosen = true;
+            break;
+        }
+    }
+    assert!(chosen, "the restarted agent is chosen again");
+}
+
+/// The node of session `name` of package 7, per `GET /v1/sessions`.
+fn session_node(lab: &Lab, name: &str) -> Option<String> {
+    let (_, v) = admin_request(lab.gw.admin_addr(), "GET", "/v1/sessions?package=7", None).unwrap();
+    v.as_array()?
+        .iter()
+        .find(|s| s["id"] == name)
+        .and_then(|s| s["node"].as_str().map(str::to_string))
+}
+
+#[test]
+fn a_wrong_key_ends_the_agent_with_status_2_and_the_proxy_port_never_notices() {
+    let lab = Lab::start();
+    let mut bad = lab.agent("dev-a", "ak_wrong");
+    let st = bad
+        .wait_exit(Duration::from_secs(15))
+        .expect("the agent exits");
+    assert_eq!(st.code(), Some(2), "{}", bad.log());
+    assert!(bad.log().contains("refused"), "{}", bad.log());
+    // An unknown id is the same refusal.
+    let mut unknown = lab.agent("dev-zz", KEY_A);
+    let st = unknown
+        .wait_exit(Duration::from_secs(15))
+        .expect("the agent exits");
+    assert_eq!(st.code(), Some(2), "{}", unknown.log());
+    // The right key still gets in.
+    let _good = lab.agent("dev-a", KEY_A);
+    lab.wait_connected("dev-a", true, Duration::from_secs(10));
+}
+
+#[test]
+fn the_device_refuses_its_own_networks_with_403_disallowed() {
+    let lab = Lab::start();
+    let strict = AgentSpec::new("dev-a", KEY_A, lab.agents_addr(), &lab.ca.ca_pem()).strict();
+    let a = AgentProc::start(strict);
+    lab.wait_connected("dev-a", true, Duration::from_secs(10));
+    let u = user("country-us");
+    // A loopback address, a name that resolves to loopback on the device,
+    // and the gateway's own admin port: all refused by the device.
+    for url in [
+        lab.web.url("/ip"),
+        format!("http://localhost:{}/ip", lab.web.addr().port()),
+        format!("http://{}/v1/nodes", lab.gw.admin_addr()),
+    ] {
+        let out = Curl::new(client_ip())
+            .proxy(lab.gw.proxy)
+            .user(&u, KEY)
+            .get(&url);
+        let r = out.last();
+        assert_eq!(r.status, 403, "{url}: {out:#?}");
+        assert_eq!(
+            r.header("X-SOAX-Error"),
+            Some("DISALLOWED"),
+            "{url}: {out:#?}"
+        );
+    }
+    assert!(lab.web.requests().is_empty(), "nothing reached the target");
+    assert!(
+        a.log().contains("refused"),
+        "the device logs what it refuses: {}",
+        a.log()
+    );
+}
+
+/// A device speaking the link by hand, over TLS from `src`.
+struct RawAgent {
+    tls: rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl RawAgent {
+    fn connect(lab: &Lab) -> RawAgent {
+        let tls = splicegate_tests::pki::tls_connect(lab.agents_addr(), &lab.ca.ca_pem())
+            .expect("TLS to the agent port");
+        RawAgent {
+            tls,
+            buf: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        self.tls.write_all(bytes)?;
+        self.tls.flush()
+    }
+
+    fn frame(&mut self, f: splicegate_proto::agent::Frame<'_>) -> std::io::Result<()> {
+        let mut out = Vec::new();
+        f.encode(&mut out);
+        self.send(&out)
+    }
+
+    /// The next frame's bytes, or `None` when the gateway closed (or the
+    /// read timed out: see [`RawAgent::read_next`]).
+    fn next(&mut self) -> Option<Vec<u8>> {
+        self.read_next().ok().flatten()
+    }
+
+    /// `Ok(Some(frame))`, `Ok(None)` when the gateway closed, `Err` when
+    /// the read timed out.
+    fn read_next(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        use std::io::Read;
+        loop {
+            if let Ok(Some((_, n))) = splicegate_proto::agent::decode(&self.buf) {
+                return Ok(Some(self.buf.drain(..n).collect()));
+            }
+            let mut chunk = [0u8; 16384];
+            match self.tls.read(&mut chunk) {
+                Ok(0) => return Ok(None),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(e);
+                }
+                // A reset or a TLS error: the connection is gone.
+                Err(_) => return Ok(None),
+            }
+        }
+    }
+
+    /// Says hello as `id` with `key`; the answer frame's bytes.
+    fn hello(&mut self, id: &str, key: &str) -> Option<Vec<u8>> {
+        let mut f = splicegate_proto::agent::FieldsBuf::new();
+        f.push("id", id);
+        f.push("key", key);
+        self.frame(splicegate_proto::agent::Frame::Hello {
+            version: splicegate_proto::agent::VERSION,
+            fields: f.fields(),
+        })
+        .ok()?;
+        self.next()
+    }
+
+    /// Whether the gateway closes the connection within `within` (frames it
+    /// sends meanwhile are read and dropped).
+    fn closed_within(&mut self, within: Duration) -> bool {
+        self.tls.sock.set_read_timeout(Some(within)).unwrap();
+        let until = Instant::now() + within;
+        while Instant::now() < until {
+            match self.read_next() {
+                Ok(Some(_)) => {}
+                Ok(None) => return true,
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+}
+
+fn is_welcome(b: &[u8]) -> bool {
+    matches!(
+        splicegate_proto::agent::decode(b),
+        Ok(Some((splicegate_proto::agent::Frame::Welcome { .. }, _)))
+    )
+}
+
+#[test]
+fn hostile_agents_are_closed_without_harm_to_other_agents_or_clients() {
+    use splicegate_proto::agent::Frame;
+    let lab = Lab::start();
+    let _a = lab.agent("dev-a", KEY_A);
+    lab.wait_connected("dev-a", true, Duration::from_secs(10));
+    let u = user("country-us");
+    let works = |what: &str| {
+        let out = Curl::new(client_ip())
+            .proxy(lab.gw.proxy)
+            .user(&u, KEY)
+            .get(&lab.web.url("/ip"));
+        assert_eq!(out.last().status, 200, "after {what}: {out:#?}");
+    };
+    works("start");
+
+    // A version the gateway does not speak: refused with a reason.
+    let mut v = RawAgent::connect(&lab);
+    let mut f = splicegate_proto::agent::FieldsBuf::new();
+    f.push("id", "dev-b");
+    f.push("key", KEY_B);
+    v.frame(Frame::Hello {
+        version: 99,
+        fields: f.fields(),
+    })
+    .unwrap();
+    let answer = v.next().expect("an answer");
+    match splicegate_proto::agent::decode(&answer) {
+        Ok(Some((Frame::Refuse { reason, text }, _))) => {
+            assert_eq!(reason, splicegate_proto::agent::Refusal::Version);
+            assert!(text.contains("version 1"), "{text}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // An oversized frame after a good hello: the link is closed, the node
+    // goes offline, the other agent serves on.
+    let mut big = RawAgent::connect(&lab);
+    assert!(is_welcome(&big.hello("dev-b", KEY_B).expect("welcome")));
+    lab.wait_connected("dev-b", true, Duration::from_secs(5));
+    let mut header = vec![7u8, 0, 0, 0, 0, 1];
+    header.extend_from_slice(&u32::MAX.to_be_bytes());
+    big.send(&header).unwrap();
+    assert!(
+        big.closed_within(Duration::from_secs(5)),
+        "an oversized frame closes the link"
+    );
+    lab.wait_connected("dev-b", false, Duration::from_secs(5));
+    works("an oversized frame");
+
+    // A device may not open streams; garbage is a protocol error.
+    for bad in [
+        {
+            let mut out = Vec::new();
+            Frame::Open {
+                stream: 2,
+                window: 1000,
+                target: "127.0.0.1:9",
+            }
+            .encode(&mut out);
+            out
+        },
+        b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff".to_vec(),
+        {
+            let mut out = Vec::new();
+            Frame::Hello {
+                version: 1,
+                fields: splicegate_proto::agent::FieldsBuf::new().fields(),
+            }
+            .encode(&mut out);
+            out
+        },
+    ] {
+        let mut r = RawAgent::connect(&lab);
+        assert!(is_welcome(&r.hello("dev-b", KEY_B).expect("welcome")));
+        r.send(&bad).unwrap();
+        assert!(
+            r.closed_within(Duration::from_secs(5)),
+            "{bad:?} closes the link"
+        );
+    }
+    works("protocol errors");
+
+    // Floods of pings and window updates for streams that do not exist:
+    // answered or ignored; the link lives and the node stays online.
+    let mut flood = RawAgent::connect(&lab);
+    assert!(is_welcome(&flood.hello("dev-b", KEY_B).expect("welcome")));
+    let mut burst = Vec::new();
+    for i in 0..20_000u64 {
+        Frame::Ping {
+            ack: false,
+            opaque: i,
+        }
+        .encode(&mut burst);
+        Frame::Window {
+            stream: 1 + 2 * (i as u32 % 500),
+            increment: u32::MAX,
+        }
+        .encode(&mut burst);
+    }
+    flood.send(&burst).unwrap();
+    assert!(
+        !flood.closed_within(Duration::from_millis(500)),
+        "floods are not protocol errors"
+    );
+    assert_eq!(lab.node("dev-b")["connected"], true);
+    works("a flood");
+    drop(flood);
+
+    // A stalled TLS handshake is closed after handshake_ms.
+    let mut stalled = std::net::TcpStream::connect(lab.agents_addr()).unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let t0 = Instant::now();
+    let mut one = [0u8; 1];
+    let n = std::io::Read::read(&mut stalled, &mut one).unwrap_or(0);
+    assert_eq!(n, 0, "the gateway sends nothing and closes");
+    assert!(
+        t0.elapsed() < Duration::from_secs(8),
+        "closed after the handshake deadline: {:?}",
+        t0.elapsed()
+    );
+    works("a stalled handshake");
+}
+
+#[test]
+fn wrong_keys_ban_a_source_on_the_agent_port_only() {
+    let lab = Lab::start_with(|mut c| {
+        c.extra
+            .push_str("[ebpf]\nban_threshold = 3\nban_window_s = 60\nban_s = 60\n");
+        c
+    });
+    let src = client_ip();
+    let attempt = || -> bool {
+        // From `src`: TLS, then a hello with a wrong key.
+        let sock = splicegate_tests::connect_from(src.into(), lab.agents_addr());
+        let Ok(sock) = sock else { return false };
+        let _ = sock.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut raw = match tls_over(sock, &lab.ca.ca_pem()) {
+            Some(t) => RawAgent {
+                tls: t,
+                buf: Vec::new(),
+            },
+            None => return false,
+        };
+        raw.hello("dev-a", "ak_wrong").is_some()
+    };
+    // More than ban_threshold wrong keys within the window ban the source.
+    for i in 0..4 {
+        assert!(attempt(), "attempt {i} is answered (with a refusal)");
+    }
+    // Banned now: the agent port closes at once.
+    assert!(!attempt(), "the source is banned on the agent port");
+    // The proxy port from the same source is untouched.
+    let out = Curl::new(src)
+        .proxy(lab.gw.proxy)
+        .user(&user("country-us"), "wrong")
+        .get(&lab.web.url("/ip"));
+    assert_eq!(
+        out.last().status,
+        407,
+        "the proxy port still answers this source: {out:#?}"
+    );
+    // Another source still gets in with the right key.
+    let _a = lab.agent("dev-a", KEY_A);
+    lab.wait_connected("dev-a", true, Duration::from_secs(10));
+}
+
+/// TLS (trusting `ca`, as `localhost`) over a connected socket.
+fn tls_over(
+    sock: std::net::TcpStream,
+    ca: &std::path::Path,
+) -> Option<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).ok()? {
+        roots.add(c.ok()?).ok()?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .ok()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").ok()?;
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).ok()?;
+    let mut sock = sock;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).ok()?;
+    }
+    Some(rustls::StreamOwned::new(conn, sock))
+}
