@@ -595,3 +595,46 @@ fn tls_over(
     }
     Some(rustls::StreamOwned::new(conn, sock))
 }
+
+#[test]
+fn a_new_key_or_a_deleted_node_ends_the_agents_connection() {
+    let lab = Lab::start();
+    let admin = lab.gw.admin_addr();
+    // An agent node made through the API: its key is shown once.
+    let (status, made) = admin_request(
+        admin,
+        "POST",
+        "/v1/nodes",
+        Some(r#"{"id": "dev-api", "kind": "agent", "country": "us"}"#),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{made}");
+    let key = made["key"].as_str().expect("a generated key").to_string();
+    let mut a = lab.agent("dev-api", &key);
+    lab.wait_connected("dev-api", true, Duration::from_secs(10));
+    // A new key: the connected device must prove it, so its connection
+    // ends; with the old key it is refused and stops (status 2).
+    let (status, rotated) = admin_request(admin, "POST", "/v1/nodes/dev-api/key", None).unwrap();
+    assert_eq!(status, 200, "{rotated}");
+    let new_key = rotated["key"].as_str().expect("the new key").to_string();
+    assert_ne!(new_key, key);
+    lab.wait_connected("dev-api", false, Duration::from_secs(5));
+    let st = a
+        .wait_exit(Duration::from_secs(15))
+        .expect("the agent stops");
+    assert_eq!(st.code(), Some(2), "{}", a.log());
+    // The new key gets in; deleting the node ends that connection too.
+    let mut b = lab.agent("dev-api", &new_key);
+    lab.wait_connected("dev-api", true, Duration::from_secs(10));
+    let (status, _) = admin_request(admin, "DELETE", "/v1/nodes/dev-api", None).unwrap();
+    assert!(status == 200 || status == 204, "{status}");
+    let st = b
+        .wait_exit(Duration::from_secs(15))
+        .expect("the agent stops");
+    assert_eq!(
+        st.code(),
+        Some(2),
+        "a deleted node's key is refused: {}",
+        b.log()
+    );
+}

@@ -39,6 +39,16 @@ pub(crate) struct Settings {
     pub target: Duration,
 }
 
+/// An agent past its hello: id, link, presence generation, the key hash it
+/// proved, and the link task.
+type Admitted = (
+    String,
+    Link,
+    u64,
+    Option<[u8; 32]>,
+    tokio::task::JoinHandle<String>,
+);
+
 /// Handshakes (TLS and hello) in progress at once; past it new
 /// connections are closed at once.
 const MAX_PENDING: u64 = 4096;
@@ -46,6 +56,8 @@ const MAX_PENDING: u64 = 4096;
 struct Connected {
     link: Link,
     generation: u64,
+    /// The key hash it proved; a new key (or a deleted node) ends the link.
+    key_hash: Option<[u8; 32]>,
     /// Byte counts and streams already copied to the node's presence.
     copied: Copied,
 }
@@ -157,19 +169,15 @@ impl Hub {
             tokio::spawn(async move {
                 let admitted = hub.admit(tcp, peer).await;
                 hub.pending.fetch_sub(1, Ordering::AcqRel);
-                if let Some((id, link, generation, task)) = admitted {
-                    hub.run(id, link, generation, task).await;
+                if let Some(a) = admitted {
+                    hub.run(a).await;
                 }
             });
         }
     }
 
     /// TLS, the hello, and the answer; `None` when the agent was refused or failed.
-    async fn admit(
-        &self,
-        tcp: TcpStream,
-        peer: SocketAddr,
-    ) -> Option<(String, Link, u64, tokio::task::JoinHandle<String>)> {
+    async fn admit(&self, tcp: TcpStream, peer: SocketAddr) -> Option<Admitted> {
         let _ = tcp.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.config());
         let deadline = tokio::time::Instant::now() + self.settings.handshake;
@@ -266,20 +274,24 @@ impl Hub {
             .await;
             return None;
         }
-        let generation = {
+        let up = {
             let policy = self.engine.policy();
-            let Some((idx, _)) = policy.nodes.get(&id) else {
-                let _ = refuse(
-                    &mut tls,
-                    Refusal::Busy,
-                    "the node is not in force yet; retry",
-                )
-                .await;
-                return None;
-            };
-            policy
-                .nodes
-                .agent_up(idx, peer, &software, splicegate_worker::unix_ms())
+            policy.nodes.get(&id).map(|(idx, node)| {
+                let generation =
+                    policy
+                        .nodes
+                        .agent_up(idx, peer, &software, splicegate_worker::unix_ms());
+                (generation, node.key_hash)
+            })
+        };
+        let Some((generation, key_hash)) = up else {
+            let _ = refuse(
+                &mut tls,
+                Refusal::Busy,
+                "the node is not in force yet; retry",
+            )
+            .await;
+            return None;
         };
         let hb = self.settings.heartbeat.as_secs().max(1).to_string();
         let mut pairs = vec![("heartbeat_s", hb.as_str()), ("node", id.as_str())];
@@ -308,7 +320,7 @@ impl Hub {
         };
         let (link, _incoming, task) = link::spawn(tls, buf, config);
         tracing::info!(%peer, id, software, "agent connected");
-        Some((id, link, generation, task))
+        Some((id, link, generation, key_hash, task))
     }
 
     fn failed(&self, peer: SocketAddr, id: &str, now: splicegate_control::Now) {
@@ -356,18 +368,14 @@ impl Hub {
     }
 
     /// Serves a connected agent until its link ends.
-    async fn run(
-        &self,
-        id: String,
-        link: Link,
-        generation: u64,
-        task: tokio::task::JoinHandle<String>,
-    ) {
+    async fn run(&self, admitted: Admitted) {
+        let (id, link, generation, key_hash, task) = admitted;
         let replaced = lock(&self.links).insert(
             id.clone().into_boxed_str(),
             Connected {
                 link: link.clone(),
                 generation,
+                key_hash,
                 copied: Copied::default(),
             },
         );
@@ -423,20 +431,39 @@ impl Hub {
         now
     }
 
-    /// Copies each link's figures to its node once a second (the API and
-    /// `/metrics` read them there).
+    /// Once a second: copies each link's figures to its node (the API and
+    /// `/metrics` read them there), and ends the links whose node was
+    /// deleted, is no longer an agent, or has a new key (the device must
+    /// prove the new one).
     async fn presence_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
             let ids: Vec<Box<str>> = lock(&self.links).keys().cloned().collect();
+            let mut ended = Vec::new();
             for id in ids {
                 let mut links = lock(&self.links);
                 let Some(c) = links.get_mut(&id) else {
                     continue;
                 };
-                let copied = self.copy_presence(&id, c);
-                c.copied = copied;
+                c.copied = self.copy_presence(&id, c);
+                let policy = self.engine.policy();
+                let why = match policy.nodes.get(&id) {
+                    None => Some("the node was deleted"),
+                    Some((_, n)) if n.is_removed() => Some("the node was deleted"),
+                    Some((_, n)) if n.kind != NodeKind::Agent => {
+                        Some("the node is no longer an agent")
+                    }
+                    Some((_, n)) if n.key_hash != c.key_hash => Some("the node has a new key"),
+                    Some(_) => None,
+                };
+                if let Some(why) = why {
+                    ended.push((id.clone(), c.link.clone(), why));
+                }
+            }
+            for (id, link, why) in ended {
+                tracing::info!(id = %id, "closing the agent's connection: {why}");
+                link.close(why).await;
             }
         }
     }
