@@ -34,6 +34,7 @@ pub(crate) struct Settings {
     pub listen: SocketAddr,
     pub heartbeat: Duration,
     pub enrol_key: Option<String>,
+    pub geoip: Option<Arc<crate::geoip::GeoIp>>,
     pub handshake: Duration,
     pub node_connect: Duration,
     pub target: Duration,
@@ -257,7 +258,7 @@ impl Hub {
                 let _ = refuse(&mut tls, Refusal::Key, "wrong enrolment secret").await;
                 return None;
             }
-            match self.enrol(&id, &fields).await {
+            match self.enrol(&id, peer, &fields).await {
                 Ok(key) => issued = Some(key),
                 Err((reason, text)) => {
                     tracing::warn!(%peer, id, "enrolment refused: {text}");
@@ -284,7 +285,9 @@ impl Hub {
                 (generation, node.key_hash)
             })
         };
-        let Some((generation, key_hash)) = up else {
+        // Generation 0: the node was deleted (or changed kind) between the
+        // key check and now.
+        let Some((generation, key_hash)) = up.filter(|(g, _)| *g != 0) else {
             let _ = refuse(
                 &mut tls,
                 Refusal::Busy,
@@ -335,6 +338,7 @@ impl Hub {
     async fn enrol(
         &self,
         id: &str,
+        peer: SocketAddr,
         fields: &splicegate_proto::agent::Fields<'_>,
     ) -> Result<String, (Refusal, String)> {
         let Some(control) = self.control.clone() else {
@@ -347,6 +351,11 @@ impl Hub {
             .iter()
             .filter_map(|k| fields.get(k).map(|v| (k.to_string(), v.to_string())))
             .collect();
+        // The databases' facts about the address win over what it announces.
+        let attrs = match &self.settings.geoip {
+            Some(g) => crate::geoip::merge(g.lookup(peer.ip()), attrs),
+            None => attrs,
+        };
         let id_owned = id.to_string();
         let made = tokio::task::spawn_blocking(move || control.enrol_agent(&id_owned, &attrs))
             .await

@@ -118,6 +118,10 @@ pub(crate) struct AgentsSection {
     pub heartbeat_s: u64,
     /// The fleet's enrolment secret (a device presenting it becomes a node).
     pub enrol_key: Option<String>,
+    /// MaxMind-format databases (City, Country, ASN, ISP) that give an
+    /// enrolling device the attributes of the address it connected from.
+    #[serde(default)]
+    pub geoip: Vec<PathBuf>,
 }
 
 fn default_heartbeat_s() -> u64 {

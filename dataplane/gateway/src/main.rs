@@ -8,6 +8,7 @@ mod config;
 mod cpus;
 mod doctor;
 mod echo;
+mod geoip;
 mod kernel;
 mod notify;
 mod portcheck;
@@ -340,6 +341,11 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
                 listen: a.listen,
                 heartbeat: Duration::from_secs(a.heartbeat_s.max(1)),
                 enrol_key: a.enrol_key.clone(),
+                geoip: if a.geoip.is_empty() {
+                    None
+                } else {
+                    Some(Arc::new(geoip::GeoIp::open(&a.geoip)?))
+                },
                 handshake: Duration::from_millis(cfg.timeouts.handshake_ms.max(1)),
                 node_connect: Duration::from_millis(cfg.timeouts.node_connect_ms.max(1)),
                 target: Duration::from_millis(cfg.timeouts.target_ms.max(1)),
