@@ -23,8 +23,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use splicegate_tests::agent::{AgentProc, AgentSpec};
 use splicegate_tests::gateway::temp_dir;
 use splicegate_tests::ops::*;
+use splicegate_tests::pki::TestCa;
 use splicegate_tests::{Curl, Gateway, Source, eventually};
 
 const KEY: &str = "pk_dash_42";
@@ -36,10 +38,19 @@ const CLIENT_HOLD: Ipv4Addr = Ipv4Addr::new(127, 0, 2, 233);
 
 /// Two workers, org `dash`, package 42 with caps, a node in the US and one
 /// in Great Britain; no health probes.
-fn conf(s: &Setup) -> String {
+fn conf(s: &Setup, pki: &TestCa) -> String {
     let head = s
         .head("interval_s = 3600")
         .replace("workers = 1", "workers = 2");
+    // One agent device, connected, and one node whose agent never comes.
+    let leaf = pki.leaf("gw", (2031, 7, 15));
+    let agents = format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\n\n[agents]\nlisten = \"127.0.0.1:@PORT_AGENTS@\"\nheartbeat_s = 1\n\n\
+         [[node]]\nid = \"dash-dev-1\"\nkind = \"agent\"\nkey = {AGENT_KEY:?}\ncountry = \"de\"\n\n\
+         [[node]]\nid = \"dash-dev-2\"\nkind = \"agent\"\nkey = {AGENT_KEY:?}\ncountry = \"de\"\n\n",
+        leaf.cert.display().to_string(),
+        leaf.key.display().to_string()
+    );
     let caps = "traffic_limit_bytes = 100000000\nmax_connections = 50\nprice_per_gb = 1.0\n";
     [
         head,
@@ -54,16 +65,36 @@ fn conf(s: &Setup) -> String {
             NODE_GB,
             "country = \"gb\"\nregion = \"england\"\ncity = \"london\"",
         ),
+        agents,
     ]
     .concat()
 }
 
-/// A setup named `tag` and a gateway on [`conf`], once Chromium is there.
-fn start(tag: &str) -> (Setup, Gateway) {
+const AGENT_KEY: &str = "ak_dash_device_key_0123456789";
+
+/// A setup named `tag` and a gateway on [`conf`], once Chromium is there,
+/// with agent `dash-dev-1` connected.
+fn start(tag: &str) -> (Setup, Gateway, AgentProc) {
     let _browser = chromium();
     let s = Setup::new(tag);
-    let gw = s.start(&conf(&s));
-    (s, gw)
+    let pki = TestCa::new(&temp_dir("dash-pki"));
+    let gw = s.start(&conf(&s, &pki));
+    let agent = AgentProc::start(AgentSpec::new(
+        "dash-dev-1",
+        AGENT_KEY,
+        gw.addr("AGENTS"),
+        &pki.ca_pem(),
+    ));
+    let connected = eventually(Duration::from_secs(10), Duration::from_millis(50), || {
+        let (_, n) = gw.get("/v1/nodes/dash-dev-1");
+        (n["connected"] == true).then_some(())
+    });
+    assert!(
+        connected.is_some(),
+        "the agent never connected\n{}",
+        agent.log()
+    );
+    (s, gw, agent)
 }
 
 /// Headless Chromium, or a failed test that says how to install it.
@@ -366,7 +397,7 @@ fn is_png(path: &Path) -> bool {
 
 #[test]
 fn the_dashboard_shows_the_traffic() {
-    let (_s, gw) = start("dashboard");
+    let (_s, gw, _agent) = start("dashboard");
     let target = IpEcho::start(local(0)).unwrap();
     let stream = Source::start(16 * 1024, Duration::from_millis(50), None);
 
@@ -441,7 +472,8 @@ fn the_dashboard_shows_the_traffic() {
         1.0,
         "open tunnels"
     );
-    assert_eq!(num(tag(&dom, "id=\"card-nodes\""), "data-online"), 2.0);
+    // Two direct nodes and the connected agent.
+    assert_eq!(num(tag(&dom, "id=\"card-nodes\""), "data-online"), 3.0);
     let card = "id=\"v-credits\">";
     let credits = &dom[dom.find(card).expect("the credits card") + card.len()..];
     assert!(
@@ -481,6 +513,19 @@ fn the_dashboard_shows_the_traffic() {
     assert_eq!(num(tag(&dom, "data-country=\"gb\""), "data-online"), 1.0);
     assert_eq!(num(tag(&dom, "id=\"node-dash-us-1\""), "data-tunnels"), 1.0);
     tag(&dom, "id=\"node-dash-gb-1\"");
+    // Agents: presence is their health.
+    let dev = &dom[dom.find("id=\"node-dash-dev-1\"").expect("the agent's row")..];
+    let dev = &dev[..dev.find("</tr>").unwrap_or(dev.len())];
+    assert!(dev.contains("data-agent=\"connected\""), "{dev}");
+    assert!(
+        dev.contains("127.0.0.1:"),
+        "the address it connected from: {dev}"
+    );
+    let absent = &dom[dom
+        .find("id=\"node-dash-dev-2\"")
+        .expect("the other agent's row")..];
+    let absent = &absent[..absent.find("</tr>").unwrap_or(absent.len())];
+    assert!(absent.contains("data-agent=\"absent\""), "{absent}");
     let tail = &dom[dom.find("id=\"errors\"").expect("the errors table")..];
     for code in ["AUTH_FAILED", "NODE_NOT_FOUND"] {
         assert!(
@@ -502,7 +547,7 @@ fn the_dashboard_shows_the_traffic() {
 
 #[test]
 fn without_its_token_the_dashboard_asks_for_it() {
-    let (_s, gw) = start("dashboard-token");
+    let (_s, gw, _agent) = start("dashboard-token");
 
     // No token: the form, and no data.
     let dom = browse("--dump-dom", &format!("http://{}/", gw.admin_addr()));
@@ -532,7 +577,7 @@ fn without_its_token_the_dashboard_asks_for_it() {
 
 #[test]
 fn the_token_form_signs_in_and_a_new_key_is_shown_once() {
-    let (_s, gw) = start("dashboard-key");
+    let (_s, gw, _agent) = start("dashboard-key");
     let target = IpEcho::start(local(0)).unwrap();
     let old = gw.expect(
         "POST",
