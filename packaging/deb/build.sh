@@ -7,7 +7,8 @@
 # Without --binary it builds `cargo build --release -p splicegate` first.
 # The package holds: /usr/bin/splicegate (the eBPF object is compiled into
 # it), /etc/splicegate/splicegate.toml (a conffile that serves nothing until
-# edited), /lib/systemd/system/splicegate.service, the man page and shell
+# edited), /lib/systemd/system/splicegate.service, the agent's unit
+# splicegate-agent.service and its /etc/splicegate/agent.env (a conffile), the man page and shell
 # completions generated from the CLI, and the licence, changelog and docs
 # under /usr/share/doc/splicegate. Its maintainer scripts create the system
 # user `splicegate` and /var/lib/splicegate. Prints the .deb's path.
@@ -47,6 +48,9 @@ strip --strip-unneeded --remove-section=.comment --remove-section=.note "$PKG/us
 # package keys and the admin token).
 install -m 0644 "$ROOT/packaging/splicegate.toml" "$PKG/etc/splicegate/splicegate.toml"
 install -m 0644 "$ROOT/packaging/splicegate.service" "$PKG/lib/systemd/system/splicegate.service"
+install -m 0644 "$ROOT/packaging/splicegate-agent.service" "$PKG/lib/systemd/system/splicegate-agent.service"
+# 0644 in the package; postinst makes it 0600 (it holds the device key).
+install -m 0644 "$ROOT/packaging/agent.env" "$PKG/etc/splicegate/agent.env"
 "$BIN" man | gzip -9n >"$PKG/usr/share/man/man1/splicegate.1.gz"
 "$BIN" completions bash >"$PKG/usr/share/bash-completion/completions/splicegate"
 "$BIN" completions zsh >"$PKG/usr/share/zsh/vendor-completions/_splicegate"
@@ -73,13 +77,13 @@ COPYRIGHT
     echo
     echo " -- splicegate maintainers <maintainers@splicegate.invalid>  $(date -R -u -d "@${SOURCE_DATE_EPOCH:-$(git -C "$ROOT" log -1 --format=%ct 2>/dev/null || date +%s)}")"
 } | gzip -9n >"$DOC/changelog.Debian.gz"
-for f in README.md docs/configuration.md docs/errors.md docs/admin-api.md docs/connection-string.md docs/tuning.md; do
+for f in README.md docs/configuration.md docs/errors.md docs/admin-api.md docs/connection-string.md docs/tuning.md docs/agents.md; do
     [ -f "$ROOT/$f" ] && install -m 0644 "$ROOT/$f" "$DOC/$(basename "$f")"
 done
 
 install -m 0644 "$ROOT/packaging/deb/lintian/splicegate" "$PKG/usr/share/lintian/overrides/splicegate"
 
-echo "/etc/splicegate/splicegate.toml" >"$PKG/DEBIAN/conffiles"
+printf '%s\n' /etc/splicegate/splicegate.toml /etc/splicegate/agent.env >"$PKG/DEBIAN/conffiles"
 install -m 0755 "$ROOT/packaging/deb/postinst" "$PKG/DEBIAN/postinst"
 install -m 0755 "$ROOT/packaging/deb/postrm" "$PKG/DEBIAN/postrm"
 SIZE="$(du -sk --exclude=DEBIAN "$PKG" | cut -f1)"

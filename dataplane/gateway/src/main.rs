@@ -113,7 +113,20 @@ enum StoreCmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // A bad command line exits 1, not clap's 2: status 2 is the agent's
+    // "the gateway refused this key" (SPEC section 10), which a supervisor
+    // must be able to tell apart.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     match cli.command {
         Cmd::CheckConfig { file } => match Config::load(&file).and_then(|c| {
             c.check_policy()
