@@ -73,7 +73,10 @@ impl Setup {
     /// PostgreSQL.
     pub fn store(&self) -> String {
         match &self.pg {
-            Some(pg) => format!("[store]\nurl = {:?}\n", pg.url()),
+            Some(pg) => format!(
+                "[store]\nurl = {:?}\nsnapshot = \"@DIR@/splicegate-snapshot.json\"\n",
+                pg.url()
+            ),
             None => "[store]\npath = \"@DIR@/splicegate.db\"\n".to_string(),
         }
     }

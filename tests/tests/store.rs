@@ -346,3 +346,127 @@ fn store_migrate_moves_a_large_store_and_can_run_again() {
         .unwrap();
     assert_eq!(b.granted().unwrap()["acme"], 1_000_000_005);
 }
+
+/// A gateway on PostgreSQL keeps a local snapshot; restarted while the
+/// database is down, it serves from it (the API's package and node
+/// included): reads answer, writes get 503 `store_unavailable`, usage
+/// waits; when the database is back the usage of the outage is written and
+/// nothing is lost. Without a snapshot it refuses to start and says why.
+#[test]
+fn a_gateway_starts_from_its_snapshot_while_postgresql_is_down() {
+    use std::time::Duration;
+
+    use splicegate_tests::eventually;
+    use splicegate_tests::ops::*;
+
+    let mut s = Setup::on_postgres("pg-snapshot");
+    let toml = [
+        s.head("interval_s = 3600"),
+        org_and_package("acme", 1_000.0, 7, "pk_file", "price_per_gb = 1.0\n"),
+        direct_node("sn-1", "127.0.3.95", "country = \"us\""),
+    ]
+    .concat();
+    let snapshot = s.dir.join("splicegate-snapshot.json");
+    let mut gw = s.start(&toml);
+    // Objects made through the API: they live only in the database (and
+    // its snapshot).
+    gw.created(
+        "/v1/packages",
+        r#"{"id": 8, "org": "acme", "key": "pk_api_made"}"#,
+    );
+    gw.created(
+        "/v1/nodes",
+        r#"{"id": "sn-gb", "kind": "direct", "bind": "127.0.3.96", "country": "gb"}"#,
+    );
+    let target = IpEcho::start(local(0)).unwrap();
+    let through = |gw: &splicegate_tests::Gateway, src: &str| {
+        curl_connect(
+            gw.proxy,
+            src.parse().unwrap(),
+            target.addr,
+            "package-8-country-gb",
+            "pk_api_made",
+        )
+    };
+    let (status, body) = through(&gw, "127.0.4.95");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "127.0.3.96");
+    let written = eventually(Duration::from_secs(10), Duration::from_millis(100), || {
+        let text = std::fs::read_to_string(&snapshot).ok()?;
+        (text.contains("\"sn-gb\"") && text.contains("[8,")).then_some(())
+    });
+    assert!(
+        written.is_some(),
+        "no snapshot with the API's objects at {}",
+        snapshot.display()
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&snapshot).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the snapshot holds package keys: owner only");
+    let before = gw.get_json("/v1/packages/8")["requests"].as_u64().unwrap();
+    gw.term();
+
+    // The database goes down; the gateway starts anyway, from the snapshot.
+    s.pg.as_mut().unwrap().stop();
+    let gw = s.start(&toml);
+    assert!(
+        gw.log().contains("serving from the last local snapshot"),
+        "{}",
+        gw.log_tail(20)
+    );
+    let p = gw.get_json("/v1/packages/8");
+    assert_eq!(p["requests"].as_u64().unwrap(), before, "{p}");
+    for i in 0..5 {
+        let (status, body) = through(&gw, &format!("127.0.4.{}", 100 + i));
+        assert_eq!(status, 200, "through the API's package and node: {body}");
+        assert_eq!(body, "127.0.3.96");
+    }
+    let w = gw.api(
+        "POST",
+        "/v1/orgs",
+        Some(r#"{"id": "while-down", "credits": 1.0}"#),
+    );
+    assert_eq!(w.status, 503, "{}", w.body);
+    assert_eq!(w.json()["error"], "store_unavailable", "{}", w.body);
+    let backlog = eventually(Duration::from_secs(5), Duration::from_millis(100), || {
+        (sample(&gw.metrics(), "splicegate_store_backlog_rows") > 0.0).then_some(())
+    });
+    assert!(backlog.is_some(), "the outage's usage waits in memory");
+
+    // The database is back: the backlog is written, writes work again.
+    s.pg.as_mut().unwrap().start_again();
+    let drained = eventually(Duration::from_secs(30), Duration::from_millis(200), || {
+        (sample(&gw.metrics(), "splicegate_store_backlog_rows") == 0.0).then_some(())
+    });
+    assert!(
+        drained.is_some(),
+        "the backlog was not written\n{}",
+        gw.log_tail(20)
+    );
+    let w = gw.api(
+        "POST",
+        "/v1/orgs",
+        Some(r#"{"id": "after", "credits": 1.0}"#),
+    );
+    assert_eq!(w.status, 201, "{}", w.body);
+    let mut gw = gw;
+    gw.term();
+    // A restart on the database reads the outage's requests back.
+    let gw = s.start(&toml);
+    let p = gw.get_json("/v1/packages/8");
+    assert_eq!(
+        p["requests"].as_u64().unwrap(),
+        before + 5,
+        "nothing lost: {p}"
+    );
+    let mut gw = gw;
+    gw.term();
+
+    // No snapshot and no database (a fresh directory): the start fails,
+    // saying why.
+    s.pg.as_mut().unwrap().stop();
+    match splicegate_tests::Gateway::try_start(&toml) {
+        Ok(_) => panic!("started without a database or a snapshot"),
+        Err(e) => assert!(format!("{e:#}").contains("store"), "{e:#}"),
+    }
+}

@@ -40,6 +40,7 @@ fn main() {
     let control = Control::open(
         ControlOptions {
             gateway_id: "local".into(),
+            snapshot: None,
             store: match &url {
                 Some(u) => splicegate_admin::StoreLocation::Postgres(u.clone()),
                 None => splicegate_admin::StoreLocation::Sqlite(path.clone()),

@@ -18,8 +18,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -52,6 +53,25 @@ pub struct ControlOptions {
     /// This gateway's id in the ledger's flush keys (`[fleet] id`, else
     /// `"local"`).
     pub gateway_id: String,
+    /// Where a PostgreSQL store's local snapshot lives (`[store]
+    /// snapshot`): written while the database is up, served from when it
+    /// is down at start. Ignored for SQLite.
+    pub snapshot: Option<std::path::PathBuf>,
+}
+
+/// How often the local snapshot is written without an API change (for
+/// fresh usage totals). A snapshot reads every API object from the store
+/// under the control lock (about 3 s for a million nodes): rare on purpose.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(300);
+
+/// Where the local snapshot goes and when it was last written.
+#[derive(Debug)]
+struct SnapshotState {
+    path: std::path::PathBuf,
+    /// An API change asked for a new one.
+    due: AtomicBool,
+    /// When it was last written (or the database last tried).
+    written: Mutex<Option<Instant>>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -75,6 +95,8 @@ pub struct Flushed {
 pub struct Control {
     engine: Arc<Engine>,
     inner: Mutex<Inner>,
+    /// The local snapshot of a PostgreSQL store, when configured.
+    snapshot: Option<SnapshotState>,
     /// Agent ids revoked (deleted agent nodes): loaded at start, added to by
     /// deletions here and by what enrolment finds in the store. Its own
     /// lock, never held across the store, so a look-up never waits for one.
@@ -411,7 +433,11 @@ impl Control {
     /// for the first time, build the first policy from the file's and the
     /// store's objects, and restore usage and balances from the ledger.
     pub fn open(opts: ControlOptions, file: Declarations) -> Result<Control, ControlError> {
-        let mut store = crate::store::open(&opts.store)?;
+        let snapshot = match opts.store {
+            StoreLocation::Postgres(_) => opts.snapshot.clone(),
+            StoreLocation::Sqlite(_) => None,
+        };
+        let (mut store, degraded) = crate::store::open(&opts.store, snapshot.as_deref())?;
         let now_ms = unix_ms();
         let opening: Vec<(String, i64)> = file
             .orgs
@@ -466,7 +492,7 @@ impl Control {
         // Every package's ledger reading starts at what the store holds.
         inner.restore_new(&policy, &Present::of(None))?;
         let engine = Arc::new(Engine::new(policy, opts.session_capacity.max(1)));
-        Ok(Control {
+        let control = Control {
             engine,
             inner: Mutex::new(inner),
             revoked: Mutex::new(revoked),
@@ -476,7 +502,60 @@ impl Control {
             ]),
             flush_errors: Counter::default(),
             backlog_rows: Gauge::default(),
-        })
+            snapshot: snapshot.map(|path| SnapshotState {
+                path,
+                due: AtomicBool::new(!degraded),
+                written: Mutex::new(degraded.then(Instant::now)),
+            }),
+        };
+        control.snapshot_if_due();
+        Ok(control)
+    }
+
+    /// Whether the gateway serves from its local snapshot: the database
+    /// was down at start and has not been reached since.
+    pub fn serving_from_snapshot(&self) -> bool {
+        self.lock().store.serving_from_snapshot()
+    }
+
+    /// Writes the local snapshot when an API change asked for one or the
+    /// last is [`SNAPSHOT_EVERY`] old (usage totals). While the gateway serves from
+    /// the snapshot, it only tries (every 10 s) whether the database is
+    /// back, and never overwrites the file until it is.
+    fn snapshot_if_due(&self) {
+        let Some(s) = &self.snapshot else { return };
+        let mut written = s.written.lock().unwrap_or_else(|e| e.into_inner());
+        let age = written.map(|t: Instant| t.elapsed());
+        let mut inner = self.lock();
+        if inner.store.serving_from_snapshot() {
+            if age.is_some_and(|a| a < Duration::from_secs(10)) {
+                return;
+            }
+            *written = Some(Instant::now());
+            if !inner.store.try_recover() {
+                return;
+            }
+            s.due.store(true, Ordering::Relaxed);
+        }
+        if !s.due.swap(false, Ordering::AcqRel) && age.is_some_and(|a| a < SNAPSHOT_EVERY) {
+            return;
+        }
+        let policy = self.engine.policy();
+        let totals: Vec<(u64, UsageTotals)> = policy
+            .packages
+            .iter()
+            .map(|(id, p)| (*id, p.usage.totals()))
+            .collect();
+        let taken = crate::store::snapshot::Snapshot::take(&*inner.store, totals, unix_ms());
+        drop(inner);
+        *written = Some(Instant::now());
+        match taken.map(|snap| snap.write(&s.path).map_err(|e| e.to_string())) {
+            Ok(Ok(())) => tracing::debug!(path = %s.path.display(), "store snapshot written"),
+            Ok(Err(e)) => {
+                tracing::warn!(path = %s.path.display(), error = %e, "cannot write the store snapshot")
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the store for its snapshot"),
+        }
     }
 
     /// The engine the workers share.
@@ -503,6 +582,9 @@ impl Control {
         let before = Present::of(Some(&self.engine.policy()));
         inner.restore_new(&policy, &before)?;
         self.engine.publish(policy);
+        if let Some(s) = &self.snapshot {
+            s.due.store(true, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -966,8 +1048,12 @@ impl Control {
     /// Append the usage since the last flush (one transaction). On failure
     /// the deltas stay pending and the next flush writes them.
     pub fn flush(&self) -> Result<Flushed, ControlError> {
-        let mut inner = self.lock();
-        self.flush_locked(&mut inner)
+        let flushed = {
+            let mut inner = self.lock();
+            self.flush_locked(&mut inner)
+        };
+        self.snapshot_if_due();
+        flushed
     }
 
     fn flush_locked(&self, inner: &mut Inner) -> Result<Flushed, ControlError> {

@@ -470,6 +470,7 @@ mod tests {
                 session_capacity: 10,
                 clock: || splicegate_control::Now::from_secs(1),
                 gateway_id: "local".into(),
+                snapshot: None,
             },
             Default::default(),
         )

@@ -35,6 +35,7 @@ use crate::error::StoreError;
 pub mod conformance;
 pub mod migrate;
 mod postgres;
+pub mod snapshot;
 mod sqlite;
 
 pub use self::postgres::PgStore;
@@ -61,10 +62,32 @@ impl std::fmt::Display for StoreLocation {
 }
 
 /// Open (or create) the store and apply the migrations this build knows.
-pub fn open(at: &StoreLocation) -> Result<Box<dyn Store>, StoreError> {
+/// A PostgreSQL store that cannot be reached is opened from `snapshot`
+/// (its last local snapshot) when there is one: the second value says so.
+pub fn open(
+    at: &StoreLocation,
+    snapshot: Option<&std::path::Path>,
+) -> Result<(Box<dyn Store>, bool), StoreError> {
     Ok(match at {
-        StoreLocation::Sqlite(path) => Box::new(SqliteStore::open(path)?),
-        StoreLocation::Postgres(url) => Box::new(PgStore::connect(url)?),
+        StoreLocation::Sqlite(path) => (Box::new(SqliteStore::open(path)?), false),
+        StoreLocation::Postgres(url) => match PgStore::connect(url) {
+            Ok(pg) => (Box::new(pg), false),
+            Err(StoreError::Unavailable(why)) => {
+                let Some(path) = snapshot.filter(|p| p.exists()) else {
+                    return Err(StoreError::Unavailable(why));
+                };
+                let snap = snapshot::Snapshot::read(path)?;
+                tracing::warn!(
+                    store = %at,
+                    snapshot = %path.display(),
+                    taken_unix_ms = snap.taken_unix_ms,
+                    "the database is unreachable ({why}); serving from the last local snapshot: \
+                     API writes answer store_unavailable and usage waits in memory until it is back"
+                );
+                (Box::new(snapshot::Degraded::new(url, snap)?), true)
+            }
+            Err(e) => return Err(e),
+        },
     })
 }
 
@@ -73,6 +96,17 @@ pub fn open(at: &StoreLocation) -> Result<Box<dyn Store>, StoreError> {
 pub trait Store: Send + std::fmt::Debug {
     /// The schema version the store holds.
     fn schema_version(&self) -> Result<i64, StoreError>;
+
+    /// Whether reads answer from a local snapshot (the database was down
+    /// at start and has not been reached since).
+    fn serving_from_snapshot(&self) -> bool {
+        false
+    }
+    /// Tries to reach the database of a store serving from its snapshot;
+    /// whether it is reachable now.
+    fn try_recover(&mut self) -> bool {
+        true
+    }
 
     /// Ids of the organisations created through the API.
     fn api_orgs(&self) -> Result<Vec<String>, StoreError>;

@@ -35,6 +35,7 @@ pub(crate) fn engine(cfg: &Config) -> Result<(Arc<Engine>, Option<Arc<Control>>)
     let control = Control::open(
         ControlOptions {
             gateway_id: "local".into(),
+            snapshot: cfg.store_snapshot(),
             store: cfg.store_location(),
             session_capacity: capacity,
             clock: splicegate_worker::now,

@@ -176,6 +176,9 @@ pub(crate) struct StoreSection {
     pub path: Option<PathBuf>,
     /// PostgreSQL instead (`postgres://user@host/db`); not with `path`.
     pub url: Option<String>,
+    /// The local snapshot of a PostgreSQL store (default
+    /// `splicegate-snapshot.json` in the working directory).
+    pub snapshot: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -389,6 +392,7 @@ impl Config {
         if let Some(StoreSection {
             path: Some(_),
             url: Some(_),
+            ..
         }) = &cfg.store
         {
             bail!("[store] takes path (SQLite) or url (PostgreSQL), not both");
@@ -438,6 +442,23 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Where a PostgreSQL store's local snapshot goes (`[store] snapshot`,
+    /// default `splicegate-snapshot.json`); none for SQLite.
+    pub(crate) fn store_snapshot(&self) -> Option<PathBuf> {
+        match &self.store {
+            Some(StoreSection {
+                url: Some(_),
+                snapshot,
+                ..
+            }) => Some(
+                snapshot
+                    .clone()
+                    .unwrap_or_else(|| "splicegate-snapshot.json".into()),
+            ),
+            _ => None,
+        }
     }
 
     /// Where the store lives: `[store] url` (PostgreSQL), else `[store]

@@ -49,6 +49,7 @@ fn open(path: &std::path::Path, decls: Declarations) -> Control {
     Control::open(
         ControlOptions {
             gateway_id: "local".into(),
+            snapshot: None,
             store: crate::StoreLocation::Sqlite(path.to_path_buf()),
             session_capacity: 100,
             clock,

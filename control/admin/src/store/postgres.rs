@@ -92,6 +92,14 @@ impl PgStore {
     /// Connects to `url` (on the store thread) and applies the migrations
     /// this build knows; a database written by a newer build is refused.
     pub fn connect(url: &str) -> Result<PgStore, StoreError> {
+        let store = PgStore::lazy(url)?;
+        store.migrate(MIGRATIONS)?;
+        Ok(store)
+    }
+
+    /// The store thread for `url` without connecting: the first call
+    /// connects (a gateway that starts while its database is down).
+    pub fn lazy(url: &str) -> Result<PgStore, StoreError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let conn_url = url.to_string();
         std::thread::Builder::new()
@@ -106,9 +114,7 @@ impl PgStore {
                 }
             })
             .map_err(|e| StoreError::Postgres(format!("store thread: {e}")))?;
-        let store = PgStore { jobs: tx };
-        store.migrate(MIGRATIONS)?;
-        Ok(store)
+        Ok(PgStore { jobs: tx })
     }
 
     /// Runs `f` with the client on the store thread and waits for it.
