@@ -210,6 +210,7 @@ fn node_decls() -> Vec<NodeDecl> {
                 },
                 from_file: false,
                 key_hash: None,
+                udp: false,
             }
         })
         .collect()

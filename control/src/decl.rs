@@ -477,6 +477,10 @@ pub struct NodeFields {
     /// file and the API may give it instead of `key`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_hash: Option<String>,
+    /// A `socks5` node whose upstream serves UDP ASSOCIATE (`direct` and
+    /// `agent` nodes always carry UDP, `http` nodes never).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub udp: Option<bool>,
 }
 
 impl fmt::Debug for NodeFields {
@@ -501,6 +505,7 @@ impl fmt::Debug for NodeFields {
             .field("state", &self.state)
             .field("key", &hidden(self.key.is_some()))
             .field("key_hash", &hidden(self.key_hash.is_some()))
+            .field("udp", &self.udp)
             .finish()
     }
 }
@@ -524,6 +529,7 @@ impl NodeFields {
             state: Some(d.state),
             key: None,
             key_hash: d.key_hash.as_ref().map(hash_to_hex),
+            udp: d.udp.then_some(true),
         }
     }
 
@@ -590,6 +596,9 @@ impl NodeFields {
         if let Some(s) = self.state {
             d.state = s;
         }
+        if let Some(u) = self.udp {
+            d.udp = u;
+        }
         match (&self.key, &self.key_hash) {
             (Some(_), Some(_)) => {
                 return Err(DeclError::field("key", "give key or key_hash, not both"));
@@ -639,6 +648,7 @@ impl NodeFields {
             state: NodeState::Online,
             from_file: false,
             key_hash: None,
+            udp: false,
         };
         self.apply(&mut d).map_err(within)?;
         Ok(d)

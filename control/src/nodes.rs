@@ -396,6 +396,8 @@ pub struct Node {
     pub from_file: bool,
     /// An agent node's key, hashed ([`hash_agent_key`]).
     pub key_hash: Option<[u8; 32]>,
+    /// Whether it carries UDP (SOCKS5 UDP ASSOCIATE): `direct` nodes.
+    pub udp: bool,
     /// Live state, shared across rebuilds.
     pub runtime: Arc<NodeRuntime>,
 }
@@ -504,6 +506,8 @@ pub struct Filter {
     pub asn: Option<u32>,
     /// Networks allowed (the rule's, within the package's).
     pub networks: Option<NetworkSet>,
+    /// Only nodes that carry UDP (a SOCKS5 UDP association).
+    pub udp: bool,
 }
 
 /// A small, fast random source (wyrand); callers own and seed it.
@@ -550,6 +554,8 @@ pub struct NodePool {
     /// Nodes of kind `agent` (their exit address moves with their
     /// connection, so they are not in `subnet`).
     agents: RoaringBitmap,
+    /// Nodes that carry UDP ([`Node::udp`]).
+    udp: RoaringBitmap,
 }
 
 fn subnet_key(ip: IpAddr) -> u64 {
@@ -601,6 +607,8 @@ pub struct NodeDecl {
     /// An agent node's key, hashed ([`hash_agent_key`]); the plaintext is
     /// never kept.
     pub key_hash: Option<[u8; 32]>,
+    /// A `socks5` node's upstream serves UDP ASSOCIATE.
+    pub udp: bool,
 }
 
 /// Neither the upstream password nor the key hash.
@@ -641,6 +649,18 @@ impl NodeDecl {
         }
         if self.kind != NodeKind::Agent && self.key_hash.is_some() {
             return Err(DeclError::field("key", "only an agent node has a key"));
+        }
+        if self.udp {
+            return Err(DeclError::field(
+                "udp",
+                match self.kind {
+                    NodeKind::Http => "an http node cannot carry UDP",
+                    NodeKind::Socks5 => {
+                        "UDP through socks5 nodes is not supported yet; direct nodes carry it"
+                    }
+                    _ => "only a socks5 node says udp (direct nodes always carry UDP)",
+                },
+            ));
         }
         match self.kind {
             NodeKind::Http | NodeKind::Socks5 if self.addr.is_none() => Err(DeclError::field(
@@ -753,6 +773,9 @@ impl NodePool {
             network: d.network,
             from_file: d.from_file,
             key_hash: d.key_hash,
+            // Agents and socks5 upstreams will carry datagrams too; until
+            // they do, only `direct` nodes serve associations.
+            udp: d.kind == NodeKind::Direct,
             runtime,
         }
     }
@@ -770,6 +793,7 @@ impl NodePool {
             selectable: ArcSwap::from_pointee(RoaringBitmap::new()),
             state_lock: Mutex::new(()),
             agents: RoaringBitmap::new(),
+            udp: RoaringBitmap::new(),
             nodes: Vec::new(),
         };
         let mut per_net = [Vec::new(), Vec::new(), Vec::new()];
@@ -796,6 +820,9 @@ impl NodePool {
                 pool.agents.insert(i);
             } else if let Some(ip) = n.exit_ip() {
                 pool.subnet.entry(subnet_key(ip)).or_default().insert(i);
+            }
+            if n.udp {
+                pool.udp.insert(i);
             }
             per_net[n.network as usize].push(i);
             if n.state() == NodeState::Online {
@@ -1027,6 +1054,9 @@ impl NodePool {
         {
             out.push(("network", &self.networks[n.0 as usize]));
         }
+        if f.udp {
+            out.push(("udp", &self.udp));
+        }
         true
     }
 
@@ -1246,6 +1276,9 @@ impl NodePool {
                 format!("network={}", n.to_string().replace(", ", "|")),
                 Some(&self.networks[n.0 as usize]),
             ));
+        }
+        if f.udp {
+            steps.push(("carrying UDP".to_string(), Some(&self.udp)));
         }
         let mut acc: RoaringBitmap = RoaringBitmap::clone(&online);
         let mut applied: Vec<&str> = Vec::new();

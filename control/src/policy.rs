@@ -22,7 +22,7 @@ use crate::nodes::{Filter, NodeDecl, NodePool};
 use crate::recent::RecentErrors;
 use crate::rules::{self, FeatureSet, NetworkRule, NetworkSet, Rules};
 use crate::safety::TargetPolicy;
-use splicegate_addr::Target;
+use splicegate_addr::{Host, Target};
 
 /// A protocol a package may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -573,6 +573,30 @@ impl Policy {
         conn: &mut Option<ConnGuard>,
         now: Now,
     ) -> Result<Admitted, Rejection> {
+        self.admit_to(auth, protocol, Some(target), conn, now)
+    }
+
+    /// Checks 6–9 for a SOCKS5 UDP association (SPEC section 12): as
+    /// [`Policy::admit`], with no target yet (each datagram's is checked on
+    /// its own) and a node filter that keeps only nodes that carry UDP. It
+    /// counts as one request and one open connection.
+    pub fn admit_association(
+        &self,
+        auth: &Authenticated,
+        conn: &mut Option<ConnGuard>,
+        now: Now,
+    ) -> Result<Admitted, Rejection> {
+        self.admit_to(auth, Protocol::Socks5, None, conn, now)
+    }
+
+    fn admit_to(
+        &self,
+        auth: &Authenticated,
+        protocol: Protocol,
+        target: Option<&Target>,
+        conn: &mut Option<ConnGuard>,
+        now: Now,
+    ) -> Result<Admitted, Rejection> {
         let package = &auth.package;
         // 6: rules.
         let rules = match &auth.username {
@@ -594,7 +618,9 @@ impl Policy {
                 ),
             ));
         }
-        self.targets.check_target(target)?;
+        if let Some(target) = target {
+            self.targets.check_target(target)?;
+        }
         // 8: traffic cap.
         if package.usage.over_cap(package.decl.traffic_limit_bytes) {
             return Err(Rejection::new(
@@ -635,11 +661,14 @@ impl Policy {
                     })?,
             );
         }
-        let filter = filter_for(&rules, package.decl.networks);
+        let mut filter = filter_for(&rules, package.decl.networks);
+        filter.udp = target.is_none();
         Ok(Admitted {
             package: package.clone(),
             rules,
-            target: target.clone(),
+            target: target.cloned().unwrap_or_else(|| {
+                Target::new(Host::Ip(std::net::Ipv4Addr::UNSPECIFIED.into()), 0)
+            }),
             filter,
         })
     }
@@ -707,6 +736,7 @@ pub fn filter_for(rules: &Rules, networks: NetworkSet) -> Filter {
             Some(NetworkRule::Is(n)) => NetworkSet::of([n]),
             _ => networks,
         }),
+        udp: false,
     }
 }
 

@@ -64,6 +64,10 @@ pub struct WorkerStats {
     pub guard_drops: [AtomicU64; 3],
     /// TLS handshakes to the proxy ports by result ([`TLS_FULL`], …).
     pub tls_handshakes: [AtomicU64; 5],
+    /// SOCKS5 UDP datagrams relayed: client → target, target → client.
+    pub udp_datagrams: [AtomicU64; 2],
+    /// SOCKS5 UDP datagrams dropped by reason ([`UDP_DROP_REASONS`]).
+    pub udp_dropped: [AtomicU64; 6],
     /// The worker's runtime, as of its last tick (every 250 ms).
     pub runtime: RuntimeGauges,
 }
@@ -111,6 +115,29 @@ pub const TLS_TIMED_OUT: usize = 3;
 pub const TLS_NOT_CONFIGURED: usize = 4;
 /// The `result` label of each index.
 pub const TLS_RESULTS: [&str; 5] = ["full", "resumed", "failed", "timed_out", "not_configured"];
+
+/// Index of [`WorkerStats::udp_dropped`]: a fragment (FRAG ≠ 0).
+pub const UDP_DROP_FRAGMENT: usize = 0;
+/// A target the safety rules block.
+pub const UDP_DROP_BLOCKED: usize = 1;
+/// From an address that is not the association's client.
+pub const UDP_DROP_STRANGER: usize = 2;
+/// A header that does not parse.
+pub const UDP_DROP_MALFORMED: usize = 3;
+/// A target name that does not resolve (in time), or of a family the exit
+/// cannot reach.
+pub const UDP_DROP_UNREACHABLE: usize = 4;
+/// A socket buffer full (the sender outpaces the path).
+pub const UDP_DROP_FULL: usize = 5;
+/// The `reason` label of each index.
+pub const UDP_DROP_REASONS: [&str; 6] = [
+    "fragment",
+    "blocked_target",
+    "stranger",
+    "malformed",
+    "unreachable",
+    "buffer_full",
+];
 
 impl WorkerStats {
     /// Add one.

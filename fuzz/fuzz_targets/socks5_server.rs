@@ -1,6 +1,7 @@
 //! The SOCKS5 server parsers (greeting, RFC 1929 username/password, request)
 //! on arbitrary bytes: split invariant, consumed within the input, and a
-//! parsed request's address written by the client side parses back the same.
+//! parsed request's address written by the client side parses back the same;
+//! a UDP datagram's header written back parses to the same sender.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -42,5 +43,20 @@ fuzz_target!(|data: &[u8]| {
             .expect("a written request is complete");
         assert_eq!(again.target, r.target);
         assert_eq!(again.consumed, out.len());
+    }
+
+    // A client's UDP datagram: the payload is the tail of the input, and a
+    // datagram from an IP sender written back parses to the same sender.
+    if let Ok(d) = server::parse_udp_datagram(data) {
+        assert!(data.ends_with(d.payload));
+        if let splicegate_proto::Host::Ip(ip) = d.target.host {
+            let from = std::net::SocketAddr::new(ip, d.target.port);
+            let mut out = Vec::new();
+            server::write_udp_header(from, &mut out);
+            out.extend_from_slice(d.payload);
+            let back = server::parse_udp_datagram(&out).expect("a written header parses");
+            assert_eq!(back.target, d.target);
+            assert_eq!(back.payload, d.payload);
+        }
     }
 });

@@ -130,6 +130,8 @@ pub struct Conf {
     pub resolve_ms: u64,
     /// `[timeouts]`.
     pub drain_grace_s: u64,
+    /// `[timeouts] udp_idle_s`.
+    pub udp_idle_s: u64,
     /// `[limits]`.
     pub max_head_bytes: u64,
     /// `[limits]`.
@@ -173,6 +175,7 @@ impl Conf {
             handshake_ms: 3000,
             resolve_ms: 1000,
             drain_grace_s: 2,
+            udp_idle_s: 300,
             max_head_bytes: 16384,
             max_headers: 100,
             session_capacity: 100_000,
@@ -265,13 +268,14 @@ impl Conf {
         );
         let _ = writeln!(
             t,
-            "[timeouts]\nnode_connect_ms = {}\ntarget_ms = {}\nidle_s = {}\nhandshake_ms = {}\nresolve_ms = {}\ndrain_grace_s = {}\n",
+            "[timeouts]\nnode_connect_ms = {}\ntarget_ms = {}\nidle_s = {}\nhandshake_ms = {}\nresolve_ms = {}\ndrain_grace_s = {}\nudp_idle_s = {}\n",
             self.node_connect_ms,
             self.target_ms,
             self.idle_s,
             self.handshake_ms,
             self.resolve_ms,
-            self.drain_grace_s
+            self.drain_grace_s,
+            self.udp_idle_s
         );
         let _ = writeln!(
             t,

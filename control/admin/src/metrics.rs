@@ -236,6 +236,32 @@ impl Collector for Live {
             &tls,
         )?;
 
+        counter(
+            &mut enc,
+            "splicegate_udp_datagrams",
+            "SOCKS5 UDP datagrams relayed, by direction: up (client to target) and down",
+            &[
+                (&[("direction", "up")], sum(w, |s| rd(&s.udp_datagrams[0]))),
+                (
+                    &[("direction", "down")],
+                    sum(w, |s| rd(&s.udp_datagrams[1])),
+                ),
+            ],
+        )?;
+        let udp: Vec<([(&str, &str); 1], u64)> = splicegate_control::stats::UDP_DROP_REASONS
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ([("reason", *r)], sum(w, |s| rd(&s.udp_dropped[i]))))
+            .collect();
+        let udp: Vec<(&[(&str, &str)], u64)> =
+            udp.iter().map(|(l, v)| (l.as_slice(), *v)).collect();
+        counter(
+            &mut enc,
+            "splicegate_udp_dropped",
+            "SOCKS5 UDP datagrams dropped, by reason: fragment (FRAG not 0), blocked_target, stranger (not the association's client), malformed, unreachable, buffer_full",
+            &udp,
+        )?;
+
         let idx: Vec<String> = (0..w.len()).map(|i| i.to_string()).collect();
         let per_worker = |f: &dyn Fn(&WorkerStats) -> u64| -> Vec<([(&str, &str); 1], u64)> {
             w.iter()

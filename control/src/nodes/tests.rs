@@ -24,6 +24,7 @@ pub(crate) fn decl(
         state: NodeState::Online,
         from_file: false,
         key_hash: None,
+        udp: false,
     }
 }
 

@@ -95,6 +95,10 @@ pub(crate) struct ProxySection {
     pub pin_workers: bool,
     /// The main port admits only TLS.
     pub tls_only: bool,
+    /// The address a SOCKS5 UDP ASSOCIATE reply names (behind NAT or a
+    /// load balancer); default: the local address of the client's TCP
+    /// connection.
+    pub udp_advertise: Option<std::net::IpAddr>,
 }
 
 /// `[tls]`: the certificate (PEM chain, leaf first) and its key (PEM),
@@ -147,6 +151,7 @@ impl Default for ProxySection {
             workers: Workers::Auto(AutoWord::Auto),
             pin_workers: true,
             tls_only: false,
+            udp_advertise: None,
         }
     }
 }
@@ -206,6 +211,8 @@ pub(crate) struct TimeoutsSection {
     pub handshake_ms: u64,
     pub resolve_ms: u64,
     pub drain_grace_s: u64,
+    /// A SOCKS5 UDP association with no datagram either way ends after this.
+    pub udp_idle_s: u64,
 }
 
 impl Default for TimeoutsSection {
@@ -217,6 +224,7 @@ impl Default for TimeoutsSection {
             handshake_ms: 10_000,
             resolve_ms: 2000,
             drain_grace_s: 30,
+            udp_idle_s: 300,
         }
     }
 }
@@ -508,6 +516,8 @@ impl Config {
                 max_line_bytes: self.limits.max_line_bytes,
                 max_headers: self.limits.max_headers,
             },
+            udp_idle: Duration::from_secs(t.udp_idle_s.max(1)),
+            udp_advertise: self.proxy.udp_advertise,
         }
     }
 

@@ -285,3 +285,72 @@ impl From<TcpStream> for OwnedFd {
         stream.inner.into()
     }
 }
+
+/// A non-blocking UDP socket: readiness on the ring, datagrams moved by
+/// `recvfrom`/`sendto` on borrowed buffers (the kernel never holds a
+/// pointer into user memory). Closed on drop.
+#[derive(Debug)]
+pub struct UdpSocket {
+    inner: std::net::UdpSocket,
+}
+
+impl UdpSocket {
+    /// Binds `addr` (port 0: the kernel picks) on a fresh non-blocking socket.
+    pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+        let socket = Socket::new(
+            Domain::for_address(addr),
+            Type::DGRAM.nonblocking().cloexec(),
+            Some(Protocol::UDP),
+        )?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(false)?;
+        }
+        socket.bind(&addr.into())?;
+        Ok(UdpSocket {
+            inner: socket.into(),
+        })
+    }
+
+    /// The address it is bound to.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    /// Waits until a datagram (or an error) is pending.
+    pub async fn readable(&self) -> io::Result<()> {
+        ready(self.inner.as_raw_fd(), POLLIN).await.map(drop)
+    }
+
+    /// Waits until a datagram can be queued.
+    pub async fn writable(&self) -> io::Result<()> {
+        ready(self.inner.as_raw_fd(), POLLOUT).await.map(drop)
+    }
+
+    /// One pending datagram and its sender, or `WouldBlock`. A datagram
+    /// longer than `buf` is cut to it (give 64 KiB to take any).
+    pub fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        self.inner.recv_from(buf)
+    }
+
+    /// Queues one datagram to `to`, or `WouldBlock` when the socket's
+    /// buffer is full.
+    pub fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+        self.inner.send_to(buf, to)
+    }
+
+    /// Sends one datagram to `to`, waiting while the socket's buffer is full.
+    pub async fn send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+        loop {
+            match self.inner.send_to(buf, to) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
+                r => return r,
+            }
+        }
+    }
+}
+
+impl AsRawFd for UdpSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.inner.as_raw_fd()
+    }
+}

@@ -22,6 +22,7 @@ mod io;
 mod resolve;
 mod socks;
 mod tunnels;
+mod udp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +49,11 @@ pub struct Settings {
     pub resolve: Duration,
     /// Head size limits.
     pub limits: splicegate_proto::http::Limits,
+    /// A SOCKS5 UDP association with no datagram either way ends after this.
+    pub udp_idle: Duration,
+    /// The address a UDP ASSOCIATE reply names (`[proxy] udp_advertise`);
+    /// default: the local address of the client's TCP connection.
+    pub udp_advertise: Option<std::net::IpAddr>,
 }
 
 impl Default for Settings {
@@ -59,6 +65,8 @@ impl Default for Settings {
             idle: Duration::from_secs(300),
             resolve: Duration::from_secs(2),
             limits: splicegate_proto::http::Limits::default(),
+            udp_idle: Duration::from_secs(300),
+            udp_advertise: None,
         }
     }
 }

@@ -27,7 +27,7 @@ async fn send(client: &Client, bytes: &[u8]) -> bool {
 
 /// Record a refusal after the request and answer it with the reply field the
 /// catalogue gives its code.
-async fn refuse(ctx: &Ctx, client: &Client, peer: SocketAddr, refusal: &Refusal) {
+pub(crate) async fn refuse(ctx: &Ctx, client: &Client, peer: SocketAddr, refusal: &Refusal) {
     ctx.record(peer, Protocol::Socks5, refusal);
     let code = match refusal.rejection.code.socks5() {
         Socks5Answer::Reply(c) => c,
@@ -107,6 +107,11 @@ pub(crate) async fn serve(
     };
     buf.drain(..request.consumed);
     let started = Instant::now();
+    if request.command == server::Command::UdpAssociate {
+        // The association runs here until its TCP connection closes.
+        crate::udp::associate(ctx, client, peer, &gate, &auth, started).await;
+        return None;
+    }
     if request.command != server::Command::Connect {
         let mut out = Vec::new();
         server::write_reply(reply::COMMAND_NOT_SUPPORTED, None, &mut out);

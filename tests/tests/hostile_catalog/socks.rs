@@ -209,11 +209,16 @@ pub(crate) fn cases(lab: &Lab) -> Vec<Case> {
         full(&socks_addr_v4(TARGET_IP, 0)),
         refused(2),
     ));
-    for (id, cmd) in [
-        ("S-23 BIND", 2u8),
-        ("S-24 UDP ASSOCIATE", 3),
-        ("S-25 CMD 0x09", 9),
-    ] {
+    // UDP ASSOCIATE is served (SPEC section 12), through nodes that carry
+    // UDP: this lab's only node is an http one, so the answer is 0x03
+    // (NODE_NOT_FOUND, "carrying UDP"). tests/tests/socks5_udp.rs serves
+    // associations through direct nodes.
+    v.push(case(
+        "S-24 UDP ASSOCIATE without a node that carries UDP",
+        cat(&[greet, &good, &req(3, &socks_addr_v4(TARGET_IP, 0))]),
+        Expect::Socks(vec![Method(2), Auth(0), Reply(3)], After::Close),
+    ));
+    for (id, cmd) in [("S-23 BIND", 2u8), ("S-25 CMD 0x09", 9)] {
         v.push(case(
             id,
             cat(&[

@@ -95,6 +95,9 @@ pub enum Socks5Error {
     /// A domain longer than 255 bytes cannot be encoded (client side only).
     #[error("domain name longer than 255 bytes")]
     DomainTooLong,
+    /// A UDP datagram shorter than its own header. Drop it.
+    #[error("datagram shorter than its header")]
+    Truncated,
 }
 
 /// Length of the address and port starting at `buf[at]` (the ATYP byte):

@@ -148,6 +148,16 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, Socks5Error> {
         return Ok(None);
     };
     let command = Command::from(buf[1]);
+    let target = target_at(buf, end)?;
+    Ok(Some(Request {
+        command,
+        target,
+        consumed: end,
+    }))
+}
+
+/// The address and port whose ATYP is `buf[3]` and which end at `end`.
+fn target_at(buf: &[u8], end: usize) -> Result<Target, Socks5Error> {
     let addr = &buf[4..end - 2];
     let host = match buf[3] {
         atyp::IPV4 => {
@@ -165,11 +175,53 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, Socks5Error> {
         _ => parse_host(&addr[1..]).map_err(|e| Socks5Error::InvalidDomain(e.0))?,
     };
     let port = u16::from_be_bytes([buf[end - 2], buf[end - 1]]);
-    Ok(Some(Request {
-        command,
-        target: Target::new(host, port),
-        consumed: end,
-    }))
+    Ok(Target::new(host, port))
+}
+
+/// A client's UDP datagram to relay (RFC 1928 section 7): `RSV RSV FRAG
+/// ATYP DST.ADDR DST.PORT DATA`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpDatagram<'a> {
+    /// The fragment number; the gateway relays only 0 (whole datagrams).
+    pub frag: u8,
+    /// Where it goes.
+    pub target: Target,
+    /// What it carries.
+    pub payload: &'a [u8],
+}
+
+/// Parses one whole UDP datagram from a client. Non-zero RSV bytes, an
+/// unknown ATYP and a datagram too short for its header are errors (the
+/// datagram is dropped); FRAG is returned for the caller to judge.
+pub fn parse_udp_datagram(buf: &[u8]) -> Result<UdpDatagram<'_>, Socks5Error> {
+    if buf.len() >= 2 && (buf[0] != 0 || buf[1] != 0) {
+        return Err(Socks5Error::ReservedNonZero);
+    }
+    let Some(end) = address_end(buf, 3)? else {
+        return Err(Socks5Error::Truncated);
+    };
+    Ok(UdpDatagram {
+        frag: buf[2],
+        target: target_at(buf, end)?,
+        payload: &buf[end..],
+    })
+}
+
+/// Writes the header of a datagram relayed back to the client: `0 0 0`
+/// then the address it came from.
+pub fn write_udp_header(from: SocketAddr, out: &mut Vec<u8>) {
+    out.extend_from_slice(&[0, 0, 0]);
+    match from.ip() {
+        IpAddr::V4(v4) => {
+            out.push(atyp::IPV4);
+            out.extend_from_slice(&v4.octets());
+        }
+        IpAddr::V6(v6) => {
+            out.push(atyp::IPV6);
+            out.extend_from_slice(&v6.octets());
+        }
+    }
+    out.extend_from_slice(&from.port().to_be_bytes());
 }
 
 /// The method selection reply `VER METHOD`.

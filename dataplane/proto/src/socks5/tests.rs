@@ -361,3 +361,56 @@ proptest! {
         prop_assert_eq!((parsed.username, parsed.password, parsed.consumed), (user, pass, out.len()));
     }
 }
+
+#[test]
+fn udp_datagrams_parse_and_their_headers_round_trip() {
+    use crate::socks5::server::{parse_udp_datagram, write_udp_header};
+    let mut d = vec![0, 0, 0, 1, 192, 0, 2, 7, 0x01, 0xbb];
+    d.extend_from_slice(b"quic");
+    let p = parse_udp_datagram(&d).unwrap();
+    assert_eq!(p.frag, 0);
+    assert_eq!(p.target.to_string(), "192.0.2.7:443");
+    assert_eq!(p.payload, b"quic");
+    // A name, a fragment, an empty payload.
+    let mut n = vec![0, 0, 2, 3, 11];
+    n.extend_from_slice(b"example.com");
+    n.extend_from_slice(&53u16.to_be_bytes());
+    let p = parse_udp_datagram(&n).unwrap();
+    assert_eq!(
+        (p.frag, p.target.to_string(), p.payload),
+        (2, "example.com:53".to_string(), &b""[..])
+    );
+    // Refused: RSV not zero, truncated, an unknown ATYP.
+    assert_eq!(
+        parse_udp_datagram(&[0, 1, 0, 1]),
+        Err(Socks5Error::ReservedNonZero)
+    );
+    assert_eq!(
+        parse_udp_datagram(&[0, 0, 0, 1, 1, 2]),
+        Err(Socks5Error::Truncated)
+    );
+    assert_eq!(parse_udp_datagram(&[0, 0]), Err(Socks5Error::Truncated));
+    assert!(matches!(
+        parse_udp_datagram(&[0, 0, 0, 9, 1, 2, 3]),
+        Err(Socks5Error::UnsupportedAddressType(9))
+    ));
+    // What the gateway writes back parses as a datagram from that sender.
+    for from in ["203.0.113.9:5353", "[2001:db8::1]:443"] {
+        let from: std::net::SocketAddr = from.parse().unwrap();
+        let mut out = Vec::new();
+        write_udp_header(from, &mut out);
+        out.extend_from_slice(b"answer");
+        let p = parse_udp_datagram(&out).unwrap();
+        assert_eq!(p.target.to_string(), from.to_string());
+        assert_eq!(p.payload, b"answer");
+    }
+}
+
+proptest! {
+    #[test]
+    fn udp_datagram_parsing_never_panics(input in proptest::collection::vec(any::<u8>(), 0..300)) {
+        if let Ok(d) = crate::socks5::server::parse_udp_datagram(&input) {
+            prop_assert!(d.payload.len() <= input.len());
+        }
+    }
+}

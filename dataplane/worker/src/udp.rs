@@ -1,0 +1,404 @@
+//! SOCKS5 UDP ASSOCIATE (RFC 1928 section 7, SPEC section 12) on the
+//! worker: the association's two sockets live on the ring beside its TCP
+//! connection, and one task relays datagrams between the client and the
+//! exit until the TCP connection closes, `udp_idle_s` passes without a
+//! datagram either way, or the 250 ms tick stops it (package paused, over
+//! its cap, out of credits).
+//!
+//! - The client's side: a socket of the association's own on the local
+//!   address of its TCP connection (the reply's BND.PORT; BND.ADDR is
+//!   `[proxy] udp_advertise` when set). Only datagrams from the client's
+//!   address are taken — its IP from the start, its port from its first
+//!   datagram on — the rest are dropped as strangers.
+//! - The exit's side: for a `direct` node, a socket bound to the node's
+//!   source address; datagrams go out from it and whatever comes back to it
+//!   is returned to the client with the RFC's header naming its sender.
+//! - Each datagram's target is checked as a CONNECT's is (names resolved
+//!   off the worker, with the cache); a blocked one is dropped and counted,
+//!   as are fragments (FRAG ≠ 0), malformed headers and datagrams a full
+//!   socket buffer cannot take. Payload bytes count as traffic.
+//! - A turn takes at most [`BATCH`] datagrams each way, so a flood from
+//!   one client never starves the other tasks of its worker.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Instant;
+
+use splicegate_addr::Host;
+use splicegate_control::Code;
+use splicegate_control::catalog::Rejection;
+use splicegate_control::nodes::{Node, NodeKind};
+use splicegate_control::policy::{Authenticated, Policy, Protocol};
+use splicegate_control::session::Step;
+use splicegate_control::stats::{
+    UDP_DROP_BLOCKED, UDP_DROP_FRAGMENT, UDP_DROP_FULL, UDP_DROP_MALFORMED, UDP_DROP_STRANGER,
+    UDP_DROP_UNREACHABLE,
+};
+use splicegate_proto::socks5::{reply, server};
+use splicegate_uring::{Direction, RelayCtl, UdpSocket};
+
+use crate::admission::{Gate, Refusal};
+use crate::client::{Client, Stream};
+use crate::ctx::Ctx;
+use crate::{WorkerStats, clock};
+
+/// Datagrams taken each way per turn.
+const BATCH: usize = 64;
+
+/// Largest UDP payload (and so any datagram) the relay takes.
+const MAX_DATAGRAM: usize = 65_535;
+
+/// The exit of an association.
+enum Exit {
+    /// A socket on a `direct` node's source address.
+    Direct(UdpSocket),
+}
+
+impl Exit {
+    fn socket(&self) -> &UdpSocket {
+        match self {
+            Exit::Direct(s) => s,
+        }
+    }
+}
+
+/// Opens the exit for `node`, or says why the node failed.
+fn open_exit(node: &Node) -> Result<Exit, String> {
+    match node.kind {
+        NodeKind::Direct => {
+            let Some(bind) = node.bind else {
+                return Err("has no source address".into());
+            };
+            UdpSocket::bind(SocketAddr::new(bind, 0))
+                .map(Exit::Direct)
+                .map_err(|e| format!("cannot use source address {bind} for UDP: {e}"))
+        }
+        _ => Err(format!("a {} node carries no UDP here", node.kind.as_str())),
+    }
+}
+
+fn no_udp_node(detail: String) -> Rejection {
+    Rejection::new(Code::NodeNotFound, detail)
+}
+
+/// Serves one `UDP ASSOCIATE` after authentication; returns when the
+/// association ends (the reply and any refusal are written here).
+pub(crate) async fn associate(
+    ctx: &Ctx,
+    client: Client,
+    peer: SocketAddr,
+    gate: &Gate,
+    auth: &Authenticated,
+    started: Instant,
+) {
+    let refuse = |rejection: Rejection| Refusal {
+        package: Some(auth.package.id()),
+        rejection,
+    };
+    let local = match &client {
+        Client::Plain(tcp) => tcp.local_addr(),
+        Client::Tls(tls) => tls.tcp().local_addr(),
+    };
+    let Ok(local) = local else { return };
+    // Checks 6–9 and the node; an association is one request and one
+    // open connection of its package.
+    let mut conn = None;
+    let now = clock::now();
+    let policy = gate.policy.clone();
+    let admitted = policy
+        .admit_association(auth, &mut conn, now)
+        .map_err(refuse);
+    let route = admitted.and_then(|a| {
+        ctx.shared
+            .engine
+            .route(&policy, &a, now, &mut ctx.rng.borrow_mut())
+            .map(|r| (a, r))
+            .map_err(refuse)
+    });
+    let (admitted, mut route) = match route {
+        Ok(x) => x,
+        Err(refusal) => return answer_refusal(ctx, &client, peer, &refusal).await,
+    };
+    let engine = &ctx.shared.engine;
+    let mut step = engine.first_step(&mut route, &mut ctx.rng.borrow_mut());
+    let (node, exit) = loop {
+        let idx = match step {
+            Step::Fail(rej) => return answer_refusal(ctx, &client, peer, &refuse(rej)).await,
+            Step::Dial(idx) => idx,
+        };
+        let node = route.policy.nodes.node(idx).clone();
+        if !node.udp {
+            // A session keeps its node; one that cannot carry UDP cannot
+            // serve an association.
+            let rej = no_udp_node(format!(
+                "the session's node {} ({}) cannot carry UDP; the session keeps its node",
+                node.id,
+                node.kind.as_str()
+            ));
+            return answer_refusal(ctx, &client, peer, &refuse(rej)).await;
+        }
+        match open_exit(&node) {
+            Ok(exit) => break (node, exit),
+            Err(why) => {
+                tracing::info!(node = %node.id, reason = %why, "node failure (UDP)");
+                step = engine.after_failure(&mut route, &mut ctx.rng.borrow_mut(), clock::now());
+            }
+        }
+    };
+    // The client's side, on the address its TCP connection came to.
+    let near = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)) {
+        Ok(s) => s,
+        Err(e) => {
+            let rej = Rejection::new(
+                Code::Overloaded,
+                format!("no UDP socket for the association: {e}"),
+            );
+            return answer_refusal(ctx, &client, peer, &refuse(rej)).await;
+        }
+    };
+    let Ok(near_addr) = near.local_addr() else {
+        return;
+    };
+    let advertised = SocketAddr::new(
+        ctx.shared.settings.udp_advertise.unwrap_or(near_addr.ip()),
+        near_addr.port(),
+    );
+    let mut out = Vec::with_capacity(32);
+    server::write_reply(reply::SUCCEEDED, Some(advertised), &mut out);
+    if client.write_all(&out).await.is_err() {
+        return;
+    }
+    engine.established(&route, clock::now());
+    ctx.stats.answer(Protocol::Socks5, None);
+    ctx.stats.setup.observe(started.elapsed());
+    let _load = node.runtime.open_tunnel();
+    WorkerStats::inc(&ctx.stats.open_tunnels);
+    let ctl = RelayCtl::new();
+    let id = ctx.tunnels.register(admitted.package.clone(), ctl.clone());
+    let mut relay = Relay {
+        ctx,
+        policy: &route.policy,
+        peer_ip: peer.ip(),
+        client_addr: None,
+        near: &near,
+        exit: &exit,
+        ctl: &ctl,
+        buf: vec![0u8; MAX_DATAGRAM + 300],
+        out: Vec::with_capacity(MAX_DATAGRAM + 300),
+    };
+    let end = relay.run(&client).await;
+    ctx.tunnels.finish(id, &ctx.stats);
+    WorkerStats::dec(&ctx.stats.open_tunnels);
+    drop(conn);
+    tracing::debug!(package = admitted.package.id(), node = %node.id, up = ctl.a_to_b(), down = ctl.b_to_a(), end, "UDP association closed");
+    ctx.log(&crate::ctx::Outcome {
+        peer,
+        package: Some(admitted.package.id()),
+        protocol: Protocol::Socks5,
+        target: None,
+        node: Some(&node.id),
+        error: None,
+        up: ctl.a_to_b(),
+        down: ctl.b_to_a(),
+        started,
+        setup: None,
+    });
+}
+
+async fn answer_refusal(ctx: &Ctx, client: &Client, peer: SocketAddr, refusal: &Refusal) {
+    crate::socks::refuse(ctx, client, peer, refusal).await;
+}
+
+/// What woke the relay.
+enum Wake {
+    Control,
+    Near,
+    Far,
+    Idle,
+    Stop,
+}
+
+struct Relay<'a> {
+    ctx: &'a Ctx,
+    policy: &'a Arc<Policy>,
+    peer_ip: IpAddr,
+    client_addr: Option<SocketAddr>,
+    near: &'a UdpSocket,
+    exit: &'a Exit,
+    ctl: &'a RelayCtl,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl Relay<'_> {
+    fn drop_one(&self, reason: usize) {
+        WorkerStats::inc(&self.ctx.stats.udp_dropped[reason]);
+    }
+
+    async fn run(&mut self, client: &Client) -> &'static str {
+        let idle = self.ctx.shared.settings.udp_idle;
+        let mut deadline = Instant::now() + idle;
+        loop {
+            if self.ctl.is_stopped() {
+                return "stopped";
+            }
+            let wake = {
+                let mut control = std::pin::pin!(client.readable());
+                let mut near = std::pin::pin!(self.near.readable());
+                let mut far = std::pin::pin!(self.exit.socket().readable());
+                let mut timer = std::pin::pin!(splicegate_uring::sleep_until(deadline));
+                let ctl = self.ctl;
+                std::future::poll_fn(|cx| {
+                    if ctl.is_stopped() {
+                        return Poll::Ready(Wake::Stop);
+                    }
+                    ctl.wake_on_stop(cx.waker());
+                    if control.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Wake::Control);
+                    }
+                    if near.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Wake::Near);
+                    }
+                    if far.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Wake::Far);
+                    }
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Wake::Idle);
+                    }
+                    Poll::Pending
+                })
+                .await
+            };
+            match wake {
+                Wake::Stop => return "stopped",
+                Wake::Idle => return "idle",
+                Wake::Control => {
+                    // The TCP connection only keeps the association alive:
+                    // its end (or anything unexpected on it) ends it.
+                    let mut scratch = [0u8; 512];
+                    match client.read(&mut scratch).await {
+                        Ok(0) | Err(_) => return "the client closed its TCP connection",
+                        Ok(_) => {}
+                    }
+                }
+                Wake::Near => {
+                    if self.relay_up().await {
+                        deadline = Instant::now() + idle;
+                    }
+                }
+                Wake::Far => {
+                    if self.relay_down() {
+                        deadline = Instant::now() + idle;
+                    }
+                }
+            }
+            splicegate_uring::consume_budget().await;
+        }
+    }
+
+    /// Client → target: up to [`BATCH`] datagrams. Whether any was relayed.
+    async fn relay_up(&mut self) -> bool {
+        let mut relayed = false;
+        for _ in 0..BATCH {
+            let (n, from) = match self.near.try_recv_from(&mut self.buf) {
+                Ok(x) => x,
+                Err(_) => break,
+            };
+            if from.ip() != self.peer_ip || self.client_addr.is_some_and(|c| c != from) {
+                self.drop_one(UDP_DROP_STRANGER);
+                continue;
+            }
+            let d = match server::parse_udp_datagram(&self.buf[..n]) {
+                Ok(d) => d,
+                Err(_) => {
+                    self.drop_one(UDP_DROP_MALFORMED);
+                    continue;
+                }
+            };
+            // The client's port is known from its first datagram on.
+            self.client_addr.get_or_insert(from);
+            if d.frag != 0 {
+                self.drop_one(UDP_DROP_FRAGMENT);
+                continue;
+            }
+            let port = d.target.port;
+            let payload_at = n - d.payload.len();
+            let ip = match &d.target.host {
+                Host::Ip(ip) => Some(*ip),
+                Host::Domain(name) => {
+                    let name = name.clone();
+                    let s = &self.ctx.shared.settings;
+                    match self
+                        .ctx
+                        .dns
+                        .resolve(&self.ctx.shared.resolver, &name, s.resolve)
+                        .await
+                    {
+                        Ok(ips) => ips.into_iter().find(|ip| self.reachable(*ip)),
+                        Err(_) => None,
+                    }
+                }
+            };
+            let Some(ip) = ip.filter(|ip| self.reachable(*ip)) else {
+                self.drop_one(UDP_DROP_UNREACHABLE);
+                continue;
+            };
+            if self.policy.targets.check_ip(ip, port).is_err() {
+                self.drop_one(UDP_DROP_BLOCKED);
+                continue;
+            }
+            let payload = &self.buf[payload_at..n];
+            match self
+                .exit
+                .socket()
+                .try_send_to(payload, SocketAddr::new(ip, port))
+            {
+                Ok(_) => {
+                    self.ctl.count(Direction::AToB, payload.len());
+                    WorkerStats::inc(&self.ctx.stats.udp_datagrams[0]);
+                    relayed = true;
+                }
+                Err(_) => self.drop_one(UDP_DROP_FULL),
+            }
+        }
+        relayed
+    }
+
+    /// Whether the exit can send to `ip` (its family).
+    fn reachable(&self, ip: IpAddr) -> bool {
+        match self.exit.socket().local_addr() {
+            Ok(a) => a.is_ipv6() || ip.is_ipv4(),
+            Err(_) => false,
+        }
+    }
+
+    /// Target → client: up to [`BATCH`] datagrams, each with the RFC's
+    /// header naming its sender. Whether any was relayed.
+    fn relay_down(&mut self) -> bool {
+        let mut relayed = false;
+        for _ in 0..BATCH {
+            let (n, from) = match self.exit.socket().try_recv_from(&mut self.buf) {
+                Ok(x) => x,
+                Err(_) => break,
+            };
+            let Some(client) = self.client_addr else {
+                // Nothing was sent yet: nobody to answer.
+                self.drop_one(UDP_DROP_STRANGER);
+                continue;
+            };
+            self.out.clear();
+            server::write_udp_header(from, &mut self.out);
+            self.out.extend_from_slice(&self.buf[..n]);
+            match self.near.try_send_to(&self.out, client) {
+                Ok(_) => {
+                    self.ctl.count(Direction::BToA, n);
+                    WorkerStats::inc(&self.ctx.stats.udp_datagrams[1]);
+                    relayed = true;
+                }
+                Err(_) => self.drop_one(UDP_DROP_FULL),
+            }
+        }
+        relayed
+    }
+}

@@ -1,0 +1,298 @@
+//! SOCKS5 UDP ASSOCIATE (SPEC section 12) end to end: a Python client
+//! speaks RFC 1928 section 7 to the real gateway, which relays its
+//! datagrams through a `direct` node to a UDP echo target; strangers,
+//! fragments and blocked targets are dropped and counted; the association
+//! ends with its TCP connection or after `udp_idle_s`; a package whose
+//! nodes cannot carry UDP gets 0x03 and `NODE_NOT_FOUND`.
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use splicegate_tests::ops::sample;
+use splicegate_tests::*;
+
+/// A UDP target that answers each datagram with `<payload>|<sender ip>`.
+struct UdpEcho {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl UdpEcho {
+    fn start(ip: Ipv4Addr) -> UdpEcho {
+        let sock = UdpSocket::bind((ip, 0)).expect("bind the UDP echo");
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let addr = sock.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    let mut out = buf[..n].to_vec();
+                    out.extend_from_slice(format!("|{}", from.ip()).as_bytes());
+                    let _ = sock.send_to(&out, from);
+                }
+            }
+        });
+        UdpEcho { addr, stop }
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The client: associate from `src` (with `user`:`key`), then for each
+/// `target|payload` argument send one datagram and print the answer (or
+/// `TIMEOUT`). Special payloads: `@frag` sends FRAG=1; `@stranger` sends
+/// from another socket; `@close` closes the TCP connection first; `@wait:S`
+/// sleeps S seconds; `@eof` waits (≤ 5 s) for the gateway to close the TCP
+/// connection and prints `EOF after <s>`.
+const CLIENT: &str = r#"
+import json, socket, struct, sys, time
+proxy, port, user, key, src = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+t = socket.create_connection((proxy, port), timeout=5, source_address=(src, 0))
+t.sendall(b"\x05\x01\x02")
+assert t.recv(2) == b"\x05\x02"
+t.sendall(bytes([1, len(user)]) + user.encode() + bytes([len(key)]) + key.encode())
+assert t.recv(2) == b"\x01\x00", "auth"
+t.sendall(b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")
+rep = t.recv(10)
+if rep[1] != 0:
+    print(json.dumps({"reply": rep[1]}))
+    sys.exit(0)
+bnd = (socket.inet_ntoa(rep[4:8]), struct.unpack(">H", rep[8:10])[0])
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind((src, 0))
+u.settimeout(1.5)
+out = {"reply": 0, "bnd": "%s:%d" % bnd, "answers": []}
+def header(host, port, frag=0):
+    try:
+        return bytes([0, 0, frag, 1]) + socket.inet_aton(host) + struct.pack(">H", port)
+    except OSError:
+        return bytes([0, 0, frag, 3, len(host)]) + host.encode() + struct.pack(">H", port)
+for arg in sys.argv[6:]:
+    target, payload = arg.split("|", 1)
+    if payload.startswith("@wait:"):
+        time.sleep(float(payload[6:])); continue
+    if payload == "@close":
+        t.close(); time.sleep(0.2); continue
+    if payload == "@eof":
+        t.settimeout(5); t0 = time.time()
+        try:
+            gone = t.recv(1) == b""
+        except OSError:
+            gone = True
+        out["answers"].append("EOF after %.1f" % (time.time() - t0) if gone else "NO EOF"); continue
+    host, tport = target.rsplit(":", 1)
+    frag = 1 if payload == "@frag" else 0
+    body = payload.encode() if not payload.startswith("@big:") else b"x" * int(payload[5:])
+    sender = u
+    if payload == "@stranger":
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); sender.bind((src, 0))
+    sender.sendto(header(host, int(tport), frag) + body, bnd)
+    try:
+        data, frm = u.recvfrom(70000)
+        atyp = data[3]
+        at = 4 + (4 if atyp == 1 else 16)
+        ip = socket.inet_ntoa(data[4:8]) if atyp == 1 else "v6"
+        port_from = struct.unpack(">H", data[at:at + 2])[0]
+        payload_back = data[at + 2:]
+        if len(payload_back) > 200:
+            payload_back = b"%d bytes" % len(payload_back)
+        out["answers"].append("%s:%d %s" % (ip, port_from, payload_back.decode()))
+    except socket.timeout:
+        out["answers"].append("TIMEOUT")
+    except ConnectionRefusedError:
+        out["answers"].append("REFUSED")
+print(json.dumps(out))
+"#;
+
+fn run(gw: &Gateway, src: Ipv4Addr, user: &str, args: &[String]) -> serde_json::Value {
+    let python = require_tool("python3", "python3");
+    let out = Command::new(python)
+        .arg("-c")
+        .arg(CLIENT)
+        .arg(gw.proxy.ip().to_string())
+        .arg(gw.proxy.port().to_string())
+        .arg(user)
+        .arg(KEY)
+        .arg(src.to_string())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|_| {
+        panic!(
+            "the client failed: {text}\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            gw.log_tail(20)
+        )
+    })
+}
+
+fn answers(v: &serde_json::Value) -> Vec<String> {
+    v["answers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no answers: {v}"))
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn datagrams_go_through_a_direct_node_and_come_back_with_their_sender() {
+    let bind = node_ip();
+    let gw = Gateway::with_direct(bind);
+    let echo = UdpEcho::start(Ipv4Addr::LOCALHOST);
+    let t = echo.addr.to_string();
+    let by_name = format!("localhost:{}", echo.addr.port());
+    let mut args: Vec<String> = (0..20).map(|i| format!("{t}|ping {i}")).collect();
+    args.push(format!("{by_name}|by name"));
+    args.push(format!("{t}|@big:60000"));
+    let v = run(&gw, client_ip(), &user("country-us"), &args);
+    assert_eq!(v["reply"], 0, "{v}");
+    assert!(
+        v["bnd"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "BND is the TCP connection's local address: {v}"
+    );
+    let a = answers(&v);
+    for (i, got) in a.iter().take(20).enumerate() {
+        // Each answer names the target as its sender and shows the node's
+        // source address as the echo saw it.
+        assert_eq!(got, &format!("{t} ping {i}|{bind}"), "{v}");
+    }
+    assert_eq!(
+        a[20],
+        format!("{t} by name|{bind}"),
+        "a name resolved by the gateway: {v}"
+    );
+    assert!(
+        a[21].starts_with(&format!("{t} ")) && a[21].contains("bytes"),
+        "a 60 KB datagram: {v}"
+    );
+    // Counted: datagrams both ways, and payload bytes as the package's traffic.
+    let m = gw.metrics();
+    assert!(
+        sample(&m, "splicegate_udp_datagrams_total{direction=\"up\"}") >= 22.0,
+        "{m}"
+    );
+    assert!(
+        sample(&m, "splicegate_udp_datagrams_total{direction=\"down\"}") >= 22.0,
+        "{m}"
+    );
+    let usage = eventually(Duration::from_secs(5), Duration::from_millis(100), || {
+        let u = gw.package_usage(7).ok()?;
+        (u.bytes_up >= 60_000).then_some(u)
+    });
+    assert!(
+        usage.is_some(),
+        "the payload bytes are the package's traffic"
+    );
+}
+
+#[test]
+fn strangers_fragments_and_blocked_targets_are_dropped_and_counted() {
+    let gw = Gateway::with_direct(node_ip());
+    let echo = UdpEcho::start(Ipv4Addr::LOCALHOST);
+    let t = echo.addr.to_string();
+    let blocked = "127.0.0.1:25".to_string(); // [safety] blocked_ports = [25]
+    let args = vec![
+        format!("{t}|first"),
+        format!("{t}|@stranger"),
+        format!("{t}|@frag"),
+        format!("{blocked}|to port 25"),
+        format!("{t}|after"),
+    ];
+    let v = run(&gw, client_ip(), &user("country-us"), &args);
+    let a = answers(&v);
+    assert!(a[0].ends_with("first|") || a[0].contains("first|"), "{v}");
+    assert_eq!(
+        a[1], "TIMEOUT",
+        "a datagram from another port of the client: {v}"
+    );
+    assert_eq!(a[2], "TIMEOUT", "a fragment: {v}");
+    assert_eq!(a[3], "TIMEOUT", "a blocked target: {v}");
+    assert!(a[4].contains("after|"), "the association serves on: {v}");
+    let m = gw.metrics();
+    for reason in ["stranger", "fragment", "blocked_target"] {
+        assert!(
+            sample(
+                &m,
+                &format!("splicegate_udp_dropped_total{{reason=\"{reason}\"}}")
+            ) >= 1.0,
+            "{reason}: {m}"
+        );
+    }
+}
+
+#[test]
+fn the_association_ends_with_its_tcp_connection_and_after_udp_idle_s() {
+    let mut conf = Conf::with_package(KEY).node(NodeDecl::direct("d1", node_ip()));
+    conf.udp_idle_s = 1;
+    let gw = Gateway::start_conf(&conf);
+    let echo = UdpEcho::start(Ipv4Addr::LOCALHOST);
+    let t = echo.addr.to_string();
+    // The TCP connection closes: datagrams to the association's port are
+    // refused at once (its socket is gone).
+    let v = run(
+        &gw,
+        client_ip(),
+        &user("country-us"),
+        &[
+            format!("{t}|one"),
+            format!("{t}|@close"),
+            format!("{t}|two"),
+        ],
+    );
+    let a = answers(&v);
+    assert!(a[0].contains("one|"), "{v}");
+    assert!(
+        a[1] == "REFUSED" || a[1] == "TIMEOUT",
+        "after the TCP close: {v}"
+    );
+    // Idle for longer than udp_idle_s: the gateway ends it and closes TCP.
+    let v = run(
+        &gw,
+        client_ip(),
+        &user("country-us"),
+        &[format!("{t}|one"), format!("{t}|@eof")],
+    );
+    let a = answers(&v);
+    assert!(a[0].contains("one|"), "{v}");
+    assert!(a[1].starts_with("EOF after"), "{v}");
+    let secs: f64 = a[1]["EOF after ".len()..].parse().unwrap();
+    assert!(secs < 4.0, "closed after udp_idle_s (1 s): {v}");
+    assert_eq!(
+        sample(&gw.metrics(), "splicegate_open_tunnels{worker=\"0\"}"),
+        0.0
+    );
+}
+
+#[test]
+fn a_package_without_a_node_that_carries_udp_gets_0x03_and_node_not_found() {
+    let http_node = TestNode::http(node_ip());
+    let gw =
+        Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::http("h1", http_node.addr())));
+    let v = run(&gw, client_ip(), &user("country-us"), &[]);
+    assert_eq!(v["reply"], 3, "{v}");
+    let (_, errors) = splicegate_tests::admin::admin_request(
+        gw.admin_addr(),
+        "GET",
+        "/v1/packages/7/errors",
+        None,
+    )
+    .unwrap();
+    assert!(errors.to_string().contains("NODE_NOT_FOUND"), "{errors}");
+    assert!(
+        errors.to_string().contains("UDP"),
+        "the reason names UDP: {errors}"
+    );
+}
