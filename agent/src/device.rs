@@ -383,7 +383,8 @@ impl Device {
             while let Some(inc) = incoming.recv().await {
                 let link = link.clone();
                 let args = self.args.clone();
-                tokio::spawn(async move { serve_stream(&args, &link, inc).await });
+                let rate = self.rate.clone();
+                tokio::spawn(async move { serve_stream(&args, &link, inc, rate).await });
             }
         };
         tokio::select! {
@@ -493,12 +494,16 @@ fn is_local(ip: IpAddr) -> bool {
     safety::is_local(ip)
 }
 
-async fn serve_stream(args: &Args, link: &Link, inc: Incoming) {
+async fn serve_stream(args: &Args, link: &Link, inc: Incoming, rate: Option<Arc<RateLimit>>) {
     let Incoming {
         stream,
         target,
         window,
+        udp,
     } = inc;
+    if udp {
+        return serve_udp(args, link, stream, rate).await;
+    }
     let addrs = match resolve(args, &target).await {
         Ok(a) => a,
         Err((reason, text)) => {
@@ -527,4 +532,80 @@ async fn serve_stream(args: &Args, link: &Link, inc: Incoming) {
         }
     }
     link.refuse(stream, last.0, last.1).await;
+}
+
+/// Serves UDP association `stream`: one socket of its own, each datagram
+/// to the target its header names (resolved here, refused when on the
+/// device's own networks), each answer back with its sender. Ends when the
+/// gateway ends it (or the link does).
+async fn serve_udp(args: &Args, link: &Link, stream: u32, rate: Option<Arc<RateLimit>>) {
+    use splicegate_proto::agent::{split_datagram, write_datagram_payload};
+    let sock = match tokio::net::UdpSocket::bind("[::]:0").await {
+        Ok(s) => s,
+        Err(_) => match tokio::net::UdpSocket::bind("0.0.0.0:0").await {
+            Ok(s) => s,
+            Err(e) => {
+                link.refuse(stream, OpenError::Fault, format!("no UDP socket: {e}"))
+                    .await;
+                return;
+            }
+        },
+    };
+    let dual = sock.local_addr().is_ok_and(|a| a.is_ipv6());
+    let Some(mut assoc) = link.accept_udp(stream).await else {
+        return;
+    };
+    let mut names: std::collections::HashMap<String, Option<SocketAddr>> = Default::default();
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        tokio::select! {
+            m = assoc.rx.recv() => {
+                let Some(p) = m else { return };
+                let Some((addr, bytes)) = split_datagram(&p) else { continue };
+                if names.len() > 256 {
+                    names.clear();
+                }
+                let to = match names.get(addr) {
+                    Some(t) => *t,
+                    None => {
+                        let t = match resolve(args, addr).await {
+                            Ok(list) => list.first().copied(),
+                            Err((reason, text)) => {
+                                if reason == OpenError::Disallowed {
+                                    tracing::warn!(target = addr, "refused a datagram: {text}");
+                                }
+                                None
+                            }
+                        };
+                        names.insert(addr.to_string(), t);
+                        t
+                    }
+                };
+                let Some(mut to) = to else { continue };
+                if let Some(r) = &rate {
+                    r.take(0, bytes.len()).await;
+                }
+                if dual && let IpAddr::V4(v4) = to.ip() {
+                    to = SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), to.port());
+                }
+                let _ = sock.send_to(bytes, to).await;
+            }
+            r = sock.recv_from(&mut buf) => {
+                let Ok((n, from)) = r else { continue };
+                let from = match from.ip() {
+                    IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                        Some(v4) => SocketAddr::new(IpAddr::V4(v4), from.port()),
+                        None => from,
+                    },
+                    IpAddr::V4(_) => from,
+                };
+                if let Some(r) = &rate {
+                    r.take(1, n).await;
+                }
+                let mut payload = Vec::with_capacity(n + 48);
+                write_datagram_payload(&from.to_string(), &buf[..n], &mut payload);
+                link.send_datagram(stream, &payload);
+            }
+        }
+    }
 }

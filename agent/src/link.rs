@@ -111,7 +111,23 @@ pub struct Incoming {
     pub target: String,
     /// The gateway's receive window.
     pub window: u32,
+    /// A UDP association (`target` is empty): answer with [`Link::accept_udp`].
+    pub udp: bool,
 }
+
+/// An open UDP association: datagrams from the peer arrive on `rx` as
+/// `DATAGRAM` payloads (see `splicegate_proto::agent::split_datagram`);
+/// [`Link::send_datagram`] sends; [`Link::close_udp`] ends it.
+#[derive(Debug)]
+pub struct UdpAssociation {
+    /// Its id on the link.
+    pub stream: u32,
+    /// Datagrams from the peer.
+    pub rx: mpsc::Receiver<Vec<u8>>,
+}
+
+/// Datagrams queued for an association before new ones are dropped.
+const UDP_QUEUE: usize = 1024;
 
 type BoxRead = Box<dyn AsyncRead + Send + Sync + Unpin>;
 type BoxWrite = Box<dyn AsyncWrite + Send + Sync + Unpin>;
@@ -135,12 +151,21 @@ enum Cmd {
         text: String,
     },
     Close(String),
+    OpenUdp {
+        reply: oneshot::Sender<Result<UdpAssociation, Opened>>,
+    },
+    AcceptUdp {
+        stream: u32,
+        reply: oneshot::Sender<UdpAssociation>,
+    },
+    CloseUdp(u32),
 }
 
 /// A handle on a running link; cheap to clone.
 #[derive(Clone)]
 pub struct Link {
     cmds: mpsc::Sender<Cmd>,
+    out: mpsc::Sender<Vec<u8>>,
     stats: Arc<LinkStats>,
     closed: Arc<Closed>,
 }
@@ -219,6 +244,55 @@ impl Link {
             .await;
     }
 
+    /// Opens a UDP association on the device (the gateway's side).
+    pub async fn open_udp(&self) -> Result<UdpAssociation, Opened> {
+        let (reply, answer) = oneshot::channel();
+        if self.cmds.send(Cmd::OpenUdp { reply }).await.is_err() {
+            return Err(Opened::Gone(self.why_closed()));
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(Opened::Gone(self.why_closed())))
+    }
+
+    /// Takes UDP association `stream` (the device's side, after its socket
+    /// is ready); `None` when the link or the stream is gone.
+    pub async fn accept_udp(&self, stream: u32) -> Option<UdpAssociation> {
+        let (reply, answer) = oneshot::channel();
+        self.cmds
+            .send(Cmd::AcceptUdp { stream, reply })
+            .await
+            .ok()?;
+        answer.await.ok()
+    }
+
+    /// Sends one datagram (`payload` as `write_datagram_payload` makes it)
+    /// on association `stream`. Never waits: a datagram the link cannot
+    /// take now is dropped (UDP's own promise), and `false` says so.
+    pub fn send_datagram(&self, stream: u32, payload: &[u8]) -> bool {
+        if payload.is_empty() || payload.len() > agent::MAX_DATAGRAM_FRAME {
+            return false;
+        }
+        let mut out = Vec::with_capacity(agent::HEADER + payload.len());
+        out.push(13); // DATAGRAM
+        out.push(0);
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(payload);
+        let ok = self.out.try_send(out).is_ok();
+        if ok {
+            self.stats
+                .bytes_out
+                .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// Ends UDP association `stream`.
+    pub async fn close_udp(&self, stream: u32) {
+        let _ = self.cmds.send(Cmd::CloseUdp(stream)).await;
+    }
+
     /// Ends the link (its streams are reset), saying why in the log.
     pub async fn close(&self, why: &str) {
         let _ = self.cmds.send(Cmd::Close(why.to_string())).await;
@@ -269,7 +343,7 @@ impl RateLimit {
     }
 
     /// Waits until `n` bytes may pass in direction `dir` (0 up, 1 down).
-    async fn take(&self, dir: usize, n: usize) {
+    pub(crate) async fn take(&self, dir: usize, n: usize) {
         let wait = {
             let mut s = self.state[dir].lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
@@ -318,6 +392,12 @@ enum Entry {
     },
     /// The device got `OPEN` and is connecting.
     Connecting,
+    /// The gateway sent `OPEN_UDP`; the device has not answered.
+    OpeningUdp {
+        reply: oneshot::Sender<Result<UdpAssociation, Opened>>,
+    },
+    /// A UDP association: datagrams from the peer go to `tx`.
+    Udp { tx: mpsc::Sender<Vec<u8>> },
     /// Relaying.
     Open {
         down: mpsc::UnboundedSender<Down>,
@@ -402,6 +482,7 @@ where
     let closed = Arc::new(Closed::default());
     let link = Link {
         cmds: cmd_tx,
+        out: out_tx.clone(),
         stats: stats.clone(),
         closed: closed.clone(),
     };
@@ -429,7 +510,10 @@ where
                     let _ = reply.send(Opened::Gone(why.clone()));
                 }
                 Entry::Open { up, .. } => up.reset(),
-                Entry::Connecting => {}
+                Entry::OpeningUdp { reply } => {
+                    let _ = reply.send(Err(Opened::Gone(why.clone())));
+                }
+                Entry::Connecting | Entry::Udp { .. } => {}
             }
         }
         state.ctx.stats.streams.store(0, Ordering::Relaxed);
@@ -573,6 +657,38 @@ impl LinkTask {
                 self.start(stream, window, read, write);
             }
             Cmd::Close(why) => return Err(why),
+            Cmd::OpenUdp { reply } => {
+                let stream = self.next_id;
+                self.next_id = self.next_id.wrapping_add(2).max(1);
+                self.send(Frame::OpenUdp { stream }).await?;
+                let opaque = self.ctx.epoch.elapsed().as_micros() as u64;
+                let _ = self
+                    .ctx
+                    .out
+                    .try_send(frame(Frame::Ping { ack: false, opaque }));
+                self.streams.insert(stream, Entry::OpeningUdp { reply });
+            }
+            Cmd::AcceptUdp { stream, reply } => {
+                if !matches!(self.streams.get(&stream), Some(Entry::Connecting)) {
+                    return Ok(());
+                }
+                self.send(Frame::Opened { stream, window: 0 }).await?;
+                let (tx, rx) = mpsc::channel(UDP_QUEUE);
+                self.streams.insert(stream, Entry::Udp { tx });
+                self.ctx.stats.streams.fetch_add(1, Ordering::Relaxed);
+                let _ = reply.send(UdpAssociation { stream, rx });
+            }
+            Cmd::CloseUdp(stream) => {
+                if matches!(self.streams.get(&stream), Some(Entry::Udp { .. })) {
+                    self.streams.remove(&stream);
+                    self.ctx.stats.streams.fetch_sub(1, Ordering::Relaxed);
+                    self.send(Frame::Reset {
+                        stream,
+                        text: "the association ended",
+                    })
+                    .await?;
+                }
+            }
             Cmd::Refuse {
                 stream,
                 reason,
@@ -707,6 +823,13 @@ impl LinkTask {
                         Entry::Opening { reply, .. } => {
                             let _ = reply.send(Opened::Failed(OpenError::Fault, "reset".into()));
                         }
+                        Entry::OpeningUdp { reply } => {
+                            let _ =
+                                reply.send(Err(Opened::Failed(OpenError::Fault, "reset".into())));
+                        }
+                        Entry::Udp { .. } => {
+                            self.ctx.stats.streams.fetch_sub(1, Ordering::Relaxed);
+                        }
                         Entry::Connecting => {}
                     }
                 }
@@ -755,6 +878,7 @@ impl LinkTask {
                         stream,
                         target,
                         window,
+                        udp: false,
                     })
                     .await;
             }
@@ -764,6 +888,19 @@ impl LinkTask {
                         self.start(stream, window, read, write);
                     } else {
                         // The client gave up while the device connected.
+                        self.send(Frame::Reset {
+                            stream,
+                            text: "the client left",
+                        })
+                        .await?;
+                    }
+                }
+                Some(Entry::OpeningUdp { reply }) => {
+                    let (tx, rx) = mpsc::channel(UDP_QUEUE);
+                    if reply.send(Ok(UdpAssociation { stream, rx })).is_ok() {
+                        self.streams.insert(stream, Entry::Udp { tx });
+                        self.ctx.stats.streams.fetch_add(1, Ordering::Relaxed);
+                    } else {
                         self.send(Frame::Reset {
                             stream,
                             text: "the client left",
@@ -781,9 +918,55 @@ impl LinkTask {
                 stream,
                 reason,
                 text,
-            } => {
-                if let Some(Entry::Opening { reply, .. }) = self.streams.remove(&stream) {
+            } => match self.streams.remove(&stream) {
+                Some(Entry::Opening { reply, .. }) => {
                     let _ = reply.send(Opened::Failed(reason, text));
+                }
+                Some(Entry::OpeningUdp { reply }) => {
+                    let _ = reply.send(Err(Opened::Failed(reason, text)));
+                }
+                Some(other) => {
+                    self.streams.insert(stream, other);
+                }
+                None => {}
+            },
+            Owned::OpenUdp { stream } => {
+                if self.config.role == Role::Gateway {
+                    return Err("protocol error: a device opened an association".into());
+                }
+                if self.streams.contains_key(&stream) {
+                    return Err(format!("protocol error: stream {stream} opened twice"));
+                }
+                if self.streams.len() >= self.config.max_streams {
+                    let text = format!("the device is at its {} streams", self.config.max_streams);
+                    return self
+                        .send(Frame::OpenFailed {
+                            stream,
+                            reason: OpenError::Capacity,
+                            text: &text,
+                        })
+                        .await;
+                }
+                self.streams.insert(stream, Entry::Connecting);
+                let _ = self
+                    .incoming
+                    .send(Incoming {
+                        stream,
+                        target: String::new(),
+                        window: 0,
+                        udp: true,
+                    })
+                    .await;
+            }
+            Owned::Datagram { stream, payload } => {
+                if let Some(Entry::Udp { tx }) = self.streams.get(&stream) {
+                    self.ctx
+                        .stats
+                        .bytes_in
+                        .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                    // A full queue drops the datagram: a slow association
+                    // never holds up the link.
+                    let _ = tx.try_send(payload);
                 }
             }
             Owned::GoAway => {}
@@ -825,6 +1008,13 @@ enum Owned {
         reason: OpenError,
         text: String,
     },
+    OpenUdp {
+        stream: u32,
+    },
+    Datagram {
+        stream: u32,
+        payload: Vec<u8>,
+    },
     GoAway,
     Link,
 }
@@ -860,6 +1050,16 @@ impl From<Frame<'_>> for Owned {
                 text: text.to_string(),
             },
             Frame::GoAway { .. } => Owned::GoAway,
+            Frame::OpenUdp { stream } => Owned::OpenUdp { stream },
+            Frame::Datagram {
+                stream,
+                addr,
+                bytes,
+            } => {
+                let mut payload = Vec::with_capacity(1 + addr.len() + bytes.len());
+                agent::write_datagram_payload(addr, bytes, &mut payload);
+                Owned::Datagram { stream, payload }
+            }
             Frame::Hello { .. } | Frame::Welcome { .. } | Frame::Refuse { .. } => Owned::Link,
         }
     }

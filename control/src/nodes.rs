@@ -396,7 +396,7 @@ pub struct Node {
     pub from_file: bool,
     /// An agent node's key, hashed ([`hash_agent_key`]).
     pub key_hash: Option<[u8; 32]>,
-    /// Whether it carries UDP (SOCKS5 UDP ASSOCIATE): `direct` nodes.
+    /// Whether it carries UDP (SOCKS5 UDP ASSOCIATE): `direct` and `agent` nodes.
     pub udp: bool,
     /// Live state, shared across rebuilds.
     pub runtime: Arc<NodeRuntime>,
@@ -656,9 +656,9 @@ impl NodeDecl {
                 match self.kind {
                     NodeKind::Http => "an http node cannot carry UDP",
                     NodeKind::Socks5 => {
-                        "UDP through socks5 nodes is not supported yet; direct nodes carry it"
+                        "UDP through socks5 nodes is not supported yet; direct and agent nodes carry it"
                     }
-                    _ => "only a socks5 node says udp (direct nodes always carry UDP)",
+                    _ => "only a socks5 node says udp (direct and agent nodes always carry UDP)",
                 },
             ));
         }
@@ -773,9 +773,10 @@ impl NodePool {
             network: d.network,
             from_file: d.from_file,
             key_hash: d.key_hash,
-            // Agents and socks5 upstreams will carry datagrams too; until
-            // they do, only `direct` nodes serve associations.
-            udp: d.kind == NodeKind::Direct,
+            // Upstream socks5 nodes will carry datagrams too (`udp =
+            // true`); until they do, direct nodes and agents serve
+            // associations.
+            udp: matches!(d.kind, NodeKind::Direct | NodeKind::Agent),
             runtime,
         }
     }

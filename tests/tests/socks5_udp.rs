@@ -296,3 +296,78 @@ fn a_package_without_a_node_that_carries_udp_gets_0x03_and_node_not_found() {
         "the reason names UDP: {errors}"
     );
 }
+
+#[test]
+fn datagrams_go_through_an_agent_and_the_association_ends_with_it() {
+    use splicegate_tests::agent::{AgentProc, AgentSpec};
+    use splicegate_tests::gateway::temp_dir;
+    use splicegate_tests::pki::TestCa;
+    const DEV_KEY: &str = "ak_udp_device_key_0123456789";
+    let ca = TestCa::new(&temp_dir("udp-pki"));
+    let leaf = ca.leaf("gw", (2031, 7, 15));
+    let mut conf = Conf::with_package(KEY).node(NodeDecl::agent("dev-u", DEV_KEY));
+    conf.tls = Some((leaf.cert.clone(), leaf.key.clone()));
+    conf.extra
+        .push_str("[agents]\nlisten = \"127.0.0.1:@PORT_AGENTS@\"\nheartbeat_s = 1\n");
+    let gw = Gateway::start_conf(&conf);
+    let mut agent = AgentProc::start(AgentSpec::new(
+        "dev-u",
+        DEV_KEY,
+        gw.addr("AGENTS"),
+        &ca.ca_pem(),
+    ));
+    let connected = eventually(Duration::from_secs(10), Duration::from_millis(50), || {
+        let (_, n) =
+            splicegate_tests::admin::admin_request(gw.admin_addr(), "GET", "/v1/nodes/dev-u", None)
+                .ok()?;
+        (n["connected"] == true).then_some(())
+    });
+    assert!(connected.is_some(), "{}", agent.log());
+    let echo = UdpEcho::start(Ipv4Addr::LOCALHOST);
+    let t = echo.addr.to_string();
+    let by_name = format!("localhost:{}", echo.addr.port());
+    let mut args: Vec<String> = (0..10).map(|i| format!("{t}|via agent {i}")).collect();
+    args.push(format!("{by_name}|named on the device"));
+    args.push(format!("{t}|@big:30000"));
+    let v = run(&gw, client_ip(), &user("country-us"), &args);
+    assert_eq!(v["reply"], 0, "{v}\n{}", agent.log());
+    let a = answers(&v);
+    for (i, got) in a.iter().take(10).enumerate() {
+        assert_eq!(got, &format!("{t} via agent {i}|127.0.0.1"), "{v}");
+    }
+    assert_eq!(a[10], format!("{t} named on the device|127.0.0.1"), "{v}");
+    assert!(a[11].contains("bytes"), "a 30 KB datagram: {v}");
+    // The agent dies mid-association: the gateway ends it and closes TCP.
+    let mut args = vec![
+        format!("{t}|before"),
+        format!("{t}|@wait:1.5"),
+        format!("{t}|@eof"),
+    ];
+    let gwp = gw.proxy;
+    let src = client_ip();
+    let handle = std::thread::spawn(move || {
+        let python = require_tool("python3", "python3");
+        let out = Command::new(python)
+            .arg("-c")
+            .arg(CLIENT)
+            .arg(gwp.ip().to_string())
+            .arg(gwp.port().to_string())
+            .arg(user("country-us"))
+            .arg(KEY)
+            .arg(src.to_string())
+            .args(args.drain(..))
+            .output()
+            .expect("python3");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    agent.kill();
+    let out = handle.join().unwrap();
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
+    let a = answers(&v);
+    assert!(a[0].contains("before|"), "{v}");
+    assert!(
+        a[1].starts_with("EOF after"),
+        "the association ended with its agent: {v}"
+    );
+}

@@ -512,6 +512,72 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl AgentDialer for Hub {
+    fn open_udp(&self, node: &str, reply: splicegate_uring::Sender<AgentAnswer>) {
+        let link = lock(&self.links).get(node).map(|c| c.link.clone());
+        let Some(link) = link else {
+            let _ = reply.send(AgentAnswer::NodeFault("its agent is not connected".into()));
+            return;
+        };
+        let node_connect = self.settings.node_connect;
+        self.rt.spawn(async move {
+            let sent = Instant::now();
+            let opener = link.clone();
+            let opening = opener.open_udp();
+            tokio::pin!(opening);
+            let answer = match tokio::time::timeout(node_connect, &mut opening).await {
+                Ok(a) => a,
+                Err(_) if !link.stats().heard_since(sent) => {
+                    let _ = reply.send(AgentAnswer::NodeFault(format!(
+                        "the device said nothing within {} ms",
+                        node_connect.as_millis()
+                    )));
+                    return;
+                }
+                // Alive but slow to open a socket: give it the same again.
+                Err(_) => match tokio::time::timeout(node_connect, &mut opening).await {
+                    Ok(a) => a,
+                    Err(_) => {
+                        let _ = reply.send(AgentAnswer::NodeFault(
+                            "the device did not open the association in time".into(),
+                        ));
+                        return;
+                    }
+                },
+            };
+            let assoc = match answer {
+                Ok(a) => a,
+                Err(Opened::Failed(reason, text)) => {
+                    let _ = reply.send(AgentAnswer::Refused(reason, text));
+                    return;
+                }
+                Err(Opened::Gone(why)) => {
+                    let _ = reply.send(AgentAnswer::NodeFault(format!(
+                        "the agent went away: {why}"
+                    )));
+                    return;
+                }
+                Err(Opened::Ok) => return,
+            };
+            let pair = std::os::unix::net::UnixDatagram::pair().and_then(|(ours, theirs)| {
+                theirs.set_nonblocking(true)?;
+                Ok((ours, tokio::net::UnixDatagram::from_std(theirs)?))
+            });
+            match pair {
+                Ok((ours, theirs)) => {
+                    if reply.send(AgentAnswer::Udp(ours)).is_ok() {
+                        bridge_udp(link, assoc, theirs).await;
+                    } else {
+                        link.close_udp(assoc.stream).await;
+                    }
+                }
+                Err(e) => {
+                    link.close_udp(assoc.stream).await;
+                    let _ = reply.send(AgentAnswer::NodeFault(format!("socket pair: {e}")));
+                }
+            }
+        });
+    }
+
     fn open(&self, node: &str, target: &Target, reply: splicegate_uring::Sender<AgentAnswer>) {
         let link = lock(&self.links).get(node).map(|c| c.link.clone());
         let Some(link) = link else {
@@ -535,6 +601,39 @@ impl AgentDialer for Hub {
             let _ = reply.send(answer.unwrap_or_else(|a| a));
         });
     }
+}
+
+/// Bridges one UDP association: messages from the worker's end of the
+/// socket pair go out as `DATAGRAM` frames, the device's come back; an
+/// empty message, from either side, ends it.
+async fn bridge_udp(
+    link: Link,
+    mut assoc: splicegate_agent::link::UdpAssociation,
+    local: tokio::net::UnixDatagram,
+) {
+    let mut buf = vec![0u8; splicegate_proto::agent::MAX_DATAGRAM_FRAME + 1];
+    loop {
+        tokio::select! {
+            r = local.recv(&mut buf) => match r {
+                Ok(n) if n > 0 => {
+                    // Dropped when the link cannot take it now: UDP's promise.
+                    link.send_datagram(assoc.stream, &buf[..n]);
+                }
+                _ => break,
+            },
+            m = assoc.rx.recv() => match m {
+                Some(p) => {
+                    let _ = local.try_send(&p);
+                }
+                None => {
+                    // The link or the device ended it: tell the worker.
+                    let _ = local.try_send(&[]);
+                    return;
+                }
+            },
+        }
+    }
+    link.close_udp(assoc.stream).await;
 }
 
 /// Opens a stream whose local side is `local`, under the node deadline (the

@@ -51,6 +51,13 @@ pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// `GOAWAY` or `OPEN` frame.
 pub const MAX_CONTROL: usize = 4096;
 
+/// Largest UDP payload a `DATAGRAM` carries.
+pub const MAX_UDP_PAYLOAD: usize = 65_535;
+
+/// Largest `DATAGRAM` payload: an address (a length byte and up to 255
+/// bytes of `host:port`) and a UDP payload.
+pub const MAX_DATAGRAM_FRAME: usize = 1 + 255 + MAX_UDP_PAYLOAD;
+
 /// A stream's first receive window.
 pub const INITIAL_WINDOW: u32 = 256 * 1024;
 
@@ -88,6 +95,10 @@ pub enum Kind {
     Ping = 10,
     /// No new streams.
     GoAway = 11,
+    /// Open a UDP association on the device.
+    OpenUdp = 12,
+    /// One datagram of a UDP association.
+    Datagram = 13,
 }
 
 impl Kind {
@@ -104,6 +115,8 @@ impl Kind {
             9 => Kind::Reset,
             10 => Kind::Ping,
             11 => Kind::GoAway,
+            12 => Kind::OpenUdp,
+            13 => Kind::Datagram,
             _ => return None,
         })
     }
@@ -126,6 +139,8 @@ impl Kind {
     fn max_payload(self) -> usize {
         match self {
             Kind::Data => MAX_PAYLOAD,
+            Kind::Datagram => MAX_DATAGRAM_FRAME,
+            Kind::OpenUdp => 0,
             Kind::Window | Kind::Opened => 4,
             Kind::Ping => 8,
             _ => MAX_CONTROL,
@@ -282,6 +297,22 @@ pub enum Frame<'a> {
     GoAway {
         /// Why, for logs.
         text: &'a str,
+    },
+    /// Open UDP association `stream` on the device (answered by `OPENED`
+    /// or `OPEN_FAILED`; ended by `RESET`).
+    OpenUdp {
+        /// The association.
+        stream: u32,
+    },
+    /// One datagram: to `addr` (gateway → device) or from it (device →
+    /// gateway).
+    Datagram {
+        /// The association.
+        stream: u32,
+        /// `host:port`: the target, or the sender of an answer.
+        addr: &'a str,
+        /// The UDP payload.
+        bytes: &'a [u8],
     },
 }
 
@@ -510,6 +541,18 @@ pub fn decode<'a>(buf: &'a [u8]) -> Result<Option<(Frame<'a>, usize)>, FrameErro
             }
         }
         Kind::GoAway => Frame::GoAway { text: text(p)? },
+        Kind::OpenUdp => Frame::OpenUdp { stream },
+        Kind::Datagram => {
+            let (addr, bytes) = split_datagram(p).ok_or(bad("a datagram's address"))?;
+            if bytes.len() > MAX_UDP_PAYLOAD {
+                return Err(bad("a datagram over 65535 bytes"));
+            }
+            Frame::Datagram {
+                stream,
+                addr,
+                bytes,
+            }
+        }
     };
     Ok(Some((frame, total)))
 }
@@ -611,6 +654,16 @@ impl Frame<'_> {
                 header(out, Kind::Ping, if ack { ACK } else { 0 }, 0, 8);
                 out.extend_from_slice(&opaque.to_be_bytes());
             }
+            Frame::OpenUdp { stream } => header(out, Kind::OpenUdp, 0, stream, 0),
+            Frame::Datagram {
+                stream,
+                addr,
+                bytes,
+            } => {
+                let len = datagram_len(addr, bytes).expect("a datagram's address and payload fit");
+                header(out, Kind::Datagram, 0, stream, len);
+                write_datagram_payload(addr, bytes, out);
+            }
             Frame::GoAway { text } => {
                 let text = clip(text, MAX_CONTROL);
                 header(out, Kind::GoAway, 0, 0, text.len());
@@ -618,6 +671,32 @@ impl Frame<'_> {
             }
         }
     }
+}
+
+/// A `DATAGRAM` payload's length, or `None` when the address is longer
+/// than 255 bytes or the payload than [`MAX_UDP_PAYLOAD`].
+pub fn datagram_len(addr: &str, bytes: &[u8]) -> Option<usize> {
+    (addr.len() <= 255 && bytes.len() <= MAX_UDP_PAYLOAD).then(|| 1 + addr.len() + bytes.len())
+}
+
+/// Writes a `DATAGRAM` payload: the address's length, the address, the
+/// bytes (also the message format of the gateway's socket pair between a
+/// worker and its agent thread).
+pub fn write_datagram_payload(addr: &str, bytes: &[u8], out: &mut Vec<u8>) {
+    out.push(addr.len() as u8);
+    out.extend_from_slice(addr.as_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// Splits a `DATAGRAM` payload into its address and bytes.
+pub fn split_datagram(p: &[u8]) -> Option<(&str, &[u8])> {
+    let (&n, rest) = p.split_first()?;
+    let n = usize::from(n);
+    if rest.len() < n || n == 0 {
+        return None;
+    }
+    let addr = std::str::from_utf8(&rest[..n]).ok()?;
+    Some((addr, &rest[n..]))
 }
 
 /// Builds the text of [`Fields`]: values with a newline, `=` in the key, or

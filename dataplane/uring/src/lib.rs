@@ -56,7 +56,7 @@ mod time;
 #[cfg(test)]
 mod tests;
 
-pub use net::{TcpListener, TcpStream, UdpSocket};
+pub use net::{TcpListener, TcpStream, UdpSocket, UnixDatagram};
 pub use notify::{Notifier, Receiver, SendError, Sender, channel};
 pub use relay::{
     DEFAULT_MAX_PIPES, DEFAULT_PIPE_SIZE, Direction, PipeLimit, PipePool, PipeStats, RelayCtl,

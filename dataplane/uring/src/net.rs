@@ -354,3 +354,34 @@ impl AsRawFd for UdpSocket {
         self.inner.as_raw_fd()
     }
 }
+
+/// One end of a connected Unix datagram socket pair (a worker's side of an
+/// agent's UDP association): whole messages, readiness on the ring,
+/// non-blocking `recv`/`send` on borrowed buffers. Closed on drop.
+#[derive(Debug)]
+pub struct UnixDatagram {
+    inner: std::os::unix::net::UnixDatagram,
+}
+
+impl UnixDatagram {
+    /// Adopts a connected end; makes it non-blocking.
+    pub fn from_std(inner: std::os::unix::net::UnixDatagram) -> io::Result<UnixDatagram> {
+        inner.set_nonblocking(true)?;
+        Ok(UnixDatagram { inner })
+    }
+
+    /// Waits until a message (or an error) is pending.
+    pub async fn readable(&self) -> io::Result<()> {
+        ready(self.inner.as_raw_fd(), POLLIN).await.map(drop)
+    }
+
+    /// One pending message, or `WouldBlock`.
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.recv(buf)
+    }
+
+    /// Queues one message, or `WouldBlock` when the peer's queue is full.
+    pub fn try_send(&self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.send(buf)
+    }
+}

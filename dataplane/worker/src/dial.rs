@@ -216,6 +216,9 @@ async fn dial_agent(ctx: &Ctx, node: &Node, target: &Target) -> Result<Upstream,
             Err(DialFailure::Node(format!("agent {id}: {text}")))
         }
         AgentAnswer::NodeFault(text) => Err(DialFailure::Node(format!("agent {id}: {text}"))),
+        AgentAnswer::Udp(_) => Err(DialFailure::Node(format!(
+            "agent {id} answered a stream with an association"
+        ))),
         AgentAnswer::TargetTimeout(text) => Err(gateway_timeout(format!(
             "the target did not answer within {} ms (agent {id}: {text})",
             s.target.as_millis()

@@ -143,6 +143,11 @@ pub enum AgentAnswer {
     NodeFault(String),
     /// The device did not connect within `target_ms`.
     TargetTimeout(String),
+    /// A UDP association on the device: the gateway's end of a datagram
+    /// socket pair whose messages are `DATAGRAM` payloads (an address and
+    /// the bytes; `splicegate_proto::agent::write_datagram_payload`), an
+    /// empty message ending the association either way.
+    Udp(std::os::unix::net::UnixDatagram),
 }
 
 /// Opens streams on agent nodes. Lives on the gateway's agent thread; a
@@ -157,6 +162,10 @@ pub trait AgentDialer: Send + Sync {
         target: &splicegate_addr::Target,
         reply: splicegate_uring::Sender<AgentAnswer>,
     );
+
+    /// Open a UDP association through agent node `node`, under the node
+    /// deadline; the answer ([`AgentAnswer::Udp`] or a failure) goes to `reply`.
+    fn open_udp(&self, node: &str, reply: splicegate_uring::Sender<AgentAnswer>);
 }
 
 /// Receives bans (source, duration) for the kernel programs.

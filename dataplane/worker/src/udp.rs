@@ -36,7 +36,7 @@ use splicegate_control::stats::{
     UDP_DROP_UNREACHABLE,
 };
 use splicegate_proto::socks5::{reply, server};
-use splicegate_uring::{Direction, RelayCtl, UdpSocket};
+use splicegate_uring::{Direction, RelayCtl, UdpSocket, UnixDatagram};
 
 use crate::admission::{Gate, Refusal};
 use crate::client::{Client, Stream};
@@ -53,18 +53,31 @@ const MAX_DATAGRAM: usize = 65_535;
 enum Exit {
     /// A socket on a `direct` node's source address.
     Direct(UdpSocket),
+    /// An association on an agent's device, through the agent thread: each
+    /// message is a `DATAGRAM` payload; an empty one ends it.
+    Agent(UnixDatagram),
 }
 
 impl Exit {
-    fn socket(&self) -> &UdpSocket {
+    async fn readable(&self) -> std::io::Result<()> {
         match self {
-            Exit::Direct(s) => s,
+            Exit::Direct(s) => s.readable().await,
+            Exit::Agent(s) => s.readable().await,
+        }
+    }
+}
+
+impl Drop for Exit {
+    fn drop(&mut self) {
+        // Tell the agent thread the association is over.
+        if let Exit::Agent(s) = self {
+            let _ = s.try_send(&[]);
         }
     }
 }
 
 /// Opens the exit for `node`, or says why the node failed.
-fn open_exit(node: &Node) -> Result<Exit, String> {
+async fn open_exit(ctx: &Ctx, node: &Node) -> Result<Exit, String> {
     match node.kind {
         NodeKind::Direct => {
             let Some(bind) = node.bind else {
@@ -74,12 +87,40 @@ fn open_exit(node: &Node) -> Result<Exit, String> {
                 .map(Exit::Direct)
                 .map_err(|e| format!("cannot use source address {bind} for UDP: {e}"))
         }
-        _ => Err(format!("a {} node carries no UDP here", node.kind.as_str())),
+        NodeKind::Agent => {
+            let Some(agents) = &ctx.shared.agents else {
+                return Err("this gateway takes no agents ([agents] is not configured)".into());
+            };
+            let (tx, mut rx) = splicegate_uring::channel();
+            agents.open_udp(&node.id, tx);
+            let wait = ctx.shared.settings.node_connect + std::time::Duration::from_secs(1);
+            match splicegate_uring::timeout(wait, rx.recv()).await {
+                Ok(Some(crate::AgentAnswer::Udp(sock))) => UnixDatagram::from_std(sock)
+                    .map(Exit::Agent)
+                    .map_err(|e| format!("association socket: {e}")),
+                Ok(Some(
+                    crate::AgentAnswer::Refused(_, text) | crate::AgentAnswer::NodeFault(text),
+                )) => Err(format!("agent {}: {text}", node.id)),
+                Ok(Some(_)) => Err(format!("agent {}: an unexpected answer", node.id)),
+                Ok(None) | Err(_) => {
+                    Err(format!("agent {} did not answer the association", node.id))
+                }
+            }
+        }
+        _ => Err(format!("a {} node carries no UDP", node.kind.as_str())),
     }
 }
 
 fn no_udp_node(detail: String) -> Rejection {
     Rejection::new(Code::NodeNotFound, detail)
+}
+
+/// Whether a direct exit's socket can send to `ip` (its family).
+fn reachable(sock: &UdpSocket, ip: IpAddr) -> bool {
+    match sock.local_addr() {
+        Ok(a) => a.is_ipv6() || ip.is_ipv4(),
+        Err(_) => false,
+    }
 }
 
 /// Serves one `UDP ASSOCIATE` after authentication; returns when the
@@ -138,7 +179,7 @@ pub(crate) async fn associate(
             ));
             return answer_refusal(ctx, &client, peer, &refuse(rej)).await;
         }
-        match open_exit(&node) {
+        match open_exit(ctx, &node).await {
             Ok(exit) => break (node, exit),
             Err(why) => {
                 tracing::info!(node = %node.id, reason = %why, "node failure (UDP)");
@@ -186,6 +227,7 @@ pub(crate) async fn associate(
         ctl: &ctl,
         buf: vec![0u8; MAX_DATAGRAM + 300],
         out: Vec::with_capacity(MAX_DATAGRAM + 300),
+        gone: false,
     };
     let end = relay.run(&client).await;
     ctx.tunnels.finish(id, &ctx.stats);
@@ -229,6 +271,8 @@ struct Relay<'a> {
     ctl: &'a RelayCtl,
     buf: Vec<u8>,
     out: Vec<u8>,
+    /// The agent thread ended the association (its agent went away).
+    gone: bool,
 }
 
 impl Relay<'_> {
@@ -246,7 +290,7 @@ impl Relay<'_> {
             let wake = {
                 let mut control = std::pin::pin!(client.readable());
                 let mut near = std::pin::pin!(self.near.readable());
-                let mut far = std::pin::pin!(self.exit.socket().readable());
+                let mut far = std::pin::pin!(self.exit.readable());
                 let mut timer = std::pin::pin!(splicegate_uring::sleep_until(deadline));
                 let ctl = self.ctl;
                 std::future::poll_fn(|cx| {
@@ -291,6 +335,9 @@ impl Relay<'_> {
                     if self.relay_down() {
                         deadline = Instant::now() + idle;
                     }
+                    if self.gone {
+                        return "the agent ended the association";
+                    }
                 }
             }
             splicegate_uring::consume_budget().await;
@@ -322,40 +369,58 @@ impl Relay<'_> {
                 self.drop_one(UDP_DROP_FRAGMENT);
                 continue;
             }
-            let port = d.target.port;
             let payload_at = n - d.payload.len();
-            let ip = match &d.target.host {
-                Host::Ip(ip) => Some(*ip),
-                Host::Domain(name) => {
-                    let name = name.clone();
-                    let s = &self.ctx.shared.settings;
-                    match self
-                        .ctx
-                        .dns
-                        .resolve(&self.ctx.shared.resolver, &name, s.resolve)
-                        .await
-                    {
-                        Ok(ips) => ips.into_iter().find(|ip| self.reachable(*ip)),
-                        Err(_) => None,
+            let sent = match self.exit {
+                Exit::Direct(sock) => {
+                    let port = d.target.port;
+                    let ip = match &d.target.host {
+                        Host::Ip(ip) => Some(*ip),
+                        Host::Domain(name) => {
+                            let name = name.clone();
+                            let s = &self.ctx.shared.settings;
+                            match self
+                                .ctx
+                                .dns
+                                .resolve(&self.ctx.shared.resolver, &name, s.resolve)
+                                .await
+                            {
+                                Ok(ips) => ips.into_iter().find(|ip| reachable(sock, *ip)),
+                                Err(_) => None,
+                            }
+                        }
+                    };
+                    let Some(ip) = ip.filter(|ip| reachable(sock, *ip)) else {
+                        self.drop_one(UDP_DROP_UNREACHABLE);
+                        continue;
+                    };
+                    if self.policy.targets.check_ip(ip, port).is_err() {
+                        self.drop_one(UDP_DROP_BLOCKED);
+                        continue;
                     }
+                    sock.try_send_to(&self.buf[payload_at..n], SocketAddr::new(ip, port))
+                }
+                Exit::Agent(sock) => {
+                    // The device resolves names itself and refuses its own
+                    // networks; what the gateway can judge (ports, literal
+                    // addresses) it judges here.
+                    if self.policy.targets.check_target(&d.target).is_err() {
+                        self.drop_one(UDP_DROP_BLOCKED);
+                        continue;
+                    }
+                    let addr = d.target.to_string();
+                    let payload = &self.buf[payload_at..n];
+                    self.out.clear();
+                    if splicegate_proto::agent::datagram_len(&addr, payload).is_none() {
+                        self.drop_one(UDP_DROP_MALFORMED);
+                        continue;
+                    }
+                    splicegate_proto::agent::write_datagram_payload(&addr, payload, &mut self.out);
+                    sock.try_send(&self.out)
                 }
             };
-            let Some(ip) = ip.filter(|ip| self.reachable(*ip)) else {
-                self.drop_one(UDP_DROP_UNREACHABLE);
-                continue;
-            };
-            if self.policy.targets.check_ip(ip, port).is_err() {
-                self.drop_one(UDP_DROP_BLOCKED);
-                continue;
-            }
-            let payload = &self.buf[payload_at..n];
-            match self
-                .exit
-                .socket()
-                .try_send_to(payload, SocketAddr::new(ip, port))
-            {
+            match sent {
                 Ok(_) => {
-                    self.ctl.count(Direction::AToB, payload.len());
+                    self.ctl.count(Direction::AToB, n - payload_at);
                     WorkerStats::inc(&self.ctx.stats.udp_datagrams[0]);
                     relayed = true;
                 }
@@ -365,22 +430,38 @@ impl Relay<'_> {
         relayed
     }
 
-    /// Whether the exit can send to `ip` (its family).
-    fn reachable(&self, ip: IpAddr) -> bool {
-        match self.exit.socket().local_addr() {
-            Ok(a) => a.is_ipv6() || ip.is_ipv4(),
-            Err(_) => false,
-        }
-    }
-
     /// Target → client: up to [`BATCH`] datagrams, each with the RFC's
     /// header naming its sender. Whether any was relayed.
     fn relay_down(&mut self) -> bool {
         let mut relayed = false;
         for _ in 0..BATCH {
-            let (n, from) = match self.exit.socket().try_recv_from(&mut self.buf) {
-                Ok(x) => x,
-                Err(_) => break,
+            let (n, from) = match self.exit {
+                Exit::Direct(sock) => match sock.try_recv_from(&mut self.buf) {
+                    Ok(x) => x,
+                    Err(_) => break,
+                },
+                Exit::Agent(sock) => {
+                    let n = match sock.try_recv(&mut self.buf) {
+                        Ok(0) => {
+                            self.gone = true;
+                            break;
+                        }
+                        Ok(n) => n,
+                        Err(_) => break,
+                    };
+                    let Some((addr, bytes)) =
+                        splicegate_proto::agent::split_datagram(&self.buf[..n])
+                    else {
+                        continue;
+                    };
+                    let Ok(from) = addr.parse::<SocketAddr>() else {
+                        continue;
+                    };
+                    // Move the bytes to the front: the code below reads buf[..n].
+                    let (at, len) = (n - bytes.len(), bytes.len());
+                    self.buf.copy_within(at..n, 0);
+                    (len, from)
+                }
             };
             let Some(client) = self.client_addr else {
                 // Nothing was sent yet: nobody to answer.

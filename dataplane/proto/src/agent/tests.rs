@@ -76,6 +76,30 @@ fn every_frame_round_trips_and_decodes_split() {
         opaque: u64::MAX - 3,
     });
     round_trip(Frame::GoAway { text: "draining" });
+    round_trip(Frame::OpenUdp { stream: 9 });
+    round_trip(Frame::Datagram {
+        stream: 9,
+        addr: "example.com:443",
+        bytes: &[7u8; MAX_UDP_PAYLOAD],
+    });
+}
+
+#[test]
+fn a_datagram_without_an_address_is_refused() {
+    let mut f = vec![Kind::Datagram as u8, 0, 0, 0, 0, 9];
+    f.extend_from_slice(&1u32.to_be_bytes());
+    f.push(0);
+    assert!(matches!(decode(&f), Err(FrameError::Malformed { .. })));
+    assert_eq!(
+        split_datagram(&[3, b'a', b':']),
+        None,
+        "shorter than its address"
+    );
+    assert_eq!(
+        split_datagram(&[2, b'a', b':', 9]),
+        Some(("a:", &[9u8][..]))
+    );
+    assert_eq!(datagram_len(&"x".repeat(256), b""), None);
 }
 
 #[test]
