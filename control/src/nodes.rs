@@ -396,7 +396,8 @@ pub struct Node {
     pub from_file: bool,
     /// An agent node's key, hashed ([`hash_agent_key`]).
     pub key_hash: Option<[u8; 32]>,
-    /// Whether it carries UDP (SOCKS5 UDP ASSOCIATE): `direct` and `agent` nodes.
+    /// Whether it carries UDP (SOCKS5 UDP ASSOCIATE): `direct` and `agent`
+    /// nodes always, `socks5` nodes declared `udp = true`, `http` never.
     pub udp: bool,
     /// Live state, shared across rebuilds.
     pub runtime: Arc<NodeRuntime>,
@@ -650,14 +651,11 @@ impl NodeDecl {
         if self.kind != NodeKind::Agent && self.key_hash.is_some() {
             return Err(DeclError::field("key", "only an agent node has a key"));
         }
-        if self.udp {
+        if self.udp && self.kind != NodeKind::Socks5 {
             return Err(DeclError::field(
                 "udp",
                 match self.kind {
                     NodeKind::Http => "an http node cannot carry UDP",
-                    NodeKind::Socks5 => {
-                        "UDP through socks5 nodes is not supported yet; direct and agent nodes carry it"
-                    }
                     _ => "only a socks5 node says udp (direct and agent nodes always carry UDP)",
                 },
             ));
@@ -773,10 +771,11 @@ impl NodePool {
             network: d.network,
             from_file: d.from_file,
             key_hash: d.key_hash,
-            // Upstream socks5 nodes will carry datagrams too (`udp =
-            // true`); until they do, direct nodes and agents serve
-            // associations.
-            udp: matches!(d.kind, NodeKind::Direct | NodeKind::Agent),
+            udp: match d.kind {
+                NodeKind::Direct | NodeKind::Agent => true,
+                NodeKind::Socks5 => d.udp,
+                NodeKind::Http => false,
+            },
             runtime,
         }
     }

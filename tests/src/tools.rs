@@ -270,3 +270,86 @@ impl Drop for Microsocks {
         }
     }
 }
+
+/// Dante (`danted`), a SOCKS5 server that serves UDP ASSOCIATE: internal
+/// and external address `ip`, no authentication, loopback clients only.
+#[derive(Debug)]
+pub struct Dante {
+    proc: Proc,
+    ip: Ipv4Addr,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Dante {
+    /// Start it (on another port when the first is taken meanwhile).
+    pub fn start(ip: Ipv4Addr) -> Dante {
+        let bin = require_tool("danted", "dante-server");
+        let dir = temp_dir("dante");
+        let log = dir.join("danted.log");
+        let conf = dir.join("danted.conf");
+        let mut started = None;
+        on_a_free_port(ip, "danted", |port| {
+            // Its privileged and unprivileged users only when it can switch.
+            let users = if crate::is_root() {
+                "user.privileged: root\nuser.unprivileged: nobody\n"
+            } else {
+                ""
+            };
+            fs::write(
+                &conf,
+                format!(
+                    "logoutput: stderr\ninternal: {ip} port = {port}\nexternal: {ip}\n\
+                     clientmethod: none\nsocksmethod: none\n{users}\
+                     client pass {{\n from: 127.0.0.0/8 to: 0.0.0.0/0\n log: error\n}}\n\
+                     socks pass {{\n from: 127.0.0.0/8 to: 0.0.0.0/0\n command: connect udpassociate\n log: error\n}}\n\
+                     socks pass {{\n from: 0.0.0.0/0 to: 127.0.0.0/8\n command: udpreply\n log: error\n}}\n"
+                ),
+            )
+            .map_err(|e| e.to_string())?;
+            let mut child = Command::new(&bin)
+                .arg("-f")
+                .arg(&conf)
+                .arg("-N")
+                .arg("1")
+                .stdin(Stdio::null())
+                .stdout(log_to(&log))
+                .stderr(log_to(&log))
+                .spawn()
+                .expect("spawn danted");
+            let addr = SocketAddr::new(IpAddr::V4(ip), port);
+            wait_listening(addr, &mut child, "danted", &log)?;
+            started = Some((child, port));
+            Ok(())
+        });
+        let (child, port) = started.expect("on_a_free_port returns once started");
+        Dante {
+            proc: Proc {
+                child: Some(child),
+                name: "danted",
+            },
+            ip,
+            port,
+            dir,
+        }
+    }
+
+    /// Its address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.ip), self.port)
+    }
+
+    /// What it logged.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("danted.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Dante {
+    fn drop(&mut self) {
+        self.proc.stop();
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -371,3 +371,33 @@ fn datagrams_go_through_an_agent_and_the_association_ends_with_it() {
         "the association ended with its agent: {v}"
     );
 }
+
+#[test]
+fn datagrams_go_through_an_upstream_socks5_node_that_serves_udp() {
+    // Dante as the node: it serves UDP ASSOCIATE; microsocks does not.
+    let ip = node_ip();
+    let dante = Dante::start(ip);
+    let gw = Gateway::start_conf(
+        &Conf::with_package(KEY).node(NodeDecl::socks5("s1", dante.addr()).set("udp", "true")),
+    );
+    let echo = UdpEcho::start(Ipv4Addr::LOCALHOST);
+    let t = echo.addr.to_string();
+    let args: Vec<String> = (0..10).map(|i| format!("{t}|via dante {i}")).collect();
+    let v = run(&gw, client_ip(), &user("country-us"), &args);
+    assert_eq!(v["reply"], 0, "{v}\n{}", dante.log());
+    for (i, got) in answers(&v).iter().enumerate() {
+        // Dante sends from its external address, and names the target as
+        // the sender of each answer.
+        assert_eq!(
+            got,
+            &format!("{t} via dante {i}|{ip}"),
+            "{v}\n{}",
+            dante.log()
+        );
+    }
+    // A socks5 node not declared udp is never chosen for an association.
+    let plain =
+        Gateway::start_conf(&Conf::with_package(KEY).node(NodeDecl::socks5("s2", dante.addr())));
+    let v = run(&plain, client_ip(), &user("country-us"), &[]);
+    assert_eq!(v["reply"], 3, "{v}");
+}

@@ -99,6 +99,10 @@ pub struct Handshake {
     target: Target,
     /// The node's credentials, for SOCKS5 username/password.
     credentials: Option<(String, String)>,
+    /// The SOCKS5 command: 1 CONNECT, 3 UDP ASSOCIATE.
+    command: u8,
+    /// The SOCKS5 reply's BND address, once read.
+    bound: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +130,8 @@ impl Handshake {
             pending,
             target: target.clone(),
             credentials: None,
+            command: 0x01,
+            bound: None,
         }
     }
 
@@ -140,7 +146,27 @@ impl Handshake {
             pending,
             target: target.clone(),
             credentials: credentials.map(|(u, p)| (u.to_owned(), p.to_owned())),
+            command: 0x01,
+            bound: None,
         }
+    }
+
+    /// A SOCKS5 node asked for a UDP association (`UDP ASSOCIATE` with
+    /// DST `0.0.0.0:0`); once established, [`Handshake::bound`] is the
+    /// node's relay address (its `0.0.0.0` meaning the node's own).
+    pub fn socks5_udp(credentials: Option<(&str, &str)>) -> Self {
+        let any = Target::new(
+            splicegate_addr::Host::Ip(std::net::Ipv4Addr::UNSPECIFIED.into()),
+            0,
+        );
+        let mut hs = Handshake::socks5(&any, credentials);
+        hs.command = 0x03;
+        hs
+    }
+
+    /// The BND address of the node's SOCKS5 reply, once read.
+    pub fn bound(&self) -> Option<std::net::SocketAddr> {
+        self.bound
     }
 
     /// Appends the bytes to send now to `out` (nothing while waiting).
@@ -217,6 +243,7 @@ impl Handshake {
                 Ok(None) => None,
                 Err(e) => fault(format!("malformed answer: {e}")),
                 Ok(Some((code, consumed))) => {
+                    self.bound = client::reply_bound(&input[..consumed]);
                     let outcome = match code {
                         reply::SUCCEEDED => Outcome::Established,
                         reply::NETWORK_UNREACHABLE
@@ -253,7 +280,12 @@ impl Handshake {
     }
 
     fn send_connect(&mut self, consumed: usize) -> Option<Event> {
-        match client::write_connect(&self.target.host, self.target.port, &mut self.pending) {
+        match client::write_request(
+            self.command,
+            &self.target.host,
+            self.target.port,
+            &mut self.pending,
+        ) {
             Ok(()) => {
                 self.state = State::Socks5AwaitReply;
                 Some(Event::Continue { consumed })

@@ -94,7 +94,8 @@ pub(crate) async fn dial(
     };
     let node_deadline = Instant::now() + s.node_connect;
     let stream = connect_node(node, node_deadline).await?;
-    let (outcome, leftover) = drive(&stream, hs, node_deadline, s.target).await;
+    let mut hs = hs;
+    let (outcome, leftover) = drive(&stream, &mut hs, node_deadline, s.target).await;
     judge(node, outcome, s.target.as_millis())?;
     Ok(Upstream { stream, leftover })
 }
@@ -105,7 +106,7 @@ pub(crate) async fn dial(
 /// the bytes the node sent past its answer.
 async fn drive(
     stream: &TcpStream,
-    mut hs: Handshake,
+    hs: &mut Handshake,
     node_deadline: Instant,
     target: std::time::Duration,
 ) -> (Outcome, Vec<u8>) {
@@ -145,6 +146,44 @@ async fn drive(
             Err(ReadError::Parse(never)) => match never {},
         }
     }
+}
+
+/// A UDP association on a `socks5` node declared `udp = true`: its TCP
+/// control connection (the association lives as long as it does) and its
+/// relay address, or why the node failed.
+pub(crate) async fn associate_socks5(
+    ctx: &Ctx,
+    node: &Node,
+) -> Result<(TcpStream, std::net::SocketAddr), String> {
+    let s = &ctx.shared.settings;
+    let creds = node.credentials.as_ref().map(|(u, p)| (&**u, &**p));
+    let mut hs = Handshake::socks5_udp(creds);
+    let deadline = Instant::now() + s.node_connect;
+    let stream = match connect_node(node, deadline).await {
+        Ok(st) => st,
+        Err(DialFailure::Node(why)) => return Err(why),
+        Err(DialFailure::Answer(rej)) => return Err(rej.detail.to_string()),
+    };
+    // The node answers UDP ASSOCIATE itself: its own deadline throughout.
+    let (outcome, _) = drive(&stream, &mut hs, deadline, s.node_connect).await;
+    match outcome {
+        Outcome::Established => {}
+        Outcome::NodeFault(why) => return Err(why),
+        other => return Err(format!("refused the association: {other:?}")),
+    }
+    let Some(bound) = hs.bound() else {
+        return Err("named no relay address".into());
+    };
+    // 0.0.0.0 (or ::) means "the address you reached me on".
+    let relay = if bound.ip().is_unspecified() {
+        match node.addr {
+            Some(a) => std::net::SocketAddr::new(a.ip(), bound.port()),
+            None => return Err("has no address".into()),
+        }
+    } else {
+        bound
+    };
+    Ok((stream, relay))
 }
 
 async fn connect_node(node: &Node, deadline: Instant) -> Result<TcpStream, DialFailure> {

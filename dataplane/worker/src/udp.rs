@@ -56,6 +56,14 @@ enum Exit {
     /// An association on an agent's device, through the agent thread: each
     /// message is a `DATAGRAM` payload; an empty one ends it.
     Agent(UnixDatagram),
+    /// An association on an upstream SOCKS5 node: datagrams keep their RFC
+    /// 1928 header both ways, to and from the node's relay address; the
+    /// association lives as long as the control connection.
+    Socks5 {
+        control: splicegate_uring::TcpStream,
+        sock: UdpSocket,
+        relay: SocketAddr,
+    },
 }
 
 impl Exit {
@@ -63,6 +71,16 @@ impl Exit {
         match self {
             Exit::Direct(s) => s.readable().await,
             Exit::Agent(s) => s.readable().await,
+            Exit::Socks5 { sock, .. } => sock.readable().await,
+        }
+    }
+
+    /// Completes when the exit's own control connection has something to
+    /// say (its end); never for exits without one.
+    async fn control(&self) -> std::io::Result<()> {
+        match self {
+            Exit::Socks5 { control, .. } => control.readable().await,
+            _ => std::future::pending().await,
         }
     }
 }
@@ -106,6 +124,21 @@ async fn open_exit(ctx: &Ctx, node: &Node) -> Result<Exit, String> {
                     Err(format!("agent {} did not answer the association", node.id))
                 }
             }
+        }
+        NodeKind::Socks5 if node.udp => {
+            let (control, relay) = crate::dial::associate_socks5(ctx, node).await?;
+            let any: IpAddr = if relay.is_ipv4() {
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                std::net::Ipv6Addr::UNSPECIFIED.into()
+            };
+            let sock = UdpSocket::bind(SocketAddr::new(any, 0))
+                .map_err(|e| format!("no UDP socket towards the node: {e}"))?;
+            Ok(Exit::Socks5 {
+                control,
+                sock,
+                relay,
+            })
         }
         _ => Err(format!("a {} node carries no UDP", node.kind.as_str())),
     }
@@ -255,6 +288,7 @@ async fn answer_refusal(ctx: &Ctx, client: &Client, peer: SocketAddr, refusal: &
 /// What woke the relay.
 enum Wake {
     Control,
+    ExitControl,
     Near,
     Far,
     Idle,
@@ -291,6 +325,7 @@ impl Relay<'_> {
                 let mut control = std::pin::pin!(client.readable());
                 let mut near = std::pin::pin!(self.near.readable());
                 let mut far = std::pin::pin!(self.exit.readable());
+                let mut exit_control = std::pin::pin!(self.exit.control());
                 let mut timer = std::pin::pin!(splicegate_uring::sleep_until(deadline));
                 let ctl = self.ctl;
                 std::future::poll_fn(|cx| {
@@ -306,6 +341,9 @@ impl Relay<'_> {
                     }
                     if far.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(Wake::Far);
+                    }
+                    if exit_control.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Wake::ExitControl);
                     }
                     if timer.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(Wake::Idle);
@@ -324,6 +362,15 @@ impl Relay<'_> {
                     match client.read(&mut scratch).await {
                         Ok(0) | Err(_) => return "the client closed its TCP connection",
                         Ok(_) => {}
+                    }
+                }
+                Wake::ExitControl => {
+                    if let Exit::Socks5 { control, .. } = self.exit {
+                        let mut scratch = [0u8; 512];
+                        match control.read(&mut scratch).await {
+                            Ok(0) | Err(_) => return "the node ended the association",
+                            Ok(_) => {}
+                        }
                     }
                 }
                 Wake::Near => {
@@ -399,6 +446,16 @@ impl Relay<'_> {
                     }
                     sock.try_send_to(&self.buf[payload_at..n], SocketAddr::new(ip, port))
                 }
+                Exit::Socks5 { sock, relay, .. } => {
+                    // The node resolves names; the gateway judges what it
+                    // can (ports, literal addresses), then forwards the
+                    // datagram with its header as the client wrote it.
+                    if self.policy.targets.check_target(&d.target).is_err() {
+                        self.drop_one(UDP_DROP_BLOCKED);
+                        continue;
+                    }
+                    sock.try_send_to(&self.buf[..n], *relay)
+                }
                 Exit::Agent(sock) => {
                     // The device resolves names itself and refuses its own
                     // networks; what the gateway can judge (ports, literal
@@ -440,6 +497,38 @@ impl Relay<'_> {
                     Ok(x) => x,
                     Err(_) => break,
                 },
+                Exit::Socks5 { sock, relay, .. } => {
+                    let (n, from) = match sock.try_recv_from(&mut self.buf) {
+                        Ok(x) => x,
+                        Err(_) => break,
+                    };
+                    if from != *relay {
+                        self.drop_one(UDP_DROP_STRANGER);
+                        continue;
+                    }
+                    // The node's datagram already has the client's format:
+                    // check it, count its payload, pass it on whole.
+                    let payload = match server::parse_udp_datagram(&self.buf[..n]) {
+                        Ok(d) if d.frag == 0 => d.payload.len(),
+                        _ => {
+                            self.drop_one(UDP_DROP_MALFORMED);
+                            continue;
+                        }
+                    };
+                    let Some(client) = self.client_addr else {
+                        self.drop_one(UDP_DROP_STRANGER);
+                        continue;
+                    };
+                    match self.near.try_send_to(&self.buf[..n], client) {
+                        Ok(_) => {
+                            self.ctl.count(Direction::BToA, payload);
+                            WorkerStats::inc(&self.ctx.stats.udp_datagrams[1]);
+                            relayed = true;
+                        }
+                        Err(_) => self.drop_one(UDP_DROP_FULL),
+                    }
+                    continue;
+                }
                 Exit::Agent(sock) => {
                     let n = match sock.try_recv(&mut self.buf) {
                         Ok(0) => {

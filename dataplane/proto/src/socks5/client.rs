@@ -58,7 +58,18 @@ pub fn parse_auth_reply(buf: &[u8]) -> Result<Option<bool>, Socks5Error> {
 
 /// Writes the CONNECT request for `host:port` (IPv4, IPv6 or domain).
 pub fn write_connect(host: &Host, port: u16, out: &mut Vec<u8>) -> Result<(), Socks5Error> {
-    out.extend_from_slice(&[VERSION, 0x01, 0x00]);
+    write_request(0x01, host, port, out)
+}
+
+/// Writes a request with command `cmd` (1 CONNECT, 3 UDP ASSOCIATE) for
+/// `host:port`.
+pub fn write_request(
+    cmd: u8,
+    host: &Host,
+    port: u16,
+    out: &mut Vec<u8>,
+) -> Result<(), Socks5Error> {
+    out.extend_from_slice(&[VERSION, cmd, 0x00]);
     match host {
         Host::Ip(IpAddr::V4(v4)) => {
             out.push(atyp::IPV4);
@@ -79,6 +90,22 @@ pub fn write_connect(host: &Host, port: u16, out: &mut Vec<u8>) -> Result<(), So
     }
     out.extend_from_slice(&port.to_be_bytes());
     Ok(())
+}
+
+/// The BND.ADDR and BND.PORT of a whole reply (as [`parse_connect_reply`]
+/// framed it), when it names an IP address (a name gives `None`).
+pub fn reply_bound(reply: &[u8]) -> Option<std::net::SocketAddr> {
+    let end = address_end(reply, 3).ok()??;
+    let addr = &reply[4..end - 2];
+    let ip: IpAddr = match reply[3] {
+        atyp::IPV4 => <[u8; 4]>::try_from(addr).ok().map(IpAddr::from)?,
+        atyp::IPV6 => <[u8; 16]>::try_from(addr).ok().map(IpAddr::from)?,
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(
+        ip,
+        u16::from_be_bytes([reply[end - 2], reply[end - 1]]),
+    ))
 }
 
 /// Parses the node's reply `VER REP RSV ATYP BND.ADDR BND.PORT`; returns the
