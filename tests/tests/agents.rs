@@ -33,6 +33,12 @@ impl Lab {
     }
 
     fn start_with(f: impl FnOnce(Conf) -> Conf) -> Lab {
+        Lab::start_at("127.0.0.1:@PORT_AGENTS@", f)
+    }
+
+    /// [`Lab::start_with`], the agent listener on `listen` (a placeholder
+    /// port: the gateway binds port 0 and reports it).
+    fn start_at(listen: &str, f: impl FnOnce(Conf) -> Conf) -> Lab {
         let dir = temp_dir("agents-pki");
         let ca = TestCa::new(&dir);
         let leaf = ca.leaf("gw", (2031, 7, 15));
@@ -41,7 +47,7 @@ impl Lab {
             .node(NodeDecl::agent("dev-b", KEY_B));
         conf.tls = Some((leaf.cert.clone(), leaf.key.clone()));
         conf.extra
-            .push_str("[agents]\nlisten = \"127.0.0.1:@PORT_AGENTS@\"\nheartbeat_s = 1\n");
+            .push_str(&format!("[agents]\nlisten = \"{listen}\"\nheartbeat_s = 1\n"));
         let conf = f(conf);
         Lab {
             gw: Gateway::start_conf(&conf),
@@ -73,6 +79,23 @@ impl Lab {
         .expect("admin API");
         assert_eq!(status, 200, "{v}");
         v
+    }
+
+    /// Waits until node `id` exists and is connected (an enrolling device's
+    /// node does not exist before).
+    fn wait_connected_new(&self, id: &str, within: Duration) {
+        let until = Instant::now() + within;
+        loop {
+            let (status, v) = node_status(self, id);
+            if status == 200 && v["connected"] == Value::Bool(true) {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "node {id} not there and connected within {within:?}: {status} {v}"
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
     }
 
     /// Waits until node `id` is (or is not) connected, per the admin API.
@@ -637,4 +660,151 @@ fn a_new_key_or_a_deleted_node_ends_the_agents_connection() {
         "a deleted node's key is refused: {}",
         b.log()
     );
+}
+
+/// The fleet's enrolment secret in the enrolment tests (at least 16
+/// characters, as `[agents] enrol_key` requires).
+const ENROL: &str = "enrol-secret-0123456789";
+
+/// Node `id` per the admin API: the status and the JSON (404 while it does
+/// not exist).
+fn node_status(lab: &Lab, id: &str) -> (u16, Value) {
+    admin_request(
+        lab.gw.admin_addr(),
+        "GET",
+        &format!("/v1/nodes/{id}"),
+        None,
+    )
+    .expect("admin API")
+}
+
+/// A temporary directory removed when dropped (a device's `--state-dir`,
+/// which outlives one agent process).
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[test]
+fn a_device_enrols_keeps_its_key_reconnects_with_it_and_taken_or_revoked_ids_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = Lab::start_with(|mut c| {
+        // Still in [agents] (the last table of the file).
+        c.extra.push_str(&format!("enrol_key = \"{ENROL}\"\n"));
+        c
+    });
+    let state = TempDir(temp_dir("agent-state"));
+    let enrol = |id: &str, dir: &std::path::Path, secret: &str| {
+        AgentProc::start(
+            AgentSpec::enrol(id, secret, dir, lab.agents_addr(), &lab.ca.ca_pem())
+                .args(&["--country", "de", "--city", "berlin"]),
+        )
+    };
+
+    // Enrolment: the device becomes node dev-new with what it announced.
+    assert_eq!(node_status(&lab, "dev-new").0, 404, "no such node yet");
+    let mut dev = enrol("dev-new", &state.0, ENROL);
+    lab.wait_connected_new("dev-new", Duration::from_secs(10));
+    let n = lab.node("dev-new");
+    assert_eq!(n["kind"], "agent", "{n}");
+    assert_eq!(n["state"], "online", "{n}");
+    assert_eq!(n["country"], "de", "{n}");
+    assert_eq!(n["city"], "berlin", "{n}");
+    assert!(dev.log().contains("enrolled"), "{}", dev.log());
+    // It keeps the key it was issued, readable by its owner only, and that
+    // key is not the fleet's secret.
+    let key_file = state.0.join("key");
+    let meta = std::fs::metadata(&key_file).expect("the device keeps its key in --state-dir");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{meta:?}");
+    let key = std::fs::read_to_string(&key_file).expect("key");
+    assert!(key.trim().len() >= 16, "a real key: {key:?}");
+    assert!(!key.contains(ENROL), "the enrolment secret is never a device's key");
+    assert!(
+        !n.to_string().contains(key.trim()),
+        "the API never shows the key: {n}"
+    );
+
+    // Traffic for Germany goes through it.
+    let out = Curl::new(client_ip())
+        .proxy(lab.gw.proxy)
+        .user(&user("country-de"), KEY)
+        .get(&lab.web.url("/ip"));
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert_eq!(out.last().status, 200, "{out:#?}");
+    assert_eq!(lab.web.requests().len(), 1, "the request reached the target");
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = lab.node("dev-new");
+        if n["agent"]["bytes_down"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(Instant::now() < until, "no bytes through dev-new: {n}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Restarted with only its state directory (no secret, no key): it
+    // connects with the key it kept.
+    let st = dev.terminate().expect("SIGTERM ends the agent");
+    assert_eq!(st.code(), Some(0), "{}", dev.log());
+    lab.wait_connected("dev-new", false, Duration::from_secs(5));
+    let mut dev = AgentProc::start(
+        AgentSpec::new("dev-new", "", lab.agents_addr(), &lab.ca.ca_pem())
+            .keyless()
+            .state_dir(&state.0),
+    );
+    lab.wait_connected("dev-new", true, Duration::from_secs(10));
+    assert!(!dev.log().contains("enrolled"), "{}", dev.log());
+    assert_eq!(
+        std::fs::read_to_string(&key_file).expect("key"),
+        key,
+        "the kept key is unchanged"
+    );
+
+    // A wrong secret, and a taken id (dev-a is the file's), end an agent
+    // with status 2: retrying cannot help.
+    let wrong_dir = TempDir(temp_dir("agent-state-wrong"));
+    let mut wrong = enrol("dev-other", &wrong_dir.0, "not-the-enrolment-secret");
+    let st = wrong
+        .wait_exit(Duration::from_secs(15))
+        .expect("a wrong secret ends the agent");
+    assert_eq!(st.code(), Some(2), "{}", wrong.log());
+    assert!(!wrong_dir.0.join("key").exists(), "no key for a wrong secret");
+    assert_eq!(node_status(&lab, "dev-other").0, 404);
+    let taken_dir = TempDir(temp_dir("agent-state-taken"));
+    let mut taken = enrol("dev-a", &taken_dir.0, ENROL);
+    let st = taken
+        .wait_exit(Duration::from_secs(15))
+        .expect("a taken id ends the agent");
+    assert_eq!(st.code(), Some(2), "{}", taken.log());
+    assert!(taken.log().contains("taken"), "{}", taken.log());
+    assert!(!taken_dir.0.join("key").exists(), "no key for a taken id");
+    let a = lab.node("dev-a");
+    assert_eq!(a["country"], "us", "the file's node is untouched: {a}");
+
+    // Deleting the node revokes the id: the connected agent is dropped
+    // (it reconnects with its key, which is refused: status 2) ...
+    let (status, v) = admin_request(lab.gw.admin_addr(), "DELETE", "/v1/nodes/dev-new", None)
+        .expect("admin API");
+    assert!((200..300).contains(&status), "{status} {v}");
+    assert_eq!(node_status(&lab, "dev-new").0, 404);
+    // The gateway checks once a second; the agent retries after its first
+    // backoff (at most 1.5 s) and is refused: 10 s is ample.
+    let st = dev
+        .wait_exit(Duration::from_secs(10))
+        .expect("the deleted node's agent is dropped and stops");
+    assert_eq!(st.code(), Some(2), "{}", dev.log());
+    // ... and a device enrolling as dev-new again is refused for good.
+    let again_dir = TempDir(temp_dir("agent-state-again"));
+    let mut again = enrol("dev-new", &again_dir.0, ENROL);
+    let st = again
+        .wait_exit(Duration::from_secs(15))
+        .expect("a revoked id ends the agent");
+    assert_eq!(st.code(), Some(2), "{}", again.log());
+    assert!(again.log().contains("revoked"), "{}", again.log());
+    assert_eq!(node_status(&lab, "dev-new").0, 404);
 }
