@@ -41,18 +41,35 @@ impl Lab {
     fn start_at(listen: &str, f: impl FnOnce(Conf) -> Conf) -> Lab {
         let dir = temp_dir("agents-pki");
         let ca = TestCa::new(&dir);
-        let leaf = ca.leaf("gw", (2031, 7, 15));
-        let mut conf = Conf::with_package(KEY)
-            .node(NodeDecl::agent("dev-a", KEY_A))
-            .node(NodeDecl::agent("dev-b", KEY_B));
-        conf.tls = Some((leaf.cert.clone(), leaf.key.clone()));
-        conf.extra
-            .push_str(&format!("[agents]\nlisten = \"{listen}\"\nheartbeat_s = 1\n"));
-        let conf = f(conf);
+        let conf = f(agents_conf(&ca, "gw", listen));
         Lab {
             gw: Gateway::start_conf(&conf),
             ca,
             web: HttpTarget::start(),
+        }
+    }
+
+    /// Waits until node `id` is (or is not) connected per the admin API
+    /// of `gw` (another gateway than the lab's).
+    fn wait_connected_on(gw: &Gateway, id: &str, connected: bool, within: Duration) -> Value {
+        let until = Instant::now() + within;
+        loop {
+            let (status, v) = admin_request(
+                gw.admin_addr(),
+                "GET",
+                &format!("/v1/nodes/{id}"),
+                None,
+            )
+            .expect("admin API");
+            assert_eq!(status, 200, "{v}");
+            if v["connected"] == Value::Bool(connected) {
+                return v;
+            }
+            assert!(
+                Instant::now() < until,
+                "node {id} not connected={connected} within {within:?}: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(25));
         }
     }
 
@@ -113,6 +130,20 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(25));
         }
     }
+}
+
+/// A gateway's configuration with `[agents]` on `listen` (heartbeat 1 s),
+/// the `[tls]` certificate `name` from `ca`, package 7, and agent nodes
+/// `dev-a` and `dev-b`.
+fn agents_conf(ca: &TestCa, name: &str, listen: &str) -> Conf {
+    let leaf = ca.leaf(name, (2031, 7, 15));
+    let mut conf = Conf::with_package(KEY)
+        .node(NodeDecl::agent("dev-a", KEY_A))
+        .node(NodeDecl::agent("dev-b", KEY_B));
+    conf.tls = Some((leaf.cert.clone(), leaf.key.clone()));
+    conf.extra
+        .push_str(&format!("[agents]\nlisten = \"{listen}\"\nheartbeat_s = 1\n"));
+    conf
 }
 
 #[test]
@@ -807,4 +838,108 @@ fn a_device_enrols_keeps_its_key_reconnects_with_it_and_taken_or_revoked_ids_are
     assert_eq!(st.code(), Some(2), "{}", again.log());
     assert!(again.log().contains("revoked"), "{}", again.log());
     assert_eq!(node_status(&lab, "dev-new").0, 404);
+}
+
+/// The waits (in seconds) the agent's log announces before reconnecting to
+/// `gw` ("reconnecting in 1.3 s"), in order.
+fn backoffs(log: &str, gw: SocketAddr) -> Vec<f64> {
+    let tag = format!("gateway=\"{gw}\"");
+    log.lines()
+        .filter(|l| l.contains(&tag))
+        .filter_map(|l| l.split("reconnecting in ").nth(1))
+        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn an_agent_keeps_a_connection_to_each_gateway_and_the_second_serves_while_the_first_is_down() {
+    let lab = Lab::start();
+    // A second gateway: its own store and ports, a certificate from the
+    // same CA, the same agent nodes.
+    let gw2 = Gateway::start_conf(&agents_conf(&lab.ca, "gw2", "127.0.0.1:@PORT_AGENTS@"));
+    let (gw1_agents, gw2_agents) = (lab.agents_addr(), gw2.addr("AGENTS"));
+    let mut agent = AgentProc::start(
+        AgentSpec::new("dev-a", KEY_A, gw1_agents, &lab.ca.ca_pem())
+            .gateways(&[gw1_agents, gw2_agents]),
+    );
+    // One connection to each: both gateways' APIs show it connected.
+    lab.wait_connected("dev-a", true, Duration::from_secs(10));
+    let on2 = Lab::wait_connected_on(&gw2, "dev-a", true, Duration::from_secs(10));
+    let since2 = on2["agent"]["since"].clone();
+    assert!(!since2.is_null(), "{on2}");
+    let url = lab.web.url("/ip");
+    let get = |proxy: SocketAddr, what: &str| {
+        let out = Curl::new(client_ip())
+            .proxy(proxy)
+            .user(&user("country-us"), KEY)
+            .get(&url);
+        assert_eq!(out.code, 0, "{what}: {out:#?}");
+        assert_eq!(out.last().status, 200, "{what}: {out:#?}");
+    };
+    get(lab.gw.proxy, "through gateway 1");
+    get(gw2.proxy, "through gateway 2");
+
+    // Gateway 1 stops (SIGTERM): gateway 2 keeps serving through the same
+    // agent, whose connection to it is untouched.
+    let Lab { mut gw, ca, web } = lab;
+    gw.signal("TERM");
+    let st = gw.wait_exit(Duration::from_secs(10));
+    assert!(st.is_some_and(|s| s.success()), "gateway 1 stops: {st:?}");
+    let down_at = Instant::now();
+    for i in 0..5 {
+        get(gw2.proxy, &format!("request {i} through gateway 2, gateway 1 down"));
+    }
+    let on2 = Lab::wait_connected_on(&gw2, "dev-a", true, Duration::from_secs(1));
+    assert_eq!(
+        on2["agent"]["since"], since2,
+        "the connection to gateway 2 never dropped: {on2}"
+    );
+    assert!(agent.running(), "{}", agent.log());
+    // Gateway 1 stays down until the agent's first retry failed.
+    let refused = "cannot connect";
+    let tag = format!("gateway=\"{gw1_agents}\"");
+    assert!(
+        eventually(Duration::from_secs(10), Duration::from_millis(50), || {
+            agent
+                .log()
+                .lines()
+                .any(|l| l.contains(refused) && l.contains(&tag))
+                .then_some(())
+        })
+        .is_some(),
+        "the agent retries gateway 1: {}",
+        agent.log()
+    );
+    get(gw2.proxy, "through gateway 2, gateway 1 still down");
+
+    // Gateway 1 again, on the same ports: the agent comes back to it
+    // within its backoff. Bound: the last wait it announced for gateway 1
+    // before connecting, plus 2 s for TCP, TLS, the hello and the API's
+    // poll; that wait is the second backoff (2 s x at most 1.5 jitter), or
+    // the third (6 s) if a retry hit the restart.
+    let gw = gw.restart();
+    let up_at = Instant::now();
+    let lab = Lab { gw, ca, web };
+    lab.wait_connected("dev-a", true, Duration::from_secs(30));
+    let back = up_at.elapsed();
+    let waits = backoffs(&agent.log(), gw1_agents);
+    let last = *waits.last().expect("the agent announced its backoff");
+    assert!(waits.len() >= 2, "a failed retry, then a longer wait: {waits:?}");
+    eprintln!(
+        "gateway 1 down {:.1} s; the agent's waits {waits:?} s; back {:.2} s after the restart",
+        (up_at - down_at).as_secs_f64(),
+        back.as_secs_f64()
+    );
+    assert!(last <= 6.0, "backoff past the third step: {waits:?}");
+    assert!(
+        back.as_secs_f64() <= last + 2.0,
+        "reconnected {back:?} after the restart, its last wait {last} s: {waits:?}"
+    );
+    get(lab.gw.proxy, "through gateway 1 after its restart");
+    get(gw2.proxy, "through gateway 2 after gateway 1's restart");
+    let on2 = Lab::wait_connected_on(&gw2, "dev-a", true, Duration::from_secs(1));
+    assert_eq!(on2["agent"]["since"], since2, "{on2}");
+    assert!(agent.running(), "{}", agent.log());
+    let st = agent.terminate().expect("SIGTERM ends the agent");
+    assert_eq!(st.code(), Some(0), "{}", agent.log());
 }
