@@ -943,3 +943,102 @@ fn an_agent_keeps_a_connection_to_each_gateway_and_the_second_serves_while_the_f
     let st = agent.terminate().expect("SIGTERM ends the agent");
     assert_eq!(st.code(), Some(0), "{}", agent.log());
 }
+
+/// Prints a `FIGURE` line on the process's stderr directly, past the test
+/// harness's capture, so that every run shows it.
+fn figure(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "FIGURE {text}");
+}
+
+#[test]
+fn an_agent_whose_network_is_cut_silently_goes_offline_within_three_heartbeats() {
+    use splicegate_tests::netns::{NetLink, netns_ready};
+    if !netns_ready("an_agent_whose_network_is_cut_silently_goes_offline_within_three_heartbeats")
+    {
+        return;
+    }
+    // The device in a namespace of its own, behind a veth; the gateway's
+    // agent listener on the host end.
+    let link = NetLink::veth("cut");
+    let lab = Lab::start_at(&format!("{}:@PORT_AGENTS@", link.host_ip), |mut c| {
+        c.allow_targets.push(format!("{}/32", link.host_ip));
+        c
+    });
+    assert_eq!(lab.agents_addr().ip(), link.host_ip);
+    // A target the device reaches across the link.
+    let web = HttpTarget::start_on(link.host_ip.into());
+    let agent = AgentProc::start(
+        AgentSpec::new("dev-a", KEY_A, lab.agents_addr(), &lab.ca.ca_pem()).in_netns(&link.ns),
+    );
+    lab.wait_connected("dev-a", true, Duration::from_secs(10));
+    let n = lab.node("dev-a");
+    assert_eq!(
+        n["agent"]["addr"].as_str().map(|a| a.split(':').next()),
+        Some(Some(link.ns_ip.to_string().as_str())),
+        "connected from the namespace: {n}"
+    );
+    let get = |what: &str| {
+        Curl::new(client_ip())
+            .proxy(lab.gw.proxy)
+            .user(&user("country-us"), KEY)
+            .arg("--max-time")
+            .arg("5")
+            .get(&web.url("/ip"))
+            .last()
+            .status
+            .to_string()
+            + " "
+            + what
+    };
+    assert_eq!(get("before the cut"), "200 before the cut");
+    // A few heartbeats both ways first.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // Cut silently, both ends: no RST, no ICMP, the interfaces stay up.
+    // Only the missing heartbeats can tell.
+    let how = link.cut();
+    let cut_at = Instant::now();
+    let heartbeat = Duration::from_secs(1);
+    // The gateway checks once a heartbeat for silence longer than three:
+    // offline between 3 heartbeats after the last bytes heard (at most
+    // ~1 s before the cut) and 4 after the cut; slack: one heartbeat for
+    // that check's period and 0.5 s for the API's poll.
+    let bound = heartbeat * 3 + heartbeat + Duration::from_millis(500);
+    let offline = eventually(Duration::from_secs(15), Duration::from_millis(20), || {
+        (lab.node("dev-a")["connected"] == false).then(|| cut_at.elapsed())
+    })
+    .unwrap_or_else(|| panic!("still connected 15 s after the cut ({how})"));
+    let n = lab.node("dev-a");
+    assert_eq!(n["state"], "offline", "{n}");
+    assert!(
+        offline <= bound,
+        "offline {offline:?} after the cut; three heartbeats + slack is {bound:?}"
+    );
+    assert!(
+        offline >= heartbeat * 2 - Duration::from_millis(100),
+        "offline after {offline:?}: before heartbeats could have told (a reset?)"
+    );
+    // The device notices too (it hears no answers to its pings).
+    assert!(
+        agent.wait_log("no heartbeat", Duration::from_secs(6)),
+        "{}",
+        agent.log()
+    );
+    // Offline, the node is not chosen: nothing else matches.
+    assert_ne!(get("during the cut"), "200 during the cut");
+
+    // The network returns: the device reconnects on its own. Bound: its
+    // connect attempt (SYN retransmits, a 10 s timeout) and one backoff.
+    link.restore();
+    let restored_at = Instant::now();
+    lab.wait_connected("dev-a", true, Duration::from_secs(25));
+    let back = restored_at.elapsed();
+    assert_eq!(get("after the cut"), "200 after the cut");
+    figure(&format!(
+        "agents: a silent network cut ({how}) → node offline after {:.2} s (heartbeat_s = 1, bound {:.1} s); online again {:.2} s after the network returned",
+        offline.as_secs_f64(),
+        bound.as_secs_f64(),
+        back.as_secs_f64()
+    ));
+}
