@@ -47,7 +47,13 @@ impl AgentSpec {
 
     /// An agent `id` without a key that enrols with `secret` (given as
     /// `--enrol-key`) and keeps the key it is issued in `state_dir`.
-    pub fn enrol(id: &str, secret: &str, state_dir: &Path, gateway: SocketAddr, ca: &Path) -> AgentSpec {
+    pub fn enrol(
+        id: &str,
+        secret: &str,
+        state_dir: &Path,
+        gateway: SocketAddr,
+        ca: &Path,
+    ) -> AgentSpec {
         AgentSpec {
             key: None,
             ..AgentSpec::new(id, "", gateway, ca)

@@ -215,7 +215,8 @@ impl NetLink {
     pub fn delay_line(tag: &str, line: DelayLine) -> NetLink {
         let python = require_tool("python3", "python3");
         let mut link = NetLink::new(tag);
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/agents/delayline.py");
+        let script =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/agents/delayline.py");
         let log = std::env::temp_dir().join(format!("{}-delayline.log", link.ns));
         let mut child = Command::new(python)
             .arg(&script)
@@ -309,7 +310,15 @@ impl NetLink {
         host.extend_from_slice(spec);
         run("tc", &host);
         if both {
-            let mut ns = vec!["-n", &self.ns, "qdisc", "replace", "dev", &self.ns_if, "root"];
+            let mut ns = vec![
+                "-n",
+                &self.ns,
+                "qdisc",
+                "replace",
+                "dev",
+                &self.ns_if,
+                "root",
+            ];
             ns.extend_from_slice(spec);
             run("tc", &ns);
         }

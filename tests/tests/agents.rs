@@ -54,13 +54,9 @@ impl Lab {
     fn wait_connected_on(gw: &Gateway, id: &str, connected: bool, within: Duration) -> Value {
         let until = Instant::now() + within;
         loop {
-            let (status, v) = admin_request(
-                gw.admin_addr(),
-                "GET",
-                &format!("/v1/nodes/{id}"),
-                None,
-            )
-            .expect("admin API");
+            let (status, v) =
+                admin_request(gw.admin_addr(), "GET", &format!("/v1/nodes/{id}"), None)
+                    .expect("admin API");
             assert_eq!(status, 200, "{v}");
             if v["connected"] == Value::Bool(connected) {
                 return v;
@@ -141,8 +137,9 @@ fn agents_conf(ca: &TestCa, name: &str, listen: &str) -> Conf {
         .node(NodeDecl::agent("dev-a", KEY_A))
         .node(NodeDecl::agent("dev-b", KEY_B));
     conf.tls = Some((leaf.cert.clone(), leaf.key.clone()));
-    conf.extra
-        .push_str(&format!("[agents]\nlisten = \"{listen}\"\nheartbeat_s = 1\n"));
+    conf.extra.push_str(&format!(
+        "[agents]\nlisten = \"{listen}\"\nheartbeat_s = 1\n"
+    ));
     conf
 }
 
@@ -700,13 +697,7 @@ const ENROL: &str = "enrol-secret-0123456789";
 /// Node `id` per the admin API: the status and the JSON (404 while it does
 /// not exist).
 fn node_status(lab: &Lab, id: &str) -> (u16, Value) {
-    admin_request(
-        lab.gw.admin_addr(),
-        "GET",
-        &format!("/v1/nodes/{id}"),
-        None,
-    )
-    .expect("admin API")
+    admin_request(lab.gw.admin_addr(), "GET", &format!("/v1/nodes/{id}"), None).expect("admin API")
 }
 
 /// A temporary directory removed when dropped (a device's `--state-dir`,
@@ -732,8 +723,12 @@ fn a_device_enrols_keeps_its_key_reconnects_with_it_and_taken_or_revoked_ids_are
     let state = TempDir(temp_dir("agent-state"));
     let enrol = |id: &str, dir: &std::path::Path, secret: &str| {
         AgentProc::start(
-            AgentSpec::enrol(id, secret, dir, lab.agents_addr(), &lab.ca.ca_pem())
-                .args(&["--country", "de", "--city", "berlin"]),
+            AgentSpec::enrol(id, secret, dir, lab.agents_addr(), &lab.ca.ca_pem()).args(&[
+                "--country",
+                "de",
+                "--city",
+                "berlin",
+            ]),
         )
     };
 
@@ -754,7 +749,10 @@ fn a_device_enrols_keeps_its_key_reconnects_with_it_and_taken_or_revoked_ids_are
     assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{meta:?}");
     let key = std::fs::read_to_string(&key_file).expect("key");
     assert!(key.trim().len() >= 16, "a real key: {key:?}");
-    assert!(!key.contains(ENROL), "the enrolment secret is never a device's key");
+    assert!(
+        !key.contains(ENROL),
+        "the enrolment secret is never a device's key"
+    );
     assert!(
         !n.to_string().contains(key.trim()),
         "the API never shows the key: {n}"
@@ -767,7 +765,11 @@ fn a_device_enrols_keeps_its_key_reconnects_with_it_and_taken_or_revoked_ids_are
         .get(&lab.web.url("/ip"));
     assert_eq!(out.code, 0, "{out:#?}");
     assert_eq!(out.last().status, 200, "{out:#?}");
-    assert_eq!(lab.web.requests().len(), 1, "the request reached the target");
+    assert_eq!(
+        lab.web.requests().len(),
+        1,
+        "the request reached the target"
+    );
     let until = Instant::now() + Duration::from_secs(5);
     loop {
         let n = lab.node("dev-new");
@@ -804,7 +806,10 @@ fn a_device_enrols_keeps_its_key_reconnects_with_it_and_taken_or_revoked_ids_are
         .wait_exit(Duration::from_secs(15))
         .expect("a wrong secret ends the agent");
     assert_eq!(st.code(), Some(2), "{}", wrong.log());
-    assert!(!wrong_dir.0.join("key").exists(), "no key for a wrong secret");
+    assert!(
+        !wrong_dir.0.join("key").exists(),
+        "no key for a wrong secret"
+    );
     assert_eq!(node_status(&lab, "dev-other").0, 404);
     let taken_dir = TempDir(temp_dir("agent-state-taken"));
     let mut taken = enrol("dev-a", &taken_dir.0, ENROL);
@@ -819,8 +824,8 @@ fn a_device_enrols_keeps_its_key_reconnects_with_it_and_taken_or_revoked_ids_are
 
     // Deleting the node revokes the id: the connected agent is dropped
     // (it reconnects with its key, which is refused: status 2) ...
-    let (status, v) = admin_request(lab.gw.admin_addr(), "DELETE", "/v1/nodes/dev-new", None)
-        .expect("admin API");
+    let (status, v) =
+        admin_request(lab.gw.admin_addr(), "DELETE", "/v1/nodes/dev-new", None).expect("admin API");
     assert!((200..300).contains(&status), "{status} {v}");
     assert_eq!(node_status(&lab, "dev-new").0, 404);
     // The gateway checks once a second; the agent retries after its first
@@ -887,7 +892,10 @@ fn an_agent_keeps_a_connection_to_each_gateway_and_the_second_serves_while_the_f
     assert!(st.is_some_and(|s| s.success()), "gateway 1 stops: {st:?}");
     let down_at = Instant::now();
     for i in 0..5 {
-        get(gw2.proxy, &format!("request {i} through gateway 2, gateway 1 down"));
+        get(
+            gw2.proxy,
+            &format!("request {i} through gateway 2, gateway 1 down"),
+        );
     }
     let on2 = Lab::wait_connected_on(&gw2, "dev-a", true, Duration::from_secs(1));
     assert_eq!(
@@ -924,7 +932,10 @@ fn an_agent_keeps_a_connection_to_each_gateway_and_the_second_serves_while_the_f
     let back = up_at.elapsed();
     let waits = backoffs(&agent.log(), gw1_agents);
     let last = *waits.last().expect("the agent announced its backoff");
-    assert!(waits.len() >= 2, "a failed retry, then a longer wait: {waits:?}");
+    assert!(
+        waits.len() >= 2,
+        "a failed retry, then a longer wait: {waits:?}"
+    );
     eprintln!(
         "gateway 1 down {:.1} s; the agent's waits {waits:?} s; back {:.2} s after the restart",
         (up_at - down_at).as_secs_f64(),
@@ -954,8 +965,7 @@ fn figure(text: &str) {
 #[test]
 fn an_agent_whose_network_is_cut_silently_goes_offline_within_three_heartbeats() {
     use splicegate_tests::netns::{NetLink, netns_ready};
-    if !netns_ready("an_agent_whose_network_is_cut_silently_goes_offline_within_three_heartbeats")
-    {
+    if !netns_ready("an_agent_whose_network_is_cut_silently_goes_offline_within_three_heartbeats") {
         return;
     }
     // The device in a namespace of its own, behind a veth; the gateway's
