@@ -89,6 +89,17 @@ fn output(program: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// A sysctl's value in the host's (this process's) namespace, whitespace
+/// squeezed.
+pub fn host_sysctl(key: &str) -> String {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// A /30 of 10.201.0.0/16 no interface here has: (host end, namespace end).
 fn free_subnet() -> (Ipv4Addr, Ipv4Addr) {
     let have = output("ip", &["-o", "-4", "addr", "show"]);
@@ -363,6 +374,63 @@ impl NetLink {
             .as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok())
             .unwrap_or_default()
+    }
+}
+
+/// `splicegate-test-source` (a bulk source, `tests/src/bin`) running inside
+/// a namespace; stopped by its PID when dropped.
+#[derive(Debug)]
+pub struct NsSource {
+    child: Child,
+    /// The port it listens on (every address of the namespace).
+    pub port: u16,
+}
+
+impl NetLink {
+    /// Starts a bulk source inside the namespace that sends each connection
+    /// `bytes` bytes, and lives at most `lifetime`.
+    pub fn source(&self, bytes: u64, lifetime: Duration) -> NsSource {
+        let bin = crate::gateway::binary().with_file_name("splicegate-test-source");
+        assert!(
+            bin.is_file(),
+            "{} is missing: run `cargo build --workspace --bins`",
+            bin.display()
+        );
+        let mut child = self
+            .command(&bin)
+            .args(["0.0.0.0:0", &bytes.to_string()])
+            .arg(lifetime.as_secs().max(1).to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the source");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+        let port = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.port());
+        let Some(port) = port else {
+            let _ = child.kill();
+            let _ = wait_child(&mut child, Duration::from_secs(3));
+            panic!("the source did not start: {line:?}");
+        };
+        NsSource { child, port }
+    }
+}
+
+impl Drop for NsSource {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = wait_child(&mut self.child, Duration::from_secs(3));
     }
 }
 
