@@ -1052,3 +1052,132 @@ fn an_agent_whose_network_is_cut_silently_goes_offline_within_three_heartbeats()
         back.as_secs_f64()
     ));
 }
+
+/// Reads from `conn` (past `already` bytes it buffered) until `total`
+/// bytes, EOF or `until`; the bytes read.
+fn drain(conn: &mut splicegate_tests::Conn, already: usize, total: u64, until: Instant) -> u64 {
+    let mut got = already as u64;
+    let mut buf = vec![0u8; 1 << 20];
+    conn.set_timeout(Duration::from_secs(5));
+    while got < total && Instant::now() < until {
+        match conn.try_read(&mut buf) {
+            Some(0) | None => break,
+            Some(n) => got += n as u64,
+        }
+    }
+    got
+}
+
+/// One stream through an agent over a long, fat link (100 ms round trip,
+/// 100 Mbit/s: a bandwidth-delay product of 1.25 MB, five times the
+/// stream's first window, so a fixed window would cap it near 20 %) against
+/// one plain TCP connection over the same link, in the same run, the same
+/// size: the agent's stream must reach 90 % of it.
+///
+/// The device and a bulk source share a namespace behind the link; the
+/// plain connection goes from the host to the source across the link, the
+/// agent's stream from the gateway on the host through the agent's link
+/// to the source on the device's loopback. The link is `tc netem` on both
+/// veth ends where the kernel has netem, else the user-space delay line
+/// (`scripts/agents/delayline.py`), with the same delay, rate and limit;
+/// the output says which. `scripts/agents/netem.sh` runs it on purpose.
+#[test]
+fn one_stream_through_an_agent_over_a_100ms_link_reaches_90_percent_of_plain_tcp() {
+    use splicegate_tests::netns::{DelayLine, NetLink, host_sysctl, netns_ready};
+    if !netns_ready("one_stream_through_an_agent_over_a_100ms_link_reaches_90_percent_of_plain_tcp")
+    {
+        return;
+    }
+    // 50 ms each way, 100 Mbit/s each way; the queue of each direction
+    // holds 1,250 packets (delay line and rate queue together, as netem
+    // counts): 417 are in flight in 50 ms at 100 Mbit/s, the rest is one
+    // bandwidth-delay product of queue.
+    const BYTES: u64 = 100_000_000;
+    const MAX_TRANSFER: Duration = Duration::from_secs(20);
+    let line = DelayLine {
+        delay: Duration::from_millis(50),
+        rate_bps: 100_000_000,
+        limit: 1250,
+    };
+    let veth = NetLink::veth("fat");
+    let (link, how) = if veth.has_netem() {
+        let limit = line.limit.to_string();
+        let spec = ["netem", "delay", "50ms", "rate", "100mbit", "limit", &limit];
+        veth.qdisc(true, &spec);
+        (
+            veth,
+            format!("tc qdisc {} on both veth ends", spec.join(" ")),
+        )
+    } else {
+        drop(veth);
+        (
+            NetLink::delay_line("fat", line),
+            format!(
+                "the kernel has no sch_netem: user-space delay line (scripts/agents/delayline.py), delay {} ms, rate {} bit/s, limit {} packets each way",
+                line.delay.as_millis(),
+                line.rate_bps,
+                line.limit
+            ),
+        )
+    };
+    // Senders (the source, the agent) are in the namespace: their buffers
+    // may grow past the path's bandwidth-delay product.
+    let ns_rmem = link.sysctl("net.ipv4.tcp_rmem", "4096 131072 33554432");
+    let ns_wmem = link.sysctl("net.ipv4.tcp_wmem", "4096 16384 33554432");
+    let settings = format!(
+        "link: {how}; namespace: tcp_rmem {ns_rmem}, tcp_wmem {ns_wmem}, congestion control {}; host (unchanged): tcp_rmem {}, tcp_wmem {}, congestion control {}",
+        link.read_sysctl("net.ipv4.tcp_congestion_control"),
+        host_sysctl("net.ipv4.tcp_rmem"),
+        host_sysctl("net.ipv4.tcp_wmem"),
+        host_sysctl("net.ipv4.tcp_congestion_control"),
+    );
+    figure(&format!("agents flow control settings: {settings}"));
+
+    let lab = Lab::start_at(&format!("{}:@PORT_AGENTS@", link.host_ip), |c| c);
+    let source = link.source(BYTES, Duration::from_secs(300));
+    let _agent = AgentProc::start(
+        AgentSpec::new("dev-a", KEY_A, lab.agents_addr(), &lab.ca.ca_pem()).in_netns(&link.ns),
+    );
+    lab.wait_connected("dev-a", true, Duration::from_secs(10));
+
+    // One plain TCP connection from the host to the source.
+    let t = Instant::now();
+    let sock = std::net::TcpStream::connect_timeout(
+        &SocketAddr::from((link.ns_ip, source.port)),
+        Duration::from_secs(5),
+    )
+    .expect("connect to the source across the link");
+    let mut plain = splicegate_tests::Conn::new(sock);
+    let plain_bytes = drain(&mut plain, 0, BYTES, t + MAX_TRANSFER);
+    let plain_s = t.elapsed().as_secs_f64();
+    drop(plain);
+
+    // One stream through the agent: CONNECT to the source on the device's
+    // own loopback (the agent allows private targets here).
+    let t = Instant::now();
+    let mut conn = splicegate_tests::Conn::open(client_ip(), lab.gw.proxy).expect("the proxy");
+    conn.set_timeout(Duration::from_secs(10));
+    let target = format!("127.0.0.1:{}", source.port);
+    let r = conn
+        .connect(&target, Some((&user("country-us"), KEY)), &[])
+        .expect("CONNECT");
+    assert_eq!(r.status, 200, "{r:?}");
+    let already = conn.buffered().len();
+    let agent_bytes = drain(&mut conn, already, BYTES, t + MAX_TRANSFER);
+    let agent_s = t.elapsed().as_secs_f64();
+    drop(conn);
+
+    let mb_s = |bytes: u64, s: f64| bytes as f64 / s / 1e6;
+    let (plain_rate, agent_rate) = (mb_s(plain_bytes, plain_s), mb_s(agent_bytes, agent_s));
+    let ratio = agent_rate / plain_rate;
+    figure(&format!(
+        "agents flow control, 100 ms RTT at 100 Mbit/s: plain TCP {plain_rate:.2} MB/s ({plain_bytes} B in {plain_s:.2} s), one stream through the agent {agent_rate:.2} MB/s ({agent_bytes} B in {agent_s:.2} s), ratio {ratio:.3}"
+    ));
+    assert_eq!(plain_bytes, BYTES, "the plain transfer completed");
+    assert!(
+        ratio >= 0.9,
+        "one stream through the agent reached {:.1} % of plain TCP ({settings})\n{}",
+        ratio * 100.0,
+        link.line_log()
+    );
+}
