@@ -163,15 +163,40 @@ pub struct NetLink {
 impl NetLink {
     fn names(tag: &str) -> (String, String, String) {
         let n = SEQ.fetch_add(1, Ordering::Relaxed) % 100;
-        let pid = std::process::id() % 1_000_000;
+        let pid = std::process::id();
+        // Interface names have at most 15 bytes: the pid in hex (at most
+        // 0x400000 on Linux) keeps them at 11.
         (
             format!("sg-{tag}-{pid}-{n}"),
-            format!("sg{pid}x{n}h"),
-            format!("sg{pid}x{n}n"),
+            format!("sg{pid:x}x{n}h"),
+            format!("sg{pid:x}x{n}n"),
         )
     }
 
+    /// Removes the namespaces of test processes that died without
+    /// dropping their links (killed by a timeout): `sg-<tag>-<pid>-<n>`
+    /// whose pid is gone. Their veths go with them.
+    fn sweep() {
+        for line in output("ip", &["netns", "list"]).lines() {
+            let Some(name) = line.split_whitespace().next() else {
+                continue;
+            };
+            let mut parts = name.rsplitn(3, '-');
+            let (Some(_n), Some(pid), Some(prefix)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            if prefix.starts_with("sg-")
+                && pid.parse::<u32>().is_ok()
+                && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = try_run("ip", &["netns", "del", name]);
+            }
+        }
+    }
+
     fn new(tag: &str) -> NetLink {
+        NetLink::sweep();
         let (ns, host_if, ns_if) = NetLink::names(tag);
         let (host_ip, ns_ip) = free_subnet();
         run("ip", &["netns", "add", &ns]);
