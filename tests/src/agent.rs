@@ -9,6 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::gateway::{binary, signal, temp_dir, wait_child};
+use crate::tools::require_tool;
 
 /// How to start an agent.
 #[derive(Debug, Clone)]
@@ -25,6 +26,8 @@ pub struct AgentSpec {
     pub args: Vec<String>,
     /// Environment (`SPLICEGATE_AGENT_ENROL_KEY`, …).
     pub env: Vec<(String, String)>,
+    /// The network namespace to run in (`ip netns exec`), if any.
+    pub netns: Option<String>,
 }
 
 impl AgentSpec {
@@ -38,7 +41,50 @@ impl AgentSpec {
             ca: ca.to_path_buf(),
             args: vec!["--allow-private".into()],
             env: Vec::new(),
+            netns: None,
         }
+    }
+
+    /// An agent `id` without a key that enrols with `secret` (given as
+    /// `--enrol-key`) and keeps the key it is issued in `state_dir`.
+    pub fn enrol(
+        id: &str,
+        secret: &str,
+        state_dir: &Path,
+        gateway: SocketAddr,
+        ca: &Path,
+    ) -> AgentSpec {
+        AgentSpec {
+            key: None,
+            ..AgentSpec::new(id, "", gateway, ca)
+        }
+        .args(&["--enrol-key", secret])
+        .state_dir(state_dir)
+    }
+
+    /// With `--state-dir dir`.
+    pub fn state_dir(mut self, dir: &Path) -> AgentSpec {
+        self.args.push("--state-dir".into());
+        self.args.push(dir.display().to_string());
+        self
+    }
+
+    /// Without a key of its own (a state directory's, or none).
+    pub fn keyless(mut self) -> AgentSpec {
+        self.key = None;
+        self
+    }
+
+    /// Dialling these gateways (one connection to each).
+    pub fn gateways(mut self, gateways: &[SocketAddr]) -> AgentSpec {
+        self.gateways = gateways.to_vec();
+        self
+    }
+
+    /// Run inside network namespace `ns`.
+    pub fn in_netns(mut self, ns: &str) -> AgentSpec {
+        self.netns = Some(ns.into());
+        self
     }
 
     /// Adds arguments.
@@ -75,7 +121,15 @@ impl AgentProc {
     /// Starts it in `dir` (a restart keeps its state directory).
     pub fn start_in(spec: AgentSpec, dir: PathBuf) -> AgentProc {
         let log = dir.join("agent.log");
-        let mut cmd = Command::new(binary());
+        // `ip netns exec` execs the binary: the child's PID is the agent's.
+        let mut cmd = match &spec.netns {
+            None => Command::new(binary()),
+            Some(ns) => {
+                let mut c = Command::new(require_tool("ip", "iproute2"));
+                c.args(["netns", "exec", ns]).arg(binary());
+                c
+            }
+        };
         cmd.arg("agent").arg("--id").arg(&spec.id);
         for g in &spec.gateways {
             cmd.arg("--gateway").arg(g.to_string());
@@ -121,6 +175,17 @@ impl AgentProc {
     /// Waits until it exits, at most `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         wait_child(&mut self.child, timeout)
+    }
+
+    /// Sends it SIGTERM and waits (at most 10 s) for its exit status.
+    pub fn terminate(&mut self) -> Option<ExitStatus> {
+        signal(self.child.id(), "TERM");
+        wait_child(&mut self.child, Duration::from_secs(10))
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
     }
 
     /// Kills it with SIGKILL and reaps it.

@@ -25,6 +25,7 @@ pub mod curl;
 pub mod faults;
 pub mod fixtures;
 pub mod gateway;
+pub mod netns;
 pub mod nodes;
 pub mod ops;
 pub mod pg;

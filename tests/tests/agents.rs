@@ -33,20 +33,39 @@ impl Lab {
     }
 
     fn start_with(f: impl FnOnce(Conf) -> Conf) -> Lab {
+        Lab::start_at("127.0.0.1:@PORT_AGENTS@", f)
+    }
+
+    /// [`Lab::start_with`], the agent listener on `listen` (a placeholder
+    /// port: the gateway binds port 0 and reports it).
+    fn start_at(listen: &str, f: impl FnOnce(Conf) -> Conf) -> Lab {
         let dir = temp_dir("agents-pki");
         let ca = TestCa::new(&dir);
-        let leaf = ca.leaf("gw", (2031, 7, 15));
-        let mut conf = Conf::with_package(KEY)
-            .node(NodeDecl::agent("dev-a", KEY_A))
-            .node(NodeDecl::agent("dev-b", KEY_B));
-        conf.tls = Some((leaf.cert.clone(), leaf.key.clone()));
-        conf.extra
-            .push_str("[agents]\nlisten = \"127.0.0.1:@PORT_AGENTS@\"\nheartbeat_s = 1\n");
-        let conf = f(conf);
+        let conf = f(agents_conf(&ca, "gw", listen));
         Lab {
             gw: Gateway::start_conf(&conf),
             ca,
             web: HttpTarget::start(),
+        }
+    }
+
+    /// Waits until node `id` is (or is not) connected per the admin API
+    /// of `gw` (another gateway than the lab's).
+    fn wait_connected_on(gw: &Gateway, id: &str, connected: bool, within: Duration) -> Value {
+        let until = Instant::now() + within;
+        loop {
+            let (status, v) =
+                admin_request(gw.admin_addr(), "GET", &format!("/v1/nodes/{id}"), None)
+                    .expect("admin API");
+            assert_eq!(status, 200, "{v}");
+            if v["connected"] == Value::Bool(connected) {
+                return v;
+            }
+            assert!(
+                Instant::now() < until,
+                "node {id} not connected={connected} within {within:?}: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(25));
         }
     }
 
@@ -75,6 +94,23 @@ impl Lab {
         v
     }
 
+    /// Waits until node `id` exists and is connected (an enrolling device's
+    /// node does not exist before).
+    fn wait_connected_new(&self, id: &str, within: Duration) {
+        let until = Instant::now() + within;
+        loop {
+            let (status, v) = node_status(self, id);
+            if status == 200 && v["connected"] == Value::Bool(true) {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "node {id} not there and connected within {within:?}: {status} {v}"
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
     /// Waits until node `id` is (or is not) connected, per the admin API.
     fn wait_connected(&self, id: &str, connected: bool, within: Duration) {
         let until = Instant::now() + within;
@@ -90,6 +126,21 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(25));
         }
     }
+}
+
+/// A gateway's configuration with `[agents]` on `listen` (heartbeat 1 s),
+/// the `[tls]` certificate `name` from `ca`, package 7, and agent nodes
+/// `dev-a` and `dev-b`.
+fn agents_conf(ca: &TestCa, name: &str, listen: &str) -> Conf {
+    let leaf = ca.leaf(name, (2031, 7, 15));
+    let mut conf = Conf::with_package(KEY)
+        .node(NodeDecl::agent("dev-a", KEY_A))
+        .node(NodeDecl::agent("dev-b", KEY_B));
+    conf.tls = Some((leaf.cert.clone(), leaf.key.clone()));
+    conf.extra.push_str(&format!(
+        "[agents]\nlisten = \"{listen}\"\nheartbeat_s = 1\n"
+    ));
+    conf
 }
 
 #[test]
@@ -636,5 +687,497 @@ fn a_new_key_or_a_deleted_node_ends_the_agents_connection() {
         Some(2),
         "a deleted node's key is refused: {}",
         b.log()
+    );
+}
+
+/// The fleet's enrolment secret in the enrolment tests (at least 16
+/// characters, as `[agents] enrol_key` requires).
+const ENROL: &str = "enrol-secret-0123456789";
+
+/// Node `id` per the admin API: the status and the JSON (404 while it does
+/// not exist).
+fn node_status(lab: &Lab, id: &str) -> (u16, Value) {
+    admin_request(lab.gw.admin_addr(), "GET", &format!("/v1/nodes/{id}"), None).expect("admin API")
+}
+
+/// A temporary directory removed when dropped (a device's `--state-dir`,
+/// which outlives one agent process).
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[test]
+fn a_device_enrols_keeps_its_key_reconnects_with_it_and_taken_or_revoked_ids_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = Lab::start_with(|mut c| {
+        // Still in [agents] (the last table of the file).
+        c.extra.push_str(&format!("enrol_key = \"{ENROL}\"\n"));
+        c
+    });
+    let state = TempDir(temp_dir("agent-state"));
+    let enrol = |id: &str, dir: &std::path::Path, secret: &str| {
+        AgentProc::start(
+            AgentSpec::enrol(id, secret, dir, lab.agents_addr(), &lab.ca.ca_pem()).args(&[
+                "--country",
+                "de",
+                "--city",
+                "berlin",
+            ]),
+        )
+    };
+
+    // Enrolment: the device becomes node dev-new with what it announced.
+    assert_eq!(node_status(&lab, "dev-new").0, 404, "no such node yet");
+    let mut dev = enrol("dev-new", &state.0, ENROL);
+    lab.wait_connected_new("dev-new", Duration::from_secs(10));
+    let n = lab.node("dev-new");
+    assert_eq!(n["kind"], "agent", "{n}");
+    assert_eq!(n["state"], "online", "{n}");
+    assert_eq!(n["country"], "de", "{n}");
+    assert_eq!(n["city"], "berlin", "{n}");
+    assert!(dev.log().contains("enrolled"), "{}", dev.log());
+    // It keeps the key it was issued, readable by its owner only, and that
+    // key is not the fleet's secret.
+    let key_file = state.0.join("key");
+    let meta = std::fs::metadata(&key_file).expect("the device keeps its key in --state-dir");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{meta:?}");
+    let key = std::fs::read_to_string(&key_file).expect("key");
+    assert!(key.trim().len() >= 16, "a real key: {key:?}");
+    assert!(
+        !key.contains(ENROL),
+        "the enrolment secret is never a device's key"
+    );
+    assert!(
+        !n.to_string().contains(key.trim()),
+        "the API never shows the key: {n}"
+    );
+
+    // Traffic for Germany goes through it.
+    let out = Curl::new(client_ip())
+        .proxy(lab.gw.proxy)
+        .user(&user("country-de"), KEY)
+        .get(&lab.web.url("/ip"));
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert_eq!(out.last().status, 200, "{out:#?}");
+    assert_eq!(
+        lab.web.requests().len(),
+        1,
+        "the request reached the target"
+    );
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = lab.node("dev-new");
+        if n["agent"]["bytes_down"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(Instant::now() < until, "no bytes through dev-new: {n}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Restarted with only its state directory (no secret, no key): it
+    // connects with the key it kept.
+    let st = dev.terminate().expect("SIGTERM ends the agent");
+    assert_eq!(st.code(), Some(0), "{}", dev.log());
+    lab.wait_connected("dev-new", false, Duration::from_secs(5));
+    let mut dev = AgentProc::start(
+        AgentSpec::new("dev-new", "", lab.agents_addr(), &lab.ca.ca_pem())
+            .keyless()
+            .state_dir(&state.0),
+    );
+    lab.wait_connected("dev-new", true, Duration::from_secs(10));
+    assert!(!dev.log().contains("enrolled"), "{}", dev.log());
+    assert_eq!(
+        std::fs::read_to_string(&key_file).expect("key"),
+        key,
+        "the kept key is unchanged"
+    );
+
+    // A wrong secret, and a taken id (dev-a is the file's), end an agent
+    // with status 2: retrying cannot help.
+    let wrong_dir = TempDir(temp_dir("agent-state-wrong"));
+    let mut wrong = enrol("dev-other", &wrong_dir.0, "not-the-enrolment-secret");
+    let st = wrong
+        .wait_exit(Duration::from_secs(15))
+        .expect("a wrong secret ends the agent");
+    assert_eq!(st.code(), Some(2), "{}", wrong.log());
+    assert!(
+        !wrong_dir.0.join("key").exists(),
+        "no key for a wrong secret"
+    );
+    assert_eq!(node_status(&lab, "dev-other").0, 404);
+    let taken_dir = TempDir(temp_dir("agent-state-taken"));
+    let mut taken = enrol("dev-a", &taken_dir.0, ENROL);
+    let st = taken
+        .wait_exit(Duration::from_secs(15))
+        .expect("a taken id ends the agent");
+    assert_eq!(st.code(), Some(2), "{}", taken.log());
+    assert!(taken.log().contains("taken"), "{}", taken.log());
+    assert!(!taken_dir.0.join("key").exists(), "no key for a taken id");
+    let a = lab.node("dev-a");
+    assert_eq!(a["country"], "us", "the file's node is untouched: {a}");
+
+    // Deleting the node revokes the id: the connected agent is dropped
+    // (it reconnects with its key, which is refused: status 2) ...
+    let (status, v) =
+        admin_request(lab.gw.admin_addr(), "DELETE", "/v1/nodes/dev-new", None).expect("admin API");
+    assert!((200..300).contains(&status), "{status} {v}");
+    assert_eq!(node_status(&lab, "dev-new").0, 404);
+    // The gateway checks once a second; the agent retries after its first
+    // backoff (at most 1.5 s) and is refused: 10 s is ample.
+    let st = dev
+        .wait_exit(Duration::from_secs(10))
+        .expect("the deleted node's agent is dropped and stops");
+    assert_eq!(st.code(), Some(2), "{}", dev.log());
+    // ... and a device enrolling as dev-new again is refused for good.
+    let again_dir = TempDir(temp_dir("agent-state-again"));
+    let mut again = enrol("dev-new", &again_dir.0, ENROL);
+    let st = again
+        .wait_exit(Duration::from_secs(15))
+        .expect("a revoked id ends the agent");
+    assert_eq!(st.code(), Some(2), "{}", again.log());
+    assert!(again.log().contains("revoked"), "{}", again.log());
+    assert_eq!(node_status(&lab, "dev-new").0, 404);
+}
+
+/// The waits (in seconds) the agent's log announces before reconnecting to
+/// `gw` ("reconnecting in 1.3 s"), in order.
+fn backoffs(log: &str, gw: SocketAddr) -> Vec<f64> {
+    let tag = format!("gateway=\"{gw}\"");
+    log.lines()
+        .filter(|l| l.contains(&tag))
+        .filter_map(|l| l.split("reconnecting in ").nth(1))
+        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn an_agent_keeps_a_connection_to_each_gateway_and_the_second_serves_while_the_first_is_down() {
+    let lab = Lab::start();
+    // A second gateway: its own store and ports, a certificate from the
+    // same CA, the same agent nodes.
+    let gw2 = Gateway::start_conf(&agents_conf(&lab.ca, "gw2", "127.0.0.1:@PORT_AGENTS@"));
+    let (gw1_agents, gw2_agents) = (lab.agents_addr(), gw2.addr("AGENTS"));
+    let mut agent = AgentProc::start(
+        AgentSpec::new("dev-a", KEY_A, gw1_agents, &lab.ca.ca_pem())
+            .gateways(&[gw1_agents, gw2_agents]),
+    );
+    // One connection to each: both gateways' APIs show it connected.
+    lab.wait_connected("dev-a", true, Duration::from_secs(10));
+    let on2 = Lab::wait_connected_on(&gw2, "dev-a", true, Duration::from_secs(10));
+    let since2 = on2["agent"]["since"].clone();
+    assert!(!since2.is_null(), "{on2}");
+    let url = lab.web.url("/ip");
+    let get = |proxy: SocketAddr, what: &str| {
+        let out = Curl::new(client_ip())
+            .proxy(proxy)
+            .user(&user("country-us"), KEY)
+            .get(&url);
+        assert_eq!(out.code, 0, "{what}: {out:#?}");
+        assert_eq!(out.last().status, 200, "{what}: {out:#?}");
+    };
+    get(lab.gw.proxy, "through gateway 1");
+    get(gw2.proxy, "through gateway 2");
+
+    // Gateway 1 stops (SIGTERM): gateway 2 keeps serving through the same
+    // agent, whose connection to it is untouched.
+    let Lab { mut gw, ca, web } = lab;
+    gw.signal("TERM");
+    let st = gw.wait_exit(Duration::from_secs(10));
+    assert!(st.is_some_and(|s| s.success()), "gateway 1 stops: {st:?}");
+    let down_at = Instant::now();
+    for i in 0..5 {
+        get(
+            gw2.proxy,
+            &format!("request {i} through gateway 2, gateway 1 down"),
+        );
+    }
+    let on2 = Lab::wait_connected_on(&gw2, "dev-a", true, Duration::from_secs(1));
+    assert_eq!(
+        on2["agent"]["since"], since2,
+        "the connection to gateway 2 never dropped: {on2}"
+    );
+    assert!(agent.running(), "{}", agent.log());
+    // Gateway 1 stays down until the agent's first retry failed.
+    let refused = "cannot connect";
+    let tag = format!("gateway=\"{gw1_agents}\"");
+    assert!(
+        eventually(Duration::from_secs(10), Duration::from_millis(50), || {
+            agent
+                .log()
+                .lines()
+                .any(|l| l.contains(refused) && l.contains(&tag))
+                .then_some(())
+        })
+        .is_some(),
+        "the agent retries gateway 1: {}",
+        agent.log()
+    );
+    get(gw2.proxy, "through gateway 2, gateway 1 still down");
+
+    // Gateway 1 again, on the same ports: the agent comes back to it
+    // within its backoff. Bound: the last wait it announced for gateway 1
+    // before connecting, plus 2 s for TCP, TLS, the hello and the API's
+    // poll; that wait is the second backoff (2 s x at most 1.5 jitter), or
+    // the third (6 s) if a retry hit the restart.
+    let gw = gw.restart();
+    let up_at = Instant::now();
+    let lab = Lab { gw, ca, web };
+    lab.wait_connected("dev-a", true, Duration::from_secs(30));
+    let back = up_at.elapsed();
+    let waits = backoffs(&agent.log(), gw1_agents);
+    let last = *waits.last().expect("the agent announced its backoff");
+    assert!(
+        waits.len() >= 2,
+        "a failed retry, then a longer wait: {waits:?}"
+    );
+    eprintln!(
+        "gateway 1 down {:.1} s; the agent's waits {waits:?} s; back {:.2} s after the restart",
+        (up_at - down_at).as_secs_f64(),
+        back.as_secs_f64()
+    );
+    assert!(last <= 6.0, "backoff past the third step: {waits:?}");
+    assert!(
+        back.as_secs_f64() <= last + 2.0,
+        "reconnected {back:?} after the restart, its last wait {last} s: {waits:?}"
+    );
+    get(lab.gw.proxy, "through gateway 1 after its restart");
+    get(gw2.proxy, "through gateway 2 after gateway 1's restart");
+    let on2 = Lab::wait_connected_on(&gw2, "dev-a", true, Duration::from_secs(1));
+    assert_eq!(on2["agent"]["since"], since2, "{on2}");
+    assert!(agent.running(), "{}", agent.log());
+    let st = agent.terminate().expect("SIGTERM ends the agent");
+    assert_eq!(st.code(), Some(0), "{}", agent.log());
+}
+
+/// Prints a `FIGURE` line on the process's stderr directly, past the test
+/// harness's capture, so that every run shows it.
+fn figure(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "FIGURE {text}");
+}
+
+#[test]
+fn an_agent_whose_network_is_cut_silently_goes_offline_within_three_heartbeats() {
+    use splicegate_tests::netns::{NetLink, netns_ready};
+    if !netns_ready("an_agent_whose_network_is_cut_silently_goes_offline_within_three_heartbeats") {
+        return;
+    }
+    // The device in a namespace of its own, behind a veth; the gateway's
+    // agent listener on the host end.
+    let link = NetLink::veth("cut");
+    let lab = Lab::start_at(&format!("{}:@PORT_AGENTS@", link.host_ip), |mut c| {
+        c.allow_targets.push(format!("{}/32", link.host_ip));
+        c
+    });
+    assert_eq!(lab.agents_addr().ip(), link.host_ip);
+    // A target the device reaches across the link.
+    let web = HttpTarget::start_on(link.host_ip.into());
+    let agent = AgentProc::start(
+        AgentSpec::new("dev-a", KEY_A, lab.agents_addr(), &lab.ca.ca_pem()).in_netns(&link.ns),
+    );
+    lab.wait_connected("dev-a", true, Duration::from_secs(10));
+    let n = lab.node("dev-a");
+    assert_eq!(
+        n["agent"]["addr"].as_str().map(|a| a.split(':').next()),
+        Some(Some(link.ns_ip.to_string().as_str())),
+        "connected from the namespace: {n}"
+    );
+    // The status of a request through the agent (curl gives up after 5 s).
+    let status = || {
+        let out = Curl::new(client_ip())
+            .proxy(lab.gw.proxy)
+            .user(&user("country-us"), KEY)
+            .arg("--max-time")
+            .arg("5")
+            .get(&web.url("/ip"));
+        out.last().status
+    };
+    assert_eq!(status(), 200, "before the cut");
+    // A few heartbeats both ways first.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // Cut silently, both ends: no RST, no ICMP, the interfaces stay up.
+    // Only the missing heartbeats can tell.
+    let how = link.cut();
+    let cut_at = Instant::now();
+    let heartbeat = Duration::from_secs(1);
+    // The gateway checks once a heartbeat for silence longer than three:
+    // offline between 3 heartbeats after the last bytes heard (at most
+    // ~1 s before the cut) and 4 after the cut; slack: one heartbeat for
+    // that check's period and 0.5 s for the API's poll.
+    let bound = heartbeat * 3 + heartbeat + Duration::from_millis(500);
+    let offline = eventually(Duration::from_secs(15), Duration::from_millis(20), || {
+        (lab.node("dev-a")["connected"] == false).then(|| cut_at.elapsed())
+    })
+    .unwrap_or_else(|| panic!("still connected 15 s after the cut ({how})"));
+    let n = lab.node("dev-a");
+    assert_eq!(n["state"], "offline", "{n}");
+    assert!(
+        offline <= bound,
+        "offline {offline:?} after the cut; three heartbeats + slack is {bound:?}"
+    );
+    // Not at once: a reset or an error would end the link at once; silence
+    // takes heartbeats (at least two after the cut, one kept as margin for
+    // a loaded machine delaying the device's pings before it).
+    assert!(
+        offline >= heartbeat,
+        "offline after {offline:?}: before heartbeats could have told (a reset?)"
+    );
+    // The device notices too (it hears no answers to its pings).
+    assert!(
+        agent.wait_log("no heartbeat", Duration::from_secs(6)),
+        "{}",
+        agent.log()
+    );
+    // Offline, the node is not chosen: nothing else matches.
+    assert_ne!(status(), 200, "during the cut");
+
+    // The network returns: the device reconnects on its own. Bound: its
+    // connect attempt (SYN retransmits, a 10 s timeout) and one backoff.
+    link.restore();
+    let restored_at = Instant::now();
+    lab.wait_connected("dev-a", true, Duration::from_secs(25));
+    let back = restored_at.elapsed();
+    assert_eq!(status(), 200, "after the cut");
+    figure(&format!(
+        "agents: a silent network cut ({how}) → node offline after {:.2} s (heartbeat_s = 1, bound {:.1} s); online again {:.2} s after the network returned",
+        offline.as_secs_f64(),
+        bound.as_secs_f64(),
+        back.as_secs_f64()
+    ));
+}
+
+/// Reads from `conn` (past `already` bytes it buffered) until `total`
+/// bytes, EOF or `until`; the bytes read.
+fn drain(conn: &mut splicegate_tests::Conn, already: usize, total: u64, until: Instant) -> u64 {
+    let mut got = already as u64;
+    let mut buf = vec![0u8; 1 << 20];
+    conn.set_timeout(Duration::from_secs(5));
+    while got < total && Instant::now() < until {
+        match conn.try_read(&mut buf) {
+            Some(0) | None => break,
+            Some(n) => got += n as u64,
+        }
+    }
+    got
+}
+
+/// One stream through an agent over a long, fat link (100 ms round trip,
+/// 100 Mbit/s: a bandwidth-delay product of 1.25 MB, five times the
+/// stream's first window, so a fixed window would cap it near 20 %) against
+/// one plain TCP connection over the same link, in the same run, the same
+/// size: the agent's stream must reach 90 % of it.
+///
+/// The device and a bulk source share a namespace behind the link; the
+/// plain connection goes from the host to the source across the link, the
+/// agent's stream from the gateway on the host through the agent's link
+/// to the source on the device's loopback. The link is `tc netem` on both
+/// veth ends where the kernel has netem, else the user-space delay line
+/// (`scripts/agents/delayline.py`), with the same delay, rate and limit;
+/// the output says which. `scripts/agents/netem.sh` runs it on purpose.
+#[test]
+fn one_stream_through_an_agent_over_a_100ms_link_reaches_90_percent_of_plain_tcp() {
+    use splicegate_tests::netns::{DelayLine, NetLink, host_sysctl, netns_ready};
+    if !netns_ready("one_stream_through_an_agent_over_a_100ms_link_reaches_90_percent_of_plain_tcp")
+    {
+        return;
+    }
+    // 50 ms each way, 100 Mbit/s each way; the queue of each direction
+    // holds 1,250 packets (delay line and rate queue together, as netem
+    // counts): 417 are in flight in 50 ms at 100 Mbit/s, the rest is one
+    // bandwidth-delay product of queue.
+    const BYTES: u64 = 100_000_000;
+    const MAX_TRANSFER: Duration = Duration::from_secs(20);
+    let line = DelayLine {
+        delay: Duration::from_millis(50),
+        rate_bps: 100_000_000,
+        limit: 1250,
+    };
+    let veth = NetLink::veth("fat");
+    let (link, how) = if veth.has_netem() {
+        let limit = line.limit.to_string();
+        let spec = ["netem", "delay", "50ms", "rate", "100mbit", "limit", &limit];
+        veth.qdisc(true, &spec);
+        (
+            veth,
+            format!("tc qdisc {} on both veth ends", spec.join(" ")),
+        )
+    } else {
+        drop(veth);
+        (
+            NetLink::delay_line("fat", line),
+            format!(
+                "the kernel has no sch_netem: user-space delay line (scripts/agents/delayline.py), delay {} ms, rate {} bit/s, limit {} packets each way",
+                line.delay.as_millis(),
+                line.rate_bps,
+                line.limit
+            ),
+        )
+    };
+    // Senders (the source, the agent) are in the namespace: their buffers
+    // may grow past the path's bandwidth-delay product.
+    let ns_rmem = link.sysctl("net.ipv4.tcp_rmem", "4096 131072 33554432");
+    let ns_wmem = link.sysctl("net.ipv4.tcp_wmem", "4096 16384 33554432");
+    let settings = format!(
+        "link: {how}; namespace: tcp_rmem {ns_rmem}, tcp_wmem {ns_wmem}, congestion control {}; host (unchanged): tcp_rmem {}, tcp_wmem {}, congestion control {}",
+        link.read_sysctl("net.ipv4.tcp_congestion_control"),
+        host_sysctl("net.ipv4.tcp_rmem"),
+        host_sysctl("net.ipv4.tcp_wmem"),
+        host_sysctl("net.ipv4.tcp_congestion_control"),
+    );
+    figure(&format!("agents flow control settings: {settings}"));
+
+    let lab = Lab::start_at(&format!("{}:@PORT_AGENTS@", link.host_ip), |c| c);
+    let source = link.source(BYTES, Duration::from_secs(300));
+    let _agent = AgentProc::start(
+        AgentSpec::new("dev-a", KEY_A, lab.agents_addr(), &lab.ca.ca_pem()).in_netns(&link.ns),
+    );
+    lab.wait_connected("dev-a", true, Duration::from_secs(10));
+
+    // One plain TCP connection from the host to the source.
+    let t = Instant::now();
+    let sock = std::net::TcpStream::connect_timeout(
+        &SocketAddr::from((link.ns_ip, source.port)),
+        Duration::from_secs(5),
+    )
+    .expect("connect to the source across the link");
+    let mut plain = splicegate_tests::Conn::new(sock);
+    let plain_bytes = drain(&mut plain, 0, BYTES, t + MAX_TRANSFER);
+    let plain_s = t.elapsed().as_secs_f64();
+    drop(plain);
+
+    // One stream through the agent: CONNECT to the source on the device's
+    // own loopback (the agent allows private targets here).
+    let t = Instant::now();
+    let mut conn = splicegate_tests::Conn::open(client_ip(), lab.gw.proxy).expect("the proxy");
+    conn.set_timeout(Duration::from_secs(10));
+    let target = format!("127.0.0.1:{}", source.port);
+    let r = conn
+        .connect(&target, Some((&user("country-us"), KEY)), &[])
+        .expect("CONNECT");
+    assert_eq!(r.status, 200, "{r:?}");
+    let already = conn.buffered().len();
+    let agent_bytes = drain(&mut conn, already, BYTES, t + MAX_TRANSFER);
+    let agent_s = t.elapsed().as_secs_f64();
+    drop(conn);
+
+    let mb_s = |bytes: u64, s: f64| bytes as f64 / s / 1e6;
+    let (plain_rate, agent_rate) = (mb_s(plain_bytes, plain_s), mb_s(agent_bytes, agent_s));
+    let ratio = agent_rate / plain_rate;
+    figure(&format!(
+        "agents flow control, 100 ms RTT at 100 Mbit/s: plain TCP {plain_rate:.2} MB/s ({plain_bytes} B in {plain_s:.2} s), one stream through the agent {agent_rate:.2} MB/s ({agent_bytes} B in {agent_s:.2} s), ratio {ratio:.3}"
+    ));
+    assert_eq!(plain_bytes, BYTES, "the plain transfer completed");
+    assert!(
+        ratio >= 0.9,
+        "one stream through the agent reached {:.1} % of plain TCP ({settings})\n{}",
+        ratio * 100.0,
+        link.line_log()
     );
 }
