@@ -1181,3 +1181,96 @@ fn one_stream_through_an_agent_over_a_100ms_link_reaches_90_percent_of_plain_tcp
         link.line_log()
     );
 }
+
+/// `[agents] geoip` with MaxMind's test databases: a device enrolling from
+/// 81.2.69.142 (London in `GeoIP2-City-Test.mmdb`) becomes a node in gb /
+/// england / london whatever it announces. The device runs in a namespace
+/// that owns that address (nothing leaves the machine).
+#[test]
+fn an_enrolled_device_takes_its_addresss_attributes_from_geoip() {
+    use splicegate_tests::netns::{NetLink, netns_ready};
+    if !netns_ready("an_enrolled_device_takes_its_addresss_attributes_from_geoip") {
+        return;
+    }
+    const SECRET: &str = "fleet-enrol-secret-0123456789";
+    const LONDON: &str = "81.2.69.142";
+    let link = NetLink::veth("geo");
+    // The namespace's connections to the gateway leave from LONDON; the
+    // host routes the answers back to it over the veth.
+    let ns_run = |args: &[&str]| {
+        let st = std::process::Command::new("ip")
+            .arg("-n")
+            .arg(&link.ns)
+            .args(args)
+            .status()
+            .expect("ip");
+        assert!(st.success(), "ip -n {} {args:?}", link.ns);
+    };
+    ns_run(&["addr", "add", &format!("{LONDON}/32"), "dev", &link.ns_if]);
+    ns_run(&[
+        "route",
+        "replace",
+        &format!("{}/32", link.host_ip),
+        "dev",
+        &link.ns_if,
+        "src",
+        LONDON,
+    ]);
+    let st = std::process::Command::new("ip")
+        .args([
+            "route",
+            "replace",
+            &format!("{LONDON}/32"),
+            "dev",
+            &link.host_if,
+        ])
+        .status()
+        .expect("ip");
+    assert!(st.success());
+    let testdata = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../dataplane/gateway/testdata/maxmind");
+    let lab = Lab::start_at(&format!("{}:@PORT_AGENTS@", link.host_ip), |mut c| {
+        c.extra.push_str(&format!(
+            "enrol_key = {SECRET:?}\ngeoip = [{:?}, {:?}]\n",
+            testdata.join("GeoIP2-City-Test.mmdb").display().to_string(),
+            testdata
+                .join("GeoLite2-ASN-Test.mmdb")
+                .display()
+                .to_string(),
+        ));
+        c
+    });
+    let state = temp_dir("geo-state");
+    let spec = AgentSpec::enrol(
+        "dev-geo",
+        SECRET,
+        &state,
+        lab.agents_addr(),
+        &lab.ca.ca_pem(),
+    )
+    .args(&["--country", "us", "--city", "new_york", "--network", "mob"])
+    .in_netns(&link.ns);
+    let agent = AgentProc::start(spec);
+    let n = eventually(Duration::from_secs(15), Duration::from_millis(50), || {
+        let (status, v) =
+            admin_request(lab.gw.admin_addr(), "GET", "/v1/nodes/dev-geo", None).ok()?;
+        (status == 200 && v["connected"] == true).then_some(v)
+    })
+    .unwrap_or_else(|| panic!("never enrolled:\n{}\n{}", agent.log(), lab.gw.log_tail(20)));
+    assert!(
+        n["agent"]["addr"]
+            .as_str()
+            .is_some_and(|a| a.starts_with(LONDON)),
+        "connected from {LONDON}: {n}"
+    );
+    assert_eq!(
+        n["country"], "gb",
+        "the database wins over the announced us: {n}"
+    );
+    assert_eq!(n["region"], "england", "{n}");
+    assert_eq!(n["city"], "london", "{n}");
+    assert_eq!(
+        n["network"], "mob",
+        "what the database lacks comes from the device: {n}"
+    );
+}
