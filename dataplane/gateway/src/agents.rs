@@ -40,12 +40,13 @@ pub(crate) struct Settings {
     pub target: Duration,
 }
 
-/// An agent past its hello: id, link, presence generation, the key hash it
-/// proved, and the link task.
+/// An agent past its hello: id, link, where it connected from, its
+/// software, the key hash it proved, and the link task.
 type Admitted = (
     String,
     Link,
-    u64,
+    SocketAddr,
+    String,
     Option<[u8; 32]>,
     tokio::task::JoinHandle<String>,
 );
@@ -275,26 +276,17 @@ impl Hub {
             .await;
             return None;
         }
-        let up = {
-            let policy = self.engine.policy();
-            policy.nodes.get(&id).map(|(idx, node)| {
-                let generation =
-                    policy
-                        .nodes
-                        .agent_up(idx, peer, &software, splicegate_worker::unix_ms());
-                (generation, node.key_hash)
-            })
-        };
-        // Generation 0: the node was deleted (or changed kind) between the
-        // key check and now.
-        let Some((generation, key_hash)) = up.filter(|(g, _)| *g != 0) else {
-            let _ = refuse(
-                &mut tls,
-                Refusal::Busy,
-                "the node is not in force yet; retry",
-            )
-            .await;
-            return None;
+        let key_hash = match self.engine.policy().nodes.get(&id) {
+            Some((_, node)) => node.key_hash,
+            None => {
+                let _ = refuse(
+                    &mut tls,
+                    Refusal::Busy,
+                    "the node is not in force yet; retry",
+                )
+                .await;
+                return None;
+            }
         };
         let hb = self.settings.heartbeat.as_secs().max(1).to_string();
         let mut pairs = vec![("heartbeat_s", hb.as_str()), ("node", id.as_str())];
@@ -312,7 +304,6 @@ impl Hub {
         .await;
         if let Err(e) = sent {
             tracing::info!(%peer, id, error = %e, "the agent left during its welcome");
-            self.down(&id, generation);
             return None;
         }
         let config = LinkConfig {
@@ -323,7 +314,7 @@ impl Hub {
         };
         let (link, _incoming, task) = link::spawn(tls, buf, config);
         tracing::info!(%peer, id, software, "agent connected");
-        Some((id, link, generation, key_hash, task))
+        Some((id, link, peer, software, key_hash, task))
     }
 
     fn failed(&self, peer: SocketAddr, id: &str, now: splicegate_control::Now) {
@@ -378,16 +369,38 @@ impl Hub {
 
     /// Serves a connected agent until its link ends.
     async fn run(&self, admitted: Admitted) {
-        let (id, link, generation, key_hash, task) = admitted;
-        let replaced = lock(&self.links).insert(
-            id.clone().into_boxed_str(),
-            Connected {
-                link: link.clone(),
-                generation,
-                key_hash,
-                copied: Copied::default(),
-            },
-        );
+        let (id, link, peer, software, key_hash, task) = admitted;
+        // Registered before the node is marked present: a worker that sees
+        // the node online always finds its link.
+        let (replaced, generation) = {
+            let mut links = lock(&self.links);
+            let replaced = links.insert(
+                id.clone().into_boxed_str(),
+                Connected {
+                    link: link.clone(),
+                    generation: 0,
+                    key_hash,
+                    copied: Copied::default(),
+                },
+            );
+            let policy = self.engine.policy();
+            let generation = policy.nodes.get(&id).map_or(0, |(idx, _)| {
+                policy
+                    .nodes
+                    .agent_up(idx, peer, &software, splicegate_worker::unix_ms())
+            });
+            if let Some(c) = links.get_mut(id.as_str()) {
+                c.generation = generation;
+            }
+            (replaced, generation)
+        };
+        if generation == 0 {
+            // The node was deleted (or changed kind) since the key check.
+            lock(&self.links).remove(id.as_str());
+            link.close("the node is gone").await;
+            let _ = task.await;
+            return;
+        }
         if let Some(old) = replaced {
             // The device reconnected (its old connection may be half-dead):
             // the newest connection serves.
