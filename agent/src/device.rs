@@ -556,6 +556,8 @@ async fn serve_udp(args: &Args, link: &Link, stream: u32, rate: Option<Arc<RateL
         return;
     };
     let mut names: std::collections::HashMap<String, Option<SocketAddr>> = Default::default();
+    // Only where the client went may answer (a port restricted cone).
+    let mut contacted: std::collections::HashSet<SocketAddr> = Default::default();
     let mut buf = vec![0u8; 65_536];
     loop {
         tokio::select! {
@@ -588,10 +590,17 @@ async fn serve_udp(args: &Args, link: &Link, stream: u32, rate: Option<Arc<RateL
                 if dual && let IpAddr::V4(v4) = to.ip() {
                     to = SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), to.port());
                 }
+                if contacted.len() >= 4096 {
+                    contacted.clear();
+                }
+                contacted.insert(to);
                 let _ = sock.send_to(bytes, to).await;
             }
             r = sock.recv_from(&mut buf) => {
                 let Ok((n, from)) = r else { continue };
+                if !contacted.contains(&from) {
+                    continue;
+                }
                 let from = match from.ip() {
                     IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
                         Some(v4) => SocketAddr::new(IpAddr::V4(v4), from.port()),

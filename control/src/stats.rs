@@ -67,7 +67,7 @@ pub struct WorkerStats {
     /// SOCKS5 UDP datagrams relayed: client → target, target → client.
     pub udp_datagrams: [AtomicU64; 2],
     /// SOCKS5 UDP datagrams dropped by reason ([`UDP_DROP_REASONS`]).
-    pub udp_dropped: [AtomicU64; 6],
+    pub udp_dropped: [AtomicU64; 7],
     /// The worker's runtime, as of its last tick (every 250 ms).
     pub runtime: RuntimeGauges,
 }
@@ -129,14 +129,18 @@ pub const UDP_DROP_MALFORMED: usize = 3;
 pub const UDP_DROP_UNREACHABLE: usize = 4;
 /// A socket buffer full (the sender outpaces the path).
 pub const UDP_DROP_FULL: usize = 5;
+/// At the exit, from an address the client never sent to (or before its
+/// first datagram): answers only come from where the client went.
+pub const UDP_DROP_UNSOLICITED: usize = 6;
 /// The `reason` label of each index.
-pub const UDP_DROP_REASONS: [&str; 6] = [
+pub const UDP_DROP_REASONS: [&str; 7] = [
     "fragment",
     "blocked_target",
     "stranger",
     "malformed",
     "unreachable",
     "buffer_full",
+    "unsolicited",
 ];
 
 impl WorkerStats {

@@ -401,3 +401,66 @@ fn datagrams_go_through_an_upstream_socks5_node_that_serves_udp() {
     let v = run(&plain, client_ip(), &user("country-us"), &[]);
     assert_eq!(v["reply"], 3, "{v}");
 }
+
+#[test]
+fn only_the_addresses_the_client_sent_to_may_answer() {
+    let bind = node_ip();
+    let gw = Gateway::with_direct(bind);
+    // A target that answers, learns the exit's address from what it
+    // receives, and has a stranger spray that address: only the target's
+    // answers may reach the client.
+    let probe = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let exit_seen = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+    let spy = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    spy.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let spy_addr = spy.local_addr().unwrap();
+    {
+        let (stop, seen) = (stop.clone(), exit_seen.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = spy.recv_from(&mut buf) {
+                    *seen.lock().unwrap() = Some(from);
+                    let _ = spy.send_to(&buf[..n], from);
+                    // And a stranger sprays the same exit port.
+                    for _ in 0..5 {
+                        let _ = probe.send_to(b"spray", from);
+                    }
+                }
+            }
+        });
+    }
+    let v = run(
+        &gw,
+        client_ip(),
+        &user("country-us"),
+        &[format!("{spy_addr}|first"), format!("{spy_addr}|second")],
+    );
+    stop.store(true, Ordering::Relaxed);
+    let a = answers(&v);
+    assert_eq!(a[0], format!("{spy_addr} first"), "{v}");
+    assert_eq!(
+        a[1],
+        format!("{spy_addr} second"),
+        "the spray never reached the client: {v}"
+    );
+    assert!(
+        exit_seen
+            .lock()
+            .unwrap()
+            .is_some_and(|e| e.ip() == std::net::IpAddr::V4(bind))
+    );
+    assert!(
+        sample(
+            &gw.metrics(),
+            "splicegate_udp_dropped_total{reason=\"unsolicited\"}"
+        ) >= 5.0,
+        "{}",
+        gw.metrics()
+    );
+}

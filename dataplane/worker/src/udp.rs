@@ -11,8 +11,11 @@
 //!   address are taken — its IP from the start, its port from its first
 //!   datagram on — the rest are dropped as strangers.
 //! - The exit's side: for a `direct` node, a socket bound to the node's
-//!   source address; datagrams go out from it and whatever comes back to it
-//!   is returned to the client with the RFC's header naming its sender.
+//!   source address; datagrams go out from it, and answers from the
+//!   addresses the client sent to (no others: a port restricted cone) are
+//!   returned to the client with the RFC's header naming their sender. An
+//!   agent's device does the same on its own socket; an upstream SOCKS5
+//!   node gets the datagrams with their header, from and to its relay.
 //! - Each datagram's target is checked as a CONNECT's is (names resolved
 //!   off the worker, with the cache); a blocked one is dropped and counted,
 //!   as are fragments (FRAG ≠ 0), malformed headers and datagrams a full
@@ -33,7 +36,7 @@ use splicegate_control::policy::{Authenticated, Policy, Protocol};
 use splicegate_control::session::Step;
 use splicegate_control::stats::{
     UDP_DROP_BLOCKED, UDP_DROP_FRAGMENT, UDP_DROP_FULL, UDP_DROP_MALFORMED, UDP_DROP_STRANGER,
-    UDP_DROP_UNREACHABLE,
+    UDP_DROP_UNREACHABLE, UDP_DROP_UNSOLICITED,
 };
 use splicegate_proto::socks5::{reply, server};
 use splicegate_uring::{Direction, RelayCtl, UdpSocket, UnixDatagram};
@@ -261,6 +264,7 @@ pub(crate) async fn associate(
         buf: vec![0u8; MAX_DATAGRAM + 300],
         out: Vec::with_capacity(MAX_DATAGRAM + 300),
         gone: false,
+        contacted: std::collections::HashSet::new(),
     };
     let end = relay.run(&client).await;
     ctx.tunnels.finish(id, &ctx.stats);
@@ -307,7 +311,14 @@ struct Relay<'a> {
     out: Vec<u8>,
     /// The agent thread ended the association (its agent went away).
     gone: bool,
+    /// Where a direct exit sent (bounded): only these may answer.
+    contacted: std::collections::HashSet<SocketAddr>,
 }
+
+/// Addresses an association remembers having sent to; past it the oldest
+/// half is forgotten (a scan of thousands of targets answers only its
+/// most recent ones).
+const MAX_CONTACTED: usize = 4096;
 
 impl Relay<'_> {
     fn drop_one(&self, reason: usize) {
@@ -444,7 +455,12 @@ impl Relay<'_> {
                         self.drop_one(UDP_DROP_BLOCKED);
                         continue;
                     }
-                    sock.try_send_to(&self.buf[payload_at..n], SocketAddr::new(ip, port))
+                    let to = SocketAddr::new(ip, port);
+                    if self.contacted.len() >= MAX_CONTACTED {
+                        self.contacted.clear();
+                    }
+                    self.contacted.insert(to);
+                    sock.try_send_to(&self.buf[payload_at..n], to)
                 }
                 Exit::Socks5 { sock, relay, .. } => {
                     // The node resolves names; the gateway judges what it
@@ -494,6 +510,13 @@ impl Relay<'_> {
         for _ in 0..BATCH {
             let (n, from) = match self.exit {
                 Exit::Direct(sock) => match sock.try_recv_from(&mut self.buf) {
+                    // Answers only from where the client went (a port
+                    // restricted cone): anyone else spraying the exit's
+                    // port never reaches the client.
+                    Ok((_, from)) if !self.contacted.contains(&from) => {
+                        self.drop_one(UDP_DROP_UNSOLICITED);
+                        continue;
+                    }
                     Ok(x) => x,
                     Err(_) => break,
                 },
@@ -503,7 +526,7 @@ impl Relay<'_> {
                         Err(_) => break,
                     };
                     if from != *relay {
-                        self.drop_one(UDP_DROP_STRANGER);
+                        self.drop_one(UDP_DROP_UNSOLICITED);
                         continue;
                     }
                     // The node's datagram already has the client's format:
@@ -516,7 +539,7 @@ impl Relay<'_> {
                         }
                     };
                     let Some(client) = self.client_addr else {
-                        self.drop_one(UDP_DROP_STRANGER);
+                        self.drop_one(UDP_DROP_UNSOLICITED);
                         continue;
                     };
                     match self.near.try_send_to(&self.buf[..n], client) {
@@ -554,7 +577,7 @@ impl Relay<'_> {
             };
             let Some(client) = self.client_addr else {
                 // Nothing was sent yet: nobody to answer.
-                self.drop_one(UDP_DROP_STRANGER);
+                self.drop_one(UDP_DROP_UNSOLICITED);
                 continue;
             };
             self.out.clear();
