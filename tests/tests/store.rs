@@ -202,10 +202,15 @@ fn store_migrate_moves_a_large_store_and_can_run_again() {
                 .unwrap();
             for id in 1..=10_000u32 {
                 // Tabs, newlines and backslashes in stored text survive
-                // COPY's escaping (every other package carries some).
-                let mut spec = format!(r#"{{"id":{id},"org":"acme","key":"pk_migrate_{id}"}}"#);
-                if id % 2 == 0 {
-                    spec.push_str("\t\\\n\r");
+                // COPY's escaping (every other package carries some: a
+                // backslash in its key, whitespace after its JSON).
+                let odd = id % 2 == 0;
+                let mut spec = format!(
+                    r#"{{"id":{id},"org":"acme","key":"pk_migrate_{id}{}"}}"#,
+                    if odd { r"\\" } else { "" }
+                );
+                if odd {
+                    spec.push_str("\t\n\r ");
                 }
                 p.execute(rusqlite::params![id, spec]).unwrap();
             }
@@ -340,6 +345,59 @@ fn store_migrate_moves_a_large_store_and_can_run_again() {
             "package {id}"
         );
     }
+    drop(a);
+    // The API answers the same on a gateway on each store.
+    let conf = |store: String| {
+        format!(
+            "[proxy]\nlisten = \"@PROXY@\"\nworkers = 1\npin_workers = false\n\
+             [admin]\nlisten = \"@ADMIN@\"\ntoken = \"test-admin-token\"\n\
+             [store]\n{store}\n[health]\ninterval_s = 3600\n"
+        )
+    };
+    let on_sqlite =
+        splicegate_tests::Gateway::start(&conf(format!("path = {:?}", file.display().to_string())));
+    let on_pg = splicegate_tests::Gateway::start(&conf(format!(
+        "url = {url:?}\nsnapshot = {:?}",
+        dir.join("snapshot.json").display().to_string()
+    )));
+    // Listings of 100,000 nodes take more than the usual 5 s to serve.
+    let get = |gw: &splicegate_tests::Gateway, path: &str| {
+        let mut c =
+            splicegate_tests::Conn::open(std::net::Ipv4Addr::LOCALHOST, gw.admin_addr()).unwrap();
+        c.set_timeout(std::time::Duration::from_secs(120));
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer test-admin-token\r\nConnection: close\r\n\r\n"
+        );
+        c.send(req.as_bytes()).unwrap();
+        let r = c.read_response("GET").unwrap();
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()
+    };
+    let month = 29_000_000u64 * 60; // seconds
+    let mut paths = vec![
+        "/v1/packages".to_string(),
+        "/v1/orgs/acme".to_string(),
+        "/v1/nodes/n0".to_string(),
+        "/v1/nodes/n99999".to_string(),
+    ];
+    for id in [1u64, 2, 50, 100, 9_999, 10_000] {
+        paths.push(format!("/v1/packages/{id}"));
+        for step in ["hour", "day"] {
+            paths.push(format!(
+                "/v1/packages/{id}/usage?from={month}&to={}&step={step}",
+                month + 31 * 86_400
+            ));
+        }
+    }
+    for path in &paths {
+        assert_eq!(get(&on_sqlite, path), get(&on_pg, path), "{path}");
+    }
+    let listed = get(&on_pg, "/v1/packages");
+    assert_eq!(listed.as_array().map(Vec::len), Some(10_000));
+    let nodes = get(&on_pg, "/v1/nodes");
+    assert_eq!(nodes.as_array().map(Vec::len), Some(100_000));
+    assert_eq!(nodes, get(&on_sqlite, "/v1/nodes"));
+    drop((on_sqlite, on_pg));
     // A grant made in PostgreSQL after the migration gets a new seq.
     let mut b = b;
     b.grant("acme", 5, splicegate_admin::store::GrantReason::TopUp, 9)
