@@ -80,6 +80,7 @@ pub(crate) fn run(
             dns: DnsCache::default(),
             draining: Cell::new(false),
             guard_records: Cell::new((0, 0)),
+            udp_buffers: RefCell::new(Vec::new()),
         });
         let stop = Notifier::new();
         let mut stoppers = Vec::new();

@@ -29,6 +29,10 @@ pub(crate) struct Ctx {
     pub draining: Cell<bool>,
     /// Guard records this second: (unix second, count).
     pub guard_records: Cell<(u64, u32)>,
+    /// Datagram buffers of the worker's UDP associations, lent for one turn
+    /// (see `udp::Lease`): the pool holds as many as turns were ever in
+    /// flight at once, not one pair per association.
+    pub udp_buffers: RefCell<Vec<crate::udp::Buffers>>,
 }
 
 /// Most flood-guard closes one worker writes to the recent errors a second.

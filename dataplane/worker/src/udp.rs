@@ -261,8 +261,6 @@ pub(crate) async fn associate(
         near: &near,
         exit: &exit,
         ctl: &ctl,
-        buf: vec![0u8; MAX_DATAGRAM + 300],
-        out: Vec::with_capacity(MAX_DATAGRAM + 300),
         gone: false,
         contacted: std::collections::HashSet::new(),
     };
@@ -289,6 +287,54 @@ async fn answer_refusal(ctx: &Ctx, client: &Client, peer: SocketAddr, refusal: &
     crate::socks::refuse(ctx, client, peer, refusal).await;
 }
 
+/// A datagram in and one out, each big enough for any.
+pub(crate) struct Buffers {
+    buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+/// Buffers lent from the worker's pool for one turn of one association,
+/// given back on drop.
+struct Lease<'a> {
+    ctx: &'a Ctx,
+    bufs: Option<Buffers>,
+}
+
+impl<'a> Lease<'a> {
+    fn take(ctx: &'a Ctx) -> Lease<'a> {
+        let bufs = ctx
+            .udp_buffers
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Buffers {
+                buf: vec![0u8; MAX_DATAGRAM + 300],
+                out: Vec::with_capacity(MAX_DATAGRAM + 300),
+            });
+        Lease {
+            ctx,
+            bufs: Some(bufs),
+        }
+    }
+
+    fn parts(&mut self) -> (&mut Vec<u8>, &mut Vec<u8>) {
+        let b = self.bufs.as_mut().expect("lent until dropped");
+        (&mut b.buf, &mut b.out)
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.bufs.take() {
+            let mut pool = self.ctx.udp_buffers.borrow_mut();
+            // A burst of resolutions in flight may have grown the pool;
+            // keep a few pairs, not the burst.
+            if pool.len() < 4 {
+                pool.push(b);
+            }
+        }
+    }
+}
+
 /// What woke the relay.
 enum Wake {
     Control,
@@ -307,8 +353,6 @@ struct Relay<'a> {
     near: &'a UdpSocket,
     exit: &'a Exit,
     ctl: &'a RelayCtl,
-    buf: Vec<u8>,
-    out: Vec<u8>,
     /// The agent thread ended the association (its agent went away).
     gone: bool,
     /// Where a direct exit sent (bounded): only these may answer.
@@ -404,9 +448,11 @@ impl Relay<'_> {
 
     /// Client → target: up to [`BATCH`] datagrams. Whether any was relayed.
     async fn relay_up(&mut self) -> bool {
+        let mut lease = Lease::take(self.ctx);
+        let (buf, out) = lease.parts();
         let mut relayed = false;
         for _ in 0..BATCH {
-            let (n, from) = match self.near.try_recv_from(&mut self.buf) {
+            let (n, from) = match self.near.try_recv_from(buf) {
                 Ok(x) => x,
                 Err(_) => break,
             };
@@ -414,7 +460,7 @@ impl Relay<'_> {
                 self.drop_one(UDP_DROP_STRANGER);
                 continue;
             }
-            let d = match server::parse_udp_datagram(&self.buf[..n]) {
+            let d = match server::parse_udp_datagram(&buf[..n]) {
                 Ok(d) => d,
                 Err(_) => {
                     self.drop_one(UDP_DROP_MALFORMED);
@@ -460,7 +506,7 @@ impl Relay<'_> {
                         self.contacted.clear();
                     }
                     self.contacted.insert(to);
-                    sock.try_send_to(&self.buf[payload_at..n], to)
+                    sock.try_send_to(&buf[payload_at..n], to)
                 }
                 Exit::Socks5 { sock, relay, .. } => {
                     // The node resolves names; the gateway judges what it
@@ -470,7 +516,7 @@ impl Relay<'_> {
                         self.drop_one(UDP_DROP_BLOCKED);
                         continue;
                     }
-                    sock.try_send_to(&self.buf[..n], *relay)
+                    sock.try_send_to(&buf[..n], *relay)
                 }
                 Exit::Agent(sock) => {
                     // The device resolves names itself and refuses its own
@@ -481,14 +527,14 @@ impl Relay<'_> {
                         continue;
                     }
                     let addr = d.target.to_string();
-                    let payload = &self.buf[payload_at..n];
-                    self.out.clear();
+                    let payload = &buf[payload_at..n];
+                    out.clear();
                     if splicegate_proto::agent::datagram_len(&addr, payload).is_none() {
                         self.drop_one(UDP_DROP_MALFORMED);
                         continue;
                     }
-                    splicegate_proto::agent::write_datagram_payload(&addr, payload, &mut self.out);
-                    sock.try_send(&self.out)
+                    splicegate_proto::agent::write_datagram_payload(&addr, payload, out);
+                    sock.try_send(out)
                 }
             };
             match sent {
@@ -506,10 +552,12 @@ impl Relay<'_> {
     /// Target → client: up to [`BATCH`] datagrams, each with the RFC's
     /// header naming its sender. Whether any was relayed.
     fn relay_down(&mut self) -> bool {
+        let mut lease = Lease::take(self.ctx);
+        let (buf, out) = lease.parts();
         let mut relayed = false;
         for _ in 0..BATCH {
             let (n, from) = match self.exit {
-                Exit::Direct(sock) => match sock.try_recv_from(&mut self.buf) {
+                Exit::Direct(sock) => match sock.try_recv_from(buf) {
                     // Answers only from where the client went (a port
                     // restricted cone): anyone else spraying the exit's
                     // port never reaches the client.
@@ -521,7 +569,7 @@ impl Relay<'_> {
                     Err(_) => break,
                 },
                 Exit::Socks5 { sock, relay, .. } => {
-                    let (n, from) = match sock.try_recv_from(&mut self.buf) {
+                    let (n, from) = match sock.try_recv_from(buf) {
                         Ok(x) => x,
                         Err(_) => break,
                     };
@@ -531,7 +579,7 @@ impl Relay<'_> {
                     }
                     // The node's datagram already has the client's format:
                     // check it, count its payload, pass it on whole.
-                    let payload = match server::parse_udp_datagram(&self.buf[..n]) {
+                    let payload = match server::parse_udp_datagram(&buf[..n]) {
                         Ok(d) if d.frag == 0 => d.payload.len(),
                         _ => {
                             self.drop_one(UDP_DROP_MALFORMED);
@@ -542,7 +590,7 @@ impl Relay<'_> {
                         self.drop_one(UDP_DROP_UNSOLICITED);
                         continue;
                     };
-                    match self.near.try_send_to(&self.buf[..n], client) {
+                    match self.near.try_send_to(&buf[..n], client) {
                         Ok(_) => {
                             self.ctl.count(Direction::BToA, payload);
                             WorkerStats::inc(&self.ctx.stats.udp_datagrams[1]);
@@ -553,7 +601,7 @@ impl Relay<'_> {
                     continue;
                 }
                 Exit::Agent(sock) => {
-                    let n = match sock.try_recv(&mut self.buf) {
+                    let n = match sock.try_recv(buf) {
                         Ok(0) => {
                             self.gone = true;
                             break;
@@ -561,8 +609,7 @@ impl Relay<'_> {
                         Ok(n) => n,
                         Err(_) => break,
                     };
-                    let Some((addr, bytes)) =
-                        splicegate_proto::agent::split_datagram(&self.buf[..n])
+                    let Some((addr, bytes)) = splicegate_proto::agent::split_datagram(&buf[..n])
                     else {
                         continue;
                     };
@@ -571,7 +618,7 @@ impl Relay<'_> {
                     };
                     // Move the bytes to the front: the code below reads buf[..n].
                     let (at, len) = (n - bytes.len(), bytes.len());
-                    self.buf.copy_within(at..n, 0);
+                    buf.copy_within(at..n, 0);
                     (len, from)
                 }
             };
@@ -580,10 +627,10 @@ impl Relay<'_> {
                 self.drop_one(UDP_DROP_UNSOLICITED);
                 continue;
             };
-            self.out.clear();
-            server::write_udp_header(from, &mut self.out);
-            self.out.extend_from_slice(&self.buf[..n]);
-            match self.near.try_send_to(&self.out, client) {
+            out.clear();
+            server::write_udp_header(from, out);
+            out.extend_from_slice(&buf[..n]);
+            match self.near.try_send_to(out, client) {
                 Ok(_) => {
                     self.ctl.count(Direction::BToA, n);
                     WorkerStats::inc(&self.ctx.stats.udp_datagrams[1]);
