@@ -776,6 +776,44 @@ impl LinkTask {
         result
     }
 
+    /// The gateway asks for a stream (or, `udp`, an association): refused
+    /// for capacity past `max_streams`, else handed to the device's owner.
+    async fn offer(
+        &mut self,
+        stream: u32,
+        target: String,
+        window: u32,
+        udp: bool,
+    ) -> Result<(), String> {
+        if self.config.role == Role::Gateway {
+            return Err("protocol error: a device opened a stream".into());
+        }
+        if self.streams.contains_key(&stream) {
+            return Err(format!("protocol error: stream {stream} opened twice"));
+        }
+        if self.streams.len() >= self.config.max_streams {
+            let text = format!("the device is at its {} streams", self.config.max_streams);
+            return self
+                .send(Frame::OpenFailed {
+                    stream,
+                    reason: OpenError::Capacity,
+                    text: &text,
+                })
+                .await;
+        }
+        self.streams.insert(stream, Entry::Connecting);
+        let _ = self
+            .incoming
+            .send(Incoming {
+                stream,
+                target,
+                window,
+                udp,
+            })
+            .await;
+        Ok(())
+    }
+
     async fn frame(&mut self, f: Owned) -> Result<(), String> {
         match f {
             Owned::Data { stream, fin, bytes } => {
@@ -854,34 +892,7 @@ impl LinkTask {
                 stream,
                 window,
                 target,
-            } => {
-                if self.config.role == Role::Gateway {
-                    return Err("protocol error: a device opened a stream".into());
-                }
-                if self.streams.contains_key(&stream) {
-                    return Err(format!("protocol error: stream {stream} opened twice"));
-                }
-                if self.streams.len() >= self.config.max_streams {
-                    let text = format!("the device is at its {} streams", self.config.max_streams);
-                    return self
-                        .send(Frame::OpenFailed {
-                            stream,
-                            reason: OpenError::Capacity,
-                            text: &text,
-                        })
-                        .await;
-                }
-                self.streams.insert(stream, Entry::Connecting);
-                let _ = self
-                    .incoming
-                    .send(Incoming {
-                        stream,
-                        target,
-                        window,
-                        udp: false,
-                    })
-                    .await;
-            }
+            } => return self.offer(stream, target, window, false).await,
             Owned::Opened { stream, window } => match self.streams.remove(&stream) {
                 Some(Entry::Opening { read, write, reply }) => {
                     if reply.send(Opened::Ok).is_ok() {
@@ -931,32 +942,7 @@ impl LinkTask {
                 None => {}
             },
             Owned::OpenUdp { stream } => {
-                if self.config.role == Role::Gateway {
-                    return Err("protocol error: a device opened an association".into());
-                }
-                if self.streams.contains_key(&stream) {
-                    return Err(format!("protocol error: stream {stream} opened twice"));
-                }
-                if self.streams.len() >= self.config.max_streams {
-                    let text = format!("the device is at its {} streams", self.config.max_streams);
-                    return self
-                        .send(Frame::OpenFailed {
-                            stream,
-                            reason: OpenError::Capacity,
-                            text: &text,
-                        })
-                        .await;
-                }
-                self.streams.insert(stream, Entry::Connecting);
-                let _ = self
-                    .incoming
-                    .send(Incoming {
-                        stream,
-                        target: String::new(),
-                        window: 0,
-                        udp: true,
-                    })
-                    .await;
+                return self.offer(stream, String::new(), 0, true).await;
             }
             Owned::Datagram { stream, payload } => {
                 if let Some(Entry::Udp { tx }) = self.streams.get(&stream) {

@@ -211,7 +211,12 @@ pub fn parse_udp_datagram(buf: &[u8]) -> Result<UdpDatagram<'_>, Socks5Error> {
 /// then the address it came from.
 pub fn write_udp_header(from: SocketAddr, out: &mut Vec<u8>) {
     out.extend_from_slice(&[0, 0, 0]);
-    match from.ip() {
+    write_addr(from, out);
+}
+
+/// `ATYP ADDR PORT` of an IP address and port.
+fn write_addr(addr: SocketAddr, out: &mut Vec<u8>) {
+    match addr.ip() {
         IpAddr::V4(v4) => {
             out.push(atyp::IPV4);
             out.extend_from_slice(&v4.octets());
@@ -221,7 +226,7 @@ pub fn write_udp_header(from: SocketAddr, out: &mut Vec<u8>) {
             out.extend_from_slice(&v6.octets());
         }
     }
-    out.extend_from_slice(&from.port().to_be_bytes());
+    out.extend_from_slice(&addr.port().to_be_bytes());
 }
 
 /// The method selection reply `VER METHOD`.
@@ -239,15 +244,5 @@ pub fn auth_reply(ok: bool) -> [u8; 2] {
 pub fn write_reply(code: u8, bound: Option<SocketAddr>, out: &mut Vec<u8>) {
     let bound = bound.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
     out.extend_from_slice(&[VERSION, code, 0x00]);
-    match bound.ip() {
-        IpAddr::V4(v4) => {
-            out.push(atyp::IPV4);
-            out.extend_from_slice(&v4.octets());
-        }
-        IpAddr::V6(v6) => {
-            out.push(atyp::IPV6);
-            out.extend_from_slice(&v6.octets());
-        }
-    }
-    out.extend_from_slice(&bound.port().to_be_bytes());
+    write_addr(bound, out);
 }
