@@ -1214,7 +1214,14 @@ pub(crate) fn version(peer: &Peer, env: &Env) -> String {
         Peer::Builtin(PeerId::Rathole) => {
             return rathole_program(env)
                 .and_then(|p| Command::new(p).arg("--version").output().ok())
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .map(|o| {
+                    // Several lines: keep the version's.
+                    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+                    text.lines()
+                        .find_map(|l| l.strip_prefix("Build Version:"))
+                        .map(|v| format!("rathole {}", v.trim()))
+                        .unwrap_or_else(|| text.lines().next().unwrap_or("").trim().to_string())
+                })
                 .unwrap_or_default();
         }
         Peer::Builtin(PeerId::Haproxy) => ("haproxy", "-v"),
