@@ -525,25 +525,52 @@ where
     (link, in_rx, task)
 }
 
+/// How long the writer keeps its batch buffer after its last use: an idle
+/// link (a heartbeat now and then) holds none.
+const BATCH_KEEP: Duration = Duration::from_secs(1);
+
 async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Vec<u8>>) {
-    let mut batch = Vec::with_capacity(64 * 1024);
+    // Frames queued together go out in one write; a frame alone (a
+    // heartbeat) is written as it is, without a batch buffer, so thousands
+    // of idle links hold none.
+    let mut batch = Vec::new();
+    let mut batch_used = Instant::now();
     while let Some(first) = rx.recv().await {
-        batch.clear();
-        batch.extend_from_slice(&first);
-        while batch.len() < 256 * 1024 {
-            match rx.try_recv() {
-                Ok(more) => batch.extend_from_slice(&more),
-                Err(_) => break,
+        let out: &[u8] = match rx.try_recv() {
+            Err(_) => {
+                if batch.capacity() > 0 && batch_used.elapsed() > BATCH_KEEP {
+                    batch = Vec::new();
+                }
+                &first
             }
-        }
-        if wr.write_all(&batch).await.is_err() || wr.flush().await.is_err() {
+            Ok(second) => {
+                batch.clear();
+                batch.extend_from_slice(&first);
+                batch.extend_from_slice(&second);
+                while batch.len() < 256 * 1024 {
+                    match rx.try_recv() {
+                        Ok(more) => batch.extend_from_slice(&more),
+                        Err(_) => break,
+                    }
+                }
+                batch_used = Instant::now();
+                &batch
+            }
+        };
+        if wr.write_all(out).await.is_err() || wr.flush().await.is_err() {
             return;
         }
         if batch.capacity() > 512 * 1024 {
-            batch = Vec::with_capacity(64 * 1024);
+            batch = Vec::new();
         }
     }
 }
+
+/// Room of the link task's reads: a TLS record's plaintext while bytes
+/// stream in, a heartbeat's worth while the link is idle (thousands of
+/// idle links then hold no 16 KiB each).
+const READ_BUSY: usize = 16 * 1024;
+const READ_IDLE: usize = 512;
 
 struct LinkTask {
     config: Config,
@@ -564,7 +591,7 @@ impl LinkTask {
         let hb = self.config.heartbeat;
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + hb / 5, hb);
         let mut last_rx = Instant::now();
-        let mut chunk = vec![0u8; 16 * 1024];
+        let mut chunk = vec![0u8; READ_IDLE];
         // Bytes already read with the hello.
         if let Err(why) = self.frames(&mut buf).await {
             return why;
@@ -578,6 +605,13 @@ impl LinkTask {
                         let at = last_rx.duration_since(self.ctx.epoch).as_micros() as u64;
                         self.ctx.stats.last_rx_us.store(at, Ordering::Relaxed);
                         buf.extend_from_slice(&chunk[..n]);
+                        // A read that filled the room had more behind it;
+                        // a small one (a heartbeat) gives the big room back.
+                        if n == chunk.len() && n < READ_BUSY {
+                            chunk = vec![0u8; READ_BUSY];
+                        } else if n < READ_IDLE && chunk.len() > READ_IDLE {
+                            chunk = vec![0u8; READ_IDLE];
+                        }
                         if let Err(why) = self.frames(&mut buf).await {
                             return why;
                         }

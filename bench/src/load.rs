@@ -40,6 +40,15 @@ pub(crate) enum Mode {
         sources: u8,
         max_ops: u64,
     },
+    /// A stream's setup: `conns` closed loops as `Connrate` (default one,
+    /// so nothing queues behind another), timing both the tunnel's opening
+    /// (connect until the proxy's `200`; no proxy or an L4 relay: the TCP
+    /// connect) and the first echo (connect until 100 bytes are back).
+    Setup {
+        conns: usize,
+        sources: u8,
+        max_ops: u64,
+    },
     /// `tunnels` tunnels doing `size`-byte request/response.
     Pingpong {
         tunnels: usize,
@@ -87,7 +96,7 @@ impl Mode {
     pub(crate) fn rate_unit(&self) -> &'static str {
         match self {
             Mode::Bulk { .. } | Mode::TlsBulk { .. } => "Gbit/s",
-            Mode::Connrate { .. } | Mode::TlsHandshake { .. } => "conn/s",
+            Mode::Connrate { .. } | Mode::Setup { .. } | Mode::TlsHandshake { .. } => "conn/s",
             Mode::Pingpong { .. } => "round trips/s",
             Mode::Http { .. } => "req/s",
             Mode::Idle { .. } => "tunnels held",
@@ -162,6 +171,12 @@ pub(crate) struct Cost {
     pub base_rss_kib: Option<u64>,
     pub base_threads: Option<u64>,
     pub rss_per_tunnel_kib: Option<f64>,
+    /// The device of a reverse tunnel (splicegate-agent, rathole's client),
+    /// measured apart: its CPU seconds in the window, per unit as
+    /// `cpu_per_unit`, and its RSS at the end.
+    pub device_cpu_s: Option<f64>,
+    pub device_cpu_per_unit: Option<f64>,
+    pub device_rss_kib: Option<u64>,
 }
 
 /// One run of one mode against one proxy.
@@ -180,6 +195,8 @@ pub(crate) struct RunResult {
     /// Gbit/s (bulk), operations/s, or tunnels held (idle).
     pub rate: f64,
     pub latency_us: Option<Latency>,
+    /// setup: connect until the tunnel was open (the proxy's `200`).
+    pub open_us: Option<Latency>,
     pub proxy: Option<Cost>,
     /// TLS cells: what the handshakes were.
     pub tls: Option<TlsSeen>,
@@ -216,6 +233,8 @@ struct Shared {
     reconnects: AtomicU64,
     active: AtomicUsize,
     hists: Vec<Mutex<Histogram<u64>>>,
+    /// setup: connect until the tunnel was open, per worker.
+    open_hists: Vec<Mutex<Histogram<u64>>>,
     classes: Mutex<BTreeMap<String, u64>>,
     first_error: Mutex<Option<String>>,
     /// TLS handshakes in the window: full and resumed.
@@ -245,6 +264,9 @@ impl Shared {
             hists: (0..workers.max(1))
                 .map(|_| Mutex::new(histogram()))
                 .collect(),
+            open_hists: (0..workers.max(1))
+                .map(|_| Mutex::new(histogram()))
+                .collect(),
             classes: Mutex::new(BTreeMap::new()),
             first_error: Mutex::new(None),
             tls_full: AtomicU64::new(0),
@@ -266,6 +288,14 @@ impl Shared {
     fn record(&self, worker: usize, latency: Duration) {
         if self.measuring.load(Ordering::Relaxed)
             && let Ok(mut h) = self.hists[worker % self.hists.len()].lock()
+        {
+            h.saturating_record(latency.as_nanos().max(1) as u64);
+        }
+    }
+
+    fn record_open(&self, worker: usize, latency: Duration) {
+        if self.measuring.load(Ordering::Relaxed)
+            && let Ok(mut h) = self.open_hists[worker % self.open_hists.len()].lock()
         {
             h.saturating_record(latency.as_nanos().max(1) as u64);
         }
@@ -304,14 +334,18 @@ impl Shared {
     }
 
     fn merged(&self) -> Histogram<u64> {
-        let mut all = histogram();
-        for h in &self.hists {
-            if let Ok(h) = h.lock() {
-                let _ = all.add(&*h);
-            }
-        }
-        all
+        merge(&self.hists)
     }
+}
+
+fn merge(hists: &[Mutex<Histogram<u64>>]) -> Histogram<u64> {
+    let mut all = histogram();
+    for h in hists {
+        if let Ok(h) = h.lock() {
+            let _ = all.add(&*h);
+        }
+    }
+    all
 }
 
 /// Run `mode` over `route`, measuring `proxy` (none: no proxy process);
@@ -322,6 +356,7 @@ pub(crate) fn run(
     targets: &Targets,
     pki: Option<&Pki>,
     proxy: Option<ProcTree>,
+    device: Option<ProcTree>,
     w: Window,
     label: &str,
 ) -> RunResult {
@@ -357,7 +392,9 @@ pub(crate) fn run(
             },
             max_bytes,
         ),
-        Mode::Connrate { conns, max_ops, .. } => (conns, Arc::new(AtomicU64::new(0)), max_ops),
+        Mode::Connrate { conns, max_ops, .. } | Mode::Setup { conns, max_ops, .. } => {
+            (conns, Arc::new(AtomicU64::new(0)), max_ops)
+        }
         Mode::Pingpong {
             tunnels, max_ops, ..
         } => (tunnels, Arc::new(AtomicU64::new(0)), max_ops),
@@ -396,7 +433,10 @@ pub(crate) fn run(
                     match *mode {
                         Mode::Bulk { down, .. } => bulk_worker(i, down, route, targets, shared, w),
                         Mode::Connrate { conns, sources, .. } => {
-                            connrate_worker(i, conns, sources, route, targets, shared, w)
+                            connrate_worker(i, conns, sources, false, route, targets, shared, w)
+                        }
+                        Mode::Setup { conns, sources, .. } => {
+                            connrate_worker(i, conns, sources, true, route, targets, shared, w)
                         }
                         Mode::Pingpong { size, .. } => {
                             pingpong_worker(i, size, route, targets, shared, w)
@@ -432,7 +472,7 @@ pub(crate) fn run(
                     ..RunResult::default()
                 }
             }
-            None => coordinate(mode, shared, proxy, w, label),
+            None => coordinate(mode, shared, proxy, device, w, label),
         };
         shared.stop.store(true, Ordering::SeqCst);
         r.errors = shared.errors.load(Ordering::Relaxed);
@@ -443,6 +483,9 @@ pub(crate) fn run(
         }
         if !r.ok && r.error.is_none() {
             r.error = Some("no operation completed in the window".into());
+        }
+        if matches!(mode, Mode::Setup { .. }) {
+            r.open_us = Latency::of(&merge(&shared.open_hists));
         }
         if matches!(mode, Mode::TlsHandshake { .. } | Mode::TlsBulk { .. }) {
             r.tls = Some(TlsSeen {
@@ -480,6 +523,7 @@ fn coordinate(
     mode: &Mode,
     shared: &Shared,
     proxy: Option<ProcTree>,
+    device: Option<ProcTree>,
     w: Window,
     label: &str,
 ) -> RunResult {
@@ -495,6 +539,7 @@ fn coordinate(
     let c0 = count();
     let others0 = Others::now();
     let s0 = proxy.and_then(|p| p.sample().ok());
+    let d0 = device.and_then(|p| p.sample().ok());
     shared.measuring.store(true, Ordering::SeqCst);
     let t0 = Instant::now();
     let end = t0 + w.measure;
@@ -542,6 +587,7 @@ fn coordinate(
     }
     let c1 = count();
     let s1 = proxy.and_then(|p| p.sample().ok());
+    let d1 = device.and_then(|p| p.sample().ok());
     let secs = t0.elapsed().as_secs_f64();
     let others = Others::now().since(&others0) / secs.max(1e-9) * 100.0;
     shared.measuring.store(false, Ordering::SeqCst);
@@ -552,10 +598,16 @@ fn coordinate(
     } else {
         done as f64 / secs
     };
-    let proxy = match (s0, s1) {
+    let mut proxy = match (s0, s1) {
         (Some(a), Some(b)) => Some(cost(mode, a, b, done, max_threads)),
         _ => None,
     };
+    if let (Some(c), Some(a), Some(b)) = (proxy.as_mut(), d0, d1) {
+        let d = cost(mode, a, b, done, 0);
+        c.device_cpu_s = Some(d.cpu_s);
+        c.device_cpu_per_unit = Some(d.cpu_per_unit);
+        c.device_rss_kib = Some(d.rss_kib);
+    }
     RunResult {
         ok: done > 0,
         secs,
@@ -634,15 +686,16 @@ fn bulk_worker(i: usize, down: bool, route: &Route, t: &Targets, sh: &Shared, w:
 /// One connection's life: connect (from `src`), handshake, 100 bytes out
 /// and back, then wait for the server's close to arrive through the proxy
 /// (the client closes last, so its ports are not held in TIME_WAIT).
-/// Returns when the echo was back.
+/// Returns when the tunnel was open and when the echo was back.
 fn churn_once(
     route: &Route,
     t: &Targets,
     src: Option<Ipv4Addr>,
     auth: Option<&crate::client::Auth>,
     io: Duration,
-) -> std::result::Result<Instant, (&'static str, anyhow::Error)> {
+) -> std::result::Result<(Instant, Instant), (&'static str, anyhow::Error)> {
     let mut tun = open_tunnel(route, t.churn, src, auth, io).map_err(|e| ("handshake", e))?;
+    let opened = Instant::now();
     let payload = [0x42u8; CHURN_BYTES];
     tun.stream
         .write_all(&payload)
@@ -654,7 +707,7 @@ fn churn_once(
     let echoed = Instant::now();
     let mut rest = [0u8; 64];
     match tun.stream.read(&mut rest) {
-        Ok(0) => Ok(echoed),
+        Ok(0) => Ok((opened, echoed)),
         Ok(_) => Err(("close", anyhow!("bytes after the echo"))),
         Err(e) => Err((
             "close",
@@ -663,10 +716,12 @@ fn churn_once(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn connrate_worker(
     i: usize,
     conns: usize,
     sources: u8,
+    setup: bool,
     route: &Route,
     t: &Targets,
     sh: &Shared,
@@ -680,7 +735,10 @@ fn connrate_worker(
         n += conns.max(1);
         let start = Instant::now();
         match churn_once(route, t, src, auth.as_ref(), w.io_timeout) {
-            Ok(echoed) => {
+            Ok((opened, echoed)) => {
+                if setup {
+                    sh.record_open(i, opened - start);
+                }
                 sh.record(i, echoed - start);
                 sh.add(1);
             }

@@ -2,14 +2,17 @@
 //!
 //! One binary holds the targets (sink/source, echo, close-after-echo, an
 //! HTTP/1.1 origin), the load modes (`bulk`, `connrate`, `pingpong`, `http`,
-//! `idle`, and `tls`: handshakes and bulk inside TLS) through HTTP CONNECT,
+//! `idle`, `setup`, and `tls`: handshakes and bulk inside TLS) through HTTP CONNECT,
 //! SOCKS5, absolute-form forwarding, an L4 relay or no proxy, and `compare`, which starts splicegate and the Debian
-//! peers one after another, round by round, and writes a report. The proxy
+//! peers one after another, round by round, and writes a report; and
+//! `agents-idle`, thousands of idle devices connected to the agent listener
+//! (the `agent-swarm` load processes speak the agent protocol). The proxy
 //! under test and this process are pinned to different CPUs with `taskset`.
 //! Every loop is bounded in count and in time; nothing here is a test
 //! assertion on timing.
 #![forbid(unsafe_code)]
 
+mod agents;
 mod client;
 mod load;
 mod peers;
@@ -65,6 +68,12 @@ struct Common {
     /// The splicegate binary.
     #[arg(long, default_value = "target/release/splicegate")]
     gateway: PathBuf,
+    /// The splicegate-agent binary (the device of the splicegate-agent peer).
+    #[arg(long, default_value = "target/release/splicegate-agent")]
+    agent: PathBuf,
+    /// The rathole binary (default: found on PATH), for the rathole peer.
+    #[arg(long)]
+    rathole: Option<PathBuf>,
     /// splicegate workers (the `splicegate-w2` peer always has 2).
     #[arg(long, default_value_t = 1)]
     workers: usize,
@@ -91,7 +100,8 @@ struct Common {
 #[derive(Debug, Clone, Args)]
 struct Vias {
     /// Peers to run: direct, splicegate, splicegate-http, splicegate-w2,
-    /// haproxy, nginx, squid, tinyproxy, dante, or a proxy URL
+    /// splicegate-agent, rathole, haproxy, nginx, squid, tinyproxy, dante,
+    /// or a proxy URL
     /// (connect://user:pass@127.0.0.1:5000, socks5://…, http://… for
     /// forwarding). Repeat for several.
     #[arg(long = "via", default_values = ["direct", "splicegate"])]
@@ -169,6 +179,20 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = TunnelProto::Connect)]
         proto: TunnelProto,
         /// Client source addresses 127.0.2.1..=N, bound before connect (0: none).
+        #[arg(long, default_value_t = 16)]
+        sources: u8,
+        #[arg(long, default_value_t = 10_000_000)]
+        max_ops: u64,
+    },
+    /// A stream's setup: closed loops (default 1) of connect + proxy
+    /// handshake + 100 bytes echoed + close, timing the tunnel's opening
+    /// (until the proxy's 200) and the first echo.
+    Setup {
+        #[command(flatten)]
+        run: Run,
+        /// Concurrent loops.
+        #[arg(long, default_value_t = 1)]
+        conns: usize,
         #[arg(long, default_value_t = 16)]
         sources: u8,
         #[arg(long, default_value_t = 10_000_000)]
@@ -270,6 +294,68 @@ enum Cmd {
         #[arg(long, default_value_t = 8)]
         tls_streams: usize,
     },
+    /// N idle devices connected to splicegate's agent listener (from
+    /// `--procs` load processes speaking the agent protocol) and one real
+    /// splicegate-agent: the gateway's RSS per agent and its CPU over a held
+    /// window (heartbeats), the device's idle RSS, the agent binary's size.
+    AgentsIdle {
+        /// Devices.
+        #[arg(long, default_value_t = 10_000)]
+        agents: usize,
+        /// Load processes the devices are spread over (a process may open
+        /// 20,000 files).
+        #[arg(long, default_value_t = 2)]
+        procs: usize,
+        /// `[agents] heartbeat_s`.
+        #[arg(long, default_value_t = 25)]
+        heartbeat_s: u64,
+        /// Seconds the idle devices are held and the gateway's CPU read.
+        #[arg(long, default_value_t = 60.0)]
+        hold_seconds: f64,
+        /// Seconds between the last connection and the RSS reading.
+        #[arg(long, default_value_t = 5.0)]
+        settle_seconds: f64,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Most seconds to connect every device.
+        #[arg(long, default_value_t = 180)]
+        open_seconds: u64,
+        /// Connections being set up at once, per load process.
+        #[arg(long, default_value_t = 32)]
+        conc: usize,
+        #[arg(long, default_value = "target/release/splicegate")]
+        gateway: PathBuf,
+        #[arg(long, default_value = "target/release/splicegate-agent")]
+        agent: PathBuf,
+        /// CPUs of the gateway (taskset list; default 0).
+        #[arg(long)]
+        proxy_cpus: Option<String>,
+        /// CPUs of the load processes and the real device (default: the rest).
+        #[arg(long)]
+        load_cpus: Option<String>,
+        #[arg(long)]
+        no_pin: bool,
+        /// Also write agents-idle.md and agents-idle.json here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// (internal) A load process of agents-idle: devices a{first}.. held
+    /// until stdin closes.
+    #[command(hide = true)]
+    AgentSwarm {
+        #[arg(long)]
+        gateway: std::net::SocketAddr,
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        first: usize,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 32)]
+        conc: usize,
+        #[arg(long, default_value_t = 600)]
+        max_seconds: u64,
+    },
     /// Serve only the targets (for driving a proxy by hand), for a bounded time.
     Targets {
         #[arg(long, default_value_t = 600)]
@@ -316,6 +402,23 @@ fn connrate_cell(conns: usize, sources: u8, proto: TunnelProto, max_ops: u64) ->
             max_ops,
         },
         want,
+    }
+}
+
+fn setup_cell(conns: usize, sources: u8, max_ops: u64) -> Cell {
+    Cell {
+        id: "setup".into(),
+        title: format!(
+            "setup: {conns} loop{} of new connection + CONNECT with auth (L4: none) + 100 B \
+             echoed + close; open = until the 200",
+            if conns == 1 { "" } else { "s" }
+        ),
+        mode: Mode::Setup {
+            conns: conns.max(1),
+            sources,
+            max_ops,
+        },
+        want: Want::Connect,
     }
 }
 
@@ -547,7 +650,20 @@ fn execute(
     let targets = Targets::start(c.body_bytes)?;
     let tmp = std::env::temp_dir().join(format!("splicegate-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
-    let pki = if cells.iter().any(|c| c.want == Want::Tls) {
+    let reverse = peer_list
+        .iter()
+        .any(|p| matches!(p, Peer::Builtin(PeerId::SplicegateAgent | PeerId::Rathole)));
+    if reverse {
+        notes.push(
+            "reverse tunnels: the gateway side (splicegate with an `agent` node, rathole's \
+             server) runs where the proxy runs; the device (splicegate-agent, rathole's client) \
+             stands for a machine of its own and runs on the load generator's CPUs, its CPU \
+             reported apart (`device`); the link is TLS 1.3 with the run's certificate"
+                .into(),
+        );
+    }
+    let tls_cells = cells.iter().any(|c| c.want == Want::Tls);
+    if tls_cells {
         notes.push(
             "TLS cells: one ECDSA P-256 certificate, self-signed for `localhost`, made at start \
              with rcgen and served by every peer (splicegate `[tls]`, HAProxy `bind … ssl crt \
@@ -557,6 +673,8 @@ fn execute(
              window"
                 .into(),
         );
+    }
+    let pki = if reverse || tls_cells {
         Some(tls::Pki::make(&tmp)?)
     } else {
         None
@@ -570,6 +688,8 @@ fn execute(
         workers: c.workers.max(1),
         tmp: tmp.clone(),
         pki,
+        agent: c.agent.clone(),
+        rathole: c.rathole.clone(),
     };
     let plan = Plan {
         cells,
@@ -691,6 +811,12 @@ fn main() -> Result<()> {
             sources,
             max_ops,
         } => (run, vec![connrate_cell(conns, sources, proto, max_ops)]),
+        Cmd::Setup {
+            run,
+            conns,
+            sources,
+            max_ops,
+        } => (run, vec![setup_cell(conns, sources, max_ops)]),
         Cmd::Pingpong {
             run,
             tunnels,
@@ -748,6 +874,7 @@ fn main() -> Result<()> {
             for proto in [TunnelProto::Connect, TunnelProto::Socks5] {
                 cells.push(connrate_cell(conns, sources, proto, 10_000_000));
             }
+            cells.push(setup_cell(1, sources, 10_000_000));
             cells.push(pingpong_cell(pingpong_tunnels, 64, 100_000_000));
             cells.extend(http_cells(http_conns, Sessions::Both, 100_000_000));
             let open = Duration::from_secs(30);
@@ -778,6 +905,71 @@ fn main() -> Result<()> {
             seconds,
             body_bytes,
         } => return serve_targets(seconds, body_bytes),
+        Cmd::AgentSwarm {
+            gateway,
+            ca,
+            first,
+            count,
+            conc,
+            max_seconds,
+        } => {
+            return agents::swarm(agents::SwarmArgs {
+                gateway,
+                ca,
+                first,
+                count,
+                conc,
+                max_seconds,
+            });
+        }
+        Cmd::AgentsIdle {
+            agents: n,
+            procs,
+            heartbeat_s,
+            hold_seconds,
+            settle_seconds,
+            rounds,
+            open_seconds,
+            conc,
+            gateway,
+            agent,
+            proxy_cpus,
+            load_cpus,
+            no_pin,
+            out,
+        } => {
+            raise_nofile();
+            let (proxy_cpus, load_cpus) = if no_pin {
+                (None, None)
+            } else {
+                let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let load = load_cpus.or_else(|| {
+                    (n >= 2).then(|| {
+                        if n == 2 {
+                            "1".to_string()
+                        } else {
+                            format!("1-{}", n - 1)
+                        }
+                    })
+                });
+                (proxy_cpus.or_else(|| (n >= 2).then(|| "0".into())), load)
+            };
+            return agents::agents_idle(&agents::IdleOpts {
+                agents: n,
+                procs,
+                heartbeat_s: heartbeat_s.clamp(1, 3600),
+                hold_s: hold_seconds.max(1.0),
+                settle_s: settle_seconds.max(0.0),
+                rounds,
+                open_s: open_seconds,
+                conc,
+                gateway,
+                agent,
+                proxy_cpus,
+                load_cpus,
+                out,
+            });
+        }
     };
     let out = run.common.out.clone();
     execute(&run.common, cells, vias(&run.vias)?, Vec::new(), out)

@@ -39,6 +39,12 @@ pub(crate) enum PeerId {
     SplicegateHttp,
     /// splicegate with 2 workers sharing the CPUs with the load generator.
     SplicegateW2,
+    /// splicegate with one `agent` node: a `splicegate-agent` process (the
+    /// device) dialled in over TLS, on the load generator's CPUs.
+    SplicegateAgent,
+    /// rathole (a reverse tunnel: its client dials the server), TLS
+    /// transport, one service per target (an L4 relay), if installed.
+    Rathole,
     Haproxy,
     Nginx,
     Squid,
@@ -46,11 +52,13 @@ pub(crate) enum PeerId {
     Dante,
 }
 
-pub(crate) const ALL: [PeerId; 9] = [
+pub(crate) const ALL: [PeerId; 11] = [
     PeerId::Direct,
     PeerId::Splicegate,
     PeerId::SplicegateHttp,
     PeerId::SplicegateW2,
+    PeerId::SplicegateAgent,
+    PeerId::Rathole,
     PeerId::Haproxy,
     PeerId::Nginx,
     PeerId::Squid,
@@ -65,6 +73,8 @@ impl PeerId {
             PeerId::Splicegate => "splicegate",
             PeerId::SplicegateHttp => "splicegate-http",
             PeerId::SplicegateW2 => "splicegate-w2",
+            PeerId::SplicegateAgent => "splicegate-agent",
+            PeerId::Rathole => "rathole",
             PeerId::Haproxy => "haproxy",
             PeerId::Nginx => "nginx",
             PeerId::Squid => "squid",
@@ -85,6 +95,14 @@ impl PeerId {
             PeerId::SplicegateHttp => "splicegate, `http` node (a local tinyproxy is the exit)",
             PeerId::SplicegateW2 => {
                 "splicegate, 2 workers, unpinned: shares both CPUs with the load generator"
+            }
+            PeerId::SplicegateAgent => {
+                "splicegate, `agent` node: a splicegate-agent process dialled in over TLS 1.3 \
+                 (the device, on the load generator's CPUs, its CPU reported apart)"
+            }
+            PeerId::Rathole => {
+                "rathole, TLS transport (native-tls), one service per target (L4 reverse tunnel; \
+                 its client, the device, on the load generator's CPUs)"
             }
             PeerId::Haproxy => "HAProxy, TCP mode, `option splice-auto`, 1 thread (L4 relay)",
             PeerId::Nginx => "nginx `stream` proxy_pass, 1 worker (L4 relay)",
@@ -113,7 +131,13 @@ impl PeerId {
                 tls: true,
                 ..proxy(true, true, true, true)
             },
-            PeerId::SplicegateHttp | PeerId::SplicegateW2 => proxy(true, true, true, true),
+            PeerId::SplicegateHttp | PeerId::SplicegateW2 | PeerId::SplicegateAgent => {
+                proxy(true, true, true, true)
+            }
+            PeerId::Rathole => Caps {
+                l4: true,
+                ..Caps::default()
+            },
             PeerId::Haproxy => Caps {
                 l4: true,
                 tls: true,
@@ -131,7 +155,12 @@ impl PeerId {
     /// (program, Debian package) pairs it needs.
     fn needs(self) -> &'static [(&'static str, &'static str)] {
         match self {
-            PeerId::Direct | PeerId::Splicegate | PeerId::SplicegateW2 => &[],
+            // rathole is no Debian package: `--rathole PATH` (see `missing`).
+            PeerId::Direct
+            | PeerId::Splicegate
+            | PeerId::SplicegateW2
+            | PeerId::SplicegateAgent
+            | PeerId::Rathole => &[],
             PeerId::SplicegateHttp | PeerId::Tinyproxy => &[("tinyproxy", "tinyproxy")],
             PeerId::Haproxy => &[("haproxy", "haproxy")],
             PeerId::Nginx => &[("nginx", "nginx"), (NGINX_STREAM, "libnginx-mod-stream")],
@@ -297,19 +326,36 @@ fn is_root() -> bool {
 }
 
 /// Why a peer cannot run here (a program missing), if it cannot.
-pub(crate) fn missing(peer: &Peer, gateway: &Path) -> Option<String> {
+pub(crate) fn missing(peer: &Peer, env: &Env) -> Option<String> {
     let Peer::Builtin(id) = peer else {
         return None;
     };
+    let gateway = &env.gateway;
     if matches!(
         id,
-        PeerId::Splicegate | PeerId::SplicegateHttp | PeerId::SplicegateW2
+        PeerId::Splicegate
+            | PeerId::SplicegateHttp
+            | PeerId::SplicegateW2
+            | PeerId::SplicegateAgent
     ) && !gateway.is_file()
     {
         return Some(format!(
             "{} not found (cargo build --release -p splicegate, or --gateway PATH)",
             gateway.display()
         ));
+    }
+    if *id == PeerId::SplicegateAgent && !env.agent.is_file() {
+        return Some(format!(
+            "{} not found (cargo build --release -p splicegate-agent, or --agent PATH)",
+            env.agent.display()
+        ));
+    }
+    if *id == PeerId::Rathole && rathole_program(env).is_none() {
+        return Some(
+            "rathole not installed (no Debian package; `cargo install rathole --locked --root DIR`, \
+             then --rathole DIR/bin/rathole)"
+                .into(),
+        );
     }
     let gone: Vec<String> = id
         .needs()
@@ -394,8 +440,21 @@ pub(crate) struct Env {
     pub workers: usize,
     /// Parent of every peer's config directory.
     pub tmp: PathBuf,
-    /// The certificate TLS cells serve (made when a plan has one).
+    /// The certificate TLS cells serve, and the agent listener and
+    /// rathole's TLS transport (made when a plan has one of them).
     pub pki: Option<Pki>,
+    /// The device binary of `splicegate-agent`.
+    pub agent: PathBuf,
+    /// rathole, if given (else found on PATH).
+    pub rathole: Option<PathBuf>,
+}
+
+/// The rathole program to run, if there is one.
+pub(crate) fn rathole_program(env: &Env) -> Option<PathBuf> {
+    match &env.rathole {
+        Some(p) => p.is_file().then(|| p.clone()),
+        None => find_program("rathole"),
+    }
 }
 
 /// A started peer; stopping happens on drop.
@@ -405,6 +464,9 @@ pub(crate) struct Running {
     children: Vec<(String, Child)>,
     /// The process whose tree is the proxy's cost.
     pub measured: Option<ProcTree>,
+    /// The device of a reverse tunnel (splicegate-agent, rathole's
+    /// client): its cost is reported apart from the gateway's.
+    pub device: Option<ProcTree>,
     base: Base,
     caps: Caps,
     dir: Option<PathBuf>,
@@ -523,17 +585,17 @@ fn stop(name: &str, mut child: Child) {
     }
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(listener(0)?.local_addr()?.port())
 }
 
-fn local(port: u16) -> SocketAddr {
+pub(crate) fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// Start `program` with `args` under `taskset -c cpus`, output to
 /// `dir/name.log`.
-fn spawn(
+pub(crate) fn spawn(
     name: &str,
     program: &Path,
     args: &[&str],
@@ -558,14 +620,19 @@ fn spawn(
         .with_context(|| format!("starting {}", program.display()))
 }
 
-fn log_tail(dir: &Path, name: &str) -> String {
+pub(crate) fn log_tail(dir: &Path, name: &str) -> String {
     let text = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(8)..].join(" | ")
 }
 
 /// Wait until `addr` accepts a connection (or the child exits, or 15 s).
-fn wait_ready(name: &str, child: &mut Child, addr: SocketAddr, dir: &Path) -> Result<()> {
+pub(crate) fn wait_ready(
+    name: &str,
+    child: &mut Child,
+    addr: SocketAddr,
+    dir: &Path,
+) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if let Ok(Some(status)) = child.try_wait() {
@@ -610,6 +677,7 @@ pub(crate) fn start(peer: &Peer, env: &Env, tls: bool) -> Result<Running> {
             return Ok(Running {
                 children: Vec::new(),
                 measured: pid.map(|root| ProcTree { root }),
+                device: None,
                 base,
                 caps: peer.caps(),
                 dir: None,
@@ -620,6 +688,7 @@ pub(crate) fn start(peer: &Peer, env: &Env, tls: bool) -> Result<Running> {
         return Ok(Running {
             children: Vec::new(),
             measured: None,
+            device: None,
             base: Base::Direct,
             caps: id.caps(),
             dir: None,
@@ -630,6 +699,7 @@ pub(crate) fn start(peer: &Peer, env: &Env, tls: bool) -> Result<Running> {
     let mut run = Running {
         children: Vec::new(),
         measured: None,
+        device: None,
         base: Base::Direct,
         caps: id.caps(),
         dir: Some(dir.clone()),
@@ -639,8 +709,20 @@ pub(crate) fn start(peer: &Peer, env: &Env, tls: bool) -> Result<Running> {
     let pcpus = env.proxy_cpus.as_deref();
     match id {
         PeerId::Direct => unreachable!("handled above"),
-        PeerId::Splicegate | PeerId::SplicegateHttp | PeerId::SplicegateW2 => {
-            let node = if id == PeerId::SplicegateHttp {
+        PeerId::Splicegate
+        | PeerId::SplicegateHttp
+        | PeerId::SplicegateW2
+        | PeerId::SplicegateAgent => {
+            let mut agents_section = String::new();
+            let node = if id == PeerId::SplicegateAgent {
+                let pki = env
+                    .pki
+                    .as_ref()
+                    .context("the agent listener needs the run's certificate")?;
+                let ap = free_port()?;
+                agents_section = agents_section_toml(local(ap), pki, AGENT_HEARTBEAT_S);
+                format!("kind = \"agent\"\nkey = \"{AGENT_KEY}\"")
+            } else if id == PeerId::SplicegateHttp {
                 // The exit node stands for a remote machine: it runs on the
                 // load generator's CPUs and its cost is not the gateway's.
                 let np = free_port()?;
@@ -682,7 +764,7 @@ pub(crate) fn start(peer: &Peer, env: &Env, tls: bool) -> Result<Running> {
                      # one load-generator address would be rate-limited otherwise\n\
                      [ebpf]\nsyn_rate = 0\n\
                      [log]\nlevel = \"warn\"\n\
-                     {tls_section}\
+                     {tls_section}{agents_section}\
                      [[package]]\nid = 1\nkey = \"{SG_KEY}\"\n\
                      [[node]]\nid = \"n1\"\n{node}\ncountry = \"us\"\n"
                 ),
@@ -701,6 +783,9 @@ pub(crate) fn start(peer: &Peer, env: &Env, tls: bool) -> Result<Running> {
                 addr,
             )?;
             run.base = proxy_with_auth(addr, SG_USER, SG_KEY);
+            if id == PeerId::SplicegateAgent {
+                start_agent(&mut run, env, &dir)?;
+            }
         }
         PeerId::Haproxy | PeerId::Nginx => {
             let mut map = Vec::new();
@@ -768,6 +853,102 @@ pub(crate) fn start(peer: &Peer, env: &Env, tls: bool) -> Result<Running> {
             run.launch(name, &program(name)?, &args, pcpus, &dir, echo_front)
                 .map_err(|e| anyhow!("{e} {}", log_tail(&dir, "error")))?;
             run.base = Base::L4(map);
+        }
+        PeerId::Rathole => {
+            let pki = env
+                .pki
+                .as_ref()
+                .context("rathole's TLS transport needs the run's certificate")?;
+            let rathole = rathole_program(env).context("rathole is not installed")?;
+            // native-tls (OpenSSL) takes the server's identity as PKCS#12.
+            let pfx = dir.join("identity.pfx");
+            let made = Command::new(program("openssl")?)
+                .args(["pkcs12", "-export", "-passout", "pass:bench", "-out"])
+                .arg(&pfx)
+                .arg("-inkey")
+                .arg(&pki.key)
+                .arg("-in")
+                .arg(&pki.cert)
+                .stdin(Stdio::null())
+                .output()
+                .context("openssl pkcs12")?;
+            if !made.status.success() {
+                bail!(
+                    "openssl pkcs12: {}",
+                    String::from_utf8_lossy(&made.stderr).trim()
+                );
+            }
+            let mut server = format!(
+                "[server]\nbind_addr = \"{addr}\"\ndefault_token = \"bench\"\n\
+                 [server.transport]\ntype = \"tls\"\n\
+                 [server.transport.tls]\npkcs12 = \"{}\"\npkcs12_password = \"bench\"\n",
+                pfx.display()
+            );
+            let mut client = format!(
+                "[client]\nremote_addr = \"{addr}\"\ndefault_token = \"bench\"\n\
+                 [client.transport]\ntype = \"tls\"\n\
+                 [client.transport.tls]\ntrusted_root = \"{}\"\nhostname = \"{}\"\n",
+                pki.cert.display(),
+                crate::tls::SERVER_NAME
+            );
+            let mut map = Vec::new();
+            let mut echo_front = addr;
+            for (name, target) in env.targets.all() {
+                let front = local(free_port()?);
+                if name == "echo" {
+                    echo_front = front;
+                }
+                map.push((target, front));
+                writeln!(server, "[server.services.{name}]\nbind_addr = \"{front}\"")?;
+                writeln!(
+                    client,
+                    "[client.services.{name}]\nlocal_addr = \"{target}\""
+                )?;
+            }
+            let (sconf, cconf) = (dir.join("server.toml"), dir.join("client.toml"));
+            std::fs::write(&sconf, server)?;
+            std::fs::write(&cconf, client)?;
+            let sconf = sconf.to_string_lossy().into_owned();
+            let cconf = cconf.to_string_lossy().into_owned();
+            run.launch(
+                "rathole-server",
+                &rathole,
+                &["--server", &sconf],
+                pcpus,
+                &dir,
+                addr,
+            )?;
+            let child = spawn(
+                "rathole-client",
+                &rathole,
+                &["--client", &cconf],
+                env.load_cpus.as_deref(),
+                &dir,
+            )?;
+            run.device = Some(ProcTree { root: child.id() });
+            run.children.push(("rathole-client".into(), child));
+            run.base = Base::L4(map);
+            // A service listens once its client's control channel is up.
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let probe = crate::client::dial(echo_front, None, Duration::from_secs(2)).and_then(
+                    |mut s| {
+                        s.write_all(b"ready?")?;
+                        let mut b = [0u8; 6];
+                        std::io::Read::read_exact(&mut s, &mut b)?;
+                        Ok(())
+                    },
+                );
+                match probe {
+                    Ok(()) => break,
+                    Err(e) if Instant::now() > deadline => bail!(
+                        "no echo through rathole within 15 s ({e:#}): {} | {}",
+                        log_tail(&dir, "rathole-server"),
+                        log_tail(&dir, "rathole-client")
+                    ),
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
         }
         PeerId::Squid => {
             open_dir(&dir)?;
@@ -865,6 +1046,91 @@ pub(crate) fn start(peer: &Peer, env: &Env, tls: bool) -> Result<Running> {
     Ok(run)
 }
 
+/// The `agent` node's key in the generated config.
+const AGENT_KEY: &str = "bench-agent-key-0123456789";
+/// `[agents] heartbeat_s` of the throughput and setup cells (the default).
+const AGENT_HEARTBEAT_S: u64 = 25;
+
+/// `[agents]` on `listen` with the run's certificate.
+pub(crate) fn agents_section_toml(listen: SocketAddr, pki: &Pki, heartbeat_s: u64) -> String {
+    format!(
+        "[agents]\nlisten = \"{listen}\"\ncert = \"{}\"\nkey = \"{}\"\nheartbeat_s = {heartbeat_s}\n",
+        pki.cert.display(),
+        pki.key.display()
+    )
+}
+
+/// The `[agents] listen` address written in a config file.
+fn agents_listen(conf: &str) -> Option<SocketAddr> {
+    let at = conf.find("[agents]")?;
+    conf[at..]
+        .lines()
+        .find_map(|l| l.strip_prefix("listen = "))
+        .and_then(|v| v.trim_matches('"').parse().ok())
+}
+
+/// The device: `splicegate-agent` for node `n1`, on the load generator's
+/// CPUs (it stands for a machine of its own), allowed to reach loopback
+/// targets. Ready once a CONNECT through the gateway reaches the echo
+/// target (the node is selectable once its presence is published).
+fn start_agent(run: &mut Running, env: &Env, dir: &Path) -> Result<()> {
+    let pki = env.pki.as_ref().context("no certificate")?;
+    let conf = std::fs::read_to_string(dir.join("splicegate.toml"))?;
+    let listen = agents_listen(&conf).context("no [agents] listen in the config")?;
+    let key = dir.join("agent.key");
+    std::fs::write(&key, AGENT_KEY)?;
+    let program = std::fs::canonicalize(&env.agent)
+        .with_context(|| format!("{} not found (--agent PATH)", env.agent.display()))?;
+    let (gw, key, ca) = (
+        listen.to_string(),
+        key.to_string_lossy().into_owned(),
+        pki.cert.to_string_lossy().into_owned(),
+    );
+    let child = spawn(
+        "splicegate-agent",
+        &program,
+        &[
+            "--gateway",
+            &gw,
+            "--id",
+            "n1",
+            "--key-file",
+            &key,
+            "--ca",
+            &ca,
+            "--server-name",
+            crate::tls::SERVER_NAME,
+            "--allow-private",
+            "--max-streams",
+            "4096",
+        ],
+        env.load_cpus.as_deref(),
+        dir,
+    )?;
+    run.device = Some(ProcTree { root: child.id() });
+    run.children.push(("splicegate-agent".into(), child));
+    let route = run.route(Want::Connect);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let probe = crate::client::open_tunnel(
+            &route,
+            env.targets.echo,
+            None,
+            route.user_for(0, false).as_ref(),
+            Duration::from_secs(2),
+        );
+        match probe {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > deadline => bail!(
+                "no CONNECT through the agent within 15 s ({e:#}): {} | {}",
+                log_tail(dir, "splicegate"),
+                log_tail(dir, "splicegate-agent")
+            ),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 /// Squid drops to user `proxy`: let it write its log and pid there.
 fn open_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
@@ -937,6 +1203,26 @@ pub(crate) fn version(peer: &Peer, env: &Env) -> String {
         Peer::Builtin(PeerId::Direct) | Peer::External { .. } => return String::new(),
         Peer::Builtin(PeerId::Splicegate | PeerId::SplicegateHttp | PeerId::SplicegateW2) => {
             return format!("{} (this tree)", env.gateway.display());
+        }
+        Peer::Builtin(PeerId::SplicegateAgent) => {
+            return format!(
+                "{} and {} (this tree)",
+                env.gateway.display(),
+                env.agent.display()
+            );
+        }
+        Peer::Builtin(PeerId::Rathole) => {
+            return rathole_program(env)
+                .and_then(|p| Command::new(p).arg("--version").output().ok())
+                .map(|o| {
+                    // Several lines: keep the version's.
+                    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+                    text.lines()
+                        .find_map(|l| l.strip_prefix("Build Version:"))
+                        .map(|v| format!("rathole {}", v.trim()))
+                        .unwrap_or_else(|| text.lines().next().unwrap_or("").trim().to_string())
+                })
+                .unwrap_or_default();
         }
         Peer::Builtin(PeerId::Haproxy) => ("haproxy", "-v"),
         Peer::Builtin(PeerId::Nginx) => ("nginx", "-v"),

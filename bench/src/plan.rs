@@ -32,6 +32,9 @@ impl Cell {
             (p, Mode::Idle { .. } | Mode::TlsHandshake { .. }) if p.is_direct() => false,
             // Two workers are about connection setup (the workers row).
             (Peer::Builtin(PeerId::SplicegateW2), m) => matches!(m, Mode::Connrate { .. }),
+            // Reverse tunnels: one device holds thousands of idle tunnels
+            // badly (the agents-idle command measures idle devices instead).
+            (Peer::Builtin(PeerId::SplicegateAgent | PeerId::Rathole), Mode::Idle { .. }) => false,
             _ => true,
         }
     }
@@ -68,6 +71,8 @@ pub(crate) struct Summary {
     pub rate_min: Option<f64>,
     pub rate_max: Option<f64>,
     pub latency_us: Option<Latency>,
+    /// setup: connect until the tunnel was open.
+    pub open_us: Option<Latency>,
     pub cpu_per_unit: Option<f64>,
     /// The rounds' lowest and highest proxy CPU per unit.
     pub cpu_min: Option<f64>,
@@ -79,6 +84,12 @@ pub(crate) struct Summary {
     pub base_threads: Option<f64>,
     pub rss_kib: Option<f64>,
     pub rss_per_tunnel_kib: Option<f64>,
+    /// A reverse tunnel's device (splicegate-agent, rathole's client):
+    /// median CPU per unit, the rounds' range, and its RSS.
+    pub device_cpu_per_unit: Option<f64>,
+    pub device_cpu_min: Option<f64>,
+    pub device_cpu_max: Option<f64>,
+    pub device_rss_kib: Option<f64>,
     pub errors: u64,
     pub reconnects: u64,
     /// TLS handshake cells: the share of the window's handshakes that
@@ -118,7 +129,7 @@ pub(crate) fn run(plan: &Plan, env: &Env) -> Results {
     let peers: Vec<&Peer> = plan
         .peers
         .iter()
-        .filter(|p| match peers::missing(p, &env.gateway) {
+        .filter(|p| match peers::missing(p, env) {
             Some(why) => {
                 eprintln!("skipping {}: {why}", p.name());
                 skipped.push((p.name(), why));
@@ -150,6 +161,7 @@ pub(crate) fn run(plan: &Plan, env: &Env) -> Results {
                             &env.targets,
                             env.pki.as_ref(),
                             running.measured,
+                            running.device,
                             plan.window,
                             &label,
                         );
@@ -243,6 +255,11 @@ fn summarize(plan: &Plan, runs: &[Outcome]) -> Vec<Summary> {
                 median(ok.iter().filter_map(|r| f(r)).collect())
             };
             let lat = |f: &dyn Fn(&Latency) -> f64| m(&|r| r.latency_us.as_ref().map(f));
+            let open = |f: &dyn Fn(&Latency) -> f64| m(&|r| r.open_us.as_ref().map(f));
+            let device: Vec<f64> = ok
+                .iter()
+                .filter_map(|r| r.proxy.as_ref()?.device_cpu_per_unit)
+                .collect();
             let rates: Vec<f64> = ok.iter().map(|r| r.rate).collect();
             let latency = lat(&|l| l.p50).map(|p50| Latency {
                 p50,
@@ -269,6 +286,14 @@ fn summarize(plan: &Plan, runs: &[Outcome]) -> Vec<Summary> {
                 rate_min: rates.iter().copied().reduce(f64::min),
                 rate_max: rates.iter().copied().reduce(f64::max),
                 latency_us: latency,
+                open_us: open(&|l| l.p50).map(|p50| Latency {
+                    p50,
+                    p90: open(&|l| l.p90).unwrap_or(0.0),
+                    p99: open(&|l| l.p99).unwrap_or(0.0),
+                    p999: open(&|l| l.p999).unwrap_or(0.0),
+                    max: open(&|l| l.max).unwrap_or(0.0),
+                    count: ok.iter().filter_map(|r| r.open_us.map(|l| l.count)).sum(),
+                }),
                 cpu_per_unit: m(&|r| r.proxy.as_ref().map(|c| c.cpu_per_unit)),
                 cpu_min: ok
                     .iter()
@@ -288,6 +313,10 @@ fn summarize(plan: &Plan, runs: &[Outcome]) -> Vec<Summary> {
                 base_threads: m(&|r| r.proxy.as_ref()?.base_threads.map(|v| v as f64)),
                 rss_kib: m(&|r| r.proxy.as_ref().map(|c| c.rss_kib as f64)),
                 rss_per_tunnel_kib: m(&|r| r.proxy.as_ref()?.rss_per_tunnel_kib),
+                device_cpu_per_unit: median(device.clone()),
+                device_cpu_min: device.iter().copied().reduce(f64::min),
+                device_cpu_max: device.iter().copied().reduce(f64::max),
+                device_rss_kib: m(&|r| r.proxy.as_ref()?.device_rss_kib.map(|v| v as f64)),
                 errors: mine.iter().map(|o| o.result.errors).sum(),
                 reconnects: mine.iter().map(|o| o.result.reconnects).sum(),
                 tls_resumed_share: tls_total(&ok)

@@ -138,6 +138,8 @@ fn columns(mode: &Mode) -> (Vec<String>, Values) {
                 "Gbit/s",
                 "min–max",
                 "proxy CPU-s/GB",
+                "min–max",
+                "device CPU-s/GB",
                 "peak RSS (MiB)",
                 "threads",
             ]),
@@ -147,8 +149,35 @@ fn columns(mode: &Mode) -> (Vec<String>, Values) {
                     num(s.rate, 2),
                     format!("{}–{}", num(s.rate_min, 2), num(s.rate_max, 2)),
                     num(s.cpu_per_unit, 3),
+                    format!("{}–{}", num(s.cpu_min, 3), num(s.cpu_max, 3)),
+                    num(s.device_cpu_per_unit, 3),
                     mib(s.peak_rss_kib),
                     num(s.threads, 0),
+                ]
+            },
+        ),
+        Mode::Setup { .. } => (
+            titles(&[
+                "conn/s",
+                "open p50 (µs)",
+                "open p90",
+                "open p99",
+                "echo p50 (µs)",
+                "echo p99",
+                "proxy CPU-µs/op",
+                "device CPU-µs/op",
+            ]),
+            |s| {
+                let (o, l) = (s.open_us, s.latency_us);
+                vec![
+                    num(s.rate, 0),
+                    num(o.map(|l| l.p50), 1),
+                    num(o.map(|l| l.p90), 1),
+                    num(o.map(|l| l.p99), 1),
+                    num(l.map(|l| l.p50), 1),
+                    num(l.map(|l| l.p99), 1),
+                    num(s.cpu_per_unit, 1),
+                    num(s.device_cpu_per_unit, 1),
                 ]
             },
         ),
@@ -190,6 +219,7 @@ fn columns(mode: &Mode) -> (Vec<String>, Values) {
                 "p99",
                 "p99.9",
                 "proxy CPU-µs/op",
+                "device CPU-µs/op",
                 "peak RSS (MiB)",
                 "threads",
             ]));
@@ -211,6 +241,7 @@ fn columns(mode: &Mode) -> (Vec<String>, Values) {
                 // CPU-µs per operation: one digit (see cpu_text).
                 v.extend([
                     num(s.cpu_per_unit, 1),
+                    num(s.device_cpu_per_unit, 1),
                     mib(s.peak_rss_kib),
                     num(s.threads, 0),
                 ]);
@@ -262,7 +293,11 @@ pub(crate) fn markdown(meta: &Meta, cells: &[Cell], res: &Results, plots: bool) 
          utime + stime (+ reaped children) over the measured window; peak RSS = sum of VmHWM at \
          the window's end (each peer starts afresh for every run); threads at the window's end. \
          GB = 10^9 bytes. Latencies are per operation as the client sees them (connrate: connect \
-         until the echo is back)."
+         until the echo is back; setup: `open` is connect until the proxy's 200, or the TCP \
+         connect without a proxy or through an L4 relay, `echo` connect until the 100 bytes are \
+         back). Reverse tunnels (splicegate-agent, rathole): `proxy` is the gateway side, \
+         `device` the process on the device side (splicegate-agent, rathole's client), measured \
+         apart."
     );
     for cell in cells {
         let rows: Vec<&Summary> = res.summaries.iter().filter(|s| s.cell == cell.id).collect();

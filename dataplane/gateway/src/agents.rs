@@ -169,7 +169,10 @@ impl Hub {
             }
             let hub = self.clone();
             tokio::spawn(async move {
-                let admitted = hub.admit(tcp, peer).await;
+                // Boxed: the handshake's state (the TLS stream mid-handshake) is
+                // freed once it is done instead of sizing this task for the
+                // connection's whole life.
+                let admitted = Box::pin(hub.admit(tcp, peer)).await;
                 hub.pending.fetch_sub(1, Ordering::AcqRel);
                 if let Some(a) = admitted {
                     hub.run(a).await;
