@@ -349,8 +349,8 @@ fn merge(hists: &[Mutex<Histogram<u64>>]) -> Histogram<u64> {
 }
 
 /// Run `mode` over `route`, measuring `proxy` (none: no proxy process);
-/// `pki`: the certificate the proxy serves (TLS modes); `device`: an
-/// agent's process, measured beside the proxy.
+/// `pki`: the certificate the proxy serves (TLS modes); `device`: a reverse
+/// tunnel's device, measured apart.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run(
     mode: &Mode,
