@@ -21,6 +21,7 @@ mod procstat;
 mod report;
 mod targets;
 mod tls;
+mod udp;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -356,6 +357,10 @@ enum Cmd {
         #[arg(long, default_value_t = 600)]
         max_seconds: u64,
     },
+    /// SOCKS5 UDP ASSOCIATE: K associations keeping W datagrams outstanding
+    /// to a UDP echo, through splicegate, Dante and no proxy: datagrams/s,
+    /// proxy CPU per million datagrams, p50/p99 and the p99 added.
+    Udp(udp::UdpArgs),
     /// Serve only the targets (for driving a proxy by hand), for a bounded time.
     Targets {
         #[arg(long, default_value_t = 600)]
@@ -970,6 +975,7 @@ fn main() -> Result<()> {
                 out,
             });
         }
+        Cmd::Udp(args) => return udp::main(args),
     };
     let out = run.common.out.clone();
     execute(&run.common, cells, vias(&run.vias)?, Vec::new(), out)
