@@ -270,15 +270,10 @@ impl Link {
     /// on association `stream`. Never waits: a datagram the link cannot
     /// take now is dropped (UDP's own promise), and `false` says so.
     pub fn send_datagram(&self, stream: u32, payload: &[u8]) -> bool {
-        if payload.is_empty() || payload.len() > agent::MAX_DATAGRAM_FRAME {
+        let mut out = Vec::with_capacity(agent::HEADER + payload.len());
+        if !agent::encode_datagram_frame(stream, payload, &mut out) {
             return false;
         }
-        let mut out = Vec::with_capacity(agent::HEADER + payload.len());
-        out.push(13); // DATAGRAM
-        out.push(0);
-        out.extend_from_slice(&stream.to_be_bytes());
-        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        out.extend_from_slice(payload);
         let ok = self.out.try_send(out).is_ok();
         if ok {
             self.stats
@@ -1162,20 +1157,18 @@ async fn pump_up(
                     buf = Vec::new();
                 }
             }
-            Err(e) => {
-                up.reset();
-                let text = format!("read: {e}");
-                let _ = ctx
-                    .out
-                    .send(frame(Frame::Reset {
-                        stream,
-                        text: &text,
-                    }))
-                    .await;
-                return;
-            }
+            Err(e) => return abort(stream, &up, &ctx, &format!("read: {e}")).await,
         }
     }
+}
+
+/// A pump's socket failed: the stream is reset both here and at the peer.
+async fn abort(stream: u32, up: &Up, ctx: &PumpCtx, why: &str) {
+    up.reset();
+    let _ = ctx
+        .out
+        .send(frame(Frame::Reset { stream, text: why }))
+        .await;
 }
 
 /// The peer's `DATA` → the local socket; window granted as it drains.
@@ -1204,16 +1197,7 @@ async fn pump_down(
                     _ = wait_reset(&up) => return,
                 };
                 if let Err(e) = written {
-                    up.reset();
-                    let text = format!("write: {e}");
-                    let _ = ctx
-                        .out
-                        .send(frame(Frame::Reset {
-                            stream,
-                            text: &text,
-                        }))
-                        .await;
-                    return;
+                    return abort(stream, &up, &ctx, &format!("write: {e}")).await;
                 }
                 window.receive(bytes.len());
                 let now = ctx.epoch.elapsed().as_micros() as u64;

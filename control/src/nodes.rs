@@ -285,6 +285,11 @@ impl AgentPresence {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
+    /// Set the open streams to what the connection counts now.
+    pub fn set_streams(&self, n: u64) {
+        self.streams.store(n, Ordering::Relaxed);
+    }
+
     /// Record a heartbeat's round trip.
     pub fn set_rtt_us(&self, us: u64) {
         self.rtt_us.store(us, Ordering::Relaxed);

@@ -60,7 +60,7 @@ struct Connected {
     generation: u64,
     /// The key hash it proved; a new key (or a deleted node) ends the link.
     key_hash: Option<[u8; 32]>,
-    /// Byte counts and streams already copied to the node's presence.
+    /// Byte counts already copied to the node's presence.
     copied: Copied,
 }
 
@@ -68,7 +68,6 @@ struct Connected {
 struct Copied {
     up: u64,
     down: u64,
-    streams: u64,
 }
 
 /// The agent thread's state, shared with the workers (through
@@ -439,18 +438,12 @@ impl Hub {
         let now = Copied {
             up: s.bytes_out.load(Ordering::Relaxed),
             down: s.bytes_in.load(Ordering::Relaxed),
-            streams: s.streams.load(Ordering::Relaxed),
         };
         let policy = self.engine.policy();
         if let Some((_, node)) = policy.nodes.get(id) {
             let p = node.runtime.agent();
             p.add_bytes(now.up - c.copied.up, now.down - c.copied.down);
-            for _ in c.copied.streams..now.streams {
-                p.stream_opened();
-            }
-            for _ in now.streams..c.copied.streams {
-                p.stream_closed();
-            }
+            p.set_streams(s.streams.load(Ordering::Relaxed));
             p.set_rtt_us(s.rtt_us.load(Ordering::Relaxed));
         }
         now

@@ -688,6 +688,19 @@ pub fn write_datagram_payload(addr: &str, bytes: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(bytes);
 }
 
+/// Appends a whole `DATAGRAM` frame for `stream` whose payload is already
+/// encoded (as [`write_datagram_payload`] writes it: a worker's socket-pair
+/// message), without splitting it first. `false` (nothing written) when the
+/// payload is empty or longer than a frame holds.
+pub fn encode_datagram_frame(stream: u32, payload: &[u8], out: &mut Vec<u8>) -> bool {
+    if payload.is_empty() || payload.len() > MAX_DATAGRAM_FRAME {
+        return false;
+    }
+    header(out, Kind::Datagram, 0, stream, payload.len());
+    out.extend_from_slice(payload);
+    true
+}
+
 /// Splits a `DATAGRAM` payload into its address and bytes.
 pub fn split_datagram(p: &[u8]) -> Option<(&str, &[u8])> {
     let (&n, rest) = p.split_first()?;

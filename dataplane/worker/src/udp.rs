@@ -194,13 +194,13 @@ pub(crate) async fn associate(
     });
     let (admitted, mut route) = match route {
         Ok(x) => x,
-        Err(refusal) => return answer_refusal(ctx, &client, peer, &refusal).await,
+        Err(refusal) => return crate::socks::refuse(ctx, &client, peer, &refusal).await,
     };
     let engine = &ctx.shared.engine;
     let mut step = engine.first_step(&mut route, &mut ctx.rng.borrow_mut());
     let (node, exit) = loop {
         let idx = match step {
-            Step::Fail(rej) => return answer_refusal(ctx, &client, peer, &refuse(rej)).await,
+            Step::Fail(rej) => return crate::socks::refuse(ctx, &client, peer, &refuse(rej)).await,
             Step::Dial(idx) => idx,
         };
         let node = route.policy.nodes.node(idx).clone();
@@ -212,7 +212,7 @@ pub(crate) async fn associate(
                 node.id,
                 node.kind.as_str()
             ));
-            return answer_refusal(ctx, &client, peer, &refuse(rej)).await;
+            return crate::socks::refuse(ctx, &client, peer, &refuse(rej)).await;
         }
         match open_exit(ctx, &node).await {
             Ok(exit) => break (node, exit),
@@ -230,7 +230,7 @@ pub(crate) async fn associate(
                 Code::Overloaded,
                 format!("no UDP socket for the association: {e}"),
             );
-            return answer_refusal(ctx, &client, peer, &refuse(rej)).await;
+            return crate::socks::refuse(ctx, &client, peer, &refuse(rej)).await;
         }
     };
     let Ok(near_addr) = near.local_addr() else {
@@ -284,10 +284,6 @@ pub(crate) async fn associate(
         started,
         setup: None,
     });
-}
-
-async fn answer_refusal(ctx: &Ctx, client: &Client, peer: SocketAddr, refusal: &Refusal) {
-    crate::socks::refuse(ctx, client, peer, refusal).await;
 }
 
 /// A datagram in and one out, each big enough for any.

@@ -100,6 +100,20 @@ fn a_datagram_without_an_address_is_refused() {
         Some(("a:", &[9u8][..]))
     );
     assert_eq!(datagram_len(&"x".repeat(256), b""), None);
+    // A pre-encoded payload makes the same frame as the parts do.
+    let mut payload = Vec::new();
+    write_datagram_payload("a:1", b"xy", &mut payload);
+    let mut raw = Vec::new();
+    assert!(encode_datagram_frame(9, &payload, &mut raw));
+    let mut parts = Vec::new();
+    Frame::Datagram {
+        stream: 9,
+        addr: "a:1",
+        bytes: b"xy",
+    }
+    .encode(&mut parts);
+    assert_eq!(raw, parts);
+    assert!(!encode_datagram_frame(9, &[], &mut raw));
 }
 
 #[test]
