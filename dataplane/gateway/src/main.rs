@@ -314,9 +314,8 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
     }
     // SO_REUSEPORT would let us share an address another process already
     // listens on, and each would get a share of the clients: refuse.
-    let sockets = portcheck::listening();
     for (addr, _) in &listen {
-        if let Some(other) = portcheck::taken(*addr, &sockets) {
+        if let Some(other) = portcheck::rival(*addr) {
             bail!(
                 "listening on {addr}: another socket already listens on {other}; stop it or choose another address"
             );
