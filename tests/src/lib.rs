@@ -30,6 +30,7 @@ pub mod nodes;
 pub mod ops;
 pub mod pg;
 pub mod pki;
+pub mod redis;
 pub mod targets;
 pub mod tools;
 pub mod watch;

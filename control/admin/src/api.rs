@@ -58,6 +58,8 @@ pub struct AppState {
     pub token: Option<Arc<str>>,
     /// `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// This gateway's fleet, with `[fleet]`.
+    pub fleet: Option<Arc<crate::fleet::FleetView>>,
 }
 
 /// An error answer.
@@ -173,6 +175,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/geo/cities", get(geo_cities))
         .route("/v1/geo/isps", get(geo_isps))
         .route("/v1/explain", get(explain))
+        .route("/v1/gateways", get(list_gateways))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/healthz", get(healthz))
@@ -226,6 +229,35 @@ async fn dashboard() -> Response {
         DASHBOARD.as_str(),
     )
         .into_response()
+}
+
+/// `GET /v1/gateways`: the fleet's live gateways, this one marked `self`.
+async fn list_gateways(State(s): State<AppState>) -> ApiResult {
+    let Some(f) = &s.fleet else {
+        return Err(ApiError::not_found(
+            "this gateway is not in a fleet ([fleet] is not configured)",
+        ));
+    };
+    let me = f.id();
+    let redis_up = f.redis_up();
+    ok(Value::Array(
+        f.gateways()
+            .into_iter()
+            .map(|g| {
+                json!({
+                    "id": g.id,
+                    "self": g.id == me,
+                    "boot": g.boot,
+                    "proxy": g.proxy,
+                    "admin": g.admin,
+                    "up_since": crate::time::rfc3339(g.up_since_ms),
+                    "seen": crate::time::rfc3339(g.seen_ms),
+                    "load": g.load,
+                    "redis": if g.id == me { Some(redis_up) } else { None },
+                })
+            })
+            .collect(),
+    ))
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {

@@ -101,6 +101,8 @@ pub struct Control {
     /// deletions here and by what enrolment finds in the store. Its own
     /// lock, never held across the store, so a look-up never waits for one.
     revoked: Mutex<HashSet<String>>,
+    /// Told of every API change (the fleet), when set.
+    announcer: sync::AnnouncerSlot,
     clock: Clock,
     /// Store flush latency, seconds.
     pub flush_seconds: Histogram,
@@ -496,6 +498,7 @@ impl Control {
             engine,
             inner: Mutex::new(inner),
             revoked: Mutex::new(revoked),
+            announcer: sync::AnnouncerSlot::default(),
             clock: opts.clock,
             flush_seconds: Histogram::new([
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -652,7 +655,9 @@ impl Control {
             inner.orgs.remove(id);
             return Err(e.into());
         }
-        self.publish(&mut inner, policy)
+        self.publish(&mut inner, policy)?;
+        self.announce(Change::Org(id.to_string()));
+        Ok(())
     }
 
     /// `POST /v1/orgs/{id}/credits`: a grant (negative: a correction). Allowed
@@ -667,6 +672,7 @@ impl Control {
             .store
             .grant(id, micro, GrantReason::TopUp, unix_ms())?;
         org.account.grant(micro);
+        self.announce(Change::Credits(id.to_string()));
         Ok(())
     }
 
@@ -700,6 +706,7 @@ impl Control {
         fields.key = Some(key.clone());
         fields.apply(&mut decl).map_err(ControlError::from)?;
         self.put_package(&mut inner, decl, None)?;
+        self.announce(Change::Package(id));
         Ok((id, key))
     }
 
@@ -772,7 +779,9 @@ impl Control {
         let old = self.api_package(&inner, id)?;
         let mut decl = old.clone();
         fields.apply(&mut decl).map_err(ControlError::from)?;
-        self.put_package(&mut inner, decl, Some(old))
+        self.put_package(&mut inner, decl, Some(old))?;
+        self.announce(Change::Package(id));
+        Ok(())
     }
 
     /// `POST /v1/packages/{id}/key`: a new key (given or generated); the old
@@ -808,6 +817,7 @@ impl Control {
         pkg.usage.restore(UsageTotals::default());
         inner.epochs.insert(id, epoch);
         inner.ledger.set(id, UsageTotals::default());
+        self.announce(Change::Usage(id));
         Ok(left)
     }
 
@@ -840,6 +850,7 @@ impl Control {
             return Err(ControlError::Conflict(format!("node {id} exists")));
         }
         self.put_node(&mut inner, decl, None)?;
+        self.announce(Change::Node(id.clone()));
         Ok((id, generated))
     }
 
@@ -869,6 +880,7 @@ impl Control {
         let mut decl = old.clone();
         fields.apply(&mut decl).map_err(ControlError::from)?;
         self.put_node(&mut inner, decl, Some(old))?;
+        self.announce(Change::Node(id.to_string()));
         tracing::info!(node = id, "agent node key replaced");
         Ok(key)
     }
@@ -930,6 +942,7 @@ impl Control {
             ControlError::NotFound(m) => EnrolError::Unavailable(m),
             ControlError::Store(e) => EnrolError::Unavailable(e.to_string()),
         })?;
+        self.announce(Change::Node(id.to_string()));
         tracing::info!(node = id, place = %where_, "agent enrolled");
         Ok(key)
     }
@@ -1004,9 +1017,12 @@ impl Control {
                     );
                 }
             }
+            self.announce(Change::Node(id.to_string()));
             return Ok(());
         }
-        self.put_node(&mut inner, decl, Some(old))
+        self.put_node(&mut inner, decl, Some(old))?;
+        self.announce(Change::Node(id.to_string()));
+        Ok(())
     }
 
     /// `DELETE /v1/nodes/{id}`: out of selection at once; its tunnels run
@@ -1040,7 +1056,9 @@ impl Control {
         if let Some((idx, _)) = self.engine.policy().nodes.get(id) {
             self.engine.policy().nodes.remove(idx);
         }
-        self.publish(&mut inner, policy)
+        self.publish(&mut inner, policy)?;
+        self.announce(Change::Node(id.to_string()));
+        Ok(())
     }
 
     // ---- the usage ledger ----
@@ -1178,6 +1196,9 @@ pub enum FileObject<'a> {
     /// A node.
     Node(&'a str),
 }
+
+mod sync;
+pub use sync::{Announcer, Change, Reloaded};
 
 #[cfg(test)]
 mod tests;

@@ -13,19 +13,27 @@
 //! Invariants: workers never touch the store; balances and usage are derived
 //! from the ledger and never edited in place; objects declared in the config
 //! file are never changed through the API (409).
+//!
+//! With `[fleet]`, [`fleet::Fleet`] adds one thread of its own ("fleet"):
+//! the registry of live gateways and the change channel on Redis, and the
+//! reads of the shared store that keep this gateway's policy in line.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod control;
 pub mod error;
+pub mod fleet;
 pub mod health;
 pub mod metrics;
 pub mod server;
 pub mod store;
 mod time;
 
-pub use control::{Clock, Control, ControlOptions, FileObject, Flushed};
+pub use control::{
+    Announcer, Change, Clock, Control, ControlOptions, FileObject, Flushed, Reloaded,
+};
 pub use error::{ControlError, EnrolError, StoreError};
+pub use fleet::{Fleet, FleetError, FleetOptions, FleetView, GatewayInfo};
 pub use health::HealthOptions;
 pub use metrics::ProcessCounter;
 pub use server::{AdminHandle, AdminOptions, AdminServer, VerdictFn};

@@ -23,6 +23,7 @@ use splicegate_control::stats::{
 };
 
 use crate::control::Control;
+use crate::fleet::FleetView;
 use crate::health::HealthStats;
 
 /// The eBPF programs' verdict counters, read at scrape time:
@@ -66,8 +67,39 @@ impl Metrics {
         health: &HealthStats,
         ebpf: Option<VerdictFn>,
         process: Vec<ProcessCounter>,
+        fleet: Option<Arc<FleetView>>,
     ) -> Metrics {
-        let mut registry = Registry::default();
+        // In a fleet every series carries the gateway's id, so that one
+        // Prometheus can scrape them all and tell them apart.
+        let mut registry = match &fleet {
+            Some(f) => Registry::with_labels(std::iter::once((
+                std::borrow::Cow::Borrowed("gateway"),
+                std::borrow::Cow::Owned(f.id()),
+            ))),
+            None => Registry::default(),
+        };
+        if let Some(f) = &fleet {
+            registry.register(
+                "splicegate_fleet_changes_published",
+                "API changes made on this gateway and published to the fleet",
+                f.changes_published.clone(),
+            );
+            registry.register(
+                "splicegate_fleet_changes_received",
+                "API changes other gateways published, received here",
+                f.changes_received.clone(),
+            );
+            registry.register(
+                "splicegate_fleet_reloads",
+                "Reads of the shared store that changed this gateway's policy, grants or usage epochs",
+                f.reloads_applied.clone(),
+            );
+            registry.register(
+                "splicegate_fleet_reload_errors",
+                "Reads of the shared store that failed (retried)",
+                f.reload_errors.clone(),
+            );
+        }
         registry.register(
             "splicegate_store_flush_seconds",
             "Time to append one flush of usage to the store (one transaction)",
@@ -103,6 +135,7 @@ impl Metrics {
             workers,
             ebpf,
             process,
+            fleet,
         }));
         Metrics { registry }
     }
@@ -123,6 +156,7 @@ struct Live {
     workers: Vec<Arc<WorkerStats>>,
     ebpf: Option<VerdictFn>,
     process: Vec<ProcessCounter>,
+    fleet: Option<Arc<FleetView>>,
 }
 
 impl fmt::Debug for Live {
@@ -167,6 +201,20 @@ fn gauge(
 
 impl Collector for Live {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> fmt::Result {
+        if let Some(f) = &self.fleet {
+            gauge(
+                &mut enc,
+                "splicegate_fleet_redis_up",
+                "Whether the fleet's Redis answered this gateway's last command (0: serving on local state)",
+                &[(&[], i64::from(f.redis_up()))],
+            )?;
+            gauge(
+                &mut enc,
+                "splicegate_fleet_gateways",
+                "Live gateways in the fleet's registry (this one included), as last read",
+                &[(&[], f.gateways().len() as i64)],
+            )?;
+        }
         let w = &self.workers;
         let rd = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
 
@@ -500,6 +548,7 @@ mod tests {
             &HealthStats::default(),
             None,
             Vec::new(),
+            None,
         );
         let text = m.render();
         assert_eq!(

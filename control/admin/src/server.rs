@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::api::{self, AppState};
 use crate::control::Control;
+use crate::fleet::FleetView;
 use crate::health::{self, HealthOptions, HealthStats};
 pub use crate::metrics::VerdictFn;
 use crate::metrics::{Metrics, ProcessCounter};
@@ -34,6 +35,9 @@ pub struct AdminOptions {
     pub ebpf_verdicts: Option<VerdictFn>,
     /// The binary's own counters.
     pub process_counters: Vec<ProcessCounter>,
+    /// This gateway's fleet (`[fleet]`), for `GET /v1/gateways` and the
+    /// `gateway` label on `/metrics`.
+    pub fleet: Option<Arc<FleetView>>,
 }
 
 impl std::fmt::Debug for AdminOptions {
@@ -46,6 +50,7 @@ impl std::fmt::Debug for AdminOptions {
             .field("flush_interval", &self.flush_interval)
             .field("ebpf_verdicts", &self.ebpf_verdicts.is_some())
             .field("process_counters", &self.process_counters)
+            .field("fleet", &self.fleet.as_ref().map(|f| f.id()))
             .finish()
     }
 }
@@ -61,6 +66,7 @@ impl AdminOptions {
             flush_interval: Duration::from_secs(1),
             ebpf_verdicts: None,
             process_counters: Vec::new(),
+            fleet: None,
         }
     }
 }
@@ -160,11 +166,13 @@ async fn serve(
         &health_stats,
         opts.ebpf_verdicts.clone(),
         opts.process_counters.clone(),
+        opts.fleet.clone(),
     ));
     let state = AppState {
         control: control.clone(),
         token: opts.token.clone().map(Arc::from),
         metrics,
+        fleet: opts.fleet.clone(),
     };
     tokio::spawn(flush_loop(
         control.clone(),

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use splicegate_admin::{
-    AdminHandle, AdminOptions, AdminServer, Control, ControlOptions, HealthOptions, ProcessCounter,
-    VerdictFn,
+    AdminHandle, AdminOptions, AdminServer, Control, ControlOptions, Fleet, FleetOptions,
+    HealthOptions, ProcessCounter, VerdictFn,
 };
 use splicegate_control::engine::Engine;
 use splicegate_control::policy::Policy;
@@ -34,7 +34,10 @@ pub(crate) fn engine(cfg: &Config) -> Result<(Arc<Engine>, Option<Arc<Control>>)
     }
     let control = Control::open(
         ControlOptions {
-            gateway_id: "local".into(),
+            gateway_id: match &cfg.fleet {
+                Some(f) => f.id()?,
+                None => "local".into(),
+            },
             snapshot: cfg.store_snapshot(),
             store: cfg.store_location(),
             session_capacity: capacity,
@@ -46,6 +49,30 @@ pub(crate) fn engine(cfg: &Config) -> Result<(Arc<Engine>, Option<Arc<Control>>)
     Ok((control.engine().clone(), Some(Arc::new(control))))
 }
 
+/// With `[fleet]`: claim this gateway's id and join the fleet's registry
+/// and change channel, before the workers accept anything. `proxy` is the
+/// main proxy address as bound.
+pub(crate) fn join_fleet(
+    cfg: &Config,
+    control: Option<&Arc<Control>>,
+    proxy: SocketAddr,
+) -> Result<Option<Fleet>> {
+    let (Some(f), Some(control)) = (&cfg.fleet, control) else {
+        return Ok(None);
+    };
+    let opts = FleetOptions {
+        id: f.id()?,
+        redis: f.redis.clone(),
+        prefix: f.prefix.clone(),
+        proxy: f.advertise.unwrap_or(proxy),
+        admin: None,
+        reload_every: Duration::from_secs(f.reload_s.max(1)),
+    };
+    tracing::info!(id = %opts.id, redis = %splicegate_admin::fleet::redact(&opts.redis), "joining the fleet");
+    let fleet = Fleet::join(control.clone(), opts)?;
+    Ok(Some(fleet))
+}
+
 /// Start the admin thread (API, flush, health checks) once the workers serve.
 /// `ebpf_verdicts` feeds `splicegate_ebpf_verdicts_total` when the kernel
 /// programs run.
@@ -55,6 +82,7 @@ pub(crate) fn start(
     workers: &[WorkerHandle],
     ebpf_verdicts: Option<VerdictFn>,
     process_counters: Vec<ProcessCounter>,
+    fleet: Option<&Fleet>,
 ) -> Result<Option<AdminHandle>> {
     let (Some(control), Some(section)) = (control, &cfg.admin) else {
         return Ok(None);
@@ -66,6 +94,7 @@ pub(crate) fn start(
     opts.health = health_options(cfg);
     opts.ebpf_verdicts = ebpf_verdicts;
     opts.process_counters = process_counters;
+    opts.fleet = fleet.map(Fleet::view);
     let handle = AdminServer::start(control.clone(), opts)
         .with_context(|| format!("the admin API on {listen}"))?;
     Ok(Some(handle))

@@ -29,6 +29,8 @@ pub(crate) struct Config {
     pub admin: Option<AdminSection>,
     /// The embedded store (used with `[admin]`).
     pub store: Option<StoreSection>,
+    /// A fleet of gateways sharing Redis and the PostgreSQL store.
+    pub fleet: Option<FleetSection>,
     #[serde(default)]
     pub safety: SafetySection,
     #[serde(default)]
@@ -184,6 +186,58 @@ pub(crate) struct StoreSection {
     /// The local snapshot of a PostgreSQL store (default
     /// `splicegate-snapshot.json` in the working directory).
     pub snapshot: Option<PathBuf>,
+}
+
+/// `[fleet]`: this gateway is one of several sharing Redis and the
+/// PostgreSQL store (SPEC section 11).
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FleetSection {
+    /// Unique among live gateways; default: the host name.
+    pub id: Option<String>,
+    /// `redis://host:port/db`, `rediss://…` or `unix:///path/redis.sock`.
+    pub redis: String,
+    /// The prefix of the fleet's Redis keys and channel.
+    #[serde(default = "default_fleet_prefix")]
+    pub prefix: String,
+    /// The proxy address the fleet shows for this gateway; default: the
+    /// `[proxy] listen` address as bound.
+    pub advertise: Option<SocketAddr>,
+    /// Seconds between full reads of the shared store (changes announced
+    /// on the channel are read at once).
+    #[serde(default = "default_fleet_reload_s")]
+    pub reload_s: u64,
+}
+
+fn default_fleet_prefix() -> String {
+    "splicegate".into()
+}
+
+fn default_fleet_reload_s() -> u64 {
+    30
+}
+
+impl FleetSection {
+    /// `[fleet] id`, else the host name.
+    pub(crate) fn id(&self) -> Result<String> {
+        match &self.id {
+            Some(id) => Ok(id.clone()),
+            None => {
+                let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .context("[fleet] id is not set and the host name cannot be read")?;
+                Ok(name.trim().to_string())
+            }
+        }
+    }
+}
+
+/// An id for Redis keys, logs and the `gateway` label: 1 to 64 of
+/// `A-Z a-z 0-9 . _ -`.
+fn valid_fleet_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 #[derive(Debug, Deserialize)]
@@ -436,6 +490,9 @@ impl Config {
                 bail!("store.url is empty");
             }
         }
+        if let Some(f) = &self.fleet {
+            self.check_fleet(f)?;
+        }
         let h = &self.health;
         if h.interval_s == 0 {
             bail!("health.interval_s must be at least 1");
@@ -448,6 +505,45 @@ impl Config {
             if !matches!(port, Some((host, Ok(p))) if !host.is_empty() && p != 0) {
                 bail!("health.probe_target {t:?} is not host:port");
             }
+        }
+        Ok(())
+    }
+
+    /// `[fleet]` needs the API and the PostgreSQL store, and keeps accounts
+    /// out of the file.
+    fn check_fleet(&self, f: &FleetSection) -> Result<()> {
+        let id = f.id()?;
+        if !valid_fleet_id(&id) {
+            bail!(
+                "fleet.id {id:?} must be 1 to 64 letters, digits, '.', '_' or '-' (it names Redis keys and the gateway label)"
+            );
+        }
+        if f.redis.trim().is_empty() {
+            bail!("fleet.redis is empty");
+        }
+        if !valid_fleet_id(&f.prefix) {
+            bail!(
+                "fleet.prefix {:?} must be 1 to 64 letters, digits, '.', '_' or '-'",
+                f.prefix
+            );
+        }
+        if f.reload_s == 0 || f.reload_s > 3600 {
+            bail!("fleet.reload_s must be 1 to 3600");
+        }
+        if self.admin.is_none() {
+            bail!(
+                "[fleet] needs [admin]: the fleet's accounts and nodes are managed through the API"
+            );
+        }
+        if !matches!(self.store, Some(StoreSection { url: Some(_), .. })) {
+            bail!(
+                "[fleet] needs [store] url (PostgreSQL): the gateways of a fleet share one store"
+            );
+        }
+        if !self.org.is_empty() || !self.package.is_empty() {
+            bail!(
+                "in a fleet, accounts live in PostgreSQL: remove [[org]] and [[package]] from the file and create them through the admin API (or move an embedded store there with `splicegate store migrate`)"
+            );
         }
         Ok(())
     }
@@ -617,6 +713,43 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("not both"), "{e}");
+    }
+
+    #[test]
+    fn a_fleet_needs_the_api_postgresql_and_no_file_accounts() {
+        let ok = "[admin]\n[store]\nurl = \"host=/tmp\"\n[fleet]\nid = \"gw-1\"\nredis = \"redis://127.0.0.1:6379/0\"\n";
+        let c = Config::parse(ok).unwrap();
+        let f = c.fleet.as_ref().unwrap();
+        assert_eq!(f.id().unwrap(), "gw-1");
+        assert_eq!(f.prefix, "splicegate");
+        assert_eq!(f.reload_s, 30);
+        let refused = |text: &str, says: &str| {
+            let e = Config::parse(text).unwrap_err().to_string();
+            assert!(e.contains(says), "{text}: {e}");
+        };
+        refused(
+            "[store]\nurl = \"host=/tmp\"\n[fleet]\nredis = \"redis://h\"\nid = \"a\"\n",
+            "[fleet] needs [admin]",
+        );
+        refused(
+            "[admin]\n[fleet]\nredis = \"redis://h\"\nid = \"a\"\n",
+            "[fleet] needs [store] url",
+        );
+        refused(
+            &format!("{ok}[[org]]\nid = \"acme\"\n"),
+            "accounts live in PostgreSQL",
+        );
+        refused(
+            &ok.replace("gw-1", "gw 1"),
+            "fleet.id \"gw 1\" must be",
+        );
+        refused(&ok.replace("redis://127.0.0.1:6379/0", " "), "fleet.redis is empty");
+        refused(&format!("{ok}reload_s = 0\n"), "fleet.reload_s");
+        // The file's direct nodes stay: they belong to this gateway.
+        let with_node = format!(
+            "{ok}[[node]]\nid = \"d1\"\nkind = \"direct\"\nbind = \"127.0.0.2\"\n"
+        );
+        assert!(Config::parse(&with_node).is_ok());
     }
 
     #[test]

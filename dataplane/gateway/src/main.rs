@@ -342,6 +342,9 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
         }
         per_worker.push(mine);
     }
+    // The fleet's id is claimed before anything is accepted: a gateway
+    // that may not join exits with the listeners never served.
+    let fleet = admin::join_fleet(&cfg, control.as_ref(), bound[0])?;
     let kernel = kernel::start(&cfg, &bound);
     if let Some(k) = &kernel {
         k.upkeep(&engine);
@@ -430,7 +433,20 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
             read: Arc::new(move || tls.not_after()),
         });
     }
-    let admin = admin::start(&cfg, control.as_ref(), &handles, verdicts, counters)?;
+    let admin = admin::start(
+        &cfg,
+        control.as_ref(),
+        &handles,
+        verdicts,
+        counters,
+        fleet.as_ref(),
+    )?;
+    if let Some(f) = &fleet {
+        f.view().serving(
+            handles.iter().map(|h| h.stats.clone()).collect(),
+            admin.as_ref().map(|a| a.addr),
+        );
+    }
     let ready = ready::Bound {
         proxy: vec![bound[0]],
         listeners: listen
@@ -505,6 +521,10 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
                     a.drain();
                 }
                 admin::stop(admin, control.as_ref());
+                // Leave last: the final flush is written under this id.
+                if let Some(f) = fleet {
+                    f.stop();
+                }
                 if let Some(p) = &ready_file {
                     let _ = std::fs::remove_file(p);
                 }

@@ -503,3 +503,75 @@ fn enrolment_asks_the_store_about_revocations_made_elsewhere() {
     drop(c);
     cleanup(&path);
 }
+
+/// Two gateways on one store (as a fleet shares PostgreSQL; here one
+/// SQLite file): what one's API changes, the other reads back; each change
+/// is announced; an unchanged store changes nothing.
+#[test]
+fn a_second_gateway_reads_the_first_ones_changes_back() {
+    let path = temp_path("fleet");
+    let a = open(&path, Declarations::default());
+    let b = open(&path, Declarations::default());
+    let announced = Arc::new(Mutex::new(Vec::new()));
+    let sink = announced.clone();
+    a.on_change(Arc::new(move |c| sink.lock().unwrap().push(c)));
+
+    a.create_org("acme", 10 * MICRO).unwrap();
+    let (id, key) = a
+        .create_package(PackageFields {
+            org: Some(Some("acme".into())),
+            ..PackageFields::default()
+        })
+        .unwrap();
+    let node: NodeFields = serde_json::from_str(
+        r#"{"id": "n1", "kind": "direct", "bind": "127.0.0.2", "country": "us"}"#,
+    )
+    .unwrap();
+    a.create_node(&node).unwrap();
+    assert!(b.engine().policy().packages.get(&id).is_none());
+
+    let r = b.reload_store().unwrap();
+    assert!(r.policy, "{r:?}");
+    let policy = b.engine().policy();
+    let p = policy.packages.get(&id).expect("the package, read back");
+    assert_eq!(p.decl.key, key);
+    assert!(policy.nodes.get("n1").is_some());
+    assert_eq!(
+        policy.orgs["acme"].account.granted(),
+        10 * MICRO,
+        "the opening grant"
+    );
+    drop(policy);
+    assert_eq!(b.reload_store().unwrap(), Reloaded::default(), "nothing new");
+
+    // A grant, a state, a deletion and a reset through the first.
+    a.add_credits("acme", 5 * MICRO).unwrap();
+    let offline: NodeFields = serde_json::from_str(r#"{"state": "offline"}"#).unwrap();
+    a.patch_node("n1", &offline).unwrap();
+    a.reset_usage(id).unwrap();
+    let r = b.reload_store().unwrap();
+    assert_eq!((r.policy, r.grants, r.resets), (true, 1, 1), "{r:?}");
+    let policy = b.engine().policy();
+    assert_eq!(policy.orgs["acme"].account.granted(), 15 * MICRO);
+    let (_, n1) = policy.nodes.get("n1").unwrap();
+    assert_eq!(n1.admin_state(), NodeState::Offline);
+    drop(policy);
+    a.delete_node("n1").unwrap();
+    b.reload_store().unwrap();
+    assert!(b.engine().policy().nodes.get("n1").is_none());
+
+    assert_eq!(
+        *announced.lock().unwrap(),
+        [
+            Change::Org("acme".into()),
+            Change::Package(id),
+            Change::Node("n1".into()),
+            Change::Credits("acme".into()),
+            Change::Node("n1".into()),
+            Change::Usage(id),
+            Change::Node("n1".into()),
+        ]
+    );
+    drop((a, b));
+    cleanup(&path);
+}

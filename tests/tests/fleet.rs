@@ -1,0 +1,381 @@
+//! A fleet of gateways (SPEC section 11): three gateway processes on one
+//! real PostgreSQL store and one real redis-server, clients spread across
+//! them. What one gateway's API changes is in force on the others within a
+//! second; the registry shows every live gateway; an id held by a live
+//! gateway is refused and a crashed one's is taken over; Redis going away
+//! stops nothing, and what changed meanwhile arrives when it is back.
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use splicegate_tests::Gateway;
+use splicegate_tests::gateway::{binary, temp_dir};
+use splicegate_tests::ops::{IpEcho, Setup, TOKEN, exit_ip, local, sample};
+use splicegate_tests::pg::Postgres;
+use splicegate_tests::redis::Redis;
+
+/// One shared store and Redis; each gateway a directory of its own.
+struct Fleet {
+    pg: Postgres,
+    redis: Redis,
+}
+
+impl Fleet {
+    fn start() -> Fleet {
+        Fleet {
+            pg: Postgres::start(),
+            redis: Redis::start(),
+        }
+    }
+
+    /// The config of gateway `id` (`workers = 1`, as three fit on two
+    /// cores), placeholders for its own ports and directory.
+    fn toml(&self, id: &str) -> String {
+        format!(
+            r#"[proxy]
+listen = "@PROXY@"
+workers = 1
+pin_workers = false
+
+[admin]
+listen = "@ADMIN@"
+token = "{TOKEN}"
+
+[store]
+url = {url:?}
+snapshot = "@DIR@/splicegate-snapshot.json"
+
+[fleet]
+id = "{id}"
+redis = {redis:?}
+
+[health]
+interval_s = 3600
+
+[safety]
+allow_targets = ["127.0.0.0/8"]
+
+[timeouts]
+node_connect_ms = 1000
+target_ms = 3000
+drain_grace_s = 1
+"#,
+            url = self.pg.url(),
+            redis = self.redis.url(),
+        )
+    }
+
+    fn gateway(&self, id: &str) -> (Setup, Gateway) {
+        let s = Setup::new(&format!("fleet-{id}"));
+        let gw = s.start(&self.toml(id));
+        (s, gw)
+    }
+}
+
+/// Poll `f` every 20 ms until it holds or `limit` passes; how long it took.
+fn within(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let started = Instant::now();
+    loop {
+        if f() {
+            return Some(started.elapsed());
+        }
+        if started.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What the SPEC promises for a change to reach every gateway.
+const IN_FORCE: Duration = Duration::from_secs(1);
+
+/// A client address no earlier request of this test binary used, so that
+/// polling with a key not yet (or no longer) valid never earns a ban.
+fn fresh() -> Ipv4Addr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    Ipv4Addr::new(127, 1, 41 + (n / 250) as u8, (n % 250) as u8 + 1)
+}
+
+#[test]
+fn three_gateways_act_as_one() {
+    let fleet = Fleet::start();
+    let (_s1, g1) = fleet.gateway("gw1");
+    let (_s2, g2) = fleet.gateway("gw2");
+    let (_s3, g3) = fleet.gateway("gw3");
+
+    // The registry: every gateway sees all three, itself marked.
+    let listed = within(Duration::from_secs(5), || {
+        let v = g3.get_json("/v1/gateways");
+        v.as_array().is_some_and(|a| a.len() == 3)
+    });
+    assert!(listed.is_some(), "{}", g3.get_json("/v1/gateways"));
+    let gws = g3.get_json("/v1/gateways");
+    let ids: Vec<&str> = gws
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["gw1", "gw2", "gw3"]);
+    for (g, gw) in gws.as_array().unwrap().iter().zip([&g1, &g2, &g3]) {
+        assert_eq!(g["proxy"], gw.proxy.to_string(), "{g}");
+        assert_eq!(g["self"], g["id"] == "gw3", "{g}");
+    }
+    // Every series names its gateway.
+    let m = g2.metrics();
+    assert_eq!(
+        sample(&m, r#"splicegate_fleet_redis_up{gateway="gw2"}"#),
+        1.0,
+        "{m}"
+    );
+    let three = within(Duration::from_secs(3), || {
+        sample(&g2.metrics(), r#"splicegate_fleet_gateways{gateway="gw2"}"#) == 3.0
+    });
+    assert!(three.is_some(), "{}", g2.metrics());
+
+    // An account and nodes made through gateway 1 serve on gateway 3.
+    let target = IpEcho::start(local(0)).unwrap();
+    g1.created("/v1/orgs", r#"{"id": "acme", "credits": 100}"#);
+    g1.created(
+        "/v1/nodes",
+        r#"{"id": "n-a", "kind": "direct", "bind": "127.0.42.1", "country": "us"}"#,
+    );
+    g1.created(
+        "/v1/nodes",
+        r#"{"id": "n-b", "kind": "direct", "bind": "127.0.42.2", "country": "us"}"#,
+    );
+    g1.created(
+        "/v1/packages",
+        r#"{"id": 7, "org": "acme", "key": "pk_fleet_one"}"#,
+    );
+    let through = |gw: &Gateway, key: &str| {
+        exit_ip(gw.proxy, fresh(), target.addr, "package-7-country-us", key)
+    };
+    let took = within(IN_FORCE, || through(&g3, "pk_fleet_one").is_ok());
+    assert!(
+        took.is_some(),
+        "a package made on gateway 1 does not serve on gateway 3 within {IN_FORCE:?}: {:?}\n{}",
+        through(&g3, "pk_fleet_one"),
+        g3.log_tail(20)
+    );
+    eprintln!("a new package served on gateway 3 after {took:?}");
+
+    // A key rotated through gateway 1: the old one fails on gateway 3, the
+    // new one works there.
+    let rotated = g1.expect(
+        "POST",
+        "/v1/packages/7/key",
+        Some(r#"{"key": "pk_fleet_two"}"#),
+        200,
+    );
+    assert_eq!(rotated["key"], "pk_fleet_two", "{rotated}");
+    let took = within(IN_FORCE, || {
+        through(&g3, "pk_fleet_one") == Err("AUTH_FAILED".into())
+            && through(&g3, "pk_fleet_two").is_ok()
+    });
+    assert!(
+        took.is_some(),
+        "a rotated key is not in force on gateway 3 within {IN_FORCE:?}: old {:?}, new {:?}",
+        through(&g3, "pk_fleet_one"),
+        through(&g3, "pk_fleet_two")
+    );
+    eprintln!("a rotated key in force on gateway 3 after {took:?}");
+
+    // A node set offline through gateway 1 is not chosen on gateway 2.
+    g1.patched("/v1/nodes/n-a", r#"{"state": "offline"}"#);
+    let took = within(IN_FORCE, || {
+        (0..6).all(|_| through(&g2, "pk_fleet_two").as_deref() == Ok("127.0.42.2"))
+    });
+    assert!(
+        took.is_some(),
+        "node n-a offline through gateway 1 is still chosen on gateway 2"
+    );
+    eprintln!("a node set offline was out on gateway 2 after {took:?}");
+
+    // Credits granted through gateway 2 show on gateway 3.
+    g2.expect(
+        "POST",
+        "/v1/orgs/acme/credits",
+        Some(r#"{"amount": 50}"#),
+        200,
+    );
+    let took = within(IN_FORCE, || {
+        g3.get_json("/v1/orgs/acme")["granted"].as_f64() == Some(150.0)
+    });
+    assert!(
+        took.is_some(),
+        "a grant on gateway 2 is not on gateway 3: {}",
+        g3.get_json("/v1/orgs/acme")
+    );
+
+    // Paused through gateway 1: gateway 3 refuses the next request and
+    // closes the tunnel it had open, within two seconds of the answer.
+    let mut open = splicegate_tests::ops::connect(
+        g3.proxy,
+        fresh(),
+        target.addr,
+        "package-7-country-us",
+        "pk_fleet_two",
+    );
+    assert_eq!(open.status, 200, "{}", open.head);
+    g1.patched("/v1/packages/7", r#"{"status": "paused"}"#);
+    let answered = Instant::now();
+    let took = within(IN_FORCE, || {
+        through(&g3, "pk_fleet_two") == Err("PACKAGE_PAUSED".into())
+    });
+    assert!(
+        took.is_some(),
+        "paused through gateway 1, gateway 3 still serves: {:?}",
+        through(&g3, "pk_fleet_two")
+    );
+    open.stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let closed = std::io::Read::read(&mut open.stream, &mut buf);
+    assert!(
+        matches!(closed, Ok(0) | Err(_)),
+        "the open tunnel on gateway 3 was not closed"
+    );
+    let closed_after = answered.elapsed();
+    assert!(
+        closed_after < Duration::from_secs(2) + Duration::from_millis(500),
+        "the tunnel on gateway 3 closed {closed_after:?} after the pause"
+    );
+    eprintln!("paused: tunnel on gateway 3 closed {closed_after:?} after the API's answer");
+
+    let m = g3.metrics();
+    assert!(
+        sample(
+            &m,
+            r#"splicegate_fleet_changes_received_total{gateway="gw3"}"#
+        ) >= 5.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn a_live_gateways_id_is_refused_and_a_crashed_ones_taken_over() {
+    let fleet = Fleet::start();
+    let (s1, mut g1) = fleet.gateway("gw1");
+    // The same id, another process: refused while gateway 1 lives.
+    let dir = temp_dir("fleet-dup");
+    let toml = fleet
+        .toml("gw1")
+        .replace("@PROXY@", "127.0.0.1:0")
+        .replace("@ADMIN@", "127.0.0.1:0")
+        .replace("@DIR@", &dir.display().to_string());
+    std::fs::write(dir.join("splicegate.toml"), toml).unwrap();
+    let out = Command::new(binary())
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.join("splicegate.toml"))
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run splicegate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second gw1 started: {stderr}");
+    assert!(
+        stderr.contains("another live gateway holds [fleet] id \"gw1\""),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&g1.proxy.to_string()),
+        "the refusal names the holder's address: {stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Gateway 1 crashes: a new start under its id waits for the old entry
+    // to expire and joins.
+    g1.kill9();
+    drop(g1);
+    let g1 = s1.start(&fleet.toml("gw1"));
+    assert!(
+        g1.log()
+            .contains("the id's previous holder expired; joined"),
+        "{}",
+        g1.log_tail(20)
+    );
+    let v = g1.get_json("/v1/gateways");
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
+    // A clean stop leaves at once.
+    let (_s2, mut g2) = fleet.gateway("gw2");
+    assert!(
+        within(Duration::from_secs(5), || {
+            g1.get_json("/v1/gateways").as_array().map(Vec::len) == Some(2)
+        })
+        .is_some()
+    );
+    g2.term();
+    assert_eq!(fleet.redis.cli(&["EXISTS", "splicegate:gw:gw2"]), "0");
+}
+
+#[test]
+fn redis_going_away_stops_nothing_and_changes_arrive_when_it_is_back() {
+    let mut fleet = Fleet::start();
+    let (_s1, g1) = fleet.gateway("gw1");
+    let (_s2, g2) = fleet.gateway("gw2");
+    let target = IpEcho::start(local(0)).unwrap();
+    g1.created("/v1/orgs", r#"{"id": "acme", "credits": 100}"#);
+    g1.created(
+        "/v1/nodes",
+        r#"{"id": "n-a", "kind": "direct", "bind": "127.0.43.1", "country": "us"}"#,
+    );
+    g1.created(
+        "/v1/packages",
+        r#"{"id": 9, "org": "acme", "key": "pk_outage_one"}"#,
+    );
+    let through = |gw: &Gateway, key: &str| {
+        exit_ip(gw.proxy, fresh(), target.addr, "package-9-country-us", key)
+    };
+    assert!(
+        within(IN_FORCE, || through(&g2, "pk_outage_one").is_ok()).is_some(),
+        "{:?}\n{}",
+        through(&g2, "pk_outage_one"),
+        g2.log_tail(20)
+    );
+
+    fleet.redis.kill();
+    let down = within(Duration::from_secs(5), || {
+        sample(&g2.metrics(), r#"splicegate_fleet_redis_up{gateway="gw2"}"#) == 0.0
+    });
+    assert!(down.is_some(), "gateway 2 does not say Redis is down");
+    // Both keep serving.
+    for _ in 0..5 {
+        assert_eq!(through(&g1, "pk_outage_one").as_deref(), Ok("127.0.43.1"));
+        assert_eq!(through(&g2, "pk_outage_one").as_deref(), Ok("127.0.43.1"));
+    }
+    // A change through gateway 1 while Redis is down: stored, in force on
+    // gateway 1, announced when Redis is back.
+    g1.expect(
+        "POST",
+        "/v1/packages/9/key",
+        Some(r#"{"key": "pk_outage_two"}"#),
+        200,
+    );
+    assert!(through(&g1, "pk_outage_two").is_ok());
+    fleet.redis.start_again();
+    let took = within(Duration::from_secs(10), || {
+        through(&g2, "pk_outage_two").is_ok()
+    });
+    assert!(
+        took.is_some(),
+        "the change made during the outage never reached gateway 2: {}",
+        g2.log_tail(20)
+    );
+    eprintln!("after Redis came back, the change reached gateway 2 in {took:?}");
+    let back = within(Duration::from_secs(5), || {
+        g2.get_json("/v1/gateways").as_array().map(Vec::len) == Some(2)
+    });
+    assert!(back.is_some(), "{}", g2.get_json("/v1/gateways"));
+    let v: Value = g2.get_json("/v1/gateways");
+    assert!(
+        v.as_array().unwrap().iter().all(|g| g["load"].is_object()),
+        "{v}"
+    );
+}
