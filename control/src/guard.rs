@@ -240,6 +240,22 @@ impl Guard {
         None
     }
 
+    /// A ban decided elsewhere (another gateway of the fleet): `ip`'s
+    /// source is banned for `secs` from `now`, or longer if it already is.
+    /// Returns whether it was not banned before. A full table still takes
+    /// it (a sweep makes room, else the ban is not kept: fail open).
+    pub fn ban(&self, ip: IpAddr, secs: u64, now: Now) -> bool {
+        let key = SourceKey::of(ip);
+        let mut shard = self.shard(&key);
+        if !shard.map.contains_key(&key) && !self.make_room(&mut shard, now) {
+            return false;
+        }
+        let e = shard.map.entry(key).or_insert_with(|| self.fresh(now));
+        let was = e.banned_until > now;
+        e.banned_until = e.banned_until.max(Now(now.0 + secs.saturating_mul(NS)));
+        !was
+    }
+
     /// Whether `ip`'s source is tracked (has an entry).
     #[cfg(test)]
     fn is_tracked(&self, ip: IpAddr) -> bool {
@@ -353,6 +369,30 @@ mod tests {
             SourceKey::of(ip("::ffff:10.1.2.3")),
             SourceKey::of(ip("10.1.2.3"))
         );
+    }
+
+    #[test]
+    fn a_ban_from_elsewhere_holds_and_never_shortens_one() {
+        let g = Guard::new(GuardConfig::default());
+        let t = Now::from_secs(1000);
+        assert!(g.ban(ip("10.0.0.7"), 30, t), "newly banned");
+        assert_eq!(
+            g.on_connect(ip("10.0.0.7"), Now::from_secs(1029)),
+            Verdict::DropBanned
+        );
+        assert_eq!(
+            g.on_connect(ip("10.0.0.8"), Now::from_secs(1029)),
+            Verdict::Pass
+        );
+        assert!(
+            !g.ban(ip("10.0.0.7"), 5, Now::from_secs(1010)),
+            "already banned"
+        );
+        assert!(
+            g.is_banned(ip("10.0.0.7"), Now::from_secs(1029)),
+            "a shorter ban does not shorten it"
+        );
+        assert!(!g.is_banned(ip("10.0.0.7"), Now::from_secs(1031)));
     }
 
     #[test]

@@ -256,6 +256,52 @@ fn three_gateways_act_as_one() {
         ) >= 5.0,
         "{m}"
     );
+
+    // A source banned on gateway 1 for repeated AUTH_FAILED (20 by
+    // default) is banned on gateway 3 too; other sources are not.
+    let resumed = g1.patched("/v1/packages/7", r#"{"status": "active"}"#);
+    assert_eq!(resumed["status"], "active");
+    let bad = Ipv4Addr::new(127, 1, 99, 9);
+    for _ in 0..21 {
+        let r = exit_ip(g1.proxy, bad, target.addr, "package-7-country-us", "wrong");
+        if r.is_err_and(|c| c != "AUTH_FAILED") {
+            break; // banned: the connection is closed without an answer
+        }
+    }
+    assert!(
+        g1.log().contains(&format!(
+            "banned after repeated authentication failures client={bad}"
+        )),
+        "{}",
+        g1.log_tail(10)
+    );
+    let took = within(IN_FORCE, || {
+        exit_ip(
+            g3.proxy,
+            bad,
+            target.addr,
+            "package-7-country-us",
+            "pk_fleet_two",
+        )
+        .is_err()
+    });
+    assert!(
+        took.is_some(),
+        "a source banned on gateway 1 still passes on gateway 3:\n{}",
+        g3.log_tail(10)
+    );
+    eprintln!("a ban on gateway 1 held on gateway 3 after {took:?}");
+    assert!(
+        through(&g3, "pk_fleet_two").is_ok(),
+        "another source is not banned"
+    );
+    assert_eq!(
+        sample(
+            &g3.metrics(),
+            r#"splicegate_fleet_bans_received_total{gateway="gw3"}"#
+        ),
+        1.0
+    );
 }
 
 #[test]

@@ -19,7 +19,7 @@
 //! once, and changes made meanwhile are published when it is back.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -118,7 +118,6 @@ pub struct GatewayInfo {
 
 /// What this gateway knows of the fleet, shared with the admin API and
 /// `/metrics`.
-#[derive(Debug)]
 pub struct FleetView {
     /// This gateway's entry, as last reported.
     me: Mutex<GatewayInfo>,
@@ -129,6 +128,12 @@ pub struct FleetView {
     /// The workers' counters, for the load this gateway reports (set once
     /// they run: the id is claimed before they accept anything).
     workers: Mutex<Vec<Arc<WorkerStats>>>,
+    /// What waits to be published.
+    events: mpsc::UnboundedSender<Event>,
+    /// Where bans announced by others go.
+    ban_applier: Mutex<Option<BanApplier>>,
+    /// Bans announced by other gateways and applied here.
+    pub bans_received: Counter,
     /// Changes made here and published to the fleet.
     pub changes_published: Counter,
     /// Changes other gateways published, received here.
@@ -140,9 +145,21 @@ pub struct FleetView {
     pub reload_errors: Counter,
 }
 
+impl std::fmt::Debug for FleetView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetView")
+            .field("me", &self.me())
+            .field("redis_up", &self.redis_up())
+            .finish_non_exhaustive()
+    }
+}
+
 impl FleetView {
-    fn new(me: GatewayInfo) -> FleetView {
+    fn new(me: GatewayInfo, events: mpsc::UnboundedSender<Event>) -> FleetView {
         FleetView {
+            events,
+            ban_applier: Mutex::new(None),
+            bans_received: Counter::default(),
             gateways: Mutex::new(vec![me.clone()]),
             me: Mutex::new(me),
             redis_up: AtomicBool::new(false),
@@ -161,6 +178,20 @@ impl FleetView {
         if let Some(a) = admin {
             lock(&self.me).admin = Some(a.to_string());
         }
+    }
+
+    /// Tell the fleet that `ip` was banned here for `ban` (call it from
+    /// any thread: it never blocks).
+    pub fn announce_ban(&self, ip: IpAddr, ban: Duration) {
+        let _ = self.events.send(Event::Ban {
+            ip,
+            secs: ban.as_secs(),
+        });
+    }
+
+    /// Where bans other gateways announce are applied.
+    pub fn on_ban(&self, f: BanApplier) {
+        *lock(&self.ban_applier) = Some(f);
     }
 
     /// This gateway's `[fleet] id`.
@@ -240,14 +271,34 @@ pub enum FleetError {
     Thread(String),
 }
 
+/// What this gateway tells the others.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// An API change (the data is in the store).
+    Change(Change),
+    /// A source banned here after repeated `AUTH_FAILED`.
+    Ban {
+        /// The source address.
+        ip: IpAddr,
+        /// How long, from when it is received.
+        secs: u64,
+    },
+}
+
 /// A message on the change channel.
 #[derive(Debug, Serialize, Deserialize)]
 struct Envelope {
     /// The announcing gateway's id and boot.
     gateway: String,
     boot: String,
-    change: Change,
+    #[serde(flatten)]
+    event: Event,
 }
+
+/// Applies a ban another gateway announced (the guard, and the kernel's
+/// map when the programs run).
+pub type BanApplier = Arc<dyn Fn(IpAddr, Duration) + Send + Sync>;
 
 /// The keys of one fleet.
 #[derive(Debug, Clone)]
@@ -332,7 +383,8 @@ impl Fleet {
             seen_ms: now,
             load: Load::default(),
         };
-        let view = Arc::new(FleetView::new(me));
+        let (events, rx) = mpsc::unbounded_channel();
+        let view = Arc::new(FleetView::new(me, events));
         let (stop, stop_rx) = watch::channel(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread_view = view.clone();
@@ -349,7 +401,15 @@ impl Fleet {
                         return;
                     }
                 };
-                rt.block_on(run(client, control, opts, thread_view, stop_rx, ready_tx));
+                rt.block_on(run(
+                    client,
+                    control,
+                    opts,
+                    thread_view,
+                    rx,
+                    stop_rx,
+                    ready_tx,
+                ));
             })
             .map_err(|e| FleetError::Thread(e.to_string()))?;
         match ready_rx.recv() {
@@ -423,6 +483,7 @@ async fn run(
     control: Arc<Control>,
     opts: FleetOptions,
     view: Arc<FleetView>,
+    rx: mpsc::UnboundedReceiver<Event>,
     stop: watch::Receiver<bool>,
     ready: std::sync::mpsc::Sender<Result<(), FleetError>>,
 ) {
@@ -442,9 +503,9 @@ async fn run(
         return;
     }
     let reload = Arc::new(Notify::new());
-    let (tx, rx) = mpsc::unbounded_channel();
+    let tx = view.events.clone();
     control.on_change(Arc::new(move |c| {
-        let _ = tx.send(c);
+        let _ = tx.send(Event::Change(c));
     }));
     let _ = ready.send(Ok(()));
     let tasks = [
@@ -599,13 +660,13 @@ async fn heartbeat(
     keys: Keys,
     view: Arc<FleetView>,
     reload: Arc<Notify>,
-    mut changes: mpsc::UnboundedReceiver<Change>,
+    mut changes: mpsc::UnboundedReceiver<Event>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut last, _, _) = read(&lock(&view.workers));
-    let mut pending: VecDeque<Change> = VecDeque::new();
+    let mut pending: VecDeque<Event> = VecDeque::new();
     let mut conflict_logged = false;
     loop {
         tokio::select! {
@@ -672,14 +733,14 @@ async fn publish(
     conn: &mut ConnectionManager,
     keys: &Keys,
     view: &FleetView,
-    pending: &mut VecDeque<Change>,
+    pending: &mut VecDeque<Event>,
 ) {
     let me = view.me();
-    while let Some(c) = pending.front() {
+    while let Some(e) = pending.front() {
         let msg = Envelope {
             gateway: me.id.clone(),
             boot: me.boot.clone(),
-            change: c.clone(),
+            event: e.clone(),
         };
         let text = serde_json::to_string(&msg).unwrap_or_default();
         match conn.publish::<_, _, i64>(&keys.changes, text).await {
@@ -754,10 +815,23 @@ async fn listen(
                         tracing::warn!("fleet: an unreadable message on the change channel");
                         continue;
                     };
-                    if env.boot != me.boot {
-                        view.changes_received.inc();
-                        tracing::debug!(from = %env.gateway, change = ?env.change, "fleet: change announced");
-                        reload.notify_one();
+                    if env.boot == me.boot {
+                        continue;
+                    }
+                    match env.event {
+                        Event::Change(c) => {
+                            view.changes_received.inc();
+                            tracing::debug!(from = %env.gateway, change = ?c, "fleet: change announced");
+                            reload.notify_one();
+                        }
+                        Event::Ban { ip, secs } => {
+                            view.bans_received.inc();
+                            let applier = lock(&view.ban_applier).clone();
+                            if let Some(f) = applier {
+                                tracing::info!(client = %ip, ban_s = secs, from = %env.gateway, "banned: another gateway of the fleet banned it");
+                                f(ip, Duration::from_secs(secs));
+                            }
+                        }
                     }
                 }
             }
@@ -838,7 +912,7 @@ mod tests {
         let env = Envelope {
             gateway: "gw1".into(),
             boot: "b".into(),
-            change: Change::Package(7),
+            event: Event::Change(Change::Package(7)),
         };
         let text = serde_json::to_string(&env).unwrap();
         assert_eq!(
@@ -846,6 +920,21 @@ mod tests {
             r#"{"gateway":"gw1","boot":"b","change":{"kind":"package","id":7}}"#
         );
         let back: Envelope = serde_json::from_str(&text).unwrap();
-        assert_eq!(back.change, Change::Package(7));
+        assert_eq!(back.event, Event::Change(Change::Package(7)));
+        let ban = Envelope {
+            gateway: "gw1".into(),
+            boot: "b".into(),
+            event: Event::Ban {
+                ip: "127.1.2.3".parse().unwrap(),
+                secs: 600,
+            },
+        };
+        let text = serde_json::to_string(&ban).unwrap();
+        assert_eq!(
+            text,
+            r#"{"gateway":"gw1","boot":"b","ban":{"ip":"127.1.2.3","secs":600}}"#
+        );
+        let back: Envelope = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.event, ban.event);
     }
 }

@@ -95,6 +95,11 @@ impl Metrics {
                 f.reloads_applied.clone(),
             );
             registry.register(
+                "splicegate_fleet_bans_received",
+                "Sources other gateways banned after repeated AUTH_FAILED, banned here too",
+                f.bans_received.clone(),
+            );
+            registry.register(
                 "splicegate_fleet_reload_errors",
                 "Reads of the shared store that failed (retried)",
                 f.reload_errors.clone(),

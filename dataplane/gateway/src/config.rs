@@ -739,16 +739,15 @@ mod tests {
             &format!("{ok}[[org]]\nid = \"acme\"\n"),
             "accounts live in PostgreSQL",
         );
+        refused(&ok.replace("gw-1", "gw 1"), "fleet.id \"gw 1\" must be");
         refused(
-            &ok.replace("gw-1", "gw 1"),
-            "fleet.id \"gw 1\" must be",
+            &ok.replace("redis://127.0.0.1:6379/0", " "),
+            "fleet.redis is empty",
         );
-        refused(&ok.replace("redis://127.0.0.1:6379/0", " "), "fleet.redis is empty");
         refused(&format!("{ok}reload_s = 0\n"), "fleet.reload_s");
         // The file's direct nodes stay: they belong to this gateway.
-        let with_node = format!(
-            "{ok}[[node]]\nid = \"d1\"\nkind = \"direct\"\nbind = \"127.0.0.2\"\n"
-        );
+        let with_node =
+            format!("{ok}[[node]]\nid = \"d1\"\nkind = \"direct\"\nbind = \"127.0.0.2\"\n");
         assert!(Config::parse(&with_node).is_ok());
     }
 

@@ -376,14 +376,41 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
         }
         None => None,
     };
+    let guard = Arc::new(splicegate_control::guard::Guard::new(cfg.guard_config()));
+    let kernel_bans = kernel.as_ref().map(kernel::Kernel::ban_sink);
+    // A ban decided here goes to the kernel's map and to the fleet; one
+    // another gateway decided comes back through the guard and the kernel.
+    let ban_sink: Option<splicegate_worker::BanSink> = match (&kernel_bans, &fleet) {
+        (None, None) => None,
+        (k, f) => {
+            let (k, view) = (k.clone(), f.as_ref().map(|f| f.view()));
+            Some(Arc::new(move |ip, ban| {
+                if let Some(k) = &k {
+                    k(ip, ban);
+                }
+                if let Some(v) = &view {
+                    v.announce_ban(ip, ban);
+                }
+            }))
+        }
+    };
+    if let Some(f) = &fleet {
+        let (g, k) = (guard.clone(), kernel_bans.clone());
+        f.view().on_ban(Arc::new(move |ip, ban| {
+            g.ban(ip, ban.as_secs(), splicegate_worker::now());
+            if let Some(k) = &k {
+                k(ip, ban);
+            }
+        }));
+    }
     let shared = Arc::new(Shared {
         engine: engine.clone(),
         settings: cfg.settings(),
         resolver: Resolver::start(2)?,
         access_log,
-        guard: Arc::new(splicegate_control::guard::Guard::new(cfg.guard_config())),
+        guard,
         guard_at_accept: kernel.is_none(),
-        ban_sink: kernel.as_ref().map(kernel::Kernel::ban_sink),
+        ban_sink,
         tls: tls.clone(),
         agents: agents
             .as_ref()

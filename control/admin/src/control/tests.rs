@@ -528,7 +528,7 @@ fn a_second_gateway_reads_the_first_ones_changes_back() {
     )
     .unwrap();
     a.create_node(&node).unwrap();
-    assert!(b.engine().policy().packages.get(&id).is_none());
+    assert!(!b.engine().policy().packages.contains_key(&id));
 
     let r = b.reload_store().unwrap();
     assert!(r.policy, "{r:?}");
@@ -542,7 +542,11 @@ fn a_second_gateway_reads_the_first_ones_changes_back() {
         "the opening grant"
     );
     drop(policy);
-    assert_eq!(b.reload_store().unwrap(), Reloaded::default(), "nothing new");
+    assert_eq!(
+        b.reload_store().unwrap(),
+        Reloaded::default(),
+        "nothing new"
+    );
 
     // A grant, a state, a deletion and a reset through the first.
     a.add_credits("acme", 5 * MICRO).unwrap();
