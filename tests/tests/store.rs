@@ -56,6 +56,27 @@ fn postgres_schema_is_versioned_and_a_newer_one_is_refused() {
     );
 }
 
+/// A fleet's gateways started together on an empty database all migrate
+/// it (one after the other), none fails.
+#[test]
+fn gateways_starting_together_on_an_empty_database_all_migrate_it() {
+    let pg = Postgres::start();
+    let url = database(&pg, "together");
+    let starts: Vec<_> = (0..6)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || PgStore::connect(&url).map(|_| ()))
+        })
+        .collect();
+    for s in starts {
+        s.join().unwrap().expect("a concurrent first start");
+    }
+    assert_eq!(
+        pg.sql_in("together", "SELECT version FROM schema_version"),
+        MIGRATIONS.len().to_string()
+    );
+}
+
 #[test]
 fn postgres_reconnects_after_a_restart_of_the_server() {
     let mut pg = Postgres::start();

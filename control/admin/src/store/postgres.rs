@@ -57,7 +57,17 @@ impl Conn {
 }
 
 fn pg(e: postgres::Error) -> StoreError {
-    StoreError::Postgres(e.to_string())
+    // The server's own message ("relation … does not exist"), not only
+    // the client's "db error".
+    match e.as_db_error() {
+        Some(db) => StoreError::Postgres(format!(
+            "{}: {} ({})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        )),
+        None => StoreError::Postgres(e.to_string()),
+    }
 }
 
 /// `url` with its password replaced by `***`, for logs and errors.
@@ -144,15 +154,19 @@ impl PgStore {
 
     /// Apply `steps[v..]` where `v` is the version the database holds, each
     /// step in its own transaction together with its new version number.
-    /// Two gateways migrating at once take turns (an advisory lock).
+    /// Two gateways migrating at once take turns (an advisory lock, taken
+    /// before anything is created: two concurrent `CREATE TABLE IF NOT
+    /// EXISTS` of one table can fail in PostgreSQL, as a fleet's first
+    /// start on an empty database found).
     pub fn migrate(&self, steps: &'static [Migration]) -> Result<(), StoreError> {
         self.call(move |c| {
-            c.batch_execute(
-                "CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL);
-                 SELECT pg_advisory_lock(7413000001)",
-            )
-            .map_err(pg)?;
+            c.batch_execute("SELECT pg_advisory_lock(7413000001)")
+                .map_err(pg)?;
             let result = (|| {
+                c.batch_execute(
+                    "CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)",
+                )
+                .map_err(pg)?;
                 let have = version(c)?;
                 let known = steps.len() as i64;
                 if have > known {
