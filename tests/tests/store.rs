@@ -24,6 +24,8 @@ fn postgres_keeps_the_store_contract() {
     conformance::the_ledger_sums_rows_per_package_epoch_and_org(&mut s);
     let mut s = PgStore::connect(&database(&pg, "grants")).unwrap();
     conformance::a_file_orgs_credits_are_its_first_grant_only(&mut s);
+    let mut s = PgStore::connect(&database(&pg, "taken")).unwrap();
+    conformance::a_new_objects_id_is_taken_once(&mut s);
     let mut s = PgStore::connect(&database(&pg, "history")).unwrap();
     conformance::usage_history_rolls_up_by_hour_and_day(&mut s);
     let mut s = PgStore::connect(&database(&pg, "retries")).unwrap();

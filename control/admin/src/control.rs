@@ -681,7 +681,8 @@ impl Control {
     /// `POST /v1/packages`: returns the id and the key (generated when absent).
     pub fn create_package(&self, mut fields: PackageFields) -> Result<(u64, String), ControlError> {
         let mut inner = self.lock();
-        let id = match fields.id {
+        let auto = fields.id.is_none();
+        let mut id = match fields.id {
             Some(id) => id,
             None => {
                 let policy = self.engine.policy();
@@ -702,10 +703,21 @@ impl Control {
             None => generate_key()
                 .map_err(|e| ControlError::Invalid(format!("generating a key: {e}")))?,
         };
-        let mut decl = PackageDecl::new(id, &key);
         fields.key = Some(key.clone());
-        fields.apply(&mut decl).map_err(ControlError::from)?;
-        self.put_package(&mut inner, decl, None)?;
+        // In a fleet another gateway may have taken the id a moment ago:
+        // the store says so, and a chosen id moves on to the next one.
+        let mut tries = 0;
+        loop {
+            let mut decl = PackageDecl::new(id, &key);
+            fields.apply(&mut decl).map_err(ControlError::from)?;
+            match self.put_package(&mut inner, decl, None) {
+                Err(ControlError::Conflict(_)) if auto && tries < 16 => {
+                    id += 1;
+                    tries += 1;
+                }
+                r => break r?,
+            }
+        }
         self.announce(Change::Package(id));
         Ok((id, key))
     }
@@ -717,6 +729,7 @@ impl Control {
         old: Option<PackageDecl>,
     ) -> Result<(), ControlError> {
         let id = decl.id;
+        let old_is_none = old.is_none();
         let spec = serde_json::to_string(&PackageFields::from_decl(&decl))
             .map_err(|e| ControlError::Invalid(e.to_string()))?;
         self.put(
@@ -725,7 +738,10 @@ impl Control {
             id,
             decl,
             old,
-            |store| store.put_package(id, &spec, unix_ms()),
+            |store| match old_is_none {
+                true => store.insert_package(id, &spec, unix_ms()),
+                false => store.put_package(id, &spec, unix_ms()),
+            },
         )
     }
 
@@ -966,6 +982,7 @@ impl Control {
         old: Option<NodeDecl>,
     ) -> Result<(), ControlError> {
         let id = decl.id.clone();
+        let old_is_none = old.is_none();
         let spec = serde_json::to_string(&NodeFields::from_decl(&decl))
             .map_err(|e| ControlError::Invalid(e.to_string()))?;
         self.put(
@@ -974,7 +991,10 @@ impl Control {
             id.clone(),
             decl,
             old,
-            |store| store.put_node(&id, &spec, unix_ms()),
+            |store| match old_is_none {
+                true => store.insert_node(&id, &spec, unix_ms()),
+                false => store.put_node(&id, &spec, unix_ms()),
+            },
         )
     }
 

@@ -24,6 +24,10 @@ pub enum StoreError {
         /// This build's.
         known: i64,
     },
+    /// A new object's id is taken (another gateway of the fleet made one
+    /// with it first): 409.
+    #[error("{0}")]
+    Exists(String),
     /// A stored declaration no longer reads.
     #[error("store: stored {what} {id} does not read: {reason}")]
     Corrupt {
@@ -50,7 +54,16 @@ pub enum ControlError {
     Invalid(String),
     /// The store failed (500).
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for ControlError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Exists(m) => ControlError::Conflict(m),
+            e => ControlError::Store(e),
+        }
+    }
 }
 
 impl From<splicegate_control::decl::DeclError> for ControlError {

@@ -139,10 +139,16 @@ pub trait Store: Send + std::fmt::Debug {
     fn packages(&self) -> Result<Vec<(u64, String)>, StoreError>;
     /// Insert or replace an API-created package.
     fn put_package(&mut self, id: u64, spec: &str, unix_ms: u64) -> Result<(), StoreError>;
+    /// Insert a new API-created package; [`StoreError::Exists`] when the
+    /// id is taken (another gateway of a fleet made it first).
+    fn insert_package(&mut self, id: u64, spec: &str, unix_ms: u64) -> Result<(), StoreError>;
     /// The API-created nodes: id and declaration (JSON).
     fn nodes(&self) -> Result<Vec<(String, String)>, StoreError>;
     /// Insert or replace an API-created node.
     fn put_node(&mut self, id: &str, spec: &str, unix_ms: u64) -> Result<(), StoreError>;
+    /// Insert a new API-created node; [`StoreError::Exists`] when the id
+    /// is taken.
+    fn insert_node(&mut self, id: &str, spec: &str, unix_ms: u64) -> Result<(), StoreError>;
     /// Delete an API-created node.
     fn delete_node(&mut self, id: &str) -> Result<bool, StoreError>;
     /// Delete an API-created agent node and revoke its id, in one

@@ -579,3 +579,47 @@ fn a_second_gateway_reads_the_first_ones_changes_back() {
     drop((a, b));
     cleanup(&path);
 }
+
+/// Two gateways that have not read each other's changes yet create objects
+/// with the same ids: the second is refused (409), never overwrites the
+/// first; a package created without an id takes the next free one.
+#[test]
+fn a_stale_gateway_never_overwrites_what_another_created() {
+    let path = temp_path("fleet-ids");
+    let a = open(&path, Declarations::default());
+    let b = open(&path, Declarations::default());
+    a.create_org("acme", MICRO).unwrap();
+    assert!(matches!(
+        b.create_org("acme", MICRO),
+        Err(ControlError::Conflict(_))
+    ));
+    b.reload_store().unwrap();
+    let fields = |id: Option<u64>, key: &str| PackageFields {
+        id,
+        org: Some(Some("acme".into())),
+        key: Some(key.into()),
+        ..PackageFields::default()
+    };
+    a.create_package(fields(Some(1), "pk_from_a")).unwrap();
+    assert!(matches!(
+        b.create_package(fields(Some(1), "pk_from_b")),
+        Err(ControlError::Conflict(_))
+    ));
+    // b does not know package 1: its next id would be 1, and becomes 2.
+    let (id, _) = b.create_package(fields(None, "pk_auto_b")).unwrap();
+    assert_eq!(id, 2);
+    let node: NodeFields =
+        serde_json::from_str(r#"{"id": "n1", "kind": "direct", "bind": "127.0.0.2"}"#).unwrap();
+    a.create_node(&node).unwrap();
+    assert!(matches!(
+        b.create_node(&node),
+        Err(ControlError::Conflict(_))
+    ));
+    a.reload_store().unwrap();
+    let policy = a.engine().policy();
+    assert_eq!(policy.packages[&1].decl.key, "pk_from_a", "not overwritten");
+    assert_eq!(policy.packages[&2].decl.key, "pk_auto_b");
+    drop(policy);
+    drop((a, b));
+    cleanup(&path);
+}

@@ -7,6 +7,7 @@ use splicegate_control::limits::UsageTotals;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use super::{FlushKey, GrantReason, Store, UsageRow};
+use crate::error::StoreError;
 
 static SEQ: AtomicI64 = AtomicI64::new(1);
 
@@ -94,11 +95,40 @@ pub fn a_file_orgs_credits_are_its_first_grant_only(s: &mut dyn Store) {
     s.create_org("api", 7, 5).unwrap();
     assert_eq!(s.api_orgs().unwrap(), ["api"]);
     assert_eq!(s.granted().unwrap()["api"], 7);
-    assert!(s.create_org("api", 7, 6).is_err(), "an id is created once");
+    assert!(
+        matches!(s.create_org("api", 7, 6), Err(StoreError::Exists(_))),
+        "an id is created once"
+    );
     assert_eq!(
         s.granted().unwrap()["api"],
         7,
         "the failed create granted nothing"
+    );
+}
+
+/// Creating a package or node whose id is taken (another gateway of a
+/// fleet made it a moment ago) is refused and leaves the first one as it
+/// was; replacing one is not creating it.
+pub fn a_new_objects_id_is_taken_once(s: &mut dyn Store) {
+    s.insert_package(7, r#"{"id":7,"key":"first"}"#, 1).unwrap();
+    assert!(matches!(
+        s.insert_package(7, r#"{"id":7,"key":"second"}"#, 2),
+        Err(StoreError::Exists(_))
+    ));
+    assert_eq!(
+        s.packages().unwrap(),
+        [(7, r#"{"id":7,"key":"first"}"#.to_string())]
+    );
+    s.put_package(7, r#"{"id":7,"key":"third"}"#, 3).unwrap();
+    assert_eq!(s.packages().unwrap()[0].1, r#"{"id":7,"key":"third"}"#);
+    s.insert_node("n1", r#"{"id":"n1","bind":"a"}"#, 1).unwrap();
+    assert!(matches!(
+        s.insert_node("n1", r#"{"id":"n1","bind":"b"}"#, 2),
+        Err(StoreError::Exists(_))
+    ));
+    assert_eq!(
+        s.nodes().unwrap(),
+        [("n1".to_string(), r#"{"id":"n1","bind":"a"}"#.to_string())]
     );
 }
 

@@ -256,11 +256,15 @@ impl Store for PgStore {
         let id = id.to_string();
         self.call(move |c| {
             let mut tx = c.transaction().map_err(pg)?;
-            tx.execute(
-                "INSERT INTO orgs (id, created_ms) VALUES ($1, $2)",
-                &[&id, &i(unix_ms)],
-            )
-            .map_err(pg)?;
+            let n = tx
+                .execute(
+                    "INSERT INTO orgs (id, created_ms) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+                    &[&id, &i(unix_ms)],
+                )
+                .map_err(pg)?;
+            if n == 0 {
+                return Err(StoreError::Exists(format!("org {id} exists")));
+            }
             insert_grant(&mut tx, &id, credits, GrantReason::ApiOpening, unix_ms)?;
             tx.commit().map_err(pg)
         })
@@ -361,6 +365,38 @@ impl Store for PgStore {
                 &[&i(id), &spec, &i(unix_ms)],
             )
             .map_err(pg)?;
+            Ok(())
+        })
+    }
+
+    fn insert_package(&mut self, id: u64, spec: &str, unix_ms: u64) -> Result<(), StoreError> {
+        let spec = spec.to_string();
+        self.call(move |c| {
+            let n = c
+                .execute(
+                    "INSERT INTO packages (id, spec, updated_ms) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
+                    &[&i(id), &spec, &i(unix_ms)],
+                )
+                .map_err(pg)?;
+            if n == 0 {
+                return Err(StoreError::Exists(format!("package {id} exists")));
+            }
+            Ok(())
+        })
+    }
+
+    fn insert_node(&mut self, id: &str, spec: &str, unix_ms: u64) -> Result<(), StoreError> {
+        let (id, spec) = (id.to_string(), spec.to_string());
+        self.call(move |c| {
+            let n = c
+                .execute(
+                    "INSERT INTO nodes (id, spec, updated_ms) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
+                    &[&id, &spec, &i(unix_ms)],
+                )
+                .map_err(pg)?;
+            if n == 0 {
+                return Err(StoreError::Exists(format!("node {id} exists")));
+            }
             Ok(())
         })
     }

@@ -259,6 +259,9 @@ impl Store for Degraded {
     fn put_package(&mut self, id: u64, spec: &str, unix_ms: u64) -> Result<(), StoreError> {
         self.pg()?.put_package(id, spec, unix_ms)
     }
+    fn insert_package(&mut self, id: u64, spec: &str, unix_ms: u64) -> Result<(), StoreError> {
+        self.pg()?.insert_package(id, spec, unix_ms)
+    }
     fn nodes(&self) -> Result<Vec<(String, String)>, StoreError> {
         match self.pg_ref() {
             Ok(pg) => pg.nodes(),
@@ -267,6 +270,9 @@ impl Store for Degraded {
     }
     fn put_node(&mut self, id: &str, spec: &str, unix_ms: u64) -> Result<(), StoreError> {
         self.pg()?.put_node(id, spec, unix_ms)
+    }
+    fn insert_node(&mut self, id: &str, spec: &str, unix_ms: u64) -> Result<(), StoreError> {
+        self.pg()?.insert_node(id, spec, unix_ms)
     }
     fn delete_node(&mut self, id: &str) -> Result<bool, StoreError> {
         self.pg()?.delete_node(id)

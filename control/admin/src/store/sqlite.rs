@@ -109,10 +109,13 @@ impl Store for SqliteStore {
     /// in one transaction.
     fn create_org(&mut self, id: &str, credits: i64, unix_ms: u64) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
-        tx.execute(
-            "INSERT INTO orgs (id, created_ms) VALUES (?1, ?2)",
+        let n = tx.execute(
+            "INSERT INTO orgs (id, created_ms) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING",
             params![id, i(unix_ms)],
         )?;
+        if n == 0 {
+            return Err(StoreError::Exists(format!("org {id} exists")));
+        }
         insert_grant(&tx, id, credits, GrantReason::ApiOpening, unix_ms)?;
         tx.commit()?;
         Ok(())
@@ -207,6 +210,17 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn insert_package(&mut self, id: u64, spec: &str, unix_ms: u64) -> Result<(), StoreError> {
+        let n = self.conn.execute(
+            "INSERT INTO packages (id, spec, updated_ms) VALUES (?1, ?2, ?3) ON CONFLICT (id) DO NOTHING",
+            params![i(id), spec, i(unix_ms)],
+        )?;
+        if n == 0 {
+            return Err(StoreError::Exists(format!("package {id} exists")));
+        }
+        Ok(())
+    }
+
     /// The API-created nodes: id and declaration (JSON).
     fn nodes(&self) -> Result<Vec<(String, String)>, StoreError> {
         let mut st = self
@@ -223,6 +237,17 @@ impl Store for SqliteStore {
              ON CONFLICT (id) DO UPDATE SET spec = excluded.spec, updated_ms = excluded.updated_ms",
             params![id, spec, i(unix_ms)],
         )?;
+        Ok(())
+    }
+
+    fn insert_node(&mut self, id: &str, spec: &str, unix_ms: u64) -> Result<(), StoreError> {
+        let n = self.conn.execute(
+            "INSERT INTO nodes (id, spec, updated_ms) VALUES (?1, ?2, ?3) ON CONFLICT (id) DO NOTHING",
+            params![id, spec, i(unix_ms)],
+        )?;
+        if n == 0 {
+            return Err(StoreError::Exists(format!("node {id} exists")));
+        }
         Ok(())
     }
 

@@ -86,6 +86,12 @@ fn deleted_agents_stay_revoked() {
 }
 
 #[test]
+fn a_new_objects_id_is_taken_once() {
+    let mut s = SqliteStore::open(Path::new(":memory:")).unwrap();
+    conformance::a_new_objects_id_is_taken_once(&mut s);
+}
+
+#[test]
 fn a_file_orgs_credits_are_its_first_grant_only() {
     let mut s = SqliteStore::open(Path::new(":memory:")).unwrap();
     conformance::a_file_orgs_credits_are_its_first_grant_only(&mut s);
