@@ -300,6 +300,7 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
             package: None,
             ip_only: false,
             tls_only: cfg.proxy.tls_only,
+            proxy_protocol: cfg.proxy.proxy_protocol,
         },
     )];
     for l in &cfg.listener {
@@ -309,6 +310,7 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
                 package: l.package,
                 ip_only: l.ip_only,
                 tls_only: l.tls_only,
+                proxy_protocol: l.proxy_protocol,
             },
         ));
     }
@@ -379,7 +381,7 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
         resolver: Resolver::start(2)?,
         access_log,
         guard: Arc::new(splicegate_control::guard::Guard::new(cfg.guard_config())),
-        guard_at_accept: kernel.is_none(),
+        guard_at_accept: kernel.as_ref().is_none_or(|k| k.user_space_too),
         ban_sink: kernel.as_ref().map(kernel::Kernel::ban_sink),
         tls: tls.clone(),
         agents: agents
