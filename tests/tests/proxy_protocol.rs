@@ -3,7 +3,8 @@
 //! sees each client's own address, not HAProxy's, for IP authentication,
 //! `ip_only` ports and bans; and raw connections to such a port with no
 //! header, a malformed one, a header followed by the client's first bytes
-//! in one segment, `UNKNOWN` and v2 `LOCAL` behave as specified.
+//! in one segment, `UNKNOWN` and v2 `LOCAL` behave as specified; a SOCKS5
+//! UDP association expects the header's client, not the load balancer.
 //!
 //! HAProxy gets its port from the kernel without a guess: the test listens
 //! on `127.x:0` and hands the socket over (`Haproxy::start`, `bind fd@0`).
@@ -371,4 +372,77 @@ fn a_silent_connection_times_out_on_the_header() {
         assert!(closed_without_answer(&mut c), "{bytes:?}");
     }
     assert_eq!(rejected(&gw, "timed_out"), 2.0);
+}
+
+#[test]
+fn a_udp_association_expects_the_headers_client() {
+    use std::net::UdpSocket;
+    let gw = gateway(client_ip(), None);
+    let pp = gw.addr("PP");
+    // A UDP echo target answering `<payload>|<sender ip>`.
+    let echo = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind the echo");
+    let target = echo.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        echo.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        while let Ok((n, from)) = echo.recv_from(&mut buf) {
+            let mut out = buf[..n].to_vec();
+            out.extend_from_slice(format!("|{}", from.ip()).as_bytes());
+            let _ = echo.send_to(&out, from);
+        }
+    });
+    // The load balancer's connection (source `lb`) names `client`.
+    let (lb, client) = (client_ip(), client_ip());
+    let mut c = Conn::open(lb, pp).expect("connect");
+    let mut bytes = Vec::new();
+    write_v2(addrs(client, pp), &[], &mut bytes).unwrap();
+    bytes.extend_from_slice(&[0x05, 0x01, 0x02]);
+    c.send(&bytes).expect("send");
+    assert_eq!(c.read_n(2).unwrap(), [0x05, 0x02]);
+    let (u, k) = (user("country-us"), KEY);
+    let mut auth = vec![1, u.len() as u8];
+    auth.extend_from_slice(u.as_bytes());
+    auth.push(k.len() as u8);
+    auth.extend_from_slice(k.as_bytes());
+    c.send(&auth).unwrap();
+    assert_eq!(c.read_n(2).unwrap(), [0x01, 0x00]);
+    c.send(&[0x05, 0x03, 0x00, 0x01, 0, 0, 0, 0, 0, 0]).unwrap();
+    let rep = c.read_n(10).unwrap();
+    assert_eq!(rep[1], 0x00, "UDP ASSOCIATE refused: {rep:?}");
+    let bnd = SocketAddr::from((
+        Ipv4Addr::new(rep[4], rep[5], rep[6], rep[7]),
+        u16::from_be_bytes([rep[8], rep[9]]),
+    ));
+    let SocketAddr::V4(t) = target else {
+        panic!("an IPv4 target")
+    };
+    let datagram = |payload: &str| {
+        let mut d = vec![0, 0, 0, 1];
+        d.extend_from_slice(&t.ip().octets());
+        d.extend_from_slice(&t.port().to_be_bytes());
+        d.extend_from_slice(payload.as_bytes());
+        d
+    };
+    // The load balancer's address is a stranger to the association (its
+    // datagram goes first, so it is judged before the client's answer
+    // comes back); the header's client is served.
+    let from_lb = UdpSocket::bind((lb, 0)).unwrap();
+    from_lb.send_to(&datagram("from-lb"), bnd).unwrap();
+    let from_client = UdpSocket::bind((client, 0)).unwrap();
+    from_client
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    from_client.send_to(&datagram("hello"), bnd).unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, _) = from_client.recv_from(&mut buf).expect("the echo's answer");
+    let answer = String::from_utf8_lossy(&buf[10..n]).into_owned();
+    assert!(answer.starts_with("hello|"), "{answer}");
+    assert_eq!(
+        sample(
+            &gw.metrics(),
+            "splicegate_udp_dropped_total{reason=\"stranger\"}"
+        ),
+        1.0
+    );
 }

@@ -288,7 +288,11 @@ async fn read_proxy_header(
     match read_message(stream, buf, deadline, None, proxy_protocol::parse).await {
         Ok(header) => {
             buf.drain(..header.consumed);
-            Some(header.addresses.map_or(lb, |a| a.source))
+            Some(
+                header
+                    .addresses
+                    .map_or(lb, |a| like_the_socket(a.source, lb)),
+            )
         }
         Err(ReadError::Parse(e)) => {
             count(if e == proxy_protocol::Error::Missing {
@@ -311,6 +315,21 @@ async fn read_proxy_header(
         }
         Err(ReadError::Closed { partial: false } | ReadError::Io(_)) => None,
     }
+}
+
+/// The header's client in the form the listening socket gives its own
+/// peers (`lb`): an IPv4 client as `::ffff:a.b.c.d` on a dual-stack socket,
+/// an IPv4-mapped one as IPv4 on an IPv4 socket. Every later comparison of
+/// addresses (a UDP association's datagrams, which arrive on a socket of
+/// the listener's family) then sees one form, as for a direct client.
+fn like_the_socket(client: SocketAddr, lb: SocketAddr) -> SocketAddr {
+    use std::net::IpAddr;
+    let ip = match (client.ip(), lb.ip()) {
+        (IpAddr::V4(v4), IpAddr::V6(_)) => IpAddr::V6(v4.to_ipv6_mapped()),
+        (IpAddr::V6(v6), IpAddr::V4(_)) => v6.to_ipv4_mapped().map_or(client.ip(), IpAddr::V4),
+        (ip, _) => ip,
+    };
+    SocketAddr::new(ip, client.port())
 }
 
 /// A TLS record of type handshake: the first byte of a ClientHello.
@@ -425,4 +444,38 @@ fn gauges(ctx: &Ctx) {
     g.cq_dropped.store(u64::from(r.cq_dropped), Relaxed);
     g.ops_in_flight.store(r.ops_in_flight as u64, Relaxed);
     g.tasks.store(r.tasks as u64, Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::like_the_socket;
+
+    #[test]
+    fn a_header_client_takes_the_sockets_form() {
+        let sa = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let v4_lb = sa("10.0.0.5:40000");
+        let v6_lb = sa("[::ffff:10.0.0.5]:40000");
+        assert_eq!(like_the_socket(sa("1.2.3.4:5"), v4_lb), sa("1.2.3.4:5"));
+        assert_eq!(
+            like_the_socket(sa("1.2.3.4:5"), v6_lb),
+            sa("[::ffff:1.2.3.4]:5")
+        );
+        assert_eq!(
+            like_the_socket(sa("[::ffff:1.2.3.4]:5"), v4_lb),
+            sa("1.2.3.4:5")
+        );
+        assert_eq!(
+            like_the_socket(sa("[::ffff:1.2.3.4]:5"), v6_lb),
+            sa("[::ffff:1.2.3.4]:5")
+        );
+        // A real IPv6 client stays one whatever the socket.
+        assert_eq!(
+            like_the_socket(sa("[2001:db8::1]:5"), v4_lb),
+            sa("[2001:db8::1]:5")
+        );
+        assert_eq!(
+            like_the_socket(sa("[2001:db8::1]:5"), v6_lb),
+            sa("[2001:db8::1]:5")
+        );
+    }
 }
