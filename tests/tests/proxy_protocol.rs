@@ -30,6 +30,11 @@ const IP_PACKAGE: u32 = 8;
 /// PROXY protocol ports: `PP` (every package) and `PPIPONLY` (package 8,
 /// `ip_only`), beside the main port without it.
 fn gateway(allowed: Ipv4Addr, tls: Option<(std::path::PathBuf, std::path::PathBuf)>) -> Gateway {
+    Gateway::start_conf(&conf(allowed, tls))
+}
+
+/// The configuration of [`gateway`].
+fn conf(allowed: Ipv4Addr, tls: Option<(std::path::PathBuf, std::path::PathBuf)>) -> Conf {
     let mut conf = Conf::with_package(KEY)
         .package(
             PkgDecl::new(IP_PACKAGE, "acme", "pk_ip_eight")
@@ -44,7 +49,7 @@ fn gateway(allowed: Ipv4Addr, tls: Option<(std::path::PathBuf, std::path::PathBu
             "[[listener]]\nlisten = \"127.0.0.1:@PORT_PPIPONLY@\"\npackage = {IP_PACKAGE}\nip_only = true\nproxy_protocol = true\n"
         ));
     conf.tls = tls;
-    Gateway::start_conf(&conf)
+    conf
 }
 
 /// A forwarded `GET url` from `src` to `via`, with credentials or none.
@@ -445,4 +450,37 @@ fn a_udp_association_expects_the_headers_client() {
         ),
         1.0
     );
+}
+
+#[test]
+fn a_reload_cannot_turn_the_proxy_protocol_off() {
+    let allowed = client_ip();
+    let conf = conf(allowed, None);
+    let mut gw = Gateway::start_conf(&conf);
+    let pp_on = "listen = \"127.0.0.1:@PORT_PP@\"\nproxy_protocol = true\n";
+    let toml = conf.toml();
+    assert!(toml.contains(pp_on));
+    gw.reload(&toml.replace(pp_on, &pp_on.replace("true", "false")));
+    let refused = splicegate_tests::eventually(
+        std::time::Duration::from_secs(5),
+        std::time::Duration::from_millis(50),
+        || gw.log().contains("needs a restart").then_some(()),
+    );
+    assert!(refused.is_some(), "{}", gw.log_tail(10));
+    // The port still reads the header.
+    let web = HttpTarget::start();
+    let pp = gw.addr("PP");
+    let mut c = Conn::open(client_ip(), pp).expect("connect");
+    let mut bytes = Vec::new();
+    write_v1(addrs(allowed, pp), &mut bytes);
+    bytes.extend_from_slice(
+        format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            web.url("/ip"),
+            web.addr()
+        )
+        .as_bytes(),
+    );
+    c.send(&bytes).expect("send");
+    assert_eq!(c.read_response("GET").expect("an answer").status, 200);
 }
