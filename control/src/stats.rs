@@ -64,6 +64,9 @@ pub struct WorkerStats {
     pub guard_drops: [AtomicU64; 3],
     /// TLS handshakes to the proxy ports by result ([`TLS_FULL`], …).
     pub tls_handshakes: [AtomicU64; 5],
+    /// Connections to a `proxy_protocol` port closed without a valid PROXY
+    /// protocol header, by reason ([`PROXY_PROTOCOL_REJECT_REASONS`]).
+    pub proxy_protocol_rejected: [AtomicU64; 4],
     /// SOCKS5 UDP datagrams relayed: client → target, target → client.
     pub udp_datagrams: [AtomicU64; 2],
     /// SOCKS5 UDP datagrams dropped by reason ([`UDP_DROP_REASONS`]).
@@ -115,6 +118,20 @@ pub const TLS_TIMED_OUT: usize = 3;
 pub const TLS_NOT_CONFIGURED: usize = 4;
 /// The `result` label of each index.
 pub const TLS_RESULTS: [&str; 5] = ["full", "resumed", "failed", "timed_out", "not_configured"];
+
+/// Index of [`WorkerStats::proxy_protocol_rejected`]: the first bytes are
+/// not a PROXY protocol header at all.
+pub const PP_MISSING: usize = 0;
+/// A header that breaks the format (too long, bad signature, version,
+/// command, family, length, address or TLV).
+pub const PP_MALFORMED: usize = 1;
+/// The connection closed in the middle of a header.
+pub const PP_TRUNCATED: usize = 2;
+/// No complete header within `[timeouts] handshake_ms`.
+pub const PP_TIMED_OUT: usize = 3;
+/// The `reason` label of each index.
+pub const PROXY_PROTOCOL_REJECT_REASONS: [&str; 4] =
+    ["missing", "malformed", "truncated", "timed_out"];
 
 /// Index of [`WorkerStats::udp_dropped`]: a fragment (FRAG ≠ 0).
 pub const UDP_DROP_FRAGMENT: usize = 0;

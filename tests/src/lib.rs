@@ -46,7 +46,7 @@ pub use fixtures::{KEY, user};
 pub use gateway::Gateway;
 pub use nodes::{Behavior, NodeKind, TestNode};
 pub use targets::{Blackhole, ClosedPort, HttpTarget, Sink, Source, TcpEcho};
-pub use tools::{Dante, Microsocks, Tinyproxy, require_tool};
+pub use tools::{Dante, Haproxy, Microsocks, Tinyproxy, require_tool};
 
 use std::time::{Duration, Instant};
 

@@ -1,5 +1,6 @@
 //! Third-party programs the tests drive: Debian's `tinyproxy` (an `http`
-//! node), `microsocks` (a `socks5` node) and `curl` (the client). A missing
+//! node), `microsocks` (a `socks5` node), `curl` (the client) and `haproxy`
+//! (a load balancer sending the PROXY protocol). A missing
 //! program fails the test with the apt package to install; it never skips.
 
 use std::fs;
@@ -346,6 +347,117 @@ impl Dante {
 }
 
 impl Drop for Dante {
+    fn drop(&mut self) {
+        self.proc.stop();
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Debian's HAProxy in TCP mode in front of a gateway port, sending the
+/// PROXY protocol header (`send-proxy` for v1, `send-proxy-v2` for v2) on
+/// each connection it relays, from its own source address.
+///
+/// Its port comes from the kernel without a guess: the test binds and
+/// listens on `ip:0` itself and hands the listening socket to HAProxy as
+/// its standard input (`bind fd@0`, HAProxy's way of taking an inherited
+/// socket). The port is known before HAProxy runs and never free in
+/// between; connections that come before HAProxy accepts wait in the
+/// socket's backlog.
+#[derive(Debug)]
+pub struct Haproxy {
+    proc: Proc,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Haproxy {
+    /// Listen on a kernel-chosen port of `ip` and relay each connection to
+    /// `backend` from `source` (the load balancer's address as the gateway
+    /// sees it), with `server_options` on its server line
+    /// (`"send-proxy-v2"`, `"send-proxy"`).
+    pub fn start(
+        ip: Ipv4Addr,
+        backend: SocketAddr,
+        source: Ipv4Addr,
+        server_options: &str,
+    ) -> Haproxy {
+        let bin = require_tool("haproxy", "haproxy");
+        let dir = temp_dir("haproxy");
+        let log = dir.join("haproxy.log");
+        let conf = dir.join("haproxy.cfg");
+        fs::write(
+            &conf,
+            format!(
+                "global\n    nbthread 1\n    maxconn 512\n    log stderr format raw local0 info\n\n\
+                 defaults\n    mode tcp\n    log global\n    option tcplog\n    timeout connect 5s\n    \
+                 timeout client 30s\n    timeout server 30s\n\n\
+                 frontend fe\n    bind fd@0\n    default_backend be\n\n\
+                 backend be\n    server gw {backend} {server_options} source {source}\n"
+            ),
+        )
+        .expect("write haproxy.cfg");
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket
+            .bind(&SocketAddr::from((ip, 0)).into())
+            .expect("bind haproxy's port");
+        socket.listen(128).expect("listen");
+        let addr = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .expect("haproxy's address");
+        // The file checked first (with the socket it will get), so a
+        // mistake shows as HAProxy's words, not as a test's closed connection.
+        let check = Command::new(&bin)
+            .arg("-c")
+            .arg("-f")
+            .arg(&conf)
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(
+                socket.try_clone().expect("dup the socket"),
+            )))
+            .output()
+            .expect("run haproxy -c");
+        assert!(
+            check.status.success(),
+            "haproxy -c refused {}: {}{}",
+            conf.display(),
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let child = Command::new(&bin)
+            .arg("-db")
+            .arg("-f")
+            .arg(&conf)
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(socket)))
+            .stdout(log_to(&log))
+            .stderr(log_to(&log))
+            .spawn()
+            .expect("spawn haproxy");
+        Haproxy {
+            proc: Proc {
+                child: Some(child),
+                name: "haproxy",
+            },
+            addr,
+            dir,
+        }
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What it logged (a line per relayed connection).
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("haproxy.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Haproxy {
     fn drop(&mut self) {
         self.proc.stop();
         if !std::thread::panicking() {

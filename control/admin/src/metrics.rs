@@ -289,6 +289,25 @@ impl Collector for Live {
             &tls,
         )?;
 
+        let pp: Vec<([(&str, &str); 1], u64)> =
+            splicegate_control::stats::PROXY_PROTOCOL_REJECT_REASONS
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    (
+                        [("reason", *r)],
+                        sum(w, |s| rd(&s.proxy_protocol_rejected[i])),
+                    )
+                })
+                .collect();
+        let pp: Vec<(&[(&str, &str)], u64)> = pp.iter().map(|(l, v)| (l.as_slice(), *v)).collect();
+        counter(
+            &mut enc,
+            "splicegate_proxy_protocol_rejected",
+            "Connections to proxy_protocol ports closed without a valid PROXY protocol header, by reason: missing, malformed, truncated, timed_out",
+            &pp,
+        )?;
+
         counter(
             &mut enc,
             "splicegate_udp_datagrams",

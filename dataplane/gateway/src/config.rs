@@ -97,6 +97,10 @@ pub(crate) struct ProxySection {
     pub pin_workers: bool,
     /// The main port admits only TLS.
     pub tls_only: bool,
+    /// Every connection to the main port starts with a PROXY protocol
+    /// header (v1 or v2) from a load balancer, whose source address is the
+    /// client's.
+    pub proxy_protocol: bool,
     /// The address a SOCKS5 UDP ASSOCIATE reply names (behind NAT or a
     /// load balancer); default: the local address of the client's TCP
     /// connection.
@@ -153,6 +157,7 @@ impl Default for ProxySection {
             workers: Workers::Auto(AutoWord::Auto),
             pin_workers: true,
             tls_only: false,
+            proxy_protocol: false,
             udp_advertise: None,
         }
     }
@@ -407,6 +412,9 @@ pub(crate) struct ListenerEntry {
     /// Admit only TLS on this port.
     #[serde(default)]
     pub tls_only: bool,
+    /// Connections start with a PROXY protocol header (as `[proxy]`'s).
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -434,6 +442,20 @@ impl Config {
             bail!("proxy.tls_only needs [tls] (cert and key)");
         }
         let mut seen = std::collections::HashSet::from([cfg.proxy.listen]);
+        // The kernel programs tell ports apart by number alone, and must
+        // not apply per-source rules to a PROXY protocol port (every packet
+        // there comes from the load balancer).
+        let mut by_port = std::collections::HashMap::new();
+        let ports = std::iter::once((cfg.proxy.listen, cfg.proxy.proxy_protocol))
+            .chain(cfg.listener.iter().map(|l| (l.listen, l.proxy_protocol)));
+        for (at, pp) in ports.filter(|(at, _)| at.port() != 0) {
+            if cfg.ebpf.enabled && *by_port.entry(at.port()).or_insert(pp) != pp {
+                bail!(
+                    "port {}: with [ebpf] enabled, a port number is either a proxy_protocol port or not on every address (the kernel programs see the port, not the address)",
+                    at.port()
+                );
+            }
+        }
         for l in &cfg.listener {
             if l.tls_only && cfg.tls.is_none() {
                 bail!("listener {}: tls_only needs [tls] (cert and key)", l.listen);
@@ -833,5 +855,36 @@ mod tests {
         let twice = "[proxy]\nlisten = \"127.0.0.1:7\"\n[[listener]]\nlisten = \"127.0.0.1:7\"\n";
         let e = format!("{:#}", Config::parse(twice).unwrap_err());
         assert!(e.contains("already used"), "{e}");
+    }
+
+    #[test]
+    fn proxy_protocol_on_the_main_port_and_per_listener() {
+        let cfg = Config::parse(
+            "[proxy]\nproxy_protocol = true\n[[listener]]\nlisten = \"127.0.0.1:0\"\npackage = 7\nip_only = true\nproxy_protocol = true\n[[listener]]\nlisten = \"127.0.0.1:0\"\n",
+        )
+        .unwrap();
+        assert!(cfg.proxy.proxy_protocol);
+        assert!(cfg.listener[0].proxy_protocol);
+        assert!(!cfg.listener[1].proxy_protocol);
+        assert!(!Config::parse("").unwrap().proxy.proxy_protocol);
+        // Two addresses on one port number, one behind a load balancer: fine
+        // in user space, refused where the kernel programs (which see only
+        // the port) would judge both.
+        let shared = "[proxy]\nlisten = \"127.0.0.1:5000\"\nproxy_protocol = true\n[[listener]]\nlisten = \"127.0.0.2:5000\"\n";
+        assert!(Config::parse(shared).is_ok());
+        let e = format!(
+            "{:#}",
+            Config::parse(&format!("{shared}[ebpf]\nenabled = true\n")).unwrap_err()
+        );
+        assert!(
+            e.contains("port 5000") && e.contains("proxy_protocol"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            Config::parse("[[listener]]\nlisten = \"127.0.0.1:1\"\nproxy_protocl = true\n")
+                .unwrap_err()
+        );
+        assert!(e.contains("proxy_protocl"), "{e}");
     }
 }

@@ -29,6 +29,10 @@ pub(crate) struct Kernel {
     enforcer: Mutex<Enforcer>,
     /// `ip_only` listener ports and their packages.
     ip_only: Vec<(u16, u64)>,
+    /// A listener without `proxy_protocol` got a port number a
+    /// `proxy_protocol` listener has too, so the programs do not judge it:
+    /// the workers must apply the per-source rules at accept as well.
+    pub(crate) user_space_too: bool,
     /// Bans from the workers, written to the kernel by the main thread so a
     /// worker never waits on the enforcer's lock (a scrape or a reload may
     /// hold it across bpf syscalls).
@@ -58,9 +62,25 @@ pub(crate) fn start(cfg: &Config, bound: &[SocketAddr]) -> Option<Arc<Kernel>> {
         );
         return None;
     }
-    let mut ports: Vec<u16> = bound.iter().map(SocketAddr::port).collect();
-    ports.sort_unstable();
-    ports.dedup();
+    let (ports, behind_lb) = kernel_ports(cfg, bound);
+    let pp = std::iter::once(cfg.proxy.proxy_protocol)
+        .chain(cfg.listener.iter().map(|l| l.proxy_protocol));
+    let user_space_too = bound
+        .iter()
+        .zip(pp)
+        .any(|(at, pp)| !pp && !ports.contains(&at.port()));
+    if user_space_too {
+        tracing::warn!(
+            ports = ?behind_lb,
+            "a listener without proxy_protocol shares a port number with a proxy_protocol listener: the kernel programs judge neither, the workers apply the per-source rules to both"
+        );
+    }
+    if !behind_lb.is_empty() {
+        tracing::info!(
+            ports = ?behind_lb,
+            "proxy_protocol ports are left to user space: their per-source rates, bans and ip_only allowlists apply to the address in each connection's PROXY header, which the kernel cannot read"
+        );
+    }
     let mode = match cfg.ebpf.mode {
         EbpfMode::Xdp => AttachMode::Xdp,
         EbpfMode::XdpGeneric => AttachMode::XdpGeneric,
@@ -69,7 +89,7 @@ pub(crate) fn start(cfg: &Config, bound: &[SocketAddr]) -> Option<Arc<Kernel>> {
     let ec = EnforcerConfig {
         interface: cfg.ebpf.interface.clone(),
         mode,
-        proxy_ports: ports,
+        proxy_ports: ports.clone(),
         syn_rate: cfg.ebpf.syn_rate,
         syn_burst: cfg.ebpf.syn_burst.max(1),
     };
@@ -80,12 +100,13 @@ pub(crate) fn start(cfg: &Config, bound: &[SocketAddr]) -> Option<Arc<Kernel>> {
                 .listener
                 .iter()
                 .zip(bound.iter().skip(1))
-                .filter(|(l, _)| l.ip_only)
+                .filter(|(l, at)| l.ip_only && ports.contains(&at.port()))
                 .filter_map(|(l, at)| l.package.map(|p| (at.port(), p)))
                 .collect();
             Some(Arc::new(Kernel {
                 enforcer: Mutex::new(enforcer),
                 ip_only,
+                user_space_too,
                 bans: crossbeam_channel::bounded(BAN_QUEUE),
                 bans_dropped: AtomicU64::new(0),
                 synced: AtomicU64::new(u64::MAX),
@@ -98,6 +119,33 @@ pub(crate) fn start(cfg: &Config, bound: &[SocketAddr]) -> Option<Arc<Kernel>> {
             None
         }
     }
+}
+
+/// The ports the kernel programs judge: every bound proxy port but the
+/// `proxy_protocol` ones, whose packets all come from a load balancer (the
+/// clients' addresses are in the PROXY headers, read in user space). A
+/// port number that a `proxy_protocol` listener bound is left out even
+/// where another address binds it without (the programs see the port, not
+/// the address; the file cannot say so, but two port-0 listeners on
+/// different addresses may get one number); the second list names the
+/// ports left out.
+fn kernel_ports(cfg: &Config, bound: &[SocketAddr]) -> (Vec<u16>, Vec<u16>) {
+    let pp = std::iter::once(cfg.proxy.proxy_protocol)
+        .chain(cfg.listener.iter().map(|l| l.proxy_protocol));
+    let (mut behind_lb, mut direct): (Vec<u16>, Vec<u16>) = (Vec::new(), Vec::new());
+    for (at, pp) in bound.iter().zip(pp) {
+        if pp {
+            behind_lb.push(at.port());
+        } else {
+            direct.push(at.port());
+        }
+    }
+    behind_lb.sort_unstable();
+    behind_lb.dedup();
+    direct.sort_unstable();
+    direct.dedup();
+    direct.retain(|p| !behind_lb.contains(p));
+    (direct, behind_lb)
 }
 
 impl Kernel {
@@ -169,5 +217,32 @@ impl Kernel {
                 Vec::new()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_protocol_ports_are_never_the_kernels() {
+        let cfg = Config::parse(
+            "[proxy]\nlisten = \"127.0.0.1:5000\"\nproxy_protocol = true\n\n\
+             [[listener]]\nlisten = \"127.0.0.1:0\"\n\n\
+             [[listener]]\nlisten = \"127.0.0.2:0\"\nproxy_protocol = true\n\n\
+             [[listener]]\nlisten = \"127.0.0.3:0\"\n",
+        )
+        .unwrap();
+        let bound: Vec<SocketAddr> = [
+            "127.0.0.1:5000",
+            "127.0.0.1:6001",
+            "127.0.0.2:6002",
+            "127.0.0.3:6002",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        // 6002: one listener with, one without; the kernel must not judge it.
+        assert_eq!(kernel_ports(&cfg, &bound), (vec![6001], vec![5000, 6002]));
     }
 }

@@ -300,6 +300,7 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
             package: None,
             ip_only: false,
             tls_only: cfg.proxy.tls_only,
+            proxy_protocol: cfg.proxy.proxy_protocol,
         },
     )];
     for l in &cfg.listener {
@@ -309,6 +310,7 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
                 package: l.package,
                 ip_only: l.ip_only,
                 tls_only: l.tls_only,
+                proxy_protocol: l.proxy_protocol,
             },
         ));
     }
@@ -346,6 +348,7 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
     // that may not join exits with the listeners never served.
     let fleet = admin::join_fleet(&cfg, control.as_ref(), bound[0])?;
     let kernel = kernel::start(&cfg, &bound);
+    let proxy_protocol = running_proxy_protocol(&cfg, &bound);
     if let Some(k) = &kernel {
         k.upkeep(&engine);
     }
@@ -409,7 +412,7 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
         resolver: Resolver::start(2)?,
         access_log,
         guard,
-        guard_at_accept: kernel.is_none(),
+        guard_at_accept: kernel.as_ref().is_none_or(|k| k.user_space_too),
         ban_sink,
         tls: tls.clone(),
         agents: agents
@@ -517,6 +520,7 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
                 match &path {
                     Some(p) => reload(
                         p,
+                        &proxy_protocol,
                         &engine,
                         control.as_deref(),
                         tls.as_deref(),
@@ -657,14 +661,53 @@ fn log_certificate(acceptor: &splicegate_tls::Acceptor, cert: &std::path::Path) 
 /// Re-read the file and publish a new policy (through the control object
 /// when the admin API runs, so the API's objects stay) and the TLS
 /// certificate; a bad file or certificate changes nothing.
+/// Each proxy address of the file, as written, and whether it reads the
+/// PROXY protocol.
+fn proxy_protocol_flags(cfg: &Config) -> Vec<(std::net::SocketAddr, bool)> {
+    std::iter::once((cfg.proxy.listen, cfg.proxy.proxy_protocol))
+        .chain(cfg.listener.iter().map(|l| (l.listen, l.proxy_protocol)))
+        .collect()
+}
+
+/// A running proxy address: as the file wrote it, as bound (a port 0
+/// written is the kernel's port here), and whether it reads the PROXY
+/// protocol.
+type RunningListener = (std::net::SocketAddr, std::net::SocketAddr, bool);
+
+fn running_proxy_protocol(cfg: &Config, bound: &[std::net::SocketAddr]) -> Vec<RunningListener> {
+    proxy_protocol_flags(cfg)
+        .into_iter()
+        .zip(bound)
+        .map(|((written, pp), at)| (written, *at, pp))
+        .collect()
+}
+
+/// Why a reloaded file cannot take effect without a restart as far as the
+/// PROXY protocol goes: listeners are not rebound on SIGHUP, and a port
+/// that silently kept (or lacked) the header would refuse every client.
+/// A new file names a running listener by its written or its bound address.
+fn proxy_protocol_change(running: &[RunningListener], new: &Config) -> Option<String> {
+    proxy_protocol_flags(new).into_iter().find_map(|(at, pp)| {
+        running
+            .iter()
+            .find(|(written, bound, _)| *written == at || *bound == at)
+            .filter(|(_, _, was)| *was != pp)
+            .map(|_| format!("proxy_protocol of {at} changed: it needs a restart"))
+    })
+}
+
 fn reload(
     path: &std::path::Path,
+    proxy_protocol: &[RunningListener],
     engine: &Engine,
     control: Option<&splicegate_admin::Control>,
     tls: Option<&splicegate_tls::Acceptor>,
     agents: Option<&splicegate_tls::Acceptor>,
 ) {
     let result = Config::load(path).and_then(|c| {
+        if let Some(why) = proxy_protocol_change(proxy_protocol, &c) {
+            anyhow::bail!(why);
+        }
         match (&c.agents, agents) {
             (Some(_), None) => anyhow::bail!("[agents] was added: it needs a restart"),
             (None, Some(_)) => anyhow::bail!("[agents] was removed: it needs a restart"),
@@ -750,5 +793,42 @@ fn print_demo(
         println!(
             "Admin API: curl http://{a}/v1/packages/{id}  (also /v1/nodes, /v1/explain?username=..., /metrics)"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_that_changes_proxy_protocol_is_refused() {
+        let file = |pp: bool, extra: &str| {
+            Config::parse(&format!(
+                "[proxy]\nlisten = \"127.0.0.1:5000\"\n[[listener]]\nlisten = \"127.0.0.1:5001\"\nproxy_protocol = {pp}\n{extra}"
+            ))
+            .unwrap()
+        };
+        let first = file(true, "");
+        let bound: Vec<std::net::SocketAddr> = vec![
+            "127.0.0.1:5000".parse().unwrap(),
+            "127.0.0.1:5001".parse().unwrap(),
+        ];
+        let running = running_proxy_protocol(&first, &bound);
+        assert_eq!(proxy_protocol_change(&running, &file(true, "")), None);
+        let why = proxy_protocol_change(&running, &file(false, "")).unwrap();
+        assert!(
+            why.contains("127.0.0.1:5001") && why.contains("restart"),
+            "{why}"
+        );
+        // A port 0 in the file is the bound port in the next one.
+        let zero =
+            Config::parse("[proxy]\nlisten = \"127.0.0.1:0\"\nproxy_protocol = true\n").unwrap();
+        let running = running_proxy_protocol(&zero, &["127.0.0.1:40123".parse().unwrap()]);
+        let next = Config::parse("[proxy]\nlisten = \"127.0.0.1:40123\"\n").unwrap();
+        assert!(proxy_protocol_change(&running, &next).is_some());
+        let running = running_proxy_protocol(&first, &bound);
+        // A listener the running gateway does not have is not this check's.
+        let more = "[[listener]]\nlisten = \"127.0.0.1:5002\"\nproxy_protocol = true\n";
+        assert_eq!(proxy_protocol_change(&running, &file(true, more)), None);
     }
 }

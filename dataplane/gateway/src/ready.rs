@@ -6,7 +6,7 @@
 //! ```json
 //! {"pid": 123,
 //!  "proxy": ["127.0.0.1:40123"],
-//!  "listeners": [{"addr": "127.0.0.1:40125", "package": 15, "ip_only": true, "tls_only": false}],
+//!  "listeners": [{"addr": "127.0.0.1:40125", "package": 15, "ip_only": true, "tls_only": false, "proxy_protocol": false}],
 //!  "admin": "127.0.0.1:40124",
 //!  "demo_echo": null}
 //! ```
@@ -52,6 +52,7 @@ impl Bound {
                     "package": b.package,
                     "ip_only": b.ip_only,
                     "tls_only": b.tls_only,
+                    "proxy_protocol": b.proxy_protocol,
                 }))
                 .collect::<Vec<_>>(),
             "admin": self.admin.map(|a| a.to_string()),
@@ -93,6 +94,7 @@ mod tests {
                     package: Some(15),
                     ip_only: true,
                     tls_only: false,
+                    proxy_protocol: true,
                 },
             )],
             admin: Some("127.0.0.1:40124".parse().unwrap()),
@@ -109,6 +111,7 @@ mod tests {
         assert_eq!(v["listeners"][0]["package"], 15);
         assert_eq!(v["listeners"][0]["ip_only"], true);
         assert_eq!(v["listeners"][0]["tls_only"], false);
+        assert_eq!(v["listeners"][0]["proxy_protocol"], true);
         assert_eq!(v["admin"], "127.0.0.1:40124");
         assert!(v["demo_echo"].is_null());
         assert_eq!(v["pid"], std::process::id());

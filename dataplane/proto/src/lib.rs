@@ -1,7 +1,8 @@
 //! Wire codecs of the splicegate data plane: HTTP/1 request and response heads,
 //! HTTP body framing, `Proxy-Authorization: Basic`, the upstream HTTP `CONNECT`
-//! exchange, and SOCKS5 (RFC 1928 / RFC 1929) for both the server side (clients
-//! of the gateway) and the client side (the gateway talking to SOCKS5 nodes).
+//! exchange, SOCKS5 (RFC 1928 / RFC 1929) for both the server side (clients
+//! of the gateway) and the client side (the gateway talking to SOCKS5 nodes),
+//! and the PROXY protocol v1/v2 header a load balancer puts before a client.
 //!
 //! Responsibility: turn bytes into typed decisions and typed decisions into
 //! bytes. Nothing else.
@@ -27,6 +28,7 @@
 pub mod agent;
 pub mod http;
 pub mod node;
+pub mod proxy_protocol;
 pub mod socks5;
 
 pub use splicegate_addr::{Host, InvalidHost, Target, parse_host};

@@ -140,46 +140,51 @@ async fn accept_loop(ctx: Rc<Ctx>, listener: TcpListener, binding: Binding, stop
             }
         };
         WorkerStats::inc(&ctx.stats.accepted);
-        if ctx.shared.guard_at_accept {
-            // Closed at once: what the kernel programs would have dropped.
-            use splicegate_control::guard::Verdict;
-            use splicegate_control::stats::{
-                GUARD_DROP_BANNED, GUARD_DROP_NOT_ALLOWED, GUARD_DROP_RATE,
-            };
-            let ip = peer.ip();
-            let dropped = match ctx.shared.guard.on_connect(ip, crate::clock::now()) {
-                Verdict::Pass if binding.ip_only && !allowed_on_ip_only(&ctx, binding, peer) => {
-                    Some((
-                        GUARD_DROP_NOT_ALLOWED,
-                        Code::IpNotAllowed,
-                        format!(
-                            "{ip} is not on the allowlist of this ip_only port; closed at accept"
-                        ),
-                    ))
-                }
-                Verdict::Pass => None,
-                Verdict::DropRate => Some((
-                    GUARD_DROP_RATE,
-                    Code::RateLimitExceeded,
-                    format!(
-                        "{ip} opened connections faster than the flood guard allows ([ebpf] syn_rate, syn_burst); closed at accept"
-                    ),
-                )),
-                Verdict::DropBanned => Some((
-                    GUARD_DROP_BANNED,
-                    Code::AuthFailed,
-                    format!("{ip} is banned after repeated AUTH_FAILED; closed at accept"),
-                )),
-            };
-            if let Some((i, code, detail)) = dropped {
-                WorkerStats::inc(&ctx.stats.guard_drops[i]);
-                ctx.record_guard(peer, Rejection::new(code, detail));
-                continue;
-            }
+        // On a PROXY protocol port the peer is the load balancer: the
+        // per-source rules wait for the client's address in the header.
+        if ctx.shared.guard_at_accept && !binding.proxy_protocol && !admitted(&ctx, binding, peer) {
+            continue;
         }
         WorkerStats::inc(&ctx.stats.open_connections);
         let guard = OpenGuard(ctx.stats.clone());
         spawn(serve(ctx.clone(), stream, peer, binding, guard));
+    }
+}
+
+/// The per-source rules (flood guard rate, bans for repeated
+/// `AUTH_FAILED`, `ip_only` allowlists) in user space: `false` when the
+/// connection is to be closed at once, counted and recorded.
+fn admitted(ctx: &Ctx, binding: Binding, peer: SocketAddr) -> bool {
+    use splicegate_control::guard::Verdict;
+    use splicegate_control::stats::{GUARD_DROP_BANNED, GUARD_DROP_NOT_ALLOWED, GUARD_DROP_RATE};
+    let ip = peer.ip();
+    let dropped = match ctx.shared.guard.on_connect(ip, crate::clock::now()) {
+        Verdict::Pass if binding.ip_only && !allowed_on_ip_only(ctx, binding, peer) => Some((
+            GUARD_DROP_NOT_ALLOWED,
+            Code::IpNotAllowed,
+            format!("{ip} is not on the allowlist of this ip_only port; closed at accept"),
+        )),
+        Verdict::Pass => None,
+        Verdict::DropRate => Some((
+            GUARD_DROP_RATE,
+            Code::RateLimitExceeded,
+            format!(
+                "{ip} opened connections faster than the flood guard allows ([ebpf] syn_rate, syn_burst); closed at accept"
+            ),
+        )),
+        Verdict::DropBanned => Some((
+            GUARD_DROP_BANNED,
+            Code::AuthFailed,
+            format!("{ip} is banned after repeated AUTH_FAILED; closed at accept"),
+        )),
+    };
+    match dropped {
+        Some((i, code, detail)) => {
+            WorkerStats::inc(&ctx.stats.guard_drops[i]);
+            ctx.record_guard(peer, Rejection::new(code, detail));
+            false
+        }
+        None => true,
     }
 }
 
@@ -205,9 +210,28 @@ async fn serve(
     let _ = stream.set_nodelay(true);
     let mut buf = Vec::with_capacity(1024);
     let deadline = Instant::now() + ctx.shared.settings.handshake;
-    match read_some(&stream, &mut buf, deadline).await {
-        Ok(Some(n)) if n > 0 => {}
-        _ => return, // closed, timed out or failed before its first byte
+    // Behind a load balancer: the header names the client, and the same
+    // handshake deadline covers it. The kernel programs never see these
+    // ports (the load balancer's address is every packet's source), so the
+    // per-source rules run here, on the header's address, with or without
+    // them.
+    let peer = if binding.proxy_protocol {
+        let Some(client) = read_proxy_header(&ctx, &stream, peer, &mut buf, deadline).await else {
+            return;
+        };
+        if !admitted(&ctx, binding, client) {
+            return;
+        }
+        client
+    } else {
+        peer
+    };
+    // The header's segment often carries the client's first bytes too.
+    if buf.is_empty() {
+        match read_some(&stream, &mut buf, deadline).await {
+            Ok(Some(n)) if n > 0 => {}
+            _ => return, // closed, timed out or failed before its first byte
+        }
     }
     let client = if buf[0] == TLS_HANDSHAKE_RECORD {
         // The client's first bytes inside TLS take the place of the sniffed
@@ -240,6 +264,72 @@ async fn serve(
             drop(_open);
         });
     }
+}
+
+/// Read the PROXY protocol header at the start of a connection from `lb`
+/// into `buf`, leaving in `buf` only the bytes after it. The client's
+/// address: the header's source, or `lb` itself for a header that names no
+/// client (v2 `LOCAL`, a load balancer's health check; v1 `UNKNOWN`).
+/// `None`: no valid header in time; counted (a connection closed before its
+/// first byte, a bare TCP check, is not), and a missing or malformed one
+/// recorded in the recent errors, so a load balancer that does not send
+/// the header shows there.
+async fn read_proxy_header(
+    ctx: &Ctx,
+    stream: &TcpStream,
+    lb: SocketAddr,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+) -> Option<SocketAddr> {
+    use crate::io::{ReadError, read_message};
+    use splicegate_control::stats::{PP_MALFORMED, PP_MISSING, PP_TIMED_OUT, PP_TRUNCATED};
+    use splicegate_proto::proxy_protocol;
+    let count = |i: usize| WorkerStats::inc(&ctx.stats.proxy_protocol_rejected[i]);
+    match read_message(stream, buf, deadline, None, proxy_protocol::parse).await {
+        Ok(header) => {
+            buf.drain(..header.consumed);
+            Some(
+                header
+                    .addresses
+                    .map_or(lb, |a| like_the_socket(a.source, lb)),
+            )
+        }
+        Err(ReadError::Parse(e)) => {
+            count(if e == proxy_protocol::Error::Missing {
+                PP_MISSING
+            } else {
+                PP_MALFORMED
+            });
+            tracing::debug!(lb = %lb, error = %e, "PROXY protocol header refused");
+            let detail = format!("from {lb} on a proxy_protocol port: {e}; closed");
+            ctx.record_guard(lb, Rejection::new(Code::BadRequest, detail));
+            None
+        }
+        Err(ReadError::Closed { partial: true }) => {
+            count(PP_TRUNCATED);
+            None
+        }
+        Err(ReadError::Timeout { .. }) => {
+            count(PP_TIMED_OUT);
+            None
+        }
+        Err(ReadError::Closed { partial: false } | ReadError::Io(_)) => None,
+    }
+}
+
+/// The header's client in the form the listening socket gives its own
+/// peers (`lb`): an IPv4 client as `::ffff:a.b.c.d` on a dual-stack socket,
+/// an IPv4-mapped one as IPv4 on an IPv4 socket. Every later comparison of
+/// addresses (a UDP association's datagrams, which arrive on a socket of
+/// the listener's family) then sees one form, as for a direct client.
+fn like_the_socket(client: SocketAddr, lb: SocketAddr) -> SocketAddr {
+    use std::net::IpAddr;
+    let ip = match (client.ip(), lb.ip()) {
+        (IpAddr::V4(v4), IpAddr::V6(_)) => IpAddr::V6(v4.to_ipv6_mapped()),
+        (IpAddr::V6(v6), IpAddr::V4(_)) => v6.to_ipv4_mapped().map_or(client.ip(), IpAddr::V4),
+        (ip, _) => ip,
+    };
+    SocketAddr::new(ip, client.port())
 }
 
 /// A TLS record of type handshake: the first byte of a ClientHello.
@@ -354,4 +444,38 @@ fn gauges(ctx: &Ctx) {
     g.cq_dropped.store(u64::from(r.cq_dropped), Relaxed);
     g.ops_in_flight.store(r.ops_in_flight as u64, Relaxed);
     g.tasks.store(r.tasks as u64, Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::like_the_socket;
+
+    #[test]
+    fn a_header_client_takes_the_sockets_form() {
+        let sa = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let v4_lb = sa("10.0.0.5:40000");
+        let v6_lb = sa("[::ffff:10.0.0.5]:40000");
+        assert_eq!(like_the_socket(sa("1.2.3.4:5"), v4_lb), sa("1.2.3.4:5"));
+        assert_eq!(
+            like_the_socket(sa("1.2.3.4:5"), v6_lb),
+            sa("[::ffff:1.2.3.4]:5")
+        );
+        assert_eq!(
+            like_the_socket(sa("[::ffff:1.2.3.4]:5"), v4_lb),
+            sa("1.2.3.4:5")
+        );
+        assert_eq!(
+            like_the_socket(sa("[::ffff:1.2.3.4]:5"), v6_lb),
+            sa("[::ffff:1.2.3.4]:5")
+        );
+        // A real IPv6 client stays one whatever the socket.
+        assert_eq!(
+            like_the_socket(sa("[2001:db8::1]:5"), v4_lb),
+            sa("[2001:db8::1]:5")
+        );
+        assert_eq!(
+            like_the_socket(sa("[2001:db8::1]:5"), v6_lb),
+            sa("[2001:db8::1]:5")
+        );
+    }
 }

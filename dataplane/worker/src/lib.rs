@@ -80,6 +80,11 @@ pub struct Binding {
     pub ip_only: bool,
     /// Admit only TLS: cleartext HTTP gets 400, cleartext SOCKS5 0xFF.
     pub tls_only: bool,
+    /// Every connection starts with a PROXY protocol header (v1 or v2, from
+    /// a load balancer): its source address is the client's for everything
+    /// (authentication, allowlists, `ip_only`, per-source rates and bans,
+    /// logs). A connection without a valid header is closed.
+    pub proxy_protocol: bool,
 }
 
 pub use splicegate_control::stats::{LatencyHistogram, OK, SETUP_BUCKETS_US, WorkerStats};
