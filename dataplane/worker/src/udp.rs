@@ -334,14 +334,17 @@ impl Drop for Lease<'_> {
     }
 }
 
-/// What woke the relay.
-enum Wake {
-    Control,
-    ExitControl,
-    Near,
-    Far,
-    Idle,
-    Stop,
+/// What woke the relay: a set of these bits (several waits can be ready
+/// at one wake, and each is served in the same turn).
+struct Wake;
+
+impl Wake {
+    const CONTROL: u8 = 1;
+    const EXIT_CONTROL: u8 = 2;
+    const NEAR: u8 = 4;
+    const FAR: u8 = 8;
+    const IDLE: u8 = 16;
+    const STOP: u8 = 32;
 }
 
 struct Relay<'a> {
@@ -372,76 +375,97 @@ impl Relay<'_> {
 
     async fn run(&mut self, client: &Client) -> &'static str {
         let idle = self.ctx.shared.settings.udp_idle;
-        let mut deadline = Instant::now() + idle;
+        let mut last_active = Instant::now();
+        // The waits live across turns: only the one that fired is armed
+        // again (a readiness poll on the ring is one SQE to arm and one to
+        // cancel; re-arming all of them after every wake cost about a fifth
+        // of the relay's CPU), and the idle timer moves only when it fires.
+        let (near_sock, exit) = (self.near, self.exit);
+        let mut control = std::pin::pin!(client.readable());
+        let mut near = std::pin::pin!(near_sock.readable());
+        let mut far = std::pin::pin!(exit.readable());
+        let mut exit_control = std::pin::pin!(exit.control());
+        let mut timer = splicegate_uring::sleep_until(last_active + idle);
+        let ctl = self.ctl;
         loop {
-            if self.ctl.is_stopped() {
+            if ctl.is_stopped() {
                 return "stopped";
             }
-            let wake = {
-                let mut control = std::pin::pin!(client.readable());
-                let mut near = std::pin::pin!(self.near.readable());
-                let mut far = std::pin::pin!(self.exit.readable());
-                let mut exit_control = std::pin::pin!(self.exit.control());
-                let mut timer = std::pin::pin!(splicegate_uring::sleep_until(deadline));
-                let ctl = self.ctl;
-                std::future::poll_fn(|cx| {
-                    if ctl.is_stopped() {
-                        return Poll::Ready(Wake::Stop);
-                    }
-                    ctl.wake_on_stop(cx.waker());
-                    if control.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Wake::Control);
-                    }
-                    if near.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Wake::Near);
-                    }
-                    if far.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Wake::Far);
-                    }
-                    if exit_control.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Wake::ExitControl);
-                    }
-                    if timer.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Wake::Idle);
-                    }
+            let wake = std::future::poll_fn(|cx| {
+                if ctl.is_stopped() {
+                    return Poll::Ready(Wake::STOP);
+                }
+                ctl.wake_on_stop(cx.waker());
+                let mut wake = 0;
+                if control.as_mut().poll(cx).is_ready() {
+                    wake |= Wake::CONTROL;
+                }
+                if near.as_mut().poll(cx).is_ready() {
+                    wake |= Wake::NEAR;
+                }
+                if far.as_mut().poll(cx).is_ready() {
+                    wake |= Wake::FAR;
+                }
+                if exit_control.as_mut().poll(cx).is_ready() {
+                    wake |= Wake::EXIT_CONTROL;
+                }
+                if std::pin::Pin::new(&mut timer).poll(cx).is_ready() {
+                    wake |= Wake::IDLE;
+                }
+                if wake == 0 {
                     Poll::Pending
-                })
-                .await
-            };
-            match wake {
-                Wake::Stop => return "stopped",
-                Wake::Idle => return "idle",
-                Wake::Control => {
-                    // The TCP connection only keeps the association alive:
-                    // its end (or anything unexpected on it) ends it.
+                } else {
+                    Poll::Ready(wake)
+                }
+            })
+            .await;
+            if wake & Wake::STOP != 0 {
+                return "stopped";
+            }
+            if wake & Wake::CONTROL != 0 {
+                // The TCP connection only keeps the association alive:
+                // its end (or anything unexpected on it) ends it.
+                let mut scratch = [0u8; 512];
+                match client.read(&mut scratch).await {
+                    Ok(0) | Err(_) => return "the client closed its TCP connection",
+                    Ok(_) => {}
+                }
+                control.set(client.readable());
+            }
+            if wake & Wake::EXIT_CONTROL != 0 {
+                if let Exit::Socks5 { control, .. } = exit {
                     let mut scratch = [0u8; 512];
-                    match client.read(&mut scratch).await {
-                        Ok(0) | Err(_) => return "the client closed its TCP connection",
+                    match control.read(&mut scratch).await {
+                        Ok(0) | Err(_) => return "the node ended the association",
                         Ok(_) => {}
                     }
                 }
-                Wake::ExitControl => {
-                    if let Exit::Socks5 { control, .. } = self.exit {
-                        let mut scratch = [0u8; 512];
-                        match control.read(&mut scratch).await {
-                            Ok(0) | Err(_) => return "the node ended the association",
-                            Ok(_) => {}
-                        }
-                    }
+                exit_control.set(exit.control());
+            }
+            if wake & Wake::NEAR != 0 {
+                if self.relay_up().await {
+                    last_active = Instant::now();
                 }
-                Wake::Near => {
-                    if self.relay_up().await {
-                        deadline = Instant::now() + idle;
-                    }
+                // Armed after the socket was read: a poll armed on a socket
+                // still holding datagrams (the turn's cap was reached)
+                // completes at once.
+                near.set(near_sock.readable());
+            }
+            if wake & Wake::FAR != 0 {
+                if self.relay_down() {
+                    last_active = Instant::now();
                 }
-                Wake::Far => {
-                    if self.relay_down() {
-                        deadline = Instant::now() + idle;
-                    }
-                    if self.gone {
-                        return "the agent ended the association";
-                    }
+                if self.gone {
+                    return "the agent ended the association";
                 }
+                far.set(exit.readable());
+            }
+            if wake & Wake::IDLE != 0 {
+                let deadline = last_active + idle;
+                if Instant::now() >= deadline {
+                    return "idle";
+                }
+                timer.reset(deadline);
             }
             splicegate_uring::consume_budget().await;
         }
