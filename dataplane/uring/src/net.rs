@@ -287,7 +287,8 @@ impl From<TcpStream> for OwnedFd {
 }
 
 /// A non-blocking UDP socket: readiness on the ring, datagrams moved by
-/// `recvfrom`/`sendto` on borrowed buffers (the kernel never holds a
+/// `recvfrom`/`sendto` (or `recvmmsg`/`sendmmsg`, many at once) on borrowed
+/// buffers (the kernel never holds a
 /// pointer into user memory). Closed on drop.
 #[derive(Debug)]
 pub struct UdpSocket {
@@ -337,6 +338,38 @@ impl UdpSocket {
     pub fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
         self.inner.send_to(buf, to)
     }
+
+    /// Up to `got.len()` pending datagrams (at most [`UdpSocket::BATCH`])
+    /// with one `recvmmsg`: datagram `i` lands in `buf[i * stride + at..(i
+    /// + 1) * stride]` (cut to it: give 64 KiB to take any) and `got[i]` is
+    /// its length and sender. How many were taken (fewer than asked: the
+    /// socket is drained); `WouldBlock` when none was pending.
+    pub fn try_recv_many(
+        &self,
+        buf: &mut [u8],
+        stride: usize,
+        at: usize,
+        got: &mut [(usize, SocketAddr)],
+    ) -> io::Result<usize> {
+        sys::recvmmsg(self.inner.as_fd(), buf, stride, at, got)
+    }
+
+    /// Queues datagrams in order with one `sendmmsg`: `(start, len, to)`
+    /// sends `buf[start..start + len]` to `to`; at most
+    /// [`UdpSocket::BATCH`] are tried. How many were queued (at least one:
+    /// the next one, if any, could not be, and calling again says why);
+    /// the error of the first when it could not be queued.
+    pub fn try_send_many(
+        &self,
+        buf: &[u8],
+        out: &[(usize, usize, SocketAddr)],
+    ) -> io::Result<usize> {
+        sys::sendmmsg(self.inner.as_fd(), buf, out)
+    }
+
+    /// Most datagrams [`UdpSocket::try_recv_many`] and
+    /// [`UdpSocket::try_send_many`] move in one call.
+    pub const BATCH: usize = sys::MMSG_MAX;
 
     /// Sends one datagram to `to`, waiting while the socket's buffer is full.
     pub async fn send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
