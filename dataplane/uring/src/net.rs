@@ -9,6 +9,7 @@ use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -293,6 +294,8 @@ impl From<TcpStream> for OwnedFd {
 #[derive(Debug)]
 pub struct UdpSocket {
     inner: std::net::UdpSocket,
+    /// A GSO send failed on this socket: send datagrams one by one.
+    pub(crate) no_gso: AtomicBool,
 }
 
 impl UdpSocket {
@@ -309,6 +312,7 @@ impl UdpSocket {
         socket.bind(&addr.into())?;
         Ok(UdpSocket {
             inner: socket.into(),
+            no_gso: AtomicBool::new(false),
         })
     }
 
@@ -359,12 +363,36 @@ impl UdpSocket {
     /// [`UdpSocket::BATCH`] are tried. How many were queued (at least one:
     /// the next one, if any, could not be, and calling again says why);
     /// the error of the first when it could not be queued.
+    ///
+    /// A run of datagrams of one size (up to 1,452 bytes) to one address
+    /// goes as one UDP GSO send (the kernel cuts it into the datagrams:
+    /// one pass through routing and the IP layer for the run; receivers
+    /// see the same datagrams); a socket whose path refuses GSO sends one
+    /// by one from then on.
     pub fn try_send_many(
         &self,
         buf: &[u8],
         out: &[(usize, usize, SocketAddr)],
     ) -> io::Result<usize> {
-        sys::sendmmsg(self.inner.as_fd(), buf, out)
+        let fd = self.inner.as_fd();
+        if self.no_gso.load(Ordering::Relaxed) {
+            return sys::sendmmsg(fd, buf, out, false);
+        }
+        match sys::sendmmsg(fd, buf, out, true) {
+            // No checksum offload on the way (EIO), a path MTU below the
+            // run's size (EINVAL), or a kernel without UDP GSO: the first
+            // message may have been a run this path cannot take.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+                ) =>
+            {
+                self.no_gso.store(true, Ordering::Relaxed);
+                sys::sendmmsg(fd, buf, out, false)
+            }
+            r => r,
+        }
     }
 
     /// Most datagrams [`UdpSocket::try_recv_many`] and

@@ -544,13 +544,42 @@ pub(crate) fn recvmmsg(
     Ok(r)
 }
 
+/// `UDP_SEGMENT` from `<linux/udp.h>`: a cmsg (level `SOL_UDP`) asking the
+/// kernel to cut one send into datagrams of the given size (UDP GSO).
+const UDP_SEGMENT: libc::c_int = 103;
+
+/// Most datagrams one GSO send carries (the kernel's `UDP_MAX_SEGMENTS`
+/// was 64 before 6.x).
+const GSO_MAX_SEGMENTS: usize = 64;
+
+/// Longest datagram sent as part of a GSO send: it must fit the path's MTU
+/// whole (here a 1,500-byte path in IPv6: 1500 − 40 − 8). Longer ones go
+/// alone.
+const GSO_MAX_SIZE: usize = 1452;
+
+/// Most payload bytes of one GSO send (a UDP datagram's limit, less room).
+const GSO_MAX_BYTES: usize = 65_000;
+
+/// A control message carrying the GSO segment size.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GsoCmsg {
+    hdr: libc::cmsghdr,
+    size: u16,
+}
+
 /// `sendmmsg(2)`, non-blocking, of up to [`MMSG_MAX`] datagrams in order:
-/// `buf[start..start + len]` to `to` each. How many were queued (at least
-/// one); an error when the first could not be (the rest were not tried).
+/// `buf[start..start + len]` to `to` each. With `gso`, a run of datagrams
+/// of one size (at most [`GSO_MAX_SIZE`]) to one address goes as one
+/// message the kernel cuts into them (UDP GSO: one pass through routing
+/// and the IP layer for the run). How many datagrams were queued (at
+/// least one); an error when the first message could not be (the rest
+/// were not tried).
 pub(crate) fn sendmmsg(
     fd: BorrowedFd<'_>,
     buf: &[u8],
     out: &[(usize, usize, SocketAddr)],
+    gso: bool,
 ) -> io::Result<usize> {
     let n = out.len().min(MMSG_MAX);
     if n == 0 {
@@ -559,37 +588,75 @@ pub(crate) fn sendmmsg(
     let mut names = [std::mem::MaybeUninit::<SockAddrIn>::uninit(); MMSG_MAX];
     let mut iovs = [std::mem::MaybeUninit::<libc::iovec>::uninit(); MMSG_MAX];
     let mut hdrs = [std::mem::MaybeUninit::<libc::mmsghdr>::uninit(); MMSG_MAX];
-    for (i, &(start, len, to)) in out[..n].iter().enumerate() {
-        let bytes = &buf[start..start + len];
+    let mut cmsgs = [std::mem::MaybeUninit::<GsoCmsg>::uninit(); MMSG_MAX];
+    let mut counts = [0usize; MMSG_MAX];
+    let (mut i, mut m) = (0, 0);
+    while i < n {
+        let (_, len, to) = out[i];
+        // The run this datagram starts: one size, one address.
+        let mut k = 1;
+        if gso && len > 0 && len <= GSO_MAX_SIZE {
+            while i + k < n
+                && k < GSO_MAX_SEGMENTS
+                && (k + 1) * len <= GSO_MAX_BYTES
+                && out[i + k].1 == len
+                && out[i + k].2 == to
+            {
+                k += 1;
+            }
+        }
+        for (j, &(start, len, _)) in out[i..i + k].iter().enumerate() {
+            let bytes = &buf[start..start + len];
+            iovs[i + j].write(libc::iovec {
+                // The kernel only reads through it (a send).
+                iov_base: bytes.as_ptr().cast_mut().cast(),
+                iov_len: bytes.len(),
+            });
+        }
         let (name, name_len) = sockaddr_in(&to);
-        names[i].write(name);
-        iovs[i].write(libc::iovec {
-            // The kernel only reads through it (a send).
-            iov_base: bytes.as_ptr().cast_mut().cast(),
-            iov_len: bytes.len(),
-        });
+        names[m].write(name);
         // SAFETY: `msghdr` is plain data; all-zero is a valid (empty) one.
         let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
-        h.msg_name = names[i].as_mut_ptr().cast();
+        h.msg_name = names[m].as_mut_ptr().cast();
         h.msg_namelen = name_len;
         h.msg_iov = iovs[i].as_mut_ptr();
-        h.msg_iovlen = 1;
-        hdrs[i].write(libc::mmsghdr {
+        h.msg_iovlen = k as _;
+        if k > 1 {
+            // SAFETY: `cmsghdr` is plain data; all-zero is a valid one.
+            let mut c: libc::cmsghdr = unsafe { std::mem::zeroed() };
+            c.cmsg_len = (std::mem::size_of::<libc::cmsghdr>() + 2) as _;
+            c.cmsg_level = libc::SOL_UDP;
+            c.cmsg_type = UDP_SEGMENT;
+            cmsgs[m].write(GsoCmsg {
+                hdr: c,
+                size: len as u16,
+            });
+            h.msg_control = cmsgs[m].as_mut_ptr().cast();
+            h.msg_controllen = std::mem::size_of::<GsoCmsg>() as _;
+        }
+        hdrs[m].write(libc::mmsghdr {
             msg_hdr: h,
             msg_len: 0,
         });
+        counts[m] = k;
+        m += 1;
+        i += k;
     }
     // SAFETY: the descriptor is borrowed (open for the call); the first
-    // `n` headers are initialised, each pointing at an initialised address
-    // of the length it says and one iovec over a checked range of `buf`,
+    // `m` headers are initialised, each pointing at an initialised address
+    // of the length it says, at its own run of initialised iovecs over
+    // checked ranges of `buf`, and (for a run) at an initialised control
+    // message of the length it says (the header, then the `u16` right
+    // behind it, where CMSG_DATA points: the header is 8-byte aligned),
     // all of which outlive the call; the kernel only reads them.
     let r = unsafe {
         libc::sendmmsg(
             fd.as_raw_fd(),
             hdrs.as_mut_ptr().cast::<libc::mmsghdr>(),
-            n as libc::c_uint,
+            m as libc::c_uint,
             libc::MSG_DONTWAIT,
         )
     };
-    Ok(cvt(r)? as usize)
+    let r = cvt(r)? as usize;
+    Ok(counts[..r].iter().sum())
 }
