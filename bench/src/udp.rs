@@ -1069,7 +1069,10 @@ fn markdown(meta: &Meta, cells: &[Cell], sums: &[Summary], ratios: &[Ratio]) -> 
             t,
             "| via | datagrams/s | proxy CPU-s per 10^6 datagrams | datagrams per CPU-s | p50 µs | p99 µs | added p99 µs | lost / sent | proxy CPU % | processes (busy) | others' CPU % max | steal % max |"
         );
-        let _ = writeln!(t, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            t,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
         for s in sums.iter().filter(|s| s.cell == id) {
             let _ = writeln!(
                 t,
