@@ -992,7 +992,9 @@ fn udp_datagrams_go_out_and_come_in_by_the_batch() {
     }
     let n = c.try_recv_many(&mut slots, stride, 0, &mut got).unwrap();
     assert_eq!((n, got[0]), (1, (2000, a_addr)));
-    let e = b.try_recv_many(&mut slots, stride, 0, &mut got).unwrap_err();
+    let e = b
+        .try_recv_many(&mut slots, stride, 0, &mut got)
+        .unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
     // IPv6 addresses come back as sent (where the host has IPv6).
     if let (Ok(x), Ok(y)) = (
