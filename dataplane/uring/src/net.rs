@@ -379,14 +379,15 @@ impl UdpSocket {
             return sys::sendmmsg(fd, buf, out, false);
         }
         match sys::sendmmsg(fd, buf, out, true) {
-            // No checksum offload on the way (EIO), a path MTU below the
-            // run's size (EINVAL), or a kernel without UDP GSO: the first
-            // message may have been a run this path cannot take.
+            // The first message was a run, and the path cannot take it:
+            // no checksum offload on the way (EIO), a path MTU below the
+            // run's size (EINVAL), or a kernel without UDP GSO.
             Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
-                ) =>
+                if sys::gso_run(out) > 1
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+                    ) =>
             {
                 self.no_gso.store(true, Ordering::Relaxed);
                 sys::sendmmsg(fd, buf, out, false)

@@ -568,6 +568,27 @@ struct GsoCmsg {
     size: u16,
 }
 
+/// How many datagrams from the first of `out` on [`sendmmsg`] with `gso`
+/// sends as one message: a run of one size (at most [`GSO_MAX_SIZE`]) to
+/// one address, or just the first.
+pub(crate) fn gso_run(out: &[(usize, usize, SocketAddr)]) -> usize {
+    let Some(&(_, len, to)) = out.first() else {
+        return 0;
+    };
+    let mut k = 1;
+    if len > 0 && len <= GSO_MAX_SIZE {
+        while k < out.len()
+            && k < GSO_MAX_SEGMENTS
+            && (k + 1) * len <= GSO_MAX_BYTES
+            && out[k].1 == len
+            && out[k].2 == to
+        {
+            k += 1;
+        }
+    }
+    k
+}
+
 /// `sendmmsg(2)`, non-blocking, of up to [`MMSG_MAX`] datagrams in order:
 /// `buf[start..start + len]` to `to` each. With `gso`, a run of datagrams
 /// of one size (at most [`GSO_MAX_SIZE`]) to one address goes as one
@@ -593,18 +614,7 @@ pub(crate) fn sendmmsg(
     let (mut i, mut m) = (0, 0);
     while i < n {
         let (_, len, to) = out[i];
-        // The run this datagram starts: one size, one address.
-        let mut k = 1;
-        if gso && len > 0 && len <= GSO_MAX_SIZE {
-            while i + k < n
-                && k < GSO_MAX_SEGMENTS
-                && (k + 1) * len <= GSO_MAX_BYTES
-                && out[i + k].1 == len
-                && out[i + k].2 == to
-            {
-                k += 1;
-            }
-        }
+        let k = if gso { gso_run(&out[i..n]) } else { 1 };
         for (j, &(start, len, _)) in out[i..i + k].iter().enumerate() {
             let bytes = &buf[start..start + len];
             iovs[i + j].write(libc::iovec {

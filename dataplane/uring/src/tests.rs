@@ -1010,3 +1010,24 @@ fn udp_datagrams_go_out_and_come_in_by_the_batch() {
         assert_eq!(got[1], (10, x.local_addr().unwrap()));
     }
 }
+
+#[test]
+fn gso_runs_are_one_size_to_one_address_and_bounded() {
+    let (x, y): (SocketAddr, SocketAddr) = (
+        "127.0.0.1:1000".parse().unwrap(),
+        "127.0.0.1:1001".parse().unwrap(),
+    );
+    let run = |items: &[(usize, SocketAddr)]| {
+        let out: Vec<_> = items.iter().map(|&(len, to)| (0, len, to)).collect();
+        crate::sys::gso_run(&out)
+    };
+    assert_eq!(run(&[]), 0);
+    assert_eq!(run(&[(100, x), (100, x), (100, x), (100, y)]), 3);
+    assert_eq!(run(&[(100, x), (99, x)]), 1);
+    // Too long to be cut (it must fit a path whole), or empty: alone.
+    assert_eq!(run(&[(1453, x), (1453, x)]), 1);
+    assert_eq!(run(&[(0, x), (0, x)]), 1);
+    // At most 64 datagrams and 65,000 bytes in one.
+    assert_eq!(run(&[(10, x); 100]), 64);
+    assert_eq!(run(&[(1400, x); 60]), 46);
+}
