@@ -187,6 +187,20 @@ impl Others {
     }
 }
 
+/// Ticks the hypervisor stole from this machine's CPUs so far, all CPUs
+/// summed (the `steal` column of the `cpu` line of `/proc/stat`); `None`
+/// where the kernel does not say.
+pub(crate) fn steal_ticks() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    line.split_whitespace().nth(8)?.parse().ok()
+}
+
+/// CPU seconds stolen between two [`steal_ticks`] readings.
+pub(crate) fn steal_s(before: Option<u64>, after: Option<u64>) -> Option<f64> {
+    Some(after?.saturating_sub(before?) as f64 / clock_ticks())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

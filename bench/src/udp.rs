@@ -35,7 +35,7 @@ use serde::Serialize;
 use crate::client::{Auth, Proto, Route, dial};
 use crate::load::Latency;
 use crate::peers::{self, Env, Peer, PeerId, Want};
-use crate::procstat::{Others, ProcTree, comm};
+use crate::procstat::{Others, ProcTree, comm, steal_s, steal_ticks};
 use crate::report;
 use crate::targets::{Targets, listener};
 
@@ -184,6 +184,10 @@ struct UdpRun {
     threads: Option<u64>,
     /// CPU of programs outside this harness and the proxy, % of one CPU.
     others_cpu_pct: f64,
+    /// Time the hypervisor stole from the machine's CPUs over the window,
+    /// % of one CPU (all CPUs summed): a VM's noise, which the CPU figures
+    /// do not see.
+    steal_pct: Option<f64>,
 }
 
 /// Medians of one (cell, way) over its rounds.
@@ -210,6 +214,7 @@ struct Summary {
     procs: Option<f64>,
     busy_procs: Option<f64>,
     others_cpu_pct_max: Option<f64>,
+    steal_pct_max: Option<f64>,
     note: Option<String>,
 }
 
@@ -803,6 +808,7 @@ fn run_one(
         let tree = started.measured;
         let c0 = count();
         let others0 = Others::now();
+        let steal0 = steal_ticks();
         let s0 = tree.and_then(|p| p.sample().ok());
         let t0_procs = tree.map(own_ticks);
         sh.measuring.store(true, Ordering::SeqCst);
@@ -840,6 +846,7 @@ fn run_one(
         let t1_procs = tree.map(own_ticks);
         let secs = t0.elapsed().as_secs_f64();
         r.others_cpu_pct = Others::now().since(&others0) / secs.max(1e-9) * 100.0;
+        r.steal_pct = steal_s(steal0, steal_ticks()).map(|s| s / secs.max(1e-9) * 100.0);
         sh.measuring.store(false, Ordering::SeqCst);
         sh.stop.store(true, Ordering::SeqCst);
         r.secs = secs;
@@ -947,6 +954,7 @@ fn summarize(cells: &[Cell], vias: &[Via], runs: &[UdpRun]) -> (Vec<Summary>, Ve
                 procs: m(&|r| r.procs.map(|v| v as f64)),
                 busy_procs: m(&|r| r.busy_procs.map(|v| v as f64)),
                 others_cpu_pct_max: mine.iter().map(|r| r.others_cpu_pct).reduce(f64::max),
+                steal_pct_max: mine.iter().filter_map(|r| r.steal_pct).reduce(f64::max),
                 note: mine.iter().find_map(|r| r.error.clone()),
             });
         }
@@ -1059,13 +1067,16 @@ fn markdown(meta: &Meta, cells: &[Cell], sums: &[Summary], ratios: &[Ratio]) -> 
         );
         let _ = writeln!(
             t,
-            "| via | datagrams/s | proxy CPU-s per 10^6 datagrams | datagrams per CPU-s | p50 µs | p99 µs | added p99 µs | lost / sent | proxy CPU % | processes (busy) | others' CPU % max |"
+            "| via | datagrams/s | proxy CPU-s per 10^6 datagrams | datagrams per CPU-s | p50 µs | p99 µs | added p99 µs | lost / sent | proxy CPU % | processes (busy) | others' CPU % max | steal % max |"
         );
-        let _ = writeln!(t, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            t,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
         for s in sums.iter().filter(|s| s.cell == id) {
             let _ = writeln!(
                 t,
-                "| {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} |",
                 s.via,
                 match (
                     s.datagrams_per_s,
@@ -1093,6 +1104,7 @@ fn markdown(meta: &Meta, cells: &[Cell], sums: &[Summary], ratios: &[Ratio]) -> 
                     _ => "–".into(),
                 },
                 opt(s.others_cpu_pct_max, 0),
+                opt(s.steal_pct_max, 1),
             );
         }
         for s in sums.iter().filter(|s| s.cell == id) {
@@ -1194,7 +1206,7 @@ pub(crate) fn main(a: UdpArgs) -> Result<()> {
                         eprintln!("  [{label}] {}: {e}", if r.ok { "note" } else { "FAILED" })
                     }
                     None if !c.quiet => eprintln!(
-                        "  [{label}] {:.0} datagrams/s, {} CPU-s per 10^6, p99 {} µs{}",
+                        "  [{label}] {:.0} datagrams/s, {} CPU-s per 10^6, p99 {} µs{}{}",
                         r.datagrams_per_s,
                         opt(r.cpu_s_per_million, 2),
                         opt(r.latency_us.map(|l| l.p99), 0),
@@ -1202,7 +1214,10 @@ pub(crate) fn main(a: UdpArgs) -> Result<()> {
                             format!(" (other programs: {:.0} % of a CPU)", r.others_cpu_pct)
                         } else {
                             String::new()
-                        }
+                        },
+                        r.steal_pct
+                            .filter(|&p| p >= 1.0)
+                            .map_or(String::new(), |p| format!(" (steal: {p:.1} % of a CPU)"))
                     ),
                     None => {}
                 }

@@ -15,7 +15,8 @@
 //! - The kernel never holds a pointer into user memory: the only ring ops are
 //!   `POLL_ADD`, multishot `ACCEPT` without an address, and `ASYNC_CANCEL`.
 //!   Data moves through synchronous non-blocking syscalls (`recv`, `send`,
-//!   `splice`) on borrowed buffers. Every future is therefore cancel-safe.
+//!   `recvmmsg`/`sendmmsg` for UDP batches, `splice`) on borrowed buffers.
+//!   Every future is therefore cancel-safe.
 //! - An op's slot (its `user_data`) is kept until the kernel posts the op's
 //!   final CQE, even when its future was dropped (the drop submits a cancel,
 //!   or queues it for the next turn when the submission queue is full);

@@ -9,6 +9,7 @@ use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -287,11 +288,14 @@ impl From<TcpStream> for OwnedFd {
 }
 
 /// A non-blocking UDP socket: readiness on the ring, datagrams moved by
-/// `recvfrom`/`sendto` on borrowed buffers (the kernel never holds a
+/// `recvfrom`/`sendto` (or `recvmmsg`/`sendmmsg`, many at once) on borrowed
+/// buffers (the kernel never holds a
 /// pointer into user memory). Closed on drop.
 #[derive(Debug)]
 pub struct UdpSocket {
     inner: std::net::UdpSocket,
+    /// A GSO send failed on this socket: send datagrams one by one.
+    pub(crate) no_gso: AtomicBool,
 }
 
 impl UdpSocket {
@@ -308,6 +312,7 @@ impl UdpSocket {
         socket.bind(&addr.into())?;
         Ok(UdpSocket {
             inner: socket.into(),
+            no_gso: AtomicBool::new(false),
         })
     }
 
@@ -337,6 +342,63 @@ impl UdpSocket {
     pub fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
         self.inner.send_to(buf, to)
     }
+
+    /// Up to `got.len()` pending datagrams (at most [`UdpSocket::BATCH`])
+    /// with one `recvmmsg`: datagram `i` lands in `buf[i * stride + at..(i
+    /// + 1) * stride]` (cut to it: give 64 KiB to take any) and `got[i]` is
+    /// its length and sender. How many were taken (fewer than asked: the
+    /// socket is drained); `WouldBlock` when none was pending.
+    pub fn try_recv_many(
+        &self,
+        buf: &mut [u8],
+        stride: usize,
+        at: usize,
+        got: &mut [(usize, SocketAddr)],
+    ) -> io::Result<usize> {
+        sys::recvmmsg(self.inner.as_fd(), buf, stride, at, got)
+    }
+
+    /// Queues datagrams in order with one `sendmmsg`: `(start, len, to)`
+    /// sends `buf[start..start + len]` to `to`; at most
+    /// [`UdpSocket::BATCH`] are tried. How many were queued (at least one:
+    /// the next one, if any, could not be, and calling again says why);
+    /// the error of the first when it could not be queued.
+    ///
+    /// A run of datagrams of one size (up to 1,452 bytes) to one address
+    /// goes as one UDP GSO send (the kernel cuts it into the datagrams:
+    /// one pass through routing and the IP layer for the run; receivers
+    /// see the same datagrams); a socket whose path refuses GSO sends one
+    /// by one from then on.
+    pub fn try_send_many(
+        &self,
+        buf: &[u8],
+        out: &[(usize, usize, SocketAddr)],
+    ) -> io::Result<usize> {
+        let fd = self.inner.as_fd();
+        if self.no_gso.load(Ordering::Relaxed) {
+            return sys::sendmmsg(fd, buf, out, false);
+        }
+        match sys::sendmmsg(fd, buf, out, true) {
+            // The first message was a run, and the path cannot take it:
+            // no checksum offload on the way (EIO), a path MTU below the
+            // run's size (EINVAL), or a kernel without UDP GSO.
+            Err(e)
+                if sys::gso_run(out) > 1
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+                    ) =>
+            {
+                self.no_gso.store(true, Ordering::Relaxed);
+                sys::sendmmsg(fd, buf, out, false)
+            }
+            r => r,
+        }
+    }
+
+    /// Most datagrams [`UdpSocket::try_recv_many`] and
+    /// [`UdpSocket::try_send_many`] move in one call.
+    pub const BATCH: usize = sys::MMSG_MAX;
 
     /// Sends one datagram to `to`, waiting while the socket's buffer is full.
     pub async fn send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {

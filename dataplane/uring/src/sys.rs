@@ -9,6 +9,7 @@
 //! makes dropping an in-flight op trivially sound.
 
 use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
@@ -397,4 +398,275 @@ pub(crate) fn monotonic_usec() -> u64 {
     // exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
+}
+
+/// Most datagrams one [`recvmmsg`] or [`sendmmsg`] call moves.
+pub(crate) const MMSG_MAX: usize = 64;
+
+/// Room for the address of a UDP peer (IPv4 or IPv6).
+#[repr(C)]
+#[derive(Clone, Copy)]
+union SockAddrIn {
+    v4: libc::sockaddr_in,
+    v6: libc::sockaddr_in6,
+}
+
+const SOCKADDR_IN_LEN: libc::socklen_t = std::mem::size_of::<SockAddrIn>() as libc::socklen_t;
+
+fn sockaddr_in(addr: &SocketAddr) -> (SockAddrIn, libc::socklen_t) {
+    match addr {
+        SocketAddr::V4(a) => (
+            SockAddrIn {
+                v4: libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(a.ip().octets()),
+                    },
+                    sin_zero: [0; 8],
+                },
+            },
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        ),
+        SocketAddr::V6(a) => (
+            SockAddrIn {
+                v6: libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: a.flowinfo(),
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
+                    sin6_scope_id: a.scope_id(),
+                },
+            },
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        ),
+    }
+}
+
+/// The address the kernel wrote into `sa` (`len` bytes of it), if it is
+/// an IPv4 or IPv6 one.
+fn socket_addr(sa: &std::mem::MaybeUninit<SockAddrIn>, len: libc::socklen_t) -> Option<SocketAddr> {
+    let family_len = std::mem::size_of::<libc::sa_family_t>() as libc::socklen_t;
+    if len < family_len {
+        return None;
+    }
+    // SAFETY: the kernel wrote `len` ≥ 2 bytes from the start, and every
+    // member of the union begins with its family.
+    let family = unsafe { sa.as_ptr().cast::<libc::sa_family_t>().read() };
+    match i32::from(family) {
+        libc::AF_INET if len as usize >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the kernel wrote a whole `sockaddr_in` (checked above).
+            let a = unsafe { sa.assume_init_ref().v4 };
+            Some(SocketAddr::new(
+                Ipv4Addr::from(a.sin_addr.s_addr.to_ne_bytes()).into(),
+                u16::from_be(a.sin_port),
+            ))
+        }
+        libc::AF_INET6 if len as usize >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: the kernel wrote a whole `sockaddr_in6` (checked above).
+            let a = unsafe { sa.assume_init_ref().v6 };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// `recvmmsg(2)`, non-blocking, of up to `got.len()` (at most [`MMSG_MAX`],
+/// and as many as `buf` has slots) datagrams: datagram `i` is written to
+/// `buf[i * stride + at..(i + 1) * stride]` and described in `got[i]`
+/// (length and sender; a sender that is not an IP address reads as
+/// `0.0.0.0:0`). How many were taken; `WouldBlock` when none was pending.
+pub(crate) fn recvmmsg(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    stride: usize,
+    at: usize,
+    got: &mut [(usize, SocketAddr)],
+) -> io::Result<usize> {
+    assert!(at < stride, "the offset lies inside a slot");
+    let n = got.len().min(MMSG_MAX).min(buf.len() / stride);
+    if n == 0 {
+        return Ok(0);
+    }
+    let mut names = [std::mem::MaybeUninit::<SockAddrIn>::uninit(); MMSG_MAX];
+    let mut iovs = [std::mem::MaybeUninit::<libc::iovec>::uninit(); MMSG_MAX];
+    let mut hdrs = [std::mem::MaybeUninit::<libc::mmsghdr>::uninit(); MMSG_MAX];
+    // Every slot's pointer comes from this one, so no slot's borrow
+    // invalidates another's.
+    let base = buf.as_mut_ptr();
+    for i in 0..n {
+        iovs[i].write(libc::iovec {
+            iov_base: base.wrapping_add(i * stride + at).cast(),
+            iov_len: stride - at,
+        });
+        // SAFETY: `msghdr` is plain data; all-zero is a valid (empty) one.
+        let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+        h.msg_name = names[i].as_mut_ptr().cast();
+        h.msg_namelen = SOCKADDR_IN_LEN;
+        h.msg_iov = iovs[i].as_mut_ptr();
+        h.msg_iovlen = 1;
+        hdrs[i].write(libc::mmsghdr {
+            msg_hdr: h,
+            msg_len: 0,
+        });
+    }
+    // SAFETY: the descriptor is borrowed (open for the call); the first
+    // `n` headers are initialised, each pointing at its own name buffer of
+    // the size it says and one iovec inside `buf` (`n * stride ≤ buf.len()`,
+    // `at < stride`), all of which outlive the call; the kernel keeps no
+    // pointer after it returns.
+    let r = unsafe {
+        libc::recvmmsg(
+            fd.as_raw_fd(),
+            hdrs.as_mut_ptr().cast::<libc::mmsghdr>(),
+            n as libc::c_uint,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        )
+    };
+    let r = cvt(r)? as usize;
+    let unspecified = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0);
+    for i in 0..r {
+        // SAFETY: written above, before the call.
+        let h = unsafe { hdrs[i].assume_init_ref() };
+        got[i] = (
+            h.msg_len as usize,
+            socket_addr(&names[i], h.msg_hdr.msg_namelen).unwrap_or(unspecified),
+        );
+    }
+    Ok(r)
+}
+
+/// `UDP_SEGMENT` from `<linux/udp.h>`: a cmsg (level `SOL_UDP`) asking the
+/// kernel to cut one send into datagrams of the given size (UDP GSO).
+const UDP_SEGMENT: libc::c_int = 103;
+
+/// Most datagrams one GSO send carries (the kernel's `UDP_MAX_SEGMENTS`
+/// was 64 before 6.x).
+const GSO_MAX_SEGMENTS: usize = 64;
+
+/// Longest datagram sent as part of a GSO send: it must fit the path's MTU
+/// whole (here a 1,500-byte path in IPv6: 1500 − 40 − 8). Longer ones go
+/// alone.
+const GSO_MAX_SIZE: usize = 1452;
+
+/// Most payload bytes of one GSO send (a UDP datagram's limit, less room).
+const GSO_MAX_BYTES: usize = 65_000;
+
+/// A control message carrying the GSO segment size.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GsoCmsg {
+    hdr: libc::cmsghdr,
+    size: u16,
+}
+
+/// How many datagrams from the first of `out` on [`sendmmsg`] with `gso`
+/// sends as one message: a run of one size (at most [`GSO_MAX_SIZE`]) to
+/// one address, or just the first.
+pub(crate) fn gso_run(out: &[(usize, usize, SocketAddr)]) -> usize {
+    let Some(&(_, len, to)) = out.first() else {
+        return 0;
+    };
+    let mut k = 1;
+    if len > 0 && len <= GSO_MAX_SIZE {
+        while k < out.len()
+            && k < GSO_MAX_SEGMENTS
+            && (k + 1) * len <= GSO_MAX_BYTES
+            && out[k].1 == len
+            && out[k].2 == to
+        {
+            k += 1;
+        }
+    }
+    k
+}
+
+/// `sendmmsg(2)`, non-blocking, of up to [`MMSG_MAX`] datagrams in order:
+/// `buf[start..start + len]` to `to` each. With `gso`, a run of datagrams
+/// of one size (at most [`GSO_MAX_SIZE`]) to one address goes as one
+/// message the kernel cuts into them (UDP GSO: one pass through routing
+/// and the IP layer for the run). How many datagrams were queued (at
+/// least one); an error when the first message could not be (the rest
+/// were not tried).
+pub(crate) fn sendmmsg(
+    fd: BorrowedFd<'_>,
+    buf: &[u8],
+    out: &[(usize, usize, SocketAddr)],
+    gso: bool,
+) -> io::Result<usize> {
+    let n = out.len().min(MMSG_MAX);
+    if n == 0 {
+        return Ok(0);
+    }
+    let mut names = [std::mem::MaybeUninit::<SockAddrIn>::uninit(); MMSG_MAX];
+    let mut iovs = [std::mem::MaybeUninit::<libc::iovec>::uninit(); MMSG_MAX];
+    let mut hdrs = [std::mem::MaybeUninit::<libc::mmsghdr>::uninit(); MMSG_MAX];
+    let mut cmsgs = [std::mem::MaybeUninit::<GsoCmsg>::uninit(); MMSG_MAX];
+    let mut counts = [0usize; MMSG_MAX];
+    let (mut i, mut m) = (0, 0);
+    while i < n {
+        let (_, len, to) = out[i];
+        let k = if gso { gso_run(&out[i..n]) } else { 1 };
+        for (j, &(start, len, _)) in out[i..i + k].iter().enumerate() {
+            let bytes = &buf[start..start + len];
+            iovs[i + j].write(libc::iovec {
+                // The kernel only reads through it (a send).
+                iov_base: bytes.as_ptr().cast_mut().cast(),
+                iov_len: bytes.len(),
+            });
+        }
+        let (name, name_len) = sockaddr_in(&to);
+        names[m].write(name);
+        // SAFETY: `msghdr` is plain data; all-zero is a valid (empty) one.
+        let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+        h.msg_name = names[m].as_mut_ptr().cast();
+        h.msg_namelen = name_len;
+        h.msg_iov = iovs[i].as_mut_ptr();
+        h.msg_iovlen = k as _;
+        if k > 1 {
+            // SAFETY: `cmsghdr` is plain data; all-zero is a valid one.
+            let mut c: libc::cmsghdr = unsafe { std::mem::zeroed() };
+            c.cmsg_len = (std::mem::size_of::<libc::cmsghdr>() + 2) as _;
+            c.cmsg_level = libc::SOL_UDP;
+            c.cmsg_type = UDP_SEGMENT;
+            cmsgs[m].write(GsoCmsg {
+                hdr: c,
+                size: len as u16,
+            });
+            h.msg_control = cmsgs[m].as_mut_ptr().cast();
+            h.msg_controllen = std::mem::size_of::<GsoCmsg>() as _;
+        }
+        hdrs[m].write(libc::mmsghdr {
+            msg_hdr: h,
+            msg_len: 0,
+        });
+        counts[m] = k;
+        m += 1;
+        i += k;
+    }
+    // SAFETY: the descriptor is borrowed (open for the call); the first
+    // `m` headers are initialised, each pointing at an initialised address
+    // of the length it says, at its own run of initialised iovecs over
+    // checked ranges of `buf`, and (for a run) at an initialised control
+    // message of the length it says (the header, then the `u16` right
+    // behind it, where CMSG_DATA points: the header is 8-byte aligned),
+    // all of which outlive the call; the kernel only reads them.
+    let r = unsafe {
+        libc::sendmmsg(
+            fd.as_raw_fd(),
+            hdrs.as_mut_ptr().cast::<libc::mmsghdr>(),
+            m as libc::c_uint,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    let r = cvt(r)? as usize;
+    Ok(counts[..r].iter().sum())
 }

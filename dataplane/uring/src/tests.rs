@@ -945,3 +945,89 @@ fn remote_wakes_survive_the_end_of_the_eventfd_poll() {
     let _ = done.send(());
     assert_eq!(got, Some(42));
 }
+
+#[test]
+fn udp_datagrams_go_out_and_come_in_by_the_batch() {
+    let a = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let b = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let c = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let (a_addr, b_addr, c_addr) = (
+        a.local_addr().unwrap(),
+        b.local_addr().unwrap(),
+        c.local_addr().unwrap(),
+    );
+    // Distinct bytes for each datagram, side by side in one buffer.
+    let sizes = [100usize, 100, 100, 50, 2000, 100];
+    let to = [b_addr, b_addr, b_addr, b_addr, c_addr, b_addr];
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    for (i, (&len, &to)) in sizes.iter().zip(&to).enumerate() {
+        out.push((buf.len(), len, to));
+        buf.extend((0..len).map(|j| (i * 31 + j) as u8));
+    }
+    // A run of three of one size to one address (one GSO send), then the
+    // rest one by one: all six are queued.
+    let mut queued = 0;
+    while queued < out.len() {
+        queued += a.try_send_many(&buf, &out[queued..]).unwrap();
+    }
+    // Loopback takes GSO (Linux 4.18 on): the run did not fall back.
+    assert!(!a.no_gso.load(std::sync::atomic::Ordering::Relaxed));
+    let unspecified: std::net::SocketAddr = "0.0.0.0:0".parse().unwrap();
+    let stride = 4096;
+    let mut slots = vec![0u8; 8 * stride];
+    let mut got = [(0usize, unspecified); 8];
+    // b sees the five of its own, whole and in order, from a, each behind
+    // the offset asked for.
+    let n = b.try_recv_many(&mut slots, stride, 22, &mut got).unwrap();
+    assert_eq!(n, 5);
+    for (k, i) in [0usize, 1, 2, 3, 5].into_iter().enumerate() {
+        let (len, from) = got[k];
+        assert_eq!((len, from), (sizes[i], a_addr));
+        let (start, _, _) = out[i];
+        assert_eq!(
+            &slots[k * stride + 22..k * stride + 22 + len],
+            &buf[start..start + len]
+        );
+    }
+    let n = c.try_recv_many(&mut slots, stride, 0, &mut got).unwrap();
+    assert_eq!((n, got[0]), (1, (2000, a_addr)));
+    let e = b
+        .try_recv_many(&mut slots, stride, 0, &mut got)
+        .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+    // IPv6 addresses come back as sent (where the host has IPv6).
+    if let (Ok(x), Ok(y)) = (
+        UdpSocket::bind("[::1]:0".parse().unwrap()),
+        UdpSocket::bind("[::1]:0".parse().unwrap()),
+    ) {
+        let y_addr = y.local_addr().unwrap();
+        let run = [(0, 10, y_addr), (10, 10, y_addr)];
+        assert_eq!(x.try_send_many(&[7u8; 20], &run).unwrap(), 2);
+        let n = y.try_recv_many(&mut slots, stride, 0, &mut got).unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(got[0], (10, x.local_addr().unwrap()));
+        assert_eq!(got[1], (10, x.local_addr().unwrap()));
+    }
+}
+
+#[test]
+fn gso_runs_are_one_size_to_one_address_and_bounded() {
+    let (x, y): (SocketAddr, SocketAddr) = (
+        "127.0.0.1:1000".parse().unwrap(),
+        "127.0.0.1:1001".parse().unwrap(),
+    );
+    let run = |items: &[(usize, SocketAddr)]| {
+        let out: Vec<_> = items.iter().map(|&(len, to)| (0, len, to)).collect();
+        crate::sys::gso_run(&out)
+    };
+    assert_eq!(run(&[]), 0);
+    assert_eq!(run(&[(100, x), (100, x), (100, x), (100, y)]), 3);
+    assert_eq!(run(&[(100, x), (99, x)]), 1);
+    // Too long to be cut (it must fit a path whole), or empty: alone.
+    assert_eq!(run(&[(1453, x), (1453, x)]), 1);
+    assert_eq!(run(&[(0, x), (0, x)]), 1);
+    // At most 64 datagrams and 65,000 bytes in one.
+    assert_eq!(run(&[(10, x); 100]), 64);
+    assert_eq!(run(&[(1400, x); 60]), 46);
+}

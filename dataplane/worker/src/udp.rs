@@ -286,10 +286,43 @@ pub(crate) async fn associate(
     });
 }
 
-/// A datagram in and one out, each big enough for any.
+/// Slots one `recvmmsg` fills: a turn takes [`BATCH`] datagrams in
+/// batches of this many.
+const SLOTS: usize = 16;
+
+/// One slot: room for any datagram, after [`HEADROOM`] bytes for the
+/// header an answer gets in front of it.
+const SLOT: usize = HEADROOM + MAX_DATAGRAM + 300;
+
+/// Where an exit's answer is received in its slot: its header is then
+/// written in front of it, in place.
+const HEADROOM: usize = server::UDP_HEADER_MAX;
+
+/// A turn's datagrams: [`SLOTS`] slots of [`SLOT`] bytes (1 MiB of address
+/// space, touched only as far as datagrams fill it), what `recvmmsg` said
+/// of each, and the datagrams to send with one `sendmmsg`.
 pub(crate) struct Buffers {
-    buf: Vec<u8>,
+    slots: Vec<u8>,
+    got: Vec<(usize, SocketAddr)>,
+    /// `(start, len, to)` in `slots`, and the payload bytes of each (what
+    /// is counted as traffic once it is queued).
+    sends: Vec<(usize, usize, SocketAddr)>,
+    payloads: Vec<usize>,
+    /// An agent's `DATAGRAM` payload being framed.
     out: Vec<u8>,
+}
+
+impl Buffers {
+    fn new() -> Buffers {
+        let unspecified = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0);
+        Buffers {
+            slots: vec![0u8; SLOTS * SLOT],
+            got: vec![(0, unspecified); SLOTS],
+            sends: Vec::with_capacity(SLOTS),
+            payloads: Vec::with_capacity(SLOTS),
+            out: Vec::new(),
+        }
+    }
 }
 
 /// Buffers lent from the worker's pool for one turn of one association,
@@ -305,19 +338,15 @@ impl<'a> Lease<'a> {
             .udp_buffers
             .borrow_mut()
             .pop()
-            .unwrap_or_else(|| Buffers {
-                buf: vec![0u8; MAX_DATAGRAM + 300],
-                out: Vec::with_capacity(MAX_DATAGRAM + 300),
-            });
+            .unwrap_or_else(Buffers::new);
         Lease {
             ctx,
             bufs: Some(bufs),
         }
     }
 
-    fn parts(&mut self) -> (&mut Vec<u8>, &mut Vec<u8>) {
-        let b = self.bufs.as_mut().expect("lent until dropped");
-        (&mut b.buf, &mut b.out)
+    fn bufs(&mut self) -> &mut Buffers {
+        self.bufs.as_mut().expect("lent until dropped")
     }
 }
 
@@ -326,22 +355,25 @@ impl Drop for Lease<'_> {
         if let Some(b) = self.bufs.take() {
             let mut pool = self.ctx.udp_buffers.borrow_mut();
             // A burst of resolutions in flight may have grown the pool;
-            // keep a few pairs, not the burst.
-            if pool.len() < 4 {
+            // keep a couple, not the burst.
+            if pool.len() < 2 {
                 pool.push(b);
             }
         }
     }
 }
 
-/// What woke the relay.
-enum Wake {
-    Control,
-    ExitControl,
-    Near,
-    Far,
-    Idle,
-    Stop,
+/// What woke the relay: a set of these bits (several waits can be ready
+/// at one wake, and each is served in the same turn).
+struct Wake;
+
+impl Wake {
+    const CONTROL: u8 = 1;
+    const EXIT_CONTROL: u8 = 2;
+    const NEAR: u8 = 4;
+    const FAR: u8 = 8;
+    const IDLE: u8 = 16;
+    const STOP: u8 = 32;
 }
 
 struct Relay<'a> {
@@ -372,273 +404,389 @@ impl Relay<'_> {
 
     async fn run(&mut self, client: &Client) -> &'static str {
         let idle = self.ctx.shared.settings.udp_idle;
-        let mut deadline = Instant::now() + idle;
+        let mut last_active = Instant::now();
+        // The waits live across turns: only the one that fired is armed
+        // again (a readiness poll on the ring is one SQE to arm and one to
+        // cancel; re-arming all of them after every wake cost 3–13 % of the
+        // datagrams per CPU-second, docs/PERFORMANCE.md), and the idle
+        // timer moves only when it fires.
+        let (near_sock, exit) = (self.near, self.exit);
+        let mut control = std::pin::pin!(client.readable());
+        let mut near = std::pin::pin!(near_sock.readable());
+        let mut far = std::pin::pin!(exit.readable());
+        let mut exit_control = std::pin::pin!(exit.control());
+        let mut timer = splicegate_uring::sleep_until(last_active + idle);
+        let ctl = self.ctl;
         loop {
-            if self.ctl.is_stopped() {
+            if ctl.is_stopped() {
                 return "stopped";
             }
-            let wake = {
-                let mut control = std::pin::pin!(client.readable());
-                let mut near = std::pin::pin!(self.near.readable());
-                let mut far = std::pin::pin!(self.exit.readable());
-                let mut exit_control = std::pin::pin!(self.exit.control());
-                let mut timer = std::pin::pin!(splicegate_uring::sleep_until(deadline));
-                let ctl = self.ctl;
-                std::future::poll_fn(|cx| {
-                    if ctl.is_stopped() {
-                        return Poll::Ready(Wake::Stop);
-                    }
-                    ctl.wake_on_stop(cx.waker());
-                    if control.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Wake::Control);
-                    }
-                    if near.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Wake::Near);
-                    }
-                    if far.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Wake::Far);
-                    }
-                    if exit_control.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Wake::ExitControl);
-                    }
-                    if timer.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Wake::Idle);
-                    }
+            let wake = std::future::poll_fn(|cx| {
+                if ctl.is_stopped() {
+                    return Poll::Ready(Wake::STOP);
+                }
+                ctl.wake_on_stop(cx.waker());
+                let mut wake = 0;
+                if control.as_mut().poll(cx).is_ready() {
+                    wake |= Wake::CONTROL;
+                }
+                if near.as_mut().poll(cx).is_ready() {
+                    wake |= Wake::NEAR;
+                }
+                if far.as_mut().poll(cx).is_ready() {
+                    wake |= Wake::FAR;
+                }
+                if exit_control.as_mut().poll(cx).is_ready() {
+                    wake |= Wake::EXIT_CONTROL;
+                }
+                if std::pin::Pin::new(&mut timer).poll(cx).is_ready() {
+                    wake |= Wake::IDLE;
+                }
+                if wake == 0 {
                     Poll::Pending
-                })
-                .await
-            };
-            match wake {
-                Wake::Stop => return "stopped",
-                Wake::Idle => return "idle",
-                Wake::Control => {
-                    // The TCP connection only keeps the association alive:
-                    // its end (or anything unexpected on it) ends it.
+                } else {
+                    Poll::Ready(wake)
+                }
+            })
+            .await;
+            if wake & Wake::STOP != 0 {
+                return "stopped";
+            }
+            if wake & Wake::CONTROL != 0 {
+                // The TCP connection only keeps the association alive:
+                // its end (or anything unexpected on it) ends it.
+                let mut scratch = [0u8; 512];
+                match client.read(&mut scratch).await {
+                    Ok(0) | Err(_) => return "the client closed its TCP connection",
+                    Ok(_) => {}
+                }
+                control.set(client.readable());
+            }
+            if wake & Wake::EXIT_CONTROL != 0 {
+                if let Exit::Socks5 { control, .. } = exit {
                     let mut scratch = [0u8; 512];
-                    match client.read(&mut scratch).await {
-                        Ok(0) | Err(_) => return "the client closed its TCP connection",
+                    match control.read(&mut scratch).await {
+                        Ok(0) | Err(_) => return "the node ended the association",
                         Ok(_) => {}
                     }
                 }
-                Wake::ExitControl => {
-                    if let Exit::Socks5 { control, .. } = self.exit {
-                        let mut scratch = [0u8; 512];
-                        match control.read(&mut scratch).await {
-                            Ok(0) | Err(_) => return "the node ended the association",
-                            Ok(_) => {}
-                        }
-                    }
+                exit_control.set(exit.control());
+            }
+            if wake & Wake::NEAR != 0 {
+                if self.relay_up().await {
+                    last_active = Instant::now();
                 }
-                Wake::Near => {
-                    if self.relay_up().await {
-                        deadline = Instant::now() + idle;
-                    }
+                // Armed after the socket was read: a poll armed on a socket
+                // still holding datagrams (the turn's cap was reached)
+                // completes at once.
+                near.set(near_sock.readable());
+            }
+            if wake & Wake::FAR != 0 {
+                if self.relay_down() {
+                    last_active = Instant::now();
                 }
-                Wake::Far => {
-                    if self.relay_down() {
-                        deadline = Instant::now() + idle;
-                    }
-                    if self.gone {
-                        return "the agent ended the association";
-                    }
+                if self.gone {
+                    return "the agent ended the association";
                 }
+                far.set(exit.readable());
+            }
+            if wake & Wake::IDLE != 0 {
+                let deadline = last_active + idle;
+                if Instant::now() >= deadline {
+                    return "idle";
+                }
+                timer.reset(deadline);
             }
             splicegate_uring::consume_budget().await;
         }
     }
 
-    /// Client → target: up to [`BATCH`] datagrams. Whether any was relayed.
+    /// Queues `b.sends` on `sock` in order, with as few `sendmmsg` calls
+    /// as the socket allows; one it cannot take is dropped and counted
+    /// (`full`). Counts what was queued; whether anything was.
+    fn flush(&self, sock: &UdpSocket, b: &mut Buffers, dir: Direction) -> bool {
+        let (mut i, mut queued, mut bytes) = (0, 0u64, 0usize);
+        while i < b.sends.len() {
+            match sock.try_send_many(&b.slots, &b.sends[i..]) {
+                Ok(k) if k > 0 => {
+                    bytes += b.payloads[i..i + k].iter().sum::<usize>();
+                    queued += k as u64;
+                    i += k;
+                }
+                _ => {
+                    self.drop_one(UDP_DROP_FULL);
+                    i += 1;
+                }
+            }
+        }
+        b.sends.clear();
+        b.payloads.clear();
+        self.counted(dir, queued, bytes)
+    }
+
+    /// Counts `datagrams` relayed with `bytes` of payload in `dir` (once
+    /// per batch: one atomic add, not one per datagram); whether any was.
+    fn counted(&self, dir: Direction, datagrams: u64, bytes: usize) -> bool {
+        if datagrams == 0 {
+            return false;
+        }
+        self.ctl.count(dir, bytes);
+        let i = match dir {
+            Direction::AToB => 0,
+            Direction::BToA => 1,
+        };
+        self.ctx.stats.udp_datagrams[i].fetch_add(datagrams, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+
+    /// Client → target: up to [`BATCH`] datagrams, taken [`SLOTS`] at a
+    /// time with one `recvmmsg` and sent on with one `sendmmsg` (one
+    /// message each to an agent). Whether any was relayed.
     async fn relay_up(&mut self) -> bool {
         let mut lease = Lease::take(self.ctx);
-        let (buf, out) = lease.parts();
+        let b = lease.bufs();
+        let exit = self.exit;
         let mut relayed = false;
-        for _ in 0..BATCH {
-            let (n, from) = match self.near.try_recv_from(buf) {
-                Ok(x) => x,
+        let mut taken = 0;
+        while taken < BATCH {
+            let want = SLOTS.min(BATCH - taken);
+            let k = match self
+                .near
+                .try_recv_many(&mut b.slots, SLOT, 0, &mut b.got[..want])
+            {
+                Ok(k) => k,
                 Err(_) => break,
             };
-            if from.ip() != self.peer_ip || self.client_addr.is_some_and(|c| c != from) {
-                self.drop_one(UDP_DROP_STRANGER);
-                continue;
-            }
-            let d = match server::parse_udp_datagram(&buf[..n]) {
-                Ok(d) => d,
-                Err(_) => {
-                    self.drop_one(UDP_DROP_MALFORMED);
+            taken += k;
+            let (mut to_agent, mut agent_bytes) = (0u64, 0usize);
+            for i in 0..k {
+                let (n, from) = b.got[i];
+                let at = i * SLOT;
+                if from.ip() != self.peer_ip || self.client_addr.is_some_and(|c| c != from) {
+                    self.drop_one(UDP_DROP_STRANGER);
                     continue;
                 }
-            };
-            // The client's port is known from its first datagram on.
-            self.client_addr.get_or_insert(from);
-            if d.frag != 0 {
-                self.drop_one(UDP_DROP_FRAGMENT);
-                continue;
-            }
-            let payload_at = n - d.payload.len();
-            let sent = match self.exit {
-                Exit::Direct(sock) => {
-                    let local = self.exit_local;
-                    let port = d.target.port;
-                    let ip = match &d.target.host {
-                        Host::Ip(ip) => Some(*ip),
-                        Host::Domain(name) => {
-                            let name = name.clone();
-                            let s = &self.ctx.shared.settings;
-                            match self
-                                .ctx
-                                .dns
-                                .resolve(&self.ctx.shared.resolver, &name, s.resolve)
-                                .await
-                            {
-                                Ok(ips) => ips.into_iter().find(|ip| reachable(local, *ip)),
-                                Err(_) => None,
-                            }
-                        }
-                    };
-                    let Some(ip) = ip.filter(|ip| reachable(local, *ip)) else {
-                        self.drop_one(UDP_DROP_UNREACHABLE);
-                        continue;
-                    };
-                    if self.policy.targets.check_ip(ip, port).is_err() {
-                        self.drop_one(UDP_DROP_BLOCKED);
-                        continue;
-                    }
-                    let to = SocketAddr::new(ip, port);
-                    if self.contacted.len() >= MAX_CONTACTED {
-                        self.contacted.clear();
-                    }
-                    self.contacted.insert(to);
-                    sock.try_send_to(&buf[payload_at..n], to)
-                }
-                Exit::Socks5 { sock, relay, .. } => {
-                    // The node resolves names; the gateway judges what it
-                    // can (ports, literal addresses), then forwards the
-                    // datagram with its header as the client wrote it.
-                    if self.policy.targets.check_target(&d.target).is_err() {
-                        self.drop_one(UDP_DROP_BLOCKED);
-                        continue;
-                    }
-                    sock.try_send_to(&buf[..n], *relay)
-                }
-                Exit::Agent(sock) => {
-                    // The device resolves names itself and refuses its own
-                    // networks; what the gateway can judge (ports, literal
-                    // addresses) it judges here.
-                    if self.policy.targets.check_target(&d.target).is_err() {
-                        self.drop_one(UDP_DROP_BLOCKED);
-                        continue;
-                    }
-                    let addr = d.target.to_string();
-                    let payload = &buf[payload_at..n];
-                    out.clear();
-                    if splicegate_proto::agent::datagram_len(&addr, payload).is_none() {
+                let d = match server::parse_udp_datagram(&b.slots[at..at + n]) {
+                    Ok(d) => d,
+                    Err(_) => {
                         self.drop_one(UDP_DROP_MALFORMED);
                         continue;
                     }
-                    splicegate_proto::agent::write_datagram_payload(&addr, payload, out);
-                    sock.try_send(out)
+                };
+                // The client's port is known from its first datagram on.
+                self.client_addr.get_or_insert(from);
+                if d.frag != 0 {
+                    self.drop_one(UDP_DROP_FRAGMENT);
+                    continue;
                 }
+                let payload_at = n - d.payload.len();
+                match exit {
+                    Exit::Direct(_) => {
+                        let local = self.exit_local;
+                        let port = d.target.port;
+                        let ip = match &d.target.host {
+                            Host::Ip(ip) => Some(*ip),
+                            Host::Domain(name) => {
+                                let name = name.clone();
+                                let s = &self.ctx.shared.settings;
+                                match self
+                                    .ctx
+                                    .dns
+                                    .resolve(&self.ctx.shared.resolver, &name, s.resolve)
+                                    .await
+                                {
+                                    Ok(ips) => ips.into_iter().find(|ip| reachable(local, *ip)),
+                                    Err(_) => None,
+                                }
+                            }
+                        };
+                        let Some(ip) = ip.filter(|ip| reachable(local, *ip)) else {
+                            self.drop_one(UDP_DROP_UNREACHABLE);
+                            continue;
+                        };
+                        if self.policy.targets.check_ip(ip, port).is_err() {
+                            self.drop_one(UDP_DROP_BLOCKED);
+                            continue;
+                        }
+                        let to = SocketAddr::new(ip, port);
+                        self.contact(to);
+                        b.sends.push((at + payload_at, n - payload_at, to));
+                        b.payloads.push(n - payload_at);
+                    }
+                    Exit::Socks5 { relay, .. } => {
+                        // The node resolves names; the gateway judges what
+                        // it can (ports, literal addresses), then forwards
+                        // the datagram with its header as the client wrote it.
+                        if self.policy.targets.check_target(&d.target).is_err() {
+                            self.drop_one(UDP_DROP_BLOCKED);
+                            continue;
+                        }
+                        b.sends.push((at, n, *relay));
+                        b.payloads.push(n - payload_at);
+                    }
+                    Exit::Agent(sock) => {
+                        // The device resolves names itself and refuses its
+                        // own networks; what the gateway can judge (ports,
+                        // literal addresses) it judges here.
+                        if self.policy.targets.check_target(&d.target).is_err() {
+                            self.drop_one(UDP_DROP_BLOCKED);
+                            continue;
+                        }
+                        let addr = d.target.to_string();
+                        let payload = &b.slots[at + payload_at..at + n];
+                        if splicegate_proto::agent::datagram_len(&addr, payload).is_none() {
+                            self.drop_one(UDP_DROP_MALFORMED);
+                            continue;
+                        }
+                        b.out.clear();
+                        splicegate_proto::agent::write_datagram_payload(&addr, payload, &mut b.out);
+                        match sock.try_send(&b.out) {
+                            Ok(_) => {
+                                to_agent += 1;
+                                agent_bytes += n - payload_at;
+                            }
+                            Err(_) => self.drop_one(UDP_DROP_FULL),
+                        }
+                    }
+                }
+            }
+            relayed |= match exit {
+                Exit::Direct(sock) | Exit::Socks5 { sock, .. } => {
+                    self.flush(sock, b, Direction::AToB)
+                }
+                Exit::Agent(_) => self.counted(Direction::AToB, to_agent, agent_bytes),
             };
-            match sent {
-                Ok(_) => {
-                    self.ctl.count(Direction::AToB, n - payload_at);
-                    WorkerStats::inc(&self.ctx.stats.udp_datagrams[0]);
-                    relayed = true;
-                }
-                Err(_) => self.drop_one(UDP_DROP_FULL),
+            if k < want {
+                break;
             }
         }
         relayed
     }
 
+    /// Remembers that the client sent to `to` (so `to` may answer).
+    fn contact(&mut self, to: SocketAddr) {
+        if self.contacted.len() >= MAX_CONTACTED {
+            self.contacted.clear();
+        }
+        self.contacted.insert(to);
+    }
+
     /// Target → client: up to [`BATCH`] datagrams, each with the RFC's
-    /// header naming its sender. Whether any was relayed.
+    /// header naming its sender, written in place in front of it; taken
+    /// [`SLOTS`] at a time (one `recvmmsg` from a socket) and sent with one
+    /// `sendmmsg`. Whether any was relayed.
     fn relay_down(&mut self) -> bool {
         let mut lease = Lease::take(self.ctx);
-        let (buf, out) = lease.parts();
+        let b = lease.bufs();
+        let exit = self.exit;
         let mut relayed = false;
-        for _ in 0..BATCH {
-            let (n, from) = match self.exit {
-                Exit::Direct(sock) => match sock.try_recv_from(buf) {
-                    // Answers only from where the client went (a port
-                    // restricted cone): anyone else spraying the exit's
-                    // port never reaches the client.
-                    Ok((_, from)) if !self.contacted.contains(&from) => {
-                        self.drop_one(UDP_DROP_UNSOLICITED);
-                        continue;
-                    }
-                    Ok(x) => x,
-                    Err(_) => break,
-                },
-                Exit::Socks5 { sock, relay, .. } => {
-                    let (n, from) = match sock.try_recv_from(buf) {
-                        Ok(x) => x,
+        let mut taken = 0;
+        while taken < BATCH {
+            let want = SLOTS.min(BATCH - taken);
+            let k = match exit {
+                Exit::Direct(sock) => {
+                    match sock.try_recv_many(&mut b.slots, SLOT, HEADROOM, &mut b.got[..want]) {
+                        Ok(k) => k,
                         Err(_) => break,
-                    };
-                    if from != *relay {
-                        self.drop_one(UDP_DROP_UNSOLICITED);
-                        continue;
                     }
-                    // The node's datagram already has the client's format:
-                    // check it, count its payload, pass it on whole.
-                    let payload = match server::parse_udp_datagram(&buf[..n]) {
-                        Ok(d) if d.frag == 0 => d.payload.len(),
-                        _ => {
-                            self.drop_one(UDP_DROP_MALFORMED);
-                            continue;
-                        }
-                    };
-                    let Some(client) = self.client_addr else {
-                        self.drop_one(UDP_DROP_UNSOLICITED);
-                        continue;
-                    };
-                    match self.near.try_send_to(&buf[..n], client) {
-                        Ok(_) => {
-                            self.ctl.count(Direction::BToA, payload);
-                            WorkerStats::inc(&self.ctx.stats.udp_datagrams[1]);
-                            relayed = true;
-                        }
-                        Err(_) => self.drop_one(UDP_DROP_FULL),
+                }
+                Exit::Socks5 { sock, .. } => {
+                    match sock.try_recv_many(&mut b.slots, SLOT, 0, &mut b.got[..want]) {
+                        Ok(k) => k,
+                        Err(_) => break,
                     }
-                    continue;
                 }
                 Exit::Agent(sock) => {
-                    let n = match sock.try_recv(buf) {
-                        Ok(0) => {
-                            self.gone = true;
-                            break;
+                    let mut k = 0;
+                    while k < want {
+                        match sock.try_recv(&mut b.slots[k * SLOT..(k + 1) * SLOT]) {
+                            Ok(0) => {
+                                self.gone = true;
+                                break;
+                            }
+                            Ok(n) => {
+                                b.got[k].0 = n;
+                                k += 1;
+                            }
+                            Err(_) => break,
                         }
-                        Ok(n) => n,
-                        Err(_) => break,
-                    };
-                    let Some((addr, bytes)) = splicegate_proto::agent::split_datagram(&buf[..n])
-                    else {
-                        continue;
-                    };
-                    let Ok(from) = addr.parse::<SocketAddr>() else {
-                        continue;
-                    };
-                    // Move the bytes to the front: the code below reads buf[..n].
-                    let (at, len) = (n - bytes.len(), bytes.len());
-                    buf.copy_within(at..n, 0);
-                    (len, from)
+                    }
+                    k
                 }
             };
-            let Some(client) = self.client_addr else {
-                // Nothing was sent yet: nobody to answer.
-                self.drop_one(UDP_DROP_UNSOLICITED);
-                continue;
-            };
-            out.clear();
-            server::write_udp_header(from, out);
-            out.extend_from_slice(&buf[..n]);
-            match self.near.try_send_to(out, client) {
-                Ok(_) => {
-                    self.ctl.count(Direction::BToA, n);
-                    WorkerStats::inc(&self.ctx.stats.udp_datagrams[1]);
-                    relayed = true;
+            taken += k;
+            for i in 0..k {
+                let (n, from) = b.got[i];
+                let at = i * SLOT;
+                match exit {
+                    Exit::Direct(_) => {
+                        // Answers only from where the client went (a port
+                        // restricted cone): anyone else spraying the exit's
+                        // port never reaches the client.
+                        if !self.contacted.contains(&from) {
+                            self.drop_one(UDP_DROP_UNSOLICITED);
+                            continue;
+                        }
+                        let Some(client) = self.client_addr else {
+                            // Nothing was sent yet: nobody to answer.
+                            self.drop_one(UDP_DROP_UNSOLICITED);
+                            continue;
+                        };
+                        let (header, len) = server::udp_header(from);
+                        let start = at + HEADROOM - len;
+                        b.slots[start..at + HEADROOM].copy_from_slice(&header[..len]);
+                        b.sends.push((start, len + n, client));
+                        b.payloads.push(n);
+                    }
+                    Exit::Socks5 { relay, .. } => {
+                        if from != *relay {
+                            self.drop_one(UDP_DROP_UNSOLICITED);
+                            continue;
+                        }
+                        // The node's datagram already has the client's
+                        // format: check it, count its payload, pass it on
+                        // whole.
+                        let payload = match server::parse_udp_datagram(&b.slots[at..at + n]) {
+                            Ok(d) if d.frag == 0 => d.payload.len(),
+                            _ => {
+                                self.drop_one(UDP_DROP_MALFORMED);
+                                continue;
+                            }
+                        };
+                        let Some(client) = self.client_addr else {
+                            self.drop_one(UDP_DROP_UNSOLICITED);
+                            continue;
+                        };
+                        b.sends.push((at, n, client));
+                        b.payloads.push(payload);
+                    }
+                    Exit::Agent(_) => {
+                        let Some((addr, bytes)) =
+                            splicegate_proto::agent::split_datagram(&b.slots[at..at + n])
+                        else {
+                            continue;
+                        };
+                        let Ok(from) = addr.parse::<SocketAddr>() else {
+                            continue;
+                        };
+                        let Some(client) = self.client_addr else {
+                            self.drop_one(UDP_DROP_UNSOLICITED);
+                            continue;
+                        };
+                        // The header goes in front of the bytes, which move
+                        // to just behind it.
+                        let (header, len) = server::udp_header(from);
+                        let (from_at, bytes_len) = (at + n - bytes.len(), bytes.len());
+                        b.slots.copy_within(from_at..from_at + bytes_len, at + len);
+                        b.slots[at..at + len].copy_from_slice(&header[..len]);
+                        b.sends.push((at, len + bytes_len, client));
+                        b.payloads.push(bytes_len);
+                    }
                 }
-                Err(_) => self.drop_one(UDP_DROP_FULL),
+            }
+            relayed |= self.flush(self.near, b, Direction::BToA);
+            if self.gone || k < want {
+                break;
             }
         }
         relayed

@@ -214,6 +214,30 @@ pub fn write_udp_header(from: SocketAddr, out: &mut Vec<u8>) {
     write_addr(from, out);
 }
 
+/// The longest header [`udp_header`] writes: `0 0 0`, ATYP, an IPv6
+/// address and a port.
+pub const UDP_HEADER_MAX: usize = 22;
+
+/// The header [`write_udp_header`] writes, in an array (for a relay that
+/// writes it in place in front of a datagram): the bytes and how many.
+pub fn udp_header(from: SocketAddr) -> ([u8; UDP_HEADER_MAX], usize) {
+    let mut h = [0u8; UDP_HEADER_MAX];
+    let len = match from.ip() {
+        IpAddr::V4(v4) => {
+            h[3] = atyp::IPV4;
+            h[4..8].copy_from_slice(&v4.octets());
+            8
+        }
+        IpAddr::V6(v6) => {
+            h[3] = atyp::IPV6;
+            h[4..20].copy_from_slice(&v6.octets());
+            20
+        }
+    };
+    h[len..len + 2].copy_from_slice(&from.port().to_be_bytes());
+    (h, len + 2)
+}
+
 /// `ATYP ADDR PORT` of an IP address and port.
 fn write_addr(addr: SocketAddr, out: &mut Vec<u8>) {
     match addr.ip() {

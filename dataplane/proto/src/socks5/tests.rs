@@ -364,7 +364,7 @@ proptest! {
 
 #[test]
 fn udp_datagrams_parse_and_their_headers_round_trip() {
-    use crate::socks5::server::{parse_udp_datagram, write_udp_header};
+    use crate::socks5::server::{parse_udp_datagram, udp_header, write_udp_header};
     let mut d = vec![0, 0, 0, 1, 192, 0, 2, 7, 0x01, 0xbb];
     d.extend_from_slice(b"quic");
     let p = parse_udp_datagram(&d).unwrap();
@@ -403,6 +403,9 @@ fn udp_datagrams_parse_and_their_headers_round_trip() {
         let p = parse_udp_datagram(&out).unwrap();
         assert_eq!(p.target.to_string(), from.to_string());
         assert_eq!(p.payload, b"answer");
+        // The in-place header is the same bytes.
+        let (h, len) = udp_header(from);
+        assert_eq!(&h[..len], &out[..out.len() - 6]);
     }
 }
 
