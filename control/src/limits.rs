@@ -80,6 +80,9 @@ pub struct PackageUsage {
     remainder: AtomicU64,
     /// Open client connections.
     connections: AtomicU32,
+    /// In a fleet, this gateway's share of `max_connections`, plus one
+    /// (0: no share, the whole limit holds here).
+    fleet_share: AtomicU32,
     /// GCRA theoretical arrival time, ns.
     tat: AtomicU64,
 }
@@ -147,13 +150,31 @@ impl PackageUsage {
         self.connections.load(Ordering::Relaxed)
     }
 
-    /// Take a connection slot, unless `max` (0 = unlimited) are open.
+    /// In a fleet: how many of `max_connections` this gateway may hold now
+    /// (set by the fleet thread as demand moves); `None` lifts it.
+    pub fn set_fleet_share(&self, share: Option<u32>) {
+        let v = share.map_or(0, |s| s.saturating_add(1));
+        self.fleet_share.store(v, Ordering::Relaxed);
+    }
+
+    /// This gateway's share of `max_connections`, when in a fleet.
+    pub fn fleet_share(&self) -> Option<u32> {
+        self.fleet_share.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    /// Take a connection slot, unless `max` (0 = unlimited) are open, or
+    /// this gateway's fleet share of it.
     pub fn try_connect(self: &Arc<Self>, max: u32) -> Option<ConnGuard> {
+        let limit = match (max, self.fleet_share()) {
+            (0, _) => None,
+            (max, Some(share)) => Some(share.min(max)),
+            (max, None) => Some(max),
+        };
         let prev = self.connections.fetch_add(1, Ordering::Relaxed);
         let guard = ConnGuard {
             usage: self.clone(),
         };
-        if max != 0 && prev >= max {
+        if limit.is_some_and(|l| prev >= l) {
             return None; // the guard's drop gives the slot back
         }
         Some(guard)
@@ -274,6 +295,24 @@ mod tests {
         assert!(c.is_for(&u));
         drop((b, c));
         assert_eq!(u.connections(), 0);
+        let many: Vec<_> = (0..100).map(|_| u.try_connect(0).unwrap()).collect();
+        drop(many);
+        // A fleet share narrows the limit, never widens it; 0 admits none.
+        u.set_fleet_share(Some(1));
+        let one = u.try_connect(2).unwrap();
+        assert!(u.try_connect(2).is_none(), "the share is 1");
+        u.set_fleet_share(Some(5));
+        let two = u.try_connect(2).unwrap();
+        assert!(u.try_connect(2).is_none(), "the package's own limit is 2");
+        drop((one, two));
+        u.set_fleet_share(Some(0));
+        assert!(u.try_connect(2).is_none(), "a share of 0 admits none");
+        assert!(
+            u.try_connect(0).is_some(),
+            "an unlimited package has no share"
+        );
+        u.set_fleet_share(None);
+        assert!(u.try_connect(2).is_some());
         let many: Vec<_> = (0..100).map(|_| u.try_connect(0).unwrap()).collect();
         assert_eq!(u.connections(), 100);
         drop(many);

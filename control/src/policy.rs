@@ -652,11 +652,19 @@ impl Policy {
                     .ok_or_else(|| {
                         Rejection::new(
                             Code::RateLimitExceeded,
-                            format!(
-                                "package {} has {} open connections, its limit",
-                                package.id(),
-                                package.decl.max_connections
-                            ),
+                            match package.usage.fleet_share() {
+                                Some(share) if share < package.decl.max_connections => format!(
+                                    "package {} is at its limit of {} open connections across the fleet ({} of them on this gateway, its share now)",
+                                    package.id(),
+                                    package.decl.max_connections,
+                                    share
+                                ),
+                                _ => format!(
+                                    "package {} has {} open connections, its limit",
+                                    package.id(),
+                                    package.decl.max_connections
+                                ),
+                            },
                         )
                     })?,
             );

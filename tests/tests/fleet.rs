@@ -425,3 +425,103 @@ fn redis_going_away_stops_nothing_and_changes_arrive_when_it_is_back() {
         "{v}"
     );
 }
+
+/// `max_connections` holds for the fleet: each gateway enforces a share
+/// (what it holds plus its part of what is free), rebalanced every 250 ms,
+/// so a burst spread 8/3/1 over three gateways is held to the limit plus
+/// the number of gateways at most, and a client on one gateway gets the
+/// whole limit once the others' connections close.
+#[test]
+fn max_connections_holds_across_the_fleet() {
+    const MAX: usize = 6;
+    let fleet = Fleet::start();
+    let (_s1, g1) = fleet.gateway("gw1");
+    let (_s2, g2) = fleet.gateway("gw2");
+    let (_s3, g3) = fleet.gateway("gw3");
+    let echo = splicegate_tests::TcpEcho::start();
+    g1.created("/v1/orgs", r#"{"id": "acme", "credits": 100}"#);
+    g1.created(
+        "/v1/nodes",
+        r#"{"id": "n-a", "kind": "direct", "bind": "127.0.45.1", "country": "us"}"#,
+    );
+    g1.created(
+        "/v1/packages",
+        &format!(r#"{{"id": 11, "org": "acme", "key": "pk_conns", "max_connections": {MAX}}}"#),
+    );
+    let open = |gw: &Gateway| {
+        let t = splicegate_tests::ops::connect(
+            gw.proxy,
+            fresh(),
+            echo.addr(),
+            "package-11-country-us",
+            "pk_conns",
+        );
+        (t.status == 200).then_some(t.stream)
+    };
+    // In force everywhere, and every gateway has seen the others.
+    for gw in [&g1, &g2, &g3] {
+        let ready = within(Duration::from_secs(5), || {
+            gw.get_json("/v1/gateways")
+                .as_array()
+                .is_some_and(|a| a.len() == 3 && a.iter().all(|g| g["shares"]["11"].is_u64()))
+        });
+        assert!(ready.is_some(), "{}", gw.get_json("/v1/gateways"));
+    }
+
+    // A burst of 12 within one rebalancing period, 8/3/1.
+    let order = [&g1, &g1, &g2, &g1, &g1, &g3, &g1, &g2, &g1, &g1, &g2, &g1];
+    let mut held: Vec<(usize, std::net::TcpStream)> = Vec::new();
+    for gw in order {
+        let i = [&g1, &g2, &g3]
+            .iter()
+            .position(|g| std::ptr::eq(*g, gw))
+            .unwrap();
+        if let Some(s) = open(gw) {
+            held.push((i, s));
+        }
+    }
+    let burst = held.len();
+    eprintln!("a burst of 12 (8/3/1) against a limit of {MAX}: {burst} admitted");
+    assert!(
+        burst <= MAX + 3,
+        "{burst} open connections, over the limit plus the number of gateways"
+    );
+
+    // The client on gateway 1 keeps asking: it gets up to the limit, never
+    // more, as the shares move to where the demand is.
+    let mut peak = burst;
+    let filled = within(Duration::from_secs(10), || {
+        if let Some(s) = open(&g1) {
+            held.push((0, s));
+        }
+        peak = peak.max(held.len());
+        std::thread::sleep(Duration::from_millis(100));
+        held.len() >= MAX
+    });
+    assert!(
+        filled.is_some(),
+        "only {} of {MAX} connections admitted in 10 s",
+        held.len()
+    );
+    assert!(peak <= MAX + 3, "peak {peak}");
+    // The others close theirs: gateway 1 takes their place.
+    let before = held.len();
+    held.retain(|(i, _)| *i == 0);
+    let freed = before - held.len();
+    let moved = within(Duration::from_secs(10), || {
+        if let Some(s) = open(&g1) {
+            held.push((0, s));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        held.len() >= MAX
+    });
+    assert!(
+        moved.is_some(),
+        "after {freed} connections closed on gateways 2 and 3, gateway 1 holds {} of {MAX}",
+        held.len()
+    );
+    assert!(open(&g1).is_none(), "the limit still holds");
+    let shares = g1.get_json("/v1/gateways");
+    eprintln!("shares with all {MAX} on gateway 1: {shares}");
+    assert_eq!(shares[0]["shares"]["11"], MAX as u64, "{shares}");
+}

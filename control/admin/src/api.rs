@@ -253,6 +253,8 @@ async fn list_gateways(State(s): State<AppState>) -> ApiResult {
                     "up_since": crate::time::rfc3339(g.up_since_ms),
                     "seen": crate::time::rfc3339(g.seen_ms),
                     "load": g.load,
+                    "connections": g.connections,
+                    "shares": g.shares,
                     "redis": if g.id == me { Some(redis_up) } else { None },
                 })
             })

@@ -18,7 +18,7 @@
 //! gateway serves on, `splicegate_fleet_redis_up` says 0, the log says so
 //! once, and changes made meanwhile are published when it is back.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,8 +35,9 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::control::{Change, Control, unix_ms};
 
-/// How often this gateway renews its registry entry and reads the fleet's.
-pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How often this gateway renews its registry entry, reads the fleet's,
+/// and rebalances its shares of the packages' connection limits.
+pub const HEARTBEAT: Duration = Duration::from_millis(250);
 /// How long a registry entry outlives its last heartbeat.
 pub const TTL: Duration = Duration::from_secs(3);
 /// Changes kept while Redis is unreachable; past this many, the oldest
@@ -114,6 +115,14 @@ pub struct GatewayInfo {
     pub seen_ms: u64,
     /// Its load at that heartbeat.
     pub load: Load,
+    /// Open connections of each package with `max_connections`, at that
+    /// heartbeat.
+    #[serde(default)]
+    pub connections: BTreeMap<u64, u32>,
+    /// Its share of each such package's `max_connections`, as it last
+    /// computed it.
+    #[serde(default)]
+    pub shares: BTreeMap<u64, u32>,
 }
 
 /// What this gateway knows of the fleet, shared with the admin API and
@@ -382,6 +391,8 @@ impl Fleet {
             up_since_ms: now,
             seen_ms: now,
             load: Load::default(),
+            connections: BTreeMap::new(),
+            shares: BTreeMap::new(),
         };
         let (events, rx) = mpsc::unbounded_channel();
         let view = Arc::new(FleetView::new(me, events));
@@ -510,6 +521,7 @@ async fn run(
     let _ = ready.send(Ok(()));
     let tasks = [
         tokio::spawn(heartbeat(
+            control.clone(),
             conn.clone(),
             keys.clone(),
             view.clone(),
@@ -656,6 +668,7 @@ fn read(workers: &[Arc<WorkerStats>]) -> (Reading, u64, u64) {
 /// Every [`HEARTBEAT`]: report the load, renew the entry, publish what
 /// waits, and read the fleet's registry.
 async fn heartbeat(
+    control: Arc<Control>,
     mut conn: ConnectionManager,
     keys: Keys,
     view: Arc<FleetView>,
@@ -683,8 +696,15 @@ async fn heartbeat(
         }
         let (now, connections, tunnels) = read(&lock(&view.workers));
         let secs = now.at.duration_since(last.at).as_secs_f64().max(0.001);
+        let policy = control.engine().policy_arc();
         {
             let mut me = lock(&view.me);
+            me.connections = policy
+                .packages
+                .iter()
+                .filter(|(_, p)| p.decl.max_connections > 0)
+                .map(|(id, p)| (*id, p.usage.connections()))
+                .collect();
             me.seen_ms = unix_ms();
             me.load = Load {
                 connections,
@@ -721,10 +741,61 @@ async fn heartbeat(
         }
         publish(&mut conn, &keys, &view, &mut pending).await;
         match list(&mut conn, &keys).await {
-            Ok(all) => *lock(&view.gateways) = all,
+            Ok(all) => {
+                let mine = rebalance(&policy, &view.me(), &all);
+                lock(&view.me).shares = mine;
+                *lock(&view.gateways) = all;
+            }
+            // Each package keeps its last share until Redis answers.
             Err(e) => view.set_redis_up(false, &e),
         }
     }
+}
+
+/// Set this gateway's share of each package's `max_connections` from the
+/// open connections every live gateway reported: each keeps what it holds,
+/// and what is free is split evenly (the remainder to the first ids), so
+/// the shares add up to the limit and a gateway whose clients want more
+/// gets more as others' connections close. Returns the shares.
+fn rebalance(
+    policy: &splicegate_control::policy::Policy,
+    me: &GatewayInfo,
+    all: &[GatewayInfo],
+) -> BTreeMap<u64, u32> {
+    let mut ids: Vec<&str> = all.iter().map(|g| g.id.as_str()).collect();
+    if !ids.contains(&me.id.as_str()) {
+        ids.push(&me.id);
+    }
+    ids.sort_unstable();
+    let n = ids.len() as u32;
+    let rank = ids.iter().position(|id| *id == me.id).unwrap_or(0) as u32;
+    let mut shares = BTreeMap::new();
+    for (id, p) in &policy.packages {
+        let max = p.decl.max_connections;
+        if max == 0 {
+            p.usage.set_fleet_share(None);
+            continue;
+        }
+        let mine = p.usage.connections();
+        let others: u32 = all
+            .iter()
+            .filter(|g| g.id != me.id)
+            .map(|g| g.connections.get(id).copied().unwrap_or(0))
+            .sum();
+        let share = share_of(max, mine, others, n, rank);
+        p.usage.set_fleet_share(Some(share));
+        shares.insert(*id, share);
+    }
+    shares
+}
+
+/// One gateway's share of `max`: what it holds (`mine`) and, of what no
+/// gateway holds, its even part (`n` gateways, the remainder to the
+/// first `rank`s).
+fn share_of(max: u32, mine: u32, others: u32, n: u32, rank: u32) -> u32 {
+    let n = n.max(1);
+    let free = max.saturating_sub(mine.saturating_add(others));
+    mine + free / n + u32::from(rank < free % n)
 }
 
 /// Publish the changes waiting, oldest first; stop at the first failure
@@ -896,6 +967,26 @@ async fn reloads(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shares_add_up_to_the_limit_and_follow_what_is_held() {
+        // Three gateways holding 5, 1 and 0 of a limit of 10: each keeps
+        // what it holds and the 4 free go 2, 1, 1.
+        let held = [5, 1, 0];
+        let total: u32 = held.iter().sum();
+        let shares: Vec<u32> = (0..3)
+            .map(|r| share_of(10, held[r], total - held[r], 3, r as u32))
+            .collect();
+        assert_eq!(shares, [7, 2, 1]);
+        assert_eq!(shares.iter().sum::<u32>(), 10);
+        // Nothing held: 10 split 4, 3, 3.
+        let idle: Vec<u32> = (0..3).map(|r| share_of(10, 0, 0, 3, r)).collect();
+        assert_eq!(idle, [4, 3, 3]);
+        // Over the limit (a transition): nobody gets more than it holds.
+        assert_eq!(share_of(10, 6, 6, 3, 0), 6);
+        // Alone: the whole limit.
+        assert_eq!(share_of(10, 3, 0, 1, 0), 10);
+    }
 
     #[test]
     fn passwords_stay_out_of_logs() {
