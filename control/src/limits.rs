@@ -83,6 +83,12 @@ pub struct PackageUsage {
     /// In a fleet, this gateway's share of `max_connections`, plus one
     /// (0: no share, the whole limit holds here).
     fleet_share: AtomicU32,
+    /// In a fleet, this gateway's share of `rps_limit` in thousandths of a
+    /// request per second, plus one (0: no share).
+    rps_share_milli: AtomicU64,
+    /// Requests checked against `rps_limit` so far (the demand a fleet
+    /// shares the limit by).
+    rps_attempts: AtomicU64,
     /// GCRA theoretical arrival time, ns.
     tat: AtomicU64,
 }
@@ -180,13 +186,40 @@ impl PackageUsage {
         Some(guard)
     }
 
-    /// One request against `rps` (0 = unlimited), GCRA with a one-second burst.
+    /// In a fleet: this gateway's share of `rps_limit`, in thousandths of
+    /// a request per second; `None` lifts it.
+    pub fn set_rps_share_milli(&self, share: Option<u64>) {
+        let v = share.map_or(0, |s| s.saturating_add(1));
+        self.rps_share_milli.store(v, Ordering::Relaxed);
+    }
+
+    /// This gateway's share of `rps_limit` (thousandths per second).
+    pub fn rps_share_milli(&self) -> Option<u64> {
+        self.rps_share_milli.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    /// Requests checked against `rps_limit` so far.
+    pub fn rps_attempts(&self) -> u64 {
+        self.rps_attempts.load(Ordering::Relaxed)
+    }
+
+    /// One request against `rps` (0 = unlimited), or this gateway's fleet
+    /// share of it: GCRA with a one-second burst.
     pub fn try_request(&self, rps: u32, now: Now) -> bool {
         if rps == 0 {
             return true;
         }
-        let interval = 1_000_000_000 / u64::from(rps);
-        let tolerance = interval * u64::from(rps - 1);
+        self.rps_attempts.fetch_add(1, Ordering::Relaxed);
+        let milli = match self.rps_share_milli() {
+            Some(share) => share.min(u64::from(rps) * 1000),
+            None => u64::from(rps) * 1000,
+        };
+        if milli == 0 {
+            return false;
+        }
+        // One request every `interval`; a burst of one second's worth.
+        let interval = 1_000_000_000_000 / milli;
+        let tolerance = 1_000_000_000u64.saturating_sub(interval);
         let mut tat = self.tat.load(Ordering::Relaxed);
         loop {
             let start = tat.max(now.0);

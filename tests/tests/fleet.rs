@@ -525,3 +525,85 @@ fn max_connections_holds_across_the_fleet() {
     eprintln!("shares with all {MAX} on gateway 1: {shares}");
     assert_eq!(shares[0]["shares"]["11"], MAX as u64, "{shares}");
 }
+
+/// `rps_limit` holds for the fleet: each gateway runs the GCRA on a share
+/// of the rate, split by the demand each gateway reports every 250 ms.
+/// Three times the limit, spread 80/15/5 % over three gateways: the
+/// requests admitted over a 5 s window are within 10 % of the limit.
+#[test]
+fn rps_limit_holds_across_the_fleet() {
+    const LIMIT: u32 = 40;
+    let fleet = Fleet::start();
+    let (_s1, g1) = fleet.gateway("gw1");
+    let (_s2, g2) = fleet.gateway("gw2");
+    let (_s3, g3) = fleet.gateway("gw3");
+    let echo = splicegate_tests::TcpEcho::start();
+    g1.created("/v1/orgs", r#"{"id": "acme", "credits": 100}"#);
+    g1.created(
+        "/v1/nodes",
+        r#"{"id": "n-a", "kind": "direct", "bind": "127.0.46.1", "country": "us"}"#,
+    );
+    g1.created(
+        "/v1/packages",
+        &format!(r#"{{"id": 12, "org": "acme", "key": "pk_rate", "rps_limit": {LIMIT}}}"#),
+    );
+    for gw in [&g1, &g2, &g3] {
+        let ready = within(Duration::from_secs(5), || {
+            gw.get_json("/v1/gateways").as_array().is_some_and(|a| {
+                a.len() == 3 && a.iter().all(|g| g["rps_shares"]["12"].is_number())
+            })
+        });
+        assert!(ready.is_some(), "{}", gw.get_json("/v1/gateways"));
+    }
+    // 3 × the limit: 96, 18 and 6 requests a second, for 7 s; the first
+    // 2 s let the shares settle, the next 5 s are counted.
+    let (warm, window) = (Duration::from_secs(2), Duration::from_secs(5));
+    let started = Instant::now() + Duration::from_millis(100);
+    let load = |gw: &Gateway, per_s: u32| {
+        let (proxy, echo) = (gw.proxy, echo.addr());
+        std::thread::spawn(move || {
+            let every = Duration::from_secs(1) / per_s;
+            let (mut admitted, mut refused, mut other) = (0u32, 0u32, 0u32);
+            let mut next = started;
+            while next < started + warm + window {
+                let now = Instant::now();
+                if now < next {
+                    std::thread::sleep(next - now);
+                }
+                let counted = next >= started + warm;
+                next += every;
+                let t = splicegate_tests::ops::connect(
+                    proxy,
+                    fresh(),
+                    echo,
+                    "package-12-country-us",
+                    "pk_rate",
+                );
+                if !counted {
+                    continue;
+                }
+                match t.status {
+                    200 => admitted += 1,
+                    429 => refused += 1,
+                    _ => other += 1,
+                }
+            }
+            (admitted, refused, other)
+        })
+    };
+    let runs = [load(&g1, 96), load(&g2, 18), load(&g3, 6)];
+    let results: Vec<(u32, u32, u32)> = runs.into_iter().map(|r| r.join().unwrap()).collect();
+    let admitted: u32 = results.iter().map(|r| r.0).sum();
+    let other: u32 = results.iter().map(|r| r.2).sum();
+    let expected = LIMIT * window.as_secs() as u32;
+    eprintln!(
+        "rps_limit {LIMIT} across 3 gateways at 3x, 80/15/5: admitted {admitted} in {window:?} (limit: {expected}); per gateway (admitted, refused, other): {results:?}"
+    );
+    assert_eq!(other, 0, "answers other than 200 and 429: {results:?}");
+    let error = (f64::from(admitted) - f64::from(expected)).abs() / f64::from(expected);
+    assert!(
+        error <= 0.10,
+        "admitted {admitted} over {window:?}, {:.1} % off the limit's {expected}",
+        error * 100.0
+    );
+}

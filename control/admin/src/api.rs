@@ -255,6 +255,8 @@ async fn list_gateways(State(s): State<AppState>) -> ApiResult {
                     "load": g.load,
                     "connections": g.connections,
                     "shares": g.shares,
+                    "demand": g.demand,
+                    "rps_shares": g.rps_shares,
                     "redis": if g.id == me { Some(redis_up) } else { None },
                 })
             })

@@ -123,6 +123,13 @@ pub struct GatewayInfo {
     /// computed it.
     #[serde(default)]
     pub shares: BTreeMap<u64, u32>,
+    /// Requests per second checked against each package's `rps_limit`
+    /// (admitted or not: its clients' demand), smoothed over heartbeats.
+    #[serde(default)]
+    pub demand: BTreeMap<u64, f64>,
+    /// Its share of each such package's `rps_limit`, requests per second.
+    #[serde(default)]
+    pub rps_shares: BTreeMap<u64, f64>,
 }
 
 /// What this gateway knows of the fleet, shared with the admin API and
@@ -393,6 +400,8 @@ impl Fleet {
             load: Load::default(),
             connections: BTreeMap::new(),
             shares: BTreeMap::new(),
+            demand: BTreeMap::new(),
+            rps_shares: BTreeMap::new(),
         };
         let (events, rx) = mpsc::unbounded_channel();
         let view = Arc::new(FleetView::new(me, events));
@@ -681,6 +690,9 @@ async fn heartbeat(
     let (mut last, _, _) = read(&lock(&view.workers));
     let mut pending: VecDeque<Event> = VecDeque::new();
     let mut conflict_logged = false;
+    // Per rate-limited package: its attempts counter at the last heartbeat
+    // and the smoothed demand.
+    let mut demand: BTreeMap<u64, (u64, f64)> = BTreeMap::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -705,6 +717,15 @@ async fn heartbeat(
                 .filter(|(_, p)| p.decl.max_connections > 0)
                 .map(|(id, p)| (*id, p.usage.connections()))
                 .collect();
+            let mut next = BTreeMap::new();
+            for (id, p) in policy.packages.iter().filter(|(_, p)| p.decl.rps_limit > 0) {
+                let attempts = p.usage.rps_attempts();
+                let (before, smoothed) = demand.get(id).copied().unwrap_or((attempts, 0.0));
+                let now_rate = attempts.saturating_sub(before) as f64 / secs;
+                next.insert(*id, (attempts, 0.5 * smoothed + 0.5 * now_rate));
+            }
+            demand = next;
+            me.demand = demand.iter().map(|(id, (_, d))| (*id, *d)).collect();
             me.seen_ms = unix_ms();
             me.load = Load {
                 connections,
@@ -742,8 +763,11 @@ async fn heartbeat(
         publish(&mut conn, &keys, &view, &mut pending).await;
         match list(&mut conn, &keys).await {
             Ok(all) => {
-                let mine = rebalance(&policy, &view.me(), &all);
-                lock(&view.me).shares = mine;
+                let (mine, rps) = rebalance(&policy, &view.me(), &all);
+                let mut me = lock(&view.me);
+                me.shares = mine;
+                me.rps_shares = rps;
+                drop(me);
                 *lock(&view.gateways) = all;
             }
             // Each package keeps its last share until Redis answers.
@@ -761,7 +785,7 @@ fn rebalance(
     policy: &splicegate_control::policy::Policy,
     me: &GatewayInfo,
     all: &[GatewayInfo],
-) -> BTreeMap<u64, u32> {
+) -> (BTreeMap<u64, u32>, BTreeMap<u64, f64>) {
     let mut ids: Vec<&str> = all.iter().map(|g| g.id.as_str()).collect();
     if !ids.contains(&me.id.as_str()) {
         ids.push(&me.id);
@@ -770,7 +794,22 @@ fn rebalance(
     let n = ids.len() as u32;
     let rank = ids.iter().position(|id| *id == me.id).unwrap_or(0) as u32;
     let mut shares = BTreeMap::new();
+    let mut rps_shares = BTreeMap::new();
     for (id, p) in &policy.packages {
+        let rps = p.decl.rps_limit;
+        if rps == 0 {
+            p.usage.set_rps_share_milli(None);
+        } else {
+            let mine = me.demand.get(id).copied().unwrap_or(0.0);
+            let others: f64 = all
+                .iter()
+                .filter(|g| g.id != me.id)
+                .map(|g| g.demand.get(id).copied().unwrap_or(0.0))
+                .sum();
+            let share = rps_share(f64::from(rps), mine, others, n);
+            p.usage.set_rps_share_milli(Some((share * 1000.0) as u64));
+            rps_shares.insert(*id, share);
+        }
         let max = p.decl.max_connections;
         if max == 0 {
             p.usage.set_fleet_share(None);
@@ -786,7 +825,21 @@ fn rebalance(
         p.usage.set_fleet_share(Some(share));
         shares.insert(*id, share);
     }
-    shares
+    (shares, rps_shares)
+}
+
+/// One gateway's share of a rate limit, from every gateway's demand
+/// (requests per second its clients ask for, admitted or not): when the
+/// fleet asks for less than the limit, each gets its demand and an even
+/// part of the rest; when it asks for more, the limit is split in
+/// proportion to demand. The shares add up to the limit either way.
+fn rps_share(limit: f64, mine: f64, others: f64, n: u32) -> f64 {
+    let total = mine + others;
+    if total <= limit {
+        mine + (limit - total) / f64::from(n.max(1))
+    } else {
+        limit * mine / total
+    }
 }
 
 /// One gateway's share of `max`: what it holds (`mine`) and, of what no
@@ -986,6 +1039,27 @@ mod tests {
         assert_eq!(share_of(10, 6, 6, 3, 0), 6);
         // Alone: the whole limit.
         assert_eq!(share_of(10, 3, 0, 1, 0), 10);
+    }
+
+    #[test]
+    fn rate_shares_follow_demand_and_add_up_to_the_limit() {
+        // 80/15/5 % of three times a limit of 100.
+        let d = [240.0, 45.0, 15.0];
+        let total: f64 = d.iter().sum();
+        let s: Vec<f64> = d
+            .iter()
+            .map(|m| rps_share(100.0, *m, total - m, 3))
+            .collect();
+        assert_eq!(s, [80.0, 15.0, 5.0]);
+        // Below the limit: demand met, the rest split evenly.
+        let d = [30.0, 0.0, 10.0];
+        let total: f64 = d.iter().sum();
+        let s: Vec<f64> = d
+            .iter()
+            .map(|m| rps_share(100.0, *m, total - m, 3))
+            .collect();
+        assert_eq!(s, [50.0, 20.0, 30.0]);
+        assert!((s.iter().sum::<f64>() - 100.0).abs() < 1e-9);
     }
 
     #[test]
