@@ -88,6 +88,17 @@ fn within(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
     }
 }
 
+/// Through `gw`'s API: org `acme`, a `direct` node `n-a` in the US on
+/// `bind`, and `package` (JSON, for org `acme`).
+fn account(gw: &Gateway, bind: &str, package: &str) {
+    gw.created("/v1/orgs", r#"{"id": "acme", "credits": 100}"#);
+    gw.created(
+        "/v1/nodes",
+        &format!(r#"{{"id": "n-a", "kind": "direct", "bind": "{bind}", "country": "us"}}"#),
+    );
+    gw.created("/v1/packages", package);
+}
+
 /// What the SPEC promises for a change to reach every gateway.
 const IN_FORCE: Duration = Duration::from_secs(1);
 
@@ -139,17 +150,13 @@ fn three_gateways_act_as_one() {
 
     // An account and nodes made through gateway 1 serve on gateway 3.
     let target = IpEcho::start(local(0)).unwrap();
-    g1.created("/v1/orgs", r#"{"id": "acme", "credits": 100}"#);
-    g1.created(
-        "/v1/nodes",
-        r#"{"id": "n-a", "kind": "direct", "bind": "127.0.42.1", "country": "us"}"#,
-    );
     g1.created(
         "/v1/nodes",
         r#"{"id": "n-b", "kind": "direct", "bind": "127.0.42.2", "country": "us"}"#,
     );
-    g1.created(
-        "/v1/packages",
+    account(
+        &g1,
+        "127.0.42.1",
         r#"{"id": 7, "org": "acme", "key": "pk_fleet_one"}"#,
     );
     let through = |gw: &Gateway, key: &str| {
@@ -367,13 +374,9 @@ fn redis_going_away_stops_nothing_and_changes_arrive_when_it_is_back() {
     let (_s1, g1) = fleet.gateway("gw1");
     let (_s2, g2) = fleet.gateway("gw2");
     let target = IpEcho::start(local(0)).unwrap();
-    g1.created("/v1/orgs", r#"{"id": "acme", "credits": 100}"#);
-    g1.created(
-        "/v1/nodes",
-        r#"{"id": "n-a", "kind": "direct", "bind": "127.0.43.1", "country": "us"}"#,
-    );
-    g1.created(
-        "/v1/packages",
+    account(
+        &g1,
+        "127.0.43.1",
         r#"{"id": 9, "org": "acme", "key": "pk_outage_one"}"#,
     );
     let through = |gw: &Gateway, key: &str| {
@@ -439,13 +442,9 @@ fn max_connections_holds_across_the_fleet() {
     let (_s2, g2) = fleet.gateway("gw2");
     let (_s3, g3) = fleet.gateway("gw3");
     let echo = splicegate_tests::TcpEcho::start();
-    g1.created("/v1/orgs", r#"{"id": "acme", "credits": 100}"#);
-    g1.created(
-        "/v1/nodes",
-        r#"{"id": "n-a", "kind": "direct", "bind": "127.0.45.1", "country": "us"}"#,
-    );
-    g1.created(
-        "/v1/packages",
+    account(
+        &g1,
+        "127.0.45.1",
         &format!(r#"{{"id": 11, "org": "acme", "key": "pk_conns", "max_connections": {MAX}}}"#),
     );
     let open = |gw: &Gateway| {
@@ -538,13 +537,9 @@ fn rps_limit_holds_across_the_fleet() {
     let (_s2, g2) = fleet.gateway("gw2");
     let (_s3, g3) = fleet.gateway("gw3");
     let echo = splicegate_tests::TcpEcho::start();
-    g1.created("/v1/orgs", r#"{"id": "acme", "credits": 100}"#);
-    g1.created(
-        "/v1/nodes",
-        r#"{"id": "n-a", "kind": "direct", "bind": "127.0.46.1", "country": "us"}"#,
-    );
-    g1.created(
-        "/v1/packages",
+    account(
+        &g1,
+        "127.0.46.1",
         &format!(r#"{{"id": 12, "org": "acme", "key": "pk_rate", "rps_limit": {LIMIT}}}"#),
     );
     for gw in [&g1, &g2, &g3] {
