@@ -99,6 +99,21 @@ fn account(gw: &Gateway, bind: &str, package: &str) {
     gw.created("/v1/packages", package);
 }
 
+/// Wait until each of `gws` lists them all, each with its `field` share
+/// of package `pkg` (the limit is in force and every gateway has seen the
+/// others).
+fn every_gateway_shows(gws: &[&Gateway], field: &str, pkg: u64) {
+    let key = pkg.to_string();
+    for gw in gws {
+        let ready = within(Duration::from_secs(5), || {
+            gw.get_json("/v1/gateways").as_array().is_some_and(|a| {
+                a.len() == gws.len() && a.iter().all(|g| g[field][key.as_str()].is_number())
+            })
+        });
+        assert!(ready.is_some(), "{}", gw.get_json("/v1/gateways"));
+    }
+}
+
 /// What the SPEC promises for a change to reach every gateway.
 const IN_FORCE: Duration = Duration::from_secs(1);
 
@@ -458,14 +473,7 @@ fn max_connections_holds_across_the_fleet() {
         (t.status == 200).then_some(t.stream)
     };
     // In force everywhere, and every gateway has seen the others.
-    for gw in [&g1, &g2, &g3] {
-        let ready = within(Duration::from_secs(5), || {
-            gw.get_json("/v1/gateways")
-                .as_array()
-                .is_some_and(|a| a.len() == 3 && a.iter().all(|g| g["shares"]["11"].is_u64()))
-        });
-        assert!(ready.is_some(), "{}", gw.get_json("/v1/gateways"));
-    }
+    every_gateway_shows(&[&g1, &g2, &g3], "shares", 11);
 
     // A burst of 12 within one rebalancing period, 8/3/1.
     let order = [&g1, &g1, &g2, &g1, &g1, &g3, &g1, &g2, &g1, &g1, &g2, &g1];
@@ -542,14 +550,7 @@ fn rps_limit_holds_across_the_fleet() {
         "127.0.46.1",
         &format!(r#"{{"id": 12, "org": "acme", "key": "pk_rate", "rps_limit": {LIMIT}}}"#),
     );
-    for gw in [&g1, &g2, &g3] {
-        let ready = within(Duration::from_secs(5), || {
-            gw.get_json("/v1/gateways").as_array().is_some_and(|a| {
-                a.len() == 3 && a.iter().all(|g| g["rps_shares"]["12"].is_number())
-            })
-        });
-        assert!(ready.is_some(), "{}", gw.get_json("/v1/gateways"));
-    }
+    every_gateway_shows(&[&g1, &g2, &g3], "rps_shares", 12);
     // 3 × the limit: 96, 18 and 6 requests a second, for 7 s; the first
     // 2 s let the shares settle, the next 5 s are counted.
     let (warm, window) = (Duration::from_secs(2), Duration::from_secs(5));
