@@ -22,7 +22,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
@@ -374,8 +373,7 @@ return 0
 #[derive(Debug)]
 pub struct Fleet {
     view: Arc<FleetView>,
-    stop: watch::Sender<bool>,
-    thread: Option<JoinHandle<()>>,
+    thread: crate::server::ThreadHandle,
 }
 
 impl Fleet {
@@ -435,8 +433,7 @@ impl Fleet {
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Fleet {
                 view,
-                stop,
-                thread: Some(thread),
+                thread: crate::server::ThreadHandle::new(thread, stop),
             }),
             Ok(Err(e)) => {
                 let _ = thread.join();
@@ -457,20 +454,7 @@ impl Fleet {
     /// Leave: stop the thread, which removes this gateway's entry (so the
     /// id is free at once, not after [`TTL`]).
     pub fn stop(mut self) {
-        self.stop_inner();
-    }
-
-    fn stop_inner(&mut self) {
-        let _ = self.stop.send(true);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        self.stop_inner();
+        self.thread.stop();
     }
 }
 

@@ -78,8 +78,7 @@ pub struct AdminServer;
 /// The running admin thread.
 #[derive(Debug)]
 pub struct AdminHandle {
-    thread: Option<JoinHandle<()>>,
-    stop: watch::Sender<bool>,
+    thread: ThreadHandle,
     /// The address the API listens on (the real port when 0 was asked).
     pub addr: SocketAddr,
 }
@@ -96,8 +95,7 @@ impl AdminServer {
             .name("admin".into())
             .spawn(move || run(control, opts, listener, stop_rx))?;
         Ok(AdminHandle {
-            thread: Some(thread),
-            stop,
+            thread: ThreadHandle::new(thread, stop),
             addr,
         })
     }
@@ -107,10 +105,29 @@ impl AdminHandle {
     /// Stop serving and wait for the thread (at most a few seconds: open API
     /// connections get 2 s to finish).
     pub fn stop(mut self) {
-        self.stop_inner();
+        self.thread.stop();
+    }
+}
+
+/// A thread of this crate's that runs until told to stop (the admin
+/// thread, the fleet thread): `stop` tells it and waits for it, and so
+/// does dropping the handle.
+#[derive(Debug)]
+pub(crate) struct ThreadHandle {
+    thread: Option<JoinHandle<()>>,
+    stop: watch::Sender<bool>,
+}
+
+impl ThreadHandle {
+    pub(crate) fn new(thread: JoinHandle<()>, stop: watch::Sender<bool>) -> ThreadHandle {
+        ThreadHandle {
+            thread: Some(thread),
+            stop,
+        }
     }
 
-    fn stop_inner(&mut self) {
+    /// Tell the thread to stop and wait for it (once).
+    pub(crate) fn stop(&mut self) {
         let _ = self.stop.send(true);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -118,9 +135,9 @@ impl AdminHandle {
     }
 }
 
-impl Drop for AdminHandle {
+impl Drop for ThreadHandle {
     fn drop(&mut self) {
-        self.stop_inner();
+        self.stop();
     }
 }
 
