@@ -14,7 +14,9 @@ use crate::nodes::{Filter, NodeIdx, NodePool, Rng};
 use crate::policy::{Admitted, Policy, filter_for};
 use crate::recent::RecentErrors;
 use crate::rules::{self, OnError, Rules};
-use crate::session::{Attempts, NodePicker, SessionKey, SessionTable, Step};
+use crate::session::{
+    Attempts, NodePicker, SessionClaim, SessionKey, SessionTable, SharedSession, Step,
+};
 
 /// Shared by every worker and the control thread.
 #[derive(Debug)]
@@ -74,6 +76,9 @@ pub struct Route {
     /// The node the request started on.
     pub first: NodeIdx,
     node_down: bool,
+    /// The session's node when another gateway of the fleet has it and
+    /// this one does not (`first` stands in).
+    away: Option<Arc<str>>,
     lookalike: bool,
     filter: Filter,
 }
@@ -82,6 +87,13 @@ impl Route {
     /// The node to dial now.
     pub fn node(&self) -> NodeIdx {
         self.attempts.current()
+    }
+
+    /// The id of the node the request started on.
+    pub fn first_id(&self) -> &str {
+        self.away
+            .as_deref()
+            .unwrap_or(&self.policy.nodes.node(self.first).id)
     }
 }
 
@@ -160,7 +172,7 @@ impl Engine {
     ) -> Result<Route, Rejection> {
         let rules = &adm.rules;
         let lookalike = rules.prefer_lookalike;
-        let (session, first, node_down) = match rules.session {
+        let (session, first, node_down, away) = match rules.session {
             Some(id) => {
                 let key = SessionKey {
                     package: adm.package.id(),
@@ -174,12 +186,13 @@ impl Engine {
                     lookalike,
                 };
                 let lease = self.sessions.acquire(key, rules, now, &mut picker)?;
-                (Some(key), lease.node, lease.node_down)
+                (Some(key), lease.node, lease.node_down, lease.away)
             }
             None => (
                 None,
                 policy.nodes.pick(&adm.filter, &[], rng, &policy.geo)?,
                 false,
+                None,
             ),
         };
         adm.package.usage.count_request();
@@ -189,9 +202,122 @@ impl Engine {
             attempts: Attempts::new(first, rules),
             first,
             node_down,
+            away,
             lookalike,
             filter: adm.filter,
         })
+    }
+
+    /// In a fleet: what to ask the fleet before [`Engine::route`] serves a
+    /// session request, or `None` when this gateway's table serves it alone
+    /// (or the request names no session, or no node matches: the route
+    /// answers that).
+    pub fn session_claim(
+        &self,
+        policy: &Policy,
+        adm: &Admitted,
+        now: Now,
+        rng: &mut Rng,
+    ) -> Option<SessionClaim> {
+        let rules = &adm.rules;
+        let key = SessionKey {
+            package: adm.package.id(),
+            id: rules.session?,
+        };
+        let held = self.sessions.get(&key, now);
+        // A node gone offline here is replaced, but the fleet may have
+        // replaced it already: ask, so that every gateway moves to one node.
+        if let Some(s) = &held
+            && s.serves_alone(rules, now)
+            && policy.nodes.node(s.node).serves_sessions()
+        {
+            return None;
+        }
+        let held = held.map(|s| s.node);
+        let mut picker = PoolPicker {
+            pool: &policy.nodes,
+            geo: &policy.geo,
+            filter: &adm.filter,
+            rng,
+            lookalike: rules.prefer_lookalike,
+        };
+        let one = picker.pick(held).ok()?;
+        let two = picker.pick(Some(one)).unwrap_or(one);
+        let id = |n: NodeIdx| policy.nodes.node(n).id.to_string();
+        Some(SessionClaim {
+            key,
+            rules: session_rules(policy, adm),
+            nodes: [id(one), id(two)],
+            length_s: rules.session_length(),
+            rotate: rules.rotate,
+        })
+    }
+
+    /// Take the fleet's answer to a [`SessionClaim`] into the session
+    /// table, so that [`Engine::route`] follows it; rules other than the
+    /// session's first are `SESSION_PARAMS_MISMATCH`, as on one gateway.
+    pub fn adopt_session(
+        &self,
+        policy: &Policy,
+        adm: &Admitted,
+        shared: &SharedSession,
+        now: Now,
+        rng: &mut Rng,
+    ) -> Result<(), Rejection> {
+        let rules = &adm.rules;
+        let Some(id) = rules.session else {
+            return Ok(());
+        };
+        let key = SessionKey {
+            package: adm.package.id(),
+            id,
+        };
+        if shared.rules != session_rules(policy, adm) {
+            let ends = shared.started_ms + u64::from(shared.length_s) * 1000;
+            return Err(Rejection::new(
+                Code::SessionParamsMismatch,
+                format!(
+                    "session {} was started with other rules and lives {} s more; use its first rules or a new session id",
+                    id.as_str(),
+                    ends.saturating_sub(shared.now_ms).div_ceil(1000)
+                ),
+            ));
+        }
+        let (node, away) = self.local_node(policy, adm, &shared.node, rng)?;
+        self.sessions.adopt(key, rules, shared, node, away, now)
+    }
+
+    /// Node `id` of the fleet as this gateway holds it: its index, or (it
+    /// is another gateway's) a matching node to stand in and the id.
+    fn local_node(
+        &self,
+        policy: &Policy,
+        adm: &Admitted,
+        id: &str,
+        rng: &mut Rng,
+    ) -> Result<(NodeIdx, Option<Arc<str>>), Rejection> {
+        match policy.nodes.get(id) {
+            Some((idx, _)) => Ok((idx, None)),
+            None => {
+                let stand_in = policy.nodes.pick(&adm.filter, &[], rng, &policy.geo)?;
+                Ok((stand_in, Some(Arc::from(id))))
+            }
+        }
+    }
+
+    /// Another gateway moved session `key` to node `id` after its node
+    /// failed there; this gateway follows.
+    pub fn session_moved(&self, key: SessionKey, id: &str, now: Now) {
+        let policy = self.policy();
+        let Some(held) = self.sessions.get(&key, now) else {
+            return;
+        };
+        match policy.nodes.get(id) {
+            Some((idx, _)) => self.sessions.moved_elsewhere(&key, idx, None, now),
+            None => self
+                .sessions
+                .moved_elsewhere(&key, held.node, Some(Arc::from(id)), now),
+        }
     }
 
     /// The first step of a route: dial its node, or (its session's node went
@@ -199,7 +325,8 @@ impl Engine {
     pub fn first_step(&self, route: &mut Route, rng: &mut Rng) -> Step {
         if route.node_down {
             route.node_down = false;
-            return Self::after_failure_inner(route, rng, false);
+            let name = route.away.clone();
+            return Self::after_failure_inner(route, rng, false, name.as_deref());
         }
         Step::Dial(route.node())
     }
@@ -210,13 +337,19 @@ impl Engine {
         let node = route.policy.nodes.node(route.node());
         node.runtime.record_failure(now);
         let usable = node.serves_sessions();
-        Self::after_failure_inner(route, rng, usable)
+        Self::after_failure_inner(route, rng, usable, None)
     }
 
-    fn after_failure_inner(route: &mut Route, rng: &mut Rng, usable: bool) -> Step {
+    /// `away`: the failed node is another gateway's, named so.
+    fn after_failure_inner(
+        route: &mut Route,
+        rng: &mut Rng,
+        usable: bool,
+        away: Option<&str>,
+    ) -> Step {
         let policy = route.policy.clone();
         let current = route.node();
-        let name = policy.nodes.node(current).id.clone();
+        let name: Box<str> = away.map_or_else(|| policy.nodes.node(current).id.clone(), Box::from);
         let (filter, lookalike) = (route.filter, route.lookalike);
         let mut replace = |tried: &[NodeIdx]| {
             if lookalike {
@@ -311,6 +444,15 @@ impl Engine {
         }
         out
     }
+}
+
+/// A session's rules as the fleet compares and lists them: the canonical
+/// username of what the first request fixes (no session id, no length).
+fn session_rules(policy: &Policy, adm: &Admitted) -> String {
+    adm.rules
+        .fingerprint()
+        .to_listed_rules(adm.package.id())
+        .to_username(&policy.geo)
 }
 
 /// The effective `onerror` name, for listings.

@@ -204,6 +204,25 @@ impl Fingerprint {
             prefer_lookalike: self.prefer_lookalike,
         }
     }
+
+    /// The rules as listings show them: [`Fingerprint::to_rules`] with the
+    /// defaults it spells out (`network-any`, the default `onerror`) left
+    /// implicit again.
+    pub fn to_listed_rules(&self, package: u64) -> Rules {
+        let mut rules = self.to_rules(package);
+        if rules.network == Some(NetworkRule::Any) {
+            rules.network = None;
+        }
+        let default_onerror = if rules.bind_node {
+            OnError::Fail
+        } else {
+            OnError::Replace
+        };
+        if rules.onerror == Some(default_onerror) {
+            rules.onerror = None;
+        }
+        rules
+    }
 }
 
 impl Rules {

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::Now;
 use crate::catalog::{Code, Rejection};
@@ -44,12 +44,31 @@ pub struct Session {
     pub requests: u64,
     /// Requests on the current node (request rotation).
     pub requests_on_node: u32,
+    /// In a fleet: the session's node as another gateway chose it, when
+    /// this gateway has no such node (another gateway's `direct` node);
+    /// `node` then only stands in, and each request starts as a failure of
+    /// the named node (`onerror` decides).
+    pub away: Option<Arc<str>>,
 }
 
 impl Session {
     /// When it ends.
     pub fn expires(&self) -> Now {
         Now(self.started.0 + u64::from(self.length_s) * NS)
+    }
+
+    /// Whether, in a fleet, a request under `rules` can be served from this
+    /// gateway's copy alone: the session is live, no timed rotation is due,
+    /// it does not count requests (a `rotate-requests_N` count is the
+    /// fleet's), and its node is not another gateway's.
+    pub fn serves_alone(&self, rules: &Rules, now: Now) -> bool {
+        now < self.expires()
+            && self.away.is_none()
+            && match rules.rotate {
+                Some(Rotate::Timed(n)) => now.0 - self.node_since.0 < u64::from(n) * NS,
+                Some(Rotate::Requests(_)) => false,
+                None => true,
+            }
     }
 }
 
@@ -83,13 +102,16 @@ pub trait NodePicker {
 }
 
 /// The node a session request should use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     /// The node.
     pub node: NodeIdx,
     /// Whether the node went offline since the session chose it (the request
     /// starts as a node failure).
     pub node_down: bool,
+    /// The session's node is one this gateway does not have (see
+    /// [`Session::away`]); `node` stands in and `node_down` is set.
+    pub away: Option<Arc<str>>,
 }
 
 impl SessionTable {
@@ -147,7 +169,8 @@ impl SessionTable {
                 s.requests_on_node += 1;
                 return Ok(Lease {
                     node: s.node,
-                    node_down: !picker.usable(s.node),
+                    node_down: s.away.is_some() || !picker.usable(s.node),
+                    away: s.away.clone(),
                 });
             }
             let old = s.node;
@@ -188,11 +211,13 @@ impl SessionTable {
                 node_since: now,
                 requests: 1,
                 requests_on_node: 1,
+                away: None,
             },
         );
         Ok(Lease {
             node,
             node_down: false,
+            away: None,
         })
     }
 
@@ -205,6 +230,7 @@ impl SessionTable {
             s.node = new;
             s.node_since = now;
             s.requests_on_node = 1;
+            s.away = None;
         }
     }
 
@@ -251,6 +277,127 @@ impl SessionTable {
     pub fn get(&self, key: &SessionKey, now: Now) -> Option<Session> {
         let m = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
         m.get(key).filter(|s| now < s.expires()).cloned()
+    }
+}
+
+/// A session as the fleet holds it (SPEC section 11): the gateway that saw
+/// its first request started it, and every gateway follows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedSession {
+    /// The rules its first request fixed, as a canonical username.
+    pub rules: String,
+    /// Its node's id.
+    pub node: String,
+    /// When its period started (the fleet's clock, Unix ms).
+    pub started_ms: u64,
+    /// The period's length.
+    pub length_s: u32,
+    /// When its node took over (Unix ms).
+    pub node_since_ms: u64,
+    /// Requests on its node, this one included.
+    pub requests_on_node: u32,
+    /// The fleet's clock when it answered (Unix ms).
+    pub now_ms: u64,
+}
+
+/// What a gateway asks the fleet for a request of a session it cannot
+/// serve from its own table: one it has not seen, one whose timed rotation
+/// is due, and every request of a `rotate-requests_N` session.
+#[derive(Debug, Clone)]
+pub struct SessionClaim {
+    /// The session.
+    pub key: SessionKey,
+    /// The request's rules, canonical.
+    pub rules: String,
+    /// The node this gateway would start the session on, and another for a
+    /// rotation whose session is already on the first.
+    pub nodes: [String; 2],
+    /// The request's `sessionlength`.
+    pub length_s: u32,
+    /// The request's rotation.
+    pub rotate: Option<Rotate>,
+}
+
+/// Where the fleet's answer to a [`SessionClaim`] goes: the session, or
+/// `None` when the fleet could not answer (the gateway serves the request
+/// on its own table).
+pub type ClaimReply = Box<dyn FnOnce(Option<SharedSession>) + Send>;
+
+/// Sessions shared by a fleet; implemented by the fleet thread, asked by
+/// the workers. Nothing here blocks.
+pub trait SessionSync: Send + Sync {
+    /// Start the session, or say what it is (rotating it when due).
+    fn claim(&self, claim: SessionClaim, reply: ClaimReply);
+    /// The session left node `from` for `to` after `from` failed here.
+    fn moved(&self, key: SessionKey, from: &str, to: &str);
+}
+
+impl SessionTable {
+    /// Take the fleet's state of a session into this table, on `node`
+    /// (`away`: the fleet's node is one this gateway does not have, and
+    /// `node` stands in). The next [`SessionTable::acquire`] counts the
+    /// request and finds no rotation due.
+    pub fn adopt(
+        &self,
+        key: SessionKey,
+        rules: &Rules,
+        shared: &SharedSession,
+        node: NodeIdx,
+        away: Option<Arc<str>>,
+        now: Now,
+    ) -> Result<(), Rejection> {
+        let ago = |ms: u64| {
+            Now(now
+                .0
+                .saturating_sub(shared.now_ms.saturating_sub(ms) * 1_000_000))
+        };
+        let started = ago(shared.started_ms);
+        let mut map = self.shard(&key).lock().unwrap_or_else(|e| e.into_inner());
+        let requests = map
+            .get(&key)
+            .filter(|s| s.started.0.abs_diff(started.0) < NS)
+            .map_or(0, |s| s.requests);
+        if !map.contains_key(&key) && map.len() >= self.per_shard {
+            map.retain(|_, s| now < s.expires());
+            if map.len() >= self.per_shard {
+                return Err(Rejection::new(
+                    Code::Overloaded,
+                    "the session table is full; try again shortly",
+                ));
+            }
+        }
+        map.insert(
+            key,
+            Session {
+                fingerprint: rules.fingerprint(),
+                node,
+                started,
+                length_s: shared.length_s,
+                node_since: ago(shared.node_since_ms),
+                requests,
+                requests_on_node: shared.requests_on_node.saturating_sub(1),
+                away,
+            },
+        );
+        Ok(())
+    }
+
+    /// Another gateway moved the session to `node` (see [`SessionTable::adopt`]
+    /// for `away`); a session not held here is left alone.
+    pub fn moved_elsewhere(
+        &self,
+        key: &SessionKey,
+        node: NodeIdx,
+        away: Option<Arc<str>>,
+        now: Now,
+    ) {
+        let mut map = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = map.get_mut(key) {
+            s.node = node;
+            s.away = away;
+            s.node_since = now;
+            s.requests_on_node = 1;
+        }
     }
 }
 

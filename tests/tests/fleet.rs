@@ -603,3 +603,151 @@ fn rps_limit_holds_across_the_fleet() {
         error * 100.0
     );
 }
+
+/// Through `gw`'s API: org `acme`, package `pkg` (key `key`) and six US
+/// `direct` nodes `n-s1`…`n-s6` on 127.0.43.1–6, each exit telling itself
+/// apart at an [`IpEcho`] target; waits until every gateway of `all`
+/// serves the package on all six.
+fn six_exits(gw: &Gateway, all: &[&Gateway], pkg: u64, key: &str, target: &IpEcho) {
+    gw.created("/v1/orgs", r#"{"id": "acme", "credits": 100}"#);
+    for i in 1..=6 {
+        gw.created(
+            "/v1/nodes",
+            &format!(
+                r#"{{"id": "n-s{i}", "kind": "direct", "bind": "127.0.43.{i}", "country": "us"}}"#
+            ),
+        );
+    }
+    gw.created(
+        "/v1/packages",
+        &format!(r#"{{"id": {pkg}, "org": "acme", "key": "{key}"}}"#),
+    );
+    for g in all {
+        let ready = within(Duration::from_secs(5), || {
+            g.get_json("/v1/nodes")
+                .as_array()
+                .is_some_and(|a| a.len() == 6)
+                && exit_ip(
+                    g.proxy,
+                    fresh(),
+                    target.addr,
+                    &format!("package-{pkg}-country-us"),
+                    key,
+                )
+                .is_ok()
+        });
+        assert!(
+            ready.is_some(),
+            "{:?}\n{}",
+            exit_ip(
+                g.proxy,
+                fresh(),
+                target.addr,
+                &format!("package-{pkg}-country-us"),
+                key
+            ),
+            g.get_json("/v1/nodes")
+        );
+    }
+}
+
+#[test]
+fn a_sessions_exit_rotation_and_lifetime_are_the_same_on_every_gateway() {
+    let fleet = Fleet::start();
+    let (_s1, g1) = fleet.gateway("gw1");
+    let (_s2, g2) = fleet.gateway("gw2");
+    let (_s3, g3) = fleet.gateway("gw3");
+    let gws = [&g1, &g2, &g3];
+    let target = IpEcho::start(local(0)).unwrap();
+    six_exits(&g1, &gws, 8, "pk_sess", &target);
+    let via = |gw: &Gateway, user: &str| {
+        exit_ip(gw.proxy, fresh(), target.addr, user, "pk_sess")
+            .unwrap_or_else(|e| panic!("{user} through {}: {e}", gw.proxy))
+    };
+
+    // Plain sessions: whichever gateway a request lands on, the exit is the
+    // one the first request got (20 sessions × 7 requests, the first
+    // request on each gateway in turn).
+    let mut exits = std::collections::BTreeSet::new();
+    for s in 0..20 {
+        let user = format!("package-8-country-us-session-plain{s}");
+        let first = via(gws[s % 3], &user);
+        for r in 1..7 {
+            assert_eq!(via(gws[(s + r) % 3], &user), first, "{user}, request {r}");
+        }
+        exits.insert(first);
+    }
+    assert!(exits.len() > 1, "20 sessions all on one exit: {exits:?}");
+
+    // The fleet's listing shows them, through any gateway.
+    let listed = g3.get_json("/v1/sessions?package=8");
+    assert_eq!(listed.as_array().map(Vec::len), Some(20), "{listed}");
+    assert_eq!(listed[0]["rules"], "package-8-country-us", "{listed}");
+
+    // rotate-requests_2: a new exit every second request, counted across
+    // the gateways.
+    let user = "package-8-country-us-session-rot-rotate-requests_2";
+    let seen: Vec<String> = (0..8).map(|r| via(gws[r % 3], user)).collect();
+    for pair in seen.chunks(2) {
+        assert_eq!(pair[0], pair[1], "{seen:?}");
+    }
+    for w in seen.chunks(2).collect::<Vec<_>>().windows(2) {
+        assert_ne!(w[0][0], w[1][0], "{seen:?}");
+    }
+
+    // The lifetime is the first request's, on every gateway: a 2 s session
+    // keeps its exit on gateway 2 at 1 s and starts a new period on
+    // another exit on gateway 3 after 2 s.
+    let user = "package-8-country-us-session-short-sessionlength-2";
+    let first = via(&g1, user);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(via(&g2, user), first);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_ne!(
+        via(&g3, user),
+        first,
+        "a session outlived its period on gateway 3"
+    );
+
+    // Other rules on another gateway are a mismatch, as on one gateway.
+    let started = via(&g1, "package-8-country-us-session-m");
+    assert!(!started.is_empty());
+    assert_eq!(
+        exit_ip(
+            g2.proxy,
+            fresh(),
+            target.addr,
+            "package-8-country-us-session-m-onerror-fail",
+            "pk_sess"
+        ),
+        Err("SESSION_PARAMS_MISMATCH".into())
+    );
+
+    // Its node set offline: the gateway that sees it first replaces it,
+    // and every gateway follows to the same replacement.
+    let user = "package-8-country-us-session-moving";
+    let before = via(&g1, user);
+    assert_eq!(via(&g2, user), before);
+    assert_eq!(via(&g3, user), before);
+    let node = format!("n-s{}", before.rsplit('.').next().unwrap());
+    g1.patched(&format!("/v1/nodes/{node}"), r#"{"state": "offline"}"#);
+    for g in gws {
+        let off = within(IN_FORCE, || {
+            g.get_json(&format!("/v1/nodes/{node}"))["state"] == "offline"
+        });
+        assert!(
+            off.is_some(),
+            "{}",
+            g.get_json(&format!("/v1/nodes/{node}"))
+        );
+    }
+    let after = via(&g2, user);
+    assert_ne!(after, before);
+    assert_eq!(via(&g3, user), after);
+    assert_eq!(via(&g1, user), after);
+    assert_eq!(via(&g2, user), after);
+
+    // Ended through gateway 3: gone for the fleet.
+    g3.expect("DELETE", "/v1/sessions/8/moving", None, 204);
+    g1.expect("DELETE", "/v1/sessions/8/moving", None, 404);
+}

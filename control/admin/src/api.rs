@@ -710,24 +710,12 @@ async fn delete_node(State(s): State<AppState>, Path(id): Path<String>) -> ApiRe
 fn session_json(policy: &Policy, info: &SessionInfo, now_ns: u64, now_ms: u64) -> Value {
     let s = &info.session;
     let left_ms = s.expires().0.saturating_sub(now_ns) / 1_000_000;
-    let mut rules = s.fingerprint.to_rules(info.key.package);
-    // The fingerprint spells defaults out; the listing leaves them implicit.
-    if rules.network == Some(NetworkRule::Any) {
-        rules.network = None;
-    }
-    let default_onerror = if rules.bind_node {
-        OnError::Fail
-    } else {
-        OnError::Replace
-    };
-    if rules.onerror == Some(default_onerror) {
-        rules.onerror = None;
-    }
+    let node = s.away.as_deref().unwrap_or(&policy.nodes.node(s.node).id);
     json!({
         "package": info.key.package,
         "id": info.key.id.as_str(),
-        "node": policy.nodes.node(s.node).id.as_ref(),
-        "rules": rules.to_username(&policy.geo),
+        "node": node,
+        "rules": s.fingerprint.to_listed_rules(info.key.package).to_username(&policy.geo),
         "length_s": s.length_s,
         "expires_in_s": left_ms.div_ceil(1000),
         "expires_at": rfc3339(now_ms + left_ms),
@@ -736,6 +724,32 @@ fn session_json(policy: &Policy, info: &SessionInfo, now_ns: u64, now_ms: u64) -
     })
 }
 
+/// A session of the fleet, in the shape of [`session_json`] (`requests`,
+/// counted per gateway, is left out).
+fn fleet_session_json(s: &crate::fleet::FleetSession, now_ms: u64) -> Value {
+    let left_ms = s.expires_ms.saturating_sub(now_ms);
+    json!({
+        "package": s.package,
+        "id": s.id,
+        "node": s.node,
+        "rules": s.rules,
+        "length_s": s.length_s,
+        "expires_in_s": left_ms.div_ceil(1000),
+        "expires_at": rfc3339(s.expires_ms),
+        "requests_on_node": s.requests_on_node,
+    })
+}
+
+fn fleet_unavailable(e: &redis::RedisError) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "fleet_unavailable",
+        format!("the fleet's sessions are in Redis, which cannot be reached now ({e})"),
+    )
+}
+
+/// `GET /v1/sessions`: the live sessions; in a fleet, every gateway's (as
+/// Redis holds them).
 async fn list_sessions(
     State(s): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
@@ -748,8 +762,17 @@ async fn list_sessions(
         ),
     };
     let limit = limit(&q, 1000)?;
-    let now = s.control.now();
     let now_ms = unix_ms();
+    if let Some(f) = &s.fleet {
+        let list = f
+            .sessions(package, limit)
+            .await
+            .map_err(|e| fleet_unavailable(&e))?;
+        return ok(Value::Array(
+            list.iter().map(|x| fleet_session_json(x, now_ms)).collect(),
+        ));
+    }
+    let now = s.control.now();
     let policy = s.control.engine().policy();
     let list = s.control.engine().sessions.list(package, now);
     ok(Value::Array(
@@ -760,6 +783,8 @@ async fn list_sessions(
     ))
 }
 
+/// `DELETE /v1/sessions/{package}/{id}`: end a session now (in a fleet, on
+/// every gateway).
 async fn delete_session(
     State(s): State<AppState>,
     Path((package, id)): Path<(String, String)>,
@@ -767,11 +792,16 @@ async fn delete_session(
     let package = package_id(&package)?;
     let sid = SessionId::parse(&id)
         .ok_or_else(|| ApiError::not_found(format!("no session {id} of package {package}")))?;
-    if s.control
-        .engine()
-        .sessions
-        .remove(&SessionKey { package, id: sid })
-    {
+    let key = SessionKey { package, id: sid };
+    let here = s.control.engine().sessions.remove(&key);
+    let held = match &s.fleet {
+        Some(f) => f
+            .end_session(key)
+            .await
+            .map_err(|e| fleet_unavailable(&e))?,
+        None => here,
+    };
+    if held {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(ApiError::not_found(format!(

@@ -14,9 +14,12 @@
 //!   re-subscription (Redis came back) and a periodic full reload heal
 //!   what a lost message would miss.
 //!
-//! Redis is never on a request's path here. When it is unreachable the
-//! gateway serves on, `splicegate_fleet_redis_up` says 0, the log says so
-//! once, and changes made meanwhile are published when it is back.
+//! - sticky sessions (`sessions`): the one thing a request may wait for
+//!   Redis for.
+//!
+//! When Redis is unreachable the gateway serves on, `splicegate_fleet_redis_up`
+//! says 0, the log says so once, and changes made meanwhile are published
+//! when it is back.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -33,6 +36,9 @@ use splicegate_control::stats::WorkerStats;
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::control::{Change, Control, unix_ms};
+
+mod sessions;
+pub use sessions::{FleetSession, SessionEvent};
 
 /// How often this gateway renews its registry entry, reads the fleet's,
 /// and rebalances its shares of the packages' connection limits.
@@ -145,6 +151,13 @@ pub struct FleetView {
     workers: Mutex<Vec<Arc<WorkerStats>>>,
     /// What waits to be published.
     events: mpsc::UnboundedSender<Event>,
+    /// The workers' session requests, for the fleet thread.
+    sessions: mpsc::UnboundedSender<sessions::Op>,
+    /// The fleet thread's Redis connection, for the admin API's session
+    /// listing.
+    conn: Mutex<Option<ConnectionManager>>,
+    /// `[fleet] prefix`.
+    prefix: String,
     /// Where bans announced by others go.
     ban_applier: Mutex<Option<BanApplier>>,
     /// Bans announced by other gateways and applied here.
@@ -170,9 +183,17 @@ impl std::fmt::Debug for FleetView {
 }
 
 impl FleetView {
-    fn new(me: GatewayInfo, events: mpsc::UnboundedSender<Event>) -> FleetView {
+    fn new(
+        me: GatewayInfo,
+        events: mpsc::UnboundedSender<Event>,
+        sessions: mpsc::UnboundedSender<sessions::Op>,
+        prefix: String,
+    ) -> FleetView {
         FleetView {
             events,
+            sessions,
+            conn: Mutex::new(None),
+            prefix,
             ban_applier: Mutex::new(None),
             bans_received: Counter::default(),
             gateways: Mutex::new(vec![me.clone()]),
@@ -292,6 +313,8 @@ pub enum FleetError {
 pub enum Event {
     /// An API change (the data is in the store).
     Change(Change),
+    /// A sticky session moved or ended here.
+    Session(SessionEvent),
     /// A source banned here after repeated `AUTH_FAILED`.
     Ban {
         /// The source address.
@@ -402,7 +425,8 @@ impl Fleet {
             rps_shares: BTreeMap::new(),
         };
         let (events, rx) = mpsc::unbounded_channel();
-        let view = Arc::new(FleetView::new(me, events));
+        let (session_ops, session_rx) = mpsc::unbounded_channel();
+        let view = Arc::new(FleetView::new(me, events, session_ops, opts.prefix.clone()));
         let (stop, stop_rx) = watch::channel(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread_view = view.clone();
@@ -424,7 +448,7 @@ impl Fleet {
                     control,
                     opts,
                     thread_view,
-                    rx,
+                    (rx, session_rx),
                     stop_rx,
                     ready_tx,
                 ));
@@ -487,7 +511,10 @@ async fn run(
     control: Arc<Control>,
     opts: FleetOptions,
     view: Arc<FleetView>,
-    rx: mpsc::UnboundedReceiver<Event>,
+    (rx, session_rx): (
+        mpsc::UnboundedReceiver<Event>,
+        mpsc::UnboundedReceiver<sessions::Op>,
+    ),
     stop: watch::Receiver<bool>,
     ready: std::sync::mpsc::Sender<Result<(), FleetError>>,
 ) {
@@ -506,6 +533,7 @@ async fn run(
         let _ = ready.send(Err(e));
         return;
     }
+    view.set_conn(conn.clone());
     let reload = Arc::new(Notify::new());
     let tx = view.events.clone();
     control.on_change(Arc::new(move |c| {
@@ -522,8 +550,16 @@ async fn run(
             rx,
             stop.clone(),
         )),
+        tokio::spawn(sessions::serve(
+            conn.clone(),
+            opts.prefix.clone(),
+            view.clone(),
+            session_rx,
+            stop.clone(),
+        )),
         tokio::spawn(listen(
             client,
+            control.clone(),
             keys.changes.clone(),
             view.clone(),
             reload.clone(),
@@ -892,6 +928,7 @@ async fn list(conn: &mut ConnectionManager, keys: &Keys) -> redis::RedisResult<V
 /// new subscription, which may have missed some) asks for a reload.
 async fn listen(
     client: redis::Client,
+    control: Arc<Control>,
     channel: String,
     view: Arc<FleetView>,
     reload: Arc<Notify>,
@@ -932,6 +969,7 @@ async fn listen(
                             tracing::debug!(from = %env.gateway, change = ?c, "fleet: change announced");
                             reload.notify_one();
                         }
+                        Event::Session(e) => sessions::apply(&control, e),
                         Event::Ban { ip, secs } => {
                             view.bans_received.inc();
                             let applier = lock(&view.ban_applier).clone();

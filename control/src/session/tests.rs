@@ -181,7 +181,8 @@ fn a_down_node_is_reported_and_rebind_moves_the_session() {
         l2,
         Lease {
             node: l.node,
-            node_down: true
+            node_down: true,
+            away: None
         }
     );
     t.rebind(key(&r), l.node, 2, Now::from_secs(1));

@@ -418,6 +418,9 @@ fn serve(path: Option<PathBuf>, ready_file: Option<PathBuf>) -> Result<()> {
         agents: agents
             .as_ref()
             .map(|(hub, _, _)| -> Arc<dyn splicegate_worker::AgentDialer> { hub.clone() }),
+        sessions: fleet
+            .as_ref()
+            .map(|f| -> Arc<dyn splicegate_control::session::SessionSync> { f.view() }),
     });
     let mut access = match access_rx {
         Some(rx) => Some(AccessWriter::open(&cfg.log.access, rx)?),

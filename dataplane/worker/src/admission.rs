@@ -125,7 +125,7 @@ impl Gate {
     /// Checks 6–11: what the request may do and which node serves it first.
     /// `conn` holds the client connection's slot of the package's
     /// connection limit (taken on its first request, kept for the next).
-    pub(crate) fn admit(
+    pub(crate) async fn admit(
         &self,
         ctx: &Ctx,
         auth: &Authenticated,
@@ -137,11 +137,14 @@ impl Gate {
             package: Some(auth.package.id()),
             rejection,
         };
-        let now = clock::now();
         let admitted = self
             .policy
-            .admit(auth, self.protocol, target, conn, now)
+            .admit(auth, self.protocol, target, conn, clock::now())
             .map_err(refuse)?;
+        share_session(ctx, &self.policy, &admitted)
+            .await
+            .map_err(refuse)?;
+        let now = clock::now();
         let route = ctx
             .shared
             .engine
@@ -184,6 +187,7 @@ impl Admission {
             match dial(ctx, &policy, &node, &self.admitted.target).await {
                 Ok(up) => {
                     engine.established(&self.route, clock::now());
+                    announce_move(ctx, &self.route, &node);
                     return Ok(Established {
                         up,
                         node,
@@ -205,5 +209,56 @@ impl Admission {
                 }
             }
         }
+    }
+}
+
+/// How long a request waits for the fleet's answer about its session
+/// before it goes on with this gateway's table (as while Redis is away).
+const SESSION_WAIT: Duration = Duration::from_millis(500);
+
+/// In a fleet, a session request this gateway cannot serve alone (see
+/// [`splicegate_control::session::Session::serves_alone`]) asks the fleet
+/// first and follows its answer. Without `[fleet]`, or with no answer,
+/// nothing changes.
+pub(crate) async fn share_session(
+    ctx: &Ctx,
+    policy: &Arc<Policy>,
+    admitted: &Admitted,
+) -> Result<(), Rejection> {
+    let Some(sync) = &ctx.shared.sessions else {
+        return Ok(());
+    };
+    let engine = &ctx.shared.engine;
+    let Some(claim) =
+        engine.session_claim(policy, admitted, clock::now(), &mut ctx.rng.borrow_mut())
+    else {
+        return Ok(());
+    };
+    let (tx, mut rx) = splicegate_uring::channel();
+    sync.claim(
+        claim,
+        Box::new(move |answer| {
+            let _ = tx.send(answer);
+        }),
+    );
+    match splicegate_uring::timeout(SESSION_WAIT, rx.recv()).await {
+        Ok(Some(Some(shared))) => engine.adopt_session(
+            policy,
+            admitted,
+            &shared,
+            clock::now(),
+            &mut ctx.rng.borrow_mut(),
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// In a fleet, a session that moved to a replacement here moves for every
+/// gateway.
+pub(crate) fn announce_move(ctx: &Ctx, route: &Route, node: &Node) {
+    if let (Some(sync), Some(key)) = (&ctx.shared.sessions, route.session)
+        && route.node() != route.first
+    {
+        sync.moved(key, route.first_id(), &node.id);
     }
 }

@@ -277,7 +277,10 @@ impl HttpConn<'_> {
             Ok(a) => a,
             Err(refusal) => return self.refuse(req, protocol, refusal).await,
         };
-        let mut admission = match gate.admit(self.ctx, &auth, target, &mut self.conn, started) {
+        let mut admission = match gate
+            .admit(self.ctx, &auth, target, &mut self.conn, started)
+            .await
+        {
             Ok(a) => a,
             Err(refusal) => return self.refuse(req, protocol, refusal).await,
         };

@@ -133,6 +133,9 @@ pub struct Shared {
     /// Streams through connected agents (`[agents]`); without it an agent
     /// node fails like an unreachable one.
     pub agents: Option<Arc<dyn AgentDialer>>,
+    /// Sessions shared by the fleet (`[fleet]`); without it a session
+    /// lives in this gateway's table alone.
+    pub sessions: Option<Arc<dyn splicegate_control::session::SessionSync>>,
 }
 
 /// What opening a stream on an agent node came to.

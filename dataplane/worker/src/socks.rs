@@ -120,7 +120,9 @@ pub(crate) async fn serve(
     }
     // Checks 6–11 and the dial.
     let mut conn = None;
-    let admitted = gate.admit(ctx, &auth, &request.target, &mut conn, started);
+    let admitted = gate
+        .admit(ctx, &auth, &request.target, &mut conn, started)
+        .await;
     let established = match admitted {
         Ok(mut admission) => admission.dial(ctx, Protocol::Socks5).await,
         Err(refusal) => Err(refusal),

@@ -185,10 +185,17 @@ pub(crate) async fn associate(
     let admitted = policy
         .admit_association(auth, &mut conn, now)
         .map_err(refuse);
+    let admitted = match admitted {
+        Ok(a) => crate::admission::share_session(ctx, &policy, &a)
+            .await
+            .map(|()| a)
+            .map_err(refuse),
+        Err(r) => Err(r),
+    };
     let route = admitted.and_then(|a| {
         ctx.shared
             .engine
-            .route(&policy, &a, now, &mut ctx.rng.borrow_mut())
+            .route(&policy, &a, clock::now(), &mut ctx.rng.borrow_mut())
             .map(|r| (a, r))
             .map_err(refuse)
     });
@@ -246,6 +253,7 @@ pub(crate) async fn associate(
         return;
     }
     engine.established(&route, clock::now());
+    crate::admission::announce_move(ctx, &route, &node);
     ctx.stats.answer(Protocol::Socks5, None);
     ctx.stats.setup.observe(started.elapsed());
     let _load = node.runtime.open_tunnel();
