@@ -4,7 +4,7 @@
 //! integer micro-credits; a GB is 10^9 bytes. Safe for every worker at once.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 use crate::Now;
 
@@ -25,11 +25,56 @@ pub fn micro_to_credits(micro: i64) -> f64 {
     micro as f64 / MICRO as f64
 }
 
+/// In a fleet, a limit every gateway shares (a package's traffic cap, an
+/// organisation's credits): how far this gateway's counter may go on the
+/// leases it took from the fleet. Set by the fleet thread; without it the
+/// whole limit holds against the local counter.
+#[derive(Debug, Default)]
+pub struct FleetBudget {
+    /// What the local counter may reach, plus one (0: no budget).
+    allowance: AtomicU64,
+    /// Whether the fleet has nothing left to lease: the allowance is then
+    /// a hard stop. Before that, a counter past its allowance goes on
+    /// while the fleet thread takes the next lease.
+    exhausted: AtomicBool,
+}
+
+impl FleetBudget {
+    /// Set the allowance (`None`: no budget) and whether the fleet is out.
+    pub fn set(&self, allowance: Option<u64>, exhausted: bool) {
+        self.exhausted.store(exhausted, Ordering::Relaxed);
+        self.allowance.store(
+            allowance.map_or(0, |a| a.saturating_add(1)),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The allowance, if any, and whether the fleet is out.
+    pub fn get(&self) -> Option<(u64, bool)> {
+        match self.allowance.load(Ordering::Relaxed) {
+            0 => None,
+            a => Some((a - 1, self.exhausted.load(Ordering::Relaxed))),
+        }
+    }
+
+    /// Whether a counter at `used` may go on under `limit`: below the
+    /// limit without a budget; with one, below the allowance, or past it
+    /// while the fleet still has some to lease.
+    pub fn allows(&self, used: u64, limit: u64) -> bool {
+        match self.get() {
+            None => used < limit,
+            Some((allowance, exhausted)) => used < allowance || !exhausted,
+        }
+    }
+}
+
 /// An organisation's account: what was granted, what was spent.
 #[derive(Debug, Default)]
 pub struct OrgAccount {
     granted: AtomicI64,
     spent: AtomicI64,
+    /// In a fleet, the part of the credits this gateway may spend.
+    pub budget: FleetBudget,
 }
 
 impl OrgAccount {
@@ -38,7 +83,15 @@ impl OrgAccount {
         OrgAccount {
             granted: AtomicI64::new(granted_micro),
             spent: AtomicI64::new(0),
+            budget: FleetBudget::default(),
         }
+    }
+
+    /// Whether there are credits to spend: a positive balance, or in a
+    /// fleet what [`FleetBudget::allows`].
+    pub fn has_credits(&self) -> bool {
+        let spent = self.spent().max(0) as u64;
+        self.budget.allows(spent, self.granted().max(0) as u64)
     }
 
     /// Balance in micro-credits.
@@ -91,6 +144,8 @@ pub struct PackageUsage {
     rps_attempts: AtomicU64,
     /// GCRA theoretical arrival time, ns.
     tat: AtomicU64,
+    /// In a fleet, the part of the traffic cap this gateway may relay.
+    pub cap_budget: FleetBudget,
 }
 
 /// A snapshot of a package's cumulative usage.
@@ -246,8 +301,10 @@ impl PackageUsage {
     /// Whether the traffic cap (0 = unlimited) is reached.
     pub fn over_cap(&self, cap: u64) -> bool {
         cap != 0
-            && self.bytes_up.load(Ordering::Relaxed) + self.bytes_down.load(Ordering::Relaxed)
-                >= cap
+            && !self.cap_budget.allows(
+                self.bytes_up.load(Ordering::Relaxed) + self.bytes_down.load(Ordering::Relaxed),
+                cap,
+            )
     }
 
     /// Charge relayed bytes to the package and its organisation at
@@ -291,6 +348,27 @@ impl PackageUsage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fleet_budget_stops_at_its_allowance_only_once_the_fleet_is_out() {
+        let u = PackageUsage::default();
+        u.add_traffic(500, 500, 0, None);
+        assert!(u.over_cap(1000), "no budget: the whole cap holds here");
+        u.cap_budget.set(Some(2000), false);
+        assert!(!u.over_cap(1000), "a lease reaches past the local view");
+        u.cap_budget.set(Some(800), false);
+        assert!(!u.over_cap(1000), "past the allowance, the fleet has more");
+        u.cap_budget.set(Some(800), true);
+        assert!(u.over_cap(1000), "the fleet is out: a hard stop");
+        u.cap_budget.set(Some(1001), true);
+        assert!(!u.over_cap(1000));
+        let org = OrgAccount::new(10);
+        assert!(org.has_credits());
+        org.budget.set(Some(0), true);
+        assert!(!org.has_credits());
+        org.budget.set(None, false);
+        assert!(org.has_credits());
+    }
 
     #[test]
     fn gcra_allows_a_second_of_burst_then_the_rate() {

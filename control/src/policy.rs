@@ -719,7 +719,7 @@ pub fn status_check(package: &Package) -> Result<(), Rejection> {
         }
     }
     if let Some(org) = &package.org
-        && org.account.balance() <= 0
+        && !org.account.has_credits()
     {
         return Err(Rejection::new(
             Code::PackageNoCredits,

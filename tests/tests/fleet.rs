@@ -751,3 +751,138 @@ fn a_sessions_exit_rotation_and_lifetime_are_the_same_on_every_gateway() {
     g3.expect("DELETE", "/v1/sessions/8/moving", None, 204);
     g1.expect("DELETE", "/v1/sessions/8/moving", None, 404);
 }
+
+/// A target that sends 64 KiB chunks to every connection until it closes.
+fn endless_source() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                use std::io::Write as _;
+                let chunk = vec![7u8; 65_536];
+                while c.write_all(&chunk).is_ok() {}
+            });
+        }
+    });
+    addr
+}
+
+/// Download through `gw` at about `rate` bytes per second, tunnel after
+/// tunnel, until a CONNECT is refused or `limit` passes: the bytes read
+/// and the refusal's code.
+fn download(
+    gw: &Gateway,
+    src: Ipv4Addr,
+    target: std::net::SocketAddr,
+    key: &str,
+    rate: u64,
+    limit: Duration,
+) -> (u64, Option<String>) {
+    use std::io::Read as _;
+    let started = Instant::now();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 65_536];
+    let pause = Duration::from_secs_f64(buf.len() as f64 / rate as f64);
+    while started.elapsed() < limit {
+        let mut t =
+            splicegate_tests::ops::connect(gw.proxy, src, target, "package-9-country-us", key);
+        if t.status != 200 {
+            return (total, t.code);
+        }
+        total += t.extra.len() as u64;
+        t.stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        while started.elapsed() < limit {
+            match t.stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n as u64,
+            }
+            std::thread::sleep(pause);
+        }
+    }
+    (total, None)
+}
+
+/// Three gateways' clients download at 4 MB/s each through package 9
+/// (`package`: its limit) until refused with `code`: the fleet relays the
+/// limit's 30 MB within SPEC section 11's bound, not each gateway.
+fn a_limit_of_30_mb_holds_across_the_fleet(credits: f64, package: &str, code: &str) {
+    let fleet = Fleet::start();
+    let (_s1, g1) = fleet.gateway("gw1");
+    let (_s2, g2) = fleet.gateway("gw2");
+    let (_s3, g3) = fleet.gateway("gw3");
+    let gws = [&g1, &g2, &g3];
+    const LIMIT: u64 = 30_000_000;
+    const RATE: u64 = 4_000_000;
+    g1.created(
+        "/v1/orgs",
+        &format!(r#"{{"id": "acme", "credits": {credits}}}"#),
+    );
+    g1.created(
+        "/v1/nodes",
+        r#"{"id": "n-a", "kind": "direct", "bind": "127.0.44.1", "country": "us"}"#,
+    );
+    g1.created(
+        "/v1/packages",
+        &format!(r#"{{"id": 9, "org": "acme", "key": "pk_cap", {package}}}"#),
+    );
+    let target = endless_source();
+    for g in gws {
+        let ready = within(Duration::from_secs(5), || {
+            let t = splicegate_tests::ops::connect(
+                g.proxy,
+                fresh(),
+                target,
+                "package-9-country-us",
+                "pk_cap",
+            );
+            t.status == 200
+        });
+        assert!(ready.is_some(), "{}", g.log_tail(20));
+    }
+    let got: Vec<(u64, Option<String>)> = std::thread::scope(|s| {
+        let runs: Vec<_> = gws
+            .iter()
+            .map(|g| {
+                s.spawn(|| download(g, fresh(), target, "pk_cap", RATE, Duration::from_secs(30)))
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let total: u64 = got.iter().map(|(n, _)| n).sum();
+    for (n, refused) in &got {
+        assert_eq!(refused.as_deref(), Some(code), "{got:?}");
+        assert!(*n > 0, "{got:?}");
+    }
+    // SPEC section 11: at most one lease (1 MB) and one second of traffic
+    // per gateway past the limit.
+    let bound = LIMIT + 3 * (1_000_000 + RATE);
+    eprintln!(
+        "{code} at {LIMIT} bytes: relayed {total} ({:+} bytes), per gateway {:?}; bound {bound}",
+        total as i64 - LIMIT as i64,
+        got.iter().map(|(n, _)| n).collect::<Vec<_>>()
+    );
+    assert!(
+        total <= bound,
+        "relayed {total} past the limit {LIMIT} (bound {bound})"
+    );
+    assert!(total >= LIMIT * 8 / 10, "relayed only {total} of {LIMIT}");
+}
+
+#[test]
+fn a_traffic_cap_holds_across_the_fleet_on_leases() {
+    a_limit_of_30_mb_holds_across_the_fleet(
+        100.0,
+        r#""traffic_limit_bytes": 30000000"#,
+        "TRAFFIC_LIMIT_EXCEEDED",
+    );
+}
+
+#[test]
+fn credits_hold_across_the_fleet_on_leases() {
+    // 0.03 credits at 1 credit per GB: 30 MB.
+    a_limit_of_30_mb_holds_across_the_fleet(0.03, r#""price_per_gb": 1.0"#, "PACKAGE_NO_CREDITS");
+}

@@ -837,6 +837,15 @@ impl Control {
         Ok(left)
     }
 
+    /// The usage epoch of each of `ids` (0 until its first reset): a
+    /// fleet's traffic-cap leases are per epoch.
+    pub fn usage_epochs(&self, ids: &[u64]) -> Vec<i64> {
+        let inner = self.lock();
+        ids.iter()
+            .map(|id| inner.epochs.get(id).copied().unwrap_or(0))
+            .collect()
+    }
+
     // ---- nodes ----
 
     /// `POST /v1/nodes`: returns the id and, for an agent node created

@@ -37,6 +37,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::control::{Change, Control, unix_ms};
 
+mod budgets;
 mod sessions;
 pub use sessions::{FleetSession, SessionEvent};
 
@@ -67,6 +68,9 @@ pub struct FleetOptions {
     /// How often the whole policy is read back from the store even without
     /// an announced change.
     pub reload_every: Duration,
+    /// `[fleet] lease_bytes`: a traffic-cap lease (a credit lease is that
+    /// many bytes at the package's price).
+    pub lease_bytes: u64,
 }
 
 impl std::fmt::Debug for FleetOptions {
@@ -78,6 +82,7 @@ impl std::fmt::Debug for FleetOptions {
             .field("proxy", &self.proxy)
             .field("admin", &self.admin)
             .field("reload_every", &self.reload_every)
+            .field("lease_bytes", &self.lease_bytes)
             .finish()
     }
 }
@@ -548,6 +553,14 @@ async fn run(
             view.clone(),
             reload.clone(),
             rx,
+            stop.clone(),
+        )),
+        tokio::spawn(budgets::serve(
+            control.clone(),
+            conn.clone(),
+            opts.prefix.clone(),
+            opts.lease_bytes,
+            view.clone(),
             stop.clone(),
         )),
         tokio::spawn(sessions::serve(

@@ -67,6 +67,7 @@ pub(crate) fn join_fleet(
         proxy: f.advertise.unwrap_or(proxy),
         admin: None,
         reload_every: Duration::from_secs(f.reload_s.max(1)),
+        lease_bytes: f.lease_bytes,
     };
     tracing::info!(id = %opts.id, redis = %splicegate_admin::fleet::redact(&opts.redis), "joining the fleet");
     let fleet = Fleet::join(control.clone(), opts)?;

@@ -212,6 +212,14 @@ pub(crate) struct FleetSection {
     /// on the channel are read at once).
     #[serde(default = "default_fleet_reload_s")]
     pub reload_s: u64,
+    /// Bytes of a traffic-cap lease (a credit lease is that many bytes at
+    /// the package's price); default 1 MB.
+    #[serde(default = "default_fleet_lease_bytes")]
+    pub lease_bytes: u64,
+}
+
+fn default_fleet_lease_bytes() -> u64 {
+    1_000_000
 }
 
 fn default_fleet_prefix() -> String {
@@ -552,6 +560,9 @@ impl Config {
         if f.reload_s == 0 || f.reload_s > 3600 {
             bail!("fleet.reload_s must be 1 to 3600");
         }
+        if !(1_000..=1_000_000_000_000).contains(&f.lease_bytes) {
+            bail!("fleet.lease_bytes must be 1000 (1 kB) to 10^12 (1 TB)");
+        }
         if self.admin.is_none() {
             bail!(
                 "[fleet] needs [admin]: the fleet's accounts and nodes are managed through the API"
@@ -745,6 +756,7 @@ mod tests {
         assert_eq!(f.id().unwrap(), "gw-1");
         assert_eq!(f.prefix, "splicegate");
         assert_eq!(f.reload_s, 30);
+        assert_eq!(f.lease_bytes, 1_000_000);
         let refused = |text: &str, says: &str| {
             let e = Config::parse(text).unwrap_err().to_string();
             assert!(e.contains(says), "{text}: {e}");
@@ -767,6 +779,7 @@ mod tests {
             "fleet.redis is empty",
         );
         refused(&format!("{ok}reload_s = 0\n"), "fleet.reload_s");
+        refused(&format!("{ok}lease_bytes = 10\n"), "fleet.lease_bytes");
         // The file's direct nodes stay: they belong to this gateway.
         let with_node =
             format!("{ok}[[node]]\nid = \"d1\"\nkind = \"direct\"\nbind = \"127.0.0.2\"\n");
