@@ -752,8 +752,13 @@ fn a_sessions_exit_rotation_and_lifetime_are_the_same_on_every_gateway() {
     g1.expect("DELETE", "/v1/sessions/8/moving", None, 404);
 }
 
-/// A target that sends 64 KiB chunks to every connection until it closes.
-fn endless_source() -> std::net::SocketAddr {
+/// The rate each connection to [`paced_source`] gets.
+const RATE: u64 = 4_000_000;
+
+/// A target that sends every connection 64 KiB chunks at [`RATE`] until it
+/// closes (paced at the source, so that what the gateways relay is what
+/// the clients read, not buffers filled at loopback speed).
+fn paced_source() -> std::net::SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -762,30 +767,37 @@ fn endless_source() -> std::net::SocketAddr {
             std::thread::spawn(move || {
                 use std::io::Write as _;
                 let chunk = vec![7u8; 65_536];
-                while c.write_all(&chunk).is_ok() {}
+                let started = Instant::now();
+                let mut sent = 0u64;
+                while c.write_all(&chunk).is_ok() {
+                    sent += chunk.len() as u64;
+                    let due = Duration::from_secs_f64(sent as f64 / RATE as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
             });
         }
     });
     addr
 }
 
-/// Download through `gw` at about `rate` bytes per second, tunnel after
-/// tunnel, until a CONNECT is refused or `limit` passes: the bytes read
-/// and the refusal's code.
+/// Download through `gw`, tunnel after tunnel, until a CONNECT is refused,
+/// `enough` bytes came or `limit` passes: the bytes read and the refusal's
+/// code.
 fn download(
     gw: &Gateway,
     src: Ipv4Addr,
     target: std::net::SocketAddr,
     key: &str,
-    rate: u64,
+    enough: u64,
     limit: Duration,
 ) -> (u64, Option<String>) {
     use std::io::Read as _;
     let started = Instant::now();
     let mut total = 0u64;
     let mut buf = vec![0u8; 65_536];
-    let pause = Duration::from_secs_f64(buf.len() as f64 / rate as f64);
-    while started.elapsed() < limit {
+    while started.elapsed() < limit && total < enough {
         let mut t =
             splicegate_tests::ops::connect(gw.proxy, src, target, "package-9-country-us", key);
         if t.status != 200 {
@@ -795,28 +807,45 @@ fn download(
         t.stream
             .set_read_timeout(Some(Duration::from_secs(3)))
             .unwrap();
-        while started.elapsed() < limit {
+        while started.elapsed() < limit && total < enough {
             match t.stream.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => total += n as u64,
             }
-            std::thread::sleep(pause);
         }
     }
     (total, None)
 }
 
-/// Three gateways' clients download at 4 MB/s each through package 9
-/// (`package`: its limit) until refused with `code`: the fleet relays the
-/// limit's 30 MB within SPEC section 11's bound, not each gateway.
-fn a_limit_of_30_mb_holds_across_the_fleet(credits: f64, package: &str, code: &str) {
-    let fleet = Fleet::start();
-    let (_s1, g1) = fleet.gateway("gw1");
-    let (_s2, g2) = fleet.gateway("gw2");
-    let (_s3, g3) = fleet.gateway("gw3");
-    let gws = [&g1, &g2, &g3];
-    const LIMIT: u64 = 30_000_000;
-    const RATE: u64 = 4_000_000;
+/// One client per gateway downloads through package 9 (key `pk_cap`) at
+/// [`RATE`] until refused or `enough` bytes came: what each got.
+fn everywhere(
+    gws: &[&Gateway],
+    target: std::net::SocketAddr,
+    enough: u64,
+) -> Vec<(u64, Option<String>)> {
+    std::thread::scope(|s| {
+        let runs: Vec<_> = gws
+            .iter()
+            .map(|g| {
+                s.spawn(|| {
+                    let limit = Duration::from_secs(30);
+                    download(g, fresh(), target, "pk_cap", enough, limit)
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    })
+}
+
+/// The limit of the limit tests: 30 MB.
+const LIMIT: u64 = 30_000_000;
+
+/// Through `gw`'s API: org `acme` with `credits`, a US node and package 9
+/// (`pk_cap`; `package`: its limit, JSON fields); an endless source as the
+/// target, once every gateway of `gws` serves the package.
+fn limited_package(gws: &[&Gateway], credits: f64, package: &str) -> std::net::SocketAddr {
+    let g1 = gws[0];
     g1.created(
         "/v1/orgs",
         &format!(r#"{{"id": "acme", "credits": {credits}}}"#),
@@ -829,47 +858,65 @@ fn a_limit_of_30_mb_holds_across_the_fleet(credits: f64, package: &str, code: &s
         "/v1/packages",
         &format!(r#"{{"id": 9, "org": "acme", "key": "pk_cap", {package}}}"#),
     );
-    let target = endless_source();
+    let target = paced_source();
     for g in gws {
         let ready = within(Duration::from_secs(5), || {
-            let t = splicegate_tests::ops::connect(
-                g.proxy,
-                fresh(),
-                target,
-                "package-9-country-us",
-                "pk_cap",
-            );
-            t.status == 200
+            let user = "package-9-country-us";
+            splicegate_tests::ops::connect(g.proxy, fresh(), target, user, "pk_cap").status == 200
         });
         assert!(ready.is_some(), "{}", g.log_tail(20));
     }
-    let got: Vec<(u64, Option<String>)> = std::thread::scope(|s| {
-        let runs: Vec<_> = gws
-            .iter()
-            .map(|g| {
-                s.spawn(|| download(g, fresh(), target, "pk_cap", RATE, Duration::from_secs(30)))
-            })
-            .collect();
-        runs.into_iter().map(|r| r.join().unwrap()).collect()
-    });
-    let total: u64 = got.iter().map(|(n, _)| n).sum();
-    for (n, refused) in &got {
+    target
+}
+
+/// [`everywhere`] until each client is refused with `code`: what each got.
+fn until_refused(gws: &[&Gateway], target: std::net::SocketAddr, code: &str) -> Vec<u64> {
+    let got = everywhere(gws, target, u64::MAX);
+    for (_, refused) in &got {
         assert_eq!(refused.as_deref(), Some(code), "{got:?}");
-        assert!(*n > 0, "{got:?}");
     }
-    // SPEC section 11: at most one lease (1 MB) and one second of traffic
-    // per gateway past the limit.
+    got.into_iter().map(|(n, _)| n).collect()
+}
+
+/// What each gateway relayed for package 9, as it counts it (its
+/// counter: the store's total when it started, 0 here, plus its own).
+fn relayed(gws: &[&Gateway]) -> Vec<u64> {
+    gws.iter()
+        .map(|g| g.get_json("/v1/packages/9")["bytes"].as_u64().unwrap())
+        .collect()
+}
+
+/// SPEC section 11's bound for three gateways: at most one lease (1 MB)
+/// and one second of traffic per gateway past the limit. Prints what the
+/// gateways relayed; fails past the bound or below 80 % of the limit.
+fn within_the_bound(what: &str, gws: &[&Gateway]) {
+    let per_gateway = relayed(gws);
+    let total: u64 = per_gateway.iter().sum();
     let bound = LIMIT + 3 * (1_000_000 + RATE);
     eprintln!(
-        "{code} at {LIMIT} bytes: relayed {total} ({:+} bytes), per gateway {:?}; bound {bound}",
+        "{what} at {LIMIT} bytes: relayed {total} ({:+} bytes), per gateway {per_gateway:?}; bound {bound}",
         total as i64 - LIMIT as i64,
-        got.iter().map(|(n, _)| n).collect::<Vec<_>>()
     );
     assert!(
         total <= bound,
         "relayed {total} past the limit {LIMIT} (bound {bound})"
     );
     assert!(total >= LIMIT * 8 / 10, "relayed only {total} of {LIMIT}");
+}
+
+/// Three gateways' clients download at 4 MB/s each through package 9
+/// (`package`: its limit) until refused with `code`: the fleet relays the
+/// limit's 30 MB within SPEC section 11's bound, not each gateway.
+fn a_limit_of_30_mb_holds_across_the_fleet(credits: f64, package: &str, code: &str) {
+    let fleet = Fleet::start();
+    let (_s1, g1) = fleet.gateway("gw1");
+    let (_s2, g2) = fleet.gateway("gw2");
+    let (_s3, g3) = fleet.gateway("gw3");
+    let gws = [&g1, &g2, &g3];
+    let target = limited_package(&gws, credits, package);
+    let got = until_refused(&gws, target, code);
+    assert!(got.iter().all(|n| *n > 0), "{got:?}");
+    within_the_bound(code, &gws);
 }
 
 #[test]
@@ -885,4 +932,41 @@ fn a_traffic_cap_holds_across_the_fleet_on_leases() {
 fn credits_hold_across_the_fleet_on_leases() {
     // 0.03 credits at 1 credit per GB: 30 MB.
     a_limit_of_30_mb_holds_across_the_fleet(0.03, r#""price_per_gb": 1.0"#, "PACKAGE_NO_CREDITS");
+}
+
+/// Redis killed during traffic against a 30 MB cap: each gateway goes on
+/// on one provisional lease (the last known remainder over three) and
+/// stops there; Redis comes back empty, the fleet's count starts again
+/// from the store's total, and what is left of the cap is relayed, no more.
+#[test]
+fn a_traffic_cap_holds_through_a_redis_outage_on_provisional_leases() {
+    let mut fleet = Fleet::start();
+    let (_s1, g1) = fleet.gateway("gw1");
+    let (_s2, g2) = fleet.gateway("gw2");
+    let (_s3, g3) = fleet.gateway("gw3");
+    let gws = [&g1, &g2, &g3];
+    let target = limited_package(&gws, 100.0, r#""traffic_limit_bytes": 30000000"#);
+    everywhere(&gws, target, 1_000_000);
+    let before: u64 = relayed(&gws).iter().sum();
+
+    fleet.redis.kill();
+    for (g, id) in gws.iter().zip(["gw1", "gw2", "gw3"]) {
+        let series = format!(r#"splicegate_fleet_redis_up{{gateway="{id}"}}"#);
+        let down = within(Duration::from_secs(5), || {
+            sample(&g.metrics(), &series) == 0.0
+        });
+        assert!(down.is_some(), "{id} does not say Redis is down");
+    }
+    until_refused(&gws, target, "TRAFFIC_LIMIT_EXCEEDED");
+    let outage: u64 = relayed(&gws).iter().sum();
+    eprintln!("relayed before the outage {before} bytes, through it {outage}");
+    assert!(outage > before, "nothing relayed during the outage");
+    assert!(outage <= LIMIT + 3 * (1_000_000 + RATE), "{outage}");
+
+    // Back, without its data: the count starts from the store, once every
+    // gateway has written its usage (once a second).
+    fleet.redis.start_again();
+    std::thread::sleep(Duration::from_millis(1500));
+    until_refused(&gws, target, "TRAFFIC_LIMIT_EXCEEDED");
+    within_the_bound("TRAFFIC_LIMIT_EXCEEDED through an outage", &gws);
 }

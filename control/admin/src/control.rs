@@ -74,6 +74,15 @@ struct SnapshotState {
     written: Mutex<Option<Instant>>,
 }
 
+/// The store's usage totals ([`Control::stored_usage`]).
+#[derive(Debug, Clone, Default)]
+pub struct StoredUsage {
+    /// Bytes of each package in its current epoch.
+    pub bytes: HashMap<u64, u64>,
+    /// Micro-credits each organisation spent.
+    pub spent: HashMap<String, i64>,
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> u64 {
     SystemTime::now()
@@ -844,6 +853,23 @@ impl Control {
         ids.iter()
             .map(|id| inner.epochs.get(id).copied().unwrap_or(0))
             .collect()
+    }
+
+    /// What the store holds of every package's traffic in its current
+    /// epoch and of every organisation's spending: the whole fleet's, as
+    /// each gateway flushed it.
+    pub fn stored_usage(&self) -> Result<StoredUsage, ControlError> {
+        let inner = self.lock();
+        let bytes = inner
+            .store
+            .usage_totals()?
+            .into_iter()
+            .map(|(id, t)| (id, t.bytes()))
+            .collect();
+        Ok(StoredUsage {
+            bytes,
+            spent: inner.store.spent()?,
+        })
     }
 
     // ---- nodes ----

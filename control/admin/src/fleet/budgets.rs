@@ -9,7 +9,8 @@
 //! counter as far as its leases reach ([`FleetBudget`]); every [`TICK`] it
 //! looks at each limit its clients use and, when what is left of its leases
 //! is below half of what it will need (`[fleet] lease_bytes`, or one second
-//! of its traffic when that is more), takes the next lease in one script.
+//! of its traffic when that is more, up to a quarter of its even share of
+//! the limit), takes the next lease in one script.
 //! A counter past its allowance goes on while the fleet has more to lease;
 //! once the fleet has nothing left, the allowance is a hard stop, and the
 //! one-second re-check of open tunnels closes them. So a limit is overshot,
@@ -29,7 +30,7 @@ use splicegate_control::limits::{FleetBudget, GB};
 use tokio::sync::watch;
 
 use super::FleetView;
-use crate::control::Control;
+use crate::control::{Control, StoredUsage};
 
 /// How often each limit in use is looked at.
 pub(super) const TICK: Duration = Duration::from_millis(100);
@@ -38,18 +39,26 @@ pub(super) const TICK: Duration = Duration::from_millis(100);
 /// asks again (a raised cap or a grant is seen sooner: the limit changed).
 const EXHAUSTED_RETRY: Duration = Duration::from_secs(2);
 
-/// Create the count at ARGV[2] if there is none, add what was used beyond
-/// the leases while Redis was away (ARGV[4]), then grant up to ARGV[3] of
-/// what the limit (ARGV[1]) leaves. Returns the grant and what is left.
+/// Create the count at ARGV[2] if there is none; else add what was used
+/// beyond the leases while Redis was away (ARGV[4]: a new count's start
+/// holds it already). Then grant up to ARGV[3] of what the limit (ARGV[1])
+/// leaves. Returns the grant and what is left.
 const LEASE_SCRIPT: &str = r"
-redis.call('SET', KEYS[1], ARGV[2], 'NX')
-local taken = redis.call('INCRBY', KEYS[1], ARGV[4])
+local taken
+if redis.call('SET', KEYS[1], ARGV[2], 'NX') then
+  taken = tonumber(ARGV[2])
+else
+  taken = redis.call('INCRBY', KEYS[1], ARGV[4])
+end
 local left = tonumber(ARGV[1]) - taken
 local grant = 0
 if left > 0 then grant = math.min(left, tonumber(ARGV[3])) end
 if grant > 0 then taken = redis.call('INCRBY', KEYS[1], grant) end
 return {grant, tonumber(ARGV[1]) - taken}
 ";
+
+/// How long the store's totals are reused for counts Redis may not hold.
+const STORED_FOR: Duration = Duration::from_secs(1);
 
 /// A limit the fleet shares.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -116,6 +125,9 @@ struct InUse<'a> {
     max: u64,
     /// A lease's size in the limit's unit.
     unit: u64,
+    /// Where the fleet's count starts if Redis has none: the larger of the
+    /// local counter and the store's total.
+    start: u64,
     budget: &'a FleetBudget,
 }
 
@@ -129,6 +141,7 @@ pub(super) async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut leases: HashMap<Limit, Lease> = HashMap::new();
+    let mut stored: Option<(Instant, StoredUsage)> = None;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -159,6 +172,7 @@ pub(super) async fn serve(
                 used: p.usage.totals().bytes(),
                 max: p.decl.traffic_limit_bytes,
                 unit: lease_bytes,
+                start: 0,
                 budget: &p.usage.cap_budget,
             });
         }
@@ -180,13 +194,39 @@ pub(super) async fn serve(
                 used: org.account.spent().max(0) as u64,
                 max: org.account.granted().max(0) as u64,
                 unit: (u128::from(lease_bytes) * u128::from(per_gb) / u128::from(GB)).max(1) as u64,
+                start: 0,
                 budget: &org.account.budget,
             });
         }
+        // A count Redis may not hold (never leased here, or Redis was
+        // away and may have lost it) starts from the store's total.
+        let unsure = view.redis_up()
+            && in_use.iter().any(|u| {
+                leases.get(&u.limit).is_some_and(|l| {
+                    (l.remaining.is_none() && u.used != l.origin) || l.provisional.is_some()
+                })
+            });
+        if unsure
+            && stored
+                .as_ref()
+                .is_none_or(|(at, _)| at.elapsed() > STORED_FOR)
+        {
+            let c = control.clone();
+            if let Ok(Ok(s)) = tokio::task::spawn_blocking(move || c.stored_usage()).await {
+                stored = Some((Instant::now(), s));
+            }
+        }
         let gateways = view.gateways().len().max(1) as u64;
         let mut seen = HashSet::with_capacity(in_use.len());
-        for u in &in_use {
+        for u in &mut in_use {
             seen.insert(u.limit.clone());
+            if let Some((_, s)) = &stored {
+                let total = match &u.limit {
+                    Limit::Cap { package, .. } => s.bytes.get(package).copied(),
+                    Limit::Credits(org) => s.spent.get(org).map(|s| (*s).max(0) as u64),
+                };
+                u.start = u.used.max(total.unwrap_or(0));
+            }
             let lease = leases
                 .entry(u.limit.clone())
                 .or_insert_with(|| Lease::new(u.used));
@@ -209,15 +249,21 @@ async fn look(
         // The counter went back (a usage reset): start over.
         *lease = Lease::new(u.used);
     }
+    // Smoothed over about a second, so that a burst filling the sockets'
+    // buffers does not read as a second of traffic.
     let secs = TICK.as_secs_f64();
-    lease.rate = 0.7 * lease.rate + 0.3 * (u.used - lease.last) as f64 / secs;
+    lease.rate = 0.9 * lease.rate + 0.1 * (u.used - lease.last) as f64 / secs;
     lease.last = u.used;
     if lease.remaining.is_none() && u.used == lease.origin {
         // Never used here since this gateway began: no budget yet, the
         // local counter answers (the first use asks within a tick).
         return;
     }
-    let need = u.unit.max(lease.rate as u64);
+    // A lease, or a second of traffic when that is more, but no more than
+    // a quarter of the limit's even share, so that near the limit no
+    // gateway holds much that others' clients could use.
+    let fair = u.max / (4 * gateways);
+    let need = u.unit.max((lease.rate as u64).min(fair));
     let headroom = lease.allowance().saturating_sub(u.used);
     let limit_moved = u.max != lease.limit;
     if headroom >= need / 2 && !limit_moved {
@@ -240,7 +286,7 @@ async fn look(
     let answer = redis::Script::new(LEASE_SCRIPT)
         .key(u.limit.key(prefix))
         .arg(u.max)
-        .arg(u.used)
+        .arg(u.start.max(u.used))
         .arg(want)
         .arg(owed)
         .invoke_async::<(u64, i64)>(conn)
