@@ -47,6 +47,11 @@ impl Ledger {
         self.last.insert(package, reading);
     }
 
+    /// Every package's last reading: what was handed out to be written.
+    pub fn readings(&self) -> &std::collections::HashMap<u64, UsageTotals> {
+        &self.last
+    }
+
     /// The deltas since the last call, for the packages read now; zero deltas
     /// are left out. A counter that went backwards (usage reset by the
     /// operator) starts over from its new value.

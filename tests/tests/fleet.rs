@@ -878,11 +878,17 @@ fn until_refused(gws: &[&Gateway], target: std::net::SocketAddr, code: &str) -> 
     got.into_iter().map(|(n, _)| n).collect()
 }
 
-/// What each gateway relayed for package 9, as it counts it (its
-/// counter: the store's total when it started, 0 here, plus its own).
+/// What each gateway relayed, both ways, as its `/metrics` counts it (the
+/// limit tests have one package).
 fn relayed(gws: &[&Gateway]) -> Vec<u64> {
     gws.iter()
-        .map(|g| g.get_json("/v1/packages/9")["bytes"].as_u64().unwrap())
+        .map(|g| {
+            g.metrics()
+                .lines()
+                .filter(|l| l.starts_with("splicegate_relayed_bytes_total{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>() as u64
+        })
         .collect()
 }
 
@@ -917,6 +923,15 @@ fn a_limit_of_30_mb_holds_across_the_fleet(credits: f64, package: &str, code: &s
     let got = until_refused(&gws, target, code);
     assert!(got.iter().all(|n| *n > 0), "{got:?}");
     within_the_bound(code, &gws);
+    // Every gateway's API shows the fleet's usage, once each has written
+    // its own (once a second).
+    let total: u64 = relayed(&gws).iter().sum();
+    for g in gws {
+        let shown = within(Duration::from_secs(3), || {
+            g.get_json("/v1/packages/9")["bytes"].as_u64() == Some(total)
+        });
+        assert!(shown.is_some(), "{total}: {}", g.get_json("/v1/packages/9"));
+    }
 }
 
 #[test]

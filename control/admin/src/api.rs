@@ -270,8 +270,29 @@ async fn metrics(State(s): State<AppState>) -> Response {
 
 // ---- organisations ----
 
+/// In a fleet, usage as the whole fleet relayed it (see
+/// [`Control::fleet_usage`]); `None` on one gateway, or while the store
+/// cannot be read (the API then shows this gateway's counters).
+fn fleet_usage(s: &AppState) -> Option<crate::control::FleetUsage> {
+    s.fleet.as_ref().and_then(|_| s.control.fleet_usage())
+}
+
+/// An organisation's spending and balance (micro-credits): the fleet's in
+/// a fleet.
+fn spent_and_balance(s: &AppState, org: &Org) -> (i64, i64) {
+    let a = &org.account;
+    match fleet_usage(s) {
+        Some(f) => {
+            let spent = f.spent(&org.decl.id);
+            (spent, a.granted() - spent)
+        }
+        None => (a.spent(), a.balance()),
+    }
+}
+
 fn org_json(s: &AppState, policy: &Policy, org: &Org) -> Value {
     let a = &org.account;
+    let (spent, balance) = spent_and_balance(s, org);
     let mut packages: Vec<u64> = policy
         .packages
         .values()
@@ -281,10 +302,10 @@ fn org_json(s: &AppState, policy: &Policy, org: &Org) -> Value {
     packages.sort_unstable();
     json!({
         "id": org.decl.id,
-        "balance": credits(a.balance()),
+        "balance": credits(balance),
         "granted": credits(a.granted()),
-        "spent": credits(a.spent()),
-        "balance_micro": a.balance(),
+        "spent": credits(spent),
+        "balance_micro": balance,
         "packages": packages,
         "from_file": s.control.declared_in_file(FileObject::Org(&org.decl.id)),
     })
@@ -363,7 +384,10 @@ async fn add_credits(State(s): State<AppState>, Path(id): Path<String>, bytes: B
 
 fn package_json(s: &AppState, p: &Package) -> Value {
     let d = &p.decl;
-    let u = p.usage.totals();
+    let u = match fleet_usage(s) {
+        Some(f) => f.package(p.id(), p.usage.totals()),
+        None => p.usage.totals(),
+    };
     json!({
         "id": d.id,
         "org": d.org,
@@ -384,7 +408,7 @@ fn package_json(s: &AppState, p: &Package) -> Value {
         "requests": u.requests,
         "charged": credits(u.charged as i64),
         "connections": p.usage.connections(),
-        "balance": p.org.as_ref().map(|o| credits(o.account.balance())),
+        "balance": p.org.as_ref().map(|o| credits(spent_and_balance(s, o).1)),
         "from_file": s.control.declared_in_file(FileObject::Package(d.id)),
     })
 }

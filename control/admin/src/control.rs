@@ -77,10 +77,56 @@ struct SnapshotState {
 /// The store's usage totals ([`Control::stored_usage`]).
 #[derive(Debug, Clone, Default)]
 pub struct StoredUsage {
-    /// Bytes of each package in its current epoch.
-    pub bytes: HashMap<u64, u64>,
+    /// Each package's usage in its current epoch.
+    pub packages: HashMap<u64, UsageTotals>,
     /// Micro-credits each organisation spent.
     pub spent: HashMap<String, i64>,
+}
+
+/// Usage as the whole fleet relayed it ([`Control::fleet_usage`]).
+#[derive(Debug, Clone, Default)]
+pub struct FleetUsage {
+    stored: Arc<StoredUsage>,
+    /// This gateway's readings last handed to the store.
+    written: Arc<HashMap<u64, UsageTotals>>,
+    /// Each organisation's spending when it was read.
+    spent: Arc<HashMap<String, i64>>,
+}
+
+impl FleetUsage {
+    /// What this gateway relayed for `package` since it last wrote, from
+    /// its counters now (`local`).
+    fn unwritten(&self, package: u64, local: UsageTotals) -> UsageTotals {
+        let w = self.written.get(&package).copied().unwrap_or_default();
+        UsageTotals {
+            bytes_up: local.bytes_up.saturating_sub(w.bytes_up),
+            bytes_down: local.bytes_down.saturating_sub(w.bytes_down),
+            requests: local.requests.saturating_sub(w.requests),
+            charged: local.charged.saturating_sub(w.charged),
+        }
+    }
+
+    /// A package's fleet-wide usage in its current epoch.
+    pub fn package(&self, package: u64, local: UsageTotals) -> UsageTotals {
+        let s = self
+            .stored
+            .packages
+            .get(&package)
+            .copied()
+            .unwrap_or_default();
+        let u = self.unwritten(package, local);
+        UsageTotals {
+            bytes_up: s.bytes_up + u.bytes_up,
+            bytes_down: s.bytes_down + u.bytes_down,
+            requests: s.requests + u.requests,
+            charged: s.charged + u.charged,
+        }
+    }
+
+    /// An organisation's fleet-wide spending (micro-credits).
+    pub fn spent(&self, org: &str) -> i64 {
+        self.spent.get(org).copied().unwrap_or(0)
+    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -112,6 +158,8 @@ pub struct Control {
     revoked: Mutex<HashSet<String>>,
     /// Told of every API change (the fleet), when set.
     announcer: sync::AnnouncerSlot,
+    /// The last [`Control::fleet_usage`] and when it was read.
+    fleet_usage: Mutex<Option<(std::time::Instant, FleetUsage)>>,
     clock: Clock,
     /// Store flush latency, seconds.
     pub flush_seconds: Histogram,
@@ -508,6 +556,7 @@ impl Control {
             inner: Mutex::new(inner),
             revoked: Mutex::new(revoked),
             announcer: sync::AnnouncerSlot::default(),
+            fleet_usage: Mutex::new(None),
             clock: opts.clock,
             flush_seconds: Histogram::new([
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -860,16 +909,42 @@ impl Control {
     /// each gateway flushed it.
     pub fn stored_usage(&self) -> Result<StoredUsage, ControlError> {
         let inner = self.lock();
-        let bytes = inner
-            .store
-            .usage_totals()?
-            .into_iter()
-            .map(|(id, t)| (id, t.bytes()))
-            .collect();
         Ok(StoredUsage {
-            bytes,
+            packages: inner.store.usage_totals()?,
             spent: inner.store.spent()?,
         })
+    }
+
+    /// In a fleet: usage as the whole fleet relayed it, for the API (the
+    /// store's totals, read at most once a second, and what this gateway
+    /// relayed since it last wrote). `None` while the store cannot be read.
+    pub fn fleet_usage(&self) -> Option<FleetUsage> {
+        let mut cache = self.fleet_usage.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, u)) = cache.as_ref()
+            && at.elapsed() < std::time::Duration::from_secs(1)
+        {
+            return Some(u.clone());
+        }
+        let mut usage = {
+            let inner = self.lock();
+            let packages = inner.store.usage_totals().ok()?;
+            let spent = inner.store.spent().ok()?;
+            FleetUsage {
+                stored: Arc::new(StoredUsage { packages, spent }),
+                written: Arc::new(inner.ledger.readings().clone()),
+                spent: Arc::default(),
+            }
+        };
+        let mut spent = usage.stored.spent.clone();
+        for p in self.engine.policy().packages.values() {
+            if let Some(org) = &p.decl.org {
+                let charged = usage.unwritten(p.id(), p.usage.totals()).charged;
+                *spent.entry(org.clone()).or_default() += charged as i64;
+            }
+        }
+        usage.spent = Arc::new(spent);
+        *cache = Some((std::time::Instant::now(), usage.clone()));
+        Some(usage)
     }
 
     // ---- nodes ----

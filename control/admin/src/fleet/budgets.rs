@@ -222,7 +222,7 @@ pub(super) async fn serve(
             seen.insert(u.limit.clone());
             if let Some((_, s)) = &stored {
                 let total = match &u.limit {
-                    Limit::Cap { package, .. } => s.bytes.get(package).copied(),
+                    Limit::Cap { package, .. } => s.packages.get(package).map(|t| t.bytes()),
                     Limit::Credits(org) => s.spent.get(org).map(|s| (*s).max(0) as u64),
                 };
                 u.start = u.used.max(total.unwrap_or(0));
