@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::catalog::{Code, Rejection};
 use crate::policy::Protocol;
@@ -29,6 +30,8 @@ pub struct ErrorRecord {
 pub struct RecentErrors {
     cap: usize,
     ring: Mutex<VecDeque<ErrorRecord>>,
+    /// Errors recorded since the start (the ring keeps the last `cap`).
+    pushed: AtomicU64,
 }
 
 impl RecentErrors {
@@ -37,6 +40,7 @@ impl RecentErrors {
         RecentErrors {
             cap,
             ring: Mutex::new(VecDeque::with_capacity(cap.min(1024))),
+            pushed: AtomicU64::new(0),
         }
     }
 
@@ -59,6 +63,16 @@ impl RecentErrors {
             code: rej.code,
             detail: rej.detail.clone(),
         });
+        self.pushed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The errors recorded after the first `seen` (oldest first; those the
+    /// ring no longer holds are gone), and how many were recorded in all.
+    pub fn since(&self, seen: u64) -> (Vec<ErrorRecord>, u64) {
+        let r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let pushed = self.pushed.load(Ordering::Relaxed);
+        let new = (pushed.saturating_sub(seen) as usize).min(r.len());
+        (r.iter().skip(r.len() - new).cloned().collect(), pushed)
     }
 
     /// The errors, newest first.
@@ -93,5 +107,15 @@ mod tests {
             v.iter().map(|e| e.detail.as_str()).collect::<Vec<_>>(),
             ["e4", "e3", "e2"]
         );
+        let details = |v: Vec<ErrorRecord>| v.into_iter().map(|e| e.detail).collect::<Vec<_>>();
+        let (new, seen) = r.since(3);
+        assert_eq!((details(new), seen), (vec!["e3".into(), "e4".into()], 5));
+        let (new, _) = r.since(0);
+        assert_eq!(
+            details(new),
+            ["e2", "e3", "e4"],
+            "what the ring dropped is gone"
+        );
+        assert!(r.since(5).0.is_empty());
     }
 }

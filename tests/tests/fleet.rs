@@ -324,6 +324,58 @@ fn three_gateways_act_as_one() {
         ),
         1.0
     );
+
+    // Every gateway's API shows the fleet's recent errors, each with the
+    // gateway that answered it: a NODE_NOT_FOUND answered by gateway 2 is
+    // listed by gateway 1, with the AUTH_FAILED answers gateway 1 gave.
+    assert_eq!(
+        exit_ip(
+            g2.proxy,
+            fresh(),
+            target.addr,
+            "package-7-country-de",
+            "pk_fleet_two"
+        ),
+        Err("NODE_NOT_FOUND".into())
+    );
+    let listed = within(IN_FORCE, || {
+        let all = g1.get_json("/v1/errors?limit=1000");
+        let mine = g1.get_json("/v1/packages/7/errors");
+        let from = |v: &Value, gw: &str, code: &str| {
+            v.as_array()
+                .is_some_and(|a| a.iter().any(|e| e["gateway"] == gw && e["code"] == code))
+        };
+        from(&all, "gw2", "NODE_NOT_FOUND")
+            && from(&all, "gw1", "AUTH_FAILED")
+            && from(&mine, "gw2", "NODE_NOT_FOUND")
+    });
+    assert!(listed.is_some(), "{}", g1.get_json("/v1/errors?limit=5"));
+
+    // Node health as every gateway saw it: an exit that refuses
+    // connections, failed three times by gateway 3's clients, is out on
+    // gateway 3 only, and gateway 1's API says so.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = closed.local_addr().unwrap();
+    drop(closed);
+    g1.created(
+        "/v1/nodes",
+        &format!(r#"{{"id": "n-dead", "kind": "http", "addr": "{dead}", "country": "fr"}}"#),
+    );
+    let out_on_3 = within(Duration::from_secs(5), || {
+        let _ = exit_ip(
+            g3.proxy,
+            fresh(),
+            target.addr,
+            "package-7-country-fr",
+            "pk_fleet_two",
+        );
+        g1.get_json("/v1/nodes/n-dead")["unhealthy_on"] == serde_json::json!(["gw3"])
+    });
+    assert!(out_on_3.is_some(), "{}", g1.get_json("/v1/nodes/n-dead"));
+    assert_eq!(
+        g1.get_json("/v1/nodes/n-a")["unhealthy_on"],
+        serde_json::json!([])
+    );
 }
 
 #[test]

@@ -561,24 +561,31 @@ async fn usage_history(
     }))
 }
 
+/// One recent error as the API shows it.
+pub(crate) fn error_json(e: &ErrorRecord) -> Value {
+    json!({
+        "time": rfc3339(e.unix_ms),
+        "unix_ms": e.unix_ms,
+        "package": e.package,
+        "protocol": e.protocol.map(|p| p.as_str()),
+        "code": e.code.as_str(),
+        "status": e.code.status(),
+        "detail": e.detail,
+    })
+}
+
 fn errors_json(records: &[ErrorRecord], limit: usize) -> Value {
-    Value::Array(
-        records
-            .iter()
-            .take(limit)
-            .map(|e| {
-                json!({
-                    "time": rfc3339(e.unix_ms),
-                    "unix_ms": e.unix_ms,
-                    "package": e.package,
-                    "protocol": e.protocol.map(|p| p.as_str()),
-                    "code": e.code.as_str(),
-                    "status": e.code.status(),
-                    "detail": e.detail,
-                })
-            })
-            .collect(),
-    )
+    Value::Array(records.iter().take(limit).map(error_json).collect())
+}
+
+/// In a fleet, the fleet's recent errors (of `package`, or all), each
+/// with the gateway that answered it.
+async fn fleet_errors(s: &AppState, package: Option<u64>, limit: usize) -> Option<ApiResult> {
+    let f = s.fleet.as_ref()?;
+    Some(match f.errors(package, limit).await {
+        Ok(list) => ok(Value::Array(list)),
+        Err(e) => Err(fleet_unavailable(&e)),
+    })
 }
 
 fn limit(q: &HashMap<String, String>, default: usize) -> Result<usize, ApiError> {
@@ -596,22 +603,30 @@ async fn package_errors(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
     let id = package_id(&id)?;
-    let policy = s.control.engine().policy();
-    let p = policy
-        .packages
-        .get(&id)
-        .ok_or_else(|| ApiError::not_found(format!("no package {id}")))?;
-    ok(errors_json(&p.errors.recent(), limit(&q, 100)?))
+    let limit = limit(&q, 100)?;
+    let errors = {
+        let policy = s.control.engine().policy();
+        let p = policy
+            .packages
+            .get(&id)
+            .ok_or_else(|| ApiError::not_found(format!("no package {id}")))?;
+        p.errors.recent()
+    };
+    if let Some(answer) = fleet_errors(&s, Some(id), limit).await {
+        return answer;
+    }
+    ok(errors_json(&errors, limit))
 }
 
 async fn all_errors(
     State(s): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
-    ok(errors_json(
-        &s.control.engine().errors.recent(),
-        limit(&q, 100)?,
-    ))
+    let limit = limit(&q, 100)?;
+    if let Some(answer) = fleet_errors(&s, None, limit).await {
+        return answer;
+    }
+    ok(errors_json(&s.control.engine().errors.recent(), limit))
 }
 
 // ---- nodes ----
@@ -620,7 +635,26 @@ async fn all_errors(
 /// is the effective state (an agent node is offline while its device is not
 /// connected), `admin_state` the operator's; an agent node adds `connected`
 /// and `agent` (its connection's figures, or null).
-fn node_json(s: &AppState, policy: &Policy, idx: NodeIdx) -> Value {
+/// In a fleet, what each gateway reported of the nodes: node id →
+/// (gateways whose health checks judge it unhealthy, gateways its agent is
+/// connected to).
+type FleetNodes = HashMap<String, (Vec<String>, Vec<String>)>;
+
+fn fleet_nodes(s: &AppState) -> Option<FleetNodes> {
+    let f = s.fleet.as_ref()?;
+    let mut out = FleetNodes::new();
+    for g in f.gateways() {
+        for n in g.unhealthy {
+            out.entry(n).or_default().0.push(g.id.clone());
+        }
+        for n in g.agents {
+            out.entry(n).or_default().1.push(g.id.clone());
+        }
+    }
+    Some(out)
+}
+
+fn node_json(s: &AppState, policy: &Policy, idx: NodeIdx, fleet: Option<&FleetNodes>) -> Value {
     let n = policy.nodes.node(idx);
     let name = |id: Option<u32>| id.map(|i| policy.geo.name(i).to_string());
     let agent = (n.kind == NodeKind::Agent).then(|| n.runtime.agent().snapshot());
@@ -647,6 +681,14 @@ fn node_json(s: &AppState, policy: &Policy, idx: NodeIdx) -> Value {
         "recent_failures": n.runtime.recent_failures(),
         "from_file": s.control.declared_in_file(FileObject::Node(&n.id)),
     });
+    if let Some(fleet) = fleet {
+        let (unhealthy, connected) = fleet.get(&*n.id).cloned().unwrap_or_default();
+        if n.kind == NodeKind::Agent {
+            v["connected_on"] = json!(connected);
+        } else {
+            v["unhealthy_on"] = json!(unhealthy);
+        }
+    }
     if let Some(a) = agent {
         v["connected"] = Value::Bool(a.is_some());
         v["agent"] = match a {
@@ -670,10 +712,11 @@ async fn list_nodes(State(s): State<AppState>) -> ApiResult {
     let policy = s.control.engine().policy();
     let mut nodes: Vec<(NodeIdx, &str)> = policy.nodes.iter().map(|(i, n)| (i, &*n.id)).collect();
     nodes.sort_by(|a, b| a.1.cmp(b.1));
+    let fleet = fleet_nodes(&s);
     ok(Value::Array(
         nodes
             .iter()
-            .map(|(i, _)| node_json(&s, &policy, *i))
+            .map(|(i, _)| node_json(&s, &policy, *i, fleet.as_ref()))
             .collect(),
     ))
 }
@@ -684,7 +727,7 @@ fn with_node(s: &AppState, id: &str) -> Result<Value, ApiError> {
         .nodes
         .get(id)
         .ok_or_else(|| ApiError::not_found(format!("no node {id}")))?;
-    Ok(node_json(s, &policy, idx))
+    Ok(node_json(s, &policy, idx, fleet_nodes(s).as_ref()))
 }
 
 async fn get_node(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {

@@ -38,6 +38,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use crate::control::{Change, Control, unix_ms};
 
 mod budgets;
+mod errors;
 mod sessions;
 pub use sessions::{FleetSession, SessionEvent};
 
@@ -140,6 +141,42 @@ pub struct GatewayInfo {
     /// Its share of each such package's `rps_limit`, requests per second.
     #[serde(default)]
     pub rps_shares: BTreeMap<u64, f64>,
+    /// Nodes its health checks judge unhealthy (at most [`NODES_SHOWN`]).
+    #[serde(default)]
+    pub unhealthy: Vec<String>,
+    /// Agent nodes whose device is connected to it (at most
+    /// [`NODES_SHOWN`]).
+    #[serde(default)]
+    pub agents: Vec<String>,
+}
+
+/// Node ids a gateway lists in its entry, of each kind.
+pub const NODES_SHOWN: usize = 1000;
+
+/// The nodes `policy`'s health checks judge unhealthy and the agent nodes
+/// connected here, at most [`NODES_SHOWN`] of each.
+fn node_health(policy: &splicegate_control::policy::Policy) -> (Vec<String>, Vec<String>) {
+    let (mut unhealthy, mut agents) = (Vec::new(), Vec::new());
+    for (_, n) in policy.nodes.iter() {
+        if n.is_removed() {
+            continue;
+        }
+        let list = if n.kind == splicegate_control::nodes::NodeKind::Agent {
+            if !n.runtime.agent().is_connected() {
+                continue;
+            }
+            &mut agents
+        } else {
+            if !n.runtime.is_unhealthy() {
+                continue;
+            }
+            &mut unhealthy
+        };
+        if list.len() < NODES_SHOWN {
+            list.push(n.id.to_string());
+        }
+    }
+    (unhealthy, agents)
 }
 
 /// What this gateway knows of the fleet, shared with the admin API and
@@ -428,6 +465,8 @@ impl Fleet {
             shares: BTreeMap::new(),
             demand: BTreeMap::new(),
             rps_shares: BTreeMap::new(),
+            unhealthy: Vec::new(),
+            agents: Vec::new(),
         };
         let (events, rx) = mpsc::unbounded_channel();
         let (session_ops, session_rx) = mpsc::unbounded_channel();
@@ -561,6 +600,14 @@ async fn run(
             opts.prefix.clone(),
             opts.lease_bytes,
             view.clone(),
+            stop.clone(),
+        )),
+        tokio::spawn(errors::serve(
+            control.clone(),
+            conn.clone(),
+            opts.prefix.clone(),
+            view.clone(),
+            HEARTBEAT,
             stop.clone(),
         )),
         tokio::spawn(sessions::serve(
@@ -759,6 +806,7 @@ async fn heartbeat(
             }
             demand = next;
             me.demand = demand.iter().map(|(id, (_, d))| (*id, *d)).collect();
+            (me.unhealthy, me.agents) = node_health(&policy);
             me.seen_ms = unix_ms();
             me.load = Load {
                 connections,

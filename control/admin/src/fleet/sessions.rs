@@ -305,7 +305,7 @@ type Row = (
 );
 
 impl FleetView {
-    fn conn(&self) -> redis::RedisResult<ConnectionManager> {
+    pub(super) fn conn(&self) -> redis::RedisResult<ConnectionManager> {
         lock(&self.conn).clone().ok_or_else(|| {
             redis::RedisError::from((
                 redis::ErrorKind::Io,
