@@ -17,6 +17,7 @@
 pub mod addr;
 pub mod admin;
 pub mod agent;
+pub mod browser;
 pub mod canary;
 pub mod catalog;
 pub mod client;

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use splicegate_tests::agent::{AgentProc, AgentSpec};
+use splicegate_tests::browser::{CHROMIUM_FLAGS, browse, chromium, excerpt, kill_group};
 use splicegate_tests::gateway::temp_dir;
 use splicegate_tests::ops::*;
 use splicegate_tests::pki::TestCa;
@@ -95,91 +96,6 @@ fn start(tag: &str) -> (Setup, Gateway, AgentProc) {
         agent.log()
     );
     (s, gw, agent)
-}
-
-/// Headless Chromium, or a failed test that says how to install it.
-fn chromium() -> PathBuf {
-    let mut candidates = Vec::new();
-    if let Some(p) = std::env::var_os("CHROMIUM") {
-        candidates.push(PathBuf::from(p));
-    } else {
-        candidates.push(PathBuf::from("/usr/bin/chromium"));
-        if let Some(path) = std::env::var_os("PATH") {
-            candidates.extend(std::env::split_paths(&path).map(|d| d.join("chromium")));
-        }
-    }
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "headless Chromium is missing: apt-get install -y chromium \
-                 (scripts/install-test-deps does it; $CHROMIUM names another binary)"
-            )
-        })
-}
-
-const CHROMIUM_FLAGS: [&str; 10] = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-    "--window-size=1400,1000",
-];
-
-/// End a Chromium started in a process group of its own (its helpers share
-/// the group), by that group's id.
-fn kill_group(pid: u32) {
-    let _ = Command::new("kill")
-        .args(["-s", "KILL", "--", &format!("-{pid}")])
-        .stderr(Stdio::null())
-        .status();
-}
-
-/// Run Chromium once on `url` with `mode` (`--dump-dom`, `--screenshot=…`),
-/// in a fresh profile, at most 90 s; its standard output.
-fn browse(mode: &str, url: &str) -> String {
-    let dir = temp_dir("chromium");
-    let out_path = dir.join("stdout");
-    let err_path = dir.join("stderr");
-    let mut child = Command::new(chromium())
-        .args(CHROMIUM_FLAGS)
-        .arg("--virtual-time-budget=8000")
-        .arg(format!("--user-data-dir={}", dir.join("profile").display()))
-        .arg(mode)
-        .arg(url)
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&out_path).expect("create stdout"))
-        .stderr(fs::File::create(&err_path).expect("create stderr"))
-        .process_group(0)
-        .spawn()
-        .expect("start chromium");
-    let pid = child.id();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait for chromium") {
-            break Some(st);
-        }
-        if Instant::now() >= deadline {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    kill_group(pid);
-    let _ = child.wait();
-    let stdout = fs::read_to_string(&out_path).unwrap_or_default();
-    let stderr = fs::read_to_string(&err_path).unwrap_or_default();
-    let _ = fs::remove_dir_all(&dir);
-    match status {
-        None => panic!("chromium did not finish within 90 s on {url}:\n{stderr}"),
-        Some(st) if !st.success() => panic!("chromium failed ({st}) on {url}:\n{stderr}"),
-        Some(_) => stdout,
-    }
 }
 
 /// Chromium driven over its DevTools pipe (fds 3 and 4, JSON messages ended
@@ -355,13 +271,6 @@ fn num(tag: &str, attr: &str) -> f64 {
         .unwrap_or_else(|| panic!("no numeric {attr} in {tag}"))
 }
 
-/// The page without the inlined chart library, for failure messages.
-fn excerpt(dom: &str) -> String {
-    let body = dom.find("<main").map_or(dom, |i| &dom[i..]);
-    let end = body.find("<script").unwrap_or(body.len());
-    body[..end.min(12_000)].to_string()
-}
-
 /// A forwarded (not tunnelled) request with curl from `src`: the status.
 fn curl_forward(proxy: std::net::SocketAddr, src: Ipv4Addr, target: &str, user: &str) -> u16 {
     let out = Curl::new(src).proxy(proxy).user(user, KEY).get(target);
@@ -464,6 +373,14 @@ fn the_dashboard_shows_the_traffic() {
     );
     assert!(!dom.contains(TOKEN), "the token shows in the page");
     assert!(!dom.contains(KEY), "a GET showed a package key");
+    // Every call answered (a gateway outside a fleet has no /v1/gateways,
+    // and that is no failure: its panel stays hidden).
+    assert!(
+        dom.contains("<span id=\"live\" class=\"pill live\""),
+        "the page says a call failed:\n{}",
+        excerpt(&dom)
+    );
+    assert!(dom.contains("<section class=\"panel\" id=\"panel-gateways\" hidden"));
 
     // Cards.
     assert!(num(tag(&dom, "id=\"card-rps\""), "data-total") >= (ok + 2) as f64);

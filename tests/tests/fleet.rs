@@ -1037,3 +1037,51 @@ fn a_traffic_cap_holds_through_a_redis_outage_on_provisional_leases() {
     until_refused(&gws, target, "TRAFFIC_LIMIT_EXCEEDED");
     within_the_bound("TRAFFIC_LIMIT_EXCEEDED through an outage", &gws);
 }
+
+/// Each gateway's dashboard shows the fleet: its gateways, with their
+/// load, and the errors other gateways answered (headless Chromium, as in
+/// the dashboard tests).
+#[test]
+fn every_gateways_dashboard_shows_the_fleet() {
+    use splicegate_tests::browser::{browse, excerpt};
+    let fleet = Fleet::start();
+    let (_s1, g1) = fleet.gateway("gw1");
+    let (_s2, g2) = fleet.gateway("gw2");
+    let target = IpEcho::start(local(0)).unwrap();
+    account(
+        &g1,
+        "127.0.45.1",
+        r#"{"id": 7, "org": "acme", "key": "pk_dash"}"#,
+    );
+    let seen = within(Duration::from_secs(5), || {
+        exit_ip(
+            g2.proxy,
+            fresh(),
+            target.addr,
+            "package-7-country-de",
+            "pk_dash",
+        ) == Err("NODE_NOT_FOUND".into())
+            && g1.get_json("/v1/gateways").as_array().map(Vec::len) == Some(2)
+            && g1
+                .get_json("/v1/errors")
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+    });
+    assert!(seen.is_some(), "{}", g1.get_json("/v1/errors"));
+    let dom = browse(
+        "--dump-dom",
+        &format!("http://{}/#token={TOKEN}", g1.admin_addr()),
+    );
+    for id in ["gw1", "gw2"] {
+        assert!(
+            dom.contains(&format!("data-gateway=\"{id}\"")),
+            "no row for {id}:\n{}",
+            excerpt(&dom)
+        );
+    }
+    assert!(
+        dom.contains(">gw2</span> no online node"),
+        "the error gateway 2 answered is not shown with it:\n{}",
+        excerpt(&dom)
+    );
+}
