@@ -96,9 +96,11 @@ for arg in sys.argv[6:]:
     sender = u
     if payload == "@stranger":
         sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); sender.bind((src, 0))
+    sent_at = time.time()
     sender.sendto(header(host, int(tport), frag) + body, bnd)
     try:
         data, frm = u.recvfrom(70000)
+        out.setdefault("rtt_ms", []).append(round((time.time() - sent_at) * 1000, 3))
         atyp = data[3]
         at = 4 + (4 if atyp == 1 else 16)
         ip = socket.inet_ntoa(data[4:8]) if atyp == 1 else "v6"
@@ -463,4 +465,133 @@ fn only_the_addresses_the_client_sent_to_may_answer() {
         "{}",
         gw.metrics()
     );
+}
+
+/// A SOCKS5 UDP association from `src` as `user`: its TCP connection (the
+/// association lives while it is open) and the relay address to send to.
+fn associate(gw: &Gateway, src: Ipv4Addr, user: &str) -> (std::net::TcpStream, SocketAddr) {
+    use std::io::{Read, Write};
+    let mut t = splicegate_tests::client::connect_from(src.into(), gw.proxy).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut two = [0u8; 2];
+    t.write_all(b"\x05\x01\x02").unwrap();
+    t.read_exact(&mut two).unwrap();
+    assert_eq!(two, [5, 2]);
+    let mut auth = vec![1, user.len() as u8];
+    auth.extend_from_slice(user.as_bytes());
+    auth.push(KEY.len() as u8);
+    auth.extend_from_slice(KEY.as_bytes());
+    t.write_all(&auth).unwrap();
+    t.read_exact(&mut two).unwrap();
+    assert_eq!(two, [1, 0], "authentication");
+    t.write_all(b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")
+        .unwrap();
+    let mut rep = [0u8; 10];
+    t.read_exact(&mut rep).unwrap();
+    assert_eq!(rep[1], 0, "UDP ASSOCIATE refused: {rep:?}");
+    let ip = Ipv4Addr::new(rep[4], rep[5], rep[6], rep[7]);
+    (
+        t,
+        SocketAddr::from((ip, u16::from_be_bytes([rep[8], rep[9]]))),
+    )
+}
+
+/// One client flooding its association as fast as it can send (to a sink
+/// that reads and drops) starves no other client: another association's
+/// datagrams, sent meanwhile, are all answered (SPEC section 12: bounded
+/// per-association work per loop turn).
+#[test]
+fn a_flooding_client_starves_no_other_association() {
+    let bind = node_ip();
+    // One worker: both associations share its ring.
+    let mut conf = Conf::with_package(KEY).node(NodeDecl::direct("d1", bind));
+    conf.workers = "1".into();
+    let gw = Gateway::start_conf(&conf);
+    let echo = UdpEcho::start(Ipv4Addr::LOCALHOST);
+    let sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    sink.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let sink_addr = sink.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let drained = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut buf, mut n) = (vec![0u8; 2048], 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                if sink.recv_from(&mut buf).is_ok() {
+                    n += 1;
+                }
+            }
+            n
+        })
+    };
+    let t = echo.addr.to_string();
+    let pings: Vec<String> = (0..30)
+        .flat_map(|i| [format!("{t}|ping {i}"), format!("{t}|@wait:0.05")])
+        .collect();
+    let quiet = run(&gw, client_ip(), &user("country-us"), &pings);
+    let flood_src = client_ip();
+    let (tcp, relay) = associate(&gw, flood_src, &user("country-us"));
+    let flooder = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let _association = tcp;
+            let u = UdpSocket::bind((flood_src, 0)).unwrap();
+            let std::net::IpAddr::V4(ip) = sink_addr.ip() else {
+                unreachable!()
+            };
+            let mut d = vec![0, 0, 0, 1];
+            d.extend_from_slice(&ip.octets());
+            d.extend_from_slice(&sink_addr.port().to_be_bytes());
+            d.extend_from_slice(&[b'f'; 512]);
+            let started = std::time::Instant::now();
+            let mut sent = 0u64;
+            // Bounded: until told to stop, 20 s or 20 million datagrams.
+            while !stop.load(Ordering::Relaxed)
+                && started.elapsed() < Duration::from_secs(20)
+                && sent < 20_000_000
+            {
+                if u.send_to(&d, relay).is_ok() {
+                    sent += 1;
+                }
+            }
+            (sent, started.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let v = run(&gw, client_ip(), &user("country-us"), &pings);
+    stop.store(true, Ordering::Relaxed);
+    let (sent, took) = flooder.join().unwrap();
+    let received = drained.join().unwrap();
+    let a = answers(&v);
+    for (i, got) in a.iter().enumerate() {
+        assert_eq!(got, &format!("{t} ping {i}|{bind}"), "{v}");
+    }
+    assert_eq!(a.len(), 30, "{v}");
+    let relayed = sample(
+        &gw.metrics(),
+        "splicegate_udp_datagrams_total{direction=\"up\"}",
+    );
+    let rtts = |v: &serde_json::Value| {
+        let mut r: Vec<f64> = v["rtt_ms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        r.sort_by(f64::total_cmp);
+        r
+    };
+    let (rtt, alone) = (rtts(&v), rtts(&quiet));
+    eprintln!(
+        "the flood sent {sent} datagrams in {took:?} ({:.0}/s); the gateway relayed {relayed} up, \
+         the sink read {received}; the other association's 30 all answered, round trip median \
+         {:.2} ms, max {:.2} ms (without the flood {:.2} ms, max {:.2} ms)",
+        sent as f64 / took.as_secs_f64(),
+        rtt[rtt.len() / 2],
+        rtt[rtt.len() - 1],
+        alone[alone.len() / 2],
+        alone[alone.len() - 1]
+    );
+    assert!(received > 1000, "the flood did not flow: {received}");
 }
