@@ -210,8 +210,7 @@ impl Engine {
 
     /// In a fleet: what to ask the fleet before [`Engine::route`] serves a
     /// session request, or `None` when this gateway's table serves it alone
-    /// (or the request names no session, or no node matches: the route
-    /// answers that).
+    /// (or the request names no session).
     pub fn session_claim(
         &self,
         policy: &Policy,
@@ -241,9 +240,14 @@ impl Engine {
             rng,
             lookalike: rules.prefer_lookalike,
         };
-        let one = picker.pick(held).ok()?;
-        let two = picker.pick(Some(one)).unwrap_or(one);
-        let id = |n: NodeIdx| policy.nodes.node(n).id.to_string();
+        // No node matching here still asks: the session may live on a
+        // node another gateway serves (an agent connected there), and its
+        // request is then a failure of that node.
+        let one = picker.pick(held).ok();
+        let two = one.and_then(|o| picker.pick(Some(o)).ok()).or(one);
+        let id = |n: Option<NodeIdx>| {
+            n.map_or_else(String::new, |n| policy.nodes.node(n).id.to_string())
+        };
         Some(SessionClaim {
             key,
             rules: session_rules(policy, adm),

@@ -310,7 +310,8 @@ pub struct SessionClaim {
     /// The request's rules, canonical.
     pub rules: String,
     /// The node this gateway would start the session on, and another for a
-    /// rotation whose session is already on the first.
+    /// rotation whose session is already on the first; empty when no node
+    /// matches here (the fleet then only says what the session is).
     pub nodes: [String; 2],
     /// The request's `sessionlength`.
     pub length_s: u32,

@@ -1085,3 +1085,65 @@ fn every_gateways_dashboard_shows_the_fleet() {
         excerpt(&dom)
     );
 }
+
+/// An agent connected to gateway 1 only: its node is online there and
+/// offline on gateway 2, each gateway's API says where it is connected, a
+/// session on it works through gateway 1, and through gateway 2 its
+/// request is a node failure that `onerror` decides (SPEC section 11).
+#[test]
+fn an_agent_node_is_online_on_the_gateways_its_device_is_connected_to() {
+    use splicegate_tests::agent::{AgentProc, AgentSpec};
+    let fleet = Fleet::start();
+    let ca_dir = temp_dir("fleet-ca");
+    let ca = splicegate_tests::pki::TestCa::new(&ca_dir);
+    let leaf = ca.leaf("gw", (2031, 7, 15));
+    let agents = format!(
+        "\n[tls]\ncert = {:?}\nkey = {:?}\n\n[agents]\nlisten = \"127.0.0.1:0\"\nheartbeat_s = 1\n",
+        leaf.cert.display().to_string(),
+        leaf.key.display().to_string()
+    );
+    let start = |id: &str| {
+        let s = Setup::new(&format!("fleet-{id}"));
+        let gw = s.start(&(fleet.toml(id) + &agents));
+        (s, gw)
+    };
+    let (_s1, g1) = start("gw1");
+    let (_s2, g2) = start("gw2");
+    let target = IpEcho::start(local(0)).unwrap();
+    g1.created("/v1/orgs", r#"{"id": "acme", "credits": 100}"#);
+    g1.created(
+        "/v1/nodes",
+        r#"{"id": "dev-1", "kind": "agent", "key": "ak_fleet_device_0123", "country": "de"}"#,
+    );
+    g1.created(
+        "/v1/packages",
+        r#"{"id": 7, "org": "acme", "key": "pk_agent"}"#,
+    );
+    let mut device = AgentProc::start(AgentSpec::new(
+        "dev-1",
+        "ak_fleet_device_0123",
+        g1.addr("AGENTS"),
+        &ca.ca_pem(),
+    ));
+    let shown = within(Duration::from_secs(10), || {
+        g1.get_json("/v1/nodes/dev-1")["connected"] == true
+            && g2.get_json("/v1/nodes/dev-1")["connected"] == false
+            && g2.get_json("/v1/nodes/dev-1")["connected_on"] == serde_json::json!(["gw1"])
+    });
+    assert!(
+        shown.is_some(),
+        "{}\n{}\n{}",
+        g1.get_json("/v1/nodes/dev-1"),
+        g2.get_json("/v1/nodes/dev-1"),
+        device.log()
+    );
+    assert_eq!(g2.get_json("/v1/nodes/dev-1")["state"], "offline");
+
+    let user = "package-7-country-de-session-dev-onerror-fail";
+    let via = |gw: &Gateway| exit_ip(gw.proxy, fresh(), target.addr, user, "pk_agent");
+    let first = via(&g1);
+    assert!(first.is_ok(), "{first:?}\n{}", device.log());
+    assert_eq!(via(&g2), Err("NODE_UNAVAILABLE".into()));
+    assert_eq!(via(&g1), first, "the session keeps its agent on gateway 1");
+    device.terminate();
+}

@@ -38,7 +38,9 @@ const CLAIM_TIMEOUT: Duration = Duration::from_millis(400);
 
 /// Start the session (or a new period of it) with the first of ARGV's
 /// nodes, or count the request and rotate it when due: to the first node,
-/// or the second when the session is on the first. An ended period's entry
+/// or the second when the session is on the first. Without nodes (none
+/// matches on the asking gateway) nothing starts or rotates: nil when
+/// there is no session. An ended period's entry
 /// lives on for [`GRACE_MS`], so that the next period avoids its node as on
 /// one gateway. Returns the session, with Redis's clock.
 const CLAIM_SCRIPT: &str = r"
@@ -46,10 +48,12 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local s = redis.call('HMGET', KEYS[1], 'rules', 'node', 'start', 'len', 'since', 'n')
 local function other(node)
+  if ARGV[2] == '' then return node end
   if ARGV[2] ~= node then return ARGV[2] end
   return ARGV[3]
 end
 if not s[1] or not s[2] or now >= tonumber(s[3]) + tonumber(s[4]) * 1000 then
+  if ARGV[2] == '' then return false end
   local len = tonumber(ARGV[4])
   local node = other(s[2])
   redis.call('HSET', KEYS[1], 'rules', ARGV[1], 'node', node, 'start', now, 'len', len, 'since', now, 'n', 1)
@@ -178,7 +182,7 @@ pub(super) async fn serve(
                         tokio::time::timeout(CLAIM_TIMEOUT, run_claim(&mut conn, &prefix, &claim))
                             .await;
                     match answer {
-                        Ok(Ok(s)) => reply(Some(s)),
+                        Ok(Ok(s)) => reply(s),
                         Ok(Err(e)) => {
                             view.set_redis_up(false, &e);
                             reply(None);
@@ -215,13 +219,13 @@ async fn run_claim(
     conn: &mut ConnectionManager,
     prefix: &str,
     claim: &SessionClaim,
-) -> redis::RedisResult<SharedSession> {
+) -> redis::RedisResult<Option<SharedSession>> {
     let (kind, every) = match claim.rotate {
         None => (0, 0),
         Some(Rotate::Timed(n)) => (1, n),
         Some(Rotate::Requests(n)) => (2, n),
     };
-    let (rules, node, start, len, since, n, now): (String, String, u64, u32, u64, u32, u64) =
+    let answer: Option<(String, String, u64, u32, u64, u32, u64)> =
         redis::Script::new(CLAIM_SCRIPT)
             .key(key_of(prefix, &claim.key))
             .arg(&claim.rules)
@@ -233,15 +237,17 @@ async fn run_claim(
             .arg(GRACE_MS)
             .invoke_async(conn)
             .await?;
-    Ok(SharedSession {
-        rules,
-        node,
-        started_ms: start,
-        length_s: len,
-        node_since_ms: since,
-        requests_on_node: n,
-        now_ms: now,
-    })
+    Ok(
+        answer.map(|(rules, node, start, len, since, n, now)| SharedSession {
+            rules,
+            node,
+            started_ms: start,
+            length_s: len,
+            node_since_ms: since,
+            requests_on_node: n,
+            now_ms: now,
+        }),
+    )
 }
 
 /// Follow what another gateway did to a session.
