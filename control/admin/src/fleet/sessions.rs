@@ -88,6 +88,10 @@ if now < tonumber(s[1]) + tonumber(s[2]) * 1000 then return 1 end
 return 0
 ";
 
+/// [`CLAIM_SCRIPT`] with its SHA-1 computed once, not per request.
+static CLAIM: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(CLAIM_SCRIPT));
+
 /// Move the session from ARGV[1] to ARGV[2], unless another gateway moved
 /// it first (0).
 const MOVE_SCRIPT: &str = r"
@@ -226,7 +230,7 @@ async fn run_claim(
         Some(Rotate::Requests(n)) => (2, n),
     };
     let answer: Option<(String, String, u64, u32, u64, u32, u64)> =
-        redis::Script::new(CLAIM_SCRIPT)
+        CLAIM
             .key(key_of(prefix, &claim.key))
             .arg(&claim.rules)
             .arg(&claim.nodes[0])
