@@ -229,18 +229,17 @@ async fn run_claim(
         Some(Rotate::Timed(n)) => (1, n),
         Some(Rotate::Requests(n)) => (2, n),
     };
-    let answer: Option<(String, String, u64, u32, u64, u32, u64)> =
-        CLAIM
-            .key(key_of(prefix, &claim.key))
-            .arg(&claim.rules)
-            .arg(&claim.nodes[0])
-            .arg(&claim.nodes[1])
-            .arg(claim.length_s)
-            .arg(kind)
-            .arg(every)
-            .arg(GRACE_MS)
-            .invoke_async(conn)
-            .await?;
+    let answer: Option<(String, String, u64, u32, u64, u32, u64)> = CLAIM
+        .key(key_of(prefix, &claim.key))
+        .arg(&claim.rules)
+        .arg(&claim.nodes[0])
+        .arg(&claim.nodes[1])
+        .arg(claim.length_s)
+        .arg(kind)
+        .arg(every)
+        .arg(GRACE_MS)
+        .invoke_async(conn)
+        .await?;
     Ok(
         answer.map(|(rules, node, start, len, since, n, now)| SharedSession {
             rules,
