@@ -38,6 +38,10 @@ pub(crate) enum Mode {
         conns: usize,
         /// Client source addresses 127.0.2.1..=N (0: the kernel's choice).
         sources: u8,
+        /// Each loop keeps one sticky session (splicegate's `-session-`
+        /// username), so every connection after its first is a session hit
+        /// instead of a node pick.
+        sticky: bool,
         max_ops: u64,
     },
     /// A stream's setup: `conns` closed loops as `Connrate` (default one,
@@ -434,12 +438,31 @@ pub(crate) fn run(
                 .spawn_scoped(sc, move || {
                     match *mode {
                         Mode::Bulk { down, .. } => bulk_worker(i, down, route, targets, shared, w),
-                        Mode::Connrate { conns, sources, .. } => {
-                            connrate_worker(i, conns, sources, false, route, targets, shared, w)
-                        }
-                        Mode::Setup { conns, sources, .. } => {
-                            connrate_worker(i, conns, sources, true, route, targets, shared, w)
-                        }
+                        Mode::Connrate {
+                            conns,
+                            sources,
+                            sticky,
+                            ..
+                        } => connrate_worker(
+                            i,
+                            conns,
+                            sources,
+                            Churn::Connrate { sticky },
+                            route,
+                            targets,
+                            shared,
+                            w,
+                        ),
+                        Mode::Setup { conns, sources, .. } => connrate_worker(
+                            i,
+                            conns,
+                            sources,
+                            Churn::Setup,
+                            route,
+                            targets,
+                            shared,
+                            w,
+                        ),
                         Mode::Pingpong { size, .. } => {
                             pingpong_worker(i, size, route, targets, shared, w)
                         }
@@ -718,18 +741,27 @@ fn churn_once(
     }
 }
 
+/// What a churn loop records: `Setup` times the tunnel's opening too;
+/// `Connrate` may keep a sticky session per loop.
+#[derive(Clone, Copy)]
+enum Churn {
+    Connrate { sticky: bool },
+    Setup,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn connrate_worker(
     i: usize,
     conns: usize,
     sources: u8,
-    setup: bool,
+    churn: Churn,
     route: &Route,
     t: &Targets,
     sh: &Shared,
     w: Window,
 ) {
-    let auth = route.user_for(i, false);
+    let setup = matches!(churn, Churn::Setup);
+    let auth = route.user_for(i, matches!(churn, Churn::Connrate { sticky: true }));
     let mut n = i;
     while sh.running() {
         let src =

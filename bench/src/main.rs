@@ -404,6 +404,7 @@ fn connrate_cell(conns: usize, sources: u8, proto: TunnelProto, max_ops: u64) ->
         mode: Mode::Connrate {
             conns: conns.max(1),
             sources,
+            sticky: false,
             max_ops,
         },
         want,

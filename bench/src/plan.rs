@@ -361,6 +361,7 @@ mod tests {
             Mode::Connrate {
                 conns: 1,
                 sources: 0,
+                sticky: false,
                 max_ops: 1,
             },
             Want::Socks5,
