@@ -14,6 +14,7 @@
 
 mod agents;
 mod client;
+mod growth;
 mod load;
 mod peers;
 mod plan;
@@ -356,6 +357,16 @@ enum Cmd {
         conc: usize,
         #[arg(long, default_value_t = 600)]
         max_seconds: u64,
+    },
+    /// Cost as the work grows: proxy CPU per operation with 1 to 9,000
+    /// tunnels held open and with 1,000 to 1,000,000 nodes in the pool
+    /// (a pick, a session hit), start-up, one SIGHUP reload and one admin
+    /// API change with 10 to 100,000 packages; a table and a plot per axis.
+    Growth {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        growth: growth::GrowthArgs,
     },
     /// SOCKS5 UDP ASSOCIATE: K associations keeping W datagrams outstanding
     /// to a UDP echo, through splicegate, Dante and no proxy: datagrams/s,
@@ -977,6 +988,10 @@ fn main() -> Result<()> {
             });
         }
         Cmd::Udp(args) => return udp::main(args),
+        Cmd::Growth { common, growth } => {
+            raise_nofile();
+            return growth::run(&common, &growth, &pin(&common));
+        }
     };
     let out = run.common.out.clone();
     execute(&run.common, cells, vias(&run.vias)?, Vec::new(), out)

@@ -217,7 +217,8 @@ pub(crate) fn run(plan: &Plan, env: &Env) -> Results {
     }
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+/// The median (the mean of the middle two for an even count).
+pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
