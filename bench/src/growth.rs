@@ -171,8 +171,14 @@ struct Point {
     n: usize,
     round: usize,
     figures: BTreeMap<Figure, f64>,
+    /// CPU that programs outside the harness and the gateway used in each
+    /// CPU figure's window, % of one CPU.
+    others_pct: BTreeMap<Figure, f64>,
     error: Option<String>,
 }
+
+/// A window in which other programs used this much of a CPU is noted.
+const NOISY_PCT: f64 = 5.0;
 
 /// What every point shares.
 struct Ctx<'a> {
@@ -183,6 +189,8 @@ struct Ctx<'a> {
     tmp: PathBuf,
     window: Window,
     io: Duration,
+    /// Timeout of an admin API request (a change may rebuild the policy).
+    admin_io: Duration,
 }
 
 /// A gateway started from a config file, stopped on drop.
@@ -346,8 +354,9 @@ fn passes(ctx: &Ctx<'_>, gw: &Gateway, id: u64, key: &str) -> bool {
     open_tunnel(&route, ctx.targets.echo, None, auth.as_ref(), ctx.io).is_ok()
 }
 
-/// Proxy CPU per operation of `mode` through `gw`.
-fn cpu_per_op(ctx: &Ctx<'_>, gw: &Gateway, mode: &Mode, label: &str) -> Result<f64> {
+/// Proxy CPU per operation of `mode` through `gw`, and what other
+/// programs used in the window (% of a CPU).
+fn cpu_per_op(ctx: &Ctx<'_>, gw: &Gateway, mode: &Mode, label: &str) -> Result<(f64, f64)> {
     let r = load::run(
         mode,
         &gw.route(1, SG_KEY),
@@ -363,9 +372,8 @@ fn cpu_per_op(ctx: &Ctx<'_>, gw: &Gateway, mode: &Mode, label: &str) -> Result<f
         (Some(e), true) => eprintln!("  [{label}] note: {} errors; first: {e}", r.errors),
         _ => {}
     }
-    r.proxy
-        .map(|p| p.cpu_per_unit)
-        .context("no CPU reading of the gateway")
+    let cpu = r.proxy.context("no CPU reading of the gateway")?;
+    Ok((cpu.cpu_per_unit, r.others_cpu_pct.unwrap_or(0.0)))
 }
 
 fn connrate(ctx: &Ctx<'_>, sticky: bool) -> Mode {
@@ -377,8 +385,10 @@ fn connrate(ctx: &Ctx<'_>, sticky: bool) -> Mode {
     }
 }
 
-/// Measure one point: a fresh gateway, then the axis's figures.
-fn point(ctx: &Ctx<'_>, axis: Axis, n: usize, label: &str) -> Result<BTreeMap<Figure, f64>> {
+/// Measure one point: a fresh gateway, then the axis's figures (into
+/// `p`).
+fn point(ctx: &Ctx<'_>, p: &mut Point, label: &str) -> Result<()> {
+    let (axis, n) = (p.axis, p.n);
     let dir = ctx.tmp.join(format!("{}-{n}", axis.name()));
     std::fs::create_dir_all(&dir)?;
     let (nodes, packages) = axis.shape(n);
@@ -386,17 +396,17 @@ fn point(ctx: &Ctx<'_>, axis: Axis, n: usize, label: &str) -> Result<BTreeMap<Fi
     let workers = ctx.c.workers.max(1);
     std::fs::write(&conf, config(workers, nodes, packages, 0))?;
     let gw = start(ctx, &dir, &conf)?;
-    let mut out = BTreeMap::new();
     let created = admin(
         gw.admin,
         "POST",
         "/v1/packages",
         &format!("{{\"id\": {API_PACKAGE}, \"key\": \"api-v0\"}}"),
-        ctx.io,
+        ctx.admin_io,
     )?;
     ensure!(created == 201, "POST /v1/packages answered {created}");
     for &f in axis.figures() {
         let label = format!("{label} {}", f.title());
+        let mut others = None;
         let v = match f {
             Figure::Pingpong => {
                 let idle = idle_tunnels(ctx, &gw, axis, n)?;
@@ -407,15 +417,23 @@ fn point(ctx: &Ctx<'_>, axis: Axis, n: usize, label: &str) -> Result<BTreeMap<Fi
                 };
                 let v = cpu_per_op(ctx, &gw, &mode, &label);
                 drop(idle);
-                v?
+                let (v, o) = v?;
+                others = Some(o);
+                v
             }
             Figure::Connrate | Figure::Pick => {
                 let idle = idle_tunnels(ctx, &gw, axis, n)?;
                 let v = cpu_per_op(ctx, &gw, &connrate(ctx, false), &label);
                 drop(idle);
-                v?
+                let (v, o) = v?;
+                others = Some(o);
+                v
             }
-            Figure::SessionHit => cpu_per_op(ctx, &gw, &connrate(ctx, true), &label)?,
+            Figure::SessionHit => {
+                let (v, o) = cpu_per_op(ctx, &gw, &connrate(ctx, true), &label)?;
+                others = Some(o);
+                v
+            }
             Figure::Startup => gw.startup_s,
             Figure::ApiChange => {
                 let t = Instant::now();
@@ -424,7 +442,7 @@ fn point(ctx: &Ctx<'_>, axis: Axis, n: usize, label: &str) -> Result<BTreeMap<Fi
                     "PATCH",
                     &format!("/v1/packages/{API_PACKAGE}"),
                     "{\"key\": \"api-v1\"}",
-                    ctx.io,
+                    ctx.admin_io,
                 )?;
                 let ms = t.elapsed().as_secs_f64() * 1e3;
                 ensure!(status == 200, "PATCH answered {status}");
@@ -465,11 +483,14 @@ fn point(ctx: &Ctx<'_>, axis: Axis, n: usize, label: &str) -> Result<BTreeMap<Fi
         if ctx.window.progress {
             eprintln!("  [{label}] {}", f.text(v));
         }
-        out.insert(f, v);
+        p.figures.insert(f, v);
+        if let Some(o) = others {
+            p.others_pct.insert(f, o);
+        }
     }
     drop(gw);
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(out)
+    Ok(())
 }
 
 /// The tunnels axis's `n` idle tunnels (none on the other axes).
@@ -510,16 +531,9 @@ fn medians(points: &[Point]) -> Medians {
         .collect()
 }
 
+/// `n` with thousands separators.
 fn thousands(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
+    crate::udp::thousands(n as f64)
 }
 
 /// The report: a table per axis, the flatness of each per-request figure
@@ -569,6 +583,32 @@ fn markdown(head: &str, axes: &[(Axis, Vec<usize>)], med: &Medians, points: &[Po
                     if spread <= 20.0 { "met" } else { "**missed**" }
                 );
             }
+        }
+        let noisy: Vec<String> = points
+            .iter()
+            .filter(|p| p.axis == *axis)
+            .flat_map(|p| {
+                p.others_pct
+                    .iter()
+                    .filter(|(_, o)| **o >= NOISY_PCT)
+                    .map(move |(f, o)| {
+                        format!(
+                            "{} {}, round {}, {}: {o:.0} %",
+                            thousands(p.n),
+                            axis.name(),
+                            p.round + 1,
+                            f.title()
+                        )
+                    })
+            })
+            .collect();
+        if !noisy.is_empty() {
+            let _ = writeln!(
+                md,
+                "\nOther programs used at least {NOISY_PCT:.0} % of a CPU in these windows \
+                 (the machine was not quiet): {}",
+                noisy.join("; ")
+            );
         }
         let _ = writeln!(md, "\n![{}](growth-{}.svg)", axis.name(), axis.name());
     }
@@ -649,6 +689,7 @@ pub(crate) fn run(c: &crate::Common, g: &GrowthArgs, pinning: &crate::Pinning) -
             progress: !c.quiet,
         },
         io,
+        admin_io: Duration::from_secs(g.start_seconds),
     };
     let started = crate::now();
     let mut points = Vec::new();
@@ -657,20 +698,19 @@ pub(crate) fn run(c: &crate::Common, g: &GrowthArgs, pinning: &crate::Pinning) -
             for &n in counts {
                 let label = format!("r{}/{} {} {n}", round + 1, c.rounds, axis.name());
                 eprintln!("{label}");
-                let (figures, error) = match point(&ctx, *axis, n, &label) {
-                    Ok(f) => (f, None),
-                    Err(e) => {
-                        eprintln!("  [{label}] FAILED: {e:#}");
-                        (BTreeMap::new(), Some(format!("{e:#}")))
-                    }
-                };
-                points.push(Point {
+                let mut p = Point {
                     axis: *axis,
                     n,
                     round,
-                    figures,
-                    error,
-                });
+                    figures: BTreeMap::new(),
+                    others_pct: BTreeMap::new(),
+                    error: None,
+                };
+                if let Err(e) = point(&ctx, &mut p, &label) {
+                    eprintln!("  [{label}] FAILED: {e:#}");
+                    p.error = Some(format!("{e:#}"));
+                }
+                points.push(p);
             }
         }
     }
