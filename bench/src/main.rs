@@ -6,7 +6,8 @@
 //! SOCKS5, absolute-form forwarding, an L4 relay or no proxy, and `compare`, which starts splicegate and the Debian
 //! peers one after another, round by round, and writes a report; and
 //! `agents-idle`, thousands of idle devices connected to the agent listener
-//! (the `agent-swarm` load processes speak the agent protocol). The proxy
+//! (the `agent-swarm` load processes speak the agent protocol); and
+//! `growth`, the cost as tunnels, nodes and packages grow. The proxy
 //! under test and this process are pinned to different CPUs with `taskset`.
 //! Every loop is bounded in count and in time; nothing here is a test
 //! assertion on timing.
