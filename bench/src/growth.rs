@@ -376,15 +376,6 @@ fn cpu_per_op(ctx: &Ctx<'_>, gw: &Gateway, mode: &Mode, label: &str) -> Result<(
     Ok((cpu.cpu_per_unit, r.others_cpu_pct.unwrap_or(0.0)))
 }
 
-fn connrate(ctx: &Ctx<'_>, sticky: bool) -> Mode {
-    Mode::Connrate {
-        conns: ctx.g.conns.max(1),
-        sources: 16,
-        sticky,
-        max_ops: 10_000_000,
-    }
-}
-
 /// Measure one point: a fresh gateway, then the axis's figures (into
 /// `p`).
 fn point(ctx: &Ctx<'_>, p: &mut Point, label: &str) -> Result<()> {
@@ -408,29 +399,24 @@ fn point(ctx: &Ctx<'_>, p: &mut Point, label: &str) -> Result<()> {
         let label = format!("{label} {}", f.title());
         let mut others = None;
         let v = match f {
-            Figure::Pingpong => {
-                let idle = idle_tunnels(ctx, &gw, axis, n)?;
-                let mode = Mode::Pingpong {
-                    tunnels: ctx.g.pingpong_tunnels.max(1),
-                    size: 64,
-                    max_ops: 100_000_000,
+            Figure::Pingpong | Figure::Connrate | Figure::Pick | Figure::SessionHit => {
+                let mode = match f {
+                    Figure::Pingpong => Mode::Pingpong {
+                        tunnels: ctx.g.pingpong_tunnels.max(1),
+                        size: 64,
+                        max_ops: 100_000_000,
+                    },
+                    _ => Mode::Connrate {
+                        conns: ctx.g.conns.max(1),
+                        sources: 16,
+                        sticky: f == Figure::SessionHit,
+                        max_ops: 10_000_000,
+                    },
                 };
-                let v = cpu_per_op(ctx, &gw, &mode, &label);
-                drop(idle);
-                let (v, o) = v?;
-                others = Some(o);
-                v
-            }
-            Figure::Connrate | Figure::Pick => {
+                // The tunnels axis's idle tunnels are held beside the load.
                 let idle = idle_tunnels(ctx, &gw, axis, n)?;
-                let v = cpu_per_op(ctx, &gw, &connrate(ctx, false), &label);
+                let (v, o) = cpu_per_op(ctx, &gw, &mode, &label)?;
                 drop(idle);
-                let (v, o) = v?;
-                others = Some(o);
-                v
-            }
-            Figure::SessionHit => {
-                let (v, o) = cpu_per_op(ctx, &gw, &connrate(ctx, true), &label)?;
                 others = Some(o);
                 v
             }
