@@ -38,6 +38,10 @@ pub(crate) enum Mode {
         conns: usize,
         /// Client source addresses 127.0.2.1..=N (0: the kernel's choice).
         sources: u8,
+        /// Each loop keeps one sticky session (splicegate's `-session-`
+        /// username), so every connection after its first is a session hit
+        /// instead of a node pick.
+        sticky: bool,
         max_ops: u64,
     },
     /// A stream's setup: `conns` closed loops as `Connrate` (default one,
@@ -434,12 +438,31 @@ pub(crate) fn run(
                 .spawn_scoped(sc, move || {
                     match *mode {
                         Mode::Bulk { down, .. } => bulk_worker(i, down, route, targets, shared, w),
-                        Mode::Connrate { conns, sources, .. } => {
-                            connrate_worker(i, conns, sources, false, route, targets, shared, w)
-                        }
-                        Mode::Setup { conns, sources, .. } => {
-                            connrate_worker(i, conns, sources, true, route, targets, shared, w)
-                        }
+                        Mode::Connrate {
+                            conns,
+                            sources,
+                            sticky,
+                            ..
+                        } => connrate_worker(
+                            i,
+                            conns,
+                            sources,
+                            Churn::Connrate { sticky },
+                            route,
+                            targets,
+                            shared,
+                            w,
+                        ),
+                        Mode::Setup { conns, sources, .. } => connrate_worker(
+                            i,
+                            conns,
+                            sources,
+                            Churn::Setup,
+                            route,
+                            targets,
+                            shared,
+                            w,
+                        ),
                         Mode::Pingpong { size, .. } => {
                             pingpong_worker(i, size, route, targets, shared, w)
                         }
@@ -718,18 +741,27 @@ fn churn_once(
     }
 }
 
+/// What a churn loop records: `Setup` times the tunnel's opening too;
+/// `Connrate` may keep a sticky session per loop.
+#[derive(Clone, Copy)]
+enum Churn {
+    Connrate { sticky: bool },
+    Setup,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn connrate_worker(
     i: usize,
     conns: usize,
     sources: u8,
-    setup: bool,
+    churn: Churn,
     route: &Route,
     t: &Targets,
     sh: &Shared,
     w: Window,
 ) {
-    let auth = route.user_for(i, false);
+    let setup = matches!(churn, Churn::Setup);
+    let auth = route.user_for(i, matches!(churn, Churn::Connrate { sticky: true }));
     let mut n = i;
     while sh.running() {
         let src =
@@ -999,7 +1031,6 @@ fn idle(
 ) -> RunResult {
     let base = proxy.and_then(|p| p.sample().ok());
     let open_deadline = Instant::now() + open_timeout;
-    let claimed = AtomicUsize::new(0);
     let shared = Shared::new(
         1,
         Arc::new(AtomicU64::new(0)),
@@ -1008,45 +1039,7 @@ fn idle(
     );
     let sh = &shared;
     let opened_at = Instant::now();
-    let mut tunnels: Vec<TcpStream> = std::thread::scope(|sc| {
-        let handles: Vec<_> = (0..open_threads.max(1))
-            .map(|k| {
-                let claimed = &claimed;
-                std::thread::Builder::new()
-                    .name(format!("idle-open-{k}"))
-                    .stack_size(256 * 1024)
-                    .spawn_scoped(sc, move || {
-                        let mut mine = Vec::new();
-                        while Instant::now() < open_deadline
-                            && sh.errors.load(Ordering::Relaxed) < 50 + n as u64 / 10
-                        {
-                            let i = claimed.fetch_add(1, Ordering::Relaxed);
-                            if i >= n {
-                                break;
-                            }
-                            let auth = route.user_for(i, false);
-                            match open_tunnel(route, t.echo, None, auth.as_ref(), w.io_timeout)
-                                .and_then(|mut tun| {
-                                    ping(&mut tun.stream)?;
-                                    Ok(tun.stream)
-                                }) {
-                                Ok(s) => mine.push(s),
-                                Err(e) => {
-                                    claimed.fetch_sub(1, Ordering::Relaxed);
-                                    sh.fail("open", &e);
-                                }
-                            }
-                        }
-                        mine
-                    })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .filter_map(|h| h.ok()?.join().ok())
-            .flatten()
-            .collect()
-    });
+    let mut tunnels = open_held(route, t, n, open_threads, open_deadline, w.io_timeout, sh);
     let open_secs = opened_at.elapsed().as_secs_f64();
     if w.progress {
         eprintln!(
@@ -1161,6 +1154,83 @@ fn idle(
         proxy,
         ..RunResult::default()
     }
+}
+
+/// Open `n` tunnels to the echo from `threads` threads, each proven by one
+/// round trip, until `deadline` or too many failures (counted in `sh`).
+fn open_held(
+    route: &Route,
+    t: &Targets,
+    n: usize,
+    threads: usize,
+    deadline: Instant,
+    io: Duration,
+    sh: &Shared,
+) -> Vec<TcpStream> {
+    let claimed = AtomicUsize::new(0);
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..threads.max(1))
+            .map(|k| {
+                let claimed = &claimed;
+                std::thread::Builder::new()
+                    .name(format!("idle-open-{k}"))
+                    .stack_size(256 * 1024)
+                    .spawn_scoped(sc, move || {
+                        let mut mine = Vec::new();
+                        while Instant::now() < deadline
+                            && sh.errors.load(Ordering::Relaxed) < 50 + n as u64 / 10
+                        {
+                            let i = claimed.fetch_add(1, Ordering::Relaxed);
+                            if i >= n {
+                                break;
+                            }
+                            let auth = route.user_for(i, false);
+                            match open_tunnel(route, t.echo, None, auth.as_ref(), io).and_then(
+                                |mut tun| {
+                                    ping(&mut tun.stream)?;
+                                    Ok(tun.stream)
+                                },
+                            ) {
+                                Ok(s) => mine.push(s),
+                                Err(e) => {
+                                    claimed.fetch_sub(1, Ordering::Relaxed);
+                                    sh.fail("open", &e);
+                                }
+                            }
+                        }
+                        mine
+                    })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| h.ok()?.join().ok())
+            .flatten()
+            .collect()
+    })
+}
+
+/// `n` tunnels to the echo, opened by 8 threads within `open_timeout` and
+/// held by the caller (the growth runs measure other work beside them).
+pub(crate) fn hold_tunnels(
+    route: &Route,
+    t: &Targets,
+    n: usize,
+    open_timeout: Duration,
+    io: Duration,
+) -> Result<Vec<TcpStream>> {
+    let deadline = Instant::now() + open_timeout;
+    let sh = Shared::new(1, Arc::new(AtomicU64::new(0)), u64::MAX, deadline);
+    let held = open_held(route, t, n, 8, deadline, io, &sh);
+    if held.len() < n {
+        let first = sh.first_error.lock().ok().and_then(|f| f.clone());
+        anyhow::bail!(
+            "{} of {n} tunnels opened in {open_timeout:?}: {}",
+            held.len(),
+            first.unwrap_or_default()
+        );
+    }
+    Ok(held)
 }
 
 fn ping(s: &mut TcpStream) -> Result<()> {

@@ -6,7 +6,8 @@
 //! SOCKS5, absolute-form forwarding, an L4 relay or no proxy, and `compare`, which starts splicegate and the Debian
 //! peers one after another, round by round, and writes a report; and
 //! `agents-idle`, thousands of idle devices connected to the agent listener
-//! (the `agent-swarm` load processes speak the agent protocol). The proxy
+//! (the `agent-swarm` load processes speak the agent protocol); and
+//! `growth`, the cost as tunnels, nodes and packages grow. The proxy
 //! under test and this process are pinned to different CPUs with `taskset`.
 //! Every loop is bounded in count and in time; nothing here is a test
 //! assertion on timing.
@@ -14,6 +15,7 @@
 
 mod agents;
 mod client;
+mod growth;
 mod load;
 mod peers;
 mod plan;
@@ -357,6 +359,16 @@ enum Cmd {
         #[arg(long, default_value_t = 600)]
         max_seconds: u64,
     },
+    /// Cost as the work grows: proxy CPU per operation with 1 to 9,000
+    /// tunnels held open and with 1,000 to 1,000,000 nodes in the pool
+    /// (a pick, a session hit), start-up, one SIGHUP reload and one admin
+    /// API change with 10 to 100,000 packages; a table and a plot per axis.
+    Growth {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        growth: growth::GrowthArgs,
+    },
     /// SOCKS5 UDP ASSOCIATE: K associations keeping W datagrams outstanding
     /// to a UDP echo, through splicegate, Dante and no proxy: datagrams/s,
     /// proxy CPU per million datagrams, p50/p99 and the p99 added.
@@ -404,6 +416,7 @@ fn connrate_cell(conns: usize, sources: u8, proto: TunnelProto, max_ops: u64) ->
         mode: Mode::Connrate {
             conns: conns.max(1),
             sources,
+            sticky: false,
             max_ops,
         },
         want,
@@ -976,6 +989,10 @@ fn main() -> Result<()> {
             });
         }
         Cmd::Udp(args) => return udp::main(args),
+        Cmd::Growth { common, growth } => {
+            raise_nofile();
+            return growth::run(&common, &growth, &pin(&common));
+        }
     };
     let out = run.common.out.clone();
     execute(&run.common, cells, vias(&run.vias)?, Vec::new(), out)

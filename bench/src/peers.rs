@@ -24,8 +24,8 @@ use crate::tls::Pki;
 pub(crate) const PEER_USER: &str = "sgbench";
 pub(crate) const PEER_PASS: &str = "sgbench-Pw-7f3";
 /// splicegate's package and key in the generated config.
-const SG_USER: &str = "package-1-country-us";
-const SG_KEY: &str = "bench";
+pub(crate) const SG_USER: &str = "package-1-country-us";
+pub(crate) const SG_KEY: &str = "bench";
 
 /// A built-in proxy under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -551,7 +551,7 @@ impl Drop for Running {
 
 /// SIGTERM by PID, up to 5 s to exit, then SIGKILL; descendants that
 /// outlive it (an nginx worker, a Dante child) are killed by their PIDs.
-fn stop(name: &str, mut child: Child) {
+pub(crate) fn stop(name: &str, mut child: Child) {
     let pid = child.id();
     let family: Vec<(u32, Option<String>)> = ProcTree { root: pid }
         .pids()
@@ -757,16 +757,10 @@ pub(crate) fn start(peer: &Peer, env: &Env, tls: bool) -> Result<Running> {
                 &conf,
                 format!(
                     "# splicegate-bench: one package, one node, loopback targets.\n\
-                     [proxy]\nlisten = \"{addr}\"\nworkers = {workers}\n\
-                     # taskset pins the process; the workers must not re-pin themselves.\n\
-                     pin_workers = false\n\
-                     [safety]\nallow_targets = [\"127.0.0.0/8\"]\n\
-                     # one load-generator address would be rate-limited otherwise\n\
-                     [ebpf]\nsyn_rate = 0\n\
-                     [log]\nlevel = \"warn\"\n\
-                     {tls_section}{agents_section}\
+                     {}{tls_section}{agents_section}\
                      [[package]]\nid = 1\nkey = \"{SG_KEY}\"\n\
-                     [[node]]\nid = \"n1\"\n{node}\ncountry = \"us\"\n"
+                     [[node]]\nid = \"n1\"\n{node}\ncountry = \"us\"\n",
+                    splicegate_head(addr, workers)
                 ),
             )?;
             let gw = env.gateway.to_string_lossy().into_owned();
@@ -1044,6 +1038,21 @@ pub(crate) fn start(peer: &Peer, env: &Env, tls: bool) -> Result<Running> {
         }
     }
     Ok(run)
+}
+
+/// The top of every generated splicegate config: `[proxy]` on `listen`
+/// (port 0 allowed, see `serve --ready-file`), loopback targets allowed, no
+/// per-source limits (one load-generator address would be rate-limited or,
+/// after a probe's refused key, banned otherwise), warnings only.
+pub(crate) fn splicegate_head(listen: SocketAddr, workers: usize) -> String {
+    format!(
+        "[proxy]\nlisten = \"{listen}\"\nworkers = {workers}\n\
+         # taskset pins the process; the workers must not re-pin themselves.\n\
+         pin_workers = false\n\
+         [safety]\nallow_targets = [\"127.0.0.0/8\"]\n\
+         [ebpf]\nsyn_rate = 0\nban_threshold = 0\n\
+         [log]\nlevel = \"warn\"\n"
+    )
 }
 
 /// The `agent` node's key in the generated config.

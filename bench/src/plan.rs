@@ -217,7 +217,8 @@ pub(crate) fn run(plan: &Plan, env: &Env) -> Results {
     }
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+/// The median (the mean of the middle two for an even count).
+pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
@@ -361,6 +362,7 @@ mod tests {
             Mode::Connrate {
                 conns: 1,
                 sources: 0,
+                sticky: false,
                 max_ops: 1,
             },
             Want::Socks5,

@@ -372,16 +372,34 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// A horizontal bar chart: the cell's throughput and the proxy's CPU per
-/// unit, one bar per peer.
-pub(crate) fn svg(cell: &Cell, rows: &[&Summary]) -> String {
+/// One bar: its row's label, its value (none: a dash), the text beside it.
+pub(crate) struct Bar {
+    pub label: String,
+    pub value: Option<f64>,
+    pub text: String,
+    pub color: &'static str,
+}
+
+/// One panel of a chart: a title over bars of one scale.
+pub(crate) struct Panel {
+    pub title: String,
+    pub bars: Vec<Bar>,
+}
+
+/// Horizontal bar charts under one title, two panels a row, each panel
+/// scaled to its own largest value; row labels left of the first column.
+pub(crate) fn bar_chart(title: &str, panels: &[Panel], footer: &str) -> String {
     const LABEL: f64 = 150.0;
     const PANEL: f64 = 330.0;
     const GAP: f64 = 70.0;
     const ROW: f64 = 26.0;
-    const TOP: f64 = 64.0;
-    let width = LABEL + 2.0 * PANEL + GAP + 20.0;
-    let height = TOP + ROW * rows.len() as f64 + 30.0;
+    const HEAD: f64 = 40.0;
+    const TOP: f64 = 24.0;
+    let columns = panels.len().clamp(1, 2);
+    let rows = panels.iter().map(|p| p.bars.len()).max().unwrap_or(0) as f64;
+    let block = HEAD + ROW * rows + 10.0;
+    let width = LABEL + columns as f64 * (PANEL + GAP) - GAP + 20.0;
+    let height = TOP + block * panels.len().div_ceil(2) as f64 + 30.0;
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -390,8 +408,70 @@ pub(crate) fn svg(cell: &Cell, rows: &[&Summary]) -> String {
     let _ = writeln!(
         s,
         r##"<rect width="100%" height="100%" fill="#ffffff"/><text x="10" y="22" font-size="15" font-weight="bold">{}</text>"##,
-        esc(&cell.title)
+        esc(title)
     );
+    for (k, panel) in panels.iter().enumerate() {
+        let x0 = LABEL + (k % 2) as f64 * (PANEL + GAP);
+        let y0 = TOP + (k / 2) as f64 * block;
+        let _ = writeln!(
+            s,
+            r##"<text x="{x0}" y="{}" font-weight="bold">{}</text>"##,
+            y0 + 24.0,
+            esc(&panel.title)
+        );
+        let max = panel
+            .bars
+            .iter()
+            .filter_map(|b| b.value)
+            .fold(0.0f64, f64::max)
+            .max(1e-12);
+        for (i, bar) in panel.bars.iter().enumerate() {
+            let y = y0 + HEAD + i as f64 * ROW;
+            if k % 2 == 0 {
+                let _ = writeln!(
+                    s,
+                    r##"<text x="{}" y="{}" text-anchor="end">{}</text>"##,
+                    LABEL - 8.0,
+                    y + 16.0,
+                    esc(&bar.label)
+                );
+            }
+            match bar.value {
+                Some(v) => {
+                    let w = (v / max * (PANEL - 60.0)).max(1.0);
+                    let _ = writeln!(
+                        s,
+                        r##"<rect x="{x0}" y="{}" width="{w:.1}" height="{}" fill="{}"/><text x="{:.1}" y="{}">{}</text>"##,
+                        y + 3.0,
+                        ROW - 8.0,
+                        bar.color,
+                        x0 + w + 4.0,
+                        y + 16.0,
+                        esc(&bar.text)
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        s,
+                        r##"<text x="{x0}" y="{}" fill="#868e96">–</text>"##,
+                        y + 16.0
+                    );
+                }
+            }
+        }
+    }
+    let _ = writeln!(
+        s,
+        r##"<text x="10" y="{}" fill="#868e96">{}</text></svg>"##,
+        height - 10.0,
+        esc(footer)
+    );
+    s
+}
+
+/// A cell's chart: its throughput and the proxy's CPU per unit, one bar per
+/// peer.
+pub(crate) fn svg(cell: &Cell, rows: &[&Summary]) -> String {
     let idle = matches!(cell.mode, Mode::Idle { .. });
     type Value = fn(&Summary) -> Option<f64>;
     let rate: Value = |r| r.rate;
@@ -410,72 +490,41 @@ pub(crate) fn svg(cell: &Cell, rows: &[&Summary]) -> String {
     } else {
         format!("{} (higher is better)", cell.mode.rate_unit())
     };
-    for (k, (title, value)) in [(first, rate), (second, cost)].iter().enumerate() {
-        let x0 = LABEL + k as f64 * (PANEL + GAP);
-        let _ = writeln!(
-            s,
-            r##"<text x="{x0}" y="48" font-weight="bold">{}</text>"##,
-            esc(title)
-        );
-        let max = rows
-            .iter()
-            .filter_map(|r| value(r))
-            .fold(0.0f64, f64::max)
-            .max(1e-12);
-        for (i, r) in rows.iter().enumerate() {
-            let y = TOP + i as f64 * ROW;
-            if k == 0 {
-                let _ = writeln!(
-                    s,
-                    r##"<text x="{}" y="{}" text-anchor="end">{}</text>"##,
-                    LABEL - 8.0,
-                    y + 16.0,
-                    esc(&r.peer)
-                );
-            }
-            let color = if r.peer.starts_with("splicegate") {
-                "#d9480f"
-            } else if r.peer == "direct" {
-                "#868e96"
-            } else {
-                "#1c7ed6"
-            };
-            match value(r) {
-                Some(v) => {
-                    let w = (v / max * (PANEL - 60.0)).max(1.0);
-                    let text = if k == 0 {
-                        rate_text(&cell.mode, v)
-                    } else if idle {
-                        format!("{v:.1}")
-                    } else {
-                        cpu_text(&cell.mode, Some(v))
+    let panels: Vec<Panel> = [(first, rate), (second, cost)]
+        .into_iter()
+        .enumerate()
+        .map(|(k, (title, value))| Panel {
+            title,
+            bars: rows
+                .iter()
+                .map(|r| {
+                    let v = value(r);
+                    let text = match v {
+                        Some(v) if k == 0 => rate_text(&cell.mode, v),
+                        Some(v) if idle => format!("{v:.1}"),
+                        v => cpu_text(&cell.mode, v),
                     };
-                    let _ = writeln!(
-                        s,
-                        r##"<rect x="{x0}" y="{}" width="{w:.1}" height="{}" fill="{color}"/><text x="{:.1}" y="{}">{}</text>"##,
-                        y + 3.0,
-                        ROW - 8.0,
-                        x0 + w + 4.0,
-                        y + 16.0,
-                        esc(&text)
-                    );
-                }
-                None => {
-                    let _ = writeln!(
-                        s,
-                        r##"<text x="{x0}" y="{}" fill="#868e96">–</text>"##,
-                        y + 16.0
-                    );
-                }
-            }
-        }
-    }
-    let _ = writeln!(
-        s,
-        r##"<text x="10" y="{}" fill="#868e96">medians over rounds; orange: splicegate, grey: no proxy</text></svg>"##,
-        height - 10.0
-    );
-    s
+                    Bar {
+                        label: r.peer.clone(),
+                        value: v,
+                        text,
+                        color: if r.peer.starts_with("splicegate") {
+                            "#d9480f"
+                        } else if r.peer == "direct" {
+                            "#868e96"
+                        } else {
+                            "#1c7ed6"
+                        },
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    bar_chart(
+        &cell.title,
+        &panels,
+        "medians over rounds; orange: splicegate, grey: no proxy",
+    )
 }
 
 /// Write report.md, one SVG per cell and results.json into `dir`.

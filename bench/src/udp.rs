@@ -987,7 +987,7 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("–".into(), |v| format!("{v:.digits$}"))
 }
 
-fn thousands(v: f64) -> String {
+pub(crate) fn thousands(v: f64) -> String {
     let s = format!("{:.0}", v.round());
     let (neg, digits) = s
         .strip_prefix('-')
