@@ -289,8 +289,9 @@ pub struct Policy {
     pub orgs: HashMap<String, Arc<Org>>,
     /// `ip`-auth allowlists: range → package (non-overlapping).
     ip_auth: Vec<(IpNet, u64)>,
-    /// The node pool.
-    pub nodes: NodePool,
+    /// The node pool; an API change to packages or organisations shares it
+    /// with the policy before ([`Policy::build_keeping_nodes`]).
+    pub nodes: Arc<NodePool>,
     /// The catalogue of names.
     pub geo: GeoCatalog,
     /// Target safety.
@@ -381,7 +382,31 @@ impl Policy {
                 return Err(DeclError::Duplicate(format!("node {}", n.id)));
             }
         }
-        let nodes = NodePool::build(&decls.nodes, previous.map(|p| &p.nodes), &mut geo);
+        let nodes = NodePool::build(&decls.nodes, previous.map(|p| &*p.nodes), &mut geo);
+        Self::with_accounts(decls, previous, Arc::new(nodes), geo)
+    }
+
+    /// A policy for `decls` whose nodes are `previous`'s, shared, not built
+    /// again (`decls.nodes` is not read): an API change to packages or
+    /// organisations costs what those cost, not what a million nodes do.
+    pub fn build_keeping_nodes(
+        decls: &Declarations,
+        previous: &Policy,
+    ) -> Result<Policy, DeclError> {
+        let mut geo = previous.geo.clone();
+        for (c, k, name) in &decls.geo {
+            geo.add(*c, *k, name);
+        }
+        Self::with_accounts(decls, Some(previous), previous.nodes.clone(), geo)
+    }
+
+    /// The organisations and packages of `decls` on `nodes` and `geo`.
+    fn with_accounts(
+        decls: &Declarations,
+        previous: Option<&Policy>,
+        nodes: Arc<NodePool>,
+        geo: GeoCatalog,
+    ) -> Result<Policy, DeclError> {
         let mut orgs = HashMap::new();
         for o in &decls.orgs {
             if o.id.is_empty() {

@@ -394,7 +394,21 @@ fn enrolment(id: &str, attrs: &[(String, String)]) -> Result<NodeFields, EnrolEr
 
 impl Inner {
     /// File objects, then API objects whose id the file does not declare.
+    /// [`Inner::merged`] without the nodes, for a change that leaves them
+    /// as they are ([`Policy::build_keeping_nodes`]).
+    fn merged_accounts(&self) -> Declarations {
+        let mut d = self.merged_with(false);
+        d.nodes.clear();
+        d
+    }
+
     fn merged(&self) -> Declarations {
+        self.merged_with(true)
+    }
+
+    /// The file's declarations and the API's, the API's nodes only when
+    /// `nodes` (a file's nodes are cloned either way: they are few).
+    fn merged_with(&self, with_nodes: bool) -> Declarations {
         let mut d = self.file.clone();
         let orgs: HashSet<&str> = self.file.orgs.iter().map(|o| o.id.as_str()).collect();
         let pkgs: HashSet<u64> = self.file.packages.iter().map(|p| p.id).collect();
@@ -411,12 +425,14 @@ impl Inner {
                 .filter(|p| !pkgs.contains(&p.id))
                 .cloned(),
         );
-        d.nodes.extend(
-            self.nodes
-                .values()
-                .filter(|n| !nodes.contains(n.id.as_str()))
-                .cloned(),
-        );
+        if with_nodes {
+            d.nodes.extend(
+                self.nodes
+                    .values()
+                    .filter(|n| !nodes.contains(n.id.as_str()))
+                    .cloned(),
+            );
+        }
         d
     }
 
@@ -638,6 +654,13 @@ impl Control {
         Policy::build(decls, Some(&self.engine.policy())).map_err(ControlError::from)
     }
 
+    /// Build a policy for a change of organisations or packages only: the
+    /// current one's nodes, shared.
+    fn build_accounts(&self, inner: &Inner) -> Result<Policy, ControlError> {
+        Policy::build_keeping_nodes(&inner.merged_accounts(), &self.engine.policy())
+            .map_err(ControlError::from)
+    }
+
     /// Restore what is new in `policy` and publish it.
     fn publish(&self, inner: &mut Inner, policy: Policy) -> Result<(), ControlError> {
         let before = Present::of(Some(&self.engine.policy()));
@@ -701,7 +724,7 @@ impl Control {
             from_file: false,
         };
         inner.orgs.insert(id.to_string(), decl);
-        let built = self.build(&inner.merged());
+        let built = self.build_accounts(&inner);
         let policy = match built {
             Ok(p) => p,
             Err(e) => {
@@ -793,6 +816,7 @@ impl Control {
         self.put(
             inner,
             |i| &mut i.packages,
+            false,
             id,
             decl,
             old,
@@ -805,17 +829,26 @@ impl Control {
 
     /// Put `decl` at `key` in the map `slot` selects, build the policy,
     /// store the object and publish; on any failure the map is as before.
+    /// `nodes`: whether the map holds nodes (else the current nodes are
+    /// kept as they are, not built again).
+    #[allow(clippy::too_many_arguments)]
     fn put<K: Ord + Clone, V>(
         &self,
         inner: &mut Inner,
         slot: fn(&mut Inner) -> &mut BTreeMap<K, V>,
+        nodes: bool,
         key: K,
         decl: V,
         old: Option<V>,
         store: impl FnOnce(&mut dyn Store) -> Result<(), StoreError>,
     ) -> Result<(), ControlError> {
         slot(inner).insert(key.clone(), decl);
-        let built = self.build(&inner.merged()).and_then(|policy| {
+        let built = if nodes {
+            self.build(&inner.merged())
+        } else {
+            self.build_accounts(inner)
+        };
+        let built = built.and_then(|policy| {
             store(inner.store.as_mut())?;
             Ok(policy)
         });
@@ -1098,6 +1131,7 @@ impl Control {
         self.put(
             inner,
             |i| &mut i.nodes,
+            true,
             id.clone(),
             decl,
             old,

@@ -468,3 +468,22 @@ fn refusals_after_the_key_belong_to_their_package() {
     assert_eq!(rej.code, Code::IpNotAllowed);
     assert_eq!(p.refused_package(&stranger, &rej), Some(8));
 }
+
+#[test]
+fn a_change_of_packages_keeps_the_node_pool_and_the_usage() {
+    let p1 = policy();
+    p1.packages[&7].usage.add_traffic(5, 5, 0, None);
+    let mut d = decls();
+    d.packages[0].key = "rotated".into();
+    // The nodes of `d` are not read: the previous pool is shared.
+    d.nodes.clear();
+    let p2 = Policy::build_keeping_nodes(&d, &p1).unwrap();
+    assert!(Arc::ptr_eq(&p1.nodes, &p2.nodes));
+    assert_eq!(p2.nodes.len(), p1.nodes.len());
+    assert!(p2.packages[&7].key.matches("rotated"));
+    assert_eq!(p2.packages[&7].usage.totals().bytes(), 10);
+    // A package change is still checked.
+    let mut bad = decls();
+    bad.packages[0].default_rules = "country-nowhere".into();
+    assert!(Policy::build_keeping_nodes(&bad, &p1).is_err());
+}
