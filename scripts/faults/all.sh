@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Every fault scenario in turn; the FIGURE lines go to target/faults/figures.txt.
-# blackhole.sh needs root; the others do not. About 6 min in all.
+# blackhole.sh needs root; the others do not. About 11 min in all.
 set -uo pipefail
 DIR="$(cd "$(dirname "$0")" && pwd)"
 OUT="${SG_FAULTS_OUT:-$DIR/../../target/faults}"
 mkdir -p "$OUT"
 (
     rc=0
-    for s in nodes blackhole load fd_exhaustion signals reload; do
+    for s in nodes blackhole load fd_exhaustion signals fleet reload; do
         "$DIR/$s.sh" || rc=1
     done
     exit $rc

@@ -97,4 +97,25 @@ impl Gateway {
             requests: find_u64(&v, "requests").unwrap_or(0),
         })
     }
+
+    /// What the store's ledger holds for package `id`: the buckets of
+    /// `GET /v1/packages/{id}/usage` (the last 24 hours, every usage epoch)
+    /// summed. In a fleet that is every gateway's flushes (this gateway
+    /// flushes its own first), where `GET /v1/packages/{id}` is this
+    /// gateway's view.
+    pub fn ledger_usage(&self, id: u32) -> Result<Usage, String> {
+        let path = format!("/v1/packages/{id}/usage");
+        let (status, v) = admin_request(self.admin_addr(), "GET", &path, None)
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        let buckets = match (status, v["buckets"].as_array()) {
+            (200, Some(b)) => b,
+            _ => return Err(format!("GET {path}: {status} {v}")),
+        };
+        let sum = |key: &str| buckets.iter().filter_map(|b| b[key].as_u64()).sum();
+        Ok(Usage {
+            bytes_up: sum("bytes_up"),
+            bytes_down: sum("bytes_down"),
+            requests: sum("requests"),
+        })
+    }
 }

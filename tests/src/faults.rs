@@ -1,9 +1,12 @@
 //! What the fault scenarios (`tests/tests/faults/`) share: the `FIGURE`
 //! lines `docs/RELIABILITY.md` quotes, the "no worker blocked" criterion,
-//! canary plans, and CONNECT probes that say what a request came to.
+//! canary plans, CONNECT probes that say what a request came to, and echo
+//! tunnels that pump traffic and count it ([`Pump`]).
 
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::canary::{CanaryPlan, CanaryReport, percentile};
@@ -21,6 +24,25 @@ pub fn full() -> bool {
 /// `long` in the long version, `bounded` otherwise (see [`full`]).
 pub fn scaled<T>(bounded: T, long: T) -> T {
     if full() { long } else { bounded }
+}
+
+/// `$var` when it is set to a number, otherwise [`scaled`]`(bounded,
+/// long)`: a scenario's count that a run may choose (`SG_KILL_ROUNDS`, …).
+pub fn count_from_env(var: &str, bounded: usize, long: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| scaled(bounded, long))
+}
+
+/// How long traffic runs before the next kill: 0.5–2 s, drawn from `seed`
+/// (xorshift), which it advances; so that kills land at every point of the
+/// one-second flush, yet the same each run.
+pub fn before_the_kill(seed: &mut u64) -> Duration {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    Duration::from_millis(500 + *seed % 1500)
 }
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -99,6 +121,19 @@ pub fn try_connect(
         .connect(&target.to_string(), Some((user, key)), extra)
         .map_err(|e| format!("CONNECT: {e}"))?;
     Ok((c, r))
+}
+
+/// A CONNECT tunnel of package 7 through `gw` to the echo at `echo` that
+/// moves `len` bytes each way and closes: the bytes the ledger must grow
+/// by (both ways; the CONNECT and its answer do not count).
+pub fn echo_round_trip(gw: &Gateway, src: Ipv4Addr, echo: SocketAddr, len: usize) -> u64 {
+    let (mut c, r) = try_connect(gw, src, echo, &user("country-us"), KEY, &[])
+        .unwrap_or_else(|e| panic!("a tunnel through {}: {e}", gw.proxy));
+    assert_eq!(r.status, 200, "{}", r.status_line);
+    let block: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+    c.echo_round_trip(&block)
+        .unwrap_or_else(|e| panic!("a {len}-byte round trip through {}: {e}", gw.proxy));
+    2 * len as u64
 }
 
 /// What a CONNECT came to: `200 <node>` or the error code; and how long.
@@ -279,4 +314,146 @@ pub fn summary(
         min.unwrap_or_default(),
         max.unwrap_or_default(),
     )
+}
+
+/// Echo tunnels that pump bytes both ways, counting them on the client
+/// side, with a timeline for the flush-interval bound. They stop when the
+/// gateway dies (one write fails) or at [`Pump::finish`].
+#[derive(Debug)]
+pub struct Pump {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    received: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// How many tunnels the gateway opened.
+    tunnels: usize,
+    /// (when, sent, received) every 20 ms.
+    timeline: Arc<Mutex<Vec<(Instant, u64, u64)>>>,
+}
+
+impl Pump {
+    /// `n` CONNECT tunnels of package 7 ([`KEY`]) through `gw` to the
+    /// echo at `echo`, each from its own source, each writing `rate` bytes
+    /// a second (in 10 ms ticks) and reading back what comes.
+    pub fn start(gw: &Gateway, src: &Sources, echo: SocketAddr, n: usize, rate: u64) -> Pump {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let received = Arc::new(AtomicU64::new(0));
+        let mut threads = Vec::new();
+        for _ in 0..n {
+            let Ok((c, r)) = try_connect(gw, src.next(), echo, &user("country-us"), KEY, &[])
+            else {
+                continue;
+            };
+            if r.status != 200 {
+                continue;
+            }
+            let mut w = c.stream.try_clone().unwrap();
+            let mut rd = c.stream;
+            let (stop, sent, received) = (stop.clone(), sent.clone(), received.clone());
+            threads.push(std::thread::spawn(move || {
+                let _ = rd.set_read_timeout(Some(Duration::from_secs(5)));
+                let reader = {
+                    let received = received.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 65536];
+                        while let Ok(k) = rd.read(&mut buf) {
+                            if k == 0 {
+                                break;
+                            }
+                            received.fetch_add(k as u64, Ordering::SeqCst);
+                        }
+                    })
+                };
+                let block = vec![7u8; 8192];
+                let per_tick = rate / 100;
+                let t0 = Instant::now();
+                let mut ticks = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let mut n = 0;
+                    while n < per_tick {
+                        match w.write(&block[..block.len().min((per_tick - n) as usize)]) {
+                            Ok(k) => {
+                                n += k as u64;
+                                sent.fetch_add(k as u64, Ordering::SeqCst);
+                            }
+                            Err(_) => {
+                                stop.store(true, Ordering::SeqCst);
+                                break;
+                            }
+                        }
+                    }
+                    ticks += 1;
+                    let next = t0 + Duration::from_millis(10 * ticks);
+                    if let Some(d) = next.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(d);
+                    }
+                }
+                // Done writing: the echo sends back the rest and closes,
+                // which ends the reader (at once, not after its timeout).
+                let _ = w.shutdown(std::net::Shutdown::Write);
+                let _ = reader.join();
+            }));
+        }
+        let tunnels = threads.len();
+        let timeline = Arc::new(Mutex::new(Vec::new()));
+        {
+            let (stop, sent, received, timeline) = (
+                stop.clone(),
+                sent.clone(),
+                received.clone(),
+                timeline.clone(),
+            );
+            threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    timeline.lock().unwrap().push((
+                        Instant::now(),
+                        sent.load(Ordering::SeqCst),
+                        received.load(Ordering::SeqCst),
+                    ));
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }));
+        }
+        Pump {
+            stop,
+            sent,
+            received,
+            threads,
+            tunnels,
+            timeline,
+        }
+    }
+
+    /// How many of the tunnels asked for the gateway opened.
+    pub fn tunnels(&self) -> usize {
+        self.tunnels
+    }
+
+    /// Bytes that crossed the gateway (sent up plus received down) in the
+    /// `window` before `t`, by the timeline.
+    pub fn moved_before(&self, t: Instant, window: Duration) -> u64 {
+        let tl = self.timeline.lock().unwrap();
+        let at = |when: Instant| {
+            tl.iter()
+                .rev()
+                .find(|(w, _, _)| *w <= when)
+                .map_or(0, |(_, s, r)| s + r)
+        };
+        at(t).saturating_sub(at(t - window))
+    }
+
+    /// Stop writing and wait for the tunnels to end: those of a live
+    /// gateway once the echo has sent everything back, those of a dead one
+    /// at once; (sent, received).
+    pub fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        (
+            self.sent.load(Ordering::SeqCst),
+            self.received.load(Ordering::SeqCst),
+        )
+    }
 }

@@ -25,6 +25,7 @@ pub mod conf;
 pub mod curl;
 pub mod faults;
 pub mod fixtures;
+pub mod fleet;
 pub mod gateway;
 pub mod netns;
 pub mod nodes;

@@ -73,10 +73,7 @@ impl Setup {
     /// PostgreSQL.
     pub fn store(&self) -> String {
         match &self.pg {
-            Some(pg) => format!(
-                "[store]\nurl = {:?}\nsnapshot = \"@DIR@/splicegate-snapshot.json\"\n",
-                pg.url()
-            ),
+            Some(pg) => pg.store_table(),
             None => "[store]\npath = \"@DIR@/splicegate.db\"\n".to_string(),
         }
     }
@@ -85,9 +82,25 @@ impl Setup {
     /// the directory, loopback targets allowed, short timeouts, and
     /// `[health]` as given.
     pub fn head(&self, health: &str) -> String {
-        let store = self.store();
-        format!(
-            r#"[proxy]
+        head(&self.store(), health)
+    }
+
+    /// Start the binary on `toml` (placeholders as [`crate::conf`]) in this
+    /// directory, on this setup's ports once it has some.
+    pub fn start(&self, toml: &str) -> Gateway {
+        let ports = self.ports.lock().unwrap().clone();
+        let gw = Gateway::start_in(self.dir.clone(), ports, toml);
+        *self.ports.lock().unwrap() = gw.ports().clone();
+        gw
+    }
+}
+
+/// The common head of a config ([`Setup::head`]) on the `[store]` table
+/// `store`: proxy (one worker) and admin (with [`TOKEN`]) on placeholders,
+/// loopback targets allowed, short timeouts, and `[health]` as given.
+pub fn head(store: &str, health: &str) -> String {
+    format!(
+        r#"[proxy]
 listen = "@PROXY@"
 workers = 1
 pin_workers = false
@@ -108,17 +121,7 @@ node_connect_ms = 1000
 target_ms = 3000
 drain_grace_s = 1
 "#
-        )
-    }
-
-    /// Start the binary on `toml` (placeholders as [`crate::conf`]) in this
-    /// directory, on this setup's ports once it has some.
-    pub fn start(&self, toml: &str) -> Gateway {
-        let ports = self.ports.lock().unwrap().clone();
-        let gw = Gateway::start_in(self.dir.clone(), ports, toml);
-        *self.ports.lock().unwrap() = gw.ports().clone();
-        gw
-    }
+    )
 }
 
 /// `[[org]]` `org` with `credits`, and its `[[package]]` `id` with `key`

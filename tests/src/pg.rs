@@ -92,6 +92,15 @@ impl Postgres {
         format!("host={} user=postgres dbname=postgres", self.dir.display())
     }
 
+    /// The `[store]` table of a gateway on this server, its local snapshot
+    /// in the gateway's directory.
+    pub fn store_table(&self) -> String {
+        format!(
+            "[store]\nurl = {:?}\nsnapshot = \"@DIR@/splicegate-snapshot.json\"\n",
+            self.url()
+        )
+    }
+
     /// Starts the server (again, after [`Postgres::stop`]) and waits until
     /// it accepts connections (`pg_ctl start -w`).
     pub fn start_again(&mut self) {

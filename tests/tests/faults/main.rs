@@ -1,7 +1,8 @@
 //! Fault scenarios with pass criteria (research/reliability.md §3): nodes
 //! that die, stall or never answer; 10,000 idle connections and slowloris
 //! attackers; descriptor exhaustion; SIGTERM under load; SIGKILL in a loop
-//! with the ledger reconciled; key rotation and pause under load.
+//! with the ledger reconciled, alone and in a fleet of three; key rotation
+//! and pause under load.
 //!
 //! Each runs in two sizes with the same pass criteria. The fast run
 //! (`scripts/test`, and so CI) runs the bounded version of every scenario,
@@ -16,6 +17,7 @@
 //! `cargo test -p splicegate-tests --test faults -- --exact nodes::node_killed_mid_tunnel`.
 
 mod descriptors;
+mod fleet;
 mod load;
 mod nodes;
 mod reload;

@@ -1,10 +1,10 @@
 //! Signals: SIGTERM under load, SIGKILL in a loop with the ledger
 //! reconciled (scripts/faults/signals.sh).
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use splicegate_tests::faults::*;
@@ -134,129 +134,6 @@ fn usage_of(gw: &Gateway) -> admin::Usage {
     panic!("usage of package 7: {last}");
 }
 
-/// Echo tunnels that pump bytes both ways, counting them on the client
-/// side, with a timeline for the flush-interval bound.
-struct Pump {
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-    received: Arc<AtomicU64>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-    /// (when, sent, received) every 20 ms.
-    timeline: Arc<Mutex<Vec<(Instant, u64, u64)>>>,
-}
-
-impl Pump {
-    fn start(gw: &Gateway, src: &Sources, echo: SocketAddr, n: usize, rate: u64) -> Pump {
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let received = Arc::new(AtomicU64::new(0));
-        let mut threads = Vec::new();
-        for _ in 0..n {
-            let Ok((c, r)) = try_connect(gw, src.next(), echo, &user("country-us"), KEY, &[])
-            else {
-                continue;
-            };
-            if r.status != 200 {
-                continue;
-            }
-            let mut w = c.stream.try_clone().unwrap();
-            let mut rd = c.stream;
-            let (stop, sent, received) = (stop.clone(), sent.clone(), received.clone());
-            threads.push(std::thread::spawn(move || {
-                let _ = rd.set_read_timeout(Some(Duration::from_secs(5)));
-                let reader = {
-                    let received = received.clone();
-                    std::thread::spawn(move || {
-                        let mut buf = vec![0u8; 65536];
-                        while let Ok(k) = rd.read(&mut buf) {
-                            if k == 0 {
-                                break;
-                            }
-                            received.fetch_add(k as u64, Ordering::SeqCst);
-                        }
-                    })
-                };
-                let block = vec![7u8; 8192];
-                let per_tick = rate / 100;
-                let t0 = Instant::now();
-                let mut ticks = 0u64;
-                while !stop.load(Ordering::SeqCst) {
-                    let mut n = 0;
-                    while n < per_tick {
-                        match w.write(&block[..block.len().min((per_tick - n) as usize)]) {
-                            Ok(k) => {
-                                n += k as u64;
-                                sent.fetch_add(k as u64, Ordering::SeqCst);
-                            }
-                            Err(_) => {
-                                stop.store(true, Ordering::SeqCst);
-                                break;
-                            }
-                        }
-                    }
-                    ticks += 1;
-                    let next = t0 + Duration::from_millis(10 * ticks);
-                    if let Some(d) = next.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(d);
-                    }
-                }
-                let _ = reader.join();
-            }));
-        }
-        let timeline = Arc::new(Mutex::new(Vec::new()));
-        {
-            let (stop, sent, received, timeline) = (
-                stop.clone(),
-                sent.clone(),
-                received.clone(),
-                timeline.clone(),
-            );
-            threads.push(std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    timeline.lock().unwrap().push((
-                        Instant::now(),
-                        sent.load(Ordering::SeqCst),
-                        received.load(Ordering::SeqCst),
-                    ));
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }));
-        }
-        Pump {
-            stop,
-            sent,
-            received,
-            threads,
-            timeline,
-        }
-    }
-
-    /// Bytes that crossed the gateway (sent up plus received down) in the
-    /// `window` before `t`, by the timeline.
-    fn moved_before(&self, t: Instant, window: Duration) -> u64 {
-        let tl = self.timeline.lock().unwrap();
-        let at = |when: Instant| {
-            tl.iter()
-                .rev()
-                .find(|(w, _, _)| *w <= when)
-                .map_or(0, |(_, s, r)| s + r)
-        };
-        at(t).saturating_sub(at(t - window))
-    }
-
-    /// Wait for the tunnels to end (the gateway died); (sent, received).
-    fn finish(self) -> (u64, u64) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads {
-            let _ = t.join();
-        }
-        (
-            self.sent.load(Ordering::SeqCst),
-            self.received.load(Ordering::SeqCst),
-        )
-    }
-}
-
 /// SIGKILL during traffic, 50 times (8 bounded, `SG_KILL_ROUNDS` to choose), restarting each time on the same
 /// store. Each round: a tunnel moves 256 KiB each way and closes, and one
 /// flush interval later the store holds exactly its bytes; then 4 echo
@@ -267,10 +144,7 @@ impl Pump {
 #[test]
 fn sigkill_loop_reconciles_the_ledger() {
     let _one = one_at_a_time();
-    let rounds: usize = std::env::var("SG_KILL_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(scaled(8, 50));
+    let rounds = count_from_env("SG_KILL_ROUNDS", 8, 50);
     const RATE: u64 = 1_000_000; // bytes per second per tunnel, each way
     const TUNNELS: usize = 4;
     let echo = TcpEcho::start();
@@ -287,22 +161,10 @@ fn sigkill_loop_reconciles_the_ledger() {
     let flush_window = Duration::from_millis(1250);
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     for round in 0..rounds {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let run_for = Duration::from_millis(500 + seed % 1500);
+        let run_for = before_the_kill(&mut seed);
         // A tunnel that moves 256 KiB each way and closes: after one flush
         // interval its bytes are in the store, exactly.
-        let settled = {
-            let (mut c, r) =
-                try_connect(&gw, src.next(), echo.addr(), &user("country-us"), KEY, &[])
-                    .expect("tunnel");
-            assert_eq!(r.status, 200);
-            let block: Vec<u8> = (0..256 * 1024).map(|i| (i % 253) as u8).collect();
-            c.echo_round_trip(&block).expect("256 KiB round trip");
-            drop(c);
-            2 * block.len() as u64
-        };
+        let settled = echo_round_trip(&gw, src.next(), echo.addr(), 256 * 1024);
         std::thread::sleep(Duration::from_millis(1600));
         let flushed = usage_of(&gw).total();
         if flushed != ledger + settled {
