@@ -11,93 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use splicegate_tests::Gateway;
+use splicegate_tests::fleet::{Fleet, account, within};
 use splicegate_tests::gateway::{binary, temp_dir};
 use splicegate_tests::ops::{IpEcho, Setup, TOKEN, exit_ip, local, sample};
-use splicegate_tests::pg::Postgres;
-use splicegate_tests::redis::Redis;
-
-/// One shared store and Redis; each gateway a directory of its own.
-struct Fleet {
-    pg: Postgres,
-    redis: Redis,
-}
-
-impl Fleet {
-    fn start() -> Fleet {
-        Fleet {
-            pg: Postgres::start(),
-            redis: Redis::start(),
-        }
-    }
-
-    /// The config of gateway `id` (`workers = 1`, as three fit on two
-    /// cores), placeholders for its own ports and directory.
-    fn toml(&self, id: &str) -> String {
-        format!(
-            r#"[proxy]
-listen = "@PROXY@"
-workers = 1
-pin_workers = false
-
-[admin]
-listen = "@ADMIN@"
-token = "{TOKEN}"
-
-[store]
-url = {url:?}
-snapshot = "@DIR@/splicegate-snapshot.json"
-
-[fleet]
-id = "{id}"
-redis = {redis:?}
-
-[health]
-interval_s = 3600
-
-[safety]
-allow_targets = ["127.0.0.0/8"]
-
-[timeouts]
-node_connect_ms = 1000
-target_ms = 3000
-drain_grace_s = 1
-"#,
-            url = self.pg.url(),
-            redis = self.redis.url(),
-        )
-    }
-
-    fn gateway(&self, id: &str) -> (Setup, Gateway) {
-        let s = Setup::new(&format!("fleet-{id}"));
-        let gw = s.start(&self.toml(id));
-        (s, gw)
-    }
-}
-
-/// Poll `f` every 20 ms until it holds or `limit` passes; how long it took.
-fn within(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
-    let started = Instant::now();
-    loop {
-        if f() {
-            return Some(started.elapsed());
-        }
-        if started.elapsed() > limit {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Through `gw`'s API: org `acme`, a `direct` node `n-a` in the US on
-/// `bind`, and `package` (JSON, for org `acme`).
-fn account(gw: &Gateway, bind: &str, package: &str) {
-    gw.created("/v1/orgs", r#"{"id": "acme", "credits": 100}"#);
-    gw.created(
-        "/v1/nodes",
-        &format!(r#"{{"id": "n-a", "kind": "direct", "bind": "{bind}", "country": "us"}}"#),
-    );
-    gw.created("/v1/packages", package);
-}
 
 /// Wait until each of `gws` lists them all, each with its `field` share
 /// of package `pkg` (the limit is in force and every gateway has seen the

@@ -397,19 +397,28 @@ impl Inner {
     /// [`Inner::merged`] without the nodes, for a change that leaves them
     /// as they are ([`Policy::build_keeping_nodes`]).
     fn merged_accounts(&self) -> Declarations {
-        let mut d = self.merged_with(false);
-        d.nodes.clear();
-        d
+        self.merged_with(false)
     }
 
     fn merged(&self) -> Declarations {
         self.merged_with(true)
     }
 
-    /// The file's declarations and the API's, the API's nodes only when
-    /// `nodes` (a file's nodes are cloned either way: they are few).
+    /// The file's declarations and the API's, the nodes (the file's and
+    /// the API's) only `with_nodes`.
     fn merged_with(&self, with_nodes: bool) -> Declarations {
-        let mut d = self.file.clone();
+        let f = &self.file;
+        let mut d = Declarations {
+            orgs: f.orgs.clone(),
+            packages: f.packages.clone(),
+            nodes: if with_nodes {
+                f.nodes.clone()
+            } else {
+                Vec::new()
+            },
+            geo: f.geo.clone(),
+            targets: f.targets.clone(),
+        };
         let orgs: HashSet<&str> = self.file.orgs.iter().map(|o| o.id.as_str()).collect();
         let pkgs: HashSet<u64> = self.file.packages.iter().map(|p| p.id).collect();
         let nodes: HashSet<&str> = self.file.nodes.iter().map(|n| n.id.as_str()).collect();
