@@ -421,7 +421,6 @@ impl Inner {
         };
         let orgs: HashSet<&str> = self.file.orgs.iter().map(|o| o.id.as_str()).collect();
         let pkgs: HashSet<u64> = self.file.packages.iter().map(|p| p.id).collect();
-        let nodes: HashSet<&str> = self.file.nodes.iter().map(|n| n.id.as_str()).collect();
         d.orgs.extend(
             self.orgs
                 .values()
@@ -435,6 +434,7 @@ impl Inner {
                 .cloned(),
         );
         if with_nodes {
+            let nodes: HashSet<&str> = self.file.nodes.iter().map(|n| n.id.as_str()).collect();
             d.nodes.extend(
                 self.nodes
                     .values()
