@@ -232,6 +232,17 @@ impl Engine {
         {
             return None;
         }
+        // Its node offline here, under an `onerror` that replaces it: the
+        // fleet moves the session in the same round trip, so that a request
+        // on another gateway right after finds the replacement, not the
+        // node this gateway left.
+        let replaces = !rules.bind_node && rules.on_error() != OnError::Fail;
+        let replace = held
+            .as_ref()
+            .filter(|s| {
+                replaces && s.away.is_none() && !policy.nodes.node(s.node).serves_sessions()
+            })
+            .map(|s| policy.nodes.node(s.node).id.to_string());
         let held = held.map(|s| s.node);
         let mut picker = PoolPicker {
             pool: &policy.nodes,
@@ -252,6 +263,7 @@ impl Engine {
             key,
             rules: session_rules(policy, adm),
             nodes: [id(one), id(two)],
+            replace,
             length_s: rules.session_length(),
             rotate: rules.rotate,
         })

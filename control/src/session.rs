@@ -313,6 +313,10 @@ pub struct SessionClaim {
     /// rotation whose session is already on the first; empty when no node
     /// matches here (the fleet then only says what the session is).
     pub nodes: [String; 2],
+    /// The session's node, offline here, that this request's `onerror`
+    /// would replace: the fleet moves the session off it to the first of
+    /// `nodes`, unless another gateway moved it already.
+    pub replace: Option<String>,
     /// The request's `sessionlength`.
     pub length_s: u32,
     /// The request's rotation.

@@ -254,7 +254,7 @@ fn three_gateways_act_as_one() {
         ),
         Err("NODE_NOT_FOUND".into())
     );
-    let listed = within(IN_FORCE, || {
+    let listed = within(Duration::from_secs(3), || {
         let all = g1.get_json("/v1/errors?limit=1000");
         let mine = g1.get_json("/v1/packages/7/errors");
         let from = |v: &Value, gw: &str, code: &str| {

@@ -40,7 +40,8 @@ const CLAIM_TIMEOUT: Duration = Duration::from_millis(400);
 /// nodes, or count the request and rotate it when due: to the first node,
 /// or the second when the session is on the first. Without nodes (none
 /// matches on the asking gateway) nothing starts or rotates: nil when
-/// there is no session. An ended period's entry
+/// there is no session. ARGV[8], when not empty, is the node the asking
+/// gateway found offline: a session still on it moves to the first node. An ended period's entry
 /// lives on for [`GRACE_MS`], so that the next period avoids its node as on
 /// one gateway. Returns the session, with Redis's clock.
 const CLAIM_SCRIPT: &str = r"
@@ -63,7 +64,10 @@ end
 local node, since, n = s[2], tonumber(s[5]), tonumber(s[6])
 if s[1] == ARGV[1] then
   local kind, every = tonumber(ARGV[5]), tonumber(ARGV[6])
-  if (kind == 1 and now - since >= every * 1000) or (kind == 2 and n >= every) then
+  if ARGV[8] ~= '' and node == ARGV[8] and ARGV[2] ~= '' then
+    node, since, n = other(node), now, 1
+    redis.call('HSET', KEYS[1], 'node', node, 'since', since, 'n', n)
+  elseif (kind == 1 and now - since >= every * 1000) or (kind == 2 and n >= every) then
     node, since, n = other(node), now, 1
     redis.call('HSET', KEYS[1], 'node', node, 'since', since, 'n', n)
   else
@@ -186,7 +190,21 @@ pub(super) async fn serve(
                         tokio::time::timeout(CLAIM_TIMEOUT, run_claim(&mut conn, &prefix, &claim))
                             .await;
                     match answer {
-                        Ok(Ok(s)) => reply(s),
+                        Ok(Ok(s)) => {
+                            // Moved off the node this gateway found offline
+                            // (here or by another gateway): every gateway
+                            // holding it follows at once.
+                            if let (Some(gone), Some(session)) = (&claim.replace, &s)
+                                && &session.node != gone
+                            {
+                                view.announce(Event::Session(SessionEvent::Moved {
+                                    package: claim.key.package,
+                                    id: claim.key.id.as_str().to_string(),
+                                    node: session.node.clone(),
+                                }));
+                            }
+                            reply(s)
+                        }
                         Ok(Err(e)) => {
                             view.set_redis_up(false, &e);
                             reply(None);
@@ -238,6 +256,7 @@ async fn run_claim(
         .arg(kind)
         .arg(every)
         .arg(GRACE_MS)
+        .arg(claim.replace.as_deref().unwrap_or(""))
         .invoke_async(conn)
         .await?;
     Ok(
