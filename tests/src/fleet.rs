@@ -47,6 +47,11 @@ impl Fleet {
         let gw = s.start(&self.toml(id));
         (s, gw)
     }
+
+    /// Start gateways `gw1` … `gwN`, each as [`Fleet::gateway`].
+    pub fn gateways<const N: usize>(&self) -> [(Setup, Gateway); N] {
+        std::array::from_fn(|i| self.gateway(&format!("gw{}", i + 1)))
+    }
 }
 
 /// Poll `f` every 20 ms until it holds or `limit` passes; how long it took.

@@ -45,9 +45,7 @@ fn fresh() -> Ipv4Addr {
 #[test]
 fn three_gateways_act_as_one() {
     let fleet = Fleet::start();
-    let (_s1, g1) = fleet.gateway("gw1");
-    let (_s2, g2) = fleet.gateway("gw2");
-    let (_s3, g3) = fleet.gateway("gw3");
+    let [(_s1, g1), (_s2, g2), (_s3, g3)] = fleet.gateways();
 
     // The registry: every gateway sees all three, itself marked.
     let listed = within(Duration::from_secs(5), || {
@@ -354,8 +352,7 @@ fn a_live_gateways_id_is_refused_and_a_crashed_ones_taken_over() {
 #[test]
 fn redis_going_away_stops_nothing_and_changes_arrive_when_it_is_back() {
     let mut fleet = Fleet::start();
-    let (_s1, g1) = fleet.gateway("gw1");
-    let (_s2, g2) = fleet.gateway("gw2");
+    let [(_s1, g1), (_s2, g2)] = fleet.gateways();
     let target = IpEcho::start(local(0)).unwrap();
     account(
         &g1,
@@ -421,9 +418,7 @@ fn redis_going_away_stops_nothing_and_changes_arrive_when_it_is_back() {
 fn max_connections_holds_across_the_fleet() {
     const MAX: usize = 6;
     let fleet = Fleet::start();
-    let (_s1, g1) = fleet.gateway("gw1");
-    let (_s2, g2) = fleet.gateway("gw2");
-    let (_s3, g3) = fleet.gateway("gw3");
+    let [(_s1, g1), (_s2, g2), (_s3, g3)] = fleet.gateways();
     let echo = splicegate_tests::TcpEcho::start();
     account(
         &g1,
@@ -509,9 +504,7 @@ fn max_connections_holds_across_the_fleet() {
 fn rps_limit_holds_across_the_fleet() {
     const LIMIT: u32 = 40;
     let fleet = Fleet::start();
-    let (_s1, g1) = fleet.gateway("gw1");
-    let (_s2, g2) = fleet.gateway("gw2");
-    let (_s3, g3) = fleet.gateway("gw3");
+    let [(_s1, g1), (_s2, g2), (_s3, g3)] = fleet.gateways();
     let echo = splicegate_tests::TcpEcho::start();
     account(
         &g1,
@@ -622,9 +615,7 @@ fn six_exits(gw: &Gateway, all: &[&Gateway], pkg: u64, key: &str, target: &IpEch
 #[test]
 fn a_sessions_exit_rotation_and_lifetime_are_the_same_on_every_gateway() {
     let fleet = Fleet::start();
-    let (_s1, g1) = fleet.gateway("gw1");
-    let (_s2, g2) = fleet.gateway("gw2");
-    let (_s3, g3) = fleet.gateway("gw3");
+    let [(_s1, g1), (_s2, g2), (_s3, g3)] = fleet.gateways();
     let gws = [&g1, &g2, &g3];
     let target = IpEcho::start(local(0)).unwrap();
     six_exits(&g1, &gws, 8, "pk_sess", &target);
@@ -883,9 +874,7 @@ fn within_the_bound(what: &str, gws: &[&Gateway]) {
 /// limit's 30 MB within SPEC section 11's bound, not each gateway.
 fn a_limit_of_30_mb_holds_across_the_fleet(credits: f64, package: &str, code: &str) {
     let fleet = Fleet::start();
-    let (_s1, g1) = fleet.gateway("gw1");
-    let (_s2, g2) = fleet.gateway("gw2");
-    let (_s3, g3) = fleet.gateway("gw3");
+    let [(_s1, g1), (_s2, g2), (_s3, g3)] = fleet.gateways();
     let gws = [&g1, &g2, &g3];
     let target = limited_package(&gws, credits, package);
     let got = until_refused(&gws, target, code);
@@ -924,9 +913,7 @@ fn credits_hold_across_the_fleet_on_leases() {
 #[test]
 fn a_traffic_cap_holds_through_a_redis_outage_on_provisional_leases() {
     let mut fleet = Fleet::start();
-    let (_s1, g1) = fleet.gateway("gw1");
-    let (_s2, g2) = fleet.gateway("gw2");
-    let (_s3, g3) = fleet.gateway("gw3");
+    let [(_s1, g1), (_s2, g2), (_s3, g3)] = fleet.gateways();
     let gws = [&g1, &g2, &g3];
     let target = limited_package(&gws, 100.0, r#""traffic_limit_bytes": 30000000"#);
     everywhere(&gws, target, 1_000_000);
@@ -961,8 +948,7 @@ fn a_traffic_cap_holds_through_a_redis_outage_on_provisional_leases() {
 fn every_gateways_dashboard_shows_the_fleet() {
     use splicegate_tests::browser::{browse, excerpt};
     let fleet = Fleet::start();
-    let (_s1, g1) = fleet.gateway("gw1");
-    let (_s2, g2) = fleet.gateway("gw2");
+    let [(_s1, g1), (_s2, g2)] = fleet.gateways();
     let target = IpEcho::start(local(0)).unwrap();
     account(
         &g1,
