@@ -83,6 +83,15 @@ pub struct StoredUsage {
     pub spent: HashMap<String, i64>,
 }
 
+impl StoredUsage {
+    fn read(store: &dyn Store) -> Result<StoredUsage, StoreError> {
+        Ok(StoredUsage {
+            packages: store.usage_totals()?,
+            spent: store.spent()?,
+        })
+    }
+}
+
 /// Usage as the whole fleet relayed it ([`Control::fleet_usage`]).
 #[derive(Debug, Clone, Default)]
 pub struct FleetUsage {
@@ -950,11 +959,7 @@ impl Control {
     /// epoch and of every organisation's spending: the whole fleet's, as
     /// each gateway flushed it.
     pub fn stored_usage(&self) -> Result<StoredUsage, ControlError> {
-        let inner = self.lock();
-        Ok(StoredUsage {
-            packages: inner.store.usage_totals()?,
-            spent: inner.store.spent()?,
-        })
+        Ok(StoredUsage::read(&*self.lock().store)?)
     }
 
     /// In a fleet: usage as the whole fleet relayed it, for the API (the
@@ -969,10 +974,8 @@ impl Control {
         }
         let mut usage = {
             let inner = self.lock();
-            let packages = inner.store.usage_totals().ok()?;
-            let spent = inner.store.spent().ok()?;
             FleetUsage {
-                stored: Arc::new(StoredUsage { packages, spent }),
+                stored: Arc::new(StoredUsage::read(&*inner.store).ok()?),
                 written: Arc::new(inner.ledger.readings().clone()),
                 spent: Arc::default(),
             }

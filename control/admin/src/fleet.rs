@@ -773,6 +773,7 @@ async fn heartbeat(
     // Per rate-limited package: its attempts counter at the last heartbeat
     // and the smoothed demand.
     let mut demand: BTreeMap<u64, (u64, f64)> = BTreeMap::new();
+    let mut beats = 0u64;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -786,6 +787,7 @@ async fn heartbeat(
             }
             _ = stop.changed() => return,
         }
+        beats += 1;
         let (now, connections, tunnels) = read(&lock(&view.workers));
         let secs = now.at.duration_since(last.at).as_secs_f64().max(0.001);
         let policy = control.engine().policy_arc();
@@ -806,7 +808,10 @@ async fn heartbeat(
             }
             demand = next;
             me.demand = demand.iter().map(|(id, (_, d))| (*id, *d)).collect();
-            (me.unhealthy, me.agents) = node_health(&policy);
+            // A walk over every node: once a second, not every heartbeat.
+            if beats.is_multiple_of(4) {
+                (me.unhealthy, me.agents) = node_health(&policy);
+            }
             me.seen_ms = unix_ms();
             me.load = Load {
                 connections,
@@ -1126,21 +1131,15 @@ mod tests {
 
     #[test]
     fn rate_shares_follow_demand_and_add_up_to_the_limit() {
-        // 80/15/5 % of three times a limit of 100.
-        let d = [240.0, 45.0, 15.0];
-        let total: f64 = d.iter().sum();
-        let s: Vec<f64> = d
-            .iter()
-            .map(|m| rps_share(100.0, *m, total - m, 3))
-            .collect();
-        assert_eq!(s, [80.0, 15.0, 5.0]);
+        // Each of three gateways' shares of a limit of 100, by demand.
+        let shares = |d: [f64; 3]| {
+            let total: f64 = d.iter().sum();
+            d.map(|m| rps_share(100.0, m, total - m, 3))
+        };
+        // 80/15/5 % of three times the limit.
+        assert_eq!(shares([240.0, 45.0, 15.0]), [80.0, 15.0, 5.0]);
         // Below the limit: demand met, the rest split evenly.
-        let d = [30.0, 0.0, 10.0];
-        let total: f64 = d.iter().sum();
-        let s: Vec<f64> = d
-            .iter()
-            .map(|m| rps_share(100.0, *m, total - m, 3))
-            .collect();
+        let s = shares([30.0, 0.0, 10.0]);
         assert_eq!(s, [50.0, 20.0, 30.0]);
         assert!((s.iter().sum::<f64>() - 100.0).abs() < 1e-9);
     }

@@ -156,10 +156,16 @@ pub(super) async fn serve(
             .filter(|(_, p)| p.decl.traffic_limit_bytes > 0)
             .map(|(id, _)| *id)
             .collect();
-        let c = control.clone();
-        let ids = capped.clone();
-        let Ok(epochs) = tokio::task::spawn_blocking(move || c.usage_epochs(&ids)).await else {
-            continue;
+        // The epochs are behind the control lock: asked only when a cap
+        // is in force.
+        let epochs = if capped.is_empty() {
+            Vec::new()
+        } else {
+            let (c, ids) = (control.clone(), capped.clone());
+            match tokio::task::spawn_blocking(move || c.usage_epochs(&ids)).await {
+                Ok(e) => e,
+                Err(_) => continue,
+            }
         };
         let mut in_use = Vec::new();
         for (id, epoch) in capped.iter().zip(epochs) {
