@@ -741,7 +741,12 @@ fn a_device_enrols_keeps_its_key_reconnects_with_it_and_taken_or_revoked_ids_are
     assert_eq!(n["state"], "online", "{n}");
     assert_eq!(n["country"], "de", "{n}");
     assert_eq!(n["city"], "berlin", "{n}");
-    assert!(dev.log().contains("enrolled"), "{}", dev.log());
+    // The device's log reaches its file after the gateway saw it connect.
+    assert!(
+        dev.wait_log("enrolled", Duration::from_secs(5)),
+        "{}",
+        dev.log()
+    );
     // It keeps the key it was issued, readable by its owner only, and that
     // key is not the fleet's secret.
     let key_file = state.0.join("key");
