@@ -187,9 +187,10 @@ fn kernel(m: &Machine<'_>, out: &mut Vec<Finding>) {
     }
     if m.is_live() {
         match probe_ring() {
-            Ok(()) => out.push(ok(
-                "io_uring probe: a ring was created and a multishot accept completed",
-            )),
+            Ok(setup) => out.push(ok(format!(
+                "io_uring probe: a ring was created ({}) and a multishot accept completed",
+                ring_setup_text(setup)
+            ))),
             Err(e) => out.push(fail(
                 format!("io_uring probe failed: {e}"),
                 "check kernel.io_uring_disabled, seccomp (SystemCallFilter must allow io_uring_setup, io_uring_enter, io_uring_register) and RLIMIT_MEMLOCK on kernels before 5.12",
@@ -200,8 +201,9 @@ fn kernel(m: &Machine<'_>, out: &mut Vec<Finding>) {
 
 /// Creates a ring and accepts one loopback connection through it, as a
 /// worker does.
-fn probe_ring() -> std::io::Result<()> {
+fn probe_ring() -> std::io::Result<splicegate_uring::RingSetup> {
     let rt = splicegate_uring::Runtime::new(splicegate_uring::RuntimeConfig::default())?;
+    let setup = rt.ring_setup();
     rt.block_on(async {
         let l = splicegate_uring::TcpListener::bind("127.0.0.1:0".parse().expect("literal"), 4)?;
         let addr = l.local_addr()?;
@@ -210,8 +212,23 @@ fn probe_ring() -> std::io::Result<()> {
             .await
             .map_err(|_| std::io::Error::other("the accept did not complete within 2 s"))??;
         drop((client, accepted));
-        Ok(())
+        Ok(setup)
     })?
+}
+
+/// What a ring's task work mode means for an operator.
+fn ring_setup_text(setup: splicegate_uring::RingSetup) -> &'static str {
+    use splicegate_uring::RingSetup;
+    match setup {
+        RingSetup::DeferTaskrun => "DEFER_TASKRUN + SINGLE_ISSUER, the best mode",
+        RingSetup::CoopSingleIssuer => {
+            "COOP_TASKRUN + SINGLE_ISSUER; DEFER_TASKRUN needs Linux 6.1"
+        }
+        RingSetup::Coop => "COOP_TASKRUN; DEFER_TASKRUN needs Linux 6.1",
+        RingSetup::Plain => {
+            "no COOP_TASKRUN (Linux 5.19): completions interrupt the worker; DEFER_TASKRUN needs Linux 6.1"
+        }
+    }
 }
 
 fn bpf(m: &Machine<'_>, out: &mut Vec<Finding>) {

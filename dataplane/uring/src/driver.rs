@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use io_uring::cqueue;
 
 use crate::slab::Slab;
-use crate::sys::{self, Ring, SqFull};
+use crate::sys::{self, Ring, RingSetup, SqFull};
 
 /// `user_data` of the multishot poll on the runtime's eventfd.
 const WAKE_TOKEN: u64 = u64::MAX;
@@ -219,9 +219,14 @@ pub(crate) struct Driver {
 }
 
 impl Driver {
-    pub(crate) fn new(entries: u32, cq_entries: u32, wake_fd: Arc<OwnedFd>) -> io::Result<Driver> {
+    pub(crate) fn new(
+        entries: u32,
+        cq_entries: u32,
+        setup: RingSetup,
+        wake_fd: Arc<OwnedFd>,
+    ) -> io::Result<Driver> {
         let mut driver = Driver {
-            ring: Ring::new(entries, cq_entries)?,
+            ring: Ring::with_setup(entries, cq_entries, setup)?,
             ops: Slab::new(),
             timers: Timers {
                 slots: Slab::new(),
@@ -405,6 +410,11 @@ impl Driver {
             self.ring.cq_dropped(),
             self.pending_cancels.len(),
         )
+    }
+
+    /// The ring's task work mode.
+    pub(crate) fn ring_setup(&self) -> RingSetup {
+        self.ring.setup()
     }
 
     /// Number of ops the kernel still owns or whose results are unconsumed.

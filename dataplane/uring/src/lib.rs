@@ -12,6 +12,10 @@
 //!   the thread that made them (`!Send`); only wakers, [`Notifier`] and
 //!   [`Sender`] cross threads, through a mutex-guarded queue plus the
 //!   runtime's eventfd.
+//! - The ring runs the kernel's task work only when its thread enters it
+//!   ([`RingSetup`]: `DEFER_TASKRUN` where the kernel has it, lesser tiers
+//!   below); a turn enters whenever the ring's `TASKRUN` flag says
+//!   completions wait.
 //! - The kernel never holds a pointer into user memory: the only ring ops are
 //!   `POLL_ADD`, multishot `ACCEPT` without an address, and `ASYNC_CANCEL`.
 //!   Data moves through synchronous non-blocking syscalls (`recv`, `send`,
@@ -63,7 +67,9 @@ pub use relay::{
     DEFAULT_MAX_PIPES, DEFAULT_PIPE_SIZE, Direction, PipeLimit, PipePool, PipeStats, RelayCtl,
     RelayEnd, RelayOutcome, Side, copy_relay, relay,
 };
-pub use runtime::{Runtime, RuntimeConfig, RuntimeStats, runtime_stats, spawn, yield_now};
+pub use runtime::{
+    RingSetup, Runtime, RuntimeConfig, RuntimeStats, runtime_stats, spawn, yield_now,
+};
 pub use signals::SignalSet;
 
 /// Waits until the current task may complete one more ready operation and

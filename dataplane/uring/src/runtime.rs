@@ -22,6 +22,7 @@ use std::task::{Context as TaskContext, Poll, Wake, Waker};
 use crate::driver::Driver;
 use crate::slab::Slab;
 use crate::sys;
+pub use crate::sys::RingSetup;
 
 /// How a [`Runtime`] is built.
 #[derive(Clone, Debug)]
@@ -40,6 +41,9 @@ pub struct RuntimeConfig {
     /// Tasks polled between two looks at the ring, so I/O completions and
     /// timers are not starved by a long ready queue.
     pub tasks_per_tick: usize,
+    /// The ring's task work mode to try first; a kernel without it falls
+    /// back to the next tier ([`RingSetup`]). Default: the best.
+    pub setup: RingSetup,
 }
 
 impl Default for RuntimeConfig {
@@ -48,6 +52,7 @@ impl Default for RuntimeConfig {
             entries: 256,
             cq_entries: 0,
             tasks_per_tick: 64,
+            setup: RingSetup::DeferTaskrun,
         }
     }
 }
@@ -288,6 +293,7 @@ impl Context {
             ops_in_flight: driver.ops_in_flight(),
             pending_cancels,
             tasks: self.tasks.borrow().len(),
+            ring_setup: driver.ring_setup(),
         }
     }
 
@@ -339,6 +345,8 @@ pub struct RuntimeStats {
     pub pending_cancels: usize,
     /// Spawned tasks not finished.
     pub tasks: usize,
+    /// The task work mode the kernel gave the ring.
+    pub ring_setup: RingSetup,
 }
 
 /// The counters of the runtime running on this thread.
@@ -381,7 +389,7 @@ impl Runtime {
             0 => entries.saturating_mul(4),
             n => n,
         };
-        let driver = Driver::new(entries, cq_entries, eventfd.clone())?;
+        let driver = Driver::new(entries, cq_entries, config.setup, eventfd.clone())?;
         Ok(Runtime {
             cx: Rc::new(Context {
                 id: NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed),
@@ -399,6 +407,11 @@ impl Runtime {
                 config,
             }),
         })
+    }
+
+    /// The task work mode the kernel gave this runtime's ring.
+    pub fn ring_setup(&self) -> RingSetup {
+        self.cx.driver.borrow().ring_setup()
     }
 
     /// Runs `future` to completion on this thread, together with every task

@@ -32,9 +32,48 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
 #[derive(Debug)]
 pub(crate) struct SqFull;
 
+/// How a ring runs the kernel's task work (the completion side of a poll
+/// or an accept), best first. Each tier needs a newer kernel than the next.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RingSetup {
+    /// `DEFER_TASKRUN` + `SINGLE_ISSUER` (Linux 6.1): completions are run
+    /// only when the worker enters the ring to look for them, in one batch,
+    /// never by interrupting it (the `TASKRUN` flag tells it they wait).
+    #[default]
+    DeferTaskrun,
+    /// `COOP_TASKRUN` + `TASKRUN_FLAG` + `SINGLE_ISSUER` (Linux 6.0): no
+    /// interrupt to run task work; it runs at the worker's next syscall.
+    CoopSingleIssuer,
+    /// `COOP_TASKRUN` + `TASKRUN_FLAG` (Linux 5.19).
+    Coop,
+    /// None of these: task work may interrupt the worker (an IPI).
+    Plain,
+}
+
+impl RingSetup {
+    fn next(self) -> RingSetup {
+        match self {
+            RingSetup::DeferTaskrun => RingSetup::CoopSingleIssuer,
+            RingSetup::CoopSingleIssuer => RingSetup::Coop,
+            RingSetup::Coop | RingSetup::Plain => RingSetup::Plain,
+        }
+    }
+
+    /// The name logs and `/metrics` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RingSetup::DeferTaskrun => "defer_taskrun",
+            RingSetup::CoopSingleIssuer => "coop_taskrun_single_issuer",
+            RingSetup::Coop => "coop_taskrun",
+            RingSetup::Plain => "plain",
+        }
+    }
+}
+
 /// One io_uring instance. Only pointer-free entries can be pushed into it.
 pub(crate) struct Ring {
     ring: IoUring,
+    setup: RingSetup,
     /// Tests: this many more pushes fail as if the queue stayed full after
     /// a submit (the kernel holding back, e.g. on a CQ overflow).
     #[cfg(test)]
@@ -52,31 +91,54 @@ impl std::fmt::Debug for Ring {
 impl Ring {
     /// Creates a ring with `entries` SQ slots and `cq_entries` CQ slots
     /// (`IORING_SETUP_CQSIZE`; at least `entries`; both clamped to the
-    /// kernel's maximum rather than refused). Tries COOP_TASKRUN
-    /// (+TASKRUN_FLAG) and SINGLE_ISSUER first (completions without IPIs;
-    /// the flag tells `submit` when the kernel has work pending for us) and
-    /// falls back to plain setup.
-    pub(crate) fn new(entries: u32, cq_entries: u32) -> io::Result<Ring> {
+    /// kernel's maximum rather than refused), in task work mode `first`
+    /// ([`RingSetup`]) or, on a kernel that refuses it, the best tier
+    /// below it that the kernel accepts.
+    pub(crate) fn with_setup(entries: u32, cq_entries: u32, first: RingSetup) -> io::Result<Ring> {
         let cq = cq_entries.max(entries);
-        let tuned = IoUring::builder()
-            .setup_cqsize(cq)
-            .setup_clamp()
-            .setup_coop_taskrun()
-            .setup_taskrun_flag()
-            .setup_single_issuer()
-            .build(entries);
-        let ring = match tuned {
-            Ok(ring) => ring,
-            Err(_) => IoUring::builder()
-                .setup_cqsize(cq)
-                .setup_clamp()
-                .build(entries)?,
-        };
-        Ok(Ring {
-            ring,
-            #[cfg(test)]
-            refuse_pushes: 0,
-        })
+        let mut tier = first;
+        loop {
+            let mut builder = IoUring::builder();
+            builder.setup_cqsize(cq).setup_clamp();
+            match tier {
+                RingSetup::DeferTaskrun => {
+                    builder
+                        .setup_defer_taskrun()
+                        .setup_single_issuer()
+                        .setup_taskrun_flag();
+                }
+                RingSetup::CoopSingleIssuer => {
+                    builder
+                        .setup_coop_taskrun()
+                        .setup_taskrun_flag()
+                        .setup_single_issuer();
+                }
+                RingSetup::Coop => {
+                    builder.setup_coop_taskrun().setup_taskrun_flag();
+                }
+                RingSetup::Plain => {}
+            }
+            match builder.build(entries) {
+                Ok(ring) => {
+                    return Ok(Ring {
+                        ring,
+                        setup: tier,
+                        #[cfg(test)]
+                        refuse_pushes: 0,
+                    });
+                }
+                // EINVAL: a flag this kernel does not know; try the next tier.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && tier != RingSetup::Plain => {
+                    tier = tier.next();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The task work mode this ring was set up with.
+    pub(crate) fn setup(&self) -> RingSetup {
+        self.setup
     }
 
     /// Tests: the ring's descriptor.

@@ -1031,3 +1031,68 @@ fn gso_runs_are_one_size_to_one_address_and_bounded() {
     assert_eq!(run(&[(10, x); 100]), 64);
     assert_eq!(run(&[(1400, x); 60]), 46);
 }
+
+/// Every task work mode, forced from the top of the ladder down, serves the
+/// same work: an accept, an echo through two polled sockets, a timer, and a
+/// wake from another thread. A mode that lost completions (DEFER_TASKRUN
+/// runs them only when the worker enters the ring asking for them) would
+/// hang here until the watchdog fires.
+#[test]
+fn every_ring_setup_tier_serves_io_timers_and_remote_wakes() {
+    for setup in [
+        RingSetup::DeferTaskrun,
+        RingSetup::CoopSingleIssuer,
+        RingSetup::Coop,
+        RingSetup::Plain,
+    ] {
+        let done = watchdog("ring setup tier", Duration::from_secs(20));
+        let rt = Runtime::new(RuntimeConfig {
+            setup,
+            ..RuntimeConfig::default()
+        })
+        .expect("io_uring runtime");
+        // This kernel (6.1 or later, which the CI machine runs) has every
+        // tier: none may fall back.
+        assert_eq!(rt.ring_setup(), setup, "the kernel refused {setup:?}");
+        let (tx, mut rx) = channel::<u32>();
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            tx.send(7).unwrap();
+        });
+        let echoed = rt
+            .block_on(async {
+                let (client, server) = pair().await;
+                spawn(async move {
+                    let mut buf = [0u8; 64];
+                    for _ in 0..100 {
+                        let n = server.read(&mut buf).await.unwrap();
+                        if n == 0 {
+                            return;
+                        }
+                        server.write_all(&buf[..n]).await.unwrap();
+                    }
+                });
+                let mut got = Vec::new();
+                for i in 0..50u8 {
+                    client.write_all(&[i; 3]).await.unwrap();
+                    let mut buf = [0u8; 3];
+                    let mut have = 0;
+                    while have < 3 {
+                        have += client.read(&mut buf[have..]).await.unwrap();
+                    }
+                    got.extend_from_slice(&buf);
+                }
+                let before = Instant::now();
+                sleep(Duration::from_millis(5)).await;
+                assert!(before.elapsed() >= Duration::from_millis(5));
+                assert_eq!(rx.recv().await, Some(7));
+                assert_eq!(runtime_stats().ring_setup, setup);
+                got
+            })
+            .expect("the ring failed");
+        sender.join().unwrap();
+        let _ = done.send(());
+        let want: Vec<u8> = (0..50u8).flat_map(|i| [i; 3]).collect();
+        assert_eq!(echoed, want, "{setup:?}");
+    }
+}

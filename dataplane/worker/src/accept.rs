@@ -69,6 +69,11 @@ pub(crate) fn run(
         cq_entries: 16_384,
         ..RuntimeConfig::default()
     })?;
+    tracing::debug!(
+        worker = index,
+        ring = rt.ring_setup().as_str(),
+        "worker ring set up"
+    );
     rt.block_on(async move {
         let seed = (index as u64 + 1).wrapping_mul(0x9E37_79B9) ^ crate::clock::unix_ms();
         let ctx = Rc::new(Ctx {
