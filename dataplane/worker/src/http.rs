@@ -453,8 +453,17 @@ impl HttpConn<'_> {
         let mut meter = Meter::new(package, &ctx.stats);
         let mut head = Vec::with_capacity(req.head_len + 64);
         write_forward_head(req, &mut head);
+        // 1. The head, then the body as framed. Body bytes the client sent
+        // with its head go out in the same send.
+        let head_len = head.len();
+        let mut body = BodyTracker::new(req.body);
+        let n = coalesce(&mut body, buf, &mut head).map_err(|e| {
+            ExchangeError::Answer(Rejection::new(
+                Code::BadRequest,
+                format!("the request body's framing is malformed: {e}"),
+            ))
+        })?;
         let head = &head[..];
-        // 1. The head, then the body as framed.
         match timeout(s.idle, upstream.write_all(head)).await {
             Ok(Ok(())) => {}
             _ if reused => return Err(ExchangeError::Stale),
@@ -465,8 +474,12 @@ impl HttpConn<'_> {
                 )));
             }
         }
-        meter.up(head.len() as u64);
-        let mut body = BodyTracker::new(req.body);
+        meter.up(head_len as u64);
+        if n > 0 {
+            buf.drain(..n);
+            meter.up(n as u64);
+            meter.check()?;
+        }
         while !body.is_done() {
             if buf.is_empty() {
                 match read_some(client, buf, Instant::now() + s.idle).await {
@@ -549,16 +562,20 @@ impl HttpConn<'_> {
         let extra_ref: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let mut out = Vec::with_capacity(resp.head_len + 128);
         write_response_head(&resp, &extra_ref, &mut out);
-        relay_write(client, &out, s.idle).await?;
-        meter.down(out.len() as u64);
         ubuf.drain(..resp.head_len);
-        // 3. The answer's body.
+        // 3. The answer's body; what came with the head goes out with it,
+        // in one send.
         let framing = if resp.status == 101 {
             BodyFraming::UntilClose
         } else {
             resp.body
         };
         let mut body = BodyTracker::new(framing);
+        let n = coalesce(&mut body, &ubuf, &mut out).map_err(|_| ExchangeError::Abort)?;
+        ubuf.drain(..n);
+        relay_write(client, &out, s.idle).await?;
+        meter.down(out.len() as u64);
+        meter.check()?;
         while !body.is_done() {
             if ubuf.is_empty() {
                 match read_some(upstream, &mut ubuf, Instant::now() + s.idle).await {
@@ -577,6 +594,26 @@ impl HttpConn<'_> {
         meter.flush();
         Ok((keep_client, reusable, meter.total_up, meter.total_down))
     }
+}
+
+/// Body bytes at most this long that arrived with a head are copied behind
+/// the head and sent with it: one send instead of two. Longer ones are
+/// sent on their own, where a copy would cost more than the send it saves.
+const COALESCE_MAX: usize = 16 * 1024;
+
+/// Appends to `out` the body bytes at the start of `read` (as `body` frames
+/// them, at most [`COALESCE_MAX`]) and returns how many it took.
+fn coalesce(
+    body: &mut BodyTracker,
+    read: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<usize, splicegate_proto::http::BodyError> {
+    if body.is_done() || read.is_empty() || read.len() > COALESCE_MAX {
+        return Ok(0);
+    }
+    let n = body.feed(read)?;
+    out.extend_from_slice(&read[..n]);
+    Ok(n)
 }
 
 /// Write relayed bytes within the idle timeout; a peer that cannot take
@@ -641,5 +678,49 @@ impl<'a> Meter<'a> {
 impl Drop for Meter<'_> {
     fn drop(&mut self) {
         self.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{COALESCE_MAX, coalesce};
+    use splicegate_proto::http::{BodyFraming, BodyTracker};
+
+    #[test]
+    fn only_this_messages_body_goes_out_with_its_head() {
+        // Content-Length 5, and the next request already behind it.
+        let mut body = BodyTracker::new(BodyFraming::ContentLength(5));
+        let mut out = b"HEAD\r\n\r\n".to_vec();
+        let n = coalesce(&mut body, b"hello GET / HTTP/1.1\r\n", &mut out).unwrap();
+        assert_eq!(n, 5);
+        assert_eq!(out, b"HEAD\r\n\r\nhello");
+        assert!(body.is_done());
+        // A chunked body ends at its last chunk.
+        let mut body = BodyTracker::new(BodyFraming::Chunked);
+        let mut out = Vec::new();
+        let n = coalesce(&mut body, b"3\r\nabc\r\n0\r\n\r\nNEXT", &mut out).unwrap();
+        assert_eq!(&out[..], b"3\r\nabc\r\n0\r\n\r\n");
+        assert_eq!(n, out.len());
+        // No body: nothing taken, whatever was read.
+        let mut body = BodyTracker::new(BodyFraming::None);
+        let mut out = Vec::new();
+        assert_eq!(coalesce(&mut body, b"GET /", &mut out).unwrap(), 0);
+        assert!(out.is_empty());
+        // A malformed chunk size is the framing's error, not bytes sent.
+        let mut body = BodyTracker::new(BodyFraming::Chunked);
+        let mut out = Vec::new();
+        assert!(coalesce(&mut body, b"zz\r\n", &mut out).is_err());
+    }
+
+    #[test]
+    fn a_long_body_is_not_copied_behind_the_head() {
+        let mut body = BodyTracker::new(BodyFraming::ContentLength(1 << 20));
+        let mut out = Vec::new();
+        let read = vec![7u8; COALESCE_MAX + 1];
+        assert_eq!(coalesce(&mut body, &read, &mut out).unwrap(), 0);
+        assert!(out.is_empty());
+        let read = vec![7u8; COALESCE_MAX];
+        assert_eq!(coalesce(&mut body, &read, &mut out).unwrap(), COALESCE_MAX);
+        assert_eq!(out.len(), COALESCE_MAX);
     }
 }
