@@ -30,8 +30,8 @@ use splicegate_control::engine::Engine;
 use splicegate_control::geo::Country;
 use splicegate_control::ledger::Ledger;
 use splicegate_control::limits::UsageTotals;
-use splicegate_control::nodes::{NodeDecl, NodeKind};
-use splicegate_control::policy::{Declarations, OrgDecl, PackageDecl, Policy};
+use splicegate_control::nodes::{NodeDecl, NodeIdx, NodeKind};
+use splicegate_control::policy::{Declarations, NodeChange, OrgDecl, PackageDecl, Policy};
 use splicegate_control::rules::Network;
 
 use crate::error::{ControlError, EnrolError, FROM_FILE, StoreError};
@@ -679,6 +679,19 @@ impl Control {
             .map_err(ControlError::from)
     }
 
+    /// Build a policy for an API change of one node on `current`: the
+    /// other nodes shared, not built again
+    /// ([`Policy::build_changing_node`]; the caller commits the change).
+    fn build_node(
+        &self,
+        inner: &Inner,
+        current: &Policy,
+        change: NodeChange<'_>,
+    ) -> Result<(Policy, Option<NodeIdx>), ControlError> {
+        Policy::build_changing_node(&inner.merged_accounts(), current, change)
+            .map_err(ControlError::from)
+    }
+
     /// Restore what is new in `policy` and publish it.
     fn publish(&self, inner: &mut Inner, policy: Policy) -> Result<(), ControlError> {
         let before = Present::of(Some(&self.engine.policy()));
@@ -834,44 +847,44 @@ impl Control {
         self.put(
             inner,
             |i| &mut i.packages,
-            false,
             id,
             decl,
             old,
+            |i| Ok((self.build_accounts(i)?, ())),
             |store| match old_is_none {
                 true => store.insert_package(id, &spec, unix_ms()),
                 false => store.put_package(id, &spec, unix_ms()),
             },
+            |_, ()| {},
         )
     }
 
-    /// Put `decl` at `key` in the map `slot` selects, build the policy,
-    /// store the object and publish; on any failure the map is as before.
-    /// `nodes`: whether the map holds nodes (else the current nodes are
-    /// kept as they are, not built again).
+    /// Put `decl` at `key` in the map `slot` selects, build the policy
+    /// (`build`: from the map changed; it gives what `commit` needs), store
+    /// the object, commit and publish; on any failure the map is as before
+    /// and nothing live changed.
     #[allow(clippy::too_many_arguments)]
-    fn put<K: Ord + Clone, V>(
+    fn put<K: Ord + Clone, V, T>(
         &self,
         inner: &mut Inner,
         slot: fn(&mut Inner) -> &mut BTreeMap<K, V>,
-        nodes: bool,
         key: K,
         decl: V,
         old: Option<V>,
+        build: impl FnOnce(&Inner) -> Result<(Policy, T), ControlError>,
         store: impl FnOnce(&mut dyn Store) -> Result<(), StoreError>,
+        commit: impl FnOnce(&Policy, T),
     ) -> Result<(), ControlError> {
         slot(inner).insert(key.clone(), decl);
-        let built = if nodes {
-            self.build(&inner.merged())
-        } else {
-            self.build_accounts(inner)
-        };
-        let built = built.and_then(|policy| {
+        let built = build(inner).and_then(|built| {
             store(inner.store.as_mut())?;
-            Ok(policy)
+            Ok(built)
         });
         match built {
-            Ok(policy) => self.publish(inner, policy),
+            Ok((policy, t)) => {
+                commit(&policy, t);
+                self.publish(inner, policy)
+            }
             Err(e) => {
                 match old {
                     Some(o) => slot(inner).insert(key, o),
@@ -1140,16 +1153,23 @@ impl Control {
         let old_is_none = old.is_none();
         let spec = serde_json::to_string(&NodeFields::from_decl(&decl))
             .map_err(|e| ControlError::Invalid(e.to_string()))?;
+        let change = decl.clone();
+        let state = decl.state;
         self.put(
             inner,
             |i| &mut i.nodes,
-            true,
             id.clone(),
             decl,
             old,
+            |i| self.build_node(i, &self.engine.policy(), NodeChange::Put(&change)),
             |store| match old_is_none {
                 true => store.insert_node(&id, &spec, unix_ms()),
                 false => store.put_node(&id, &spec, unix_ms()),
+            },
+            |policy, idx| {
+                if let Some(idx) = idx {
+                    policy.nodes.set_admin_state(idx, state);
+                }
             },
         )
     }
@@ -1166,7 +1186,9 @@ impl Control {
     }
 
     /// `PATCH /v1/nodes/{id}`: a state alone changes the live pool without a
-    /// rebuild (and is persisted); other fields rebuild the policy.
+    /// rebuild (and is persisted); other fields derive the next pool from
+    /// the current one with this node replaced at its index, the others
+    /// shared ([`Policy::build_changing_node`]).
     pub fn patch_node(&self, id: &str, fields: &NodeFields) -> Result<(), ControlError> {
         if fields.id.as_deref().is_some_and(|x| x != id) {
             return Err(ControlError::Invalid("a node's id cannot change".into()));
@@ -1203,13 +1225,16 @@ impl Control {
 
     /// `DELETE /v1/nodes/{id}`: out of selection at once; its tunnels run
     /// out. An agent node's id is revoked with it (in the same store
-    /// transaction): no device enrols under it again.
+    /// transaction): no device enrols under it again. The next pool is the
+    /// current one with the node left a tombstone, the others shared; the
+    /// removal is marked once the store has it.
     pub fn delete_node(&self, id: &str) -> Result<(), ControlError> {
         let mut inner = self.lock();
         let old = self.api_node(&inner, id)?;
         let agent = old.kind == NodeKind::Agent;
         inner.nodes.remove(id);
-        let policy = match self.build(&inner.merged()) {
+        let current = self.engine.policy_arc();
+        let (policy, idx) = match self.build_node(&inner, &current, NodeChange::Remove(id)) {
             Ok(p) => p,
             Err(e) => {
                 inner.nodes.insert(id.to_string(), old);
@@ -1229,8 +1254,9 @@ impl Control {
             self.revoked_set().insert(id.to_string());
             tracing::info!(node = id, "agent node deleted; its id is revoked");
         }
-        if let Some((idx, _)) = self.engine.policy().nodes.get(id) {
-            self.engine.policy().nodes.remove(idx);
+        if let Some(idx) = idx {
+            current.nodes.remove(idx);
+            policy.nodes.remove(idx);
         }
         self.publish(&mut inner, policy)?;
         self.announce(Change::Node(id.to_string()));
