@@ -722,6 +722,10 @@ pub struct NodePool {
     agents: RoaringBitmap,
     /// Nodes that carry UDP ([`Node::udp`]).
     udp: RoaringBitmap,
+    /// For a pool derived from another: the selectable set it started
+    /// from, until [`NodePool::catch_up`] compares it with the other
+    /// pool's.
+    derived_from: Mutex<Option<Arc<RoaringBitmap>>>,
 }
 
 fn subnet_key(ip: IpAddr) -> u64 {
@@ -958,6 +962,33 @@ impl NodePool {
         Some((next, idx))
     }
 
+    /// For a pool derived from `previous` ([`NodePool::with_node`],
+    /// [`NodePool::without_node`]), once it is published: bring into
+    /// selection what changed on `previous` since (a node taken out by a
+    /// health check, an agent that connected), which went to `previous`'s
+    /// selectable set, not this one's. Only the nodes whose place differs
+    /// are looked at; nothing for a built pool, or a second time. Returns
+    /// how many were.
+    pub fn catch_up(&self, previous: &NodePool) -> usize {
+        let base = self
+            .derived_from
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(base) = base else { return 0 };
+        let now = previous.selectable.load_full();
+        if Arc::ptr_eq(&base, &now) {
+            return 0;
+        }
+        let changed = &*base ^ &*now;
+        for i in &changed {
+            if (i as usize) < self.len() {
+                self.refresh(i);
+            }
+        }
+        changed.len() as usize
+    }
+
     /// A pool that shares this one's parts (the attribute maps and the
     /// small bitmaps copied, the big parts behind `Arc`s), to change.
     fn derive(&self) -> NodePool {
@@ -966,6 +997,7 @@ impl NodePool {
             self.selectable.load_full()
         };
         NodePool {
+            derived_from: Mutex::new(Some(selectable.clone())),
             nodes: self.nodes.clone(),
             by_id: self.by_id.clone(),
             country: self.country.clone(),
@@ -1124,6 +1156,7 @@ impl NodePool {
             state_lock: Mutex::new(()),
             agents: RoaringBitmap::new(),
             udp: RoaringBitmap::new(),
+            derived_from: Mutex::new(None),
             nodes: Slots::default(),
         };
         let mut per_net = [Vec::new(), Vec::new(), Vec::new()];

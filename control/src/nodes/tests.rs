@@ -1033,3 +1033,24 @@ fn a_derived_pool_shares_what_the_change_does_not_touch() {
     assert_eq!(s.len(), r.len());
     assert!(s.without_node("nope").is_none());
 }
+
+#[test]
+fn a_derived_pool_catches_up_with_what_changed_on_the_one_before() {
+    let (p, mut geo) = pool();
+    let (ny1, _) = p.get("ny1").unwrap();
+    let (ny3, _) = p.get("ny3").unwrap();
+    let mut d = paris1();
+    d.isp = Some("sfr".into());
+    let (q, pa1) = p.with_node(&d, &mut geo);
+    // Meanwhile a health check takes ny1 out, and ny3 goes offline, on
+    // the pool still published.
+    p.set_healthy(ny1, false);
+    p.set_admin_state(ny3, NodeState::Offline);
+    q.set_admin_state(pa1, NodeState::Online);
+    let us = f(&geo, "us", None, None);
+    assert_eq!(q.count(&us), 4, "not seen yet");
+    assert_eq!(q.catch_up(&p), 2);
+    assert_eq!(q.count(&us), 2);
+    assert_eq!(q.catch_up(&p), 0, "once");
+    assert_eq!(p.catch_up(&q), 0, "a built pool has nothing to catch up");
+}
