@@ -68,6 +68,9 @@ impl Axis {
                 Figure::SessionHit,
                 Figure::Startup,
                 Figure::ApiChange,
+                Figure::NodeCreate,
+                Figure::NodePatch,
+                Figure::NodeDelete,
                 Figure::Rss,
             ],
             Axis::Packages => &[
@@ -99,6 +102,13 @@ pub(crate) enum Figure {
     Reload,
     /// `PATCH /v1/packages/{id}` with a new key, until the answer.
     ApiChange,
+    /// `POST /v1/nodes` of one `direct` node, until the answer.
+    NodeCreate,
+    /// `PATCH /v1/nodes/{id}` of that node's city (not its state, which
+    /// never rebuilt anything), until the answer.
+    NodePatch,
+    /// `DELETE /v1/nodes/{id}` of that node, until the answer.
+    NodeDelete,
     /// The gateway's RSS at the point's end.
     Rss,
 }
@@ -113,6 +123,9 @@ impl Figure {
             Figure::Startup => "start-up s (exec → ready file)",
             Figure::Reload => "SIGHUP reload ms (until in force)",
             Figure::ApiChange => "API change ms (PATCH a key)",
+            Figure::NodeCreate => "node create ms (POST)",
+            Figure::NodePatch => "node patch ms (PATCH city)",
+            Figure::NodeDelete => "node delete ms (DELETE)",
             Figure::Rss => "gateway RSS MiB",
         }
     }
@@ -159,6 +172,13 @@ pub(crate) struct GrowthArgs {
     #[arg(long, default_value_t = 120)]
     start_seconds: u64,
 }
+
+/// The node created, patched and deleted through the API at every point,
+/// bound beyond the file's nodes' addresses (127.1.0.0 + 1M ends at
+/// 127.16.66.64).
+const API_NODE: &str = "api-node";
+const API_NODE_BODY: &str =
+    "{\"id\": \"api-node\", \"kind\": \"direct\", \"bind\": \"127.200.0.1\", \"country\": \"us\"}";
 
 /// The package made through the API at every point (file packages are the
 /// file's: the API answers 409 to changing them).
@@ -437,6 +457,33 @@ fn point(ctx: &Ctx<'_>, p: &mut Point, label: &str) -> Result<()> {
                 ensure!(
                     passes(ctx, &gw, API_PACKAGE, "api-v1"),
                     "the new key did not pass right after the API's answer"
+                );
+                ms
+            }
+            Figure::NodeCreate | Figure::NodePatch | Figure::NodeDelete => {
+                let path = format!("/v1/nodes/{API_NODE}");
+                let (method, path, body, want) = match f {
+                    Figure::NodeCreate => ("POST", "/v1/nodes", API_NODE_BODY, 201),
+                    Figure::NodePatch => ("PATCH", path.as_str(), "{\"city\": \"boston\"}", 200),
+                    _ => ("DELETE", path.as_str(), "", 204),
+                };
+                let t = Instant::now();
+                let status = admin(gw.admin, method, path, body, ctx.admin_io)?;
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                ensure!(status == want, "{method} {path} answered {status}");
+                // The answer comes once the new policy is published: the
+                // node is there (or gone) at once.
+                let seen = admin(
+                    gw.admin,
+                    "GET",
+                    &format!("/v1/nodes/{API_NODE}"),
+                    "",
+                    ctx.admin_io,
+                )?;
+                let expect = if f == Figure::NodeDelete { 404 } else { 200 };
+                ensure!(
+                    seen == expect,
+                    "GET of the node answered {seen} after {method}"
                 );
                 ms
             }

@@ -134,11 +134,16 @@ impl Engine {
 
     /// Publish a new snapshot; the next request sees it. Agent nodes whose
     /// device connected or left while the snapshot was built are brought in
-    /// line at once.
+    /// line at once, and so is what changed on the pool before since a
+    /// pool derived from it was ([`crate::nodes::NodePool::catch_up`]).
     pub fn publish(&self, policy: Policy) {
-        self.policy.store(Arc::new(policy));
+        let before = self.policy.swap(Arc::new(policy));
         self.generation.fetch_add(1, Ordering::Release);
-        self.policy().nodes.sync_agents();
+        let policy = self.policy();
+        if !Arc::ptr_eq(&policy.nodes, &before.nodes) {
+            policy.nodes.catch_up(&before.nodes);
+        }
+        policy.nodes.sync_agents();
     }
 
     /// How many snapshots were published (a file reload, an API change, and

@@ -7,6 +7,14 @@
 //! update one selectable bitmap; the index is not rebuilt. Node indices are
 //! stable for the life of the process: removal leaves a tombstone.
 //!
+//! A pool is immutable once published, apart from state. Its big parts are
+//! shared between pools behind `Arc`s (the nodes in segments, the id and
+//! subnet maps in shards, each attribute value's bitmap), so an API change
+//! of one node derives the next pool from the current one by copying only
+//! what that node touches ([`NodePool::with_node`],
+//! [`NodePool::without_node`]), in about a millisecond at a million nodes,
+//! and gives the pool a full build of the same declarations gives.
+//!
 //! Nodes of kind `agent` are devices that dialled out to the gateway: such a
 //! node is selectable only while its device is connected
 //! ([`NodePool::agent_up`], [`NodePool::agent_down`]); its presence and live
@@ -14,8 +22,10 @@
 //! rebuilds. Its key is kept as a SHA-256 ([`hash_agent_key`]), never in
 //! plaintext.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -108,6 +118,15 @@ const ADMIN_ONLINE: u8 = 0;
 const ADMIN_DRAINING: u8 = 1;
 const ADMIN_OFFLINE: u8 = 2;
 const ADMIN_REMOVED: u8 = 3;
+
+/// The runtime's value of an operator's state.
+fn admin_of(state: NodeState) -> u8 {
+    match state {
+        NodeState::Online => ADMIN_ONLINE,
+        NodeState::Draining => ADMIN_DRAINING,
+        NodeState::Offline => ADMIN_OFFLINE,
+    }
+}
 
 /// What changes about a node while it serves; shared by every worker and
 /// kept across pool rebuilds.
@@ -539,20 +558,161 @@ impl Rng {
     }
 }
 
+/// Nodes per segment of [`Slots`] (a power of two).
+const SEGMENT_BITS: u32 = 12;
+const SEGMENT: usize = 1 << SEGMENT_BITS;
+
+/// The pool's nodes by index, in segments of [`SEGMENT`] shared between
+/// pools: a derived pool copies the one segment a change touches, not a
+/// million `Arc`s.
+#[derive(Debug, Clone, Default)]
+struct Slots {
+    segments: Vec<Arc<[Arc<Node>]>>,
+    len: usize,
+}
+
+impl Slots {
+    fn from_vec(nodes: Vec<Arc<Node>>) -> Slots {
+        Slots {
+            len: nodes.len(),
+            segments: nodes.chunks(SEGMENT).map(Arc::from).collect(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Arc<Node>> {
+        self.segments.iter().flat_map(|s| s.iter())
+    }
+
+    /// Put `node` at `i` (< len): its segment is copied.
+    fn set(&mut self, i: usize, node: Arc<Node>) {
+        let seg = &mut self.segments[i >> SEGMENT_BITS];
+        let mut v = seg.to_vec();
+        v[i & (SEGMENT - 1)] = node;
+        *seg = v.into();
+    }
+
+    /// Append `node`: the last segment is copied, or a new one started.
+    fn push(&mut self, node: Arc<Node>) {
+        match self.segments.last_mut() {
+            Some(seg) if seg.len() < SEGMENT => {
+                let mut v = Vec::with_capacity(seg.len() + 1);
+                v.extend_from_slice(seg);
+                v.push(node);
+                *seg = v.into();
+            }
+            _ => self.segments.push(Arc::from(vec![node])),
+        }
+        self.len += 1;
+    }
+}
+
+impl std::ops::Index<usize> for Slots {
+    type Output = Arc<Node>;
+
+    #[inline]
+    fn index(&self, i: usize) -> &Arc<Node> {
+        &self.segments[i >> SEGMENT_BITS][i & (SEGMENT - 1)]
+    }
+}
+
+/// The hash that picks a key's shard (FxHash's step): fixed, so a shard
+/// is the same in every pool.
+#[derive(Default)]
+struct ShardHasher(u64);
+
+impl Hasher for ShardHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A map in shards shared between pools: a derived pool copies the one
+/// shard a change touches. About 2,048 keys a shard at build time.
+#[derive(Debug, Clone)]
+struct Sharded<K, V> {
+    shards: Vec<Arc<HashMap<K, V>>>,
+    /// log2 of the number of shards.
+    bits: u32,
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> Sharded<K, V> {
+    fn for_keys(n: usize) -> Self {
+        let count = (n / 2048).next_power_of_two().clamp(1, 4096);
+        Sharded {
+            shards: (0..count).map(|_| Arc::new(HashMap::new())).collect(),
+            bits: count.trailing_zeros(),
+        }
+    }
+
+    fn shard<Q: Hash + ?Sized>(&self, k: &Q) -> usize {
+        if self.bits == 0 {
+            return 0;
+        }
+        let mut h = ShardHasher::default();
+        k.hash(&mut h);
+        (h.finish() >> (64 - self.bits)) as usize
+    }
+
+    fn get<Q>(&self, k: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.shards[self.shard(k)].get(k)
+    }
+
+    /// The shard of `k`, to change (copied if another pool shares it).
+    fn shard_mut<Q>(&mut self, k: &Q) -> &mut HashMap<K, V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let i = self.shard(k);
+        Arc::make_mut(&mut self.shards[i])
+    }
+
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.shards.iter().flat_map(|s| s.iter())
+    }
+}
+
+/// Attribute value → its nodes. The map is copied when a change touches it
+/// (one `Arc` per value), a bitmap only when its value's nodes change.
+type AttrIndex<K> = HashMap<K, Arc<RoaringBitmap>>;
+
 /// The node pool and its index.
 #[derive(Debug)]
 pub struct NodePool {
-    nodes: Vec<Arc<Node>>,
-    by_id: HashMap<Box<str>, NodeIdx>,
-    country: HashMap<Country, RoaringBitmap>,
-    region: HashMap<NameId, RoaringBitmap>,
-    city: HashMap<NameId, RoaringBitmap>,
-    isp: HashMap<NameId, RoaringBitmap>,
-    asn: HashMap<u32, RoaringBitmap>,
+    nodes: Slots,
+    by_id: Sharded<Box<str>, NodeIdx>,
+    country: AttrIndex<Country>,
+    region: AttrIndex<NameId>,
+    city: AttrIndex<NameId>,
+    isp: AttrIndex<NameId>,
+    asn: AttrIndex<u32>,
     /// Union of the network bitmaps, per set of networks (8 sets).
     networks: Vec<RoaringBitmap>,
     /// Exit /24 (IPv4) or /48 (IPv6), for lookalikes.
-    subnet: HashMap<u64, RoaringBitmap>,
+    subnet: Sharded<u64, RoaringBitmap>,
     /// Nodes that take new sessions and rotating requests now.
     selectable: ArcSwap<RoaringBitmap>,
     /// Serialises writers of `selectable`.
@@ -562,6 +722,10 @@ pub struct NodePool {
     agents: RoaringBitmap,
     /// Nodes that carry UDP ([`Node::udp`]).
     udp: RoaringBitmap,
+    /// For a pool derived from another: the selectable set it started
+    /// from, until [`NodePool::catch_up`] compares it with the other
+    /// pool's.
+    derived_from: Mutex<Option<Arc<RoaringBitmap>>>,
 }
 
 fn subnet_key(ip: IpAddr) -> u64 {
@@ -718,6 +882,9 @@ impl NodePool {
         }
         for d in decls {
             let node = Arc::new(Self::node_from(d, previous, geo));
+            node.runtime
+                .admin
+                .store(admin_of(d.state), Ordering::Relaxed);
             match position.get(d.id.as_str()) {
                 Some(&i) => {
                     slots[i] = node;
@@ -739,6 +906,202 @@ impl NodePool {
         Self::index(slots)
     }
 
+    /// `self` with the node `d` declares put in: a node of that id (a
+    /// tombstone too) is replaced at its index, keeping its runtime state;
+    /// a new id is appended. Everything else is shared with `self`, not
+    /// copied: the cost does not grow with the pool. `d`'s names are added
+    /// to `geo` as [`NodePool::build`] adds them.
+    ///
+    /// Nothing live changes (a node's runtime is shared with `self`): the
+    /// node takes `d.state` once [`NodePool::set_admin_state`] is called on
+    /// the new pool, which the caller does when the change is committed
+    /// (stored). Until then a new or re-created node is not selectable and
+    /// a replaced one stays as it was. Committed, the pool is the one
+    /// [`NodePool::build`] gives for the same declarations on `self`.
+    pub fn with_node(&self, d: &NodeDecl, geo: &mut GeoCatalog) -> (NodePool, NodeIdx) {
+        let node = Arc::new(Self::node_from(d, Some(self), geo));
+        let mut next = self.derive();
+        let idx = match self.by_id.get(d.id.as_str()) {
+            Some(&i) => {
+                next.reindex(i, Some(&self.nodes[i as usize]), &node);
+                next.nodes.set(i as usize, node);
+                i
+            }
+            None => {
+                let i = next.nodes.len() as NodeIdx;
+                next.by_id
+                    .shard_mut(d.id.as_str())
+                    .insert(d.id.as_str().into(), i);
+                next.reindex(i, None, &node);
+                next.nodes.push(node);
+                i
+            }
+        };
+        (next, idx)
+    }
+
+    /// `self` with the node `id` left as a tombstone, as [`NodePool::build`]
+    /// leaves a node no longer declared: it keeps its index and its place
+    /// in the attribute index, and leaves selection. Shares everything
+    /// else with `self`. Nothing live changes until
+    /// [`NodePool::remove`] is called (on this pool and the one before):
+    /// the caller does that when the deletion is committed. `None` for an
+    /// id the pool does not have.
+    pub fn without_node(&self, id: &str) -> Option<(NodePool, NodeIdx)> {
+        let &idx = self.by_id.get(id)?;
+        let next = self.derive();
+        {
+            let _writer = next.state_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let current = next.selectable.load();
+            if current.contains(idx) {
+                let mut b = RoaringBitmap::clone(&current);
+                b.remove(idx);
+                next.selectable.store(Arc::new(b));
+            }
+        }
+        Some((next, idx))
+    }
+
+    /// For a pool derived from `previous` ([`NodePool::with_node`],
+    /// [`NodePool::without_node`]), once it is published: bring into
+    /// selection what changed on `previous` since (a node taken out by a
+    /// health check, an agent that connected), which went to `previous`'s
+    /// selectable set, not this one's. Only the nodes whose place differs
+    /// are looked at; nothing for a built pool, or a second time. Returns
+    /// how many were.
+    pub fn catch_up(&self, previous: &NodePool) -> usize {
+        let base = self
+            .derived_from
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(base) = base else { return 0 };
+        let now = previous.selectable.load_full();
+        if Arc::ptr_eq(&base, &now) {
+            return 0;
+        }
+        let changed = &*base ^ &*now;
+        for i in &changed {
+            if (i as usize) < self.len() {
+                self.refresh(i);
+            }
+        }
+        changed.len() as usize
+    }
+
+    /// A pool that shares this one's parts (the attribute maps and the
+    /// small bitmaps copied, the big parts behind `Arc`s), to change.
+    fn derive(&self) -> NodePool {
+        let selectable = {
+            let _writer = self.state_lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.selectable.load_full()
+        };
+        NodePool {
+            derived_from: Mutex::new(Some(selectable.clone())),
+            nodes: self.nodes.clone(),
+            by_id: self.by_id.clone(),
+            country: self.country.clone(),
+            region: self.region.clone(),
+            city: self.city.clone(),
+            isp: self.isp.clone(),
+            asn: self.asn.clone(),
+            networks: self.networks.clone(),
+            subnet: self.subnet.clone(),
+            selectable: ArcSwap::new(selectable),
+            state_lock: Mutex::new(()),
+            agents: self.agents.clone(),
+            udp: self.udp.clone(),
+        }
+    }
+
+    /// Move node `i` in the attribute index (not in selection) from where
+    /// `old` had it (none: a new index) to where `new` goes: only the
+    /// values that differ are touched (their bitmaps copied), and a value
+    /// no node has any more is dropped, as a build never makes it.
+    fn reindex(&mut self, i: NodeIdx, old: Option<&Node>, new: &Node) {
+        fn attr<K: Hash + Eq + Copy>(
+            map: &mut AttrIndex<K>,
+            old: Option<Option<K>>,
+            new: Option<K>,
+            i: NodeIdx,
+        ) {
+            let old = old.flatten();
+            if old == new {
+                return;
+            }
+            if let Some(k) = old
+                && let Some(b) = map.get_mut(&k)
+            {
+                Arc::make_mut(b).remove(i);
+                if b.is_empty() {
+                    map.remove(&k);
+                }
+            }
+            if let Some(k) = new {
+                Arc::make_mut(map.entry(k).or_default()).insert(i);
+            }
+        }
+        attr(&mut self.country, old.map(|o| o.country), new.country, i);
+        attr(&mut self.region, old.map(|o| o.region), new.region, i);
+        attr(&mut self.city, old.map(|o| o.city), new.city, i);
+        attr(&mut self.isp, old.map(|o| o.isp), new.isp, i);
+        attr(&mut self.asn, old.map(|o| o.asn), new.asn, i);
+        // Agents by their current address; the others by their fixed exit.
+        let place = |n: &Node| match n.kind {
+            NodeKind::Agent => (true, None),
+            _ => (false, n.exit_ip().map(subnet_key)),
+        };
+        let before = old.map(place);
+        let after = place(new);
+        if before != Some(after) {
+            if let Some((agent, subnet)) = before {
+                if agent {
+                    self.agents.remove(i);
+                }
+                if let Some(key) = subnet {
+                    let shard = self.subnet.shard_mut(&key);
+                    if let Some(b) = shard.get_mut(&key) {
+                        b.remove(i);
+                        if b.is_empty() {
+                            shard.remove(&key);
+                        }
+                    }
+                }
+            }
+            if after.0 {
+                self.agents.insert(i);
+            }
+            if let Some(key) = after.1 {
+                self.subnet
+                    .shard_mut(&key)
+                    .entry(key)
+                    .or_default()
+                    .insert(i);
+            }
+        }
+        if old.map(|o| o.udp) != Some(new.udp) {
+            if new.udp {
+                self.udp.insert(i);
+            } else {
+                self.udp.remove(i);
+            }
+        }
+        if old.map(|o| o.network) != Some(new.network) {
+            for (set, b) in self.networks.iter_mut().enumerate() {
+                let set = NetworkSet(set as u8);
+                if old.is_some_and(|o| set.contains(o.network)) {
+                    b.remove(i);
+                }
+                if set.contains(new.network) {
+                    b.insert(i);
+                }
+            }
+        }
+    }
+
+    /// The node `d` declares, with the runtime state `previous` has for its
+    /// id (or a fresh one). The operator's state is not set here: see
+    /// [`admin_of`].
     fn node_from(d: &NodeDecl, previous: Option<&NodePool>, geo: &mut GeoCatalog) -> Node {
         let runtime = previous
             .and_then(|p| {
@@ -747,12 +1110,6 @@ impl NodePool {
                     .map(|&i| p.nodes[i as usize].runtime.clone())
             })
             .unwrap_or_default();
-        let admin = match d.state {
-            NodeState::Online => ADMIN_ONLINE,
-            NodeState::Draining => ADMIN_DRAINING,
-            NodeState::Offline => ADMIN_OFFLINE,
-        };
-        runtime.admin.store(admin, Ordering::Relaxed);
         let mut name = |kind, v: &Option<String>| {
             v.as_deref().map(|v| match d.country {
                 Some(c) => geo.add(c, kind, v),
@@ -787,27 +1144,28 @@ impl NodePool {
 
     fn index(nodes: Vec<Arc<Node>>) -> NodePool {
         let mut pool = NodePool {
-            by_id: HashMap::with_capacity(nodes.len()),
+            by_id: Sharded::for_keys(nodes.len()),
             country: HashMap::new(),
             region: HashMap::new(),
             city: HashMap::new(),
             isp: HashMap::new(),
             asn: HashMap::new(),
             networks: vec![RoaringBitmap::new(); 8],
-            subnet: HashMap::new(),
+            subnet: Sharded::for_keys(nodes.len()),
             selectable: ArcSwap::from_pointee(RoaringBitmap::new()),
             state_lock: Mutex::new(()),
             agents: RoaringBitmap::new(),
             udp: RoaringBitmap::new(),
-            nodes: Vec::new(),
+            derived_from: Mutex::new(None),
+            nodes: Slots::default(),
         };
         let mut per_net = [Vec::new(), Vec::new(), Vec::new()];
         let mut selectable = Vec::new();
         for (i, n) in nodes.iter().enumerate() {
             let i = i as NodeIdx;
-            pool.by_id.insert(n.id.clone(), i);
+            pool.by_id.shard_mut(&*n.id).insert(n.id.clone(), i);
             if let Some(c) = n.country {
-                pool.country.entry(c).or_default().insert(i);
+                Arc::make_mut(pool.country.entry(c).or_default()).insert(i);
             }
             for (map, v) in [
                 (&mut pool.region, n.region),
@@ -815,16 +1173,21 @@ impl NodePool {
                 (&mut pool.isp, n.isp),
             ] {
                 if let Some(v) = v {
-                    map.entry(v).or_default().insert(i);
+                    Arc::make_mut(map.entry(v).or_default()).insert(i);
                 }
             }
             if let Some(a) = n.asn {
-                pool.asn.entry(a).or_default().insert(i);
+                Arc::make_mut(pool.asn.entry(a).or_default()).insert(i);
             }
             if n.kind == NodeKind::Agent {
                 pool.agents.insert(i);
             } else if let Some(ip) = n.exit_ip() {
-                pool.subnet.entry(subnet_key(ip)).or_default().insert(i);
+                let key = subnet_key(ip);
+                pool.subnet
+                    .shard_mut(&key)
+                    .entry(key)
+                    .or_default()
+                    .insert(i);
             }
             if n.udp {
                 pool.udp.insert(i);
@@ -847,7 +1210,7 @@ impl NodePool {
         }
         pool.selectable
             .store(Arc::new(selectable.into_iter().collect()));
-        pool.nodes = nodes;
+        pool.nodes = Slots::from_vec(nodes);
         pool
     }
 
@@ -918,12 +1281,7 @@ impl NodePool {
     pub fn set_admin_state(&self, idx: NodeIdx, state: NodeState) -> NodeState {
         let node = &self.nodes[idx as usize];
         let before = node.state();
-        let v = match state {
-            NodeState::Online => ADMIN_ONLINE,
-            NodeState::Draining => ADMIN_DRAINING,
-            NodeState::Offline => ADMIN_OFFLINE,
-        };
-        node.runtime.admin.store(v, Ordering::Relaxed);
+        node.runtime.admin.store(admin_of(state), Ordering::Relaxed);
         self.refresh(idx);
         before
     }
@@ -1020,11 +1378,8 @@ impl NodePool {
         f: &Filter,
         out: &mut Vec<(&'static str, &'a RoaringBitmap)>,
     ) -> bool {
-        fn get<'a, K: std::hash::Hash + Eq>(
-            m: &'a HashMap<K, RoaringBitmap>,
-            k: &K,
-        ) -> Option<&'a RoaringBitmap> {
-            m.get(k)
+        fn get<'a, K: Hash + Eq>(m: &'a AttrIndex<K>, k: &K) -> Option<&'a RoaringBitmap> {
+            m.get(k).map(|b| &**b)
         }
         let empty_ok = |o: Option<&'a RoaringBitmap>, name, out: &mut Vec<_>| match o {
             Some(b) => {
@@ -1210,9 +1565,9 @@ impl NodePool {
         }
         let o = &self.nodes[old as usize];
         let sets: [Option<&RoaringBitmap>; 3] = [
-            o.city.and_then(|c| self.city.get(&c)),
-            o.isp.and_then(|c| self.isp.get(&c)),
-            o.asn.and_then(|c| self.asn.get(&c)),
+            o.city.and_then(|c| self.city.get(&c)).map(|b| &**b),
+            o.isp.and_then(|c| self.isp.get(&c)).map(|b| &**b),
+            o.asn.and_then(|c| self.asn.get(&c)).map(|b| &**b),
         ];
         let subnet = o.exit_ip().map(subnet_key);
         // Most alike first: all four, then dropping the subnet, the ASN, the ISP.
@@ -1262,7 +1617,7 @@ impl NodePool {
         let online = self.selectable.load();
         let mut steps: Vec<(String, Option<&RoaringBitmap>)> = Vec::new();
         if let Some(c) = f.country {
-            steps.push((format!("country={c}"), self.country.get(&c)));
+            steps.push((format!("country={c}"), self.country.get(&c).map(|b| &**b)));
         }
         for (name, map, v) in [
             ("region", &self.region, f.region),
@@ -1270,11 +1625,11 @@ impl NodePool {
             ("isp", &self.isp, f.isp),
         ] {
             if let Some(v) = v {
-                steps.push((format!("{name}={}", geo.name(v)), map.get(&v)));
+                steps.push((format!("{name}={}", geo.name(v)), map.get(&v).map(|b| &**b)));
             }
         }
         if let Some(a) = f.asn {
-            steps.push((format!("asn={a}"), self.asn.get(&a)));
+            steps.push((format!("asn={a}"), self.asn.get(&a).map(|b| &**b)));
         }
         if let Some(n) = f.networks.filter(|n| *n != NetworkSet::ALL) {
             steps.push((
@@ -1345,7 +1700,7 @@ impl NodePool {
     /// Online node counts per name of one kind that nodes of `country` carry.
     pub fn name_counts(&self, country: Country, kind: GeoKind) -> Vec<(NameId, u64)> {
         let online = self.selectable.load();
-        let Some(cb) = self.country.get(&country) else {
+        let Some(cb) = self.country.get(&country).map(|b| &**b) else {
             return Vec::new();
         };
         let map = match kind {

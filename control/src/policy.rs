@@ -18,7 +18,7 @@ use crate::catalog::{Code, Rejection};
 use crate::decl::DeclError;
 use crate::geo::GeoCatalog;
 use crate::limits::{ConnGuard, OrgAccount, PackageUsage};
-use crate::nodes::{Filter, NodeDecl, NodePool};
+use crate::nodes::{Filter, NodeDecl, NodeIdx, NodePool};
 use crate::recent::RecentErrors;
 use crate::rules::{self, FeatureSet, NetworkRule, NetworkSet, Rules};
 use crate::safety::TargetPolicy;
@@ -313,6 +313,15 @@ pub struct Declarations {
     pub targets: TargetPolicy,
 }
 
+/// An API change of one node ([`Policy::build_changing_node`]).
+#[derive(Debug, Clone, Copy)]
+pub enum NodeChange<'a> {
+    /// Create the node this declares, or replace the node of its id.
+    Put(&'a NodeDecl),
+    /// Delete the node of this id (it stays a tombstone, as in a build).
+    Remove(&'a str),
+}
+
 /// Credentials as the client sent them.
 #[derive(Debug, Clone, Copy)]
 pub enum Credentials<'a> {
@@ -398,6 +407,43 @@ impl Policy {
             geo.add(*c, *k, name);
         }
         Self::with_accounts(decls, Some(previous), previous.nodes.clone(), geo)
+    }
+
+    /// A policy for `decls` whose pool is `previous`'s with one node put or
+    /// removed ([`NodePool::with_node`], [`NodePool::without_node`]):
+    /// the other nodes are shared, not built again, and `decls.nodes` is
+    /// not read. An API change of one node costs what the accounts cost,
+    /// not what a million nodes do.
+    ///
+    /// Returns the node's index. Nothing live changes until the caller
+    /// commits the change (once it is stored): for a put,
+    /// `nodes.set_admin_state(idx, decl.state)` on the new policy; for a
+    /// removal, `nodes.remove(idx)` on the new policy and the current one.
+    /// Committed, the pool is what [`Policy::build`] of the same
+    /// declarations on `previous` gives.
+    pub fn build_changing_node(
+        decls: &Declarations,
+        previous: &Policy,
+        change: NodeChange<'_>,
+    ) -> Result<(Policy, Option<NodeIdx>), DeclError> {
+        let mut geo = previous.geo.clone();
+        for (c, k, name) in &decls.geo {
+            geo.add(*c, *k, name);
+        }
+        let (nodes, idx) = match change {
+            NodeChange::Put(d) => {
+                d.validate()
+                    .map_err(|e| e.within(format_args!("node {}", d.id)))?;
+                let (pool, idx) = previous.nodes.with_node(d, &mut geo);
+                (Arc::new(pool), Some(idx))
+            }
+            NodeChange::Remove(id) => match previous.nodes.without_node(id) {
+                Some((pool, idx)) => (Arc::new(pool), Some(idx)),
+                None => (previous.nodes.clone(), None),
+            },
+        };
+        let policy = Self::with_accounts(decls, Some(previous), nodes, geo)?;
+        Ok((policy, idx))
     }
 
     /// The organisations and packages of `decls` on `nodes` and `geo`.

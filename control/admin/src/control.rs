@@ -30,8 +30,8 @@ use splicegate_control::engine::Engine;
 use splicegate_control::geo::Country;
 use splicegate_control::ledger::Ledger;
 use splicegate_control::limits::UsageTotals;
-use splicegate_control::nodes::{NodeDecl, NodeKind};
-use splicegate_control::policy::{Declarations, OrgDecl, PackageDecl, Policy};
+use splicegate_control::nodes::{NodeDecl, NodeIdx, NodeKind};
+use splicegate_control::policy::{Declarations, NodeChange, OrgDecl, PackageDecl, Policy};
 use splicegate_control::rules::Network;
 
 use crate::error::{ControlError, EnrolError, FROM_FILE, StoreError};
@@ -515,10 +515,6 @@ impl Inner {
     fn is_file_package(&self, id: u64) -> bool {
         self.file.packages.iter().any(|p| p.id == id)
     }
-
-    fn is_file_node(&self, id: &str) -> bool {
-        self.file.nodes.iter().any(|n| n.id == id)
-    }
 }
 
 impl Control {
@@ -667,6 +663,20 @@ impl Control {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether the config file declares node `id`: the running pool's node
+    /// of that id (a tombstone is no node) is the file's. Every policy
+    /// published is built on the file `Inner` holds, so under the control
+    /// lock this is the file's answer, without a walk over the file's
+    /// nodes (a million of them cost 8 ms a walk, and `GET /v1/nodes`
+    /// asked once per node).
+    fn is_file_node(&self, id: &str) -> bool {
+        self.engine
+            .policy()
+            .nodes
+            .get(id)
+            .is_some_and(|(_, n)| n.from_file)
+    }
+
     /// Build a policy from `decls` on the current one, or say why not.
     fn build(&self, decls: &Declarations) -> Result<Policy, ControlError> {
         Policy::build(decls, Some(&self.engine.policy())).map_err(ControlError::from)
@@ -676,6 +686,19 @@ impl Control {
     /// current one's nodes, shared.
     fn build_accounts(&self, inner: &Inner) -> Result<Policy, ControlError> {
         Policy::build_keeping_nodes(&inner.merged_accounts(), &self.engine.policy())
+            .map_err(ControlError::from)
+    }
+
+    /// Build a policy for an API change of one node on `current`: the
+    /// other nodes shared, not built again
+    /// ([`Policy::build_changing_node`]; the caller commits the change).
+    fn build_node(
+        &self,
+        inner: &Inner,
+        current: &Policy,
+        change: NodeChange<'_>,
+    ) -> Result<(Policy, Option<NodeIdx>), ControlError> {
+        Policy::build_changing_node(&inner.merged_accounts(), current, change)
             .map_err(ControlError::from)
     }
 
@@ -834,44 +857,44 @@ impl Control {
         self.put(
             inner,
             |i| &mut i.packages,
-            false,
             id,
             decl,
             old,
+            |i| Ok((self.build_accounts(i)?, ())),
             |store| match old_is_none {
                 true => store.insert_package(id, &spec, unix_ms()),
                 false => store.put_package(id, &spec, unix_ms()),
             },
+            |_, ()| {},
         )
     }
 
-    /// Put `decl` at `key` in the map `slot` selects, build the policy,
-    /// store the object and publish; on any failure the map is as before.
-    /// `nodes`: whether the map holds nodes (else the current nodes are
-    /// kept as they are, not built again).
+    /// Put `decl` at `key` in the map `slot` selects, build the policy
+    /// (`build`: from the map changed; it gives what `commit` needs), store
+    /// the object, commit and publish; on any failure the map is as before
+    /// and nothing live changed.
     #[allow(clippy::too_many_arguments)]
-    fn put<K: Ord + Clone, V>(
+    fn put<K: Ord + Clone, V, T>(
         &self,
         inner: &mut Inner,
         slot: fn(&mut Inner) -> &mut BTreeMap<K, V>,
-        nodes: bool,
         key: K,
         decl: V,
         old: Option<V>,
+        build: impl FnOnce(&Inner) -> Result<(Policy, T), ControlError>,
         store: impl FnOnce(&mut dyn Store) -> Result<(), StoreError>,
+        commit: impl FnOnce(&Policy, T),
     ) -> Result<(), ControlError> {
         slot(inner).insert(key.clone(), decl);
-        let built = if nodes {
-            self.build(&inner.merged())
-        } else {
-            self.build_accounts(inner)
-        };
-        let built = built.and_then(|policy| {
+        let built = build(inner).and_then(|built| {
             store(inner.store.as_mut())?;
-            Ok(policy)
+            Ok(built)
         });
         match built {
-            Ok(policy) => self.publish(inner, policy),
+            Ok((policy, t)) => {
+                commit(&policy, t);
+                self.publish(inner, policy)
+            }
             Err(e) => {
                 match old {
                     Some(o) => slot(inner).insert(key, o),
@@ -1017,7 +1040,7 @@ impl Control {
         let decl = fields.to_decl().map_err(ControlError::from)?;
         let id = decl.id.clone();
         let mut inner = self.lock();
-        if inner.is_file_node(&id) || inner.nodes.contains_key(&id) {
+        if self.is_file_node(&id) || inner.nodes.contains_key(&id) {
             return Err(ControlError::Conflict(format!("node {id} exists")));
         }
         self.put_node(&mut inner, decl, None)?;
@@ -1096,7 +1119,7 @@ impl Control {
             }
             Err(e) => return Err(EnrolError::Unavailable(e.to_string())),
         }
-        if inner.is_file_node(id)
+        if self.is_file_node(id)
             || inner.nodes.contains_key(id)
             || self.engine.policy().nodes.get(id).is_some()
         {
@@ -1140,22 +1163,29 @@ impl Control {
         let old_is_none = old.is_none();
         let spec = serde_json::to_string(&NodeFields::from_decl(&decl))
             .map_err(|e| ControlError::Invalid(e.to_string()))?;
+        let change = decl.clone();
+        let state = decl.state;
         self.put(
             inner,
             |i| &mut i.nodes,
-            true,
             id.clone(),
             decl,
             old,
+            |i| self.build_node(i, &self.engine.policy(), NodeChange::Put(&change)),
             |store| match old_is_none {
                 true => store.insert_node(&id, &spec, unix_ms()),
                 false => store.put_node(&id, &spec, unix_ms()),
+            },
+            |policy, idx| {
+                if let Some(idx) = idx {
+                    policy.nodes.set_admin_state(idx, state);
+                }
             },
         )
     }
 
     fn api_node(&self, inner: &Inner, id: &str) -> Result<NodeDecl, ControlError> {
-        if inner.is_file_node(id) {
+        if self.is_file_node(id) {
             return Err(ControlError::Conflict(format!("node {id} is {FROM_FILE}")));
         }
         inner
@@ -1166,7 +1196,9 @@ impl Control {
     }
 
     /// `PATCH /v1/nodes/{id}`: a state alone changes the live pool without a
-    /// rebuild (and is persisted); other fields rebuild the policy.
+    /// rebuild (and is persisted); other fields derive the next pool from
+    /// the current one with this node replaced at its index, the others
+    /// shared ([`Policy::build_changing_node`]).
     pub fn patch_node(&self, id: &str, fields: &NodeFields) -> Result<(), ControlError> {
         if fields.id.as_deref().is_some_and(|x| x != id) {
             return Err(ControlError::Invalid("a node's id cannot change".into()));
@@ -1203,13 +1235,16 @@ impl Control {
 
     /// `DELETE /v1/nodes/{id}`: out of selection at once; its tunnels run
     /// out. An agent node's id is revoked with it (in the same store
-    /// transaction): no device enrols under it again.
+    /// transaction): no device enrols under it again. The next pool is the
+    /// current one with the node left a tombstone, the others shared; the
+    /// removal is marked once the store has it.
     pub fn delete_node(&self, id: &str) -> Result<(), ControlError> {
         let mut inner = self.lock();
         let old = self.api_node(&inner, id)?;
         let agent = old.kind == NodeKind::Agent;
         inner.nodes.remove(id);
-        let policy = match self.build(&inner.merged()) {
+        let current = self.engine.policy_arc();
+        let (policy, idx) = match self.build_node(&inner, &current, NodeChange::Remove(id)) {
             Ok(p) => p,
             Err(e) => {
                 inner.nodes.insert(id.to_string(), old);
@@ -1229,8 +1264,9 @@ impl Control {
             self.revoked_set().insert(id.to_string());
             tracing::info!(node = id, "agent node deleted; its id is revoked");
         }
-        if let Some((idx, _)) = self.engine.policy().nodes.get(id) {
-            self.engine.policy().nodes.remove(idx);
+        if let Some(idx) = idx {
+            current.nodes.remove(idx);
+            policy.nodes.remove(idx);
         }
         self.publish(&mut inner, policy)?;
         self.announce(Change::Node(id.to_string()));
@@ -1352,7 +1388,7 @@ impl Control {
         match what {
             FileObject::Org(id) => inner.is_file_org(id),
             FileObject::Package(id) => inner.is_file_package(id),
-            FileObject::Node(id) => inner.is_file_node(id),
+            FileObject::Node(id) => self.is_file_node(id),
         }
     }
 

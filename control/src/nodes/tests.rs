@@ -640,3 +640,417 @@ fn a_lookalike_of_an_agent_prefers_agents_in_its_subnet_now() {
     }
     assert_eq!(saw.len(), 2, "{saw:?}");
 }
+
+// ---- incremental changes (with_node / without_node) ----
+
+/// Everything a pool holds, names resolved through its catalogue, so two
+/// pools built on different catalogues compare.
+#[derive(Debug, PartialEq, Eq)]
+struct Fingerprint {
+    len: usize,
+    nodes: Vec<String>,
+    by_id: Vec<(String, NodeIdx)>,
+    attrs: Vec<(String, Vec<u32>)>,
+    subnet: Vec<(u64, Vec<u32>)>,
+    networks: Vec<Vec<u32>>,
+    agents: Vec<u32>,
+    udp: Vec<u32>,
+    selectable: Vec<u32>,
+    geo: Vec<Vec<(Country, String)>>,
+}
+
+fn fingerprint(p: &NodePool, geo: &GeoCatalog) -> Fingerprint {
+    let name = |v: Option<NameId>| v.map(|v| geo.name(v).to_string());
+    let bits = |b: &RoaringBitmap| b.iter().collect::<Vec<u32>>();
+    let nodes = p
+        .nodes
+        .iter()
+        .map(|n| {
+            format!(
+                "{} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {} {} {:?} {:?} {:?} {}",
+                n.id,
+                n.kind,
+                n.addr,
+                n.bind,
+                n.credentials,
+                n.country,
+                name(n.region),
+                name(n.city),
+                name(n.isp),
+                n.asn,
+                n.network,
+                n.from_file,
+                n.udp,
+                n.key_hash,
+                n.state(),
+                n.admin_state(),
+                n.is_removed(),
+            )
+        })
+        .collect();
+    let mut by_id: Vec<_> = p.by_id.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    by_id.sort();
+    let mut attrs = Vec::new();
+    for (c, b) in &p.country {
+        attrs.push((format!("country {c}"), bits(b)));
+    }
+    for (kind, map) in [("region", &p.region), ("city", &p.city), ("isp", &p.isp)] {
+        for (v, b) in map {
+            attrs.push((format!("{kind} {}", geo.name(*v)), bits(b)));
+        }
+    }
+    for (a, b) in &p.asn {
+        attrs.push((format!("asn {a}"), bits(b)));
+    }
+    attrs.sort();
+    let mut subnet: Vec<_> = p.subnet.iter().map(|(k, b)| (*k, bits(b))).collect();
+    subnet.sort();
+    let geo = [GeoKind::Region, GeoKind::City, GeoKind::Isp]
+        .into_iter()
+        .map(|k| {
+            let mut v: Vec<_> = geo
+                .entries(k)
+                .into_iter()
+                .map(|(c, n)| (c, n.to_string()))
+                .collect();
+            v.sort();
+            v
+        })
+        .collect();
+    Fingerprint {
+        len: p.len(),
+        nodes,
+        by_id,
+        attrs,
+        subnet,
+        networks: p.networks.iter().map(bits).collect(),
+        agents: bits(&p.agents),
+        udp: bits(&p.udp),
+        selectable: bits(&p.selectable.load()),
+        geo,
+    }
+}
+
+/// A random declaration of node `id` from small sets of values, so
+/// changes share and empty attribute values and subnets.
+fn random_decl(id: &str, rng: &mut Rng) -> NodeDecl {
+    let pick = |rng: &mut Rng, v: &[&str]| v[rng.below(v.len() as u64) as usize].to_string();
+    let country = pick(rng, &["us", "fr", "de", "br"]);
+    let mut d = decl(
+        id,
+        &country,
+        &pick(rng, &["alpha", "beta", "gamma", "delta", "epsilon"]),
+        &pick(rng, &["isp_a", "isp_b", "isp_c"]),
+        [701, 3215, 7922, 12322][rng.below(4) as usize],
+        [Network::Res, Network::Mob, Network::Dc][rng.below(3) as usize],
+        &format!("10.{}.{}.{}", rng.below(3), rng.below(40), rng.below(250)),
+    );
+    if rng.below(3) == 0 {
+        d.region = Some(pick(rng, &["north", "south"]));
+    }
+    if rng.below(5) == 0 {
+        d.city = None;
+    }
+    if rng.below(6) == 0 {
+        d.country = None;
+    }
+    d.state = [
+        NodeState::Online,
+        NodeState::Online,
+        NodeState::Draining,
+        NodeState::Offline,
+    ][rng.below(4) as usize];
+    match rng.below(6) {
+        0 => {
+            d.kind = NodeKind::Agent;
+            d.bind = None;
+            d.key_hash = Some(hash_agent_key(id));
+        }
+        1 => {
+            d.kind = NodeKind::Socks5;
+            d.addr = d.bind.map(|ip| SocketAddr::new(ip, 1080));
+            d.bind = None;
+            d.udp = rng.below(2) == 0;
+        }
+        2 => {
+            d.kind = NodeKind::Http;
+            d.addr = d.bind.map(|ip| SocketAddr::new(ip, 3128));
+            d.bind = None;
+            d.credentials = Some(("u".into(), "p".into()));
+        }
+        _ => {}
+    }
+    d
+}
+
+/// Random creates, patches (every field, state too), deletes and
+/// re-creations of deleted ids, with health and agent events between
+/// them: a pool changed one node at a time stays, at every step, the pool
+/// a full build of the same declarations on the previous pool gives (same
+/// indices, index, selection and catalogue), and at the end selects what
+/// a build from nothing of those declarations selects.
+#[test]
+fn incremental_changes_give_the_pool_a_full_build_gives() {
+    let mut rng = Rng::new(4242);
+    // Just under two segments, four id shards: creates cross a segment.
+    let initial = 2 * SEGMENT - 2;
+    let mut decls: Vec<NodeDecl> = (0..initial)
+        .map(|i| random_decl(&format!("n{i}"), &mut rng))
+        .collect();
+    let (mut geo_a, mut geo_b) = (GeoCatalog::new(), GeoCatalog::new());
+    let mut a = NodePool::build(&decls, None, &mut geo_a);
+    let mut b = NodePool::build(&decls, None, &mut geo_b);
+    assert!(a.by_id.shards.len() > 1 && a.nodes.segments.len() == 2);
+    assert_eq!(fingerprint(&a, &geo_a), fingerprint(&b, &geo_b));
+    let mut deleted: Vec<String> = Vec::new();
+    let mut next_id = initial;
+    for step in 0..160 {
+        // Runtime events, the same on both (indices are the same).
+        for _ in 0..3 {
+            let i = rng.below(a.len() as u64) as NodeIdx;
+            match rng.below(3) {
+                0 => {
+                    let healthy = rng.below(2) == 0;
+                    a.set_healthy(i, healthy);
+                    b.set_healthy(i, healthy);
+                }
+                _ => {
+                    let addr = sock(&format!("10.9.{}.7:1", rng.below(3)));
+                    a.agent_up(i, addr, "v", 1);
+                    b.agent_up(i, addr, "v", 1);
+                }
+            }
+        }
+        let op = rng.below(10);
+        if op < 3 || decls.is_empty() {
+            // Create: a new id, or one deleted before (its tombstone's slot).
+            let id = if op == 0 && !deleted.is_empty() {
+                deleted.swap_remove(rng.below(deleted.len() as u64) as usize)
+            } else {
+                next_id += 1;
+                format!("n{next_id}")
+            };
+            let d = random_decl(&id, &mut rng);
+            let (next, idx) = a.with_node(&d, &mut geo_a);
+            assert!(
+                !next.selectable.load().contains(idx),
+                "not before the commit"
+            );
+            next.set_admin_state(idx, d.state);
+            assert_eq!(next.get(&id).unwrap().0, idx);
+            a = next;
+            decls.push(d);
+        } else if op < 7 {
+            let k = rng.below(decls.len() as u64) as usize;
+            let mut d = random_decl(&decls[k].id, &mut rng);
+            if rng.below(3) == 0 {
+                // A patch of the state alone, or of one field.
+                d = NodeDecl {
+                    state: d.state,
+                    ..decls[k].clone()
+                };
+            }
+            let (next, idx) = a.with_node(&d, &mut geo_a);
+            next.set_admin_state(idx, d.state);
+            a = next;
+            decls[k] = d;
+        } else {
+            let k = rng.below(decls.len() as u64) as usize;
+            let d = decls.remove(k);
+            let (next, idx) = a.without_node(&d.id).unwrap();
+            assert!(
+                !next.selectable.load().contains(idx),
+                "out of the new pool's selection before the commit"
+            );
+            a.remove(idx);
+            next.remove(idx);
+            a = next;
+            deleted.push(d.id);
+        }
+        b = NodePool::build(&decls, Some(&b), &mut geo_b);
+        b.sync_agents();
+        assert_eq!(
+            fingerprint(&a, &geo_a),
+            fingerprint(&b, &geo_b),
+            "step {step}"
+        );
+    }
+    // A build from nothing (fresh runtimes): bring the runtime state of
+    // `a` to a fresh one's, then compare by id.
+    for (i, n) in a.iter() {
+        a.set_healthy(i, true);
+        n.runtime.agent.clear();
+    }
+    a.sync_agents();
+    let mut geo_c = GeoCatalog::new();
+    let c = NodePool::build(&decls, None, &mut geo_c);
+    let ids = |p: &NodePool, set: &RoaringBitmap| {
+        let mut v: Vec<String> = set.iter().map(|i| p.node(i).id.to_string()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(a.iter().count(), c.iter().count());
+    assert_eq!(a.online_count(), c.online_count());
+    for d in &decls {
+        let (ia, na) = a.get(&d.id).unwrap();
+        let (_, nc) = c.get(&d.id).unwrap();
+        assert_eq!(
+            format!("{na:?}"),
+            format!("{nc:?}").replace(&format!("{:?}", nc.runtime), &format!("{:?}", na.runtime))
+        );
+        assert_eq!(a.node(ia).state(), nc.state(), "{}", d.id);
+    }
+    let mut filters = vec![Filter::default()];
+    for country in ["us", "fr", "de", "br"] {
+        let cc = Country::parse(country);
+        filters.push(Filter {
+            country: cc,
+            ..Filter::default()
+        });
+        for (kind, names) in [
+            (
+                GeoKind::City,
+                &["alpha", "beta", "gamma", "delta", "epsilon"][..],
+            ),
+            (GeoKind::Isp, &["isp_a", "isp_b", "isp_c"][..]),
+        ] {
+            for name in names {
+                let (va, vc) = (geo_a.lookup(cc, kind, name), geo_c.lookup(cc, kind, name));
+                if va.is_none() || vc.is_none() {
+                    continue;
+                }
+                let mut fa = Filter {
+                    country: cc,
+                    ..Filter::default()
+                };
+                let mut fc = fa;
+                match kind {
+                    GeoKind::City => (fa.city, fc.city) = (va, vc),
+                    _ => (fa.isp, fc.isp) = (va, vc),
+                }
+                assert_eq!(ids(&a, &a.candidates(&fa)), ids(&c, &c.candidates(&fc)));
+            }
+        }
+    }
+    for asn in [701, 3215, 7922, 12322] {
+        filters.push(Filter {
+            asn: Some(asn),
+            ..Filter::default()
+        });
+    }
+    for set in 0..8u8 {
+        filters.push(Filter {
+            networks: Some(NetworkSet(set)),
+            udp: set % 2 == 0,
+            ..Filter::default()
+        });
+    }
+    for f in &filters {
+        assert_eq!(
+            ids(&a, &a.candidates(f)),
+            ids(&c, &c.candidates(f)),
+            "{f:?}"
+        );
+        assert_eq!(a.count(f), c.count(f));
+    }
+    assert_eq!(a.country_counts(), c.country_counts());
+}
+
+#[test]
+fn a_derived_pool_shares_what_the_change_does_not_touch() {
+    let mut geo = GeoCatalog::new();
+    let decls: Vec<NodeDecl> = (0..3 * SEGMENT)
+        .map(|i| {
+            decl(
+                &format!("n{i}"),
+                "us",
+                "new_york",
+                "verizon",
+                701,
+                Network::Res,
+                &format!("10.{}.{}.1", i / 250, i % 250),
+            )
+        })
+        .collect();
+    let p = NodePool::build(&decls, None, &mut geo);
+    let mut d = decls[5].clone();
+    d.city = Some("boston".into());
+    let (q, idx) = p.with_node(&d, &mut geo);
+    assert_eq!(idx, 5);
+    // The touched segment and id shard are copies, the others shared.
+    assert!(!Arc::ptr_eq(&p.nodes.segments[0], &q.nodes.segments[0]));
+    assert!(Arc::ptr_eq(&p.nodes.segments[1], &q.nodes.segments[1]));
+    let shared = p
+        .by_id
+        .shards
+        .iter()
+        .zip(&q.by_id.shards)
+        .filter(|(x, y)| Arc::ptr_eq(x, y))
+        .count();
+    assert_eq!(shared, p.by_id.shards.len(), "a patch adds no id");
+    let us = Country::parse("us").unwrap();
+    let verizon = geo.lookup(Some(us), GeoKind::Isp, "verizon").unwrap();
+    let new_york = geo.lookup(Some(us), GeoKind::City, "new_york").unwrap();
+    assert!(Arc::ptr_eq(&p.isp[&verizon], &q.isp[&verizon]));
+    assert!(Arc::ptr_eq(&p.country[&us], &q.country[&us]));
+    assert!(!Arc::ptr_eq(&p.city[&new_york], &q.city[&new_york]));
+    // Nothing live changed on the pool before; the runtime is shared.
+    assert_eq!(p.node(5).city, Some(new_york));
+    assert!(Arc::ptr_eq(&p.node(5).runtime, &q.node(5).runtime));
+    // The new name is in the catalogue, for rules to name.
+    let boston = geo.lookup(Some(us), GeoKind::City, "boston").unwrap();
+    let f = Filter {
+        country: Some(us),
+        city: Some(boston),
+        ..Filter::default()
+    };
+    assert_eq!(q.count(&f), 1);
+    assert_eq!(p.count(&f), 0);
+    // A create appends; a delete leaves a tombstone out of selection.
+    let (r, new) = q.with_node(
+        &decl(
+            "x",
+            "us",
+            "boston",
+            "verizon",
+            701,
+            Network::Res,
+            "10.200.0.1",
+        ),
+        &mut geo,
+    );
+    assert_eq!(new as usize, 3 * SEGMENT);
+    assert_eq!(r.count(&f), 1, "not selectable before its state is set");
+    r.set_admin_state(new, NodeState::Online);
+    assert_eq!(r.count(&f), 2);
+    assert_eq!(q.count(&f), 1);
+    let (s, gone) = r.without_node("n5").unwrap();
+    assert_eq!(gone, 5);
+    assert_eq!(s.count(&f), 1);
+    assert!(r.get("n5").is_some(), "not removed before the commit");
+    s.remove(gone);
+    assert!(s.get("n5").is_none() && r.get("n5").is_none());
+    assert_eq!(s.len(), r.len());
+    assert!(s.without_node("nope").is_none());
+}
+
+#[test]
+fn a_derived_pool_catches_up_with_what_changed_on_the_one_before() {
+    let (p, mut geo) = pool();
+    let (ny1, _) = p.get("ny1").unwrap();
+    let (ny3, _) = p.get("ny3").unwrap();
+    let mut d = paris1();
+    d.isp = Some("sfr".into());
+    let (q, pa1) = p.with_node(&d, &mut geo);
+    // Meanwhile a health check takes ny1 out, and ny3 goes offline, on
+    // the pool still published.
+    p.set_healthy(ny1, false);
+    p.set_admin_state(ny3, NodeState::Offline);
+    q.set_admin_state(pa1, NodeState::Online);
+    let us = f(&geo, "us", None, None);
+    assert_eq!(q.count(&us), 4, "not seen yet");
+    assert_eq!(q.catch_up(&p), 2);
+    assert_eq!(q.count(&us), 2);
+    assert_eq!(q.catch_up(&p), 0, "once");
+    assert_eq!(p.catch_up(&q), 0, "a built pool has nothing to catch up");
+}

@@ -1,4 +1,5 @@
 use super::*;
+use crate::geo::GeoKind;
 use crate::rules::{Feature, Network};
 
 /// A target as a client would send it.
@@ -486,4 +487,60 @@ fn a_change_of_packages_keeps_the_node_pool_and_the_usage() {
     let mut bad = decls();
     bad.packages[0].default_rules = "country-nowhere".into();
     assert!(Policy::build_keeping_nodes(&bad, &p1).is_err());
+}
+
+#[test]
+fn a_change_of_one_node_shares_the_rest_and_matches_a_build() {
+    let p1 = policy();
+    p1.packages[&7].usage.add_traffic(5, 5, 0, None);
+    let mut accounts = decls();
+    accounts.nodes.clear();
+    // A create: the new node's names reach the catalogue, so rules name them.
+    let mut created = node("bos1", "boston", "10.7.0.1");
+    created.isp = Some("brand_new_isp".into());
+    let (p2, idx) = Policy::build_changing_node(&accounts, &p1, NodeChange::Put(&created)).unwrap();
+    let idx = idx.unwrap();
+    assert_eq!(idx as usize, p1.nodes.len());
+    p2.nodes.set_admin_state(idx, created.state);
+    assert_eq!(p2.packages[&7].usage.totals().bytes(), 10);
+    let mut all = decls();
+    all.nodes.push(created.clone());
+    let full = Policy::build(&all, Some(&p1)).unwrap();
+    let us = crate::geo::Country::parse("us");
+    for p in [&p2, &full] {
+        let boston = p.geo.lookup(us, GeoKind::City, "boston").unwrap();
+        assert!(p.geo.lookup(us, GeoKind::Isp, "brand_new_isp").is_some());
+        let f = Filter {
+            country: us,
+            city: Some(boston),
+            ..Filter::default()
+        };
+        assert_eq!(p.nodes.count(&f), 1);
+        assert_eq!(p.nodes.get("bos1").unwrap().0, idx);
+    }
+    assert_eq!(p2.nodes.online_count(), full.nodes.online_count());
+    // An invalid node is refused as a build refuses it; nothing changed.
+    let mut bad = node("bad", "boston", "10.7.0.2");
+    bad.bind = None;
+    let e = Policy::build_changing_node(&accounts, &p2, NodeChange::Put(&bad)).unwrap_err();
+    let mut all_bad = all.clone();
+    all_bad.nodes.push(bad);
+    assert_eq!(
+        e.to_string(),
+        Policy::build(&all_bad, Some(&p2)).unwrap_err().to_string()
+    );
+    // A removal leaves a tombstone at the same index.
+    let (p3, gone) =
+        Policy::build_changing_node(&accounts, &p2, NodeChange::Remove("bos1")).unwrap();
+    assert_eq!(gone, Some(idx));
+    assert!(p3.nodes.get("bos1").is_some(), "not before the commit");
+    p2.nodes.remove(idx);
+    p3.nodes.remove(idx);
+    assert!(p3.nodes.get("bos1").is_none());
+    assert_eq!(p3.nodes.len(), p2.nodes.len());
+    assert_eq!(p3.nodes.online_count(), p1.nodes.online_count());
+    // An id the pool does not have: the pool is shared as it is.
+    let (p4, none) =
+        Policy::build_changing_node(&accounts, &p3, NodeChange::Remove("nope")).unwrap();
+    assert!(none.is_none() && Arc::ptr_eq(&p3.nodes, &p4.nodes));
 }

@@ -623,3 +623,164 @@ fn a_stale_gateway_never_overwrites_what_another_created() {
     drop((a, b));
     cleanup(&path);
 }
+
+fn node_fields(json: &str) -> NodeFields {
+    serde_json::from_str(json).unwrap()
+}
+
+/// Every node's index by id, and the ids selectable now.
+fn pool_view(c: &Control) -> (Vec<(String, u32)>, Vec<String>) {
+    let policy = c.engine().policy();
+    let mut idx: Vec<_> = policy
+        .nodes
+        .iter()
+        .map(|(i, n)| (n.id.to_string(), i))
+        .collect();
+    idx.sort();
+    let mut online: Vec<_> = policy
+        .nodes
+        .iter()
+        .filter(|(_, n)| n.state() == NodeState::Online)
+        .map(|(_, n)| n.id.to_string())
+        .collect();
+    online.sort();
+    (idx, online)
+}
+
+fn city_count(c: &Control, city: &str) -> u64 {
+    let policy = c.engine().policy();
+    let us = splicegate_control::geo::Country::parse("us");
+    let Some(city) = policy
+        .geo
+        .lookup(us, splicegate_control::geo::GeoKind::City, city)
+    else {
+        return 0;
+    };
+    policy.nodes.count(&splicegate_control::nodes::Filter {
+        country: us,
+        city: Some(city),
+        ..Default::default()
+    })
+}
+
+/// A node change through the API derives the pool from the current one:
+/// indices kept, a create appended, a delete a tombstone whose slot a
+/// re-creation takes again; the result is what a full build (a reload of
+/// the same file) gives. A store write that fails changes nothing, not
+/// even the live state of the node.
+#[test]
+fn node_changes_keep_indices_and_a_failed_store_write_changes_nothing() {
+    let path = temp_path("node-changes");
+    let mut decls = file(0);
+    for i in 0..3 {
+        decls.nodes.push(NodeDecl {
+            from_file: true,
+            ..node_fields(&format!(
+                r#"{{"id": "f{i}", "kind": "direct", "bind": "127.0.2.{i}", "country": "us", "city": "denver"}}"#
+            ))
+            .to_decl()
+            .unwrap()
+        });
+    }
+    let c = open(&path, decls.clone());
+    for i in 0..3 {
+        c.create_node(&node_fields(&format!(
+            r#"{{"id": "a{i}", "kind": "direct", "bind": "127.0.3.{i}", "country": "us", "city": "austin"}}"#
+        )))
+        .unwrap();
+    }
+    assert!(matches!(
+        c.create_node(&node_fields(
+            r#"{"id": "f1", "kind": "direct", "bind": "127.0.9.1"}"#
+        )),
+        Err(ControlError::Conflict(_))
+    ));
+    assert!(matches!(
+        c.create_node(&node_fields(
+            r#"{"id": "a1", "kind": "direct", "bind": "127.0.9.1"}"#
+        )),
+        Err(ControlError::Conflict(_))
+    ));
+    let before = pool_view(&c);
+    assert_eq!(before.0.len(), 6);
+    assert_eq!(before.1.len(), 6);
+
+    // Every write to the nodes table fails.
+    let db = rusqlite::Connection::open(&path).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER no_insert BEFORE INSERT ON nodes BEGIN SELECT RAISE(ABORT, 'injected'); END;
+         CREATE TRIGGER no_update BEFORE UPDATE ON nodes BEGIN SELECT RAISE(ABORT, 'injected'); END;
+         CREATE TRIGGER no_delete BEFORE DELETE ON nodes BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+    )
+    .unwrap();
+    let generation = c.engine().generation();
+    assert!(matches!(
+        c.create_node(&node_fields(
+            r#"{"id": "x", "kind": "direct", "bind": "127.0.4.1", "country": "us", "city": "boston"}"#
+        )),
+        Err(ControlError::Store(_))
+    ));
+    assert!(matches!(
+        c.patch_node(
+            "a1",
+            &node_fields(r#"{"city": "boston", "state": "offline"}"#)
+        ),
+        Err(ControlError::Store(_))
+    ));
+    assert!(matches!(c.delete_node("a2"), Err(ControlError::Store(_))));
+    assert_eq!(c.engine().generation(), generation, "nothing published");
+    assert_eq!(pool_view(&c), before, "nothing changed, live state neither");
+    assert_eq!(city_count(&c, "boston"), 0);
+    assert_eq!(city_count(&c, "austin"), 3);
+    db.execute_batch("DROP TRIGGER no_insert; DROP TRIGGER no_update; DROP TRIGGER no_delete;")
+        .unwrap();
+
+    let idx = |c: &Control, id: &str| c.engine().policy().nodes.get(id).map(|(i, _)| i);
+    let a1 = idx(&c, "a1").unwrap();
+    let a2 = idx(&c, "a2").unwrap();
+    c.create_node(&node_fields(
+        r#"{"id": "x", "kind": "direct", "bind": "127.0.4.1", "country": "us", "city": "boston"}"#,
+    ))
+    .unwrap();
+    assert_eq!(idx(&c, "x"), Some(6), "appended");
+    c.patch_node("a1", &node_fields(r#"{"city": "boston"}"#))
+        .unwrap();
+    assert_eq!(idx(&c, "a1"), Some(a1), "a patch keeps the index");
+    assert_eq!(city_count(&c, "boston"), 2);
+    assert_eq!(city_count(&c, "austin"), 2);
+    c.delete_node("a2").unwrap();
+    assert_eq!(idx(&c, "a2"), None);
+    assert_eq!(city_count(&c, "austin"), 1);
+    c.create_node(&node_fields(
+        r#"{"id": "a2", "kind": "direct", "bind": "127.0.3.2", "country": "us", "city": "austin", "state": "draining"}"#,
+    ))
+    .unwrap();
+    assert_eq!(
+        idx(&c, "a2"),
+        Some(a2),
+        "a re-created id takes its slot again"
+    );
+    assert_eq!(city_count(&c, "austin"), 1, "draining: not selectable");
+    c.patch_node("a2", &node_fields(r#"{"state": "online"}"#))
+        .unwrap();
+    assert_eq!(city_count(&c, "austin"), 2);
+    let after = pool_view(&c);
+    // A full build of the same declarations gives the same pool.
+    c.reload_file(decls).unwrap();
+    assert_eq!(pool_view(&c), after);
+    assert_eq!(city_count(&c, "boston"), 2);
+    assert_eq!(city_count(&c, "austin"), 2);
+    drop(c);
+    // And so does a start from the store.
+    let c = open(&path, file(0));
+    let (ids, online) = pool_view(&c);
+    let api: Vec<_> = after
+        .1
+        .iter()
+        .filter(|id| !id.starts_with('f'))
+        .cloned()
+        .collect();
+    assert_eq!(online, api);
+    assert_eq!(ids.len(), 4);
+    cleanup(&path);
+}
