@@ -109,6 +109,17 @@ names!(AuthMode {
 /// Longest package key (as a SOCKS5 password).
 pub const MAX_KEY: usize = 255;
 
+/// A key buffer as little-endian 64-bit words (no branch on the content).
+fn words(bytes: &[u8; MAX_KEY + 1]) -> [u64; (MAX_KEY + 1) / 8] {
+    let mut w = [0u64; (MAX_KEY + 1) / 8];
+    for (word, chunk) in w.iter_mut().zip(bytes.chunks_exact(8)) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        *word = u64::from_le_bytes(b);
+    }
+    w
+}
+
 /// A package's key, compared in constant time; never printed.
 #[derive(Clone)]
 pub struct Key {
@@ -133,6 +144,8 @@ impl Key {
 
     /// Constant-time comparison with a candidate (time depends on neither
     /// the key nor the candidate's content, only on the fixed buffer size).
+    /// The buffers are compared as 64-bit words: 32 constant-time steps
+    /// (each behind an optimisation barrier) instead of 256.
     pub fn matches(&self, candidate: &str) -> bool {
         let c = candidate.as_bytes();
         let mut padded = [0u8; MAX_KEY + 1];
@@ -140,7 +153,7 @@ impl Key {
         let n = c.len().min(MAX_KEY);
         padded[..n].copy_from_slice(&c[..n]);
         let same_len = (n as u8).ct_eq(&self.len);
-        let same_bytes = padded.ct_eq(&self.bytes);
+        let same_bytes = words(&padded)[..].ct_eq(&words(&self.bytes)[..]);
         bool::from(same_len & same_bytes) && len_ok
     }
 

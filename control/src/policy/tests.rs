@@ -436,6 +436,21 @@ fn keys_compare_exactly_and_never_print() {
     }
     assert_eq!(format!("{k:?}"), "Key(***)");
     assert!(Key::new(&"k".repeat(256)).is_none());
+    // The longest key, and a candidate one byte off at every position (so
+    // at every place in every 64-bit word the comparison is made of).
+    let long: String = (0..MAX_KEY)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let k = Key::new(&long).unwrap();
+    assert!(k.matches(&long));
+    for at in 0..MAX_KEY {
+        let mut off = long.clone().into_bytes();
+        off[at] = b'Z';
+        let off = String::from_utf8(off).unwrap();
+        assert!(!k.matches(&off), "differs at {at}");
+    }
+    assert!(!k.matches(&long[..MAX_KEY - 1]));
+    assert!(!k.matches(&format!("{long}a")));
 }
 
 #[test]
