@@ -4,7 +4,6 @@ use super::head::{self, Kind};
 use super::{
     BodyFraming, Header, HttpError, Limits, Method, Version, connection_has, keep_alive,
     list_items, map_httparse, own_headers, parse_content_length, write_end_to_end_headers,
-    write_header,
 };
 use splicegate_addr::{Host, Target, parse_host, parse_port};
 
@@ -305,29 +304,33 @@ fn parse_authority(raw: &[u8], port_required: bool) -> Result<(Host, Option<u16>
 ///
 /// For a `CONNECT` request the target is written in authority-form.
 pub fn write_forward_head(req: &Request, out: &mut Vec<u8>) {
+    use std::io::Write as _;
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
-    let authority = match &req.target {
+    // The authority is written straight into `out` (writing to a `Vec`
+    // cannot fail), never built as a string of its own first.
+    let (target, absolute) = match &req.target {
         RequestTarget::Absolute {
             target,
             path_and_query,
         } => {
             out.extend_from_slice(path_and_query.as_bytes());
-            if target.port == 80 {
-                target.host.to_string()
-            } else {
-                target.to_string()
-            }
+            (target, true)
         }
         RequestTarget::Authority(target) => {
-            let authority = target.to_string();
-            out.extend_from_slice(authority.as_bytes());
-            authority
+            let _ = write!(out, "{target}");
+            (target, false)
         }
     };
     out.extend_from_slice(b" HTTP/1.1\r\n");
     if req.host.is_none() {
-        write_header(out, b"Host", authority.as_bytes());
+        out.extend_from_slice(b"Host: ");
+        if absolute && target.port == 80 {
+            let _ = write!(out, "{}", target.host);
+        } else {
+            let _ = write!(out, "{target}");
+        }
+        out.extend_from_slice(b"\r\n");
     }
     write_end_to_end_headers(&req.headers, out);
     out.extend_from_slice(b"\r\n");

@@ -142,8 +142,10 @@ pub(super) fn with_status_head<T>(
 /// own, e.g. `X-SOAX-*`, or `Connection: close` when the client connection
 /// will close).
 pub fn write_response_head(resp: &Response, extra_headers: &[(&str, &str)], out: &mut Vec<u8>) {
+    use std::io::Write as _;
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(resp.status.to_string().as_bytes());
+    // Straight into `out` (a `Vec` takes every write), no string between.
+    let _ = write!(out, "{}", resp.status);
     out.push(b' ');
     out.extend_from_slice(resp.reason.as_bytes());
     out.extend_from_slice(b"\r\n");
