@@ -19,13 +19,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use splicegate_control::decl::NodeFields;
 use splicegate_control::engine::Engine;
-use splicegate_control::geo::Country;
 use splicegate_control::guard::{Guard, GuardConfig};
-use splicegate_control::nodes::{NodeDecl, NodeKind, NodeState};
 use splicegate_control::policy::{Declarations, PackageDecl, Policy};
-use splicegate_control::rules::Network;
 use splicegate_control::safety::TargetPolicy;
+use splicegate_proto::http::encode_basic;
 use splicegate_worker::{Binding, Resolver, Settings, Shared};
 
 struct Counting;
@@ -85,23 +84,13 @@ fn snapshot() -> (u64, u64) {
 fn shared() -> Arc<Shared> {
     let mut package = PackageDecl::new(1, "k");
     package.default_rules = "country-us".into();
-    let node = NodeDecl {
-        id: "d1".into(),
-        kind: NodeKind::Direct,
-        addr: None,
-        bind: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-        credentials: None,
-        country: Country::parse("us"),
-        region: None,
-        city: None,
-        isp: None,
-        asn: None,
-        network: Network::Res,
-        state: NodeState::Online,
-        from_file: true,
-        key_hash: None,
-        udp: false,
-    };
+    // The node as the admin API would take it, through the same parser.
+    let node = serde_json::from_str::<NodeFields>(
+        r#"{"id": "d1", "kind": "direct", "bind": "127.0.0.1", "country": "us"}"#,
+    )
+    .expect("node fields")
+    .to_decl()
+    .expect("node declaration");
     let decls = Declarations {
         orgs: vec![],
         packages: vec![package],
@@ -191,7 +180,7 @@ fn origin() -> SocketAddr {
 fn forward_once(s: &mut TcpStream, origin: SocketAddr, auth: &str) {
     let head = format!(
         "GET http://{origin}/ HTTP/1.1\r\nHost: {origin}\r\n\
-         Proxy-Authorization: Basic {auth}\r\n\r\n"
+         Proxy-Authorization: {auth}\r\n\r\n"
     );
     s.write_all(head.as_bytes()).expect("send GET");
     let mut answer = Vec::new();
@@ -209,21 +198,27 @@ fn forward_once(s: &mut TcpStream, origin: SocketAddr, auth: &str) {
     );
 }
 
-/// A tunnel to `target` through the gateway at `proxy`, from 127.0.0.9.
-fn tunnel(proxy: SocketAddr, target: SocketAddr) -> TcpStream {
+/// A connection to the gateway at `proxy` from `source` (a 127.x address
+/// of the test's own, outside the gateway's per-source limits).
+fn connect_from(proxy: SocketAddr, source: Ipv4Addr) -> TcpStream {
     let sock =
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    sock.bind(&SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9)), 0).into())
-        .expect("bind 127.0.0.9");
+    sock.bind(&SocketAddr::new(IpAddr::V4(source), 0).into())
+        .expect("bind the source address");
     sock.connect(&proxy.into()).expect("connect to the gateway");
-    let mut s: TcpStream = sock.into();
+    let s: TcpStream = sock.into();
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
     s.set_nodelay(true).expect("nodelay");
-    // base64("package-1-country-us:k")
+    s
+}
+
+/// A tunnel to `target` through the gateway at `proxy`, from 127.0.0.9.
+fn tunnel(proxy: SocketAddr, target: SocketAddr) -> TcpStream {
+    let mut s = connect_from(proxy, Ipv4Addr::new(127, 0, 0, 9));
     let head = format!(
-        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\
-         Proxy-Authorization: Basic cGFja2FnZS0xLWNvdW50cnktdXM6aw==\r\n\r\n"
+        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: {}\r\n\r\n",
+        encode_basic("package-1-country-us", "k")
     );
     s.write_all(head.as_bytes()).expect("send CONNECT");
     let mut answer = Vec::new();
@@ -302,18 +297,9 @@ fn main() {
     // HTTP forwarding: absolute-form GETs on one kept-alive connection,
     // a sticky session (the upstream connection is kept).
     let origin = origin();
-    let s =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    s.bind(&SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10)), 0).into())
-        .expect("bind 127.0.0.10");
-    s.connect(&proxy.into()).expect("connect to the gateway");
-    let mut s: TcpStream = s.into();
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    s.set_nodelay(true).expect("nodelay");
-    // base64("package-1-country-us-session-alloc1:k")
-    let auth = "cGFja2FnZS0xLWNvdW50cnktdXMtc2Vzc2lvbi1hbGxvYzE6aw==";
-    let (h_allocs, h_bytes) = per_op(200, 2_000, || forward_once(&mut s, origin, auth));
+    let mut s = connect_from(proxy, Ipv4Addr::new(127, 0, 0, 10));
+    let auth = encode_basic("package-1-country-us-session-alloc1", "k");
+    let (h_allocs, h_bytes) = per_op(200, 2_000, || forward_once(&mut s, origin, &auth));
     drop(s);
 
     println!("pingpong 64 B: {pp_allocs:.3} allocations per round trip ({pp_bytes:.1} bytes)");
