@@ -59,7 +59,7 @@ impl RingSetup {
         }
     }
 
-    /// The name logs and `/metrics` use.
+    /// The name the worker's start-up log line gives.
     pub fn as_str(self) -> &'static str {
         match self {
             RingSetup::DeferTaskrun => "defer_taskrun",
