@@ -45,6 +45,11 @@ pub use sessions::{FleetSession, SessionEvent};
 /// How often this gateway renews its registry entry, reads the fleet's,
 /// and rebalances its shares of the packages' connection limits.
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
+
+/// How often a heartbeat walks the node pool for the unhealthy nodes and
+/// connected agents it lists.
+const NODE_WALK_EVERY: Duration = Duration::from_secs(1);
+
 /// How long a registry entry outlives its last heartbeat.
 pub const TTL: Duration = Duration::from_secs(3);
 /// Changes kept while Redis is unreachable; past this many, the oldest
@@ -424,6 +429,10 @@ end
 return 0
 ";
 
+/// [`HEARTBEAT_SCRIPT`] with its SHA-1 computed once, not per beat.
+static HEARTBEAT_RUN: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(HEARTBEAT_SCRIPT));
+
 /// Remove this gateway's entry if it is still ours.
 const LEAVE_SCRIPT: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -719,7 +728,7 @@ async fn beat(
     me: &GatewayInfo,
 ) -> redis::RedisResult<i64> {
     let info = serde_json::to_string(me).unwrap_or_default();
-    redis::Script::new(HEARTBEAT_SCRIPT)
+    HEARTBEAT_RUN
         .key(&keys.gw)
         .key(&keys.info)
         .key(&keys.set)
@@ -773,7 +782,8 @@ async fn heartbeat(
     // Per rate-limited package: its attempts counter at the last heartbeat
     // and the smoothed demand.
     let mut demand: BTreeMap<u64, (u64, f64)> = BTreeMap::new();
-    let mut beats = 0u64;
+    // When the nodes were last walked (none yet: the first beat walks).
+    let mut walked: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -787,7 +797,6 @@ async fn heartbeat(
             }
             _ = stop.changed() => return,
         }
-        beats += 1;
         let (now, connections, tunnels) = read(&lock(&view.workers));
         let secs = now.at.duration_since(last.at).as_secs_f64().max(0.001);
         let policy = control.engine().policy_arc();
@@ -808,9 +817,11 @@ async fn heartbeat(
             }
             demand = next;
             me.demand = demand.iter().map(|(id, (_, d))| (*id, *d)).collect();
-            // A walk over every node: once a second, not every heartbeat.
-            if beats.is_multiple_of(4) {
+            // A walk over every node: at the first beat, then once a
+            // second, not every heartbeat.
+            if walked.is_none_or(|t| t.elapsed() >= NODE_WALK_EVERY) {
                 (me.unhealthy, me.agents) = node_health(&policy);
+                walked = Some(Instant::now());
             }
             me.seen_ms = unix_ms();
             me.load = Load {

@@ -57,6 +57,10 @@ if grant > 0 then taken = redis.call('INCRBY', KEYS[1], grant) end
 return {grant, tonumber(ARGV[1]) - taken}
 ";
 
+/// [`LEASE_SCRIPT`] with its SHA-1 computed once, not per lease.
+static LEASE: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(LEASE_SCRIPT));
+
 /// How long the store's totals are reused for counts Redis may not hold.
 const STORED_FOR: Duration = Duration::from_secs(1);
 
@@ -289,7 +293,7 @@ async fn look(
         0
     };
     let want = need + u.used.saturating_sub(lease.allowance());
-    let answer = redis::Script::new(LEASE_SCRIPT)
+    let answer = LEASE
         .key(u.limit.key(prefix))
         .arg(u.max)
         .arg(u.start.max(u.used))

@@ -95,6 +95,9 @@ return 0
 /// [`CLAIM_SCRIPT`] with its SHA-1 computed once, not per request.
 static CLAIM: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(CLAIM_SCRIPT));
+/// [`MOVE_SCRIPT`], likewise.
+static MOVE: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(MOVE_SCRIPT));
 
 /// Move the session from ARGV[1] to ARGV[2], unless another gateway moved
 /// it first (0).
@@ -216,7 +219,7 @@ pub(super) async fn serve(
                     }
                 }
                 Op::Moved { key, from, to } => {
-                    let moved = redis::Script::new(MOVE_SCRIPT)
+                    let moved = MOVE
                         .key(key_of(&prefix, &key))
                         .arg(&from)
                         .arg(&to)
