@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::client::{Auth, Proto, Route, open_tunnel, status_of};
 use crate::load::{self, Mode, Window};
-use crate::peers::{self, SG_KEY, SG_USER};
+use crate::peers::{self, SG_KEY};
 use crate::plan::median;
 use crate::procstat::ProcTree;
 use crate::report::{self, Bar, Panel};
@@ -233,11 +233,7 @@ impl Drop for Gateway {
 impl Gateway {
     /// The route through it as package `id` with `key` (sessions allowed).
     fn route(&self, id: u64, key: &str) -> Route {
-        let user = if id == 1 {
-            SG_USER.to_string()
-        } else {
-            format!("package-{id}-country-us")
-        };
+        let user = format!("package-{id}-country-us");
         Route::Proxy {
             proto: Proto::Connect,
             addr: self.proxy,
@@ -415,6 +411,9 @@ fn point(ctx: &Ctx<'_>, p: &mut Point, label: &str) -> Result<()> {
         ctx.admin_io,
     )?;
     ensure!(created == 201, "POST /v1/packages answered {created}");
+    // The tunnels axis's idle tunnels are opened once for the point and
+    // held through every figure: beside the load, and while the RSS is read.
+    let idle = idle_tunnels(ctx, &gw, axis, n)?;
     for &f in axis.figures() {
         let label = format!("{label} {}", f.title());
         let mut others = None;
@@ -433,10 +432,7 @@ fn point(ctx: &Ctx<'_>, p: &mut Point, label: &str) -> Result<()> {
                         max_ops: 10_000_000,
                     },
                 };
-                // The tunnels axis's idle tunnels are held beside the load.
-                let idle = idle_tunnels(ctx, &gw, axis, n)?;
                 let (v, o) = cpu_per_op(ctx, &gw, &mode, &label)?;
-                drop(idle);
                 others = Some(o);
                 v
             }
@@ -521,6 +517,7 @@ fn point(ctx: &Ctx<'_>, p: &mut Point, label: &str) -> Result<()> {
             p.others_pct.insert(f, o);
         }
     }
+    drop(idle);
     drop(gw);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

@@ -24,7 +24,7 @@ use crate::tls::Pki;
 pub(crate) const PEER_USER: &str = "sgbench";
 pub(crate) const PEER_PASS: &str = "sgbench-Pw-7f3";
 /// splicegate's package and key in the generated config.
-pub(crate) const SG_USER: &str = "package-1-country-us";
+const SG_USER: &str = "package-1-country-us";
 pub(crate) const SG_KEY: &str = "bench";
 
 /// A built-in proxy under test.
