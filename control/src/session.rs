@@ -426,7 +426,11 @@ pub struct Attempts {
     retries_left: u8,
     replacements_left: u8,
     replaced: bool,
-    tried: Vec<NodeIdx>,
+    /// The nodes tried, first first: the first and at most
+    /// [`MAX_REPLACEMENTS`] replacements (kept inline: no allocation per
+    /// request).
+    tried: [NodeIdx; 1 + MAX_REPLACEMENTS as usize],
+    tried_len: u8,
     /// Failures of the first node (retries stop early when it goes offline).
     first_failures: u32,
 }
@@ -446,7 +450,8 @@ impl Attempts {
             retries_left: if let OnError::Retry(n) = policy { n } else { 0 },
             replacements_left: MAX_REPLACEMENTS,
             replaced: false,
-            tried: vec![first],
+            tried: [first; 1 + MAX_REPLACEMENTS as usize],
+            tried_len: 1,
             first_failures: 0,
         }
     }
@@ -458,7 +463,7 @@ impl Attempts {
 
     /// Every node tried so far.
     pub fn tried(&self) -> &[NodeIdx] {
-        &self.tried
+        &self.tried[..usize::from(self.tried_len)]
     }
 
     /// The current node failed (`node_usable`: whether it may still be tried,
@@ -470,7 +475,7 @@ impl Attempts {
         node_name: &str,
         replace: &mut dyn FnMut(&[NodeIdx]) -> Result<NodeIdx, Rejection>,
     ) -> Step {
-        if self.tried.len() == 1 {
+        if self.tried_len == 1 {
             self.first_failures += 1;
         }
         if self.retries_left > 0 && node_usable {
@@ -509,7 +514,7 @@ impl Attempts {
                         ),
                     ));
                 }
-                match replace(&self.tried) {
+                match replace(self.tried()) {
                     Ok(next) => {
                         self.replaced = true;
                         self.switch(next);
@@ -530,11 +535,11 @@ impl Attempts {
                         Code::NodeUnavailable,
                         format!(
                             "{} nodes failed in turn (last {node_name}); try again",
-                            self.tried.len()
+                            self.tried_len
                         ),
                     ));
                 }
-                match replace(&self.tried) {
+                match replace(self.tried()) {
                     Ok(next) => {
                         self.replacements_left -= 1;
                         self.switch(next);
@@ -551,7 +556,14 @@ impl Attempts {
 
     fn switch(&mut self, next: NodeIdx) {
         self.current = next;
-        self.tried.push(next);
+        // A request switches at most once in retry mode and
+        // `MAX_REPLACEMENTS` times otherwise, so the array has room.
+        let i = usize::from(self.tried_len);
+        debug_assert!(i < self.tried.len(), "more switches than replacements");
+        if let Some(slot) = self.tried.get_mut(i) {
+            *slot = next;
+            self.tried_len += 1;
+        }
         // A replacement in retry mode is tried once.
         self.retries_left = 0;
     }

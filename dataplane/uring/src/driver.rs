@@ -101,7 +101,6 @@ pub(crate) struct TimerKey {
 #[derive(Debug)]
 struct TimerSlot {
     generation: u64,
-    deadline: Instant,
     waker: Option<Waker>,
     fired: bool,
 }
@@ -123,7 +122,6 @@ impl Timers {
         self.next_generation += 1;
         let idx = self.slots.insert(TimerSlot {
             generation,
-            deadline,
             waker: Some(waker),
             fired: false,
         });
@@ -152,12 +150,13 @@ impl Timers {
     /// if they pile up (many short-lived timeouts), rebuild from the live set.
     fn compact(&mut self) {
         if self.heap.len() > 64 && self.heap.len() > 2 * self.armed {
-            self.heap = self
-                .slots
-                .iter()
-                .filter(|(_, s)| !s.fired)
-                .map(|(idx, s)| Reverse((s.deadline, s.generation, idx)))
-                .collect();
+            // In place: the heap keeps its allocation.
+            let slots = &self.slots;
+            self.heap.retain(|Reverse((_, generation, idx))| {
+                slots
+                    .get(*idx)
+                    .is_some_and(|s| s.generation == *generation && !s.fired)
+            });
         }
     }
 

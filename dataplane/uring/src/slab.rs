@@ -96,16 +96,6 @@ impl<T> Slab<T> {
             })
             .collect()
     }
-
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (usize, &T)> {
-        self.entries
-            .iter()
-            .enumerate()
-            .filter_map(|(k, e)| match e {
-                Entry::Occupied(v) => Some((k, v)),
-                Entry::Vacant { .. } => None,
-            })
-    }
 }
 
 #[cfg(test)]

@@ -275,10 +275,19 @@ async fn dial_direct(
 ) -> Result<Upstream, DialFailure> {
     let s = &ctx.shared.settings;
     let port = target.port;
-    let ips: Vec<IpAddr> = match &target.host {
-        Host::Ip(ip) => vec![*ip],
+    // A literal address is used where it lies (no list to allocate).
+    let one;
+    let resolved;
+    let ips: &[IpAddr] = match &target.host {
+        Host::Ip(ip) => {
+            one = [*ip];
+            &one
+        }
         Host::Domain(name) => match ctx.dns.resolve(&ctx.shared.resolver, name, s.resolve).await {
-            Ok(ips) => ips,
+            Ok(ips) => {
+                resolved = ips;
+                &resolved
+            }
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                 return Err(gateway_timeout(format!(
                     "resolving {name} took over {} ms",
