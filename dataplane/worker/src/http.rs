@@ -14,8 +14,8 @@ use splicegate_control::nodes::{Node, NodeIdx};
 use splicegate_control::policy::{Credentials, Package, Policy, Protocol};
 use splicegate_control::rules::Rules;
 use splicegate_proto::http::{
-    AuthError, BodyFraming, BodyTracker, HttpError, Method, Request, Response, decode_basic,
-    parse_request, parse_response, write_forward_head, write_response_head,
+    AuthError, BasicCredentials, BodyFraming, BodyTracker, HttpError, Method, Request, Response,
+    decode_basic, parse_request, parse_response, write_forward_head, write_response_head,
 };
 use splicegate_uring::{Notifier, TcpStream, timeout, timeout_at};
 
@@ -62,6 +62,25 @@ struct HttpConn<'c> {
     package: Option<Arc<Package>>,
     /// Fires when the registry closes the waiting connection.
     stop: Option<Notifier>,
+    /// Room for the heads this connection writes (the answer to a
+    /// CONNECT, a forwarded request's head, its answer's head) and for
+    /// what is read from a kept upstream connection: kept across
+    /// requests, so a kept-alive request does not allocate them again.
+    out: Vec<u8>,
+    ubuf: Vec<u8>,
+}
+
+/// Largest scratch buffer a connection keeps between requests; a bigger
+/// one (a long head, a big answer read) is let go.
+const SCRATCH_KEPT: usize = 4096;
+
+/// Empties `v` for the next request, or lets it go if it grew large.
+fn keep_scratch(mut v: Vec<u8>) -> Vec<u8> {
+    if v.capacity() > SCRATCH_KEPT {
+        return Vec::new();
+    }
+    v.clear();
+    v
 }
 
 pub(crate) async fn serve(
@@ -82,6 +101,8 @@ pub(crate) async fn serve(
         kept: None,
         package: None,
         stop: None,
+        out: Vec::new(),
+        ubuf: Vec::new(),
     };
     let limits = ctx.shared.settings.limits;
     let mut deadline = first_deadline;
@@ -214,10 +235,13 @@ fn facts(
 }
 
 /// Credentials as the request carried them.
-fn credentials(decoded: &Option<Result<(String, String), AuthError>>) -> Credentials<'_> {
+fn credentials(decoded: &Option<Result<BasicCredentials, AuthError>>) -> Credentials<'_> {
     match decoded {
         None => Credentials::Absent,
-        Some(Ok((username, password))) => Credentials::Present { username, password },
+        Some(Ok(c)) => Credentials::Present {
+            username: c.username(),
+            password: c.password(),
+        },
         // Another scheme (Bearer, Digest, …) offers no credentials we read.
         Some(Err(AuthError::NotBasic)) => Credentials::Absent,
         Some(Err(_)) => Credentials::Malformed,
@@ -270,7 +294,7 @@ impl HttpConn<'_> {
         } else {
             Protocol::Http
         };
-        let decoded = req.proxy_authorization.as_deref().map(decode_basic);
+        let decoded = req.proxy_authorization().map(decode_basic);
         let gate = Gate::new(self.ctx, self.peer, self.binding, protocol);
         let target = req.target.target();
         let auth = match gate.authenticate(credentials(&decoded)) {
@@ -301,7 +325,8 @@ impl HttpConn<'_> {
             );
             let extra_ref: Vec<(&str, &str)> =
                 extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let mut out = Vec::with_capacity(128);
+            let mut out = std::mem::take(&mut self.out);
+            out.reserve(128);
             write_http_ok(&extra_ref, &mut out);
             if timeout(self.ctx.shared.settings.idle, self.client.write_all(&out))
                 .await
@@ -309,6 +334,7 @@ impl HttpConn<'_> {
             {
                 return Next::Close;
             }
+            self.out = keep_scratch(out);
             self.buf.drain(..req.head_len);
             return Next::Tunnel(Box::new(route));
         }
@@ -353,9 +379,14 @@ impl HttpConn<'_> {
         for _attempt in 0..2 {
             let (stream, node_arc, leftover) = if reuse {
                 let k = self.kept.take().expect("checked above");
-                (k.stream, k.node_arc, Vec::new())
+                (k.stream, k.node_arc, std::mem::take(&mut self.ubuf))
             } else {
                 match admission.dial(ctx, Protocol::Http).await {
+                    // What the dial read past the node's answer, if
+                    // anything, else the connection's own buffer.
+                    Ok(e) if e.up.leftover.is_empty() => {
+                        (e.up.stream, e.node, std::mem::take(&mut self.ubuf))
+                    }
                     Ok(e) => (e.up.stream, e.node, e.up.leftover),
                     Err(refusal) => {
                         self.answer(Protocol::Http, &refusal, can_continue).await;
@@ -451,7 +482,8 @@ impl HttpConn<'_> {
         let policy = &admission.route.policy;
         let package = &adm.package;
         let mut meter = Meter::new(package, &ctx.stats);
-        let mut head = Vec::with_capacity(req.head_len + 64);
+        let mut head = std::mem::take(&mut self.out);
+        head.reserve(req.head_len + 64);
         write_forward_head(req, &mut head);
         // 1. The head, then the body as framed. Body bytes the client sent
         // with its head go out in the same send.
@@ -463,8 +495,7 @@ impl HttpConn<'_> {
                 format!("the request body's framing is malformed: {e}"),
             ))
         })?;
-        let head = &head[..];
-        match timeout(s.idle, upstream.write_all(head)).await {
+        match timeout(s.idle, upstream.write_all(&head)).await {
             Ok(Ok(())) => {}
             _ if reused => return Err(ExchangeError::Stale),
             _ => {
@@ -560,7 +591,10 @@ impl HttpConn<'_> {
             extra.push(("Connection", "close".to_string()));
         }
         let extra_ref: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let mut out = Vec::with_capacity(resp.head_len + 128);
+        // The request's head is out: its room takes the answer's head.
+        let mut out = head;
+        out.clear();
+        out.reserve(resp.head_len + 128);
         write_response_head(&resp, &extra_ref, &mut out);
         ubuf.drain(..resp.head_len);
         // 3. The answer's body; what came with the head goes out with it,
@@ -592,6 +626,10 @@ impl HttpConn<'_> {
         }
         let reusable = resp.keep_alive && framing != BodyFraming::UntilClose && ubuf.is_empty();
         meter.flush();
+        self.out = keep_scratch(out);
+        if reusable {
+            self.ubuf = keep_scratch(ubuf);
+        }
         Ok((keep_client, reusable, meter.total_up, meter.total_down))
     }
 }

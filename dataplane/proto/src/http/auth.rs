@@ -40,11 +40,43 @@ pub enum AuthError {
     EmptyUsername,
 }
 
+/// Credentials decoded from `Basic`: one buffer, `user:pass`, both halves
+/// checked to be UTF-8 and within their bounds.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BasicCredentials {
+    decoded: Vec<u8>,
+    colon: usize,
+}
+
+impl BasicCredentials {
+    /// The username (the part before the first `:`; never empty).
+    pub fn username(&self) -> &str {
+        // Checked by `decode_basic`.
+        std::str::from_utf8(&self.decoded[..self.colon]).unwrap_or_default()
+    }
+
+    /// The password (the rest).
+    pub fn password(&self) -> &str {
+        std::str::from_utf8(&self.decoded[self.colon + 1..]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for BasicCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The password is a package key: never printed.
+        f.debug_struct("BasicCredentials")
+            .field("username", &self.username())
+            .field("password", &"***")
+            .finish()
+    }
+}
+
 /// Decodes `Basic <base64(user:pass)>`: the scheme is case-insensitive and
 /// followed by one or more spaces; base64 is the standard alphabet with
 /// padding and zero trailing bits; the username ends at the first `:`. No
-/// allocation happens for a blob longer than the bounds allow.
-pub fn decode_basic(value: &[u8]) -> Result<(String, String), AuthError> {
+/// allocation happens for a blob longer than the bounds allow, and one
+/// (the decoded bytes) otherwise.
+pub fn decode_basic(value: &[u8]) -> Result<BasicCredentials, AuthError> {
     let scheme_end = value
         .iter()
         .position(|b| matches!(b, b' ' | b'\t'))
@@ -72,9 +104,9 @@ pub fn decode_basic(value: &[u8]) -> Result<(String, String), AuthError> {
     if user.is_empty() {
         return Err(AuthError::EmptyUsername);
     }
-    let user = std::str::from_utf8(user).map_err(|_| AuthError::NotUtf8)?;
-    let pass = std::str::from_utf8(pass).map_err(|_| AuthError::NotUtf8)?;
-    Ok((user.to_owned(), pass.to_owned()))
+    std::str::from_utf8(user).map_err(|_| AuthError::NotUtf8)?;
+    std::str::from_utf8(pass).map_err(|_| AuthError::NotUtf8)?;
+    Ok(BasicCredentials { decoded, colon })
 }
 
 /// Encodes credentials as a `Proxy-Authorization` value: `Basic <base64>`.

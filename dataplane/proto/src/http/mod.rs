@@ -16,7 +16,9 @@ mod request;
 mod response;
 mod upstream;
 
-pub use auth::{AuthError, MAX_CREDENTIAL_LEN, MAX_USERNAME_LEN, decode_basic, encode_basic};
+pub use auth::{
+    AuthError, BasicCredentials, MAX_CREDENTIAL_LEN, MAX_USERNAME_LEN, decode_basic, encode_basic,
+};
 pub use body::{
     BodyError, BodyTracker, MAX_CHUNK_EXT_BYTES, MAX_CHUNK_SIZE_DIGITS, MAX_TRAILER_BYTES,
 };
@@ -93,13 +95,115 @@ pub enum BodyFraming {
 
 /// One header field as received: the name as sent (compare it
 /// case-insensitively) and the value with surrounding whitespace trimmed.
-/// Values may hold obs-text (bytes ≥ 0x80), hence bytes, not `String`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Header {
+/// Values may hold obs-text (bytes ≥ 0x80), hence bytes, not `str`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header<'a> {
     /// Field name, a token, case preserved.
-    pub name: String,
+    pub name: &'a str,
     /// Field value, without leading or trailing whitespace.
-    pub value: Vec<u8>,
+    pub value: &'a [u8],
+}
+
+/// A head's header fields, in order, as received ([`Header`]), copied
+/// into one buffer: a head costs two allocations, whatever its number of
+/// fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers {
+    /// Each field's name, then its value, one field after another.
+    bytes: Vec<u8>,
+    /// Per field: where its name starts, where its value starts, where it
+    /// ends, in `bytes`.
+    fields: Vec<[u32; 3]>,
+}
+
+impl Headers {
+    /// Copies httparse's borrowed fields (values trimmed).
+    pub(crate) fn from_parsed(parsed: &[httparse::Header<'_>]) -> Headers {
+        let len = parsed
+            .iter()
+            .map(|h| h.name.len() + h.value.trim_ascii().len())
+            .sum();
+        let mut headers = Headers {
+            bytes: Vec::with_capacity(len),
+            fields: Vec::with_capacity(parsed.len()),
+        };
+        for h in parsed {
+            // A head is at most `Limits::max_head_bytes`, far below 4 GiB.
+            let start = headers.bytes.len() as u32;
+            headers.bytes.extend_from_slice(h.name.as_bytes());
+            let value = headers.bytes.len() as u32;
+            headers.bytes.extend_from_slice(h.value.trim_ascii());
+            headers
+                .fields
+                .push([start, value, headers.bytes.len() as u32]);
+        }
+        headers
+    }
+
+    /// Field `i`.
+    ///
+    /// # Panics
+    /// If there are not that many fields.
+    pub fn at(&self, i: usize) -> Header<'_> {
+        let [start, value, end] = self.fields[i].map(|x| x as usize);
+        Header {
+            // Names were `str`s (httparse admits only token bytes).
+            name: std::str::from_utf8(&self.bytes[start..value]).unwrap_or_default(),
+            value: &self.bytes[value..end],
+        }
+    }
+
+    /// The fields in order.
+    pub fn iter(&self) -> impl Iterator<Item = Header<'_>> + Clone {
+        (0..self.fields.len()).map(|i| self.at(i))
+    }
+
+    /// Number of fields.
+    pub fn len(&self) -> usize {
+        self.fields.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    /// The value of the first field named `name` (case-insensitive).
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
+}
+
+/// Header lines whose httparse slots live on the stack ([`HeaderSlots`]):
+/// every ordinary head.
+const STACK_HEADERS: usize = 32;
+
+/// httparse's slots for a head: on the stack for up to [`STACK_HEADERS`]
+/// lines, else on the heap.
+pub(crate) struct HeaderSlots<'b> {
+    stack: [httparse::Header<'b>; STACK_HEADERS],
+    heap: Vec<httparse::Header<'b>>,
+}
+
+impl<'b> HeaderSlots<'b> {
+    pub(crate) fn new() -> HeaderSlots<'b> {
+        HeaderSlots {
+            stack: [httparse::EMPTY_HEADER; STACK_HEADERS],
+            heap: Vec::new(),
+        }
+    }
+
+    /// Exactly `n` slots.
+    pub(crate) fn get(&mut self, n: usize) -> &mut [httparse::Header<'b>] {
+        if n <= STACK_HEADERS {
+            &mut self.stack[..n]
+        } else {
+            self.heap.resize(n, httparse::EMPTY_HEADER);
+            &mut self.heap[..]
+        }
+    }
 }
 
 /// A request method. Methods are case-sensitive: `get` is `Other("get")`.
@@ -186,28 +290,28 @@ pub(crate) fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// Whether `name` must not be forwarded: a fixed hop-by-hop header or one that
 /// a `Connection` header lists.
-pub(crate) fn is_hop_by_hop(name: &str, headers: &[Header]) -> bool {
+pub(crate) fn is_hop_by_hop(name: &str, headers: &Headers) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
         || headers
             .iter()
             .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-            .flat_map(|h| list_items(&h.value))
+            .flat_map(|h| list_items(h.value))
             .any(|token| token.eq_ignore_ascii_case(name.as_bytes()))
 }
 
 /// Whether some `Connection` header lists `token`.
-pub(crate) fn connection_has(headers: &[Header], token: &str) -> bool {
+pub(crate) fn connection_has(headers: &Headers, token: &str) -> bool {
     headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-        .flat_map(|h| list_items(&h.value))
+        .flat_map(|h| list_items(h.value))
         .any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Whether a message of this version and these headers keeps the connection
 /// open: HTTP/1.1 unless `Connection: close`, HTTP/1.0 only with
 /// `Connection: keep-alive`.
-pub(crate) fn keep_alive(version: Version, headers: &[Header]) -> bool {
+pub(crate) fn keep_alive(version: Version, headers: &Headers) -> bool {
     if connection_has(headers, "close") {
         return false;
     }
@@ -236,10 +340,10 @@ pub(crate) fn parse_content_length(value: &[u8]) -> Result<u64, HttpError> {
 }
 
 /// Writes the headers that survive hop-by-hop removal.
-pub(crate) fn write_end_to_end_headers(headers: &[Header], out: &mut Vec<u8>) {
-    for h in headers {
-        if !is_hop_by_hop(&h.name, headers) {
-            write_header(out, h.name.as_bytes(), &h.value);
+pub(crate) fn write_end_to_end_headers(headers: &Headers, out: &mut Vec<u8>) {
+    for h in headers.iter() {
+        if !is_hop_by_hop(h.name, headers) {
+            write_header(out, h.name.as_bytes(), h.value);
         }
     }
 }
@@ -249,17 +353,6 @@ pub(crate) fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
-}
-
-/// Copies httparse's borrowed headers into owned [`Header`]s.
-pub(crate) fn own_headers(parsed: &[httparse::Header<'_>]) -> Vec<Header> {
-    parsed
-        .iter()
-        .map(|h| Header {
-            name: h.name.to_owned(),
-            value: h.value.trim_ascii().to_vec(),
-        })
-        .collect()
 }
 
 /// Maps an httparse error on a head that already passed [`head::scan`].

@@ -2,8 +2,8 @@
 
 use super::head::{self, Kind};
 use super::{
-    BodyFraming, Header, HttpError, Limits, Method, Version, connection_has, keep_alive,
-    list_items, map_httparse, own_headers, parse_content_length, write_end_to_end_headers,
+    BodyFraming, HeaderSlots, Headers, HttpError, Limits, Method, Version, connection_has,
+    keep_alive, list_items, map_httparse, parse_content_length, write_end_to_end_headers,
 };
 use splicegate_addr::{Host, Target, parse_host, parse_port};
 
@@ -44,26 +44,36 @@ pub struct Request {
     /// request (or, after `CONNECT`, tunnel payload).
     pub head_len: usize,
     /// All header fields in order, as received.
-    pub headers: Vec<Header>,
+    pub headers: Headers,
     /// How the request body is delimited.
     pub body: BodyFraming,
     /// Whether the client wants the connection kept after this exchange.
     pub keep_alive: bool,
-    /// Raw `Proxy-Authorization` value, for [`super::decode_basic`].
-    pub proxy_authorization: Option<Vec<u8>>,
     /// `Respond-With` items, lowercase and trimmed (`ip`, `country`, …).
     pub respond_with: Vec<String>,
-    /// Raw `Host` header value, if any; checked to match the target.
-    pub host: Option<String>,
+    /// Which of `headers` is the `Proxy-Authorization` field, and which the
+    /// `Host` field (checked to match the target).
+    proxy_authorization_at: Option<usize>,
+    host_at: Option<usize>,
 }
 
 impl Request {
     /// The first header named `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value.as_slice())
+        self.headers.get(name)
+    }
+
+    /// The raw `Proxy-Authorization` value, for [`super::decode_basic`].
+    pub fn proxy_authorization(&self) -> Option<&[u8]> {
+        self.proxy_authorization_at
+            .map(|i| self.headers.at(i).value)
+    }
+
+    /// The raw `Host` value, if any (it matches the target).
+    pub fn host(&self) -> Option<&str> {
+        // The scan admitted only ASCII reg-name or IP bytes in it.
+        self.host_at
+            .map(|i| std::str::from_utf8(self.headers.at(i).value).unwrap_or_default())
     }
 }
 
@@ -77,8 +87,8 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Request>, Htt
         return Ok(None);
     };
     let head = &buf[..scanned.head_len];
-    let mut slots = vec![httparse::EMPTY_HEADER; scanned.header_count];
-    let mut parsed = httparse::Request::new(&mut slots);
+    let mut slots = HeaderSlots::new();
+    let mut parsed = httparse::Request::new(slots.get(scanned.header_count));
     match parsed.parse(head) {
         Ok(httparse::Status::Complete(n)) if n == head.len() => {}
         Ok(_) => {
@@ -105,20 +115,20 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Request>, Htt
     };
     let method = Method::from_token(method);
     let target = parse_target(&method, path.as_bytes())?;
-    let headers = own_headers(parsed.headers);
+    let headers = Headers::from_parsed(parsed.headers);
 
     let mut content_length = None;
     let mut chunked = false;
-    let mut host = None;
-    let mut proxy_authorization = None;
+    let mut host_at = None;
+    let mut proxy_authorization_at = None;
     let mut respond_with = Vec::new();
-    for h in &headers {
-        let name = h.name.as_str();
+    for (i, h) in headers.iter().enumerate() {
+        let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
             if content_length.is_some() {
                 return Err(HttpError::Malformed("duplicate Content-Length"));
             }
-            content_length = Some(parse_content_length(&h.value)?);
+            content_length = Some(parse_content_length(h.value)?);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             if chunked {
                 return Err(HttpError::Malformed("duplicate Transfer-Encoding"));
@@ -130,18 +140,18 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Request>, Htt
             }
             chunked = true;
         } else if name.eq_ignore_ascii_case("host") {
-            if host.is_some() {
+            if host_at.is_some() {
                 return Err(HttpError::Malformed("duplicate Host header"));
             }
-            host = Some(h.value.as_slice());
+            host_at = Some(i);
         } else if name.eq_ignore_ascii_case("proxy-authorization") {
-            if proxy_authorization.is_some() {
+            if proxy_authorization_at.is_some() {
                 return Err(HttpError::Malformed("duplicate Proxy-Authorization"));
             }
-            proxy_authorization = Some(h.value.clone());
+            proxy_authorization_at = Some(i);
         } else if name.eq_ignore_ascii_case("respond-with") {
             respond_with.extend(
-                list_items(&h.value).map(|item| String::from_utf8_lossy(item).to_ascii_lowercase()),
+                list_items(h.value).map(|item| String::from_utf8_lossy(item).to_ascii_lowercase()),
             );
         }
     }
@@ -168,10 +178,9 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Request>, Htt
             "Connection header lists a framing header",
         ));
     }
-    let host = match host {
-        Some(value) => Some(check_host_header(value, target.target())?),
-        None => None,
-    };
+    if let Some(i) = host_at {
+        check_host_header(headers.at(i).value, target.target())?;
+    }
     let body = match (chunked, content_length) {
         (true, _) => BodyFraming::Chunked,
         (false, Some(n)) => BodyFraming::ContentLength(n),
@@ -185,15 +194,15 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Request>, Htt
         head_len: scanned.head_len,
         headers,
         body,
-        proxy_authorization,
         respond_with,
-        host,
+        proxy_authorization_at,
+        host_at,
     }))
 }
 
 /// Validates a `Host` value against the target: same host, and the same port
 /// when the header names one.
-fn check_host_header(value: &[u8], target: &Target) -> Result<String, HttpError> {
+fn check_host_header(value: &[u8], target: &Target) -> Result<(), HttpError> {
     let (host, port) =
         parse_authority(value, false).map_err(|_| HttpError::Malformed("invalid Host header"))?;
     if host != target.host || port.is_some_and(|p| p != target.port) {
@@ -201,8 +210,7 @@ fn check_host_header(value: &[u8], target: &Target) -> Result<String, HttpError>
             "Host header does not match the request target",
         ));
     }
-    // The scan admitted only ASCII reg-name or IP bytes here.
-    Ok(String::from_utf8_lossy(value).into_owned())
+    Ok(())
 }
 
 fn parse_target(method: &Method, raw: &[u8]) -> Result<RequestTarget, HttpError> {
@@ -323,7 +331,7 @@ pub fn write_forward_head(req: &Request, out: &mut Vec<u8>) {
         }
     };
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    if req.host.is_none() {
+    if req.host_at.is_none() {
         out.extend_from_slice(b"Host: ");
         if absolute && target.port == 80 {
             let _ = write!(out, "{}", target.host);

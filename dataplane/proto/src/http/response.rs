@@ -2,8 +2,8 @@
 
 use super::head::{self, Kind};
 use super::{
-    BodyFraming, Header, HttpError, Limits, Method, Version, keep_alive, list_items, map_httparse,
-    own_headers, parse_content_length, write_end_to_end_headers, write_header,
+    BodyFraming, HeaderSlots, Headers, HttpError, Limits, Method, Version, keep_alive, list_items,
+    map_httparse, parse_content_length, write_end_to_end_headers, write_header,
 };
 
 /// A parsed response head and the facts derived from it.
@@ -18,7 +18,7 @@ pub struct Response {
     /// Bytes of the buffer taken by the head.
     pub head_len: usize,
     /// All header fields in order, as received.
-    pub headers: Vec<Header>,
+    pub headers: Headers,
     /// How the body is delimited (RFC 9112 §6.3).
     pub body: BodyFraming,
     /// Whether the origin connection may carry another request afterwards.
@@ -49,7 +49,12 @@ pub fn parse_response(
             _ => return Err(HttpError::UnsupportedVersion),
         };
         let reason = parsed.reason.unwrap_or_default().to_owned();
-        Ok((version, status, reason, own_headers(parsed.headers)))
+        Ok((
+            version,
+            status,
+            reason,
+            Headers::from_parsed(parsed.headers),
+        ))
     };
     let Some(((version, status, reason, headers), head_len)) = with_status_head(buf, limits, read)?
     else {
@@ -58,17 +63,17 @@ pub fn parse_response(
 
     let mut content_length = None;
     let mut transfer_encoding: Option<&[u8]> = None;
-    for h in &headers {
+    for h in headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
             if content_length.is_some() {
                 return Err(HttpError::Malformed("duplicate Content-Length"));
             }
-            content_length = Some(parse_content_length(&h.value)?);
+            content_length = Some(parse_content_length(h.value)?);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             if transfer_encoding.is_some() {
                 return Err(HttpError::Malformed("duplicate Transfer-Encoding"));
             }
-            transfer_encoding = Some(&h.value);
+            transfer_encoding = Some(h.value);
         }
     }
     if transfer_encoding.is_some() && content_length.is_some() {
@@ -118,8 +123,8 @@ pub(super) fn with_status_head<T>(
         return Ok(None);
     };
     let head = &buf[..scanned.head_len];
-    let mut slots = vec![httparse::EMPTY_HEADER; scanned.header_count];
-    let mut parsed = httparse::Response::new(&mut slots);
+    let mut slots = HeaderSlots::new();
+    let mut parsed = httparse::Response::new(slots.get(scanned.header_count));
     match parsed.parse(head) {
         Ok(httparse::Status::Complete(n)) if n == head.len() => {}
         Ok(_) => {

@@ -192,11 +192,11 @@ fn connect_request_facts() {
     assert_eq!(req.body, BodyFraming::None);
     assert!(req.keep_alive);
     assert_eq!(
-        req.proxy_authorization.as_deref(),
+        req.proxy_authorization(),
         Some(&b"Basic cGFja2FnZS0xMjMtY291bnRyeS11czpzM2NyM3Qta2V5"[..])
     );
     assert_eq!(req.respond_with, ["ip", "country", "city"]);
-    assert_eq!(req.host.as_deref(), Some("example.com:443"));
+    assert_eq!(req.host(), Some("example.com:443"));
     assert_eq!(
         req.header("RESPOND-WITH"),
         Some(&b"IP, Country ,city,,"[..])
@@ -269,7 +269,7 @@ fn request_framing_and_keep_alive() {
     assert_eq!(ok(input).head_len, input.len() - 4);
     // lowercase header names are recognised.
     let req = ok(b"CONNECT a.com:443 HTTP/1.1\r\nproxy-authorization: basic eDp5\r\n\r\n");
-    assert_eq!(req.proxy_authorization.as_deref(), Some(&b"basic eDp5"[..]));
+    assert_eq!(req.proxy_authorization(), Some(&b"basic eDp5"[..]));
 }
 
 #[test]
@@ -519,7 +519,7 @@ fn basic_credentials_table() {
     ];
     for (input, want) in cases {
         assert_eq!(
-            decode_basic(input),
+            decode_basic(input).map(|c| (c.username().to_owned(), c.password().to_owned())),
             want,
             "{:?}",
             String::from_utf8_lossy(input)
@@ -540,14 +540,15 @@ fn basic_credentials_table() {
     );
     let ok_user = test_encode(format!("{}:k", "u".repeat(300)).as_bytes());
     assert_eq!(
-        decode_basic(format!("Basic {ok_user}").as_bytes()).map(|(u, _)| u.len()),
+        decode_basic(format!("Basic {ok_user}").as_bytes()).map(|c| c.username().len()),
         Ok(300)
     );
     let huge = format!("Basic {}", "A".repeat(64 * 1024));
     assert_eq!(decode_basic(huge.as_bytes()), Err(TooLong));
     let max = format!("{}:{}", "u".repeat(255), "p".repeat(255));
     assert_eq!(
-        decode_basic(format!("Basic {}", test_encode(max.as_bytes())).as_bytes()),
+        decode_basic(format!("Basic {}", test_encode(max.as_bytes())).as_bytes())
+            .map(|c| (c.username().to_owned(), c.password().to_owned())),
         Ok(("u".repeat(255), "p".repeat(255)))
     );
 }
@@ -790,7 +791,9 @@ proptest! {
         pass in ".{0,60}".prop_filter("≤255 bytes", |p| p.len() <= 255),
     ) {
         let header = format!("Basic {}", test_encode(format!("{user}:{pass}").as_bytes()));
-        prop_assert_eq!(decode_basic(header.as_bytes()), Ok((user.clone(), pass.clone())));
+        let decoded = decode_basic(header.as_bytes())
+            .map(|c| (c.username().to_owned(), c.password().to_owned()));
+        prop_assert_eq!(decoded, Ok((user.clone(), pass.clone())));
         prop_assert_eq!(encode_basic(&user, &pass), header);
     }
 
@@ -798,4 +801,41 @@ proptest! {
     fn decode_basic_never_panics(value in prop::collection::vec(any::<u8>(), 0..100)) {
         let _ = decode_basic(&value);
     }
+}
+
+#[test]
+fn heads_with_more_fields_than_the_stack_holds_keep_every_field_in_order() {
+    // 40 fields (past the 32 httparse slots kept on the stack) in a
+    // request and in a response: each comes back in order, names as sent,
+    // values trimmed, and each survives into the forwarded head.
+    let fields: String = (0..40)
+        .map(|i| format!("X-Field-{i}: \t value {i} \r\n"))
+        .collect();
+    let head = format!("GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n{fields}\r\n");
+    let req = ok(head.as_bytes());
+    assert_eq!(req.headers.len(), 41);
+    assert_eq!(req.host(), Some("example.com"));
+    assert_eq!(req.proxy_authorization(), None);
+    for (i, h) in req.headers.iter().skip(1).enumerate() {
+        assert_eq!(h.name, format!("X-Field-{i}"));
+        assert_eq!(h.value, format!("value {i}").as_bytes());
+    }
+    assert_eq!(req.header("x-field-39"), Some(&b"value 39"[..]));
+    let mut out = Vec::new();
+    write_forward_head(&req, &mut out);
+    let out = String::from_utf8(out).unwrap();
+    for i in 0..40 {
+        assert!(
+            out.contains(&format!("\r\nX-Field-{i}: value {i}\r\n")),
+            "{out}"
+        );
+    }
+    let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n{fields}\r\n");
+    let resp = parse_response(resp.as_bytes(), &Limits::default(), &Method::Get)
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.headers.len(), 41);
+    assert_eq!(resp.headers.at(40).name, "X-Field-39");
+    assert_eq!(resp.headers.at(40).value, b"value 39");
+    assert_eq!(resp.body, BodyFraming::ContentLength(0));
 }
