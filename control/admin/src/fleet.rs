@@ -9,7 +9,8 @@
 //!   lifetime; `{prefix}:gateways` is the set of ids to look them up by;
 //! - the change channel: every API change made here ([`Change`]) is
 //!   published on `{prefix}:changes`; a change published by another gateway
-//!   makes this one read the store back ([`Control::reload_store`]), so the
+//!   makes this one read the store back ([`Control::reload_store`]; a
+//!   node's change, that node's row alone, [`Control::reload_node`]), so the
 //!   change is in force here within a round trip and a store read. A
 //!   re-subscription (Redis came back) and a periodic full reload heal
 //!   what a lost message would miss.
@@ -1002,7 +1003,8 @@ async fn list(conn: &mut ConnectionManager, keys: &Keys) -> redis::RedisResult<V
 }
 
 /// Subscribe to the change channel; a change from another gateway (or a
-/// new subscription, which may have missed some) asks for a reload.
+/// new subscription, which may have missed some) asks for a reload, but
+/// for a node's change, which reads that node alone.
 async fn listen(
     client: redis::Client,
     control: Arc<Control>,
@@ -1041,6 +1043,32 @@ async fn listen(
                         continue;
                     }
                     match env.event {
+                        Event::Change(Change::Node(id)) => {
+                            // One node: its row alone, applied to the running
+                            // pool (a full read of a million nodes takes
+                            // seconds); the full read is the fallback.
+                            view.changes_received.inc();
+                            tracing::debug!(from = %env.gateway, node = %id, "fleet: node change announced");
+                            let (c, v, r) = (control.clone(), view.clone(), reload.clone());
+                            tokio::spawn(async move {
+                                let node = id.clone();
+                                match tokio::task::spawn_blocking(move || c.reload_node(&node))
+                                    .await
+                                {
+                                    Ok(Ok(changed)) => {
+                                        if changed {
+                                            v.reloads_applied.inc();
+                                            tracing::info!(node = %id, "fleet: a node changed elsewhere is in force");
+                                        }
+                                    }
+                                    Ok(Err(e)) => {
+                                        tracing::warn!(node = %id, error = %e, "fleet: cannot read one node back; reading the store");
+                                        r.notify_one();
+                                    }
+                                    Err(_) => r.notify_one(),
+                                }
+                            });
+                        }
                         Event::Change(c) => {
                             view.changes_received.inc();
                             tracing::debug!(from = %env.gateway, change = ?c, "fleet: change announced");

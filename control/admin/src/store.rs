@@ -144,6 +144,15 @@ pub trait Store: Send + std::fmt::Debug {
     fn insert_package(&mut self, id: u64, spec: &str, unix_ms: u64) -> Result<(), StoreError>;
     /// The API-created nodes: id and declaration (JSON).
     fn nodes(&self) -> Result<Vec<(String, String)>, StoreError>;
+    /// One API-created node's declaration (JSON), if it exists. The
+    /// default reads them all; a store with an index reads one row.
+    fn node(&self, id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .nodes()?
+            .into_iter()
+            .find(|(n, _)| n == id)
+            .map(|(_, spec)| spec))
+    }
     /// Insert or replace an API-created node.
     fn put_node(&mut self, id: &str, spec: &str, unix_ms: u64) -> Result<(), StoreError>;
     /// Insert a new API-created node; [`StoreError::Exists`] when the id

@@ -2,8 +2,9 @@
 //! PostgreSQL store; each keeps its own policy snapshot built from it. An
 //! API call on one gateway writes the store, publishes its own policy, and
 //! announces the change ([`Change`]) through the fleet's channel; the other
-//! gateways read the store back ([`Control::reload_store`]) and publish.
-//! A periodic reload heals a missed announcement.
+//! gateways read the store back ([`Control::reload_store`]; for a node, its
+//! one row, [`Control::reload_node`]) and publish. A periodic reload heals
+//! a missed announcement.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use splicegate_control::decl::{NodeFields, PackageFields};
 use splicegate_control::limits::UsageTotals;
-use splicegate_control::policy::OrgDecl;
+use splicegate_control::policy::{NodeChange, OrgDecl};
 
 use super::{Control, stored};
 use crate::error::{ControlError, StoreError};
@@ -82,6 +83,74 @@ impl Control {
         if let Some(f) = f {
             f(c);
         }
+    }
+
+    /// Bring node `id` in line with the store after another gateway of the
+    /// fleet announced a change of it ([`Change::Node`]): its one row is
+    /// read, and the next pool is derived from the running one with that
+    /// node put or removed, the others shared (as the API call that made
+    /// the change did on its own gateway), instead of reading and building
+    /// every node again. Whether the policy changed. A node this gateway's
+    /// config file declares is left to [`Control::reload_store`].
+    pub fn reload_node(&self, id: &str) -> Result<bool, ControlError> {
+        let mut inner = self.lock();
+        if inner.store.serving_from_snapshot() || self.is_file_node(id) {
+            return Ok(false);
+        }
+        let stored_decl = match inner.store.node(id)? {
+            Some(spec) => Some(stored("node", &id, &spec, NodeFields::to_decl)?),
+            None => None,
+        };
+        let old = inner.nodes.get(id).cloned();
+        if stored_decl == old {
+            return Ok(false);
+        }
+        match stored_decl {
+            Some(decl) => {
+                let state = decl.state;
+                let change = decl.clone();
+                inner.nodes.insert(id.to_string(), decl);
+                let built =
+                    self.build_node(&inner, &self.engine.policy(), NodeChange::Put(&change));
+                let (policy, idx) = match built {
+                    Ok(b) => b,
+                    Err(e) => {
+                        match old {
+                            Some(o) => inner.nodes.insert(id.to_string(), o),
+                            None => inner.nodes.remove(id),
+                        };
+                        return Err(e);
+                    }
+                };
+                if let Some(idx) = idx {
+                    policy.nodes.set_admin_state(idx, state);
+                }
+                self.publish(&mut inner, policy)?;
+            }
+            None => {
+                let Some(old) = old else {
+                    return Ok(false);
+                };
+                inner.nodes.remove(id);
+                let current = self.engine.policy_arc();
+                let (policy, idx) = match self.build_node(&inner, &current, NodeChange::Remove(id))
+                {
+                    Ok(b) => b,
+                    Err(e) => {
+                        inner.nodes.insert(id.to_string(), old);
+                        return Err(e);
+                    }
+                };
+                // Out of selection on the running policy at once, as a
+                // deletion through this gateway's API is.
+                if let Some(idx) = idx {
+                    current.nodes.remove(idx);
+                    policy.nodes.remove(idx);
+                }
+                self.publish(&mut inner, policy)?;
+            }
+        }
+        Ok(true)
     }
 
     /// Read organisations, packages, nodes, grants and usage epochs back

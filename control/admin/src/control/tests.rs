@@ -580,6 +580,72 @@ fn a_second_gateway_reads_the_first_ones_changes_back() {
     cleanup(&path);
 }
 
+/// A node changed through one gateway is applied on another from its one
+/// row (`reload_node`, what the fleet does on `Change::Node`): created,
+/// patched, its state set and deleted, each in force at once, the other
+/// nodes keeping their indices, and a full read afterwards finding nothing
+/// new.
+#[test]
+fn a_node_changed_elsewhere_is_read_back_alone() {
+    let path = temp_path("fleet-node");
+    let a = open(&path, Declarations::default());
+    let b = open(&path, Declarations::default());
+    let n1: NodeFields = serde_json::from_str(
+        r#"{"id": "n1", "kind": "direct", "bind": "127.0.0.2", "country": "us"}"#,
+    )
+    .unwrap();
+    a.create_node(&n1).unwrap();
+    b.reload_store().unwrap();
+    let (n1_idx, _) = b.engine().policy().nodes.get("n1").unwrap();
+
+    // Unknown here and absent from the store: nothing to do.
+    assert!(!b.reload_node("n9").unwrap());
+    // Created.
+    let n2: NodeFields = serde_json::from_str(
+        r#"{"id": "n2", "kind": "direct", "bind": "127.0.0.3", "country": "de"}"#,
+    )
+    .unwrap();
+    a.create_node(&n2).unwrap();
+    assert!(b.reload_node("n2").unwrap());
+    let policy = b.engine().policy();
+    let (_, n2_now) = policy.nodes.get("n2").expect("n2 read back");
+    assert_eq!(n2_now.country.map(|c| c.to_string()).as_deref(), Some("de"));
+    assert_eq!(
+        policy.nodes.get("n1").unwrap().0,
+        n1_idx,
+        "n1 kept its index"
+    );
+    drop(policy);
+    assert!(!b.reload_node("n2").unwrap(), "read again: nothing new");
+    // Patched (another field), then its state alone.
+    a.patch_node("n2", &node_fields(r#"{"country": "fr"}"#))
+        .unwrap();
+    assert!(b.reload_node("n2").unwrap());
+    let country = b.engine().policy().nodes.get("n2").unwrap().1.country;
+    assert_eq!(country.map(|c| c.to_string()).as_deref(), Some("fr"));
+    a.patch_node("n2", &node_fields(r#"{"state": "offline"}"#))
+        .unwrap();
+    assert!(b.reload_node("n2").unwrap());
+    let state = b.engine().policy().nodes.get("n2").unwrap().1.admin_state();
+    assert_eq!(state, NodeState::Offline);
+    // Deleted: out of the pool, the running policy's too.
+    let running = b.engine().policy_arc();
+    a.delete_node("n2").unwrap();
+    assert!(b.reload_node("n2").unwrap());
+    assert!(b.engine().policy().nodes.get("n2").is_none());
+    assert!(
+        running.nodes.get("n2").is_none(),
+        "out of the running pool at once"
+    );
+    assert!(!b.reload_node("n2").unwrap());
+    // The incremental reads left b where a full read would.
+    assert_eq!(b.reload_store().unwrap(), Reloaded::default());
+    assert_eq!(b.engine().policy().nodes.get("n1").unwrap().0, n1_idx);
+    drop(running);
+    drop((a, b));
+    cleanup(&path);
+}
+
 /// Two gateways that have not read each other's changes yet create objects
 /// with the same ids: the second is refused (409), never overwrites the
 /// first; a package created without an id takes the next free one.
@@ -782,5 +848,83 @@ fn node_changes_keep_indices_and_a_failed_store_write_changes_nothing() {
         .collect();
     assert_eq!(online, api);
     assert_eq!(ids.len(), 4);
+    cleanup(&path);
+}
+
+/// What a fleet peer pays to apply another gateway's node change with many
+/// API nodes in the store: the full read (`reload_store`) against the one
+/// row (`reload_node`). Run on purpose, it prints its figures:
+/// `SG_FLEET_NODES=1000000 cargo test --release -p splicegate-admin --lib
+/// -- --ignored --nocapture a_peer_applies_a_node_change`.
+#[test]
+#[ignore = "a measurement: run it on purpose"]
+fn a_peer_applies_a_node_change_at_scale() {
+    let n: usize = std::env::var("SG_FLEET_NODES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let path = temp_path("fleet-scale");
+    drop(open(&path, Declarations::default()));
+    {
+        // The rows straight into the shared store (as many API calls would
+        // have left them), in one transaction.
+        let mut db = rusqlite::Connection::open(&path).unwrap();
+        let tx = db.transaction().unwrap();
+        {
+            let mut st = tx
+                .prepare("INSERT INTO nodes (id, spec, updated_ms) VALUES (?1, ?2, 0)")
+                .unwrap();
+            for i in 0..n {
+                let id = format!("n{i}");
+                let spec = format!(
+                    r#"{{"id": "{id}", "kind": "direct", "bind": "127.0.{}.{}", "country": "us"}}"#,
+                    1 + i / 250 % 250,
+                    1 + i % 250
+                );
+                st.execute(rusqlite::params![id, spec]).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+    let started = Instant::now();
+    let a = open(&path, Declarations::default());
+    let b = open(&path, Declarations::default());
+    println!(
+        "{n} API nodes: two gateways opened in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let timed = |f: &dyn Fn()| {
+        let t = Instant::now();
+        f();
+        t.elapsed().as_secs_f64() * 1e3
+    };
+    let create = |id: &str| {
+        a.create_node(&node_fields(&format!(
+            r#"{{"id": "{id}", "kind": "direct", "bind": "127.0.0.9", "country": "de"}}"#
+        )))
+        .unwrap()
+    };
+    create("new-full");
+    let full = timed(&|| assert!(b.reload_store().unwrap().policy));
+    // The first allocations after a full build pay for the allocator
+    // consolidating the old pool's freed memory (about 0.1 s at a million
+    // nodes), whichever path comes next: one change first, not timed.
+    create("warm");
+    let first = timed(&|| assert!(b.reload_node("warm").unwrap()));
+    let here = timed(&|| {
+        create("new-one");
+    });
+    let one = timed(&|| assert!(b.reload_node("new-one").unwrap()));
+    a.patch_node("new-one", &node_fields(r#"{"country": "fr"}"#))
+        .unwrap();
+    let patch = timed(&|| assert!(b.reload_node("new-one").unwrap()));
+    a.delete_node("new-one").unwrap();
+    let delete = timed(&|| assert!(b.reload_node("new-one").unwrap()));
+    println!(
+        "a node created elsewhere ({here:.2} ms there), read back: the whole store {full:.1} ms; its row alone {one:.2} ms (the first after the full read {first:.1} ms; patch {patch:.2} ms, delete {delete:.2} ms)"
+    );
+    assert!(b.engine().policy().nodes.get("new-full").is_some());
+    assert!(b.engine().policy().nodes.get("new-one").is_none());
+    drop((a, b));
     cleanup(&path);
 }

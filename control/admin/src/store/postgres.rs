@@ -410,6 +410,16 @@ impl Store for PgStore {
         })
     }
 
+    fn node(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let id = id.to_string();
+        self.call(move |c| {
+            let row = c
+                .query_opt("SELECT spec FROM nodes WHERE id = $1", &[&id])
+                .map_err(pg)?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
     fn put_node(&mut self, id: &str, spec: &str, unix_ms: u64) -> Result<(), StoreError> {
         let (id, spec) = (id.to_string(), spec.to_string());
         self.call(move |c| {

@@ -268,6 +268,17 @@ impl Store for Degraded {
             Err(_) => Ok(self.snap.nodes.clone()),
         }
     }
+    fn node(&self, id: &str) -> Result<Option<String>, StoreError> {
+        match self.pg_ref() {
+            Ok(pg) => pg.node(id),
+            Err(_) => Ok(self
+                .snap
+                .nodes
+                .iter()
+                .find(|(n, _)| n == id)
+                .map(|(_, spec)| spec.clone())),
+        }
+    }
     fn put_node(&mut self, id: &str, spec: &str, unix_ms: u64) -> Result<(), StoreError> {
         self.pg()?.put_node(id, spec, unix_ms)
     }
