@@ -30,6 +30,8 @@ fn postgres_keeps_the_store_contract() {
     conformance::usage_history_rolls_up_by_hour_and_day(&mut s);
     let mut s = PgStore::connect(&database(&pg, "retries")).unwrap();
     conformance::a_retried_flush_is_written_once(&mut s);
+    let mut s = PgStore::connect(&database(&pg, "catalog")).unwrap();
+    conformance::the_catalog_version_moves_with_every_object_write(&mut s);
     let url = database(&pg, "reopen");
     conformance::write_for_reopen(&mut PgStore::connect(&url).unwrap());
     conformance::check_after_reopen(&PgStore::connect(&url).unwrap());

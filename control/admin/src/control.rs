@@ -243,6 +243,10 @@ struct Inner {
     flush_key: FlushKeys,
     /// Usage epoch per package (0 until its first reset).
     epochs: HashMap<u64, i64>,
+    /// The store's catalogue version when the objects above were last
+    /// read whole ([`Store::catalog_version`]): a read back that finds it
+    /// unchanged skips reading them.
+    catalog_seen: Option<i64>,
 }
 
 /// The ids an object set has, to find what is new in a snapshot.
@@ -534,6 +538,9 @@ impl Control {
             .map(|o| (o.id.clone(), o.credits))
             .collect();
         store.first_grants(&opening, now_ms)?;
+        // Read before the objects: a change made while they are read moves
+        // it past what is kept, and the next read back reads them again.
+        let catalog_seen = store.catalog_version()?;
         let orgs = store
             .api_orgs()?
             .into_iter()
@@ -571,6 +578,7 @@ impl Control {
             waiting: BTreeMap::new(),
             flush_key: FlushKeys::new(&opts.gateway_id),
             epochs,
+            catalog_seen,
         };
         for s in inner.shadowed() {
             tracing::warn!(

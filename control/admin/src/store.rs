@@ -142,6 +142,12 @@ pub trait Store: Send + std::fmt::Debug {
     /// Insert a new API-created package; [`StoreError::Exists`] when the
     /// id is taken (another gateway of a fleet made it first).
     fn insert_package(&mut self, id: u64, spec: &str, unix_ms: u64) -> Result<(), StoreError>;
+    /// The catalogue's version: it moves whenever an organisation, a
+    /// package or a node is written (schema step 5); `None` when the store
+    /// cannot tell (then every read back reads everything).
+    fn catalog_version(&self) -> Result<Option<i64>, StoreError> {
+        Ok(None)
+    }
     /// The API-created nodes: id and declaration (JSON).
     fn nodes(&self) -> Result<Vec<(String, String)>, StoreError>;
     /// One API-created node's declaration (JSON), if it exists. The
@@ -359,6 +365,41 @@ pub const MIGRATIONS: &[Migration] = &[
          id TEXT PRIMARY KEY,
          unix_ms BIGINT NOT NULL
      );",
+    },
+    // 5: a version of the catalogue (organisations, packages, nodes), moved
+    // by every write to them however it is made, so that a gateway of a
+    // fleet can tell that nothing changed without reading them all.
+    Migration {
+        sqlite: "CREATE TABLE catalog (
+         id INTEGER PRIMARY KEY CHECK (id = 0),
+         version INTEGER NOT NULL
+     );
+     INSERT INTO catalog (id, version) VALUES (0, 0);
+     CREATE TRIGGER orgs_insert AFTER INSERT ON orgs BEGIN UPDATE catalog SET version = version + 1; END;
+     CREATE TRIGGER orgs_update AFTER UPDATE ON orgs BEGIN UPDATE catalog SET version = version + 1; END;
+     CREATE TRIGGER orgs_delete AFTER DELETE ON orgs BEGIN UPDATE catalog SET version = version + 1; END;
+     CREATE TRIGGER packages_insert AFTER INSERT ON packages BEGIN UPDATE catalog SET version = version + 1; END;
+     CREATE TRIGGER packages_update AFTER UPDATE ON packages BEGIN UPDATE catalog SET version = version + 1; END;
+     CREATE TRIGGER packages_delete AFTER DELETE ON packages BEGIN UPDATE catalog SET version = version + 1; END;
+     CREATE TRIGGER nodes_insert AFTER INSERT ON nodes BEGIN UPDATE catalog SET version = version + 1; END;
+     CREATE TRIGGER nodes_update AFTER UPDATE ON nodes BEGIN UPDATE catalog SET version = version + 1; END;
+     CREATE TRIGGER nodes_delete AFTER DELETE ON nodes BEGIN UPDATE catalog SET version = version + 1; END;",
+        postgres: "CREATE TABLE catalog (
+         id INTEGER PRIMARY KEY CHECK (id = 0),
+         version BIGINT NOT NULL
+     );
+     INSERT INTO catalog (id, version) VALUES (0, 0);
+     CREATE FUNCTION splicegate_catalog_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+     BEGIN
+         UPDATE catalog SET version = version + 1;
+         RETURN NULL;
+     END $$;
+     CREATE TRIGGER orgs_changed AFTER INSERT OR UPDATE OR DELETE ON orgs
+         FOR EACH STATEMENT EXECUTE FUNCTION splicegate_catalog_changed();
+     CREATE TRIGGER packages_changed AFTER INSERT OR UPDATE OR DELETE ON packages
+         FOR EACH STATEMENT EXECUTE FUNCTION splicegate_catalog_changed();
+     CREATE TRIGGER nodes_changed AFTER INSERT OR UPDATE OR DELETE ON nodes
+         FOR EACH STATEMENT EXECUTE FUNCTION splicegate_catalog_changed();",
     },
 ];
 

@@ -57,6 +57,10 @@ pub struct Reloaded {
     pub grants: usize,
     /// Packages whose usage another gateway reset.
     pub resets: usize,
+    /// The organisations, packages and nodes were read whole (the store's
+    /// catalogue version had moved since they last were, or the store
+    /// keeps none); otherwise nothing of them was read.
+    pub read_whole: bool,
 }
 
 impl Reloaded {
@@ -164,60 +168,69 @@ impl Control {
             return Ok(Reloaded::default());
         }
         let mut done = Reloaded::default();
-        let orgs: BTreeMap<String, OrgDecl> = inner
-            .store
-            .api_orgs()?
-            .into_iter()
-            .map(|id| {
-                let decl = OrgDecl {
-                    id: id.clone(),
-                    credits: 0,
-                    from_file: false,
-                };
-                (id, decl)
-            })
-            .collect();
-        let packages = inner
-            .store
-            .packages()?
-            .into_iter()
-            .map(|(id, spec)| Ok((id, stored("package", &id, &spec, PackageFields::to_decl)?)))
-            .collect::<Result<BTreeMap<_, _>, StoreError>>()?;
-        let nodes = inner
-            .store
-            .nodes()?
-            .into_iter()
-            .map(|(id, spec)| Ok((id.clone(), stored("node", &id, &spec, NodeFields::to_decl)?)))
-            .collect::<Result<BTreeMap<_, _>, StoreError>>()?;
-        if orgs != inner.orgs || packages != inner.packages || nodes != inner.nodes {
-            let gone: Vec<String> = inner
-                .nodes
-                .keys()
-                .filter(|id| !nodes.contains_key(*id))
-                .cloned()
+        // Read before the objects (as at start-up): unchanged since they
+        // were last read whole, they are not read again.
+        let version = inner.store.catalog_version()?;
+        if version.is_none() || version != inner.catalog_seen {
+            let orgs: BTreeMap<String, OrgDecl> = inner
+                .store
+                .api_orgs()?
+                .into_iter()
+                .map(|id| {
+                    let decl = OrgDecl {
+                        id: id.clone(),
+                        credits: 0,
+                        from_file: false,
+                    };
+                    (id, decl)
+                })
                 .collect();
-            let old = (
-                std::mem::replace(&mut inner.orgs, orgs),
-                std::mem::replace(&mut inner.packages, packages),
-                std::mem::replace(&mut inner.nodes, nodes),
-            );
-            let policy = match self.build(&inner.merged()) {
-                Ok(p) => p,
-                Err(e) => {
-                    (inner.orgs, inner.packages, inner.nodes) = old;
-                    return Err(e);
+            let packages = inner
+                .store
+                .packages()?
+                .into_iter()
+                .map(|(id, spec)| Ok((id, stored("package", &id, &spec, PackageFields::to_decl)?)))
+                .collect::<Result<BTreeMap<_, _>, StoreError>>()?;
+            let nodes = inner
+                .store
+                .nodes()?
+                .into_iter()
+                .map(|(id, spec)| {
+                    Ok((id.clone(), stored("node", &id, &spec, NodeFields::to_decl)?))
+                })
+                .collect::<Result<BTreeMap<_, _>, StoreError>>()?;
+            if orgs != inner.orgs || packages != inner.packages || nodes != inner.nodes {
+                let gone: Vec<String> = inner
+                    .nodes
+                    .keys()
+                    .filter(|id| !nodes.contains_key(*id))
+                    .cloned()
+                    .collect();
+                let old = (
+                    std::mem::replace(&mut inner.orgs, orgs),
+                    std::mem::replace(&mut inner.packages, packages),
+                    std::mem::replace(&mut inner.nodes, nodes),
+                );
+                let policy = match self.build(&inner.merged()) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        (inner.orgs, inner.packages, inner.nodes) = old;
+                        return Err(e);
+                    }
+                };
+                // Deleted nodes leave selection on the running policy too, as a
+                // deletion here does.
+                let running = self.engine.policy();
+                for id in &gone {
+                    if let Some((idx, _)) = running.nodes.get(id) {
+                        running.nodes.remove(idx);
+                    }
                 }
-            };
-            // Deleted nodes leave selection on the running policy too, as a
-            // deletion here does.
-            let running = self.engine.policy();
-            for id in &gone {
-                if let Some((idx, _)) = running.nodes.get(id) {
-                    running.nodes.remove(idx);
-                }
+                self.publish(&mut inner, policy)?;
+                done.policy = true;
             }
-            self.publish(&mut inner, policy)?;
-            done.policy = true;
+            inner.catalog_seen = version;
+            done.read_whole = true;
         }
         // Credits granted through another gateway: grants only grow, by
         // what the store holds beyond what this gateway knows.

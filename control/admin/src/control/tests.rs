@@ -545,7 +545,7 @@ fn a_second_gateway_reads_the_first_ones_changes_back() {
     assert_eq!(
         b.reload_store().unwrap(),
         Reloaded::default(),
-        "nothing new"
+        "nothing new, and nothing read whole: the catalogue did not move"
     );
 
     // A grant, a state, a deletion and a reset through the first.
@@ -638,8 +638,15 @@ fn a_node_changed_elsewhere_is_read_back_alone() {
         "out of the running pool at once"
     );
     assert!(!b.reload_node("n2").unwrap());
-    // The incremental reads left b where a full read would.
-    assert_eq!(b.reload_store().unwrap(), Reloaded::default());
+    // The incremental reads left b where a full read would: the
+    // catalogue moved, so it reads everything, and finds nothing new.
+    let r = b.reload_store().unwrap();
+    assert!(r.read_whole && !r.any(), "{r:?}");
+    assert_eq!(
+        b.reload_store().unwrap(),
+        Reloaded::default(),
+        "and then does not read it again"
+    );
     assert_eq!(b.engine().policy().nodes.get("n1").unwrap().0, n1_idx);
     drop(running);
     drop((a, b));
@@ -923,6 +930,11 @@ fn a_peer_applies_a_node_change_at_scale() {
     println!(
         "a node created elsewhere ({here:.2} ms there), read back: the whole store {full:.1} ms; its row alone {one:.2} ms (the first after the full read {first:.1} ms; patch {patch:.2} ms, delete {delete:.2} ms)"
     );
+    // The periodic read back: once whole (the catalogue moved), then with
+    // nothing changed since.
+    let whole = timed(&|| assert!(b.reload_store().unwrap().read_whole));
+    let quiet = timed(&|| assert!(!b.reload_store().unwrap().read_whole));
+    println!("the periodic read back: {whole:.1} ms after a change, {quiet:.2} ms with none");
     assert!(b.engine().policy().nodes.get("new-full").is_some());
     assert!(b.engine().policy().nodes.get("new-one").is_none());
     drop((a, b));

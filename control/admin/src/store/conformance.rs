@@ -256,3 +256,33 @@ pub fn deleted_agents_stay_revoked(s: &mut dyn Store) {
     assert!(s.delete_node("n1").unwrap());
     assert!(!s.is_revoked("n1").unwrap());
 }
+
+/// The catalogue's version moves with every write of an organisation, a
+/// package or a node, and with nothing else (grants, usage).
+pub fn the_catalog_version_moves_with_every_object_write(s: &mut dyn Store) {
+    let mut last = s.catalog_version().unwrap().expect("a version");
+    let mut moved = |s: &mut dyn Store, what: &str| {
+        let now = s.catalog_version().unwrap().expect("a version");
+        assert!(now > last, "{what}: the version stayed at {now}");
+        last = now;
+    };
+    s.create_org("acme", 0, 1).unwrap();
+    moved(s, "an organisation created");
+    s.insert_package(1, r#"{"id":1}"#, 1).unwrap();
+    moved(s, "a package created");
+    s.put_package(1, r#"{"id":1,"key":"k"}"#, 2).unwrap();
+    moved(s, "a package changed");
+    s.insert_node("n1", r#"{"id":"n1"}"#, 1).unwrap();
+    moved(s, "a node created");
+    s.put_node("n1", r#"{"id":"n1","country":"us"}"#, 2)
+        .unwrap();
+    moved(s, "a node changed");
+    assert!(s.delete_node("n1").unwrap());
+    moved(s, "a node deleted");
+    // Money and usage are not the catalogue.
+    let before = s.catalog_version().unwrap();
+    s.grant("acme", 5, GrantReason::TopUp, 3).unwrap();
+    s.append_usage(&key(), &[row(1, 0, 1, "acme", 10, 1)])
+        .unwrap();
+    assert_eq!(s.catalog_version().unwrap(), before, "grants and usage");
+}

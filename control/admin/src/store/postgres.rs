@@ -410,6 +410,15 @@ impl Store for PgStore {
         })
     }
 
+    fn catalog_version(&self) -> Result<Option<i64>, StoreError> {
+        self.call(|c| {
+            let row = c
+                .query_opt("SELECT version FROM catalog WHERE id = 0", &[])
+                .map_err(pg)?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
     fn node(&self, id: &str) -> Result<Option<String>, StoreError> {
         let id = id.to_string();
         self.call(move |c| {

@@ -268,6 +268,12 @@ impl Store for Degraded {
             Err(_) => Ok(self.snap.nodes.clone()),
         }
     }
+    fn catalog_version(&self) -> Result<Option<i64>, StoreError> {
+        match self.pg_ref() {
+            Ok(pg) => pg.catalog_version(),
+            Err(_) => Ok(None),
+        }
+    }
     fn node(&self, id: &str) -> Result<Option<String>, StoreError> {
         match self.pg_ref() {
             Ok(pg) => pg.node(id),

@@ -230,6 +230,15 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The catalogue's version (moved by the schema's triggers).
+    fn catalog_version(&self) -> Result<Option<i64>, StoreError> {
+        use rusqlite::OptionalExtension as _;
+        Ok(self
+            .conn
+            .query_row("SELECT version FROM catalog WHERE id = 0", [], |r| r.get(0))
+            .optional()?)
+    }
+
     /// One API-created node's declaration, by its primary key.
     fn node(&self, id: &str) -> Result<Option<String>, StoreError> {
         use rusqlite::OptionalExtension as _;
