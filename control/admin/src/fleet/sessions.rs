@@ -43,7 +43,9 @@ const CLAIM_TIMEOUT: Duration = Duration::from_millis(400);
 /// there is no session. ARGV[8], when not empty, is the node the asking
 /// gateway found offline: a session still on it moves to the first node. An ended period's entry
 /// lives on for [`GRACE_MS`], so that the next period avoids its node as on
-/// one gateway. Returns the session, with Redis's clock.
+/// one gateway. Returns the session, with Redis's clock, and 1 when this
+/// call moved it off ARGV[8] (0 otherwise: another gateway may have moved
+/// it first, and announced it).
 const CLAIM_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -59,13 +61,13 @@ if not s[1] or not s[2] or now >= tonumber(s[3]) + tonumber(s[4]) * 1000 then
   local node = other(s[2])
   redis.call('HSET', KEYS[1], 'rules', ARGV[1], 'node', node, 'start', now, 'len', len, 'since', now, 'n', 1)
   redis.call('PEXPIREAT', KEYS[1], now + len * 1000 + tonumber(ARGV[7]))
-  return {ARGV[1], node, now, len, now, 1, now}
+  return {ARGV[1], node, now, len, now, 1, now, 0}
 end
-local node, since, n = s[2], tonumber(s[5]), tonumber(s[6])
+local node, since, n, moved = s[2], tonumber(s[5]), tonumber(s[6]), 0
 if s[1] == ARGV[1] then
   local kind, every = tonumber(ARGV[5]), tonumber(ARGV[6])
   if ARGV[8] ~= '' and node == ARGV[8] and ARGV[2] ~= '' then
-    node, since, n = other(node), now, 1
+    node, since, n, moved = other(node), now, 1, 1
     redis.call('HSET', KEYS[1], 'node', node, 'since', since, 'n', n)
   elseif (kind == 1 and now - since >= every * 1000) or (kind == 2 and n >= every) then
     node, since, n = other(node), now, 1
@@ -75,7 +77,7 @@ if s[1] == ARGV[1] then
     redis.call('HSET', KEYS[1], 'n', n)
   end
 end
-return {s[1], node, tonumber(s[3]), tonumber(s[4]), since, n, now}
+return {s[1], node, tonumber(s[3]), tonumber(s[4]), since, n, now, moved}
 ";
 
 /// How long a session's entry outlives its period.
@@ -194,19 +196,18 @@ pub(super) async fn serve(
                             .await;
                     match answer {
                         Ok(Ok(s)) => {
-                            // Moved off the node this gateway found offline
-                            // (here or by another gateway): every gateway
-                            // holding it follows at once.
-                            if let (Some(gone), Some(session)) = (&claim.replace, &s)
-                                && &session.node != gone
-                            {
+                            // Moved off the node this gateway found offline,
+                            // by this claim: every gateway holding it follows
+                            // at once. (Moved by another gateway first: that
+                            // one announced it.)
+                            if let Some((session, true)) = &s {
                                 view.announce(Event::Session(SessionEvent::Moved {
                                     package: claim.key.package,
                                     id: claim.key.id.as_str().to_string(),
                                     node: session.node.clone(),
                                 }));
                             }
-                            reply(s)
+                            reply(s.map(|(session, _)| session))
                         }
                         Ok(Err(e)) => {
                             view.set_redis_up(false, &e);
@@ -240,17 +241,21 @@ pub(super) async fn serve(
     }
 }
 
+/// What [`CLAIM_SCRIPT`] returns: rules, node, start, length, since,
+/// requests on the node, Redis's clock, whether this call moved it.
+type ClaimAnswer = (String, String, u64, u32, u64, u32, u64, u8);
+
 async fn run_claim(
     conn: &mut ConnectionManager,
     prefix: &str,
     claim: &SessionClaim,
-) -> redis::RedisResult<Option<SharedSession>> {
+) -> redis::RedisResult<Option<(SharedSession, bool)>> {
     let (kind, every) = match claim.rotate {
         None => (0, 0),
         Some(Rotate::Timed(n)) => (1, n),
         Some(Rotate::Requests(n)) => (2, n),
     };
-    let answer: Option<(String, String, u64, u32, u64, u32, u64)> = CLAIM
+    let answer: Option<ClaimAnswer> = CLAIM
         .key(key_of(prefix, &claim.key))
         .arg(&claim.rules)
         .arg(&claim.nodes[0])
@@ -263,14 +268,19 @@ async fn run_claim(
         .invoke_async(conn)
         .await?;
     Ok(
-        answer.map(|(rules, node, start, len, since, n, now)| SharedSession {
-            rules,
-            node,
-            started_ms: start,
-            length_s: len,
-            node_since_ms: since,
-            requests_on_node: n,
-            now_ms: now,
+        answer.map(|(rules, node, start, len, since, n, now, moved)| {
+            (
+                SharedSession {
+                    rules,
+                    node,
+                    started_ms: start,
+                    length_s: len,
+                    node_since_ms: since,
+                    requests_on_node: n,
+                    now_ms: now,
+                },
+                moved == 1,
+            )
         }),
     )
 }
