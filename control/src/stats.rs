@@ -95,6 +95,11 @@ pub struct RuntimeGauges {
     pub ops_in_flight: AtomicU64,
     /// Tasks alive now.
     pub tasks: AtomicU64,
+    /// Idle upstream connections kept for session-less HTTP forwarding now.
+    pub upstreams_idle: AtomicU64,
+    /// Requests that took an idle upstream connection instead of dialling;
+    /// cumulative.
+    pub upstreams_reused: AtomicU64,
 }
 
 /// Index of [`WorkerStats::guard_drops`] per verdict.

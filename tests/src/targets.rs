@@ -269,6 +269,20 @@ fn serve_http(s: TcpStream, st: &HttpState) -> io::Result<()> {
                 out.extend_from_slice(b"\r\n");
             }
             out.extend_from_slice(b"0\r\n\r\n");
+        } else if path == "/then-close" {
+            // Says keep-alive, then closes: an origin whose keep-alive
+            // timeout ends just after its answer.
+            let ip = format!("{}\n", peer.ip());
+            out.extend_from_slice(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: keep-alive\r\n\r\n{ip}",
+                    ip.len()
+                )
+                .as_bytes(),
+            );
+            c.send(&out)?;
+            let _ = c.stream.shutdown(Shutdown::Both);
+            return Ok(());
         } else if path == "/close" {
             out.extend_from_slice(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
             if !is_head {

@@ -2,6 +2,8 @@
 //! what never reaches the target, `Respond-With`, and forwarding through
 //! `http` and `socks5` nodes.
 
+use std::time::Duration;
+
 use splicegate_tests::*;
 
 fn gateway_with_direct(n1: std::net::Ipv4Addr) -> Gateway {
@@ -325,5 +327,101 @@ fn an_http_1_0_client_is_served_and_closed() {
     assert!(
         c.closed_within(std::time::Duration::from_secs(3)).is_some(),
         "HTTP/1.0 without keep-alive closes"
+    );
+}
+
+/// A per-worker series of `/metrics`, summed over the workers.
+fn summed(gw: &Gateway, name: &str) -> u64 {
+    let prefix = format!("{name}{{");
+    gw.metrics()
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Requests without a session leave their upstream connection idle for
+/// the next request of the same package through the same node to the same
+/// target; another package never gets it, and one the target closed is
+/// not used.
+#[test]
+fn a_rotating_requests_upstream_connection_serves_its_package_again_and_only_it() {
+    let n1 = node_ip();
+    let web = HttpTarget::start();
+    let gw = Gateway::start_conf(
+        &Conf::with_package(KEY)
+            .package(PkgDecl::new(8, "acme", "pk_E2E_other_8"))
+            .node(NodeDecl::direct("us-ny-1", n1)),
+    );
+    // One client connection, so one worker (each has its own idle set).
+    let mut c = gw.conn();
+    let seven = user("country-us");
+    let get = |c: &mut Conn, path: &str, who: (&str, &str)| {
+        let r = c.get(&web.url(path), Some(who), &[]).unwrap();
+        assert_eq!(r.status, 200, "{path}: {}", r.raw_head);
+        assert_eq!(r.text().trim(), n1.to_string(), "{path} left from the node");
+    };
+    for _ in 0..5 {
+        get(&mut c, "/ip", (&seven, KEY));
+    }
+    assert_eq!(
+        web.connections(),
+        1,
+        "five requests of package 7, one connection"
+    );
+    // Package 8 through the same node to the same target: its own.
+    for _ in 0..3 {
+        get(&mut c, "/ip", ("package-8-country-us", "pk_E2E_other_8"));
+    }
+    assert_eq!(web.connections(), 2, "package 8 never takes package 7's");
+    // The target closes package 7's connection after this answer; the next
+    // request of package 7 still gets through, on a new connection.
+    get(&mut c, "/then-close", (&seven, KEY));
+    get(&mut c, "/ip", (&seven, KEY));
+    get(&mut c, "/ip", (&seven, KEY));
+    assert_eq!(web.connections(), 3, "one new connection after the close");
+    assert_eq!(
+        web.requests().len(),
+        11,
+        "every request reached the target once"
+    );
+    // `/metrics` counts the reuses (4 for package 7's first five requests,
+    // 2 for package 8's three, maybe one more after the close), as of the
+    // workers' next tick.
+    let reuses = || summed(&gw, "splicegate_upstream_reuses_total");
+    let seen = eventually(Duration::from_secs(3), Duration::from_millis(50), || {
+        Some(reuses()).filter(|&n| n >= 6)
+    });
+    assert!(seen.is_some(), "{}", gw.metrics());
+}
+
+/// However many nodes a package draws from, a worker keeps at most 16
+/// idle connections to one target: an origin that serves a connection per
+/// thread is never starved by connections waiting in the gateway.
+#[test]
+fn idle_upstream_connections_to_one_target_are_bounded() {
+    let web = HttpTarget::start();
+    let mut conf = Conf::with_package(KEY);
+    for i in 0..24 {
+        conf = conf.node(NodeDecl::direct(&format!("n{i}"), node_ip()));
+    }
+    let gw = Gateway::start_conf(&conf);
+    let mut c = gw.conn();
+    let u = user("country-us");
+    for i in 0..72 {
+        let r = c.get(&web.url("/ip"), Some((&u, KEY)), &[]).unwrap();
+        assert_eq!(r.status, 200, "request {i}: {}", r.raw_head);
+    }
+    let idle = || summed(&gw, "splicegate_upstreams_idle");
+    // As of the workers' next tick.
+    let seen = eventually(Duration::from_secs(3), Duration::from_millis(50), || {
+        Some(idle()).filter(|&n| n > 0)
+    });
+    let held = seen.expect("some connections kept");
+    assert!(held <= 16, "{held} idle connections to one target");
+    assert!(
+        web.connections() < 72,
+        "some requests reused a connection: {}",
+        web.connections()
     );
 }

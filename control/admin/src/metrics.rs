@@ -343,7 +343,19 @@ impl Collector for Live {
         };
         // Per-worker series: (name, help, counter or gauge, reader).
         type Read = fn(&WorkerStats) -> u64;
-        let per_worker_series: [(&str, &str, bool, Read); 10] = [
+        let per_worker_series: [(&str, &str, bool, Read); 12] = [
+            (
+                "splicegate_upstream_reuses",
+                "Forwarded requests without a session that took an idle upstream connection of their package, node and target instead of dialling, per worker",
+                true,
+                |s| s.runtime.upstreams_reused.load(Ordering::Relaxed),
+            ),
+            (
+                "splicegate_upstreams_idle",
+                "Idle upstream connections kept for session-less HTTP forwarding now, per worker",
+                false,
+                |s| s.runtime.upstreams_idle.load(Ordering::Relaxed),
+            ),
             (
                 "splicegate_accepted_connections",
                 "Client connections accepted, per worker",

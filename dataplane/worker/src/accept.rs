@@ -86,6 +86,7 @@ pub(crate) fn run(
             draining: Cell::new(false),
             guard_records: Cell::new((0, 0)),
             udp_buffers: RefCell::new(Vec::new()),
+            upstreams: RefCell::new(Default::default()),
         });
         let stop = Notifier::new();
         let mut stoppers = Vec::new();
@@ -429,6 +430,7 @@ async fn ticker(ctx: Rc<Ctx>, stop: Notifier) {
         match select2(sleep(Duration::from_millis(250)), stop.notified()).await {
             Either::Left(()) => {
                 ctx.tunnels.tick(&ctx.shared.engine.policy(), &ctx.stats);
+                ctx.upstreams.borrow_mut().sweep(std::time::Instant::now());
                 gauges(&ctx);
             }
             Either::Right(()) => return,
@@ -449,6 +451,9 @@ fn gauges(ctx: &Ctx) {
     g.cq_dropped.store(u64::from(r.cq_dropped), Relaxed);
     g.ops_in_flight.store(r.ops_in_flight as u64, Relaxed);
     g.tasks.store(r.tasks as u64, Relaxed);
+    let u = ctx.upstreams.borrow();
+    g.upstreams_idle.store(u.len() as u64, Relaxed);
+    g.upstreams_reused.store(u.reused, Relaxed);
 }
 
 #[cfg(test)]

@@ -33,6 +33,8 @@ pub(crate) struct Ctx {
     /// (see `udp::Lease`): the pool holds as many as turns were ever in
     /// flight at once, not one pair per association.
     pub udp_buffers: RefCell<Vec<crate::udp::Buffers>>,
+    /// Idle upstream connections of session-less HTTP forwarding.
+    pub upstreams: RefCell<crate::upstreams::Upstreams>,
 }
 
 /// Most flood-guard closes one worker writes to the recent errors a second.

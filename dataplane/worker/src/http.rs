@@ -371,33 +371,51 @@ impl HttpConn<'_> {
         if !reuse {
             self.kept = None;
         }
+        // Without a session: an idle connection an earlier request of this
+        // package left through the node just picked to this target
+        // (requests without a body only, so a stale one can be retried).
+        let pool_key = (!sticky).then(|| crate::upstreams::Key {
+            package: package_id,
+            node: node_now,
+            target: target.clone(),
+        });
+        let mut pooled = match &pool_key {
+            Some(key) if req.body == BodyFraming::None => {
+                ctx.upstreams.borrow_mut().take(key, Instant::now())
+            }
+            _ => None,
+        };
+        reuse |= pooled.is_some();
         self.buf.drain(..req.head_len);
         let refused = |rejection| Refusal {
             package: Some(package_id),
             rejection,
         };
         for _attempt in 0..2 {
-            let (stream, node_arc, leftover) = if reuse {
-                let k = self.kept.take().expect("checked above");
-                (k.stream, k.node_arc, std::mem::take(&mut self.ubuf))
-            } else {
-                match admission.dial(ctx, Protocol::Http).await {
-                    // What the dial read past the node's answer, if
-                    // anything, else the connection's own buffer.
-                    Ok(e) if e.up.leftover.is_empty() => {
-                        (e.up.stream, e.node, std::mem::take(&mut self.ubuf))
+            let (stream, node_arc, leftover) =
+                if let Some((stream, node)) = pooled.take().filter(|_| reuse) {
+                    (stream, node, std::mem::take(&mut self.ubuf))
+                } else if reuse {
+                    let k = self.kept.take().expect("checked above");
+                    (k.stream, k.node_arc, std::mem::take(&mut self.ubuf))
+                } else {
+                    match admission.dial(ctx, Protocol::Http).await {
+                        // What the dial read past the node's answer, if
+                        // anything, else the connection's own buffer.
+                        Ok(e) if e.up.leftover.is_empty() => {
+                            (e.up.stream, e.node, std::mem::take(&mut self.ubuf))
+                        }
+                        Ok(e) => (e.up.stream, e.node, e.up.leftover),
+                        Err(refusal) => {
+                            self.answer(Protocol::Http, &refusal, can_continue).await;
+                            return if can_continue {
+                                Next::KeepAlive
+                            } else {
+                                Next::Close
+                            };
+                        }
                     }
-                    Ok(e) => (e.up.stream, e.node, e.up.leftover),
-                    Err(refusal) => {
-                        self.answer(Protocol::Http, &refusal, can_continue).await;
-                        return if can_continue {
-                            Next::KeepAlive
-                        } else {
-                            Next::Close
-                        };
-                    }
-                }
-            };
+                };
             let _load = node_arc.runtime.open_tunnel();
             let setup = admission.started.elapsed();
             let exchanged = self
@@ -425,13 +443,20 @@ impl HttpConn<'_> {
                             target: admission.admitted.target.clone(),
                             stream,
                         });
+                    } else if let (true, Some(key)) = (reusable, pool_key) {
+                        // No session will use it again, but the next request
+                        // of this package that picks this node for this
+                        // target may (the pool closes what it lets go with a
+                        // reset, leaving no TIME_WAIT behind).
+                        ctx.upstreams.borrow_mut().put(
+                            key,
+                            stream,
+                            node_arc.clone(),
+                            Instant::now(),
+                        );
                     } else if reusable {
-                        // The answer is complete and the connection idle, but no
-                        // session will use it again: close it with a reset so it
-                        // leaves no TIME_WAIT behind. Rotating mode opens one
-                        // connection per request from the node's address, and
-                        // TIME_WAITs by the ten thousand make every new connect
-                        // search the port range.
+                        // Idle, but nothing will use it again: close it with a
+                        // reset so it leaves no TIME_WAIT behind.
                         let _ = stream.socket().set_linger(Some(Duration::ZERO));
                     }
                     return if keep_client {

@@ -23,6 +23,7 @@ mod resolve;
 mod socks;
 mod tunnels;
 mod udp;
+mod upstreams;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
