@@ -80,6 +80,10 @@ struct Common {
     /// splicegate workers (the `splicegate-w2` peer always has 2).
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// `direct` nodes in splicegate's pool (127.0.1.1, 127.0.1.2, …; at
+    /// most 60,000): a request without a session picks one of them.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
     /// CPUs of the proxy under test (taskset list; default 0).
     #[arg(long)]
     proxy_cpus: Option<String>,
@@ -473,7 +477,7 @@ fn http_cells(conns: usize, sessions: Sessions, max_ops: u64) -> Vec<Cell> {
         cells.push(Cell {
             id: "http-rotating".into(),
             title: format!(
-                "http: {conns} keep-alive connections, rotating (a node, so an upstream connection, per request)"
+                "http: {conns} keep-alive connections, rotating (a node per request; its idle upstream connection to the origin, if any, reused)"
             ),
             mode: Mode::Http {
                 conns: conns.max(1),
@@ -704,6 +708,7 @@ fn execute(
         load_cpus: pinning.load.clone(),
         all_cpus: pinning.all.clone(),
         workers: c.workers.max(1),
+        nodes: c.nodes.clamp(1, 60_000),
         tmp: tmp.clone(),
         pki,
         agent: c.agent.clone(),

@@ -438,6 +438,8 @@ pub(crate) struct Env {
     pub all_cpus: Option<String>,
     /// splicegate's workers for `splicegate` and `splicegate-http`.
     pub workers: usize,
+    /// `direct` nodes of the `splicegate` peer.
+    pub nodes: usize,
     /// Parent of every peer's config directory.
     pub tmp: PathBuf,
     /// The certificate TLS cells serve, and the agent listener and
@@ -740,6 +742,17 @@ pub(crate) fn start(peer: &Peer, env: &Env, tls: bool) -> Result<Running> {
             } else {
                 "kind = \"direct\"\nbind = \"127.0.1.1\"".to_string()
             };
+            // More direct nodes, when asked: 127.0.1.2, … (the first is n1).
+            let mut more_nodes = String::new();
+            if id == PeerId::Splicegate {
+                for i in 1..env.nodes {
+                    let (hi, lo) = (1 + i / 250, 1 + i % 250);
+                    more_nodes.push_str(&format!(
+                        "[[node]]\nid = \"n{}\"\nkind = \"direct\"\nbind = \"127.0.{hi}.{lo}\"\ncountry = \"us\"\n",
+                        i + 1
+                    ));
+                }
+            }
             let (workers, cpus) = if id == PeerId::SplicegateW2 {
                 (2, env.all_cpus.as_deref())
             } else {
@@ -759,7 +772,7 @@ pub(crate) fn start(peer: &Peer, env: &Env, tls: bool) -> Result<Running> {
                     "# splicegate-bench: one package, one node, loopback targets.\n\
                      {}{tls_section}{agents_section}\
                      [[package]]\nid = 1\nkey = \"{SG_KEY}\"\n\
-                     [[node]]\nid = \"n1\"\n{node}\ncountry = \"us\"\n",
+                     [[node]]\nid = \"n1\"\n{node}\ncountry = \"us\"\n{more_nodes}",
                     splicegate_head(addr, workers)
                 ),
             )?;

@@ -1171,6 +1171,7 @@ pub(crate) fn main(a: UdpArgs) -> Result<()> {
         load_cpus: pinning.load.clone(),
         all_cpus: pinning.all.clone(),
         workers: c.workers.max(1),
+        nodes: 1,
         tmp: tmp.clone(),
         pki: None,
         agent: c.agent.clone(),
