@@ -381,7 +381,8 @@ impl HttpConn<'_> {
         });
         let mut pooled = match &pool_key {
             Some(key) if req.body == BodyFraming::None => {
-                ctx.upstreams.borrow_mut().take(key, Instant::now())
+                let node = admission.route.policy.nodes.node(node_now);
+                ctx.upstreams.borrow_mut().take(key, node, Instant::now())
             }
             _ => None,
         };

@@ -87,12 +87,20 @@ impl Upstreams {
     }
 
     /// The most recently left usable connection for `key`, with its node.
-    pub(crate) fn take(&mut self, key: &Key, now: Instant) -> Option<(TcpStream, Arc<Node>)> {
+    /// Only one made through `node` as it is now: a node patched since
+    /// (another source address, say) lets its old connections go.
+    pub(crate) fn take(
+        &mut self,
+        key: &Key,
+        node: &Arc<Node>,
+        now: Instant,
+    ) -> Option<(TcpStream, Arc<Node>)> {
         let list = self.idle.get_mut(key)?;
         let (mut found, mut taken) = (None, 0);
         while let Some(i) = list.pop() {
             taken += 1;
-            if now.duration_since(i.since) < IDLE && usable(&i.stream) {
+            if now.duration_since(i.since) < IDLE && Arc::ptr_eq(&i.node, node) && usable(&i.stream)
+            {
                 found = Some((i.stream, i.node));
                 break;
             }
