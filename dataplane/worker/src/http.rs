@@ -372,29 +372,34 @@ impl HttpConn<'_> {
             self.kept = None;
         }
         // Without a session: an idle connection an earlier request of this
-        // package left through the node just picked to this target
-        // (requests without a body only, so a stale one can be retried).
-        let pool_key = (!sticky).then(|| crate::upstreams::Key {
-            package: package_id,
-            node: node_now,
-            target: target.clone(),
-        });
-        let mut pooled = match &pool_key {
-            Some(key) if req.body == BodyFraming::None => {
+        // package left through the node just picked to this target (for
+        // requests that may be sent again, so a stale one can be retried:
+        // idempotent and without a body, RFC 9112 §9.3.1).
+        let retriable = req.body == BodyFraming::None && req.method.is_idempotent();
+        let mut pooled = match sticky {
+            false if retriable => {
+                let key = crate::upstreams::Key {
+                    package: package_id,
+                    node: node_now,
+                    target: target.clone(),
+                };
                 let node = admission.route.policy.nodes.node(node_now);
-                ctx.upstreams.borrow_mut().take(key, node, Instant::now())
+                ctx.upstreams.borrow_mut().take(&key, node, Instant::now())
             }
             _ => None,
         };
         reuse |= pooled.is_some();
+        let mut from_pool;
         self.buf.drain(..req.head_len);
         let refused = |rejection| Refusal {
             package: Some(package_id),
             rejection,
         };
         for _attempt in 0..2 {
+            from_pool = false;
             let (stream, node_arc, leftover) =
                 if let Some((stream, node)) = pooled.take().filter(|_| reuse) {
+                    from_pool = true;
                     (stream, node, std::mem::take(&mut self.ubuf))
                 } else if reuse {
                     let k = self.kept.take().expect("checked above");
@@ -444,21 +449,27 @@ impl HttpConn<'_> {
                             target: admission.admitted.target.clone(),
                             stream,
                         });
-                    } else if let (true, Some(key)) = (reusable, pool_key) {
+                    } else if reusable {
                         // No session will use it again, but the next request
-                        // of this package that picks this node for this
-                        // target may (the pool closes what it lets go with a
-                        // reset, leaving no TIME_WAIT behind).
+                        // of this package that picks the node it went
+                        // through (the one the route ended on, after any
+                        // failover) for this target may (the pool closes
+                        // what it lets go with a reset, leaving no TIME_WAIT
+                        // behind).
+                        let key = crate::upstreams::Key {
+                            package: package_id,
+                            node: admission.route.node(),
+                            target: admission.admitted.target.clone(),
+                        };
                         ctx.upstreams.borrow_mut().put(
                             key,
                             stream,
                             node_arc.clone(),
                             Instant::now(),
                         );
-                    } else if reusable {
-                        // Idle, but nothing will use it again: close it with a
-                        // reset so it leaves no TIME_WAIT behind.
-                        let _ = stream.socket().set_linger(Some(Duration::ZERO));
+                    }
+                    if from_pool {
+                        ctx.upstreams.borrow_mut().reused += 1;
                     }
                     return if keep_client {
                         Next::KeepAlive
@@ -466,7 +477,7 @@ impl HttpConn<'_> {
                         Next::Close
                     };
                 }
-                Err(ExchangeError::Stale) if req.body == BodyFraming::None => {
+                Err(ExchangeError::Stale) if retriable => {
                     reuse = false;
                     continue;
                 }

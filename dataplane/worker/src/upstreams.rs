@@ -58,7 +58,8 @@ pub(crate) struct Upstreams {
     count: usize,
     /// Idle connections per target.
     targets: HashMap<Target, usize>,
-    /// Taken and found usable, since the worker started.
+    /// Requests answered on a connection taken from here, since the
+    /// worker started.
     pub reused: u64,
 }
 
@@ -110,9 +111,6 @@ impl Upstreams {
             self.idle.remove(key);
         }
         self.gone(&key.target, taken);
-        if found.is_some() {
-            self.reused += 1;
-        }
         found
     }
 

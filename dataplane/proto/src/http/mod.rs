@@ -248,6 +248,20 @@ impl Method {
         }
     }
 
+    /// Idempotent (RFC 9110 §9.2.2): a request a proxy may send again on
+    /// its own when a connection fails before the answer starts.
+    pub fn is_idempotent(&self) -> bool {
+        matches!(
+            self,
+            Method::Get
+                | Method::Head
+                | Method::Put
+                | Method::Delete
+                | Method::Options
+                | Method::Trace
+        )
+    }
+
     /// The token as sent on the wire.
     pub fn as_str(&self) -> &str {
         match self {
