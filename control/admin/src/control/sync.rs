@@ -129,7 +129,13 @@ impl Control {
                 if let Some(idx) = idx {
                     policy.nodes.set_admin_state(idx, state);
                 }
-                self.publish(&mut inner, policy)?;
+                if let Err(e) = self.publish(&mut inner, policy) {
+                    match old {
+                        Some(o) => inner.nodes.insert(id.to_string(), o),
+                        None => inner.nodes.remove(id),
+                    };
+                    return Err(e);
+                }
             }
             None => {
                 let Some(old) = old else {
@@ -151,7 +157,10 @@ impl Control {
                     current.nodes.remove(idx);
                     policy.nodes.remove(idx);
                 }
-                self.publish(&mut inner, policy)?;
+                if let Err(e) = self.publish(&mut inner, policy) {
+                    inner.nodes.insert(id.to_string(), old);
+                    return Err(e);
+                }
             }
         }
         Ok(true)
@@ -226,7 +235,11 @@ impl Control {
                         running.nodes.remove(idx);
                     }
                 }
-                self.publish(&mut inner, policy)?;
+                if let Err(e) = self.publish(&mut inner, policy) {
+                    // Not in force: the next read back must find it new.
+                    (inner.orgs, inner.packages, inner.nodes) = old;
+                    return Err(e);
+                }
                 done.policy = true;
             }
             inner.catalog_seen = version;
