@@ -1014,6 +1014,14 @@ async fn listen(
     mut stop: watch::Receiver<bool>,
 ) {
     let me = view.me();
+    let (nodes, queued) = mpsc::unbounded_channel();
+    tokio::spawn(node_changes(
+        control.clone(),
+        view.clone(),
+        reload.clone(),
+        queued,
+        stop.clone(),
+    ));
     loop {
         let subscribed = async {
             let mut ps = client.get_async_pubsub().await?;
@@ -1046,28 +1054,10 @@ async fn listen(
                         Event::Change(Change::Node(id)) => {
                             // One node: its row alone, applied to the running
                             // pool (a full read of a million nodes takes
-                            // seconds); the full read is the fallback.
+                            // seconds), one after another by one task.
                             view.changes_received.inc();
                             tracing::debug!(from = %env.gateway, node = %id, "fleet: node change announced");
-                            let (c, v, r) = (control.clone(), view.clone(), reload.clone());
-                            tokio::spawn(async move {
-                                let node = id.clone();
-                                match tokio::task::spawn_blocking(move || c.reload_node(&node))
-                                    .await
-                                {
-                                    Ok(Ok(changed)) => {
-                                        if changed {
-                                            v.reloads_applied.inc();
-                                            tracing::info!(node = %id, "fleet: a node changed elsewhere is in force");
-                                        }
-                                    }
-                                    Ok(Err(e)) => {
-                                        tracing::warn!(node = %id, error = %e, "fleet: cannot read one node back; reading the store");
-                                        r.notify_one();
-                                    }
-                                    Err(_) => r.notify_one(),
-                                }
-                            });
+                            let _ = nodes.send(id);
                         }
                         Event::Change(c) => {
                             view.changes_received.inc();
@@ -1092,6 +1082,69 @@ async fn listen(
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Node changes announced in one go past this many are left to one full
+/// read back instead of being read one row at a time.
+const NODE_CHANGES_ONE_BY_ONE: usize = 256;
+
+/// Apply the node changes other gateways announce, in order, one task for
+/// all of them (each holds the control lock while it runs): a burst
+/// (another gateway importing nodes) becomes one full read back; an error
+/// asks for one too.
+async fn node_changes(
+    control: Arc<Control>,
+    view: Arc<FleetView>,
+    reload: Arc<Notify>,
+    mut queued: mpsc::UnboundedReceiver<String>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let first = tokio::select! {
+            id = queued.recv() => id,
+            _ = stop.changed() => return,
+        };
+        let Some(first) = first else { return };
+        let mut ids = vec![first];
+        while let Ok(id) = queued.try_recv() {
+            ids.push(id);
+        }
+        if ids.len() > NODE_CHANGES_ONE_BY_ONE {
+            tracing::info!(
+                nodes = ids.len(),
+                "fleet: many node changes at once; reading the store"
+            );
+            reload.notify_one();
+            continue;
+        }
+        ids.dedup();
+        let c = control.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            let mut changed = Vec::new();
+            for id in ids {
+                match c.reload_node(&id) {
+                    Ok(true) => changed.push(id),
+                    Ok(false) => {}
+                    Err(e) => return Err((id, e)),
+                }
+            }
+            Ok(changed)
+        })
+        .await;
+        match applied {
+            Ok(Ok(changed)) => {
+                for id in changed {
+                    view.reloads_applied.inc();
+                    tracing::info!(node = %id, "fleet: a node changed elsewhere is in force");
+                }
+            }
+            Ok(Err((id, e))) => {
+                tracing::warn!(node = %id, error = %e, "fleet: cannot read one node back; reading the store");
+                reload.notify_one();
+            }
+            Err(_) => reload.notify_one(),
         }
     }
 }
