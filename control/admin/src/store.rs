@@ -389,16 +389,17 @@ pub const MIGRATIONS: &[Migration] = &[
          version BIGINT NOT NULL
      );
      INSERT INTO catalog (id, version) VALUES (0, 0);
-     CREATE FUNCTION splicegate_catalog_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+     CREATE FUNCTION splicegate_catalog_changed() RETURNS trigger LANGUAGE plpgsql
+     SET search_path FROM CURRENT AS $$
      BEGIN
          UPDATE catalog SET version = version + 1;
          RETURN NULL;
      END $$;
-     CREATE TRIGGER orgs_changed AFTER INSERT OR UPDATE OR DELETE ON orgs
+     CREATE TRIGGER orgs_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON orgs
          FOR EACH STATEMENT EXECUTE FUNCTION splicegate_catalog_changed();
-     CREATE TRIGGER packages_changed AFTER INSERT OR UPDATE OR DELETE ON packages
+     CREATE TRIGGER packages_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON packages
          FOR EACH STATEMENT EXECUTE FUNCTION splicegate_catalog_changed();
-     CREATE TRIGGER nodes_changed AFTER INSERT OR UPDATE OR DELETE ON nodes
+     CREATE TRIGGER nodes_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON nodes
          FOR EACH STATEMENT EXECUTE FUNCTION splicegate_catalog_changed();",
     },
 ];
