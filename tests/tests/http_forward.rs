@@ -425,3 +425,37 @@ fn idle_upstream_connections_to_one_target_are_bounded() {
         web.connections()
     );
 }
+
+/// A node patched to another source address lets its idle connections
+/// go: the next request leaves from the new address.
+#[test]
+fn a_patched_nodes_idle_connections_are_not_reused() {
+    let (a, b) = (node_ip(), node_ip());
+    let web = HttpTarget::start();
+    let gw = Gateway::start_conf(&Conf::with_package(KEY));
+    gw.created(
+        "/v1/nodes",
+        &format!(r#"{{"id": "api-n", "kind": "direct", "bind": "{a}", "country": "us"}}"#),
+    );
+    let mut c = gw.conn();
+    let u = user("country-us");
+    let mut exit = |c: &mut Conn| {
+        let r = c.get(&web.url("/ip"), Some((&u, KEY)), &[]).unwrap();
+        assert_eq!(r.status, 200, "{}", r.raw_head);
+        r.text().trim().to_string()
+    };
+    assert_eq!(exit(&mut c), a.to_string());
+    assert_eq!(exit(&mut c), a.to_string());
+    assert_eq!(
+        web.connections(),
+        1,
+        "the second request reused the first's"
+    );
+    gw.patched("/v1/nodes/api-n", &format!(r#"{{"bind": "{b}"}}"#));
+    assert_eq!(
+        exit(&mut c),
+        b.to_string(),
+        "the patched node's new address"
+    );
+    assert_eq!(web.connections(), 2);
+}
