@@ -439,7 +439,7 @@ fn a_patched_nodes_idle_connections_are_not_reused() {
     );
     let mut c = gw.conn();
     let u = user("country-us");
-    let mut exit = |c: &mut Conn| {
+    let exit = |c: &mut Conn| {
         let r = c.get(&web.url("/ip"), Some((&u, KEY)), &[]).unwrap();
         assert_eq!(r.status, 200, "{}", r.raw_head);
         r.text().trim().to_string()
