@@ -1171,19 +1171,32 @@ impl Control {
         let old_is_none = old.is_none();
         let spec = serde_json::to_string(&NodeFields::from_decl(&decl))
             .map_err(|e| ControlError::Invalid(e.to_string()))?;
+        self.apply_node(inner, decl, old, |store| match old_is_none {
+            true => store.insert_node(&id, &spec, unix_ms()),
+            false => store.put_node(&id, &spec, unix_ms()),
+        })
+    }
+
+    /// Put `decl` in place of `old`: the next pool derived from the running
+    /// one, `store` run (the API's write; nothing for a change read back
+    /// from the store), then published; on a failure nothing changed.
+    fn apply_node(
+        &self,
+        inner: &mut Inner,
+        decl: NodeDecl,
+        old: Option<NodeDecl>,
+        store: impl FnOnce(&mut dyn Store) -> Result<(), StoreError>,
+    ) -> Result<(), ControlError> {
         let change = decl.clone();
         let state = decl.state;
         self.put(
             inner,
             |i| &mut i.nodes,
-            id.clone(),
+            change.id.clone(),
             decl,
             old,
             |i| self.build_node(i, &self.engine.policy(), NodeChange::Put(&change)),
-            |store| match old_is_none {
-                true => store.insert_node(&id, &spec, unix_ms()),
-                false => store.put_node(&id, &spec, unix_ms()),
-            },
+            store,
             |policy, idx| {
                 if let Some(idx) = idx {
                     policy.nodes.set_admin_state(idx, state);
@@ -1250,35 +1263,47 @@ impl Control {
         let mut inner = self.lock();
         let old = self.api_node(&inner, id)?;
         let agent = old.kind == NodeKind::Agent;
+        self.remove_node(&mut inner, id, old, |store| match agent {
+            true => store.delete_agent(id, unix_ms()).map(drop),
+            false => store.delete_node(id).map(drop),
+        })?;
+        if agent {
+            self.revoked_set().insert(id.to_string());
+            tracing::info!(node = id, "agent node deleted; its id is revoked");
+        }
+        self.announce(Change::Node(id.to_string()));
+        Ok(())
+    }
+
+    /// Take node `id` (declared as `old`) out: the next pool derived from
+    /// the running one with it a tombstone, `store` run (the API's
+    /// deletion; nothing for one read back from the store), then the node
+    /// out of selection on the running pool at once and the new one
+    /// published; on a failure before that, nothing changed.
+    fn remove_node(
+        &self,
+        inner: &mut Inner,
+        id: &str,
+        old: NodeDecl,
+        store: impl FnOnce(&mut dyn Store) -> Result<(), StoreError>,
+    ) -> Result<(), ControlError> {
         inner.nodes.remove(id);
         let current = self.engine.policy_arc();
-        let (policy, idx) = match self.build_node(&inner, &current, NodeChange::Remove(id)) {
-            Ok(p) => p,
+        let built = self
+            .build_node(inner, &current, NodeChange::Remove(id))
+            .and_then(|b| store(inner.store.as_mut()).map(|()| b).map_err(Into::into));
+        let (policy, idx) = match built {
+            Ok(b) => b,
             Err(e) => {
                 inner.nodes.insert(id.to_string(), old);
                 return Err(e);
             }
         };
-        let deleted = if agent {
-            inner.store.delete_agent(id, unix_ms())
-        } else {
-            inner.store.delete_node(id)
-        };
-        if let Err(e) = deleted {
-            inner.nodes.insert(id.to_string(), old);
-            return Err(e.into());
-        }
-        if agent {
-            self.revoked_set().insert(id.to_string());
-            tracing::info!(node = id, "agent node deleted; its id is revoked");
-        }
         if let Some(idx) = idx {
             current.nodes.remove(idx);
             policy.nodes.remove(idx);
         }
-        self.publish(&mut inner, policy)?;
-        self.announce(Change::Node(id.to_string()));
-        Ok(())
+        self.publish(inner, policy)
     }
 
     // ---- the usage ledger ----

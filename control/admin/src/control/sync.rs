@@ -12,7 +12,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use splicegate_control::decl::{NodeFields, PackageFields};
 use splicegate_control::limits::UsageTotals;
-use splicegate_control::policy::{NodeChange, OrgDecl};
+use splicegate_control::policy::OrgDecl;
 
 use super::{Control, stored};
 use crate::error::{ControlError, StoreError};
@@ -109,58 +109,14 @@ impl Control {
         if stored_decl == old {
             return Ok(false);
         }
-        match stored_decl {
-            Some(decl) => {
-                let state = decl.state;
-                let change = decl.clone();
-                inner.nodes.insert(id.to_string(), decl);
-                let built =
-                    self.build_node(&inner, &self.engine.policy(), NodeChange::Put(&change));
-                let (policy, idx) = match built {
-                    Ok(b) => b,
-                    Err(e) => {
-                        match old {
-                            Some(o) => inner.nodes.insert(id.to_string(), o),
-                            None => inner.nodes.remove(id),
-                        };
-                        return Err(e);
-                    }
-                };
-                if let Some(idx) = idx {
-                    policy.nodes.set_admin_state(idx, state);
-                }
-                if let Err(e) = self.publish(&mut inner, policy) {
-                    match old {
-                        Some(o) => inner.nodes.insert(id.to_string(), o),
-                        None => inner.nodes.remove(id),
-                    };
-                    return Err(e);
-                }
-            }
-            None => {
-                let Some(old) = old else {
-                    return Ok(false);
-                };
-                inner.nodes.remove(id);
-                let current = self.engine.policy_arc();
-                let (policy, idx) = match self.build_node(&inner, &current, NodeChange::Remove(id))
-                {
-                    Ok(b) => b,
-                    Err(e) => {
-                        inner.nodes.insert(id.to_string(), old);
-                        return Err(e);
-                    }
-                };
-                // Out of selection on the running policy at once, as a
-                // deletion through this gateway's API is.
-                if let Some(idx) = idx {
-                    current.nodes.remove(idx);
-                    policy.nodes.remove(idx);
-                }
-                if let Err(e) = self.publish(&mut inner, policy) {
-                    inner.nodes.insert(id.to_string(), old);
-                    return Err(e);
-                }
+        // As the API call did where it was made, without the store write.
+        match (stored_decl, old) {
+            (Some(decl), old) => self.apply_node(&mut inner, decl, old, |_| Ok(()))?,
+            // Known here, gone from the store: deleted elsewhere. (Absent
+            // from both is equal, answered above.)
+            (None, old) => {
+                let Some(old) = old else { return Ok(false) };
+                self.remove_node(&mut inner, id, old, |_| Ok(()))?;
             }
         }
         Ok(true)
