@@ -397,31 +397,30 @@ impl HttpConn<'_> {
         };
         for _attempt in 0..2 {
             from_pool = false;
-            let (stream, node_arc, leftover) =
-                if let Some((stream, node)) = pooled.take().filter(|_| reuse) {
-                    from_pool = true;
-                    (stream, node, std::mem::take(&mut self.ubuf))
-                } else if reuse {
-                    let k = self.kept.take().expect("checked above");
-                    (k.stream, k.node_arc, std::mem::take(&mut self.ubuf))
-                } else {
-                    match admission.dial(ctx, Protocol::Http).await {
-                        // What the dial read past the node's answer, if
-                        // anything, else the connection's own buffer.
-                        Ok(e) if e.up.leftover.is_empty() => {
-                            (e.up.stream, e.node, std::mem::take(&mut self.ubuf))
-                        }
-                        Ok(e) => (e.up.stream, e.node, e.up.leftover),
-                        Err(refusal) => {
-                            self.answer(Protocol::Http, &refusal, can_continue).await;
-                            return if can_continue {
-                                Next::KeepAlive
-                            } else {
-                                Next::Close
-                            };
-                        }
+            let (stream, node_arc, leftover) = if let Some((stream, node)) = pooled.take() {
+                from_pool = true;
+                (stream, node, std::mem::take(&mut self.ubuf))
+            } else if reuse {
+                let k = self.kept.take().expect("checked above");
+                (k.stream, k.node_arc, std::mem::take(&mut self.ubuf))
+            } else {
+                match admission.dial(ctx, Protocol::Http).await {
+                    // What the dial read past the node's answer, if
+                    // anything, else the connection's own buffer.
+                    Ok(e) if e.up.leftover.is_empty() => {
+                        (e.up.stream, e.node, std::mem::take(&mut self.ubuf))
                     }
-                };
+                    Ok(e) => (e.up.stream, e.node, e.up.leftover),
+                    Err(refusal) => {
+                        self.answer(Protocol::Http, &refusal, can_continue).await;
+                        return if can_continue {
+                            Next::KeepAlive
+                        } else {
+                            Next::Close
+                        };
+                    }
+                }
+            };
             let _load = node_arc.runtime.open_tunnel();
             let setup = admission.started.elapsed();
             let exchanged = self

@@ -55,8 +55,7 @@ struct Idle {
 #[derive(Default)]
 pub(crate) struct Upstreams {
     idle: HashMap<Key, Vec<Idle>>,
-    count: usize,
-    /// Idle connections per target.
+    /// Idle connections per target (their sum is the pool's size).
     targets: HashMap<Target, usize>,
     /// Requests answered on a connection taken from here, since the
     /// worker started.
@@ -76,9 +75,8 @@ fn usable(stream: &TcpStream) -> bool {
 }
 
 impl Upstreams {
-    /// One idle connection to `target` fewer.
+    /// `n` idle connections to `target` fewer.
     fn gone(&mut self, target: &Target, n: usize) {
-        self.count -= n;
         if let Some(c) = self.targets.get_mut(target) {
             *c -= n;
             if *c == 0 {
@@ -117,14 +115,14 @@ impl Upstreams {
     /// Keeps `stream` (idle, its answer read whole) for the next request
     /// of `key`; lets it go when the bounds are full.
     pub(crate) fn put(&mut self, key: Key, stream: TcpStream, node: Arc<Node>, now: Instant) {
-        if self.count >= MAX {
+        if self.len() >= MAX {
             self.sweep(now);
         }
         let per_target = self.targets.get(&key.target).copied().unwrap_or(0);
         let per_key = self.idle.get(&key).map_or(0, Vec::len);
         // Full: the worker's bound, or the target's (unless this key's own
         // oldest makes room).
-        if self.count >= MAX || (per_target >= PER_TARGET && per_key < PER_KEY) {
+        if self.len() >= MAX || (per_target >= PER_TARGET && per_key < PER_KEY) {
             reset(stream);
             return;
         }
@@ -136,7 +134,6 @@ impl Upstreams {
             }
         }
         *self.targets.entry(key.target.clone()).or_default() += 1;
-        self.count += 1;
         self.idle.entry(key).or_default().push(Idle {
             stream,
             node,
@@ -168,6 +165,6 @@ impl Upstreams {
 
     /// Idle connections held.
     pub(crate) fn len(&self) -> usize {
-        self.count
+        self.targets.values().sum()
     }
 }
