@@ -40,8 +40,9 @@
 //!   `io_uring_enter` error (never panics on it), and the caller must stop
 //!   the worker and exit (or rebuild it), never serve on without it.
 //! - Every raw syscall and SQE push goes through the `sys` module, which
-//!   holds all but one `unsafe` block (the other adopts the descriptor an
-//!   accept CQE returns, in the driver).
+//!   holds all `unsafe` blocks but the one that adopts the descriptor an
+//!   accept CQE returns (in the driver) and the `recycle` module's, which
+//!   keep a finished task's future memory for the next task of its layout.
 #![allow(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
@@ -51,6 +52,7 @@ mod driver;
 mod net;
 mod notify;
 mod op;
+mod recycle;
 mod relay;
 mod runtime;
 mod signals;

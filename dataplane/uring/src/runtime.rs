@@ -13,13 +13,14 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::pin::{Pin, pin};
+use std::pin::pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll, Wake, Waker};
 
 use crate::driver::Driver;
+use crate::recycle::{self, BoxCache, BoxedTask};
 use crate::slab::Slab;
 use crate::sys;
 pub use crate::sys::RingSetup;
@@ -128,9 +129,12 @@ impl Wake for TaskWaker {
 struct Task {
     generation: u64,
     /// `None` while the task is being polled (taken out so that it may spawn).
-    future: Option<Pin<Box<dyn Future<Output = ()>>>>,
+    future: Option<BoxedTask>,
     waker: Arc<TaskWaker>,
 }
+
+/// Finished tasks' wakers kept at most for the next tasks.
+const MAX_FREE_WAKERS: usize = 1024;
 
 /// Everything one runtime owns; shared (`Rc`) by the runtime, its ops and timers.
 pub(crate) struct Context {
@@ -144,9 +148,21 @@ pub(crate) struct Context {
     failed: RefCell<Option<(io::ErrorKind, String)>>,
     main_woken: Cell<bool>,
     tasks: RefCell<Slab<Task>>,
+    /// Finished tasks' future memory, for the next tasks of their layouts.
+    boxes: RefCell<BoxCache>,
+    /// Finished tasks' wakers that nothing else held, for the next tasks.
+    free_wakers: RefCell<Vec<Arc<TaskWaker>>>,
     next_generation: Cell<u64>,
     remote: Arc<Remote>,
     config: RuntimeConfig,
+}
+
+#[cfg(test)]
+impl Context {
+    /// Finished tasks' future blocks kept.
+    pub(crate) fn kept_blocks(&self) -> usize {
+        self.boxes.borrow().blocks()
+    }
 }
 
 impl std::fmt::Debug for Context {
@@ -175,7 +191,14 @@ impl Context {
         }
     }
 
-    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()>>>) {
+    /// Spawns `future`, in the memory of a finished task of its layout
+    /// when one is kept.
+    fn spawn_future<F: Future<Output = ()> + 'static>(&self, future: F) {
+        let boxed = self.boxes.borrow_mut().boxed(future);
+        self.spawn(boxed);
+    }
+
+    fn spawn(&self, future: BoxedTask) {
         let generation = self.next_generation.get();
         self.next_generation.set(generation + 1);
         let mut tasks = self.tasks.borrow_mut();
@@ -183,15 +206,26 @@ impl Context {
             idx: tasks.next_key(),
             generation,
         };
-        let idx = tasks.insert(Task {
-            generation,
-            future: Some(future),
-            waker: Arc::new(TaskWaker {
+        let mut kept = self.free_wakers.borrow_mut().pop();
+        // Nothing else holds a kept waker (`finish` kept it alone), so no
+        // wake meant for the task it served can reach this one.
+        let reused = kept.as_mut().and_then(Arc::get_mut).map(|w| {
+            w.key = key;
+            *w.scheduled.get_mut() = true;
+        });
+        let waker = match kept {
+            Some(waker) if reused.is_some() => waker,
+            _ => Arc::new(TaskWaker {
                 runtime_id: self.id,
                 key,
                 scheduled: AtomicBool::new(true),
                 remote: self.remote.clone(),
             }),
+        };
+        let idx = tasks.insert(Task {
+            generation,
+            future: Some(future),
+            waker,
         });
         debug_assert_eq!(idx, key.idx);
         drop(tasks);
@@ -223,16 +257,35 @@ impl Context {
                 .poll(&mut TaskContext::from_waker(&waker))
                 .is_ready()
         });
+        drop(waker);
         let mut tasks = self.tasks.borrow_mut();
         if done {
             let task = tasks.remove(key.idx);
             drop(tasks);
-            drop(task);
-            drop(future); // outside the borrow: its drop may cancel ops or wake tasks
+            self.finish(task, future);
         } else if let Some(task) = tasks.get_mut(key.idx) {
             task.future = Some(future);
         }
         true
+    }
+
+    /// Drops a finished task's future, outside every borrow (its drop may
+    /// cancel ops, wake or spawn tasks), and keeps its memory and its
+    /// waker for the next tasks when they fit and nothing else holds the
+    /// waker (a clone left in a timer or an op would wake the next task).
+    fn finish(&self, task: Option<Task>, future: BoxedTask) {
+        let emptied = recycle::empty(future);
+        if let Some(block) = emptied {
+            self.boxes.borrow_mut().keep(block);
+        }
+        if let Some(mut task) = task
+            && Arc::get_mut(&mut task.waker).is_some()
+        {
+            let mut free = self.free_wakers.borrow_mut();
+            if free.len() < MAX_FREE_WAKERS {
+                free.push(task.waker);
+            }
+        }
     }
 
     fn drain_remote(&self) {
@@ -399,6 +452,8 @@ impl Runtime {
                 failed: RefCell::new(None),
                 main_woken: Cell::new(false),
                 tasks: RefCell::new(Slab::new()),
+                boxes: RefCell::new(BoxCache::default()),
+                free_wakers: RefCell::new(Vec::new()),
                 next_generation: Cell::new(0),
                 remote: Arc::new(Remote {
                     queue: Mutex::new(Vec::new()),
@@ -469,7 +524,7 @@ impl Runtime {
     /// Spawns a `!Send` task onto this runtime; it first runs inside the
     /// next [`Runtime::block_on`]. Inside a task, use the free [`spawn`].
     pub fn spawn<F: Future<Output = ()> + 'static>(&self, future: F) {
-        self.cx.spawn(Box::pin(future));
+        self.cx.spawn_future(future);
     }
 
     /// Ops whose slot is still held: in flight in the kernel, or completed
@@ -551,7 +606,7 @@ impl Drop for Enter {
 /// # Panics
 /// Outside [`Runtime::block_on`].
 pub fn spawn<F: Future<Output = ()> + 'static>(future: F) {
-    with_current(|cx| cx.spawn(Box::pin(future)));
+    with_current(|cx| cx.spawn_future(future));
 }
 
 /// Yields once to the scheduler: the task runs again after the other ready

@@ -1096,3 +1096,54 @@ fn every_ring_setup_tier_serves_io_timers_and_remote_wakes() {
         assert_eq!(echoed, want, "{setup:?}");
     }
 }
+
+/// A finished task's future memory and waker serve the next tasks; a waker
+/// that outlives its task (a clone kept elsewhere) is not handed on, so a
+/// late wake meant for the finished task never polls the next one.
+#[test]
+fn finished_tasks_memory_and_wakers_are_reused_safely() {
+    use std::cell::Cell;
+    let rt = Runtime::new(RuntimeConfig::default()).expect("io_uring runtime");
+    // Tasks of one layout, one after another: the first box is kept and
+    // served to each next one.
+    let ran = Rc::new(Cell::new(0u32));
+    for _ in 0..50 {
+        let ran = ran.clone();
+        rt.spawn(async move {
+            let big = [1u8; 512]; // a future with memory of its own
+            yield_now().await;
+            ran.set(ran.get() + u32::from(big[511]));
+        });
+        rt.block_on(yield_now()).expect("ring");
+        rt.block_on(yield_now()).expect("ring");
+    }
+    assert_eq!(ran.get(), 50, "every task ran to its end");
+    assert_eq!(rt.tasks(), 0);
+    assert_eq!(
+        rt.cx_for_tests().kept_blocks(),
+        1,
+        "one block of that layout is kept and reused, not one per task"
+    );
+    // A task that leaves a clone of its waker behind.
+    let left: Rc<RefCell<Option<std::task::Waker>>> = Rc::new(RefCell::new(None));
+    let l = left.clone();
+    rt.spawn(std::future::poll_fn(move |cx| {
+        *l.borrow_mut() = Some(cx.waker().clone());
+        std::task::Poll::Ready(())
+    }));
+    rt.block_on(yield_now()).expect("ring");
+    // The next task pends until woken; count its polls.
+    let polls = Rc::new(Cell::new(0u32));
+    let p = polls.clone();
+    rt.spawn(std::future::poll_fn(move |_| {
+        p.set(p.get() + 1);
+        std::task::Poll::<()>::Pending
+    }));
+    rt.block_on(yield_now()).expect("ring");
+    assert_eq!(polls.get(), 1);
+    // The finished task's waker, woken late: it must not reach the new task.
+    left.borrow_mut().take().expect("the waker left").wake();
+    rt.block_on(yield_now()).expect("ring");
+    rt.block_on(yield_now()).expect("ring");
+    assert_eq!(polls.get(), 1, "a stale waker polled another task");
+}

@@ -37,11 +37,45 @@ thread_local! {
     static OURS: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Backtraces still to print (`SG_ALLOC_TRACE=N`: the first N counted
+/// allocations of the CONNECT window, to find where they are made).
+static TRACES_LEFT: AtomicU64 = AtomicU64::new(0);
+
 fn counted(size: usize) {
     if !OURS.with(Cell::get) {
         ALLOCS.fetch_add(1, Ordering::Relaxed);
         BYTES.fetch_add(size as u64, Ordering::Relaxed);
+        if TRACES_LEFT.load(Ordering::Relaxed) > 0 {
+            trace(size);
+        }
     }
+}
+
+/// Prints where a counted allocation was made: the frames of this
+/// workspace's crates. The capture and the printing allocate, uncounted.
+fn trace(size: usize) {
+    if TRACES_LEFT
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_err()
+    {
+        return;
+    }
+    OURS.with(|o| o.set(true));
+    let bt = std::backtrace::Backtrace::force_capture().to_string();
+    let mut out = format!("allocation of {size} bytes:\n");
+    let mut lines = bt.lines().peekable();
+    while let Some(line) = lines.next() {
+        if line.contains("splicegate") && !line.contains("allocations::") {
+            out.push_str(line.trim());
+            if let Some(at) = lines.peek().filter(|l| l.trim_start().starts_with("at ")) {
+                out.push_str("  ");
+                out.push_str(at.trim());
+            }
+            out.push('\n');
+        }
+    }
+    eprintln!("{out}");
+    OURS.with(|o| o.set(false));
 }
 
 // SAFETY: every call is passed straight to the system allocator; the
@@ -292,6 +326,23 @@ fn main() {
     let (pp_allocs, pp_bytes) = per_op(500, 5_000, || round_trip(&mut s, &msg));
     drop(s);
     // CONNECT + 100 bytes + close.
+    let traces = std::env::var("SG_ALLOC_TRACE")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    if traces > 0 {
+        // Warm up, then trace the allocations of the next CONNECTs.
+        for _ in 0..200 {
+            connect_once(proxy, target);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        TRACES_LEFT.store(traces, Ordering::Relaxed);
+        for _ in 0..3 {
+            connect_once(proxy, target);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        TRACES_LEFT.store(0, Ordering::Relaxed);
+    }
     let (c_allocs, c_bytes) = per_op(200, 1_000, || connect_once(proxy, target));
 
     // HTTP forwarding: absolute-form GETs on one kept-alive connection,
