@@ -134,17 +134,59 @@ impl Default for RelayCtl {
     }
 }
 
+/// Control blocks kept at most per thread for the next relays.
+const MAX_FREE_CTLS: usize = 1024;
+
+thread_local! {
+    /// Control blocks of ended relays that nothing else held, reset: a
+    /// worker starts a relay per tunnel, and reuses their memory.
+    static FREE_CTLS: RefCell<Vec<Rc<CtlInner>>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Drop for RelayCtl {
+    fn drop(&mut self) {
+        // The last handle of a block that no weak reference watches: reset
+        // it and keep it for the next relay on this thread. Nothing else
+        // can observe it any more, so the reuse is invisible.
+        if Rc::strong_count(&self.inner) != 1 || Rc::weak_count(&self.inner) != 0 {
+            return;
+        }
+        let inner = &self.inner;
+        inner.a_to_b.set(0);
+        inner.b_to_a.set(0);
+        inner.idle_timeout.set(None);
+        inner.stopped.set(false);
+        // Dropped before the pool is borrowed: a hook's drop may drop
+        // another relay's control.
+        let waker = inner.waker.take();
+        let hook = inner.hook.take();
+        drop((waker, hook));
+        let _ = FREE_CTLS.try_with(|free| {
+            let mut free = free.borrow_mut();
+            if free.len() < MAX_FREE_CTLS {
+                free.push(self.inner.clone());
+            }
+        });
+    }
+}
+
 impl RelayCtl {
     /// No idle timeout, no hook, not stopped.
     pub fn new() -> RelayCtl {
+        let kept = FREE_CTLS
+            .try_with(|free| free.borrow_mut().pop())
+            .ok()
+            .flatten();
         RelayCtl {
-            inner: Rc::new(CtlInner {
-                a_to_b: Cell::new(0),
-                b_to_a: Cell::new(0),
-                idle_timeout: Cell::new(None),
-                stopped: Cell::new(false),
-                waker: RefCell::new(None),
-                hook: RefCell::new(None),
+            inner: kept.unwrap_or_else(|| {
+                Rc::new(CtlInner {
+                    a_to_b: Cell::new(0),
+                    b_to_a: Cell::new(0),
+                    idle_timeout: Cell::new(None),
+                    stopped: Cell::new(false),
+                    waker: RefCell::new(None),
+                    hook: RefCell::new(None),
+                })
             }),
         }
     }

@@ -1147,3 +1147,39 @@ fn finished_tasks_memory_and_wakers_are_reused_safely() {
     rt.block_on(yield_now()).expect("ring");
     assert_eq!(polls.get(), 1, "a stale waker polled another task");
 }
+
+/// An ended relay's control block is reused by the next `RelayCtl::new` on
+/// the thread: it comes back as new (not stopped, no hook, no timeout), and
+/// the hook it held is dropped when the last handle goes, not kept.
+#[test]
+fn a_reused_relay_control_starts_fresh() {
+    let held = Rc::new(());
+    let ctl = RelayCtl::new();
+    let h = held.clone();
+    ctl.on_chunk(move |_, _| {
+        let _ = &h;
+    });
+    ctl.set_idle_timeout(Some(Duration::from_secs(1)));
+    ctl.stop();
+    let clone = ctl.clone();
+    drop(ctl);
+    assert!(
+        clone.is_stopped(),
+        "a live clone still sees its relay's state"
+    );
+    assert_eq!(
+        Rc::strong_count(&held),
+        2,
+        "the hook lives while a handle does"
+    );
+    drop(clone);
+    assert_eq!(
+        Rc::strong_count(&held),
+        1,
+        "the hook went with the last handle"
+    );
+    let fresh = RelayCtl::new();
+    assert!(!fresh.is_stopped());
+    assert_eq!((fresh.a_to_b(), fresh.b_to_a()), (0, 0));
+    assert_eq!(fresh.idle_timeout(), None);
+}
