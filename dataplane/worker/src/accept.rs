@@ -17,6 +17,7 @@ use splicegate_uring::{
     timeout, timeout_at,
 };
 
+use crate::bufs::Buf;
 use crate::client::Client;
 use crate::ctx::Ctx;
 use crate::io::read_some;
@@ -214,7 +215,7 @@ async fn serve(
     _open: OpenGuard,
 ) {
     let _ = stream.set_nodelay(true);
-    let mut buf = Vec::with_capacity(1024);
+    let mut buf = Buf::take();
     let deadline = Instant::now() + ctx.shared.settings.handshake;
     // Behind a load balancer: the header names the client, and the same
     // handshake deadline covers it. The kernel programs never see these
@@ -266,7 +267,7 @@ async fn serve(
     // routing, dialing) ends here, so an idle tunnel holds only what it uses.
     if let Some(t) = tunnel {
         spawn(async move {
-            crate::tunnels::run(&ctx, *t).await;
+            crate::tunnels::run(&ctx, t).await;
             drop(_open);
         });
     }

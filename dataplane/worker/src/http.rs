@@ -22,6 +22,7 @@ use splicegate_uring::{Notifier, TcpStream, timeout, timeout_at};
 use crate::Binding;
 use crate::accept::{Either, select2};
 use crate::admission::{Admission, Established, Gate, Refusal};
+use crate::bufs::Buf;
 use crate::client::{Client, Stream};
 use crate::ctx::Ctx;
 use crate::io::{ReadError, read_message, read_some};
@@ -32,7 +33,7 @@ enum Next {
     KeepAlive,
     Close,
     /// A CONNECT was answered 200: its relay runs in a task of its own.
-    Tunnel(Box<Established>),
+    Tunnel(Established),
 }
 
 /// An upstream connection kept for a session's next request to the same target.
@@ -52,7 +53,7 @@ struct HttpConn<'c> {
     peer: SocketAddr,
     binding: Binding,
     /// Bytes read from the client and not yet consumed.
-    buf: Vec<u8>,
+    buf: Buf,
     /// The connection's slot of its package's connection limit.
     conn: Option<ConnGuard>,
     kept: Option<Kept>,
@@ -66,7 +67,7 @@ struct HttpConn<'c> {
     /// CONNECT, a forwarded request's head, its answer's head) and for
     /// what is read from a kept upstream connection: kept across
     /// requests, so a kept-alive request does not allocate them again.
-    out: Vec<u8>,
+    out: Buf,
     ubuf: Vec<u8>,
 }
 
@@ -75,11 +76,11 @@ struct HttpConn<'c> {
 const SCRATCH_KEPT: usize = 4096;
 
 /// Empties `v` for the next request, or lets it go if it grew large.
-fn keep_scratch(mut v: Vec<u8>) -> Vec<u8> {
-    if v.capacity() > SCRATCH_KEPT {
-        return Vec::new();
+fn keep_scratch<B: Default + AsMut<Vec<u8>>>(mut v: B) -> B {
+    if v.as_mut().capacity() > SCRATCH_KEPT {
+        return B::default();
     }
-    v.clear();
+    v.as_mut().clear();
     v
 }
 
@@ -88,9 +89,9 @@ pub(crate) async fn serve(
     client: Client,
     peer: SocketAddr,
     binding: Binding,
-    buf: Vec<u8>,
+    buf: Buf,
     first_deadline: Instant,
-) -> Option<Box<Tunnel>> {
+) -> Option<Tunnel> {
     let mut c = HttpConn {
         ctx,
         client,
@@ -101,7 +102,7 @@ pub(crate) async fn serve(
         kept: None,
         package: None,
         stop: None,
-        out: Vec::new(),
+        out: Buf::default(),
         ubuf: Vec::new(),
     };
     let limits = ctx.shared.settings.limits;
@@ -169,13 +170,13 @@ pub(crate) async fn serve(
             Next::Close => return None,
             Next::Tunnel(route) => {
                 let early = std::mem::take(&mut c.buf);
-                return Some(Box::new(Tunnel {
+                return Some(Tunnel {
                     client: c.client,
                     peer,
-                    route: *route,
+                    route,
                     early,
                     conn: c.conn,
-                }));
+                });
             }
         }
     }
@@ -326,7 +327,9 @@ impl HttpConn<'_> {
             let extra_ref: Vec<(&str, &str)> =
                 extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
             let mut out = std::mem::take(&mut self.out);
-            out.reserve(128);
+            if out.capacity() == 0 {
+                out = Buf::take();
+            }
             write_http_ok(&extra_ref, &mut out);
             if timeout(self.ctx.shared.settings.idle, self.client.write_all(&out))
                 .await
@@ -336,7 +339,7 @@ impl HttpConn<'_> {
             }
             self.out = keep_scratch(out);
             self.buf.drain(..req.head_len);
-            return Next::Tunnel(Box::new(route));
+            return Next::Tunnel(route);
         }
         self.forward(req, &mut admission).await
     }
@@ -519,6 +522,9 @@ impl HttpConn<'_> {
         let package = &adm.package;
         let mut meter = Meter::new(package, &ctx.stats);
         let mut head = std::mem::take(&mut self.out);
+        if head.capacity() == 0 {
+            head = Buf::take();
+        }
         head.reserve(req.head_len + 64);
         write_forward_head(req, &mut head);
         // 1. The head, then the body as framed. Body bytes the client sent

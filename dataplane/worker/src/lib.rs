@@ -13,6 +13,7 @@
 
 mod accept;
 mod admission;
+mod bufs;
 mod client;
 mod clock;
 mod ctx;

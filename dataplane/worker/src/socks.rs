@@ -13,6 +13,7 @@ use splicegate_uring::timeout;
 
 use crate::Binding;
 use crate::admission::{Gate, Refusal};
+use crate::bufs::Buf;
 use crate::client::{Client, Stream};
 use crate::ctx::Ctx;
 use crate::io::{ReadError, read_message};
@@ -43,9 +44,9 @@ pub(crate) async fn serve(
     client: Client,
     peer: SocketAddr,
     binding: Binding,
-    mut buf: Vec<u8>,
+    mut buf: Buf,
     deadline: Instant,
-) -> Option<Box<Tunnel>> {
+) -> Option<Tunnel> {
     // Greeting.
     let Ok(greeting) =
         read_message(&client, &mut buf, deadline, None, server::parse_greeting).await
@@ -140,13 +141,13 @@ pub(crate) async fn serve(
     if !send(&client, &out).await {
         return None;
     }
-    Some(Box::new(Tunnel {
+    Some(Tunnel {
         client,
         peer,
         route,
-        early: buf.to_vec(), // exact size, usually empty
+        early: buf, // what the client sent past its request, usually nothing
         conn,
-    }))
+    })
 }
 
 fn no_method() -> Rejection {

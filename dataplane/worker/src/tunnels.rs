@@ -141,6 +141,7 @@ use std::time::Instant;
 
 use splicegate_uring::{relay, timeout_at};
 
+use crate::bufs::Buf;
 use crate::client::{Client, Stream};
 
 use crate::WorkerStats;
@@ -156,7 +157,7 @@ pub(crate) struct Tunnel {
     /// The node connection and what the request was admitted as.
     pub route: Established,
     /// Bytes the client sent after its request, before our answer.
-    pub early: Vec<u8>,
+    pub early: Buf,
     /// The client connection's slot of the package's connection limit.
     pub conn: Option<splicegate_control::limits::ConnGuard>,
 }
