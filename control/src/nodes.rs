@@ -1373,15 +1373,11 @@ impl NodePool {
     }
 
     /// The bitmaps a filter names, or `None` for a value no node has.
-    fn filter_sets<'a>(
-        &'a self,
-        f: &Filter,
-        out: &mut Vec<(&'static str, &'a RoaringBitmap)>,
-    ) -> bool {
+    fn filter_sets<'a>(&'a self, f: &Filter, out: &mut FilterSets<'a>) -> bool {
         fn get<'a, K: Hash + Eq>(m: &'a AttrIndex<K>, k: &K) -> Option<&'a RoaringBitmap> {
             m.get(k).map(|b| &**b)
         }
-        let empty_ok = |o: Option<&'a RoaringBitmap>, name, out: &mut Vec<_>| match o {
+        let empty_ok = |o: Option<&'a RoaringBitmap>, name, out: &mut FilterSets<'a>| match o {
             Some(b) => {
                 out.push((name, b));
                 true
@@ -1422,13 +1418,12 @@ impl NodePool {
 
     /// The selectable nodes matching `f`.
     pub fn candidates(&self, f: &Filter) -> RoaringBitmap {
-        let mut sets = Vec::with_capacity(6);
+        let mut sets = FilterSets::default();
         if !self.filter_sets(f, &mut sets) {
             return RoaringBitmap::new();
         }
         let online = self.selectable.load();
-        sets.sort_by_key(|(_, b)| b.len());
-        let mut iter = sets.into_iter();
+        let mut iter = sets.smallest_first().iter().copied();
         let mut acc = match iter.next() {
             Some((_, first)) => first & &**online,
             None => return RoaringBitmap::clone(&online),
@@ -1474,16 +1469,16 @@ impl NodePool {
     /// [`SAMPLE_TRIES`] misses per draw, so a sparse intersection falls back
     /// to computing it.
     fn sample(&self, f: &Filter, exclude: &[NodeIdx], rng: &mut Rng) -> Option<NodeIdx> {
-        let mut sets = Vec::with_capacity(6);
+        let mut sets = FilterSets::default();
         if !self.filter_sets(f, &mut sets) {
             return None;
         }
         let online = self.selectable.load();
-        sets.sort_by_key(|(_, b)| b.len());
-        let (base, rest): (&RoaringBitmap, &[(&str, &RoaringBitmap)]) = match sets.split_first() {
-            Some(((_, first), rest)) => (first, rest),
-            None => (&online, &[]),
-        };
+        let (base, rest): (&RoaringBitmap, &[(&str, &RoaringBitmap)]) =
+            match sets.smallest_first().split_first() {
+                Some(((_, first), rest)) => (first, rest),
+                None => (&online, &[]),
+            };
         let n = base.len();
         if n == 0 {
             return None;
@@ -1716,6 +1711,45 @@ impl NodePool {
             .collect();
         v.sort_unstable();
         v
+    }
+}
+
+/// Attributes a filter can name at once: country, region, city, ISP, ASN,
+/// networks and UDP.
+const MAX_FILTER_SETS: usize = 7;
+
+/// The node sets a filter intersects, one per attribute it names, kept
+/// inline: a pick allocates nothing to gather them.
+struct FilterSets<'a> {
+    sets: [(&'static str, &'a RoaringBitmap); MAX_FILTER_SETS],
+    len: usize,
+}
+
+/// What fills a [`FilterSets`]' unused places.
+static NO_SET: std::sync::LazyLock<RoaringBitmap> = std::sync::LazyLock::new(RoaringBitmap::new);
+
+impl Default for FilterSets<'_> {
+    fn default() -> Self {
+        FilterSets {
+            sets: [("", &*NO_SET); MAX_FILTER_SETS],
+            len: 0,
+        }
+    }
+}
+
+impl<'a> FilterSets<'a> {
+    /// Adds one attribute's set; a filter names each attribute once.
+    fn push(&mut self, set: (&'static str, &'a RoaringBitmap)) {
+        self.sets[self.len] = set;
+        self.len += 1;
+    }
+
+    /// The sets, the smallest first (the cheapest to draw from or start an
+    /// intersection with).
+    fn smallest_first(&mut self) -> &[(&'static str, &'a RoaringBitmap)] {
+        let sets = &mut self.sets[..self.len];
+        sets.sort_by_key(|(_, b)| b.len());
+        sets
     }
 }
 

@@ -1054,3 +1054,50 @@ fn a_derived_pool_catches_up_with_what_changed_on_the_one_before() {
     assert_eq!(q.catch_up(&p), 0, "once");
     assert_eq!(p.catch_up(&q), 0, "a built pool has nothing to catch up");
 }
+
+/// A filter that names every attribute a pick can intersect (country,
+/// region, city, ISP, ASN, networks and UDP) gets the one node that has
+/// them all, by the sampling path and by the full intersection.
+#[test]
+fn a_filter_naming_every_attribute_picks_the_node_with_them_all() {
+    let mut geo = GeoCatalog::new();
+    let mut full = decl(
+        "all",
+        "us",
+        "new_york",
+        "verizon",
+        701,
+        Network::Mob,
+        "10.0.9.1",
+    );
+    full.region = Some("ny".into());
+    // A direct node always carries UDP; a socks5 node only when it says so.
+    let mut no_udp = full.clone();
+    no_udp.id = "no_udp".into();
+    no_udp.kind = NodeKind::Socks5;
+    no_udp.addr = Some(sock("10.0.9.2:1080"));
+    no_udp.bind = None;
+    no_udp.udp = false;
+    let mut other_net = full.clone();
+    other_net.id = "other_net".into();
+    other_net.network = Network::Res;
+    other_net.bind = Some("10.0.9.3".parse().unwrap());
+    let p = NodePool::build(&[full, no_udp, other_net], None, &mut geo);
+    let c = Country::parse("us");
+    let filter = Filter {
+        country: c,
+        region: geo.lookup(c, GeoKind::Region, "ny"),
+        city: geo.lookup(c, GeoKind::City, "new_york"),
+        isp: geo.lookup(c, GeoKind::Isp, "verizon"),
+        asn: Some(701),
+        networks: Some(NetworkSet::of([Network::Mob])),
+        udp: true,
+    };
+    assert!(filter.region.is_some() && filter.city.is_some() && filter.isp.is_some());
+    let mut rng = Rng::new(7);
+    for _ in 0..50 {
+        let i = p.pick(&filter, &[], &mut rng, &geo).expect("the node");
+        assert_eq!(&*p.node(i).id, "all");
+    }
+    assert_eq!(p.count(&filter), 1);
+}
