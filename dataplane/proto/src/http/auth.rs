@@ -44,20 +44,56 @@ pub enum AuthError {
 /// checked to be UTF-8 and within their bounds.
 #[derive(Clone, PartialEq, Eq)]
 pub struct BasicCredentials {
-    decoded: Vec<u8>,
+    decoded: Decoded,
     colon: usize,
 }
+
+/// Decoded credentials up to this length are kept inline (a username with
+/// every rule and a session, and a 64-character key, fit): decoding them
+/// allocates nothing.
+const INLINE_DECODED: usize = 256;
+
+/// The decoded bytes: inline when short, on the heap otherwise.
+#[derive(Clone)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the inline variant is the point: it lives on the request's stack, not the heap"
+)]
+enum Decoded {
+    Inline {
+        bytes: [u8; INLINE_DECODED],
+        len: usize,
+    },
+    Heap(Vec<u8>),
+}
+
+impl Decoded {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Decoded::Inline { bytes, len } => &bytes[..*len],
+            Decoded::Heap(v) => v,
+        }
+    }
+}
+
+impl PartialEq for Decoded {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Decoded {}
 
 impl BasicCredentials {
     /// The username (the part before the first `:`; never empty).
     pub fn username(&self) -> &str {
         // Checked by `decode_basic`.
-        std::str::from_utf8(&self.decoded[..self.colon]).unwrap_or_default()
+        std::str::from_utf8(&self.decoded.as_slice()[..self.colon]).unwrap_or_default()
     }
 
     /// The password (the rest).
     pub fn password(&self) -> &str {
-        std::str::from_utf8(&self.decoded[self.colon + 1..]).unwrap_or_default()
+        std::str::from_utf8(&self.decoded.as_slice()[self.colon + 1..]).unwrap_or_default()
     }
 }
 
@@ -74,8 +110,8 @@ impl std::fmt::Debug for BasicCredentials {
 /// Decodes `Basic <base64(user:pass)>`: the scheme is case-insensitive and
 /// followed by one or more spaces; base64 is the standard alphabet with
 /// padding and zero trailing bits; the username ends at the first `:`. No
-/// allocation happens for a blob longer than the bounds allow, and one
-/// (the decoded bytes) otherwise.
+/// allocation happens for a blob longer than the bounds allow, nor for
+/// credentials of up to 256 decoded bytes; longer ones take one.
 pub fn decode_basic(value: &[u8]) -> Result<BasicCredentials, AuthError> {
     let scheme_end = value
         .iter()
@@ -93,11 +129,12 @@ pub fn decode_basic(value: &[u8]) -> Result<BasicCredentials, AuthError> {
         return Err(AuthError::TooLong);
     }
     let decoded = decode_base64(blob).ok_or(AuthError::InvalidBase64)?;
-    let colon = decoded
+    let bytes = decoded.as_slice();
+    let colon = bytes
         .iter()
         .position(|b| *b == b':')
         .ok_or(AuthError::MissingColon)?;
-    let (user, pass) = (&decoded[..colon], &decoded[colon + 1..]);
+    let (user, pass) = (&bytes[..colon], &bytes[colon + 1..]);
     if user.len() > MAX_USERNAME_LEN || pass.len() > MAX_CREDENTIAL_LEN {
         return Err(AuthError::TooLong);
     }
@@ -143,13 +180,29 @@ fn sextet(b: u8) -> Option<u32> {
 }
 
 /// Strict base64: standard alphabet, length a multiple of 4, padding only at
-/// the end, unused bits zero.
-fn decode_base64(input: &[u8]) -> Option<Vec<u8>> {
+/// the end, unused bits zero. Short results are kept inline.
+fn decode_base64(input: &[u8]) -> Option<Decoded> {
     if input.is_empty() || !input.len().is_multiple_of(4) {
         return None;
     }
-    let mut out = Vec::with_capacity(input.len() / 4 * 3);
+    let room = input.len() / 4 * 3;
+    if room <= INLINE_DECODED {
+        let mut bytes = [0u8; INLINE_DECODED];
+        let len = decode_base64_into(input, &mut bytes)?;
+        Some(Decoded::Inline { bytes, len })
+    } else {
+        let mut v = vec![0u8; room];
+        let len = decode_base64_into(input, &mut v)?;
+        v.truncate(len);
+        Some(Decoded::Heap(v))
+    }
+}
+
+/// Decodes `input` (a non-empty multiple of 4 long) into `out`, which has
+/// room for `input.len() / 4 * 3` bytes; returns the bytes written.
+fn decode_base64_into(input: &[u8], out: &mut [u8]) -> Option<usize> {
     let quads = input.len() / 4;
+    let mut len = 0;
     for (index, quad) in input.chunks_exact(4).enumerate() {
         let pad = match quad {
             [_, _, b'=', b'='] => 2,
@@ -169,7 +222,9 @@ fn decode_base64(input: &[u8]) -> Option<Vec<u8>> {
         if bytes[keep..].iter().any(|b| *b != 0) {
             return None; // non-zero unused bits: not canonical
         }
-        out.extend_from_slice(&bytes[..keep]);
+        out.get_mut(len..len + keep)?
+            .copy_from_slice(&bytes[..keep]);
+        len += keep;
     }
-    Some(out)
+    Some(len)
 }

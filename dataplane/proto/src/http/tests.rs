@@ -551,6 +551,18 @@ fn basic_credentials_table() {
             .map(|c| (c.username().to_owned(), c.password().to_owned())),
         Ok(("u".repeat(255), "p".repeat(255)))
     );
+    // Around the length kept inline (256 decoded bytes) and past it, with
+    // every padding: the same credentials come back.
+    for n in 248..=262 {
+        let (user, pass) = ("u".repeat(n), format!("k{n}"));
+        let header = format!("Basic {}", test_encode(format!("{user}:{pass}").as_bytes()));
+        assert_eq!(
+            decode_basic(header.as_bytes())
+                .map(|c| (c.username().to_owned(), c.password().to_owned())),
+            Ok((user, pass)),
+            "username of {n} bytes"
+        );
+    }
 }
 
 /// An independent base64 encoder, so the decoder is not checked against itself.
