@@ -364,11 +364,12 @@ pub struct Hello<'a> {
 
 /// A client that passed checks 1–5.
 #[derive(Debug, Clone)]
-pub struct Authenticated {
+pub struct Authenticated<'a> {
     /// Its package.
     pub package: Arc<Package>,
-    /// The username to read rules from; `None` = the package's default rules.
-    pub username: Option<String>,
+    /// The username to read rules from, borrowed from the credentials;
+    /// `None` = the package's default rules.
+    pub username: Option<&'a str>,
 }
 
 /// A request that passed checks 1–9.
@@ -559,7 +560,7 @@ impl Policy {
     }
 
     /// Checks 1–5: credentials, address, status, credits.
-    pub fn authenticate(&self, hello: &Hello<'_>) -> Result<Authenticated, Rejection> {
+    pub fn authenticate<'a>(&self, hello: &Hello<'a>) -> Result<Authenticated<'a>, Rejection> {
         let (package, username) = match hello.credentials {
             Credentials::Absent => {
                 let by_port = hello.listener_package.and_then(|id| self.packages.get(&id));
@@ -602,7 +603,7 @@ impl Policy {
                 if package.decl.auth != AuthMode::Ip && !package.key.matches(password) {
                     return Err(auth_failed("unknown package or wrong key"));
                 }
-                (package, Some(username.to_string()))
+                (package, Some(username))
             }
         };
         if package.decl.auth != AuthMode::Password && !package.ip_allowed(hello.client_ip) {
@@ -651,7 +652,7 @@ impl Policy {
     /// package's connection limit (taken on its first request).
     pub fn admit(
         &self,
-        auth: &Authenticated,
+        auth: &Authenticated<'_>,
         protocol: Protocol,
         target: &Target,
         conn: &mut Option<ConnGuard>,
@@ -666,7 +667,7 @@ impl Policy {
     /// counts as one request and one open connection.
     pub fn admit_association(
         &self,
-        auth: &Authenticated,
+        auth: &Authenticated<'_>,
         conn: &mut Option<ConnGuard>,
         now: Now,
     ) -> Result<Admitted, Rejection> {
@@ -675,7 +676,7 @@ impl Policy {
 
     fn admit_to(
         &self,
-        auth: &Authenticated,
+        auth: &Authenticated<'_>,
         protocol: Protocol,
         target: Option<&Target>,
         conn: &mut Option<ConnGuard>,

@@ -105,10 +105,10 @@ impl Gate {
     }
 
     /// Checks 1–5: who the client is.
-    pub(crate) fn authenticate(
+    pub(crate) fn authenticate<'c>(
         &self,
-        credentials: Credentials<'_>,
-    ) -> Result<Authenticated, Refusal> {
+        credentials: Credentials<'c>,
+    ) -> Result<Authenticated<'c>, Refusal> {
         let hello = Hello {
             client_ip: self.peer.ip(),
             credentials,
@@ -128,7 +128,7 @@ impl Gate {
     pub(crate) async fn admit(
         &self,
         ctx: &Ctx,
-        auth: &Authenticated,
+        auth: &Authenticated<'_>,
         target: &Target,
         conn: &mut Option<ConnGuard>,
         started: Instant,

@@ -56,6 +56,9 @@ pub(crate) async fn serve(
     buf.drain(..greeting.consumed);
     let gate = Gate::new(ctx, peer, binding, Protocol::Socks5);
     // Method and authentication (checks 1–5), answered in SOCKS5's own terms.
+    // The credentials outlive the authentication: its rules are read from
+    // the username.
+    let userpass;
     let auth = if greeting.offers(method::USERPASS) {
         if !send(&client, &server::method_reply(method::USERPASS)).await {
             return None;
@@ -65,9 +68,10 @@ pub(crate) async fn serve(
             return None;
         };
         buf.drain(..up.consumed);
+        userpass = up;
         let verdict = gate.authenticate(Credentials::Present {
-            username: &up.username,
-            password: &up.password,
+            username: &userpass.username,
+            password: &userpass.password,
         });
         if let Err(refusal) = &verdict {
             ctx.record(peer, Protocol::Socks5, refusal);

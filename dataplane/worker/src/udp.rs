@@ -165,7 +165,7 @@ pub(crate) async fn associate(
     client: Client,
     peer: SocketAddr,
     gate: &Gate,
-    auth: &Authenticated,
+    auth: &Authenticated<'_>,
     started: Instant,
 ) {
     let refuse = |rejection: Rejection| Refusal {
