@@ -105,8 +105,9 @@ pub struct Header<'a> {
 }
 
 /// A head's header fields, in order, as received ([`Header`]), copied
-/// into one buffer: a head costs two allocations, whatever its number of
-/// fields.
+/// into one buffer. Its two buffers (the bytes, the field index) go back to
+/// a per-thread pool when it is dropped and serve the thread's next head,
+/// so a warm thread parses heads without allocating.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Headers {
     /// Each field's name, then its value, one field after another.
@@ -116,17 +117,60 @@ pub struct Headers {
     fields: Vec<[u32; 3]>,
 }
 
+/// Buffer pairs a thread keeps for its next heads.
+const KEPT_HEADERS: usize = 64;
+/// Larger buffers (a head with long fields) are freed, not kept.
+const KEPT_BYTES: usize = 8192;
+const KEPT_FIELDS: usize = 128;
+
+/// A [`Headers`]' two buffers, emptied.
+type HeaderBuffers = (Vec<u8>, Vec<[u32; 3]>);
+
+thread_local! {
+    /// Emptied buffers of dropped [`Headers`].
+    static FREE_HEADERS: std::cell::RefCell<Vec<HeaderBuffers>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Drop for Headers {
+    fn drop(&mut self) {
+        if self.bytes.capacity() == 0
+            || self.bytes.capacity() > KEPT_BYTES
+            || self.fields.capacity() > KEPT_FIELDS
+        {
+            return;
+        }
+        let mut pair = (
+            std::mem::take(&mut self.bytes),
+            std::mem::take(&mut self.fields),
+        );
+        pair.0.clear();
+        pair.1.clear();
+        let _ = FREE_HEADERS.try_with(|free| {
+            let mut free = free.borrow_mut();
+            if free.len() < KEPT_HEADERS {
+                free.push(pair);
+            }
+        });
+    }
+}
+
 impl Headers {
-    /// Copies httparse's borrowed fields (values trimmed).
+    /// Copies httparse's borrowed fields (values trimmed), into kept
+    /// buffers when the thread has them.
     pub(crate) fn from_parsed(parsed: &[httparse::Header<'_>]) -> Headers {
         let len = parsed
             .iter()
             .map(|h| h.name.len() + h.value.trim_ascii().len())
             .sum();
-        let mut headers = Headers {
-            bytes: Vec::with_capacity(len),
-            fields: Vec::with_capacity(parsed.len()),
-        };
+        let (mut bytes, mut fields) = FREE_HEADERS
+            .try_with(|free| free.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        bytes.reserve(len);
+        fields.reserve(parsed.len());
+        let mut headers = Headers { bytes, fields };
         for h in parsed {
             // A head is at most `Limits::max_head_bytes`, far below 4 GiB.
             let start = headers.bytes.len() as u32;

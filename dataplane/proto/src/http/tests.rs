@@ -851,3 +851,24 @@ fn heads_with_more_fields_than_the_stack_holds_keep_every_field_in_order() {
     assert_eq!(resp.headers.at(40).value, b"value 39");
     assert_eq!(resp.body, BodyFraming::ContentLength(0));
 }
+
+/// A dropped head's field buffers serve the thread's next head: what the
+/// next head reads is its own fields only, never the last one's.
+#[test]
+fn a_heads_field_buffers_are_reused_without_leftovers() {
+    let first = b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\nX-Long: aaaaaaaaaaaaaaaaaaaa\r\nX-Three: 3\r\n\r\n";
+    let req = parse_request(first, &Limits::default()).unwrap().unwrap();
+    assert_eq!(req.headers.len(), 3);
+    drop(req);
+    let second = b"GET http://b.example/ HTTP/1.1\r\nHost: b.example\r\n\r\n";
+    let req = parse_request(second, &Limits::default()).unwrap().unwrap();
+    assert_eq!(req.headers.len(), 1);
+    assert_eq!(req.headers.get("host"), Some(&b"b.example"[..]));
+    assert_eq!(req.headers.get("x-long"), None);
+    let fields: Vec<_> = req.headers.iter().map(|h| (h.name, h.value)).collect();
+    assert_eq!(fields, [("Host", &b"b.example"[..])]);
+    // A clone owns its own buffers; both stay whole after the other drops.
+    let copy = req.headers.clone();
+    drop(req);
+    assert_eq!(copy.get("host"), Some(&b"b.example"[..]));
+}
