@@ -266,10 +266,7 @@ async fn serve(
     // The relay gets a task of its own: this handshake task's state (heads,
     // routing, dialing) ends here, so an idle tunnel holds only what it uses.
     if let Some(t) = tunnel {
-        spawn(async move {
-            crate::tunnels::run(&ctx, t).await;
-            drop(_open);
-        });
+        spawn(crate::tunnels::run(ctx, t, _open));
     }
 }
 

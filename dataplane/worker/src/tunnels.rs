@@ -137,6 +137,7 @@ fn flush(e: &mut Entry) -> (u64, u64) {
     (du, dd)
 }
 
+use std::rc::Rc;
 use std::time::Instant;
 
 use splicegate_uring::{relay, timeout_at};
@@ -163,35 +164,28 @@ pub(crate) struct Tunnel {
 }
 
 /// Relay an established tunnel (a = client, b = upstream) until either side
-/// ends, the idle timeout passes, or the tick stops it.
-pub(crate) async fn run(ctx: &Ctx, t: Tunnel) {
-    let Tunnel {
-        client,
-        peer,
-        route,
-        early,
-        conn,
-    } = t;
-    let Established {
-        up,
-        node,
-        package,
-        target,
-        protocol,
-        started,
-        setup,
-    } = route;
-    let _load = node.runtime.open_tunnel();
+/// ends, the idle timeout passes, or the tick stops it; `open` (the client
+/// connection's count) is let go at the end.
+///
+/// The tunnel task's own future: it is spawned as is, and it reads the
+/// tunnel's fields in place rather than moving them into locals, so an
+/// idle tunnel's task holds one copy of them (a future keeps the room of
+/// its arguments, and of anything an async block captures, for its whole
+/// life).
+pub(crate) async fn run<G>(ctx: Rc<Ctx>, mut t: Tunnel, open: G) {
+    let ctx = &*ctx;
+    let route = &t.route;
+    let _load = route.node.runtime.open_tunnel();
     WorkerStats::inc(&ctx.stats.open_tunnels);
-    ctx.stats.setup.observe(setup);
+    ctx.stats.setup.observe(route.setup);
     let (mut total_up, mut total_down) = (0, 0);
     let idle = ctx.shared.settings.idle;
     let early_ok = async {
-        if !early.is_empty() {
-            up.stream.write_all(&early).await?;
+        if !t.early.is_empty() {
+            route.up.stream.write_all(&t.early).await?;
         }
-        if !up.leftover.is_empty() {
-            client.write_all(&up.leftover).await?;
+        if !route.up.leftover.is_empty() {
+            t.client.write_all(&route.up.leftover).await?;
         }
         std::io::Result::Ok(())
     };
@@ -199,34 +193,38 @@ pub(crate) async fn run(ctx: &Ctx, t: Tunnel) {
         timeout_at(Instant::now() + idle, early_ok).await,
         Ok(Ok(()))
     ) {
-        let (eu, ed) = (early.len() as u64, up.leftover.len() as u64);
-        drop(early);
+        let (eu, ed) = (t.early.len() as u64, t.route.up.leftover.len() as u64);
+        drop(std::mem::take(&mut t.early));
+        let route = &t.route;
+        let package = &route.package;
         package.charge(eu, ed);
         ctx.stats.bytes(eu, ed);
         let ctl = RelayCtl::new();
         ctl.set_idle_timeout(Some(idle));
         let id = ctx.tunnels.register(package.clone(), ctl.clone());
-        let outcome = match &client {
-            Client::Plain(tcp) => relay(tcp, &up.stream, &ctx.pipes, &ctl).await,
+        let outcome = match &t.client {
+            Client::Plain(tcp) => relay(tcp, &route.up.stream, &ctx.pipes, &ctl).await,
             // Bytes inside TLS cannot be spliced: one copy each way.
-            Client::Tls(tls) => splicegate_tls::relay(tls, &up.stream, &ctl).await,
+            Client::Tls(tls) => splicegate_tls::relay(tls, &route.up.stream, &ctl).await,
         };
         ctx.tunnels.finish(id, &ctx.stats);
         (total_up, total_down) = (eu + outcome.a_to_b, ed + outcome.b_to_a);
-        tracing::debug!(package = package.id(), node = %node.id, up = outcome.a_to_b, down = outcome.b_to_a, end = ?outcome.end, "tunnel closed");
+        tracing::debug!(package = package.id(), node = %route.node.id, up = outcome.a_to_b, down = outcome.b_to_a, end = ?outcome.end, "tunnel closed");
     }
     WorkerStats::dec(&ctx.stats.open_tunnels);
-    drop(conn);
+    drop(t.conn.take());
+    let route = &t.route;
     ctx.log(&crate::ctx::Outcome {
-        peer,
-        package: Some(package.id()),
-        protocol,
-        target: Some(&target),
-        node: Some(&node.id),
+        peer: t.peer,
+        package: Some(route.package.id()),
+        protocol: route.protocol,
+        target: Some(&route.target),
+        node: Some(&route.node.id),
         error: None,
         up: total_up,
         down: total_down,
-        started,
-        setup: Some(setup),
+        started: route.started,
+        setup: Some(route.setup),
     });
+    drop(open);
 }
