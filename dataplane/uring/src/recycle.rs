@@ -62,26 +62,42 @@ impl BoxCache {
         if layout.size() == 0 || self.bytes + layout.size() > MAX_BYTES {
             return false;
         }
-        match self.classes.iter().find(|(l, _)| *l == layout) {
-            Some((_, blocks)) => blocks.len() < MAX_PER_LAYOUT,
-            None => self.classes.len() < MAX_LAYOUTS,
-        }
+        // A new layout's room (another class, or an empty one to take) is
+        // looked for by `keep`.
+        self.classes
+            .iter()
+            .find(|(l, _)| *l == layout)
+            .is_none_or(|(_, blocks)| blocks.len() < MAX_PER_LAYOUT)
     }
 
-    /// Keeps `block` (see [`Emptied`]).
+    /// Keeps `block` (see [`Emptied`]), or frees it when there is no room.
     pub(crate) fn keep(&mut self, block: Emptied) {
         let Emptied { layout, ptr } = block;
-        if !self.has_room(layout) {
-            // SAFETY: `ptr` was allocated by the global allocator with
-            // `layout` and holds no value (an `Emptied`'s contract).
-            unsafe { std::alloc::dealloc(ptr.as_ptr(), layout) };
-            return;
+        if self.has_room(layout) {
+            let stored =
+                if let Some((_, blocks)) = self.classes.iter_mut().find(|(l, _)| *l == layout) {
+                    blocks.push(ptr);
+                    true
+                } else if self.classes.len() < MAX_LAYOUTS {
+                    self.classes.push((layout, vec![ptr]));
+                    true
+                } else if let Some(class) = self.classes.iter_mut().find(|(_, b)| b.is_empty()) {
+                    // A class whose blocks were all taken gives its place (and
+                    // its list's memory) to the new layout.
+                    class.0 = layout;
+                    class.1.push(ptr);
+                    true
+                } else {
+                    false
+                };
+            if stored {
+                self.bytes += layout.size();
+                return;
+            }
         }
-        self.bytes += layout.size();
-        match self.classes.iter_mut().find(|(l, _)| *l == layout) {
-            Some((_, blocks)) => blocks.push(ptr),
-            None => self.classes.push((layout, vec![ptr])),
-        }
+        // SAFETY: `ptr` was allocated by the global allocator with `layout`
+        // and holds no value (an `Emptied`'s contract).
+        unsafe { std::alloc::dealloc(ptr.as_ptr(), layout) };
     }
 
     /// Blocks kept, for tests.
@@ -128,4 +144,61 @@ pub(crate) fn empty(future: BoxedTask) -> Option<Emptied> {
     // valid value that nothing else will drop.
     unsafe { std::ptr::drop_in_place(raw) };
     NonNull::new(raw.cast::<u8>()).map(|ptr| Emptied { layout, ptr })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::{Context, Poll};
+
+    /// A ready future of `N` bytes: one layout per `N`.
+    struct Pad<const N: usize>([u8; N]);
+
+    impl<const N: usize> Future for Pad<N> {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+            Poll::Ready(())
+        }
+    }
+
+    /// Boxes a `Pad<N>` through the cache and returns its address.
+    fn boxed_at<const N: usize>(cache: &mut BoxCache) -> (BoxedTask, usize) {
+        let b = cache.boxed(Pad::<N>([7; N]));
+        let at = std::ptr::from_ref::<dyn Future<Output = ()>>(&*b).cast::<u8>() as usize;
+        (b, at)
+    }
+
+    fn keep(cache: &mut BoxCache, b: BoxedTask) {
+        cache.keep(empty(b).expect("not zero-sized"));
+    }
+
+    #[test]
+    fn layouts_are_bounded_and_an_emptied_class_serves_a_new_layout() {
+        let mut cache = BoxCache::default();
+        macro_rules! one_of_each {
+            ($($n:literal)*) => {$(
+                let (b, _) = boxed_at::<$n>(&mut cache);
+                keep(&mut cache, b);
+            )*};
+        }
+        // Sixteen layouts fill the classes.
+        one_of_each!(8 16 24 32 40 48 56 64 72 80 88 96 104 112 120 128);
+        assert_eq!(cache.blocks(), MAX_LAYOUTS);
+        // A seventeenth is freed, not kept.
+        let (b, _) = boxed_at::<136>(&mut cache);
+        keep(&mut cache, b);
+        assert_eq!(cache.blocks(), MAX_LAYOUTS);
+        // The 8-byte block is taken again: its class is now empty, and the
+        // seventeenth layout takes its place.
+        let (small, _) = boxed_at::<8>(&mut cache);
+        assert_eq!(cache.blocks(), MAX_LAYOUTS - 1);
+        let (b, at) = boxed_at::<136>(&mut cache);
+        keep(&mut cache, b);
+        assert_eq!(cache.blocks(), MAX_LAYOUTS);
+        let (again, at_again) = boxed_at::<136>(&mut cache);
+        assert_eq!(at_again, at, "the kept block served the same layout");
+        drop((small, again));
+        // Bytes are accounted block by block.
+        assert_eq!(cache.bytes, (8..=128).step_by(8).sum::<usize>() - 8);
+    }
 }
