@@ -1377,6 +1377,17 @@ impl NodePool {
         fn get<'a, K: Hash + Eq>(m: &'a AttrIndex<K>, k: &K) -> Option<&'a RoaringBitmap> {
             m.get(k).map(|b| &**b)
         }
+        // Every attribute named here, so a new one cannot be added to
+        // `Filter` without this list (and `MAX_FILTER_SETS`) seeing it.
+        let Filter {
+            country,
+            region,
+            city,
+            isp,
+            asn,
+            networks,
+            udp,
+        } = f;
         let empty_ok = |o: Option<&'a RoaringBitmap>, name, out: &mut FilterSets<'a>| match o {
             Some(b) => {
                 out.push((name, b));
@@ -1384,15 +1395,15 @@ impl NodePool {
             }
             None => false,
         };
-        if let Some(c) = &f.country
+        if let Some(c) = country
             && !empty_ok(get(&self.country, c), "country", out)
         {
             return false;
         }
         for (name, map, v) in [
-            ("region", &self.region, f.region),
-            ("city", &self.city, f.city),
-            ("isp", &self.isp, f.isp),
+            ("region", &self.region, *region),
+            ("city", &self.city, *city),
+            ("isp", &self.isp, *isp),
         ] {
             if let Some(v) = v
                 && !empty_ok(get(map, &v), name, out)
@@ -1400,17 +1411,17 @@ impl NodePool {
                 return false;
             }
         }
-        if let Some(a) = f.asn
-            && !empty_ok(get(&self.asn, &a), "asn", out)
+        if let Some(a) = asn
+            && !empty_ok(get(&self.asn, a), "asn", out)
         {
             return false;
         }
-        if let Some(n) = f.networks
-            && n != NetworkSet::ALL
+        if let Some(n) = networks
+            && *n != NetworkSet::ALL
         {
             out.push(("network", &self.networks[n.0 as usize]));
         }
-        if f.udp {
+        if *udp {
             out.push(("udp", &self.udp));
         }
         true
@@ -1715,7 +1726,8 @@ impl NodePool {
 }
 
 /// Attributes a filter can name at once: country, region, city, ISP, ASN,
-/// networks and UDP.
+/// networks and UDP (`NodePool::filter_sets` names each field of `Filter`,
+/// so a new attribute cannot be added without passing by it and here).
 const MAX_FILTER_SETS: usize = 7;
 
 /// The node sets a filter intersects, one per attribute it names, kept
