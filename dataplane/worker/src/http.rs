@@ -63,11 +63,10 @@ struct HttpConn<'c> {
     package: Option<Arc<Package>>,
     /// Fires when the registry closes the waiting connection.
     stop: Option<Notifier>,
-    /// Room for the heads this connection writes (the answer to a
-    /// CONNECT, a forwarded request's head, its answer's head) and for
-    /// what is read from a kept upstream connection: kept across
-    /// requests, so a kept-alive request does not allocate them again.
-    out: Buf,
+    /// Room for what is read from a kept upstream connection: kept across
+    /// requests, so a kept-alive request does not allocate it again. (The
+    /// heads this connection writes take a buffer from the worker's pool
+    /// each time and give it back, so an idle connection holds none.)
     ubuf: Vec<u8>,
 }
 
@@ -76,11 +75,11 @@ struct HttpConn<'c> {
 const SCRATCH_KEPT: usize = 4096;
 
 /// Empties `v` for the next request, or lets it go if it grew large.
-fn keep_scratch<B: Default + AsMut<Vec<u8>>>(mut v: B) -> B {
-    if v.as_mut().capacity() > SCRATCH_KEPT {
-        return B::default();
+fn keep_scratch(mut v: Vec<u8>) -> Vec<u8> {
+    if v.capacity() > SCRATCH_KEPT {
+        return Vec::new();
     }
-    v.as_mut().clear();
+    v.clear();
     v
 }
 
@@ -102,7 +101,6 @@ pub(crate) async fn serve(
         kept: None,
         package: None,
         stop: None,
-        out: Buf::default(),
         ubuf: Vec::new(),
     };
     let limits = ctx.shared.settings.limits;
@@ -326,10 +324,7 @@ impl HttpConn<'_> {
             );
             let extra_ref: Vec<(&str, &str)> =
                 extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let mut out = std::mem::take(&mut self.out);
-            if out.capacity() == 0 {
-                out = Buf::take();
-            }
+            let mut out = Buf::take();
             write_http_ok(&extra_ref, &mut out);
             if timeout(self.ctx.shared.settings.idle, self.client.write_all(&out))
                 .await
@@ -337,7 +332,7 @@ impl HttpConn<'_> {
             {
                 return Next::Close;
             }
-            self.out = keep_scratch(out);
+            drop(out); // back to the pool
             self.buf.drain(..req.head_len);
             return Next::Tunnel(route);
         }
@@ -521,10 +516,7 @@ impl HttpConn<'_> {
         let policy = &admission.route.policy;
         let package = &adm.package;
         let mut meter = Meter::new(package, &ctx.stats);
-        let mut head = std::mem::take(&mut self.out);
-        if head.capacity() == 0 {
-            head = Buf::take();
-        }
+        let mut head = Buf::take();
         head.reserve(req.head_len + 64);
         write_forward_head(req, &mut head);
         // 1. The head, then the body as framed. Body bytes the client sent
@@ -668,7 +660,7 @@ impl HttpConn<'_> {
         }
         let reusable = resp.keep_alive && framing != BodyFraming::UntilClose && ubuf.is_empty();
         meter.flush();
-        self.out = keep_scratch(out);
+        drop(out); // back to the pool
         if reusable {
             self.ubuf = keep_scratch(ubuf);
         }
