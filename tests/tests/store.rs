@@ -37,6 +37,36 @@ fn postgres_keeps_the_store_contract() {
     conformance::check_after_reopen(&PgStore::connect(&url).unwrap());
 }
 
+/// An operator's own writes, made in `psql` and not through a gateway,
+/// move the catalogue version too (statement triggers, `TRUNCATE`
+/// included), so a fleet's periodic read back still finds them.
+#[test]
+fn writes_made_outside_the_gateway_move_the_catalog_version() {
+    let pg = Postgres::start();
+    let url = database(&pg, "outside");
+    let s = PgStore::connect(&url).unwrap();
+    let version = || s.catalog_version().unwrap().expect("PostgreSQL keeps one");
+    let v0 = version();
+    // A statement that touches no row is still a write to the table.
+    pg.sql_in("outside", "UPDATE nodes SET id = id WHERE false");
+    let v1 = version();
+    assert!(v1 > v0, "an UPDATE in psql: {v0} -> {v1}");
+    pg.sql_in("outside", "TRUNCATE nodes");
+    let v2 = version();
+    assert!(v2 > v1, "a TRUNCATE of nodes: {v1} -> {v2}");
+    pg.sql_in("outside", "TRUNCATE packages CASCADE");
+    let v3 = version();
+    assert!(v3 > v2, "a TRUNCATE of packages: {v2} -> {v3}");
+    // An operator's session with another search path: the trigger
+    // function still finds its table.
+    pg.sql_in(
+        "outside",
+        "SET search_path TO pg_catalog; DELETE FROM public.orgs WHERE false",
+    );
+    let v4 = version();
+    assert!(v4 > v3, "a DELETE under another search path: {v3} -> {v4}");
+}
+
 #[test]
 fn postgres_schema_is_versioned_and_a_newer_one_is_refused() {
     let pg = Postgres::start();
