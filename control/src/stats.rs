@@ -70,7 +70,7 @@ pub struct WorkerStats {
     /// SOCKS5 UDP datagrams relayed: client → target, target → client.
     pub udp_datagrams: [AtomicU64; 2],
     /// SOCKS5 UDP datagrams dropped by reason ([`UDP_DROP_REASONS`]).
-    pub udp_dropped: [AtomicU64; 7],
+    pub udp_dropped: [AtomicU64; 8],
     /// The worker's runtime, as of its last tick (every 250 ms).
     pub runtime: RuntimeGauges,
 }
@@ -154,8 +154,12 @@ pub const UDP_DROP_FULL: usize = 5;
 /// At the exit, from an address the client never sent to (or before its
 /// first datagram): answers only come from where the client went.
 pub const UDP_DROP_UNSOLICITED: usize = 6;
+/// Too long to send on with its header: a target's answer of more than
+/// 65,497 bytes over IPv4 (the header makes it longer than a UDP datagram
+/// can be, `EMSGSIZE`).
+pub const UDP_DROP_OVERSIZED: usize = 7;
 /// The `reason` label of each index.
-pub const UDP_DROP_REASONS: [&str; 7] = [
+pub const UDP_DROP_REASONS: [&str; 8] = [
     "fragment",
     "blocked_target",
     "stranger",
@@ -163,6 +167,7 @@ pub const UDP_DROP_REASONS: [&str; 7] = [
     "unreachable",
     "buffer_full",
     "unsolicited",
+    "oversized",
 ];
 
 impl WorkerStats {

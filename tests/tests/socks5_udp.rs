@@ -235,6 +235,43 @@ fn strangers_fragments_and_blocked_targets_are_dropped_and_counted() {
     }
 }
 
+/// A target's answer too long to go back with its SOCKS5 header (the
+/// echo's 65,507 bytes, plus 10, over IPv4) is dropped and counted as
+/// `oversized`, not as a full buffer, and the association serves on.
+#[test]
+fn an_answer_too_long_for_its_header_is_dropped_as_oversized() {
+    let exit = node_ip();
+    let gw = Gateway::with_direct(exit);
+    let echo = UdpEcho::start(Ipv4Addr::LOCALHOST);
+    let t = echo.addr.to_string();
+    // The echo answers with the payload and "|<exit ip>"; the gateway puts
+    // a 10-byte header in front. The longest answer that fits in a UDP
+    // datagram over IPv4 (65,507 bytes), then one byte more.
+    let fits = 65_507 - 10 - 1 - exit.to_string().len();
+    let args = vec![
+        format!("{t}|@big:{fits}"),
+        format!("{t}|@big:{}", fits + 1),
+        format!("{t}|after"),
+    ];
+    let v = run(&gw, client_ip(), &user("country-us"), &args);
+    let a = answers(&v);
+    assert!(
+        a[0].ends_with(&format!("{} bytes", 65_507 - 10)),
+        "the longest answer that fits comes back whole: {v}"
+    );
+    assert_eq!(a[1], "TIMEOUT", "an answer too long for its header: {v}");
+    assert!(a[2].contains("after|"), "the association serves on: {v}");
+    let m = gw.metrics();
+    let series = |reason: &str| {
+        sample(
+            &m,
+            &format!("splicegate_udp_dropped_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(series("oversized"), 1.0, "{m}");
+    assert_eq!(series("buffer_full"), 0.0, "{m}");
+}
+
 #[test]
 fn the_association_ends_with_its_tcp_connection_and_after_udp_idle_s() {
     let mut conf = Conf::with_package(KEY).node(NodeDecl::direct("d1", node_ip()));

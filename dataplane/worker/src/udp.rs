@@ -35,8 +35,8 @@ use splicegate_control::nodes::{Node, NodeKind};
 use splicegate_control::policy::{Authenticated, Policy, Protocol};
 use splicegate_control::session::Step;
 use splicegate_control::stats::{
-    UDP_DROP_BLOCKED, UDP_DROP_FRAGMENT, UDP_DROP_FULL, UDP_DROP_MALFORMED, UDP_DROP_STRANGER,
-    UDP_DROP_UNREACHABLE, UDP_DROP_UNSOLICITED,
+    UDP_DROP_BLOCKED, UDP_DROP_FRAGMENT, UDP_DROP_FULL, UDP_DROP_MALFORMED, UDP_DROP_OVERSIZED,
+    UDP_DROP_STRANGER, UDP_DROP_UNREACHABLE, UDP_DROP_UNSOLICITED,
 };
 use splicegate_proto::socks5::{reply, server};
 use splicegate_uring::{Direction, RelayCtl, UdpSocket, UnixDatagram};
@@ -511,7 +511,8 @@ impl Relay<'_> {
 
     /// Queues `b.sends` on `sock` in order, with as few `sendmmsg` calls
     /// as the socket allows; one it cannot take is dropped and counted
-    /// (`full`). Counts what was queued; whether anything was.
+    /// (`oversized` when it is too long for a datagram, `buffer_full`
+    /// otherwise). Counts what was queued; whether anything was.
     fn flush(&self, sock: &UdpSocket, b: &mut Buffers, dir: Direction) -> bool {
         let (mut i, mut queued, mut bytes) = (0, 0u64, 0usize);
         while i < b.sends.len() {
@@ -520,6 +521,10 @@ impl Relay<'_> {
                     bytes += b.payloads[i..i + k].iter().sum::<usize>();
                     queued += k as u64;
                     i += k;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                    self.drop_one(UDP_DROP_OVERSIZED);
+                    i += 1;
                 }
                 _ => {
                     self.drop_one(UDP_DROP_FULL);
