@@ -140,7 +140,7 @@ pub(crate) async fn serve(
         }
     };
     let bound = route.up.stream.local_addr().ok();
-    let mut out = Vec::with_capacity(32);
+    let mut out = Buf::take();
     server::write_reply(reply::SUCCEEDED, bound, &mut out);
     if !send(&client, &out).await {
         return None;

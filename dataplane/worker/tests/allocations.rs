@@ -38,7 +38,8 @@ thread_local! {
 }
 
 /// Backtraces still to print (`SG_ALLOC_TRACE=N`: the first N counted
-/// allocations of the CONNECT window, to find where they are made).
+/// allocations of three warm CONNECTs, then of three warm SOCKS5
+/// connections, to find where they are made).
 static TRACES_LEFT: AtomicU64 = AtomicU64::new(0);
 
 fn counted(size: usize) {
@@ -288,6 +289,37 @@ fn connect_once(proxy: SocketAddr, target: SocketAddr) {
     assert_eq!(s.read(&mut rest).expect("read the close"), 0);
 }
 
+/// One whole SOCKS5 CONNECT with username/password: handshake, 100 bytes
+/// echoed, close, and the gateway's side seen closed.
+fn socks5_once(proxy: SocketAddr, target: SocketAddr) {
+    let mut s = connect_from(proxy, Ipv4Addr::new(127, 0, 0, 11));
+    let mut reply = [0u8; 10];
+    s.write_all(&[5, 1, 2]).expect("greeting");
+    s.read_exact(&mut reply[..2]).expect("method");
+    assert_eq!(reply[..2], [5, 2]);
+    let (user, key) = (b"package-1-country-us", b"k");
+    let mut auth = vec![1, user.len() as u8];
+    auth.extend_from_slice(user);
+    auth.push(key.len() as u8);
+    auth.extend_from_slice(key);
+    s.write_all(&auth).expect("username/password");
+    s.read_exact(&mut reply[..2]).expect("auth reply");
+    assert_eq!(reply[..2], [1, 0], "SOCKS5 authentication refused");
+    let SocketAddr::V4(t) = target else {
+        panic!("the echo is on IPv4")
+    };
+    let mut request = vec![5, 1, 0, 1];
+    request.extend_from_slice(&t.ip().octets());
+    request.extend_from_slice(&t.port().to_be_bytes());
+    s.write_all(&request).expect("CONNECT request");
+    s.read_exact(&mut reply).expect("CONNECT reply");
+    assert_eq!(reply[1], 0, "SOCKS5 CONNECT refused: {reply:?}");
+    round_trip(&mut s, &[7u8; 100]);
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut rest = [0u8; 16];
+    assert_eq!(s.read(&mut rest).expect("read the close"), 0);
+}
+
 /// Allocations (and bytes) per operation over `n` operations after
 /// `warm` of them.
 fn per_op(warm: usize, n: usize, mut op: impl FnMut()) -> (f64, f64) {
@@ -325,25 +357,31 @@ fn main() {
     let msg = [3u8; 64];
     let (pp_allocs, pp_bytes) = per_op(500, 5_000, || round_trip(&mut s, &msg));
     drop(s);
-    // CONNECT + 100 bytes + close.
+    // CONNECT + 100 bytes + close, and the same through SOCKS5.
     let traces = std::env::var("SG_ALLOC_TRACE")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     if traces > 0 {
-        // Warm up, then trace the allocations of the next CONNECTs.
-        for _ in 0..200 {
-            connect_once(proxy, target);
+        // Warm up, then trace the allocations of the next connections.
+        type Op = fn(SocketAddr, SocketAddr);
+        let ops: [(&str, Op); 2] = [("CONNECT", connect_once), ("SOCKS5", socks5_once)];
+        for (name, op) in ops {
+            for _ in 0..200 {
+                op(proxy, target);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            eprintln!("--- {name}: the allocations of three warm connections");
+            TRACES_LEFT.store(traces, Ordering::Relaxed);
+            for _ in 0..3 {
+                op(proxy, target);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            TRACES_LEFT.store(0, Ordering::Relaxed);
         }
-        std::thread::sleep(Duration::from_millis(50));
-        TRACES_LEFT.store(traces, Ordering::Relaxed);
-        for _ in 0..3 {
-            connect_once(proxy, target);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-        TRACES_LEFT.store(0, Ordering::Relaxed);
     }
     let (c_allocs, c_bytes) = per_op(200, 1_000, || connect_once(proxy, target));
+    let (s_allocs, s_bytes) = per_op(200, 1_000, || socks5_once(proxy, target));
 
     // HTTP forwarding: absolute-form GETs on one kept-alive connection,
     // a sticky session (the upstream connection is kept).
@@ -357,6 +395,9 @@ fn main() {
     println!("HTTP forwarding, sticky: {h_allocs:.3} allocations per request ({h_bytes:.1} bytes)");
     println!(
         "CONNECT + 100 B + close: {c_allocs:.3} allocations per connection ({c_bytes:.1} bytes)"
+    );
+    println!(
+        "SOCKS5 + 100 B + close: {s_allocs:.3} allocations per connection ({s_bytes:.1} bytes)"
     );
 
     // The goal is none once warm. A relayed round trip meets it: its
@@ -377,6 +418,12 @@ fn main() {
     assert!(
         c_allocs * 1_000.0 <= 5.0,
         "a CONNECT allocates: {c_allocs} times per connection"
+    );
+    // A SOCKS5 connection neither: its greeting's methods are a bit set
+    // and its username and password are kept inline (it was 4).
+    assert!(
+        s_allocs * 1_000.0 <= 5.0,
+        "a SOCKS5 connection allocates: {s_allocs} times per connection"
     );
     // A forwarded request allocates twice (3 bytes): the request's path
     // and the answer's reason phrase. It was 22.2, then 8.

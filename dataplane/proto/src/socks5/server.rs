@@ -12,8 +12,9 @@ use splicegate_addr::{Host, Target, parse_host};
 /// The client's greeting: the methods it offers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Greeting {
-    /// Offered method codes, in the client's order (1..=255 of them).
-    pub methods: Vec<u8>,
+    /// Offered method codes (1..=255 of them sent; a set, since the server
+    /// picks whatever the order).
+    pub methods: MethodSet,
     /// Bytes consumed from the buffer.
     pub consumed: usize,
 }
@@ -21,7 +22,46 @@ pub struct Greeting {
 impl Greeting {
     /// Whether the client offers `method` (see [`super::method`]).
     pub fn offers(&self, method: u8) -> bool {
-        self.methods.contains(&method)
+        self.methods.contains(method)
+    }
+}
+
+/// A set of SOCKS5 method codes, kept inline (parsing a greeting allocates
+/// nothing).
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct MethodSet([u64; 4]);
+
+impl MethodSet {
+    /// The set of `codes`.
+    pub fn from_codes(codes: &[u8]) -> MethodSet {
+        let mut set = MethodSet::default();
+        for &c in codes {
+            set.0[usize::from(c >> 6)] |= 1 << (c & 63);
+        }
+        set
+    }
+
+    /// Whether `code` is in the set.
+    pub fn contains(&self, code: u8) -> bool {
+        self.0[usize::from(code >> 6)] & (1 << (code & 63)) != 0
+    }
+
+    /// Distinct codes in the set.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0 == [0; 4]
+    }
+}
+
+impl std::fmt::Debug for MethodSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set()
+            .entries((0..=255u8).filter(|c| self.contains(*c)))
+            .finish()
     }
 }
 
@@ -29,11 +69,74 @@ impl Greeting {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserPass {
     /// Username, 1..=255 bytes.
-    pub username: String,
+    pub username: AuthField,
     /// Password, 0..=255 bytes (an empty one simply fails the key check).
-    pub password: String,
+    pub password: AuthField,
     /// Bytes consumed from the buffer.
     pub consumed: usize,
+}
+
+/// One RFC 1929 field: at most 255 bytes of UTF-8, kept inline (parsing
+/// credentials allocates nothing). Reads as a `str`.
+#[derive(Clone)]
+pub struct AuthField {
+    bytes: [u8; 255],
+    len: u8,
+}
+
+impl AuthField {
+    /// `s` as a field; `None` when it is longer than 255 bytes.
+    pub fn new(s: &str) -> Option<AuthField> {
+        let len = u8::try_from(s.len()).ok()?;
+        let mut bytes = [0u8; 255];
+        bytes[..s.len()].copy_from_slice(s.as_bytes());
+        Some(AuthField { bytes, len })
+    }
+
+    /// The field's text.
+    pub fn as_str(&self) -> &str {
+        // Built only from a `str`, so always UTF-8.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for AuthField {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for AuthField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
+    }
+}
+
+impl PartialEq for AuthField {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for AuthField {}
+
+impl PartialEq<str> for AuthField {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for AuthField {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<String> for AuthField {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other
+    }
 }
 
 /// The CMD byte of a request.
@@ -93,7 +196,7 @@ pub fn parse_greeting(buf: &[u8]) -> Result<Option<Greeting>, Socks5Error> {
         return Ok(None);
     };
     Ok(Some(Greeting {
-        methods: methods.to_vec(),
+        methods: MethodSet::from_codes(methods),
         consumed: end,
     }))
 }
@@ -124,9 +227,14 @@ pub fn parse_userpass(buf: &[u8]) -> Result<Option<UserPass>, Socks5Error> {
     let (Ok(username), Ok(password)) = (username, password) else {
         return Err(Socks5Error::CredentialsNotUtf8);
     };
+    // Each is at most 255 bytes: its length came in one byte.
+    let (Some(username), Some(password)) = (AuthField::new(username), AuthField::new(password))
+    else {
+        return Err(Socks5Error::CredentialsNotUtf8);
+    };
     Ok(Some(UserPass {
-        username: username.to_owned(),
-        password: password.to_owned(),
+        username,
+        password,
         consumed: pass_end,
     }))
 }

@@ -24,14 +24,14 @@ fn greeting_table() {
         (
             b"\x05\x01\x02".to_vec(),
             Ok(Some(Greeting {
-                methods: vec![2],
+                methods: MethodSet::from_codes(&[2]),
                 consumed: 3,
             })),
         ), // S-00
         (
             b"\x05\x02\x00\x02\x01".to_vec(),
             Ok(Some(Greeting {
-                methods: vec![0, 2],
+                methods: MethodSet::from_codes(&[0, 2]),
                 consumed: 4,
             })),
         ),
@@ -48,7 +48,7 @@ fn greeting_table() {
         (
             [all.clone(), b"\x01".to_vec()].concat(),
             Ok(Some(Greeting {
-                methods: all[2..].to_vec(),
+                methods: MethodSet::from_codes(&all[2..]),
                 consumed: 257,
             })),
         ), // S-04
@@ -58,14 +58,18 @@ fn greeting_table() {
     }
     let g = parse_greeting(b"\x05\x02\x00\x02").unwrap().unwrap();
     assert!(g.offers(method::USERPASS) && g.offers(method::NO_AUTH) && !g.offers(method::GSSAPI));
+    // The edges of the code space, and a code sent twice: a set.
+    let g = parse_greeting(b"\x05\x03\xff\x00\xff").unwrap().unwrap();
+    assert!(g.offers(255) && g.offers(0) && !g.offers(2), "{g:?}");
+    assert_eq!((g.methods.len(), g.consumed), (2, 5));
 }
 
 #[test]
 fn userpass_table() {
     let up = |u: &str, p: &str, consumed| {
         Ok(Some(UserPass {
-            username: u.into(),
-            password: p.into(),
+            username: AuthField::new(u).unwrap(),
+            password: AuthField::new(p).unwrap(),
             consumed,
         }))
     };
@@ -358,7 +362,10 @@ proptest! {
         let mut out = Vec::new();
         write_userpass(&user, &pass, &mut out).unwrap();
         let parsed = parse_userpass(&out).unwrap().unwrap();
-        prop_assert_eq!((parsed.username, parsed.password, parsed.consumed), (user, pass, out.len()));
+        prop_assert_eq!(
+            (parsed.username.as_str(), parsed.password.as_str(), parsed.consumed),
+            (user.as_str(), pass.as_str(), out.len())
+        );
     }
 }
 
