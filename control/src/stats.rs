@@ -70,7 +70,7 @@ pub struct WorkerStats {
     /// SOCKS5 UDP datagrams relayed: client → target, target → client.
     pub udp_datagrams: [AtomicU64; 2],
     /// SOCKS5 UDP datagrams dropped by reason ([`UDP_DROP_REASONS`]).
-    pub udp_dropped: [AtomicU64; 8],
+    pub udp_dropped: [AtomicU64; UDP_DROP_REASONS.len()],
     /// The worker's runtime, as of its last tick (every 250 ms).
     pub runtime: RuntimeGauges,
 }
@@ -154,9 +154,10 @@ pub const UDP_DROP_FULL: usize = 5;
 /// At the exit, from an address the client never sent to (or before its
 /// first datagram): answers only come from where the client went.
 pub const UDP_DROP_UNSOLICITED: usize = 6;
-/// Too long to send on with its header: a target's answer of more than
-/// 65,497 bytes over IPv4 (the header makes it longer than a UDP datagram
-/// can be, `EMSGSIZE`).
+/// Too long for a UDP datagram on the next hop once its header is added
+/// (an answer) or kept (a datagram to a chained SOCKS5 node), `EMSGSIZE`:
+/// for one, an answer of more than 65,497 bytes from an IPv4 target to an
+/// IPv4 client (65,507 bytes, less the 10-byte header).
 pub const UDP_DROP_OVERSIZED: usize = 7;
 /// The `reason` label of each index.
 pub const UDP_DROP_REASONS: [&str; 8] = [

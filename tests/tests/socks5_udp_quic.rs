@@ -543,6 +543,7 @@ fn http3_through_a_direct_node(via: impl Fn(u16) -> String) {
         "stranger",
         "malformed",
         "unreachable",
+        "oversized",
     ] {
         let series = format!("splicegate_udp_dropped_total{{reason=\"{reason}\"}}");
         assert_eq!(sample(&m, &series), 0.0, "{series}: {m}");

@@ -330,7 +330,7 @@ impl Collector for Live {
         counter(
             &mut enc,
             "splicegate_udp_dropped",
-            "SOCKS5 UDP datagrams dropped, by reason: fragment (FRAG not 0), blocked_target, stranger (not the association's client), malformed, unreachable, buffer_full, unsolicited (at the exit, from an address the client never sent to)",
+            "SOCKS5 UDP datagrams dropped, by reason: fragment (FRAG not 0), blocked_target, stranger (not the association's client), malformed, unreachable, buffer_full, unsolicited (at the exit, from an address the client never sent to), oversized (too long for a datagram on the next hop with its header added or kept)",
             &udp,
         )?;
 
