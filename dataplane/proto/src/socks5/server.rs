@@ -66,7 +66,7 @@ impl std::fmt::Debug for MethodSet {
 }
 
 /// RFC 1929 credentials.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct UserPass {
     /// Username, 1..=255 bytes.
     pub username: AuthField,
@@ -74,6 +74,17 @@ pub struct UserPass {
     pub password: AuthField,
     /// Bytes consumed from the buffer.
     pub consumed: usize,
+}
+
+impl std::fmt::Debug for UserPass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The password is a package key: never printed.
+        f.debug_struct("UserPass")
+            .field("username", &self.username)
+            .field("password", &"***")
+            .field("consumed", &self.consumed)
+            .finish()
+    }
 }
 
 /// One RFC 1929 field: at most 255 bytes of UTF-8, kept inline (parsing

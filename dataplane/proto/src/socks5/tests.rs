@@ -62,6 +62,15 @@ fn greeting_table() {
     let g = parse_greeting(b"\x05\x03\xff\x00\xff").unwrap().unwrap();
     assert!(g.offers(255) && g.offers(0) && !g.offers(2), "{g:?}");
     assert_eq!((g.methods.len(), g.consumed), (2, 5));
+    // Every code against a plain list, for sets of every code of a kind.
+    for step in [1usize, 2, 3, 7, 64, 255] {
+        let codes: Vec<u8> = (0..=255u8).step_by(step).collect();
+        let set = MethodSet::from_codes(&codes);
+        assert_eq!(set.len(), codes.len(), "step {step}");
+        for c in 0..=255u8 {
+            assert_eq!(set.contains(c), codes.contains(&c), "code {c}, step {step}");
+        }
+    }
 }
 
 #[test]
