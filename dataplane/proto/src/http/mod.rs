@@ -220,6 +220,84 @@ impl Headers {
     }
 }
 
+/// Text kept apart from a head's fields (a request's path and query, an
+/// answer's reason phrase). Its buffer comes from a per-thread pool and
+/// goes back to it when dropped, as a [`Headers`]' buffers do, so a warm
+/// thread parses heads without allocating. Reads as a `str`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct HeadText(String);
+
+/// Text buffers a thread keeps for its next heads.
+const KEPT_TEXTS: usize = 64;
+
+thread_local! {
+    /// Emptied buffers of dropped [`HeadText`]s.
+    static FREE_TEXTS: std::cell::RefCell<Vec<String>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl HeadText {
+    /// The concatenation of `parts`, in a kept buffer when the thread has
+    /// one.
+    pub fn new(parts: &[&str]) -> HeadText {
+        let mut s = FREE_TEXTS
+            .try_with(|free| free.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        for p in parts {
+            s.push_str(p);
+        }
+        HeadText(s)
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for HeadText {
+    fn drop(&mut self) {
+        if self.0.capacity() == 0 || self.0.capacity() > KEPT_BYTES {
+            return;
+        }
+        let mut s = std::mem::take(&mut self.0);
+        s.clear();
+        let _ = FREE_TEXTS.try_with(|free| {
+            let mut free = free.borrow_mut();
+            if free.len() < KEPT_TEXTS {
+                free.push(s);
+            }
+        });
+    }
+}
+
+impl std::ops::Deref for HeadText {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for HeadText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl From<&str> for HeadText {
+    fn from(s: &str) -> HeadText {
+        HeadText::new(&[s])
+    }
+}
+
+impl PartialEq<&str> for HeadText {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
 /// Header lines whose httparse slots live on the stack ([`HeaderSlots`]):
 /// every ordinary head.
 const STACK_HEADERS: usize = 32;

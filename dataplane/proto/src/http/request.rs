@@ -2,8 +2,9 @@
 
 use super::head::{self, Kind};
 use super::{
-    BodyFraming, HeaderSlots, Headers, HttpError, Limits, Method, Version, connection_has,
-    keep_alive, list_items, map_httparse, parse_content_length, write_end_to_end_headers,
+    BodyFraming, HeadText, HeaderSlots, Headers, HttpError, Limits, Method, Version,
+    connection_has, keep_alive, list_items, map_httparse, parse_content_length,
+    write_end_to_end_headers,
 };
 use splicegate_addr::{Host, Target, parse_host, parse_port};
 
@@ -18,7 +19,7 @@ pub enum RequestTarget {
         /// Host and port.
         target: Target,
         /// Path and query as sent (never decoded), `/` when the URI has none.
-        path_and_query: String,
+        path_and_query: HeadText,
     },
 }
 
@@ -256,9 +257,9 @@ fn parse_target(method: &Method, raw: &[u8]) -> Result<RequestTarget, HttpError>
     // The scan guarantees ASCII in the request line.
     let tail = String::from_utf8_lossy(tail);
     let path_and_query = match tail.as_bytes().first() {
-        None => "/".to_owned(),
-        Some(b'?') => format!("/{tail}"),
-        Some(_) => tail.into_owned(),
+        None => HeadText::new(&["/"]),
+        Some(b'?') => HeadText::new(&["/", &tail]),
+        Some(_) => HeadText::new(&[&tail]),
     };
     Ok(RequestTarget::Absolute {
         target: Target::new(host, port.unwrap_or(80)),

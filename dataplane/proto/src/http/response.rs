@@ -2,8 +2,8 @@
 
 use super::head::{self, Kind};
 use super::{
-    BodyFraming, HeaderSlots, Headers, HttpError, Limits, Method, Version, keep_alive, list_items,
-    map_httparse, parse_content_length, write_end_to_end_headers, write_header,
+    BodyFraming, HeadText, HeaderSlots, Headers, HttpError, Limits, Method, Version, keep_alive,
+    list_items, map_httparse, parse_content_length, write_end_to_end_headers, write_header,
 };
 
 /// A parsed response head and the facts derived from it.
@@ -14,7 +14,7 @@ pub struct Response {
     /// Status code, 100..=999 as httparse admits.
     pub status: u16,
     /// Reason phrase; empty when absent or not UTF-8.
-    pub reason: String,
+    pub reason: HeadText,
     /// Bytes of the buffer taken by the head.
     pub head_len: usize,
     /// All header fields in order, as received.
@@ -48,7 +48,7 @@ pub fn parse_response(
             1 => Version::Http11,
             _ => return Err(HttpError::UnsupportedVersion),
         };
-        let reason = parsed.reason.unwrap_or_default().to_owned();
+        let reason = HeadText::new(&[parsed.reason.unwrap_or_default()]);
         Ok((
             version,
             status,

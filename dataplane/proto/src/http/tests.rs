@@ -872,3 +872,42 @@ fn a_heads_field_buffers_are_reused_without_leftovers() {
     drop(req);
     assert_eq!(copy.get("host"), Some(&b"b.example"[..]));
 }
+
+/// A dropped head's path and reason buffers serve the thread's next head,
+/// holding only the new text.
+#[test]
+fn a_heads_text_buffers_are_reused_without_leftovers() {
+    let long = format!("GET http://a.example/{} HTTP/1.1\r\n\r\n", "p".repeat(300));
+    let req = parse_request(long.as_bytes(), &Limits::default())
+        .unwrap()
+        .unwrap();
+    drop(req);
+    let req = parse(b"GET http://b.example HTTP/1.1\r\n\r\n")
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&req.target, RequestTarget::Absolute { path_and_query, .. } if *path_and_query == "/"),
+        "{:?}",
+        req.target
+    );
+    let req = parse(b"GET http://b.example?q=1 HTTP/1.1\r\n\r\n")
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&req.target, RequestTarget::Absolute { path_and_query, .. } if *path_and_query == "/?q=1"),
+        "{:?}",
+        req.target
+    );
+    let long_reason = format!(
+        "HTTP/1.1 200 {}\r\nContent-Length: 0\r\n\r\n",
+        "R".repeat(200)
+    );
+    let r = parse_response(long_reason.as_bytes(), &Limits::default(), &Method::Get)
+        .unwrap()
+        .unwrap();
+    drop(r);
+    let r = parse_response(b"HTTP/1.1 204 \r\n\r\n", &Limits::default(), &Method::Get)
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.reason.as_str(), "");
+}
