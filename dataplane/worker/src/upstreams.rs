@@ -105,9 +105,8 @@ impl Upstreams {
             }
             reset(i.stream);
         }
-        if list.is_empty() {
-            self.idle.remove(key);
-        }
+        // An emptied list stays (with its memory) for the connection this
+        // request will leave; the sweep removes lists left empty.
         self.gone(&key.target, taken);
         found
     }
@@ -141,7 +140,8 @@ impl Upstreams {
         });
     }
 
-    /// Lets go of every connection idle for [`IDLE`] or more.
+    /// Lets go of every connection idle for [`IDLE`] or more, and of the
+    /// lists left empty.
     pub(crate) fn sweep(&mut self, now: Instant) {
         let mut gone = Vec::new();
         self.idle.retain(|key, list| {
