@@ -28,6 +28,7 @@
 pub mod agent;
 pub mod http;
 pub mod node;
+pub mod pool;
 pub mod proxy_protocol;
 pub mod socks5;
 

@@ -29,8 +29,7 @@ impl Buf {
     /// An empty buffer with room for at least [`MIN`] bytes: a kept one
     /// when the pool has one.
     pub(crate) fn take() -> Buf {
-        let kept = FREE.try_with(|f| f.borrow_mut().pop()).ok().flatten();
-        Buf(kept.unwrap_or_else(|| Vec::with_capacity(MIN)))
+        Buf(splicegate_proto::pool::take(&FREE).unwrap_or_else(|| Vec::with_capacity(MIN)))
     }
 }
 
@@ -40,21 +39,9 @@ impl Drop for Buf {
         if !(MIN..=MAX).contains(&cap) {
             return;
         }
-        let v = std::mem::take(&mut self.0);
-        let _ = FREE.try_with(|f| {
-            let mut f = f.borrow_mut();
-            if f.len() < KEPT {
-                let mut v = v;
-                v.clear();
-                f.push(v);
-            }
-        });
-    }
-}
-
-impl AsMut<Vec<u8>> for Buf {
-    fn as_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.0
+        let mut v = std::mem::take(&mut self.0);
+        v.clear();
+        splicegate_proto::pool::give(&FREE, v, KEPT);
     }
 }
 

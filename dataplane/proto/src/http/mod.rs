@@ -146,12 +146,7 @@ impl Drop for Headers {
         );
         pair.0.clear();
         pair.1.clear();
-        let _ = FREE_HEADERS.try_with(|free| {
-            let mut free = free.borrow_mut();
-            if free.len() < KEPT_HEADERS {
-                free.push(pair);
-            }
-        });
+        crate::pool::give(&FREE_HEADERS, pair, KEPT_HEADERS);
     }
 }
 
@@ -163,11 +158,7 @@ impl Headers {
             .iter()
             .map(|h| h.name.len() + h.value.trim_ascii().len())
             .sum();
-        let (mut bytes, mut fields) = FREE_HEADERS
-            .try_with(|free| free.borrow_mut().pop())
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let (mut bytes, mut fields) = crate::pool::take(&FREE_HEADERS).unwrap_or_default();
         bytes.reserve(len);
         fields.reserve(parsed.len());
         let mut headers = Headers { bytes, fields };
@@ -240,11 +231,7 @@ impl HeadText {
     /// The concatenation of `parts`, in a kept buffer when the thread has
     /// one.
     pub fn new(parts: &[&str]) -> HeadText {
-        let mut s = FREE_TEXTS
-            .try_with(|free| free.borrow_mut().pop())
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let mut s = crate::pool::take(&FREE_TEXTS).unwrap_or_default();
         for p in parts {
             s.push_str(p);
         }
@@ -264,12 +251,7 @@ impl Drop for HeadText {
         }
         let mut s = std::mem::take(&mut self.0);
         s.clear();
-        let _ = FREE_TEXTS.try_with(|free| {
-            let mut free = free.borrow_mut();
-            if free.len() < KEPT_TEXTS {
-                free.push(s);
-            }
-        });
+        crate::pool::give(&FREE_TEXTS, s, KEPT_TEXTS);
     }
 }
 
