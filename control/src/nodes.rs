@@ -1373,12 +1373,12 @@ impl NodePool {
     }
 
     /// The bitmaps a filter names, or `None` for a value no node has.
-    fn filter_sets<'a>(&'a self, f: &Filter, out: &mut FilterSets<'a>) -> bool {
+    fn filter_sets(&self, f: &Filter) -> Option<FilterSets<'_>> {
         fn get<'a, K: Hash + Eq>(m: &'a AttrIndex<K>, k: &K) -> Option<&'a RoaringBitmap> {
             m.get(k).map(|b| &**b)
         }
         // Every attribute named here, so a new one cannot be added to
-        // `Filter` without this list (and `MAX_FILTER_SETS`) seeing it.
+        // `Filter` without this list and `MAX_FILTER_SETS` seeing it.
         let Filter {
             country,
             region,
@@ -1388,58 +1388,45 @@ impl NodePool {
             networks,
             udp,
         } = f;
-        let empty_ok = |o: Option<&'a RoaringBitmap>, name, out: &mut FilterSets<'a>| match o {
-            Some(b) => {
-                out.push((name, b));
-                true
-            }
-            None => false,
+        // The unused places hold any of the pool's sets; they are never read.
+        let mut sets = FilterSets {
+            sets: [&self.udp; MAX_FILTER_SETS],
+            len: 0,
         };
-        if let Some(c) = country
-            && !empty_ok(get(&self.country, c), "country", out)
-        {
-            return false;
+        if let Some(c) = country {
+            sets.push(get(&self.country, c)?);
         }
-        for (name, map, v) in [
-            ("region", &self.region, *region),
-            ("city", &self.city, *city),
-            ("isp", &self.isp, *isp),
-        ] {
-            if let Some(v) = v
-                && !empty_ok(get(map, &v), name, out)
-            {
-                return false;
+        for (map, v) in [(&self.region, region), (&self.city, city), (&self.isp, isp)] {
+            if let Some(v) = v {
+                sets.push(get(map, v)?);
             }
         }
-        if let Some(a) = asn
-            && !empty_ok(get(&self.asn, a), "asn", out)
-        {
-            return false;
+        if let Some(a) = asn {
+            sets.push(get(&self.asn, a)?);
         }
         if let Some(n) = networks
             && *n != NetworkSet::ALL
         {
-            out.push(("network", &self.networks[n.0 as usize]));
+            sets.push(&self.networks[n.0 as usize]);
         }
         if *udp {
-            out.push(("udp", &self.udp));
+            sets.push(&self.udp);
         }
-        true
+        Some(sets)
     }
 
     /// The selectable nodes matching `f`.
     pub fn candidates(&self, f: &Filter) -> RoaringBitmap {
-        let mut sets = FilterSets::default();
-        if !self.filter_sets(f, &mut sets) {
+        let Some(mut sets) = self.filter_sets(f) else {
             return RoaringBitmap::new();
-        }
+        };
         let online = self.selectable.load();
         let mut iter = sets.smallest_first().iter().copied();
         let mut acc = match iter.next() {
-            Some((_, first)) => first & &**online,
+            Some(first) => first & &**online,
             None => return RoaringBitmap::clone(&online),
         };
-        for (_, b) in iter {
+        for b in iter {
             if acc.is_empty() {
                 break;
             }
@@ -1480,14 +1467,11 @@ impl NodePool {
     /// [`SAMPLE_TRIES`] misses per draw, so a sparse intersection falls back
     /// to computing it.
     fn sample(&self, f: &Filter, exclude: &[NodeIdx], rng: &mut Rng) -> Option<NodeIdx> {
-        let mut sets = FilterSets::default();
-        if !self.filter_sets(f, &mut sets) {
-            return None;
-        }
+        let mut sets = self.filter_sets(f)?;
         let online = self.selectable.load();
-        let (base, rest): (&RoaringBitmap, &[(&str, &RoaringBitmap)]) =
+        let (base, rest): (&RoaringBitmap, &[&RoaringBitmap]) =
             match sets.smallest_first().split_first() {
-                Some(((_, first), rest)) => (first, rest),
+                Some((first, rest)) => (first, rest),
                 None => (&online, &[]),
             };
         let n = base.len();
@@ -1497,9 +1481,7 @@ impl NodePool {
         let draw = |rng: &mut Rng| {
             for _ in 0..SAMPLE_TRIES {
                 let i = base.select(rng.below(n) as u32)?;
-                if online.contains(i)
-                    && !exclude.contains(&i)
-                    && rest.iter().all(|(_, b)| b.contains(i))
+                if online.contains(i) && !exclude.contains(&i) && rest.iter().all(|b| b.contains(i))
                 {
                     return Some(i);
                 }
@@ -1733,34 +1715,22 @@ const MAX_FILTER_SETS: usize = 7;
 /// The node sets a filter intersects, one per attribute it names, kept
 /// inline: a pick allocates nothing to gather them.
 struct FilterSets<'a> {
-    sets: [(&'static str, &'a RoaringBitmap); MAX_FILTER_SETS],
+    sets: [&'a RoaringBitmap; MAX_FILTER_SETS],
     len: usize,
-}
-
-/// What fills a [`FilterSets`]' unused places.
-static NO_SET: std::sync::LazyLock<RoaringBitmap> = std::sync::LazyLock::new(RoaringBitmap::new);
-
-impl Default for FilterSets<'_> {
-    fn default() -> Self {
-        FilterSets {
-            sets: [("", &*NO_SET); MAX_FILTER_SETS],
-            len: 0,
-        }
-    }
 }
 
 impl<'a> FilterSets<'a> {
     /// Adds one attribute's set; a filter names each attribute once.
-    fn push(&mut self, set: (&'static str, &'a RoaringBitmap)) {
+    fn push(&mut self, set: &'a RoaringBitmap) {
         self.sets[self.len] = set;
         self.len += 1;
     }
 
     /// The sets, the smallest first (the cheapest to draw from or start an
     /// intersection with).
-    fn smallest_first(&mut self) -> &[(&'static str, &'a RoaringBitmap)] {
+    fn smallest_first(&mut self) -> &[&'a RoaringBitmap] {
         let sets = &mut self.sets[..self.len];
-        sets.sort_by_key(|(_, b)| b.len());
+        sets.sort_by_key(|b| b.len());
         sets
     }
 }
