@@ -1090,8 +1090,8 @@ async fn listen(
 /// read back instead of being read one row at a time.
 const NODE_CHANGES_ONE_BY_ONE: usize = 256;
 
-/// Apply the node changes other gateways announce, in order, one task for
-/// all of them (each holds the control lock while it runs): a burst
+/// Apply the node changes other gateways announce, one task for all of
+/// them (each holds the control lock while it runs): a burst
 /// (another gateway importing nodes) becomes one full read back; an error
 /// asks for one too.
 async fn node_changes(
@@ -1102,15 +1102,18 @@ async fn node_changes(
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        let first = tokio::select! {
-            id = queued.recv() => id,
+        let mut ids = Vec::new();
+        let received = tokio::select! {
+            n = queued.recv_many(&mut ids, usize::MAX) => n,
             _ = stop.changed() => return,
         };
-        let Some(first) = first else { return };
-        let mut ids = vec![first];
-        while let Ok(id) = queued.try_recv() {
-            ids.push(id);
+        if received == 0 {
+            return;
         }
+        // Each is read back as its row is now, so their order does not
+        // matter and a node announced twice is read once.
+        ids.sort_unstable();
+        ids.dedup();
         if ids.len() > NODE_CHANGES_ONE_BY_ONE {
             tracing::info!(
                 nodes = ids.len(),
@@ -1119,7 +1122,6 @@ async fn node_changes(
             reload.notify_one();
             continue;
         }
-        ids.dedup();
         let c = control.clone();
         let applied = tokio::task::spawn_blocking(move || {
             let mut changed = Vec::new();
