@@ -880,7 +880,8 @@ impl Control {
     /// Put `decl` at `key` in the map `slot` selects, build the policy
     /// (`build`: from the map changed; it gives what `commit` needs), store
     /// the object, commit and publish; on any failure the map is as before
-    /// and nothing live changed.
+    /// (a failure after the store write is healed by the next read back of
+    /// the store, which finds the object new).
     #[allow(clippy::too_many_arguments)]
     fn put<K: Ord + Clone, V, T>(
         &self,
@@ -894,23 +895,25 @@ impl Control {
         commit: impl FnOnce(&Policy, T),
     ) -> Result<(), ControlError> {
         slot(inner).insert(key.clone(), decl);
-        let built = build(inner).and_then(|built| {
-            store(inner.store.as_mut())?;
-            Ok(built)
-        });
-        match built {
-            Ok((policy, t)) => {
+        let done = build(inner)
+            .and_then(|built| {
+                store(inner.store.as_mut())?;
+                Ok(built)
+            })
+            .and_then(|(policy, t)| {
                 commit(&policy, t);
                 self.publish(inner, policy)
-            }
-            Err(e) => {
-                match old {
-                    Some(o) => slot(inner).insert(key, o),
-                    None => slot(inner).remove(&key),
-                };
-                Err(e)
-            }
+            });
+        if done.is_err() {
+            // Stored but not published counts as a failure too: the map
+            // goes back with the running policy, and the next read back of
+            // the store finds the object new and applies it.
+            match old {
+                Some(o) => slot(inner).insert(key, o),
+                None => slot(inner).remove(&key),
+            };
         }
+        done
     }
 
     fn api_package(&self, inner: &Inner, id: u64) -> Result<PackageDecl, ControlError> {
@@ -1279,7 +1282,8 @@ impl Control {
     /// the running one with it a tombstone, `store` run (the API's
     /// deletion; nothing for one read back from the store), then the node
     /// out of selection on the running pool at once and the new one
-    /// published; on a failure before that, nothing changed.
+    /// published; on a failure the map is as before (a failure after the
+    /// store write is healed by the next read back of the store).
     fn remove_node(
         &self,
         inner: &mut Inner,
@@ -1289,21 +1293,24 @@ impl Control {
     ) -> Result<(), ControlError> {
         inner.nodes.remove(id);
         let current = self.engine.policy_arc();
-        let built = self
+        let done = self
             .build_node(inner, &current, NodeChange::Remove(id))
-            .and_then(|b| store(inner.store.as_mut()).map(|()| b).map_err(Into::into));
-        let (policy, idx) = match built {
-            Ok(b) => b,
-            Err(e) => {
-                inner.nodes.insert(id.to_string(), old);
-                return Err(e);
-            }
-        };
-        if let Some(idx) = idx {
-            current.nodes.remove(idx);
-            policy.nodes.remove(idx);
+            .and_then(|built| {
+                store(inner.store.as_mut())?;
+                Ok(built)
+            })
+            .and_then(|(policy, idx)| {
+                if let Some(idx) = idx {
+                    current.nodes.remove(idx);
+                    policy.nodes.remove(idx);
+                }
+                self.publish(inner, policy)
+            });
+        if done.is_err() {
+            // As in `put`: the next read back applies what was stored.
+            inner.nodes.insert(id.to_string(), old);
         }
-        self.publish(inner, policy)
+        done
     }
 
     // ---- the usage ledger ----
