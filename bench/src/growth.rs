@@ -269,12 +269,7 @@ fn config(workers: usize, nodes: usize, packages: usize, last_version: usize) ->
         let _ = writeln!(s, "[[package]]\nid = {i}\nkey = \"{}\"", key_of(i, v));
     }
     for i in 0..nodes {
-        let a = 0x7f01_0000u32 + i as u32;
-        let _ = writeln!(
-            s,
-            "[[node]]\nid = \"n{i}\"\nkind = \"direct\"\nbind = \"{}\"\ncountry = \"us\"",
-            std::net::Ipv4Addr::from(a)
-        );
+        s.push_str(&peers::direct_node(i, i));
     }
     s
 }

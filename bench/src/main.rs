@@ -80,8 +80,9 @@ struct Common {
     /// splicegate workers (the `splicegate-w2` peer always has 2).
     #[arg(long, default_value_t = 1)]
     workers: usize,
-    /// `direct` nodes in splicegate's pool (127.0.1.1, 127.0.1.2, …; at
-    /// most 60,000): a request without a session picks one of them.
+    /// `direct` nodes in splicegate's pool (127.0.1.1, then 127.1.0.1,
+    /// 127.1.0.2, …; at most 60,000): a request without a session picks
+    /// one of them.
     #[arg(long, default_value_t = 1)]
     nodes: usize,
     /// CPUs of the proxy under test (taskset list; default 0).

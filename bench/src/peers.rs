@@ -742,15 +742,11 @@ pub(crate) fn start(peer: &Peer, env: &Env, tls: bool) -> Result<Running> {
             } else {
                 "kind = \"direct\"\nbind = \"127.0.1.1\"".to_string()
             };
-            // More direct nodes, when asked: 127.0.1.2, … (the first is n1).
+            // More direct nodes, when asked (the first is n1).
             let mut more_nodes = String::new();
             if id == PeerId::Splicegate {
                 for i in 1..env.nodes {
-                    let (hi, lo) = (1 + i / 250, 1 + i % 250);
-                    more_nodes.push_str(&format!(
-                        "[[node]]\nid = \"n{}\"\nkind = \"direct\"\nbind = \"127.0.{hi}.{lo}\"\ncountry = \"us\"\n",
-                        i + 1
-                    ));
+                    more_nodes.push_str(&direct_node(i + 1, i));
                 }
             }
             let (workers, cpus) = if id == PeerId::SplicegateW2 {
@@ -1263,4 +1259,12 @@ pub(crate) fn version(peer: &Peer, env: &Env) -> String {
             text.lines().next().unwrap_or("").trim().to_string()
         })
         .unwrap_or_default()
+}
+
+/// A `direct` node `n<id>` declared for the bench's gateways, leaving from
+/// 127.1.0.0 + `i`: outside 127.0.x.y, where the load generator's clients
+/// and the targets are.
+pub(crate) fn direct_node(id: usize, i: usize) -> String {
+    let addr = std::net::Ipv4Addr::from(0x7f01_0000u32 + i as u32);
+    format!("[[node]]\nid = \"n{id}\"\nkind = \"direct\"\nbind = \"{addr}\"\ncountry = \"us\"\n")
 }
