@@ -449,9 +449,8 @@ fn gauges(ctx: &Ctx) {
     g.cq_dropped.store(u64::from(r.cq_dropped), Relaxed);
     g.ops_in_flight.store(r.ops_in_flight as u64, Relaxed);
     g.tasks.store(r.tasks as u64, Relaxed);
-    let u = ctx.upstreams.borrow();
-    g.upstreams_idle.store(u.len() as u64, Relaxed);
-    g.upstreams_reused.store(u.reused, Relaxed);
+    g.upstreams_idle
+        .store(ctx.upstreams.borrow().len() as u64, Relaxed);
 }
 
 #[cfg(test)]

@@ -466,7 +466,7 @@ impl HttpConn<'_> {
                         );
                     }
                     if from_pool {
-                        ctx.upstreams.borrow_mut().reused += 1;
+                        crate::WorkerStats::inc(&ctx.stats.runtime.upstreams_reused);
                     }
                     return if keep_client {
                         Next::KeepAlive

@@ -57,9 +57,6 @@ pub(crate) struct Upstreams {
     idle: HashMap<Key, Vec<Idle>>,
     /// Idle connections per target (their sum is the pool's size).
     targets: HashMap<Target, usize>,
-    /// Requests answered on a connection taken from here, since the
-    /// worker started.
-    pub reused: u64,
 }
 
 /// Lets a connection go without leaving TIME_WAIT.
@@ -114,9 +111,6 @@ impl Upstreams {
     /// Keeps `stream` (idle, its answer read whole) for the next request
     /// of `key`; lets it go when the bounds are full.
     pub(crate) fn put(&mut self, key: Key, stream: TcpStream, node: Arc<Node>, now: Instant) {
-        if self.len() >= MAX {
-            self.sweep(now);
-        }
         let per_target = self.targets.get(&key.target).copied().unwrap_or(0);
         let per_key = self.idle.get(&key).map_or(0, Vec::len);
         // Full: the worker's bound, or the target's (unless this key's own
