@@ -24,6 +24,7 @@ use splicegate_control::engine::Engine;
 use splicegate_control::guard::{Guard, GuardConfig};
 use splicegate_control::policy::{Declarations, PackageDecl, Policy};
 use splicegate_control::safety::TargetPolicy;
+use splicegate_proto::Host;
 use splicegate_proto::http::encode_basic;
 use splicegate_worker::{Binding, Resolver, Settings, Shared};
 
@@ -292,28 +293,28 @@ fn connect_once(proxy: SocketAddr, target: SocketAddr) {
 /// One whole SOCKS5 CONNECT with username/password: handshake, 100 bytes
 /// echoed, close, and the gateway's side seen closed.
 fn socks5_once(proxy: SocketAddr, target: SocketAddr) {
+    use splicegate_proto::socks5::client;
     let mut s = connect_from(proxy, Ipv4Addr::new(127, 0, 0, 11));
     let mut reply = [0u8; 10];
-    s.write_all(&[5, 1, 2]).expect("greeting");
+    let mut out = Vec::new();
+    client::write_greeting(true, &mut out);
+    s.write_all(&out).expect("greeting");
     s.read_exact(&mut reply[..2]).expect("method");
-    assert_eq!(reply[..2], [5, 2]);
-    let (user, key) = (b"package-1-country-us", b"k");
-    let mut auth = vec![1, user.len() as u8];
-    auth.extend_from_slice(user);
-    auth.push(key.len() as u8);
-    auth.extend_from_slice(key);
-    s.write_all(&auth).expect("username/password");
+    assert_eq!(client::parse_method_reply(&reply[..2]), Ok(Some(2)));
+    out.clear();
+    client::write_userpass("package-1-country-us", "k", &mut out).expect("credentials");
+    s.write_all(&out).expect("username/password");
     s.read_exact(&mut reply[..2]).expect("auth reply");
-    assert_eq!(reply[..2], [1, 0], "SOCKS5 authentication refused");
-    let SocketAddr::V4(t) = target else {
-        panic!("the echo is on IPv4")
-    };
-    let mut request = vec![5, 1, 0, 1];
-    request.extend_from_slice(&t.ip().octets());
-    request.extend_from_slice(&t.port().to_be_bytes());
-    s.write_all(&request).expect("CONNECT request");
+    assert_eq!(client::parse_auth_reply(&reply[..2]), Ok(Some(true)));
+    out.clear();
+    client::write_connect(&Host::Ip(target.ip()), target.port(), &mut out).expect("request");
+    s.write_all(&out).expect("CONNECT request");
     s.read_exact(&mut reply).expect("CONNECT reply");
-    assert_eq!(reply[1], 0, "SOCKS5 CONNECT refused: {reply:?}");
+    assert_eq!(
+        client::parse_connect_reply(&reply),
+        Ok(Some((0, reply.len()))),
+        "SOCKS5 CONNECT refused: {reply:?}"
+    );
     round_trip(&mut s, &[7u8; 100]);
     s.shutdown(std::net::Shutdown::Write).expect("shutdown");
     let mut rest = [0u8; 16];
