@@ -48,7 +48,7 @@ pub(crate) async fn select2<A: Future, B: Future>(a: A, b: B) -> Either<A::Outpu
 }
 
 /// Counts a client connection while it is open.
-struct OpenGuard(Arc<WorkerStats>);
+pub(crate) struct OpenGuard(Arc<WorkerStats>);
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {

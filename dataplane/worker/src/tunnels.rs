@@ -172,7 +172,7 @@ pub(crate) struct Tunnel {
 /// idle tunnel's task holds one copy of them (a future keeps the room of
 /// its arguments, and of anything an async block captures, for its whole
 /// life).
-pub(crate) async fn run<G>(ctx: Rc<Ctx>, mut t: Tunnel, open: G) {
+pub(crate) async fn run(ctx: Rc<Ctx>, mut t: Tunnel, open: crate::accept::OpenGuard) {
     let ctx = &*ctx;
     let route = &t.route;
     let _load = route.node.runtime.open_tunnel();
