@@ -212,6 +212,11 @@ pub(crate) struct Driver {
     pending_cancels: Vec<usize>,
     /// Reaps that found the kernel holding completions back (CQ full).
     cq_backlogs: u64,
+    /// A task asked the next wait to gather completions for this long
+    /// ([`Driver::gather`]).
+    gather: Option<Duration>,
+    /// Waits that gathered completions.
+    gathered: u64,
     /// The eventfd the runtime keeps a multishot poll armed on (shared with
     /// the runtime's remote-wake handle, which writes to it).
     wake_fd: Arc<OwnedFd>,
@@ -238,6 +243,8 @@ impl Driver {
             wake_armed: false,
             pending_cancels: Vec::new(),
             cq_backlogs: 0,
+            gather: None,
+            gathered: 0,
             wake_fd,
         };
         driver.arm_wake()?;
@@ -421,6 +428,19 @@ impl Driver {
         self.ops.len()
     }
 
+    /// Asks the next wait to gather completions for up to `d` (the longest
+    /// of the turn's requests) before waking; see [`crate::gather_next_wait`].
+    /// Whether the kernel can.
+    pub(crate) fn gather(&mut self, d: Duration) -> bool {
+        self.gather = Some(self.gather.map_or(d, |g| g.max(d)));
+        self.ring.can_gather()
+    }
+
+    /// Waits that gathered completions.
+    pub(crate) fn gathered(&self) -> u64 {
+        self.gathered
+    }
+
     /// One turn of I/O: fire expired timers, submit, optionally wait (until a
     /// completion or the nearest timer), then dispatch every CQE.
     pub(crate) fn turn(&mut self, may_block: bool) -> io::Result<()> {
@@ -446,7 +466,21 @@ impl Driver {
             }
             match timeout {
                 Some(Duration::ZERO) => self.ring.submit()?,
-                t => self.ring.submit_and_wait(t)?,
+                t => {
+                    // A request applies to one wait: the one after it.
+                    let gather = self.gather.take().filter(|_| self.ring.can_gather());
+                    // Until everything in flight has completed at most (the
+                    // kernel ends the gathering then), and never past the
+                    // nearest timer.
+                    let gather = gather.map(|d| {
+                        let d = t.map_or(d, |t| d.min(t));
+                        (d, self.ops.len().min(self.ring.sizes().1 as usize))
+                    });
+                    if gather.is_some_and(|(d, want)| !d.is_zero() && want > 1) {
+                        self.gathered += 1;
+                    }
+                    self.ring.submit_and_wait(t, gather)?
+                }
             }
         } else {
             self.ring.submit()?;

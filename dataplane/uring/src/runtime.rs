@@ -347,6 +347,7 @@ impl Context {
             pending_cancels,
             tasks: self.tasks.borrow().len(),
             ring_setup: driver.ring_setup(),
+            gathered_waits: driver.gathered(),
         }
     }
 
@@ -400,6 +401,9 @@ pub struct RuntimeStats {
     pub tasks: usize,
     /// The task work mode the kernel gave the ring.
     pub ring_setup: RingSetup,
+    /// Waits that gathered completions for a moment before waking, at a
+    /// task's request ([`crate::gather_next_wait`]). Cumulative.
+    pub gathered_waits: u64,
 }
 
 /// The counters of the runtime running on this thread.

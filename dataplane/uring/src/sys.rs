@@ -74,6 +74,9 @@ impl RingSetup {
 pub(crate) struct Ring {
     ring: IoUring,
     setup: RingSetup,
+    /// The kernel can wait for a batch of completions for a bounded time
+    /// (`IORING_FEAT_MIN_TIMEOUT`, Linux 6.12).
+    min_timeout: bool,
     /// Tests: this many more pushes fail as if the queue stayed full after
     /// a submit (the kernel holding back, e.g. on a CQ overflow).
     #[cfg(test)]
@@ -121,6 +124,7 @@ impl Ring {
             match builder.build(entries) {
                 Ok(ring) => {
                     return Ok(Ring {
+                        min_timeout: ring.params().is_feature_min_timeout(),
                         ring,
                         setup: tier,
                         #[cfg(test)]
@@ -224,17 +228,46 @@ impl Ring {
         }
     }
 
+    /// Whether [`Ring::submit_and_wait`] can gather completions (the
+    /// kernel has `IORING_FEAT_MIN_TIMEOUT`).
+    pub(crate) fn can_gather(&self) -> bool {
+        self.min_timeout
+    }
+
     /// Submits queued entries and waits for at least one completion, or until
     /// `timeout` passes (`None`: no limit). Timeouts and signals are not errors.
-    pub(crate) fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        let res = match timeout {
-            None => self.ring.submit_and_wait(1),
-            Some(t) => {
-                let ts = types::Timespec::new()
-                    .sec(t.as_secs())
-                    .nsec(t.subsec_nanos());
-                let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(1, &args)
+    ///
+    /// With `gather = Some((d, want))` on a kernel that [can](Ring::can_gather),
+    /// the wait first lasts until `want` completions are there or `d` has
+    /// passed, and only then ends on the first: completions arriving within
+    /// `d` of each other are taken with one wake. `d` should not exceed
+    /// `timeout`.
+    pub(crate) fn submit_and_wait(
+        &mut self,
+        timeout: Option<Duration>,
+        gather: Option<(Duration, usize)>,
+    ) -> io::Result<()> {
+        let gather = gather.filter(|&(d, want)| self.min_timeout && !d.is_zero() && want > 1);
+        let res = match (timeout, gather) {
+            (None, None) => self.ring.submit_and_wait(1),
+            (timeout, gather) => {
+                let mut args = types::SubmitArgs::new();
+                let mut want = 1;
+                if let Some((d, w)) = gather {
+                    let usec = u32::try_from(d.as_micros()).unwrap_or(u32::MAX).max(1);
+                    args = args.min_wait_usec(usec);
+                    want = w;
+                }
+                let submitter = self.ring.submitter();
+                match timeout {
+                    Some(t) => {
+                        let ts = types::Timespec::new()
+                            .sec(t.as_secs())
+                            .nsec(t.subsec_nanos());
+                        submitter.submit_with_args(want, &args.timespec(&ts))
+                    }
+                    None => submitter.submit_with_args(want, &args),
+                }
             }
         };
         match res {

@@ -1183,3 +1183,44 @@ fn a_reused_relay_control_starts_fresh() {
     assert_eq!((fresh.a_to_b(), fresh.b_to_a()), (0, 0));
     assert_eq!(fresh.idle_timeout(), None);
 }
+
+/// A task's request to gather makes the next wait last until the gathering
+/// time has passed, although a completion came at once (one of the two ops
+/// in flight); it applies to that one wait only, and is counted. On a
+/// kernel without `IORING_FEAT_MIN_TIMEOUT` the request is ignored.
+#[test]
+fn a_wait_asked_to_gather_waits_past_the_first_completion() {
+    let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+    let a = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let quiet = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let a_addr = a.local_addr().unwrap();
+    let done = watchdog("gathered wait", Duration::from_secs(10));
+    let (can, gathered_took, gathered) = rt
+        .block_on(async {
+            // An op that stays in flight: the silent socket's poll.
+            spawn(async move {
+                let _ = quiet.readable().await;
+            });
+            yield_now().await;
+            // `a` is readable before its poll is armed.
+            a.try_send_to(b"x", a_addr).unwrap();
+            let can = gather_next_wait(Duration::from_millis(150));
+            let t = Instant::now();
+            a.readable().await.unwrap();
+            let took = t.elapsed();
+            // No request: the next wait ends at its first completion.
+            a.readable().await.unwrap();
+            (can, took, runtime_stats().gathered_waits)
+        })
+        .expect("the ring failed");
+    let _ = done.send(());
+    if can {
+        assert!(
+            gathered_took >= Duration::from_millis(140),
+            "the wait ended at the first completion: {gathered_took:?}"
+        );
+        assert_eq!(gathered, 1);
+    } else {
+        assert_eq!(gathered, 0);
+    }
+}
