@@ -91,6 +91,9 @@ pub struct RuntimeGauges {
     pub cq_backlogs: AtomicU64,
     /// Completions the kernel dropped; cumulative (any is fatal).
     pub cq_dropped: AtomicU64,
+    /// Ring waits that gathered completions for a moment before waking (a
+    /// UDP association's runs, `[proxy] udp_gather_us`); cumulative.
+    pub gathered_waits: AtomicU64,
     /// Ring operations in flight now.
     pub ops_in_flight: AtomicU64,
     /// Tasks alive now.

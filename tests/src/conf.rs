@@ -156,6 +156,8 @@ pub struct Conf {
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// `[proxy] tls_only`.
     pub tls_only: bool,
+    /// `[proxy] udp_gather_us` (unset: the gateway's default).
+    pub udp_gather_us: Option<u64>,
 }
 
 impl Default for Conf {
@@ -188,6 +190,7 @@ impl Conf {
             extra: String::new(),
             tls: None,
             tls_only: false,
+            udp_gather_us: None,
         }
     }
 
@@ -246,6 +249,9 @@ impl Conf {
         );
         if self.tls_only {
             t.insert_str(t.len() - 1, "tls_only = true\n");
+        }
+        if let Some(us) = self.udp_gather_us {
+            t.insert_str(t.len() - 1, &format!("udp_gather_us = {us}\n"));
         }
         if let Some((cert, key)) = &self.tls {
             let _ = writeln!(

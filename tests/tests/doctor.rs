@@ -18,7 +18,7 @@ impl Fixture {
     fn healthy() -> Fixture {
         let root = temp_dir("doctor");
         let f = Fixture { root };
-        f.set("proc/sys/kernel/osrelease", "6.1.0-28-amd64");
+        f.set("proc/sys/kernel/osrelease", "6.12.9-amd64");
         f.set("proc/sys/kernel/io_uring_disabled", "0");
         f.set(
             "proc/self/limits",
@@ -100,7 +100,7 @@ type Case<'a> = (&'a str, &'a dyn Fn(&Fixture), &'a str, &'a str, &'a str);
 
 #[test]
 fn each_missing_piece_is_named_with_its_fix() {
-    let cases: [Case<'_>; 7] = [
+    let cases: [Case<'_>; 8] = [
         (
             "a low ulimit -n",
             &|f| {
@@ -134,6 +134,13 @@ fn each_missing_piece_is_named_with_its_fix() {
             "FAIL",
             "older than 5.19",
             "5.19 or later",
+        ),
+        (
+            "a kernel whose waits cannot gather",
+            &|f| f.set("proc/sys/kernel/osrelease", "6.1.0-28-amd64"),
+            "WARN",
+            "older than 6.12: a worker cannot gather completions",
+            "Linux 6.12 or later",
         ),
         (
             "no BTF",

@@ -533,6 +533,92 @@ fn associate(gw: &Gateway, src: Ipv4Addr, user: &str) -> (std::net::TcpStream, S
     )
 }
 
+/// Sends `rounds` runs of `run` datagrams back to back through the
+/// association at `relay` (from `src`) to `target`, taking each run's
+/// answers before the next; every answer must come back, in order.
+fn runs_through(src: Ipv4Addr, relay: SocketAddr, target: SocketAddr, rounds: usize, run: usize) {
+    let u = UdpSocket::bind((src, 0)).unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let std::net::IpAddr::V4(ip) = target.ip() else {
+        unreachable!()
+    };
+    let mut buf = vec![0u8; 2048];
+    for r in 0..rounds {
+        for i in 0..run {
+            let mut d = vec![0, 0, 0, 1];
+            d.extend_from_slice(&ip.octets());
+            d.extend_from_slice(&target.port().to_be_bytes());
+            d.extend_from_slice(format!("run {r} datagram {i}").as_bytes());
+            u.send_to(&d, relay).unwrap();
+        }
+        for i in 0..run {
+            let (n, _) = u
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("run {r}: answer {i} missing: {e}"));
+            // 10 bytes of header (IPv4), then the echo's answer.
+            let answer = String::from_utf8_lossy(&buf[10..n]);
+            assert!(
+                answer.starts_with(&format!("run {r} datagram {i}|")),
+                "run {r}, answer {i}: {answer}"
+            );
+        }
+    }
+}
+
+/// Datagrams that arrive in runs are gathered: the worker's ring waits a
+/// moment for the rest of a run before waking (counted in
+/// `splicegate_ring_gathered_waits_total`), and every datagram still comes
+/// back, in order; `udp_gather_us = 0` turns it off.
+#[test]
+fn runs_of_datagrams_are_gathered_unless_udp_gather_us_is_0() {
+    for gather in [None, Some(0)] {
+        let bind = node_ip();
+        let mut conf = Conf::with_package(KEY).node(NodeDecl::direct("d1", bind));
+        conf.workers = "1".into();
+        conf.udp_gather_us = gather;
+        let gw = Gateway::start_conf(&conf);
+        let echo = UdpEcho::start(Ipv4Addr::LOCALHOST);
+        let src = client_ip();
+        let (_tcp, relay) = associate(&gw, src, &user("country-us"));
+        runs_through(src, relay, echo.addr, 20, 32);
+        let series = "splicegate_ring_gathered_waits_total{worker=\"0\"}";
+        let m = gw.metrics();
+        assert!(
+            sample(&m, "splicegate_udp_datagrams_total{direction=\"down\"}") >= 640.0,
+            "{m}"
+        );
+        if gather.is_none() && kernel_has_min_timeout_waits() {
+            // The default (50 µs): 20 runs of 32 cannot all be taken one
+            // datagram per wake. (Counted at the worker's next tick.)
+            let gathered = eventually(Duration::from_secs(3), Duration::from_millis(50), || {
+                let m = gw.metrics();
+                (sample(&m, series) > 0.0).then_some(())
+            });
+            assert!(gathered.is_some(), "no wait gathered: {}", gw.metrics());
+        } else {
+            // Off, or a kernel before 6.12 (the request is ignored).
+            std::thread::sleep(Duration::from_millis(600));
+            let m = gw.metrics();
+            assert!(
+                m.contains(&format!("{series} 0\n")),
+                "nothing gathered: {m}"
+            );
+        }
+    }
+}
+
+/// Linux 6.12 or later: io_uring waits with a minimum time
+/// (`IORING_FEAT_MIN_TIMEOUT`), which gathering needs.
+fn kernel_has_min_timeout_waits() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (6, 12)
+}
+
 /// One client flooding its association as fast as it can send (to a sink
 /// that reads and drops) starves no other client: another association's
 /// datagrams, sent meanwhile, are all answered (SPEC section 12: bounded

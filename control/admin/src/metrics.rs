@@ -343,7 +343,7 @@ impl Collector for Live {
         };
         // Per-worker series: (name, help, counter or gauge, reader).
         type Read = fn(&WorkerStats) -> u64;
-        let per_worker_series: [(&str, &str, bool, Read); 12] = [
+        let per_worker_series: [(&str, &str, bool, Read); 13] = [
             (
                 "splicegate_upstream_reuses",
                 "Forwarded requests without a session that took an idle upstream connection of their package, node and target instead of dialling, per worker",
@@ -379,6 +379,12 @@ impl Collector for Live {
                 "Ring turns that found completions held back by a full completion queue, per worker",
                 true,
                 |s| s.runtime.cq_backlogs.load(Ordering::Relaxed),
+            ),
+            (
+                "splicegate_ring_gathered_waits",
+                "Ring waits that gathered completions for up to proxy.udp_gather_us before waking (UDP associations whose datagrams arrive in runs), per worker",
+                true,
+                |s| s.runtime.gathered_waits.load(Ordering::Relaxed),
             ),
             (
                 "splicegate_ring_cq_dropped",

@@ -105,6 +105,9 @@ pub(crate) struct ProxySection {
     /// load balancer); default: the local address of the client's TCP
     /// connection.
     pub udp_advertise: Option<std::net::IpAddr>,
+    /// While an association's datagrams arrive in runs, its worker gathers
+    /// completions for up to this many microseconds before waking; 0: never.
+    pub udp_gather_us: u64,
 }
 
 /// `[tls]`: the certificate (PEM chain, leaf first) and its key (PEM),
@@ -159,6 +162,7 @@ impl Default for ProxySection {
             tls_only: false,
             proxy_protocol: false,
             udp_advertise: None,
+            udp_gather_us: 50,
         }
     }
 }
@@ -446,6 +450,9 @@ impl Config {
         if cfg.proxy.workers == Workers::Count(0) {
             bail!("proxy.workers must be at least 1 (or \"auto\")");
         }
+        if cfg.proxy.udp_gather_us > 1000 {
+            bail!("proxy.udp_gather_us must be 0 to 1000 (microseconds)");
+        }
         if cfg.proxy.tls_only && cfg.tls.is_none() {
             bail!("proxy.tls_only needs [tls] (cert and key)");
         }
@@ -647,6 +654,7 @@ impl Config {
             },
             udp_idle: Duration::from_secs(t.udp_idle_s.max(1)),
             udp_advertise: self.proxy.udp_advertise,
+            udp_gather: Duration::from_micros(self.proxy.udp_gather_us),
         }
     }
 
@@ -839,6 +847,10 @@ mod tests {
             ("[proxy]\nworkers = 0\n", "at least 1"),
             ("[proxy]\nworkers = \"many\"\n", "workers"),
             (
+                "[proxy]\nudp_gather_us = 1001\n",
+                "udp_gather_us must be 0 to 1000",
+            ),
+            (
                 "[[listener]]\nlisten = \"127.0.0.1:1\"\nip_only = true\n",
                 "needs a package",
             ),
@@ -852,6 +864,9 @@ mod tests {
             let e = format!("{:#}", checked.unwrap_err());
             assert!(e.contains(needle), "{text}: {e}");
         }
+        let gather = |text: &str| Config::parse(text).unwrap().settings().udp_gather;
+        assert_eq!(gather(""), Duration::from_micros(50));
+        assert_eq!(gather("[proxy]\nudp_gather_us = 0\n"), Duration::ZERO);
         assert_eq!(
             Config::parse("[proxy]\nworkers = \"auto\"\n")
                 .unwrap()

@@ -447,6 +447,7 @@ fn gauges(ctx: &Ctx) {
     g.pipe_failures.store(p.pipe_failures, Relaxed);
     g.cq_backlogs.store(r.cq_backlogs, Relaxed);
     g.cq_dropped.store(u64::from(r.cq_dropped), Relaxed);
+    g.gathered_waits.store(r.gathered_waits, Relaxed);
     g.ops_in_flight.store(r.ops_in_flight as u64, Relaxed);
     g.tasks.store(r.tasks as u64, Relaxed);
     g.upstreams_idle

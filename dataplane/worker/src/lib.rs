@@ -56,6 +56,10 @@ pub struct Settings {
     /// The address a UDP ASSOCIATE reply names (`[proxy] udp_advertise`);
     /// default: the local address of the client's TCP connection.
     pub udp_advertise: Option<std::net::IpAddr>,
+    /// While an association's datagrams arrive in runs, its worker gathers
+    /// completions for up to this long before waking (`[proxy]
+    /// udp_gather_us`); zero: never.
+    pub udp_gather: Duration,
 }
 
 impl Default for Settings {
@@ -69,6 +73,7 @@ impl Default for Settings {
             limits: splicegate_proto::http::Limits::default(),
             udp_idle: Duration::from_secs(300),
             udp_advertise: None,
+            udp_gather: Duration::from_micros(50),
         }
     }
 }

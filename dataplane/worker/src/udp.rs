@@ -481,18 +481,22 @@ impl Relay<'_> {
                 exit_control.set(exit.control());
             }
             if wake & Wake::NEAR != 0 {
-                if self.relay_up().await {
+                let (relayed, taken) = self.relay_up().await;
+                if relayed {
                     last_active = Instant::now();
                 }
+                self.gather_runs(taken);
                 // Armed after the socket was read: a poll armed on a socket
                 // still holding datagrams (the turn's cap was reached)
                 // completes at once.
                 near.set(near_sock.readable());
             }
             if wake & Wake::FAR != 0 {
-                if self.relay_down() {
+                let (relayed, taken) = self.relay_down();
+                if relayed {
                     last_active = Instant::now();
                 }
+                self.gather_runs(taken);
                 if self.gone {
                     return "the agent ended the association";
                 }
@@ -506,6 +510,19 @@ impl Relay<'_> {
                 timer.reset(deadline);
             }
             splicegate_uring::consume_budget().await;
+        }
+    }
+
+    /// After a turn that took `taken` datagrams from one socket: several
+    /// means they arrive in runs (a QUIC transfer, a burst), and the next
+    /// run is gathered before the worker wakes — one wake, one `recvmmsg`
+    /// and one GSO send for it rather than one each per datagram or two —
+    /// for up to `[proxy] udp_gather_us`. A lone datagram (DNS, a game's
+    /// tick) is never held.
+    fn gather_runs(&self, taken: usize) {
+        let gather = self.ctx.shared.settings.udp_gather;
+        if taken >= 2 && !gather.is_zero() {
+            splicegate_uring::gather_next_wait(gather);
         }
     }
 
@@ -554,8 +571,9 @@ impl Relay<'_> {
 
     /// Client → target: up to [`BATCH`] datagrams, taken [`SLOTS`] at a
     /// time with one `recvmmsg` and sent on with one `sendmmsg` (one
-    /// message each to an agent). Whether any was relayed.
-    async fn relay_up(&mut self) -> bool {
+    /// message each to an agent). Whether any was relayed, and how many
+    /// were taken.
+    async fn relay_up(&mut self) -> (bool, usize) {
         let mut lease = Lease::take(self.ctx);
         let b = lease.bufs();
         let exit = self.exit;
@@ -673,7 +691,7 @@ impl Relay<'_> {
                 break;
             }
         }
-        relayed
+        (relayed, taken)
     }
 
     /// Remembers that the client sent to `to` (so `to` may answer).
@@ -687,8 +705,8 @@ impl Relay<'_> {
     /// Target → client: up to [`BATCH`] datagrams, each with the RFC's
     /// header naming its sender, written in place in front of it; taken
     /// [`SLOTS`] at a time (one `recvmmsg` from a socket) and sent with one
-    /// `sendmmsg`. Whether any was relayed.
-    fn relay_down(&mut self) -> bool {
+    /// `sendmmsg`. Whether any was relayed, and how many were taken.
+    fn relay_down(&mut self) -> (bool, usize) {
         let mut lease = Lease::take(self.ctx);
         let b = lease.bufs();
         let exit = self.exit;
@@ -802,6 +820,6 @@ impl Relay<'_> {
                 break;
             }
         }
-        relayed
+        (relayed, taken)
     }
 }
