@@ -428,11 +428,16 @@ impl Driver {
         self.ops.len()
     }
 
-    /// Asks the next wait to gather completions for up to `d` (the longest
-    /// of the turn's requests) before waking; see [`crate::gather_next_wait`].
-    /// Whether the kernel can.
+    /// Asks the next blocking wait to gather completions for `d` (the
+    /// longest of the requests since the last such wait) before waking;
+    /// see [`crate::gather_next_wait`]. Whether the kernel can.
     pub(crate) fn gather(&mut self, d: Duration) -> bool {
         self.gather = Some(self.gather.map_or(d, |g| g.max(d)));
+        self.ring.can_gather()
+    }
+
+    /// Whether the kernel can gather completions in a wait.
+    pub(crate) fn can_gather(&self) -> bool {
         self.ring.can_gather()
     }
 
@@ -469,9 +474,9 @@ impl Driver {
                 t => {
                     // A request applies to one wait: the one after it.
                     let gather = self.gather.take().filter(|_| self.ring.can_gather());
-                    // Until everything in flight has completed at most (the
-                    // kernel ends the gathering then), and never past the
-                    // nearest timer.
+                    // `want` is everything in flight, so in practice the
+                    // gathering lasts its whole time once anything has
+                    // completed; never past the nearest timer.
                     let gather = gather.map(|d| {
                         let d = t.map_or(d, |t| d.min(t));
                         (d, self.ops.len().min(self.ring.sizes().1 as usize))

@@ -83,16 +83,18 @@ pub async fn consume_budget() {
 }
 pub use time::{Elapsed, Sleep, sleep, sleep_until, timeout, timeout_at};
 
-/// Asks the worker's next wait for completions to gather them for up to
-/// `d` before waking, rather than waking at the first (the ring's form of
-/// a NIC's interrupt coalescing; `IORING_FEAT_MIN_TIMEOUT`, Linux 6.12).
-/// The wait still ends once every op in flight has completed, and never
-/// later than the nearest timer. A task that has just found several
+/// Asks the worker's next blocking wait for completions to gather them
+/// for `d` before waking, rather than waking at the first (the ring's form
+/// of a NIC's interrupt coalescing; `IORING_FEAT_MIN_TIMEOUT`, Linux 6.12).
+/// Once anything has completed, the wait lasts `d` (it would end earlier
+/// only if every op in flight completed), and never later than the
+/// nearest timer; with nothing completed it goes on until the first
+/// completion, as any wait. A task that has just found several
 /// completions' worth of work waiting (a run of datagrams) calls it after
 /// each such turn: its next run then costs one wake, and goes out as one
 /// batch, at the price of up to `d` of latency for every task on the
-/// worker during that wait. Whether this kernel can (if not, the request
-/// is ignored).
+/// worker, and for wakes from other threads, during that wait. Whether
+/// this kernel can (if not, the request is ignored).
 ///
 /// # Panics
 /// Outside [`Runtime::block_on`].

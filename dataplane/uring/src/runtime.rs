@@ -473,6 +473,12 @@ impl Runtime {
         self.cx.driver.borrow().ring_setup()
     }
 
+    /// Whether the ring's waits can gather completions
+    /// (`IORING_FEAT_MIN_TIMEOUT`; see [`crate::gather_next_wait`]).
+    pub fn can_gather(&self) -> bool {
+        self.cx.driver.borrow().can_gather()
+    }
+
     /// Runs `future` to completion on this thread, together with every task
     /// [`spawn`]ed onto this runtime, and returns its output. Spawned tasks
     /// that are still pending when it returns stay queued for the next

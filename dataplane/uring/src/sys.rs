@@ -241,7 +241,9 @@ impl Ring {
     /// the wait first lasts until `want` completions are there or `d` has
     /// passed, and only then ends on the first: completions arriving within
     /// `d` of each other are taken with one wake. `d` should not exceed
-    /// `timeout`.
+    /// `timeout`. (Without a timeout the kernel would end the wait at `d`
+    /// even with nothing completed, a wasted wake: a gathered wait is given
+    /// one of [`GATHER_IDLE_LIMIT`].)
     pub(crate) fn submit_and_wait(
         &mut self,
         timeout: Option<Duration>,
@@ -259,6 +261,7 @@ impl Ring {
                     want = w;
                 }
                 let submitter = self.ring.submitter();
+                let timeout = timeout.or(gather.map(|_| GATHER_IDLE_LIMIT));
                 match timeout {
                     Some(t) => {
                         let ts = types::Timespec::new()
@@ -300,6 +303,10 @@ impl Ring {
         self.ring.completion()
     }
 }
+
+/// The timeout a gathered wait is given when the caller set none: with no
+/// timeout the kernel ends a minimum wait at its end, completions or not.
+const GATHER_IDLE_LIMIT: Duration = Duration::from_secs(60);
 
 /// `io_uring_enter` results that just mean "look at the CQ and go on":
 /// the wait timed out, a signal arrived, or completions are backed up.

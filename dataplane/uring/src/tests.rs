@@ -1185,22 +1185,26 @@ fn a_reused_relay_control_starts_fresh() {
 }
 
 /// A task's request to gather makes the next wait last until the gathering
-/// time has passed, although a completion came at once (one of the two ops
-/// in flight); it applies to that one wait only, and is counted. On a
-/// kernel without `IORING_FEAT_MIN_TIMEOUT` the request is ignored.
+/// time has passed, although a completion came at once (one of three ops
+/// in flight); it applies to that one wait only, is counted, and never
+/// outlasts the nearest timer. On a kernel without
+/// `IORING_FEAT_MIN_TIMEOUT` the request is ignored.
 #[test]
 fn a_wait_asked_to_gather_waits_past_the_first_completion() {
     let rt = Runtime::new(RuntimeConfig::default()).unwrap();
     let a = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let quiet = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let quiet2 = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let a_addr = a.local_addr().unwrap();
     let done = watchdog("gathered wait", Duration::from_secs(10));
     let (can, gathered_took, gathered) = rt
         .block_on(async {
-            // An op that stays in flight: the silent socket's poll.
-            spawn(async move {
-                let _ = quiet.readable().await;
-            });
+            // Ops that stay in flight: two silent sockets' polls.
+            for q in [quiet, quiet2] {
+                spawn(async move {
+                    let _ = q.readable().await;
+                });
+            }
             yield_now().await;
             // `a` is readable before its poll is armed.
             a.try_send_to(b"x", a_addr).unwrap();
@@ -1210,6 +1214,15 @@ fn a_wait_asked_to_gather_waits_past_the_first_completion() {
             let took = t.elapsed();
             // No request: the next wait ends at its first completion.
             a.readable().await.unwrap();
+            // A timer due before the gathering would end ends the wait.
+            gather_next_wait(Duration::from_millis(150));
+            let t = Instant::now();
+            sleep(Duration::from_millis(10)).await;
+            let timer_took = t.elapsed();
+            assert!(
+                timer_took < Duration::from_millis(120),
+                "a gathered wait outlived the nearest timer: {timer_took:?}"
+            );
             (can, took, runtime_stats().gathered_waits)
         })
         .expect("the ring failed");
@@ -1219,7 +1232,7 @@ fn a_wait_asked_to_gather_waits_past_the_first_completion() {
             gathered_took >= Duration::from_millis(140),
             "the wait ended at the first completion: {gathered_took:?}"
         );
-        assert_eq!(gathered, 1);
+        assert_eq!(gathered, 2);
     } else {
         assert_eq!(gathered, 0);
     }
