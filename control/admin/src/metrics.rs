@@ -382,7 +382,7 @@ impl Collector for Live {
             ),
             (
                 "splicegate_ring_gathered_waits",
-                "Ring waits that gathered completions for up to proxy.udp_gather_us before waking (UDP associations whose datagrams arrive in runs), per worker",
+                "Ring waits asked to gather completions for proxy.udp_gather_us before waking (UDP associations whose datagrams arrive in runs), per worker",
                 true,
                 |s| s.runtime.gathered_waits.load(Ordering::Relaxed),
             ),

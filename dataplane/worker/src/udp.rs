@@ -518,10 +518,12 @@ impl Relay<'_> {
     /// run is gathered before the worker wakes — one wake, one `recvmmsg`
     /// and one GSO send for it rather than one each per datagram or two —
     /// for up to `[proxy] udp_gather_us`. A lone datagram (DNS, a game's
-    /// tick) is never held.
+    /// tick) is never held, nor a socket the turn left datagrams on (it
+    /// took [`BATCH`]): its poll completes at once, and waiting would only
+    /// idle the worker.
     fn gather_runs(&self, taken: usize) {
         let gather = self.ctx.shared.settings.udp_gather;
-        if taken >= 2 && !gather.is_zero() {
+        if (2..BATCH).contains(&taken) && !gather.is_zero() {
             splicegate_uring::gather_next_wait(gather);
         }
     }
