@@ -139,7 +139,7 @@ fn each_missing_piece_is_named_with_its_fix() {
             "a kernel whose waits cannot gather",
             &|f| f.set("proc/sys/kernel/osrelease", "6.1.0-28-amd64"),
             "WARN",
-            "older than 6.12: a worker cannot gather completions",
+            "ring waits cannot gather completions",
             "Linux 6.12 or later",
         ),
         (

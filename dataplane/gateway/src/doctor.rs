@@ -69,7 +69,8 @@ fn fail(what: impl Into<String>, fix: impl Into<String>) -> Finding {
 const MIN_KERNEL: (u32, u32) = (5, 19);
 
 /// The kernel whose ring waits can gather completions
-/// (`IORING_FEAT_MIN_TIMEOUT`), which `[proxy] udp_gather_us` needs.
+/// (`IORING_FEAT_MIN_TIMEOUT`), which `[proxy] udp_gather_us` needs: what
+/// doctor assumes when it reads another machine's files.
 const GATHER_KERNEL: (u32, u32) = (6, 12);
 
 /// Capability bits of `CapEff`.
@@ -178,17 +179,28 @@ fn kernel(m: &Machine<'_>, out: &mut Vec<Finding>) {
             "run a 5.19 or later kernel (6.1 LTS or later recommended)",
         )),
     }
-    match kernel_version(&release) {
-        Some(v) if v >= GATHER_KERNEL => out.push(ok(
-            "waits can gather completions (6.12 or later): [proxy] udp_gather_us applies",
+    let gather_us = m.opts.config.as_ref().map_or(50, |c| c.proxy.udp_gather_us);
+    // On this machine the ring says; a copy of another machine's files
+    // (--proc-root) gives only its kernel's version.
+    let can_gather = if m.is_live() {
+        probe_gather()
+    } else {
+        kernel_version(&release).map(|v| v >= GATHER_KERNEL)
+    };
+    match (gather_us, can_gather) {
+        (0, _) => out.push(ok(
+            "[proxy] udp_gather_us = 0: SOCKS5 UDP runs are not gathered",
         )),
-        Some(v) if v >= MIN_KERNEL => out.push(warn(
+        (_, Some(true)) => out.push(ok(format!(
+            "ring waits can gather completions (IORING_FEAT_MIN_TIMEOUT): [proxy] udp_gather_us = {gather_us} applies"
+        ))),
+        (_, Some(false)) => out.push(warn(
             format!(
-                "kernel {release} is older than 6.12: a worker cannot gather completions, so [proxy] udp_gather_us has no effect and SOCKS5 UDP datagrams that arrive in runs cost a wake each"
+                "kernel {release}: ring waits cannot gather completions (IORING_FEAT_MIN_TIMEOUT, Linux 6.12), so [proxy] udp_gather_us has no effect and SOCKS5 UDP datagrams that arrive in runs cost a wake each"
             ),
-            "run Linux 6.12 or later (measured here: about 1.7 × the datagrams per CPU-second with a core of its own; docs/PERFORMANCE.md, SOCKS5 UDP)",
+            "run Linux 6.12 or later where SOCKS5 UDP carries much (measured here: about 1.7 × the datagrams per CPU-second with a core of its own; docs/PERFORMANCE.md, SOCKS5 UDP), or set udp_gather_us = 0 to silence this",
         )),
-        _ => {}
+        (_, None) => {}
     }
     match m.proc_num("sys/kernel/io_uring_disabled") {
         None | Some(0) => out.push(ok("io_uring is enabled (kernel.io_uring_disabled = 0 or absent)")),
@@ -230,6 +242,14 @@ fn probe_ring() -> std::io::Result<splicegate_uring::RingSetup> {
         drop((client, accepted));
         Ok(setup)
     })?
+}
+
+/// Whether a ring made here can gather completions in its waits; `None`
+/// when no ring can be made (the probe above says why).
+fn probe_gather() -> Option<bool> {
+    splicegate_uring::Runtime::new(splicegate_uring::RuntimeConfig::default())
+        .ok()
+        .map(|rt| rt.can_gather())
 }
 
 /// What a ring's task work mode means for an operator.
