@@ -51,7 +51,8 @@ impl Drop for UdpEcho {
 /// The client: associate from `src` (with `user`:`key`), then for each
 /// `target|payload` argument send one datagram and print the answer (or
 /// `TIMEOUT`). Special payloads: `@frag` sends FRAG=1; `@stranger` sends
-/// from another socket; `@close` closes the TCP connection first; `@wait:S`
+/// from another socket; `@spoof:IP` from a socket on another address;
+/// `@close` closes the TCP connection first; `@wait:S`
 /// sleeps S seconds; `@eof` waits (≤ 5 s) for the gateway to close the TCP
 /// connection and prints `EOF after <s>`.
 const CLIENT: &str = r#"
@@ -96,6 +97,8 @@ for arg in sys.argv[6:]:
     sender = u
     if payload == "@stranger":
         sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); sender.bind((src, 0))
+    if payload.startswith("@spoof:"):
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); sender.bind((payload[7:], 0))
     sent_at = time.time()
     sender.sendto(header(host, int(tport), frag) + body, bnd)
     try:
@@ -200,36 +203,61 @@ fn datagrams_go_through_a_direct_node_and_come_back_with_their_sender() {
     );
 }
 
+/// Datagrams from another address (spoofed: before the client's first and
+/// after it) or another port of the client, fragments and datagrams to
+/// blocked targets are dropped and counted; the association serves on.
 #[test]
 fn strangers_fragments_and_blocked_targets_are_dropped_and_counted() {
     let gw = Gateway::with_direct(node_ip());
     let echo = UdpEcho::start(Ipv4Addr::LOCALHOST);
     let t = echo.addr.to_string();
     let blocked = "127.0.0.1:25".to_string(); // [safety] blocked_ports = [25]
+    // Another address sending to the association's port, before and after
+    // the client's first datagram: a spoofed source.
+    let spoofer = client_ip();
     let args = vec![
+        format!("{t}|@spoof:{spoofer}"),
         format!("{t}|first"),
         format!("{t}|@stranger"),
         format!("{t}|@frag"),
         format!("{blocked}|to port 25"),
+        format!("{t}|@spoof:{spoofer}"),
         format!("{t}|after"),
     ];
     let v = run(&gw, client_ip(), &user("country-us"), &args);
     let a = answers(&v);
-    assert!(a[0].ends_with("first|") || a[0].contains("first|"), "{v}");
     assert_eq!(
-        a[1], "TIMEOUT",
+        a[0], "TIMEOUT",
+        "a datagram from another address first: {v}"
+    );
+    // Had the spoofed datagram been taken, its port would be the client's,
+    // and this one a stranger.
+    assert!(
+        a[1].contains("first|"),
+        "the client's own first datagram: {v}"
+    );
+    assert_eq!(
+        a[2], "TIMEOUT",
         "a datagram from another port of the client: {v}"
     );
-    assert_eq!(a[2], "TIMEOUT", "a fragment: {v}");
-    assert_eq!(a[3], "TIMEOUT", "a blocked target: {v}");
-    assert!(a[4].contains("after|"), "the association serves on: {v}");
+    assert_eq!(a[3], "TIMEOUT", "a fragment: {v}");
+    assert_eq!(a[4], "TIMEOUT", "a blocked target: {v}");
+    assert_eq!(
+        a[5], "TIMEOUT",
+        "a datagram from another address later: {v}"
+    );
+    assert!(a[6].contains("after|"), "the association serves on: {v}");
     let m = gw.metrics();
-    for reason in ["stranger", "fragment", "blocked_target"] {
+    for (reason, at_least) in [
+        ("stranger", 3.0),
+        ("fragment", 1.0),
+        ("blocked_target", 1.0),
+    ] {
         assert!(
             sample(
                 &m,
                 &format!("splicegate_udp_dropped_total{{reason=\"{reason}\"}}")
-            ) >= 1.0,
+            ) >= at_least,
             "{reason}: {m}"
         );
     }
