@@ -28,6 +28,13 @@ pub(crate) const PUSH_ATTEMPTS: usize = 64;
 /// The longest wait while the eventfd poll could not be re-armed.
 const UNARMED_WAIT: Duration = Duration::from_millis(10);
 
+/// Reaps (turns) without an urgent completion after which a wait may
+/// gather again: a few milliseconds of UDP runs; beside a busy TCP
+/// connection, whose completions keep resetting the count, never. 16 let
+/// a TCP ping-pong beside a UDP stream lose 7–33 % of its round trips a
+/// second; 64, none beyond noise (docs/PERFORMANCE.md, "SOCKS5 UDP").
+pub(crate) const QUIET_REAPS: u32 = 64;
+
 /// One CQE as delivered to an op.
 #[derive(Debug)]
 pub(crate) struct Completion {
@@ -62,6 +69,9 @@ struct OpSlot {
     /// Successful results are new file descriptors (accept): close them
     /// when nobody will take them.
     yields_fds: bool,
+    /// A completion stops waits from gathering for a while (every op but a
+    /// datagram socket's readiness: see [`Driver::gather`]).
+    urgent: bool,
 }
 
 /// A FIFO of completions that keeps the first one inline, so one-shot ops
@@ -217,6 +227,8 @@ pub(crate) struct Driver {
     gather: Option<Duration>,
     /// Waits that gathered completions.
     gathered: u64,
+    /// Reaps since one that took an urgent completion (saturating).
+    reaps_since_urgent: u32,
     /// The eventfd the runtime keeps a multishot poll armed on (shared with
     /// the runtime's remote-wake handle, which writes to it).
     wake_fd: Arc<OwnedFd>,
@@ -245,6 +257,7 @@ impl Driver {
             cq_backlogs: 0,
             gather: None,
             gathered: 0,
+            reaps_since_urgent: QUIET_REAPS,
             wake_fd,
         };
         driver.arm_wake()?;
@@ -275,6 +288,7 @@ impl Driver {
     pub(crate) fn submit_op(
         &mut self,
         yields_fds: bool,
+        urgent: bool,
         mut push: impl FnMut(&mut Ring, u64) -> Result<(), SqFull>,
     ) -> io::Result<usize> {
         let idx = self.ops.insert(OpSlot {
@@ -283,6 +297,7 @@ impl Driver {
             finished: false,
             orphaned: false,
             yields_fds,
+            urgent,
         });
         match self.push(|ring| push(ring, idx as u64)) {
             Ok(()) => Ok(idx),
@@ -472,8 +487,15 @@ impl Driver {
             match timeout {
                 Some(Duration::ZERO) => self.ring.submit()?,
                 t => {
-                    // A request applies to one wait: the one after it.
-                    let gather = self.gather.take().filter(|_| self.ring.can_gather());
+                    // A request applies to one wait: the one after it; and
+                    // only while nothing urgent (a TCP connection's bytes,
+                    // an accept) has completed in the last few reaps, so
+                    // that the worker's other traffic never waits for it.
+                    let quiet = self.reaps_since_urgent >= QUIET_REAPS;
+                    let gather = self
+                        .gather
+                        .take()
+                        .filter(|_| quiet && self.ring.can_gather());
                     // `want` is everything in flight, so in practice the
                     // gathering lasts its whole time once anything has
                     // completed; never past the nearest timer.
@@ -501,6 +523,7 @@ impl Driver {
             self.cq_backlogs += 1;
         }
         let mut wake_seen = false;
+        let mut urgent = false;
         for cqe in self.ring.completions() {
             let (user_data, result, more) =
                 (cqe.user_data(), cqe.result(), cqueue::more(cqe.flags()));
@@ -531,12 +554,18 @@ impl Driver {
                         }
                         continue;
                     }
+                    urgent |= slot.urgent;
                     slot.completions.push(Completion { result, fd });
                     slot.finished |= !more;
                     self.woken.extend(slot.waker.take());
                 }
             }
         }
+        self.reaps_since_urgent = if urgent {
+            0
+        } else {
+            self.reaps_since_urgent.saturating_add(1)
+        };
         if wake_seen {
             // Reset the count first, then let the runtime drain its queue:
             // a sender that pushes after this read signals again.

@@ -92,9 +92,12 @@ pub use time::{Elapsed, Sleep, sleep, sleep_until, timeout, timeout_at};
 /// completion, as any wait. A task that has just found several
 /// completions' worth of work waiting (a run of datagrams) calls it after
 /// each such turn: its next run then costs one wake, and goes out as one
-/// batch, at the price of up to `d` of latency for every task on the
-/// worker, and for wakes from other threads, during that wait. Whether
-/// this kernel can (if not, the request is ignored).
+/// batch. The request is refused while anything urgent has completed in
+/// the worker's last 64 turns (every op but a datagram socket's
+/// readiness: a TCP connection's bytes, an accept), so other traffic never
+/// waits behind it; wakes from other threads may wait up to `d` during a
+/// gathered wait. Whether this kernel can (if not, the request is
+/// ignored).
 ///
 /// # Panics
 /// Outside [`Runtime::block_on`].

@@ -14,7 +14,7 @@ use std::task::Poll;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
-use crate::op::{Op, ready};
+use crate::op::{Op, ready, ready_gatherable};
 use crate::sys;
 
 const POLLIN: u32 = libc::POLLIN as u32;
@@ -323,7 +323,9 @@ impl UdpSocket {
 
     /// Waits until a datagram (or an error) is pending.
     pub async fn readable(&self) -> io::Result<()> {
-        ready(self.inner.as_raw_fd(), POLLIN).await.map(drop)
+        ready_gatherable(self.inner.as_raw_fd(), POLLIN)
+            .await
+            .map(drop)
     }
 
     /// Waits until a datagram can be queued.
@@ -434,7 +436,9 @@ impl UnixDatagram {
 
     /// Waits until a message (or an error) is pending.
     pub async fn readable(&self) -> io::Result<()> {
-        ready(self.inner.as_raw_fd(), POLLIN).await.map(drop)
+        ready_gatherable(self.inner.as_raw_fd(), POLLIN)
+            .await
+            .map(drop)
     }
 
     /// One pending message, or `WouldBlock`.

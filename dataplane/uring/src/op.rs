@@ -22,10 +22,11 @@ pub(crate) struct Op {
 impl Op {
     fn submit(
         yields_fds: bool,
+        urgent: bool,
         push: impl FnMut(&mut Ring, u64) -> Result<(), SqFull>,
     ) -> io::Result<Op> {
         with_current(|cx| {
-            let idx = cx.driver.borrow_mut().submit_op(yields_fds, push)?;
+            let idx = cx.driver.borrow_mut().submit_op(yields_fds, urgent, push)?;
             Ok(Op {
                 cx: cx.clone(),
                 idx,
@@ -34,13 +35,24 @@ impl Op {
     }
 
     /// One-shot `POLL_ADD` for `events` (`libc::POLLIN`, `POLLOUT`, ...).
+    /// Its completion is urgent: for a while after it, no wait gathers.
     pub(crate) fn poll_add(fd: RawFd, events: u32) -> io::Result<Op> {
-        Op::submit(false, |ring, ud| ring.push_poll(fd, events, false, ud))
+        Op::submit(false, true, |ring, ud| {
+            ring.push_poll(fd, events, false, ud)
+        })
+    }
+
+    /// Like [`Op::poll_add`], for a socket whose traffic may be gathered
+    /// (datagrams): its completion does not stop waits from gathering.
+    pub(crate) fn poll_add_gatherable(fd: RawFd, events: u32) -> io::Result<Op> {
+        Op::submit(false, false, |ring, ud| {
+            ring.push_poll(fd, events, false, ud)
+        })
     }
 
     /// Multishot accept; completions carry the accepted descriptor.
     pub(crate) fn accept_multi(fd: RawFd) -> io::Result<Op> {
-        Op::submit(true, |ring, ud| ring.push_accept_multi(fd, ud))
+        Op::submit(true, true, |ring, ud| ring.push_accept_multi(fd, ud))
     }
 
     /// The next completion; `Ready(None)` once the op ended and all were taken.
@@ -58,7 +70,18 @@ impl Drop for Op {
 /// Waits until `fd` is ready for `events`; returns the revents mask.
 /// Cancel-safe: dropping the future cancels the poll.
 pub(crate) async fn ready(fd: RawFd, events: u32) -> io::Result<u32> {
-    let mut op = Op::poll_add(fd, events)?;
+    let op = Op::poll_add(fd, events)?;
+    wait(op).await
+}
+
+/// [`ready`] for a socket whose traffic may be gathered (datagrams; see
+/// [`crate::gather_next_wait`]).
+pub(crate) async fn ready_gatherable(fd: RawFd, events: u32) -> io::Result<u32> {
+    let op = Op::poll_add_gatherable(fd, events)?;
+    wait(op).await
+}
+
+async fn wait(mut op: Op) -> io::Result<u32> {
     let completion = std::future::poll_fn(|cx| op.poll_next(cx)).await;
     match completion {
         Some(c) => c.into_result(),

@@ -1186,8 +1186,9 @@ fn a_reused_relay_control_starts_fresh() {
 
 /// A task's request to gather makes the next wait last until the gathering
 /// time has passed, although a completion came at once (one of three ops
-/// in flight); it applies to that one wait only, is counted, and never
-/// outlasts the nearest timer. On a kernel without
+/// in flight); it applies to that one wait only, is counted, never
+/// outlasts the nearest timer, and is refused for a few turns after an
+/// urgent completion. On a kernel without
 /// `IORING_FEAT_MIN_TIMEOUT` the request is ignored.
 #[test]
 fn a_wait_asked_to_gather_waits_past_the_first_completion() {
@@ -1197,7 +1198,7 @@ fn a_wait_asked_to_gather_waits_past_the_first_completion() {
     let quiet2 = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let a_addr = a.local_addr().unwrap();
     let done = watchdog("gathered wait", Duration::from_secs(10));
-    let (can, gathered_took, gathered) = rt
+    let (can, gathered_took, vetoed, again_took, gathered) = rt
         .block_on(async {
             // Ops that stay in flight: two silent sockets' polls.
             for q in [quiet, quiet2] {
@@ -1223,7 +1224,29 @@ fn a_wait_asked_to_gather_waits_past_the_first_completion() {
                 timer_took < Duration::from_millis(120),
                 "a gathered wait outlived the nearest timer: {timer_took:?}"
             );
-            (can, took, runtime_stats().gathered_waits)
+            let before_urgent = runtime_stats().gathered_waits;
+            // An urgent completion (any op but a datagram socket's
+            // readiness; here a poll for room to send) stops the next
+            // waits from gathering, whatever is asked ...
+            a.writable().await.unwrap();
+            gather_next_wait(Duration::from_millis(150));
+            a.readable().await.unwrap();
+            let vetoed = runtime_stats().gathered_waits - before_urgent;
+            // ... until enough quiet turns have passed.
+            for _ in 0..crate::driver::QUIET_REAPS {
+                yield_now().await;
+            }
+            gather_next_wait(Duration::from_millis(150));
+            let t = Instant::now();
+            a.readable().await.unwrap();
+            let again_took = t.elapsed();
+            (
+                can,
+                took,
+                vetoed,
+                again_took,
+                runtime_stats().gathered_waits,
+            )
         })
         .expect("the ring failed");
     let _ = done.send(());
@@ -1232,7 +1255,15 @@ fn a_wait_asked_to_gather_waits_past_the_first_completion() {
             gathered_took >= Duration::from_millis(140),
             "the wait ended at the first completion: {gathered_took:?}"
         );
-        assert_eq!(gathered, 2);
+        assert_eq!(
+            vetoed, 0,
+            "a wait gathered right after an urgent completion"
+        );
+        assert!(
+            again_took >= Duration::from_millis(140),
+            "no gathering after the quiet turns: {again_took:?}"
+        );
+        assert_eq!(gathered, 3);
     } else {
         assert_eq!(gathered, 0);
     }
