@@ -28,12 +28,12 @@ pub(crate) const PUSH_ATTEMPTS: usize = 64;
 /// The longest wait while the eventfd poll could not be re-armed.
 const UNARMED_WAIT: Duration = Duration::from_millis(10);
 
-/// Reaps (turns) without an urgent completion after which a wait may
-/// gather again: a few milliseconds of UDP runs; beside a busy TCP
-/// connection, whose completions keep resetting the count, never. 16 let
-/// a TCP ping-pong beside a UDP stream lose 7–33 % of its round trips a
-/// second; 64, none beyond noise (docs/PERFORMANCE.md, "SOCKS5 UDP").
-pub(crate) const QUIET_REAPS: u32 = 64;
+/// How long after an urgent completion no wait gathers. Beside a busy TCP
+/// connection, whose completions keep coming, that is always; a TCP
+/// ping-pong beside a UDP stream on one worker keeps its round trips with
+/// it (docs/PERFORMANCE.md, "SOCKS5 UDP": a window of 16 reaps, about
+/// 0.3 ms there, still cost it 7–33 %; 64, about 1 ms, nothing).
+pub(crate) const QUIET: Duration = Duration::from_millis(2);
 
 /// One CQE as delivered to an op.
 #[derive(Debug)]
@@ -69,8 +69,8 @@ struct OpSlot {
     /// Successful results are new file descriptors (accept): close them
     /// when nobody will take them.
     yields_fds: bool,
-    /// A completion stops waits from gathering for a while (every op but a
-    /// datagram socket's readiness: see [`Driver::gather`]).
+    /// A completion stops waits from gathering for a while (every op but
+    /// waiting for a datagram to read: see [`QUIET`]).
     urgent: bool,
 }
 
@@ -227,8 +227,11 @@ pub(crate) struct Driver {
     gather: Option<Duration>,
     /// Waits that gathered completions.
     gathered: u64,
-    /// Reaps since one that took an urgent completion (saturating).
-    reaps_since_urgent: u32,
+    /// When a reap last took an urgent completion.
+    last_urgent: Option<Instant>,
+    /// An urgent op was queued since the ring was last entered: it may
+    /// complete inside the next wait, which must not gather then.
+    urgent_queued: bool,
     /// The eventfd the runtime keeps a multishot poll armed on (shared with
     /// the runtime's remote-wake handle, which writes to it).
     wake_fd: Arc<OwnedFd>,
@@ -257,7 +260,8 @@ impl Driver {
             cq_backlogs: 0,
             gather: None,
             gathered: 0,
-            reaps_since_urgent: QUIET_REAPS,
+            last_urgent: None,
+            urgent_queued: false,
             wake_fd,
         };
         driver.arm_wake()?;
@@ -299,6 +303,7 @@ impl Driver {
             yields_fds,
             urgent,
         });
+        self.urgent_queued |= urgent;
         match self.push(|ring| push(ring, idx as u64)) {
             Ok(()) => Ok(idx),
             Err(e) => {
@@ -445,7 +450,8 @@ impl Driver {
 
     /// Asks the next blocking wait to gather completions for `d` (the
     /// longest of the requests since the last such wait) before waking;
-    /// see [`crate::gather_next_wait`]. Whether the kernel can.
+    /// see [`crate::gather_next_wait`]. Whether the kernel can (the wait
+    /// may still refuse: see [`QUIET`]).
     pub(crate) fn gather(&mut self, d: Duration) -> bool {
         self.gather = Some(self.gather.map_or(d, |g| g.max(d)));
         self.ring.can_gather()
@@ -489,9 +495,13 @@ impl Driver {
                 t => {
                     // A request applies to one wait: the one after it; and
                     // only while nothing urgent (a TCP connection's bytes,
-                    // an accept) has completed in the last few reaps, so
-                    // that the worker's other traffic never waits for it.
-                    let quiet = self.reaps_since_urgent >= QUIET_REAPS;
+                    // an accept) has completed for a while or may complete
+                    // in this very wait, so that the worker's TCP traffic
+                    // does not wait behind it.
+                    let quiet = !self.urgent_queued
+                        && self
+                            .last_urgent
+                            .is_none_or(|t| now.saturating_duration_since(t) >= QUIET);
                     let gather = self
                         .gather
                         .take()
@@ -512,12 +522,15 @@ impl Driver {
         } else {
             self.ring.submit()?;
         }
+        // Whatever was queued is with the kernel now.
+        self.urgent_queued = false;
         self.reap();
         self.timers.fire_expired(Instant::now(), &mut self.woken);
         Ok(())
     }
 
-    /// Dispatches every available CQE to its slot.
+    /// Dispatches every available CQE to its slot, and notes when one was
+    /// urgent (see [`QUIET`]).
     fn reap(&mut self) {
         if self.ring.cq_backlogged() {
             self.cq_backlogs += 1;
@@ -561,11 +574,9 @@ impl Driver {
                 }
             }
         }
-        self.reaps_since_urgent = if urgent {
-            0
-        } else {
-            self.reaps_since_urgent.saturating_add(1)
-        };
+        if urgent {
+            self.last_urgent = Some(Instant::now());
+        }
         if wake_seen {
             // Reset the count first, then let the runtime drain its queue:
             // a sender that pushes after this read signals again.

@@ -92,12 +92,13 @@ pub use time::{Elapsed, Sleep, sleep, sleep_until, timeout, timeout_at};
 /// completion, as any wait. A task that has just found several
 /// completions' worth of work waiting (a run of datagrams) calls it after
 /// each such turn: its next run then costs one wake, and goes out as one
-/// batch. The request is refused while anything urgent has completed in
-/// the worker's last 64 turns (every op but a datagram socket's
-/// readiness: a TCP connection's bytes, an accept), so other traffic never
-/// waits behind it; wakes from other threads may wait up to `d` during a
-/// gathered wait. Whether this kernel can (if not, the request is
-/// ignored).
+/// batch. The request is refused within 2 ms of an urgent completion
+/// (every op but waiting for a datagram to read: a TCP connection's bytes,
+/// an accept) and while an urgent op is queued, so a worker's TCP traffic
+/// does not wait behind it, except a connection's first completion after
+/// a quiet spell (up to `d`, once); wakes from other threads may wait up
+/// to `d` during a gathered wait. Whether this kernel can (if not, the
+/// request is ignored).
 ///
 /// # Panics
 /// Outside [`Runtime::block_on`].

@@ -1225,17 +1225,15 @@ fn a_wait_asked_to_gather_waits_past_the_first_completion() {
                 "a gathered wait outlived the nearest timer: {timer_took:?}"
             );
             let before_urgent = runtime_stats().gathered_waits;
-            // An urgent completion (any op but a datagram socket's
-            // readiness; here a poll for room to send) stops the next
-            // waits from gathering, whatever is asked ...
+            // An urgent completion (any op but waiting for a datagram to
+            // read; here a poll for room to send) stops the next waits
+            // from gathering, whatever is asked ...
             a.writable().await.unwrap();
             gather_next_wait(Duration::from_millis(150));
             a.readable().await.unwrap();
             let vetoed = runtime_stats().gathered_waits - before_urgent;
-            // ... until enough quiet turns have passed.
-            for _ in 0..crate::driver::QUIET_REAPS {
-                yield_now().await;
-            }
+            // ... until a quiet while has passed.
+            sleep(crate::driver::QUIET + Duration::from_millis(1)).await;
             gather_next_wait(Duration::from_millis(150));
             let t = Instant::now();
             a.readable().await.unwrap();
