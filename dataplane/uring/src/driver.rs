@@ -502,20 +502,17 @@ impl Driver {
                         && self
                             .last_urgent
                             .is_none_or(|t| now.saturating_duration_since(t) >= QUIET);
-                    let gather = self
-                        .gather
-                        .take()
-                        .filter(|_| quiet && self.ring.can_gather());
                     // `want` is everything in flight, so in practice the
                     // gathering lasts its whole time once anything has
                     // completed; never past the nearest timer.
-                    let gather = gather.map(|d| {
-                        let d = t.map_or(d, |t| d.min(t));
-                        (d, self.ops.len().min(self.ring.sizes().1 as usize))
-                    });
-                    if gather.is_some_and(|(d, want)| !d.is_zero() && want > 1) {
-                        self.gathered += 1;
-                    }
+                    let want = self.ops.len().min(self.ring.sizes().1 as usize);
+                    let gather = self
+                        .gather
+                        .take()
+                        .filter(|_| quiet && want > 1 && self.ring.can_gather())
+                        .map(|d| (t.map_or(d, |t| d.min(t)), want))
+                        .filter(|(d, _)| !d.is_zero());
+                    self.gathered += u64::from(gather.is_some());
                     self.ring.submit_and_wait(t, gather)?
                 }
             }

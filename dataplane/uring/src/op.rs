@@ -35,17 +35,10 @@ impl Op {
     }
 
     /// One-shot `POLL_ADD` for `events` (`libc::POLLIN`, `POLLOUT`, ...).
-    /// Its completion is urgent: for a while after it, no wait gathers.
-    pub(crate) fn poll_add(fd: RawFd, events: u32) -> io::Result<Op> {
-        Op::submit(false, true, |ring, ud| {
-            ring.push_poll(fd, events, false, ud)
-        })
-    }
-
-    /// Like [`Op::poll_add`], for a socket whose traffic may be gathered
-    /// (datagrams): its completion does not stop waits from gathering.
-    pub(crate) fn poll_add_gatherable(fd: RawFd, events: u32) -> io::Result<Op> {
-        Op::submit(false, false, |ring, ud| {
+    /// An `urgent` one's completion stops waits from gathering for a while
+    /// (every poll but a datagram socket's read readiness).
+    pub(crate) fn poll_add(fd: RawFd, events: u32, urgent: bool) -> io::Result<Op> {
+        Op::submit(false, urgent, |ring, ud| {
             ring.push_poll(fd, events, false, ud)
         })
     }
@@ -70,18 +63,17 @@ impl Drop for Op {
 /// Waits until `fd` is ready for `events`; returns the revents mask.
 /// Cancel-safe: dropping the future cancels the poll.
 pub(crate) async fn ready(fd: RawFd, events: u32) -> io::Result<u32> {
-    let op = Op::poll_add(fd, events)?;
-    wait(op).await
+    ready_as(fd, events, true).await
 }
 
 /// [`ready`] for a socket whose traffic may be gathered (datagrams; see
 /// [`crate::gather_next_wait`]).
 pub(crate) async fn ready_gatherable(fd: RawFd, events: u32) -> io::Result<u32> {
-    let op = Op::poll_add_gatherable(fd, events)?;
-    wait(op).await
+    ready_as(fd, events, false).await
 }
 
-async fn wait(mut op: Op) -> io::Result<u32> {
+async fn ready_as(fd: RawFd, events: u32, urgent: bool) -> io::Result<u32> {
+    let mut op = Op::poll_add(fd, events, urgent)?;
     let completion = std::future::poll_fn(|cx| op.poll_next(cx)).await;
     match completion {
         Some(c) => c.into_result(),

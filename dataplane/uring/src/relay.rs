@@ -878,7 +878,7 @@ impl<S: Stage> Half<S> {
 }
 
 fn wait_for(stream: &TcpStream, events: libc::c_short) -> Result<Op, RelayEnd> {
-    Op::poll_add(stream.as_raw_fd(), events as u32).map_err(RelayEnd::Local)
+    Op::poll_add(stream.as_raw_fd(), events as u32, true).map_err(RelayEnd::Local)
 }
 
 /// Both directions of one relay, polled together.

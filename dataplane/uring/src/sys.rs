@@ -237,8 +237,8 @@ impl Ring {
     /// Submits queued entries and waits for at least one completion, or until
     /// `timeout` passes (`None`: no limit). Timeouts and signals are not errors.
     ///
-    /// With `gather = Some((d, want))` on a kernel that [can](Ring::can_gather),
-    /// the wait first lasts until `want` completions are there or `d` has
+    /// With `gather = Some((d, want))` (`d` > 0, `want` > 1, only on a
+    /// kernel that [can](Ring::can_gather)), the wait first lasts until `want` completions are there or `d` has
     /// passed, and only then ends on the first: completions arriving within
     /// `d` of each other are taken with one wake. `d` should not exceed
     /// `timeout`. (Without a timeout the kernel would end the wait at `d`
@@ -249,7 +249,7 @@ impl Ring {
         timeout: Option<Duration>,
         gather: Option<(Duration, usize)>,
     ) -> io::Result<()> {
-        let gather = gather.filter(|&(d, want)| self.min_timeout && !d.is_zero() && want > 1);
+        debug_assert!(gather.is_none() || self.min_timeout);
         let res = match (timeout, gather) {
             (None, None) => self.ring.submit_and_wait(1),
             (timeout, gather) => {
