@@ -110,6 +110,9 @@ pub(crate) struct ProxySection {
     pub udp_gather_us: u64,
 }
 
+/// `[proxy] udp_gather_us` when the file does not set it.
+pub(crate) const DEFAULT_UDP_GATHER_US: u64 = 50;
+
 /// `[tls]`: the certificate (PEM chain, leaf first) and its key (PEM),
 /// re-read on SIGHUP.
 #[derive(Debug, Deserialize, Clone)]
@@ -162,7 +165,7 @@ impl Default for ProxySection {
             tls_only: false,
             proxy_protocol: false,
             udp_advertise: None,
-            udp_gather_us: 50,
+            udp_gather_us: DEFAULT_UDP_GATHER_US,
         }
     }
 }

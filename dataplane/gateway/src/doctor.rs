@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::config::Config;
+use crate::config::{Config, DEFAULT_UDP_GATHER_US};
 
 /// What the checks are told beyond the machine.
 #[derive(Debug)]
@@ -179,14 +179,44 @@ fn kernel(m: &Machine<'_>, out: &mut Vec<Finding>) {
             "run a 5.19 or later kernel (6.1 LTS or later recommended)",
         )),
     }
-    let gather_us = m.opts.config.as_ref().map_or(50, |c| c.proxy.udp_gather_us);
-    // On this machine the ring says; a copy of another machine's files
-    // (--proc-root) gives only its kernel's version.
-    let can_gather = if m.is_live() {
-        probe_gather()
-    } else {
-        kernel_version(&release).map(|v| v >= GATHER_KERNEL)
-    };
+    match m.proc_num("sys/kernel/io_uring_disabled") {
+        None | Some(0) => out.push(ok("io_uring is enabled (kernel.io_uring_disabled = 0 or absent)")),
+        Some(1) => out.push(fail(
+            "kernel.io_uring_disabled = 1: only members of kernel.io_uring_group (and CAP_SYS_ADMIN) may create rings",
+            "sysctl -w kernel.io_uring_disabled=0, or add the service user to the group kernel.io_uring_group names",
+        )),
+        Some(n) => out.push(fail(
+            format!("kernel.io_uring_disabled = {n}: io_uring is disabled for every process"),
+            "sysctl -w kernel.io_uring_disabled=0 (and persist it in /etc/sysctl.d/)",
+        )),
+    }
+    // On this machine the probe's ring says whether waits can gather; a
+    // copy of another machine's files (--proc-root) gives only its
+    // kernel's version.
+    let mut can_gather = kernel_version(&release).map(|v| v >= GATHER_KERNEL);
+    if m.is_live() {
+        match probe_ring() {
+            Ok((setup, gathers)) => {
+                out.push(ok(format!(
+                    "io_uring probe: a ring was created ({}) and a multishot accept completed",
+                    ring_setup_text(setup)
+                )));
+                can_gather = Some(gathers);
+            }
+            Err(e) => {
+                out.push(fail(
+                    format!("io_uring probe failed: {e}"),
+                    "check kernel.io_uring_disabled, seccomp (SystemCallFilter must allow io_uring_setup, io_uring_enter, io_uring_register) and RLIMIT_MEMLOCK on kernels before 5.12",
+                ));
+                can_gather = None;
+            }
+        }
+    }
+    let gather_us = m
+        .opts
+        .config
+        .as_ref()
+        .map_or(DEFAULT_UDP_GATHER_US, |c| c.proxy.udp_gather_us);
     match (gather_us, can_gather) {
         (0, _) => out.push(ok(
             "[proxy] udp_gather_us = 0: SOCKS5 UDP runs are not gathered",
@@ -202,36 +232,14 @@ fn kernel(m: &Machine<'_>, out: &mut Vec<Finding>) {
         )),
         (_, None) => {}
     }
-    match m.proc_num("sys/kernel/io_uring_disabled") {
-        None | Some(0) => out.push(ok("io_uring is enabled (kernel.io_uring_disabled = 0 or absent)")),
-        Some(1) => out.push(fail(
-            "kernel.io_uring_disabled = 1: only members of kernel.io_uring_group (and CAP_SYS_ADMIN) may create rings",
-            "sysctl -w kernel.io_uring_disabled=0, or add the service user to the group kernel.io_uring_group names",
-        )),
-        Some(n) => out.push(fail(
-            format!("kernel.io_uring_disabled = {n}: io_uring is disabled for every process"),
-            "sysctl -w kernel.io_uring_disabled=0 (and persist it in /etc/sysctl.d/)",
-        )),
-    }
-    if m.is_live() {
-        match probe_ring() {
-            Ok(setup) => out.push(ok(format!(
-                "io_uring probe: a ring was created ({}) and a multishot accept completed",
-                ring_setup_text(setup)
-            ))),
-            Err(e) => out.push(fail(
-                format!("io_uring probe failed: {e}"),
-                "check kernel.io_uring_disabled, seccomp (SystemCallFilter must allow io_uring_setup, io_uring_enter, io_uring_register) and RLIMIT_MEMLOCK on kernels before 5.12",
-            )),
-        }
-    }
 }
 
 /// Creates a ring and accepts one loopback connection through it, as a
-/// worker does.
-fn probe_ring() -> std::io::Result<splicegate_uring::RingSetup> {
+/// worker does: the ring's task work mode, and whether its waits can
+/// gather completions.
+fn probe_ring() -> std::io::Result<(splicegate_uring::RingSetup, bool)> {
     let rt = splicegate_uring::Runtime::new(splicegate_uring::RuntimeConfig::default())?;
-    let setup = rt.ring_setup();
+    let setup = (rt.ring_setup(), rt.can_gather());
     rt.block_on(async {
         let l = splicegate_uring::TcpListener::bind("127.0.0.1:0".parse().expect("literal"), 4)?;
         let addr = l.local_addr()?;
@@ -242,14 +250,6 @@ fn probe_ring() -> std::io::Result<splicegate_uring::RingSetup> {
         drop((client, accepted));
         Ok(setup)
     })?
-}
-
-/// Whether a ring made here can gather completions in its waits; `None`
-/// when no ring can be made (the probe above says why).
-fn probe_gather() -> Option<bool> {
-    splicegate_uring::Runtime::new(splicegate_uring::RuntimeConfig::default())
-        .ok()
-        .map(|rt| rt.can_gather())
 }
 
 /// What a ring's task work mode means for an operator.
