@@ -31,8 +31,8 @@ const UNARMED_WAIT: Duration = Duration::from_millis(10);
 /// How long after an urgent completion no wait gathers. Beside a busy TCP
 /// connection, whose completions keep coming, that is always; a TCP
 /// ping-pong beside a UDP stream on one worker keeps its round trips with
-/// it (docs/PERFORMANCE.md, "SOCKS5 UDP": a window of 16 reaps, about
-/// 0.3 ms there, still cost it 7–33 %; 64, about 1 ms, nothing).
+/// it (docs/PERFORMANCE.md, "SOCKS5 UDP"; a window of 16 reaps instead
+/// still cost it 7–33 %).
 pub(crate) const QUIET: Duration = Duration::from_millis(2);
 
 /// One CQE as delivered to an op.
