@@ -71,6 +71,9 @@ pub struct WorkerStats {
     pub udp_datagrams: [AtomicU64; 2],
     /// SOCKS5 UDP datagrams dropped by reason ([`UDP_DROP_REASONS`]).
     pub udp_dropped: [AtomicU64; UDP_DROP_REASONS.len()],
+    /// Forwarded requests without a session that took an idle upstream
+    /// connection instead of dialling (counted as it happens).
+    pub upstreams_reused: AtomicU64,
     /// The worker's runtime, as of its last tick (every 250 ms).
     pub runtime: RuntimeGauges,
 }
@@ -100,9 +103,6 @@ pub struct RuntimeGauges {
     pub tasks: AtomicU64,
     /// Idle upstream connections kept for session-less HTTP forwarding now.
     pub upstreams_idle: AtomicU64,
-    /// Requests that took an idle upstream connection instead of dialling;
-    /// cumulative.
-    pub upstreams_reused: AtomicU64,
 }
 
 /// Index of [`WorkerStats::guard_drops`] per verdict.

@@ -348,7 +348,7 @@ impl Collector for Live {
                 "splicegate_upstream_reuses",
                 "Forwarded requests without a session that took an idle upstream connection of their package, node and target instead of dialling, per worker",
                 true,
-                |s| s.runtime.upstreams_reused.load(Ordering::Relaxed),
+                |s| s.upstreams_reused.load(Ordering::Relaxed),
             ),
             (
                 "splicegate_upstreams_idle",

@@ -466,7 +466,7 @@ impl HttpConn<'_> {
                         );
                     }
                     if from_pool {
-                        crate::WorkerStats::inc(&ctx.stats.runtime.upstreams_reused);
+                        crate::WorkerStats::inc(&ctx.stats.upstreams_reused);
                     }
                     return if keep_client {
                         Next::KeepAlive
