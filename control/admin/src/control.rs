@@ -1293,10 +1293,12 @@ impl Control {
     ) -> Result<(), ControlError> {
         inner.nodes.remove(id);
         let current = self.engine.policy_arc();
+        let mut stored = false;
         let done = self
             .build_node(inner, &current, NodeChange::Remove(id))
             .and_then(|built| {
                 store(inner.store.as_mut())?;
+                stored = true;
                 Ok(built)
             })
             .and_then(|(policy, idx)| {
@@ -1306,8 +1308,10 @@ impl Control {
                 }
                 self.publish(inner, policy)
             });
-        if done.is_err() {
-            // As in `put`: the next read back applies what was stored.
+        if done.is_err() && !stored {
+            // Nothing changed but the map. Once stored, the store and the
+            // running pool (its node marked removed above) both lack the
+            // node, and so does the map.
             inner.nodes.insert(id.to_string(), old);
         }
         done
