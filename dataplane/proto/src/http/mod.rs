@@ -237,11 +237,6 @@ impl HeadText {
         }
         HeadText(s)
     }
-
-    /// The text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
 impl Drop for HeadText {
@@ -271,12 +266,6 @@ impl std::fmt::Debug for HeadText {
 impl From<&str> for HeadText {
     fn from(s: &str) -> HeadText {
         HeadText::new(&[s])
-    }
-}
-
-impl PartialEq<&str> for HeadText {
-    fn eq(&self, other: &&str) -> bool {
-        self.0 == *other
     }
 }
 
